@@ -1,0 +1,42 @@
+"""Customer actors, segment rules, the shared timer queue and the engine loop.
+
+Actors do no I/O and read no clock; the :class:`Engine` feeds them events and instants.
+"""
+
+from ._clock import Clock as Clock
+from ._clock import SystemClock as SystemClock
+from ._clock import VirtualClock as VirtualClock
+from ._customer import Customer as Customer
+from ._engine import Engine as Engine
+from ._engine import EngineConfig as EngineConfig
+from ._engine import EngineStats as EngineStats
+from ._errors import ActorsError as ActorsError
+from ._errors import DefinitionError as DefinitionError
+from ._rules import Rule as Rule
+from ._rules import parse_duration as parse_duration
+from ._rules import parse_rule as parse_rule
+from ._segments import Segment as Segment
+from ._segments import SegmentSet as SegmentSet
+from ._segments import load_segments as load_segments
+from ._segments import parse_segments as parse_segments
+from ._timers import TimerQueue as TimerQueue
+
+__all__ = (
+    "ActorsError",
+    "Clock",
+    "Customer",
+    "DefinitionError",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "Rule",
+    "Segment",
+    "SegmentSet",
+    "SystemClock",
+    "TimerQueue",
+    "VirtualClock",
+    "load_segments",
+    "parse_duration",
+    "parse_rule",
+    "parse_segments",
+)

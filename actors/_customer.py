@@ -1,0 +1,159 @@
+"""The customer actor: one customer's state, changed only by events and instants it is given.
+
+It does no I/O and reads no clock. The engine hands it events (in log order) and instants
+(deadlines that fell due); it returns the membership transitions they cause. Its facts are
+a pure function of its event log; its memberships and version come from the transitions it
+has emitted, which the engine keeps in the outbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from protocol import (
+    Cause,
+    DefinitionCause,
+    Event,
+    EventCause,
+    TimeCause,
+    Transition,
+    from_instant,
+    to_instant,
+)
+
+from ._rules import MISSING
+from ._segments import SegmentSet
+
+_TIME = TimeCause()
+_DEFINITION = DefinitionCause()
+
+
+class Customer:
+    """One customer: facts the rules read, segment memberships, and the next deadline."""
+
+    __slots__ = (
+        "customer_id",
+        "_first",
+        "_last",
+        "_counts",
+        "_traits",
+        "members",
+        "version",
+        "watermark",
+        "deadline",
+    )
+
+    def __init__(self, customer_id: str) -> None:
+        self.customer_id = customer_id
+        self._first: int | None = None
+        self._last: dict[str | None, int] = {}
+        self._counts: dict[str | None, int] = {}
+        self._traits: dict[str, tuple[int, Any]] = {}
+        self.members: dict[str, int] = {}
+        """Segment name -> the instant the customer entered it."""
+        self.version = 0
+        """How many transitions the customer has had (the last one's ``version``)."""
+        self.watermark = 0
+        """The instant up to which the customer's state has been evaluated."""
+        self.deadline: int | None = None
+        """The next instant a segment can change without an event (always > watermark)."""
+
+    # Facts, as the rules read them ------------------------------------------------------
+
+    def first_at(self) -> int | None:
+        return self._first
+
+    def last_at(self, name: str | None) -> int | None:
+        return self._last.get(name)
+
+    def count(self, name: str | None) -> int:
+        return self._counts.get(name, 0)
+
+    def trait(self, key: str) -> Any:
+        entry = self._traits.get(key)
+        return MISSING if entry is None else entry[1]
+
+    # Changes ----------------------------------------------------------------------------
+
+    def fold(self, event: Event, segments: SegmentSet) -> None:
+        """Add an event to the facts and the watermark, without evaluating segments."""
+        at = event.at
+        if at > self.watermark:
+            self.watermark = at
+        if self._first is None or at < self._first:
+            self._first = at
+        needs = segments.needs
+        if event.kind == "track":
+            for key in (None, event.name):
+                if key in needs.event_names:
+                    if at > self._last.get(key, at - 1):
+                        self._last[key] = at
+                    self._counts[key] = self._counts.get(key, 0) + 1
+        else:
+            for key, value in event.traits.items():
+                if key in needs.trait_keys:
+                    # The latest event time wins; at equal times the later in the log does.
+                    old = self._traits.get(key)
+                    if old is None or at >= old[0]:
+                        self._traits[key] = (at, value)
+
+    def apply(self, event: Event, segments: SegmentSet) -> list[Transition]:
+        """Apply one event: first fire deadlines due by its instant, then evaluate after it."""
+        out = self.advance(event.at, segments)
+        self.fold(event, segments)
+        out += self.evaluate(segments, EventCause(message_id=event.message_id))
+        return out
+
+    def advance(self, until: int, segments: SegmentSet) -> list[Transition]:
+        """Fire, in order, every deadline at or before ``until``, each at its own instant."""
+        out: list[Transition] = []
+        while self.deadline is not None and self.deadline <= until:
+            self.watermark = self.deadline
+            out += self.evaluate(segments, _TIME)
+        return out
+
+    def evaluate(self, segments: SegmentSet, cause: Cause) -> list[Transition]:
+        """Evaluate every segment at the watermark; return the changes and set the deadline.
+
+        With a definition cause, memberships of segments no longer defined are ended too.
+        """
+        now = self.watermark
+        values, self.deadline = segments.evaluate(self, now)
+        out: list[Transition] = []
+        for seg, value in zip(segments.segments, values, strict=True):
+            if value != (seg.name in self.members):
+                out.append(self._change(seg.name, value, now, cause))
+        if isinstance(cause, DefinitionCause) and len(self.members) > sum(values):
+            defined = set(segments.names)
+            for name in [m for m in self.members if m not in defined]:
+                out.append(self._change(name, False, now, cause))
+        return out
+
+    def _change(self, segment: str, entered: bool, at: int, cause: Cause) -> Transition:
+        if entered:
+            self.members[segment] = at
+        else:
+            del self.members[segment]
+        self.version += 1
+        return Transition(
+            customer_id=self.customer_id,
+            segment=segment,
+            change="entered" if entered else "exited",
+            at=from_instant(at),
+            cause=cause,
+            version=self.version,
+        )
+
+    def restore(self, transitions: Iterable[Transition]) -> None:
+        """Take memberships, version and watermark from the customer's past transitions
+        (in version order), as published; used by rebuild after :meth:`fold`."""
+        for t in transitions:
+            at = to_instant(t.at)
+            if t.change == "entered":
+                self.members[t.segment] = at
+            else:
+                self.members.pop(t.segment, None)
+            self.version = t.version
+            if at > self.watermark:
+                self.watermark = at

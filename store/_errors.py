@@ -1,0 +1,32 @@
+"""The exceptions raised by :mod:`store`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class StoreError(Exception):
+    """Root of every error raised by :mod:`store`."""
+
+
+class StoreLockedError(StoreError):
+    """Another process has the store open for writing."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"{path} is in use by another shoal engine; stop it, or give this one "
+            "another --data-dir"
+        )
+        self.path = path
+
+
+class StoreFormatError(StoreError):
+    """The database was written by an incompatible version of shoal."""
+
+    def __init__(self, path: Path, found: int, expected: int) -> None:
+        super().__init__(
+            f"{path} has schema version {found}, this shoal reads version {expected}"
+        )
+        self.path = path
+        self.found = found
+        self.expected = expected
