@@ -43,6 +43,7 @@ from ._time import from_instant
 from ._types import Rejection, Transition
 
 _CONNECT_TIMEOUT = 5.0
+_FIRST_CONNECT_ATTEMPTS = 3
 _transition_encoder = msgspec.json.Encoder()
 
 
@@ -62,18 +63,22 @@ async def connect(servers: Sequence[str], *, name: str = "shoal") -> Client:
         errors.append(str(e) or type(e).__name__)
 
     try:
-        return await nats.connect(
+        # nats-py applies max_reconnect_attempts to the first connection too, and -1 would
+        # retry an unreachable server for ever: bound the first, then reconnect for ever.
+        nc = await nats.connect(
             servers=list(servers),
             name=name,
             connect_timeout=_CONNECT_TIMEOUT,
             allow_reconnect=True,
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=_FIRST_CONNECT_ATTEMPTS,
             reconnect_time_wait=0.5,
             error_cb=on_error,
         )
     except (OSError, nats.errors.Error, asyncio.TimeoutError) as e:
         why = errors[-1] if errors else (str(e) or type(e).__name__)
         raise BrokerError(f"cannot reach NATS at {', '.join(servers)}: {why}") from e
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,345 @@
+"""The engine end to end, on a real nats-server: events in, transitions out."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from nats.aio.client import Client
+
+from actors import EngineConfig
+from protocol import (
+    SECOND,
+    EventCause,
+    TimeCause,
+    DefinitionCause,
+    event_subject,
+    format_instant,
+    to_instant,
+)
+from store import EventLog
+
+from .conftest import NatsServer, collect, eventually, running_engine, segments
+
+ACTIVE_IDLE = segments(
+    """
+[segments.active]
+rule = "since_last('Visit') < '2s'"
+
+[segments.idle]
+rule = "since_last('Visit') >= '2s'"
+"""
+)
+
+
+def now() -> int:
+    return time.time_ns() // 1000
+
+
+def track(user: str, name: str = "Visit", *, at: int | None = None, mid: str | None = None,
+          **extra: Any) -> bytes:
+    doc: dict[str, Any] = {"type": "track", "userId": user, "event": name, **extra}
+    if at is not None:
+        doc["timestamp"] = format_instant(at)
+    if mid is not None:
+        doc["messageId"] = mid
+    return json.dumps(doc).encode()
+
+
+def summary(ts: list[Any]) -> list[tuple[str, str, str, Any, int]]:
+    return [(t.customer_id, t.segment, t.change, t.cause, t.version) for t in ts]
+
+
+async def test_events_and_time_produce_transitions(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    seen = await collect(client, "shoal.segments.>")
+    async with running_engine(nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE):
+        t0 = now()
+        await client.jetstream().publish("shoal.events.alice", track("alice", at=t0, mid="v1"))
+        await eventually(lambda: len(seen.msgs) >= 3)
+        await anyio.sleep(0.2)  # nothing more may come
+    ts = seen.transitions()
+    assert summary(ts) == [
+        ("alice", "active", "entered", EventCause(message_id="v1"), 1),
+        ("alice", "active", "exited", TimeCause(), 2),
+        ("alice", "idle", "entered", TimeCause(), 3),
+    ]
+    # The time-based change is stamped with the computed instant, not when it was noticed.
+    assert [to_instant(t.at) for t in ts] == [t0, t0 + 2 * SECOND, t0 + 2 * SECOND]
+    assert [m.subject for m in seen.msgs] == [
+        "shoal.segments.active.entered",
+        "shoal.segments.active.exited",
+        "shoal.segments.idle.entered",
+    ]
+    assert [m.headers and m.headers["Nats-Msg-Id"] for m in seen.msgs] == [
+        "alice:active:1",
+        "alice:active:2",
+        "alice:idle:3",
+    ]
+    info = await client.jetstream().stream_info("SHOAL_SEGMENTS")
+    assert info.state.messages == 3
+
+
+async def test_payload_on_the_wire(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    seen = await collect(client, "shoal.segments.>")
+    async with running_engine(nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE):
+        await client.publish(
+            "shoal.events.alice",
+            track("alice", at=1_795_000_000_123_456, mid="m-1"),
+        )
+        await eventually(lambda: len(seen.msgs) >= 1)
+    assert json.loads(seen.msgs[0].data) == {
+        "customer_id": "alice",
+        "segment": "active",
+        "change": "entered",
+        "at": "2026-11-18T11:06:40.123456Z",
+        "cause": {"kind": "event", "message_id": "m-1"},
+        "version": 1,
+    }
+
+
+async def test_escaped_customer_ids(nats_server: NatsServer, client: Client, tmp_path: Path) -> None:
+    seen = await collect(client, "shoal.segments.>")
+    customer = "ann.lee@example.com 2"
+    assert event_subject(customer) == "shoal.events.ann%2Elee@example%2Ecom%202"
+    async with running_engine(nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE):
+        await client.publish(event_subject(customer), track(customer, mid="x"))
+        await eventually(lambda: len(seen.msgs) >= 1)
+    assert seen.transitions()[0].customer_id == customer
+    assert seen.msgs[0].headers == {"Nats-Msg-Id": "ann%2Elee@example%2Ecom%202:active:1"}
+
+
+async def test_duplicate_message_ids_are_applied_once(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    seen = await collect(client, "shoal.segments.>")
+    async with running_engine(
+        nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE
+    ) as engine:
+        t0 = now()
+        # Plain publishes: the broker keeps both, so the engine must drop the repeat.
+        await client.publish("shoal.events.alice", track("alice", at=t0, mid="same"))
+        await eventually(lambda: engine.stats.events_applied == 1)
+        await client.publish("shoal.events.alice", track("alice", at=t0, mid="same"))
+        await client.publish("shoal.events.bob", track("bob", at=t0, mid="same"))
+        await eventually(lambda: engine.stats.events_applied + engine.stats.events_duplicate == 3)
+    assert engine.stats.events_applied == 2  # alice once, and bob: ids are per customer
+    assert engine.stats.events_duplicate == 1
+    async with await EventLog.open(tmp_path / "shoal.db") as log:
+        assert await log.count_events() == 2
+
+
+async def test_restart_loses_nothing_and_fires_overdue_deadlines_at_their_instant(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    db = tmp_path / "shoal.db"
+    seen = await collect(client, "shoal.segments.>")
+    async with running_engine(nats_server.url, db, ACTIVE_IDLE):
+        t0 = now()
+        await client.publish("shoal.events.alice", track("alice", at=t0, mid="a1"))
+        await eventually(lambda: len(seen.msgs) == 1)
+
+    # The engine is down: events keep arriving in the stream, one of them twice.
+    for i in range(5):
+        await client.publish("shoal.events.bob", track("bob", mid=f"b{i}"))
+    await client.publish("shoal.events.bob", track("bob", mid="b0"))
+    await client.flush()
+    while now() < t0 + 2 * SECOND + 300_000:  # alice's deadline passes while down
+        await anyio.sleep(0.05)
+
+    async with running_engine(nats_server.url, db, ACTIVE_IDLE) as engine:
+        await eventually(lambda: len([t for t in seen.transitions() if t.customer_id == "bob"]) >= 3)
+        assert engine.stats.rebuilt_events == 1
+        assert engine.stats.events_applied == 5
+        assert engine.stats.events_duplicate == 1
+
+    alice = [t for t in seen.transitions() if t.customer_id == "alice"]
+    assert summary(alice) == [
+        ("alice", "active", "entered", EventCause(message_id="a1"), 1),
+        ("alice", "active", "exited", TimeCause(), 2),
+        ("alice", "idle", "entered", TimeCause(), 3),
+    ]
+    assert [to_instant(t.at) for t in alice] == [t0, t0 + 2 * SECOND, t0 + 2 * SECOND]
+    bob = [t for t in seen.transitions() if t.customer_id == "bob"]
+    assert [t.version for t in bob] == [1, 2, 3]
+    assert bob[0].cause == EventCause(message_id="b0")
+    # Nothing was published twice, not even to plain subscribers.
+    ids = [m.headers["Nats-Msg-Id"] for m in seen.msgs if m.headers]
+    assert len(ids) == len(set(ids)) == len(seen.msgs)
+    async with await EventLog.open(db) as log:
+        assert await log.count_events() == 6
+
+
+async def test_deadline_never_fires_ahead_of_an_event_waiting_in_the_stream(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    db = tmp_path / "shoal.db"
+    seen = await collect(client, "shoal.segments.>")
+    async with running_engine(nats_server.url, db, ACTIVE_IDLE):
+        t0 = now()
+        await client.publish("shoal.events.alice", track("alice", at=t0, mid="a1"))
+        await eventually(lambda: len(seen.msgs) == 1)
+    # While down, a second visit arrives before the first visit's deadline...
+    await anyio.sleep(1.0)
+    t1 = now()
+    await client.publish("shoal.events.alice", track("alice", at=t1, mid="a2"))
+    while now() < t0 + 2 * SECOND + 300_000:  # ...which then passes while down.
+        await anyio.sleep(0.05)
+    async with running_engine(nats_server.url, db, ACTIVE_IDLE):
+        await eventually(lambda: len(seen.msgs) >= 3)
+        await anyio.sleep(0.2)
+    ts = seen.transitions()
+    # Alice never left `active` at t0 + 2s: the waiting visit kept her in.
+    assert summary(ts) == [
+        ("alice", "active", "entered", EventCause(message_id="a1"), 1),
+        ("alice", "active", "exited", TimeCause(), 2),
+        ("alice", "idle", "entered", TimeCause(), 3),
+    ]
+    assert [to_instant(t.at) for t in ts[1:]] == [t1 + 2 * SECOND, t1 + 2 * SECOND]
+
+
+async def test_changed_definitions_apply_on_restart(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    db = tmp_path / "shoal.db"
+    seen = await collect(client, "shoal.segments.>")
+    before = segments('[segments.visitor]\nrule = "count(\'Visit\') >= 1"')
+    after = segments('[segments.regular]\nrule = "count(\'Visit\') >= 2"\n'
+                     '[segments.member]\nrule = "count() >= 1"')
+    async with running_engine(nats_server.url, db, before):
+        t0 = now()
+        await client.publish("shoal.events.alice", track("alice", at=t0, mid="a1"))
+        await eventually(lambda: len(seen.msgs) == 1)
+    async with running_engine(nats_server.url, db, after):
+        await eventually(lambda: len(seen.msgs) == 3)
+    assert summary(seen.transitions()) == [
+        ("alice", "visitor", "entered", EventCause(message_id="a1"), 1),
+        ("alice", "member", "entered", DefinitionCause(), 2),
+        ("alice", "visitor", "exited", DefinitionCause(), 3),
+    ]
+
+
+BIG = json.dumps({"type": "track", "userId": "alice", "event": "Visit", "properties": {
+    "note": "x" * 2000}})
+
+BAD_INPUT = {
+    "invalid JSON": (
+        "shoal.events.alice",
+        b'{"type": "track", "userId": "alice", ',
+        "invalid JSON: Input data was truncated",
+    ),
+    "not UTF-8": (
+        "shoal.events.alice",
+        b"\xff\xfe{}",
+        "invalid JSON: JSON is malformed: invalid character (byte 0)",
+    ),
+    "missing userId": (
+        "shoal.events.alice",
+        b'{"type": "track", "event": "Visit"}',
+        "missing required field `userId`",
+    ),
+    "mismatched userId": (
+        "shoal.events.alice",
+        b'{"type": "track", "userId": "mallory", "event": "Visit"}',
+        "userId 'mallory' does not match the customer 'alice' of subject 'shoal.events.alice'",
+    ),
+    "unknown type": (
+        "shoal.events.alice",
+        b'{"type": "page", "userId": "alice", "name": "Home"}',
+        "unknown type 'page': expected 'track' or 'identify'",
+    ),
+    "missing event on track": (
+        "shoal.events.alice",
+        b'{"type": "track", "userId": "alice"}',
+        "missing required field `event` (the event name) on a track event",
+    ),
+    "unparseable timestamp": (
+        "shoal.events.alice",
+        b'{"type": "track", "userId": "alice", "event": "Visit", "timestamp": "yesterday"}',
+        "timestamp 'yesterday' is not an ISO-8601 date and time with a UTC offset "
+        "(for example 2026-11-22T10:00:00+01:00 or 2026-11-22T09:00:00Z)",
+    ),
+    "payload over the size limit": (
+        "shoal.events.alice",
+        BIG.encode(),
+        f"payload is {len(BIG)} bytes, over the limit of 1024 bytes",
+    ),
+    "subject with two tokens": (
+        "shoal.events.alice.smith",
+        b'{"type": "track", "userId": "alice.smith", "event": "Visit"}',
+        "subject 'shoal.events.alice.smith' must have exactly one customer token after "
+        "'shoal.events.' (escape '.' in customer ids as %2E)",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUT))
+async def test_bad_input_is_rejected_with_its_reason_and_loses_nothing(
+    kind: str, nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    subject, payload, reason = BAD_INPUT[kind]
+    await _check_rejection(nats_server, client, tmp_path, subject, payload, lambda r: reason)
+
+
+async def test_timestamp_too_far_ahead_is_rejected(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    stamp = format_instant(now() + 3600 * SECOND)
+    payload = track("alice").replace(b'"event"', f'"timestamp": "{stamp}", "event"'.encode())
+
+    def reason(rejection: Any) -> str:
+        received = to_instant(rejection.received_at)
+        ahead = (to_instant(__import__("datetime").datetime.fromisoformat(stamp)) - received)
+        return (
+            f"timestamp {stamp!r} is {ahead / SECOND:.1f} s ahead of the time the event was "
+            f"received ({format_instant(received)}); at most 300 s ahead is allowed"
+        )
+
+    await _check_rejection(nats_server, client, tmp_path, "shoal.events.alice", payload, reason)
+
+
+async def _check_rejection(
+    nats_server: NatsServer,
+    client: Client,
+    tmp_path: Path,
+    subject: str,
+    payload: bytes,
+    reason: Any,
+) -> None:
+    rejected = await collect(client, "shoal.rejected")
+    seen = await collect(client, "shoal.segments.>")
+    config = EngineConfig(max_event_bytes=1024)
+    async with running_engine(
+        nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE, config=config
+    ) as engine:
+        await client.publish("shoal.events.bob", track("bob", mid="before"))
+        await client.publish(subject, payload)
+        await client.publish("shoal.events.carol", track("carol", mid="after"))
+        await eventually(lambda: len(rejected.msgs) == 1 and len(seen.msgs) == 2)
+        assert engine.stats.events_rejected == 1
+        assert engine.stats.events_applied == 2
+        # The engine keeps going after it.
+        await client.publish("shoal.events.dave", track("dave", mid="later"))
+        await eventually(lambda: len(seen.msgs) == 3)
+    (r,) = rejected.rejections()
+    assert r.reason == reason(r)
+    assert r.subject == subject
+    try:
+        assert r.payload == payload.decode("utf-8") and r.payload_base64 is None
+    except UnicodeDecodeError:
+        assert r.payload is None
+        assert msgspec.json.decode(f'"{r.payload_base64}"'.encode(), type=bytes) == payload
+    assert [t.customer_id for t in seen.transitions()] == ["bob", "carol", "dave"]
+    info = await client.jetstream().stream_info("SHOAL_REJECTED")
+    assert info.state.messages == 1
+    # Acknowledged, so not redelivered: the consumer has nothing pending.
+    consumer = await client.jetstream().consumer_info("SHOAL_EVENTS", "shoal-engine")
+    assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
