@@ -26,6 +26,8 @@ from ._rules import MISSING
 from ._segments import SegmentSet
 
 _TIME = TimeCause()
+_BEFORE_ANY = -(1 << 62)
+"""The watermark of a customer with no events yet: before any instant an event can have."""
 _DEFINITION = DefinitionCause()
 
 
@@ -54,7 +56,7 @@ class Customer:
         """Segment name -> the instant the customer entered it."""
         self.version = 0
         """How many transitions the customer has had (the last one's ``version``)."""
-        self.watermark = 0
+        self.watermark = _BEFORE_ANY
         """The instant up to which the customer's state has been evaluated."""
         self.deadline: int | None = None
         """The next instant a segment can change without an event (always > watermark)."""
@@ -99,8 +101,13 @@ class Customer:
                         self._traits[key] = (at, value)
 
     def apply(self, event: Event, segments: SegmentSet) -> list[Transition]:
-        """Apply one event: first fire deadlines due by its instant, then evaluate after it."""
-        out = self.advance(event.at, segments)
+        """Apply one event: first fire deadlines due before its instant, then evaluate after it.
+
+        A deadline at exactly the event's instant is evaluated together with the event, so a
+        visit at the very instant a customer would have lapsed keeps it in, with no exit and
+        re-entry at the same instant.
+        """
+        out = self.advance(event.at - 1, segments)
         self.fold(event, segments)
         out += self.evaluate(segments, EventCause(message_id=event.message_id))
         return out

@@ -61,13 +61,20 @@ def parse_duration(text: str) -> int:
     Raises:
         ValueError: the text is not a duration.
     """
-    parts = _DURATION.findall(text.replace(" ", ""))
-    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+    compact = text.replace(" ", "")
+    parts = _DURATION.findall(compact)
+    if not parts or "".join(n + u for n, u in parts) != compact:
         raise ValueError(
             f"{text!r} is not a duration: write numbers with units s, m, h or d, "
             "like '90s', '14d' or '1d12h'"
         )
-    return sum(int(Decimal(n) * _US[u]) for n, u in parts)
+    units = [u for _, u in parts]
+    if units != sorted(set(units), key="dhms".index):
+        raise ValueError(f"{text!r}: give each unit once, largest first, like '1d12h'")
+    total = sum(Decimal(n) * _US[u] for n, u in parts)
+    if total != total.to_integral_value():
+        raise ValueError(f"{text!r} is finer than a microsecond")
+    return int(total)
 
 
 # --- nodes ---------------------------------------------------------------------------------
@@ -277,14 +284,14 @@ class Needs:
 
 
 class _Parser:
-    def __init__(self, text: str, fail: Callable[[str], DefinitionError]) -> None:
-        self.text = text
+    def __init__(self, rewrite: _Rewrite, fail: Callable[[str], DefinitionError]) -> None:
+        self.rewrite = rewrite
         self.fail = fail
         self.names: set[str | None] = set()
         self.traits: set[str] = set()
 
     def snippet(self, node: ast.AST) -> str:
-        return ast.get_source_segment(self.text, node) or ast.unparse(node)
+        return self.rewrite.snippet(node)
 
     def node(self, n: ast.AST) -> _Node:
         if isinstance(n, ast.BoolOp):
@@ -389,20 +396,60 @@ class _Parser:
         return _SinceLast(event) if name == "since_last" else _Count(event)
 
 
-def _sql_habits(text: str) -> str:
-    """Accept ``=`` for ``==`` and upper-case AND/OR/NOT, as spreadsheet and SQL users write."""
-    try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
-    except (tokenize.TokenError, SyntaxError):
-        return text  # ast.parse reports the problem with its position
-    out = []
-    for tok in tokens:
-        if tok.type == tokenize.OP and tok.string == "=":
-            tok = tok._replace(string="==")
-        elif tok.type == tokenize.NAME and tok.string in ("AND", "OR", "NOT"):
-            tok = tok._replace(string=tok.string.lower())
-        out.append((tok.type, tok.string))
-    return tokenize.untokenize(out).strip()
+class _Rewrite:
+    """A rule as Python can parse it, with columns mapped back to the text as written.
+
+    SQL and spreadsheet habits are accepted: ``=`` for ``==`` (not a keyword argument's
+    ``=``) and upper-case ``AND``/``OR``/``NOT``. The rewrite splices into the original text,
+    so spacing is kept and messages can quote exactly what the user wrote.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.original = text
+        lines = text.splitlines(keepends=True) or [""]
+        inserted: dict[int, list[int]] = {}  # row -> rewritten columns of added '=' signs
+        try:
+            tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+        except (tokenize.TokenError, SyntaxError):
+            tokens = []  # ast.parse reports the problem with its position
+        edits: list[tuple[int, int, str, str]] = []
+        for i, tok in enumerate(tokens):
+            if tok.type == tokenize.OP and tok.string == "=":
+                before = tokens[i - 2].string if i >= 2 else ""
+                if not (tokens[i - 1].type == tokenize.NAME and before in ("(", ",")):
+                    edits.append((tok.start[0], tok.start[1], "=", "=="))
+            elif tok.type == tokenize.NAME and tok.string in ("AND", "OR", "NOT"):
+                edits.append((tok.start[0], tok.start[1], tok.string, tok.string.lower()))
+        for row, col, old, new in sorted(edits, reverse=True):
+            line = lines[row - 1]
+            lines[row - 1] = line[:col] + new + line[col + len(old) :]
+        shifts: dict[int, int] = {}
+        for row, col, old, new in sorted(edits):
+            if len(new) > len(old):
+                at = col + shifts.get(row, 0) + len(old)
+                inserted.setdefault(row, []).append(at)
+                shifts[row] = shifts.get(row, 0) + len(new) - len(old)
+        self.text = "".join(lines)
+        self._inserted = inserted
+        self._lines = text.splitlines(keepends=True) or [""]
+
+    def column(self, row: int, col: int) -> int:
+        """The original column of rewritten column ``col`` (0-based) on line ``row``."""
+        return col - sum(1 for c in self._inserted.get(row, ()) if c < col)
+
+    def snippet(self, node: ast.AST) -> str:
+        """The text of ``node`` as the user wrote it."""
+        rows = (getattr(node, "lineno", None), getattr(node, "end_lineno", None))
+        cols = (getattr(node, "col_offset", None), getattr(node, "end_col_offset", None))
+        if None in rows or None in cols:
+            return ast.unparse(node)
+        (r0, r1), (c0, c1) = rows, cols
+        assert r0 is not None and r1 is not None and c0 is not None and c1 is not None
+        start, end = self.column(r0, c0), self.column(r1, c1)
+        if r0 == r1:
+            return self._lines[r0 - 1][start:end]
+        parts = [self._lines[r0 - 1][start:], *self._lines[r0 : r1 - 1], self._lines[r1 - 1][:end]]
+        return "".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,13 +478,15 @@ def parse_rule(text: str, *, source: str = "<rule>", segment: str | None = None)
 
     if not text.strip():
         raise fail("the rule is empty")
-    rewritten = _sql_habits(text)
+    rewrite = _Rewrite(text)
     try:
-        tree = ast.parse(rewritten, mode="eval")
+        tree = ast.parse(rewrite.text, mode="eval")
     except SyntaxError as e:
-        col = f" at column {e.offset}" if e.offset else ""
+        col = ""
+        if e.offset:
+            col = f" at column {rewrite.column(e.lineno or 1, e.offset - 1) + 1}"
         raise fail(f"rule `{text}` is not valid syntax{col}: {e.msg}") from None
-    parser = _Parser(rewritten, fail)
+    parser = _Parser(rewrite, fail)
     root = parser.condition(tree.body)
     return Rule(
         text=text,

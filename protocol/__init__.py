@@ -15,6 +15,7 @@ from ._inbound import InvalidEvent as InvalidEvent
 from ._inbound import decode_event as decode_event
 from ._inbound import parse_timestamp as parse_timestamp
 from ._nats import Delivery as Delivery
+from ._nats import DeliveryGapError as DeliveryGapError
 from ._nats import EventFeed as EventFeed
 from ._nats import Publisher as Publisher
 from ._nats import PublishError as PublishError
@@ -55,7 +56,7 @@ __all__ = (
     "DAY", "DEFAULT_MAX_EVENT_BYTES", "EVENTS_STREAM", "EVENTS_WILDCARD", "HOUR",
     "MAX_FUTURE_SKEW", "MINUTE", "REJECTED_STREAM", "REJECTED_SUBJECT", "SECOND",
     "SEGMENTS_STREAM", "SEGMENTS_WILDCARD", "BrokerError", "Cause", "DefinitionCause",
-    "Delivery", "Event", "EventCause", "EventFeed", "InvalidEvent", "ProtocolError",
+    "Delivery", "DeliveryGapError", "Event", "EventCause", "EventFeed", "InvalidEvent", "ProtocolError",
     "PublishError", "Publisher", "Rejection", "StreamSettings", "SubjectError", "TimeCause",
     "Transition", "connect", "customer_of_event_subject", "decode_event", "embedded_broker",
     "ensure_streams", "escape_token", "event_subject", "find_nats_server", "format_instant",

@@ -48,6 +48,12 @@ class _Wire(msgspec.Struct, kw_only=True, rename="camel"):
 _decoder = msgspec.json.Decoder(_Wire)
 
 
+def _seconds(us: int) -> str:
+    """Exact seconds of a duration in microseconds, without trailing zeros: 300.000001, 3600."""
+    whole, frac = divmod(us, SECOND)
+    return f"{whole}.{frac:06d}".rstrip("0").rstrip(".")
+
+
 def parse_timestamp(text: str) -> int:
     """The instant of an ISO-8601 timestamp that carries a UTC offset.
 
@@ -125,7 +131,7 @@ def decode_event(
         ahead = stamped - received
         if ahead > MAX_FUTURE_SKEW:
             raise InvalidEvent(
-                f"timestamp {wire.timestamp!r} is {ahead / SECOND:.1f} s ahead of the time the "
+                f"timestamp {wire.timestamp!r} is {_seconds(ahead)} s ahead of the time the "
                 f"event was received ({format_instant(received)}); at most "
                 f"{MAX_FUTURE_SKEW // SECOND} s ahead is allowed"
             )

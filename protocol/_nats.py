@@ -155,16 +155,29 @@ class Delivery:
     """The ``Nats-Msg-Id`` header, when the producer set one."""
 
 
-def _parse_ack_reply(reply: str) -> tuple[int, int, int]:
-    """(stream sequence, timestamp in µs, pending) from a JetStream ack subject.
+class DeliveryGapError(ProtocolError):
+    """A delivery was skipped: acknowledging past it would lose it, so the engine must stop
+    and restart from the broker's acknowledgement floor."""
+
+    def __init__(self, expected: int, got: int) -> None:
+        super().__init__(
+            f"consumer delivery {expected} never reached the engine (next was {got}); "
+            "stopping so that it is delivered again on restart"
+        )
+        self.expected = expected
+        self.got = got
+
+
+def _parse_ack_reply(reply: str) -> tuple[int, int, int, int]:
+    """(stream sequence, consumer sequence, timestamp in µs, pending) from an ack subject.
 
     nats-py's ``Msg.metadata`` goes through a float and loses microseconds, hence our own.
     """
     t = reply.split(".")
     if len(t) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-        return int(t[5]), int(t[7]) // 1000, int(t[8])
+        return int(t[5]), int(t[6]), int(t[7]) // 1000, int(t[8])
     if len(t) >= 11:  # $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>...
-        return int(t[7]), int(t[9]) // 1000, int(t[10])
+        return int(t[7]), int(t[8]), int(t[9]) // 1000, int(t[10])
     raise ProtocolError(f"not a JetStream ack subject: {reply!r}")
 
 
@@ -197,6 +210,7 @@ class EventFeed:
         self._ready = asyncio.Event()
         self._sub: Any = None
         self._last_taken: Msg | None = None
+        self._last_cseq = 0
         self.pending_at_start = 0
         """Messages the broker held for this consumer when it started (its backlog)."""
 
@@ -216,10 +230,10 @@ class EventFeed:
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=self._max_in_flight,
             ack_wait=self._ack_wait,
-            flow_control=True,
-            idle_heartbeat=5.0,
         )
         try:
+            # flow_control and idle_heartbeat must be given to subscribe() itself: it
+            # overwrites the ConsumerConfig's flow_control with its own argument.
             self._sub = await self._js.subscribe(
                 self._filter,
                 durable=self._durable,
@@ -227,7 +241,12 @@ class EventFeed:
                 cb=on_msg,
                 manual_ack=True,
                 config=config,
+                flow_control=True,
+                idle_heartbeat=5.0,
+                # The broker sends at most max_in_flight unacknowledged messages, so the
+                # client never has to drop one as a slow consumer.
                 pending_msgs_limit=self._max_in_flight * 2,
+                pending_bytes_limit=self._max_in_flight * 2 * 1024 * 1024,
             )
             info = await self._sub.consumer_info()
         except (nats.errors.Error, asyncio.TimeoutError) as e:
@@ -240,7 +259,12 @@ class EventFeed:
         buf = self._buffer
         while buf and len(out) < limit:
             msg = buf.popleft()
-            seq, received, pending = _parse_ack_reply(msg.reply)
+            seq, cseq, received, pending = _parse_ack_reply(msg.reply)
+            # With AckPolicy.ALL one ack covers every earlier delivery, so a delivery the
+            # client dropped (slow consumer) must stop us before we acknowledge past it.
+            if self._last_cseq and cseq > self._last_cseq + 1:
+                raise DeliveryGapError(self._last_cseq + 1, cseq)
+            self._last_cseq = max(self._last_cseq, cseq)
             headers = msg.headers
             out.append(
                 Delivery(
@@ -266,7 +290,7 @@ class EventFeed:
         """The receive instant of the oldest buffered delivery, if any."""
         if not self._buffer:
             return None
-        return _parse_ack_reply(self._buffer[0].reply)[1]
+        return _parse_ack_reply(self._buffer[0].reply)[2]
 
     async def wait(self) -> None:
         """Return when deliveries are buffered."""

@@ -2,13 +2,14 @@
 
 A customer id becomes one subject token. NATS reserves ``.`` (token separator), ``*`` and
 ``>`` (wildcards), and a subject cannot hold whitespace, so those characters (and ``%``, the
-escape character itself, and control characters) are percent-escaped as the hex of their
+escape character itself, and control characters, Unicode category Cc) are percent-escaped as the hex of their
 UTF-8 bytes: ``a.b c`` becomes ``a%2Eb%20c``. Everything else, non-ASCII included, is kept.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from ._errors import SubjectError
 
@@ -29,7 +30,7 @@ _ESCAPE_HEX = re.compile(r"%([0-9A-F]{2})")
 
 
 def _needs_escape(ch: str) -> bool:
-    return ch in ".*>%" or ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F
+    return ch in ".*>%" or ch.isspace() or unicodedata.category(ch) == "Cc"
 
 
 def escape_token(customer_id: str) -> str:

