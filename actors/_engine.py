@@ -188,8 +188,8 @@ class Engine:
             self.stats.rebuilt_events += len(chunk)
 
         history: dict[str, list[Transition]] = {}
-        async for chunk in self._log.read_transitions():
-            for o in chunk:
+        async for outbox in self._log.read_transitions():
+            for o in outbox:
                 t = _transition_decoder.decode(o.body)
                 history.setdefault(o.customer_id, []).append(t)
                 if not o.published:

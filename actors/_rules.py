@@ -71,7 +71,7 @@ def parse_duration(text: str) -> int:
     units = [u for _, u in parts]
     if units != sorted(set(units), key="dhms".index):
         raise ValueError(f"{text!r}: give each unit once, largest first, like '1d12h'")
-    total = sum(Decimal(n) * _US[u] for n, u in parts)
+    total = sum((Decimal(n) * _US[u] for n, u in parts), Decimal(0))
     if total != total.to_integral_value():
         raise ValueError(f"{text!r} is finer than a microsecond")
     return int(total)
@@ -431,7 +431,7 @@ class _Rewrite:
                 shifts[row] = shifts.get(row, 0) + len(new) - len(old)
         self.text = "".join(lines)
         self._inserted = inserted
-        self._lines = text.splitlines(keepends=True) or [""]
+        self._lines: list[str] = text.splitlines(keepends=True) or [""]
 
     def column(self, row: int, col: int) -> int:
         """The original column of rewritten column ``col`` (0-based) on line ``row``."""
@@ -439,12 +439,11 @@ class _Rewrite:
 
     def snippet(self, node: ast.AST) -> str:
         """The text of ``node`` as the user wrote it."""
-        rows = (getattr(node, "lineno", None), getattr(node, "end_lineno", None))
-        cols = (getattr(node, "col_offset", None), getattr(node, "end_col_offset", None))
-        if None in rows or None in cols:
+        keys = ("lineno", "end_lineno", "col_offset", "end_col_offset")
+        pos: list[int] = [p for k in keys if isinstance(p := getattr(node, k, None), int)]
+        if len(pos) != len(keys):
             return ast.unparse(node)
-        (r0, r1), (c0, c1) = rows, cols
-        assert r0 is not None and r1 is not None and c0 is not None and c1 is not None
+        r0, r1, c0, c1 = pos
         start, end = self.column(r0, c0), self.column(r1, c1)
         if r0 == r1:
             return self._lines[r0 - 1][start:end]

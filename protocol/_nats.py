@@ -74,7 +74,7 @@ async def connect(servers: Sequence[str], *, name: str = "shoal") -> Client:
             reconnect_time_wait=0.5,
             error_cb=on_error,
         )
-    except (OSError, nats.errors.Error, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError, nats.errors.Error) as e:
         why = errors[-1] if errors else (str(e) or type(e).__name__)
         raise BrokerError(f"cannot reach NATS at {', '.join(servers)}: {why}") from e
     nc.options["max_reconnect_attempts"] = -1
@@ -136,7 +136,7 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
             raise BrokerError(
                 "JetStream is not enabled on the NATS server (start it with -js)"
             ) from e
-        except (nats.errors.Error, asyncio.TimeoutError) as e:
+        except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot set up stream {config.name}: {e}") from e
 
 
@@ -249,7 +249,7 @@ class EventFeed:
                 pending_bytes_limit=self._max_in_flight * 2 * 1024 * 1024,
             )
             info = await self._sub.consumer_info()
-        except (nats.errors.Error, asyncio.TimeoutError) as e:
+        except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot start consumer {self._durable!r}: {e}") from e
         self.pending_at_start = int(info.num_pending or 0)
 
@@ -339,7 +339,7 @@ class Publisher:
             ]
             async with asyncio.timeout(self._timeout):
                 await asyncio.gather(*futures)
-        except (nats.errors.Error, asyncio.TimeoutError) as e:
+        except (TimeoutError, nats.errors.Error) as e:
             raise PublishError(f"could not publish {len(transitions)} transitions: {e}") from e
 
     async def publish_rejection(
@@ -379,7 +379,7 @@ class Publisher:
                 headers=headers,
                 timeout=self._timeout,
             )
-        except (nats.errors.Error, asyncio.TimeoutError) as e:
+        except (TimeoutError, nats.errors.Error) as e:
             raise PublishError(f"could not publish a rejection: {e}") from e
 
 
@@ -389,6 +389,7 @@ async def iter_transitions(
     """Transitions on ``filter_subject`` as they are published (and, with ``from_start``,
     all that ``SHOAL_SEGMENTS`` still holds first, through an ordered consumer)."""
     decoder = msgspec.json.Decoder(Transition)
+    sub: Any
     if from_start:
         js = nc.jetstream()
         sub = await js.subscribe(filter_subject, ordered_consumer=True)

@@ -2,8 +2,9 @@
 
 A customer id becomes one subject token. NATS reserves ``.`` (token separator), ``*`` and
 ``>`` (wildcards), and a subject cannot hold whitespace, so those characters (and ``%``, the
-escape character itself, and control characters, Unicode category Cc) are percent-escaped as the hex of their
-UTF-8 bytes: ``a.b c`` becomes ``a%2Eb%20c``. Everything else, non-ASCII included, is kept.
+escape character itself, and control characters, Unicode category Cc) are percent-escaped as
+the hex of their UTF-8 bytes: ``a.b c`` becomes ``a%2Eb%20c``. Everything else, non-ASCII
+included, is kept.
 """
 
 from __future__ import annotations

@@ -213,11 +213,17 @@ async def nats_server(binary: str, store: Path) -> AsyncIterator[str]:
                 raise RuntimeError(f"nats-server exited early:\n{log_path.read_text()}")
             try:
                 nc = await nats.connect(
-                    url, connect_timeout=0.5, allow_reconnect=False, max_reconnect_attempts=0, error_cb=_ignore_error
+                    url,
+                    connect_timeout=0.5,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=0,
+                    error_cb=_ignore_error,
                 )
             except Exception:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"nats-server did not accept connections:\n{log_path.read_text()}") from None
+                    raise RuntimeError(
+                        f"nats-server did not accept connections:\n{log_path.read_text()}"
+                    ) from None
                 await asyncio.sleep(0.1)
             else:
                 await nc.close()
@@ -243,7 +249,9 @@ async def _ignore_error(err: Exception) -> None:
 
 async def connect(url: str) -> NATS:
     """Plain client connection; no reconnects, so a dead server fails fast."""
-    return await nats.connect(url, error_cb=_error_cb, allow_reconnect=False, max_reconnect_attempts=0)
+    return await nats.connect(
+        url, error_cb=_error_cb, allow_reconnect=False, max_reconnect_attempts=0
+    )
 
 
 # --------------------------------------------------------------------------- publish
@@ -254,7 +262,9 @@ async def fill_stream(url: str, count: int) -> Result:
     nc = await connect(url)
     try:
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name=STREAM, subjects=[SUBJECT_FILTER], storage=StorageType.FILE))
+        await js.add_stream(
+            StreamConfig(name=STREAM, subjects=[SUBJECT_FILTER], storage=StorageType.FILE)
+        )
         encode = msgspec.json.Encoder().encode
         props = [{"club": "north"}, {"club": "south"}, {"club": "east"}, {"club": "west"}]
         start = time.perf_counter()
@@ -287,12 +297,14 @@ async def fill_stream(url: str, count: int) -> Result:
 
 async def consume_pull(js: JetStreamContext, v: Variant, durable: str, tally: Tally) -> None:
     """Pull consumer: fetch(batch), process, ack (last message or every message)."""
-    config = ConsumerConfig(durable_name=durable, ack_policy=v.ack_policy, max_ack_pending=v.max_ack_pending)
+    config = ConsumerConfig(
+        durable_name=durable, ack_policy=v.ack_policy, max_ack_pending=v.max_ack_pending
+    )
     sub = await js.pull_subscribe(SUBJECT_FILTER, durable=durable, stream=STREAM, config=config)
     while not tally.done:
         try:
             msgs = await sub.fetch(v.batch, timeout=FETCH_TIMEOUT)
-        except asyncio.TimeoutError:  # nats.errors.TimeoutError subclasses it
+        except TimeoutError:  # nats.errors.TimeoutError subclasses it
             continue
         tally.process(msgs)
         await tally.ack_batch(msgs, v.ack_policy)
@@ -367,7 +379,7 @@ async def consume_push_next(js: JetStreamContext, v: Variant, durable: str, tall
         while True:
             try:
                 yield await sub.next_msg(timeout=FETCH_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     await _drain_push(next_msgs(), sub, v, tally)
@@ -401,7 +413,7 @@ async def run_variant(url: str, v: Variant, count: int, timeout: float) -> Resul
     start = time.perf_counter()  # includes consumer creation (a few ms)
     try:
         await asyncio.wait_for(CONSUMERS[v.kind](js, v, durable, tally), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         status = "TIMEOUT"
     elapsed = time.perf_counter() - start
     consumer: dict[str, Any] = {}
@@ -418,7 +430,9 @@ async def run_variant(url: str, v: Variant, count: int, timeout: float) -> Resul
     finally:
         await nc.close()
     if status == "ok" and tally.distinct != count:
-        raise AssertionError(f"{v.name}: {tally.distinct} distinct stream sequences, expected {count}")
+        raise AssertionError(
+            f"{v.name}: {tally.distinct} distinct stream sequences, expected {count}"
+        )
     return Result(
         v.name,
         status,
@@ -487,7 +501,11 @@ async def main_async(args: argparse.Namespace) -> int:
             results: list[Result] = []
             for v in variants:
                 result = await run_variant(url, v, args.messages, args.timeout)
-                print(f"#   {v.name}: {result.status} {result.rate:,.0f} msgs/s {result.seconds:.2f} s", flush=True)
+                print(
+                    f"#   {v.name}: {result.status} {result.rate:,.0f} msgs/s "
+                    f"{result.seconds:.2f} s",
+                    flush=True,
+                )
                 results.append(result)
     print()
     for line in table(results):
@@ -502,9 +520,18 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--messages", type=int, default=200_000, help="events to publish and consume (default 200000)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 20000 messages, 30 s timeout")
-    parser.add_argument("--timeout", type=float, default=120.0, help="per-variant time limit in seconds")
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=200_000,
+        help="events to publish and consume (default 200000)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 20000 messages, 30 s timeout"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="per-variant time limit in seconds"
+    )
     parser.add_argument("--json", metavar="FILE", help="append JSON lines results to FILE")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants")
     args = parser.parse_args(argv)

@@ -81,31 +81,57 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the engine (starts an embedded nats-server)")
-    serve.add_argument("--data-dir", type=Path, default=Path("shoal-data"),
-                       help="where the event log and the embedded broker's store live "
-                       "(default: ./shoal-data)")
-    serve.add_argument("--segments", type=Path, default=None,
-                       help="segments TOML file (default: the one shipped with shoal)")
-    serve.add_argument("--nats", action="append", metavar="URL",
-                       help="use this NATS server instead of starting one (repeat for a cluster)")
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("shoal-data"),
+        help="where the event log and the embedded broker's store live (default: ./shoal-data)",
+    )
+    serve.add_argument(
+        "--segments",
+        type=Path,
+        default=None,
+        help="segments TOML file (default: the one shipped with shoal)",
+    )
+    serve.add_argument(
+        "--nats",
+        action="append",
+        metavar="URL",
+        help="use this NATS server instead of starting one (repeat for a cluster)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="embedded broker address")
     serve.add_argument("--port", type=int, default=4222, help="embedded broker port")
-    serve.add_argument("--sync", choices=["normal", "full"], default="normal",
-                       help="SQLite synchronous level (full: every commit reaches the disk)")
+    serve.add_argument(
+        "--sync",
+        choices=["normal", "full"],
+        default="normal",
+        help="SQLite synchronous level (full: every commit reaches the disk)",
+    )
     serve.add_argument("--consumer", default="shoal-engine", help="durable consumer name")
     serve.set_defaults(run=_serve)
 
-    pub = sub.add_parser("publish", help="publish events (JSON lines from a file or stdin, "
-                         "or one built from flags)")
+    pub = sub.add_parser(
+        "publish", help="publish events (JSON lines from a file or stdin, or one built from flags)"
+    )
     pub.add_argument("file", nargs="?", help="JSON-lines file ('-' or nothing: stdin)")
     pub.add_argument("--nats", action="append", metavar="URL")
     pub.add_argument("--user", help="build one event for this customer id")
     pub.add_argument("--event", help="track event name")
     pub.add_argument("--identify", action="store_true", help="an identify event")
-    pub.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE",
-                     help="track property (VALUE is JSON when it parses, else text)")
-    pub.add_argument("--trait", action="append", default=[], metavar="KEY=VALUE",
-                     help="identify trait (VALUE is JSON when it parses, else text)")
+    pub.add_argument(
+        "--prop",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="track property (VALUE is JSON when it parses, else text)",
+    )
+    pub.add_argument(
+        "--trait",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="identify trait (VALUE is JSON when it parses, else text)",
+    )
     pub.add_argument("--timestamp", help="ISO-8601 with offset (default: when received)")
     pub.add_argument("--message-id", help="idempotency key")
     pub.set_defaults(run=_publish)
@@ -113,8 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     tail = sub.add_parser("tail", help="print segment transitions as they happen")
     tail.add_argument("segment", nargs="?", help="only this segment")
     tail.add_argument("--nats", action="append", metavar="URL")
-    tail.add_argument("--from-start", action="store_true",
-                      help="first print every transition the SHOAL_SEGMENTS stream holds")
+    tail.add_argument(
+        "--from-start",
+        action="store_true",
+        help="first print every transition the SHOAL_SEGMENTS stream holds",
+    )
     tail.set_defaults(run=_tail)
     return p
 
@@ -283,12 +312,20 @@ async def _tail(args: argparse.Namespace) -> int:
 
 def _readable(t: Transition) -> str:
     cause = t.cause
-    why = "time" if cause.__struct_config__.tag == "time" else (
-        f"event {getattr(cause, 'message_id', '')}".strip()
-        if cause.__struct_config__.tag == "event" else "definition")
+    why = (
+        "time"
+        if cause.__struct_config__.tag == "time"
+        else (
+            f"event {getattr(cause, 'message_id', '')}".strip()
+            if cause.__struct_config__.tag == "event"
+            else "definition"
+        )
+    )
     arrow = "->" if t.change == "entered" else "<-"
-    return (f"{format_instant(to_instant(t.at))}  {t.customer_id} {arrow} {t.segment} "
-            f"({t.change}, {why}, v{t.version})")
+    return (
+        f"{format_instant(to_instant(t.at))}  {t.customer_id} {arrow} {t.segment} "
+        f"({t.change}, {why}, v{t.version})"
+    )
 
 
 if __name__ == "__main__":

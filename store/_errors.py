@@ -24,9 +24,7 @@ class StoreFormatError(StoreError):
     """The database was written by an incompatible version of shoal."""
 
     def __init__(self, path: Path, found: int, expected: int) -> None:
-        super().__init__(
-            f"{path} has schema version {found}, this shoal reads version {expected}"
-        )
+        super().__init__(f"{path} has schema version {found}, this shoal reads version {expected}")
         self.path = path
         self.found = found
         self.expected = expected

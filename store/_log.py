@@ -234,7 +234,7 @@ class EventLog:
                     "WHERE seq > ? ORDER BY seq LIMIT ?",
                     (last, chunk),
                 ) as cur:
-                    rows = await cur.fetchall()
+                    rows = list(await cur.fetchall())
             except sqlite3.Error as e:
                 raise StoreError(f"cannot read the event log: {e}") from e
             if not rows:
@@ -259,7 +259,7 @@ class EventLog:
                     "ORDER BY customer_id, version LIMIT ?",
                     (*last, chunk),
                 ) as cur:
-                    rows = await cur.fetchall()
+                    rows = list(await cur.fetchall())
             except sqlite3.Error as e:
                 raise StoreError(f"cannot read the outbox: {e}") from e
             if not rows:

@@ -39,15 +39,24 @@ class NatsServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [str(find_nats_server()), "-js", "-sd", str(self.store), "-a", "127.0.0.1",
-             "-p", str(self.port)],
+            [
+                str(find_nats_server()),
+                "-js",
+                "-sd",
+                str(self.store),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
             ):
                 return
             if self.proc.poll() is not None:

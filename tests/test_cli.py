@@ -94,7 +94,9 @@ class Proc:
         return self.popen.wait(timeout)
 
 
-def run(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*SHOAL, *args], input=stdin, capture_output=True, text=True, timeout=timeout
     )
@@ -115,19 +117,29 @@ def procs() -> Iterator[list[Proc]]:
         p.close()
 
 
-def test_walkthrough_serve_publish_tail(tmp_path: Path, segments_file: Path, procs: list[Proc]) -> None:
+def test_walkthrough_serve_publish_tail(
+    tmp_path: Path, segments_file: Path, procs: list[Proc]
+) -> None:
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
-    serve = Proc("serve", "--data-dir", str(tmp_path / "data"), "--port", str(port),
-                 "--segments", str(segments_file))
+    serve = Proc(
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--port",
+        str(port),
+        "--segments",
+        str(segments_file),
+    )
     procs.append(serve)
     serve.wait_err("shoal is serving")
     tail = Proc("tail", "--nats", url)
     procs.append(tail)
     time.sleep(0.5)  # let tail subscribe
 
-    done = run("publish", "--nats", url, "--user", "alice", "--event", "Visit",
-               "--message-id", "w1")
+    done = run(
+        "publish", "--nats", url, "--user", "alice", "--event", "Visit", "--message-id", "w1"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "published 1 event(s)"
 
@@ -149,8 +161,15 @@ def test_walkthrough_serve_publish_tail(tmp_path: Path, segments_file: Path, pro
 def test_tail_from_start_prints_history(
     nats_server: NatsServer, tmp_path: Path, segments_file: Path, procs: list[Proc]
 ) -> None:
-    serve = Proc("serve", "--data-dir", str(tmp_path / "data"), "--nats", nats_server.url,
-                 "--segments", str(segments_file))
+    serve = Proc(
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--nats",
+        nats_server.url,
+        "--segments",
+        str(segments_file),
+    )
     procs.append(serve)
     serve.wait_err("shoal is serving")
     events = "\n".join(
@@ -192,7 +211,7 @@ def test_serve_unreachable_server_is_one_line(tmp_path: Path) -> None:
 
 def test_serve_bad_segments_file_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('[segments.lapsed]\nrule = "since_last(\'Visit\') >= \'14 days\'"\n')
+    bad.write_text("[segments.lapsed]\nrule = \"since_last('Visit') >= '14 days'\"\n")
     done = run("serve", "--data-dir", str(tmp_path), "--segments", str(bad))
     assert done.returncode == 1
     assert done.stderr.strip() == (
@@ -242,8 +261,9 @@ def test_publish_flags_are_checked() -> None:
     )
 
 
-def test_missing_nats_server_binary_is_explained(monkeypatch: pytest.MonkeyPatch,
-                                                 tmp_path: Path) -> None:
+def test_missing_nats_server_binary_is_explained(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr("sysconfig.get_path", lambda name: str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(BrokerError) as e:

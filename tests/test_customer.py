@@ -84,12 +84,20 @@ def test_first_visit_enters_new_customer_and_active() -> None:
     cause = EventCause(message_id="m1")
     assert out == [
         Transition(
-            customer_id=CID, segment="new_customer", change="entered",
-            at=from_instant(T0), cause=cause, version=1,
+            customer_id=CID,
+            segment="new_customer",
+            change="entered",
+            at=from_instant(T0),
+            cause=cause,
+            version=1,
         ),
         Transition(
-            customer_id=CID, segment="active", change="entered",
-            at=from_instant(T0), cause=cause, version=2,
+            customer_id=CID,
+            segment="active",
+            change="entered",
+            at=from_instant(T0),
+            cause=cause,
+            version=2,
         ),
     ]
     assert c.members == {"new_customer": T0, "active": T0}
@@ -155,8 +163,12 @@ def test_active_exits_at_the_exact_instant() -> None:
     out = c.advance(T0 + 7 * DAY, DEFAULT)
     assert out == [
         Transition(
-            customer_id=CID, segment="active", change="exited",
-            at=from_instant(T0 + 7 * DAY), cause=TimeCause(), version=3,
+            customer_id=CID,
+            segment="active",
+            change="exited",
+            at=from_instant(T0 + 7 * DAY),
+            cause=TimeCause(),
+            version=3,
         )
     ]
     assert (c.watermark, c.deadline) == (T0 + 7 * DAY, T0 + 14 * DAY)
@@ -347,8 +359,12 @@ def test_changed_definition_exits_with_definition_cause() -> None:
     out = c.evaluate(new, DefinitionCause())
     assert out == [
         Transition(
-            customer_id=CID, segment="active", change="exited",
-            at=from_instant(T0 + 5 * DAY), cause=DefinitionCause(), version=3,
+            customer_id=CID,
+            segment="active",
+            change="exited",
+            at=from_instant(T0 + 5 * DAY),
+            cause=DefinitionCause(),
+            version=3,
         )
     ]
     assert c.deadline == T0 + 30 * DAY
@@ -467,9 +483,7 @@ class Snapshot:
         st.tuples(_offsets, st.sampled_from(["Visit", "gold", "silver"])), min_size=1, max_size=6
     )
 )
-def test_in_order_history_matches_rules_at_every_instant(
-    raw: list[tuple[int, str]]
-) -> None:
+def test_in_order_history_matches_rules_at_every_instant(raw: list[tuple[int, str]]) -> None:
     raw = sorted(raw, key=lambda p: p[0])
     events = [
         visit(T0 + off, f"m{i}") if kind == "Visit" else identify(T0 + off, f"m{i}", plan=kind)

@@ -17,9 +17,9 @@ from nats.js.api import AckPolicy
 from actors import EngineConfig
 from protocol import (
     SECOND,
+    DefinitionCause,
     EventCause,
     TimeCause,
-    DefinitionCause,
     event_subject,
     format_instant,
     to_instant,
@@ -43,8 +43,9 @@ def now() -> int:
     return time.time_ns() // 1000
 
 
-def track(user: str, name: str = "Visit", *, at: int | None = None, mid: str | None = None,
-          **extra: Any) -> bytes:
+def track(
+    user: str, name: str = "Visit", *, at: int | None = None, mid: str | None = None, **extra: Any
+) -> bytes:
     doc: dict[str, Any] = {"type": "track", "userId": user, "event": name, **extra}
     if at is not None:
         doc["timestamp"] = format_instant(at)
@@ -88,9 +89,7 @@ async def test_events_and_time_produce_transitions(
     assert info.state.messages == 3
 
 
-async def test_payload_on_the_wire(
-    nats_server: NatsServer, client: Client, tmp_path: Path
-) -> None:
+async def test_payload_on_the_wire(nats_server: NatsServer, client: Client, tmp_path: Path) -> None:
     seen = await collect(client, "shoal.segments.>")
     async with running_engine(nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE):
         await client.publish(
@@ -108,7 +107,9 @@ async def test_payload_on_the_wire(
     }
 
 
-async def test_escaped_customer_ids(nats_server: NatsServer, client: Client, tmp_path: Path) -> None:
+async def test_escaped_customer_ids(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
     seen = await collect(client, "shoal.segments.>")
     customer = "ann.lee@example.com 2"
     assert event_subject(customer) == "shoal.events.ann%2Elee@example%2Ecom%202"
@@ -123,9 +124,7 @@ async def test_duplicate_message_ids_are_applied_once(
     nats_server: NatsServer, client: Client, tmp_path: Path
 ) -> None:
     seen = await collect(client, "shoal.segments.>")
-    async with running_engine(
-        nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE
-    ) as engine:
+    async with running_engine(nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE) as engine:
         t0 = now()
         # Plain publishes: the broker keeps both, so the engine must drop the repeat.
         await client.publish("shoal.events.alice", track("alice", at=t0, mid="same"))
@@ -133,8 +132,14 @@ async def test_duplicate_message_ids_are_applied_once(
         await client.publish("shoal.events.alice", track("alice", at=t0, mid="same"))
         await client.publish("shoal.events.bob", track("bob", at=t0, mid="same"))
         await eventually(lambda: engine.stats.events_applied + engine.stats.events_duplicate == 3)
+        await eventually(lambda: len(seen.msgs) >= 2)
     assert engine.stats.events_applied == 2  # alice once, and bob: ids are per customer
     assert engine.stats.events_duplicate == 1
+    by_event = [t for t in seen.transitions() if isinstance(t.cause, EventCause)]
+    assert [(t.customer_id, t.segment, t.version) for t in by_event] == [
+        ("alice", "active", 1),
+        ("bob", "active", 1),
+    ]
     async with await EventLog.open(tmp_path / "shoal.db") as log:
         assert await log.count_events() == 2
 
@@ -158,7 +163,9 @@ async def test_restart_loses_nothing_and_fires_overdue_deadlines_at_their_instan
         await anyio.sleep(0.05)
 
     async with running_engine(nats_server.url, db, ACTIVE_IDLE) as engine:
-        await eventually(lambda: len([t for t in seen.transitions() if t.customer_id == "bob"]) >= 3)
+        await eventually(
+            lambda: len([t for t in seen.transitions() if t.customer_id == "bob"]) >= 3
+        )
         assert engine.stats.rebuilt_events == 1
         assert engine.stats.events_applied == 5
         assert engine.stats.events_duplicate == 1
@@ -213,9 +220,11 @@ async def test_changed_definitions_apply_on_restart(
 ) -> None:
     db = tmp_path / "shoal.db"
     seen = await collect(client, "shoal.segments.>")
-    before = segments('[segments.visitor]\nrule = "count(\'Visit\') >= 1"')
-    after = segments('[segments.regular]\nrule = "count(\'Visit\') >= 2"\n'
-                     '[segments.member]\nrule = "count() >= 1"')
+    before = segments("[segments.visitor]\nrule = \"count('Visit') >= 1\"")
+    after = segments(
+        "[segments.regular]\nrule = \"count('Visit') >= 2\"\n"
+        '[segments.member]\nrule = "count() >= 1"'
+    )
     async with running_engine(nats_server.url, db, before):
         t0 = now()
         await client.publish("shoal.events.alice", track("alice", at=t0, mid="a1"))
@@ -229,8 +238,9 @@ async def test_changed_definitions_apply_on_restart(
     ]
 
 
-BIG = json.dumps({"type": "track", "userId": "alice", "event": "Visit", "properties": {
-    "note": "x" * 2000}})
+BIG = json.dumps(
+    {"type": "track", "userId": "alice", "event": "Visit", "properties": {"note": "x" * 2000}}
+)
 
 BAD_INPUT = {
     "invalid JSON": (

@@ -292,8 +292,7 @@ def test_syntax_error_with_column() -> None:
 def test_syntax_error_column_counts_in_the_rule_as_written() -> None:
     # The second `and` starts at column 17 of what the user wrote.
     assert problem("count() > 1 and and count() > 2") == (
-        "rule `count() > 1 and and count() > 2` is not valid syntax at column 17: "
-        "invalid syntax"
+        "rule `count() > 1 and and count() > 2` is not valid syntax at column 17: invalid syntax"
     )
 
 
@@ -359,9 +358,7 @@ def test_elapsed_with_bad_duration_text() -> None:
 
 
 def test_unknown_function() -> None:
-    assert problem("median(1) > 2") == (
-        f"unknown function in `median(1)`: use one of {FUNCTIONS}"
-    )
+    assert problem("median(1) > 2") == (f"unknown function in `median(1)`: use one of {FUNCTIONS}")
 
 
 def test_keyword_arguments_are_refused_as_unknown_function() -> None:
@@ -413,8 +410,7 @@ def test_bad_toml() -> None:
 def test_toml_duplicate_segment() -> None:
     text = '[segments.a]\nrule = "count() > 1"\n[segments.a]\nrule = "count() > 2"\n'
     assert definition_error(text) == (
-        "club.toml: not valid TOML: Cannot declare ('segments', 'a') twice "
-        "(at line 3, column 12)"
+        "club.toml: not valid TOML: Cannot declare ('segments', 'a') twice (at line 3, column 12)"
     )
 
 

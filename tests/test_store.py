@@ -84,8 +84,7 @@ async def test_opened_twice_is_locked(log: EventLog, path: Path) -> None:
     with pytest.raises(StoreLockedError) as e:
         await EventLog.open(path)
     assert str(e.value) == (
-        f"{path} is in use by another shoal engine; stop it, or give this one "
-        "another --data-dir"
+        f"{path} is in use by another shoal engine; stop it, or give this one another --data-dir"
     )
     assert e.value.path == path
 
@@ -137,8 +136,7 @@ async def test_different_schema_version_is_refused(path: Path) -> None:
     with pytest.raises(StoreFormatError) as e:
         await EventLog.open(path)
     assert str(e.value) == (
-        f"{path} has schema version {SCHEMA_VERSION + 1}, this shoal reads version "
-        f"{SCHEMA_VERSION}"
+        f"{path} has schema version {SCHEMA_VERSION + 1}, this shoal reads version {SCHEMA_VERSION}"
     )
     assert (e.value.path, e.value.found, e.value.expected) == (
         path,
@@ -225,8 +223,7 @@ async def test_duplicate_within_one_commit_writes_nothing(log: EventLog, path: P
     with pytest.raises(StoreError) as e:
         await log.commit([ev("a", "m1"), ev("a", "m2"), ev("a", "m1")], [tr("a", 1)])
     assert str(e.value) == (
-        f"cannot write to {path}: UNIQUE constraint failed: events.customer_id, "
-        "events.message_id"
+        f"cannot write to {path}: UNIQUE constraint failed: events.customer_id, events.message_id"
     )
     assert await log.count_events() == 0
     assert await all_events(log) == []

@@ -170,9 +170,7 @@ def test_customer_of_event_subject_round_trip(customer_id: str) -> None:
 def test_customer_of_event_subject_rejects_other_prefix() -> None:
     with pytest.raises(SubjectError) as e:
         customer_of_event_subject("shoal.segments.active.entered")
-    assert str(e.value) == (
-        "subject 'shoal.segments.active.entered' is not under 'shoal.events.'"
-    )
+    assert str(e.value) == ("subject 'shoal.segments.active.entered' is not under 'shoal.events.'")
 
 
 def test_customer_of_event_subject_rejects_prefix_without_dot() -> None:
