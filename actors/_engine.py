@@ -187,15 +187,13 @@ class Engine:
                 self._actor(event.customer_id).fold(event, segments)
             self.stats.rebuilt_events += len(chunk)
 
-        history: dict[str, list[Transition]] = {}
+        # The outbox comes in (customer, version) order, so each entry is restored as it comes.
         async for outbox in self._log.read_transitions():
             for o in outbox:
                 t = _transition_decoder.decode(o.body)
-                history.setdefault(o.customer_id, []).append(t)
+                self._actor(o.customer_id).restore((t,))
                 if not o.published:
                     self._outbox.append(t)
-        for customer_id, ts in history.items():
-            self._actor(customer_id).restore(ts)
 
         # A customer's memberships differ from its rules only if the definitions changed.
         changed: list[Transition] = []

@@ -26,7 +26,7 @@ from protocol import (
 )
 from store import EventLog
 
-from .conftest import NatsServer, collect, eventually, running_engine, segments
+from .conftest import Collector, NatsServer, collect, eventually, running_engine, segments
 
 ACTIVE_IDLE = segments(
     """
@@ -52,6 +52,23 @@ def track(
     if mid is not None:
         doc["messageId"] = mid
     return json.dumps(doc).encode()
+
+
+async def sleep_until(instant: int) -> None:
+    while now() < instant:
+        await anyio.sleep(0.05)
+
+
+async def visit_with_engine_up(
+    nats_server: NatsServer, client: Client, db: Path, seen: Collector
+) -> int:
+    """Run an engine just long enough for a visit of alice (message id a1) to enter `active`;
+    return the visit's instant."""
+    async with running_engine(nats_server.url, db, ACTIVE_IDLE):
+        t0 = now()
+        await client.publish("shoal.events.alice", track("alice", at=t0, mid="a1"))
+        await eventually(lambda: len(seen.msgs) == 1)
+    return t0
 
 
 def summary(ts: list[Any]) -> list[tuple[str, str, str, Any, int]]:
@@ -149,18 +166,14 @@ async def test_restart_loses_nothing_and_fires_overdue_deadlines_at_their_instan
 ) -> None:
     db = tmp_path / "shoal.db"
     seen = await collect(client, "shoal.segments.>")
-    async with running_engine(nats_server.url, db, ACTIVE_IDLE):
-        t0 = now()
-        await client.publish("shoal.events.alice", track("alice", at=t0, mid="a1"))
-        await eventually(lambda: len(seen.msgs) == 1)
+    t0 = await visit_with_engine_up(nats_server, client, db, seen)
 
     # The engine is down: events keep arriving in the stream, one of them twice.
     for i in range(5):
         await client.publish("shoal.events.bob", track("bob", mid=f"b{i}"))
     await client.publish("shoal.events.bob", track("bob", mid="b0"))
     await client.flush()
-    while now() < t0 + 2 * SECOND + 300_000:  # alice's deadline passes while down
-        await anyio.sleep(0.05)
+    await sleep_until(t0 + 2 * SECOND + 300_000)  # alice's deadline passes while down
 
     async with running_engine(nats_server.url, db, ACTIVE_IDLE) as engine:
         await eventually(
@@ -192,16 +205,12 @@ async def test_deadline_never_fires_ahead_of_an_event_waiting_in_the_stream(
 ) -> None:
     db = tmp_path / "shoal.db"
     seen = await collect(client, "shoal.segments.>")
-    async with running_engine(nats_server.url, db, ACTIVE_IDLE):
-        t0 = now()
-        await client.publish("shoal.events.alice", track("alice", at=t0, mid="a1"))
-        await eventually(lambda: len(seen.msgs) == 1)
+    t0 = await visit_with_engine_up(nats_server, client, db, seen)
     # While down, a second visit arrives before the first visit's deadline...
     await anyio.sleep(1.0)
     t1 = now()
     await client.publish("shoal.events.alice", track("alice", at=t1, mid="a2"))
-    while now() < t0 + 2 * SECOND + 300_000:  # ...which then passes while down.
-        await anyio.sleep(0.05)
+    await sleep_until(t0 + 2 * SECOND + 300_000)  # ...which then passes while down.
     async with running_engine(nats_server.url, db, ACTIVE_IDLE):
         await eventually(lambda: len(seen.msgs) >= 3)
         await anyio.sleep(0.2)
