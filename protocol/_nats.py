@@ -225,9 +225,14 @@ class EventFeed:
             self._buffer.append(msg)
             self._ready.set()
 
+        try:
+            start = await self._reset_consumer()
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            raise BrokerError(f"cannot set up consumer {self._durable!r}: {e}") from e
         config = ConsumerConfig(
             ack_policy=AckPolicy.ALL,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
+            opt_start_seq=start,
             max_ack_pending=self._max_in_flight,
             ack_wait=self._ack_wait,
         )
@@ -252,6 +257,31 @@ class EventFeed:
         except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot start consumer {self._durable!r}: {e}") from e
         self.pending_at_start = int(info.num_pending or 0)
+
+    async def _reset_consumer(self) -> int | None:
+        """Delete an existing durable consumer; return the stream sequence to resume from.
+
+        A previous engine may have stopped (or died) holding deliveries it never
+        acknowledged: the broker would resend them only after ``ack_wait``, and meanwhile
+        they do not count as pending, so the engine would not know to wait for them.
+        Recreating the consumer just past its acknowledgement floor brings them back at once,
+        counted in the backlog, and applies this version's consumer settings.
+
+        Raises:
+            BrokerError: another engine is consuming from it right now.
+        """
+        try:
+            info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
+        except nats.js.errors.NotFoundError:
+            return None
+        if info.push_bound:
+            raise BrokerError(
+                f"consumer {self._durable!r} of stream {EVENTS_STREAM} is in use by another "
+                "engine; stop it, or give this engine another consumer name (--consumer)"
+            )
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        await self._js.delete_consumer(EVENTS_STREAM, self._durable)
+        return int(floor or 0) + 1
 
     def take(self, limit: int) -> list[Delivery]:
         """Up to ``limit`` buffered deliveries, in order, without waiting."""

@@ -10,16 +10,19 @@ from typing import Any
 
 import anyio
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.api import AckPolicy
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from actors import EngineConfig
 from protocol import (
     SECOND,
+    BrokerError,
     DefinitionCause,
     EventCause,
     TimeCause,
+    ensure_streams,
     event_subject,
     format_instant,
     to_instant,
@@ -367,3 +370,51 @@ async def _check_rejection(
     assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
     assert consumer.config.flow_control is True
     assert consumer.config.ack_policy == AckPolicy.ALL
+
+
+async def test_deliveries_held_by_a_dead_engine_come_back_at_once(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    js = client.jetstream()
+    await ensure_streams(js)
+    for i in range(3):
+        await client.publish(f"shoal.events.c{i}", track(f"c{i}", mid=f"m{i}"))
+    # A previous engine took the deliveries and died without acknowledging any of them.
+    dead = await nats.connect(nats_server.url)
+    got: list[Any] = []
+
+    async def hold(msg: Any) -> None:
+        got.append(msg)
+
+    await dead.jetstream().subscribe(
+        "shoal.events.>",
+        durable="shoal-engine",
+        stream="SHOAL_EVENTS",
+        manual_ack=True,
+        cb=hold,
+        config=ConsumerConfig(ack_policy=AckPolicy.ALL, ack_wait=30.0),
+    )
+    await eventually(lambda: len(got) == 3)
+    await dead.close()
+    info = await js.consumer_info("SHOAL_EVENTS", "shoal-engine")
+    assert info.num_ack_pending == 3 and info.num_pending == 0
+
+    async with running_engine(nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE) as engine:
+        # Well before the 30 s ack_wait would have sent them again.
+        await eventually(lambda: engine.stats.events_applied == 3, timeout=10)
+
+
+async def test_a_consumer_in_use_by_another_engine_is_refused(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    errors: list[BaseException] = []
+    async with running_engine(nats_server.url, tmp_path / "one.db", ACTIVE_IDLE):
+        try:
+            async with running_engine(nats_server.url, tmp_path / "two.db", ACTIVE_IDLE):
+                pass
+        except* BrokerError as group:
+            errors += group.exceptions
+    assert [str(e) for e in errors] == [
+        "consumer 'shoal-engine' of stream SHOAL_EVENTS is in use by another engine; stop it, "
+        "or give this engine another consumer name (--consumer)"
+    ]
