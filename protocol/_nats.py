@@ -186,7 +186,7 @@ class EventFeed:
 
     A push consumer with ``AckPolicy.ALL``: the broker delivers up to ``max_in_flight``
     unacknowledged messages into a buffer, :meth:`take` hands them out in order, and
-    :meth:`ack` acknowledges a whole batch with one message (its last). ``max_in_flight``
+    :meth:`ack_taken` acknowledges a whole batch with one message (its last). ``max_in_flight``
     bounds memory: when the engine is slow the broker waits.
     """
 
