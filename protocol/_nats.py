@@ -227,7 +227,7 @@ class EventFeed:
 
         try:
             start = await self._reset_consumer()
-        except (nats.errors.Error, asyncio.TimeoutError) as e:
+        except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot set up consumer {self._durable!r}: {e}") from e
         config = ConsumerConfig(
             ack_policy=AckPolicy.ALL,
