@@ -82,8 +82,14 @@ async def embedded_broker(
     store_dir.mkdir(parents=True, exist_ok=True)
     args = [str(exe), "-js", "-sd", str(store_dir), "-a", host, "-p", str(port)]
     try:
+        # A session of its own: Ctrl-C on a terminal signals the whole foreground group,
+        # and the broker must outlive the engine's last flush; we stop it ourselves after.
         proc = await anyio.open_process(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
     except OSError as e:
         raise BrokerError(f"cannot start nats-server ({exe}): {e.strerror or e}") from e
