@@ -1,15 +1,17 @@
 """The engine: owns a set of customers and runs the loop from inbound events to transitions.
 
-One task, no task per customer. Each turn of the loop:
+Two tasks, none per customer. Each turn of the main loop:
 
 1. takes a micro-batch of deliveries from the durable consumer; decodes and validates them;
    drops those the log already holds (by customer and message id); applies the rest to their
    actors, which return transitions; appends events and transitions to SQLite in one
-   transaction; publishes a rejection for each invalid event; acknowledges the batch with one
-   message; publishes the transitions (``Nats-Msg-Id`` set) and marks them published in the
-   next transaction;
+   transaction (which also records how far the outbox has been published); publishes a
+   rejection for each invalid event; acknowledges the batch with one message;
 2. fires the deadlines that fell due, each at its own instant, in the same way;
 3. when there is nothing to do, sleeps until a delivery arrives or the next deadline.
+
+The publishing task publishes committed transitions in outbox order (``Nats-Msg-Id`` set)
+while the main loop goes on; a bounded outbox makes the main loop wait when it falls behind.
 
 A deadline fires only once every event received before it has been applied (the *time
 floor*), so after downtime the backlog is applied first and a customer never enters a
@@ -18,6 +20,9 @@ segment that an event already waiting in the stream would have kept it out of.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -45,7 +50,7 @@ from protocol import (
     ensure_streams,
     to_instant,
 )
-from store import EventLog, LoggedEvent, OutboxEntry
+from store import EventLog, LoggedEvent, OutboxEntry, StoreError
 
 from ._clock import Clock, SystemClock
 from ._customer import Customer
@@ -74,6 +79,9 @@ class EngineConfig:
     batch_size: int = 2_000
     max_in_flight: int = 20_000
     fire_batch: int = 5_000
+    publish_batch: int = 2_000
+    max_outbox: int = 50_000
+    """Committed transitions waiting to be published beyond which ingestion pauses."""
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     streams: StreamSettings = field(default_factory=StreamSettings)
 
@@ -111,9 +119,11 @@ class Engine:
         self._config = config or EngineConfig()
         self._customers: dict[str, Customer] = {}
         self._timers = TimerQueue()
-        self._outbox: list[Transition] = []  # committed, not yet confirmed by the broker
-        self._confirmed: list[tuple[str, int]] = []  # confirmed, not yet marked in SQLite
-        self._retry_at = 0.0
+        # Committed, not yet confirmed by the broker, in outbox order.
+        self._outbox: deque[tuple[int, Transition]] = deque()
+        self._outbox_ready = anyio.Event()
+        self._outbox_space = anyio.Event()
+        self._confirmed_through = 0  # the outbox position confirmed published so far
         self._backlog_cap: int | None = None
         self._publisher: Publisher | None = None
         self._logger = structlog.get_logger("shoal.engine")
@@ -147,7 +157,8 @@ class Engine:
         """
         js = self._nc.jetstream()
         await ensure_streams(js, self._config.streams)
-        self._publisher = Publisher(js)
+        self._publisher = Publisher(self._nc)
+        await self._publisher.start()
         await self._rebuild()
         feed = EventFeed(
             self._nc,
@@ -170,12 +181,16 @@ class Engine:
         )
         task_status.started()
         try:
-            await self._flush_outbox()
-            await self._loop(feed)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._publish_loop)
+                await self._loop(feed)
         finally:
             with anyio.CancelScope(shield=True):
                 await feed.stop()
-                if self._confirmed:
+                await self._publisher.close()
+                # Record what was published meanwhile; if the store is what failed, the
+                # original error matters, and unrecorded marks only mean a republish.
+                with contextlib.suppress(StoreError):
                     await self._commit([], [])
 
     async def _rebuild(self) -> None:
@@ -190,10 +205,10 @@ class Engine:
         # The outbox comes in (customer, version) order, so each entry is restored as it comes.
         async for outbox in self._log.read_transitions():
             for o in outbox:
-                t = _transition_decoder.decode(o.body)
-                self._actor(o.customer_id).restore((t,))
-                if not o.published:
-                    self._outbox.append(t)
+                self._actor(o.customer_id).restore((_transition_decoder.decode(o.body),))
+        self._confirmed_through = self._log.published_through
+        async for outbox in self._log.read_unpublished():
+            self._outbox.extend((o.seq, _transition_decoder.decode(o.body)) for o in outbox)
 
         # A customer's memberships differ from its rules only if the definitions changed.
         changed: list[Transition] = []
@@ -204,7 +219,6 @@ class Engine:
         if changed:
             self._logger.info("definitions changed memberships", transitions=len(changed))
             await self._commit([], changed)
-            self._outbox += changed
 
     def _actor(self, customer_id: str) -> Customer:
         c = self._customers.get(customer_id)
@@ -214,14 +228,16 @@ class Engine:
 
     async def _loop(self, feed: EventFeed) -> None:
         while True:
+            while len(self._outbox) >= self._config.max_outbox:
+                # Backpressure: the broker is not taking transitions as fast as we make them.
+                self._outbox_space = anyio.Event()
+                await self._outbox_space.wait()
             batch = feed.take(self._config.batch_size)
             if batch:
                 await self._ingest(batch, feed)
             fired = await self._fire_due(feed)
-            if self._outbox:
-                await self._flush_outbox()
             if not batch and not fired:
-                if self._confirmed:
+                if self._confirmed_through > self._log.published_through:
                     await self._commit([], [])
                 await self._idle(feed)
 
@@ -275,7 +291,6 @@ class Engine:
         await feed.ack_taken()
         last = batch[-1]
         self._backlog_cap = last.received if last.pending else None
-        self._outbox += transitions
 
     async def _reject(self, d: Delivery, reason: str) -> None:
         try:
@@ -333,7 +348,6 @@ class Engine:
         self.stats.deadlines_fired += len(due)
         if transitions:
             await self._commit([], transitions)
-            self._outbox += transitions
         return True
 
     async def _commit(self, events: list[LoggedEvent], transitions: Iterable[Transition]) -> None:
@@ -347,25 +361,36 @@ class Engine:
             )
             for t in transitions
         ]
-        marks, self._confirmed = self._confirmed, []
-        await self._log.commit(events, entries, marks)
+        seqs = await self._log.commit(events, entries, self._confirmed_through)
         self.stats.transitions += len(entries)
+        if entries:
+            self._outbox.extend(zip(seqs, transitions, strict=True))
+            self._outbox_ready.set()
 
-    async def _flush_outbox(self) -> None:
-        """Publish committed transitions in order; on failure keep them and retry later."""
-        if not self._outbox or anyio.current_time() < self._retry_at:
-            return
+    async def _publish_loop(self) -> None:
+        """Publish committed transitions in outbox order; on failure, retry the same ones."""
         assert self._publisher is not None
-        batch = self._outbox[:5_000]
-        try:
-            await self._publisher.publish_transitions(batch)
-        except PublishError as e:
-            self._retry_at = anyio.current_time() + 1.0
-            self._logger.warning("publishing transitions failed; will retry", error=str(e))
-            return
-        del self._outbox[: len(batch)]
-        self._confirmed += [(t.customer_id, t.version) for t in batch]
-        self.stats.transitions_published += len(batch)
+        delay = 0.1
+        while True:
+            if not self._outbox:
+                self._outbox_ready = anyio.Event()
+                await self._outbox_ready.wait()
+            batch = list(itertools.islice(self._outbox, self._config.publish_batch))
+            try:
+                await self._publisher.publish_transitions([t for _, t in batch])
+            except PublishError as e:
+                self._logger.warning(
+                    "publishing transitions failed; will retry", error=str(e), retry_in=delay
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            for _ in batch:
+                self._outbox.popleft()
+            self._confirmed_through = batch[-1][0]
+            self.stats.transitions_published += len(batch)
+            self._outbox_space.set()
 
     async def _idle(self, feed: EventFeed) -> None:
         wake_at = self._timers.next()

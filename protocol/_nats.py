@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import msgspec
 import nats
 import nats.errors
@@ -342,12 +344,64 @@ class EventFeed:
                 await sub.unsubscribe()
 
 
-class Publisher:
-    """Publishes transitions and rejections to JetStream and waits for the broker's word."""
+class _Acks:
+    """The broker's answers to one batch of publishes."""
 
-    def __init__(self, js: JetStreamContext, *, timeout: float = 10.0) -> None:
-        self._js = js
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.acked = 0
+        self.errors: list[str] = []
+        self.done = anyio.Event()
+
+    def answer(self, error: str | None) -> None:
+        self.acked += 1
+        if error is not None:
+            self.errors.append(error)
+        if self.acked >= self.expected:
+            self.done.set()
+
+
+class Publisher:
+    """Publishes transitions and rejections to JetStream and waits for the broker's word.
+
+    Transitions go out as plain publishes that share one reply subject per batch, and the
+    broker's acknowledgements are counted there: nats-py's ``publish_async`` makes a future
+    and a ``PubAck`` per message, which measured as half of the engine's main-thread time.
+    Call :meth:`start` before publishing and :meth:`close` after.
+    """
+
+    def __init__(self, nc: Client, *, timeout: float = 10.0) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
         self._timeout = timeout
+        self._prefix = nc.new_inbox()
+        self._sub: Any = None
+        self._batches: dict[str, _Acks] = {}
+        self._ids = itertools.count()
+
+    async def start(self) -> None:
+        """Subscribe to the replies. Idempotent."""
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_reply)
+
+    async def close(self) -> None:
+        """Stop listening for replies. Idempotent."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        acks = self._batches.get(msg.subject.rpartition(".")[2])
+        if acks is None:
+            return  # a late answer for a batch already given up on
+        headers = msg.headers or {}
+        if headers.get("Status") == "503":
+            acks.answer("no stream is listening on the subject (503 no responders)")
+        elif b'"error"' in msg.data:
+            acks.answer(msg.data.decode("utf-8", "replace"))
+        else:
+            acks.answer(None)
 
     async def publish_transitions(self, transitions: Sequence[Transition]) -> None:
         """Publish each on its segment subject with ``Nats-Msg-Id``; return once all are stored.
@@ -358,19 +412,33 @@ class Publisher:
         """
         if not transitions:
             return
+        token = str(next(self._ids))
+        acks = self._batches[token] = _Acks(len(transitions))
+        reply = f"{self._prefix}.{token}"
         try:
-            futures = [
-                await self._js.publish_async(
+            for t in transitions:
+                await self._nc.publish(
                     segment_subject(t.segment, t.change),
                     _transition_encoder.encode(t),
+                    reply=reply,
                     headers={"Nats-Msg-Id": t.msg_id},
                 )
-                for t in transitions
-            ]
-            async with asyncio.timeout(self._timeout):
-                await asyncio.gather(*futures)
-        except (TimeoutError, nats.errors.Error) as e:
+            with anyio.fail_after(self._timeout):
+                await acks.done.wait()
+        except TimeoutError as e:
+            raise PublishError(
+                f"the broker confirmed {acks.acked} of {len(transitions)} transitions "
+                f"within {self._timeout:g} s"
+            ) from e
+        except nats.errors.Error as e:
             raise PublishError(f"could not publish {len(transitions)} transitions: {e}") from e
+        finally:
+            del self._batches[token]
+        if acks.errors:
+            raise PublishError(
+                f"the broker refused {len(acks.errors)} of {len(transitions)} transitions: "
+                f"{acks.errors[0]}"
+            )
 
     async def publish_rejection(
         self,

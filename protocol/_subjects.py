@@ -9,8 +9,8 @@ included, is kept.
 
 from __future__ import annotations
 
+import functools
 import re
-import unicodedata
 
 from ._errors import SubjectError
 
@@ -30,8 +30,13 @@ _SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ESCAPE_HEX = re.compile(r"%([0-9A-F]{2})")
 
 
+# Every character str.isspace() calls whitespace is matched by \s, and category Cc is exactly
+# U+0000-U+001F and U+007F-U+009F (tests check both over all of Unicode).
+_RESERVED = re.compile(r"[.*>%\s\x00-\x1f\x7f-\x9f]")
+
+
 def _needs_escape(ch: str) -> bool:
-    return ch in ".*>%" or ch.isspace() or unicodedata.category(ch) == "Cc"
+    return _RESERVED.match(ch) is not None
 
 
 def escape_token(customer_id: str) -> str:
@@ -42,7 +47,7 @@ def escape_token(customer_id: str) -> str:
     """
     if not customer_id:
         raise SubjectError("a customer id cannot be empty")
-    if not any(_needs_escape(ch) for ch in customer_id):
+    if _RESERVED.search(customer_id) is None:
         return customer_id
     out: list[str] = []
     for ch in customer_id:
@@ -65,7 +70,7 @@ def unescape_token(token: str) -> str:
     if not token:
         raise SubjectError("the customer token is empty")
     if "%" not in token:
-        if any(_needs_escape(ch) for ch in token):
+        if _RESERVED.search(token) is not None:
             raise SubjectError(f"customer token {token!r} holds a character that must be escaped")
         return token
     raw = bytearray()
@@ -133,6 +138,7 @@ def validate_segment_name(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
 def segment_subject(segment: str, change: str) -> str:
     """The subject of a membership change: ``shoal.segments.<segment>.<entered|exited>``."""
     if change not in CHANGES:

@@ -38,17 +38,17 @@ CREATE TABLE IF NOT EXISTS events (
     UNIQUE (customer_id, message_id)
 );
 CREATE TABLE IF NOT EXISTS transitions (
+    seq INTEGER PRIMARY KEY,
     customer_id TEXT NOT NULL,
     version INTEGER NOT NULL,
     segment TEXT NOT NULL,
     at INTEGER NOT NULL,
     body BLOB NOT NULL,
-    published INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (customer_id, version)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS transitions_unpublished
-    ON transitions (customer_id, version) WHERE published = 0;
+    UNIQUE (customer_id, version)
+);
 """
+# The outbox is append-only and published in ``seq`` order, so what is published is a
+# prefix: one number in ``meta`` (published_through) marks it, instead of rewriting rows.
 
 
 class LoggedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -70,6 +70,8 @@ class OutboxEntry(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     segment: str
     at: int
     body: bytes
+    seq: int = 0
+    """The outbox position, assigned on append (0 before); publishing goes in this order."""
     published: bool = False
 
 
@@ -84,6 +86,8 @@ class EventLog:
         self._db = db
         self._path = path
         self._lock_fd: int | None = lock_fd
+        self._last_outbox_seq = 0
+        self._published_through = 0
 
     @classmethod
     async def open(cls, path: Path, *, synchronous: Synchronous = "NORMAL") -> EventLog:
@@ -135,6 +139,14 @@ class EventLog:
                 )
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreFormatError(self._path, int(row[0]), SCHEMA_VERSION)
+            async with self._db.execute("SELECT coalesce(max(seq), 0) FROM transitions") as cur:
+                row = await cur.fetchone()
+            self._last_outbox_seq = int(row[0]) if row else 0
+            async with self._db.execute(
+                "SELECT value FROM meta WHERE key = 'published_through'"
+            ) as cur:
+                row = await cur.fetchone()
+            self._published_through = int(row[0]) if row else 0
         except sqlite3.Error as e:
             raise StoreError(f"cannot initialise {self._path}: {e}") from e
 
@@ -177,24 +189,38 @@ class EventLog:
                 raise StoreError(f"cannot read the event log: {e}") from e
         return found
 
+    @property
+    def published_through(self) -> int:
+        """The outbox position up to which every transition is confirmed published."""
+        return self._published_through
+
     async def commit(
         self,
         events: Sequence[LoggedEvent],
         transitions: Sequence[OutboxEntry] = (),
-        published: Sequence[tuple[str, int]] = (),
-    ) -> None:
-        """Append events and transitions, and mark transitions published, atomically.
+        published_through: int | None = None,
+    ) -> list[int]:
+        """Append events and transitions, and advance the published mark, atomically.
 
         Args:
             events: new log entries (their ``(customer_id, message_id)`` must be new).
-            transitions: new outbox entries (unpublished).
-            published: ``(customer_id, version)`` of outbox entries now confirmed published.
+            transitions: new outbox entries, in the order they are to be published.
+            published_through: every outbox entry up to this position is now confirmed
+                published (ignored unless it moves the mark forward).
+
+        Returns:
+            The outbox positions assigned to ``transitions``, in order.
 
         Raises:
             StoreError: nothing was written.
         """
-        if not (events or transitions or published):
-            return
+        mark = published_through
+        if mark is not None and mark <= self._published_through:
+            mark = None
+        if not (events or transitions or mark is not None):
+            return []
+        first = self._last_outbox_seq + 1
+        seqs = list(range(first, first + len(transitions)))
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
@@ -208,14 +234,17 @@ class EventLog:
                 if transitions:
                     await db.executemany(
                         "INSERT INTO transitions "
-                        "(customer_id, version, segment, at, body) VALUES (?, ?, ?, ?, ?)",
-                        [(t.customer_id, t.version, t.segment, t.at, t.body) for t in transitions],
+                        "(seq, customer_id, version, segment, at, body) VALUES (?, ?, ?, ?, ?, ?)",
+                        [
+                            (seq, t.customer_id, t.version, t.segment, t.at, t.body)
+                            for seq, t in zip(seqs, transitions, strict=True)
+                        ],
                     )
-                if published:
-                    await db.executemany(
-                        "UPDATE transitions SET published = 1 "
-                        "WHERE customer_id = ? AND version = ?",
-                        published,
+                if mark is not None:
+                    await db.execute(
+                        "INSERT INTO meta (key, value) VALUES ('published_through', ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (str(mark),),
                     )
                 await db.execute("COMMIT")
             except BaseException:
@@ -223,6 +252,11 @@ class EventLog:
                 raise
         except sqlite3.Error as e:
             raise StoreError(f"cannot write to {self._path}: {e}") from e
+        if seqs:
+            self._last_outbox_seq = seqs[-1]
+        if mark is not None:
+            self._published_through = mark
+        return seqs
 
     async def read_events(self, *, chunk: int = 10_000) -> AsyncIterator[list[LoggedEvent]]:
         """The whole log in log order, in lists of up to ``chunk`` entries."""
@@ -245,37 +279,51 @@ class EventLog:
                 for r in rows
             ]
 
-    async def read_transitions(
-        self, *, unpublished_only: bool = False, chunk: int = 10_000
-    ) -> AsyncIterator[list[OutboxEntry]]:
-        """Outbox entries ordered by customer and version, in lists of up to ``chunk``."""
-        where = "AND published = 0" if unpublished_only else ""
+    async def read_transitions(self, *, chunk: int = 10_000) -> AsyncIterator[list[OutboxEntry]]:
+        """Every outbox entry, ordered by customer and version, in lists of up to ``chunk``."""
         last: tuple[str, int] = ("", 0)
         while True:
-            try:
-                async with self._db.execute(
-                    "SELECT customer_id, version, segment, at, body, published FROM transitions "
-                    f"WHERE (customer_id, version) > (?, ?) {where} "
-                    "ORDER BY customer_id, version LIMIT ?",
-                    (*last, chunk),
-                ) as cur:
-                    rows = list(await cur.fetchall())
-            except sqlite3.Error as e:
-                raise StoreError(f"cannot read the outbox: {e}") from e
+            rows = await self._outbox_rows(
+                "WHERE (customer_id, version) > (?, ?) ORDER BY customer_id, version LIMIT ?",
+                (*last, chunk),
+            )
             if not rows:
                 return
-            last = (rows[-1][0], rows[-1][1])
-            yield [
-                OutboxEntry(
-                    customer_id=r[0],
-                    version=r[1],
-                    segment=r[2],
-                    at=r[3],
-                    body=r[4],
-                    published=bool(r[5]),
-                )
-                for r in rows
-            ]
+            last = (rows[-1].customer_id, rows[-1].version)
+            yield rows
+
+    async def read_unpublished(self, *, chunk: int = 10_000) -> AsyncIterator[list[OutboxEntry]]:
+        """Outbox entries not yet confirmed published, in publishing order."""
+        last = self._published_through
+        while True:
+            rows = await self._outbox_rows("WHERE seq > ? ORDER BY seq LIMIT ?", (last, chunk))
+            if not rows:
+                return
+            last = rows[-1].seq
+            yield rows
+
+    async def _outbox_rows(self, clause: str, params: tuple[object, ...]) -> list[OutboxEntry]:
+        try:
+            async with self._db.execute(
+                f"SELECT seq, customer_id, version, segment, at, body FROM transitions {clause}",
+                params,
+            ) as cur:
+                rows = list(await cur.fetchall())
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the outbox: {e}") from e
+        through = self._published_through
+        return [
+            OutboxEntry(
+                seq=r[0],
+                customer_id=r[1],
+                version=r[2],
+                segment=r[3],
+                at=r[4],
+                body=r[5],
+                published=r[0] <= through,
+            )
+            for r in rows
+        ]
 
     async def count_events(self) -> int:
         """How many events the log holds."""

@@ -21,10 +21,14 @@ from protocol import (
     BrokerError,
     DefinitionCause,
     EventCause,
+    Publisher,
+    PublishError,
     TimeCause,
+    Transition,
     ensure_streams,
     event_subject,
     format_instant,
+    from_instant,
     to_instant,
 )
 from store import EventLog
@@ -418,3 +422,44 @@ async def test_a_consumer_in_use_by_another_engine_is_refused(
         "consumer 'shoal-engine' of stream SHOAL_EVENTS is in use by another engine; stop it, "
         "or give this engine another consumer name (--consumer)"
     ]
+
+
+async def test_transitions_wait_in_the_outbox_until_the_broker_takes_them(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    js = client.jetstream()
+    async with running_engine(nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE) as engine:
+        await js.delete_stream("SHOAL_SEGMENTS")
+        await client.publish("shoal.events.alice", track("alice", mid="a1"))
+        await eventually(lambda: engine.stats.events_applied == 1)
+        await anyio.sleep(0.5)
+        assert engine.stats.transitions == 1
+        assert engine.stats.transitions_published == 0  # refused: no stream listens
+        await ensure_streams(js)
+        await eventually(lambda: engine.stats.transitions_published == 1, timeout=15)
+    info = await js.stream_info("SHOAL_SEGMENTS")
+    assert info.state.messages == 1
+    async with await EventLog.open(tmp_path / "shoal.db") as log:
+        assert log.published_through == 1
+
+
+async def test_publish_refused_without_a_stream_is_an_error(
+    nats_server: NatsServer, client: Client
+) -> None:
+    publisher = Publisher(client, timeout=5.0)
+    await publisher.start()
+    t = Transition(
+        customer_id="a",
+        segment="active",
+        change="entered",
+        at=from_instant(0),
+        cause=TimeCause(),
+        version=1,
+    )
+    with pytest.raises(PublishError) as e:
+        await publisher.publish_transitions([t, t])
+    assert str(e.value) == (
+        "the broker refused 2 of 2 transitions: no stream is listening on the subject "
+        "(503 no responders)"
+    )
+    await publisher.close()

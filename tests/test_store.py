@@ -54,14 +54,12 @@ async def all_events(log: EventLog, chunk: int = 10_000) -> list[LoggedEvent]:
     return [e async for part in log.read_events(chunk=chunk) for e in part]
 
 
-async def all_transitions(
-    log: EventLog, *, unpublished_only: bool = False, chunk: int = 10_000
-) -> list[OutboxEntry]:
-    return [
-        t
-        async for part in log.read_transitions(unpublished_only=unpublished_only, chunk=chunk)
-        for t in part
-    ]
+async def all_transitions(log: EventLog, *, chunk: int = 10_000) -> list[OutboxEntry]:
+    return [t async for part in log.read_transitions(chunk=chunk) for t in part]
+
+
+async def unpublished(log: EventLog, *, chunk: int = 10_000) -> list[OutboxEntry]:
+    return [t async for part in log.read_unpublished(chunk=chunk) for t in part]
 
 
 # --- opening -----------------------------------------------------------------------------
@@ -233,9 +231,12 @@ async def test_duplicate_within_one_commit_writes_nothing(log: EventLog, path: P
 async def test_duplicate_of_a_logged_event_writes_nothing(log: EventLog) -> None:
     await log.commit([ev("a", "m1")], [tr("a", 1)])
     with pytest.raises(StoreError, match="UNIQUE constraint failed"):
-        await log.commit([ev("a", "m2"), ev("a", "m1")], [tr("a", 2)], published=[("a", 1)])
+        await log.commit([ev("a", "m2"), ev("a", "m1")], [tr("a", 2)], published_through=1)
     assert [e.message_id for e in await all_events(log)] == ["m1"]
     assert [(t.version, t.published) for t in await all_transitions(log)] == [(1, False)]
+    assert log.published_through == 0
+    # The failed commit used no outbox position.
+    assert await log.commit([], [tr("a", 2)]) == [2]
 
 
 async def test_store_works_after_a_failed_commit(log: EventLog) -> None:
@@ -249,11 +250,15 @@ async def test_store_works_after_a_failed_commit(log: EventLog) -> None:
 
 
 async def test_transitions_read_by_customer_then_version(log: EventLog) -> None:
-    await log.commit([], [tr("b", 1), tr("a", 2), tr("a", 1, "lapsing", 7)])
+    assert await log.commit([], [tr("b", 1), tr("a", 2), tr("a", 1, "lapsing", 7)]) == [1, 2, 3]
     got = await all_transitions(log)
-    assert [(t.customer_id, t.version) for t in got] == [("a", 1), ("a", 2), ("b", 1)]
+    assert [(t.customer_id, t.version, t.seq) for t in got] == [
+        ("a", 1, 3),
+        ("a", 2, 2),
+        ("b", 1, 1),
+    ]
     assert got[0] == OutboxEntry(
-        customer_id="a", version=1, segment="lapsing", at=7, body=b"a:lapsing:1", published=False
+        customer_id="a", version=1, segment="lapsing", at=7, body=b"a:lapsing:1", seq=3
     )
 
 
@@ -262,9 +267,16 @@ async def test_versions_order_numerically(log: EventLog) -> None:
     assert [t.version for t in await all_transitions(log)] == [1, 2, 10]
 
 
-async def test_published_marks(log: EventLog) -> None:
-    await log.commit([], [tr("a", 1), tr("a", 2), tr("b", 1)])
-    await log.commit([], published=[("a", 1), ("b", 1)])
+async def test_outbox_positions_continue_across_commits(log: EventLog) -> None:
+    assert await log.commit([], [tr("a", 1), tr("a", 2)]) == [1, 2]
+    assert await log.commit([ev("a", "m1")]) == []
+    assert await log.commit([], [tr("b", 1)]) == [3]
+
+
+async def test_published_mark_covers_a_prefix_of_the_outbox(log: EventLog) -> None:
+    await log.commit([], [tr("a", 1), tr("b", 1), tr("a", 2)])
+    await log.commit([], published_through=2)
+    assert log.published_through == 2
     got = await all_transitions(log)
     assert [(t.customer_id, t.version, t.published) for t in got] == [
         ("a", 1, True),
@@ -273,22 +285,40 @@ async def test_published_marks(log: EventLog) -> None:
     ]
 
 
-async def test_unpublished_only(log: EventLog) -> None:
-    await log.commit([], [tr("a", 1), tr("a", 2), tr("b", 1), tr("c", 1)])
-    await log.commit([], published=[("a", 1), ("c", 1)])
-    got = await all_transitions(log, unpublished_only=True)
-    assert [(t.customer_id, t.version) for t in got] == [("a", 2), ("b", 1)]
+async def test_unpublished_in_publishing_order(log: EventLog) -> None:
+    await log.commit([], [tr("c", 1), tr("a", 1), tr("b", 1), tr("a", 2)])
+    await log.commit([], published_through=1)
+    got = await unpublished(log)
+    assert [(t.seq, t.customer_id, t.version) for t in got] == [
+        (2, "a", 1),
+        (3, "b", 1),
+        (4, "a", 2),
+    ]
     assert not any(t.published for t in got)
 
 
-async def test_unpublished_only_in_chunks(log: EventLog) -> None:
+async def test_unpublished_in_chunks(log: EventLog) -> None:
     await log.commit([], [tr("a", v) for v in range(1, 11)])
-    await log.commit([], published=[("a", v) for v in range(1, 11) if v % 3 == 0])
-    parts = [
-        [t.version for t in part]
-        async for part in log.read_transitions(unpublished_only=True, chunk=3)
-    ]
-    assert parts == [[1, 2, 4], [5, 7, 8], [10]]
+    await log.commit([], published_through=3)
+    parts = [[t.version for t in part] async for part in log.read_unpublished(chunk=3)]
+    assert parts == [[4, 5, 6], [7, 8, 9], [10]]
+
+
+async def test_published_mark_never_moves_back(log: EventLog) -> None:
+    await log.commit([], [tr("a", 1), tr("a", 2)])
+    await log.commit([], published_through=2)
+    assert await log.commit([], published_through=1) == []
+    assert log.published_through == 2
+
+
+async def test_outbox_and_mark_survive_reopening(path: Path) -> None:
+    async with await EventLog.open(path) as log:
+        await log.commit([], [tr("a", 1), tr("a", 2)], published_through=None)
+        await log.commit([], published_through=1)
+    async with await EventLog.open(path) as log:
+        assert log.published_through == 1
+        assert [t.version for t in await unpublished(log)] == [2]
+        assert await log.commit([], [tr("a", 3)]) == [3]
 
 
 async def test_read_transitions_in_chunks(log: EventLog) -> None:
@@ -299,24 +329,19 @@ async def test_read_transitions_in_chunks(log: EventLog) -> None:
     assert parts == [[("a", 1), ("a", 2)], [("b", 1)]]
 
 
-async def test_events_transitions_and_marks_in_one_commit(log: EventLog) -> None:
+async def test_events_transitions_and_mark_in_one_commit(log: EventLog) -> None:
     await log.commit([ev("a", "m1")], [tr("a", 1)])
-    await log.commit([ev("a", "m2")], [tr("a", 2)], published=[("a", 1)])
+    await log.commit([ev("a", "m2")], [tr("a", 2)], published_through=1)
     assert await log.count_events() == 2
     got = await all_transitions(log)
     assert [(t.version, t.published) for t in got] == [(1, True), (2, False)]
-
-
-async def test_marking_an_unknown_transition_is_harmless(log: EventLog) -> None:
-    await log.commit([], published=[("nobody", 1)])
-    assert await all_transitions(log) == []
 
 
 async def test_a_version_written_twice_is_an_error_and_writes_nothing(
     log: EventLog, tmp_path: Path
 ) -> None:
     await log.commit([], [tr("a", 1, "active")])
-    await log.commit([], published=[("a", 1)])
+    await log.commit([], published_through=1)
     with pytest.raises(StoreError) as e:
         await log.commit([ev("a", "m9")], [tr("a", 1, "lapsing")])
     assert str(e.value).endswith(

@@ -287,3 +287,12 @@ def test_header_token_is_printable_ascii_and_reversible(customer_id: str) -> Non
     assert token.isascii()
     assert all(0x21 <= ord(c) < 0x7F for c in token)
     assert unquote(token, errors="strict") == customer_id
+
+
+def test_reserved_characters_are_whitespace_and_control_characters_over_all_unicode() -> None:
+    import sys
+
+    for code in range(sys.maxunicode + 1):
+        ch = chr(code)
+        reserved = ch in ".*>%" or ch.isspace() or unicodedata.category(ch) == "Cc"
+        assert (escape_token("a" + ch) != "a" + ch) == reserved, hex(code)
