@@ -22,12 +22,12 @@ loopback port, with its store and the SQLite file in a temporary directory, and 
 
 For each phase it reports wall seconds and, read from ``/proc``, the CPU seconds of this
 process's main thread (the event loop: nats-py, decoding, actors), of its other threads
-(aiosqlite's SQLite thread) and of the nats-server child. The engine's ``_ingest``,
-``_fire_due``, ``Publisher.publish_transitions`` and the log's ``known``/``commit`` are
-wrapped on the instance (the publisher's on its class) with a wall-clock timer (two
-``perf_counter`` calls per call, once per batch; ``--no-breakdown`` turns it off). ``--profile FILE`` runs cProfile over the backlog phase
-(main thread only; it slows that phase, so take rates from a run without it) and writes
-the top 15 entries by cumulative and by internal time to FILE.
+(aiosqlite's SQLite thread) and of the nats-server child. The engine's ``_ingest`` and
+``_fire_due``, ``Publisher.publish_transitions`` (on its class) and the log's
+``known``/``commit`` are wrapped with a wall-clock timer (two ``perf_counter`` calls per
+call, once per batch; ``--no-breakdown`` turns it off). ``--profile FILE`` runs cProfile
+over the backlog phase (main thread only; it slows that phase, so take rates from a run
+without it) and writes the top 15 entries by cumulative and by internal time to FILE.
 
 The machine is assumed to be small and noisy: compare ratios within one run.
 
