@@ -13,12 +13,20 @@ import anyio
 import msgspec
 import nats
 import pytest
+from hypothesis import HealthCheck, settings
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from actors import Clock, Engine, EngineConfig, SegmentSet, parse_segments
 from protocol import Rejection, Transition, connect, find_nats_server
 from store import EventLog
+
+# Shared, noisy machines: a slow example is not a failure. Examples stay random, so the
+# properties keep exploring from run to run.
+settings.register_profile(
+    "shoal", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("shoal")
 
 
 def free_port() -> int:
