@@ -12,6 +12,7 @@ from ._engine import EngineConfig as EngineConfig
 from ._engine import EngineStats as EngineStats
 from ._errors import ActorsError as ActorsError
 from ._errors import DefinitionError as DefinitionError
+from ._replay import replay as replay
 from ._rules import Rule as Rule
 from ._rules import parse_duration as parse_duration
 from ._rules import parse_rule as parse_rule
@@ -39,4 +40,5 @@ __all__ = (
     "parse_duration",
     "parse_rule",
     "parse_segments",
+    "replay",
 )
