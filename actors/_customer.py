@@ -8,7 +8,7 @@ has emitted, which the engine keeps in the outbox.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from protocol import (
@@ -22,10 +22,20 @@ from protocol import (
     to_instant,
 )
 
-from ._rules import MISSING
-from ._segments import SegmentSet
+from ._rules import MISSING, Tracked
+from ._segments import Segment, SegmentSet
 
 _TIME = TimeCause()
+
+
+def _min(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a < b else b
+
+
 _BEFORE_ANY = -(1 << 62)
 """The watermark of a customer with no events yet: before any instant an event can have."""
 _DEFINITION = DefinitionCause()
@@ -40,6 +50,7 @@ class Customer:
         "_last",
         "_counts",
         "_traits",
+        "_tracked",
         "members",
         "version",
         "watermark",
@@ -52,6 +63,7 @@ class Customer:
         self._last: dict[str | None, int] = {}
         self._counts: dict[str | None, int] = {}
         self._traits: dict[str, tuple[int, Any]] = {}
+        self._tracked: list[Event] = []  # track events windows and scores read, in log order
         self.members: dict[str, int] = {}
         """Segment name -> the instant the customer entered it."""
         self.version = 0
@@ -74,7 +86,13 @@ class Customer:
 
     def trait(self, key: str) -> Any:
         entry = self._traits.get(key)
-        return MISSING if entry is None else entry[1]
+        return MISSING if entry is None or entry[1] is None else entry[1]
+
+    def tracked(self) -> Sequence[Tracked]:
+        return self._tracked
+
+    def member(self, segment: str) -> bool:
+        return segment in self.members
 
     # Changes ----------------------------------------------------------------------------
 
@@ -87,6 +105,9 @@ class Customer:
             self._first = at
         needs = segments.needs
         if event.kind == "track":
+            retained = needs.retained
+            if retained and (None in retained or event.name in retained):
+                self._tracked.append(event)
             for key in (None, event.name):
                 if key in needs.event_names:
                     if at > self._last.get(key, at - 1):
@@ -123,19 +144,44 @@ class Customer:
     def evaluate(self, segments: SegmentSet, cause: Cause) -> list[Transition]:
         """Evaluate every segment at the watermark; return the changes and set the deadline.
 
-        With a definition cause, memberships of segments no longer defined are ended too.
+        Segments go in evaluation order, so a reference sees the membership of the same
+        instant. With a definition cause, memberships of segments no longer defined end too.
         """
         now = self.watermark
-        values, self.deadline = segments.evaluate(self, now)
         out: list[Transition] = []
-        for seg, value in zip(segments.segments, values, strict=True):
-            if value != (seg.name in self.members):
-                out.append(self._change(seg.name, value, now, cause))
-        if isinstance(cause, DefinitionCause) and len(self.members) > sum(values):
+        nxt: int | None = None
+        for seg in segments.order:
+            entered = self.members.get(seg.name)
+            if entered is None:
+                holds, when = seg.rule.evaluate(self, now)
+                if not holds:
+                    nxt = _min(nxt, when)
+                    continue
+                out.append(self._change(seg.name, True, now, cause))
+                entered = now
+            leave, when = self._leave_condition(seg, now)
+            earliest = entered + max(1, seg.min_dwell)  # never out at the instant it came in
+            if leave and now >= earliest:
+                out.append(self._change(seg.name, False, now, cause))
+                holds, when = seg.rule.evaluate(self, now)
+                # Back in at the next instant at the soonest: one change per instant.
+                nxt = _min(nxt, now + 1 if holds else when)
+            else:
+                nxt = _min(nxt, when)
+                if leave:
+                    nxt = _min(nxt, earliest)
+        if isinstance(cause, DefinitionCause):
             defined = set(segments.names)
             for name in [m for m in self.members if m not in defined]:
                 out.append(self._change(name, False, now, cause))
+        self.deadline = nxt
         return out
+
+    def _leave_condition(self, seg: Segment, now: int) -> tuple[bool, int | None]:
+        if seg.exit is not None:
+            return seg.exit.evaluate(self, now)
+        holds, when = seg.rule.evaluate(self, now)
+        return not holds, when
 
     def _change(self, segment: str, entered: bool, at: int, cause: Cause) -> Transition:
         if entered:

@@ -1,67 +1,94 @@
 """The segment rule language: parsing, checking and exact-time evaluation.
 
-A rule is an expression in Python syntax, parsed with :mod:`ast` and checked against a
-whitelist of nodes and functions (never ``eval``). SQL habits are accepted: ``=`` means
-``==`` and ``AND``/``OR``/``NOT`` may be upper case.
+SEGMENTS.md is the specification; this module implements it. A rule is an expression in
+Python syntax, parsed with :mod:`ast` and checked against a whitelist of nodes and functions
+(never ``eval``).
 
-Every node evaluates to ``(value, next_change)``: its value at ``now`` and the earliest
-instant after ``now`` at which that value can change without a new event (``None``: never).
-A customer's deadline is the earliest ``next_change`` over its segments, which is what lets
-shoal fire a time-based change at its exact instant instead of in a periodic sweep. A
-``next_change`` may be early (the engine then re-evaluates and finds nothing changed) but
-never late.
+Every node evaluates at an instant ``now`` to ``(value, next)``: its value, and the earliest
+instant after ``now`` at which the value (or its form, for values that move with time) can
+change without a new event (``None``: never). A customer's deadline is the earliest ``next``
+over its segments: that is what lets shoal fire a time-based change at its exact instant
+instead of in a periodic sweep. A ``next`` may be early (the engine re-evaluates then and
+finds nothing changed) but never late.
 
-Functions (this issue's subset; the language grows by adding node classes here):
-    since_last() / since_last('Visit')   time since the last track event (of that name)
-    since_first()                        time since the customer's first event of any kind
-    count() / count('Visit')             number of track events (of that name), all time
-    trait('plan')                        the latest value of an identify trait
-
-Elapsed times compare with durations written as text: ``'90s'``, ``'15m'``, ``'14d'``,
-``'1d12h'``. ``since_last('Visit') >= '14d'`` is true from the last visit + 14 days inclusive.
-Anything compared with a missing value (no such event, no such trait) is false.
+Values that move with time are represented, not sampled: an elapsed time by the instant it is
+measured from, a score by its terms, so comparisons can solve for the instant they flip.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import io
+import math
 import operator
 import re
 import tokenize
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ._errors import DefinitionError
 
 _US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_FAR = 1 << 62
+"""Further than any instant shoal handles: searches for a flip stop here."""
+
+
+class Tracked(Protocol):
+    """A retained track event, as rules read it."""
+
+    @property
+    def at(self) -> int: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def properties(self) -> Mapping[str, Any]: ...
 
 
 class Facts(Protocol):
     """What a rule may read of a customer."""
 
+    customer_id: str
+
     def first_at(self) -> int | None: ...
     def last_at(self, name: str | None) -> int | None: ...
     def count(self, name: str | None) -> int: ...
     def trait(self, key: str) -> Any: ...
+    def tracked(self) -> Sequence[Tracked]: ...
+    def member(self, segment: str) -> bool: ...
 
 
 MISSING: Any = object()
-"""The value of a trait the customer does not have."""
+"""The value of anything the customer does not have (a trait, min of no events...)."""
 
 Value = tuple[Any, int | None]
 
 
+def _min(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a < b else b
+
+
 def parse_duration(text: str) -> int:
-    """Microseconds of a duration such as ``'90s'``, ``'14d'`` or ``'1d12h'``.
+    """Microseconds of a duration such as ``'90s'``, ``'14d'``, ``'1d12h'`` or ``'-1d'``.
 
     Raises:
         ValueError: the text is not a duration.
     """
     compact = text.replace(" ", "")
+    sign = -1 if compact.startswith("-") else 1
+    if sign < 0:
+        compact = compact[1:]
     parts = _DURATION.findall(compact)
     if not parts or "".join(n + u for n, u in parts) != compact:
         raise ValueError(
@@ -74,12 +101,103 @@ def parse_duration(text: str) -> int:
     total = sum((Decimal(n) * _US[u] for n, u in parts), Decimal(0))
     if total != total.to_integral_value():
         raise ValueError(f"{text!r} is finer than a microsecond")
-    return int(total)
+    return sign * int(total)
+
+
+def to_instant_value(value: Any) -> int | None:
+    """The instant of a date or date-time text (date alone: 00:00 UTC; no offset: UTC)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        if len(value) == 10:
+            d = date.fromisoformat(value)
+            return (datetime(d.year, d.month, d.day, tzinfo=UTC) - _EPOCH) // timedelta(
+                microseconds=1
+            )
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // timedelta(microseconds=1)
+
+
+@functools.lru_cache(maxsize=1024)
+def _zone(name: Any) -> tzinfo:
+    if isinstance(name, str):
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    return UTC
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreConfig:
+    """How the engagement score weighs events, and how fast it decays."""
+
+    half_life: int = 14 * _US["d"]
+    weights: Mapping[str, float] = field(default_factory=dict)
+    default_weight: float = 1.0
+
+    def weight(self, name: str | None) -> float:
+        """The weight of a track event named ``name``."""
+        if name is not None and name in self.weights:
+            return self.weights[name]
+        return self.default_weight
+
+
+@dataclass(frozen=True, slots=True)
+class Env:
+    """What rules of one segments file may refer to besides a customer's facts."""
+
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    lists: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    segments: frozenset[str] = frozenset()
+    """Names of the file's segments, for ``in_segment`` (empty: references not checked)."""
+
+
+# --- values that move with time ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Elapsed:
+    """``sign * (now - anchor)``: an elapsed time (sign 1) or a time remaining (sign -1)."""
+
+    anchor: int
+    sign: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Decay:
+    """``k * score(now - delta)`` with its terms (event instant, weight), in log order."""
+
+    k: float
+    delta: int
+    terms: tuple[tuple[int, float], ...]
+    half_life: int
+
+    def at(self, t: int) -> float:
+        """The value at ``t`` (see SEGMENTS.md for why it is computed exactly this way)."""
+        total = 0.0
+        base = t - self.delta
+        h = self.half_life
+        for te, w in self.terms:  # a plain loop: Python 3.12's sum() compensates
+            total += w * 2.0 ** ((te - base) / h)
+        return self.k * total
+
+    def normalised(self, r: int) -> float:
+        """The value relative to instant ``r`` instead of now (for score-vs-score)."""
+        total = 0.0
+        h = self.half_life
+        for te, w in self.terms:
+            total += w * 2.0 ** ((te - r + self.delta) / h)
+        return self.k * total
 
 
 # --- nodes ---------------------------------------------------------------------------------
-# ``kind`` drives checking at parse time: "bool", "elapsed" (a time that grows with now;
-# its value is the anchor instant it is measured from), "duration", or "value".
+# ``kind`` drives checking at parse time: "bool", "elapsed", "duration", "instant",
+# "number" (a number-valued function of the facts), "decay" (a score) or "value".
 
 
 class _Node:
@@ -92,7 +210,10 @@ class _Node:
 class _Const(_Node):
     def __init__(self, value: Any) -> None:
         self.value = value
-        self.kind = "bool" if isinstance(value, bool) else "value"
+        if isinstance(value, bool):
+            self.kind = "bool"
+        elif isinstance(value, int | float):
+            self.kind = "numconst"
 
     def eval(self, f: Facts, now: int) -> Value:
         return self.value, None
@@ -108,6 +229,16 @@ class _DurationConst(_Node):
         return self.us, None
 
 
+class _InstantConst(_Node):
+    kind = "instant"
+
+    def __init__(self, us: int) -> None:
+        self.us = us
+
+    def eval(self, f: Facts, now: int) -> Value:
+        return self.us, None
+
+
 class _SinceLast(_Node):
     kind = "elapsed"
 
@@ -115,22 +246,29 @@ class _SinceLast(_Node):
         self.name = name
 
     def eval(self, f: Facts, now: int) -> Value:
-        return f.last_at(self.name), None
+        at = f.last_at(self.name)
+        return (None if at is None else _Elapsed(at, 1)), None
 
 
 class _SinceFirst(_Node):
     kind = "elapsed"
 
     def eval(self, f: Facts, now: int) -> Value:
-        return f.first_at(), None
+        at = f.first_at()
+        return (None if at is None else _Elapsed(at, 1)), None
 
 
-class _Count(_Node):
-    def __init__(self, name: str | None) -> None:
-        self.name = name
+class _Relative(_Node):
+    """``since(instant)`` (sign 1) or ``until(instant)`` (sign -1)."""
+
+    kind = "elapsed"
+
+    def __init__(self, inner: _Node, sign: int) -> None:
+        self.inner, self.sign = inner, sign
 
     def eval(self, f: Facts, now: int) -> Value:
-        return f.count(self.name), None
+        at, _ = self.inner.eval(f, now)
+        return (None if at is None or at is MISSING else _Elapsed(at, self.sign)), None
 
 
 class _Trait(_Node):
@@ -139,6 +277,167 @@ class _Trait(_Node):
 
     def eval(self, f: Facts, now: int) -> Value:
         return f.trait(self.key), None
+
+
+class _DateOf(_Node):
+    kind = "instant"
+
+    def __init__(self, inner: _Node) -> None:
+        self.inner = inner
+
+    def eval(self, f: Facts, now: int) -> Value:
+        v, _ = self.inner.eval(f, now)
+        at = to_instant_value(v)
+        return (MISSING if at is None else at), None
+
+
+class _Exists(_Node):
+    kind = "bool"
+
+    def __init__(self, inner: _Node) -> None:
+        self.inner = inner
+
+    def eval(self, f: Facts, now: int) -> Value:
+        v, _ = self.inner.eval(f, now)
+        return (v is not MISSING and v is not None), None
+
+
+class _Contains(_Node):
+    kind = "bool"
+
+    def __init__(self, haystack: _Node, needle: _Node) -> None:
+        self.haystack, self.needle = haystack, needle
+
+    def eval(self, f: Facts, now: int) -> Value:
+        h, _ = self.haystack.eval(f, now)
+        n, _ = self.needle.eval(f, now)
+        if h is MISSING or n is MISSING or h is None or n is None:
+            return False, None
+        if isinstance(h, str):
+            return (isinstance(n, str) and n in h), None
+        if isinstance(h, list):
+            return any(_comparable(x, n) and x == n for x in h), None
+        return False, None
+
+
+class _Window(_Node):
+    """count / sum / min / max of track events, all time or in a trailing window."""
+
+    kind = "number"
+
+    def __init__(
+        self,
+        func: str,
+        name: str | None,
+        prop: str | None,
+        within: int | None,
+        where: Mapping[str, Any],
+        days: frozenset[int] | None,
+        hours: frozenset[int] | None,
+    ) -> None:
+        self.func, self.name, self.prop, self.within = func, name, prop, within
+        self.where, self.days, self.hours = dict(where), days, hours
+        self.simple = func == "count" and within is None and not where and not days and not hours
+
+    def eval(self, f: Facts, now: int) -> Value:
+        if self.simple:
+            return f.count(self.name), None
+        zone = _zone(f.trait("timezone")) if (self.days or self.hours) else UTC
+        w = self.within
+        values: list[float] = []
+        n = 0
+        nxt: int | None = None
+        for e in f.tracked():
+            if self.name is not None and e.name != self.name:
+                continue
+            if w is not None:
+                if not now - w < e.at <= now:
+                    continue
+                nxt = _min(nxt, e.at + w)  # when it leaves the window
+            if self.where and any(
+                not (_comparable(e.properties.get(k, MISSING), v) and e.properties.get(k) == v)
+                for k, v in self.where.items()
+            ):
+                continue
+            if self.days or self.hours:
+                local = (_EPOCH + timedelta(microseconds=e.at)).astimezone(zone)
+                if self.days and local.weekday() not in self.days:
+                    continue
+                if self.hours and local.hour not in self.hours:
+                    continue
+            if self.func == "count":
+                n += 1
+                continue
+            assert self.prop is not None
+            v = e.properties.get(self.prop)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                values.append(v)
+        if self.func == "count":
+            return n, nxt
+        if self.func == "sum":
+            total: float = 0
+            for v in values:
+                total += v
+            return total, nxt
+        if not values:
+            return MISSING, nxt
+        return (min(values) if self.func == "min" else max(values)), nxt
+
+
+class _Score(_Node):
+    kind = "decay"
+
+    def __init__(self, config: ScoreConfig, delta: int) -> None:
+        self.config, self.delta = config, delta
+
+    def eval(self, f: Facts, now: int) -> Value:
+        cutoff = now - self.delta
+        terms = []
+        nxt: int | None = None
+        weight = self.config.weight
+        for e in f.tracked():
+            w = weight(e.name)
+            if w == 0:
+                continue
+            if e.at <= cutoff:
+                terms.append((e.at, float(w)))
+            elif self.delta:
+                nxt = _min(nxt, e.at + self.delta)  # when it enters score(now - delta)
+        return _Decay(1.0, self.delta, tuple(terms), self.config.half_life), nxt
+
+
+class _Scale(_Node):
+    def __init__(self, k: float, inner: _Node) -> None:
+        self.k, self.inner = k, inner
+        self.kind = inner.kind
+
+    def eval(self, f: Facts, now: int) -> Value:
+        v, nxt = self.inner.eval(f, now)
+        if isinstance(v, _Decay):
+            return _Decay(self.k * v.k, v.delta, v.terms, v.half_life), nxt
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return self.k * v, nxt
+        return MISSING, nxt
+
+
+class _InSegment(_Node):
+    kind = "bool"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def eval(self, f: Facts, now: int) -> Value:
+        return f.member(self.name), None
+
+
+class _InList(_Node):
+    kind = "bool"
+
+    def __init__(self, members: frozenset[str]) -> None:
+        self.members = members
+
+    def eval(self, f: Facts, now: int) -> Value:
+        return f.customer_id in self.members, None
 
 
 _MIRROR = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
@@ -174,29 +473,110 @@ def _comparable(a: Any, b: Any) -> bool:
     return type(a) is type(b) and isinstance(a, str)
 
 
+def _first_flip(
+    pred: Callable[[int], bool], now: int, limit: int | None, guess: int | None
+) -> int | None:
+    """The first instant in (now, limit) where ``pred`` differs from ``pred(now)``, for a
+    ``pred`` that flips at most once there; ``None`` if it does not flip before ``limit``."""
+    v0 = pred(now)
+    end = (limit - 1) if limit is not None else _FAR
+    if end <= now:
+        return None
+    lo, hi = now, None
+    if guess is not None and now < guess:
+        # Narrow around the analytic estimate; the float predicate has the last word.
+        for cand in (guess - 2, guess - 1, guess, guess + 1, guess + 2):
+            if now < cand <= end:
+                if pred(cand) == v0:
+                    lo = max(lo, cand)
+                else:
+                    hi = cand
+                    break
+    if hi is None:
+        step = max(1, lo - now)
+        while True:
+            cand = min(lo + step, end)
+            if pred(cand) != v0:
+                hi = cand
+                break
+            if cand >= end:
+                return None
+            lo, step = cand, step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if pred(mid) == v0:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 class _Compare(_Node):
     kind = "bool"
 
     def __init__(self, left: _Node, op: str, right: _Node) -> None:
-        # Keep an elapsed time on the left, so evaluation has one shape to handle.
-        if right.kind == "elapsed" and left.kind != "elapsed":
+        # Keep the moving value on the left, so evaluation has fewer shapes to handle.
+        if right.kind in ("elapsed", "decay") and left.kind not in ("elapsed", "decay"):
             left, right, op = right, left, _MIRROR[op]
         self.left, self.op, self.right = left, op, right
 
     def eval(self, f: Facts, now: int) -> Value:
-        a, _ = self.left.eval(f, now)
-        b, _ = self.right.eval(f, now)
+        a, na = self.left.eval(f, now)
+        b, nb = self.right.eval(f, now)
+        nxt = _min(na, nb)
         if a is None or b is None or a is MISSING or b is MISSING:
-            return False, None
-        if self.left.kind == "elapsed":
-            if self.right.kind == "elapsed":
-                # (now - a) OP (now - b) does not depend on now.
-                return _OPS[self.op](b, a), None
-            # now - a OP d  <=>  now OP a + d
-            return _instant_compare(now, self.op, a + b)
+            return False, nxt
+        op = self.op
+        if isinstance(a, _Elapsed):
+            if isinstance(b, _Elapsed):
+                # Same sign (checked at parse time): the difference does not move with now.
+                return _OPS[op](a.sign * (b.anchor - a.anchor), 0), nxt
+            # sign * (now - anchor) OP d
+            if a.sign == 1:
+                v, n = _instant_compare(now, op, a.anchor + b)
+            else:  # anchor - now OP d  <=>  now MIRROR(OP) anchor - d
+                v, n = _instant_compare(now, _MIRROR[op], a.anchor - b)
+            return v, _min(n, nxt)
+        if isinstance(a, _Decay):
+            return self._decay(a, b, now, nxt)
         if not _comparable(a, b):
-            return self.op == "!=", None
-        return _OPS[self.op](a, b), None
+            return op == "!=", nxt
+        return _OPS[op](a, b), nxt
+
+    def _decay(self, a: _Decay, b: Any, now: int, nxt: int | None) -> Value:
+        op = _OPS[self.op]
+        if isinstance(b, _Decay):
+            # Both decay by the same factor: the result only changes when an event enters
+            # one side, so it is computed relative to the latest event instant, not now.
+            instants = [te for te, _ in a.terms] + [te for te, _ in b.terms]
+            if not instants:
+                return op(0.0, 0.0), nxt
+            r = max(instants)
+            return op(a.normalised(r), b.normalised(r)), nxt
+        if not (isinstance(b, int | float) and not isinstance(b, bool)):
+            return self.op == "!=", nxt
+
+        v_now = a.at(now)
+        value = op(v_now, b)
+        # The score never rises between events, so "at or below b" and "below b" each flip
+        # at most once: the comparison can only change where one of them does.
+        if v_now > b:
+
+            def pred(t: int) -> bool:
+                return a.at(t) <= b
+
+        elif v_now == b:
+
+            def pred(t: int) -> bool:
+                return a.at(t) < b
+
+        else:
+            return value, nxt
+        guess = None
+        if v_now > 0 and b > 0:
+            guess = now + math.ceil(a.half_life * math.log2(v_now / b))
+        flip = _first_flip(pred, now, nxt, guess)
+        return value, _min(flip, nxt)
 
 
 class _In(_Node):
@@ -206,11 +586,11 @@ class _In(_Node):
         self.left, self.options, self.negate = left, options, negate
 
     def eval(self, f: Facts, now: int) -> Value:
-        a, _ = self.left.eval(f, now)
+        a, nxt = self.left.eval(f, now)
         if a is None or a is MISSING:
-            return False, None
+            return False, nxt
         found = any(_comparable(a, o) and a == o for o in self.options)
-        return found != self.negate, None
+        return found != self.negate, nxt
 
 
 class _And(_Node):
@@ -267,28 +647,53 @@ _CMP = {
     ast.GtE: ">=",
 }
 _FUNCTIONS = {
-    "since_last": "since_last() or since_last('Event name')",
+    "since_last": "since_last() or since_last('Event')",
     "since_first": "since_first()",
-    "count": "count() or count('Event name')",
+    "since": "since(trait('date_key'))",
+    "until": "until(trait('date_key'))",
     "trait": "trait('key')",
+    "date": "date(trait('key')) or date('2027-01-01')",
+    "exists": "exists(trait('key'))",
+    "contains": "contains(trait('key'), 'text')",
+    "count": "count('Event', within='30d', where={...}, days=[...], hours=[...])",
+    "sum": "sum('Event', 'property', within='30d', ...)",
+    "min": "min('Event', 'property', within='30d', ...)",
+    "max": "max('Event', 'property', within='30d', ...)",
+    "score": "score()",
+    "score_at": "score_at('7d')",
+    "in_segment": "in_segment('segment')",
+    "in_list": "in_list('list')",
 }
+_NUMERIC = ("number", "numconst", "value", "decay")
 
 
 @dataclass(frozen=True, slots=True)
 class Needs:
     """The facts a set of rules reads, so customers keep only those."""
 
-    event_names: frozenset[str | None]
+    event_names: frozenset[str | None] = frozenset()
     """Track event names whose last instant and count are read (``None``: any track)."""
-    trait_keys: frozenset[str]
+    trait_keys: frozenset[str] = frozenset()
+    retained: frozenset[str | None] = frozenset()
+    """Track event names whose events are kept for windows and scores (``None``: all)."""
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(
+            self.event_names | other.event_names,
+            self.trait_keys | other.trait_keys,
+            self.retained | other.retained,
+        )
 
 
 class _Parser:
-    def __init__(self, rewrite: _Rewrite, fail: Callable[[str], DefinitionError]) -> None:
+    def __init__(self, rewrite: _Rewrite, fail: Callable[[str], DefinitionError], env: Env) -> None:
         self.rewrite = rewrite
         self.fail = fail
+        self.env = env
         self.names: set[str | None] = set()
         self.traits: set[str] = set()
+        self.retained: set[str | None] = set()
+        self.refs: set[str] = set()
 
     def snippet(self, node: ast.AST) -> str:
         return self.rewrite.snippet(node)
@@ -308,6 +713,8 @@ class _Parser:
             return pairs[0] if len(pairs) == 1 else _And(pairs)
         if isinstance(n, ast.Call):
             return self.call(n)
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mult):
+            return self.scale(n)
         if isinstance(n, ast.Constant) and isinstance(n.value, str | int | float | bool):
             return _Const(n.value)
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
@@ -317,8 +724,8 @@ class _Parser:
                     return _Const(-inner.value)
         if isinstance(n, ast.Name):
             raise self.fail(
-                f"unknown name {n.id!r}: write text in quotes ('{n.id}'), or call one of "
-                + ", ".join(_FUNCTIONS.values())
+                f"unknown name {n.id!r}: write text in quotes ('{n.id}'), or call a function "
+                "such as " + ", ".join(list(_FUNCTIONS.values())[:4]) + " (see SEGMENTS.md)"
             )
         raise self.fail(f"`{self.snippet(n)}` is not allowed in a rule")
 
@@ -327,6 +734,24 @@ class _Parser:
         if node.kind != "bool":
             raise self.fail(f"`{self.snippet(n)}` is not a condition (true or false)")
         return node
+
+    def scale(self, n: ast.BinOp) -> _Node:
+        left, right = self.node(n.left), self.node(n.right)
+        if isinstance(left, _Const) and left.kind == "numconst":
+            k, inner, inner_ast = left.value, right, n.right
+        elif isinstance(right, _Const) and right.kind == "numconst":
+            k, inner, inner_ast = right.value, left, n.left
+        else:
+            raise self.fail(f"`{self.snippet(n)}`: only a number constant can multiply")
+        if inner.kind not in ("number", "value", "decay", "numconst"):
+            raise self.fail(f"`{self.snippet(inner_ast)}` is not a number that can be multiplied")
+        if inner.kind == "decay" and not k > 0:
+            raise self.fail(
+                f"`{self.snippet(n)}`: a score can only be multiplied by a positive number"
+            )
+        if isinstance(inner, _Const):
+            return _Const(k * inner.value)
+        return _Scale(float(k), inner)
 
     def compare(self, left_ast: ast.expr, op: ast.cmpop, right_ast: ast.expr) -> _Node:
         left = self.node(left_ast)
@@ -347,18 +772,44 @@ class _Parser:
         if symbol is None:
             raise self.fail(f"comparison `{type(op).__name__}` is not allowed in a rule")
         right = self.node(right_ast)
-        left, right = self.durations(left, left_ast, right, right_ast)
+        left, right = self.typed(left, left_ast, right, right_ast)
+        if left.kind == "bool" or right.kind == "bool":
+            if not (isinstance(left, _Const) or isinstance(right, _Const)):
+                raise self.fail(f"compare conditions with and/or/not, not `{symbol}`")
         return _Compare(left, symbol, right)
 
-    def durations(
+    def typed(
         self, left: _Node, left_ast: ast.expr, right: _Node, right_ast: ast.expr
     ) -> tuple[_Node, _Node]:
-        """An elapsed time compares with another one or with a duration written as text."""
-        if (left.kind == "elapsed") == (right.kind == "elapsed"):
-            return left, right
-        if left.kind == "elapsed":
-            return left, self.duration(right, right_ast)
-        return self.duration(left, left_ast), right
+        """Check that two sides can be compared; turn text into durations or instants."""
+        for a, b, b_ast, swap in (
+            (left, right, right_ast, False),
+            (right, left, left_ast, True),
+        ):
+            if a.kind == "elapsed":
+                if b.kind == "elapsed":
+                    if getattr(a, "sign", 1) != getattr(b, "sign", 1):
+                        raise self.fail(
+                            "a time since and a time until cannot be compared with each other"
+                        )
+                    return left, right
+                d = self.duration(b, b_ast)
+                return (d, a) if swap else (a, d)
+            if a.kind == "instant":
+                if b.kind == "instant":
+                    return left, right
+                i = self.instant(b, b_ast)
+                return (i, a) if swap else (a, i)
+            if a.kind == "decay":
+                if b.kind not in _NUMERIC:
+                    raise self.fail(
+                        f"a score compares with a number or another score, "
+                        f"not `{self.snippet(b_ast)}`"
+                    )
+                return left, right
+        if left.kind == "duration" or right.kind == "duration":
+            raise self.fail("a duration compares with an elapsed time such as since_last()")
+        return left, right
 
     def duration(self, node: _Node, where: ast.expr) -> _Node:
         if isinstance(node, _Const) and isinstance(node.value, str):
@@ -371,29 +822,159 @@ class _Parser:
             f"not `{self.snippet(where)}`"
         )
 
+    def instant(self, node: _Node, where: ast.expr) -> _Node:
+        if isinstance(node, _Const) and isinstance(node.value, str):
+            at = to_instant_value(node.value)
+            if at is None:
+                raise self.fail(f"{node.value!r} is not an ISO-8601 date or date and time")
+            return _InstantConst(at)
+        raise self.fail(
+            f"a date compares with another date, like date('2027-01-01'), "
+            f"not `{self.snippet(where)}`"
+        )
+
+    def text_arg(self, n: ast.Call, a: ast.expr) -> str:
+        if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value:
+            return a.value
+        raise self.fail(f"`{self.snippet(n)}` takes a name in quotes, not `{self.snippet(a)}`")
+
     def call(self, n: ast.Call) -> _Node:
         name = n.func.id if isinstance(n.func, ast.Name) else None
-        if name not in _FUNCTIONS or n.keywords:
+        if name is None or name not in _FUNCTIONS:
             raise self.fail(
-                f"unknown function in `{self.snippet(n)}`: use one of "
-                + ", ".join(_FUNCTIONS.values())
+                f"unknown function in `{self.snippet(n)}`: see SEGMENTS.md for the functions "
+                "rules can use"
             )
-        args: list[str] = []
-        for a in n.args:
-            if not (isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value):
-                raise self.fail(f"`{self.snippet(n)}` takes a name in quotes")
-            args.append(a.value)
-        wanted = {"since_last": (0, 1), "count": (0, 1), "since_first": (0,), "trait": (1,)}
-        if len(args) not in wanted[name]:
-            raise self.fail(f"`{self.snippet(n)}`: write it as {_FUNCTIONS[name]}")
-        if name == "since_first":
+        usage = f"write it as {_FUNCTIONS[name]}"
+        if name in ("count", "sum", "min", "max"):
+            return self.window(n, name)
+        if n.keywords:
+            raise self.fail(f"`{self.snippet(n)}`: {usage}")
+        args = n.args
+        if name in ("since_first", "score"):
+            if args:
+                raise self.fail(f"`{self.snippet(n)}`: {usage}")
+            if name == "score":
+                self.score_needs()
+                return _Score(self.env.score, 0)
             return _SinceFirst()
+        if len(args) != 1 and not (name == "since_last" and not args) and name != "contains":
+            raise self.fail(f"`{self.snippet(n)}`: {usage}")
+        if name == "since_last":
+            event = self.text_arg(n, args[0]) if args else None
+            self.names.add(event)
+            return _SinceLast(event)
         if name == "trait":
-            self.traits.add(args[0])
-            return _Trait(args[0])
-        event = args[0] if args else None
-        self.names.add(event)
-        return _SinceLast(event) if name == "since_last" else _Count(event)
+            key = self.text_arg(n, args[0])
+            self.traits.add(key)
+            return _Trait(key)
+        if name == "score_at":
+            d = self.duration(self.node(args[0]), args[0])
+            assert isinstance(d, _DurationConst)
+            if d.us <= 0:
+                raise self.fail(f"`{self.snippet(n)}`: the duration must be positive")
+            self.score_needs()
+            return _Score(self.env.score, d.us)
+        if name in ("in_segment", "in_list"):
+            target = self.text_arg(n, args[0])
+            if name == "in_list":
+                if target not in self.env.lists:
+                    raise self.fail(f"`{self.snippet(n)}`: no list {target!r} ([lists.{target}])")
+                return _InList(self.env.lists[target])
+            if self.env.segments and target not in self.env.segments:
+                raise self.fail(f"`{self.snippet(n)}`: no segment {target!r}")
+            self.refs.add(target)
+            return _InSegment(target)
+        inner = self.node(args[0]) if args else None
+        if name in ("since", "until", "date"):
+            assert inner is not None
+            if isinstance(inner, _Const) and isinstance(inner.value, str) and name == "date":
+                return self.instant(inner, args[0])
+            if isinstance(inner, _Trait):
+                inner = _DateOf(inner)
+            if inner.kind != "instant":
+                raise self.fail(f"`{self.snippet(n)}`: {usage}")
+            if name == "date":
+                return inner
+            return _Relative(inner, 1 if name == "since" else -1)
+        if name == "exists":
+            if not isinstance(inner, _Trait):
+                raise self.fail(f"`{self.snippet(n)}`: {usage}")
+            return _Exists(inner)
+        # contains
+        if len(args) != 2:
+            raise self.fail(f"`{self.snippet(n)}`: {usage}")
+        needle = self.node(args[1])
+        if not isinstance(needle, _Const) or inner is None:
+            raise self.fail(f"`{self.snippet(n)}`: {usage}")
+        return _Contains(inner, needle)
+
+    def score_needs(self) -> None:
+        config = self.env.score
+        if config.default_weight != 0:
+            self.retained.add(None)
+        else:
+            self.retained.update(k for k, w in config.weights.items() if w != 0)
+
+    def window(self, n: ast.Call, func: str) -> _Node:
+        usage = f"write it as {_FUNCTIONS[func]}"
+        args = [self.text_arg(n, a) for a in n.args]
+        if func == "count":
+            if len(args) > 1:
+                raise self.fail(f"`{self.snippet(n)}`: {usage}")
+            event, prop = (args[0] if args else None), None
+        else:
+            if len(args) != 2:
+                raise self.fail(f"`{self.snippet(n)}`: {usage}")
+            event, prop = args
+        within: int | None = None
+        where: dict[str, Any] = {}
+        days: frozenset[int] | None = None
+        hours: frozenset[int] | None = None
+        for kw in n.keywords:
+            value = kw.value
+            if kw.arg == "within":
+                d = self.duration(self.node(value), value)
+                assert isinstance(d, _DurationConst)
+                if d.us <= 0:
+                    raise self.fail(f"`{self.snippet(n)}`: `within` must be positive")
+                within = d.us
+            elif kw.arg == "where" and isinstance(value, ast.Dict):
+                for k, v in zip(value.keys, value.values, strict=True):
+                    key = self.node(k) if k is not None else None
+                    val = self.node(v)
+                    if not (isinstance(key, _Const) and isinstance(key.value, str)):
+                        raise self.fail(f"`{self.snippet(n)}`: `where` keys are property names")
+                    if not isinstance(val, _Const):
+                        raise self.fail(f"`{self.snippet(n)}`: `where` values are plain values")
+                    where[key.value] = val.value
+            elif kw.arg in ("days", "hours") and isinstance(value, ast.List | ast.Tuple):
+                items = [self.node(e) for e in value.elts]
+                consts = [i.value for i in items if isinstance(i, _Const)]
+                if kw.arg == "days":
+                    if len(consts) != len(items) or any(c not in _DAYS for c in consts):
+                        raise self.fail(
+                            f"`{self.snippet(n)}`: `days` lists 'mon', 'tue', 'wed', 'thu', "
+                            "'fri', 'sat', 'sun'"
+                        )
+                    days = frozenset(_DAYS.index(c) for c in consts)
+                else:
+                    if len(consts) != len(items) or not all(
+                        isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 23
+                        for c in consts
+                    ):
+                        raise self.fail(f"`{self.snippet(n)}`: `hours` lists whole hours 0 to 23")
+                    hours = frozenset(consts)
+            else:
+                raise self.fail(f"`{self.snippet(n)}`: {usage}")
+        node = _Window(func, event, prop, within, where, days, hours)
+        if node.simple:
+            self.names.add(event)
+        else:
+            self.retained.add(event)
+            if days or hours:
+                self.traits.add("timezone")
+        return node
 
 
 class _Rewrite:
@@ -457,6 +1038,8 @@ class Rule:
 
     text: str
     needs: Needs
+    refs: frozenset[str]
+    """Segments the rule reads the membership of."""
     _root: _Node
 
     def evaluate(self, facts: Facts, now: int) -> tuple[bool, int | None]:
@@ -465,8 +1048,15 @@ class Rule:
         return bool(value), nxt
 
 
-def parse_rule(text: str, *, source: str = "<rule>", segment: str | None = None) -> Rule:
+def parse_rule(
+    text: str, *, source: str = "<rule>", segment: str | None = None, env: Env | None = None
+) -> Rule:
     """Parse and check one rule.
+
+    Args:
+        text: the rule.
+        source, segment: where it comes from, for error messages.
+        env: the score settings, static lists and segment names it may refer to.
 
     Raises:
         DefinitionError: the rule is not valid; the message says where and why.
@@ -485,10 +1075,15 @@ def parse_rule(text: str, *, source: str = "<rule>", segment: str | None = None)
         if e.offset:
             col = f" at column {rewrite.column(e.lineno or 1, e.offset - 1) + 1}"
         raise fail(f"rule `{text}` is not valid syntax{col}: {e.msg}") from None
-    parser = _Parser(rewrite, fail)
+    parser = _Parser(rewrite, fail, env or Env())
     root = parser.condition(tree.body)
     return Rule(
         text=text,
-        needs=Needs(event_names=frozenset(parser.names), trait_keys=frozenset(parser.traits)),
+        needs=Needs(
+            event_names=frozenset(parser.names),
+            trait_keys=frozenset(parser.traits),
+            retained=frozenset(parser.retained),
+        ),
+        refs=frozenset(parser.refs),
         _root=root,
     )

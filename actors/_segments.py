@@ -1,17 +1,13 @@
-"""Segment definitions: a TOML file of named rules.
+"""Segment definitions: a TOML file of named rules, score settings and static lists.
 
-```toml
-[segments.lapsing]
-description = "No visit for 14 days"
-rule = "since_last('Visit') >= '14d'"
-```
+SEGMENTS.md documents the file and the language.
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,65 +15,127 @@ from typing import Any
 from protocol import SubjectError, validate_segment_name
 
 from ._errors import DefinitionError
-from ._rules import Facts, Needs, Rule, parse_rule
+from ._rules import Env, Needs, Rule, ScoreConfig, parse_duration, parse_rule
 
-_SEGMENT_KEYS = {"description", "rule"}
+_SEGMENT_KEYS = {"description", "rule", "exit", "min_dwell"}
+_TOP_KEYS = {"segments", "score", "lists"}
 
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """One named, dynamic segment."""
+    """One named, dynamic segment.
+
+    A non-member enters when ``rule`` holds; a member leaves when ``exit`` holds (``not
+    rule`` when there is no ``exit``) and it has been a member for ``min_dwell``.
+    """
 
     name: str
     rule: Rule
     description: str = ""
+    exit: Rule | None = None
+    min_dwell: int = 0
+
+    @property
+    def refs(self) -> frozenset[str]:
+        """The segments whose membership this one reads."""
+        return self.rule.refs | (self.exit.refs if self.exit else frozenset())
 
 
 @dataclass(frozen=True, slots=True)
 class SegmentSet:
-    """The segments an engine evaluates, in file order (which orders simultaneous changes)."""
+    """The segments an engine evaluates, with what their rules need."""
 
     segments: tuple[Segment, ...]
+    """In file order."""
     needs: Needs
     source: str = "<segments>"
+    order: tuple[Segment, ...] = ()
+    """Evaluation order: file order, except that a segment comes after those it references."""
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    lists: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, segments: Sequence[Segment], *, source: str = "<segments>") -> SegmentSet:
-        """A set of segments; their names must be distinct.
+    def of(
+        cls,
+        segments: Sequence[Segment],
+        *,
+        source: str = "<segments>",
+        score: ScoreConfig | None = None,
+        lists: Mapping[str, frozenset[str]] | None = None,
+    ) -> SegmentSet:
+        """A set of segments.
 
         Raises:
-            DefinitionError: two segments share a name.
+            DefinitionError: two segments share a name, a reference names no segment, or
+                references form a cycle.
         """
-        seen: set[str] = set()
+        by_name: dict[str, Segment] = {}
         for s in segments:
-            if s.name in seen:
+            if s.name in by_name:
                 raise DefinitionError("defined twice", source=source, segment=s.name)
-            seen.add(s.name)
-        names: frozenset[str | None] = frozenset().union(
-            *(s.rule.needs.event_names for s in segments)
+            by_name[s.name] = s
+        for s in segments:
+            for ref in sorted(s.refs):
+                if ref not in by_name:
+                    raise DefinitionError(
+                        f"in_segment({ref!r}) names no segment of this file",
+                        source=source,
+                        segment=s.name,
+                    )
+        needs = Needs()
+        for s in segments:
+            needs = needs | s.rule.needs | (s.exit.needs if s.exit else Needs())
+        return cls(
+            tuple(segments),
+            needs,
+            source,
+            _evaluation_order(segments, source),
+            score or ScoreConfig(),
+            dict(lists or {}),
         )
-        traits: frozenset[str] = frozenset().union(*(s.rule.needs.trait_keys for s in segments))
-        return cls(tuple(segments), Needs(names, traits), source)
 
     @property
     def names(self) -> tuple[str, ...]:
         """The segment names, in file order."""
         return tuple(s.name for s in self.segments)
 
-    def evaluate(self, facts: Facts, now: int) -> tuple[list[bool], int | None]:
-        """Each segment's rule at ``now`` (in order), and the earliest next change."""
-        values: list[bool] = []
-        nxt: int | None = None
-        for s in self.segments:
-            v, n = s.rule.evaluate(facts, now)
-            values.append(v)
-            if n is not None and (nxt is None or n < nxt):
-                nxt = n
-        return values, nxt
+
+def _evaluation_order(segments: Sequence[Segment], source: str) -> tuple[Segment, ...]:
+    placed: list[Segment] = []
+    done: set[str] = set()
+    waiting = list(segments)
+    while waiting:
+        ready = next((s for s in waiting if s.refs <= done), None)
+        if ready is None:
+            cycle = _cycle({s.name: s.refs for s in waiting})
+            raise DefinitionError(
+                "segments reference each other in a cycle: " + " -> ".join(cycle),
+                source=source,
+            )
+        placed.append(ready)
+        done.add(ready.name)
+        waiting.remove(ready)
+    return tuple(placed)
 
 
-def parse_segments(text: str, *, source: str = "<segments>") -> SegmentSet:
+def _cycle(refs: Mapping[str, frozenset[str]]) -> list[str]:
+    path: list[str] = []
+    node = next(iter(refs))
+    while node not in path:
+        path.append(node)
+        node = sorted(r for r in refs[node] if r in refs)[0]
+    return [*path[path.index(node) :], node]
+
+
+def parse_segments(
+    text: str, *, source: str = "<segments>", base_dir: Path | None = None
+) -> SegmentSet:
     """Parse a segments file's text.
+
+    Args:
+        text: the TOML text.
+        source: its name, for error messages.
+        base_dir: where list files (``[lists.X] file = ...``) are looked up.
 
     Raises:
         DefinitionError: the file is not valid; the message names the file, the segment and
@@ -87,11 +145,11 @@ def parse_segments(text: str, *, source: str = "<segments>") -> SegmentSet:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise DefinitionError(f"not valid TOML: {e}", source=source) from None
-    unknown = set(doc) - {"segments"}
+    unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise DefinitionError(
             f"unknown top-level key(s) {', '.join(sorted(unknown))}; expected [segments.NAME] "
-            "tables",
+            "tables, and optionally [score] and [lists.NAME]",
             source=source,
         )
     table = doc.get("segments")
@@ -99,11 +157,90 @@ def parse_segments(text: str, *, source: str = "<segments>") -> SegmentSet:
         raise DefinitionError(
             "no segments: define at least one [segments.NAME] table with a rule", source=source
         )
-    segments = [_segment(name, body, source) for name, body in table.items()]
-    return SegmentSet.of(segments, source=source)
+    score = _score(doc.get("score", {}), source)
+    lists = _lists(doc.get("lists", {}), source, base_dir)
+    env = Env(score=score, lists=lists, segments=frozenset(table))
+    segments = [_segment(name, body, source, env) for name, body in table.items()]
+    return SegmentSet.of(segments, source=source, score=score, lists=lists)
 
 
-def _segment(name: str, body: Any, source: str) -> Segment:
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _score(table: Any, source: str) -> ScoreConfig:
+    if not isinstance(table, Mapping):
+        raise DefinitionError("[score] must be a table", source=source)
+    unknown = set(table) - {"half_life", "weights", "default_weight"}
+    if unknown:
+        raise DefinitionError(
+            f"[score]: unknown key(s) {', '.join(sorted(unknown))}; it has half_life, weights "
+            "and default_weight",
+            source=source,
+        )
+    half_life = ScoreConfig().half_life
+    if "half_life" in table:
+        text = table["half_life"]
+        try:
+            half_life = parse_duration(text) if isinstance(text, str) else 0
+        except ValueError as e:
+            raise DefinitionError(f"[score] half_life: {e}", source=source) from None
+        if half_life <= 0:
+            raise DefinitionError(
+                "[score] half_life must be a positive duration like '14d'", source=source
+            )
+    weights = table.get("weights", {})
+    if not isinstance(weights, Mapping) or not all(_number(w) for w in weights.values()):
+        raise DefinitionError(
+            "[score] weights must map event names to numbers, like { Visit = 1.0 }",
+            source=source,
+        )
+    default = table.get("default_weight", 1.0)
+    if not _number(default):
+        raise DefinitionError("[score] default_weight must be a number", source=source)
+    return ScoreConfig(
+        half_life=half_life,
+        weights={k: float(v) for k, v in weights.items()},
+        default_weight=float(default),
+    )
+
+
+def _lists(table: Any, source: str, base_dir: Path | None) -> dict[str, frozenset[str]]:
+    if not isinstance(table, Mapping):
+        raise DefinitionError("[lists] must hold [lists.NAME] tables", source=source)
+    out: dict[str, frozenset[str]] = {}
+    for name, body in table.items():
+        where = f"[lists.{name}]"
+        try:
+            validate_segment_name(name)
+        except SubjectError as e:
+            raise DefinitionError(f"{where}: {e}", source=source) from None
+        if not isinstance(body, Mapping) or not set(body) <= {"customers", "file"} or not body:
+            raise DefinitionError(
+                f"{where} has `customers` (a list of ids) and/or `file` (one id per line)",
+                source=source,
+            )
+        ids: set[str] = set()
+        customers = body.get("customers", [])
+        if not isinstance(customers, list) or not all(isinstance(c, str) and c for c in customers):
+            raise DefinitionError(
+                f"{where} customers must be a list of non-empty ids", source=source
+            )
+        ids.update(customers)
+        if "file" in body:
+            path = Path(str(body["file"]))
+            if not path.is_absolute():
+                path = (base_dir or Path.cwd()) / path
+            try:
+                lines = path.read_text("utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise DefinitionError(f"{where} cannot read {path}: {e}", source=source) from None
+            ids.update(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+        out[name] = frozenset(ids)
+    return out
+
+
+def _segment(name: str, body: Any, source: str, env: Env) -> Segment:
     try:
         validate_segment_name(name)
     except SubjectError as e:
@@ -114,7 +251,7 @@ def _segment(name: str, body: Any, source: str) -> Segment:
     if unknown:
         raise DefinitionError(
             f"unknown key(s) {', '.join(sorted(unknown))}; a segment has `rule` and "
-            "optionally `description`",
+            "optionally `description`, `exit` and `min_dwell`",
             source=source,
             segment=name,
         )
@@ -124,7 +261,27 @@ def _segment(name: str, body: Any, source: str) -> Segment:
     description = body.get("description", "")
     if not isinstance(description, str):
         raise DefinitionError("`description` must be text", source=source, segment=name)
-    return Segment(name, parse_rule(rule, source=source, segment=name), description)
+    exit_text = body.get("exit")
+    if exit_text is not None and not isinstance(exit_text, str):
+        raise DefinitionError("`exit` must be text (a rule)", source=source, segment=name)
+    dwell = 0
+    if "min_dwell" in body:
+        try:
+            raw = body["min_dwell"]
+            dwell = parse_duration(raw) if isinstance(raw, str) else -1
+        except ValueError as e:
+            raise DefinitionError(f"min_dwell: {e}", source=source, segment=name) from None
+        if dwell < 0:
+            raise DefinitionError(
+                "min_dwell must be a duration like '7d'", source=source, segment=name
+            )
+    return Segment(
+        name,
+        parse_rule(rule, source=source, segment=name, env=env),
+        description,
+        parse_rule(exit_text, source=source, segment=name, env=env) if exit_text else None,
+        dwell,
+    )
 
 
 def load_segments(path: Path | None = None) -> SegmentSet:
@@ -140,4 +297,4 @@ def load_segments(path: Path | None = None) -> SegmentSet:
         text = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DefinitionError(f"cannot read it: {e}", source=str(path)) from None
-    return parse_segments(text, source=str(path))
+    return parse_segments(text, source=str(path), base_dir=path.parent)
