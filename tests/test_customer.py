@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors import Customer, SegmentSet, load_segments, parse_segments
+from actors import Customer, SegmentSet, parse_segments
 from actors._rules import MISSING
 from protocol import (
     DAY,
@@ -26,7 +26,35 @@ from protocol import (
 
 T0 = to_instant(datetime(2026, 1, 1, tzinfo=UTC))
 CID = "alice"
-DEFAULT = load_segments()
+# The actor is tested against a fixed file of its own, not the shipped defaults, which change.
+DEFAULT = parse_segments(
+    """
+[segments.new_customer]
+description = "In the first 30 days since their first event"
+rule = "since_first() < '30d'"
+
+[segments.active]
+description = "Visited in the last 7 days"
+rule = "since_last('Visit') < '7d'"
+
+[segments.lapsing]
+description = "No visit for 14 days, but one within 30"
+rule = "'14d' <= since_last('Visit') < '30d'"
+
+[segments.inactive]
+description = "No visit for 30 days or more"
+rule = "since_last('Visit') >= '30d'"
+
+[segments.never_visited]
+description = "Known for a week or more and has never visited"
+rule = "count('Visit') = 0 and since_first() >= '7d'"
+
+[segments.premium]
+description = "On a premium plan"
+rule = "trait('plan') in ['gold', 'platinum']"
+""",
+    source="club.toml",
+)
 
 
 def visit(at: int, message_id: str | None = None, name: str = "Visit") -> Event:

@@ -500,15 +500,20 @@ def test_default_segments_load() -> None:
     s = load_segments()
     assert s.names == (
         "new_customer",
-        "active",
-        "lapsing",
-        "inactive",
-        "never_visited",
-        "premium",
+        "inactive_14d",
+        "inactive_30d",
+        "inactive_60d",
+        "engagement_dropped",
+        "renewal_due",
+        "opens_no_clicks",
+        "at_risk",
+        "weekend_only",
+        "one_time_buyer",
+        "loyal",
+        "churned",
     )
     assert s.source == "default_segments.toml"
-    assert s.needs.event_names == frozenset({"Visit"})
-    assert s.needs.trait_keys == frozenset({"plan"})
+    assert s.needs.trait_keys == frozenset({"renewal_date", "timezone"})
     assert all(seg.description for seg in s.segments)
 
 
