@@ -10,6 +10,9 @@ Two tasks, none per customer. Each turn of the main loop:
 2. fires the deadlines that fell due, each at its own instant, in the same way;
 3. when there is nothing to do, sleeps until a delivery arrives or the next deadline.
 
+New segment definitions (:meth:`Engine.apply_segments`) are switched to at the top of a
+turn, between two batches, so no event is ever applied under a mix of old and new rules.
+
 The publishing task publishes committed transitions in outbox order (``Nats-Msg-Id`` set)
 while the main loop goes on; a bounded outbox makes the main loop wait when it falls behind.
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -54,6 +57,7 @@ from store import EventLog, LoggedEvent, OutboxEntry, StoreError
 
 from ._clock import Clock, SystemClock
 from ._customer import Customer
+from ._errors import ActorsError
 from ._segments import SegmentSet
 from ._timers import TimerQueue
 
@@ -64,6 +68,7 @@ _transition_decoder = msgspec.json.Decoder(Transition)
 
 _MAX_IDLE = 1.0
 """Seconds the loop sleeps at most, so retries and a lifted time floor are not missed."""
+_DEFINITION = DefinitionCause()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,17 @@ class EngineStats:
     rebuilt_customers: int = 0
 
 
+@dataclass(eq=False, slots=True)
+class _SegmentsRequest:
+    """New definitions waiting for the main loop, and the caller waiting for the outcome."""
+
+    segments: SegmentSet
+    done: anyio.Event = field(default_factory=anyio.Event)
+    transitions: int | None = None
+    """How many transitions the switch made; None until it is done, or if it failed."""
+    error: BaseException | None = None
+
+
 class Engine:
     """Runs the segmentation of one set of customers against NATS and a SQLite store."""
 
@@ -128,6 +144,10 @@ class Engine:
         self._publisher: Publisher | None = None
         self._logger = structlog.get_logger("shoal.engine")
         self.stats = EngineStats()
+        # apply_segments() hands its work to the main loop through these.
+        self._running = False
+        self._requests: deque[_SegmentsRequest] = deque()
+        self._wake = anyio.Event()
 
     # What tests and operators may read -------------------------------------------------
 
@@ -145,6 +165,43 @@ class Engine:
         """How many customers have a deadline armed."""
         return len(self._timers)
 
+    @property
+    def segments(self) -> SegmentSet:
+        """The definitions in force."""
+        return self._segments
+
+    # Changing definitions while running ---------------------------------------------------
+
+    async def apply_segments(self, segments: SegmentSet) -> int:
+        """Switch the running engine to ``segments``; return how many transitions that made.
+
+        The switch is made by the engine's main loop between two batches, and this waits for
+        it. Every customer is evaluated under the new definitions at its watermark, with
+        cause ``definition``: members of a new segment whose rule holds enter it, members of
+        a removed segment exit it, and a changed rule gives the difference. The transitions
+        are committed and published like any other, and deadlines are re-armed. When the new
+        rules read facts the old ones did not (``SegmentSet.needs`` differs), the facts are
+        first rebuilt from the event log, which takes as long as the rebuild at start. The
+        customers of static lists the engine does not know yet are added, with no events.
+
+        Requests are applied in the order made. A request whose caller is cancelled while
+        it waits is still applied.
+
+        Raises:
+            ActorsError: the engine is not running, or it stopped before the switch was made.
+        """
+        if not self._running:
+            raise ActorsError("the engine is not running")
+        request = _SegmentsRequest(segments)
+        self._requests.append(request)
+        self._wake.set()
+        await request.done.wait()
+        if request.transitions is None:
+            raise ActorsError("the engine stopped before the new segments were applied") from (
+                request.error
+            )
+        return request.transitions
+
     # Running ----------------------------------------------------------------------------
 
     async def run(
@@ -155,6 +212,17 @@ class Engine:
         ``task_status.started()`` is called once the engine consumes. Raises
         :class:`protocol.BrokerError` or :class:`store.StoreError` when it cannot go on.
         """
+        # From here on, apply_segments() requests queue up for the main loop.
+        self._running = True
+        try:
+            await self._run(task_status)
+        finally:
+            self._running = False
+            # Whoever still waits would wait forever: the loop that would apply it is gone.
+            while self._requests:
+                self._requests.popleft().done.set()
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         js = self._nc.jetstream()
         await ensure_streams(js, self._config.streams)
         self._publisher = Publisher(self._nc)
@@ -196,11 +264,7 @@ class Engine:
     async def _rebuild(self) -> None:
         """Rebuild every actor: facts from the event log, memberships from the outbox."""
         segments = self._segments
-        async for chunk in self._log.read_events():
-            for entry in chunk:
-                event = _event_decoder.decode(entry.body)
-                self._actor(event.customer_id).fold(event, segments)
-            self.stats.rebuilt_events += len(chunk)
+        self.stats.rebuilt_events += await self._fold_log(segments, self._customers)
 
         # The outbox comes in (customer, version) order, so each entry is restored as it comes.
         async for outbox in self._log.read_transitions():
@@ -210,15 +274,50 @@ class Engine:
         async for outbox in self._log.read_unpublished():
             self._outbox.extend((o.seq, _transition_decoder.decode(o.body)) for o in outbox)
 
+        self._add_listed(segments, self._customers)
+
         # A customer's memberships differ from its rules only if the definitions changed.
         changed: list[Transition] = []
         for c in self._customers.values():
-            changed += c.evaluate(segments, DefinitionCause())
+            changed += c.evaluate(segments, _DEFINITION)
             self._timers.set(c.customer_id, c.deadline)
         self.stats.rebuilt_customers = len(self._customers)
         if changed:
             self._logger.info("definitions changed memberships", transitions=len(changed))
             await self._commit([], changed)
+
+    async def _fold_log(self, segments: SegmentSet, customers: dict[str, Customer]) -> int:
+        """Fold the whole event log into ``customers`` (adding actors as needed), keeping the
+        facts ``segments`` reads; return how many events were read."""
+        read = 0
+        async for chunk in self._log.read_events():
+            for entry in chunk:
+                event = _event_decoder.decode(entry.body)
+                c = customers.get(event.customer_id)
+                if c is None:
+                    c = customers[event.customer_id] = Customer(event.customer_id)
+                c.fold(event, segments)
+            read += len(chunk)
+        return read
+
+    def _add_listed(self, segments: SegmentSet, customers: dict[str, Customer]) -> int:
+        """Add an actor for each customer of a static list not in ``customers``; return how
+        many were added.
+
+        Such a customer has no events, so nothing gives it an instant: it is evaluated from
+        now on, the engine clock's now.
+        """
+        # getattr: works whether or not this SegmentSet has static lists.
+        lists: Mapping[str, frozenset[str]] = getattr(segments, "lists", {})
+        added = 0
+        now = self._clock.now()
+        for ids in lists.values():
+            for customer_id in sorted(ids):  # sorted: a reproducible publishing order
+                if customer_id not in customers:
+                    c = customers[customer_id] = Customer(customer_id)
+                    c.watermark = now
+                    added += 1
+        return added
 
     def _actor(self, customer_id: str) -> Customer:
         c = self._customers.get(customer_id)
@@ -226,8 +325,67 @@ class Engine:
             c = self._customers[customer_id] = Customer(customer_id)
         return c
 
+    async def _apply_requested(self) -> None:
+        """Make the switches apply_segments() asked for, in order, and tell each caller."""
+        if self._wake.is_set():
+            self._wake = anyio.Event()
+        while self._requests:
+            request = self._requests[0]
+            try:
+                request.transitions = await self._switch(request.segments)
+            except Exception as e:
+                # The engine stops with this error; the caller learns the switch failed.
+                request.error = e
+                raise
+            finally:
+                self._requests.popleft()
+                request.done.set()
+
+    async def _switch(self, new: SegmentSet) -> int:
+        old = self._segments
+        customers = self._customers
+        refolded = 0
+        if new.needs != old.needs:
+            # Customers keep only the facts the old rules read: refold the log into fresh
+            # actors that take over the memberships, version and watermark. They replace
+            # the old ones only once complete, so a failed read changes nothing.
+            customers = {}
+            refolded = await self._fold_log(new, customers)
+            for customer_id, before in self._customers.items():
+                c = customers.get(customer_id)
+                if c is None:  # known without events, from a static list
+                    c = customers[customer_id] = Customer(customer_id)
+                c.members = before.members
+                c.version = before.version
+                c.watermark = max(c.watermark, before.watermark)
+        added = self._add_listed(new, customers)
+
+        changed: list[Transition] = []
+        for c in customers.values():
+            changed += c.evaluate(new, _DEFINITION)
+            self._timers.set(c.customer_id, c.deadline)
+        self._segments, self._customers = new, customers
+        await self._commit([], changed)
+
+        entered = sum(1 for t in changed if t.change == "entered")
+        self._logger.info(
+            "segments applied",
+            source=new.source,
+            segments=list(new.names),
+            added=[n for n in new.names if n not in old.names],
+            removed=[n for n in old.names if n not in new.names],
+            customers=len(customers),
+            new_customers=added,
+            refolded_events=refolded,
+            transitions=len(changed),
+            entered=entered,
+            exited=len(changed) - entered,
+        )
+        return len(changed)
+
     async def _loop(self, feed: EventFeed) -> None:
         while True:
+            await self._apply_requested()
             while len(self._outbox) >= self._config.max_outbox:
                 # Backpressure: the broker is not taking transitions as fast as we make them.
                 self._outbox_space = anyio.Event()
@@ -405,6 +563,11 @@ class Engine:
                     await self._clock.sleep_until(instant)
                     tg.cancel_scope.cancel()
 
+                async def on_request() -> None:
+                    await self._wake.wait()
+                    tg.cancel_scope.cancel()
+
                 tg.start_soon(on_delivery)
+                tg.start_soon(on_request)
                 if wake_at is not None and self._backlog_cap is None:
                     tg.start_soon(on_deadline, wake_at)

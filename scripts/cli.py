@@ -1,4 +1,4 @@
-"""``shoal``: run the engine, publish events, watch transitions.
+"""``shoal``: run the engine, publish events, watch transitions, check segments files.
 
 Each command parses its arguments and calls package APIs; errors a user can fix are one
 line on stderr (``shoal: error: ...``) and a non-zero exit, never a traceback.
@@ -13,7 +13,7 @@ import dataclasses
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,7 +21,7 @@ import anyio
 import msgspec
 import structlog
 
-from actors import ActorsError, Engine, EngineConfig, load_segments
+from actors import ActorsError, DefinitionError, Engine, EngineConfig, load_segments
 from protocol import (
     ProtocolError,
     Transition,
@@ -39,6 +39,10 @@ from store import EventLog, StoreError
 from ._logging import configure_logging
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+_POLL = 1.0
+"""Seconds between two looks at a served segments file."""
+_SETTLE = 0.1
+"""Seconds a changed segments file must hold still before it is read (not half-written)."""
 _USER_ERRORS = (ActorsError, ProtocolError, StoreError)
 
 
@@ -91,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         "--segments",
         type=Path,
         default=None,
-        help="segments TOML file (default: the one shipped with shoal)",
+        help="segments TOML file (default: the one shipped with shoal); reloaded when it "
+        "changes or on SIGHUP",
     )
     serve.add_argument(
         "--nats",
@@ -145,6 +150,12 @@ def _parser() -> argparse.ArgumentParser:
         help="first print every transition the SHOAL_SEGMENTS stream holds",
     )
     tail.set_defaults(run=_tail)
+
+    segs = sub.add_parser("segments", help="work with segments files")
+    segs_sub = segs.add_subparsers(required=True, metavar="ACTION")
+    validate = segs_sub.add_parser("validate", help="check a segments file, offline")
+    validate.add_argument("file", type=Path, help="segments TOML file")
+    validate.set_defaults(run=_validate)
     return p
 
 
@@ -153,9 +164,18 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> int:
     logger = structlog.get_logger("shoal")
-    segments = load_segments(args.segments)
+    path: Path | None = args.segments
+    stamp = _stamp(path) if path is not None else None  # before reading: no change is missed
+    segments = load_segments(path)
     data_dir: Path = args.data_dir
     async with contextlib.AsyncExitStack() as stack:
+        # Taken over now, so a SIGHUP during start-up waits for the engine instead of
+        # ending the process (its default).
+        hups = (
+            stack.enter_context(anyio.open_signal_receiver(signal.SIGHUP))
+            if path is not None
+            else None
+        )
         log = await EventLog.open(data_dir / "shoal.db", synchronous=args.sync.upper())
         stack.push_async_callback(log.close)
         if args.nats:
@@ -172,6 +192,8 @@ async def _serve(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, tg.cancel_scope)
             await tg.start(engine.run)
+            if path is not None and hups is not None:
+                tg.start_soon(_reload_segments, engine, path, stamp, hups)
             logger.info("shoal is serving", nats=servers, data_dir=str(data_dir))
     logger.info("shoal stopped", **dataclasses.asdict(engine.stats))
     return 0
@@ -183,6 +205,63 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
             structlog.get_logger("shoal").info("stopping", signal=signal.Signals(signum).name)
             scope.cancel()
             return
+
+
+_Stamp = tuple[int, int, int] | None
+
+
+def _stamp(path: Path) -> _Stamp:
+    """What tells a changed file: inode (replaced by a rename), size and mtime; None if it
+    cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+async def _reload_segments(
+    engine: Engine, path: Path, stamp: _Stamp, hups: AsyncIterator[signal.Signals]
+) -> None:
+    """Apply ``path`` to the engine again on SIGHUP, or when it changes (polled every second).
+
+    An invalid file changes nothing: one error line, and the definitions in force stay.
+    """
+    logger = structlog.get_logger("shoal")
+    while True:
+        hup = False
+        with anyio.move_on_after(_POLL):
+            await anext(hups)
+            hup = True
+        now = _stamp(path)
+        if not hup and now == stamp:
+            continue
+        while True:  # an editor or a copy may still be writing it
+            await anyio.sleep(_SETTLE)
+            now, before = _stamp(path), now
+            if now == before:
+                break
+        stamp = now
+        try:
+            segments = load_segments(path)
+        except DefinitionError as e:
+            logger.error("segments not reloaded, the previous ones stay in force", error=str(e))
+            continue
+        try:
+            await engine.apply_segments(segments)  # the engine logs what it changed
+        except ActorsError:
+            return  # the engine stopped; its own error, if any, is what matters
+
+
+# segments validate --------------------------------------------------------------------------
+
+
+async def _validate(args: argparse.Namespace) -> int:
+    segments = load_segments(args.file)
+    names = segments.names
+    plural = "" if len(names) == 1 else "s"
+    print(f"{args.file}: ok, {len(names)} segment{plural} ({', '.join(names)})")
+    return 0
 
 
 # publish ----------------------------------------------------------------------------------
