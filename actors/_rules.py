@@ -809,6 +809,11 @@ class _Parser:
                 return left, right
         if left.kind == "duration" or right.kind == "duration":
             raise self.fail("a duration compares with an elapsed time such as since_last()")
+        for a, b, b_ast in ((left, right, right_ast), (right, left, left_ast)):
+            if a.kind == "number" and isinstance(b, _Const) and isinstance(b.value, str):
+                raise self.fail(
+                    f"a count, sum, min or max compares with a number, not `{self.snippet(b_ast)}`"
+                )
         return left, right
 
     def duration(self, node: _Node, where: ast.expr) -> _Node:
@@ -1071,10 +1076,14 @@ def parse_rule(
     try:
         tree = ast.parse(rewrite.text, mode="eval")
     except SyntaxError as e:
-        col = ""
-        if e.offset:
-            col = f" at column {rewrite.column(e.lineno or 1, e.offset - 1) + 1}"
-        raise fail(f"rule `{text}` is not valid syntax{col}: {e.msg}") from None
+        words = text.split()
+        if not e.offset or e.offset > len(rewrite.text.rstrip()):
+            # Python points at nothing when the rule stops short, e.g. after `and`.
+            raise fail(
+                f"rule `{text}` is incomplete: something is missing after `{words[-1]}`"
+            ) from None
+        col = rewrite.column(e.lineno or 1, e.offset - 1) + 1
+        raise fail(f"rule `{text}` is not valid syntax at column {col}: {e.msg}") from None
     parser = _Parser(rewrite, fail, env or Env())
     root = parser.condition(tree.body)
     return Rule(

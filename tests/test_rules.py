@@ -475,7 +475,7 @@ def test_segment_description_not_text() -> None:
 
 def test_segment_bad_rule_names_file_and_segment() -> None:
     assert definition_error('[segments.a]\nrule = "count() >"\n') == (
-        "club.toml: segment 'a': rule `count() >` is not valid syntax: invalid syntax"
+        "club.toml: segment 'a': rule `count() >` is incomplete: something is missing after `>`"
     )
 
 
@@ -712,3 +712,18 @@ def test_single_comparison_next_change_is_the_exact_instant(case: tuple[Any, ...
     else:
         for t in critical_points(tree, facts, now, now + 1000 * SECOND):
             assert brute(tree, facts, t) == value, (render(tree), now, t)
+
+
+def test_incomplete_rule_says_what_it_ends_with() -> None:
+    assert problem("count('Visit') >= 2 and") == (
+        "rule `count('Visit') >= 2 and` is incomplete: something is missing after `and`"
+    )
+    assert problem("count('Visit') >= ") == (
+        "rule `count('Visit') >= ` is incomplete: something is missing after `>=`"
+    )
+
+
+def test_a_count_is_not_compared_with_text() -> None:
+    assert problem("count('Visit') >= '2'") == (
+        "a count, sum, min or max compares with a number, not `'2'`"
+    )
