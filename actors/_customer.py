@@ -154,6 +154,11 @@ class Customer:
             entered = self.members.get(seg.name)
             if entered is None:
                 holds, when = seg.rule.evaluate(self, now)
+                if holds and seg.exit is not None:
+                    # Not in while the exit condition holds: rule and exit overlapping would
+                    # otherwise flap in and out every microsecond.
+                    leaving, exit_when = seg.exit.evaluate(self, now)
+                    holds, when = not leaving, _min(when, exit_when)
                 if not holds:
                     nxt = _min(nxt, when)
                     continue
@@ -164,6 +169,9 @@ class Customer:
             if leave and now >= earliest:
                 out.append(self._change(seg.name, False, now, cause))
                 holds, when = seg.rule.evaluate(self, now)
+                if holds and seg.exit is not None:
+                    holds = False  # the exit condition holds right now
+                    when = _min(when, self._leave_condition(seg, now)[1])
                 # Back in at the next instant at the soonest: one change per instant.
                 nxt = _min(nxt, now + 1 if holds else when)
             else:

@@ -486,11 +486,13 @@ class Engine:
         """The latest instant up to which deadlines may fire: not past any event still
         waiting to be applied."""
         floor = self._clock.now()
+        # Strictly before a waiting event: a deadline at its very instant is evaluated
+        # together with it (SEGMENTS.md).
         oldest = feed.oldest_buffered_received()
-        if oldest is not None and oldest < floor:
-            floor = oldest
-        if self._backlog_cap is not None and self._backlog_cap < floor:
-            floor = self._backlog_cap
+        if oldest is not None and oldest - 1 < floor:
+            floor = oldest - 1
+        if self._backlog_cap is not None and self._backlog_cap - 1 < floor:
+            floor = self._backlog_cap - 1
         return floor
 
     async def _fire_due(self, feed: EventFeed) -> bool:

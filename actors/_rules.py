@@ -541,6 +541,8 @@ class _Compare(_Node):
             return self._decay(a, b, now, nxt)
         if not _comparable(a, b):
             return op == "!=", nxt
+        if isinstance(a, bool) and op not in ("==", "!="):
+            return False, nxt  # booleans are equal or not, never ordered
         return _OPS[op](a, b), nxt
 
     def _decay(self, a: _Decay, b: Any, now: int, nxt: int | None) -> Value:
