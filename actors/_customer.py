@@ -22,18 +22,10 @@ from protocol import (
     to_instant,
 )
 
-from ._rules import MISSING, Tracked
+from ._rules import MISSING, Tracked, earliest
 from ._segments import Segment, SegmentSet
 
 _TIME = TimeCause()
-
-
-def _min(a: int | None, b: int | None) -> int | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a if a < b else b
 
 
 _BEFORE_ANY = -(1 << 62)
@@ -158,26 +150,26 @@ class Customer:
                     # Not in while the exit condition holds: rule and exit overlapping would
                     # otherwise flap in and out every microsecond.
                     leaving, exit_when = seg.exit.evaluate(self, now)
-                    holds, when = not leaving, _min(when, exit_when)
+                    holds, when = not leaving, earliest(when, exit_when)
                 if not holds:
-                    nxt = _min(nxt, when)
+                    nxt = earliest(nxt, when)
                     continue
                 out.append(self._change(seg.name, True, now, cause))
                 entered = now
             leave, when = self._leave_condition(seg, now)
-            earliest = entered + max(1, seg.min_dwell)  # never out at the instant it came in
-            if leave and now >= earliest:
+            first_out = entered + max(1, seg.min_dwell)  # never out at the instant it came in
+            if leave and now >= first_out:
                 out.append(self._change(seg.name, False, now, cause))
                 holds, when = seg.rule.evaluate(self, now)
                 if holds and seg.exit is not None:
                     holds = False  # the exit condition holds right now
-                    when = _min(when, self._leave_condition(seg, now)[1])
+                    when = earliest(when, self._leave_condition(seg, now)[1])
                 # Back in at the next instant at the soonest: one change per instant.
-                nxt = _min(nxt, now + 1 if holds else when)
+                nxt = earliest(nxt, now + 1 if holds else when)
             else:
-                nxt = _min(nxt, when)
+                nxt = earliest(nxt, when)
                 if leave:
-                    nxt = _min(nxt, earliest)
+                    nxt = earliest(nxt, first_out)
         if isinstance(cause, DefinitionCause):
             defined = set(segments.names)
             for name in [m for m in self.members if m not in defined]:

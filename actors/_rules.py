@@ -71,7 +71,8 @@ MISSING: Any = object()
 Value = tuple[Any, int | None]
 
 
-def _min(a: int | None, b: int | None) -> int | None:
+def earliest(a: int | None, b: int | None) -> int | None:
+    """The earlier of two optional instants (``None``: never)."""
     if a is None:
         return b
     if b is None:
@@ -353,7 +354,7 @@ class _Window(_Node):
             if w is not None:
                 if not now - w < e.at <= now:
                     continue
-                nxt = _min(nxt, e.at + w)  # when it leaves the window
+                nxt = earliest(nxt, e.at + w)  # when it leaves the window
             if self.where and any(
                 not (_comparable(e.properties.get(k, MISSING), v) and e.properties.get(k) == v)
                 for k, v in self.where.items()
@@ -402,7 +403,7 @@ class _Score(_Node):
             if e.at <= cutoff:
                 terms.append((e.at, float(w)))
             elif self.delta:
-                nxt = _min(nxt, e.at + self.delta)  # when it enters score(now - delta)
+                nxt = earliest(nxt, e.at + self.delta)  # when it enters score(now - delta)
         return _Decay(1.0, self.delta, tuple(terms), self.config.half_life), nxt
 
 
@@ -523,7 +524,7 @@ class _Compare(_Node):
     def eval(self, f: Facts, now: int) -> Value:
         a, na = self.left.eval(f, now)
         b, nb = self.right.eval(f, now)
-        nxt = _min(na, nb)
+        nxt = earliest(na, nb)
         if a is None or b is None or a is MISSING or b is MISSING:
             return False, nxt
         op = self.op
@@ -536,7 +537,7 @@ class _Compare(_Node):
                 v, n = _instant_compare(now, op, a.anchor + b)
             else:  # anchor - now OP d  <=>  now MIRROR(OP) anchor - d
                 v, n = _instant_compare(now, _MIRROR[op], a.anchor - b)
-            return v, _min(n, nxt)
+            return v, earliest(n, nxt)
         if isinstance(a, _Decay):
             return self._decay(a, b, now, nxt)
         if not _comparable(a, b):
@@ -578,7 +579,7 @@ class _Compare(_Node):
         if v_now > 0 and b > 0:
             guess = now + math.ceil(a.half_life * math.log2(v_now / b))
         flip = _first_flip(pred, now, nxt, guess)
-        return value, _min(flip, nxt)
+        return value, earliest(flip, nxt)
 
 
 class _In(_Node):
