@@ -141,6 +141,7 @@ class Engine:
         self._outbox_space = anyio.Event()
         self._confirmed_through = 0  # the outbox position confirmed published so far
         self._backlog_cap: int | None = None
+        self._catch_up = 0
         self._publisher: Publisher | None = None
         self._logger = structlog.get_logger("shoal.engine")
         self.stats = EngineStats()
@@ -236,7 +237,8 @@ class Engine:
             max_in_flight=self._config.max_in_flight,
         )
         await feed.start()
-        if feed.pending_at_start:
+        self._catch_up = feed.pending_at_start
+        if self._catch_up:
             # Hold deadlines until the backlog's first batch says how far it reaches.
             self._backlog_cap = 0
         self._logger.info(
@@ -448,7 +450,10 @@ class Engine:
         # Acknowledged only now: every event of the batch is in the log or was rejected.
         await feed.ack_taken()
         last = batch[-1]
-        self._backlog_cap = last.received if last.pending else None
+        # Behind while the broker holds more for us, or the backlog counted at start (some
+        # of it possibly still on its way to the buffer) has not all been applied.
+        self._catch_up -= len(batch)
+        self._backlog_cap = last.received if last.pending or self._catch_up > 0 else None
 
     async def _reject(self, d: Delivery, reason: str) -> None:
         try:
@@ -554,7 +559,7 @@ class Engine:
 
     async def _idle(self, feed: EventFeed) -> None:
         wake_at = self._timers.next()
-        with anyio.move_on_after(_MAX_IDLE):
+        with anyio.move_on_after(_MAX_IDLE) as quiet:
             async with anyio.create_task_group() as tg:
 
                 async def on_delivery() -> None:
@@ -573,3 +578,8 @@ class Engine:
                 tg.start_soon(on_request)
                 if wake_at is not None and self._backlog_cap is None:
                     tg.start_soon(on_deadline, wake_at)
+        if quiet.cancelled_caught and not feed.buffered and self._backlog_cap is not None:
+            # A whole idle period without a delivery: nothing counted at start is still on
+            # its way (deliveries take milliseconds), so deadlines need not wait any longer.
+            self._catch_up = 0
+            self._backlog_cap = None

@@ -214,7 +214,7 @@ class EventFeed:
         self._last_taken: Msg | None = None
         self._last_cseq = 0
         self.pending_at_start = 0
-        """Messages the broker held for this consumer when it started (its backlog)."""
+        """Messages waiting for this consumer when it started, delivered or not (its backlog)."""
 
     async def start(self) -> None:
         """Create or bind the durable consumer and start receiving.
@@ -258,7 +258,8 @@ class EventFeed:
             info = await self._sub.consumer_info()
         except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot start consumer {self._durable!r}: {e}") from e
-        self.pending_at_start = int(info.num_pending or 0)
+        # Delivered but not yet in our buffer counts too: it is on its way to us.
+        self.pending_at_start = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     async def _reset_consumer(self) -> int | None:
         """Delete an existing durable consumer; return the stream sequence to resume from.
