@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,30 @@ from ._errors import BrokerError
 _READY_LINE = "Server is ready"
 _START_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
+_EXEC_FAILED = 127
+"""The launcher's exit status (as in ``_LAUNCHER``) when it cannot execute nats-server; its
+last line says why."""
+
+# Run as ``python -I -S -c _LAUNCHER <parent pid> <nats-server> <args>...``: asks Linux to
+# send the child SIGTERM when the thread that spawned it ends (prctl PR_SET_PDEATHSIG), then
+# becomes nats-server (exec keeps the setting). A separate interpreter rather than a
+# ``preexec_fn``: code between fork and exec is unsafe in a process with threads, and
+# ``serve`` has SQLite's. If the parent is already gone, the signal would never come: stop.
+_LAUNCHER = """
+import ctypes, os, signal, sys
+parent, exe, args = int(sys.argv[1]), sys.argv[2], sys.argv[2:]
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    sys.exit(1)
+try:
+    os.execv(exe, args)
+except OSError as e:
+    print(f"cannot start nats-server ({exe}): {e.strerror or e}", file=sys.stderr, flush=True)
+    sys.exit(127)
+"""
 
 
 def find_nats_server() -> Path:
@@ -84,8 +109,9 @@ async def embedded_broker(
     try:
         # A session of its own: Ctrl-C on a terminal signals the whole foreground group,
         # and the broker must outlive the engine's last flush; we stop it ourselves after.
+        # If we are killed instead, the kernel stops it (Linux), so it does not keep the port.
         proc = await anyio.open_process(
-            args,
+            _with_parent_death_signal(args),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -110,6 +136,8 @@ async def embedded_broker(
                 if _READY_LINE in line:
                     ready.set()
 
+    # Raised once the task group is done, so the caller gets it as such, not in a group.
+    problem: str | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(read_stderr)
         try:
@@ -119,17 +147,33 @@ async def embedded_broker(
                         break
                     with anyio.move_on_after(0.05):
                         await ready.wait()
-            if not ready.is_set():
+            if ready.is_set():
+                yield f"nats://{host}:{port}"
+            else:
                 await anyio.sleep(0.05)  # let the reader collect the dying words
                 last = next((ln for ln in reversed(lines) if "[FTL]" in ln or "[ERR]" in ln), None)
-                last = last or (lines[-1] if lines else "no output")
+                last = (last or (lines[-1] if lines else "no output")).strip()
                 why = "did not become ready in time" if scope.cancelled_caught else "exited"
-                raise BrokerError(f"nats-server {why}: {last.strip()}")
-            yield f"nats://{host}:{port}"
+                # The launcher's own line already says what could not be started.
+                problem = last if proc.returncode == _EXEC_FAILED else f"nats-server {why}: {last}"
         finally:
             with anyio.CancelScope(shield=True):
                 await _stop(proc)
             tg.cancel_scope.cancel()
+    if problem is not None:
+        raise BrokerError(problem)
+
+
+def _with_parent_death_signal(args: list[str]) -> list[str]:
+    """``args`` run through the launcher that ties the child's life to ours, where the
+    system can (Linux, with a Python interpreter at hand); elsewhere ``args`` unchanged.
+
+    The signal follows the spawning *thread*: spawn from the thread that runs the event loop
+    for the life of the broker (``anyio.run`` in the main thread, as ``shoal serve`` does).
+    """
+    if not sys.platform.startswith("linux") or not sys.executable:
+        return args
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *args]
 
 
 async def _stop(proc: anyio.abc.Process) -> None:
