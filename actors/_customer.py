@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import msgspec
+
 from protocol import (
     Cause,
     DefinitionCause,
@@ -22,6 +24,7 @@ from protocol import (
     to_instant,
 )
 
+from ._errors import ActorsError
 from ._rules import MISSING, Tracked, earliest
 from ._segments import Segment, SegmentSet
 
@@ -31,6 +34,45 @@ _TIME = TimeCause()
 _BEFORE_ANY = -(1 << 62)
 """The watermark of a customer with no events yet: before any instant an event can have."""
 _DEFINITION = DefinitionCause()
+
+SNAPSHOT_FORMAT = 1
+"""The layout of :meth:`Customer.snapshot`. Change it whenever ``_State`` or the meaning of a
+field changes: a snapshot of another format is ignored and its customer rebuilt from the log."""
+
+
+class Retained(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A track event kept for windows and scores: only what rules read of it."""
+
+    at: int
+    name: str | None
+    properties: dict[str, Any]
+
+
+class _State(msgspec.Struct, array_like=True, gc=False):
+    """A customer's whole state, as a snapshot stores it (format ``SNAPSHOT_FORMAT``)."""
+
+    first: int | None
+    last: list[tuple[str | None, int]]
+    counts: list[tuple[str | None, int]]
+    traits: list[tuple[str, int, Any]]
+    tracked: list[Retained]
+    members: dict[str, int]
+    version: int
+    watermark: int
+    deadline: int | None
+
+
+_state_encoder = msgspec.msgpack.Encoder()
+_state_decoder = msgspec.msgpack.Decoder(_State)
+
+
+class SnapshotError(ActorsError):
+    """A snapshot cannot be read: its customer must be rebuilt from the log."""
+
+    def __init__(self, customer_id: str, problem: str) -> None:
+        super().__init__(f"snapshot of customer {customer_id!r} is unreadable: {problem}")
+        self.customer_id = customer_id
+        self.problem = problem
 
 
 class Customer:
@@ -55,7 +97,7 @@ class Customer:
         self._last: dict[str | None, int] = {}
         self._counts: dict[str | None, int] = {}
         self._traits: dict[str, tuple[int, Any]] = {}
-        self._tracked: list[Event] = []  # track events windows and scores read, in log order
+        self._tracked: list[Retained] = []  # track events windows and scores read, in log order
         self.members: dict[str, int] = {}
         """Segment name -> the instant the customer entered it."""
         self.version = 0
@@ -99,7 +141,7 @@ class Customer:
         if event.kind == "track":
             retained = needs.retained
             if retained and (None in retained or event.name in retained):
-                self._tracked.append(event)
+                self._tracked.append(Retained(at, event.name, event.properties))
             for key in (None, event.name):
                 if key in needs.event_names:
                     if at > self._last.get(key, at - 1):
@@ -210,3 +252,47 @@ class Customer:
             self.version = t.version
             if at > self.watermark:
                 self.watermark = at
+
+    # Snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The whole state, encoded (format :data:`SNAPSHOT_FORMAT`); :meth:`from_snapshot`
+        gives back an equal actor."""
+        return _state_encoder.encode(
+            _State(
+                first=self._first,
+                last=list(self._last.items()),
+                counts=list(self._counts.items()),
+                traits=[(k, at, v) for k, (at, v) in self._traits.items()],
+                tracked=self._tracked,
+                members=self.members,
+                version=self.version,
+                watermark=self.watermark,
+                deadline=self.deadline,
+            )
+        )
+
+    @classmethod
+    def from_snapshot(cls, customer_id: str, body: bytes) -> Customer:
+        """The actor a :meth:`snapshot` of format :data:`SNAPSHOT_FORMAT` describes.
+
+        Raises:
+            SnapshotError: ``body`` is not such a snapshot (corrupt, or another format).
+        """
+        try:
+            state = _state_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise SnapshotError(customer_id, str(e)) from e
+        if state.deadline is not None and state.deadline <= state.watermark:
+            raise SnapshotError(customer_id, "its deadline is not after its watermark")
+        c = cls(customer_id)
+        c._first = state.first
+        c._last = dict(state.last)
+        c._counts = dict(state.counts)
+        c._traits = {k: (at, v) for k, at, v in state.traits}
+        c._tracked = state.tracked
+        c.members = state.members
+        c.version = state.version
+        c.watermark = state.watermark
+        c.deadline = state.deadline
+        return c

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import io
 import math
 import operator
@@ -686,6 +687,16 @@ class Needs:
             self.trait_keys | other.trait_keys,
             self.retained | other.retained,
         )
+
+    def fingerprint(self) -> str:
+        """A short text equal for equal needs, to tell whether stored facts still fit."""
+
+        def names(keys: frozenset[str | None]) -> list[str]:
+            # "*" cannot clash with an event name: None (any track) has no name.
+            return sorted("*" if k is None else "=" + k for k in keys)
+
+        text = repr((names(self.event_names), sorted(self.trait_keys), names(self.retained)))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class _Parser:

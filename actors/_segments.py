@@ -5,6 +5,7 @@ SEGMENTS.md documents the file and the language.
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,26 @@ class SegmentSet:
     def names(self) -> tuple[str, ...]:
         """The segment names, in file order."""
         return tuple(s.name for s in self.segments)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short text equal for sets that evaluate alike: the same segments in the same
+        order, score settings and static lists (descriptions and the source do not count)."""
+        text = repr(
+            (
+                [
+                    (s.name, s.rule.text, s.exit.text if s.exit else None, s.min_dwell)
+                    for s in self.segments
+                ],
+                (
+                    self.score.half_life,
+                    sorted(self.score.weights.items()),
+                    self.score.default_weight,
+                ),
+                sorted((name, sorted(ids)) for name, ids in self.lists.items()),
+            )
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _evaluation_order(segments: Sequence[Segment], source: str) -> tuple[Segment, ...]:

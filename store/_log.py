@@ -10,7 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
@@ -20,7 +20,11 @@ import msgspec
 
 from ._errors import StoreError, StoreFormatError, StoreLockedError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added the snapshots table; a version-1 store is upgraded in place when opened."""
+
+NEVER = 1 << 62
+"""The ``deadline`` of a snapshot whose customer has none: after every instant."""
 
 Synchronous = Literal["NORMAL", "FULL"]
 
@@ -46,7 +50,19 @@ CREATE TABLE IF NOT EXISTS transitions (
     body BLOB NOT NULL,
     UNIQUE (customer_id, version)
 );
+CREATE TABLE IF NOT EXISTS snapshots (
+    customer_id TEXT PRIMARY KEY,
+    format INTEGER NOT NULL,
+    needs TEXT NOT NULL,
+    log_seq INTEGER NOT NULL,
+    deadline INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS snapshots_by_deadline ON snapshots (deadline, customer_id);
 """
+# A snapshot is one customer's state as of the event log position ``log_seq`` (every event
+# up to it that is the customer's is folded in, none after). ``deadline`` is indexed so that
+# a restarting engine can load first the customers whose time-based changes are due first.
 # The outbox is append-only and published in ``seq`` order, so what is published is a
 # prefix: one number in ``meta`` (published_through) marks it, instead of rewriting rows.
 
@@ -75,6 +91,35 @@ class OutboxEntry(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     published: bool = False
 
 
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One customer's stored state. ``body`` and ``format`` are opaque to the store."""
+
+    customer_id: str
+    format: int
+    needs: str
+    """What the facts in it were kept for (a fingerprint of the rules' needs)."""
+    log_seq: int
+    """The event log position it reflects: the customer's events after it are not in it."""
+    deadline: int
+    """The customer's next deadline when it was taken, or :data:`NEVER`."""
+    body: bytes
+
+
+class SnapshotMarks(msgspec.Struct, frozen=True, kw_only=True):
+    """How far the last complete round of snapshots reached.
+
+    Every customer with an event at or before ``events_through``, or a transition at or
+    before ``outbox_through``, has a snapshot reflecting them, taken under definitions
+    ``definitions`` with facts kept for ``needs``. What came later is the *tail*: a restart
+    replays only that.
+    """
+
+    events_through: int
+    outbox_through: int
+    definitions: str
+    needs: str
+
+
 class EventLog:
     """The SQLite store of one engine: event log plus transitions outbox.
 
@@ -87,7 +132,9 @@ class EventLog:
         self._path = path
         self._lock_fd: int | None = lock_fd
         self._last_outbox_seq = 0
+        self._last_event_seq = 0
         self._published_through = 0
+        self._marks: SnapshotMarks | None = None
 
     @classmethod
     async def open(cls, path: Path, *, synchronous: Synchronous = "NORMAL") -> EventLog:
@@ -137,18 +184,33 @@ class EventLog:
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+            elif int(row[0]) == 1:
+                # Version 2 only added the snapshots table, which _SCHEMA just created.
+                await self._db.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                    (str(SCHEMA_VERSION),),
+                )
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreFormatError(self._path, int(row[0]), SCHEMA_VERSION)
             async with self._db.execute("SELECT coalesce(max(seq), 0) FROM transitions") as cur:
                 row = await cur.fetchone()
             self._last_outbox_seq = int(row[0]) if row else 0
-            async with self._db.execute(
-                "SELECT value FROM meta WHERE key = 'published_through'"
-            ) as cur:
+            async with self._db.execute("SELECT coalesce(max(seq), 0) FROM events") as cur:
                 row = await cur.fetchone()
-            self._published_through = int(row[0]) if row else 0
+            self._last_event_seq = int(row[0]) if row else 0
+            meta = await self._meta()
+            self._published_through = int(meta.get("published_through", 0))
+            if "snapshot_marks" in meta:
+                try:
+                    self._marks = msgspec.json.decode(meta["snapshot_marks"], type=SnapshotMarks)
+                except msgspec.DecodeError:
+                    self._marks = None  # as if no round had completed: a full rebuild
         except sqlite3.Error as e:
             raise StoreError(f"cannot initialise {self._path}: {e}") from e
+
+    async def _meta(self) -> dict[str, str]:
+        async with self._db.execute("SELECT key, value FROM meta") as cur:
+            return {str(k): str(v) for k, v in await cur.fetchall()}
 
     async def __aenter__(self) -> Self:
         return self
@@ -194,19 +256,41 @@ class EventLog:
         """The outbox position up to which every transition is confirmed published."""
         return self._published_through
 
+    @property
+    def last_event_seq(self) -> int:
+        """The log position of the last event appended (0: none)."""
+        return self._last_event_seq
+
+    @property
+    def last_outbox_seq(self) -> int:
+        """The outbox position of the last transition appended (0: none)."""
+        return self._last_outbox_seq
+
+    @property
+    def snapshot_marks(self) -> SnapshotMarks | None:
+        """How far the last complete round of snapshots reached (None: no round yet)."""
+        return self._marks
+
     async def commit(
         self,
         events: Sequence[LoggedEvent],
         transitions: Sequence[OutboxEntry] = (),
         published_through: int | None = None,
+        *,
+        snapshots: Sequence[Snapshot] = (),
+        marks: SnapshotMarks | None = None,
     ) -> list[int]:
-        """Append events and transitions, and advance the published mark, atomically.
+        """Append events and transitions, advance the published mark, and store snapshots,
+        atomically.
 
         Args:
             events: new log entries (their ``(customer_id, message_id)`` must be new).
             transitions: new outbox entries, in the order they are to be published.
             published_through: every outbox entry up to this position is now confirmed
                 published (ignored unless it moves the mark forward).
+            snapshots: customer states replacing those stored (their ``log_seq`` must not be
+                past the events appended before this call).
+            marks: a round of snapshots is complete with this commit.
 
         Returns:
             The outbox positions assigned to ``transitions``, in order.
@@ -217,19 +301,23 @@ class EventLog:
         mark = published_through
         if mark is not None and mark <= self._published_through:
             mark = None
-        if not (events or transitions or mark is not None):
+        if not (events or transitions or mark is not None or snapshots or marks):
             return []
         first = self._last_outbox_seq + 1
         seqs = list(range(first, first + len(transitions)))
+        event_seq = self._last_event_seq
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
             try:
                 if events:
                     await db.executemany(
-                        "INSERT INTO events (customer_id, message_id, at, body) "
-                        "VALUES (?, ?, ?, ?)",
-                        [(e.customer_id, e.message_id, e.at, e.body) for e in events],
+                        "INSERT INTO events (seq, customer_id, message_id, at, body) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        [
+                            (seq, e.customer_id, e.message_id, e.at, e.body)
+                            for seq, e in enumerate(events, event_seq + 1)
+                        ],
                     )
                 if transitions:
                     await db.executemany(
@@ -241,11 +329,22 @@ class EventLog:
                         ],
                     )
                 if mark is not None:
-                    await db.execute(
-                        "INSERT INTO meta (key, value) VALUES ('published_through', ?) "
-                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        (str(mark),),
+                    await self._set_meta("published_through", str(mark))
+                if snapshots:
+                    await db.executemany(
+                        "INSERT INTO snapshots "
+                        "(customer_id, format, needs, log_seq, deadline, body) "
+                        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id) DO UPDATE SET "
+                        "format = excluded.format, needs = excluded.needs, "
+                        "log_seq = excluded.log_seq, deadline = excluded.deadline, "
+                        "body = excluded.body",
+                        [
+                            (s.customer_id, s.format, s.needs, s.log_seq, s.deadline, s.body)
+                            for s in snapshots
+                        ],
                     )
+                if marks is not None:
+                    await self._set_meta("snapshot_marks", msgspec.json.encode(marks).decode())
                 await db.execute("COMMIT")
             except BaseException:
                 await db.execute("ROLLBACK")
@@ -254,13 +353,26 @@ class EventLog:
             raise StoreError(f"cannot write to {self._path}: {e}") from e
         if seqs:
             self._last_outbox_seq = seqs[-1]
+        self._last_event_seq = event_seq + len(events)
         if mark is not None:
             self._published_through = mark
+        if marks is not None:
+            self._marks = marks
         return seqs
 
-    async def read_events(self, *, chunk: int = 10_000) -> AsyncIterator[list[LoggedEvent]]:
-        """The whole log in log order, in lists of up to ``chunk`` entries."""
-        last = 0
+    async def _set_meta(self, key: str, value: str) -> None:
+        await self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    async def read_events(
+        self, *, after: int = 0, chunk: int = 10_000
+    ) -> AsyncIterator[list[LoggedEvent]]:
+        """The log after position ``after`` (default: all of it) in log order, in lists of up
+        to ``chunk`` entries."""
+        last = after
         while True:
             try:
                 async with self._db.execute(
@@ -294,7 +406,14 @@ class EventLog:
 
     async def read_unpublished(self, *, chunk: int = 10_000) -> AsyncIterator[list[OutboxEntry]]:
         """Outbox entries not yet confirmed published, in publishing order."""
-        last = self._published_through
+        async for rows in self.read_outbox(after=self._published_through, chunk=chunk):
+            yield rows
+
+    async def read_outbox(
+        self, *, after: int = 0, chunk: int = 10_000
+    ) -> AsyncIterator[list[OutboxEntry]]:
+        """Outbox entries after position ``after``, in publishing order."""
+        last = after
         while True:
             rows = await self._outbox_rows("WHERE seq > ? ORDER BY seq LIMIT ?", (last, chunk))
             if not rows:
@@ -333,3 +452,94 @@ class EventLog:
         except sqlite3.Error as e:
             raise StoreError(f"cannot read the event log: {e}") from e
         return int(row[0]) if row else 0
+
+    # Per customer ---------------------------------------------------------------------------
+
+    async def customer_events(self, customer_ids: Iterable[str]) -> list[LoggedEvent]:
+        """Every event of these customers, in log order."""
+        out: list[LoggedEvent] = []
+        for chunk in _chunks(customer_ids):
+            try:
+                async with self._db.execute(
+                    "SELECT seq, customer_id, message_id, at, body FROM events "
+                    f"WHERE customer_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ) as cur:
+                    rows = await cur.fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read the event log: {e}") from e
+            out += (
+                LoggedEvent(seq=r[0], customer_id=r[1], message_id=r[2], at=r[3], body=r[4])
+                for r in rows
+            )
+        out.sort(key=lambda e: e.seq)
+        return out
+
+    async def customer_transitions(self, customer_ids: Iterable[str]) -> list[OutboxEntry]:
+        """Every outbox entry of these customers, ordered by customer and version."""
+        out: list[OutboxEntry] = []
+        for chunk in _chunks(customer_ids):
+            out += await self._outbox_rows(
+                f"WHERE customer_id IN ({','.join('?' * len(chunk))})", tuple(chunk)
+            )
+        out.sort(key=lambda t: (t.customer_id, t.version))
+        return out
+
+    # Snapshots ------------------------------------------------------------------------------
+
+    async def snapshots_of(self, customer_ids: Iterable[str]) -> list[Snapshot]:
+        """The stored snapshots of these customers (those that have one)."""
+        out: list[Snapshot] = []
+        for chunk in _chunks(customer_ids):
+            out += await self._snapshot_rows(
+                f"WHERE customer_id IN ({','.join('?' * len(chunk))})", tuple(chunk)
+            )
+        return out
+
+    async def page_snapshots(self, after: tuple[int, str] | None, limit: int) -> list[Snapshot]:
+        """Up to ``limit`` snapshots in order of (deadline, customer), after ``after``: the
+        customers whose time-based changes are due first come first."""
+        if after is None:
+            return await self._snapshot_rows("ORDER BY deadline, customer_id LIMIT ?", (limit,))
+        return await self._snapshot_rows(
+            "WHERE (deadline, customer_id) > (?, ?) ORDER BY deadline, customer_id LIMIT ?",
+            (*after, limit),
+        )
+
+    async def count_snapshots(self) -> int:
+        """How many customers have a snapshot."""
+        try:
+            async with self._db.execute("SELECT count(*) FROM snapshots") as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the snapshots: {e}") from e
+        return int(row[0]) if row else 0
+
+    async def _snapshot_rows(self, clause: str, params: tuple[object, ...]) -> list[Snapshot]:
+        try:
+            async with self._db.execute(
+                "SELECT customer_id, format, needs, log_seq, deadline, body FROM snapshots "
+                + clause,
+                params,
+            ) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the snapshots: {e}") from e
+        return [
+            Snapshot(
+                customer_id=r[0], format=r[1], needs=r[2], log_seq=r[3], deadline=r[4], body=r[5]
+            )
+            for r in rows
+        ]
+
+
+def _chunks(ids: Iterable[str], size: int = 500) -> Iterator[list[str]]:
+    """Lists of up to ``size`` ids: well under SQLite's limit on bound parameters."""
+    batch: list[str] = []
+    for i in ids:
+        batch.append(i)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
