@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -53,10 +53,18 @@ from protocol import (
     ensure_streams,
     to_instant,
 )
-from store import EventLog, LoggedEvent, OutboxEntry, StoreError
+from store import (
+    NEVER,
+    EventLog,
+    LoggedEvent,
+    OutboxEntry,
+    Snapshot,
+    SnapshotMarks,
+    StoreError,
+)
 
 from ._clock import Clock, SystemClock
-from ._customer import Customer
+from ._customer import SNAPSHOT_FORMAT, Customer, SnapshotError
 from ._errors import ActorsError
 from ._segments import SegmentSet
 from ._timers import TimerQueue
@@ -89,6 +97,16 @@ class EngineConfig:
     """Committed transitions waiting to be published beyond which ingestion pauses."""
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     streams: StreamSettings = field(default_factory=StreamSettings)
+    snapshot_interval: float = 60.0
+    """Seconds (of the engine's clock) after which changed customers are snapshotted."""
+    snapshot_events: int = 200_000
+    """Events appended since the last round of snapshots that start the next one sooner."""
+    snapshot_batch: int = 5_000
+    """Snapshots encoded and written per turn of the loop while a round is under way."""
+    page_batch: int = 5_000
+    """Snapshots loaded per turn of the loop while the engine warms up after a restart."""
+    use_snapshots: bool = True
+    """False: ignore stored snapshots at start and rebuild every customer from the log."""
 
 
 @dataclass(slots=True)
@@ -102,7 +120,15 @@ class EngineStats:
     transitions_published: int = 0
     deadlines_fired: int = 0
     rebuilt_events: int = 0
+    """Events read from the log to rebuild customers (at start: only the tail after the
+    snapshots; everything without them)."""
     rebuilt_customers: int = 0
+    """Customers made ready at start (the rest load from their snapshots afterwards)."""
+    snapshots_loaded: int = 0
+    snapshots_ignored: int = 0
+    """Snapshots of another format, for other facts, or unreadable: rebuilt from the log."""
+    snapshots_written: int = 0
+    snapshot_rounds: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -149,6 +175,18 @@ class Engine:
         self._running = False
         self._requests: deque[_SegmentsRequest] = deque()
         self._wake = anyio.Event()
+        # Snapshots. A round writes every customer changed since the last one (``_dirty``)
+        # and ends by recording how far it reached, so a restart replays only the tail.
+        self._dirty: set[str] = set()
+        self._round: list[str] | None = None
+        self._round_marks: SnapshotMarks | None = None
+        self._round_started = 0  # the clock's instant when the last round started
+        self._round_events = 0  # the log position when the last round started
+        # Warming up: after a restart customers load from their snapshots in deadline order;
+        # until all have, ``_horizon`` is the deadline up to which all are loaded.
+        self._warm = True
+        self._cursor: tuple[int, str] | None = None
+        self._horizon = NEVER
 
     # What tests and operators may read -------------------------------------------------
 
@@ -158,8 +196,15 @@ class Engine:
 
     @property
     def customer_count(self) -> int:
-        """How many customers this engine holds."""
+        """How many customers this engine holds in memory (after a restart, all of them once
+        :attr:`warm`)."""
         return len(self._customers)
+
+    @property
+    def warm(self) -> bool:
+        """Whether every customer is in memory (after a restart, customers whose deadlines
+        are far off load from their snapshots while the engine already runs)."""
+        return self._warm
 
     @property
     def pending_deadlines(self) -> int:
@@ -245,15 +290,22 @@ class Engine:
             "engine started",
             customers=len(self._customers),
             rebuilt_events=self.stats.rebuilt_events,
+            snapshots_loaded=self.stats.snapshots_loaded,
+            snapshots_ignored=self.stats.snapshots_ignored,
+            warm=self._warm,
             backlog=feed.pending_at_start,
             pending_deadlines=len(self._timers),
             segments=list(self._segments.names),
         )
         task_status.started()
+        stopped = False
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._publish_loop)
                 await self._loop(feed)
+        except anyio.get_cancelled_exc_class():
+            stopped = True  # asked to stop, not failing
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 await feed.stop()
@@ -262,8 +314,29 @@ class Engine:
                 # original error matters, and unrecorded marks only mean a republish.
                 with contextlib.suppress(StoreError):
                     await self._commit([], [])
+                    if stopped:
+                        # A clean stop leaves no tail: the next start loads snapshots only.
+                        await self._flush_snapshots()
 
     async def _rebuild(self) -> None:
+        """Make the actors ready: from snapshots plus the log tail after them when the stored
+        snapshots fit these rules, else from the whole log."""
+        self._confirmed_through = self._log.published_through
+        async for outbox in self._log.read_unpublished():
+            self._outbox.extend((o.seq, _transition_decoder.decode(o.body)) for o in outbox)
+        marks = self._log.snapshot_marks
+        self._round_started = self._clock.now()
+        self._round_events = self._log.last_event_seq
+        if (
+            self._config.use_snapshots
+            and marks is not None
+            and marks.needs == self._segments.needs.fingerprint()
+        ):
+            await self._rebuild_from_snapshots(marks)
+        else:
+            await self._rebuild_from_log()
+
+    async def _rebuild_from_log(self) -> None:
         """Rebuild every actor: facts from the event log, memberships from the outbox."""
         segments = self._segments
         self.stats.rebuilt_events += await self._fold_log(segments, self._customers)
@@ -272,9 +345,6 @@ class Engine:
         async for outbox in self._log.read_transitions():
             for o in outbox:
                 self._actor(o.customer_id).restore((_transition_decoder.decode(o.body),))
-        self._confirmed_through = self._log.published_through
-        async for outbox in self._log.read_unpublished():
-            self._outbox.extend((o.seq, _transition_decoder.decode(o.body)) for o in outbox)
 
         self._add_listed(segments, self._customers)
 
@@ -282,11 +352,151 @@ class Engine:
         changed: list[Transition] = []
         for c in self._customers.values():
             changed += c.evaluate(segments, _DEFINITION)
-            self._timers.set(c.customer_id, c.deadline)
+            self._touch(c)
+        self.stats.rebuilt_customers = len(self._customers)
+        if self._config.use_snapshots:
+            # No usable snapshots: take them now, or the next start rebuilds from the log too.
+            self._round_started = -NEVER
+        if changed:
+            self._logger.info("definitions changed memberships", transitions=len(changed))
+            await self._commit([], changed)
+
+    async def _rebuild_from_snapshots(self, marks: SnapshotMarks) -> None:
+        """Load the customers of the log tail (snapshot plus what came after it); then, if
+        the definitions are the ones the snapshots were taken under, let the rest load in
+        deadline order while the engine runs, else load them all and evaluate them."""
+        tail_events: dict[str, list[LoggedEvent]] = defaultdict(list)
+        async for chunk in self._log.read_events(after=marks.events_through):
+            for e in chunk:
+                tail_events[e.customer_id].append(e)
+            self.stats.rebuilt_events += len(chunk)
+        tail_outbox: dict[str, list[OutboxEntry]] = defaultdict(list)
+        async for outbox in self._log.read_outbox(after=marks.outbox_through):
+            for o in outbox:
+                tail_outbox[o.customer_id].append(o)
+        tail = sorted(tail_events.keys() | tail_outbox.keys())
+        changed = await self._load(tail, tail_events, tail_outbox)
+        for customer_id in tail:
+            c = self._customers[customer_id]
+            changed += c.evaluate(self._segments, _DEFINITION)
+            self._touch(c)
+
+        self._warm, self._cursor, self._horizon = False, None, -NEVER
+        if marks.definitions == self._segments.fingerprint:
+            # Overdue deadlines first: they fire at once, at their own instants.
+            now = self._clock.now()
+            while not self._warm and self._horizon <= now:
+                changed += await self._page(self._config.page_batch)
+        else:
+            changed += await self._load_all()
+            self._add_listed(self._segments, self._customers)
+            for c in self._customers.values():
+                changed += c.evaluate(self._segments, _DEFINITION)
+                self._touch(c)
         self.stats.rebuilt_customers = len(self._customers)
         if changed:
             self._logger.info("definitions changed memberships", transitions=len(changed))
             await self._commit([], changed)
+
+    def _from_snapshot(self, snap: Snapshot) -> Customer | None:
+        """The actor a stored snapshot holds, or None if it must be rebuilt from the log."""
+        if snap.format == SNAPSHOT_FORMAT and snap.needs == self._segments.needs.fingerprint():
+            try:
+                c = Customer.from_snapshot(snap.customer_id, snap.body)
+            except SnapshotError as e:
+                self._logger.warning("snapshot ignored", customer=snap.customer_id, error=str(e))
+            else:
+                self.stats.snapshots_loaded += 1
+                return c
+        self.stats.snapshots_ignored += 1
+        return None
+
+    async def _load(
+        self,
+        customer_ids: Iterable[str],
+        tail_events: Mapping[str, list[LoggedEvent]],
+        tail_outbox: Mapping[str, list[OutboxEntry]],
+    ) -> list[Transition]:
+        """Load customers not in memory: each from its snapshot plus its ``tail_events`` and
+        ``tail_outbox`` after it, or from the log when it has no usable snapshot. Returns the
+        transitions of evaluating those rebuilt from the log (to commit)."""
+        ids = [i for i in customer_ids if i not in self._customers]
+        if not ids:
+            return []
+        segments = self._segments
+        snaps = {s.customer_id: s for s in await self._log.snapshots_of(ids)}
+        from_log: list[str] = []
+        for customer_id in ids:
+            snap = snaps.get(customer_id)
+            c = self._from_snapshot(snap) if snap is not None else None
+            if c is None:
+                if snap is not None or customer_id in tail_events or customer_id in tail_outbox:
+                    from_log.append(customer_id)
+                continue  # else unknown: a new customer
+            for e in tail_events.get(customer_id, ()):
+                if e.seq > snap.log_seq:  # type: ignore[union-attr]
+                    c.fold(_event_decoder.decode(e.body), segments)
+            for o in tail_outbox.get(customer_id, ()):
+                if o.version > c.version:
+                    c.restore((_transition_decoder.decode(o.body),))
+            self._customers[customer_id] = c
+            self._touch(c)
+        return await self._load_from_log(from_log)
+
+    async def _load_from_log(self, customer_ids: list[str]) -> list[Transition]:
+        """Rebuild these customers from their events and transitions alone, evaluate them,
+        and return the transitions that made (to commit)."""
+        if not customer_ids:
+            return []
+        segments = self._segments
+        fresh = {customer_id: Customer(customer_id) for customer_id in customer_ids}
+        for e in await self._log.customer_events(customer_ids):
+            fresh[e.customer_id].fold(_event_decoder.decode(e.body), segments)
+            self.stats.rebuilt_events += 1
+        for o in await self._log.customer_transitions(customer_ids):
+            fresh[o.customer_id].restore((_transition_decoder.decode(o.body),))
+        now = self._clock.now()
+        changed: list[Transition] = []
+        for c in fresh.values():
+            if c.version == 0 and c.first_at() is None:
+                c.watermark = now  # known from a static list only: as when it was added
+            self._customers[c.customer_id] = c
+            changed += c.evaluate(segments, _DEFINITION)
+            self._touch(c)
+        return changed
+
+    async def _page(self, limit: int) -> list[Transition]:
+        """Load the next ``limit`` snapshots in deadline order; return the transitions of
+        customers rebuilt from the log instead (to commit)."""
+        rows = await self._log.page_snapshots(self._cursor, limit)
+        bad: list[str] = []
+        for snap in rows:
+            if snap.customer_id in self._customers:
+                continue  # loaded already: from the tail, or for an event
+            c = self._from_snapshot(snap)
+            if c is None:
+                bad.append(snap.customer_id)
+                continue
+            self._customers[c.customer_id] = c
+            self._timers.set(c.customer_id, c.deadline)
+        if len(rows) < limit:
+            self._warm, self._cursor, self._horizon = True, None, NEVER
+            self._logger.info("warm", customers=len(self._customers))
+        else:
+            self._cursor = (rows[-1].deadline, rows[-1].customer_id)
+            self._horizon = rows[-1].deadline
+        return await self._load_from_log(bad)
+
+    async def _load_all(self) -> list[Transition]:
+        changed: list[Transition] = []
+        while not self._warm:
+            changed += await self._page(max(self._config.page_batch, 50_000))
+        return changed
+
+    def _touch(self, c: Customer) -> None:
+        """Re-arm the customer's deadline and mark it for the next round of snapshots."""
+        self._timers.set(c.customer_id, c.deadline)
+        self._dirty.add(c.customer_id)
 
     async def _fold_log(self, segments: SegmentSet, customers: dict[str, Customer]) -> int:
         """Fold the whole event log into ``customers`` (adding actors as needed), keeping the
@@ -344,6 +554,12 @@ class Engine:
                 request.done.set()
 
     async def _switch(self, new: SegmentSet) -> int:
+        # Every customer is evaluated, so every customer must be in memory.
+        loaded = await self._load_all()
+        if loaded:
+            await self._commit([], loaded)
+        # A round under way would record the old definitions for snapshots of the new.
+        self._round = None
         old = self._segments
         customers = self._customers
         refolded = 0
@@ -367,6 +583,7 @@ class Engine:
             changed += c.evaluate(new, _DEFINITION)
             self._timers.set(c.customer_id, c.deadline)
         self._segments, self._customers = new, customers
+        self._dirty.update(customers)
         await self._commit([], changed)
 
         entered = sum(1 for t in changed if t.change == "entered")
@@ -395,8 +612,15 @@ class Engine:
             batch = feed.take(self._config.batch_size)
             if batch:
                 await self._ingest(batch, feed)
-            fired = await self._fire_due(feed)
-            if not batch and not fired:
+            busy = bool(batch)
+            if not self._warm:
+                changed = await self._page(self._config.page_batch)
+                if changed:
+                    await self._commit([], changed)
+                busy = True
+            busy = await self._fire_due(feed) or busy
+            busy = await self._snapshot_step() or busy
+            if not busy:
                 if self._confirmed_through > self._log.published_through:
                     await self._commit([], [])
                 await self._idle(feed)
@@ -428,13 +652,16 @@ class Engine:
 
         logged: list[LoggedEvent] = []
         transitions: list[Transition] = []
+        if not self._warm:
+            # Still warming up: these customers' snapshots load now, ahead of their turn.
+            transitions += await self._load({e.customer_id for e in fresh}, {}, {})
         for event in fresh:
             if (event.customer_id, event.message_id) in known:
                 self.stats.events_duplicate += 1
                 continue
             c = self._actor(event.customer_id)
             transitions += c.apply(event, segments)
-            self._timers.set(c.customer_id, c.deadline)
+            self._touch(c)
             logged.append(
                 LoggedEvent(
                     customer_id=event.customer_id,
@@ -498,6 +725,9 @@ class Engine:
             floor = oldest - 1
         if self._backlog_cap is not None and self._backlog_cap - 1 < floor:
             floor = self._backlog_cap - 1
+        if not self._warm and self._horizon - 1 < floor:
+            # Customers whose deadline is past the horizon may not be loaded yet.
+            floor = self._horizon - 1
         return floor
 
     async def _fire_due(self, feed: EventFeed) -> bool:
@@ -509,7 +739,7 @@ class Engine:
         for customer_id in due:
             c = self._customers[customer_id]
             transitions += c.advance(floor, self._segments)
-            self._timers.set(customer_id, c.deadline)
+            self._touch(c)
         self.stats.deadlines_fired += len(due)
         if transitions:
             await self._commit([], transitions)
@@ -531,6 +761,84 @@ class Engine:
         if entries:
             self._outbox.extend(zip(seqs, transitions, strict=True))
             self._outbox_ready.set()
+
+    async def _snapshot_step(self) -> bool:
+        """Start a round of snapshots when one is due, or write the next part of the round
+        under way; return whether there was anything to do.
+
+        A round takes the customers changed since the last one and snapshots them, a part
+        per turn of the loop, each part in its own transaction. Only once all are written is
+        the round's mark recorded: where the log and the outbox stood when it started.
+        """
+        cfg, log = self._config, self._log
+        if self._round is None:
+            if not self._dirty:
+                return False
+            now = self._clock.now()
+            if (
+                now - self._round_started < cfg.snapshot_interval * 1_000_000
+                and log.last_event_seq - self._round_events < cfg.snapshot_events
+            ):
+                return False
+            self._start_round(now)
+        assert self._round is not None
+        part = self._round[-cfg.snapshot_batch :]
+        del self._round[-cfg.snapshot_batch :]
+        await self._write_snapshots(part, done=not self._round)
+        return True
+
+    def _start_round(self, now: int) -> None:
+        self._round, self._dirty = list(self._dirty), set()
+        self._round_marks = SnapshotMarks(
+            events_through=self._log.last_event_seq,
+            outbox_through=self._log.last_outbox_seq,
+            definitions=self._segments.fingerprint,
+            needs=self._segments.needs.fingerprint(),
+        )
+        self._round_started, self._round_events = now, self._log.last_event_seq
+
+    async def _write_snapshots(self, customer_ids: list[str], *, done: bool) -> None:
+        # Taken between turns, so each reflects exactly what is committed up to here.
+        needs, log_seq = self._segments.needs.fingerprint(), self._log.last_event_seq
+        rows = [
+            Snapshot(
+                customer_id=c.customer_id,
+                format=SNAPSHOT_FORMAT,
+                needs=needs,
+                log_seq=log_seq,
+                deadline=NEVER if c.deadline is None else c.deadline,
+                body=c.snapshot(),
+            )
+            for c in map(self._customers.__getitem__, customer_ids)
+        ]
+        await self._log.commit(
+            [],
+            [],
+            self._confirmed_through,
+            snapshots=rows,
+            marks=self._round_marks if done else None,
+        )
+        self.stats.snapshots_written += len(rows)
+        if done:
+            self._round = None
+            self.stats.snapshot_rounds += 1
+
+    async def _flush_snapshots(self) -> None:
+        """Finish the round under way and snapshot every other changed customer."""
+        if self._round is None and not self._dirty:
+            return
+        if self._round is not None:
+            self._round += self._dirty
+            self._dirty = set()
+        else:
+            self._start_round(self._clock.now())
+        assert self._round is not None
+        count = len(self._round)
+        while self._round:
+            part = self._round[-50_000:]
+            del self._round[-50_000:]
+            await self._write_snapshots(part, done=not self._round)
+        self._logger.info("snapshots written", customers=count)
 
     async def _publish_loop(self) -> None:
         """Publish committed transitions in outbox order; on failure, retry the same ones."""
