@@ -248,6 +248,24 @@ class Engine:
             )
         return request.transitions
 
+    async def recover(self) -> None:
+        """Load every customer from the store as a start does, without consuming: from
+        snapshots plus the log tail after them, or from the whole log (``use_snapshots``).
+
+        :meth:`run` does this itself; call it on an engine that is not running to read a
+        store's state offline. Memberships that changed definitions alter are committed to
+        the outbox (not published).
+
+        Raises:
+            StoreError: the store cannot be read or written.
+        """
+        if self._running:
+            raise ActorsError("the engine is running: it has recovered already")
+        await self._rebuild()
+        changed = await self._load_all()
+        if changed:
+            await self._commit([], changed)
+
     # Running ----------------------------------------------------------------------------
 
     async def run(
