@@ -169,6 +169,7 @@ class Engine:
         self._backlog_cap: int | None = None
         self._catch_up = 0
         self._publisher: Publisher | None = None
+        self._feed: EventFeed | None = None
         self._logger = structlog.get_logger("shoal.engine")
         self.stats = EngineStats()
         # apply_segments() hands its work to the main loop through these.
@@ -205,6 +206,18 @@ class Engine:
         """Whether every customer is in memory (after a restart, customers whose deadlines
         are far off load from their snapshots while the engine already runs)."""
         return self._warm
+
+    @property
+    def buffered(self) -> int:
+        """Deliveries received from the broker and not yet applied (at most
+        ``max_in_flight``: the broker holds the rest)."""
+        return self._feed.buffered if self._feed is not None else 0
+
+    @property
+    def unpublished(self) -> int:
+        """Committed transitions not yet confirmed published (ingestion pauses at
+        ``max_outbox``)."""
+        return len(self._outbox)
 
     @property
     def pending_deadlines(self) -> int:
@@ -300,6 +313,7 @@ class Engine:
             max_in_flight=self._config.max_in_flight,
         )
         await feed.start()
+        self._feed = feed
         self._catch_up = feed.pending_at_start
         if self._catch_up:
             # Hold deadlines until the backlog's first batch says how far it reaches.

@@ -1,0 +1,149 @@
+"""Backpressure: under a burst, memory stays bounded and the broker holds what waits.
+
+Two slow stages, each made slow for real: the SQLite store (commits delayed, as on a slow
+disk) and the broker taking transitions (SHOAL_SEGMENTS full, refusing new messages). In both
+the engine slows down instead of queueing: deliveries in memory stay within
+``max_in_flight``, committed-but-unpublished transitions within ``max_outbox`` plus one
+batch, and the rest waits in the stream. Nothing is lost once the stage recovers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.aio.client import Client
+from nats.js.api import DiscardPolicy, StreamConfig
+
+from actors import Engine, EngineConfig
+from protocol import connect
+from store import EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
+
+from .conftest import NatsServer, eventually, segments
+
+VISITED = segments("""
+[segments.visited]
+rule = "count('Visit') >= 1"
+""")
+BURST = 3_000
+
+
+async def publish_burst(client: Client, n: int) -> None:
+    js = client.jetstream()
+    futures = []
+    for i in range(n):
+        payload = json.dumps({"type": "track", "userId": f"c{i}", "event": "Visit"})
+        futures.append(
+            await js.publish_async(
+                f"shoal.events.c{i}", payload.encode(), headers={"Nats-Msg-Id": f"m{i}"}
+            )
+        )
+    for f in futures:
+        await f
+
+
+class SlowDisk(EventLog):
+    """A store whose every commit takes 20 ms longer, as on a slow disk."""
+
+    async def commit(
+        self,
+        events: Sequence[LoggedEvent],
+        transitions: Sequence[OutboxEntry] = (),
+        published_through: int | None = None,
+        *,
+        snapshots: Sequence[Snapshot] = (),
+        marks: SnapshotMarks | None = None,
+    ) -> list[int]:
+        await anyio.sleep(0.02)
+        return await super().commit(
+            events, transitions, published_through, snapshots=snapshots, marks=marks
+        )
+
+
+async def pending_in_stream(client: Client) -> int:
+    info = await client.jetstream().consumer_info("SHOAL_EVENTS", "shoal-engine")
+    return int(info.num_pending or 0)
+
+
+async def watch(engine: Engine, client: Client, until: int) -> tuple[int, int, int]:
+    """Sample until ``until`` events are applied: the most deliveries held in memory, the
+    most transitions waiting to be published, and the most events waiting in the stream."""
+    most_buffered = most_unpublished = most_waiting = 0
+    with anyio.fail_after(120):
+        while engine.stats.events_applied < until:
+            most_buffered = max(most_buffered, engine.buffered)
+            most_unpublished = max(most_unpublished, engine.unpublished)
+            most_waiting = max(most_waiting, await pending_in_stream(client))
+            await anyio.sleep(0.01)
+    return most_buffered, most_unpublished, most_waiting
+
+
+CONFIG = EngineConfig(batch_size=50, max_in_flight=200, max_outbox=100)
+
+
+async def test_a_slow_disk_slows_ingestion_instead_of_growing_queues(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    nc = await connect([nats_server.url])
+    log = await SlowDisk.open(tmp_path / "shoal.db")
+    try:
+        engine = Engine(nc, log, VISITED, config=CONFIG)
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            await publish_burst(client, BURST)
+            buffered, unpublished, waiting = await watch(engine, client, BURST)
+            await eventually(lambda: engine.stats.transitions_published == BURST, 30)
+            tg.cancel_scope.cancel()
+    finally:
+        await log.close()
+        await nc.close()
+    assert buffered <= CONFIG.max_in_flight
+    assert unpublished <= CONFIG.max_outbox + CONFIG.batch_size
+    # The burst waited in the broker, not in the engine.
+    assert waiting > CONFIG.max_in_flight
+    assert engine.stats.events_applied == BURST
+
+
+@pytest.mark.timeout(180)
+async def test_a_broker_refusing_transitions_pauses_ingestion_at_max_outbox(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    js = client.jetstream()
+    nc = await connect([nats_server.url])
+    log = await EventLog.open(tmp_path / "shoal.db")
+    try:
+        engine = Engine(nc, log, VISITED, config=CONFIG)
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            # SHOAL_SEGMENTS full: the broker refuses every transition from now on.
+            info = await js.stream_info("SHOAL_SEGMENTS")
+            full: StreamConfig = info.config
+            full.max_msgs, full.discard = 1, DiscardPolicy.NEW
+            await js.update_stream(full)
+            await js.publish("shoal.segments.visited.entered", b"{}")  # fills it
+            await publish_burst(client, BURST)
+
+            # Ingestion stops once max_outbox transitions wait; the rest waits in the stream.
+            await eventually(lambda: engine.unpublished >= CONFIG.max_outbox, 30)
+            await anyio.sleep(1.0)
+            stalled = engine.stats.events_applied
+            assert stalled <= CONFIG.max_outbox + CONFIG.batch_size
+            assert engine.unpublished <= CONFIG.max_outbox + CONFIG.batch_size
+            assert engine.buffered <= CONFIG.max_in_flight
+            assert await pending_in_stream(client) >= BURST - stalled - CONFIG.max_in_flight
+
+            # Room again: everything goes through, nothing was lost.
+            await js.purge_stream("SHOAL_SEGMENTS")
+            full.max_msgs = -1
+            await js.update_stream(full)
+            await eventually(lambda: engine.stats.transitions_published == BURST, 90)
+            assert engine.stats.events_applied == BURST
+            tg.cancel_scope.cancel()
+    finally:
+        await log.close()
+        await nc.close()
+    stored = await js.stream_info("SHOAL_SEGMENTS")
+    assert stored.state.messages == BURST
