@@ -113,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
         help="SQLite synchronous level (full: every commit reaches the disk)",
     )
     serve.add_argument("--consumer", default="shoal-engine", help="durable consumer name")
+    serve.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="ignore stored snapshots: rebuild every customer from the event log (slow; "
+        "snapshots are written again afterwards)",
+    )
     serve.set_defaults(run=_serve)
 
     pub = sub.add_parser(
@@ -188,7 +194,12 @@ async def _serve(args: argparse.Namespace) -> int:
             logger.info("embedded nats-server ready", url=url)
         nc = await connect(servers, name="shoal-engine")
         stack.push_async_callback(nc.close)
-        engine = Engine(nc, log, segments, config=EngineConfig(consumer=args.consumer))
+        engine = Engine(
+            nc,
+            log,
+            segments,
+            config=EngineConfig(consumer=args.consumer, use_snapshots=not args.rebuild),
+        )
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, tg.cancel_scope)
             await tg.start(engine.run)
