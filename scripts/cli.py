@@ -79,6 +79,16 @@ def _find(e: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseExcep
     return None
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shoal", description=__doc__.splitlines()[0])
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -113,6 +123,14 @@ def _parser() -> argparse.ArgumentParser:
         help="SQLite synchronous level (full: every commit reaches the disk)",
     )
     serve.add_argument("--consumer", default="shoal-engine", help="durable consumer name")
+    serve.add_argument(
+        "--snapshot-interval",
+        type=_positive_seconds,
+        default=EngineConfig().snapshot_interval,
+        metavar="SECONDS",
+        help="snapshot the customers that changed this often (default %(default)g); a "
+        "restart replays the log written since the last round",
+    )
     serve.add_argument(
         "--rebuild",
         action="store_true",
@@ -198,7 +216,11 @@ async def _serve(args: argparse.Namespace) -> int:
             nc,
             log,
             segments,
-            config=EngineConfig(consumer=args.consumer, use_snapshots=not args.rebuild),
+            config=EngineConfig(
+                consumer=args.consumer,
+                use_snapshots=not args.rebuild,
+                snapshot_interval=args.snapshot_interval,
+            ),
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, tg.cancel_scope)
