@@ -29,12 +29,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import actors._engine
-from actors import Customer, Engine, EngineConfig, VirtualClock, parse_segments
+from actors import Customer, Engine, EngineConfig, SystemClock, VirtualClock, parse_segments
 from actors._customer import SNAPSHOT_FORMAT, SnapshotError
-from protocol import DAY, HOUR, Event, Transition, connect, to_instant
+from protocol import (
+    DAY,
+    HOUR,
+    SECOND,
+    Event,
+    TimeCause,
+    Transition,
+    connect,
+    format_instant,
+    to_instant,
+)
 from store import NEVER, EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
 
-from .conftest import NatsServer
+from .conftest import NatsServer, collect, eventually, running_engine
 
 T0 = to_instant(datetime(2026, 1, 1, tzinfo=UTC))
 
@@ -388,3 +398,64 @@ def test_recovery_from_snapshots_and_tail_equals_recovery_from_the_log(
                 assert_same_from_now_on(twin, from_log[customer_id], until)
 
     anyio.run(main)
+
+
+# The engine, end to end ------------------------------------------------------------------
+
+IDLE = parse_segments(
+    """
+[segments.idle]
+rule = "since_last('Visit') >= '3s'"
+""",
+    source="idle.toml",
+)
+
+
+def _visit(user: str, at: int) -> bytes:
+    return msgspec.json.encode(
+        {"type": "track", "userId": user, "event": "Visit", "timestamp": format_instant(at)}
+    )
+
+
+async def test_restart_loads_snapshots_in_deadline_order_and_fires_each_on_time(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "shoal.db"
+    nc = await connect([nats_server.url])
+    seen = await collect(nc, "shoal.segments.>")
+    # Visits a millisecond apart, later for lower ids, so that deadline order is not id
+    # order. The engine's clock stands still before the first deadline.
+    start = SystemClock().now()
+    visits = {f"c{i:02d}": start - 1_000_000 - i * 1000 for i in range(40)}
+    clock = VirtualClock(start)
+    try:
+        async with running_engine(nats_server.url, db, IDLE, clock=clock) as engine:
+            for user, at in visits.items():
+                await nc.publish(f"shoal.events.{user}", _visit(user, at))
+            await eventually(lambda: engine.stats.events_applied == 40)
+        # The clean stop snapshotted every customer.
+        async with await EventLog.open(db) as log:
+            assert await log.count_snapshots() == 40
+
+        config = EngineConfig(page_batch=4)
+        async with running_engine(nats_server.url, db, IDLE, clock=clock, config=config) as engine:
+            # Started with one page of 4 (no deadline is overdue), the rest load as it runs.
+            assert engine.stats.rebuilt_customers == 4
+            assert engine.stats.rebuilt_events == 0
+            # A late visit for a customer whose snapshot is among the last to load.
+            await nc.publish("shoal.events.c00", _visit("c00", visits["c00"] + 1_000_000))
+            await eventually(lambda: engine.stats.events_applied == 1)
+            clock.set(start + 10 * SECOND)
+            await eventually(lambda: len(seen.msgs) == 40)
+            assert engine.warm
+            assert engine.stats.snapshots_loaded == 40
+            assert engine.stats.snapshots_ignored == 0
+    finally:
+        await nc.close()
+    expected = {u: at + 3 * SECOND for u, at in visits.items()}
+    expected["c00"] += SECOND
+    got = {t.customer_id: t for t in seen.transitions()}
+    assert {u: to_instant(t.at) for u, t in got.items()} == expected
+    assert {(t.segment, t.change, t.version, t.cause) for t in got.values()} == {
+        ("idle", "entered", 1, TimeCause())
+    }
