@@ -188,6 +188,7 @@ class Engine:
         self._warm = True
         self._cursor: tuple[int, str] | None = None
         self._horizon = NEVER
+        self._recovered = False
 
     # What tests and operators may read -------------------------------------------------
 
@@ -265,19 +266,20 @@ class Engine:
         """Load every customer from the store as a start does, without consuming: from
         snapshots plus the log tail after them, or from the whole log (``use_snapshots``).
 
-        :meth:`run` does this itself; call it on an engine that is not running to read a
-        store's state offline. Memberships that changed definitions alter are committed to
+        :meth:`run` does this itself (or, after this, starts from what it loaded); call it
+        on an engine that is not running to read a store's state offline. Memberships that changed definitions alter are committed to
         the outbox (not published).
 
         Raises:
             StoreError: the store cannot be read or written.
         """
-        if self._running:
-            raise ActorsError("the engine is running: it has recovered already")
+        if self._running or self._recovered:
+            raise ActorsError("the engine has recovered already")
         await self._rebuild()
         changed = await self._load_all()
         if changed:
             await self._commit([], changed)
+        self._recovered = True
 
     # Running ----------------------------------------------------------------------------
 
@@ -304,7 +306,8 @@ class Engine:
         await ensure_streams(js, self._config.streams)
         self._publisher = Publisher(self._nc)
         await self._publisher.start()
-        await self._rebuild()
+        if not self._recovered:
+            await self._rebuild()
         feed = EventFeed(
             self._nc,
             js,
