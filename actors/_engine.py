@@ -647,6 +647,8 @@ class Engine:
             batch = feed.take(self._config.batch_size)
             if batch:
                 await self._ingest(batch, feed)
+            if feed.needs_restart:
+                await self._resume_feed(feed)
             busy = bool(batch)
             if not self._warm:
                 changed = await self._page(self._config.page_batch)
@@ -926,3 +928,14 @@ class Engine:
             # its way (deliveries take milliseconds), so deadlines need not wait any longer.
             self._catch_up = 0
             self._backlog_cap = None
+
+    async def _resume_feed(self, feed: EventFeed) -> None:
+        """Restart the consumer after a lost delivery or connection, once all taken is
+        committed and acknowledged: what was on its way comes again at once, as backlog."""
+        await feed.restart()
+        self._catch_up = feed.pending_at_start
+        if self._catch_up:
+            # As at start: hold deadlines until the backlog's first batch says how far it
+            # reaches.
+            self._backlog_cap = 0
+        self._logger.info("consumer resumed", backlog=feed.pending_at_start)

@@ -15,7 +15,6 @@ from ._inbound import InvalidEvent as InvalidEvent
 from ._inbound import decode_event as decode_event
 from ._inbound import parse_timestamp as parse_timestamp
 from ._nats import Delivery as Delivery
-from ._nats import DeliveryGapError as DeliveryGapError
 from ._nats import EventFeed as EventFeed
 from ._nats import Publisher as Publisher
 from ._nats import PublishError as PublishError
@@ -69,7 +68,6 @@ __all__ = (
     "Cause",
     "DefinitionCause",
     "Delivery",
-    "DeliveryGapError",
     "Event",
     "EventCause",
     "EventFeed",

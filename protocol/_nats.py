@@ -19,6 +19,7 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -46,6 +47,14 @@ from ._types import Rejection, Transition
 
 _CONNECT_TIMEOUT = 5.0
 _FIRST_CONNECT_ATTEMPTS = 3
+_FLUSH_TIMEOUT = 5
+_MAX_RETRY_DELAY = 2.0
+"""Seconds at most between two attempts to restart the consumer while NATS is away."""
+_BOUND_GRACE = 5.0
+"""Seconds a consumer may look bound to someone else's subscription before it is refused."""
+_CONNECTION_CHECK = 0.05
+"""Seconds between two looks at the connection while waiting for the broker."""
+_logger = structlog.get_logger("shoal.feed")
 _transition_encoder = msgspec.json.Encoder()
 
 
@@ -157,19 +166,6 @@ class Delivery:
     """The ``Nats-Msg-Id`` header, when the producer set one."""
 
 
-class DeliveryGapError(ProtocolError):
-    """A delivery was skipped: acknowledging past it would lose it, so the engine must stop
-    and restart from the broker's acknowledgement floor."""
-
-    def __init__(self, expected: int, got: int) -> None:
-        super().__init__(
-            f"consumer delivery {expected} never reached the engine (next was {got}); "
-            "stopping so that it is delivered again on restart"
-        )
-        self.expected = expected
-        self.got = got
-
-
 def _parse_ack_reply(reply: str) -> tuple[int, int, int, int]:
     """(stream sequence, consumer sequence, timestamp in µs, pending) from an ack subject.
 
@@ -183,6 +179,14 @@ def _parse_ack_reply(reply: str) -> tuple[int, int, int, int]:
     raise ProtocolError(f"not a JetStream ack subject: {reply!r}")
 
 
+class _ConsumerInUse(BrokerError):
+    def __init__(self, durable: str) -> None:
+        super().__init__(
+            f"consumer {durable!r} of stream {EVENTS_STREAM} is in use by another engine; "
+            "stop it, or give this engine another consumer name (--consumer)"
+        )
+
+
 class EventFeed:
     """The engine's durable consumer on ``SHOAL_EVENTS``, delivering in micro-batches.
 
@@ -190,6 +194,13 @@ class EventFeed:
     unacknowledged messages into a buffer, :meth:`take` hands them out in order, and
     :meth:`ack_taken` acknowledges a whole batch with one message (its last). ``max_in_flight``
     bounds memory: when the engine is slow the broker waits.
+
+    One acknowledgement covers every earlier delivery, so the feed never hands out a delivery
+    that follows one it did not receive. When a delivery is missing, or the connection was
+    lost (deliveries on their way are lost with it), :attr:`needs_restart` turns true: the
+    engine acknowledges what it took, then calls :meth:`restart`, which starts the consumer
+    again just past what was acknowledged, so the broker delivers the rest at once rather
+    than after ``ack_wait``.
     """
 
     def __init__(
@@ -211,10 +222,28 @@ class EventFeed:
         self._buffer: deque[Msg] = deque()
         self._ready = asyncio.Event()
         self._sub: Any = None
+        self._deliver: str | None = None
+        # Bumped for each subscription: a message still queued for an old one is dropped.
+        self._generation = 0
+        self._reconnects = 0
+        self._broken = False
         self._last_taken: Msg | None = None
         self._last_cseq = 0
+        self._taken_through = 0
+        self._acked_through = 0
+        self._resume_from = 1
         self.pending_at_start = 0
-        """Messages waiting for this consumer when it started, delivered or not (its backlog)."""
+        """Messages waiting for this consumer when it (re)started, delivered or not (its
+        backlog)."""
+
+    @property
+    def needs_restart(self) -> bool:
+        """True once a delivery went missing or the connection was lost since (re)start.
+
+        :meth:`take` then hands out nothing past the loss; acknowledge what was taken and
+        call :meth:`restart`.
+        """
+        return self._broken or self._nc.stats["reconnects"] != self._reconnects
 
     async def start(self) -> None:
         """Create or bind the durable consumer and start receiving.
@@ -222,47 +251,145 @@ class EventFeed:
         Raises:
             BrokerError: the consumer cannot be created or bound.
         """
+        try:
+            await self._open(own=None)
+        except BrokerError:
+            raise
+        except (TimeoutError, nats.errors.Error) as e:
+            raise BrokerError(f"cannot start consumer {self._durable!r}: {e}") from e
+
+    async def restart(self) -> None:
+        """Start the consumer again just past the last acknowledged delivery.
+
+        Call it once every delivery taken is committed and acknowledged: the buffer is
+        dropped, and what was not acknowledged is delivered again at once, counted in
+        :attr:`pending_at_start`. While the client is disconnected this waits for it to
+        reconnect (it does so by itself); while the broker fails the requests, it tries
+        again, at most 2 s apart.
+
+        Raises:
+            BrokerError: another engine consumes from the consumer now, or the connection is
+                closed for good.
+        """
+        delay = 0.1
+        bound_since: float | None = None
+        while True:
+            await self._wait_connected()
+            try:
+                # The last acknowledgement reaches the broker before its floor is read.
+                await self._nc.flush(timeout=_FLUSH_TIMEOUT)
+                await self._close_subscription()
+                await self._open(own=self._deliver)
+            except _ConsumerInUse:
+                # Give a subscription that just went away a moment to be noticed.
+                now = anyio.current_time()
+                if bound_since is None:
+                    bound_since = now
+                elif now - bound_since > _BOUND_GRACE:
+                    raise
+                await anyio.sleep(0.2)
+            except (TimeoutError, nats.errors.Error) as e:
+                if self._nc.is_closed:
+                    raise BrokerError(
+                        f"cannot restart consumer {self._durable!r}: the connection to NATS "
+                        "is closed"
+                    ) from e
+                _logger.warning(
+                    "consumer not restarted; retrying",
+                    consumer=self._durable,
+                    error=str(e) or type(e).__name__,
+                    retry_in=delay,
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+            else:
+                if not self.needs_restart:
+                    return
+                # The connection dropped again meanwhile: what this subscription receives
+                # is dropped, so start over.
+
+    async def _wait_connected(self) -> None:
+        """Return once the client is connected (it reconnects by itself).
+
+        Raises:
+            BrokerError: the connection is closed for good.
+        """
+        waited = False
+        while not self._nc.is_connected:
+            if self._nc.is_closed:
+                raise BrokerError(
+                    f"cannot restart consumer {self._durable!r}: the connection to NATS is closed"
+                )
+            if not waited:
+                _logger.warning("waiting for NATS to restart the consumer", consumer=self._durable)
+                waited = True
+            await anyio.sleep(_CONNECTION_CHECK)
+
+    async def _open(self, *, own: str | None) -> None:
+        """Recreate the consumer past its acknowledgement floor, subscribe, count the backlog.
+
+        ``own`` is the delivery subject of this feed's previous subscription: that consumer
+        is not "in use by another engine" even if the broker still thinks it push-bound.
+        """
+        self._generation += 1
+        generation = self._generation
+        self._buffer.clear()
+        self._ready.clear()
+        self._last_taken = None
+        self._last_cseq = 0
+        self._broken = False
+        self._reconnects = self._nc.stats["reconnects"]
+        reconnects = self._reconnects
 
         async def on_msg(msg: Msg) -> None:
+            if generation != self._generation:
+                return  # queued for a subscription since given up
+            if self._nc.stats["reconnects"] != reconnects:
+                # Deliveries just before the drop may be lost, and acknowledging this one
+                # would acknowledge them: leave it to restart() to deliver it again.
+                self._ready.set()
+                return
             self._buffer.append(msg)
             self._ready.set()
 
-        try:
-            start = await self._reset_consumer()
-        except (TimeoutError, nats.errors.Error) as e:
-            raise BrokerError(f"cannot set up consumer {self._durable!r}: {e}") from e
+        floor = await self._reset_consumer(own)
+        # Past what the broker recorded, past what this feed acknowledged (its last
+        # acknowledgement may not have reached the floor yet), and past where it last
+        # started (in case the consumer itself was lost): all of that is committed.
+        start = max(floor or 0, self._acked_through) + 1
+        start = self._resume_from = max(start, self._resume_from)
+        self._deliver = self._nc.new_inbox()
         config = ConsumerConfig(
             ack_policy=AckPolicy.ALL,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start else DeliverPolicy.ALL,
-            opt_start_seq=start,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
+            opt_start_seq=start if start > 1 else None,
             max_ack_pending=self._max_in_flight,
             ack_wait=self._ack_wait,
+            deliver_subject=self._deliver,
         )
-        try:
-            # flow_control and idle_heartbeat must be given to subscribe() itself: it
-            # overwrites the ConsumerConfig's flow_control with its own argument.
-            self._sub = await self._js.subscribe(
-                self._filter,
-                durable=self._durable,
-                stream=EVENTS_STREAM,
-                cb=on_msg,
-                manual_ack=True,
-                config=config,
-                flow_control=True,
-                idle_heartbeat=5.0,
-                # The broker sends at most max_in_flight unacknowledged messages, so the
-                # client never has to drop one as a slow consumer.
-                pending_msgs_limit=self._max_in_flight * 2,
-                pending_bytes_limit=self._max_in_flight * 2 * 1024 * 1024,
-            )
-            info = await self._sub.consumer_info()
-        except (TimeoutError, nats.errors.Error) as e:
-            raise BrokerError(f"cannot start consumer {self._durable!r}: {e}") from e
+        # flow_control and idle_heartbeat must be given to subscribe() itself: it
+        # overwrites the ConsumerConfig's flow_control with its own argument.
+        self._sub = await self._js.subscribe(
+            self._filter,
+            durable=self._durable,
+            stream=EVENTS_STREAM,
+            cb=on_msg,
+            manual_ack=True,
+            config=config,
+            flow_control=True,
+            idle_heartbeat=5.0,
+            # The broker sends at most max_in_flight unacknowledged messages, so the
+            # client never has to drop one as a slow consumer.
+            pending_msgs_limit=self._max_in_flight * 2,
+            pending_bytes_limit=self._max_in_flight * 2 * 1024 * 1024,
+        )
+        info = await self._sub.consumer_info()
         # Delivered but not yet in our buffer counts too: it is on its way to us.
         self.pending_at_start = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
-    async def _reset_consumer(self) -> int | None:
-        """Delete an existing durable consumer; return the stream sequence to resume from.
+    async def _reset_consumer(self, own: str | None) -> int | None:
+        """Delete an existing durable consumer; return its acknowledgement floor (a stream
+        sequence), or None when there was none.
 
         A previous engine may have stopped (or died) holding deliveries it never
         acknowledged: the broker would resend them only after ``ack_wait``, and meanwhile
@@ -277,27 +404,45 @@ class EventFeed:
             info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
         except nats.js.errors.NotFoundError:
             return None
-        if info.push_bound:
-            raise BrokerError(
-                f"consumer {self._durable!r} of stream {EVENTS_STREAM} is in use by another "
-                "engine; stop it, or give this engine another consumer name (--consumer)"
-            )
+        if info.push_bound and (own is None or info.config.deliver_subject != own):
+            raise _ConsumerInUse(self._durable)
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         await self._js.delete_consumer(EVENTS_STREAM, self._durable)
-        return int(floor or 0) + 1
+        return int(floor or 0)
+
+    async def _close_subscription(self) -> None:
+        self._generation += 1
+        sub, self._sub = self._sub, None
+        self._buffer.clear()
+        self._ready.clear()
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     def take(self, limit: int) -> list[Delivery]:
-        """Up to ``limit`` buffered deliveries, in order, without waiting."""
+        """Up to ``limit`` buffered deliveries, in order, without waiting.
+
+        Never one past a delivery that did not arrive: on such a gap this returns those
+        before it, drops the rest of the buffer and sets :attr:`needs_restart`.
+        """
         out: list[Delivery] = []
         buf = self._buffer
         while buf and len(out) < limit:
             msg = buf.popleft()
             seq, cseq, received, pending = _parse_ack_reply(msg.reply)
-            # With AckPolicy.ALL one ack covers every earlier delivery, so a delivery the
-            # client dropped (slow consumer) must stop us before we acknowledge past it.
-            if self._last_cseq and cseq > self._last_cseq + 1:
-                raise DeliveryGapError(self._last_cseq + 1, cseq)
-            self._last_cseq = max(self._last_cseq, cseq)
+            # With AckPolicy.ALL one ack covers every earlier delivery: acknowledging past
+            # a delivery that never reached us would lose it.
+            if cseq != self._last_cseq + 1:
+                _logger.warning(
+                    "delivery gap; the consumer will restart",
+                    consumer=self._durable,
+                    expected=self._last_cseq + 1,
+                    got=cseq,
+                )
+                self._broken = True
+                buf.clear()
+                break
+            self._last_cseq = cseq
             headers = msg.headers
             out.append(
                 Delivery(
@@ -310,6 +455,7 @@ class EventFeed:
                 )
             )
             self._last_taken = msg
+            self._taken_through = max(self._taken_through, seq)
         if not buf:
             self._ready.clear()
         return out
@@ -326,23 +472,39 @@ class EventFeed:
         return _parse_ack_reply(self._buffer[0].reply)[2]
 
     async def wait(self) -> None:
-        """Return when deliveries are buffered."""
+        """Return when deliveries are buffered (or :attr:`needs_restart` may have turned)."""
         await self._ready.wait()
 
     async def ack_taken(self) -> None:
-        """Acknowledge every delivery handed out by :meth:`take` so far (one message)."""
+        """Acknowledge every delivery handed out by :meth:`take` so far (one message).
+
+        Call it only once they are all committed: :meth:`restart` resumes past them.
+
+        Raises:
+            BrokerError: the connection to NATS is closed for good.
+        """
         last = self._last_taken
         if last is None:
             return
         self._last_taken = None
-        await self._nc.publish(last.reply, b"+ACK")
+        self._acked_through = max(self._acked_through, self._taken_through)
+        if not self._nc.is_connected and not self._nc.is_closed:
+            # It would wait in the client's outgoing buffer, which a long outage can fill.
+            # Once reconnected, needs_restart is true, and restart() resumes past it.
+            return
+        try:
+            await self._nc.publish(last.reply, b"+ACK")
+        except nats.errors.ConnectionClosedError as e:
+            raise BrokerError(
+                f"cannot acknowledge to consumer {self._durable!r}: the connection to NATS "
+                "is closed"
+            ) from e
+        except nats.errors.Error:
+            self._broken = True
 
     async def stop(self) -> None:
         """Stop receiving; the durable consumer stays on the broker. Idempotent."""
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        await self._close_subscription()
 
 
 class _Acks:
@@ -413,6 +575,8 @@ class Publisher:
         """
         if not transitions:
             return
+        await self._connected()
+        reconnects = self._nc.stats["reconnects"]
         token = str(next(self._ids))
         acks = self._batches[token] = _Acks(len(transitions))
         reply = f"{self._prefix}.{token}"
@@ -425,7 +589,16 @@ class Publisher:
                     headers={"Nats-Msg-Id": t.msg_id},
                 )
             with anyio.fail_after(self._timeout):
-                await acks.done.wait()
+                while not acks.done.is_set():
+                    with anyio.move_on_after(_CONNECTION_CHECK):
+                        await acks.done.wait()
+                    if self._nc.stats["reconnects"] != reconnects or not self._nc.is_connected:
+                        # What was on its way when the connection dropped is lost, with
+                        # its answers: no use waiting for them.
+                        raise PublishError(
+                            f"the connection to NATS dropped with {acks.acked} of "
+                            f"{len(transitions)} transitions confirmed"
+                        )
         except TimeoutError as e:
             raise PublishError(
                 f"the broker confirmed {acks.acked} of {len(transitions)} transitions "
@@ -440,6 +613,21 @@ class Publisher:
                 f"the broker refused {len(acks.errors)} of {len(transitions)} transitions: "
                 f"{acks.errors[0]}"
             )
+
+    async def _connected(self) -> None:
+        """Return once the client is connected; publishing meanwhile would only fill its
+        outgoing buffer.
+
+        Raises:
+            PublishError: not connected within the timeout, or the connection is closed.
+        """
+        with anyio.move_on_after(self._timeout):
+            while not self._nc.is_connected:
+                if self._nc.is_closed:
+                    raise PublishError("the connection to NATS is closed")
+                await anyio.sleep(_CONNECTION_CHECK)
+            return
+        raise PublishError(f"not connected to NATS for {self._timeout:g} s")
 
     async def publish_rejection(
         self,
@@ -471,6 +659,7 @@ class Publisher:
         headers = None
         if stream_sequence is not None:
             headers = {"Nats-Msg-Id": f"rejected:{stream_sequence}:{received}"}
+        await self._connected()
         try:
             await self._js.publish(
                 REJECTED_SUBJECT,

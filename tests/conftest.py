@@ -82,6 +82,17 @@ class NatsServer:
                 self.proc.wait()
         self.proc = None
 
+    def restart(self, *, kill: bool = False, down: float = 0.0) -> None:
+        """Stop the server and start it again on the same port with the same JetStream
+        store, after ``down`` seconds. ``kill`` stops it as a crash would (SIGKILL), not
+        cleanly. It blocks: call it in a worker thread from async code."""
+        if kill and self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stop()
+        time.sleep(down)
+        self.start()
+
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
