@@ -267,8 +267,8 @@ class Engine:
         snapshots plus the log tail after them, or from the whole log (``use_snapshots``).
 
         :meth:`run` does this itself (or, after this, starts from what it loaded); call it
-        on an engine that is not running to read a store's state offline. Memberships that changed definitions alter are committed to
-        the outbox (not published).
+        on an engine that is not running to read a store's state offline. Memberships that
+        changed definitions alter are committed to the outbox (published once it runs).
 
         Raises:
             StoreError: the store cannot be read or written.
