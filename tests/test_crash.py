@@ -93,8 +93,9 @@ MIN_KILLS_SERVING = 5
 MAX_KILLS = 40
 KILL_AFTER = (0.2, 2.5)
 """Seconds between starting the engine and killing it: some kills land in start-up and
-rebuild, most while it ingests and fires deadlines. Half the kills then wait for the engine's
-next write to its store, to land inside a transaction or just after one."""
+rebuild, most while it ingests and fires deadlines. A third of the kills then wait for the
+engine's next write to its store, and a third for its next acknowledgement, to land where a
+wrong order of commit and acknowledgement would lose or repeat events."""
 CONSUMER = "crash-check"
 
 _event_decoder = msgspec.msgpack.Decoder(Event)
@@ -217,6 +218,23 @@ async def next_write(data: Path, limit: float) -> None:
     with anyio.move_on_after(limit):
         while wal_state(data) == before:
             await anyio.sleep(0.0005)
+
+
+async def next_ack(js: JetStreamContext, limit: float) -> None:
+    """Return as soon as the broker records a new acknowledgement from the engine (or after
+    ``limit`` seconds): an event acknowledged before it was committed would then be lost."""
+
+    async def floor() -> int | None:
+        try:
+            info = await js.consumer_info(EVENTS_STREAM, "shoal-engine")
+        except (TimeoutError, nats.errors.Error):
+            return None  # being recreated by a start, or a slow answer: look again
+        return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+
+    before = await floor()
+    with anyio.move_on_after(limit):
+        while await floor() == before:
+            pass
 
 
 async def exited(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -425,8 +443,11 @@ async def test_sigkill_at_random_moments_loses_nothing(
                     await stop_cleanly(runs, rng.uniform(*KILL_AFTER))
                     continue
                 await anyio.sleep(rng.uniform(*KILL_AFTER))
-                if rng.random() < 0.5:
+                trigger = rng.random()
+                if trigger < 1 / 3:
                     await next_write(runs.data, 0.5)
+                elif trigger < 2 / 3:
+                    await next_ack(js, 0.5)
                 n = len(runs.procs) - 1
                 assert proc.poll() is None, (
                     f"engine run {n} ended by itself with status {proc.returncode}\n"
