@@ -76,6 +76,9 @@ _transition_decoder = msgspec.json.Decoder(Transition)
 
 _MAX_IDLE = 1.0
 """Seconds the loop sleeps at most, so retries and a lifted time floor are not missed."""
+_FENCE_RETRY = 0.01
+"""Seconds before asking the broker again whether an event is on its way, while a deadline is
+due (a delivery that arrives meanwhile wakes the loop at once)."""
 _DEFINITION = DefinitionCause()
 
 
@@ -167,6 +170,8 @@ class Engine:
         self._outbox_space = anyio.Event()
         self._confirmed_through = 0  # the outbox position confirmed published so far
         self._backlog_cap: int | None = None
+        # Every event the broker stored before this instant has reached the feed (fence()).
+        self._fenced = -NEVER
         self._catch_up = 0
         self._publisher: Publisher | None = None
         self._feed: EventFeed | None = None
@@ -769,6 +774,20 @@ class Engine:
 
     async def _fire_due(self, feed: EventFeed) -> bool:
         floor = self._time_floor(feed)
+        nxt = self._timers.next()
+        if nxt is None or nxt > floor:
+            return False
+        if self._backlog_cap is None and self._fenced - 1 < floor:
+            # Caught up as far as the feed knows, but an event stored by the broker just
+            # before the deadline may still be on its way: ask the broker. (While behind,
+            # the backlog cap already keeps deadlines before the next event to apply.)
+            asked = self._clock.now()
+            if await feed.fence():
+                self._fenced = max(self._fenced, asked)
+            # Deliveries that came in while the broker answered hold the floor back too.
+            floor = min(self._time_floor(feed), self._fenced - 1)
+            if nxt > floor:
+                return False
         due = self._timers.pop_due(floor, self._config.fire_batch)
         if not due:
             return False
@@ -904,7 +923,12 @@ class Engine:
 
     async def _idle(self, feed: EventFeed) -> None:
         wake_at = self._timers.next()
-        with anyio.move_on_after(_MAX_IDLE) as quiet:
+        unfenced = (
+            wake_at is not None
+            and self._backlog_cap is None
+            and self._fenced <= wake_at <= self._clock.now()
+        )
+        with anyio.move_on_after(_FENCE_RETRY if unfenced else _MAX_IDLE) as quiet:
             async with anyio.create_task_group() as tg:
 
                 async def on_delivery() -> None:
@@ -921,9 +945,14 @@ class Engine:
 
                 tg.start_soon(on_delivery)
                 tg.start_soon(on_request)
-                if wake_at is not None and self._backlog_cap is None:
+                if wake_at is not None and self._backlog_cap is None and not unfenced:
                     tg.start_soon(on_deadline, wake_at)
-        if quiet.cancelled_caught and not feed.buffered and self._backlog_cap is not None:
+        if (
+            quiet.cancelled_caught
+            and not unfenced
+            and not feed.buffered
+            and self._backlog_cap is not None
+        ):
             # A whole idle period without a delivery: nothing counted at start is still on
             # its way (deliveries take milliseconds), so deadlines need not wait any longer.
             self._catch_up = 0

@@ -358,6 +358,8 @@ class EventFeed:
         # started (in case the consumer itself was lost): all of that is committed.
         start = max(floor or 0, self._acked_through) + 1
         start = self._resume_from = max(start, self._resume_from)
+        # Nothing before the start is ours to receive (see fence()).
+        self._taken_through = max(self._taken_through, start - 1)
         self._deliver = self._nc.new_inbox()
         config = ConsumerConfig(
             ack_policy=AckPolicy.ALL,
@@ -470,6 +472,30 @@ class EventFeed:
         if not self._buffer:
             return None
         return _parse_ack_reply(self._buffer[0].reply)[2]
+
+    async def fence(self, *, timeout: float = 2.0) -> bool:
+        """Whether every event the broker had stored when this was called has reached this
+        feed (taken, or in the buffer), asking the broker once.
+
+        The broker stamps an event when it stores it, but the event reaches the engine a
+        little later: until it has, a deadline past its stamp must not fire (it would fire
+        ahead of the event). A true answer rules that out for every instant before the call.
+        Never raises: when the broker cannot answer (disconnected, slow), the answer is no.
+        """
+        if self._sub is None or not self._nc.is_connected or self.needs_restart:
+            return False
+        try:
+            info = await self._js.consumer_info(EVENTS_STREAM, self._durable, timeout=timeout)
+        except (TimeoutError, nats.errors.Error):
+            return False
+        if info.num_pending:
+            return False  # stored, not yet sent to us
+        delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
+        received = self._taken_through
+        if self._buffer:
+            received = max(received, _parse_ack_reply(self._buffer[-1].reply)[0])
+        # Sent to us but not yet through the callback (it runs apart from this reply): no.
+        return delivered <= received
 
     async def wait(self) -> None:
         """Return when deliveries are buffered (or :attr:`needs_restart` may have turned)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from datetime import datetime
@@ -20,6 +22,7 @@ from protocol import (
     SECOND,
     BrokerError,
     DefinitionCause,
+    Event,
     EventCause,
     Publisher,
     PublishError,
@@ -467,3 +470,57 @@ async def test_publish_refused_without_a_stream_is_an_error(
         "(503 no responders)"
     )
     await publisher.close()
+
+
+async def _delayed_proxy(target: int, delay: float) -> tuple[asyncio.Server, int]:
+    """A TCP proxy to ``target`` that holds broker-to-engine bytes for ``delay`` seconds
+    (in order), as a busy network or event loop would."""
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, hold: float) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ConnectionError):
+            while data := await r.read(65536):
+                if hold:
+                    loop.call_later(hold, w.write, data)  # one delay for all: order kept
+                else:
+                    w.write(data)
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", target)
+        try:
+            await asyncio.gather(pipe(cr, sw, 0), pipe(sr, cw, delay))
+        finally:
+            sw.close()
+            cw.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_a_deadline_waits_for_an_event_the_broker_stored_before_it(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    """The second visit is stored 0.4 s after the first, but reaches the engine 0.7 s later:
+    the first visit's deadline (1 s) must wait for it, not fire ahead of it."""
+    server, port = await _delayed_proxy(nats_server.port, 0.7)
+    seen = await collect(client, "shoal.segments.>")
+    rule = segments("[segments.idle]\nrule = \"since_last('Visit') >= '1s'\"\n")
+    try:
+        async with running_engine(f"nats://127.0.0.1:{port}", tmp_path / "shoal.db", rule):
+            await client.publish("shoal.events.alice", track("alice", mid="v1"))
+            await anyio.sleep(0.4)
+            await client.publish("shoal.events.alice", track("alice", mid="v2"))
+            await eventually(lambda: len(seen.msgs) >= 1, 15)
+            await anyio.sleep(0.5)
+    finally:
+        server.close()
+    async with await EventLog.open(tmp_path / "shoal.db") as log:
+        logged = [
+            msgspec.msgpack.decode(e.body, type=Event)
+            for chunk in [c async for c in log.read_events()]
+            for e in chunk
+        ]
+    v1, v2 = (e.received for e in logged)
+    assert v2 < v1 + SECOND, "the second visit came too late to test anything"
+    assert summary(seen.transitions()) == [("alice", "idle", "entered", TimeCause(), 1)]
+    assert to_instant(seen.transitions()[0].at) == v2 + SECOND
