@@ -168,7 +168,10 @@ class Runs:
         with log.open("wb") as err:
             proc = subprocess.Popen(
                 [*SHOAL, "serve", "--nats", self.url, "--data-dir", str(self.data)]
-                + ["--segments", str(self.segments)],
+                + ["--segments", str(self.segments)]
+                # Rounds of snapshots complete within a run, so kills land before, during
+                # and after them, and restarts load snapshots plus a tail of the log.
+                + ["--snapshot-interval", "0.3"],
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
