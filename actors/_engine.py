@@ -772,12 +772,22 @@ class Engine:
             floor = self._horizon - 1
         return floor
 
+    def _confirmed(self, feed: EventFeed) -> int:
+        """The latest instant before which no event can still be on its way to the feed.
+
+        The broker stamps events in stream order, so one still on its way is stamped no
+        earlier than the latest that arrived; and at the last successful fence, none was on
+        its way at all. While events flow, the first bound moves with them, and no request
+        is needed.
+        """
+        return max(self._fenced, feed.received_through) - 1
+
     async def _fire_due(self, feed: EventFeed) -> bool:
         floor = self._time_floor(feed)
         nxt = self._timers.next()
         if nxt is None or nxt > floor:
             return False
-        if self._backlog_cap is None and self._fenced - 1 < floor:
+        if self._backlog_cap is None and nxt > self._confirmed(feed):
             # Caught up as far as the feed knows, but an event stored by the broker just
             # before the deadline may still be on its way: ask the broker. (While behind,
             # the backlog cap already keeps deadlines before the next event to apply.)
@@ -785,7 +795,7 @@ class Engine:
             if await feed.fence():
                 self._fenced = max(self._fenced, asked)
             # Deliveries that came in while the broker answered hold the floor back too.
-            floor = min(self._time_floor(feed), self._fenced - 1)
+            floor = min(self._time_floor(feed), self._confirmed(feed))
             if nxt > floor:
                 return False
         due = self._timers.pop_due(floor, self._config.fire_batch)
@@ -926,7 +936,7 @@ class Engine:
         unfenced = (
             wake_at is not None
             and self._backlog_cap is None
-            and self._fenced <= wake_at <= self._clock.now()
+            and self._confirmed(feed) < wake_at <= self._clock.now()
         )
         with anyio.move_on_after(_FENCE_RETRY if unfenced else _MAX_IDLE) as quiet:
             async with anyio.create_task_group() as tg:

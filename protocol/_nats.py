@@ -229,6 +229,7 @@ class EventFeed:
         self._broken = False
         self._last_taken: Msg | None = None
         self._last_cseq = 0
+        self._last_stamp = -(1 << 62)  # the broker's stamp of the latest delivery taken
         self._taken_through = 0
         self._acked_through = 0
         self._resume_from = 1
@@ -458,6 +459,7 @@ class EventFeed:
             )
             self._last_taken = msg
             self._taken_through = max(self._taken_through, seq)
+            self._last_stamp = max(self._last_stamp, received)
         if not buf:
             self._ready.clear()
         return out
@@ -466,6 +468,15 @@ class EventFeed:
     def buffered(self) -> int:
         """How many deliveries are waiting in the buffer."""
         return len(self._buffer)
+
+    @property
+    def received_through(self) -> int:
+        """The broker's stamp of the latest delivery that reached this feed (taken or in the
+        buffer). The broker stamps in stream order, so every event still on its way to this
+        feed is stamped no earlier."""
+        if self._buffer:
+            return max(self._last_stamp, _parse_ack_reply(self._buffer[-1].reply)[2])
+        return self._last_stamp
 
     def oldest_buffered_received(self) -> int | None:
         """The receive instant of the oldest buffered delivery, if any."""
