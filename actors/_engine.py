@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -470,9 +470,10 @@ class Engine:
             snap = snaps.get(customer_id)
             c = self._from_snapshot(snap) if snap is not None else None
             if c is None:
-                if snap is not None or customer_id in tail_events or customer_id in tail_outbox:
-                    from_log.append(customer_id)
-                continue  # else unknown: a new customer
+                # No usable snapshot. Most often a new customer, but the log has the last
+                # word (a snapshot may have been lost): rebuild from what it holds, if any.
+                from_log.append(customer_id)
+                continue
             for e in tail_events.get(customer_id, ()):
                 if e.seq > snap.log_seq:  # type: ignore[union-attr]
                     c.fold(_event_decoder.decode(e.body), segments)
@@ -481,11 +482,17 @@ class Engine:
                     c.restore((_transition_decoder.decode(o.body),))
             self._customers[customer_id] = c
             self._touch(c)
-        return await self._load_from_log(from_log)
+        return await self._load_from_log(from_log, known=snaps.keys())
 
-    async def _load_from_log(self, customer_ids: list[str]) -> list[Transition]:
+    async def _load_from_log(
+        self, customer_ids: list[str], *, known: Collection[str] = ()
+    ) -> list[Transition]:
         """Rebuild these customers from their events and transitions alone, evaluate them,
-        and return the transitions that made (to commit)."""
+        and return the transitions that made (to commit).
+
+        One with neither is left out (a new customer, which its first event creates), unless
+        it is ``known`` (it had a snapshot: a static list's customer without events).
+        """
         if not customer_ids:
             return []
         segments = self._segments
@@ -499,6 +506,8 @@ class Engine:
         changed: list[Transition] = []
         for c in fresh.values():
             if c.version == 0 and c.first_at() is None:
+                if c.customer_id not in known:
+                    continue
                 c.watermark = now  # known from a static list only: as when it was added
             self._customers[c.customer_id] = c
             changed += c.evaluate(segments, _DEFINITION)
@@ -525,7 +534,7 @@ class Engine:
         else:
             self._cursor = (rows[-1].deadline, rows[-1].customer_id)
             self._horizon = rows[-1].deadline
-        return await self._load_from_log(bad)
+        return await self._load_from_log(bad, known=bad)
 
     async def _load_all(self) -> list[Transition]:
         changed: list[Transition] = []
