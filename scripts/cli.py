@@ -36,6 +36,7 @@ from protocol import (
 )
 from store import EventLog, StoreError
 
+from ._errors import UsageError
 from ._logging import configure_logging
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -44,10 +45,6 @@ _POLL = 1.0
 _SETTLE = 0.1
 """Seconds a changed segments file must hold still before it is read (not half-written)."""
 _USER_ERRORS = (ActorsError, ProtocolError, StoreError)
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported as one line, exit status 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
