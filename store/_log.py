@@ -127,10 +127,11 @@ class EventLog:
     store at a time (an advisory lock beside the file enforces it).
     """
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, lock_fd: int) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, lock_fd: int | None) -> None:
         self._db = db
         self._path = path
-        self._lock_fd: int | None = lock_fd
+        self._lock_fd = lock_fd
+        self._closed = False
         self._last_outbox_seq = 0
         self._last_event_seq = 0
         self._published_through = 0
@@ -169,6 +170,51 @@ class EventLog:
             await log.close()
             raise
         return log
+
+    @classmethod
+    async def open_read_only(cls, path: Path) -> EventLog:
+        """Open an existing store for reading only, even while an engine writes to it.
+
+        No lock is taken: in WAL mode a reader sees the last committed state and never
+        blocks the writer. Replays, exports and history queries use this. Writing to it
+        raises :class:`StoreError`.
+
+        Raises:
+            StoreFormatError: it was written by an incompatible version.
+            StoreError: there is no store at ``path``, or it cannot be read.
+        """
+        if not path.is_file():
+            raise StoreError(f"no event log at {path}")
+        try:
+            db = await aiosqlite.connect(
+                path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {path}: {e}") from e
+        log = cls(db, path, None)
+        try:
+            await log._init_read_only()
+        except BaseException:
+            await log.close()
+            raise
+        return log
+
+    async def _init_read_only(self) -> None:
+        try:
+            meta = await self._meta()
+            version = int(meta.get("schema_version", 0))
+            # Version 1 lacks only the snapshots table, which readers of events do not need.
+            if version not in (1, SCHEMA_VERSION):
+                raise StoreFormatError(self._path, version, SCHEMA_VERSION)
+            async with self._db.execute("SELECT coalesce(max(seq), 0) FROM transitions") as cur:
+                row = await cur.fetchone()
+            self._last_outbox_seq = int(row[0]) if row else 0
+            async with self._db.execute("SELECT coalesce(max(seq), 0) FROM events") as cur:
+                row = await cur.fetchone()
+            self._last_event_seq = int(row[0]) if row else 0
+            self._published_through = int(meta.get("published_through", 0))
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read {self._path}: {e}") from e
 
     async def _init(self, synchronous: Synchronous) -> None:
         try:
@@ -225,13 +271,15 @@ class EventLog:
 
     async def close(self) -> None:
         """Close the database and release the lock. Idempotent."""
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is None:
+        if self._closed:
             return
+        self._closed = True
+        fd, self._lock_fd = self._lock_fd, None
         try:
             await self._db.close()
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     async def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which of these ``(customer_id, message_id)`` pairs the log already holds."""

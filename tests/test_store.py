@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 
 from store import (
+    NEVER,
     SCHEMA_VERSION,
     EventLog,
     LoggedEvent,
     OutboxEntry,
+    Snapshot,
+    SnapshotMarks,
     StoreError,
     StoreFormatError,
     StoreLockedError,
@@ -350,3 +353,94 @@ async def test_a_version_written_twice_is_an_error_and_writes_nothing(
     got = await all_transitions(log)
     assert [(t.segment, t.published) for t in got] == [("active", True)]
     assert await log.count_events() == 0
+
+
+# --- reading beside a writer --------------------------------------------------------------
+
+
+async def test_read_only_sees_what_the_writer_committed_without_its_lock(
+    log: EventLog, path: Path
+) -> None:
+    await log.commit([ev("a", "1")], [tr("a", 1)])
+    async with await EventLog.open_read_only(path) as reader:
+        assert [e.message_id for e in await all_events(reader)] == ["1"]
+        await log.commit([ev("a", "2")])  # the writer goes on meanwhile
+        assert [e.message_id for e in await all_events(reader)] == ["1", "2"]
+        assert reader.last_outbox_seq == 1
+        with pytest.raises(StoreError, match="cannot write to"):
+            await reader.commit([ev("b", "1")])
+
+
+async def test_read_only_of_a_missing_store_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError) as e:
+        await EventLog.open_read_only(tmp_path / "nope.db")
+    assert str(e.value) == f"no event log at {tmp_path / 'nope.db'}"
+    assert not (tmp_path / "nope.db").exists()
+
+
+# --- snapshots ----------------------------------------------------------------------------
+
+
+def snap(customer_id: str, deadline: int, body: bytes = b"s", log_seq: int = 0) -> Snapshot:
+    return Snapshot(
+        customer_id=customer_id,
+        format=1,
+        needs="n",
+        log_seq=log_seq,
+        deadline=deadline,
+        body=body,
+    )
+
+
+async def test_snapshots_replace_each_other_and_page_in_deadline_order(log: EventLog) -> None:
+    await log.commit([], snapshots=[snap("c", 30), snap("a", 20), snap("b", NEVER), snap("d", 20)])
+    await log.commit([], snapshots=[snap("c", 10, b"newer")])
+    assert await log.count_snapshots() == 4
+    first = await log.page_snapshots(None, 2)
+    assert [(s.customer_id, s.deadline, s.body) for s in first] == [
+        ("c", 10, b"newer"),
+        ("a", 20, b"s"),
+    ]
+    rest = await log.page_snapshots((first[-1].deadline, first[-1].customer_id), 10)
+    assert [s.customer_id for s in rest] == ["d", "b"]
+    assert sorted(s.customer_id for s in await log.snapshots_of(["b", "zz", "a"])) == ["a", "b"]
+
+
+async def test_snapshot_marks_survive_reopening(path: Path) -> None:
+    marks = SnapshotMarks(events_through=2, outbox_through=1, definitions="d", needs="n")
+    async with await EventLog.open(path) as log:
+        assert log.snapshot_marks is None
+        await log.commit([ev("a", "1"), ev("a", "2")], [tr("a", 1)])
+        await log.commit([], snapshots=[snap("a", 5, log_seq=2)], marks=marks)
+        assert log.snapshot_marks == marks
+    async with await EventLog.open(path) as log:
+        assert log.snapshot_marks == marks
+        assert (log.last_event_seq, log.last_outbox_seq) == (2, 1)
+
+
+async def test_tail_and_per_customer_reads(log: EventLog) -> None:
+    await log.commit([ev("a", "1"), ev("b", "1"), ev("a", "2")], [tr("a", 1), tr("b", 1)])
+    await log.commit([ev("b", "2")], [tr("a", 2)])
+    tail = [e async for part in log.read_events(after=2) for e in part]
+    assert [(e.seq, e.customer_id, e.message_id) for e in tail] == [(3, "a", "2"), (4, "b", "2")]
+    outbox = [t async for part in log.read_outbox(after=1) for t in part]
+    assert [(t.seq, t.customer_id, t.version) for t in outbox] == [(2, "b", 1), (3, "a", 2)]
+    assert [e.message_id for e in await log.customer_events(["a"])] == ["1", "2"]
+    assert [(t.customer_id, t.version) for t in await log.customer_transitions(["b", "a"])] == [
+        ("a", 1),
+        ("a", 2),
+        ("b", 1),
+    ]
+
+
+async def test_a_version_1_store_is_upgraded_in_place(path: Path) -> None:
+    async with await EventLog.open(path) as log:
+        await log.commit([ev("a", "1")])
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("DROP TABLE snapshots")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        db.commit()
+    async with await EventLog.open(path) as log:
+        assert [e.message_id for e in await all_events(log)] == ["1"]
+        assert await log.count_snapshots() == 0
+    assert schema_version(path) == str(SCHEMA_VERSION)
