@@ -12,6 +12,7 @@ from ._engine import EngineConfig as EngineConfig
 from ._engine import EngineStats as EngineStats
 from ._errors import ActorsError as ActorsError
 from ._errors import DefinitionError as DefinitionError
+from ._replay import Replay as Replay
 from ._replay import replay as replay
 from ._rules import Rule as Rule
 from ._rules import parse_duration as parse_duration
@@ -30,6 +31,7 @@ __all__ = (
     "Engine",
     "EngineConfig",
     "EngineStats",
+    "Replay",
     "Rule",
     "Segment",
     "SegmentSet",

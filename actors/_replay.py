@@ -2,8 +2,9 @@
 
 The clock follows the events' receive instants, as the live engine's time floor does: before
 an event is applied, every deadline before its receive instant fires (each at its own
-instant), then the event is applied. This is the code path of the live engine without NATS
-and SQLite, so it is what backtests and property tests hold to the specification.
+instant, all customers' deadlines in time order), then the event is applied. This is the
+code path of the live engine without NATS and SQLite, so it is what backtests and property
+tests hold to the specification.
 """
 
 from __future__ import annotations
@@ -19,37 +20,104 @@ from ._timers import TimerQueue
 _ALL = 1 << 62
 
 
+class Replay:
+    """A replay under way: feed it events in log order, and it returns their transitions.
+
+    :func:`replay` is the one-call form. Use this class when events arrive in pieces (read
+    from a store, say) or to look at the state between events. Nothing is read from a clock:
+    the replay's clock is the latest receive instant it was given, or the instant it was
+    advanced to.
+
+    The transitions of one customer are exactly those a live engine publishes for the same
+    log: same segments, changes, ``at``, causes and versions. Across customers they come in
+    the replay's order: each event's own, and deadlines in time order between events.
+    Customers of static lists who have no events are not replayed (the live engine adds
+    them when it starts, with cause ``definition``).
+    """
+
+    __slots__ = ("segments", "_customers", "_timers", "_now")
+
+    def __init__(self, segments: SegmentSet) -> None:
+        self.segments = segments
+        self._customers: dict[str, Customer] = {}
+        self._timers = TimerQueue()
+        self._now: int | None = None
+
+    @property
+    def now(self) -> int | None:
+        """The clock: up to here every deadline has fired (None before the first event)."""
+        return self._now
+
+    @property
+    def customers(self) -> int:
+        """How many customers the replay holds."""
+        return len(self._customers)
+
+    def customer(self, customer_id: str) -> Customer | None:
+        """The actor of ``customer_id``, if it has had an event (read it, don't change it)."""
+        return self._customers.get(customer_id)
+
+    def apply(self, event: Event) -> list[Transition]:
+        """Fire the deadlines before ``event.received``, then apply the event.
+
+        A deadline at the event's very instant is evaluated together with the event, as the
+        live engine does (SEGMENTS.md). An event received before the clock (logs may hold a
+        few out of receive order) does not move it back.
+        """
+        out = self._fire(event.received - 1)
+        c = self._customers.get(event.customer_id)
+        if c is None:
+            c = self._customers[event.customer_id] = Customer(event.customer_id)
+        out += c.apply(event, self.segments)
+        self._timers.set(c.customer_id, c.deadline)
+        return out
+
+    def advance(self, until: int) -> list[Transition]:
+        """Run the clock on to ``until`` (microseconds since the epoch), firing every
+        deadline at or before it, each at its own instant."""
+        return self._fire(until)
+
+    def _fire(self, upto: int) -> list[Transition]:
+        if self._now is None or upto > self._now:
+            self._now = upto
+        out: list[Transition] = []
+        timers, customers, segments = self._timers, self._customers, self.segments
+        # One instant at a time, so the transitions of different customers come in time
+        # order; each customer fires only the deadline at that instant.
+        while (instant := timers.next()) is not None and instant <= upto:
+            for customer_id in timers.pop_due(instant, _ALL):
+                c = customers[customer_id]
+                out += c.advance(instant, segments)
+                timers.set(customer_id, c.deadline)
+        return out
+
+
 def replay(
     events: Iterable[Event], segments: SegmentSet, *, until: int | None = None
 ) -> Iterator[Transition]:
     """The transitions that ``events`` (in log order) cause under ``segments``.
 
+    It runs the live engine's actor and rule code on a virtual clock that follows the
+    events' receive instants: before each event, every deadline before its receive instant
+    fires at its own instant; then the event applies. For an event log a live engine
+    ingested, each customer's transitions equal those the engine published, except ones
+    whose ``at`` is past both the last event and ``until``. The same events and definitions
+    give the same transitions in the same order, in any process.
+
     Args:
-        events: validated events in the order they were received.
+        events: validated events in the order they were received (for a log:
+            ``msgspec.msgpack.Decoder(protocol.Event)`` over ``LoggedEvent.body`` in log
+            order).
         segments: the definitions to evaluate.
         until: after the last event, run the clock on to this instant (microseconds since the
-            epoch), firing the deadlines due by then.
+            epoch), firing the deadlines due by then. None: stop at the last event.
 
     Yields:
-        Transitions in the order a live engine would publish them.
+        Transitions as the clock reaches them: each event's own, and between events the
+        deadlines that fell due, in time order. See :class:`Replay` to feed events in pieces.
     """
-    customers: dict[str, Customer] = {}
-    timers = TimerQueue()
-
-    def fire(upto: int) -> Iterator[Transition]:
-        while due := timers.pop_due(upto, _ALL):
-            for customer_id in due:
-                c = customers[customer_id]
-                yield from c.advance(upto, segments)
-                timers.set(customer_id, c.deadline)
-
+    r = Replay(segments)
     for event in events:
-        # A deadline at the event's very instant is evaluated together with the event.
-        yield from fire(event.received - 1)
-        c = customers.get(event.customer_id)
-        if c is None:
-            c = customers[event.customer_id] = Customer(event.customer_id)
-        yield from c.apply(event, segments)
-        timers.set(c.customer_id, c.deadline)
+        yield from r.apply(event)
     if until is not None:
-        yield from fire(until)
+        yield from r.advance(until)
