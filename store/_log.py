@@ -580,6 +580,53 @@ class EventLog:
             for r in rows
         ]
 
+    # History imports ------------------------------------------------------------------------
+
+    async def import_events(self, events: Sequence[LoggedEvent]) -> int:
+        """Append the events the log does not hold yet, in one transaction; return how many.
+
+        Unlike :meth:`commit`, an event whose ``(customer_id, message_id)`` is already logged,
+        or comes earlier in ``events``, is skipped rather than failing the write: imported
+        history may overlap what the log holds, and importing it twice adds nothing. The new
+        events get the next log positions, in the order given, as :meth:`commit` assigns
+        them. The outbox, the snapshots and their marks are left alone, so an engine started
+        afterwards finds these events in the tail after its last round of snapshots.
+
+        Args:
+            events: log entries (``seq`` is ignored); tens of thousands per call keep a large
+                import fast.
+
+        Returns:
+            How many of ``events`` were new (the others were repeats).
+
+        Raises:
+            StoreError: nothing was written.
+        """
+        if not events:
+            return 0
+        db = self._db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                # No seq given: SQLite assigns one past the largest, which is what commit()
+                # does (this process holds the only writer's lock, so that is _last_event_seq).
+                cur = await db.executemany(
+                    "INSERT OR IGNORE INTO events (customer_id, message_id, at, body) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(e.customer_id, e.message_id, e.at, e.body) for e in events],
+                )
+                added = cur.rowcount
+                async with db.execute("SELECT coalesce(max(seq), 0) FROM events") as cur:
+                    row = await cur.fetchone()
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write to {self._path}: {e}") from e
+        self._last_event_seq = int(row[0]) if row else 0
+        return int(added)
+
 
 def _chunks(ids: Iterable[str], size: int = 500) -> Iterator[list[str]]:
     """Lists of up to ``size`` ids: well under SQLite's limit on bound parameters."""

@@ -444,3 +444,48 @@ async def test_a_version_1_store_is_upgraded_in_place(path: Path) -> None:
         assert [e.message_id for e in await all_events(log)] == ["1"]
         assert await log.count_snapshots() == 0
     assert schema_version(path) == str(SCHEMA_VERSION)
+
+
+# --- history imports ----------------------------------------------------------------------
+
+
+async def test_import_skips_repeats_and_counts_the_new_events(log: EventLog) -> None:
+    await log.commit([ev("a", "1"), ev("b", "1")], [tr("a", 1)])
+    added = await log.import_events(
+        [ev("a", "1", body=b"other"), ev("a", "2"), ev("c", "1"), ev("a", "2", body=b"again")]
+    )
+    assert added == 2
+    logged = await all_events(log)
+    # Positions follow on from the log, in the order given; the first of a repeat wins.
+    assert [(e.seq, e.customer_id, e.message_id, e.body) for e in logged] == [
+        (1, "a", "1", b"a/1"),
+        (2, "b", "1", b"b/1"),
+        (3, "a", "2", b"a/2"),
+        (4, "c", "1", b"c/1"),
+    ]
+    assert log.last_event_seq == 4
+    assert await log.import_events([ev("a", "2"), ev("c", "1")]) == 0
+    assert await log.import_events([]) == 0
+    assert log.last_event_seq == 4
+
+
+async def test_import_leaves_outbox_and_snapshot_marks_alone(path: Path) -> None:
+    marks = SnapshotMarks(events_through=1, outbox_through=1, definitions="d", needs="n")
+    async with await EventLog.open(path) as log:
+        await log.commit([ev("a", "1")], [tr("a", 1)], 1, snapshots=[snap("a", 5, log_seq=1)])
+        await log.commit([], marks=marks)
+        assert await log.import_events([ev("b", "1", at=7)]) == 1
+        # commit goes on after the imported events.
+        await log.commit([ev("a", "2")])
+        assert (log.last_event_seq, log.last_outbox_seq, log.published_through) == (3, 1, 1)
+    async with await EventLog.open(path) as log:
+        assert log.snapshot_marks == marks
+        tail = [e async for part in log.read_events(after=marks.events_through) for e in part]
+        assert [(e.seq, e.customer_id, e.at) for e in tail] == [(2, "b", 7), (3, "a", 0)]
+
+
+async def test_import_is_refused_by_a_read_only_store(log: EventLog, path: Path) -> None:
+    async with await EventLog.open_read_only(path) as reader:
+        with pytest.raises(StoreError, match=f"^cannot write to {path}: "):
+            await reader.import_events([ev("a", "1")])
+    assert await log.count_events() == 0
