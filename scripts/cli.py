@@ -36,6 +36,7 @@ from protocol import (
 )
 from store import EventLog, StoreError
 
+from . import _import_cmd
 from ._errors import UsageError
 from ._logging import configure_logging
 
@@ -177,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = segs_sub.add_parser("validate", help="check a segments file, offline")
     validate.add_argument("file", type=Path, help="segments TOML file")
     validate.set_defaults(run=_validate)
+    _import_cmd.register(sub)
     return p
 
 
