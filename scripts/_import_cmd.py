@@ -127,7 +127,7 @@ def event_from_line(line: bytes, *, now: int) -> Event:
         raise InvalidEvent("invalid JSON") from None  # not reached: it refuses the line
     user = head.user_id
     if user == "":
-        raise InvalidEvent("field `userId` must not be empty")
+        raise InvalidEvent("invalid `userId`: a customer id cannot be empty")
     event = decode_event(
         line,
         event_subject(user) if isinstance(user, str) else _NOBODY,
@@ -136,7 +136,8 @@ def event_from_line(line: bytes, *, now: int) -> Event:
     )
     if head.timestamp is None:
         raise InvalidEvent(
-            "missing required field `timestamp`: imported history has no receive time to default to"
+            "missing required field `timestamp` (a file has no receive time: each event "
+            "needs its instant)"
         )
     return msgspec.structs.replace(event, received=event.at)
 

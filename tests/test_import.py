@@ -88,8 +88,8 @@ def test_import_reports_bad_lines_exactly_and_keeps_the_good_ones(tmp_path: Path
     assert err[:5] == [
         "line 2: invalid JSON: Input data was truncated; skipped",
         "line 3: missing required field `userId`; skipped",
-        "line 5: missing required field `timestamp`: imported history has no receive time to "
-        "default to; skipped",
+        "line 5: missing required field `timestamp` (a file has no receive time: each event "
+        "needs its instant); skipped",
         "line 7: unknown type 'page': expected 'track' or 'identify'; skipped",
         "line 8: missing required field `event` (the event name) on a track event; skipped",
     ]
@@ -254,11 +254,11 @@ def test_export_of_a_missing_store_is_one_line(tmp_path: Path) -> None:
             line(type="track", userId=7, event="Visit", timestamp=T1),
             "invalid event: Expected `str | null`, got `int` - at `$.userId`",
         ),
-        (visit(""), "field `userId` must not be empty"),
+        (visit(""), "invalid `userId`: a customer id cannot be empty"),
         (
             line(type="track", userId="a", event="Visit"),
-            "missing required field `timestamp`: imported history has no receive time to "
-            "default to",
+            "missing required field `timestamp` (a file has no receive time: each event "
+            "needs its instant)",
         ),
         (
             line(type="alias", userId="a", timestamp=T1),
