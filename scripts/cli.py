@@ -36,7 +36,7 @@ from protocol import (
 )
 from store import EventLog, StoreError
 
-from . import _history_cmd, _import_cmd
+from . import _history_cmd, _import_cmd, _replay_cmd
 from ._errors import UsageError
 from ._logging import configure_logging
 
@@ -180,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.set_defaults(run=_validate)
     _import_cmd.register(sub)
     _history_cmd.register(sub)
+    _replay_cmd.register(sub)
     return p
 
 
