@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import csv
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -308,7 +308,8 @@ class _Run:
     first_at: int | None = None
     last_received: int | None = None
     events: int = 0
-    late: int = 0
+    out_of_order: int = 0
+    """Events received before an event applied ahead of them (in a log: imported history)."""
     transitions: int = 0
     # Sizes: for grid step k (instant first_at/--from + k * every), the membership changes
     # since step k - 1, per segment. Sparse: only steps where something changed.
@@ -331,12 +332,13 @@ class _Run:
         until = self.options.until
         for event in events:
             if until is not None and event.received > until:
-                self.late += 1
-                continue
+                continue  # after the clock's end, as if not yet received
             if self.first_at is None:
                 self.first_at = event.at  # before its transitions: the grid starts here
             if self.last_received is None or event.received > self.last_received:
                 self.last_received = event.received
+            elif event.received < self.last_received:
+                self.out_of_order += 1
             self.events += 1
             self._emit(self.replay.apply(event))
 
@@ -380,31 +382,27 @@ class _Run:
             row = self.steps[k] = [0] * len(self.tallies)
         row[segment] += delta
 
-    def sizes(self, end: int | None) -> tuple[list[int], list[list[int]]]:
-        """The grid's instants up to ``end`` and the members of each segment at each."""
+    def sizes(self, end: int | None) -> Iterator[tuple[int, list[int]]]:
+        """Each instant of the grid up to ``end``, with the members of each segment then."""
         origin = self.origin
         if origin is None or end is None or end < origin:
-            return [], []
+            return
         every = self.options.every
         current = [0] * len(self.tallies)
-        instants: list[int] = []
-        rows: list[list[int]] = []
         for k in range((end - origin) // every + 1):
             for i, d in enumerate(self.steps.get(k, ())):
                 current[i] += d
-            instants.append(origin + k * every)
-            rows.append(list(current))
-        return instants, rows
+            yield origin + k * every, list(current)
 
 
 def write_sizes(
-    out: IO[str], names: Sequence[str], instants: Sequence[int], rows: Sequence[Sequence[int]]
+    out: IO[str], names: Sequence[str], sizes: Iterable[tuple[int, Sequence[int]]]
 ) -> None:
-    """Write sizes as CSV: a header ``instant,<segment>,...``, then one row per instant
-    (RFC 3339, UTC) with the members of each segment at that instant."""
+    """Write sizes as CSV: a header ``instant,<segment>,...``, then one row per
+    ``(instant, members of each segment)`` of ``sizes``, the instant in RFC 3339 UTC."""
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["instant", *names])
-    for instant, row in zip(instants, rows, strict=True):
+    for instant, row in sizes:
         w.writerow([format_instant(instant), *row])
 
 
@@ -529,15 +527,25 @@ async def run(args: argparse.Namespace) -> int:
             else:
                 await _replay_events(the_run, file_events, progress)
             end = await anyio.to_thread.run_sync(the_run.finish)
-        if sizes_out is not None or args.chart is not None:
-            instants, rows = the_run.sizes(end)
-            if sizes_out is not None:
-                write_sizes(sizes_out, segments.names, instants, rows)
-                sizes_out.flush()
-            if args.chart is not None:
-                await _chart(args.chart, segments.names, instants, rows)
+        if sizes_out is not None:
+            await anyio.to_thread.run_sync(
+                write_sizes, sizes_out, segments.names, the_run.sizes(end)
+            )
+            sizes_out.flush()
+        if args.chart is not None:
+            instants, rows = [], []
+            for instant, row in the_run.sizes(end):
+                instants.append(instant)
+                rows.append(row)
+            await _chart(args.chart, segments.names, instants, rows)
     to_stdout = "-" in (args.transitions, args.sizes)
     _summary(the_run, end, sys.stderr if to_stdout else sys.stdout)
+    if the_run.out_of_order:
+        print(
+            f"note: {the_run.out_of_order} event(s) of the log were received before events "
+            "logged ahead of them (imported history?); a replay applies events in log order",
+            file=sys.stderr,
+        )
     if skipped:
         print(f"{skipped} line(s) skipped", file=sys.stderr)
         return 1

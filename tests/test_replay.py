@@ -33,7 +33,7 @@ from protocol import (
 )
 from scripts import cli
 from scripts._replay_cmd import read_events_file, size_chart
-from store import EventLog
+from store import EventLog, LoggedEvent
 
 from .conftest import NatsServer, collect, eventually, running_engine, segments
 
@@ -497,3 +497,36 @@ def test_replay_in_pieces_equals_replay_in_one_call() -> None:
     assert r.now == until
     assert pieces == whole
     assert r.customers == len({e.customer_id for e in events})
+
+
+async def test_a_log_out_of_receive_order_replays_in_log_order_with_a_note(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "shoal.db"
+    t0 = to_instant(from_instant(0).replace(year=2026))
+    visits = [("bob", t0 + 4 * DAY), ("alice", t0 + 10 * HOUR)]  # alice's was received first
+    async with await EventLog.open(db) as log:
+        await log.commit(
+            [
+                LoggedEvent(customer_id=c, message_id=c, at=at, body=msgspec.msgpack.encode(
+                    Event(kind="track", customer_id=c, name="Visit", properties={}, traits={},
+                          at=at, received=at, message_id=c)
+                ))
+                for c, at in visits
+            ]
+        )  # fmt: skip
+    seg, tr = tmp_path / "s.toml", tmp_path / "t.jsonl"
+    seg.write_text(SMALL)
+    done = await shoal("replay", str(db), "--segments", str(seg), "--transitions", str(tr))
+    # The clock never goes back: alice's visit applies at bob's, then her deadlines fire.
+    assert [(t.customer_id, t.segment, t.change, format_instant(to_instant(t.at)))
+            for t in transitions_in(tr)] == [
+        ("bob", "active", "entered", "2026-01-05T00:00:00Z"),
+        ("alice", "active", "entered", "2026-01-01T10:00:00Z"),
+        ("alice", "active", "exited", "2026-01-02T10:00:00Z"),
+        ("alice", "idle", "entered", "2026-01-03T10:00:00Z"),
+    ]  # fmt: skip
+    assert done.stderr.decode().splitlines() == [
+        "note: 1 event(s) of the log were received before events logged ahead of them "
+        "(imported history?); a replay applies events in log order"
+    ]
