@@ -1,0 +1,344 @@
+"""Benchmark replay throughput: ``actors.replay`` over a generated history, default segments.
+
+1. Generates a history with ``scripts/generate.py`` (seeded: the same arguments give the same
+   events) and keeps it in memory as a list of ``protocol.Event`` in receive order. This is
+   not timed.
+2. Times ``actors.replay(events, load_segments(), until=end)``, where ``end`` is the end of
+   the generated period, consuming every transition (a counting loop, nothing else), with
+   ``time.perf_counter`` (wall) and ``time.process_time`` (CPU). The default segments are
+   parsed before the clock starts. Repeated ``--repeat`` times; each run starts from no
+   state (replay builds fresh actors).
+3. Peak RSS is read from ``/proc/self/status`` (VmHWM), reset (``/proc/self/clear_refs``)
+   just before the first timed run so it reflects the replay with the history in memory.
+4. With ``--digest``, a further untimed replay counts transitions by segment, change and
+   cause and computes a SHA-256 over every transition (customer, segment, change, instant,
+   cause, version), so two versions of the code can be shown to give the same results.
+5. With ``--profile``, one more replay runs under cProfile and the top 20 functions by
+   internal time are reported (cProfile slows it several-fold: take rates from runs
+   without it).
+
+Defaults: 100,000 customers over 200 days (about 5.4M events); ``--quick``: 5,000 customers
+over 200 days (about 270k events). The report is markdown on stdout (``--out FILE`` writes
+it to a file as well) and, with ``--json FILE``, one JSON line appended to FILE.
+
+Usage::
+
+    python scripts/bench_replay.py --quick --digest --profile
+    python scripts/bench_replay.py --json /tmp/replay.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import pstats
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from actors import load_segments, replay
+from protocol import EventCause, TimeCause, Transition, format_instant, to_instant
+from scripts.generate import generate, history_end
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram = 0.0
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                ram = int(line.split()[1]) / 2**20
+    git = "?"
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "actors", "protocol"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+        changed = sorted(line[3:] for line in dirty if line.strip())
+        git = head + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram, 1),
+        "python": platform.python_version(),
+        "msgspec": importlib.metadata.version("msgspec"),
+        "code": git,
+        "code_md5": code_digest(),
+    }
+
+
+def code_digest() -> dict[str, str]:
+    """Short md5 of the files a replay runs, as imported by this process."""
+    import actors._customer
+    import actors._replay
+    import actors._rules
+    import actors._segments
+    import actors._timers
+
+    out = {}
+    for mod in (actors._replay, actors._customer, actors._rules, actors._segments, actors._timers):
+        path = Path(mod.__file__ or "")
+        out[f"{path.parent.name}/{path.name}"] = hashlib.md5(path.read_bytes()).hexdigest()[:8]
+    return out
+
+
+def loadavg() -> str:
+    with contextlib.suppress(OSError), open("/proc/loadavg", encoding="ascii") as f:
+        return " ".join(f.read().split()[:3])
+    return "?"
+
+
+def rss_mib(field: str) -> float:
+    """``VmRSS`` or ``VmHWM`` of this process in MiB (0 when unreadable)."""
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux); whether it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def say(text: str) -> None:
+    print(f"# {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def timed_replay(events: list[Any], end: int) -> dict[str, float]:
+    segments = load_segments()
+    gc.collect()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    n = 0
+    for _ in replay(events, segments, until=end):
+        n += 1
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "transitions": n,
+        "events_per_s": len(events) / wall,
+        "transitions_per_s": n / wall,
+        "us_per_event": wall / len(events) * 1e6,
+    }
+
+
+def digest(transitions: Iterable[Transition]) -> tuple[str, Counter[tuple[str, str, str]]]:
+    """SHA-256 over every transition, and counts by (segment, change, cause kind)."""
+    h = hashlib.sha256()
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for t in transitions:
+        if isinstance(t.cause, EventCause):
+            cause = "event:" + t.cause.message_id
+            kind = "event"
+        else:
+            cause = kind = "time" if isinstance(t.cause, TimeCause) else "definition"
+        h.update(
+            f"{t.customer_id}|{t.segment}|{t.change}|{to_instant(t.at)}|{cause}|{t.version}\n".encode()
+        )
+        counts[(t.segment, t.change, kind)] += 1
+    return h.hexdigest(), counts
+
+
+def profile(events: list[Any], end: int, top: int = 20) -> str:
+    segments = load_segments()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in replay(events, segments, until=end):
+        pass
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    lines = out.getvalue().splitlines()
+    # Keep the table (from the header line on) with paths relative to the repository.
+    start = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
+    root = str(ROOT) + "/"
+    return "\n".join(line.replace(root, "") for line in lines[start:] if line.strip())
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(args: argparse.Namespace, result: dict[str, Any]) -> Iterator[str]:
+    m = result["machine"]
+    yield f"## Replay: {result['customers']:,} customers, {result['days']} days, seed {args.seed}"
+    yield ""
+    yield f"Command: `{result['command']}`, run at {result['started']} UTC."
+    yield ""
+    yield (
+        f"- {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, shared with other "
+        f"engineers (load average {result['load_before']} before, {result['load_after']} "
+        "after): compare ratios within a run."
+    )
+    yield f"- Python {m['python']}, msgspec {m['msgspec']}. Code: {m['code']}."
+    md5 = ", ".join(f"`{k}` {v}" for k, v in m["code_md5"].items())
+    yield f"- md5 (first 8 hex digits): {md5}."
+    g = result["history"]
+    yield (
+        f"- History: {g['events']:,} events ({g['per_customer']:.1f} per customer; "
+        f"{g['late']:,} received late), {g['by_name']}; generated in {g['seconds']:.1f} s "
+        f"(not timed). RSS with the history in memory: {g['rss_mib']:,.0f} MiB."
+    )
+    yield ""
+    yield (
+        "| run | events | transitions | wall s | CPU s | events/s | transitions/s | "
+        "us/event | peak RSS MiB |"
+    )
+    yield "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for i, r in enumerate(result["runs"], 1):
+        yield (
+            f"| {i} | {g['events']:,} | {r['transitions']:,} | {r['seconds']:.2f} | "
+            f"{r['cpu_seconds']:.2f} | {r['events_per_s']:,.0f} | "
+            f"{r['transitions_per_s']:,.0f} | {r['us_per_event']:.2f} | "
+            f"{r['rss_peak_mib']:,.0f} |"
+        )
+    best = result["best"]
+    yield ""
+    yield (
+        f"Best: **{best['events_per_s']:,.0f} events/s** ({best['us_per_event']:.2f} us/event, "
+        f"{best['transitions_per_s']:,.0f} transitions/s)."
+    )
+    if "digest" in result:
+        yield ""
+        yield f"Transitions digest (SHA-256): `{result['digest']}`."
+        yield ""
+        yield "| segment | entered (event) | entered (time) | exited (event) | exited (time) |"
+        yield "|---|---:|---:|---:|---:|"
+        counts = result["counts"]
+        for seg in result["segments"]:
+            cells = [
+                counts.get(f"{seg}|{change}|{kind}", 0)
+                for change in ("entered", "exited")
+                for kind in ("event", "time")
+            ]
+            yield f"| {seg} | " + " | ".join(f"{c:,}" for c in cells) + " |"
+    if "profile" in result:
+        yield ""
+        yield "cProfile of one more replay, top 20 by internal time (cProfile slows it):"
+        yield ""
+        yield "```"
+        yield result["profile"]
+        yield "```"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--customers", type=int, default=100_000)
+    parser.add_argument("--days", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="5,000 customers")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs (best is reported)")
+    parser.add_argument("--digest", action="store_true", help="check figures of the results")
+    parser.add_argument("--profile", action="store_true", help="cProfile top 20")
+    parser.add_argument("--json", metavar="FILE", help="append the figures as a JSON line")
+    parser.add_argument("--out", metavar="FILE", help="write the markdown report there too")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.customers = 5_000
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.gmtime()
+    result: dict[str, Any] = {
+        "command": "python scripts/bench_replay.py " + " ".join(sys.argv[1:] or []),
+        "started": time.strftime("%Y-%m-%d %H:%M", started),
+        "customers": args.customers,
+        "days": args.days,
+        "seed": args.seed,
+        "machine": machine(),
+        "load_before": loadavg(),
+    }
+    say(f"generating {args.customers:,} customers over {args.days} days (seed {args.seed})")
+    t0 = time.perf_counter()
+    events = list(generate(args.customers, args.days, args.seed))
+    end = history_end(args.days)
+    gen_s = time.perf_counter() - t0
+    names = Counter(e.name or "identify" for e in events)
+    result["history"] = {
+        "events": len(events),
+        "per_customer": len(events) / args.customers,
+        "late": sum(1 for e in events if e.at < e.received),
+        "by_name": ", ".join(f"{k} {v:,}" for k, v in names.most_common()),
+        "seconds": gen_s,
+        "rss_mib": rss_mib("VmRSS"),
+        "first": format_instant(events[0].received),
+        "end": format_instant(end),
+    }
+    say(f"{len(events):,} events in {gen_s:.1f} s; replaying")
+    runs = []
+    for i in range(args.repeat):
+        reset_peak_rss()
+        r = timed_replay(events, end)
+        r["rss_peak_mib"] = rss_mib("VmHWM")
+        runs.append(r)
+        say(
+            f"run {i + 1}: {r['seconds']:.2f} s, {r['events_per_s']:,.0f} events/s, "
+            f"{r['us_per_event']:.2f} us/event, {r['transitions']:,} transitions"
+        )
+    result["runs"] = runs
+    result["best"] = min(runs, key=lambda r: r["seconds"])
+    if args.digest:
+        segments = load_segments()
+        hexdigest, counts = digest(replay(events, segments, until=end))
+        result["digest"] = hexdigest
+        result["counts"] = {"|".join(k): v for k, v in counts.items()}
+        result["segments"] = list(segments.names)
+        say(f"digest {hexdigest}")
+    if args.profile:
+        result["profile"] = profile(events, end)
+    result["load_after"] = loadavg()
+    text = "\n".join(report(args, result)) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text, "utf-8")
+    if args.json:
+        with open(args.json, "a", encoding="utf-8") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
