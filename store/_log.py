@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Literal, Self
 
 import aiosqlite
+import anyio
 import msgspec
 
 from ._errors import StoreError, StoreFormatError, StoreLockedError
@@ -355,50 +356,53 @@ class EventLog:
         seqs = list(range(first, first + len(transitions)))
         event_seq = self._last_event_seq
         db = self._db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
+        # Shielded: once begun, a transaction ends in COMMIT or ROLLBACK even if the caller
+        # is cancelled, and the caller's actors never get ahead of what is committed.
+        with anyio.CancelScope(shield=True):
             try:
-                if events:
-                    await db.executemany(
-                        "INSERT INTO events (seq, customer_id, message_id, at, body) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        [
-                            (seq, e.customer_id, e.message_id, e.at, e.body)
-                            for seq, e in enumerate(events, event_seq + 1)
-                        ],
-                    )
-                if transitions:
-                    await db.executemany(
-                        "INSERT INTO transitions "
-                        "(seq, customer_id, version, segment, at, body) VALUES (?, ?, ?, ?, ?, ?)",
-                        [
-                            (seq, t.customer_id, t.version, t.segment, t.at, t.body)
-                            for seq, t in zip(seqs, transitions, strict=True)
-                        ],
-                    )
-                if mark is not None:
-                    await self._set_meta("published_through", str(mark))
-                if snapshots:
-                    await db.executemany(
-                        "INSERT INTO snapshots "
-                        "(customer_id, format, needs, log_seq, deadline, body) "
-                        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id) DO UPDATE SET "
-                        "format = excluded.format, needs = excluded.needs, "
-                        "log_seq = excluded.log_seq, deadline = excluded.deadline, "
-                        "body = excluded.body",
-                        [
-                            (s.customer_id, s.format, s.needs, s.log_seq, s.deadline, s.body)
-                            for s in snapshots
-                        ],
-                    )
-                if marks is not None:
-                    await self._set_meta("snapshot_marks", msgspec.json.encode(marks).decode())
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot write to {self._path}: {e}") from e
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    if events:
+                        await db.executemany(
+                            "INSERT INTO events (seq, customer_id, message_id, at, body) "
+                            "VALUES (?, ?, ?, ?, ?)",
+                            [
+                                (seq, e.customer_id, e.message_id, e.at, e.body)
+                                for seq, e in enumerate(events, event_seq + 1)
+                            ],
+                        )
+                    if transitions:
+                        await db.executemany(
+                            "INSERT INTO transitions (seq, customer_id, version, segment, at, "
+                            "body) VALUES (?, ?, ?, ?, ?, ?)",
+                            [
+                                (seq, t.customer_id, t.version, t.segment, t.at, t.body)
+                                for seq, t in zip(seqs, transitions, strict=True)
+                            ],
+                        )
+                    if mark is not None:
+                        await self._set_meta("published_through", str(mark))
+                    if snapshots:
+                        await db.executemany(
+                            "INSERT INTO snapshots "
+                            "(customer_id, format, needs, log_seq, deadline, body) "
+                            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id) DO UPDATE SET "
+                            "format = excluded.format, needs = excluded.needs, "
+                            "log_seq = excluded.log_seq, deadline = excluded.deadline, "
+                            "body = excluded.body",
+                            [
+                                (s.customer_id, s.format, s.needs, s.log_seq, s.deadline, s.body)
+                                for s in snapshots
+                            ],
+                        )
+                    if marks is not None:
+                        await self._set_meta("snapshot_marks", msgspec.json.encode(marks).decode())
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot write to {self._path}: {e}") from e
         if seqs:
             self._last_outbox_seq = seqs[-1]
         self._last_event_seq = event_seq + len(events)
@@ -605,25 +609,28 @@ class EventLog:
         if not events:
             return 0
         db = self._db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
+        # Shielded: once begun, a transaction ends in COMMIT or ROLLBACK even if the caller
+        # is cancelled, and the caller's actors never get ahead of what is committed.
+        with anyio.CancelScope(shield=True):
             try:
-                # No seq given: SQLite assigns one past the largest, which is what commit()
-                # does (this process holds the only writer's lock, so that is _last_event_seq).
-                cur = await db.executemany(
-                    "INSERT OR IGNORE INTO events (customer_id, message_id, at, body) "
-                    "VALUES (?, ?, ?, ?)",
-                    [(e.customer_id, e.message_id, e.at, e.body) for e in events],
-                )
-                added = cur.rowcount
-                async with db.execute("SELECT coalesce(max(seq), 0) FROM events") as cur:
-                    row = await cur.fetchone()
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot write to {self._path}: {e}") from e
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    # No seq given: SQLite assigns one past the largest, which is what commit()
+                    # does (this process holds the only writer's lock, so that is _last_event_seq).
+                    cur = await db.executemany(
+                        "INSERT OR IGNORE INTO events (customer_id, message_id, at, body) "
+                        "VALUES (?, ?, ?, ?)",
+                        [(e.customer_id, e.message_id, e.at, e.body) for e in events],
+                    )
+                    added = cur.rowcount
+                    async with db.execute("SELECT coalesce(max(seq), 0) FROM events") as cur:
+                        row = await cur.fetchone()
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot write to {self._path}: {e}") from e
         self._last_event_seq = int(row[0]) if row else 0
         return int(added)
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
 
+import anyio
 import pytest
 
 from store import (
@@ -489,3 +490,16 @@ async def test_import_is_refused_by_a_read_only_store(log: EventLog, path: Path)
         with pytest.raises(StoreError, match=f"^cannot write to {path}: "):
             await reader.import_events([ev("a", "1")])
     assert await log.count_events() == 0
+
+
+async def test_a_cancelled_commit_still_ends_its_transaction(log: EventLog) -> None:
+    # The engine changes its actors before it commits: a stop must not cut the commit short
+    # (leaving the actors ahead of the log, or a transaction open for the next write).
+    events = [ev("a", str(i)) for i in range(50_000)]
+    with anyio.move_on_after(0.001) as scope:
+        await log.commit(events, [tr("a", 1)])
+    assert scope.cancel_called  # the stop came while the commit ran
+    assert await log.count_events() == 50_000
+    assert log.last_event_seq == 50_000
+    await log.commit([ev("b", "1")], [tr("b", 1)])
+    assert await log.count_events() == 50_001
