@@ -160,6 +160,8 @@ class Engine:
         self._nc = nc
         self._log = log
         self._segments = segments
+        # What the facts of these rules' customers are kept for: snapshots must match it.
+        self._needs = segments.needs.fingerprint()
         self._clock: Clock = clock or SystemClock()
         self._config = config or EngineConfig()
         self._customers: dict[str, Customer] = {}
@@ -370,7 +372,7 @@ class Engine:
         if (
             self._config.use_snapshots
             and marks is not None
-            and marks.needs == self._segments.needs.fingerprint()
+            and marks.needs == self._needs
         ):
             await self._rebuild_from_snapshots(marks)
         else:
@@ -440,7 +442,7 @@ class Engine:
 
     def _from_snapshot(self, snap: Snapshot) -> Customer | None:
         """The actor a stored snapshot holds, or None if it must be rebuilt from the log."""
-        if snap.format == SNAPSHOT_FORMAT and snap.needs == self._segments.needs.fingerprint():
+        if snap.format == SNAPSHOT_FORMAT and snap.needs == self._needs:
             try:
                 c = Customer.from_snapshot(snap.customer_id, snap.body)
             except SnapshotError as e:
@@ -632,6 +634,7 @@ class Engine:
             changed += c.evaluate(new, _DEFINITION)
             self._timers.set(c.customer_id, c.deadline)
         self._segments, self._customers = new, customers
+        self._needs = new.needs.fingerprint()
         self._dirty.update(customers)
         await self._commit([], changed)
 
@@ -868,13 +871,13 @@ class Engine:
             events_through=self._log.last_event_seq,
             outbox_through=self._log.last_outbox_seq,
             definitions=self._segments.fingerprint,
-            needs=self._segments.needs.fingerprint(),
+            needs=self._needs,
         )
         self._round_started, self._round_events = now, self._log.last_event_seq
 
     async def _write_snapshots(self, customer_ids: list[str], *, done: bool) -> None:
         # Taken between turns, so each reflects exactly what is committed up to here.
-        needs, log_seq = self._segments.needs.fingerprint(), self._log.last_event_seq
+        needs, log_seq = self._needs, self._log.last_event_seq
         rows = [
             Snapshot(
                 customer_id=c.customer_id,
