@@ -369,11 +369,7 @@ class Engine:
         marks = self._log.snapshot_marks
         self._round_started = self._clock.now()
         self._round_events = self._log.last_event_seq
-        if (
-            self._config.use_snapshots
-            and marks is not None
-            and marks.needs == self._needs
-        ):
+        if self._config.use_snapshots and marks is not None and marks.needs == self._needs:
             await self._rebuild_from_snapshots(marks)
         else:
             await self._rebuild_from_log()
