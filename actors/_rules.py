@@ -476,37 +476,50 @@ def _comparable(a: Any, b: Any) -> bool:
 
 
 def _first_flip(
-    pred: Callable[[int], bool], now: int, limit: int | None, guess: int | None
+    pred: Callable[[int], bool],
+    now: int,
+    limit: int | None,
+    guess: int | None,
+    monotone: bool = True,
 ) -> int | None:
-    """The first instant in (now, limit) where ``pred`` differs from ``pred(now)``, for a
-    ``pred`` that flips at most once there; ``None`` if it does not flip before ``limit``."""
-    v0 = pred(now)
+    """The first instant in (now, limit) where ``pred`` is true, for a ``pred`` false at
+    ``now`` that flips at most once there; ``None`` if it does not flip before ``limit``.
+
+    With ``monotone`` (``pred`` stays true once it is: the score of non-negative weights
+    never rises), one look at the end of the range tells whether there is a flip at all;
+    otherwise the range is searched outward from ``now``.
+    """
     end = (limit - 1) if limit is not None else _FAR
     if end <= now:
+        return None
+    if monotone and not pred(end):
         return None
     lo, hi = now, None
     if guess is not None and now < guess:
         # Narrow around the analytic estimate; the float predicate has the last word.
         for cand in (guess - 2, guess - 1, guess, guess + 1, guess + 2):
             if now < cand <= end:
-                if pred(cand) == v0:
+                if not pred(cand):
                     lo = max(lo, cand)
                 else:
                     hi = cand
                     break
     if hi is None:
-        step = max(1, lo - now)
-        while True:
-            cand = min(lo + step, end)
-            if pred(cand) != v0:
-                hi = cand
-                break
-            if cand >= end:
-                return None
-            lo, step = cand, step * 2
+        if monotone:
+            hi = end  # pred(end) is true
+        else:
+            step = max(1, lo - now)
+            while True:
+                cand = min(lo + step, end)
+                if pred(cand):
+                    hi = cand
+                    break
+                if cand >= end:
+                    return None
+                lo, step = cand, step * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if pred(mid) == v0:
+        if not pred(mid):
             lo = mid
         else:
             hi = mid
@@ -521,6 +534,11 @@ class _Compare(_Node):
         if right.kind in ("elapsed", "decay") and left.kind not in ("elapsed", "decay"):
             left, right, op = right, left, _MIRROR[op]
         self.left, self.op, self.right = left, op, right
+        inner = left.inner if isinstance(left, _Scale) else left
+        # A score of non-negative weights (and a positive factor) never rises between events.
+        self.monotone = not isinstance(inner, _Score) or (
+            inner.config.default_weight >= 0 and all(w >= 0 for w in inner.config.weights.values())
+        )
 
     def eval(self, f: Facts, now: int) -> Value:
         a, na = self.left.eval(f, now)
@@ -576,10 +594,11 @@ class _Compare(_Node):
 
         else:
             return value, nxt
+        # pred(now) is false either way.
         guess = None
         if v_now > 0 and b > 0:
             guess = now + math.ceil(a.half_life * math.log2(v_now / b))
-        flip = _first_flip(pred, now, nxt, guess)
+        flip = _first_flip(pred, now, nxt, guess, self.monotone)
         return value, earliest(flip, nxt)
 
 
