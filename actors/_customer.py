@@ -26,7 +26,7 @@ from protocol import (
 
 from ._errors import ActorsError
 from ._rules import MISSING, Tracked, earliest
-from ._segments import Segment, SegmentSet
+from ._segments import Plan, SegmentSet
 
 _TIME = TimeCause()
 
@@ -75,7 +75,23 @@ class SnapshotError(ActorsError):
         self.problem = problem
 
 
-class Customer:
+_Kept = tuple[int, int | None, bool, int | None]
+"""A rule's answer as kept: (evaluated at, holds until, value, next)."""
+
+
+class _Derived:
+    """What a customer keeps besides its state: its rules' last answers, each kept until the
+    instant it can change (``Rule.evaluate_until``) or a fact its rule reads changes.
+
+    Not part of the state: snapshots leave it out (a restored customer starts without it,
+    and :data:`Customer.__slots__` lists the state alone). It saves work, and changes no
+    result: an answer is used only where evaluating again would give the same one.
+    """
+
+    __slots__ = ("_memo", "_memo_for")
+
+
+class Customer(_Derived):
     """One customer: facts the rules read, segment memberships, and the next deadline."""
 
     __slots__ = (
@@ -106,6 +122,8 @@ class Customer:
         """The instant up to which the customer's state has been evaluated."""
         self.deadline: int | None = None
         """The next instant a segment can change without an event (always > watermark)."""
+        self._memo: list[_Kept | None] | None = None  # by the rule numbers of Plan.rules
+        self._memo_for: SegmentSet | None = None
 
     # Facts, as the rules read them ------------------------------------------------------
 
@@ -135,8 +153,15 @@ class Customer:
         at = event.at
         if at > self.watermark:
             self.watermark = at
+        memo = self._memo
+        if memo is not None and self._memo_for is not segments:
+            memo = self._memo = self._memo_for = None
+        plan = segments.plan
         if self._first is None or at < self._first:
             self._first = at
+            if memo is not None:
+                for i in plan.by_first:
+                    memo[i] = None
         needs = segments.needs
         if event.kind == "track":
             retained = needs.retained
@@ -147,6 +172,9 @@ class Customer:
                     if at > self._last.get(key, at - 1):
                         self._last[key] = at
                     self._counts[key] = self._counts.get(key, 0) + 1
+            if memo is not None:
+                for i in plan.by_name.get(event.name, plan.by_any_name):  # type: ignore[arg-type]
+                    memo[i] = None
         else:
             for key, value in event.traits.items():
                 if key in needs.trait_keys:
@@ -154,6 +182,9 @@ class Customer:
                     old = self._traits.get(key)
                     if old is None or at >= old[0]:
                         self._traits[key] = (at, value)
+                        if memo is not None:
+                            for i in plan.by_trait[key]:
+                                memo[i] = None
 
     def apply(self, event: Event, segments: SegmentSet) -> list[Transition]:
         """Apply one event: first fire deadlines due before its instant, then evaluate after it.
@@ -179,33 +210,45 @@ class Customer:
         """Evaluate every segment at the watermark; return the changes and set the deadline.
 
         Segments go in evaluation order, so a reference sees the membership of the same
-        instant. With a definition cause, memberships of segments no longer defined end too.
+        instant. With a definition cause, memberships of segments no longer defined end too,
+        and every rule is evaluated afresh.
         """
         now = self.watermark
+        plan = segments.plan
+        memo = self._memo
+        if memo is None or self._memo_for is not segments or isinstance(cause, DefinitionCause):
+            memo = self._memo = [None] * len(plan.rules)
+            self._memo_for = segments
+        test = self._test
         out: list[Transition] = []
         nxt: int | None = None
-        for seg in segments.order:
+        for seg, ri, xi in plan.steps:
             entered = self.members.get(seg.name)
             if entered is None:
-                holds, when = seg.rule.evaluate(self, now)
-                if holds and seg.exit is not None:
+                holds, when = test(plan, memo, ri, now)
+                if holds and xi >= 0:
                     # Not in while the exit condition holds: rule and exit overlapping would
                     # otherwise flap in and out every microsecond.
-                    leaving, exit_when = seg.exit.evaluate(self, now)
+                    leaving, exit_when = test(plan, memo, xi, now)
                     holds, when = not leaving, earliest(when, exit_when)
                 if not holds:
                     nxt = earliest(nxt, when)
                     continue
                 out.append(self._change(seg.name, True, now, cause))
                 entered = now
-            leave, when = self._leave_condition(seg, now)
+            # The leave condition: the exit rule, or else the rule not holding.
+            if xi >= 0:
+                leave, when = test(plan, memo, xi, now)
+            else:
+                holds, when = test(plan, memo, ri, now)
+                leave = not holds
             first_out = entered + max(1, seg.min_dwell)  # never out at the instant it came in
             if leave and now >= first_out:
                 out.append(self._change(seg.name, False, now, cause))
-                holds, when = seg.rule.evaluate(self, now)
-                if holds and seg.exit is not None:
+                holds, when = test(plan, memo, ri, now)
+                if holds and xi >= 0:
                     holds = False  # the exit condition holds right now
-                    when = earliest(when, self._leave_condition(seg, now)[1])
+                    when = earliest(when, test(plan, memo, xi, now)[1])
                 # Back in at the next instant at the soonest: one change per instant.
                 nxt = earliest(nxt, now + 1 if holds else when)
             else:
@@ -219,11 +262,18 @@ class Customer:
         self.deadline = nxt
         return out
 
-    def _leave_condition(self, seg: Segment, now: int) -> tuple[bool, int | None]:
-        if seg.exit is not None:
-            return seg.exit.evaluate(self, now)
-        holds, when = seg.rule.evaluate(self, now)
-        return not holds, when
+    def _test(
+        self, plan: Plan, memo: list[_Kept | None], i: int, now: int
+    ) -> tuple[bool, int | None]:
+        """Rule ``i`` of the plan at ``now``: the kept answer while it holds, else evaluated
+        (and kept, if the rule allows)."""
+        kept = memo[i]
+        if kept is not None and kept[0] <= now and (kept[1] is None or now < kept[1]):
+            return kept[2], kept[3]
+        value, nxt, until = plan.rules[i].evaluate_until(self, now)
+        if plan.cacheable[i]:
+            memo[i] = (now, until, value, nxt)
+        return value, nxt
 
     def _change(self, segment: str, entered: bool, at: int, cause: Cause) -> Transition:
         if entered:

@@ -25,7 +25,7 @@ import math
 import operator
 import re
 import tokenize
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal
@@ -207,6 +207,22 @@ class _Node:
 
     def eval(self, f: Facts, now: int) -> Value:
         raise NotImplementedError
+
+    def test(self, f: Facts, now: int) -> tuple[Any, int | None, int | None]:
+        """``eval``, and the earliest instant at which ``eval``'s answer (value *and* next)
+        can differ with the same facts (``None``: never). For a node that combines
+        conditions, that is earlier than its next when a part it ignores changes: ``a and
+        b`` false because of ``a`` does not change when ``b`` does, but its next may."""
+        value, nxt = self.eval(f, now)
+        return value, nxt, nxt
+
+    def children(self) -> tuple[_Node, ...]:
+        return tuple(
+            n
+            for v in vars(self).values()
+            for n in (v if isinstance(v, tuple) else (v,))
+            if isinstance(n, _Node)
+        )
 
 
 class _Const(_Node):
@@ -623,14 +639,19 @@ class _And(_Node):
         self.parts = tuple(parts)
 
     def eval(self, f: Facts, now: int) -> Value:
-        results = [p.eval(f, now) for p in self.parts]
-        value = all(v for v, _ in results)
+        value, nxt, _ = self.test(f, now)
+        return value, nxt
+
+    def test(self, f: Facts, now: int) -> tuple[Any, int | None, int | None]:
+        results = [p.test(f, now) for p in self.parts]
+        until = min((u for _, _, u in results if u is not None), default=None)
+        value = all(v for v, _, _ in results)
         # While false, only a false part changing can change the result; a part that is
         # false for good keeps it false for good.
         relevant = results if value else [r for r in results if not r[0]]
-        if not value and any(n is None for _, n in relevant):
-            return False, None
-        return value, min((n for _, n in relevant if n is not None), default=None)
+        if not value and any(n is None for _, n, _ in relevant):
+            return False, None, until
+        return value, min((n for _, n, _ in relevant if n is not None), default=None), until
 
 
 class _Or(_Node):
@@ -640,12 +661,17 @@ class _Or(_Node):
         self.parts = tuple(parts)
 
     def eval(self, f: Facts, now: int) -> Value:
-        results = [p.eval(f, now) for p in self.parts]
-        value = any(v for v, _ in results)
+        value, nxt, _ = self.test(f, now)
+        return value, nxt
+
+    def test(self, f: Facts, now: int) -> tuple[Any, int | None, int | None]:
+        results = [p.test(f, now) for p in self.parts]
+        until = min((u for _, _, u in results if u is not None), default=None)
+        value = any(v for v, _, _ in results)
         relevant = results if not value else [r for r in results if r[0]]
-        if value and any(n is None for _, n in relevant):
-            return True, None
-        return value, min((n for _, n in relevant if n is not None), default=None)
+        if value and any(n is None for _, n, _ in relevant):
+            return True, None, until
+        return value, min((n for _, n, _ in relevant if n is not None), default=None), until
 
 
 class _Not(_Node):
@@ -657,6 +683,10 @@ class _Not(_Node):
     def eval(self, f: Facts, now: int) -> Value:
         v, n = self.part.eval(f, now)
         return not v, n
+
+    def test(self, f: Facts, now: int) -> tuple[Any, int | None, int | None]:
+        v, n, u = self.part.test(f, now)
+        return not v, n, u
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -727,6 +757,7 @@ class _Parser:
         self.traits: set[str] = set()
         self.retained: set[str | None] = set()
         self.refs: set[str] = set()
+        self.first = False
 
     def snippet(self, node: ast.AST) -> str:
         return self.rewrite.snippet(node)
@@ -895,6 +926,7 @@ class _Parser:
             if name == "score":
                 self.score_needs()
                 return _Score(self.env.score, 0)
+            self.first = True
             return _SinceFirst()
         if len(args) != 1 and not (name == "since_last" and not args) and name != "contains":
             raise self.fail(f"`{self.snippet(n)}`: {usage}")
@@ -1079,11 +1111,26 @@ class Rule:
     refs: frozenset[str]
     """Segments the rule reads the membership of."""
     _root: _Node
+    reads_first: bool = False
+    """Whether it reads the instant of the first event (``since_first()``)."""
+    cacheable: bool = True
+    """Whether :meth:`evaluate_until`'s answer may be kept until its ``until`` while the
+    facts it reads stay the same: false when the rule reads memberships, or searches a score
+    of negative weights (whose crossing found depends on where the search starts)."""
 
     def evaluate(self, facts: Facts, now: int) -> tuple[bool, int | None]:
         """Whether the rule holds at ``now``, and the next instant that can change."""
         value, nxt = self._root.eval(facts, now)
         return bool(value), nxt
+
+    def evaluate_until(self, facts: Facts, now: int) -> tuple[bool, int | None, int | None]:
+        """:meth:`evaluate`, and the earliest instant after ``now`` at which its answer
+        (value or next) can differ while the facts stay the same (``None``: never).
+
+        Facts here are as of ``now``: no event the rule reads is after ``now``.
+        """
+        value, nxt, until = self._root.test(facts, now)
+        return bool(value), nxt, until
 
 
 def parse_rule(
@@ -1128,4 +1175,13 @@ def parse_rule(
         ),
         refs=frozenset(parser.refs),
         _root=root,
+        reads_first=parser.first,
+        cacheable=not parser.refs
+        and all(n.monotone for n in _walk(root) if isinstance(n, _Compare)),
     )
+
+
+def _walk(node: _Node) -> Iterator[_Node]:
+    yield node
+    for child in node.children():
+        yield from _walk(child)

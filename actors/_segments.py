@@ -43,6 +43,55 @@ class Segment:
 
 
 @dataclass(frozen=True, slots=True)
+class Plan:
+    """How a customer evaluates a :class:`SegmentSet`: its rules by number, and which of
+    them each kind of fact can change (so an answer kept for a rule can be dropped when,
+    and only when, a fact it reads changes)."""
+
+    rules: tuple[Rule, ...]
+    """Each segment's rule, then its exit if it has one, in evaluation order."""
+    steps: tuple[tuple[Segment, int, int], ...]
+    """In evaluation order: the segment, its rule's number and its exit's (-1: none)."""
+    cacheable: tuple[bool, ...]
+    by_name: Mapping[str, tuple[int, ...]]
+    """Track event name -> the rules such an event can change."""
+    by_any_name: tuple[int, ...]
+    """The rules that any track event can change (those reading all track events)."""
+    by_trait: Mapping[str, tuple[int, ...]]
+    by_first: tuple[int, ...]
+    """The rules that a new earliest event can change."""
+
+    @classmethod
+    def of(cls, order: Sequence[Segment]) -> Plan:
+        rules: list[Rule] = []
+        steps: list[tuple[Segment, int, int]] = []
+        for seg in order:
+            rules.append(seg.rule)
+            if seg.exit is not None:
+                rules.append(seg.exit)
+                steps.append((seg, len(rules) - 2, len(rules) - 1))
+            else:
+                steps.append((seg, len(rules) - 1, -1))
+        tracks = [r.needs.event_names | r.needs.retained for r in rules]
+        names = {n for t in tracks for n in t if n is not None}
+        any_name = tuple(i for i, t in enumerate(tracks) if None in t)
+        traits = {k for r in rules for k in r.needs.trait_keys}
+        return cls(
+            rules=tuple(rules),
+            steps=tuple(steps),
+            cacheable=tuple(r.cacheable for r in rules),
+            by_name={
+                n: tuple(i for i, t in enumerate(tracks) if n in t or None in t) for n in names
+            },
+            by_any_name=any_name,
+            by_trait={
+                k: tuple(i for i, r in enumerate(rules) if k in r.needs.trait_keys) for k in traits
+            },
+            by_first=tuple(i for i, r in enumerate(rules) if r.reads_first),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class SegmentSet:
     """The segments an engine evaluates, with what their rules need."""
 
@@ -54,6 +103,11 @@ class SegmentSet:
     """Evaluation order: file order, except that a segment comes after those it references."""
     score: ScoreConfig = field(default_factory=ScoreConfig)
     lists: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    plan: Plan = field(init=False, repr=False, compare=False)
+    """How customers evaluate it (derived from ``order``)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plan", Plan.of(self.order))
 
     @classmethod
     def of(
