@@ -8,7 +8,9 @@ has emitted, which the engine keeps in the outbox.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from datetime import tzinfo
 from typing import Any
 
 import msgspec
@@ -25,7 +27,15 @@ from protocol import (
 )
 
 from ._errors import ActorsError
-from ._rules import MISSING, Tracked, earliest
+from ._rules import (
+    MISSING,
+    Indexed,
+    ScoreConfig,
+    ScoreTerms,
+    Tracked,
+    earliest,
+    local_time,
+)
 from ._segments import Plan, SegmentSet
 
 _TIME = TimeCause()
@@ -79,16 +89,64 @@ _Kept = tuple[int, int | None, bool, int | None]
 """A rule's answer as kept: (evaluated at, holds until, value, next)."""
 
 
-class _Derived:
+class _TimeIndex:
+    """A customer's retained track events by instant (see :class:`Indexed`), brought up to
+    date with the retained events, which only grow, when it is read."""
+
+    __slots__ = ("upto", "times", "local", "terms", "terms_upto")
+
+    def __init__(self) -> None:
+        self.upto = 0  # how many retained events ``times`` and ``local`` hold
+        self.times: dict[str | None, list[int]] = {}
+        self.local: dict[str | None, tuple[tzinfo, list[int]]] = {}
+        self.terms: ScoreTerms | None = None
+        self.terms_upto = 0  # how many retained events ``terms`` has seen
+
+    def catch_up(self, tracked: Sequence[Retained]) -> None:
+        times, local = self.times, self.local
+        for e in tracked[self.upto :]:
+            at = e.at
+            for key in (None,) if e.name is None else (None, e.name):
+                ats = times.get(key)
+                if ats is None:
+                    continue
+                if not ats or ats[-1] <= at:
+                    pos = len(ats)
+                    ats.append(at)
+                else:  # a late event
+                    pos = bisect_right(ats, at)
+                    ats.insert(pos, at)
+                loc = local.get(key)
+                if loc is not None:
+                    loc[1].insert(pos, local_time(at, loc[0]))
+        self.upto = len(tracked)
+
+    def score_terms(self, tracked: Sequence[Retained], config: ScoreConfig) -> ScoreTerms:
+        terms = self.terms
+        if terms is None or terms.config is not config:
+            terms = self.terms = ScoreTerms(config)
+            self.terms_upto = 0
+        if self.terms_upto < len(tracked):
+            weight = config.weight
+            for e in tracked[self.terms_upto :]:
+                w = weight(e.name)
+                if w != 0:
+                    terms.add(e.at, float(w))
+            self.terms_upto = len(tracked)
+        return terms
+
+
+class _Derived(Indexed):
     """What a customer keeps besides its state: its rules' last answers, each kept until the
-    instant it can change (``Rule.evaluate_until``) or a fact its rule reads changes.
+    instant it can change (``Rule.evaluate_until``) or a fact its rule reads changes; and its
+    retained events indexed by instant.
 
     Not part of the state: snapshots leave it out (a restored customer starts without it,
     and :data:`Customer.__slots__` lists the state alone). It saves work, and changes no
     result: an answer is used only where evaluating again would give the same one.
     """
 
-    __slots__ = ("_memo", "_memo_for")
+    __slots__ = ("_memo", "_memo_for", "_index")
 
 
 class Customer(_Derived):
@@ -124,6 +182,7 @@ class Customer(_Derived):
         """The next instant a segment can change without an event (always > watermark)."""
         self._memo: list[_Kept | None] | None = None  # by the rule numbers of Plan.rules
         self._memo_for: SegmentSet | None = None
+        self._index: _TimeIndex | None = None
 
     # Facts, as the rules read them ------------------------------------------------------
 
@@ -145,6 +204,33 @@ class Customer(_Derived):
 
     def member(self, segment: str) -> bool:
         return segment in self.members
+
+    def instants(self, name: str | None) -> Sequence[int]:
+        ix = self._index
+        if ix is None:
+            ix = self._index = _TimeIndex()
+        tracked = self._tracked
+        if ix.upto < len(tracked):
+            ix.catch_up(tracked)
+        ats = ix.times.get(name)
+        if ats is None:
+            ats = ix.times[name] = sorted(e.at for e in tracked if name is None or e.name == name)
+        return ats
+
+    def local_times(self, name: str | None, zone: tzinfo) -> Sequence[int]:
+        ats = self.instants(name)
+        ix = self._index
+        assert ix is not None
+        entry = ix.local.get(name)
+        if entry is None or entry[0] is not zone:
+            entry = ix.local[name] = (zone, [local_time(at, zone) for at in ats])
+        return entry[1]
+
+    def score_terms(self, config: ScoreConfig) -> ScoreTerms:
+        ix = self._index
+        if ix is None:
+            ix = self._index = _TimeIndex()
+        return ix.score_terms(self._tracked, config)
 
     # Changes ----------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import math
 import operator
 import re
 import tokenize
+from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
@@ -64,6 +65,35 @@ class Facts(Protocol):
     def trait(self, key: str) -> Any: ...
     def tracked(self) -> Sequence[Tracked]: ...
     def member(self, segment: str) -> bool: ...
+
+
+class Indexed:
+    """Facts that also keep their retained track events indexed by instant, so windows and
+    scores need not scan them all (:class:`actors.Customer` does). Rules read any
+    :class:`Facts` alike; these give the same answers, faster."""
+
+    __slots__ = ()
+
+    def instants(self, name: str | None) -> Sequence[int]:
+        """The instants of the retained track events named ``name`` (None: all), sorted."""
+        raise NotImplementedError
+
+    def local_times(self, name: str | None, zone: tzinfo) -> Sequence[int]:
+        """For each of :meth:`instants` (same order), ``weekday * 24 + hour`` in ``zone``."""
+        raise NotImplementedError
+
+    def score_terms(self, config: ScoreConfig) -> ScoreTerms:
+        """The score terms of the retained track events under ``config``, up to date."""
+        raise NotImplementedError
+
+
+def local_time(at: int, zone: tzinfo) -> int:
+    """``weekday * 24 + hour`` (Monday 0) of instant ``at`` in ``zone``."""
+    if zone is UTC:
+        days, rest = divmod(at, _US["d"])
+        return (days + 3) % 7 * 24 + rest // _US["h"]  # 1970-01-01 was a Thursday
+    local = (_EPOCH + timedelta(microseconds=at)).astimezone(zone)
+    return local.weekday() * 24 + local.hour
 
 
 MISSING: Any = object()
@@ -110,6 +140,11 @@ def to_instant_value(value: Any) -> int | None:
     """The instant of a date or date-time text (date alone: 00:00 UTC; no offset: UTC)."""
     if not isinstance(value, str):
         return None
+    return _instant_of_text(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _instant_of_text(value: str) -> int | None:
     try:
         if len(value) == 10:
             d = date.fromisoformat(value)
@@ -170,14 +205,82 @@ class _Elapsed:
     sign: int
 
 
-@dataclass(frozen=True, slots=True)
 class _Decay:
-    """``k * score(now - delta)`` with its terms (event instant, weight), in log order."""
+    """``k * score(now - delta)`` with its terms (event instant, weight), in log order.
 
-    k: float
-    delta: int
-    terms: tuple[tuple[int, float], ...]
-    half_life: int
+    ``top`` is the latest instant of the terms (None: no terms). ``estimator``, from
+    :class:`ScoreTerms` when no weight is negative, is the sum of the terms'
+    ``w * 2 ** ((te - ref) / half_life)``, ``ref``, how many terms, and the sum of weights.
+    ``terms`` may be given as a function that makes them, called if they are needed.
+    """
+
+    __slots__ = ("k", "delta", "_terms", "half_life", "top", "estimator")
+
+    def __init__(
+        self,
+        k: float,
+        delta: int,
+        terms: tuple[tuple[int, float], ...] | Callable[[], tuple[tuple[int, float], ...]],
+        half_life: int,
+        top: int | None = None,
+        estimator: tuple[float, int | None, int, float] | None = None,
+    ) -> None:
+        self.k, self.delta, self._terms, self.half_life = k, delta, terms, half_life
+        self.top, self.estimator = top, estimator
+
+    @property
+    def terms(self) -> tuple[tuple[int, float], ...]:
+        terms = self._terms
+        if callable(terms):
+            terms = self._terms = terms()
+        return terms
+
+    def scaled(self, k: float) -> _Decay:
+        return _Decay(k * self.k, self.delta, self._terms, self.half_life, self.top, self.estimator)
+
+    def estimate(self, base: int, xmax: float) -> tuple[float, float] | None:
+        """``k * sum(w * 2.0 ** ((te - base) / H))`` estimated in O(1), and a bound on its
+        distance to the value computed exactly (as :meth:`at` does), or None.
+
+        ``xmax`` bounds the exponents above (0 when ``base`` is after every term).
+        Both the estimate and the exact sum are within ``u * (n + 350 + |z| + xmax)`` of
+        the real number (relative; ``u`` the unit roundoff, ``z = (ref - base) / H``), plus
+        far less than ``2 ** -60`` times the sum of weights for terms under ``2 ** -64``:
+        rounding of the quotient, ``pow`` (within 1 ulp in glibc), products and sums of
+        non-negative terms. The bound returned is twice that and then some.
+        """
+        ap = self.estimator
+        if ap is None:
+            return None
+        total, ref, n, weights = ap
+        if ref is None:
+            return 0.0, 0.0  # no terms: the exact sum is 0.0 too
+        z = (ref - base) / self.half_life
+        if not -1000.0 < z < 1000.0:
+            return None
+        v = self.k * total * 2.0**z
+        if not math.isfinite(v):
+            return None
+        bound = v * _U * (8 * n + 1024 + 4 * abs(z) + 4 * xmax)
+        return v, bound + self.k * weights * _TINY + 1e-300
+
+    def compare(self, t: int, b: float) -> tuple[int, float]:
+        """The sign of ``at(t) - b``, as comparing them gives, and the value: estimated when
+        that settles the sign, else exact."""
+        est = self.estimate(t - self.delta, 0.0)
+        if est is not None:
+            v, m = est
+            try:
+                bf = float(b)
+            except OverflowError:
+                bf = math.nan
+            m += abs(bf) * _U  # b as a float
+            if v - m > bf:
+                return 1, v
+            if v + m < bf:
+                return -1, v
+        v = self.at(t)
+        return (v > b) - (v < b), v
 
     def at(self, t: int) -> float:
         """The value at ``t`` (see SEGMENTS.md for why it is computed exactly this way)."""
@@ -195,6 +298,98 @@ class _Decay:
         for te, w in self.terms:
             total += w * 2.0 ** ((te - r + self.delta) / h)
         return self.k * total
+
+    def compare_normalised(self, other: _Decay, r: int) -> int:
+        """The sign of ``normalised(r) - other.normalised(r)``: estimated when that settles
+        it, else exact."""
+        ea = self.estimate(r - self.delta, self.delta / self.half_life)
+        eb = other.estimate(r - other.delta, other.delta / other.half_life)
+        if ea is not None and eb is not None:
+            if ea[0] - ea[1] > eb[0] + eb[1]:
+                return 1
+            if ea[0] + ea[1] < eb[0] - eb[1]:
+                return -1
+        x, y = self.normalised(r), other.normalised(r)
+        return (x > y) - (x < y)
+
+
+_U = 2.0**-53
+_TINY = 2.0**-60
+
+
+class ScoreTerms:
+    """A customer's score terms under one :class:`ScoreConfig`, kept as its events come.
+
+    ``terms`` are ``(instant, weight)`` of the track events of non-zero weight in log
+    order: what the exact sum runs over (SEGMENTS.md). Beside them, the instants in time
+    order (``times``), and, when no weight is negative, prefix sums in time order of
+    ``w * 2 ** ((t - ref) / H)``: they estimate any score at any instant in O(1), closely
+    enough to settle most comparisons without the exact sum (see :meth:`_Decay.estimate`).
+    """
+
+    __slots__ = ("config", "terms", "in_order", "times", "weights", "prefix", "ref", "total")
+
+    def __init__(self, config: ScoreConfig) -> None:
+        self.config = config
+        self.terms: list[tuple[int, float]] = []
+        self.in_order = True
+        """Whether log order is time order (no term came after a later one)."""
+        self.times: list[int] = []
+        self.weights: list[float] = []  # in time order, beside ``times``
+        self.prefix: list[float] | None = [0.0]
+        """prefix[i]: the sum over the first i terms in time order (None: not kept, as a
+        negative weight makes the estimate's bound invalid)."""
+        self.ref: int | None = None
+        self.total = 0.0  # sum of the weights
+        if config.default_weight < 0 or any(w < 0 for w in config.weights.values()):
+            self.prefix = None
+
+    def add(self, at: int, w: float) -> None:
+        """The next track event in the log, of non-zero weight ``w``."""
+        self.terms.append((at, w))
+        times = self.times
+        if times and at < times[-1]:
+            self.in_order = False
+            pos = bisect_right(times, at)
+        else:
+            pos = len(times)
+        times.insert(pos, at)
+        self.weights.insert(pos, w)
+        self.total += w
+        prefix = self.prefix
+        if prefix is None:
+            return
+        h = self.config.half_life
+        if self.ref is None or (at - self.ref) / h > 400:
+            # Rebase, so the terms stay far from overflow: they are at most 2 ** 400.
+            self.ref, pos = at, 0
+        del prefix[pos + 1 :]
+        acc, ref = prefix[pos], self.ref
+        for t, wt in zip(times[pos:], self.weights[pos:], strict=True):
+            acc += wt * 2.0 ** ((t - ref) / h)
+            prefix.append(acc)
+
+    def decay(self, cutoff: int, delta: int) -> tuple[_Decay, int | None]:
+        """``score(now - delta)`` for ``cutoff = now - delta``, and the next instant an
+        event enters it."""
+        times = self.times
+        k = bisect_right(times, cutoff)
+        nxt = times[k] + delta if delta and k < len(times) else None
+        terms = self.terms
+        if self.in_order:  # those at or before the cutoff come first
+
+            def kept() -> tuple[tuple[int, float], ...]:
+                return tuple(terms[:k])
+
+        else:
+
+            def kept() -> tuple[tuple[int, float], ...]:
+                return tuple(t for t in terms if t[0] <= cutoff)
+
+        prefix = self.prefix
+        estimator = None if prefix is None else (prefix[k], self.ref, k, self.total)
+        top = times[k - 1] if k else None
+        return _Decay(1.0, delta, kept, self.config.half_life, top, estimator), nxt
 
 
 # --- nodes ---------------------------------------------------------------------------------
@@ -257,36 +452,42 @@ class _InstantConst(_Node):
         return self.us, None
 
 
-class _SinceLast(_Node):
-    kind = "elapsed"
+class _ElapsedNode(_Node):
+    """``sign * (now - anchor)``; its value is an :class:`_Elapsed`, or None (missing)."""
 
+    kind = "elapsed"
+    sign = 1
+
+    def anchor(self, f: Facts, now: int) -> int | None:
+        raise NotImplementedError
+
+    def eval(self, f: Facts, now: int) -> Value:
+        at = self.anchor(f, now)
+        return (None if at is None else _Elapsed(at, self.sign)), None
+
+
+class _SinceLast(_ElapsedNode):
     def __init__(self, name: str | None) -> None:
         self.name = name
 
-    def eval(self, f: Facts, now: int) -> Value:
-        at = f.last_at(self.name)
-        return (None if at is None else _Elapsed(at, 1)), None
+    def anchor(self, f: Facts, now: int) -> int | None:
+        return f.last_at(self.name)
 
 
-class _SinceFirst(_Node):
-    kind = "elapsed"
-
-    def eval(self, f: Facts, now: int) -> Value:
-        at = f.first_at()
-        return (None if at is None else _Elapsed(at, 1)), None
+class _SinceFirst(_ElapsedNode):
+    def anchor(self, f: Facts, now: int) -> int | None:
+        return f.first_at()
 
 
-class _Relative(_Node):
+class _Relative(_ElapsedNode):
     """``since(instant)`` (sign 1) or ``until(instant)`` (sign -1)."""
-
-    kind = "elapsed"
 
     def __init__(self, inner: _Node, sign: int) -> None:
         self.inner, self.sign = inner, sign
 
-    def eval(self, f: Facts, now: int) -> Value:
+    def anchor(self, f: Facts, now: int) -> int | None:
         at, _ = self.inner.eval(f, now)
-        return (None if at is None or at is MISSING else _Elapsed(at, self.sign)), None
+        return None if at is None or at is MISSING else at
 
 
 class _Trait(_Node):
@@ -356,10 +557,21 @@ class _Window(_Node):
         self.func, self.name, self.prop, self.within = func, name, prop, within
         self.where, self.days, self.hours = dict(where), days, hours
         self.simple = func == "count" and within is None and not where and not days and not hours
+        # A trailing count without `where` is read off the instants (Indexed facts).
+        self.indexed = func == "count" and within is not None and not where
+        # weekday * 24 + hour -> whether `days` and `hours` let it in
+        self.local_ok = tuple(
+            (not days or d in days) and (not hours or h in hours)
+            for d in range(7)
+            for h in range(24)
+        )
 
     def eval(self, f: Facts, now: int) -> Value:
         if self.simple:
             return f.count(self.name), None
+        if self.indexed and isinstance(f, Indexed):
+            zone = _zone(f.trait("timezone")) if (self.days or self.hours) else None
+            return self._indexed(f, now, zone)
         zone = _zone(f.trait("timezone")) if (self.days or self.hours) else UTC
         w = self.within
         values: list[float] = []
@@ -401,6 +613,23 @@ class _Window(_Node):
             return MISSING, nxt
         return (min(values) if self.func == "min" else max(values)), nxt
 
+    def _indexed(self, f: Indexed, now: int, zone: tzinfo | None) -> Value:
+        w = self.within
+        assert w is not None
+        ats = f.instants(self.name)
+        lo = bisect_right(ats, now - w)
+        hi = bisect_right(ats, now)
+        nxt = ats[lo] + w if lo < hi else None  # when the earliest in it leaves
+        if zone is None:
+            return hi - lo, nxt
+        ok = self.local_ok
+        local = f.local_times(self.name, zone)
+        n = 0
+        for i in range(lo, hi):
+            if ok[local[i]]:
+                n += 1
+        return n, nxt
+
 
 class _Score(_Node):
     kind = "decay"
@@ -410,6 +639,8 @@ class _Score(_Node):
 
     def eval(self, f: Facts, now: int) -> Value:
         cutoff = now - self.delta
+        if isinstance(f, Indexed):
+            return self._indexed(f, cutoff)
         terms = []
         nxt: int | None = None
         weight = self.config.weight
@@ -421,7 +652,11 @@ class _Score(_Node):
                 terms.append((e.at, float(w)))
             elif self.delta:
                 nxt = earliest(nxt, e.at + self.delta)  # when it enters score(now - delta)
-        return _Decay(1.0, self.delta, tuple(terms), self.config.half_life), nxt
+        top = max((te for te, _ in terms), default=None)
+        return _Decay(1.0, self.delta, tuple(terms), self.config.half_life, top), nxt
+
+    def _indexed(self, f: Indexed, cutoff: int) -> Value:
+        return f.score_terms(self.config).decay(cutoff, self.delta)
 
 
 class _Scale(_Node):
@@ -432,7 +667,7 @@ class _Scale(_Node):
     def eval(self, f: Facts, now: int) -> Value:
         v, nxt = self.inner.eval(f, now)
         if isinstance(v, _Decay):
-            return _Decay(self.k * v.k, v.delta, v.terms, v.half_life), nxt
+            return v.scaled(self.k), nxt
         if isinstance(v, int | float) and not isinstance(v, bool):
             return self.k * v, nxt
         return MISSING, nxt
@@ -502,37 +737,55 @@ def _first_flip(
     ``now`` that flips at most once there; ``None`` if it does not flip before ``limit``.
 
     With ``monotone`` (``pred`` stays true once it is: the score of non-negative weights
-    never rises), one look at the end of the range tells whether there is a flip at all;
-    otherwise the range is searched outward from ``now``.
+    never rises), one look at the end of the range tells whether there is a flip at all, and
+    the search gallops out from ``guess``; otherwise it goes out from ``now``.
     """
     end = (limit - 1) if limit is not None else _FAR
     if end <= now:
         return None
-    if monotone and not pred(end):
-        return None
-    lo, hi = now, None
-    if guess is not None and now < guess:
-        # Narrow around the analytic estimate; the float predicate has the last word.
-        for cand in (guess - 2, guess - 1, guess, guess + 1, guess + 2):
-            if now < cand <= end:
-                if not pred(cand):
-                    lo = max(lo, cand)
-                else:
-                    hi = cand
-                    break
-    if hi is None:
-        if monotone:
-            hi = end  # pred(end) is true
-        else:
+    if monotone:
+        if not pred(end):
+            return None
+        lo, hi = now, end
+        if guess is not None:
+            # Bracket the flip near the analytic estimate; pred has the last word.
+            g = min(max(guess, lo + 1), hi)
+            step = 1
+            if pred(g):
+                hi = g
+                while hi - step > lo:
+                    if not pred(hi - step):
+                        lo = hi - step
+                        break
+                    hi, step = hi - step, step * 2
+            else:
+                lo = g
+                while lo + step < hi:
+                    if pred(lo + step):
+                        hi = lo + step
+                        break
+                    lo, step = lo + step, step * 2
+    else:
+        lo, found = now, None
+        if guess is not None and now < guess:
+            for cand in (guess - 2, guess - 1, guess, guess + 1, guess + 2):
+                if now < cand <= end:
+                    if not pred(cand):
+                        lo = max(lo, cand)
+                    else:
+                        found = cand
+                        break
+        if found is None:
             step = max(1, lo - now)
             while True:
                 cand = min(lo + step, end)
                 if pred(cand):
-                    hi = cand
+                    found = cand
                     break
                 if cand >= end:
                     return None
                 lo, step = cand, step * 2
+        hi = found
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if not pred(mid):
@@ -582,40 +835,98 @@ class _Compare(_Node):
         return _OPS[op](a, b), nxt
 
     def _decay(self, a: _Decay, b: Any, now: int, nxt: int | None) -> Value:
+        # Comparisons go by the sign of the difference (never NaN: no term is), which
+        # estimates settle without the exact sums unless the two sides are very close.
         op = _OPS[self.op]
         if isinstance(b, _Decay):
             # Both decay by the same factor: the result only changes when an event enters
             # one side, so it is computed relative to the latest event instant, not now.
-            instants = [te for te, _ in a.terms] + [te for te, _ in b.terms]
-            if not instants:
+            if a.top is None and b.top is None:
                 return op(0.0, 0.0), nxt
-            r = max(instants)
-            return op(a.normalised(r), b.normalised(r)), nxt
+            r = a.top if b.top is None or (a.top is not None and a.top > b.top) else b.top
+            assert r is not None
+            return op(a.compare_normalised(b, r), 0), nxt
         if not (isinstance(b, int | float) and not isinstance(b, bool)):
             return self.op == "!=", nxt
 
-        v_now = a.at(now)
-        value = op(v_now, b)
+        sign, v_now = a.compare(now, b)
+        value = op(sign, 0)
         # The score never rises between events, so "at or below b" and "below b" each flip
         # at most once: the comparison can only change where one of them does.
-        if v_now > b:
+        if sign > 0:
 
             def pred(t: int) -> bool:
-                return a.at(t) <= b
+                return a.compare(t, b)[0] <= 0
 
-        elif v_now == b:
+        elif sign == 0:
 
             def pred(t: int) -> bool:
-                return a.at(t) < b
+                return a.compare(t, b)[0] < 0
 
         else:
             return value, nxt
-        # pred(now) is false either way.
+        # pred(now) is false either way. The guess only steers the search.
         guess = None
         if v_now > 0 and b > 0:
             guess = now + math.ceil(a.half_life * math.log2(v_now / b))
         flip = _first_flip(pred, now, nxt, guess, self.monotone)
         return value, earliest(flip, nxt)
+
+
+class _ElapsedCompare(_Compare):
+    """An elapsed time compared with a duration: it flips at an exact instant."""
+
+    def __init__(self, left: _Node, op: str, right: _Node) -> None:
+        super().__init__(left, op, right)
+        assert isinstance(self.left, _ElapsedNode) and isinstance(self.right, _DurationConst)
+        self.elapsed, self.us = self.left, self.right.us
+        # sign * (now - anchor) OP d: now OP anchor + d, or now MIRROR(OP) anchor - d
+        self.now_op = self.op if self.left.sign == 1 else _MIRROR[self.op]
+
+    def eval(self, f: Facts, now: int) -> Value:
+        at = self.elapsed.anchor(f, now)
+        if at is None:
+            return False, None
+        if self.elapsed.sign == 1:
+            return _instant_compare(now, self.now_op, at + self.us)
+        return _instant_compare(now, self.now_op, at - self.us)
+
+
+class _NumberCompare(_Compare):
+    """Counts or sums of windows (always numbers) and number constants."""
+
+    def __init__(self, left: _Node, op: str, right: _Node) -> None:
+        super().__init__(left, op, right)
+        self.fn = _OPS[self.op]
+
+    def eval(self, f: Facts, now: int) -> Value:
+        a, na = self.left.eval(f, now)
+        b, nb = self.right.eval(f, now)
+        if na is None or (nb is not None and nb < na):
+            na = nb
+        return self.fn(a, b), na
+
+
+def _always_number(node: _Node) -> bool:
+    if isinstance(node, _Window):
+        return node.func in ("count", "sum")
+    return isinstance(node, _Const) and node.kind == "numconst"
+
+
+def _compare(left: _Node, op: str, right: _Node) -> _Compare:
+    """The comparison, specialised for the common shapes (each evaluates exactly as
+    :class:`_Compare` would)."""
+    if isinstance(left, _ElapsedNode) and isinstance(right, _DurationConst):
+        return _ElapsedCompare(left, op, right)
+    if isinstance(right, _ElapsedNode) and isinstance(left, _DurationConst):
+        return _ElapsedCompare(left, op, right)  # mirrored into place
+    if (
+        _always_number(left)
+        and _always_number(right)
+        and not (isinstance(left, _Const) and isinstance(right, _Const))
+    ):
+        return _NumberCompare(left, op, right)
+    return _Compare(left, op, right)
 
 
 class _In(_Node):
@@ -643,15 +954,28 @@ class _And(_Node):
         return value, nxt
 
     def test(self, f: Facts, now: int) -> tuple[Any, int | None, int | None]:
-        results = [p.test(f, now) for p in self.parts]
-        until = min((u for _, _, u in results if u is not None), default=None)
-        value = all(v for v, _, _ in results)
         # While false, only a false part changing can change the result; a part that is
         # false for good keeps it false for good.
-        relevant = results if value else [r for r in results if not r[0]]
-        if not value and any(n is None for _, n, _ in relevant):
-            return False, None, until
-        return value, min((n for _, n, _ in relevant if n is not None), default=None), until
+        until: int | None = None
+        nxt_all: int | None = None  # over all parts: the next while they all hold
+        nxt_false: int | None = None  # over the false parts
+        value = True
+        forever = False  # a part is false for good
+        for p in self.parts:
+            v, n, u = p.test(f, now)
+            if u is not None and (until is None or u < until):
+                until = u
+            if n is not None and (nxt_all is None or n < nxt_all):
+                nxt_all = n
+            if not v:
+                value = False
+                if n is None:
+                    forever = True
+                elif nxt_false is None or n < nxt_false:
+                    nxt_false = n
+        if value:
+            return True, nxt_all, until
+        return False, (None if forever else nxt_false), until
 
 
 class _Or(_Node):
@@ -665,13 +989,27 @@ class _Or(_Node):
         return value, nxt
 
     def test(self, f: Facts, now: int) -> tuple[Any, int | None, int | None]:
-        results = [p.test(f, now) for p in self.parts]
-        until = min((u for _, _, u in results if u is not None), default=None)
-        value = any(v for v, _, _ in results)
-        relevant = results if not value else [r for r in results if r[0]]
-        if value and any(n is None for _, n, _ in relevant):
-            return True, None, until
-        return value, min((n for _, n, _ in relevant if n is not None), default=None), until
+        # While true, only a true part changing can change the result.
+        until: int | None = None
+        nxt_all: int | None = None
+        nxt_true: int | None = None
+        value = False
+        forever = False  # a part is true for good
+        for p in self.parts:
+            v, n, u = p.test(f, now)
+            if u is not None and (until is None or u < until):
+                until = u
+            if n is not None and (nxt_all is None or n < nxt_all):
+                nxt_all = n
+            if v:
+                value = True
+                if n is None:
+                    forever = True
+                elif nxt_true is None or n < nxt_true:
+                    nxt_true = n
+        if not value:
+            return False, nxt_all, until
+        return True, (None if forever else nxt_true), until
 
 
 class _Not(_Node):
@@ -840,7 +1178,7 @@ class _Parser:
         if left.kind == "bool" or right.kind == "bool":
             if not (isinstance(left, _Const) or isinstance(right, _Const)):
                 raise self.fail(f"compare conditions with and/or/not, not `{symbol}`")
-        return _Compare(left, symbol, right)
+        return _compare(left, symbol, right)
 
     def typed(
         self, left: _Node, left_ast: ast.expr, right: _Node, right_ast: ast.expr
