@@ -36,7 +36,7 @@ from ._rules import (
     earliest,
     local_time,
 )
-from ._segments import Plan, SegmentSet
+from ._segments import Affected, Plan, SegmentSet
 
 _TIME = TimeCause()
 
@@ -146,7 +146,7 @@ class _Derived(Indexed):
     result: an answer is used only where evaluating again would give the same one.
     """
 
-    __slots__ = ("_memo", "_memo_for", "_index")
+    __slots__ = ("_memo", "_outcomes", "_memo_for", "_index")
 
 
 class Customer(_Derived):
@@ -181,6 +181,9 @@ class Customer(_Derived):
         self.deadline: int | None = None
         """The next instant a segment can change without an event (always > watermark)."""
         self._memo: list[_Kept | None] | None = None  # by the rule numbers of Plan.rules
+        # By the steps of Plan.steps: (until, the segment's next instant), kept while no
+        # fact its rules read changes and until ``until``.
+        self._outcomes: list[tuple[int | None, int | None] | None] | None = None
         self._memo_for: SegmentSet | None = None
         self._index: _TimeIndex | None = None
 
@@ -239,15 +242,14 @@ class Customer(_Derived):
         at = event.at
         if at > self.watermark:
             self.watermark = at
-        memo = self._memo
+        memo, outcomes = self._memo, self._outcomes
         if memo is not None and self._memo_for is not segments:
-            memo = self._memo = self._memo_for = None
+            memo = outcomes = self._memo = self._outcomes = self._memo_for = None
         plan = segments.plan
         if self._first is None or at < self._first:
             self._first = at
             if memo is not None:
-                for i in plan.by_first:
-                    memo[i] = None
+                self._forget(memo, outcomes, plan.by_first)
         needs = segments.needs
         if event.kind == "track":
             retained = needs.retained
@@ -259,8 +261,8 @@ class Customer(_Derived):
                         self._last[key] = at
                     self._counts[key] = self._counts.get(key, 0) + 1
             if memo is not None:
-                for i in plan.by_name.get(event.name, plan.by_any_name):  # type: ignore[arg-type]
-                    memo[i] = None
+                hit = plan.by_name.get(event.name, plan.by_any_name)  # type: ignore[arg-type]
+                self._forget(memo, outcomes, hit)
         else:
             for key, value in event.traits.items():
                 if key in needs.trait_keys:
@@ -269,8 +271,19 @@ class Customer(_Derived):
                     if old is None or at >= old[0]:
                         self._traits[key] = (at, value)
                         if memo is not None:
-                            for i in plan.by_trait[key]:
-                                memo[i] = None
+                            self._forget(memo, outcomes, plan.by_trait[key])
+
+    @staticmethod
+    def _forget(
+        memo: list[_Kept | None],
+        outcomes: list[tuple[int | None, int | None] | None] | None,
+        hit: Affected,
+    ) -> None:
+        for i in hit[0]:
+            memo[i] = None
+        if outcomes is not None:
+            for j in hit[1]:
+                outcomes[j] = None
 
     def apply(self, event: Event, segments: SegmentSet) -> list[Transition]:
         """Apply one event: first fire deadlines due before its instant, then evaluate after it.
@@ -301,46 +314,74 @@ class Customer(_Derived):
         """
         now = self.watermark
         plan = segments.plan
-        memo = self._memo
-        if memo is None or self._memo_for is not segments or isinstance(cause, DefinitionCause):
+        memo, outcomes = self._memo, self._outcomes
+        if (
+            memo is None
+            or outcomes is None
+            or self._memo_for is not segments
+            or isinstance(cause, DefinitionCause)
+        ):
             memo = self._memo = [None] * len(plan.rules)
+            outcomes = self._outcomes = [None] * len(plan.steps)
             self._memo_for = segments
-        test = self._test
+        answer = self._answer
+        members = self.members
         out: list[Transition] = []
         nxt: int | None = None
-        for seg, ri, xi in plan.steps:
-            entered = self.members.get(seg.name)
+        for j, (seg, ri, xi, cacheable) in enumerate(plan.steps):
+            # A segment whose answers all still hold, at an instant before the next one it
+            # gave, would come out the same: no change, and the same next instant.
+            kept = outcomes[j]
+            if kept is not None and (kept[0] is None or now < kept[0]):
+                c = kept[1]
+                if c is not None and (nxt is None or c < nxt):
+                    nxt = c
+                continue
+            entered = members.get(seg.name)
+            r = x = None
             if entered is None:
-                holds, when = test(plan, memo, ri, now)
+                r = answer(plan, memo, ri, now)
+                holds, when = r[2], r[3]
                 if holds and xi >= 0:
                     # Not in while the exit condition holds: rule and exit overlapping would
                     # otherwise flap in and out every microsecond.
-                    leaving, exit_when = test(plan, memo, xi, now)
-                    holds, when = not leaving, earliest(when, exit_when)
+                    x = answer(plan, memo, xi, now)
+                    holds, when = not x[2], earliest(when, x[3])
                 if not holds:
-                    nxt = earliest(nxt, when)
-                    continue
-                out.append(self._change(seg.name, True, now, cause))
-                entered = now
-            # The leave condition: the exit rule, or else the rule not holding.
-            if xi >= 0:
-                leave, when = test(plan, memo, xi, now)
-            else:
-                holds, when = test(plan, memo, ri, now)
-                leave = not holds
-            first_out = entered + max(1, seg.min_dwell)  # never out at the instant it came in
-            if leave and now >= first_out:
-                out.append(self._change(seg.name, False, now, cause))
-                holds, when = test(plan, memo, ri, now)
-                if holds and xi >= 0:
-                    holds = False  # the exit condition holds right now
-                    when = earliest(when, test(plan, memo, xi, now)[1])
-                # Back in at the next instant at the soonest: one change per instant.
-                nxt = earliest(nxt, now + 1 if holds else when)
-            else:
-                nxt = earliest(nxt, when)
-                if leave:
-                    nxt = earliest(nxt, first_out)
+                    c = when
+                else:
+                    out.append(self._change(seg.name, True, now, cause))
+                    entered = now
+            if entered is not None:
+                # The leave condition: the exit rule, or else the rule not holding.
+                if xi >= 0:
+                    x = x or answer(plan, memo, xi, now)
+                    leave, when = x[2], x[3]
+                else:
+                    r = r or answer(plan, memo, ri, now)
+                    leave, when = not r[2], r[3]
+                first_out = entered + max(1, seg.min_dwell)  # never out the instant it came in
+                if leave and now >= first_out:
+                    out.append(self._change(seg.name, False, now, cause))
+                    r = r or answer(plan, memo, ri, now)
+                    holds, when = r[2], r[3]
+                    if holds and x is not None:
+                        holds = False  # the exit condition holds right now
+                        when = earliest(when, x[3])
+                    # Back in at the next instant at the soonest: one change per instant.
+                    c = now + 1 if holds else when
+                else:
+                    c = when
+                    if leave:
+                        c = earliest(c, first_out)
+            if cacheable:
+                until = c
+                for a in (r, x):
+                    if a is not None and a[1] is not None and (until is None or a[1] < until):
+                        until = a[1]
+                outcomes[j] = (until, c)
+            if c is not None and (nxt is None or c < nxt):
+                nxt = c
         if isinstance(cause, DefinitionCause):
             defined = set(segments.names)
             for name in [m for m in self.members if m not in defined]:
@@ -348,18 +389,17 @@ class Customer(_Derived):
         self.deadline = nxt
         return out
 
-    def _test(
-        self, plan: Plan, memo: list[_Kept | None], i: int, now: int
-    ) -> tuple[bool, int | None]:
+    def _answer(self, plan: Plan, memo: list[_Kept | None], i: int, now: int) -> _Kept:
         """Rule ``i`` of the plan at ``now``: the kept answer while it holds, else evaluated
         (and kept, if the rule allows)."""
         kept = memo[i]
         if kept is not None and kept[0] <= now and (kept[1] is None or now < kept[1]):
-            return kept[2], kept[3]
+            return kept
         value, nxt, until = plan.rules[i].evaluate_until(self, now)
+        kept = (now, until, value, nxt)
         if plan.cacheable[i]:
-            memo[i] = (now, until, value, nxt)
-        return value, nxt
+            memo[i] = kept
+        return kept
 
     def _change(self, segment: str, entered: bool, at: int, cause: Cause) -> Transition:
         if entered:
@@ -379,6 +419,7 @@ class Customer(_Derived):
     def restore(self, transitions: Iterable[Transition]) -> None:
         """Take memberships, version and watermark from the customer's past transitions
         (in version order), as published; used by rebuild after :meth:`fold`."""
+        self._memo = self._outcomes = self._memo_for = None  # memberships change
         for t in transitions:
             at = to_instant(t.at)
             if t.change == "entered":

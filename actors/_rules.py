@@ -253,16 +253,7 @@ class _Decay:
         if ap is None:
             return None
         total, ref, n, weights = ap
-        if ref is None:
-            return 0.0, 0.0  # no terms: the exact sum is 0.0 too
-        z = (ref - base) / self.half_life
-        if not -1000.0 < z < 1000.0:
-            return None
-        v = self.k * total * 2.0**z
-        if not math.isfinite(v):
-            return None
-        bound = v * _U * (8 * n + 1024 + 4 * abs(z) + 4 * xmax)
-        return v, bound + self.k * weights * _TINY + 1e-300
+        return _estimate(self.k, total, ref, n, weights, base, self.half_life, xmax)
 
     def compare(self, t: int, b: float) -> tuple[int, float]:
         """The sign of ``at(t) - b``, as comparing them gives, and the value: estimated when
@@ -315,6 +306,44 @@ class _Decay:
 
 _U = 2.0**-53
 _TINY = 2.0**-60
+
+
+def _estimate(
+    k: float,
+    total: float,
+    ref: int | None,
+    n: int,
+    weights: float,
+    base: int,
+    half_life: int,
+    xmax: float,
+) -> tuple[float, float] | None:
+    """See :meth:`_Decay.estimate`: ``k * total * 2 ** ((ref - base) / half_life)`` and the
+    bound, for ``n`` terms whose weights add up to at most ``weights``."""
+    if ref is None:
+        return 0.0, 0.0  # no terms: the exact sum is 0.0 too
+    z = (ref - base) / half_life
+    if not -1000.0 < z < 1000.0:
+        return None
+    v = k * total * 2.0**z
+    if not math.isfinite(v):
+        return None
+    bound = v * _U * (8 * n + 1024 + 4 * abs(z) + 4 * xmax)
+    return v, bound + k * weights * _TINY + 1e-300
+
+
+def _sign(est: tuple[float, float] | None, b: float, mb: float) -> int:
+    """The sign of (exact value - b) when the estimate settles it, else 0. ``mb`` bounds
+    the error of ``b`` itself."""
+    if est is None:
+        return 0
+    v, m = est
+    m += mb
+    if v - m > b:
+        return 1
+    if v + m < b:
+        return -1
+    return 0
 
 
 class ScoreTerms:
@@ -907,6 +936,94 @@ class _NumberCompare(_Compare):
         return self.fn(a, b), na
 
 
+def _score_of(node: _Node) -> tuple[float, _Score] | None:
+    if isinstance(node, _Score):
+        return 1.0, node
+    if isinstance(node, _Scale) and isinstance(node.inner, _Score):
+        return node.k, node.inner
+    return None
+
+
+class _ScoreCompare(_Compare):
+    """A score compared with a number constant or another score: on indexed facts the
+    estimates of :class:`ScoreTerms` settle most such comparisons without building the
+    terms; when they do not, the general way gives the answer (the same either way)."""
+
+    def __init__(self, left: _Node, op: str, right: _Node) -> None:
+        super().__init__(left, op, right)
+        a = _score_of(self.left)
+        assert a is not None
+        self.a = a
+        self.b = _score_of(self.right)
+        self.const: float | None = None
+        if self.b is None:
+            assert isinstance(self.right, _Const)
+            try:
+                self.const = float(self.right.value)
+            except OverflowError:
+                self.const = None
+        self.fn = _OPS[self.op]
+
+    def eval(self, f: Facts, now: int) -> Value:
+        if isinstance(f, Indexed):
+            answer = self._estimated(f, now)
+            if answer is not None:
+                return answer
+        return super().eval(f, now)
+
+    def _estimated(self, f: Indexed, now: int) -> Value | None:
+        ka, sa = self.a
+        terms = f.score_terms(sa.config)
+        prefix = terms.prefix
+        if prefix is None:
+            return None
+        times, h = terms.times, sa.config.half_life
+        da = sa.delta
+        ia = bisect_right(times, now - da)
+        na = times[ia] + da if da and ia < len(times) else None
+        if self.b is None:
+            b = self.const
+            if b is None:
+                return None
+            mb = abs(b) * _U  # the constant as a float
+            est = _estimate(ka, prefix[ia], terms.ref, ia, terms.total, now - da, h, 0.0)
+            sign = _sign(est, b, mb)
+            if sign == 0:
+                return None
+            value = self.fn(sign, 0)
+            if sign < 0:
+                return value, na
+            # Above b, it can only fall to b before the next instant an event enters it
+            # if it is at or below b just before then.
+            end = (na - 1) if na is not None else _FAR
+            if end <= now:
+                return value, na
+            est = _estimate(ka, prefix[ia], terms.ref, ia, terms.total, end - da, h, 0.0)
+            if _sign(est, b, mb) > 0:
+                return value, na
+            return None
+        kb, sb = self.b
+        if sb.config is not sa.config:
+            return None
+        db = sb.delta
+        ib = bisect_right(times, now - db)
+        nb = times[ib] + db if db and ib < len(times) else None
+        nxt = na if nb is None or (na is not None and na <= nb) else nb
+        if not ia and not ib:
+            return self.fn(0.0, 0.0), nxt
+        # The latest instant of either side's terms (sorted: the last one kept).
+        r = times[max(ia, ib) - 1]
+        ea = _estimate(ka, prefix[ia], terms.ref, ia, terms.total, r - da, h, da / h)
+        eb = _estimate(kb, prefix[ib], terms.ref, ib, terms.total, r - db, h, db / h)
+        if ea is None or eb is None:
+            return None
+        if ea[0] - ea[1] > eb[0] + eb[1]:
+            return self.fn(1, 0), nxt
+        if ea[0] + ea[1] < eb[0] - eb[1]:
+            return self.fn(-1, 0), nxt
+        return None
+
+
 def _always_number(node: _Node) -> bool:
     if isinstance(node, _Window):
         return node.func in ("count", "sum")
@@ -926,6 +1043,12 @@ def _compare(left: _Node, op: str, right: _Node) -> _Compare:
         and not (isinstance(left, _Const) and isinstance(right, _Const))
     ):
         return _NumberCompare(left, op, right)
+    a, b = _score_of(left), _score_of(right)
+    numconst = isinstance(right, _Const) and right.kind == "numconst"
+    if a is not None and (b is not None or numconst):
+        return _ScoreCompare(left, op, right)
+    if b is not None and isinstance(left, _Const) and left.kind == "numconst":
+        return _ScoreCompare(left, op, right)  # mirrored into place
     return _Compare(left, op, right)
 
 
@@ -1440,6 +1563,154 @@ class _Rewrite:
         return "".join(parts)
 
 
+# --- compiling -------------------------------------------------------------------------------
+# A rule is also compiled into one Python function, so evaluating it is straight-line code
+# instead of a call per node. Each node compiles to the same computation as its ``test``
+# (or ``eval``); nodes without a compiled form are called. The source holds only names made
+# here, operators from fixed tables and integers: everything else (event names, constants,
+# nodes) is passed in as a variable, so nothing of the rule's text is ever compiled.
+
+_FLIP_NEXT = {
+    ">=": "{t} if now < {t} else None",
+    ">": "{t} + 1 if now <= {t} else None",
+    "<": "{t} if now < {t} else None",
+    "<=": "{t} + 1 if now <= {t} else None",
+    "==": "{t} if now < {t} else ({t} + 1 if now == {t} else None)",
+    "!=": "{t} if now < {t} else ({t} + 1 if now == {t} else None)",
+}
+"""The next instant ``now OP t`` changes, as _instant_compare computes it."""
+
+
+class _Compiler:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.env: dict[str, Any] = {"bisect_right": bisect_right, "Indexed": Indexed}
+        self.n = 0
+
+    def var(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    def const(self, value: Any) -> str:
+        name = self.var("k")
+        self.env[name] = value
+        return name
+
+    def line(self, depth: int, text: str) -> None:
+        self.lines.append("    " * depth + text)
+
+    def earliest(self, depth: int, out: str, a: str, b: str) -> None:
+        """``out = earliest(a, b)`` (either may be the literal None)."""
+        if a == "None":
+            self.line(depth, f"{out} = {b}")
+        elif b == "None":
+            self.line(depth, f"{out} = {a}")
+        else:
+            later = f"{a} is None or ({b} is not None and {b} < {a})"
+            self.line(depth, f"{out} = {b} if {later} else {a}")
+
+    def condition(self, node: _Node, d: int) -> tuple[str, str, str]:
+        """Code setting (value, next, until) of a condition; their names."""
+        v, n = self.var("v"), self.var("n")
+        if isinstance(node, _ElapsedCompare):
+            a, t = self.var("a"), self.var("t")
+            el = node.elapsed
+            if isinstance(el, _SinceLast):
+                self.line(d, f"{a} = f.last_at({self.const(el.name)})")
+            elif isinstance(el, _SinceFirst):
+                self.line(d, f"{a} = f.first_at()")
+            else:
+                self.line(d, f"{a} = {self.const(el)}.anchor(f, now)")
+            self.line(d, f"if {a} is None:")
+            self.line(d + 1, f"{v} = False")
+            self.line(d + 1, f"{n} = None")
+            self.line(d, "else:")
+            sign = "+" if el.sign == 1 else "-"
+            self.line(d + 1, f"{t} = {a} {sign} {int(node.us)}")
+            self.line(d + 1, f"{v} = now {node.now_op} {t}")
+            self.line(d + 1, f"{n} = " + _FLIP_NEXT[node.now_op].format(t=t))
+            return v, n, n
+        if isinstance(node, _NumberCompare):
+            a, na = self.number(node.left, d)
+            b, nb = self.number(node.right, d)
+            self.line(d, f"{v} = {a} {node.op} {b}")
+            self.earliest(d, n, na, nb)
+            return v, n, n
+        if isinstance(node, _Not):
+            pv, pn, pu = self.condition(node.part, d)
+            self.line(d, f"{v} = not {pv}")
+            return v, pn, pu
+        if isinstance(node, _And | _Or):
+            return self.combine(node, d)
+        u = self.var("u")
+        self.line(d, f"{v}, {n}, {u} = {self.const(node)}.test(f, now)")
+        return v, n, u
+
+    def combine(self, node: _And | _Or, d: int) -> tuple[str, str, str]:
+        # As _And.test / _Or.test: the next instant over all parts while the result is
+        # decided by all of them, else over the parts that decide it.
+        conj = isinstance(node, _And)
+        v, n, u = self.var("v"), self.var("n"), self.var("u")
+        every, deciding, forever = self.var("e"), self.var("s"), self.var("f")
+        self.line(d, f"{v} = {conj}")
+        self.line(d, f"{u} = {every} = {deciding} = None")
+        self.line(d, f"{forever} = False")
+        for part in node.parts:
+            pv, pn, pu = self.condition(part, d)
+            self.line(d, f"if {pu} is not None and ({u} is None or {pu} < {u}):")
+            self.line(d + 1, f"{u} = {pu}")
+            self.line(d, f"if {pn} is not None and ({every} is None or {pn} < {every}):")
+            self.line(d + 1, f"{every} = {pn}")
+            self.line(d, f"if not {pv}:" if conj else f"if {pv}:")
+            self.line(d + 1, f"{v} = {not conj}")
+            self.line(d + 1, f"if {pn} is None:")
+            self.line(d + 2, f"{forever} = True")
+            self.line(d + 1, f"elif {deciding} is None or {pn} < {deciding}:")
+            self.line(d + 2, f"{deciding} = {pn}")
+        decided = f"not {v}" if conj else v
+        self.line(d, f"{n} = (None if {forever} else {deciding}) if {decided} else {every}")
+        return v, n, u
+
+    def number(self, node: _Node, d: int) -> tuple[str, str]:
+        """Code setting (value, next) of a count, a sum or a number constant."""
+        if isinstance(node, _Const):
+            return self.const(node.value), "None"
+        assert isinstance(node, _Window)
+        c, cn = self.var("c"), self.var("cn")
+        if node.simple:
+            self.line(d, f"{c} = f.count({self.const(node.name)})")
+            return c, "None"
+        if node.indexed and not (node.days or node.hours):
+            assert node.within is not None
+            w = int(node.within)
+            ats, lo, hi = self.var("ats"), self.var("lo"), self.var("hi")
+            self.line(d, "if indexed:")
+            self.line(d + 1, f"{ats} = f.instants({self.const(node.name)})")
+            self.line(d + 1, f"{lo} = bisect_right({ats}, now - {w})")
+            self.line(d + 1, f"{hi} = bisect_right({ats}, now)")
+            self.line(d + 1, f"{c} = {hi} - {lo}")
+            self.line(d + 1, f"{cn} = {ats}[{lo}] + {w} if {lo} < {hi} else None")
+            self.line(d, "else:")
+            self.line(d + 1, f"{c}, {cn} = {self.const(node)}.eval(f, now)")
+            return c, cn
+        self.line(d, f"{c}, {cn} = {self.const(node)}.eval(f, now)")
+        return c, cn
+
+
+def _compile(root: _Node) -> Callable[[Facts, int], tuple[bool, int | None, int | None]]:
+    """One function computing ``root.test`` (as a bool, next, until)."""
+    c = _Compiler()
+    c.line(1, "indexed = isinstance(f, Indexed)")
+    v, n, u = c.condition(root, 1)
+    c.line(1, f"return bool({v}), {n}, {u}")
+    source = "def rule(f, now):\n" + "\n".join(c.lines) + "\n"
+    code = compile(source, "<rule>", "exec")
+    namespace = dict(c.env)
+    exec(code, namespace)
+    fn: Callable[[Facts, int], tuple[bool, int | None, int | None]] = namespace["rule"]
+    return fn
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """A checked rule, ready to evaluate."""
@@ -1456,10 +1727,17 @@ class Rule:
     facts it reads stay the same: false when the rule reads memberships, or searches a score
     of negative weights (whose crossing found depends on where the search starts)."""
 
+    _compiled: Callable[[Facts, int], tuple[bool, int | None, int | None]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_compiled", _compile(self._root))
+
     def evaluate(self, facts: Facts, now: int) -> tuple[bool, int | None]:
         """Whether the rule holds at ``now``, and the next instant that can change."""
-        value, nxt = self._root.eval(facts, now)
-        return bool(value), nxt
+        value, nxt, _ = self._compiled(facts, now)
+        return value, nxt
 
     def evaluate_until(self, facts: Facts, now: int) -> tuple[bool, int | None, int | None]:
         """:meth:`evaluate`, and the earliest instant after ``now`` at which its answer
@@ -1467,8 +1745,7 @@ class Rule:
 
         Facts here are as of ``now``: no event the rule reads is after ``now``.
         """
-        value, nxt, until = self._root.test(facts, now)
-        return bool(value), nxt, until
+        return self._compiled(facts, now)
 
 
 def parse_rule(

@@ -42,52 +42,65 @@ class Segment:
         return self.rule.refs | (self.exit.refs if self.exit else frozenset())
 
 
+Affected = tuple[tuple[int, ...], tuple[int, ...]]
+"""Rules (by number) and steps (by position) whose answers a change of some fact can change."""
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """How a customer evaluates a :class:`SegmentSet`: its rules by number, and which of
-    them each kind of fact can change (so an answer kept for a rule can be dropped when,
-    and only when, a fact it reads changes)."""
+    """How a customer evaluates a :class:`SegmentSet`: its rules by number, and which rules
+    and segments each kind of fact can change, so an answer kept for them can be dropped
+    when, and only when, a fact they read changes."""
 
     rules: tuple[Rule, ...]
     """Each segment's rule, then its exit if it has one, in evaluation order."""
-    steps: tuple[tuple[Segment, int, int], ...]
-    """In evaluation order: the segment, its rule's number and its exit's (-1: none)."""
+    steps: tuple[tuple[Segment, int, int, bool], ...]
+    """In evaluation order: the segment, its rule's number, its exit's (-1: none), and
+    whether its outcome may be kept (its rules are all ``cacheable``)."""
     cacheable: tuple[bool, ...]
-    by_name: Mapping[str, tuple[int, ...]]
-    """Track event name -> the rules such an event can change."""
-    by_any_name: tuple[int, ...]
-    """The rules that any track event can change (those reading all track events)."""
-    by_trait: Mapping[str, tuple[int, ...]]
-    by_first: tuple[int, ...]
-    """The rules that a new earliest event can change."""
+    by_name: Mapping[str, Affected]
+    """Track event name -> what such an event can change."""
+    by_any_name: Affected
+    """What any track event can change (rules reading all track events)."""
+    by_trait: Mapping[str, Affected]
+    by_first: Affected
+    """What a new earliest event can change."""
 
     @classmethod
     def of(cls, order: Sequence[Segment]) -> Plan:
         rules: list[Rule] = []
-        steps: list[tuple[Segment, int, int]] = []
-        for seg in order:
+        steps: list[tuple[Segment, int, int, bool]] = []
+        owner: list[int] = []  # rule number -> step
+        for j, seg in enumerate(order):
             rules.append(seg.rule)
+            owner.append(j)
             if seg.exit is not None:
                 rules.append(seg.exit)
-                steps.append((seg, len(rules) - 2, len(rules) - 1))
+                owner.append(j)
+                both = seg.rule.cacheable and seg.exit.cacheable
+                steps.append((seg, len(rules) - 2, len(rules) - 1, both))
             else:
-                steps.append((seg, len(rules) - 1, -1))
+                steps.append((seg, len(rules) - 1, -1, seg.rule.cacheable))
         tracks = [r.needs.event_names | r.needs.retained for r in rules]
+
+        def affected(hit: list[int]) -> Affected:
+            return tuple(hit), tuple(sorted({owner[i] for i in hit}))
+
         names = {n for t in tracks for n in t if n is not None}
-        any_name = tuple(i for i, t in enumerate(tracks) if None in t)
         traits = {k for r in rules for k in r.needs.trait_keys}
         return cls(
             rules=tuple(rules),
             steps=tuple(steps),
             cacheable=tuple(r.cacheable for r in rules),
             by_name={
-                n: tuple(i for i, t in enumerate(tracks) if n in t or None in t) for n in names
+                n: affected([i for i, t in enumerate(tracks) if n in t or None in t]) for n in names
             },
-            by_any_name=any_name,
+            by_any_name=affected([i for i, t in enumerate(tracks) if None in t]),
             by_trait={
-                k: tuple(i for i, r in enumerate(rules) if k in r.needs.trait_keys) for k in traits
+                k: affected([i for i, r in enumerate(rules) if k in r.needs.trait_keys])
+                for k in traits
             },
-            by_first=tuple(i for i, r in enumerate(rules) if r.reads_first),
+            by_first=affected([i for i, r in enumerate(rules) if r.reads_first]),
         )
 
 
