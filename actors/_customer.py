@@ -11,6 +11,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from datetime import tzinfo
+from itertools import accumulate, compress
 from typing import Any
 
 import msgspec
@@ -30,19 +31,23 @@ from ._errors import ActorsError
 from ._rules import (
     MISSING,
     Indexed,
+    LocalFilter,
     ScoreConfig,
     ScoreTerms,
     Tracked,
-    earliest,
     local_time,
 )
-from ._segments import Affected, Plan, SegmentSet
+from ._segments import SegmentSet
 
 _TIME = TimeCause()
 
 
 _BEFORE_ANY = -(1 << 62)
 """The watermark of a customer with no events yet: before any instant an event can have."""
+_NEVER = 1 << 63
+"""After any instant: a segment's next instant when it has none."""
+_STALE = -(1 << 63)
+"""Before any instant: a segment to look at again at the next evaluation."""
 _DEFINITION = DefinitionCause()
 
 SNAPSHOT_FORMAT = 1
@@ -85,8 +90,33 @@ class SnapshotError(ActorsError):
         self.problem = problem
 
 
-_Kept = tuple[int, int | None, bool, int | None]
-"""A rule's answer as kept: (evaluated at, holds until, value, next)."""
+class _Local:
+    """Local times (``weekday * 24 + hour``) of some instants in one zone, and for each
+    filter asked about, how many of the first i instants it lets in."""
+
+    __slots__ = ("zone", "codes", "counts")
+
+    def __init__(self, zone: tzinfo, ats: Sequence[int]) -> None:
+        self.zone = zone
+        self.codes = [local_time(at, zone) for at in ats]
+        self.counts: dict[LocalFilter, list[int]] = {}
+
+    def insert(self, pos: int, at: int) -> None:
+        code = local_time(at, self.zone)
+        codes = self.codes
+        codes.insert(pos, code)
+        if pos == len(codes) - 1:
+            for flt, counts in self.counts.items():
+                counts.append(counts[-1] + flt.ok[code])
+        else:
+            self.counts.clear()
+
+    def count(self, flt: LocalFilter) -> list[int]:
+        counts = self.counts.get(flt)
+        if counts is None:
+            ok = flt.ok
+            counts = self.counts[flt] = list(accumulate((ok[c] for c in self.codes), initial=0))
+        return counts
 
 
 class _TimeIndex:
@@ -98,7 +128,7 @@ class _TimeIndex:
     def __init__(self) -> None:
         self.upto = 0  # how many retained events ``times`` and ``local`` hold
         self.times: dict[str | None, list[int]] = {}
-        self.local: dict[str | None, tuple[tzinfo, list[int]]] = {}
+        self.local: dict[str | None, _Local] = {}
         self.terms: ScoreTerms | None = None
         self.terms_upto = 0  # how many retained events ``terms`` has seen
 
@@ -118,7 +148,7 @@ class _TimeIndex:
                     ats.insert(pos, at)
                 loc = local.get(key)
                 if loc is not None:
-                    loc[1].insert(pos, local_time(at, loc[0]))
+                    loc.insert(pos, at)
         self.upto = len(tracked)
 
     def score_terms(self, tracked: Sequence[Retained], config: ScoreConfig) -> ScoreTerms:
@@ -137,16 +167,17 @@ class _TimeIndex:
 
 
 class _Derived(Indexed):
-    """What a customer keeps besides its state: its rules' last answers, each kept until the
-    instant it can change (``Rule.evaluate_until``) or a fact its rule reads changes; and its
-    retained events indexed by instant.
+    """What a customer keeps besides its state: for each segment, the next instant it gave
+    and until when that outcome holds (the earliest instant at which an answer of its rules
+    can change, ``Rule.evaluate_until``), dropped when a fact its rules read changes; and
+    its retained events indexed by instant.
 
     Not part of the state: snapshots leave it out (a restored customer starts without it,
     and :data:`Customer.__slots__` lists the state alone). It saves work, and changes no
-    result: an answer is used only where evaluating again would give the same one.
+    result: an outcome is used only where evaluating again would give the same one.
     """
 
-    __slots__ = ("_memo", "_outcomes", "_memo_for", "_index")
+    __slots__ = ("_untils", "_nexts", "_kept_for", "_index")
 
 
 class Customer(_Derived):
@@ -180,11 +211,11 @@ class Customer(_Derived):
         """The instant up to which the customer's state has been evaluated."""
         self.deadline: int | None = None
         """The next instant a segment can change without an event (always > watermark)."""
-        self._memo: list[_Kept | None] | None = None  # by the rule numbers of Plan.rules
-        # By the steps of Plan.steps: (until, the segment's next instant), kept while no
-        # fact its rules read changes and until ``until``.
-        self._outcomes: list[tuple[int | None, int | None] | None] | None = None
-        self._memo_for: SegmentSet | None = None
+        # By the steps of Plan.steps: when to look at the segment again (_STALE: at the next
+        # evaluation; the facts its rules read changed), and its next instant (_NEVER: None).
+        self._untils: list[int] | None = None
+        self._nexts: list[int] | None = None
+        self._kept_for: SegmentSet | None = None
         self._index: _TimeIndex | None = None
 
     # Facts, as the rules read them ------------------------------------------------------
@@ -210,9 +241,13 @@ class Customer(_Derived):
 
     def instants(self, name: str | None) -> Sequence[int]:
         ix = self._index
+        tracked = self._tracked
+        if ix is not None and ix.upto == len(tracked):
+            ats = ix.times.get(name)
+            if ats is not None:
+                return ats
         if ix is None:
             ix = self._index = _TimeIndex()
-        tracked = self._tracked
         if ix.upto < len(tracked):
             ix.catch_up(tracked)
         ats = ix.times.get(name)
@@ -220,18 +255,22 @@ class Customer(_Derived):
             ats = ix.times[name] = sorted(e.at for e in tracked if name is None or e.name == name)
         return ats
 
-    def local_times(self, name: str | None, zone: tzinfo) -> Sequence[int]:
+    def local_counts(self, name: str | None, zone: tzinfo, where: LocalFilter) -> Sequence[int]:
         ats = self.instants(name)
         ix = self._index
         assert ix is not None
-        entry = ix.local.get(name)
-        if entry is None or entry[0] is not zone:
-            entry = ix.local[name] = (zone, [local_time(at, zone) for at in ats])
-        return entry[1]
+        loc = ix.local.get(name)
+        if loc is None or loc.zone is not zone:
+            loc = ix.local[name] = _Local(zone, ats)
+        return loc.count(where)
 
     def score_terms(self, config: ScoreConfig) -> ScoreTerms:
         ix = self._index
-        if ix is None:
+        if ix is not None:
+            terms = ix.terms
+            if terms is not None and terms.config is config and ix.terms_upto == len(self._tracked):
+                return terms
+        else:
             ix = self._index = _TimeIndex()
         return ix.score_terms(self._tracked, config)
 
@@ -242,14 +281,15 @@ class Customer(_Derived):
         at = event.at
         if at > self.watermark:
             self.watermark = at
-        memo, outcomes = self._memo, self._outcomes
-        if memo is not None and self._memo_for is not segments:
-            memo = outcomes = self._memo = self._outcomes = self._memo_for = None
+        untils = self._untils
+        if untils is not None and self._kept_for is not segments:
+            untils = self._untils = self._nexts = self._kept_for = None
         plan = segments.plan
         if self._first is None or at < self._first:
             self._first = at
-            if memo is not None:
-                self._forget(memo, outcomes, plan.by_first)
+            if untils is not None:
+                for j in plan.by_first:
+                    untils[j] = _STALE
         needs = segments.needs
         if event.kind == "track":
             retained = needs.retained
@@ -260,9 +300,9 @@ class Customer(_Derived):
                     if at > self._last.get(key, at - 1):
                         self._last[key] = at
                     self._counts[key] = self._counts.get(key, 0) + 1
-            if memo is not None:
-                hit = plan.by_name.get(event.name, plan.by_any_name)  # type: ignore[arg-type]
-                self._forget(memo, outcomes, hit)
+            if untils is not None:
+                for j in plan.by_name.get(event.name, plan.by_any_name):
+                    untils[j] = _STALE
         else:
             for key, value in event.traits.items():
                 if key in needs.trait_keys:
@@ -270,20 +310,9 @@ class Customer(_Derived):
                     old = self._traits.get(key)
                     if old is None or at >= old[0]:
                         self._traits[key] = (at, value)
-                        if memo is not None:
-                            self._forget(memo, outcomes, plan.by_trait[key])
-
-    @staticmethod
-    def _forget(
-        memo: list[_Kept | None],
-        outcomes: list[tuple[int | None, int | None] | None] | None,
-        hit: Affected,
-    ) -> None:
-        for i in hit[0]:
-            memo[i] = None
-        if outcomes is not None:
-            for j in hit[1]:
-                outcomes[j] = None
+                        if untils is not None:
+                            for j in plan.by_trait[key]:
+                                untils[j] = _STALE
 
     def apply(self, event: Event, segments: SegmentSet) -> list[Transition]:
         """Apply one event: first fire deadlines due before its instant, then evaluate after it.
@@ -314,39 +343,34 @@ class Customer(_Derived):
         """
         now = self.watermark
         plan = segments.plan
-        memo, outcomes = self._memo, self._outcomes
-        if (
-            memo is None
-            or outcomes is None
-            or self._memo_for is not segments
-            or isinstance(cause, DefinitionCause)
-        ):
-            memo = self._memo = [None] * len(plan.rules)
-            outcomes = self._outcomes = [None] * len(plan.steps)
-            self._memo_for = segments
-        answer = self._answer
+        untils, nexts = self._untils, self._nexts
+        definition = isinstance(cause, DefinitionCause)
+        if untils is None or nexts is None or self._kept_for is not segments or definition:
+            untils = self._untils = [_STALE] * len(plan.steps)
+            nexts = self._nexts = [_NEVER] * len(plan.steps)
+            self._kept_for = segments
+        evaluators = plan.evaluators
         members = self.members
         out: list[Transition] = []
-        nxt: int | None = None
-        for j, (seg, ri, xi, cacheable) in enumerate(plan.steps):
-            # A segment whose answers all still hold, at an instant before the next one it
-            # gave, would come out the same: no change, and the same next instant.
-            kept = outcomes[j]
-            if kept is not None and (kept[0] is None or now < kept[0]):
-                c = kept[1]
-                if c is not None and (nxt is None or c < nxt):
-                    nxt = c
-                continue
+        steps = plan.steps
+        # A segment whose rules' answers all still hold, at an instant before the one it must
+        # be looked at again, would come out the same: no change, the same next instant.
+        for j in compress(range(len(untils)), map(now.__ge__, untils)):
+            seg, ri, xi, cacheable = steps[j]
             entered = members.get(seg.name)
+            # Answers (value, next, until) of the rule and the exit, when read.
             r = x = None
+            c: int | None
             if entered is None:
-                r = answer(plan, memo, ri, now)
-                holds, when = r[2], r[3]
+                r = evaluators[ri](self, now)
+                holds, when = r[0], r[1]
                 if holds and xi >= 0:
                     # Not in while the exit condition holds: rule and exit overlapping would
                     # otherwise flap in and out every microsecond.
-                    x = answer(plan, memo, xi, now)
-                    holds, when = not x[2], earliest(when, x[3])
+                    x = evaluators[xi](self, now)
+                    holds = not x[0]
+                    if x[1] is not None and (when is None or x[1] < when):
+                        when = x[1]
                 if not holds:
                     c = when
                 else:
@@ -355,51 +379,41 @@ class Customer(_Derived):
             if entered is not None:
                 # The leave condition: the exit rule, or else the rule not holding.
                 if xi >= 0:
-                    x = x or answer(plan, memo, xi, now)
-                    leave, when = x[2], x[3]
+                    x = x or evaluators[xi](self, now)
+                    leave, when = x[0], x[1]
                 else:
-                    r = r or answer(plan, memo, ri, now)
-                    leave, when = not r[2], r[3]
+                    r = r or evaluators[ri](self, now)
+                    leave, when = not r[0], r[1]
                 first_out = entered + max(1, seg.min_dwell)  # never out the instant it came in
                 if leave and now >= first_out:
                     out.append(self._change(seg.name, False, now, cause))
-                    r = r or answer(plan, memo, ri, now)
-                    holds, when = r[2], r[3]
+                    r = r or evaluators[ri](self, now)
+                    holds, when = r[0], r[1]
                     if holds and x is not None:
                         holds = False  # the exit condition holds right now
-                        when = earliest(when, x[3])
+                        if x[1] is not None and (when is None or x[1] < when):
+                            when = x[1]
                     # Back in at the next instant at the soonest: one change per instant.
                     c = now + 1 if holds else when
                 else:
                     c = when
-                    if leave:
-                        c = earliest(c, first_out)
+                    if leave and (c is None or first_out < c):
+                        c = first_out
+            nexts[j] = until = _NEVER if c is None else c
             if cacheable:
-                until = c
-                for a in (r, x):
-                    if a is not None and a[1] is not None and (until is None or a[1] < until):
-                        until = a[1]
-                outcomes[j] = (until, c)
-            if c is not None and (nxt is None or c < nxt):
-                nxt = c
-        if isinstance(cause, DefinitionCause):
+                # Looked at again at its next instant, or when an answer it read runs out.
+                if r is not None and r[2] is not None and r[2] < until:
+                    until = r[2]
+                if x is not None and x[2] is not None and x[2] < until:
+                    until = x[2]
+                untils[j] = until
+        if definition:
             defined = set(segments.names)
             for name in [m for m in self.members if m not in defined]:
                 out.append(self._change(name, False, now, cause))
-        self.deadline = nxt
+        nxt = min(nexts, default=_NEVER)
+        self.deadline = None if nxt == _NEVER else nxt
         return out
-
-    def _answer(self, plan: Plan, memo: list[_Kept | None], i: int, now: int) -> _Kept:
-        """Rule ``i`` of the plan at ``now``: the kept answer while it holds, else evaluated
-        (and kept, if the rule allows)."""
-        kept = memo[i]
-        if kept is not None and kept[0] <= now and (kept[1] is None or now < kept[1]):
-            return kept
-        value, nxt, until = plan.rules[i].evaluate_until(self, now)
-        kept = (now, until, value, nxt)
-        if plan.cacheable[i]:
-            memo[i] = kept
-        return kept
 
     def _change(self, segment: str, entered: bool, at: int, cause: Cause) -> Transition:
         if entered:
@@ -419,7 +433,7 @@ class Customer(_Derived):
     def restore(self, transitions: Iterable[Transition]) -> None:
         """Take memberships, version and watermark from the customer's past transitions
         (in version order), as published; used by rebuild after :meth:`fold`."""
-        self._memo = self._outcomes = self._memo_for = None  # memberships change
+        self._untils = self._nexts = self._kept_for = None  # memberships change
         for t in transitions:
             at = to_instant(t.at)
             if t.change == "entered":

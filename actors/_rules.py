@@ -78,13 +78,28 @@ class Indexed:
         """The instants of the retained track events named ``name`` (None: all), sorted."""
         raise NotImplementedError
 
-    def local_times(self, name: str | None, zone: tzinfo) -> Sequence[int]:
-        """For each of :meth:`instants` (same order), ``weekday * 24 + hour`` in ``zone``."""
+    def local_counts(self, name: str | None, zone: tzinfo, where: LocalFilter) -> Sequence[int]:
+        """For each i, how many of the first i :meth:`instants` ``where`` lets in, by their
+        weekday and hour in ``zone`` (so element 0 is 0)."""
         raise NotImplementedError
 
     def score_terms(self, config: ScoreConfig) -> ScoreTerms:
         """The score terms of the retained track events under ``config``, up to date."""
         raise NotImplementedError
+
+
+class LocalFilter:
+    """Which local times (``weekday * 24 + hour``, Monday 0) a window with ``days`` or
+    ``hours`` lets in."""
+
+    __slots__ = ("ok",)
+
+    def __init__(self, days: frozenset[int] | None, hours: frozenset[int] | None) -> None:
+        self.ok = tuple(
+            int((not days or d in days) and (not hours or h in hours))
+            for d in range(7)
+            for h in range(24)
+        )
 
 
 def local_time(at: int, zone: tzinfo) -> int:
@@ -332,37 +347,23 @@ def _estimate(
     return v, bound + k * weights * _TINY + 1e-300
 
 
-def _sign(est: tuple[float, float] | None, b: float, mb: float) -> int:
-    """The sign of (exact value - b) when the estimate settles it, else 0. ``mb`` bounds
-    the error of ``b`` itself."""
-    if est is None:
-        return 0
-    v, m = est
-    m += mb
-    if v - m > b:
-        return 1
-    if v + m < b:
-        return -1
-    return 0
-
-
 class ScoreTerms:
     """A customer's score terms under one :class:`ScoreConfig`, kept as its events come.
 
-    ``terms`` are ``(instant, weight)`` of the track events of non-zero weight in log
-    order: what the exact sum runs over (SEGMENTS.md). Beside them, the instants in time
-    order (``times``), and, when no weight is negative, prefix sums in time order of
-    ``w * 2 ** ((t - ref) / H)``: they estimate any score at any instant in O(1), closely
-    enough to settle most comparisons without the exact sum (see :meth:`_Decay.estimate`).
+    The terms are ``(instant, weight)`` of the track events of non-zero weight: in time
+    order in ``times`` and ``weights``, and in log order (what the exact sum runs over,
+    SEGMENTS.md) in :attr:`terms`. When no weight is negative, ``prefix`` holds prefix sums
+    in time order of ``w * 2 ** ((t - ref) / H)``: they estimate any score at any instant in
+    O(1), closely enough to settle most comparisons without the exact sum (see
+    :meth:`_Decay.estimate`).
     """
 
-    __slots__ = ("config", "terms", "in_order", "times", "weights", "prefix", "ref", "total")
+    __slots__ = ("config", "log", "times", "weights", "prefix", "ref", "total")
 
     def __init__(self, config: ScoreConfig) -> None:
         self.config = config
-        self.terms: list[tuple[int, float]] = []
-        self.in_order = True
-        """Whether log order is time order (no term came after a later one)."""
+        self.log: list[tuple[int, float]] | None = None
+        """The terms in log order, once that is not time order (None while it is)."""
         self.times: list[int] = []
         self.weights: list[float] = []  # in time order, beside ``times``
         self.prefix: list[float] | None = [0.0]
@@ -373,17 +374,27 @@ class ScoreTerms:
         if config.default_weight < 0 or any(w < 0 for w in config.weights.values()):
             self.prefix = None
 
+    @property
+    def terms(self) -> list[tuple[int, float]]:
+        """The terms in log order."""
+        return list(zip(self.times, self.weights, strict=True)) if self.log is None else self.log
+
     def add(self, at: int, w: float) -> None:
         """The next track event in the log, of non-zero weight ``w``."""
-        self.terms.append((at, w))
-        times = self.times
+        times, weights = self.times, self.weights
+        end = len(times)
         if times and at < times[-1]:
-            self.in_order = False
+            if self.log is None:
+                self.log = list(zip(times, weights, strict=True))
             pos = bisect_right(times, at)
+            times.insert(pos, at)
+            weights.insert(pos, w)
         else:
-            pos = len(times)
-        times.insert(pos, at)
-        self.weights.insert(pos, w)
+            pos = end
+            times.append(at)
+            weights.append(w)
+        if self.log is not None:
+            self.log.append((at, w))
         self.total += w
         prefix = self.prefix
         if prefix is None:
@@ -392,9 +403,13 @@ class ScoreTerms:
         if self.ref is None or (at - self.ref) / h > 400:
             # Rebase, so the terms stay far from overflow: they are at most 2 ** 400.
             self.ref, pos = at, 0
+        ref = self.ref
+        if pos == end:
+            prefix.append(prefix[-1] + w * 2.0 ** ((at - ref) / h))
+            return
         del prefix[pos + 1 :]
-        acc, ref = prefix[pos], self.ref
-        for t, wt in zip(times[pos:], self.weights[pos:], strict=True):
+        acc = prefix[pos]
+        for t, wt in zip(times[pos:], weights[pos:], strict=True):
             acc += wt * 2.0 ** ((t - ref) / h)
             prefix.append(acc)
 
@@ -404,16 +419,17 @@ class ScoreTerms:
         times = self.times
         k = bisect_right(times, cutoff)
         nxt = times[k] + delta if delta and k < len(times) else None
-        terms = self.terms
-        if self.in_order:  # those at or before the cutoff come first
+        log = self.log
+        if log is None:  # in time order: those at or before the cutoff come first
+            weights = self.weights
 
             def kept() -> tuple[tuple[int, float], ...]:
-                return tuple(terms[:k])
+                return tuple(zip(times[:k], weights[:k], strict=True))
 
         else:
 
             def kept() -> tuple[tuple[int, float], ...]:
-                return tuple(t for t in terms if t[0] <= cutoff)
+                return tuple(t for t in log if t[0] <= cutoff)
 
         prefix = self.prefix
         estimator = None if prefix is None else (prefix[k], self.ref, k, self.total)
@@ -588,12 +604,7 @@ class _Window(_Node):
         self.simple = func == "count" and within is None and not where and not days and not hours
         # A trailing count without `where` is read off the instants (Indexed facts).
         self.indexed = func == "count" and within is not None and not where
-        # weekday * 24 + hour -> whether `days` and `hours` let it in
-        self.local_ok = tuple(
-            (not days or d in days) and (not hours or h in hours)
-            for d in range(7)
-            for h in range(24)
-        )
+        self.local = LocalFilter(days, hours)
 
     def eval(self, f: Facts, now: int) -> Value:
         if self.simple:
@@ -651,13 +662,8 @@ class _Window(_Node):
         nxt = ats[lo] + w if lo < hi else None  # when the earliest in it leaves
         if zone is None:
             return hi - lo, nxt
-        ok = self.local_ok
-        local = f.local_times(self.name, zone)
-        n = 0
-        for i in range(lo, hi):
-            if ok[local[i]]:
-                n += 1
-        return n, nxt
+        counts = f.local_counts(self.name, zone, self.local)
+        return counts[hi] - counts[lo], nxt
 
 
 class _Score(_Node):
@@ -894,9 +900,10 @@ class _Compare(_Node):
 
         else:
             return value, nxt
-        # pred(now) is false either way. The guess only steers the search.
+        # pred(now) is false either way. The guess only steers the search (a quotient
+        # that overflows or underflows gives none).
         guess = None
-        if v_now > 0 and b > 0:
+        if v_now > 0 and b > 0 and 0.0 < v_now / b < math.inf:
             guess = now + math.ceil(a.half_life * math.log2(v_now / b))
         flip = _first_flip(pred, now, nxt, guess, self.monotone)
         return value, earliest(flip, nxt)
@@ -963,6 +970,11 @@ class _ScoreCompare(_Compare):
             except OverflowError:
                 self.const = None
         self.fn = _OPS[self.op]
+        # Unpacked for _estimated.
+        self.ka, self.config, self.da = a[0], a[1].config, a[1].delta
+        self.kb, self.db = (self.b[0], self.b[1].delta) if self.b is not None else (0.0, 0)
+        self.same = self.b is not None and self.b[1].config is self.config
+        self.mb = abs(self.const) * _U if self.const is not None else 0.0  # b as a float
 
     def eval(self, f: Facts, now: int) -> Value:
         if isinstance(f, Indexed):
@@ -972,54 +984,61 @@ class _ScoreCompare(_Compare):
         return super().eval(f, now)
 
     def _estimated(self, f: Indexed, now: int) -> Value | None:
-        ka, sa = self.a
-        terms = f.score_terms(sa.config)
-        prefix = terms.prefix
-        if prefix is None:
+        # _estimate and _sign, inline. An estimate that overflowed compares false both ways.
+        config = self.config
+        terms = f.score_terms(config)
+        prefix, ref = terms.prefix, terms.ref
+        if prefix is None or ref is None:
             return None
-        times, h = terms.times, sa.config.half_life
-        da = sa.delta
+        times, h, weights = terms.times, config.half_life, terms.total * _TINY
+        ka, da = self.ka, self.da
         ia = bisect_right(times, now - da)
         na = times[ia] + da if da and ia < len(times) else None
-        if self.b is None:
-            b = self.const
-            if b is None:
+        b = self.const
+        if b is not None:
+            z = (ref - now + da) / h
+            if not -1000.0 < z < 1000.0:
                 return None
-            mb = abs(b) * _U  # the constant as a float
-            est = _estimate(ka, prefix[ia], terms.ref, ia, terms.total, now - da, h, 0.0)
-            sign = _sign(est, b, mb)
-            if sign == 0:
+            v = ka * prefix[ia] * 2.0**z
+            m = v * _U * (8 * ia + 1024 + 4 * abs(z)) + ka * weights + 1e-300 + self.mb
+            if v + m < b:
+                return self.fn(-1, 0), na
+            if not v - m > b:
                 return None
-            value = self.fn(sign, 0)
-            if sign < 0:
-                return value, na
+            value = self.fn(1, 0)
             # Above b, it can only fall to b before the next instant an event enters it
             # if it is at or below b just before then.
             end = (na - 1) if na is not None else _FAR
             if end <= now:
                 return value, na
-            est = _estimate(ka, prefix[ia], terms.ref, ia, terms.total, end - da, h, 0.0)
-            if _sign(est, b, mb) > 0:
+            z = (ref - end + da) / h
+            if not -1000.0 < z < 1000.0:
+                return None
+            v = ka * prefix[ia] * 2.0**z
+            m = v * _U * (8 * ia + 1024 + 4 * abs(z)) + ka * weights + 1e-300 + self.mb
+            if v - m > b:
                 return value, na
             return None
-        kb, sb = self.b
-        if sb.config is not sa.config:
+        if not self.same:
             return None
-        db = sb.delta
+        kb, db = self.kb, self.db
         ib = bisect_right(times, now - db)
         nb = times[ib] + db if db and ib < len(times) else None
         nxt = na if nb is None or (na is not None and na <= nb) else nb
         if not ia and not ib:
             return self.fn(0.0, 0.0), nxt
-        # The latest instant of either side's terms (sorted: the last one kept).
-        r = times[max(ia, ib) - 1]
-        ea = _estimate(ka, prefix[ia], terms.ref, ia, terms.total, r - da, h, da / h)
-        eb = _estimate(kb, prefix[ib], terms.ref, ib, terms.total, r - db, h, db / h)
-        if ea is None or eb is None:
+        # Relative to the latest instant of either side's terms (sorted: the last one kept).
+        r = times[(ia if ia > ib else ib) - 1]
+        za, zb = (ref - r + da) / h, (ref - r + db) / h
+        if not (-1000.0 < za < 1000.0 and -1000.0 < zb < 1000.0):
             return None
-        if ea[0] - ea[1] > eb[0] + eb[1]:
+        va = ka * prefix[ia] * 2.0**za
+        ma = va * _U * (8 * ia + 1024 + 4 * abs(za) + 4 * da / h) + ka * weights + 1e-300
+        vb = kb * prefix[ib] * 2.0**zb
+        mb = vb * _U * (8 * ib + 1024 + 4 * abs(zb) + 4 * db / h) + kb * weights + 1e-300
+        if va - ma > vb + mb:
             return self.fn(1, 0), nxt
-        if ea[0] + ea[1] < eb[0] - eb[1]:
+        if va + ma < vb - mb:
             return self.fn(-1, 0), nxt
         return None
 
@@ -1584,8 +1603,14 @@ _FLIP_NEXT = {
 class _Compiler:
     def __init__(self) -> None:
         self.lines: list[str] = []
-        self.env: dict[str, Any] = {"bisect_right": bisect_right, "Indexed": Indexed}
+        self.env: dict[str, Any] = {
+            "bisect_right": bisect_right,
+            "Indexed": Indexed,
+            "compare_eval": _Compare.eval,
+            "zone_of": _zone,
+        }
         self.n = 0
+        self.windows: dict[str, tuple[str, str]] = {}
 
     def var(self, prefix: str) -> str:
         self.n += 1
@@ -1642,13 +1667,24 @@ class _Compiler:
             return v, pn, pu
         if isinstance(node, _And | _Or):
             return self.combine(node, d)
+        if isinstance(node, _ScoreCompare):
+            k, r = self.const(node), self.var("r")
+            self.line(d, f"{r} = {k}._estimated(f, now) if indexed else None")
+            self.line(d, f"if {r} is None:")
+            self.line(d + 1, f"{v}, {n} = compare_eval({k}, f, now)")
+            self.line(d, "else:")
+            self.line(d + 1, f"{v}, {n} = {r}")
+            return v, n, n
         u = self.var("u")
         self.line(d, f"{v}, {n}, {u} = {self.const(node)}.test(f, now)")
         return v, n, u
 
     def combine(self, node: _And | _Or, d: int) -> tuple[str, str, str]:
         # As _And.test / _Or.test: the next instant over all parts while the result is
-        # decided by all of them, else over the parts that decide it.
+        # decided by all of them, else over the parts that decide it (None if one of those
+        # is decided for good).
+        if len(node.parts) == 2:
+            return self.pair(node, d)
         conj = isinstance(node, _And)
         v, n, u = self.var("v"), self.var("n"), self.var("u")
         every, deciding, forever = self.var("e"), self.var("s"), self.var("f")
@@ -1671,25 +1707,70 @@ class _Compiler:
         self.line(d, f"{n} = (None if {forever} else {deciding}) if {decided} else {every}")
         return v, n, u
 
+    def pair(self, node: _And | _Or, d: int) -> tuple[str, str, str]:
+        """``combine`` of two parts, written out case by case."""
+        conj = isinstance(node, _And)
+        v1, n1, u1 = self.condition(node.parts[0], d)
+        v2, n2, u2 = self.condition(node.parts[1], d)
+        v, n = self.var("v"), self.var("n")
+        both = f"None if {n1} is None or {n2} is None else ({n1} if {n1} <= {n2} else {n2})"
+        every = self.var("e")
+        self.earliest(d, every, n1, n2)
+        # ``decide``: the value when a part decides it (false for and, true for or).
+        decide = not conj
+        self.line(d, f"if {v1}:" if conj else f"if not {v1}:")
+        self.line(d + 1, f"if {v2}:" if conj else f"if not {v2}:")
+        self.line(d + 2, f"{v}, {n} = {not decide}, {every}")
+        self.line(d + 1, "else:")
+        self.line(d + 2, f"{v}, {n} = {decide}, {n2}")
+        self.line(d, "else:")
+        self.line(d + 1, f"{v} = {decide}")
+        self.line(d + 1, f"if {v2}:" if conj else f"if not {v2}:")
+        self.line(d + 2, f"{n} = {n1}")
+        self.line(d + 1, "else:")
+        self.line(d + 2, f"{n} = {both}")
+        if u1 == n1 and u2 == n2:
+            return v, n, every
+        u = self.var("u")
+        self.earliest(d, u, u1, u2)
+        return v, n, u
+
     def number(self, node: _Node, d: int) -> tuple[str, str]:
         """Code setting (value, next) of a count, a sum or a number constant."""
         if isinstance(node, _Const):
             return self.const(node.value), "None"
         assert isinstance(node, _Window)
+        # The same window twice in a rule is computed once: every node's code runs, in
+        # order, at the top level of the function (branches only assign results).
+        key = repr(
+            (node.func, node.name, node.prop, node.within, node.where, node.days, node.hours)
+        )
+        if key in self.windows:
+            return self.windows[key]
         c, cn = self.var("c"), self.var("cn")
         if node.simple:
             self.line(d, f"{c} = f.count({self.const(node.name)})")
+            self.windows[key] = c, "None"
             return c, "None"
-        if node.indexed and not (node.days or node.hours):
+        self.windows[key] = c, cn
+        if node.indexed:
+            # As _Window._indexed.
             assert node.within is not None
             w = int(node.within)
+            name = self.const(node.name)
             ats, lo, hi = self.var("ats"), self.var("lo"), self.var("hi")
             self.line(d, "if indexed:")
-            self.line(d + 1, f"{ats} = f.instants({self.const(node.name)})")
+            self.line(d + 1, f"{ats} = f.instants({name})")
             self.line(d + 1, f"{lo} = bisect_right({ats}, now - {w})")
             self.line(d + 1, f"{hi} = bisect_right({ats}, now)")
-            self.line(d + 1, f"{c} = {hi} - {lo}")
             self.line(d + 1, f"{cn} = {ats}[{lo}] + {w} if {lo} < {hi} else None")
+            if node.days or node.hours:
+                counts, where = self.var("cnt"), self.const(node.local)
+                zone = 'zone_of(f.trait("timezone"))'
+                self.line(d + 1, f"{counts} = f.local_counts({name}, {zone}, {where})")
+                self.line(d + 1, f"{c} = {counts}[{hi}] - {counts}[{lo}]")
+            else:
+                self.line(d + 1, f"{c} = {hi} - {lo}")
             self.line(d, "else:")
             self.line(d + 1, f"{c}, {cn} = {self.const(node)}.eval(f, now)")
             return c, cn
@@ -1727,16 +1808,17 @@ class Rule:
     facts it reads stay the same: false when the rule reads memberships, or searches a score
     of negative weights (whose crossing found depends on where the search starts)."""
 
-    _compiled: Callable[[Facts, int], tuple[bool, int | None, int | None]] = field(
+    evaluator: Callable[[Facts, int], tuple[bool, int | None, int | None]] = field(
         init=False, repr=False, compare=False
     )
+    """:meth:`evaluate_until` as one compiled function (what customers call)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", _compile(self._root))
+        object.__setattr__(self, "evaluator", _compile(self._root))
 
     def evaluate(self, facts: Facts, now: int) -> tuple[bool, int | None]:
         """Whether the rule holds at ``now``, and the next instant that can change."""
-        value, nxt, _ = self._compiled(facts, now)
+        value, nxt, _ = self.evaluator(facts, now)
         return value, nxt
 
     def evaluate_until(self, facts: Facts, now: int) -> tuple[bool, int | None, int | None]:
@@ -1745,7 +1827,7 @@ class Rule:
 
         Facts here are as of ``now``: no event the rule reads is after ``now``.
         """
-        return self._compiled(facts, now)
+        return self.evaluator(facts, now)
 
 
 def parse_rule(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 from protocol import SubjectError, validate_segment_name
 
 from ._errors import DefinitionError
-from ._rules import Env, Needs, Rule, ScoreConfig, parse_duration, parse_rule
+from ._rules import Env, Facts, Needs, Rule, ScoreConfig, parse_duration, parse_rule
 
 _SEGMENT_KEYS = {"description", "rule", "exit", "min_dwell"}
 _TOP_KEYS = {"segments", "score", "lists"}
@@ -42,65 +42,66 @@ class Segment:
         return self.rule.refs | (self.exit.refs if self.exit else frozenset())
 
 
-Affected = tuple[tuple[int, ...], tuple[int, ...]]
-"""Rules (by number) and steps (by position) whose answers a change of some fact can change."""
-
-
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """How a customer evaluates a :class:`SegmentSet`: its rules by number, and which rules
-    and segments each kind of fact can change, so an answer kept for them can be dropped
-    when, and only when, a fact they read changes."""
+    """How a customer evaluates a :class:`SegmentSet`: its rules by number, and which
+    segments each kind of fact can change, so an outcome kept for a segment can be dropped
+    when, and only when, a fact its rules read changes."""
 
     rules: tuple[Rule, ...]
     """Each segment's rule, then its exit if it has one, in evaluation order."""
+    evaluators: tuple[Callable[[Facts, int], tuple[bool, int | None, int | None]], ...]
+    """``Rule.evaluator`` of each rule."""
     steps: tuple[tuple[Segment, int, int, bool], ...]
     """In evaluation order: the segment, its rule's number, its exit's (-1: none), and
     whether its outcome may be kept (its rules are all ``cacheable``)."""
-    cacheable: tuple[bool, ...]
-    by_name: Mapping[str, Affected]
-    """Track event name -> what such an event can change."""
-    by_any_name: Affected
-    """What any track event can change (rules reading all track events)."""
-    by_trait: Mapping[str, Affected]
-    by_first: Affected
-    """What a new earliest event can change."""
+    by_name: Mapping[str | None, tuple[int, ...]]
+    """Track event name -> the steps whose outcome such an event can change."""
+    by_any_name: tuple[int, ...]
+    """The steps any track event can change (rules reading all track events)."""
+    by_trait: Mapping[str, tuple[int, ...]]
+    by_first: tuple[int, ...]
+    """The steps a new earliest event can change."""
 
     @classmethod
     def of(cls, order: Sequence[Segment]) -> Plan:
         rules: list[Rule] = []
         steps: list[tuple[Segment, int, int, bool]] = []
-        owner: list[int] = []  # rule number -> step
-        for j, seg in enumerate(order):
+        for seg in order:
             rules.append(seg.rule)
-            owner.append(j)
             if seg.exit is not None:
                 rules.append(seg.exit)
-                owner.append(j)
                 both = seg.rule.cacheable and seg.exit.cacheable
                 steps.append((seg, len(rules) - 2, len(rules) - 1, both))
             else:
                 steps.append((seg, len(rules) - 1, -1, seg.rule.cacheable))
-        tracks = [r.needs.event_names | r.needs.retained for r in rules]
 
-        def affected(hit: list[int]) -> Affected:
-            return tuple(hit), tuple(sorted({owner[i] for i in hit}))
+        def reading(reads: Callable[[Rule], bool]) -> tuple[int, ...]:
+            return tuple(
+                j
+                for j, seg in enumerate(order)
+                if reads(seg.rule) or (seg.exit is not None and reads(seg.exit))
+            )
 
-        names = {n for t in tracks for n in t if n is not None}
+        def tracks(r: Rule) -> frozenset[str | None]:
+            return r.needs.event_names | r.needs.retained
+
+        def named(n: str) -> Callable[[Rule], bool]:
+            return lambda r: n in tracks(r) or None in tracks(r)
+
+        def keyed(k: str) -> Callable[[Rule], bool]:
+            return lambda r: k in r.needs.trait_keys
+
+        names = {n for r in rules for n in tracks(r) if n is not None}
         traits = {k for r in rules for k in r.needs.trait_keys}
         return cls(
             rules=tuple(rules),
+            evaluators=tuple(r.evaluator for r in rules),
             steps=tuple(steps),
-            cacheable=tuple(r.cacheable for r in rules),
-            by_name={
-                n: affected([i for i, t in enumerate(tracks) if n in t or None in t]) for n in names
-            },
-            by_any_name=affected([i for i, t in enumerate(tracks) if None in t]),
-            by_trait={
-                k: affected([i for i, r in enumerate(rules) if k in r.needs.trait_keys])
-                for k in traits
-            },
-            by_first=affected([i for i, r in enumerate(rules) if r.reads_first]),
+            by_name={n: reading(named(n)) for n in names},
+            by_any_name=reading(lambda r: None in tracks(r)),
+            by_trait={k: reading(keyed(k)) for k in traits},
+            by_first=reading(lambda r: r.reads_first),
         )
 
 
