@@ -16,3 +16,15 @@ class DefinitionError(ActorsError, ValueError):
         self.problem = problem
         self.source = source
         self.segment = segment
+
+
+class UnknownSegmentError(ActorsError, LookupError):
+    """A segment was asked about that the definitions do not have."""
+
+    def __init__(self, segment: str, known: tuple[str, ...]) -> None:
+        shown = ", ".join(known[:10]) if known else "none"
+        if len(known) > 10:
+            shown += f" and {len(known) - 10} more"
+        super().__init__(f"unknown segment {segment!r}; the segments defined are: {shown}")
+        self.segment = segment
+        self.known = known

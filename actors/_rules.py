@@ -444,6 +444,8 @@ class ScoreTerms:
 
 class _Node:
     kind = "value"
+    text = ""
+    """The node as written in the rule (set by the parser; for explanations only)."""
 
     def eval(self, f: Facts, now: int) -> Value:
         raise NotImplementedError
@@ -835,7 +837,8 @@ class _Compare(_Node):
 
     def __init__(self, left: _Node, op: str, right: _Node) -> None:
         # Keep the moving value on the left, so evaluation has fewer shapes to handle.
-        if right.kind in ("elapsed", "decay") and left.kind not in ("elapsed", "decay"):
+        self.mirrored = right.kind in ("elapsed", "decay") and left.kind not in ("elapsed", "decay")
+        if self.mirrored:
             left, right, op = right, left, _MIRROR[op]
         self.left, self.op, self.right = left, op, right
         inner = left.inner if isinstance(left, _Scale) else left
@@ -1243,6 +1246,12 @@ class _Parser:
         return self.rewrite.snippet(node)
 
     def node(self, n: ast.AST) -> _Node:
+        made = self.make(n)
+        if not made.text:
+            made.text = self.snippet(n)
+        return made
+
+    def make(self, n: ast.AST) -> _Node:
         if isinstance(n, ast.BoolOp):
             parts = [self.condition(v) for v in n.values]
             return _And(parts) if isinstance(n.op, ast.And) else _Or(parts)
@@ -1252,7 +1261,9 @@ class _Parser:
             pairs: list[_Node] = []
             left = n.left
             for op, right in zip(n.ops, n.comparators, strict=True):
-                pairs.append(self.compare(left, op, right))
+                pair = self.compare(left, op, right)
+                pair.text = self.rewrite.snippet(left, right)  # one link of a chain
+                pairs.append(pair)
                 left = right
             return pairs[0] if len(pairs) == 1 else _And(pairs)
         if isinstance(n, ast.Call):
@@ -1568,10 +1579,15 @@ class _Rewrite:
         """The original column of rewritten column ``col`` (0-based) on line ``row``."""
         return col - sum(1 for c in self._inserted.get(row, ()) if c < col)
 
-    def snippet(self, node: ast.AST) -> str:
-        """The text of ``node`` as the user wrote it."""
+    def snippet(self, node: ast.AST, through: ast.AST | None = None) -> str:
+        """The text of ``node`` (on to the end of ``through``) as the user wrote it."""
         keys = ("lineno", "end_lineno", "col_offset", "end_col_offset")
-        pos: list[int] = [p for k in keys if isinstance(p := getattr(node, k, None), int)]
+        last = through or node
+        pos: list[int] = [
+            p
+            for k in keys
+            if isinstance(p := getattr(last if k.startswith("end") else node, k, None), int)
+        ]
         if len(pos) != len(keys):
             return ast.unparse(node)
         r0, r1, c0, c1 = pos
