@@ -26,7 +26,9 @@ class ConditionExplanation(msgspec.Struct, frozen=True, kw_only=True):
     ``and`` and of a false ``or``, the false parts of a false ``and``, the true parts of a true
     ``or``, inside a rule (or exit) that decides."""
     op: str | None = None
-    """For a comparison, its operator as written (``>=``, ``in``, ``contains``...)."""
+    """For a test, its operator between ``left`` and ``right``, in the order written:
+    ``==`` (also for ``=``), ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``not in``,
+    ``contains``, or ``exists`` (with ``left`` alone)."""
     left: str | None = None
     """For a comparison, its left side's value now (``missing`` when there is none)."""
     right: str | None = None
