@@ -3,12 +3,36 @@
 ``protocol`` knows nothing of SQLite or of segment rules.
 """
 
+from ._api import MAX_PAGE as MAX_PAGE
+from ._api import CustomerReply as CustomerReply
+from ._api import CustomerRequest as CustomerRequest
+from ._api import DefinitionsReply as DefinitionsReply
+from ._api import DefinitionsRequest as DefinitionsRequest
+from ._api import EventCounter as EventCounter
+from ._api import ExplainReply as ExplainReply
+from ._api import ExplainRequest as ExplainRequest
+from ._api import Membership as Membership
+from ._api import MembersReply as MembersReply
+from ._api import MembersRequest as MembersRequest
+from ._api import SegmentInfo as SegmentInfo
+from ._api import SegmentSize as SegmentSize
+from ._api import SegmentsReply as SegmentsReply
+from ._api import SegmentsRequest as SegmentsRequest
+from ._api import StatusReply as StatusReply
+from ._api import StatusRequest as StatusRequest
 from ._broker import embedded_broker as embedded_broker
 from ._broker import find_nats_server as find_nats_server
 from ._broker import port_in_use as port_in_use
+from ._errors import ApiError as ApiError
 from ._errors import BrokerError as BrokerError
+from ._errors import EngineUnavailable as EngineUnavailable
+from ._errors import InvalidRequest as InvalidRequest
 from ._errors import ProtocolError as ProtocolError
 from ._errors import SubjectError as SubjectError
+from ._errors import UnknownCustomer as UnknownCustomer
+from ._errors import UnknownSegment as UnknownSegment
+from ._explain import ConditionExplanation as ConditionExplanation
+from ._explain import SegmentExplanation as SegmentExplanation
 from ._inbound import DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT_BYTES
 from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
 from ._inbound import InvalidEvent as InvalidEvent
@@ -22,12 +46,23 @@ from ._nats import StreamSettings as StreamSettings
 from ._nats import connect as connect
 from ._nats import ensure_streams as ensure_streams
 from ._nats import iter_transitions as iter_transitions
+from ._service import API_VERSION as API_VERSION
+from ._service import ApiClient as ApiClient
+from ._service import QueryHandler as QueryHandler
+from ._service import serve_api as serve_api
+from ._subjects import API_ENDPOINTS as API_ENDPOINTS
+from ._subjects import API_PREFIX as API_PREFIX
+from ._subjects import API_SERVICE as API_SERVICE
 from ._subjects import EVENTS_STREAM as EVENTS_STREAM
 from ._subjects import EVENTS_WILDCARD as EVENTS_WILDCARD
 from ._subjects import REJECTED_STREAM as REJECTED_STREAM
 from ._subjects import REJECTED_SUBJECT as REJECTED_SUBJECT
 from ._subjects import SEGMENTS_STREAM as SEGMENTS_STREAM
 from ._subjects import SEGMENTS_WILDCARD as SEGMENTS_WILDCARD
+from ._subjects import api_subject as api_subject
+from ._subjects import customer_api_filter as customer_api_filter
+from ._subjects import customer_api_subject as customer_api_subject
+from ._subjects import customer_of_api_subject as customer_of_api_subject
 from ._subjects import customer_of_event_subject as customer_of_event_subject
 from ._subjects import escape_token as escape_token
 from ._subjects import event_subject as event_subject
@@ -52,35 +87,69 @@ from ._types import Transition as Transition
 from ._types import header_token as header_token
 
 __all__ = (
+    "API_ENDPOINTS",
+    "API_PREFIX",
+    "API_SERVICE",
+    "API_VERSION",
     "DAY",
     "DEFAULT_MAX_EVENT_BYTES",
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
     "HOUR",
     "MAX_FUTURE_SKEW",
+    "MAX_PAGE",
     "MINUTE",
     "REJECTED_STREAM",
     "REJECTED_SUBJECT",
     "SECOND",
     "SEGMENTS_STREAM",
     "SEGMENTS_WILDCARD",
+    "ApiClient",
+    "ApiError",
     "BrokerError",
     "Cause",
+    "ConditionExplanation",
+    "CustomerReply",
+    "CustomerRequest",
     "DefinitionCause",
+    "DefinitionsReply",
+    "DefinitionsRequest",
     "Delivery",
+    "EngineUnavailable",
     "Event",
     "EventCause",
+    "EventCounter",
     "EventFeed",
+    "ExplainReply",
+    "ExplainRequest",
     "InvalidEvent",
+    "InvalidRequest",
+    "MembersReply",
+    "MembersRequest",
+    "Membership",
     "ProtocolError",
     "PublishError",
     "Publisher",
+    "QueryHandler",
     "Rejection",
+    "SegmentExplanation",
+    "SegmentInfo",
+    "SegmentSize",
+    "SegmentsReply",
+    "SegmentsRequest",
+    "StatusReply",
+    "StatusRequest",
     "StreamSettings",
     "SubjectError",
     "TimeCause",
     "Transition",
+    "UnknownCustomer",
+    "UnknownSegment",
+    "api_subject",
     "connect",
+    "customer_api_filter",
+    "customer_api_subject",
+    "customer_of_api_subject",
     "customer_of_event_subject",
     "decode_event",
     "embedded_broker",
@@ -96,6 +165,7 @@ __all__ = (
     "port_in_use",
     "segment_filter",
     "segment_subject",
+    "serve_api",
     "to_instant",
     "unescape_token",
     "validate_segment_name",

@@ -16,3 +16,56 @@ class BrokerError(ProtocolError):
 
     The message is one line meant for a person: what went wrong and what to do.
     """
+
+
+class ApiError(ProtocolError):
+    """A request to the shoal API could not be answered.
+
+    ``code`` is the micro error code sent in the ``Nats-Service-Error-Code`` header (HTTP-like:
+    400 the request is wrong, 404 it names something that does not exist, 503 no engine can
+    answer now, 500 the engine failed); the message is the ``Nats-Service-Error`` header.
+    """
+
+    code = "500"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(ApiError):
+    """The request body, or the segments file it carries, is not valid: fix it and retry."""
+
+    code = "400"
+
+
+class UnknownCustomer(ApiError):
+    """No customer with this id is known to the engine that owns it."""
+
+    code = "404"
+
+    def __init__(self, customer_id: str) -> None:
+        super().__init__(f"unknown customer {customer_id!r}")
+        self.customer_id = customer_id
+
+
+class UnknownSegment(ApiError):
+    """No segment of this name is defined; ``known`` lists those that are."""
+
+    code = "404"
+
+    def __init__(self, segment: str, known: tuple[str, ...]) -> None:
+        shown = ", ".join(known[:10]) if known else "none"
+        if len(known) > 10:
+            shown += f" and {len(known) - 10} more"
+        super().__init__(f"unknown segment {segment!r}; the segments defined are: {shown}")
+        self.segment = segment
+        self.known = known
+
+
+class EngineUnavailable(ApiError):
+    """No engine answered, or the engine cannot answer now (starting or stopping): retry."""
+
+    code = "503"

@@ -508,6 +508,16 @@ class EventFeed:
         # Sent to us but not yet through the callback (it runs apart from this reply): no.
         return delivered <= received
 
+    async def lag(self, *, timeout: float = 1.0) -> int | None:
+        """How many events the broker holds for this consumer not yet acknowledged (stored
+        and not yet sent, or sent and not yet acknowledged), asking the broker once; None
+        when it does not answer."""
+        try:
+            info = await self._js.consumer_info(EVENTS_STREAM, self._durable, timeout=timeout)
+        except (TimeoutError, nats.errors.Error):
+            return None
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
     async def wait(self) -> None:
         """Return when deliveries are buffered (or :attr:`needs_restart` may have turned)."""
         await self._ready.wait()

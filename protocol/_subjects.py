@@ -19,6 +19,13 @@ SEGMENTS_PREFIX = "shoal.segments."
 EVENTS_WILDCARD = "shoal.events.>"
 SEGMENTS_WILDCARD = "shoal.segments.>"
 REJECTED_SUBJECT = "shoal.rejected"
+API_PREFIX = "shoal.api."
+API_SERVICE = "shoal"
+"""The name of the query service (``$SRV.PING.shoal``) and the queue group of its endpoints."""
+API_ENDPOINTS = ("customer", "explain", "segments", "members", "definitions", "status")
+CUSTOMER_ENDPOINTS = ("customer", "explain")
+"""Endpoints about one customer: the customer is the last token of the subject, so a request
+reaches the engine that owns the customer."""
 
 EVENTS_STREAM = "SHOAL_EVENTS"
 SEGMENTS_STREAM = "SHOAL_SEGMENTS"
@@ -151,3 +158,63 @@ def segment_filter(segment: str | None = None) -> str:
     if segment is None:
         return SEGMENTS_WILDCARD
     return f"{SEGMENTS_PREFIX}{validate_segment_name(segment)}.*"
+
+
+def _endpoint(endpoint: str, per_customer: bool) -> str:
+    kinds = (
+        CUSTOMER_ENDPOINTS
+        if per_customer
+        else tuple(e for e in API_ENDPOINTS if e not in CUSTOMER_ENDPOINTS)
+    )
+    if endpoint not in kinds:
+        raise SubjectError(f"API endpoint {endpoint!r} must be one of {', '.join(kinds)}")
+    return API_PREFIX + endpoint
+
+
+def api_subject(endpoint: str) -> str:
+    """The subject of an API endpoint that is not about one customer: ``shoal.api.<endpoint>``
+    for ``segments``, ``members``, ``definitions`` and ``status``.
+
+    Raises:
+        SubjectError: ``endpoint`` is not one of those.
+    """
+    return _endpoint(endpoint, False)
+
+
+def customer_api_subject(endpoint: str, customer_id: str) -> str:
+    """The subject of a request about one customer: ``shoal.api.<customer|explain>.<customer>``,
+    the customer escaped as in its event subject.
+
+    Raises:
+        SubjectError: ``endpoint`` is not ``customer`` or ``explain``, or the id is empty.
+    """
+    return f"{_endpoint(endpoint, True)}.{escape_token(customer_id)}"
+
+
+def customer_api_filter(endpoint: str, events_filter: str = EVENTS_WILDCARD) -> str:
+    """The subjects of ``endpoint`` requests for the customers whose events ``events_filter``
+    selects (an engine's ``filter_subject``): ``shoal.events.>`` gives ``shoal.api.customer.>``.
+
+    Raises:
+        SubjectError: ``endpoint`` is not a customer endpoint, or the filter is not under
+            ``shoal.events.``.
+    """
+    if not events_filter.startswith(EVENTS_PREFIX) or events_filter == EVENTS_PREFIX:
+        raise SubjectError(f"filter subject {events_filter!r} is not under {EVENTS_PREFIX!r}")
+    return f"{_endpoint(endpoint, True)}.{events_filter[len(EVENTS_PREFIX) :]}"
+
+
+def customer_of_api_subject(endpoint: str, subject: str) -> str:
+    """The customer id of a request subject ``shoal.api.<endpoint>.<customer>``.
+
+    Raises:
+        SubjectError: the subject does not have exactly one valid customer token there.
+    """
+    prefix = _endpoint(endpoint, True) + "."
+    token = subject[len(prefix) :] if subject.startswith(prefix) else ""
+    if not token or "." in token:
+        raise SubjectError(
+            f"subject {subject!r} must be {prefix}<customer>, with one customer token "
+            "(escape '.' in customer ids as %2E)"
+        )
+    return unescape_token(token)

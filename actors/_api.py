@@ -1,0 +1,250 @@
+"""The engine side of the query service: :class:`EngineApi` answers the requests
+:func:`protocol.serve_api` decodes, from the engine's in-memory actors.
+
+Everything here reads; only :meth:`EngineApi.definitions` with ``apply`` changes anything,
+and it goes through :meth:`Engine.apply_segments` like a reload of the served file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol import (
+    DAY,
+    CustomerReply,
+    DefinitionsReply,
+    DefinitionsRequest,
+    EngineUnavailable,
+    EventCounter,
+    ExplainReply,
+    ExplainRequest,
+    InvalidRequest,
+    Membership,
+    MembersReply,
+    MembersRequest,
+    SegmentInfo,
+    SegmentSize,
+    SegmentsReply,
+    StatusReply,
+    UnknownCustomer,
+    UnknownSegment,
+    from_instant,
+)
+
+from ._customer import Customer
+from ._engine import Engine
+from ._errors import ActorsError, DefinitionError, UnknownSegmentError
+from ._explain import explain
+from ._rules import MISSING
+from ._segments import SegmentSet, parse_segments
+
+_SECOND = 1_000_000
+
+
+def _definition(s: Any) -> tuple[Any, ...]:
+    return (s.rule.text, s.exit.text if s.exit else None, s.min_dwell)
+
+
+def customer_state(c: Customer, segments: SegmentSet, now: int) -> CustomerReply:
+    """What the ``customer`` endpoint answers for actor ``c`` under ``segments`` at ``now``.
+
+    Only the facts the rules read are kept, so those are what it shows: the traits they
+    read, and the track events they count or keep (all of them for a score or a window over
+    every event). The score is shown when the events it weighs are kept.
+    """
+    order = {name: i for i, name in enumerate(segments.names)}
+    members = sorted(c.members.items(), key=lambda m: (order.get(m[0], len(order)), m[0]))
+    needs = segments.needs
+    traits: dict[str, Any] = {}
+    for key in sorted(needs.trait_keys):
+        value = c.trait(key)
+        if value is not MISSING:
+            traits[key] = value
+    tracked = c.tracked()
+    counters: list[EventCounter] = []
+    for name in sorted(needs.event_names | needs.retained, key=lambda n: (n is not None, n)):
+        if None in needs.retained or name in needs.retained:
+            ats = [e.at for e in tracked if name is None or e.name == name]
+            last = max(ats, default=None)
+            counters.append(
+                EventCounter(
+                    event=name,
+                    count=len(ats),
+                    last_at=None if last is None else from_instant(last),
+                    within_7d=sum(1 for at in ats if now - 7 * DAY < at <= now),
+                    within_30d=sum(1 for at in ats if now - 30 * DAY < at <= now),
+                )
+            )
+        else:
+            last = c.last_at(name)
+            counters.append(
+                EventCounter(
+                    event=name,
+                    count=c.count(name),
+                    last_at=None if last is None else from_instant(last),
+                )
+            )
+    first, watermark = c.first_at(), c.watermark
+    return CustomerReply(
+        customer_id=c.customer_id,
+        at=from_instant(now),
+        evaluated_at=from_instant(watermark) if first is not None or c.version else None,
+        first_seen_at=None if first is None else from_instant(first),
+        version=c.version,
+        segments=[Membership(segment=s, entered_at=from_instant(at)) for s, at in members],
+        score=_score(c, segments, now),
+        traits=traits,
+        events=counters,
+        next_deadline=None if c.deadline is None else from_instant(c.deadline),
+    )
+
+
+def _score(c: Customer, segments: SegmentSet, now: int) -> float | None:
+    """The engagement score at ``now`` as SEGMENTS.md defines it, or None when the rules do
+    not keep every event it weighs."""
+    config, retained = segments.score, segments.needs.retained
+    if None not in retained and (
+        config.default_weight != 0
+        or any(w != 0 and name not in retained for name, w in config.weights.items())
+    ):
+        return None
+    total, half_life = 0.0, config.half_life
+    for e in c.tracked():  # in log order, as the rules sum it
+        w = config.weight(e.name)
+        if w != 0 and e.at <= now:
+            total += w * 2.0 ** ((e.at - now) / half_life)
+    return total
+
+
+class EngineApi:
+    """Answers the query service's requests from a running :class:`Engine`: it implements
+    :class:`protocol.QueryHandler`. Start it with
+    ``await tg.start(protocol.serve_api, nc, EngineApi(engine), customers=...)``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def _actor(self, customer_id: str) -> Customer:
+        engine = self._engine
+        c = await engine.load(customer_id) if engine.running else None
+        if not engine.running:
+            raise EngineUnavailable("the engine is not running (starting or stopping)")
+        if c is None:
+            raise UnknownCustomer(customer_id)
+        return c
+
+    def _segment(self, name: str) -> None:
+        names = self._engine.segments.names
+        if name not in names:
+            raise UnknownSegment(name, names)
+
+    async def customer(self, customer_id: str) -> CustomerReply:
+        c = await self._actor(customer_id)
+        return customer_state(c, self._engine.segments, self._engine.now())
+
+    async def explain(self, customer_id: str, request: ExplainRequest) -> ExplainReply:
+        if request.segment is not None:
+            self._segment(request.segment)
+        c = await self._actor(customer_id)
+        now = self._engine.now()
+        try:
+            explained = explain(c, self._engine.segments, now, request.segment)
+        except UnknownSegmentError as e:  # the definitions changed while it loaded
+            raise UnknownSegment(e.segment, e.known) from e
+        return ExplainReply(customer_id=customer_id, at=from_instant(now), segments=explained)
+
+    async def segments(self) -> SegmentsReply:
+        engine = self._engine
+        segments, sizes = engine.segments, engine.segment_sizes
+        return SegmentsReply(
+            source=segments.source,
+            fingerprint=segments.fingerprint,
+            customers=engine.customer_count,
+            complete=engine.warm,
+            segments=[
+                SegmentInfo(
+                    name=s.name,
+                    description=s.description,
+                    rule=s.rule.text,
+                    exit=s.exit.text if s.exit else None,
+                    min_dwell_seconds=s.min_dwell / _SECOND,
+                    size=sizes[s.name],
+                )
+                for s in segments.segments
+            ],
+        )
+
+    async def members(self, request: MembersRequest) -> MembersReply:
+        self._segment(request.segment)
+        engine = self._engine
+        page: list[str] = []
+        more = False
+        if not request.count_only:
+            page = await engine.members(
+                request.segment, after=request.cursor, limit=request.limit + 1
+            )
+            more = len(page) > request.limit
+            del page[request.limit :]
+        return MembersReply(
+            segment=request.segment,
+            count=engine.segment_sizes.get(request.segment, 0),
+            complete=engine.warm,
+            members=page,
+            next_cursor=page[-1] if more else None,
+        )
+
+    async def definitions(self, request: DefinitionsRequest) -> DefinitionsReply:
+        try:
+            new = parse_segments(request.toml, source=request.source)
+        except DefinitionError as e:
+            raise InvalidRequest(str(e)) from e
+        engine = self._engine
+        old = engine.segments
+        before = {s.name: _definition(s) for s in old.segments}
+        transitions: int | None = None
+        if request.apply:
+            try:
+                transitions = await engine.apply_segments(new)
+            except ActorsError as e:
+                raise EngineUnavailable(f"the segments were not applied: {e}") from e
+        return DefinitionsReply(
+            source=new.source,
+            fingerprint=new.fingerprint,
+            segments=list(new.names),
+            added=[s.name for s in new.segments if s.name not in before],
+            removed=[name for name in old.names if name not in new.names],
+            changed=[
+                s.name
+                for s in new.segments
+                if s.name in before and before[s.name] != _definition(s)
+            ],
+            refolds=new.needs != old.needs,
+            applied=request.apply,
+            transitions=transitions,
+        )
+
+    async def status(self) -> StatusReply:
+        engine = self._engine
+        stats, segments = engine.stats, engine.segments
+        nxt = engine.next_deadline
+        return StatusReply(
+            at=from_instant(engine.now()),
+            consumer=engine.config.consumer,
+            filter_subject=engine.config.filter_subject,
+            warm=engine.warm,
+            customers=engine.customer_count,
+            events_applied=stats.events_applied,
+            events_duplicate=stats.events_duplicate,
+            events_rejected=stats.events_rejected,
+            events_per_second=round(engine.events_per_second, 1),
+            consumer_lag=await engine.consumer_lag(),
+            buffered=engine.buffered,
+            transitions=stats.transitions,
+            unpublished=engine.unpublished,
+            deadlines_fired=stats.deadlines_fired,
+            pending_deadlines=engine.pending_deadlines,
+            next_deadline=None if nxt is None else from_instant(nxt),
+            definitions=segments.source,
+            fingerprint=segments.fingerprint,
+            segments=[SegmentSize(name=n, size=s) for n, s in engine.segment_sizes.items()],
+        )

@@ -1,0 +1,222 @@
+"""Request and reply bodies of the query service ``shoal`` (endpoints under ``shoal.api.``).
+
+JSON on the wire. Instants are RFC 3339 text in UTC, as in transitions. Requests reject
+unknown fields, so a misspelt one is an error rather than silently ignored. A request that
+needs no body (``customer``, ``segments``, ``status``) may be sent empty.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+from ._explain import SegmentExplanation
+
+MAX_PAGE = 10_000
+"""The most members one ``members`` request returns."""
+
+
+# Requests ---------------------------------------------------------------------------------
+
+
+class CustomerRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``shoal.api.customer.<customer>``: no fields (the customer is in the subject)."""
+
+
+class ExplainRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``shoal.api.explain.<customer>``: explain one segment, or every segment when None."""
+
+    segment: str | None = None
+
+
+class SegmentsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``shoal.api.segments``: no fields."""
+
+
+class MembersRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``shoal.api.members``: a page of a segment's members, in customer id order.
+
+    ``cursor`` is the ``next_cursor`` of the previous page (the last id it held); the page
+    starts after it. ``count_only`` leaves the members out and answers with the count alone.
+    """
+
+    segment: str
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = 100
+    cursor: str | None = None
+    count_only: bool = False
+
+
+class DefinitionsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``shoal.api.definitions``: a segments file (TOML text) to validate, and to apply when
+    ``apply`` is true. ``source`` names it in error messages (usually its file name).
+
+    A ``[lists.NAME] file = ...`` is read on the engine's machine, relative to the engine's
+    working directory.
+    """
+
+    toml: str
+    source: str = "<request>"
+    apply: bool = False
+
+
+class StatusRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``shoal.api.status``: no fields."""
+
+
+# Replies ----------------------------------------------------------------------------------
+
+
+class Membership(msgspec.Struct, frozen=True, kw_only=True):
+    """A segment the customer is in, and the instant it entered."""
+
+    segment: str
+    entered_at: datetime
+
+
+class EventCounter(msgspec.Struct, frozen=True, kw_only=True):
+    """What the rules read of one track event name (``event`` None: any track event).
+
+    ``count`` and ``last_at`` cover all the customer's events of that name. ``within_7d`` and
+    ``within_30d`` count those of the last 7 and 30 days; they are None when the rules keep
+    no instants of that name (no window or score reads it).
+    """
+
+    event: str | None
+    count: int
+    last_at: datetime | None
+    within_7d: int | None = None
+    within_30d: int | None = None
+
+
+class CustomerReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The state of one customer, as the engine holds it, at ``at`` (the engine's now).
+
+    ``evaluated_at`` is the instant up to which its segments are evaluated (its latest event
+    or fired deadline). ``score`` is the engagement score now, None when the rules read no
+    score. ``traits`` holds the traits the rules read (others are not kept). ``next_deadline``
+    is the next instant a membership can change without an event.
+    """
+
+    customer_id: str
+    at: datetime
+    evaluated_at: datetime | None
+    first_seen_at: datetime | None
+    version: int
+    segments: list[Membership]
+    score: float | None
+    traits: dict[str, Any]
+    events: list[EventCounter]
+    next_deadline: datetime | None
+
+
+class ExplainReply(msgspec.Struct, frozen=True, kw_only=True):
+    """Why the customer is or is not in each segment asked about (in file order), evaluated
+    at ``at`` (the engine's now)."""
+
+    customer_id: str
+    at: datetime
+    segments: list[SegmentExplanation]
+
+
+class SegmentInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One definition in force, and how many customers are in it."""
+
+    name: str
+    description: str
+    rule: str
+    exit: str | None
+    min_dwell_seconds: float
+    size: int
+
+
+class SegmentsReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The definitions in force (in file order) with their sizes.
+
+    ``complete`` is false while the engine still loads customers after a restart: sizes then
+    count only those loaded so far (``customers``).
+    """
+
+    source: str
+    fingerprint: str
+    customers: int
+    complete: bool
+    segments: list[SegmentInfo]
+
+
+class MembersReply(msgspec.Struct, frozen=True, kw_only=True):
+    """A page of members (empty with ``count_only``) and the segment's size.
+
+    ``next_cursor`` is the cursor of the next page, None after the last one.
+    """
+
+    segment: str
+    count: int
+    complete: bool
+    members: list[str]
+    next_cursor: str | None
+
+
+class DefinitionsReply(msgspec.Struct, frozen=True, kw_only=True):
+    """A segments file that is valid, how it differs from the definitions in force, and
+    whether it was applied.
+
+    ``transitions``: how many membership changes applying it made (None when not applied).
+    """
+
+    source: str
+    fingerprint: str
+    segments: list[str]
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    """Segments whose rule, exit or ``min_dwell`` differ from those in force."""
+    refolds: bool
+    """Whether the rules read facts the ones in force do not: applying them first reads the
+    whole event log again (as long as a rebuild at start)."""
+    applied: bool
+    transitions: int | None
+
+
+class SegmentSize(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    size: int
+
+
+class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
+    """How the engine that answered is doing, at ``at`` (its now).
+
+    ``events_per_second`` is the rate of events applied over the last 10 s. ``consumer_lag``
+    counts events the broker holds for the engine not yet acknowledged (None when the broker
+    did not answer). ``unpublished`` counts committed transitions not yet confirmed by the
+    broker. ``warm`` is false while customers still load after a restart.
+    """
+
+    at: datetime
+    consumer: str
+    filter_subject: str
+    warm: bool
+    customers: int
+    events_applied: int
+    events_duplicate: int
+    events_rejected: int
+    events_per_second: float
+    consumer_lag: int | None
+    buffered: int
+    transitions: int
+    unpublished: int
+    deadlines_fired: int
+    pending_deadlines: int
+    next_deadline: datetime | None
+    definitions: str
+    fingerprint: str
+    segments: list[SegmentSize]
+
+
+customer_request_decoder = msgspec.json.Decoder(CustomerRequest)
+explain_request_decoder = msgspec.json.Decoder(ExplainRequest)
+segments_request_decoder = msgspec.json.Decoder(SegmentsRequest)
+members_request_decoder = msgspec.json.Decoder(MembersRequest)
+definitions_request_decoder = msgspec.json.Decoder(DefinitionsRequest)
+status_request_decoder = msgspec.json.Decoder(StatusRequest)
