@@ -3,14 +3,13 @@
 Actors do no I/O and read no clock; the :class:`Engine` feeds them events and instants.
 """
 
-from ._api import EngineApi as EngineApi
-from ._api import customer_state as customer_state
 from ._clock import Clock as Clock
 from ._clock import SystemClock as SystemClock
 from ._clock import VirtualClock as VirtualClock
 from ._customer import Customer as Customer
 from ._engine import Engine as Engine
 from ._engine import EngineConfig as EngineConfig
+from ._engine import EngineObserver as EngineObserver
 from ._engine import EngineStats as EngineStats
 from ._errors import ActorsError as ActorsError
 from ._errors import DefinitionError as DefinitionError
@@ -31,8 +30,8 @@ __all__ = (
     "Customer",
     "DefinitionError",
     "Engine",
-    "EngineApi",
     "EngineConfig",
+    "EngineObserver",
     "EngineStats",
     "Replay",
     "Rule",
@@ -41,7 +40,6 @@ __all__ = (
     "SystemClock",
     "TimerQueue",
     "VirtualClock",
-    "customer_state",
     "load_segments",
     "parse_duration",
     "parse_rule",

@@ -7,7 +7,7 @@ Every reason an event is rejected is written here, so that the README, the tests
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -21,12 +21,41 @@ MAX_FUTURE_SKEW = 300 * SECOND
 """How far ahead of its receive time an event may be stamped (5 minutes)."""
 
 
-class InvalidEvent(ProtocolError, ValueError):
-    """An inbound event cannot be applied; ``reason`` says why, for a person."""
+RejectionKind = Literal[
+    "too_large",
+    "subject",
+    "json",
+    "invalid",
+    "type",
+    "user_id",
+    "event",
+    "message_id",
+    "timestamp",
+    "future",
+]
+"""The class of a rejection reason: a short, stable name for counting them (metrics)."""
 
-    def __init__(self, reason: str) -> None:
+
+class InvalidEvent(ProtocolError, ValueError):
+    """An inbound event cannot be applied; ``reason`` says why, for a person.
+
+    ``kind`` is the class of the reason, for counting. ``customer_id`` and ``message_id``
+    are those of the event as far as they could be read (None when not).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        kind: RejectionKind = "invalid",
+        customer_id: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind: RejectionKind = kind
+        self.customer_id = customer_id
+        self.message_id = message_id
 
 
 class _Wire(msgspec.Struct, kw_only=True, rename="camel"):
@@ -67,7 +96,8 @@ def parse_timestamp(text: str) -> int:
     if dt is None or dt.tzinfo is None:
         raise InvalidEvent(
             f"timestamp {text!r} is not an ISO-8601 date and time with a UTC offset "
-            "(for example 2026-11-22T10:00:00+01:00 or 2026-11-22T09:00:00Z)"
+            "(for example 2026-11-22T10:00:00+01:00 or 2026-11-22T09:00:00Z)",
+            kind="timestamp",
         )
     return to_instant(dt)
 
@@ -93,37 +123,56 @@ def decode_event(
     Raises:
         InvalidEvent: the event cannot be applied; its ``reason`` is one line for a person.
     """
-    if len(data) > max_bytes:
-        raise InvalidEvent(f"payload is {len(data)} bytes, over the limit of {max_bytes} bytes")
+    customer_id: str | None = None
+    message_id = default_message_id
     try:
-        customer_id = customer_of_event_subject(subject)
-    except SubjectError as e:
-        raise InvalidEvent(str(e)) from e
-    try:
-        wire = _decoder.decode(data)
-    except msgspec.ValidationError as e:
-        raise InvalidEvent(f"invalid event: {e}") from e
-    except msgspec.DecodeError as e:
-        raise InvalidEvent(f"invalid JSON: {e}") from e
+        if len(data) > max_bytes:
+            raise InvalidEvent(
+                f"payload is {len(data)} bytes, over the limit of {max_bytes} bytes",
+                kind="too_large",
+            )
+        try:
+            customer_id = customer_of_event_subject(subject)
+        except SubjectError as e:
+            raise InvalidEvent(str(e), kind="subject") from e
+        try:
+            wire = _decoder.decode(data)
+        except msgspec.ValidationError as e:
+            raise InvalidEvent(f"invalid event: {e}") from e
+        except msgspec.DecodeError as e:
+            raise InvalidEvent(f"invalid JSON: {e}", kind="json") from e
+        message_id = wire.message_id or default_message_id
+        return _checked(wire, customer_id, subject, received, message_id)
+    except InvalidEvent as e:
+        # So whoever logs or counts the rejection can say whose event it was.
+        e.customer_id, e.message_id = customer_id, message_id
+        raise
 
+
+def _checked(wire: _Wire, customer_id: str, subject: str, received: int, message_id: str) -> Event:
     if wire.type is None:
-        raise InvalidEvent("missing required field `type` ('track' or 'identify')")
+        raise InvalidEvent("missing required field `type` ('track' or 'identify')", kind="type")
     if wire.type not in ("track", "identify"):
-        raise InvalidEvent(f"unknown type {wire.type!r}: expected 'track' or 'identify'")
+        raise InvalidEvent(
+            f"unknown type {wire.type!r}: expected 'track' or 'identify'", kind="type"
+        )
     if wire.user_id is None:
-        raise InvalidEvent("missing required field `userId`")
+        raise InvalidEvent("missing required field `userId`", kind="user_id")
     if wire.user_id != customer_id:
         raise InvalidEvent(
             f"userId {wire.user_id!r} does not match the customer {customer_id!r} "
-            f"of subject {subject!r}"
+            f"of subject {subject!r}",
+            kind="user_id",
         )
     if wire.type == "track":
         if wire.event is None:
-            raise InvalidEvent("missing required field `event` (the event name) on a track event")
+            raise InvalidEvent(
+                "missing required field `event` (the event name) on a track event", kind="event"
+            )
         if not wire.event:
-            raise InvalidEvent("field `event` (the event name) must not be empty")
+            raise InvalidEvent("field `event` (the event name) must not be empty", kind="event")
     if wire.message_id is not None and not wire.message_id:
-        raise InvalidEvent("field `messageId` must not be empty when given")
+        raise InvalidEvent("field `messageId` must not be empty when given", kind="message_id")
 
     at = received
     if wire.timestamp is not None:
@@ -133,7 +182,8 @@ def decode_event(
             raise InvalidEvent(
                 f"timestamp {wire.timestamp!r} is {_seconds(ahead)} s ahead of the time the "
                 f"event was received ({format_instant(received)}); at most "
-                f"{MAX_FUTURE_SKEW // SECOND} s ahead is allowed"
+                f"{MAX_FUTURE_SKEW // SECOND} s ahead is allowed",
+                kind="future",
             )
         # A timestamp a little ahead of the broker's clock is skew, not the future: the
         # event counts from when it was received, so no rule sees an instant not yet reached.
@@ -147,5 +197,5 @@ def decode_event(
         traits=(wire.traits or {}) if wire.type == "identify" else {},
         at=at,
         received=received,
-        message_id=wire.message_id or default_message_id,
+        message_id=message_id,
     )
