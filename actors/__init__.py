@@ -3,6 +3,8 @@
 Actors do no I/O and read no clock; the :class:`Engine` feeds them events and instants.
 """
 
+from ._api import EngineApi as EngineApi
+from ._api import customer_state as customer_state
 from ._clock import Clock as Clock
 from ._clock import SystemClock as SystemClock
 from ._clock import VirtualClock as VirtualClock
@@ -30,6 +32,7 @@ __all__ = (
     "Customer",
     "DefinitionError",
     "Engine",
+    "EngineApi",
     "EngineConfig",
     "EngineObserver",
     "EngineStats",
@@ -40,6 +43,7 @@ __all__ = (
     "SystemClock",
     "TimerQueue",
     "VirtualClock",
+    "customer_state",
     "load_segments",
     "parse_duration",
     "parse_rule",

@@ -24,6 +24,7 @@ segment that an event already waiting in the stream would have kept it out of.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 from collections import defaultdict, deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -40,6 +41,7 @@ from nats.aio.client import Client
 from protocol import (
     DEFAULT_MAX_EVENT_BYTES,
     EVENTS_WILDCARD,
+    SECOND,
     DefinitionCause,
     Delivery,
     Event,
@@ -80,6 +82,10 @@ _FENCE_RETRY = 0.01
 """Seconds before asking the broker again whether an event is on its way, while a deadline is
 due (a delivery that arrives meanwhile wakes the loop at once)."""
 _DEFINITION = DefinitionCause()
+_RATE_WINDOW = 10 * SECOND
+"""The span over which :attr:`Engine.events_per_second` is measured."""
+_SCAN_SLICE = 20_000
+"""Customers looked at between two checkpoints of :meth:`Engine.members`."""
 _NOT_TIMED = contextlib.nullcontext()
 
 
@@ -162,6 +168,14 @@ class EngineObserver(Protocol):
 
 
 @dataclass(eq=False, slots=True)
+class _LoadRequest:
+    """A customer a query asks about, to load from its snapshot before its turn."""
+
+    customer_id: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass(eq=False, slots=True)
 class _SegmentsRequest:
     """New definitions waiting for the main loop, and the caller waiting for the outcome."""
 
@@ -228,6 +242,12 @@ class Engine:
         self._cursor: tuple[int, str] | None = None
         self._horizon = NEVER
         self._recovered = False
+        # For the query API: members per segment (counted on transitions and as customers
+        # load, not scanned), customers to load for a query while warming up, and the
+        # instants and totals of the latest batches (the rate of events applied).
+        self._sizes: dict[str, int] = {}
+        self._loads: deque[_LoadRequest] = deque()
+        self._applied: deque[tuple[int, int]] = deque()
 
     # What tests and operators may read -------------------------------------------------
 
@@ -281,6 +301,94 @@ class Engine:
     def rejection_counts(self) -> dict[str, int]:
         """Events rejected since start, by class of reason (``InvalidEvent.kind``)."""
         return self._rejections_by.copy()
+
+    # What the query API reads (protocol.serve_api through actors.EngineApi) ---------------
+
+    @property
+    def running(self) -> bool:
+        """Whether :meth:`run` is under way."""
+        return self._running
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    def now(self) -> int:
+        """The engine clock's instant."""
+        return self._clock.now()
+
+    async def load(self, customer_id: str) -> Customer | None:
+        """The actor of ``customer_id`` (read it, don't change it), or None if the engine
+        knows no such customer.
+
+        While the engine warms up after a restart, a customer not loaded yet is loaded from
+        its snapshot first, by the main loop between two batches, as for an event.
+        """
+        c = self._customers.get(customer_id)
+        if c is not None or self._warm or not self._running:
+            return c
+        request = _LoadRequest(customer_id)
+        self._loads.append(request)
+        self._wake.set()
+        await request.done.wait()
+        return self._customers.get(customer_id)
+
+    @property
+    def segment_sizes(self) -> dict[str, int]:
+        """How many customers are in each segment in force, in file order. Counted as
+        memberships change, among the customers in memory (every one once :attr:`warm`)."""
+        sizes = self._sizes
+        return {name: sizes.get(name, 0) for name in self._segments.names}
+
+    async def members(self, segment: str, *, after: str | None = None, limit: int) -> list[str]:
+        """Up to ``limit`` ids of the segment's members in memory, in id order, after the id
+        ``after``.
+
+        It looks at every customer in memory, a slice at a time, letting the event loop run
+        between slices (about 10 ms per slice).
+        """
+        ids = list(self._customers)
+        page: list[str] = []
+        for i in range(0, len(ids), _SCAN_SLICE):
+            customers = self._customers  # a switch of definitions may replace it meanwhile
+            found = [
+                cid
+                for cid in ids[i : i + _SCAN_SLICE]
+                if (after is None or cid > after)
+                and (c := customers.get(cid)) is not None
+                and segment in c.members
+            ]
+            if found:
+                page = heapq.nsmallest(limit, itertools.chain(page, found))
+            await anyio.lowlevel.checkpoint()
+        return page
+
+    @property
+    def next_deadline(self) -> int | None:
+        """The earliest deadline armed, if any."""
+        return self._timers.next()
+
+    @property
+    def events_per_second(self) -> float:
+        """Events applied per second over the last 10 s of the engine's clock."""
+        now = self._clock.now()
+        recent = [(at, before) for at, before in self._applied if at >= now - _RATE_WINDOW]
+        if not recent:
+            return 0.0
+        since, before = recent[0]
+        return (self.stats.events_applied - before) * SECOND / max(now - since, SECOND)
+
+    def _note_applied(self, n: int) -> None:
+        """Record a batch of ``n`` events applied now, for :attr:`events_per_second`."""
+        now, applied = self._clock.now(), self._applied
+        applied.append((now, self.stats.events_applied - n))
+        while applied[0][0] < now - _RATE_WINDOW:
+            applied.popleft()
+
+    async def consumer_lag(self) -> int | None:
+        """Events the broker holds for this engine's consumer, not yet acknowledged; None
+        when not consuming or the broker does not answer."""
+        return None if self._feed is None else await self._feed.lag()
 
     # Changing definitions while running ---------------------------------------------------
 
@@ -352,6 +460,8 @@ class Engine:
             # Whoever still waits would wait forever: the loop that would apply it is gone.
             while self._requests:
                 self._requests.popleft().done.set()
+            while self._loads:
+                self._loads.popleft().done.set()
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         js = self._nc.jetstream()
@@ -418,6 +528,7 @@ class Engine:
             await self._rebuild_from_snapshots(marks)
         else:
             await self._rebuild_from_log()
+        self._recount()
 
     async def _rebuild_from_log(self) -> None:
         """Rebuild every actor: facts from the event log, memberships from the outbox."""
@@ -526,7 +637,7 @@ class Engine:
             for o in tail_outbox.get(customer_id, ()):
                 if o.version > c.version:
                     c.restore((_transition_decoder.decode(o.body),))
-            self._customers[customer_id] = c
+            self._hold(c)
             self._touch(c)
         return await self._load_from_log(from_log, known=snaps.keys())
 
@@ -555,7 +666,7 @@ class Engine:
                 if c.customer_id not in known:
                     continue
                 c.watermark = now  # known from a static list only: as when it was added
-            self._customers[c.customer_id] = c
+            self._hold(c)
             changed += c.evaluate(segments, _DEFINITION)
             self._touch(c)
         return changed
@@ -572,7 +683,7 @@ class Engine:
             if c is None:
                 bad.append(snap.customer_id)
                 continue
-            self._customers[c.customer_id] = c
+            self._hold(c)
             self._timers.set(c.customer_id, c.deadline)
         if len(rows) < limit:
             self._warm, self._cursor, self._horizon = True, None, NEVER
@@ -587,6 +698,23 @@ class Engine:
         while not self._warm:
             changed += await self._page(max(self._config.page_batch, 50_000))
         return changed
+
+    def _hold(self, c: Customer) -> None:
+        """Keep a customer loaded with its memberships so far (later ones are counted as
+        they are committed)."""
+        self._customers[c.customer_id] = c
+        sizes = self._sizes
+        for segment in c.members:
+            sizes[segment] = sizes.get(segment, 0) + 1
+
+    def _recount(self) -> None:
+        """Count the members of each segment afresh (after a start or a switch, which look
+        at every customer anyway)."""
+        sizes = dict.fromkeys(self._segments.names, 0)
+        for c in self._customers.values():
+            for segment in c.members:
+                sizes[segment] = sizes.get(segment, 0) + 1
+        self._sizes = sizes
 
     def _touch(self, c: Customer) -> None:
         """Re-arm the customer's deadline and mark it for the next round of snapshots."""
@@ -636,6 +764,15 @@ class Engine:
         """Make the switches apply_segments() asked for, in order, and tell each caller."""
         if self._wake.is_set():
             self._wake = anyio.Event()
+        if self._loads:
+            loads, self._loads = self._loads, deque()
+            try:
+                changed = await self._load(sorted({r.customer_id for r in loads}), {}, {})
+                if changed:
+                    await self._commit([], changed)
+            finally:
+                for r in loads:
+                    r.done.set()
         while self._requests:
             request = self._requests[0]
             try:
@@ -682,6 +819,7 @@ class Engine:
         self._needs = new.needs.fingerprint()
         self._dirty.update(customers)
         await self._commit([], changed)
+        self._recount()  # segments removed, and customers refolded
 
         entered = sum(1 for t in changed if t.change == "entered")
         self._logger.info(
@@ -784,6 +922,8 @@ class Engine:
             raise
         await self._commit(logged, transitions)
         self.stats.events_applied += len(logged)
+        if logged:
+            self._note_applied(len(logged))
         for d, invalid in rejected:
             await self._reject(d, invalid)
         # Acknowledged only now: every event of the batch is in the log or was rejected.
@@ -901,6 +1041,9 @@ class Engine:
             seqs = await self._log.commit(events, entries, self._confirmed_through)
         self.stats.transitions += len(entries)
         if entries:
+            sizes = self._sizes
+            for t in transitions:
+                sizes[t.segment] = sizes.get(t.segment, 0) + (1 if t.change == "entered" else -1)
             counts = self._transitions_by
             for t in transitions:
                 key = (t.segment, t.change, type(t.cause))
