@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 from actors import Customer, Replay, SegmentSet, parse_segments
@@ -19,7 +19,8 @@ from actors._explain import explain
 from protocol import DAY, HOUR, Event, Transition, format_instant, to_instant
 from protocol._explain import ConditionExplanation, SegmentExplanation
 
-from .reference import reference_changes
+from .reference import Compiler, Cx, load, reference_changes
+from .test_language_property import histories, segment_files, time_limit
 
 T0 = to_instant(datetime(2026, 1, 1, tzinfo=UTC))
 CID = "alice"
@@ -599,3 +600,67 @@ def test_next_change_is_the_next_transition(
                 flip = to_instant(datetime.fromisoformat(x.rule.next_change))
                 assert seg.rule.evaluate(c, flip - 1)[0] == value
                 assert seg.rule.evaluate(c, flip)[0] != value
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=segment_files(), history=histories(), cut=st.integers(0, 16))
+def test_next_change_on_any_file(text: str, history: tuple[list[Event], int], cut: int) -> None:
+    """Random files of the whole language (the language property's generator), random
+    customers cut at a random event: every segment of every customer explains, as JSON, and
+    its next_change is the replay's next transition with no new event."""
+    events, end = history
+    note(text)
+    segs = parse_segments(text, source="generated.toml")
+    r = Replay(segs)
+    with time_limit(20):
+        for e in events[:cut]:
+            r.apply(e)
+        if r.now is None:
+            return
+        now = r.now
+        explained = {}
+        for cid in sorted({e.customer_id for e in events[:cut]}):
+            c = r.customer(cid)
+            assert c is not None
+            xs = explain(c, segs, now)
+            assert msgspec.json.decode(msgspec.json.encode(xs), type=list[SegmentExplanation]) == xs
+            explained[cid] = (dict(c.members), xs)
+        latest = max(
+            (
+                to_instant(datetime.fromisoformat(x.next_change))
+                for _, xs in explained.values()
+                for x in xs
+                if x.next_change is not None
+            ),
+            default=now,
+        )
+        rest = r.advance(max(end, latest) + DAY)
+    spec = load(text)
+    for cid, (members, xs) in explained.items():
+        assert {x.segment for x in xs if x.member} == set(members)
+        mine_events = [e for e in events[:cut] if e.customer_id == cid]
+        for x in xs:
+            assert x.horizon is None
+            # Each condition that reads no membership, as its text alone means to the
+            # reference: the same value, kept until just before its next_change, where it flips.
+            start = to_instant(datetime.fromisoformat(x.evaluated_at))
+            for root in (x.rule, x.exit):
+                for cond in walk(root) if root is not None else ():
+                    if "in_segment" in cond.text:
+                        continue
+                    ref = Compiler(set(spec_names(spec)), set(spec.lists)).rule(cond.text)
+                    cx = Cx(spec, cid, mine_events, {}, start)
+                    assert ref.test(cx) == cond.value, (cid, cond.text)
+                    if cond.next_change is not None:
+                        flip = to_instant(datetime.fromisoformat(cond.next_change))
+                        for t in (flip - 1, (start + flip) // 2):
+                            assert ref.test(cx.at(t)) == cond.value, (cid, cond.text, t)
+                        assert ref.test(cx.at(flip)) != cond.value, (cid, cond.text, flip)
+            mine = [
+                to_instant(t.at) for t in rest if (t.customer_id, t.segment) == (cid, x.segment)
+            ]
+            assert x.next_change == (at(mine[0]) if mine else None), (cid, x.segment, x.reason)
+
+
+def spec_names(spec: Any) -> list[str]:
+    return [seg.name for seg in spec.segments]
