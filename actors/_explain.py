@@ -249,7 +249,16 @@ class _Explainer:
             next_change=_instant(nxt),
             horizon=_instant(self.horizon),
             reason=_reason(
-                member, entered, rule, exit_, held, seg.min_dwell, earliest_exit, nxt, self.horizon
+                member,
+                entered,
+                rule,
+                exit_,
+                held,
+                seg.min_dwell,
+                earliest_exit,
+                nxt,
+                self.horizon,
+                at,
             ),
         )
 
@@ -263,7 +272,6 @@ class _Explainer:
     def condition(self, node: _Node, decides: bool) -> ConditionExplanation:
         value = self.value(node)
         nxt = self.next_flip(node, value)
-        children: tuple[ConditionExplanation, ...] = ()
         if isinstance(node, _And | _Or):
             kind: Literal["and", "or"] = "and" if isinstance(node, _And) else "or"
             # A part decides if its own value settles the result (false in an and, true in
@@ -435,6 +443,7 @@ def _reason(
     earliest_exit: int | None,
     nxt: int | None,
     horizon: int | None,
+    at: int,
 ) -> str:
     deciding = _deciding(rule) + (_deciding(exit_) if exit_ is not None else [])
     if member:
@@ -456,6 +465,9 @@ def _reason(
             return state + "; no change without a new event"
         return state + f"; no change found up to {_instant(horizon)} without a new event"
     when = _instant(nxt)
+    verb = "leave" if member else "enter"
+    if nxt <= at:
+        return state + f"; due to {verb} at {when}, which the engine has not reached yet"
     cause = ""
     if member and nxt == earliest_exit:
         cause = " when min_dwell ends" if min_dwell else ""
@@ -464,4 +476,4 @@ def _reason(
         if flipping:
             c = flipping[0]
             cause = f" when `{c.text}` turns {'false' if c.value else 'true'}"
-    return state + f"; {'leaves' if member else 'enters'} at {when}{cause}"
+    return state + f"; {verb}s at {when}{cause}"

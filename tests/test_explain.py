@@ -166,6 +166,18 @@ def test_now_before_the_watermark_evaluates_at_the_watermark() -> None:
     assert one(r, "regular", T0 + 5 * DAY).evaluated_at == at(T0 + 5 * DAY)
 
 
+def test_a_change_the_engine_has_not_reached_yet() -> None:
+    """Asked at an instant past a deadline the engine has not fired (its timers lag): the
+    membership is still the engine's, and the change is reported as due."""
+    r = run(REGULAR, [track(T0 + d * DAY) for d in range(3)])
+    (x,) = explain(actor(r), REGULAR, T0 + 40 * DAY)
+    assert x.member and not x.rule.value and x.next_change == at(T0 + 30 * DAY)
+    assert x.reason.endswith(
+        "; due to leave at 2026-01-31T00:00:00Z, which the engine has not reached yet"
+    )
+    assert changes(r.advance(T0 + 40 * DAY)) == [("regular", "exited", T0 + 30 * DAY)]
+
+
 def test_search_bounded_reports_its_horizon() -> None:
     """A sum that stays at or above 10 through many window edges: with too few steps the
     search stops, says how far it looked, and claims no next change."""
