@@ -17,8 +17,13 @@ loopback port, with its store and the SQLite file in a temporary directory, and 
 3. live: with the engine settled, publishes N/2 more events (new message ids, stamped in
    the last hour) while the engine consumes; times from the first publish until
    ``events_applied`` reaches N + N/2.
-4. rebuild: stops the engine, starts a fresh one on the same SQLite file and times
-   ``await tg.start(engine.run)`` (the rebuild from the log happens before it returns).
+4. rebuild: stops the engine, starts a fresh one on the same SQLite file with
+   ``use_snapshots=False`` and times ``await tg.start(engine.run)`` (the rebuild from the
+   log happens before it returns).
+
+``--metrics`` runs the first engine as ``shoal serve --metrics-port`` does: with
+``protocol.metrics.EngineMetrics`` as its observer and its endpoint served (sampling the
+engine and the consumer's lag once a second), to measure what metrics cost.
 
 For each phase it reports wall seconds and, read from ``/proc``, the CPU seconds of this
 process's main thread (the event loop: nats-py, decoding, actors), of its other threads
@@ -44,6 +49,7 @@ import argparse
 import array
 import contextlib
 import cProfile
+import functools
 import importlib.metadata
 import io
 import json
@@ -279,22 +285,36 @@ async def publish(js: Any, batch: Iterator[tuple[str, bytes]]) -> int:
 
 @contextlib.asynccontextmanager
 async def running_engine(
-    url: str, db: Path, segments: SegmentSet, breakdown: Breakdown | None
+    url: str,
+    db: Path,
+    segments: SegmentSet,
+    breakdown: Breakdown | None,
+    *,
+    metrics: bool = False,
+    config: EngineConfig | None = None,
 ) -> AsyncIterator[tuple[Engine, float, float]]:
-    """An engine on ``url`` and ``db``, started as tests/conftest.py's ``running_engine``.
+    """An engine on ``url`` and ``db``, started as tests/conftest.py's ``running_engine``
+    (with ``metrics``: as ``shoal serve --metrics-port`` runs it, endpoint on a free port).
 
     Yields (engine, perf_counter just before ``tg.start``, seconds ``tg.start`` took).
     """
     nc = await connect([url])
     log = await EventLog.open(db)
+    observer = None
+    if metrics:
+        from protocol.metrics import EngineMetrics
+
+        observer = EngineMetrics()
     try:
-        engine = Engine(nc, log, segments, config=EngineConfig())
+        engine = Engine(nc, log, segments, config=config or EngineConfig(), observer=observer)
         if breakdown is not None:
             breakdown.wrap(engine, "_ingest", "engine._ingest (batch, incl. known+commit)")
             breakdown.wrap(engine, "_fire_due", "engine._fire_due (incl. commit)")
             breakdown.wrap(log, "known", "log.known")
             breakdown.wrap(log, "commit", "log.commit")
         async with anyio.create_task_group() as tg:
+            if observer is not None:
+                await tg.start(functools.partial(observer.serve, engine, port=free_port()))
             t0 = time.perf_counter()
             await tg.start(engine.run)
             started = time.perf_counter() - t0
@@ -374,6 +394,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
                     "live_events": live_n,
                     "segments": list(segments.names),
                     "breakdown": breakdown is not None,
+                    "metrics": args.metrics,
                     "profile": bool(args.profile),
                 }
                 print("# " + " ".join(f"{k}={v}" for k, v in meta.items() if k != "kind"))
@@ -397,7 +418,11 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
                 sw = Stopwatch()
                 if profiler is not None:
                     profiler.enable()
-                async with running_engine(url, db, segments, breakdown) as (engine, t0, started):
+                async with running_engine(url, db, segments, breakdown, metrics=args.metrics) as (
+                    engine,
+                    t0,
+                    started,
+                ):
                     sw.t0 = t0
                     applied_at = await wait_applied(engine, n, args.timeout)
                     if profiler is not None:
@@ -481,7 +506,13 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
 
                 # 4. rebuild ---------------------------------------------------------------
                 sw = Stopwatch()
-                async with running_engine(url, db, segments, None) as (engine, t0, started):
+                # From the log: the clean stop above wrote snapshots of every customer.
+                rebuild_config = EngineConfig(use_snapshots=False)
+                async with running_engine(url, db, segments, None, config=rebuild_config) as (
+                    engine,
+                    t0,
+                    started,
+                ):
                     sw.t0 = t0
                     st = stats_of(engine)
                     rebuild = sw.phase(
@@ -526,7 +557,11 @@ def _profile_text(profiler: cProfile.Profile) -> str:
 
 
 def _say(p: Phase) -> None:
-    print(f"#   {p.phase}: {p.events} events, {p.seconds:.2f} s, {p.rate:,.0f}/s", flush=True)
+    print(
+        f"#   {p.phase}: {p.events} events, {p.seconds:.2f} s, {p.rate:,.0f}/s, "
+        f"CPU main thread {p.cpu_main:.2f} s",
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------- report
@@ -615,6 +650,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--timeout", type=float, default=900.0, help="seconds any one wait may take"
+    )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="run the first engine with its Prometheus metrics (observer and endpoint)",
     )
     args = parser.parse_args(argv)
     if args.quick:

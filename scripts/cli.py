@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import signal
 import sys
@@ -87,6 +88,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535)")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shoal", description=__doc__.splitlines()[0])
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -134,6 +145,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ignore stored snapshots: rebuild every customer from the event log (slow; "
         "snapshots are written again afterwards)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (default: none; "
+        "0 picks a free port, logged)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the metrics endpoint (default %(default)s)",
     )
     serve.set_defaults(run=_serve)
 
@@ -213,6 +237,12 @@ async def _serve(args: argparse.Namespace) -> int:
             logger.info("embedded nats-server ready", url=url)
         nc = await connect(servers, name="shoal-engine")
         stack.push_async_callback(nc.close)
+        metrics = None
+        if args.metrics_port is not None:
+            # Imported only when asked for: prometheus-client is slow to import.
+            from protocol.metrics import EngineMetrics
+
+            metrics = EngineMetrics()
         engine = Engine(
             nc,
             log,
@@ -222,9 +252,17 @@ async def _serve(args: argparse.Namespace) -> int:
                 use_snapshots=not args.rebuild,
                 snapshot_interval=args.snapshot_interval,
             ),
+            observer=metrics,
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, tg.cancel_scope)
+            if metrics is not None:
+                # Before the engine starts: the start-up (a rebuild) is watched too.
+                await tg.start(
+                    functools.partial(
+                        metrics.serve, engine, host=args.metrics_host, port=args.metrics_port
+                    )
+                )
             await tg.start(engine.run)
             if path is not None and hups is not None:
                 tg.start_soon(_reload_segments, engine, path, stamp, hups)
