@@ -7,6 +7,7 @@ and it goes through :meth:`Engine.apply_segments` like a reload of the served fi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from protocol import (
@@ -195,7 +196,8 @@ class EngineApi:
 
     async def definitions(self, request: DefinitionsRequest) -> DefinitionsReply:
         try:
-            new = parse_segments(request.toml, source=request.source)
+            base_dir = None if request.base_dir is None else Path(request.base_dir)
+            new = parse_segments(request.toml, source=request.source, base_dir=base_dir)
         except DefinitionError as e:
             raise InvalidRequest(str(e)) from e
         engine = self._engine

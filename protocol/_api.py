@@ -52,12 +52,14 @@ class DefinitionsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     """``shoal.api.definitions``: a segments file (TOML text) to validate, and to apply when
     ``apply`` is true. ``source`` names it in error messages (usually its file name).
 
-    A ``[lists.NAME] file = ...`` is read on the engine's machine, relative to the engine's
-    working directory.
+    A ``[lists.NAME] file = ...`` is read on the engine's machine; a relative path is taken
+    from ``base_dir`` (default: the engine's working directory). ``shoal segments apply``
+    sends the file's own directory.
     """
 
     toml: str
     source: str = "<request>"
+    base_dir: str | None = None
     apply: bool = False
 
 

@@ -20,7 +20,6 @@ import nats.micro
 import structlog
 from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request, ServiceError
-from nats.micro.service import Service
 
 from ._api import (
     CustomerReply,
@@ -53,6 +52,7 @@ API_VERSION = "1.0.0"
 """The version ``$SRV.INFO`` reports: the major part changes when a body changes
 incompatibly."""
 _STOP_TIMEOUT = 2.0
+_READY_TIMEOUT = 5.0
 _logger = structlog.get_logger("shoal.api")
 _encoder = msgspec.json.Encoder()
 _R = TypeVar("_R")
@@ -122,15 +122,15 @@ async def serve_api(
     *,
     customers: str = EVENTS_WILDCARD,
     metadata: dict[str, str] | None = None,
-    task_status: anyio.abc.TaskStatus[Service] = anyio.TASK_STATUS_IGNORED,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the service ``shoal`` on ``nc`` until cancelled.
 
     Every endpoint listens in the queue group ``shoal``, so several copies share the
     requests. ``customer`` and ``explain`` listen only for the customers whose events the
     filter subject ``customers`` selects (the engine's ``filter_subject``): a request reaches
-    an engine that owns the customer. ``task_status.started()`` gets the micro service once
-    every endpoint listens.
+    an engine that owns the customer. ``task_status.started()`` is called once every
+    endpoint listens.
     """
     service = await nats.micro.add_service(
         nc,
@@ -187,8 +187,12 @@ async def serve_api(
             await service.add_endpoint(
                 name=name, subject=api_subject(name), handler=_endpoint(name, answer)
             )
-        await nc.flush()
-        task_status.started(service)
+        # Listening only once the server has our subscriptions. nats-py's flush() writes its
+        # PING ahead of commands still pending in the client, SUBs included, so instead ask
+        # ourselves: the server handles a connection's commands in order, so the answer
+        # comes after it has taken every SUB sent before.
+        await nc.request(f"$SRV.PING.{API_SERVICE}.{service.id}", b"", timeout=_READY_TIMEOUT)
+        task_status.started()
         await anyio.sleep_forever()
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_TIMEOUT):
@@ -252,11 +256,14 @@ class ApiClient:
         toml: str,
         *,
         source: str = "<request>",
+        base_dir: str | None = None,
         apply: bool = False,
         timeout: float | None = None,
     ) -> DefinitionsReply:
         """Validate a segments file's text on the engine, and apply it when ``apply``."""
-        body = _encoder.encode(DefinitionsRequest(toml=toml, source=source, apply=apply))
+        body = _encoder.encode(
+            DefinitionsRequest(toml=toml, source=source, base_dir=base_dir, apply=apply)
+        )
         return await self._request(
             api_subject("definitions"), body, _definitions_reply, timeout=timeout
         )

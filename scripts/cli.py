@@ -37,7 +37,7 @@ from protocol import (
 )
 from store import EventLog, StoreError
 
-from . import _history_cmd, _import_cmd, _replay_cmd
+from . import _history_cmd, _import_cmd, _query_cmd, _replay_cmd
 from ._errors import UsageError
 from ._logging import configure_logging
 
@@ -205,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     _import_cmd.register(sub)
     _history_cmd.register(sub)
     _replay_cmd.register(sub)
+    _query_cmd.register(sub, segs_sub)
     return p
 
 
@@ -264,6 +265,7 @@ async def _serve(args: argparse.Namespace) -> int:
                     )
                 )
             await tg.start(engine.run)
+            await tg.start(_query_cmd.serve_queries, engine, servers)
             if path is not None and hups is not None:
                 tg.start_soon(_reload_segments, engine, path, stamp, hups)
             logger.info("shoal is serving", nats=servers, data_dir=str(data_dir))

@@ -1,0 +1,392 @@
+"""``shoal status``, ``customer``, ``explain``, ``members`` and ``segments list|apply``:
+requests to a running engine's query service (:class:`protocol.ApiClient`), printed as
+tables for people or, with ``--json``, as one JSON line for machines.
+
+Also :func:`serve_queries`, which ``shoal serve`` runs beside the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+from nats.aio.client import Client
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+from actors import Engine, EngineApi, load_segments
+from protocol import (
+    ApiClient,
+    ConditionExplanation,
+    CustomerReply,
+    DefinitionsReply,
+    ExplainReply,
+    MembersReply,
+    SegmentsReply,
+    StatusReply,
+    connect,
+    format_instant,
+    serve_api,
+    to_instant,
+)
+
+from ._errors import UsageError
+
+_DEFAULT_URL = "nats://127.0.0.1:4222"  # as scripts.cli.DEFAULT_URL (which imports this)
+_TIMEOUT = 5.0
+_APPLY_TIMEOUT = 600.0
+"""Seconds ``segments apply`` waits: new rules reading other facts reread the whole log."""
+_encoder = msgspec.json.Encoder()
+
+
+async def serve_queries(
+    engine: Engine,
+    servers: Sequence[str],
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the query service for ``engine`` on a connection of its own (so requests never
+    wait behind the engine's acknowledgements and publishes) until cancelled."""
+    nc = await connect(servers, name="shoal-api")
+    try:
+        await serve_api(
+            nc,
+            EngineApi(engine),
+            customers=engine.config.filter_subject,
+            metadata={"consumer": engine.config.consumer},
+            task_status=task_status,
+        )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await nc.close()
+
+
+def register(sub: Any, segments: Any) -> None:
+    """Add the query commands to the ``shoal`` subparsers ``sub``, and ``list`` and ``apply``
+    (and ``validate --nats``) to the ``segments`` subparsers."""
+
+    def common(p: argparse.ArgumentParser, timeout: float = _TIMEOUT) -> None:
+        p.add_argument("--nats", action="append", metavar="URL", help="NATS server URL")
+        p.add_argument("--json", action="store_true", help="one JSON line instead of tables")
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=timeout,
+            metavar="SECONDS",
+            help="how long to wait for the engine (default %(default)g)",
+        )
+
+    p = sub.add_parser(
+        "status",
+        help="how the running engine is doing: events/s, consumer lag, deadlines, sizes",
+    )
+    common(p)
+    p.set_defaults(run=_status)
+
+    p = sub.add_parser(
+        "customer",
+        help="one customer's state: segments, score, traits, counters, next deadline",
+    )
+    p.add_argument("customer_id", metavar="ID")
+    common(p)
+    p.set_defaults(run=_customer)
+
+    p = sub.add_parser(
+        "explain",
+        help="why a customer is or is not in a segment (or each), and when that changes",
+    )
+    p.add_argument("customer_id", metavar="ID")
+    p.add_argument("segment", nargs="?", help="only this segment")
+    common(p)
+    p.set_defaults(run=_explain)
+
+    p = sub.add_parser(
+        "members",
+        help="a segment's members, a page at a time in id order, and its size",
+        description="Print a page of the segment's members, one id per line, in id order; "
+        "the size and the cursor of the next page go to stderr.",
+    )
+    p.add_argument("segment", metavar="SEGMENT")
+    p.add_argument("--count", action="store_true", help="print the number of members only")
+    p.add_argument("--limit", type=int, default=100, metavar="N", help="ids per page (100)")
+    p.add_argument("--cursor", metavar="C", help="start after this id (a page's next cursor)")
+    common(p)
+    p.set_defaults(run=_members)
+
+    p = segments.add_parser("list", help="the running engine's definitions with their sizes")
+    common(p)
+    p.set_defaults(run=_list)
+
+    p = segments.add_parser(
+        "apply",
+        help="validate FILE on the running engine and switch it to FILE (not kept across "
+        "a restart: also give it to serve --segments)",
+    )
+    p.add_argument("file", type=Path, help="segments TOML file")
+    common(p, _APPLY_TIMEOUT)
+    p.set_defaults(run=_apply)
+
+    # validate stays offline; with --nats it also shows what the file would change there.
+    validate: argparse.ArgumentParser = segments.choices["validate"]
+    offline = validate.get_default("run")
+    validate.add_argument(
+        "--nats",
+        action="append",
+        metavar="URL",
+        help="also check it on the running engine: what applying it would change",
+    )
+
+    async def run_validate(args: argparse.Namespace) -> int:
+        code: int = await offline(args)
+        if args.nats:
+            async with _client(args) as api:
+                reply = await api.definitions(
+                    _read(args.file),
+                    source=str(args.file),
+                    base_dir=str(args.file.resolve().parent),
+                )
+            print(_changes(reply))
+        return code
+
+    validate.set_defaults(run=run_validate, json=False, timeout=_TIMEOUT)
+
+
+class _client:
+    """A connected :class:`ApiClient` for a command's ``--nats`` and ``--timeout``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._servers = args.nats or [_DEFAULT_URL]
+        self._timeout = args.timeout
+        self._nc: Client | None = None
+
+    async def __aenter__(self) -> ApiClient:
+        self._nc = await connect(self._servers, name="shoal-cli")
+        return ApiClient(self._nc, timeout=self._timeout)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._nc is not None:
+            await self._nc.close()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+async def _ask(
+    args: argparse.Namespace,
+    call: Callable[[ApiClient], Awaitable[msgspec.Struct]],
+    show: Callable[[Any, Console], None],
+) -> int:
+    async with _client(args) as api:
+        reply = await call(api)
+    if args.json:
+        sys.stdout.write(_encoder.encode(reply).decode() + "\n")
+    else:
+        show(reply, Console(highlight=False))
+    return 0
+
+
+def _when(at: datetime | str | None) -> str:
+    if at is None:
+        return "-"
+    return format_instant(to_instant(at)) if isinstance(at, datetime) else at
+
+
+# status -----------------------------------------------------------------------------------
+
+
+async def _status(args: argparse.Namespace) -> int:
+    return await _ask(args, lambda api: api.status(), _show_status)
+
+
+def _show_status(r: StatusReply, out: Console) -> None:
+    lag = "unknown" if r.consumer_lag is None else str(r.consumer_lag)
+    warm = "" if r.warm else "  (still loading customers after a restart)"
+    t = Table(show_header=False, box=None)
+    t.add_column(style="bold")
+    t.add_column()
+    for key, value in (
+        ("engine", f"up, consumer {r.consumer} on {r.filter_subject}{warm}"),
+        ("at", _when(r.at)),
+        ("customers", str(r.customers)),
+        ("events/s", f"{r.events_per_second:g} (last 10 s)"),
+        (
+            "events",
+            f"{r.events_applied} applied, {r.events_duplicate} duplicate, "
+            f"{r.events_rejected} rejected",
+        ),
+        ("consumer lag", f"{lag} waiting in the broker, {r.buffered} received not applied"),
+        ("transitions", f"{r.transitions} committed, {r.unpublished} not yet published"),
+        ("timer queue", f"{r.pending_deadlines} pending, next due {_when(r.next_deadline)}"),
+        ("deadlines fired", str(r.deadlines_fired)),
+        ("definitions", f"{r.definitions} ({r.fingerprint})"),
+    ):
+        t.add_row(key, value)
+    out.print(t)
+    sizes = Table("segment", "members")
+    for s in r.segments:
+        sizes.add_row(s.name, str(s.size))
+    out.print(sizes)
+
+
+# customer ---------------------------------------------------------------------------------
+
+
+async def _customer(args: argparse.Namespace) -> int:
+    return await _ask(args, lambda api: api.customer(args.customer_id), _show_customer)
+
+
+def _show_customer(r: CustomerReply, out: Console) -> None:
+    out.print(f"[bold]{escape(r.customer_id)}[/bold] at {_when(r.at)}, version {r.version}")
+    score = "-" if r.score is None else f"{r.score:.4g}"
+    out.print(
+        f"first seen {_when(r.first_seen_at)}, evaluated up to {_when(r.evaluated_at)}, "
+        f"score {score}, next deadline {_when(r.next_deadline)}"
+    )
+    segments = Table("segment", "entered at")
+    for m in r.segments:
+        segments.add_row(m.segment, _when(m.entered_at))
+    if not r.segments:
+        segments.add_row("(none)", "")
+    out.print(segments)
+    if r.traits:
+        traits = Table("trait", "value")
+        for key, value in r.traits.items():
+            traits.add_row(escape(key), escape(_encoder.encode(value).decode()))
+        out.print(traits)
+    if r.events:
+        events = Table("event", "count", "last at", "7 days", "30 days")
+        for c in r.events:
+            events.add_row(
+                "(any track)" if c.event is None else escape(c.event),
+                str(c.count),
+                _when(c.last_at),
+                "-" if c.within_7d is None else str(c.within_7d),
+                "-" if c.within_30d is None else str(c.within_30d),
+            )
+        out.print(events)
+
+
+# explain ----------------------------------------------------------------------------------
+
+
+async def _explain(args: argparse.Namespace) -> int:
+    return await _ask(args, lambda api: api.explain(args.customer_id, args.segment), _show_explain)
+
+
+def _condition(tree: Tree, c: ConditionExplanation) -> None:
+    mark = "[green]true[/green]" if c.value else "[red]false[/red]"
+    text = f"{mark} {escape(c.text)}"
+    if c.op is not None:
+        text += f"  [dim]({escape(f'{c.left} {c.op} {c.right}')})[/dim]"
+    if c.decides:
+        text += "  [bold]decides[/bold]"
+    if c.next_change is not None:
+        text += f"  [dim]changes at {c.next_change}[/dim]"
+    branch = tree.add(text)
+    for child in c.children:
+        _condition(branch, child)
+
+
+def _show_explain(r: ExplainReply, out: Console) -> None:
+    out.print(f"[bold]{escape(r.customer_id)}[/bold] at {_when(r.at)}")
+    for s in r.segments:
+        tree = Tree(f"[bold]{s.segment}[/bold]: {escape(s.reason)}")
+        _condition(tree.add("rule"), s.rule)
+        if s.exit is not None:
+            _condition(tree.add("exit"), s.exit)
+        if s.min_dwell is not None:
+            tree.add(f"min_dwell {s.min_dwell}, earliest exit {s.earliest_exit or '-'}")
+        nxt = s.next_change or (f"none before {s.horizon}" if s.horizon else "none")
+        tree.add(f"next change without a new event: {nxt}")
+        out.print(tree)
+
+
+# members ----------------------------------------------------------------------------------
+
+
+async def _members(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 10_000:
+        raise UsageError("--limit must be between 1 and 10000")
+    return await _ask(
+        args,
+        lambda api: api.members(
+            args.segment, limit=args.limit, cursor=args.cursor, count_only=args.count
+        ),
+        lambda r, out: _show_members(r, count=args.count),
+    )
+
+
+def _show_members(r: MembersReply, *, count: bool) -> None:
+    partial = "" if r.complete else " (so far: the engine is still loading customers)"
+    if count:
+        print(f"{r.count}{partial}")
+        return
+    for customer_id in r.members:
+        print(customer_id)
+    more = f"; next page: --cursor {r.next_cursor}" if r.next_cursor is not None else ""
+    print(f"{len(r.members)} of {r.count} member(s){partial}{more}", file=sys.stderr)
+
+
+# segments list / apply ----------------------------------------------------------------------
+
+
+async def _list(args: argparse.Namespace) -> int:
+    return await _ask(args, lambda api: api.segments(), _show_segments)
+
+
+def _show_segments(r: SegmentsReply, out: Console) -> None:
+    partial = "" if r.complete else f", sizes among the {r.customers} loaded so far"
+    out.print(f"{escape(r.source)} ({r.fingerprint}), {r.customers} customer(s){partial}")
+    t = Table("segment", "members", "rule")
+    for s in r.segments:
+        rule = escape(s.rule)
+        if s.exit is not None:
+            rule += f"\n[dim]exit:[/dim] {escape(s.exit)}"
+        if s.min_dwell_seconds:
+            rule += f"\n[dim]min_dwell:[/dim] {s.min_dwell_seconds:g} s"
+        name = s.name + (f"\n[dim]{escape(s.description)}[/dim]" if s.description else "")
+        t.add_row(name, str(s.size), rule)
+    out.print(t)
+
+
+async def _apply(args: argparse.Namespace) -> int:
+    text = _read(args.file)
+    load_segments(args.file)  # offline first: a bad file fails here, with list files read
+    return await _ask(
+        args,
+        lambda api: api.definitions(
+            text,
+            source=str(args.file),
+            base_dir=str(args.file.resolve().parent),
+            apply=True,
+            timeout=args.timeout,
+        ),
+        lambda r, out: print(_changes(r)),
+    )
+
+
+def _changes(r: DefinitionsReply) -> str:
+    parts = [
+        f"{label} {', '.join(names)}"
+        for label, names in (("adds", r.added), ("removes", r.removed), ("changes", r.changed))
+        if names
+    ]
+    if r.refolds:
+        parts.append("rereads the event log (the rules read other facts)")
+    what = "; ".join(parts) or "no change to the definitions in force"
+    if r.applied:
+        return f"{r.source}: applied ({what}); {r.transitions} transition(s)"
+    return f"{r.source}: on the engine, applying it {what}"
