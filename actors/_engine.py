@@ -601,7 +601,7 @@ class Engine:
             try:
                 c = Customer.from_snapshot(snap.customer_id, snap.body)
             except SnapshotError as e:
-                self._logger.warning("snapshot ignored", customer=snap.customer_id, error=str(e))
+                self._logger.warning("snapshot ignored", customer_id=snap.customer_id, error=str(e))
             else:
                 self.stats.snapshots_loaded += 1
                 return c
