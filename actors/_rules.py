@@ -101,6 +101,16 @@ class LocalFilter:
             for h in range(24)
         )
 
+    def complement(self) -> LocalFilter:
+        """The filter letting in the local times this one keeps out."""
+        out = LocalFilter(None, None)
+        out.ok = tuple(1 - x for x in self.ok)
+        return out
+
+    def lets_in(self, at: int, zone: tzinfo) -> bool:
+        """Whether an event at ``at`` is in, in ``zone``."""
+        return bool(self.ok[local_time(at, zone)])
+
 
 def local_time(at: int, zone: tzinfo) -> int:
     """``weekday * 24 + hour`` (Monday 0) of instant ``at`` in ``zone``."""
@@ -606,6 +616,9 @@ class _Window(_Node):
         self.simple = func == "count" and within is None and not where and not days and not hours
         # A trailing count without `where` is read off the instants (Indexed facts).
         self.indexed = func == "count" and within is not None and not where
+        # Such a count only falls between events, so a comparison with a constant flips at
+        # one computable instant (see _NumberCompare).
+        self.counting = self.indexed
         self.local = LocalFilter(days, hours)
 
     def eval(self, f: Facts, now: int) -> Value:
@@ -654,6 +667,28 @@ class _Window(_Node):
         if not values:
             return MISSING, nxt
         return (min(values) if self.func == "min" else max(values)), nxt
+
+    def drop_below(self, f: Facts, now: int, m: int) -> int | None:
+        """For a trailing count (``counting``) of at least ``m`` at ``now``: the instant it
+        falls below ``m`` with no new event (it only falls: events leave the window)."""
+        w = self.within
+        assert self.counting and w is not None
+        if isinstance(f, Indexed):
+            ats = f.instants(self.name)
+            hi = bisect_right(ats, now)
+            if not (self.days or self.hours):
+                return ats[hi - m] + w
+            counts = f.local_counts(self.name, _zone(f.trait("timezone")), self.local)
+            return ats[bisect_right(counts, counts[hi] - m) - 1] + w
+        zone = _zone(f.trait("timezone")) if (self.days or self.hours) else UTC
+        ins = sorted(
+            e.at
+            for e in f.tracked()
+            if (self.name is None or e.name == self.name)
+            and now - w < e.at <= now
+            and self.local.lets_in(e.at, zone)
+        )
+        return ins[len(ins) - m] + w
 
     def _indexed(self, f: Indexed, now: int, zone: tzinfo | None) -> Value:
         w = self.within
@@ -937,13 +972,79 @@ class _NumberCompare(_Compare):
     def __init__(self, left: _Node, op: str, right: _Node) -> None:
         super().__init__(left, op, right)
         self.fn = _OPS[self.op]
+        # A comparison that is a trailing count (``window``) against a constant flips where
+        # that count falls below a threshold (for the result true, for false). ``count``
+        # says how to get the count from the two sides: 1 the left, 2 the right, 3 left
+        # minus right, 4 right minus left.
+        self.window: _Window | None = None
+        self.thresholds: tuple[int | None, int | None] = (None, None)
+        self.count = 0
+        left, right, op = self.left, self.right, self.op
+        for i, (x, y, o) in enumerate(((left, right, op), (right, left, _MIRROR[op]))):
+            if isinstance(x, _Window) and x.counting and isinstance(y, _Const):
+                t = _count_thresholds(o, y.value)
+                if t is not None:
+                    self.window, self.thresholds, self.count = x, t, 1 + i
+            elif (
+                isinstance(x, _Window)
+                and isinstance(y, _Window)
+                and x.counting
+                and y.counting
+                and (x.name, x.within) == (y.name, y.within)
+                and not (x.days or x.hours)
+                and (y.days or y.hours)
+            ):
+                # All events in a window against those of some days or hours: the
+                # difference is a count of the others, which only falls too.
+                t = _count_thresholds(o, 0)
+                if t is not None:
+                    self.thresholds, self.count = t, 3 + i
+                    self.window = _Window("count", y.name, None, y.within, {}, y.days, y.hours)
+                    self.window.local = y.local.complement()
 
     def eval(self, f: Facts, now: int) -> Value:
         a, na = self.left.eval(f, now)
         b, nb = self.right.eval(f, now)
+        value = self.fn(a, b)
+        if self.window is not None:
+            # Not where the count next changes, but where the comparison does.
+            m = self.thresholds[0] if value else self.thresholds[1]
+            k = self.count
+            count = a if k == 1 else b if k == 2 else a - b if k == 3 else b - a
+            if m is None or count < m:
+                return value, None
+            return value, self.window.drop_below(f, now, m)
         if na is None or (nb is not None and nb < na):
             na = nb
-        return self.fn(a, b), na
+        return value, na
+
+
+def _count_thresholds(op: str, k: Any) -> tuple[int | None, int | None] | None:
+    """For ``count OP k``, with a count that only falls: the count it must fall below to
+    change the result, while the result is true and while it is false (None: it cannot
+    change that way). None when ``k`` is not a finite number."""
+    if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k):
+        return None
+
+    def low(m: int) -> int | None:
+        return m if m >= 1 else None  # a count never falls below 0
+
+    if op == ">=":  # true for counts >= ceil(k)
+        return low(math.ceil(k)), None
+    if op == ">":
+        return low(math.floor(k) + 1), None
+    if op == "<=":  # false for counts >= floor(k) + 1
+        return None, low(math.floor(k) + 1)
+    if op == "<":
+        return None, low(math.ceil(k))
+    if k != math.floor(k):  # == never holds, != always does
+        return None, None
+    n = int(k)
+    # Falling from above k, the count may skip k (events leaving at one instant): then the
+    # result is looked at again at that instant and found the same.
+    if op == "==":
+        return low(n), low(n + 1)
+    return low(n + 1), low(n)
 
 
 def _score_of(node: _Node) -> tuple[float, _Score] | None:
@@ -1627,6 +1728,14 @@ class _Compiler:
         }
         self.n = 0
         self.windows: dict[str, tuple[str, str]] = {}
+        # Of an indexed window: the names of its instants, its end and its local counts.
+        self.indexes: dict[str, tuple[str, str, str | None]] = {}
+
+    @staticmethod
+    def window_key(node: _Window) -> str:
+        return repr(
+            (node.func, node.name, node.prop, node.within, node.where, node.days, node.hours)
+        )
 
     def var(self, prefix: str) -> str:
         self.n += 1
@@ -1675,7 +1784,31 @@ class _Compiler:
             a, na = self.number(node.left, d)
             b, nb = self.number(node.right, d)
             self.line(d, f"{v} = {a} {node.op} {b}")
-            self.earliest(d, n, na, nb)
+            if node.window is None:
+                self.earliest(d, n, na, nb)
+                return v, n, n
+            # As _NumberCompare.eval and _Window.drop_below: where the comparison flips.
+            win = node.window
+            count = {1: a, 2: b, 3: f"({a} - {b})", 4: f"({b} - {a})"}[node.count]
+            m = self.var("m")
+            t_true, t_false = node.thresholds
+            self.line(d, f"{m} = {t_true} if {v} else {t_false}")
+            self.line(d, f"if {m} is None or {count} < {m}:")
+            self.line(d + 1, f"{n} = None")
+            if node.count > 2:
+                self.line(d, "else:")
+                self.line(d + 1, f"{n} = {self.const(win)}.drop_below(f, now, {m})")
+                return v, n, n
+            ats, hi, counts = self.indexes[self.window_key(win)]
+            assert win.within is not None
+            self.line(d, "elif indexed:")
+            if counts is None:
+                self.line(d + 1, f"{n} = {ats}[{hi} - {m}] + {int(win.within)}")
+            else:
+                at = f"bisect_right({counts}, {counts}[{hi}] - {m}) - 1"
+                self.line(d + 1, f"{n} = {ats}[{at}] + {int(win.within)}")
+            self.line(d, "else:")
+            self.line(d + 1, f"{n} = {self.const(win)}.drop_below(f, now, {m})")
             return v, n, n
         if isinstance(node, _Not):
             pv, pn, pu = self.condition(node.part, d)
@@ -1758,9 +1891,7 @@ class _Compiler:
         assert isinstance(node, _Window)
         # The same window twice in a rule is computed once: every node's code runs, in
         # order, at the top level of the function (branches only assign results).
-        key = repr(
-            (node.func, node.name, node.prop, node.within, node.where, node.days, node.hours)
-        )
+        key = self.window_key(node)
         if key in self.windows:
             return self.windows[key]
         c, cn = self.var("c"), self.var("cn")
@@ -1785,8 +1916,10 @@ class _Compiler:
                 zone = 'zone_of(f.trait("timezone"))'
                 self.line(d + 1, f"{counts} = f.local_counts({name}, {zone}, {where})")
                 self.line(d + 1, f"{c} = {counts}[{hi}] - {counts}[{lo}]")
+                self.indexes[key] = ats, hi, counts
             else:
                 self.line(d + 1, f"{c} = {hi} - {lo}")
+                self.indexes[key] = ats, hi, None
             self.line(d, "else:")
             self.line(d + 1, f"{c}, {cn} = {self.const(node)}.eval(f, now)")
             return c, cn
