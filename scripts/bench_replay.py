@@ -13,7 +13,10 @@
 4. With ``--digest``, a further untimed replay counts transitions by segment, change and
    cause and computes a SHA-256 over every transition (customer, segment, change, instant,
    cause, version), so two versions of the code can be shown to give the same results.
-5. With ``--profile``, one more replay runs under cProfile and the top 20 functions by
+5. With ``--floor``, the cost below the rules on the same history: the loop alone,
+   ``Customer.fold`` alone, a replay with one simple segment; and how many evaluations the
+   default segments take (per event and per fired deadline) and how many changed anything.
+6. With ``--profile``, one more replay runs under cProfile and the top 20 functions by
    internal time are reported (cProfile slows it several-fold: take rates from runs
    without it).
 
@@ -23,7 +26,7 @@ it to a file as well) and, with ``--json FILE``, one JSON line appended to FILE.
 
 Usage::
 
-    python scripts/bench_replay.py --quick --digest --profile
+    python scripts/bench_replay.py --quick --digest --floor --profile
     python scripts/bench_replay.py --json /tmp/replay.jsonl
 """
 
@@ -48,7 +51,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from actors import load_segments, replay
+from actors import Customer, load_segments, parse_segments, replay
 from protocol import EventCause, TimeCause, Transition, format_instant, to_instant
 from scripts.generate import generate, history_end
 
@@ -197,6 +200,71 @@ def profile(events: list[Any], end: int, top: int = 20) -> str:
     return "\n".join(line.replace(root, "") for line in lines[start:] if line.strip())
 
 
+FLOOR_RULE = "[segments.idle]\nrule = \"since_last() >= '14d'\"\n"
+
+
+def floor(events: list[Any], end: int) -> dict[str, Any]:
+    """What a replay costs below the rules, on the same history (each timed once):
+
+    - ``loop``: one dict lookup per event (the replay loop's own floor);
+    - ``fold``: ``Customer.fold`` alone (facts kept, no segment evaluated);
+    - ``one_segment``: a replay with one segment, ``since_last() >= '14d'``;
+    - ``defaults``: a replay with the default segments, counting evaluations (per event
+      and per fired deadline) by wrapping ``Customer.evaluate`` (untimed figures only).
+    """
+    segments = load_segments()
+    out: dict[str, Any] = {}
+
+    def timed(label: str, fn: Any) -> None:
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        out[label] = (time.perf_counter() - t0) / len(events) * 1e6
+
+    def loop() -> None:
+        seen: dict[str, int] = {}
+        for e in events:
+            if seen.get(e.customer_id) is None:
+                seen[e.customer_id] = 1
+
+    def fold() -> None:
+        customers: dict[str, Customer] = {}
+        for e in events:
+            c = customers.get(e.customer_id)
+            if c is None:
+                c = customers[e.customer_id] = Customer(e.customer_id)
+            c.fold(e, segments)
+
+    one = parse_segments(FLOOR_RULE)
+
+    def one_segment() -> None:
+        for _ in replay(events, one, until=end):
+            pass
+
+    timed("loop", loop)
+    timed("fold", fold)
+    timed("one_segment", one_segment)
+    calls = [0, 0]  # evaluations, with a transition
+    evaluate = Customer.evaluate
+
+    def counting(self: Customer, segs: Any, cause: Any) -> list[Transition]:
+        changed = evaluate(self, segs, cause)
+        calls[0] += 1
+        calls[1] += bool(changed)
+        return changed
+
+    Customer.evaluate = counting  # type: ignore[method-assign,assignment]
+    try:
+        for _ in replay(events, segments, until=end):
+            pass
+    finally:
+        Customer.evaluate = evaluate  # type: ignore[method-assign]
+    out["evaluations"] = calls[0]
+    out["deadlines_fired"] = calls[0] - len(events)
+    out["evaluations_changing"] = calls[1]
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -253,6 +321,22 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> Iterator[str]:
                 for kind in ("event", "time")
             ]
             yield f"| {seg} | " + " | ".join(f"{c:,}" for c in cells) + " |"
+    if "floor" in result:
+        fl = result["floor"]
+        yield ""
+        yield "Below the rules, on the same history (`--floor`, one timed pass each):"
+        yield ""
+        yield "| pass | us/event |"
+        yield "|---|---:|"
+        yield f"| the loop alone (one dict lookup per event) | {fl['loop']:.2f} |"
+        yield f"| `Customer.fold` alone (facts, no segment) | {fl['fold']:.2f} |"
+        yield f"| replay with one segment, `since_last() >= '14d'` | {fl['one_segment']:.2f} |"
+        yield ""
+        yield (
+            f"With the default segments, {fl['evaluations']:,} evaluations: one per event "
+            f"and {fl['deadlines_fired']:,} fired deadlines; {fl['evaluations_changing']:,} "
+            "of all evaluations changed a membership."
+        )
     if "profile" in result:
         yield ""
         yield "cProfile of one more replay, top 20 by internal time (cProfile slows it):"
@@ -271,6 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="timed runs (best is reported)")
     parser.add_argument("--digest", action="store_true", help="check figures of the results")
     parser.add_argument("--profile", action="store_true", help="cProfile top 20")
+    parser.add_argument("--floor", action="store_true", help="cost below the rules")
     parser.add_argument("--json", metavar="FILE", help="append the figures as a JSON line")
     parser.add_argument("--out", metavar="FILE", help="write the markdown report there too")
     args = parser.parse_args(argv)
@@ -327,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         result["counts"] = {"|".join(k): v for k, v in counts.items()}
         result["segments"] = list(segments.names)
         say(f"digest {hexdigest}")
+    if args.floor:
+        result["floor"] = floor(events, end)
     if args.profile:
         result["profile"] = profile(events, end)
     result["load_after"] = loadavg()
