@@ -1,0 +1,967 @@
+"""shoal's benchmark suite (issue 7): one command, every figure, against the targets.
+
+Each measurement is a function that runs alone (``--only``); together they run in one
+process, each with its own embedded ``nats-server`` (``protocol.embedded_broker``, free
+loopback port) and SQLite files in a temporary directory, under the default segments
+(``actors.load_segments()``). The engine runs in a child process
+(``scripts/_bench_engine.py``); this process is the producer and the subscriber.
+
+- ``ingest``: sustained end-to-end ingest at each size: a store of C customers built
+  directly (snapshots, as ``bench_restart.py`` builds them), an engine started on it and
+  warm, then N live events (Visit, email opens and clicks, orders, identifies; stamped now)
+  published with ``js.publish_async`` while it consumes. Events/s from the first publish
+  until every event is applied and every transition it caused is published.
+- ``latency``: paced publishing (core ``publish`` every 2 ms, to the offered rate) for a
+  few seconds per rate, 30 % of events for new customers; a subscriber on
+  ``shoal.segments.>`` takes, for every transition with an event cause, its arrival
+  minus the publish time of the causing event (matched by message id).
+- ``deadlines``: N customers, all with a pending deadline: 10 % due within one and the same
+  second (clones of 50 actors whose one visit was 14 days before it), 10 % spread over the
+  next seconds, the rest over the coming weeks. The store is built first, with the
+  instants chosen so that they fall due after the engine has restarted on it and is warm;
+  lateness is the engine's clock when it fired minus the instant due
+  (``EngineObserver.deadlines_fired``).
+- ``replay``: ``actors.replay`` over a ``scripts/generate.py`` history (small here;
+  ``bench_replay.py`` has the big figure).
+- ``rebuild``: ready and warm times of the engine restarts above (from snapshots); if none
+  ran, one restart of the deadline store's size.
+- ``memory``: RSS of the warm engine (after ``gc.collect()``) less its RSS before opening the
+  store, per customer: ``typical`` customers (an identify and 1 to 6 track events: event
+  windows) and ``bare`` ones (an identify only: no event windows).
+- ``sql``: the baseline, ``scripts/_bench_sql.py``: the default segments as one SQL query
+  each over an ``events`` table in SQLite holding a generated history (loaded from its
+  Segment Spec JSON lines, cloned to size), time per full recompute, staleness if run
+  every N minutes, and the count of members per segment against shoal's replay of the
+  same events at the same instant.
+- ``consumer``: the nats-py consumer ceiling alone (``bench_consumer.py``'s fill and its
+  push consumer with ``AckPolicy.ALL``), for the limiting factor.
+
+Results: a table on stdout, JSON and a markdown report (machine, load, versions, commit)
+in ``--out`` (default ``scripts/results/bench/``) as ``bench-<mode>.json`` and ``.md``.
+
+Usage::
+
+    python scripts/bench.py --quick             # about a minute
+    python scripts/bench.py                     # full: 10k/100k/1M customers, ~30-40 min
+    python scripts/bench.py --quick --only ingest,latency
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+
+from actors import load_segments, replay
+from protocol import (
+    EVENTS_STREAM,
+    SECOND,
+    EventCause,
+    Transition,
+    embedded_broker,
+    find_nats_server,
+)
+from scripts import _bench_engine as be
+from scripts import _bench_sql as bsql
+from scripts.bench_ingest import CpuSnapshot, free_port, now_us
+from scripts.bench_restart import loadavg, machine
+from scripts.generate import generate, history_end
+from store import EventLog
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench"
+MEASUREMENTS = ("ingest", "latency", "deadlines", "replay", "rebuild", "memory", "sql", "consumer")
+_transition = msgspec.json.Decoder(Transition)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each measurement runs in one mode."""
+
+    ingest_customers: tuple[int, ...]
+    ingest_events: int
+    latency_customers: int
+    latency_rates: tuple[int, ...]
+    latency_seconds: float
+    deadline_customers: int
+    deadline_spread_s: int
+    replay_customers: int
+    replay_days: int
+    memory_bare: int
+    sql_base: int
+    sql_clones: tuple[int, ...]
+    sql_days: int
+    consumer_messages: int
+    timeout: float
+
+
+MODES = {
+    "smoke": Sizes(
+        ingest_customers=(1_000,),
+        ingest_events=2_000,
+        latency_customers=1_000,
+        latency_rates=(500, 2_000),
+        latency_seconds=1.0,
+        deadline_customers=3_000,
+        deadline_spread_s=1,
+        replay_customers=100,
+        replay_days=120,
+        memory_bare=1_000,
+        sql_base=100,
+        sql_clones=(2, 5),
+        sql_days=120,
+        consumer_messages=5_000,
+        timeout=120,
+    ),
+    "quick": Sizes(
+        ingest_customers=(5_000, 20_000),
+        ingest_events=15_000,
+        latency_customers=5_000,
+        latency_rates=(1_000, 5_000),
+        latency_seconds=2.0,
+        deadline_customers=20_000,
+        deadline_spread_s=3,
+        replay_customers=500,
+        replay_days=120,
+        memory_bare=20_000,
+        sql_base=500,
+        sql_clones=(10, 40),
+        sql_days=120,
+        consumer_messages=30_000,
+        timeout=300,
+    ),
+    "full": Sizes(
+        ingest_customers=(10_000, 100_000, 1_000_000),
+        ingest_events=100_000,
+        latency_customers=100_000,
+        latency_rates=(5_000, 20_000, 50_000),
+        latency_seconds=8.0,
+        deadline_customers=1_000_000,
+        deadline_spread_s=20,
+        replay_customers=10_000,
+        replay_days=120,
+        memory_bare=100_000,
+        sql_base=10_000,
+        sql_clones=(10, 100),
+        sql_days=120,
+        consumer_messages=200_000,
+        timeout=1_800,
+    ),
+}
+
+TARGETS = {
+    "ingest": "≥ 100,000 events/s end to end",
+    "latency": "p99 ≤ 50 ms at 20,000 events/s",
+    "deadlines": "lateness p99 ≤ 100 ms with 1M pending",
+    "replay": "≥ 500,000 events/s",
+    "rebuild": "restart of 1M from snapshots ≤ 10 s",
+    "memory": "≤ 1 KB per customer (excluding event windows)",
+}
+
+
+def say(text: str) -> None:
+    print(f"# {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Run:
+    """What the measurements of one run share."""
+
+    mode: str
+    sizes: Sizes
+    tmp: Path
+    warm: list[dict[str, Any]] = field(default_factory=list)
+    """Every engine start of the run: population, customers, ready/warm seconds, RSS."""
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def dir(self, name: str) -> Path:
+        d = self.tmp / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+@contextlib.asynccontextmanager
+async def broker(d: Path) -> AsyncIterator[str]:
+    async with embedded_broker(d / "nats", host="127.0.0.1", port=free_port()) as url:
+        yield url
+
+
+async def start_warm(
+    run: Run, ep: be.EngineProcess, population: str, customers: int
+) -> dict[str, Any]:
+    """Wait for the engine child to be ready, then warm; record the start."""
+    ready = await ep.wait("ready", run.sizes.timeout)
+    warm = await ep.wait("warm", run.sizes.timeout)
+    rec = {
+        "population": population,
+        "customers": customers,
+        "ready_s": ready["seconds"],
+        "warm_s": warm["seconds"],
+        "customers_at_ready": ready["customers"],
+        "rss_base_mib": warm["rss_base_mib"],
+        "rss_warm_mib": warm["rss_mib"],
+        "bytes_per_customer": (warm["rss_mib"] - warm["rss_base_mib"]) * 2**20 / customers,
+        "pending_deadlines": warm["pending_deadlines"],
+        "cpu_main_s": warm["cpu_main"],
+        "cpu_threads_s": warm["cpu_threads"],
+    }
+    run.warm.append(rec)
+    say(
+        f"  {population} {customers:,}: ready {rec['ready_s']:.2f} s, warm {rec['warm_s']:.2f} s, "
+        f"RSS {rec['rss_base_mib']:.0f} -> {rec['rss_warm_mib']:.0f} MiB"
+    )
+    return rec
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+async def measure_ingest(run: Run) -> dict[str, Any]:
+    sz = run.sizes
+    rows = []
+    for n in sz.ingest_customers:
+        d = run.dir(f"ingest-{n}")
+        db = d / "shoal.db"
+        build = await be.build_store(db, n)
+        say(f"ingest at {n:,} customers (store built in {build['build_s']:.1f} s)")
+        async with broker(d) as url, be.engine_process(db, url, d / "engine.log") as ep:
+            warm = await start_warm(run, ep, "typical", n)
+            nc = await nats.connect(url)
+            try:
+                js = nc.jetstream()
+                base = await ep.ask("stats")
+                cpu0 = CpuSnapshot.take()
+                t0 = time.perf_counter()
+                events = be.live_events(random.Random(n), n, "i")
+                publish_s = await be.publish_all(js, events, sz.ingest_events)
+                t1, st = await be.wait_drained(
+                    ep, base["events_applied"] + sz.ingest_events, sz.timeout
+                )
+                cpu1 = CpuSnapshot.take()
+            finally:
+                await nc.close()
+            await ep.stop()
+        seconds = t1 - t0
+        rows.append(
+            {
+                "customers": n,
+                "events": sz.ingest_events,
+                "seconds": seconds,
+                "events_per_s": sz.ingest_events / seconds,
+                "publish_s": publish_s,
+                "transitions": st["transitions"] - base["transitions"],
+                "deadlines_fired": st["deadlines_fired"] - base["deadlines_fired"],
+                "engine_cpu_main_s": st["cpu_main"] - base["cpu_main"],
+                "engine_cpu_threads_s": st["cpu_threads"] - base["cpu_threads"],
+                "broker_cpu_s": cpu1.broker - cpu0.broker,
+                "producer_cpu_s": cpu1.process - cpu0.process,
+                "rss_warm_mib": warm["rss_warm_mib"],
+                "rss_end_mib": st["rss_mib"],
+            }
+        )
+        say(f"  {sz.ingest_events:,} events in {seconds:.2f} s: {rows[-1]['events_per_s']:,.0f}/s")
+    return {"sizes": rows}
+
+
+async def measure_latency(run: Run) -> dict[str, Any]:
+    sz = run.sizes
+    n = sz.latency_customers
+    d = run.dir("latency")
+    db = d / "shoal.db"
+    await be.build_store(db, n)
+    say(f"latency at {n:,} customers, offered {', '.join(f'{r:,}' for r in sz.latency_rates)}/s")
+    sent: dict[str, float] = {}
+    lat: list[float] = []
+    rows = []
+    async with broker(d) as url, be.engine_process(db, url, d / "engine.log") as ep:
+        await start_warm(run, ep, "typical", n)
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+
+            async def on_transition(msg: Any) -> None:
+                t = time.perf_counter()
+                tr = _transition.decode(msg.data)
+                if isinstance(tr.cause, EventCause):
+                    t0 = sent.get(tr.cause.message_id)
+                    if t0 is not None:
+                        lat.append(t - t0)
+
+            await nc.subscribe("shoal.segments.>", cb=on_transition)
+            published = 0
+            for rate in sz.latency_rates:
+                lat.clear()
+                sent.clear()
+                base = await ep.ask("stats")
+                gen = be.live_events(random.Random(rate), n, f"l{rate}-", fresh=0.3)
+                k = 0
+                start = time.perf_counter()
+                while (elapsed := time.perf_counter() - start) < sz.latency_seconds:
+                    due = int(rate * elapsed) + 1
+                    while k < due:
+                        subject, body, mid = next(gen)
+                        sent[mid] = time.perf_counter()
+                        await nc.publish(subject, body)
+                        k += 1
+                    await anyio.sleep(0.002)
+                await nc.flush()
+                publish_s = time.perf_counter() - start
+                done, st = await be.wait_drained(ep, base["events_applied"] + k, sz.timeout)
+                await anyio.sleep(0.3)  # the last transitions on their way to the subscriber
+                published += k
+                stored = (await js.stream_info(EVENTS_STREAM)).state.messages
+                ms = [x * 1000 for x in lat]
+                row: dict[str, Any] = {
+                    "offered_per_s": rate,
+                    "published": k,
+                    "stored_total": stored,
+                    "published_total": published,
+                    "achieved_publish_per_s": k / publish_s,
+                    "seconds": sz.latency_seconds,
+                    "drain_after_publish_s": done - start - publish_s,
+                    "applied_per_s": k / (done - start),
+                    "transitions_matched": len(ms),
+                    "latency_ms": be.percentiles(ms),
+                    "above_capacity": done - start - publish_s > 1.0,
+                }
+                rows.append(row)
+                p = row["latency_ms"]
+                say(
+                    f"  {rate:,}/s: p50 {p['p50']:.1f} ms, p99 {p['p99']:.1f} ms, "
+                    f"max {p['max']:.1f} ms ({p['count']:,} transitions; "
+                    f"drained {row['drain_after_publish_s']:.1f} s after publishing)"
+                )
+        finally:
+            await nc.close()
+        await ep.stop()
+    return {"customers": n, "rates": rows}
+
+
+async def measure_deadlines(run: Run) -> dict[str, Any]:
+    sz = run.sizes
+    n = sz.deadline_customers
+    burst = n // 10
+    spread = n // 10
+    typical = n - burst - spread
+    span = sz.deadline_spread_s * SECOND
+    d = run.dir("deadlines")
+    db = d / "shoal.db"
+    segments = load_segments()
+    say(f"deadlines: {n:,} customers pending, {burst:,} due in one second")
+    t0 = time.perf_counter()
+    log = await EventLog.open(db)
+    try:
+        cut = now_us()
+        templates = be.typical_templates(min(2_000, typical), segments, cut)
+        await be.write_clones(log, segments, templates, range(typical))
+        # Due once the rest is written and the engine has restarted and is warm.
+        margin = (burst + spread) * 40e-6 + n * 80e-6 + 8.0
+        due = (now_us() + int(margin * SECOND)) // SECOND * SECOND + SECOND
+        burst_t = [be.due_template(due + j * (SECOND // 50), segments, cut) for j in range(50)]
+        spread_t = [
+            be.due_template(due + SECOND + j * (span // 200), segments, cut) for j in range(200)
+        ]
+        await be.write_clones(log, segments, burst_t, range(typical, typical + burst))
+        await be.write_clones(log, segments, spread_t, range(typical + burst, n))
+        await be.finish_store(log, segments)
+    finally:
+        await log.close()
+    build_s = time.perf_counter() - t0
+    async with broker(d) as url, be.engine_process(db, url, d / "engine.log") as ep:
+        warm = await start_warm(run, ep, "deadlines", n)
+        warm_before_due = now_us() < due
+        end = due + SECOND + span + 2 * SECOND
+        await anyio.sleep(max(0.0, (end - now_us()) / SECOND))
+        windows = {"burst": [due, due + SECOND], "spread": [due + SECOND, due + SECOND + span]}
+        late = await ep.ask("lateness " + json.dumps(windows), sz.timeout)
+        st = await ep.ask("stats")
+        await ep.stop()
+    del late["ev"]
+    say(
+        f"  lateness p50 {late['all']['p50']:.1f} ms, p99 {late['all']['p99']:.1f} ms, "
+        f"max {late['all']['max']:.1f} ms over {late['all']['count']:,} deadlines"
+    )
+    return {
+        "customers": n,
+        "pending_at_warm": warm["pending_deadlines"],
+        "due_in_one_second": burst,
+        "spread_over_s": sz.deadline_spread_s,
+        "build_s": build_s,
+        "warm_before_due": warm_before_due,
+        "lateness_ms": late,
+        "deadlines_fired": st["deadlines_fired"],
+        "transitions": st["transitions"],
+        "transitions_published": st["transitions_published"],
+    }
+
+
+def measure_replay(run: Run) -> dict[str, Any]:
+    sz = run.sizes
+    events = list(generate(sz.replay_customers, sz.replay_days, seed=7))
+    end = history_end(sz.replay_days)
+    segments = load_segments()
+    gc.collect()
+    t0, c0 = time.perf_counter(), time.process_time()
+    transitions = sum(1 for _ in replay(events, segments, until=end))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    say(f"replay: {len(events):,} events in {seconds:.2f} s: {len(events) / seconds:,.0f}/s")
+    return {
+        "customers": sz.replay_customers,
+        "days": sz.replay_days,
+        "events": len(events),
+        "transitions": transitions,
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "events_per_s": len(events) / seconds,
+    }
+
+
+async def measure_rebuild(run: Run) -> dict[str, Any]:
+    if not run.warm:
+        n = run.sizes.deadline_customers
+        d = run.dir("rebuild")
+        db = d / "shoal.db"
+        await be.build_store(db, n)
+        say(f"rebuild from snapshots at {n:,} customers")
+        async with broker(d) as url, be.engine_process(db, url, d / "engine.log") as ep:
+            await start_warm(run, ep, "typical", n)
+            await ep.stop()
+    starts = sorted(run.warm, key=lambda w: w["customers"])
+    return {
+        "starts": [
+            {k: w[k] for k in ("population", "customers", "ready_s", "warm_s")} for w in starts
+        ]
+    }
+
+
+async def measure_memory(run: Run) -> dict[str, Any]:
+    sz = run.sizes
+    have = {(w["population"], w["customers"]) for w in run.warm}
+    wanted = [("typical", n) for n in sz.ingest_customers] + [("bare", sz.memory_bare)]
+    for population, n in wanted:
+        if (population, n) in have:
+            continue
+        d = run.dir(f"memory-{population}-{n}")
+        db = d / "shoal.db"
+        await be.build_store(db, n, population)
+        say(f"memory: {population} {n:,}")
+        async with broker(d) as url, be.engine_process(db, url, d / "engine.log") as ep:
+            await start_warm(run, ep, population, n)
+            await ep.stop()
+    rows = [
+        {
+            k: w[k]
+            for k in (
+                "population",
+                "customers",
+                "rss_base_mib",
+                "rss_warm_mib",
+                "bytes_per_customer",
+            )
+        }
+        for w in sorted(run.warm, key=lambda w: (w["population"], w["customers"]))
+        if w["population"] in ("typical", "bare")
+    ]
+    return {"engines": rows}
+
+
+def measure_sql(run: Run) -> dict[str, Any]:
+    sz = run.sizes
+    d = run.dir("sql")
+    events = list(generate(sz.sql_base, sz.sql_days, seed=11))
+    at = history_end(sz.sql_days)
+    jsonl = d / "history.jsonl"
+    bsql.write_jsonl(events, jsonl)
+    segments = load_segments()
+    t0, c0 = time.perf_counter(), time.process_time()
+    shoal = bsql.shoal_members(events, segments, at)
+    shoal_s, shoal_cpu = time.perf_counter() - t0, time.process_time() - c0
+    per_event_us = shoal_s / len(events) * 1e6
+    # The engine's end-to-end cost per event, from this run's ingest, if it ran.
+    ingest = run.results.get("ingest", {}).get("sizes", [])
+    e2e_us = 1e6 / ingest[-1]["events_per_s"] if ingest else None
+    events_per_customer_day = len(events) / sz.sql_base / sz.sql_days
+    say(
+        f"sql baseline: base {sz.sql_base:,} customers, {len(events):,} events; "
+        f"shoal replay {shoal_s:.2f} s"
+    )
+    scales = []
+    for k in sz.sql_clones:
+        customers = sz.sql_base * k
+        db = d / f"events-{customers}.db"
+        loaded = bsql.load(db, jsonl, k)
+        seconds, counts = bsql.recompute(db, at)
+        total = sum(seconds.values())
+        agreement = {
+            s: {
+                "sql": counts[s],
+                "shoal": shoal[s] * k,
+                "equal": counts[s] == shoal[s] * k,
+                "approximated": s in bsql.APPROXIMATED,
+            }
+            for s in bsql.QUERIES
+        }
+        # Keeping C customers current for an hour, at the history's own event rate.
+        events_per_hour = events_per_customer_day * customers / 24
+        shoal_cost = events_per_hour * (e2e_us if e2e_us is not None else per_event_us) / 1e6
+        staleness = {
+            str(m): {
+                "mean_s": m * 30 + total,
+                "max_s": m * 60 + total,
+                "sql_cpu_s_per_hour": total * 60 / m,
+            }
+            for m in (5, 15, 60, 1440)
+        }
+        row = {
+            "customers": customers,
+            "rows": loaded["rows"],
+            "load_s": loaded["load_s"],
+            "index_s": loaded["index_s"],
+            "recompute_s": total,
+            "query_s": seconds,
+            "sql_us_per_row": total / loaded["rows"] * 1e6,
+            "ratio_sql_recompute_per_row_to_shoal_per_event": (total / loaded["rows"] * 1e6)
+            / (e2e_us if e2e_us is not None else per_event_us),
+            "events_per_recompute": total / ((e2e_us or per_event_us) / 1e6),
+            "shoal_s_per_hour": shoal_cost,
+            "staleness": staleness,
+            "agreement": agreement,
+        }
+        scales.append(row)
+        say(
+            f"  {customers:,} customers, {loaded['rows']:,} rows: recompute {total:.2f} s "
+            f"(load {loaded['load_s']:.1f} s, indexes {loaded['index_s']:.1f} s)"
+        )
+        db.unlink()
+        for suffix in ("-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+    return {
+        "base_customers": sz.sql_base,
+        "days": sz.sql_days,
+        "base_events": len(events),
+        "at": at,
+        "shoal_replay_s": shoal_s,
+        "shoal_replay_cpu_s": shoal_cpu,
+        "shoal_us_per_event_replay": per_event_us,
+        "shoal_us_per_event_end_to_end": e2e_us,
+        "events_per_customer_day": events_per_customer_day,
+        "approximated": bsql.APPROXIMATED,
+        "scales": scales,
+    }
+
+
+async def measure_consumer(run: Run) -> dict[str, Any]:
+    from scripts.bench_consumer import VARIANTS, fill_stream, run_variant
+
+    m = run.sizes.consumer_messages
+    v = next(v for v in VARIANTS if v.name == "push-cb-all-map50k")
+    d = run.dir("consumer")
+    async with broker(d) as url:
+        published = await fill_stream(url, m)
+        consumed = await run_variant(url, v, m, run.sizes.timeout)
+    say(f"consumer ceiling ({v.name}): {consumed.rate:,.0f} msgs/s")
+    return {
+        "variant": v.name,
+        "messages": m,
+        "publish_async_per_s": published.rate,
+        "consume_per_s": consumed.rate,
+        "status": consumed.status,
+    }
+
+
+async def _sync(fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
+    return fn(run)
+
+
+RUNNERS: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]] = {
+    "ingest": measure_ingest,
+    "latency": measure_latency,
+    "deadlines": measure_deadlines,
+    "replay": lambda run: _sync(measure_replay, run),
+    "rebuild": measure_rebuild,
+    "memory": measure_memory,
+    "sql": lambda run: _sync(measure_sql, run),
+    "consumer": measure_consumer,
+}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def nats_server_version() -> str:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        out = subprocess.run(
+            [str(find_nats_server()), "--version"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip().removeprefix("nats-server: ")
+    return "?"
+
+
+def summary(results: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per figure the issue asks for: what was measured, at what size, the target."""
+    rows: list[dict[str, str]] = []
+
+    def add(name: str, figure: str, at: str, target: str = "", met: bool | None = None) -> None:
+        rows.append(
+            {
+                "measurement": name,
+                "figure": figure,
+                "at": at,
+                "target": target,
+                "met": "" if met is None else ("yes" if met else "no"),
+            }
+        )
+
+    if "ingest" in results:
+        for r in results["ingest"]["sizes"]:
+            add(
+                "ingest",
+                f"{r['events_per_s']:,.0f} events/s",
+                f"{r['customers']:,} customers, {r['events']:,} events",
+                TARGETS["ingest"],
+                r["events_per_s"] >= 100_000,
+            )
+    if "latency" in results:
+        for r in results["latency"]["rates"]:
+            p = r["latency_ms"]
+            add(
+                "latency",
+                f"p50 {p['p50']:.1f} / p99 {p['p99']:.1f} / max {p['max']:.1f} ms",
+                f"{r['offered_per_s']:,}/s offered ({r['achieved_publish_per_s']:,.0f} published,"
+                f" {r['applied_per_s']:,.0f} applied)"
+                + (", above capacity" if r["above_capacity"] else ""),
+                TARGETS["latency"] if r["offered_per_s"] == 20_000 else "",
+                p["p99"] <= 50 if r["offered_per_s"] == 20_000 else None,
+            )
+    if "deadlines" in results:
+        r = results["deadlines"]
+        for key in ("all", "burst"):
+            p = r["lateness_ms"][key]
+            add(
+                "deadlines" if key == "all" else "deadlines (one-second burst)",
+                f"p50 {p['p50']:.1f} / p99 {p['p99']:.1f} / max {p['max']:.1f} ms",
+                f"{p['count']:,} fired, {r['pending_at_warm']:,} pending",
+                TARGETS["deadlines"] if key == "all" else "",
+                p["p99"] <= 100 if key == "all" and r["customers"] >= 1_000_000 else None,
+            )
+    if "replay" in results:
+        r = results["replay"]
+        add(
+            "replay",
+            f"{r['events_per_s']:,.0f} events/s",
+            f"{r['events']:,} events, {r['customers']:,} customers",
+            TARGETS["replay"],
+            r["events_per_s"] >= 500_000,
+        )
+    if "rebuild" in results:
+        # The largest start of each population (smaller ones are in the report's table).
+        largest = {r["population"]: r for r in results["rebuild"]["starts"]}
+        for r in largest.values():
+            add(
+                "rebuild from snapshots",
+                f"ready {r['ready_s']:.2f} s, warm {r['warm_s']:.2f} s",
+                f"{r['customers']:,} customers ({r['population']})",
+                TARGETS["rebuild"] if r["customers"] >= 1_000_000 else "",
+                r["warm_s"] <= 10 if r["customers"] >= 1_000_000 else None,
+            )
+    if "memory" in results:
+        once = {(r["population"], r["customers"]): r for r in results["memory"]["engines"]}
+        for r in once.values():
+            bare = r["population"] == "bare"
+            add(
+                "memory",
+                f"{r['bytes_per_customer']:,.0f} B/customer",
+                f"{r['customers']:,} customers, "
+                + ("no event windows" if bare else "with event windows"),
+                TARGETS["memory"] if bare else "",
+                r["bytes_per_customer"] <= 1024 if bare else None,
+            )
+    if "sql" in results:
+        for r in results["sql"]["scales"]:
+            agree = sum(a["equal"] for a in r["agreement"].values())
+            add(
+                "sql recompute",
+                f"{r['recompute_s']:.2f} s per full recompute",
+                f"{r['customers']:,} customers, {r['rows']:,} rows; {agree}/{len(r['agreement'])}"
+                " segments agree",
+            )
+            add(
+                "sql vs shoal",
+                f"{r['ratio_sql_recompute_per_row_to_shoal_per_event']:.2f}x",
+                "SQL recompute cost per event held / shoal's cost per event",
+            )
+    if "consumer" in results:
+        r = results["consumer"]
+        add("nats-py consumer alone", f"{r['consume_per_s']:,.0f} msgs/s", r["variant"])
+    return rows
+
+
+def table(rows: list[dict[str, str]]) -> Iterator[str]:
+    yield "| measurement | figure | at | target | met |"
+    yield "|---|---|---|---|---|"
+    for r in rows:
+        yield f"| {r['measurement']} | {r['figure']} | {r['at']} | {r['target']} | {r['met']} |"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    res = doc["results"]
+    out = [
+        f"# shoal benchmark, {doc['mode']} mode",
+        "",
+        f"Script: `scripts/bench.py` (its docstring says what each measurement does). "
+        f"Run on {doc['started_at']}, {doc['duration_s']:.0f} s.",
+        "",
+        "```",
+        doc["command"],
+        "```",
+        "",
+        "## Machine and code",
+        "",
+        f"- {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; load average "
+        f"{doc['load_before']} before, {doc['load_after']} after (shared machine: compare "
+        "ratios within a run).",
+        f"- Python {m['python']}, msgspec {m['msgspec']}, nats-py {m['nats_py']}, nats-server "
+        f"{doc['nats_server']}, SQLite {m['sqlite']}, aiosqlite {m['aiosqlite']}.",
+        f"- Code: {m['code']}.",
+        "",
+        "## Summary",
+        "",
+        *table(doc["summary"]),
+        "",
+    ]
+    if doc["not_run"]:
+        out += [f"Not run: {', '.join(doc['not_run'])}.", ""]
+    if "ingest" in res:
+        out += [
+            "## Ingest",
+            "",
+            "| customers | events | s | events/s | transitions | engine CPU main / other s "
+            "| broker CPU s | producer CPU s | RSS warm / end MiB |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in res["ingest"]["sizes"]:
+            out.append(
+                f"| {r['customers']:,} | {r['events']:,} | {r['seconds']:.2f} "
+                f"| {r['events_per_s']:,.0f} | {r['transitions']:,} "
+                f"| {r['engine_cpu_main_s']:.1f} / {r['engine_cpu_threads_s']:.1f} "
+                f"| {r['broker_cpu_s']:.1f} | {r['producer_cpu_s']:.1f} "
+                f"| {r['rss_warm_mib']:.0f} / {r['rss_end_mib']:.0f} |"
+            )
+        out.append("")
+    if "latency" in res:
+        out += [
+            f"## Event-to-transition latency ({res['latency']['customers']:,} customers)",
+            "",
+            "| offered/s | published/s | applied/s | transitions | p50 ms | p90 ms | p99 ms "
+            "| max ms | drained s after publishing |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in res["latency"]["rates"]:
+            p = r["latency_ms"]
+            out.append(
+                f"| {r['offered_per_s']:,} | {r['achieved_publish_per_s']:,.0f} "
+                f"| {r['applied_per_s']:,.0f} | {p['count']:,} | {p['p50']:.1f} | {p['p90']:.1f} "
+                f"| {p['p99']:.1f} | {p['max']:.1f} | {r['drain_after_publish_s']:.1f} |"
+            )
+        out += [
+            "",
+            "Above the engine's capacity the stream holds a growing backlog: latency is then "
+            "the time the backlog takes to drain, and grows with the length of the run.",
+            "",
+        ]
+    if "deadlines" in res:
+        r = res["deadlines"]
+        out += [
+            f"## Deadline lateness ({r['customers']:,} customers, {r['pending_at_warm']:,} "
+            f"pending at warm; {r['due_in_one_second']:,} due in one second, then spread over "
+            f"{r['spread_over_s']} s; engine warm before the first was due: "
+            f"{r['warm_before_due']})",
+            "",
+            "| deadlines | fired | firing rounds | p50 ms | p90 ms | p99 ms | max ms |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, p in r["lateness_ms"].items():
+            out.append(
+                f"| {key} | {p['count']:,} | {p['rounds']:,} | {p['p50']:.1f} | {p['p90']:.1f} "
+                f"| {p['p99']:.1f} | {p['max']:.1f} |"
+            )
+        out.append("")
+    if "replay" in res:
+        r = res["replay"]
+        out += [
+            "## Replay",
+            "",
+            f"{r['events']:,} events ({r['customers']:,} customers, {r['days']} days, "
+            f"`scripts/generate.py` seed 7): {r['seconds']:.2f} s, {r['events_per_s']:,.0f} "
+            f"events/s, {r['transitions']:,} transitions.",
+            "",
+        ]
+    if "rebuild" in res or "memory" in res:
+        out += [
+            "## Engine starts from snapshots (rebuild) and memory",
+            "",
+            "| population | customers | ready s | warm s | RSS before / warm MiB "
+            "| bytes/customer |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for w in sorted(doc["warm"], key=lambda w: (w["population"], w["customers"])):
+            out.append(
+                f"| {w['population']} | {w['customers']:,} | {w['ready_s']:.2f} "
+                f"| {w['warm_s']:.2f} | {w['rss_base_mib']:.0f} / {w['rss_warm_mib']:.0f} "
+                f"| {w['bytes_per_customer']:,.0f} |"
+            )
+        out += [
+            "",
+            "*typical*: an identify and 1 to 6 track events (event windows); *bare*: an "
+            "identify only (no event windows); *deadlines*: the lateness store.",
+            "",
+        ]
+    if "sql" in res:
+        r = res["sql"]
+        out += [
+            "## SQL baseline",
+            "",
+            f"A `scripts/generate.py` history of {r['base_customers']:,} customers over "
+            f"{r['days']} days ({r['base_events']:,} events, "
+            f"{r['events_per_customer_day']:.2f} per customer and day), loaded from its "
+            "JSON lines into SQLite and cloned to size. shoal's members come from a replay "
+            f"of the base history ({r['shoal_us_per_event_replay']:.1f} us per event), "
+            "times the clones. Queries: `scripts/_bench_sql.py`.",
+            "",
+            "| customers | rows | recompute s | SQL us per row | ratio to shoal per event "
+            "| shoal CPU s per hour at the history's rate | SQL CPU s per hour, every 15 / 60 min "
+            "| staleness mean / max s, every 15 min |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in r["scales"]:
+            st = s["staleness"]
+            out.append(
+                f"| {s['customers']:,} | {s['rows']:,} | {s['recompute_s']:.2f} "
+                f"| {s['sql_us_per_row']:.2f} "
+                f"| {s['ratio_sql_recompute_per_row_to_shoal_per_event']:.3f} "
+                f"| {s['shoal_s_per_hour']:.2f} "
+                f"| {st['15']['sql_cpu_s_per_hour']:.1f} / {st['60']['sql_cpu_s_per_hour']:.1f} "
+                f"| {st['15']['mean_s']:.0f} / {st['15']['max_s']:.0f} |"
+            )
+        out += ["", "Members per segment at the history's end, SQL against shoal:", ""]
+        out += [
+            "| segment | "
+            + " | ".join(f"{s['customers']:,} SQL / shoal" for s in r["scales"])
+            + " | seconds |"
+        ]
+        out += ["|---|" + "---:|" * (len(r["scales"]) + 1)]
+        for seg in bsql.QUERIES:
+            cells = []
+            for s in r["scales"]:
+                a = s["agreement"][seg]
+                mark = "" if a["equal"] else " (differs)"
+                cells.append(f"{a['sql']:,} / {a['shoal']:,}{mark}")
+            secs = " / ".join(f"{s['query_s'][seg]:.2f}" for s in r["scales"])
+            out.append(f"| {seg} | " + " | ".join(cells) + f" | {secs} |")
+        out += ["", "Approximated in SQL:", ""]
+        out += [f"- `{k}`: {v}." for k, v in r["approximated"].items()]
+        out.append("")
+    if "consumer" in res:
+        r = res["consumer"]
+        out += [
+            "## nats-py consumer ceiling",
+            "",
+            f"{r['messages']:,} events, `bench_consumer.py`'s `{r['variant']}` (push "
+            f"consumer, `AckPolicy.ALL`, decode only): {r['consume_per_s']:,.0f} msgs/s "
+            f"(publish_async {r['publish_async_per_s']:,.0f}/s).",
+            "",
+        ]
+    return "\n".join(out) + "\n"
+
+
+async def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = MODES[args.mode]
+    chosen = args.only or list(MEASUREMENTS)
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    doc: dict[str, Any] = {
+        "mode": args.mode,
+        "command": "python scripts/bench.py " + shlex.join(args.argv),
+        "started_at": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "nats_server": nats_server_version(),
+        "load_before": loadavg(),
+        "sizes": asdict(sizes),
+    }
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+        run = Run(args.mode, sizes, Path(tmp))
+        for name in MEASUREMENTS:
+            if name in chosen:
+                run.results[name] = await RUNNERS[name](run)
+        doc["warm"] = run.warm
+    doc["results"] = run.results
+    doc["not_run"] = [m for m in MEASUREMENTS if m not in chosen]
+    doc["load_after"] = loadavg()
+    doc["duration_s"] = time.perf_counter() - t0
+    doc["summary"] = summary(run.results)
+    return doc
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", const="quick", dest="mode")
+    mode.add_argument(
+        "--smoke",
+        action="store_const",
+        const="smoke",
+        dest="mode",
+        help="tiny sizes, for the test suite",
+    )
+    parser.set_defaults(mode="full")
+    parser.add_argument(
+        "--only",
+        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+        help=f"comma-separated, from: {','.join(MEASUREMENTS)}",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and markdown")
+    raw = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw)
+    if args.only:
+        unknown = set(args.only) - set(MEASUREMENTS)
+        if unknown:
+            parser.error(f"unknown measurement(s): {', '.join(sorted(unknown))}")
+    args.argv = raw
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from scripts._logging import configure_logging
+
+    configure_logging("warning")
+    doc = anyio.run(run_all, args)
+    print()
+    for line in table(doc["summary"]):
+        print(line)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"bench-{args.mode}"
+    Path(f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    Path(f"{stem}.md").write_text(markdown(doc), encoding="utf-8")
+    print(f"\nwritten: {stem}.json, {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
