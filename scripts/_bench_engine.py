@@ -331,13 +331,15 @@ class EngineProcess:
 
 
 @contextlib.asynccontextmanager
-async def engine_process(db: Path, url: str, log_path: Path) -> AsyncIterator[EngineProcess]:
-    """Start the engine child on ``db``; kill it on the way out if it is still running."""
+async def engine_process(
+    db: Path, url: str, log_path: Path, *, profile: Path | None = None
+) -> AsyncIterator[EngineProcess]:
+    """Start the engine child on ``db`` (under cProfile, writing ``profile``, if given);
+    kill it on the way out if it is still running."""
+    prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
+    cmd = [sys.executable, *prof, "-m", "scripts._bench_engine", "--db", str(db), "--url", url]
     with open(log_path, "ab") as err:
-        proc = await anyio.open_process(
-            [sys.executable, "-m", "scripts._bench_engine", "--db", str(db), "--url", url],
-            stderr=err,
-        )
+        proc = await anyio.open_process(cmd, stderr=err)
     try:
         yield EngineProcess(proc)
     finally:

@@ -50,8 +50,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import gc
+import io
 import json
+import pstats
 import random
 import shlex
 import subprocess
@@ -188,6 +191,7 @@ class Run:
     warm: list[dict[str, Any]] = field(default_factory=list)
     """Every engine start of the run: population, customers, ready/warm seconds, RSS."""
     results: dict[str, Any] = field(default_factory=dict)
+    profile: bool = False
 
     def dir(self, name: str) -> Path:
         d = self.tmp / name
@@ -231,51 +235,78 @@ async def start_warm(
 # --------------------------------------------------------------------------- measurements
 
 
-async def measure_ingest(run: Run) -> dict[str, Any]:
+async def ingest_once(run: Run, n: int, profile: Path | None = None) -> dict[str, Any]:
+    """One engine on a store of ``n`` customers, warm, then ``ingest_events`` live events."""
     sz = run.sizes
-    rows = []
-    for n in sz.ingest_customers:
-        d = run.dir(f"ingest-{n}")
-        db = d / "shoal.db"
-        build = await be.build_store(db, n)
-        say(f"ingest at {n:,} customers (store built in {build['build_s']:.1f} s)")
-        async with broker(d) as url, be.engine_process(db, url, d / "engine.log") as ep:
-            warm = await start_warm(run, ep, "typical", n)
-            nc = await nats.connect(url)
-            try:
-                js = nc.jetstream()
-                base = await ep.ask("stats")
-                cpu0 = CpuSnapshot.take()
-                t0 = time.perf_counter()
-                events = be.live_events(random.Random(n), n, "i")
-                publish_s = await be.publish_all(js, events, sz.ingest_events)
-                t1, st = await be.wait_drained(
-                    ep, base["events_applied"] + sz.ingest_events, sz.timeout
-                )
-                cpu1 = CpuSnapshot.take()
-            finally:
-                await nc.close()
-            await ep.stop()
-        seconds = t1 - t0
-        rows.append(
-            {
-                "customers": n,
-                "events": sz.ingest_events,
-                "seconds": seconds,
-                "events_per_s": sz.ingest_events / seconds,
-                "publish_s": publish_s,
-                "transitions": st["transitions"] - base["transitions"],
-                "deadlines_fired": st["deadlines_fired"] - base["deadlines_fired"],
-                "engine_cpu_main_s": st["cpu_main"] - base["cpu_main"],
-                "engine_cpu_threads_s": st["cpu_threads"] - base["cpu_threads"],
-                "broker_cpu_s": cpu1.broker - cpu0.broker,
-                "producer_cpu_s": cpu1.process - cpu0.process,
-                "rss_warm_mib": warm["rss_warm_mib"],
-                "rss_end_mib": st["rss_mib"],
-            }
-        )
-        say(f"  {sz.ingest_events:,} events in {seconds:.2f} s: {rows[-1]['events_per_s']:,.0f}/s")
-    return {"sizes": rows}
+    d = run.dir(f"ingest-{n}" + ("-profile" if profile else ""))
+    db = d / "shoal.db"
+    build = await be.build_store(db, n)
+    say(
+        f"ingest at {n:,} customers (store built in {build['build_s']:.1f} s)"
+        + (", engine under cProfile" if profile else "")
+    )
+    async with (
+        broker(d) as url,
+        be.engine_process(db, url, d / "engine.log", profile=profile) as ep,
+    ):
+        warm = await start_warm(run, ep, "typical" if profile is None else "profiled", n)
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            base = await ep.ask("stats")
+            cpu0 = CpuSnapshot.take()
+            t0 = time.perf_counter()
+            events = be.live_events(random.Random(n), n, "i")
+            publish_s = await be.publish_all(js, events, sz.ingest_events)
+            t1, st = await be.wait_drained(
+                ep, base["events_applied"] + sz.ingest_events, sz.timeout
+            )
+            cpu1 = CpuSnapshot.take()
+        finally:
+            await nc.close()
+        await ep.stop()
+    seconds = t1 - t0
+    row = {
+        "customers": n,
+        "events": sz.ingest_events,
+        "seconds": seconds,
+        "events_per_s": sz.ingest_events / seconds,
+        "publish_s": publish_s,
+        "transitions": st["transitions"] - base["transitions"],
+        "deadlines_fired": st["deadlines_fired"] - base["deadlines_fired"],
+        "engine_cpu_main_s": st["cpu_main"] - base["cpu_main"],
+        "engine_cpu_threads_s": st["cpu_threads"] - base["cpu_threads"],
+        "broker_cpu_s": cpu1.broker - cpu0.broker,
+        "producer_cpu_s": cpu1.process - cpu0.process,
+        "rss_warm_mib": warm["rss_warm_mib"],
+        "rss_end_mib": st["rss_mib"],
+    }
+    say(f"  {sz.ingest_events:,} events in {seconds:.2f} s: {row['events_per_s']:,.0f}/s")
+    return row
+
+
+async def measure_ingest(run: Run) -> dict[str, Any]:
+    out: dict[str, Any] = {"sizes": [await ingest_once(run, n) for n in run.sizes.ingest_customers]}
+    if run.profile:
+        # Once more at the smallest size with the engine under cProfile (slower: not a figure).
+        prof = run.tmp / "engine.prof"
+        out["profiled"] = await ingest_once(run, run.sizes.ingest_customers[0], prof)
+        out["profile"] = profile_text(prof)
+    return out
+
+
+def profile_text(path: Path, top: int = 20) -> str:
+    """The top entries by internal time, and shoal's own code by cumulative time."""
+    out = io.StringIO()
+    out.write(f"top {top} by internal time (tottime)\n")
+    pstats.Stats(str(path), stream=out).strip_dirs().sort_stats("tottime").print_stats(top)
+    out.write(f"top {top} of actors/, protocol/, store/ by cumulative time\n")
+    pstats.Stats(str(path), stream=out).sort_stats("cumulative").print_stats(
+        r"/(actors|protocol|store)/_\w+\.py", top
+    )
+    root = str(Path(__file__).resolve().parent.parent) + "/"
+    lines = [ln.rstrip() for ln in out.getvalue().replace(root, "").splitlines()]
+    return "\n".join(ln for ln in lines if ln.strip() and ".prof" not in ln)
 
 
 async def measure_latency(run: Run) -> dict[str, Any]:
@@ -420,7 +451,18 @@ def measure_replay(run: Run) -> dict[str, Any]:
     transitions = sum(1 for _ in replay(events, segments, until=end))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     say(f"replay: {len(events):,} events in {seconds:.2f} s: {len(events) / seconds:,.0f}/s")
+    out: dict[str, Any] = {}
+    if run.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in replay(events, segments, until=end):
+            pass
+        prof.disable()
+        path = run.tmp / "replay.prof"
+        prof.dump_stats(path)
+        out["profile"] = profile_text(path)
     return {
+        **out,
         "customers": sz.replay_customers,
         "days": sz.replay_days,
         "events": len(events),
@@ -494,7 +536,6 @@ def measure_sql(run: Run) -> dict[str, Any]:
     per_event_us = shoal_s / len(events) * 1e6
     # The engine's end-to-end cost per event, from this run's ingest, if it ran.
     ingest = run.results.get("ingest", {}).get("sizes", [])
-    e2e_us = 1e6 / ingest[-1]["events_per_s"] if ingest else None
     events_per_customer_day = len(events) / sz.sql_base / sz.sql_days
     say(
         f"sql baseline: base {sz.sql_base:,} customers, {len(events):,} events; "
@@ -516,14 +557,21 @@ def measure_sql(run: Run) -> dict[str, Any]:
             }
             for s in bsql.QUERIES
         }
+        # shoal's cost per event: end to end from this run's ingest at the nearest size,
+        # else the actors alone (the replay above).
+        if ingest:
+            near = min(ingest, key=lambda r: abs(r["customers"] - customers))
+            shoal_us, basis = 1e6 / near["events_per_s"], f"ingest at {near['customers']:,}"
+        else:
+            shoal_us, basis = per_event_us, "replay"
         # Keeping C customers current for an hour, at the history's own event rate.
-        events_per_hour = events_per_customer_day * customers / 24
-        shoal_cost = events_per_hour * (e2e_us if e2e_us is not None else per_event_us) / 1e6
+        events_per_s = events_per_customer_day * customers / 86_400
         staleness = {
             str(m): {
                 "mean_s": m * 30 + total,
                 "max_s": m * 60 + total,
                 "sql_cpu_s_per_hour": total * 60 / m,
+                "break_even_events_per_s": total / (m * 60) / (shoal_us / 1e6),
             }
             for m in (5, 15, 60, 1440)
         }
@@ -535,10 +583,11 @@ def measure_sql(run: Run) -> dict[str, Any]:
             "recompute_s": total,
             "query_s": seconds,
             "sql_us_per_row": total / loaded["rows"] * 1e6,
-            "ratio_sql_recompute_per_row_to_shoal_per_event": (total / loaded["rows"] * 1e6)
-            / (e2e_us if e2e_us is not None else per_event_us),
-            "events_per_recompute": total / ((e2e_us or per_event_us) / 1e6),
-            "shoal_s_per_hour": shoal_cost,
+            "shoal_us_per_event": shoal_us,
+            "shoal_basis": basis,
+            "recompute_over_shoal_event": total * 1e6 / shoal_us,
+            "history_events_per_s": events_per_s,
+            "shoal_cpu_s_per_hour": events_per_s * 3600 * shoal_us / 1e6,
             "staleness": staleness,
             "agreement": agreement,
         }
@@ -558,7 +607,6 @@ def measure_sql(run: Run) -> dict[str, Any]:
         "shoal_replay_s": shoal_s,
         "shoal_replay_cpu_s": shoal_cpu,
         "shoal_us_per_event_replay": per_event_us,
-        "shoal_us_per_event_end_to_end": e2e_us,
         "events_per_customer_day": events_per_customer_day,
         "approximated": bsql.APPROXIMATED,
         "scales": scales,
@@ -670,7 +718,11 @@ def summary(results: dict[str, Any]) -> list[dict[str, str]]:
         )
     if "rebuild" in results:
         # The largest start of each population (smaller ones are in the report's table).
-        largest = {r["population"]: r for r in results["rebuild"]["starts"]}
+        largest = {
+            r["population"]: r
+            for r in results["rebuild"]["starts"]
+            if r["population"] != "profiled"
+        }
         for r in largest.values():
             add(
                 "rebuild from snapshots",
@@ -702,8 +754,12 @@ def summary(results: dict[str, Any]) -> list[dict[str, str]]:
             )
             add(
                 "sql vs shoal",
-                f"{r['ratio_sql_recompute_per_row_to_shoal_per_event']:.2f}x",
-                "SQL recompute cost per event held / shoal's cost per event",
+                f"1 recompute = {r['recompute_over_shoal_event']:,.0f} events through shoal",
+                f"{r['customers']:,} customers: SQL recompute {r['recompute_s']:.2f} s / shoal "
+                f"{r['shoal_us_per_event']:.0f} us per event ({r['shoal_basis']}); every 15 min "
+                f"SQL costs what shoal spends on "
+                f"{r['staleness']['15']['break_even_events_per_s']:,.1f} events/s "
+                f"(this history: {r['history_events_per_s']:,.2f}/s)",
             )
     if "consumer" in results:
         r = results["consumer"]
@@ -844,19 +900,30 @@ def markdown(doc: dict[str, Any]) -> str:
             f"of the base history ({r['shoal_us_per_event_replay']:.1f} us per event), "
             "times the clones. Queries: `scripts/_bench_sql.py`.",
             "",
-            "| customers | rows | recompute s | SQL us per row | ratio to shoal per event "
-            "| shoal CPU s per hour at the history's rate | SQL CPU s per hour, every 15 / 60 min "
-            "| staleness mean / max s, every 15 min |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "*ratio*: one full SQL recompute against one event through shoal (its cost per "
+            "event from this run's ingest at the nearest size, else from the replay). *CPU per "
+            "hour*: keeping the segments current for an hour at this history's event rate "
+            "(shoal: that many events; SQL: a recompute every 15 or 60 minutes). *Break-even*: "
+            "the event rate at which shoal would spend what SQL every 15 minutes spends. "
+            "*Staleness*: how old a membership is when read, on average and at worst, with a "
+            "recompute every 15 minutes (time-based changes wait for the next run; shoal's are "
+            "on time, see the deadline lateness).",
+            "",
+            "| customers | rows | recompute s | SQL us per row | shoal us per event | ratio "
+            "| events/s of this history | CPU s per hour: shoal / SQL every 15 min / every 60 min "
+            "| break-even events/s, every 15 min | staleness mean / max s, every 15 min |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in r["scales"]:
             st = s["staleness"]
             out.append(
                 f"| {s['customers']:,} | {s['rows']:,} | {s['recompute_s']:.2f} "
-                f"| {s['sql_us_per_row']:.2f} "
-                f"| {s['ratio_sql_recompute_per_row_to_shoal_per_event']:.3f} "
-                f"| {s['shoal_s_per_hour']:.2f} "
-                f"| {st['15']['sql_cpu_s_per_hour']:.1f} / {st['60']['sql_cpu_s_per_hour']:.1f} "
+                f"| {s['sql_us_per_row']:.2f} | {s['shoal_us_per_event']:.0f} "
+                f"| {s['recompute_over_shoal_event']:,.0f} "
+                f"| {s['history_events_per_s']:,.1f} "
+                f"| {s['shoal_cpu_s_per_hour']:.1f} / {st['15']['sql_cpu_s_per_hour']:.1f} / "
+                f"{st['60']['sql_cpu_s_per_hour']:.1f} "
+                f"| {st['15']['break_even_events_per_s']:,.0f} "
                 f"| {st['15']['mean_s']:.0f} / {st['15']['max_s']:.0f} |"
             )
         out += ["", "Members per segment at the history's end, SQL against shoal:", ""]
@@ -887,6 +954,18 @@ def markdown(doc: dict[str, Any]) -> str:
             f"(publish_async {r['publish_async_per_s']:,.0f}/s).",
             "",
         ]
+    for name, title in (("ingest", "the engine during ingest"), ("replay", "the replay")):
+        if "profile" in res.get(name, {}):
+            out += [f"## Profile of {title} (cProfile, main thread)", ""]
+            if name == "ingest":
+                p = res["ingest"]["profiled"]
+                out += [
+                    f"One more ingest run at {p['customers']:,} customers with the engine child "
+                    f"under cProfile ({p['events_per_s']:,.0f} events/s under the profiler; "
+                    "includes its start and warm-up).",
+                    "",
+                ]
+            out += ["```", res[name]["profile"], "```", ""]
     return "\n".join(out) + "\n"
 
 
@@ -905,7 +984,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "sizes": asdict(sizes),
     }
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
-        run = Run(args.mode, sizes, Path(tmp))
+        run = Run(args.mode, sizes, Path(tmp), profile=args.profile)
         for name in MEASUREMENTS:
             if name in chosen:
                 run.results[name] = await RUNNERS[name](run)
@@ -936,6 +1015,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from: {','.join(MEASUREMENTS)}",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and markdown")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile (cProfile) the replay and one more ingest run at the smallest size",
+    )
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
     if args.only:
