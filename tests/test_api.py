@@ -15,7 +15,15 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from actors import Clock, Engine, EngineApi, EngineConfig, SegmentSet, VirtualClock
+from actors import (
+    Clock,
+    Engine,
+    EngineApi,
+    EngineConfig,
+    SegmentSet,
+    SystemClock,
+    VirtualClock,
+)
 from protocol import (
     DAY,
     SECOND,
@@ -64,8 +72,6 @@ def identify(user: str, at: int, mid: str, **traits: Any) -> bytes:
 
 def start_instant() -> int:
     """Now, to the second: the virtual clock's start (events must not be ahead of it)."""
-    from actors import SystemClock
-
     return SystemClock().now() // SECOND * SECOND
 
 

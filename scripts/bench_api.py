@@ -1,0 +1,174 @@
+"""Customer lookups on the query service while the engine ingests at full speed.
+
+It starts a ``nats-server -js`` (``protocol.embedded_broker``, free port, temp store),
+publishes a backlog of N ``track`` events over C customers, then starts ``shoal serve
+--nats URL`` as a child process (default segments) and, as soon as the service answers,
+sends ``shoal.api.customer.<random known customer>`` requests from K concurrent callers
+(nats-py request API) until the engine has applied the backlog; then as many seconds again
+with the engine idle. It prints requests/s and latency percentiles for both phases, and
+the engine's ingest rate while it answered.
+
+    python scripts/bench_api.py [--events N] [--customers C] [--callers K] [--idle S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client
+
+from protocol import (
+    ApiClient,
+    EngineUnavailable,
+    customer_api_subject,
+    embedded_broker,
+    ensure_streams,
+    event_subject,
+    format_instant,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _events(n: int, customers: int) -> list[tuple[str, bytes]]:
+    rng = random.Random(42)
+    now = time.time_ns() // 1000
+    out = []
+    for i in range(n):
+        user = f"c{rng.randrange(customers)}"
+        at = now - 60 * 86_400_000_000 + i * (59 * 86_400_000_000 // n)
+        doc = {
+            "type": "track",
+            "userId": user,
+            "event": "Visit" if rng.random() < 0.6 else "Email Opened",
+            "timestamp": format_instant(at),
+            "messageId": f"m{i}",
+        }
+        out.append((event_subject(user), msgspec.json.encode(doc)))
+    return out
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
+
+
+def _line(name: str, lat: list[float], seconds: float, errors: int) -> str:
+    ms = [x * 1000 for x in lat]
+    return (
+        f"| {name} | {len(lat):,} | {seconds:.1f} | {len(lat) / seconds:,.0f} | "
+        f"{_pct(ms, 50):.2f} | {_pct(ms, 99):.2f} | {max(ms, default=float('nan')):.1f} | "
+        f"{errors} |"
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-api-") as tmp:
+        async with embedded_broker(Path(tmp) / "nats", port=_free_port()) as url:
+            nc = await nats.connect(url)
+            js = nc.jetstream()
+            await ensure_streams(js)
+            events = _events(args.events, args.customers)
+            t = time.perf_counter()
+            for i in range(0, len(events), 5_000):
+                acks = [await js.publish_async(s, d) for s, d in events[i : i + 5_000]]
+                for a in acks:
+                    await a
+            print(f"published {len(events):,} events in {time.perf_counter() - t:.1f} s")
+            ids = sorted({f"c{i}" for i in range(args.customers)})
+            engine = subprocess.Popen(
+                [sys.executable, "-m", "scripts.cli", "--log-level", "warning", "serve"]
+                + ["--nats", url, "--data-dir", str(Path(tmp) / "data")],
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                await _measure(nc, args, ids)
+            finally:
+                engine.terminate()
+                engine.wait(30)
+                await nc.close()
+
+
+async def _measure(nc: Client, args: argparse.Namespace, ids: list[str]) -> None:
+    api = ApiClient(nc, timeout=10)
+    started = time.perf_counter()
+    while True:
+        try:
+            status = await api.status()
+            break
+        except EngineUnavailable:
+            await anyio.sleep(0.05)
+    print(f"service answering {time.perf_counter() - started:.1f} s after the engine started")
+    rng = random.Random(7)
+    phase: dict[str, list[float]] = {"ingest": [], "idle": []}
+    errors = {"ingest": 0, "idle": 0}
+    current = "ingest"
+    stop = anyio.Event()
+
+    async def caller() -> None:
+        while not stop.is_set():
+            subject = customer_api_subject("customer", rng.choice(ids))
+            name = current
+            t0 = time.perf_counter()
+            try:
+                msg = await nc.request(subject, b"", timeout=10)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                errors[name] += 1
+                continue
+            elapsed = time.perf_counter() - t0
+            if msg.headers and "Nats-Service-Error-Code" in msg.headers:
+                errors[name] += 1  # a customer with no event applied yet: 404
+                continue
+            phase[name].append(elapsed)
+
+    applied0, t_ingest = status.events_applied, time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(args.callers):
+            tg.start_soon(caller)
+        while True:
+            await anyio.sleep(0.5)
+            status = await api.status()
+            if status.events_applied >= args.events:
+                break
+        ingest_s = time.perf_counter() - t_ingest
+        rate = (status.events_applied - applied0) / ingest_s
+        current = "idle"
+        t_idle = time.perf_counter()
+        await anyio.sleep(args.idle)
+        idle_s = time.perf_counter() - t_idle
+        stop.set()
+    print(
+        f"engine applied {status.events_applied - applied0:,} events in {ingest_s:.1f} s "
+        f"({rate:,.0f} ev/s) while answering"
+    )
+    print("| phase | requests | s | requests/s | p50 ms | p99 ms | max ms | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(_line("during ingest", phase["ingest"], ingest_s, errors["ingest"]))
+    print(_line("idle", phase["idle"], idle_s, errors["idle"]))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=150_000)
+    p.add_argument("--customers", type=int, default=20_000)
+    p.add_argument("--callers", type=int, default=4)
+    p.add_argument("--idle", type=float, default=10.0)
+    args = p.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    anyio.run(main, args)
