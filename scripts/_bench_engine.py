@@ -41,7 +41,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from actors import Customer, Engine, EngineConfig, SegmentSet, load_segments
+from actors import Customer, Engine, EngineConfig, Replay, SegmentSet, load_segments
 from actors._customer import SNAPSHOT_FORMAT
 from protocol import DAY, Event, connect, event_subject, format_instant
 from scripts.bench_ingest import CpuSnapshot, now_us, rss_mb
@@ -124,6 +124,25 @@ def due_template(due: int, segments: SegmentSet, cut: int) -> Template:
     return Template([e], transitions, c.snapshot(), c.deadline)
 
 
+def history_templates(k: int, segments: SegmentSet, cut: int) -> list[Template]:
+    """K customers of a ``scripts/generate.py`` history of the 120 days up to ``cut``
+    (about 33 events each), replayed to ``cut``: actors with realistic event windows."""
+    from scripts.generate import generate
+
+    r = Replay(segments)
+    ids: set[str] = set()
+    for e in generate(k, 120, seed=5, start=cut - 120 * DAY):
+        r.apply(e)
+        ids.add(e.customer_id)
+    r.advance(cut)
+    out = []
+    for cid in sorted(ids):
+        c = r.customer(cid)
+        assert c is not None
+        out.append(Template([], [], c.snapshot(), c.deadline))
+    return out
+
+
 def typical_templates(k: int, segments: SegmentSet, cut: int) -> list[Template]:
     """``scripts/bench_restart.py``'s templates: an identify and 1 to 6 track events over
     the last 1 to 90 days, advanced to ``cut`` (deadlines spread over the coming weeks)."""
@@ -168,16 +187,14 @@ async def finish_store(log: EventLog, segments: SegmentSet) -> None:
 
 
 async def build_store(db: Path, customers: int, population: str = "typical") -> dict[str, Any]:
-    """A store of ``customers`` clones of 2,000 templates (``typical`` or ``bare``)."""
+    """A store of ``customers`` clones of 2,000 templates (``typical``, ``bare`` or
+    ``history``)."""
     segments = load_segments()
     cut = now_us()
     t0 = time.perf_counter()
     k = min(2_000, customers)
-    templates = (
-        typical_templates(k, segments, cut)
-        if population == "typical"
-        else bare_templates(k, segments, cut)
-    )
+    make = {"typical": typical_templates, "bare": bare_templates, "history": history_templates}
+    templates = make[population](k, segments, cut)
     log = await EventLog.open(db)
     try:
         await write_clones(log, segments, templates, range(customers))

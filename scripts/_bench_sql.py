@@ -4,7 +4,10 @@ What a team without shoal would run: an ``events`` table in SQLite (one row per 
 event: ``customer_id``, ``type``, ``event``, ``ts`` in microseconds, ``properties`` and
 ``traits`` as JSON text), two ordinary indexes, and one straightforward ``SELECT`` per
 segment, re-run from scratch every N minutes. Each query gives the members at instant
-``:t``.
+``:t``. The table holds a generated history cloned to size, copy after copy, each copy in
+receive order: a customer's rows are spread over the table as in a live one. (Interleaving
+the copies event by event would put the copies of one customer side by side in the table
+and in the index, and makes the queries about 3 times faster, which flatters SQL.)
 
 Two rules cannot be written as one stateless query, and the SQL versions approximate them:
 
@@ -127,7 +130,7 @@ def write_jsonl(events: Iterable[Event], path: Path) -> int:
 
 def load(db: Path, jsonl: Path, clones: int) -> dict[str, Any]:
     """An ``events`` table holding the JSON lines ``clones`` times over (customer ``x``
-    of copy k is ``x.k``), then the indexes; returns rows and seconds."""
+    of copy k is ``x.k``), then two indexes and ``ANALYZE``; returns rows and seconds."""
     decode = msgspec.json.Decoder().decode
     con = sqlite3.connect(db)
     try:
@@ -157,13 +160,13 @@ def load(db: Path, jsonl: Path, clones: int) -> dict[str, Any]:
             "CREATE TABLE events (customer_id TEXT, type TEXT, event TEXT, ts INTEGER, "
             "properties TEXT, traits TEXT)"
         )
-        # Copies interleaved by time, as a live table would be.
-        con.execute(
-            "WITH RECURSIVE k(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM k WHERE n + 1 < ?) "
-            "INSERT INTO events SELECT customer_id || '.' || n, type, event, ts, properties, "
-            "traits FROM base, k ORDER BY ts, n",
-            (clones,),
-        )
+        # Copy after copy, each in receive order (the order of the lines).
+        for k in range(clones):
+            con.execute(
+                "INSERT INTO events SELECT customer_id || '.' || ?, type, event, ts, "
+                "properties, traits FROM base ORDER BY rowid",
+                (k,),
+            )
         con.execute("DROP TABLE base")
         con.commit()
         t1 = time.perf_counter()
