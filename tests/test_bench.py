@@ -66,7 +66,7 @@ def test_smoke_run_reports_every_measurement(tmp_path: Path) -> None:
         s["warm_s"] >= s["ready_s"] for s in res["rebuild"]["starts"]
     )
     populations = {r["population"] for r in res["memory"]["engines"]}
-    assert populations == {"typical", "bare"}
+    assert populations == {"typical", "bare", "history"}
     assert all(r["bytes_per_customer"] > 0 for r in res["memory"]["engines"])
 
     sql = res["sql"]
