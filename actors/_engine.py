@@ -89,11 +89,17 @@ _SCAN_SLICE = 20_000
 _NOT_TIMED = contextlib.nullcontext()
 
 
-async def _breathe(i: int) -> None:
-    """Every few thousand customers of a long evaluation, let the event loop run (nats-py
-    answers the server's pings; a client silent for minutes is dropped), without offering
-    a stop there: the actors are ahead of the log until the commit that follows."""
-    if i % 2_000 == 1_999:
+_SERVE_EVERY = 200
+"""Events (or fired customers) of a batch between two turns of the event loop, so queries
+wait for a slice of a batch (about 20 ms at 100 us an event), not the whole of it."""
+
+
+async def _breathe(i: int, every: int = 2_000) -> None:
+    """Every ``every`` customers (or events) of a long evaluation, let the event loop run:
+    nats-py answers the server's pings (a client silent for minutes is dropped) and the
+    query service answers. No stop is offered there: the actors are ahead of the log until
+    the commit that follows."""
+    if i % every == every - 1:
         await anyio.lowlevel.cancel_shielded_checkpoint()
 
 
@@ -870,7 +876,8 @@ class Engine:
         fresh: list[Event] = []
         rejected: list[tuple[Delivery, InvalidEvent]] = []
         keys: set[tuple[str, str]] = set()
-        for d in batch:
+        for i, d in enumerate(batch):
+            await _breathe(i, _SERVE_EVERY * 4)
             try:
                 event = decode_event(
                     d.data,
@@ -896,7 +903,8 @@ class Engine:
             # Still warming up: these customers' snapshots load now, ahead of their turn.
             transitions += await self._load({e.customer_id for e in fresh}, {}, {})
         try:
-            for event in fresh:
+            for i, event in enumerate(fresh):
+                await _breathe(i, _SERVE_EVERY)
                 if (event.customer_id, event.message_id) in known:
                     self.stats.events_duplicate += 1
                     continue
@@ -1012,7 +1020,8 @@ class Engine:
             return False
         transitions: list[Transition] = []
         due_at: list[int] = []
-        for customer_id in due:
+        for i, customer_id in enumerate(due):
+            await _breathe(i, _SERVE_EVERY)
             c = self._customers[customer_id]
             if c.deadline is not None:
                 due_at.append(c.deadline)  # what the timer held: the deadline firing now

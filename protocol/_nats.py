@@ -628,7 +628,10 @@ class Publisher:
         acks = self._batches[token] = _Acks(len(transitions))
         reply = f"{self._prefix}.{token}"
         try:
-            for t in transitions:
+            for i, t in enumerate(transitions):
+                if i % 500 == 499:
+                    # nats-py's publish only buffers: let the loop serve others meanwhile.
+                    await anyio.lowlevel.checkpoint()
                 await self._nc.publish(
                     segment_subject(t.segment, t.change),
                     _transition_encoder.encode(t),

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import anyio
@@ -91,7 +92,8 @@ async def main(args: argparse.Namespace) -> None:
                 for a in acks:
                     await a
             print(f"published {len(events):,} events in {time.perf_counter() - t:.1f} s")
-            ids = sorted({f"c{i}" for i in range(args.customers)})
+            # The customers that have events (ids are plain tokens, c<i>): any other is a 404.
+            ids = sorted({subject.rsplit(".", 1)[1] for subject, _ in events})
             engine = subprocess.Popen(
                 [sys.executable, "-m", "scripts.cli", "--log-level", "warning", "serve"]
                 + ["--nats", url, "--data-dir", str(Path(tmp) / "data")],
@@ -118,6 +120,7 @@ async def _measure(nc: Client, args: argparse.Namespace, ids: list[str]) -> None
     rng = random.Random(7)
     phase: dict[str, list[float]] = {"ingest": [], "idle": []}
     errors = {"ingest": 0, "idle": 0}
+    reasons: Counter[tuple[str, str]] = Counter()
     current = "ingest"
     stop = anyio.Event()
 
@@ -134,6 +137,7 @@ async def _measure(nc: Client, args: argparse.Namespace, ids: list[str]) -> None
             elapsed = time.perf_counter() - t0
             if msg.headers and "Nats-Service-Error-Code" in msg.headers:
                 errors[name] += 1  # a customer with no event applied yet: 404
+                reasons[(name, msg.headers["Nats-Service-Error-Code"])] += 1
                 continue
             phase[name].append(elapsed)
 
@@ -161,6 +165,8 @@ async def _measure(nc: Client, args: argparse.Namespace, ids: list[str]) -> None
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(_line("during ingest", phase["ingest"], ingest_s, errors["ingest"]))
     print(_line("idle", phase["idle"], idle_s, errors["idle"]))
+    for (name, code), n in sorted(reasons.items()):
+        print(f"error replies during {name}: {n} with code {code}")
 
 
 if __name__ == "__main__":
