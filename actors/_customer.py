@@ -119,6 +119,19 @@ class _Local:
         return counts
 
 
+_NO_INSTANTS: tuple[int, ...] = ()
+_NO_COUNTS = (0,)
+_EMPTY_TERMS: list[ScoreTerms] = []
+
+
+def _empty_terms(config: ScoreConfig) -> ScoreTerms:
+    """The score terms of no event, shared by the customers without track events (they
+    are only read), so that such a customer keeps no index: a few hundred bytes each."""
+    if not _EMPTY_TERMS or _EMPTY_TERMS[0].config is not config:
+        _EMPTY_TERMS[:] = [ScoreTerms(config)]
+    return _EMPTY_TERMS[0]
+
+
 class _TimeIndex:
     """A customer's retained track events by instant (see :class:`Indexed`), brought up to
     date with the retained events, which only grow, when it is read."""
@@ -242,6 +255,8 @@ class Customer(_Derived):
     def instants(self, name: str | None) -> Sequence[int]:
         ix = self._index
         tracked = self._tracked
+        if not tracked:
+            return _NO_INSTANTS  # no index at all for a customer without track events
         if ix is not None and ix.upto == len(tracked):
             ats = ix.times.get(name)
             if ats is not None:
@@ -256,6 +271,8 @@ class Customer(_Derived):
         return ats
 
     def local_counts(self, name: str | None, zone: tzinfo, where: LocalFilter) -> Sequence[int]:
+        if not self._tracked:
+            return _NO_COUNTS
         ats = self.instants(name)
         ix = self._index
         assert ix is not None
@@ -265,6 +282,8 @@ class Customer(_Derived):
         return loc.count(where)
 
     def score_terms(self, config: ScoreConfig) -> ScoreTerms:
+        if not self._tracked:
+            return _empty_terms(config)
         ix = self._index
         if ix is not None:
             terms = ix.terms
