@@ -525,6 +525,23 @@ async def measure_memory(run: Run) -> dict[str, Any]:
     return {"engines": rows}
 
 
+def schedule(recompute_s: float, minutes: int, shoal_us: float) -> dict[str, Any]:
+    """A full recompute every ``minutes``, each taking ``recompute_s``: how old the
+    memberships read are (a run's results show the data as of its start, from its end
+    until the next run's end), the CPU it takes per hour, and the event rate at which
+    shoal (``shoal_us`` per event) would spend as much. A recompute longer than the
+    interval cannot keep to it: the runs go back to back (``feasible`` false)."""
+    period = max(minutes * 60.0, recompute_s)
+    return {
+        "feasible": recompute_s <= minutes * 60,
+        "period_s": period,
+        "mean_s": period / 2 + recompute_s,
+        "max_s": period + recompute_s,
+        "sql_cpu_s_per_hour": recompute_s * 3600 / period,
+        "break_even_events_per_s": recompute_s / period / (shoal_us / 1e6),
+    }
+
+
 def measure_sql(run: Run) -> dict[str, Any]:
     sz = run.sizes
     d = run.dir("sql")
@@ -569,15 +586,7 @@ def measure_sql(run: Run) -> dict[str, Any]:
             shoal_us, basis = per_event_us, "replay"
         # Keeping C customers current for an hour, at the history's own event rate.
         events_per_s = events_per_customer_day * customers / 86_400
-        staleness = {
-            str(m): {
-                "mean_s": m * 30 + total,
-                "max_s": m * 60 + total,
-                "sql_cpu_s_per_hour": total * 60 / m,
-                "break_even_events_per_s": total / (m * 60) / (shoal_us / 1e6),
-            }
-            for m in (5, 15, 60, 1440)
-        }
+        staleness = {str(m): schedule(total, m, shoal_us) for m in (5, 15, 60, 1440)}
         row = {
             "customers": customers,
             "rows": loaded["rows"],
@@ -808,8 +817,12 @@ def markdown(doc: dict[str, Any]) -> str:
         *table(doc["summary"]),
         "",
     ]
+    if not doc["complete"]:
+        out += ["**Partial: the run has not finished (or stopped early).**", ""]
     if doc["not_run"]:
         out += [f"Not run: {', '.join(doc['not_run'])}.", ""]
+    for name, error in doc["failed"].items():
+        out += [f"Failed: {name}: `{error}`.", ""]
     if "ingest" in res:
         out += [
             "## Ingest",
@@ -917,8 +930,10 @@ def markdown(doc: dict[str, Any]) -> str:
             "(shoal: that many events; SQL: a recompute every 15 or 60 minutes). *Break-even*: "
             "the event rate at which shoal would spend what SQL every 15 minutes spends. "
             "*Staleness*: how old a membership is when read, on average and at worst, with a "
-            "recompute every 15 minutes (time-based changes wait for the next run; shoal's are "
-            "on time, see the deadline lateness).",
+            "recompute every 15 minutes: a run's results show the data as of its start, from "
+            "its end until the next run's end (time-based changes wait for the next run; "
+            "shoal's are on time, see the deadline lateness). A recompute longer than the "
+            "interval cannot keep to it: the runs then go back to back, using a whole core.",
             "",
             "| customers | rows | recompute s | SQL us per row | shoal us per event | ratio "
             "| events/s of this history | CPU s per hour: shoal / SQL every 15 min / every 60 min "
@@ -935,7 +950,9 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {s['shoal_cpu_s_per_hour']:.1f} / {st['15']['sql_cpu_s_per_hour']:.1f} / "
                 f"{st['60']['sql_cpu_s_per_hour']:.1f} "
                 f"| {st['15']['break_even_events_per_s']:,.0f} "
-                f"| {st['15']['mean_s']:.0f} / {st['15']['max_s']:.0f} |"
+                f"| {st['15']['mean_s']:.0f} / {st['15']['max_s']:.0f}"
+                + ("" if st["15"]["feasible"] else " (runs back to back: longer than 15 min)")
+                + " |"
             )
         out += ["", "Members per segment at the history's end, SQL against shoal:", ""]
         out += [
@@ -994,18 +1011,42 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "load_before": loadavg(),
         "sizes": asdict(sizes),
     }
+    doc["failed"] = {}
+    done: list[str] = []
+
+    def save(run: Run) -> None:
+        """Write what is measured so far: a long run that stops early keeps it."""
+        doc["warm"] = run.warm
+        doc["results"] = run.results
+        doc["not_run"] = [m for m in MEASUREMENTS if m not in done]
+        doc["complete"] = len(done) == len(chosen)
+        doc["load_after"] = loadavg()
+        doc["duration_s"] = time.perf_counter() - t0
+        doc["summary"] = summary(run.results)
+        write(doc, args.out)
+
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         run = Run(args.mode, sizes, Path(tmp), profile=args.profile)
         for name in MEASUREMENTS:
             if name in chosen:
-                run.results[name] = await RUNNERS[name](run)
-        doc["warm"] = run.warm
-    doc["results"] = run.results
-    doc["not_run"] = [m for m in MEASUREMENTS if m not in chosen]
-    doc["load_after"] = loadavg()
-    doc["duration_s"] = time.perf_counter() - t0
-    doc["summary"] = summary(run.results)
+                try:
+                    run.results[name] = await RUNNERS[name](run)
+                except Exception as e:  # report it, and measure the rest
+                    doc["failed"][name] = f"{type(e).__name__}: {e}"
+                    say(f"{name} failed: {doc['failed'][name]}")
+                done.append(name)
+                save(run)
+        save(run)
     return doc
+
+
+def write(doc: dict[str, Any], out: Path) -> Path:
+    """``bench-<mode>.json`` and ``.md`` in ``out``; returns their stem."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench-{doc['mode']}"
+    Path(f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    Path(f"{stem}.md").write_text(markdown(doc), encoding="utf-8")
+    return stem
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1050,12 +1091,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in table(doc["summary"]):
         print(line)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench-{args.mode}"
-    Path(f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    Path(f"{stem}.md").write_text(markdown(doc), encoding="utf-8")
     print(f"\nwritten: {stem}.json, {stem}.md")
-    return 0
+    return 1 if doc["failed"] else 0
 
 
 if __name__ == "__main__":
