@@ -15,7 +15,9 @@ with one JSON object per line on stdout:
 - at start: ``{"ev": "ready", ...}`` when ``tg.start(engine.run)`` returned, then
   ``{"ev": "warm", ...}`` once every customer is in memory (with RSS after a
   ``gc.collect()``);
-- ``stats``: the engine's counters, RSS, CPU seconds of its main thread and other threads;
+- ``stats``: the engine's counters, RSS, CPU seconds of its main thread and other threads,
+  garbage-collection seconds, and the longest event-loop stall since the last ``mark``;
+- ``mark``: as ``stats``, and the longest stall starts again from zero;
 - ``lateness <json windows>``: lateness (fired-at minus due-at, both on the engine's
   ``SystemClock``) of the deadlines fired so far, overall and per window of due instants;
 - ``stop`` (or end of input): a clean stop, answered with ``{"ev": "stopped", ...}``.
@@ -45,7 +47,7 @@ from actors import Customer, Engine, EngineConfig, Replay, SegmentSet, load_segm
 from actors._customer import SNAPSHOT_FORMAT
 from protocol import DAY, Event, connect, event_subject, format_instant
 from scripts.bench_ingest import CpuSnapshot, now_us, rss_mb
-from scripts.bench_restart import Template, make_templates
+from scripts.bench_restart import GcClock, Template, make_templates
 from store import NEVER, EventLog, Snapshot, SnapshotMarks
 
 PART = 50_000
@@ -256,6 +258,16 @@ async def child(db: Path, url: str) -> None:
     log = await EventLog.open(db)
     observer = LatenessObserver()
     engine = Engine(nc, log, segments, config=EngineConfig(), observer=observer)
+    gc_clock = GcClock()
+    # The longest the event loop was held by one piece of work since the last ``mark``:
+    # how much a 50 ms sleep overslept.
+    stall = {"max": 0.0}
+
+    async def watch_loop() -> None:
+        while True:
+            t = time.perf_counter()
+            await anyio.sleep(0.05)
+            stall["max"] = max(stall["max"], time.perf_counter() - t - 0.05)
 
     def stats(ev: str) -> dict[str, Any]:
         return {
@@ -266,6 +278,9 @@ async def child(db: Path, url: str) -> None:
             "warm": engine.warm,
             "rss_mib": rss_mb()[0],
             "rss_base_mib": base,
+            "gc_s": gc_clock.seconds,
+            "gc_full": gc_clock.full,
+            "max_stall_s": stall["max"],
             **_cpu(),
         }
 
@@ -283,6 +298,7 @@ async def child(db: Path, url: str) -> None:
                 _emit({**stats("warm"), "seconds": t})
 
             tg.start_soon(watch_warm)
+            tg.start_soon(watch_loop)
             while True:
                 line = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
                 cmd, _, arg = line.strip().partition(" ")
@@ -290,6 +306,9 @@ async def child(db: Path, url: str) -> None:
                     break
                 if cmd == "stats":
                     _emit(stats("stats"))
+                elif cmd == "mark":
+                    stall["max"] = 0.0
+                    _emit(stats("mark"))
                 elif cmd == "lateness":
                     _emit({"ev": "lateness", **observer.summary(json.loads(arg or "{}"))})
             t1 = time.perf_counter()

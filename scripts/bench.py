@@ -253,7 +253,7 @@ async def ingest_once(run: Run, n: int, profile: Path | None = None) -> dict[str
         nc = await nats.connect(url)
         try:
             js = nc.jetstream()
-            base = await ep.ask("stats")
+            base = await ep.ask("mark")
             cpu0 = CpuSnapshot.take()
             t0 = time.perf_counter()
             events = be.live_events(random.Random(n), n, "i")
@@ -280,6 +280,9 @@ async def ingest_once(run: Run, n: int, profile: Path | None = None) -> dict[str
         "producer_cpu_s": cpu1.process - cpu0.process,
         "rss_warm_mib": warm["rss_warm_mib"],
         "rss_end_mib": st["rss_mib"],
+        "engine_gc_s": st["gc_s"] - base["gc_s"],
+        "engine_gc_full": st["gc_full"] - base["gc_full"],
+        "max_stall_s": st["max_stall_s"],
     }
     say(f"  {sz.ingest_events:,} events in {seconds:.2f} s: {row['events_per_s']:,.0f}/s")
     return row
@@ -338,7 +341,7 @@ async def measure_latency(run: Run) -> dict[str, Any]:
             for rate in sz.latency_rates:
                 lat.clear()
                 sent.clear()
-                base = await ep.ask("stats")
+                base = await ep.ask("mark")
                 gen = be.live_events(random.Random(rate), n, f"l{rate}-", fresh=0.3)
                 k = 0
                 start = time.perf_counter()
@@ -369,6 +372,9 @@ async def measure_latency(run: Run) -> dict[str, Any]:
                     "transitions_matched": len(ms),
                     "latency_ms": be.percentiles(ms),
                     "above_capacity": done - start - publish_s > 1.0,
+                    "engine_gc_s": st["gc_s"] - base["gc_s"],
+                    "engine_gc_full": st["gc_full"] - base["gc_full"],
+                    "max_stall_s": st["max_stall_s"],
                 }
                 rows.append(row)
                 p = row["latency_ms"]
@@ -416,6 +422,7 @@ async def measure_deadlines(run: Run) -> dict[str, Any]:
     async with broker(d) as url, be.engine_process(db, url, d / "engine.log") as ep:
         warm = await start_warm(run, ep, "deadlines", n)
         warm_before_due = now_us() < due
+        base = await ep.ask("mark")
         end = due + SECOND + span + 2 * SECOND
         await anyio.sleep(max(0.0, (end - now_us()) / SECOND))
         windows = {"burst": [due, due + SECOND], "spread": [due + SECOND, due + SECOND + span]}
@@ -438,6 +445,9 @@ async def measure_deadlines(run: Run) -> dict[str, Any]:
         "deadlines_fired": st["deadlines_fired"],
         "transitions": st["transitions"],
         "transitions_published": st["transitions_published"],
+        "engine_gc_s": st["gc_s"] - base["gc_s"],
+        "engine_gc_full": st["gc_full"] - base["gc_full"],
+        "max_stall_s": st["max_stall_s"],
     }
 
 
@@ -790,6 +800,14 @@ def table(rows: list[dict[str, str]]) -> Iterator[str]:
         yield f"| {r['measurement']} | {r['figure']} | {r['at']} | {r['target']} | {r['met']} |"
 
 
+def _gc(r: dict[str, Any]) -> str:
+    """GC seconds (full collections) | the longest event-loop stall, or dashes when the
+    results predate these figures."""
+    if "engine_gc_s" not in r:
+        return "- | -"
+    return f"{r['engine_gc_s']:.2f} ({r['engine_gc_full']}) | {r['max_stall_s']:.2f}"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     res = doc["results"]
@@ -828,8 +846,9 @@ def markdown(doc: dict[str, Any]) -> str:
             "## Ingest",
             "",
             "| customers | events | s | events/s | transitions | engine CPU main / other s "
-            "| broker CPU s | producer CPU s | RSS warm / end MiB |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| broker CPU s | producer CPU s | RSS warm / end MiB | engine GC s (full) "
+            "| longest loop stall s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in res["ingest"]["sizes"]:
             out.append(
@@ -837,7 +856,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {r['events_per_s']:,.0f} | {r['transitions']:,} "
                 f"| {r['engine_cpu_main_s']:.1f} / {r['engine_cpu_threads_s']:.1f} "
                 f"| {r['broker_cpu_s']:.1f} | {r['producer_cpu_s']:.1f} "
-                f"| {r['rss_warm_mib']:.0f} / {r['rss_end_mib']:.0f} |"
+                f"| {r['rss_warm_mib']:.0f} / {r['rss_end_mib']:.0f} | {_gc(r)} |"
             )
         out.append("")
     if "latency" in res:
@@ -845,15 +864,16 @@ def markdown(doc: dict[str, Any]) -> str:
             f"## Event-to-transition latency ({res['latency']['customers']:,} customers)",
             "",
             "| offered/s | published/s | applied/s | transitions | p50 ms | p90 ms | p99 ms "
-            "| max ms | drained s after publishing |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| max ms | drained s after publishing | engine GC s (full) | longest loop stall s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in res["latency"]["rates"]:
             p = r["latency_ms"]
             out.append(
                 f"| {r['offered_per_s']:,} | {r['achieved_publish_per_s']:,.0f} "
                 f"| {r['applied_per_s']:,.0f} | {p['count']:,} | {p['p50']:.1f} | {p['p90']:.1f} "
-                f"| {p['p99']:.1f} | {p['max']:.1f} | {r['drain_after_publish_s']:.1f} |"
+                f"| {p['p99']:.1f} | {p['max']:.1f} | {r['drain_after_publish_s']:.1f} "
+                f"| {_gc(r)} |"
             )
         out += [
             "",
@@ -877,7 +897,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {key} | {p['count']:,} | {p['rounds']:,} | {p['p50']:.1f} | {p['p90']:.1f} "
                 f"| {p['p99']:.1f} | {p['max']:.1f} |"
             )
-        out.append("")
+        out += ["", f"Engine GC s (full collections) | longest loop stall s: {_gc(r)}.", ""]
     if "replay" in res:
         r = res["replay"]
         out += [
