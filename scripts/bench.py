@@ -42,7 +42,7 @@ in ``--out`` (default ``scripts/results/bench/``) as ``bench-<mode>.json`` and `
 Usage::
 
     python scripts/bench.py --quick             # about a minute
-    python scripts/bench.py                     # full: 10k/100k/1M customers, ~30-40 min
+    python scripts/bench.py                     # full: 10k/100k/1M customers, ~35 min
     python scripts/bench.py --quick --only ingest,latency
 """
 

@@ -44,6 +44,7 @@ def test_smoke_run_reports_every_measurement(tmp_path: Path) -> None:
     for r in ingest:
         assert r["events"] == sizes["ingest_events"] and r["events_per_s"] > 0
         assert r["transitions"] > 0 and r["rss_warm_mib"] > 0
+        assert r["engine_gc_s"] >= 0 and r["max_stall_s"] >= 0
 
     rates = res["latency"]["rates"]
     assert [r["offered_per_s"] for r in rates] == sizes["latency_rates"]
