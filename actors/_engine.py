@@ -90,6 +90,8 @@ _SCAN_SLICE = 20_000
 _NOT_TIMED = contextlib.nullcontext()
 _FREEZE_EVERY = 100_000
 """Customers loaded by warm-up between two freezes of the garbage collector."""
+_FREEZE_EVENTS = 20_000
+"""Events applied between two freezes of the garbage collector."""
 
 
 _SERVE_EVERY = 200
@@ -136,12 +138,12 @@ class EngineConfig:
     """False: ignore stored snapshots at start and rebuild every customer from the log."""
     freeze_gc: bool = True
     """Take the objects alive out of the cyclic garbage collector's view (``gc.freeze``)
-    once the customers are loaded, every 100,000 loaded while warming up, and after each
-    round of snapshots. A million actors are tens of millions of objects that live as long
-    as the engine; each full collection walked them all: 28 % of ingest time at 1M
-    customers, and pauses of seconds (scripts/results/bench/gc-stalls). The cost: cyclic
-    garbage alive at those instants (rare: actors hold no cycles) is never collected.
-    Process-wide, as the collector is."""
+    once the customers are loaded, every 100,000 loaded while warming up, every 20,000
+    events applied, and after each round of snapshots. A million actors are tens of
+    millions of objects that live as long as the engine; each full collection walked them
+    all: 28 % of ingest time at 1M customers, and pauses of seconds
+    (scripts/results/bench/gc-stalls). The cost: cyclic garbage alive at those instants
+    (rare: actors hold no cycles) is never collected. Process-wide, as the collector is."""
 
 
 @dataclass(slots=True)
@@ -257,6 +259,7 @@ class Engine:
         # until all have, ``_horizon`` is the deadline up to which all are loaded.
         self._warm = True
         self._paged = 0  # customers loaded by warm-up pages since the collector last settled
+        self._applied_since_gc = 0  # events applied since then
         self._cursor: tuple[int, str] | None = None
         self._horizon = NEVER
         self._recovered = False
@@ -949,6 +952,11 @@ class Engine:
             raise
         await self._commit(logged, transitions)
         self.stats.events_applied += len(logged)
+        self._applied_since_gc += len(logged)
+        if self._applied_since_gc >= _FREEZE_EVENTS:
+            # What the events added to the actors joins the frozen: otherwise every full
+            # collection walks all that came since the last freeze.
+            self._settle_gc()
         if logged:
             self._note_applied(len(logged))
         for d, invalid in rejected:
@@ -1145,6 +1153,7 @@ class Engine:
     def _settle_gc(self) -> None:
         """See :attr:`EngineConfig.freeze_gc`: young garbage collected (cheap), then all
         that is alive frozen, so full collections only walk what came since."""
+        self._applied_since_gc = 0
         if self._config.freeze_gc:
             gc.collect(1)
             gc.freeze()
