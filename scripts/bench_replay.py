@@ -37,13 +37,9 @@ import contextlib
 import cProfile
 import gc
 import hashlib
-import importlib.metadata
 import io
 import json
-import os
-import platform
 import pstats
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -53,6 +49,8 @@ from typing import Any
 
 from actors import Customer, load_segments, parse_segments, replay
 from protocol import EventCause, TimeCause, Transition, format_instant, to_instant
+from scripts import bench_restart
+from scripts.bench_restart import loadavg
 from scripts.generate import generate, history_end
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,43 +60,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = 0.0
-    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                ram = int(line.split()[1]) / 2**20
-    git = "?"
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "actors", "protocol"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split("\n")
-        changed = sorted(line[3:] for line in dirty if line.strip())
-        git = head + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(ram, 1),
-        "python": platform.python_version(),
-        "msgspec": importlib.metadata.version("msgspec"),
-        "code": git,
-        "code_md5": code_digest(),
-    }
+    """What the figures were measured on (as the other benchmarks say it), with digests of
+    the files a replay runs."""
+    return {**bench_restart.machine(), "code_md5": code_digest()}
 
 
 def code_digest() -> dict[str, str]:
@@ -114,12 +78,6 @@ def code_digest() -> dict[str, str]:
         path = Path(mod.__file__ or "")
         out[f"{path.parent.name}/{path.name}"] = hashlib.md5(path.read_bytes()).hexdigest()[:8]
     return out
-
-
-def loadavg() -> str:
-    with contextlib.suppress(OSError), open("/proc/loadavg", encoding="ascii") as f:
-        return " ".join(f.read().split()[:3])
-    return "?"
 
 
 def rss_mib(field: str) -> float:
