@@ -21,6 +21,13 @@ with one JSON object per line on stdout:
 - ``lateness <json windows>``: lateness (fired-at minus due-at, both on the engine's
   ``SystemClock``) of the deadlines fired so far, overall and per window of due instants;
 - ``stop`` (or end of input): a clean stop, answered with ``{"ev": "stopped", ...}``.
+
+With ``profile``, the child runs under ``py-spy record`` (``py_spy_command``): py-spy starts
+it, samples it until it exits, then writes its collapsed stacks. Attaching py-spy to a
+running child (``--pid``) fails where ptrace is restricted (it did on the machine this was
+written on), so py-spy wraps the child instead. The child keeps py-spy's stdin and stdout;
+py-spy's own messages (``py-spy> ...``) go to the same stdout, and the parent skips every
+line that is not a JSON object.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from array import array
@@ -49,6 +57,9 @@ from protocol import DAY, Event, connect, event_subject, format_instant
 from scripts.bench_ingest import CpuSnapshot, now_us, rss_mb
 from scripts.bench_restart import GcClock, Template, make_templates
 from store import NEVER, EventLog, Snapshot, SnapshotMarks
+
+PY_SPY_RATE = 250
+"""Samples per second for ``py-spy record`` (its default is 100)."""
 
 PART = 50_000
 """Snapshots per transaction while building a store (the engine's part at a clean stop)."""
@@ -322,6 +333,47 @@ async def child(db: Path, url: str) -> None:
 # --------------------------------------------------------------------------- the parent
 
 
+def find_py_spy() -> str | None:
+    """The ``py-spy`` executable: next to this Python (a virtual environment's ``bin``,
+    which need not be on ``PATH``), else on ``PATH``; None if it is not installed."""
+    beside = Path(sys.executable).parent / "py-spy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("py-spy")
+
+
+def py_spy_command(output: Path) -> list[str]:
+    """``py-spy record`` writing collapsed stacks (``--format raw``: one ``frame;frame;...
+    count`` line per distinct stack) to ``output``, the command to profile to follow after
+    it. Samples threads only while they run (idle ones are left out), aggregated by function
+    (``--function``: the line of its ``def``), with full file names so that the report can
+    tell the repository from site-packages.
+
+    ``--nonblocking``: py-spy reads the process without pausing it. Paused and resumed 250
+    times a second, threads blocked in a system call (``epoll_wait``, a ``readline``, a
+    queue's ``get``) were taken as running in up to 7 % of their time on a busy machine;
+    read without pausing, threads blocked for seconds never were, though an event loop
+    woken often still is, now and then, in ``epoll_wait`` (woken, waiting for a core). An
+    occasional sample may be torn: py-spy counts those as errors."""
+    py_spy = find_py_spy()
+    if py_spy is None:
+        raise RuntimeError("py-spy is not installed: pip install -e '.[bench]'")
+    return [
+        py_spy,
+        "record",
+        "--format",
+        "raw",
+        "--rate",
+        str(PY_SPY_RATE),
+        "--function",
+        "--full-filenames",
+        "--nonblocking",
+        "--output",
+        str(output),
+        "--",
+    ]
+
+
 class EngineProcess:
     """The engine child, seen from the load generator."""
 
@@ -329,19 +381,25 @@ class EngineProcess:
         self._proc = proc
         self._buf = b""
         self._seen: dict[str, dict[str, Any]] = {}
+        self.spy: list[str] = []
+        """py-spy's own messages, when the child runs under it."""
 
     async def _line(self) -> dict[str, Any]:
         assert self._proc.stdout is not None
-        while b"\n" not in self._buf:
-            try:
-                self._buf += await self._proc.stdout.receive()
-            except anyio.EndOfStream:
-                raise RuntimeError(
-                    f"engine child exited ({await self._proc.wait()}); see its log"
-                ) from None
-        line, _, self._buf = self._buf.partition(b"\n")
-        doc: dict[str, Any] = json.loads(line)
-        return doc
+        while True:
+            while b"\n" not in self._buf:
+                try:
+                    self._buf += await self._proc.stdout.receive()
+                except anyio.EndOfStream:
+                    raise RuntimeError(
+                        f"engine child exited ({await self._proc.wait()}); see its log"
+                    ) from None
+            line, _, self._buf = self._buf.partition(b"\n")
+            if line.startswith(b"{"):
+                doc: dict[str, Any] = json.loads(line)
+                return doc
+            if line.strip():
+                self.spy.append(line.decode(errors="replace"))
 
     async def wait(self, ev: str, timeout: float) -> dict[str, Any]:
         """The next (or an already received) message ``ev``."""
@@ -357,11 +415,16 @@ class EngineProcess:
         return await self.wait(cmd.split(" ", 1)[0], timeout)
 
     async def stop(self, timeout: float = 600.0) -> dict[str, Any]:
-        """A clean stop; returns the final stats."""
+        """A clean stop; returns the final stats once the process exited (under py-spy:
+        once py-spy wrote its profile)."""
         assert self._proc.stdin is not None
         await self._proc.stdin.send(b"stop\n")
         doc = await self.wait("stopped", timeout)
-        with anyio.fail_after(30):
+        with anyio.fail_after(120):
+            # To the end of the output: py-spy's last messages (samples and errors).
+            with contextlib.suppress(RuntimeError):
+                while True:
+                    await self._line()
             await self._proc.wait()
         return doc
 
@@ -370,19 +433,28 @@ class EngineProcess:
 async def engine_process(
     db: Path, url: str, log_path: Path, *, profile: Path | None = None
 ) -> AsyncIterator[EngineProcess]:
-    """Start the engine child on ``db`` (under cProfile, writing ``profile``, if given);
-    kill it on the way out if it is still running."""
-    prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
-    cmd = [sys.executable, *prof, "-m", "scripts._bench_engine", "--db", str(db), "--url", url]
+    """Start the engine child on ``db`` (under py-spy, writing collapsed stacks to
+    ``profile``, if given); kill it on the way out if it is still running."""
+    spy = py_spy_command(profile) if profile is not None else []
+    cmd = [*spy, sys.executable, "-m", "scripts._bench_engine", "--db", str(db), "--url", url]
     with open(log_path, "ab") as err:
         proc = await anyio.open_process(cmd, stderr=err)
     try:
         yield EngineProcess(proc)
     finally:
         if proc.returncode is None:
-            proc.kill()
             with anyio.CancelScope(shield=True):
-                await proc.wait()
+                if profile is not None:
+                    # Killing py-spy would leave the engine running: end of input stops the
+                    # engine, and py-spy exits after it.
+                    assert proc.stdin is not None
+                    with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                        await proc.stdin.aclose()
+                    with anyio.move_on_after(30):
+                        await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
 
 
 async def wait_drained(

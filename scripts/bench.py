@@ -39,29 +39,52 @@ loopback port) and SQLite files in a temporary directory, under the default segm
 Results: a table on stdout, JSON and a markdown report (machine, load, versions, commit)
 in ``--out`` (default ``scripts/results/bench/``) as ``bench-<mode>.json`` and ``.md``.
 
+``--profile`` (needs py-spy, ``pip install -e '.[bench]'``; without it the run stops at
+once) adds sampling profiles, each from ``py-spy record --format raw --rate 250 --function
+--nonblocking`` wrapped around a child process (``_bench_engine.py`` says why wrapped and
+why non-blocking), as it sees asyncio and nats-py time as it is where cProfile inflated
+call-heavy code:
+
+- ``ingest``: one more run at the smallest size with the engine child under py-spy (its
+  start and warm-up included);
+- ``deadlines``: one more run, same size, the engine child under py-spy: the whole child
+  (loading the store included), then the stacks through ``Engine._fire_due`` alone;
+- ``replay``: the same history replayed in a child under py-spy (repeated for 3 s at
+  least), the stacks through ``actors.replay`` alone (not the history's generation).
+
+Figures of the profiled runs are not the measurements. Each report: the samples (threads
+are sampled while they run), main thread against the others, the share of samples by where
+the running function is (``actors/``, ``store/``, ``protocol/``, ``scripts/``, nats-py,
+msgspec, SQLite, asyncio/anyio, a wait, other), and the top 20 functions by self and by
+inclusive samples (once per sample), in the markdown and the JSON. The collapsed stacks,
+files shortened, go to ``--out``'s ``profiles/`` (``bench-<mode>-<name>.txt``, gzipped
+above 1 MB).
+
 Usage::
 
     python scripts/bench.py --quick             # about a minute
     python scripts/bench.py                     # full: 10k/100k/1M customers, ~35 min
     python scripts/bench.py --quick --only ingest,latency
+    python scripts/bench.py --quick --profile --only ingest,deadlines,replay
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import gc
-import io
+import gzip
 import json
-import pstats
 import random
+import re
 import shlex
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,7 +110,8 @@ from scripts.bench_restart import loadavg, machine
 from scripts.generate import generate, history_end
 from store import EventLog
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "scripts" / "results" / "bench"
 MEASUREMENTS = ("ingest", "latency", "deadlines", "replay", "rebuild", "memory", "sql", "consumer")
 _transition = msgspec.json.Decoder(Transition)
 
@@ -192,6 +216,8 @@ class Run:
     """Every engine start of the run: population, customers, ready/warm seconds, RSS."""
     results: dict[str, Any] = field(default_factory=dict)
     profile: bool = False
+    out: Path = RESULTS
+    """Where the results go; the profiles' collapsed stacks go to its ``profiles/``."""
 
     def dir(self, name: str) -> Path:
         d = self.tmp / name
@@ -243,7 +269,7 @@ async def ingest_once(run: Run, n: int, profile: Path | None = None) -> dict[str
     build = await be.build_store(db, n)
     say(
         f"ingest at {n:,} customers (store built in {build['build_s']:.1f} s)"
-        + (", engine under cProfile" if profile else "")
+        + (", engine under py-spy" if profile else "")
     )
     async with (
         broker(d) as url,
@@ -266,7 +292,7 @@ async def ingest_once(run: Run, n: int, profile: Path | None = None) -> dict[str
             await nc.close()
         await ep.stop()
     seconds = t1 - t0
-    row = {
+    row: dict[str, Any] = {
         "customers": n,
         "events": sz.ingest_events,
         "seconds": seconds,
@@ -284,6 +310,8 @@ async def ingest_once(run: Run, n: int, profile: Path | None = None) -> dict[str
         "engine_gc_full": st["gc_full"] - base["gc_full"],
         "max_stall_s": st["max_stall_s"],
     }
+    if profile is not None:
+        row["py_spy"] = ep.spy
     say(f"  {sz.ingest_events:,} events in {seconds:.2f} s: {row['events_per_s']:,.0f}/s")
     return row
 
@@ -291,25 +319,241 @@ async def ingest_once(run: Run, n: int, profile: Path | None = None) -> dict[str
 async def measure_ingest(run: Run) -> dict[str, Any]:
     out: dict[str, Any] = {"sizes": [await ingest_once(run, n) for n in run.sizes.ingest_customers]}
     if run.profile:
-        # Once more at the smallest size with the engine under cProfile (slower: not a figure).
-        prof = run.tmp / "engine.prof"
-        out["profiled"] = await ingest_once(run, run.sizes.ingest_customers[0], prof)
-        out["profile"] = profile_text(prof)
+        # Once more at the smallest size with the engine under py-spy (not a figure).
+        raw = run.tmp / "ingest.txt"
+        out["profiled"] = await ingest_once(run, run.sizes.ingest_customers[0], raw)
+        out["profile"] = profile_report(
+            run, "ingest", raw, [("the engine child", None)], out["profiled"]["py_spy"]
+        )
     return out
 
 
-def profile_text(path: Path, top: int = 20) -> str:
-    """The top entries by internal time, and shoal's own code by cumulative time."""
-    out = io.StringIO()
-    out.write(f"top {top} by internal time (tottime)\n")
-    pstats.Stats(str(path), stream=out).strip_dirs().sort_stats("tottime").print_stats(top)
-    out.write(f"top {top} of actors/, protocol/, store/ by cumulative time\n")
-    pstats.Stats(str(path), stream=out).sort_stats("cumulative").print_stats(
-        r"/(actors|protocol|store)/_\w+\.py", top
+# --------------------------------------------------------------------------- profiles
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+STDLIB = "stdlib/"
+"""What ``shorten_line`` puts before a file of the standard library."""
+AREAS = (
+    "actors",
+    "store",
+    "protocol",
+    "scripts",
+    "nats",
+    "msgspec",
+    "sqlite",
+    "asyncio/anyio",
+    "waiting",
+)
+"""Where a sample's running function is, by the first part of its shortened file name
+(anything else is ``other``). A C extension has no frame of its own (py-spy without
+``--native``): msgspec's and sqlite3's work counts to the Python function that called it.
+``waiting``: the running function is one that waits (``WAITS``)."""
+WAITS = (
+    "EpollSelector.select (stdlib/selectors.py",
+    "Condition.wait (stdlib/threading.py",
+    "Event.wait (stdlib/threading.py",
+    "Thread.join (stdlib/threading.py",
+    "Thread._wait_for_tstate_lock (stdlib/threading.py",
+)
+"""Functions that wait, yet are sampled: py-spy takes a thread as running when the system
+says it is runnable, and a thread woken that waits for a free core (or for the GIL) is."""
+_ANYIO_RUN = ("run", "AsyncIOBackend.run", "AsyncIOBackend.run.<locals>.wrapper")
+_AREA = {
+    "actors": "actors",
+    "store": "store",
+    "protocol": "protocol",
+    "scripts": "scripts",
+    "nats": "nats",
+    "msgspec": "msgspec",
+    "aiosqlite": "sqlite",
+    f"{STDLIB}sqlite3": "sqlite",
+    f"{STDLIB}asyncio": "asyncio/anyio",
+    f"{STDLIB}selectors.py": "asyncio/anyio",
+    "anyio": "asyncio/anyio",
+}
+
+
+def shorten_line(line: str, roots: Sequence[tuple[str, str]] | None = None) -> str:
+    """A line of py-spy's collapsed stacks (``func (/full/path.py:line);... count``) with
+    each file named relative to the first of ``roots`` (prefix, replacement) it is under
+    (default: the repository, nothing; the standard library, ``stdlib/``), else to its
+    ``site-packages``."""
+    if roots is None:
+        roots = ((f"{ROOT}/", ""), (sysconfig.get_paths()["stdlib"] + "/", STDLIB))
+    stack, _, count = line.strip().rpartition(" ")
+    frames = []
+    for frame in stack.split(";"):
+        m = _FRAME.match(frame)
+        if m is not None:
+            path = m["file"]
+            for prefix, replacement in roots:
+                if path.startswith(prefix):
+                    path = replacement + path[len(prefix) :]
+                    break
+            else:
+                for marker in ("/site-packages/", "/dist-packages/"):
+                    if marker in path:
+                        path = path.rsplit(marker, 1)[1]
+                        break
+            line_no = f":{m['line']}" if m["line"] else ""
+            frame = f"{m['func']} ({path}{line_no})"
+        frames.append(frame)
+    return f"{';'.join(frames)} {count}"
+
+
+@dataclass
+class Profile:
+    """Collapsed stacks summed up by function."""
+
+    samples: int = 0
+    """Samples counted (those through ``within``, if given)."""
+    all_samples: int = 0
+    """Samples in the input."""
+    other_threads: int = 0
+    """Samples counted that are not of the main thread (their stack starts in a thread)."""
+    self_samples: Counter[str] = field(default_factory=Counter)
+    """Samples in which the function was the one running."""
+    inclusive: Counter[str] = field(default_factory=Counter)
+    """Samples in which the function was on the stack (once per sample, recursion or not)."""
+    areas: Counter[str] = field(default_factory=Counter)
+    """Samples by ``AREAS`` (of the running function) and ``other``."""
+
+
+def area(frame: str) -> str:
+    """The ``AREAS`` entry of a (shortened) frame, or ``other``."""
+    m = _FRAME.match(frame)
+    if m is None:
+        return "other"
+    if frame.startswith(WAITS):
+        return "waiting"
+    path = m["file"]
+    top = path.split("/", 2 if path.startswith(STDLIB) else 1)
+    return _AREA.get("/".join(top[:2]) if path.startswith(STDLIB) else top[0], "other")
+
+
+def read_collapsed(lines: Iterable[str], within: str | None = None) -> Profile:
+    """Sum up collapsed stacks (``frame;frame;... count`` lines, root first, shortened by
+    ``shorten_line``). With ``within``, only the samples with a frame starting with it
+    count, each from its first such frame down (what called it is left out)."""
+    p = Profile()
+    for line in lines:
+        stack, _, count = line.strip().rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        p.all_samples += n
+        thread = frames[0].startswith("Thread._bootstrap ")
+        if within is not None:
+            at = next((i for i, f in enumerate(frames) if f.startswith(within)), None)
+            if at is None:
+                continue
+            frames = frames[at:]
+        p.samples += n
+        p.other_threads += n * thread
+        p.self_samples[frames[-1]] += n
+        for f in set(frames):
+            p.inclusive[f] += n
+        p.areas[area(frames[-1])] += n
+    return p
+
+
+def plumbing(frame: str) -> bool:
+    """Whether the inclusive table leaves ``frame`` out: a module's top level, the standard
+    library's or Python's own (the event loop, threads, runpy, imports) and anyio's running
+    of the event loop, which are on most stacks and say nothing of where the time goes."""
+    m = _FRAME.match(frame)
+    return (
+        m is None
+        or m["func"] == "<module>"
+        or m["file"].startswith((STDLIB, "<frozen "))
+        or (m["file"].startswith("anyio/") and m["func"] in _ANYIO_RUN)
     )
-    root = str(Path(__file__).resolve().parent.parent) + "/"
-    lines = [ln.rstrip() for ln in out.getvalue().replace(root, "").splitlines()]
-    return "\n".join(ln for ln in lines if ln.strip() and ".prof" not in ln)
+
+
+def profile_summary(p: Profile, top: int = 20) -> dict[str, Any]:
+    """The JSON form: totals, samples by area, the top functions by self and inclusive
+    samples (as ``profile_lines``)."""
+    return {
+        "samples": p.samples,
+        "all_samples": p.all_samples,
+        "other_threads": p.other_threads,
+        "areas": {a: p.areas[a] for a in (*AREAS, "other")},
+        "self": p.self_samples.most_common(top),
+        "inclusive": [(f, n) for f, n in p.inclusive.most_common() if not plumbing(f)][:top],
+    }
+
+
+def profile_lines(p: Profile, rate: int, top: int = 20) -> list[str]:
+    """The text form: a line of totals, one of areas, then the top ``top`` functions by
+    self samples and by inclusive samples (``plumbing`` left out), in % of the samples."""
+    if not p.samples:
+        return ["no samples"]
+
+    def pct(n: int) -> str:
+        return f"{100 * n / p.samples:5.1f}"
+
+    main = p.samples - p.other_threads
+    out = [
+        f"{p.samples:,} samples at {rate} Hz ({p.samples / rate:.1f} s on a CPU): "
+        f"main thread {pct(main).strip()} %, other threads {pct(p.other_threads).strip()} %",
+        "running in " + ", ".join(f"{a} {pct(p.areas[a]).strip()} %" for a in (*AREAS, "other")),
+        "",
+        f"top {top} by self samples (the function running), % of samples",
+        " self %  incl %  function",
+    ]
+    out += [f"{pct(n)}   {pct(p.inclusive[f])}   {f}" for f, n in p.self_samples.most_common(top)]
+    out += [
+        "",
+        f"top {top} by inclusive samples (the function on the stack; the standard library "
+        "and the loop's runner left out), % of samples",
+        " incl %  self %  function",
+    ]
+    out += [
+        f"{pct(n)}   {pct(p.self_samples[f])}   {f}"
+        for f, n in profile_summary(p, top)["inclusive"]
+    ]
+    return out
+
+
+def profile_report(
+    run: Run,
+    name: str,
+    raw: Path,
+    parts: Sequence[tuple[str, str | None]],
+    spy: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Read py-spy's collapsed stacks ``raw``; keep them (files shortened) in ``--out``'s
+    ``profiles/`` (gzipped if over 1 MB); report each of ``parts`` (title, ``within`` of
+    ``read_collapsed``). ``spy``: py-spy's own messages (with its count of errors)."""
+    lines = raw.read_text(encoding="utf-8").splitlines()
+    stacks = [shorten_line(ln) for ln in lines if ln.strip()]
+    text = "\n".join(stacks) + "\n"
+    keep = run.out / "profiles" / f"bench-{run.mode}-{name}.txt"
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    if len(text) > 1_000_000:
+        keep = keep.with_name(keep.name + ".gz")
+        keep.write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        keep.write_text(text, encoding="utf-8")
+    errors = [int(m[1]) for ln in spy if (m := re.search(r"Errors: (\d+)", ln))]
+    out: dict[str, Any] = {
+        "collapsed": keep.relative_to(run.out).as_posix(),
+        "rate": be.PY_SPY_RATE,
+        "py_spy_errors": errors[-1] if errors else None,
+        "parts": {},
+    }
+    text_lines: list[str] = []
+    for title, within in parts:
+        p = read_collapsed(stacks, within)
+        out["parts"][title] = profile_summary(p)
+        if within is not None:
+            share = 100 * p.samples / p.all_samples if p.all_samples else 0.0
+            title += f" ({share:.1f} % of all samples)"
+        text_lines += [""] if text_lines else []
+        text_lines += [f"== {title}", *profile_lines(p, be.PY_SPY_RATE)]
+    out["text"] = "\n".join(text_lines)
+    return out
 
 
 async def measure_latency(run: Run) -> dict[str, Any]:
@@ -390,16 +634,44 @@ async def measure_latency(run: Run) -> dict[str, Any]:
 
 
 async def measure_deadlines(run: Run) -> dict[str, Any]:
+    out = await deadlines_once(run)
+    if run.profile:
+        # Once more with the engine under py-spy (not a figure): the whole child, loading
+        # the store included, then the firing path alone.
+        raw = run.tmp / "deadlines.txt"
+        p = await deadlines_once(run, raw)
+        out["profiled"] = {
+            k: p[k] for k in ("customers", "lateness_ms", "deadlines_fired", "py_spy")
+        }
+        out["profile"] = profile_report(
+            run,
+            "deadlines",
+            raw,
+            [
+                ("the engine child", None),
+                ("firing: the stacks through Engine._fire_due", "Engine._fire_due (actors/"),
+            ],
+            p["py_spy"],
+        )
+    return out
+
+
+async def deadlines_once(run: Run, profile: Path | None = None) -> dict[str, Any]:
+    """One engine on a store of ``deadline_customers`` customers with pending deadlines,
+    until they fell due (under py-spy, writing ``profile``, if given)."""
     sz = run.sizes
     n = sz.deadline_customers
     burst = n // 10
     spread = n // 10
     typical = n - burst - spread
     span = sz.deadline_spread_s * SECOND
-    d = run.dir("deadlines")
+    d = run.dir("deadlines" + ("-profile" if profile else ""))
     db = d / "shoal.db"
     segments = load_segments()
-    say(f"deadlines: {n:,} customers pending, {burst:,} due in one second")
+    say(
+        f"deadlines: {n:,} customers pending, {burst:,} due in one second"
+        + (", engine under py-spy" if profile else "")
+    )
     t0 = time.perf_counter()
     log = await EventLog.open(db)
     try:
@@ -419,8 +691,11 @@ async def measure_deadlines(run: Run) -> dict[str, Any]:
     finally:
         await log.close()
     build_s = time.perf_counter() - t0
-    async with broker(d) as url, be.engine_process(db, url, d / "engine.log") as ep:
-        warm = await start_warm(run, ep, "deadlines", n)
+    async with (
+        broker(d) as url,
+        be.engine_process(db, url, d / "engine.log", profile=profile) as ep,
+    ):
+        warm = await start_warm(run, ep, "deadlines" if profile is None else "profiled", n)
         warm_before_due = now_us() < due
         base = await ep.ask("mark")
         end = due + SECOND + span + 2 * SECOND
@@ -430,6 +705,7 @@ async def measure_deadlines(run: Run) -> dict[str, Any]:
         st = await ep.ask("stats")
         await ep.stop()
     del late["ev"]
+    spy = {"py_spy": ep.spy} if profile is not None else {}
     say(
         f"  lateness p50 {late['all']['p50']:.1f} ms, p99 {late['all']['p99']:.1f} ms, "
         f"max {late['all']['max']:.1f} ms over {late['all']['count']:,} deadlines"
@@ -448,6 +724,7 @@ async def measure_deadlines(run: Run) -> dict[str, Any]:
         "engine_gc_s": st["gc_s"] - base["gc_s"],
         "engine_gc_full": st["gc_full"] - base["gc_full"],
         "max_stall_s": st["max_stall_s"],
+        **spy,
     }
 
 
@@ -463,14 +740,7 @@ def measure_replay(run: Run) -> dict[str, Any]:
     say(f"replay: {len(events):,} events in {seconds:.2f} s: {len(events) / seconds:,.0f}/s")
     out: dict[str, Any] = {}
     if run.profile:
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in replay(events, segments, until=end):
-            pass
-        prof.disable()
-        path = run.tmp / "replay.prof"
-        prof.dump_stats(path)
-        out["profile"] = profile_text(path)
+        out["profiled"], out["profile"] = profile_replay(run)
     return {
         **out,
         "customers": sz.replay_customers,
@@ -481,6 +751,50 @@ def measure_replay(run: Run) -> dict[str, Any]:
         "cpu_s": cpu,
         "events_per_s": len(events) / seconds,
     }
+
+
+REPLAY_CHILD = "import sys; from scripts.bench import replay_child; replay_child(*sys.argv[1:])"
+
+
+def profile_replay(run: Run, seconds: float = 3.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same replay in a child process under py-spy (repeated for ``seconds`` at least,
+    for enough samples); returns what the child ran and the report of the replay alone."""
+    sz = run.sizes
+    raw = run.tmp / "replay.txt"
+    cmd = [
+        *be.py_spy_command(raw),
+        sys.executable,
+        "-c",
+        REPLAY_CHILD,
+        str(sz.replay_customers),
+        str(sz.replay_days),
+        str(seconds),
+    ]
+    say("replay under py-spy")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=sz.timeout)
+    docs = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not docs:
+        raise RuntimeError(f"replay under py-spy failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    child: dict[str, Any] = json.loads(docs[-1])
+    parts = [("replay: the stacks through actors.replay", "replay (actors/_replay.py")]
+    spy = [ln for ln in proc.stdout.splitlines() if ln.startswith("py-spy>")]
+    return child, profile_report(run, "replay", raw, parts, spy)
+
+
+def replay_child(customers: str, days: str, seconds: str) -> None:
+    """``profile_replay``'s child: ``measure_replay``'s history, replayed until ``seconds``
+    have passed (at least once); prints what it did as JSON."""
+    events = list(generate(int(customers), int(days), seed=7))
+    end = history_end(int(days))
+    segments = load_segments()
+    t0 = time.perf_counter()
+    repeats = 0
+    while not repeats or time.perf_counter() - t0 < float(seconds):
+        for _ in replay(events, segments, until=end):
+            pass
+        repeats += 1
+    took = time.perf_counter() - t0
+    print(json.dumps({"events": len(events), "repeats": repeats, "seconds": took}), flush=True)
 
 
 async def measure_rebuild(run: Run) -> dict[str, Any]:
@@ -927,7 +1241,7 @@ def markdown(doc: dict[str, Any]) -> str:
             "*typical*: an identify and 1 to 6 track events (event windows); *bare*: an "
             "identify only (no event windows); *history*: customers of a `scripts/generate.py` "
             "history of the last 120 days (about 33 events each); *deadlines*: the lateness "
-            "store; *profiled*: the engine under cProfile. RSS after `gc.collect()`; "
+            "store; *profiled*: the engine under py-spy. RSS after `gc.collect()`; "
             "bytes/customer is (warm - before) / customers, so small stores carry the "
             "engine's fixed costs.",
             "",
@@ -1002,18 +1316,67 @@ def markdown(doc: dict[str, Any]) -> str:
             f"(publish_async {r['publish_async_per_s']:,.0f}/s).",
             "",
         ]
-    for name, title in (("ingest", "the engine during ingest"), ("replay", "the replay")):
-        if "profile" in res.get(name, {}):
-            out += [f"## Profile of {title} (cProfile, main thread)", ""]
-            if name == "ingest":
-                p = res["ingest"]["profiled"]
-                out += [
-                    f"One more ingest run at {p['customers']:,} customers with the engine child "
-                    f"under cProfile ({p['events_per_s']:,.0f} events/s under the profiler; "
-                    "includes its start and warm-up).",
-                    "",
-                ]
-            out += ["```", res[name]["profile"], "```", ""]
+    profiled = [n for n in ("ingest", "deadlines", "replay") if "profile" in res.get(n, {})]
+    if profiled:
+        out += [
+            "## Profiles (py-spy)",
+            "",
+            f"`py-spy record --rate {be.PY_SPY_RATE} --function --nonblocking` on a child "
+            "process: it samples "
+            "the threads while they run (a thread waiting is not sampled, so the percentages "
+            "are of the CPU time), and costs the process little, unlike a deterministic "
+            "profiler. Self: the function was running; inclusive: it was on the stack "
+            "(counted once per sample). A C extension has no frame of its own: msgspec's and "
+            "sqlite3's work, and garbage collection, count to the Python function running. "
+            "A thread that is woken but waits for a free core or for the GIL counts as running "
+            "(on a busy machine, a share of the event loop's waits: *waiting*). "
+            "The collapsed stacks (for flamegraph.pl or speedscope) are in `--out`'s "
+            "`profiles/`.",
+            "",
+        ]
+    for name in profiled:
+        r = res[name]
+        prof = r["profile"]
+        if name == "ingest":
+            p = r["profiled"]
+            out += [
+                "### The engine during ingest",
+                "",
+                f"One more ingest run at {p['customers']:,} customers, the engine child under "
+                f"py-spy ({p['events_per_s']:,.0f} events/s under the profiler; the samples "
+                "include its start and warm-up).",
+            ]
+        elif name == "deadlines":
+            p = r["profiled"]["lateness_ms"]["all"]
+            out += [
+                "### The engine firing deadlines",
+                "",
+                f"One more deadline run at {r['profiled']['customers']:,} customers, the "
+                f"engine child under py-spy (lateness p99 {p['p99']:.1f} ms, max "
+                f"{p['max']:.1f} ms under the profiler): the whole child, loading the store "
+                "included, then the stacks through `Engine._fire_due` alone.",
+            ]
+        else:
+            p = r["profiled"]
+            out += [
+                "### The replay",
+                "",
+                f"The same replay in a child under py-spy, {p['repeats']} time(s) over "
+                f"{p['seconds']:.1f} s; the stacks through `actors.replay` alone (not the "
+                "generation of the history).",
+            ]
+        errors = prof["py_spy_errors"]
+        out += [
+            "",
+            f"Collapsed stacks: `{prof['collapsed']}`"
+            + ("" if errors is None else f" (py-spy errors: {errors})")
+            + ".",
+            "",
+            "```",
+            prof["text"],
+            "```",
+            "",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -1046,7 +1409,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         write(doc, args.out)
 
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
-        run = Run(args.mode, sizes, Path(tmp), profile=args.profile)
+        run = Run(args.mode, sizes, Path(tmp), profile=args.profile, out=args.out)
         for name in MEASUREMENTS:
             if name in chosen:
                 try:
@@ -1090,7 +1453,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also profile (cProfile) the replay and one more ingest run at the smallest size",
+        help="also profile (py-spy) the replay, one more ingest run at the smallest size and "
+        "one more deadline run",
     )
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
@@ -1104,6 +1468,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.profile and be.find_py_spy() is None:
+        print(
+            "bench.py: --profile needs py-spy (a sampling profiler), which is not installed: "
+            "pip install -e '.[bench]'",
+            file=sys.stderr,
+        )
+        return 2
     from scripts._logging import configure_logging
 
     configure_logging("warning")
