@@ -28,7 +28,7 @@ import gc
 import heapq
 import itertools
 from collections import defaultdict, deque
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -88,8 +88,6 @@ _RATE_WINDOW = 10 * SECOND
 _SCAN_SLICE = 20_000
 """Customers looked at between two checkpoints of :meth:`Engine.members`."""
 _NOT_TIMED = contextlib.nullcontext()
-_FREEZE_EVERY = 100_000
-"""Customers loaded by warm-up between two freezes of the garbage collector."""
 _FREEZE_EVENTS = 20_000
 """Events applied between two freezes of the garbage collector."""
 
@@ -138,8 +136,9 @@ class EngineConfig:
     """False: ignore stored snapshots at start and rebuild every customer from the log."""
     freeze_gc: bool = True
     """Take the objects alive out of the cyclic garbage collector's view (``gc.freeze``)
-    once the customers are loaded, every 100,000 loaded while warming up, every 20,000
-    events applied, and after each round of snapshots. A million actors are tens of
+    once the customers are loaded, after each page loaded while warming up (the collector
+    is off while a page decodes), every 20,000 events applied, and after each round of
+    snapshots. A million actors are tens of
     millions of objects that live as long as the engine; each full collection walked them
     all: 28 % of ingest time at 1M customers, and pauses of seconds
     (scripts/results/bench/gc-stalls). The cost: cyclic garbage alive at those instants
@@ -192,6 +191,16 @@ class _LoadRequest:
 
     customer_id: str
     done: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass(eq=False, slots=True)
+class _PageAhead:
+    """The next page of snapshots, read while the loop loads the one before it."""
+
+    after: tuple[int, str]
+    limit: int
+    done: anyio.Event = field(default_factory=anyio.Event)
+    rows: list[Snapshot] = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)
@@ -258,9 +267,10 @@ class Engine:
         # Warming up: after a restart customers load from their snapshots in deadline order;
         # until all have, ``_horizon`` is the deadline up to which all are loaded.
         self._warm = True
-        self._paged = 0  # customers loaded by warm-up pages since the collector last settled
         self._applied_since_gc = 0  # events applied since then
         self._cursor: tuple[int, str] | None = None
+        self._ahead: _PageAhead | None = None
+        self._tg: anyio.abc.TaskGroup | None = None  # the main loop's, while it runs
         self._horizon = NEVER
         self._recovered = False
         # For the query API: members per segment (counted on transitions and as customers
@@ -522,7 +532,11 @@ class Engine:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._publish_loop)
-                await self._loop(feed)
+                self._tg = tg
+                try:
+                    await self._loop(feed)
+                finally:
+                    self._tg = None
         except anyio.get_cancelled_exc_class():
             stopped = True  # asked to stop, not failing
             raise
@@ -601,6 +615,7 @@ class Engine:
             await _breathe(i)
 
         self._warm, self._cursor, self._horizon = False, None, -NEVER
+        await self._log.bulk_reads(True)  # until warm: pages come in random table order
         if marks.definitions == self._segments.fingerprint:
             # Overdue deadlines first: they fire at once, at their own instants.
             now = self._clock.now()
@@ -697,29 +712,42 @@ class Engine:
     async def _page(self, limit: int) -> list[Transition]:
         """Load the next ``limit`` snapshots in deadline order; return the transitions of
         customers rebuilt from the log instead (to commit)."""
-        rows = await self._log.page_snapshots(self._cursor, limit)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.after == self._cursor and ahead.limit == limit:
+            await ahead.done.wait()
+            rows = ahead.rows
+        else:
+            rows = await self._log.page_snapshots(self._cursor, limit)
+        if len(rows) == limit and self._tg is not None:
+            # SQLite reads the next page on its thread while this one decodes here (the
+            # rows not loaded yet do not change meanwhile: only loaded customers change).
+            ahead = self._ahead = _PageAhead((rows[-1].deadline, rows[-1].customer_id), limit)
+            self._tg.start_soon(self._read_ahead, ahead)
+            await anyio.lowlevel.cancel_shielded_checkpoint()  # lets it send the query
         bad: list[str] = []
-        for snap in rows:
-            if snap.customer_id in self._customers:
-                continue  # loaded already: from the tail, or for an event
-            c = self._from_snapshot(snap)
-            if c is None:
-                bad.append(snap.customer_id)
-                continue
-            self._hold(c)
-            self._timers.set(c.customer_id, c.deadline)
+        with self._loading_gc():
+            for snap in rows:
+                if snap.customer_id in self._customers:
+                    continue  # loaded already: from the tail, or for an event
+                c = self._from_snapshot(snap)
+                if c is None:
+                    bad.append(snap.customer_id)
+                    continue
+                self._hold(c)
+                self._timers.set(c.customer_id, c.deadline)
         if len(rows) < limit:
+            await self._log.bulk_reads(False)
             self._warm, self._cursor, self._horizon = True, None, NEVER
             self._logger.info("warm", customers=len(self._customers))
             self._settle_gc()
         else:
-            self._paged += len(rows)
-            if self._paged >= _FREEZE_EVERY:
-                self._paged = 0
-                self._settle_gc()
             self._cursor = (rows[-1].deadline, rows[-1].customer_id)
             self._horizon = rows[-1].deadline
         return await self._load_from_log(bad, known=bad)
+
+    async def _read_ahead(self, ahead: _PageAhead) -> None:
+        ahead.rows = await self._log.page_snapshots(ahead.after, ahead.limit)
+        ahead.done.set()
 
     async def _load_all(self) -> list[Transition]:
         changed: list[Transition] = []
@@ -1149,6 +1177,26 @@ class Engine:
             self._round = None
             self.stats.snapshot_rounds += 1
             self._settle_gc()
+
+    @contextlib.contextmanager
+    def _loading_gc(self) -> Iterator[None]:
+        """Around loading a page of customers (see :attr:`EngineConfig.freeze_gc`): the young
+        garbage others left is collected first; while the page decodes, the collector is
+        off (the actors it makes live as long as the engine, and young collections of a
+        growing heap cost as much as the decoding); then what is alive is frozen, which
+        costs nothing (``gc.freeze`` moves the generations' lists whole)."""
+        if not self._config.freeze_gc:
+            yield
+            return
+        gc.collect(1)
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            yield
+        finally:
+            gc.freeze()
+            if enabled:
+                gc.enable()
 
     def _settle_gc(self) -> None:
         """See :attr:`EngineConfig.freeze_gc`: young garbage collected (cheap), then all

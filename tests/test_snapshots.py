@@ -14,6 +14,7 @@ Two levels, both over random histories (hypothesis):
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -448,6 +449,7 @@ async def test_restart_loads_snapshots_in_deadline_order_and_fires_each_on_time(
             clock.set(start + 10 * SECOND)
             await eventually(lambda: len(seen.msgs) == 40)
             assert engine.warm
+            assert gc.isenabled()  # off only while a page decodes
             assert engine.stats.snapshots_loaded == 40
             assert engine.stats.snapshots_ignored == 0
     finally:

@@ -407,6 +407,21 @@ async def test_snapshots_replace_each_other_and_page_in_deadline_order(log: Even
     assert sorted(s.customer_id for s in await log.snapshots_of(["b", "zz", "a"])) == ["a", "b"]
 
 
+async def test_bulk_reads_change_no_result(log: EventLog) -> None:
+    await log.commit([], snapshots=[snap(f"c{i:03d}", (i * 37) % 101) for i in range(300)])
+    plain = await log.page_snapshots(None, 1_000)
+    await log.bulk_reads(True)
+    mapped = await log.page_snapshots(None, 1_000)
+    # Written while mapped, read back after.
+    await log.commit([], snapshots=[snap("c000", 5, b"newer")])
+    await log.bulk_reads(False)
+    assert mapped == plain
+    assert (await log.snapshots_of(["c000"]))[0].body == b"newer"
+    deadlines = {f"c{i:03d}": (i * 37) % 101 for i in range(300)} | {"c000": 5}
+    expected = sorted(deadlines, key=lambda c: (deadlines[c], c))
+    assert [s.customer_id for s in await log.page_snapshots(None, 1_000)] == expected
+
+
 async def test_snapshot_marks_survive_reopening(path: Path) -> None:
     marks = SnapshotMarks(events_through=2, outbox_through=1, definitions="d", needs="n")
     async with await EventLog.open(path) as log:
