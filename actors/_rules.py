@@ -900,30 +900,55 @@ class _Compare(_Node):
                 v, n = _instant_compare(now, _MIRROR[op], a.anchor - b)
             return v, earliest(n, nxt)
         if isinstance(a, _Decay):
-            return self._decay(a, b, now, nxt)
+            return self._decay(f, a, b, now, nxt)
         if not _comparable(a, b):
             return op == "!=", nxt
         if isinstance(a, bool) and op not in ("==", "!="):
             return False, nxt  # booleans are equal or not, never ordered
         return _OPS[op](a, b), nxt
 
-    def _decay(self, a: _Decay, b: Any, now: int, nxt: int | None) -> Value:
+    def _decay(self, f: Facts, a: _Decay, b: Any, now: int, nxt: int | None) -> Value:
         # Comparisons go by the sign of the difference (never NaN: no term is), which
         # estimates settle without the exact sums unless the two sides are very close.
+        # A score changes by a step where an event enters it (score_at('7d') a week after
+        # the event) and decays in between. The next instant is where the comparison
+        # flips: the steps to come are looked at in order (at most _STEPS of them), each
+        # as evaluating there would. _ScoreCompare._estimated follows the same steps.
         op = _OPS[self.op]
         if isinstance(b, _Decay):
-            # Both decay by the same factor: the result only changes when an event enters
-            # one side, so it is computed relative to the latest event instant, not now.
-            if a.top is None and b.top is None:
-                return op(0.0, 0.0), nxt
-            r = a.top if b.top is None or (a.top is not None and a.top > b.top) else b.top
-            assert r is not None
-            return op(a.compare_normalised(b, r), 0), nxt
+            # Both decay by the same factor: the result only changes at steps.
+            value = op(_versus(a, b), 0)
+            t = nxt
+            for _ in range(_STEPS):
+                if t is None:
+                    return value, None
+                a, na = self.left.eval(f, t)
+                b, nb = self.right.eval(f, t)
+                if op(_versus(a, b), 0) != value:
+                    return value, t
+                t = earliest(na, nb)
+            return value, t
         if not (isinstance(b, int | float) and not isinstance(b, bool)):
             return self.op == "!=", nxt
 
         sign, v_now = a.compare(now, b)
         value = op(sign, 0)
+        # Steps are looked at only against a constant: another number has steps of its own.
+        stepped = self.monotone and isinstance(self.right, _Const)
+        if sign < 0:
+            if not stepped:
+                return value, nxt
+            # Below b it only falls between steps: the first step that does not leave it
+            # below may change the result.
+            t = nxt
+            for _ in range(_STEPS):
+                if t is None:
+                    return value, None
+                a, n = self.left.eval(f, t)
+                if a.compare(t, b)[0] >= 0:
+                    return value, t
+                t = n
+            return value, t
         # The score never rises between events, so "at or below b" and "below b" each flip
         # at most once: the comparison can only change where one of them does.
         if sign > 0:
@@ -931,20 +956,43 @@ class _Compare(_Node):
             def pred(t: int) -> bool:
                 return a.compare(t, b)[0] <= 0
 
-        elif sign == 0:
+        else:
 
             def pred(t: int) -> bool:
                 return a.compare(t, b)[0] < 0
 
-        else:
-            return value, nxt
         # pred(now) is false either way. The guess only steers the search (a quotient
         # that overflows or underflows gives none).
         guess = None
         if v_now > 0 and b > 0 and 0.0 < v_now / b < math.inf:
             guess = now + math.ceil(a.half_life * math.log2(v_now / b))
         flip = _first_flip(pred, now, nxt, guess, self.monotone)
-        return value, earliest(flip, nxt)
+        if flip is not None or nxt is None or sign == 0 or not stepped:
+            return value, earliest(flip, nxt)
+        # Above b until the first step, it rises there: it can only fall to b between two
+        # steps if it is at or below b at the end of that interval. The crossing is then
+        # searched for from the interval's start.
+        s: int | None = nxt
+        for _ in range(_STEPS):
+            start = s
+            assert start is not None
+            a, s = self.left.eval(f, start)
+            end = _FAR if s is None else s - 1
+            if end > start and a.compare(end, b)[0] <= 0:
+                return value, start
+            if s is None:
+                return value, None
+        return value, s
+
+
+def _versus(a: _Decay, b: _Decay) -> int:
+    """The sign of ``a - b`` for two scores that decay alike, computed relative to the
+    latest event instant of either (it does not change with now)."""
+    if a.top is None and b.top is None:
+        return 0
+    r = a.top if b.top is None or (a.top is not None and a.top > b.top) else b.top
+    assert r is not None
+    return a.compare_normalised(b, r)
 
 
 class _ElapsedCompare(_Compare):
@@ -1088,63 +1136,166 @@ class _ScoreCompare(_Compare):
         return super().eval(f, now)
 
     def _estimated(self, f: Indexed, now: int) -> Value | None:
-        # _estimate and _sign, inline. An estimate that overflowed compares false both ways.
-        config = self.config
-        terms = f.score_terms(config)
+        """The answer from the estimates of :class:`ScoreTerms`, or None where they do not
+        settle it (the general way then gives it).
+
+        The next instant is where the comparison flips, not merely where an event enters a
+        score: a score changes by a step where an event enters it (``score_at('7d')`` a
+        week after the event) and decays in between, so the steps to come are looked at
+        in order, each as evaluating there would (the same estimates, so the same answer),
+        until one changes the result or the estimates do not settle it. At most
+        ``_STEPS`` steps are looked at; the next instant is then the one after them.
+        """
+        terms = f.score_terms(self.config)
         prefix, ref = terms.prefix, terms.ref
         if prefix is None or ref is None:
             return None
-        times, h, weights = terms.times, config.half_life, terms.total * _TINY
-        ka, da = self.ka, self.da
-        ia = bisect_right(times, now - da)
-        na = times[ia] + da if da and ia < len(times) else None
-        b = self.const
-        if b is not None:
-            z = (ref - now + da) / h
-            if not -1000.0 < z < 1000.0:
-                return None
-            v = ka * prefix[ia] * 2.0**z
-            m = v * _U * (8 * ia + 1024 + 4 * abs(z)) + ka * weights + 1e-300 + self.mb
-            if v + m < b:
-                return self.fn(-1, 0), na
-            if not v - m > b:
-                return None
-            value = self.fn(1, 0)
-            # Above b, it can only fall to b before the next instant an event enters it
-            # if it is at or below b just before then.
-            end = (na - 1) if na is not None else _FAR
-            if end <= now:
-                return value, na
-            z = (ref - end + da) / h
-            if not -1000.0 < z < 1000.0:
-                return None
-            v = ka * prefix[ia] * 2.0**z
-            m = v * _U * (8 * ia + 1024 + 4 * abs(z)) + ka * weights + 1e-300 + self.mb
-            if v - m > b:
-                return value, na
+        if self.const is not None:
+            return self._against_constant(terms.times, prefix, ref, terms.total * _TINY, now)
+        if self.same:
+            return self._against_score(terms.times, prefix, ref, terms.total * _TINY, now)
+        return None
+
+    def _sign(self, prefix: list[float], i: int, ref: int, tiny: float, t: int) -> int:
+        """The sign of ``ka * score(t - da) - b`` as the estimate settles it, for the first
+        ``i`` terms in time order; 0 when it does not (or it overflows)."""
+        assert self.const is not None
+        z = (ref - t + self.da) / self.config.half_life
+        ka, b = self.ka, self.const
+        if z < -1500.0:
+            # Every term (at most 2 ** 400 relative to ref) underflows: the exact sum is 0.
+            return (0.0 > b) - (0.0 < b)
+        if not -1000.0 < z < 1000.0:
+            return 0
+        v = ka * prefix[i] * 2.0**z
+        m = v * _U * (8 * i + 1024 + 4 * abs(z)) + ka * tiny + 1e-300 + self.mb
+        if v + m < b:
+            return -1
+        if v - m > b:
+            return 1
+        return 0
+
+    def _against_constant(
+        self, times: list[int], prefix: list[float], ref: int, tiny: float, now: int
+    ) -> Value | None:
+        # As _Compare._decay, step for step; where an estimate does not settle the sign,
+        # the general way (exact sums) gives the whole answer.
+        da, n = self.da, len(times)
+        i = bisect_right(times, now - da)
+        sign = self._sign(prefix, i, ref, tiny, now)
+        if not sign:
             return None
-        if not self.same:
-            return None
-        kb, db = self.kb, self.db
-        ib = bisect_right(times, now - db)
-        nb = times[ib] + db if db and ib < len(times) else None
-        nxt = na if nb is None or (na is not None and na <= nb) else nb
+        value = self.fn(sign, 0)
+        step = times[i] + da if da and i < n else None
+        if sign < 0:
+            for _ in range(_STEPS):
+                if step is None:
+                    return value, None
+                i = bisect_right(times, times[i], i)
+                s = self._sign(prefix, i, ref, tiny, step)
+                if not s:
+                    return None
+                if s > 0:
+                    return value, step
+                step = times[i] + da if i < n else None
+            return value, step
+        end = _FAR if step is None else step - 1
+        if end > now and self._sign(prefix, i, ref, tiny, end) <= 0:
+            return None  # it may fall to b before the first step: searched the general way
+        for _ in range(_STEPS):
+            if step is None:
+                return value, None
+            start = step
+            i = bisect_right(times, times[i], i)
+            step = times[i] + da if i < n else None
+            end = _FAR if step is None else step - 1
+            if end > start:
+                s = self._sign(prefix, i, ref, tiny, end)
+                if not s:
+                    return None
+                if s < 0:
+                    return value, start
+        return value, step
+
+    def _against_score(
+        self, times: list[int], prefix: list[float], ref: int, tiny: float, now: int
+    ) -> Value | None:
+        # Both sides decay by the same factor: the result only changes at steps, where an
+        # event enters one side, and is computed relative to the latest term of either
+        # (as _relative, inline: this runs for every step of every such evaluation).
+        da, db, n = self.da, self.db, len(times)
+        ka, kb, h, fn = self.ka, self.kb, self.config.half_life, self.fn
+        ta, tb = ka * tiny + 1e-300, kb * tiny + 1e-300
+        ia, ib = bisect_right(times, now - da), bisect_right(times, now - db)
+        value = False
+        step: int | None = None
+        last_r: int | None = None
+        pa = pb = ca = cb = 0.0
+        for k in range(_STEPS + 2):
+            if k:
+                na = times[ia] + da if da and ia < n else None
+                nb = times[ib] + db if db and ib < n else None
+                step = na if nb is None or (na is not None and na <= nb) else nb
+                if step is None or k > _STEPS:
+                    return value, step
+                # As evaluating at the step would count them (all of either side at or
+                # before it, also events after now, which facts as of now do not have).
+                ia, ib = bisect_right(times, step - da), bisect_right(times, step - db)
+            if not ia and not ib:
+                s = 0
+            else:
+                r = times[(ia if ia > ib else ib) - 1]
+                if r != last_r:
+                    za, zb = (ref - r + da) / h, (ref - r + db) / h
+                    if not (-1000.0 < za < 1000.0 and -1000.0 < zb < 1000.0):
+                        return None
+                    pa, pb = 2.0**za, 2.0**zb
+                    ca = _U * (1024 + 4 * abs(za) + 4 * da / h)
+                    cb = _U * (1024 + 4 * abs(zb) + 4 * db / h)
+                    last_r = r
+                va = ka * prefix[ia] * pa
+                ma = va * (_U * 8 * ia + ca) + ta
+                vb = kb * prefix[ib] * pb
+                mb = vb * (_U * 8 * ib + cb) + tb
+                if va - ma > vb + mb:
+                    s = 1
+                elif va + ma < vb - mb:
+                    s = -1
+                else:
+                    return None
+            if not k:
+                value = fn(s, 0)
+            elif fn(s, 0) != value:
+                return value, step
+        raise AssertionError("unreachable")
+
+    def _relative(
+        self, times: list[int], prefix: list[float], ref: int, tiny: float, ia: int, ib: int
+    ) -> int | None:
+        """The sign of ``ka * score(t - da) - kb * score(t - db)`` with the first ``ia`` and
+        ``ib`` terms in them (the same at every ``t`` with those), or None if the estimates
+        do not settle it."""
         if not ia and not ib:
-            return self.fn(0.0, 0.0), nxt
-        # Relative to the latest instant of either side's terms (sorted: the last one kept).
+            return 0
+        h = self.config.half_life
+        ka, da, kb, db = self.ka, self.da, self.kb, self.db
         r = times[(ia if ia > ib else ib) - 1]
         za, zb = (ref - r + da) / h, (ref - r + db) / h
         if not (-1000.0 < za < 1000.0 and -1000.0 < zb < 1000.0):
             return None
         va = ka * prefix[ia] * 2.0**za
-        ma = va * _U * (8 * ia + 1024 + 4 * abs(za) + 4 * da / h) + ka * weights + 1e-300
+        ma = va * _U * (8 * ia + 1024 + 4 * abs(za) + 4 * da / h) + ka * tiny + 1e-300
         vb = kb * prefix[ib] * 2.0**zb
-        mb = vb * _U * (8 * ib + 1024 + 4 * abs(zb) + 4 * db / h) + kb * weights + 1e-300
+        mb = vb * _U * (8 * ib + 1024 + 4 * abs(zb) + 4 * db / h) + kb * tiny + 1e-300
         if va - ma > vb + mb:
-            return self.fn(1, 0), nxt
+            return 1
         if va + ma < vb - mb:
-            return self.fn(-1, 0), nxt
+            return -1
         return None
+
+
+_STEPS = 64
+"""How many steps of a score :meth:`_ScoreCompare._estimated` looks at for one answer."""
 
 
 def _always_number(node: _Node) -> bool:

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
@@ -288,3 +289,63 @@ def test_a_window_used_twice_in_a_rule(offsets: list[int], zone: str | None) -> 
         c.apply(e, segments)
     for t in sorted(instants(segments, c, events)):
         agree(segments, c, t)
+
+
+def _busy_week(visits: list[int]) -> tuple[SegmentSet, Customer, int]:
+    """A customer with a visit at each of the given hours after T0, under the default
+    segments' score comparisons, evaluated one hour after the last visit."""
+    segments = parse_segments(
+        '[score]\nhalf_life = "14d"\nweights = { "Visit" = 1.0 }\n'
+        "[segments.dropped]\n"
+        "rule = \"score() < 0.75 * score_at('7d')\"\n"
+        "[segments.was_busy]\n"
+        "rule = \"score_at('7d') >= 3\"\n"
+    )
+    c = Customer("c1")
+    for i, h in enumerate(visits):
+        c.apply(
+            Event(
+                kind="track",
+                customer_id="c1",
+                name="Visit",
+                properties={},
+                traits={},
+                at=T0 + h * HOUR,
+                received=T0 + h * HOUR,
+                message_id=f"m{i}",
+            ),
+            segments,
+        )
+    return segments, c, T0 + (max(visits) + 1) * HOUR
+
+
+@pytest.mark.parametrize(
+    "visits",
+    [
+        [0, 24, 48, 72, 96, 120, 144],  # a visit a day for a week, then none
+        [0, 30, 31, 100, 101, 102, 150, 200],
+        [0, 168, 336],  # one a week: the score never drops by a quarter
+    ],
+)
+def test_score_comparisons_next_is_the_flip_not_the_next_step(visits: list[int]) -> None:
+    # A score_at('7d') moves by a step where each event enters it, a week after the
+    # event. The next instant a score comparison gives is the one where its value flips
+    # (or None if it never does without an event), however many steps come first: a
+    # comparison at each step and one microsecond before each step agree with it.
+    segments, c, now = _busy_week(visits)
+    steps = sorted({T0 + h * HOUR + 7 * DAY for h in visits})
+    for rule in segments.plan.rules:
+        value, nxt, _ = rule.evaluator(c, now)
+        plain = rule._root.test(Plain(c), now)
+        assert (value, nxt) == (bool(plain[0]), plain[1]), rule.text
+        for t in [s + d for s in steps for d in (-1, 0) if s + d > now]:
+            if nxt is None or t < nxt:
+                assert rule.evaluator(c, t)[0] == value, (rule.text, t - now)
+        if nxt is not None:
+            assert rule.evaluator(c, nxt - 1)[0] == value
+            assert rule.evaluator(c, nxt)[0] != value, rule.text
+    # The busy week's drop is found in one evaluation, past the steps in between.
+    if visits[1] == 24:
+        dropped = segments.plan.rules[0]
+        _, nxt, _ = dropped.evaluator(c, now)
+        assert nxt is not None and nxt > steps[1]
