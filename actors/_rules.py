@@ -1156,9 +1156,12 @@ class _ScoreCompare(_Compare):
             return self._against_score(terms.times, prefix, ref, terms.total * _TINY, now)
         return None
 
-    def _sign(self, prefix: list[float], i: int, ref: int, tiny: float, t: int) -> int:
+    def _sign(
+        self, prefix: list[float], i: int, ref: int, tiny: float, t: int, extra: int = 0
+    ) -> int:
         """The sign of ``ka * score(t - da) - b`` as the estimate settles it, for the first
-        ``i`` terms in time order; 0 when it does not (or it overflows)."""
+        ``i`` terms in time order; 0 when it does not (or it overflows). ``extra`` widens
+        the bound (in units of the estimate's roundoff)."""
         assert self.const is not None
         z = (ref - t + self.da) / self.config.half_life
         ka, b = self.ka, self.const
@@ -1168,7 +1171,7 @@ class _ScoreCompare(_Compare):
         if not -1000.0 < z < 1000.0:
             return 0
         v = ka * prefix[i] * 2.0**z
-        m = v * _U * (8 * i + 1024 + 4 * abs(z)) + ka * tiny + 1e-300 + self.mb
+        m = v * _U * (8 * i + 1024 + extra + 4 * abs(z)) + ka * tiny + 1e-300 + self.mb
         if v + m < b:
             return -1
         if v - m > b:
@@ -1188,6 +1191,15 @@ class _ScoreCompare(_Compare):
         value = self.fn(sign, 0)
         step = times[i] + da if da and i < n else None
         if sign < 0:
+            if (
+                step is not None
+                and n - i <= _STEPS
+                and self._sign(prefix, n, ref, tiny, step, 8) < 0
+            ):
+                # Every term in, at the first step, it would still be clearly below b:
+                # at each later step it has no more terms and has decayed for longer.
+                # (The wider bound covers the roundoff of those later estimates.)
+                return value, None
             for _ in range(_STEPS):
                 if step is None:
                     return value, None
@@ -1265,6 +1277,12 @@ class _ScoreCompare(_Compare):
                     return None
             if not k:
                 value = fn(s, 0)
+                if s > 0 and not da and ia == n and ib < n and n - ib <= _STEPS:
+                    # Only the other side grows from here (by steps): if it stays clearly
+                    # below with every term in, no step changes the result.
+                    vb = kb * prefix[n] * pb
+                    if va - ma > vb + vb * (_U * 8 * n + cb) + tb:
+                        return value, None
             elif fn(s, 0) != value:
                 return value, step
         raise AssertionError("unreachable")
