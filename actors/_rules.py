@@ -1252,7 +1252,9 @@ class _ScoreCompare(_Compare):
                     return value, step
                 # As evaluating at the step would count them (all of either side at or
                 # before it, also events after now, which facts as of now do not have).
-                ia, ib = bisect_right(times, step - da), bisect_right(times, step - db)
+                if da or ia < n:
+                    ia = bisect_right(times, step - da, ia)
+                ib = bisect_right(times, step - db, ib)
             if not ia and not ib:
                 s = 0
             else:
