@@ -1211,6 +1211,15 @@ class _ScoreCompare(_Compare):
                     return value, step
                 step = times[i] + da if i < n else None
             return value, step
+        b = self.const
+        assert b is not None
+        if step is not None and b > 0 and n - i <= _STEPS:
+            last = times[-1] + da
+            if self._sign(prefix, i, ref, tiny, last - 1, 8) > 0:
+                # With no more terms than now, it would still be clearly above b just
+                # before the last step: above b at the end of every interval but the
+                # last, where it decays to 0 (b > 0). It can first fall in that one.
+                return value, last
         end = _FAR if step is None else step - 1
         if end > now and self._sign(prefix, i, ref, tiny, end) <= 0:
             return None  # it may fall to b before the first step: searched the general way
