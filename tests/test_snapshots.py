@@ -461,3 +461,48 @@ async def test_restart_loads_snapshots_in_deadline_order_and_fires_each_on_time(
     assert {(t.segment, t.change, t.version, t.cause) for t in got.values()} == {
         ("idle", "entered", 1, TimeCause())
     }
+
+
+async def test_customers_due_soon_are_prepared_while_idle_and_fire_once_on_time(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "shoal.db"
+    nc = await connect([nats_server.url])
+    seen = await collect(nc, "shoal.segments.>")
+    start = SystemClock().now()
+    visits = {f"c{i}": start - 1_000_000 - i * 1000 for i in range(6)}
+    try:
+        async with running_engine(nats_server.url, db, IDLE, clock=VirtualClock(start)) as engine:
+            for user, at in visits.items():
+                await nc.publish(f"shoal.events.{user}", _visit(user, at))
+            await eventually(lambda: engine.stats.events_applied == 6)
+
+        clock = VirtualClock(start - 20 * SECOND)
+        async with running_engine(nats_server.url, db, IDLE, clock=clock) as engine:
+            await anyio.sleep(0.3)
+            assert not engine._held  # due in 22 s: not yet
+            clock.set(start - 5 * SECOND)
+            # Idle, with six deadlines within the next few seconds: prepared, and taken
+            # out of the timer queue, but still counted and still the next one.
+            await eventually(lambda: len(engine._held) == 6)
+            assert engine.pending_deadlines == 6
+            assert engine.next_deadline == visits["c5"] + 3 * SECOND
+            # A later visit moves c1's deadline: the one held for it no longer holds.
+            await nc.publish("shoal.events.c1", _visit("c1", visits["c1"] + 1_000_000))
+            await eventually(lambda: engine.stats.events_applied == 1)
+            assert engine.next_deadline == visits["c5"] + 3 * SECOND
+            clock.set(start + 70 * SECOND)
+            await eventually(lambda: len(seen.msgs) == 6)
+            await anyio.sleep(0.2)  # nothing more comes
+            assert engine.stats.deadlines_fired == 6
+            assert engine.pending_deadlines == 0
+    finally:
+        await nc.close()
+    expected = {u: at + 3 * SECOND for u, at in visits.items()}
+    expected["c1"] += SECOND
+    assert len(seen.msgs) == 6
+    got = {t.customer_id: t for t in seen.transitions()}
+    assert {u: to_instant(t.at) for u, t in got.items()} == expected
+    assert {(t.segment, t.change, t.version, t.cause) for t in got.values()} == {
+        ("idle", "entered", 1, TimeCause())
+    }
