@@ -8,10 +8,12 @@ has emitted, which the engine keeps in the outbox.
 
 from __future__ import annotations
 
+import sys
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import tzinfo
 from itertools import accumulate, compress
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -179,18 +181,73 @@ class _TimeIndex:
         return terms
 
 
+class _Kept:
+    """The outcomes a customer keeps under one set of definitions: by the steps of
+    ``Plan.steps``, when to look at the segment again (``_STALE``: at the next evaluation;
+    the facts its rules read changed), and its next instant (``_NEVER``: None)."""
+
+    __slots__ = ("segments", "untils", "nexts")
+
+    def __init__(self, segments: SegmentSet) -> None:
+        n = len(segments.plan.steps)
+        self.segments = segments
+        self.untils = [_STALE] * n
+        self.nexts = [_NEVER] * n
+
+
+# Most customers have some of these empty: they share one empty collection, never written
+# (a customer makes its own at its first write), to stay small. Those loaded from snapshots
+# and never evaluated keep nothing else but their state.
+_NO_EVENTS: dict[str | None, int] = {}
+_NO_TRACKED: list[Retained] = []
+_NO_MEMBERS: Mapping[str, int] = MappingProxyType({})
+
+_SHAPES: dict[tuple[str, ...], dict[str, int]] = {}
+"""The trait keys a customer has, in order -> where each value is in its ``_traits``: the
+shape is first, then ``value, at`` per key. Customers with the same keys share one shape
+(the rules read few keys), as CPython's split dicts share their keys."""
+
+
+def _shape(keys: tuple[str, ...]) -> dict[str, int]:
+    shape = _SHAPES.get(keys)
+    if shape is None:
+        shape = _SHAPES[keys] = {k: 1 + 2 * j for j, k in enumerate(keys)}
+    return shape
+
+
+_NO_TRAITS: tuple[Any, ...] = (_shape(()),)
+
+
+def _with_key(traits: tuple[Any, ...], key: str) -> tuple[Any, ...]:
+    """``traits`` with a place for ``key`` (value and instant None)."""
+    old: dict[str, int] = traits[0]
+    shape = _shape(tuple(sorted((*old, key))))
+    out: list[Any] = [shape, *(None,) * (2 * len(shape))]
+    for k, i in old.items():
+        j = shape[k]
+        out[j], out[j + 1] = traits[i], traits[i + 1]
+    return tuple(out)
+
+
+def _share(value: Any) -> Any:
+    """A short string value as one object for all customers (plans, zones, dates repeat)."""
+    if type(value) is str and len(value) <= 64:
+        return sys.intern(value)
+    return value
+
+
 class _Derived(Indexed):
-    """What a customer keeps besides its state: for each segment, the next instant it gave
-    and until when that outcome holds (the earliest instant at which an answer of its rules
-    can change, ``Rule.evaluate_until``), dropped when a fact its rules read changes; and
-    its retained events indexed by instant.
+    """What a customer keeps besides its state, to save work: the outcome of each segment
+    and until when it holds (the earliest instant at which an answer of its rules can
+    change, ``Rule.evaluate_until``), dropped when a fact its rules read changes; and its
+    retained events indexed by instant.
 
     Not part of the state: snapshots leave it out (a restored customer starts without it,
-    and :data:`Customer.__slots__` lists the state alone). It saves work, and changes no
-    result: an outcome is used only where evaluating again would give the same one.
+    and :data:`Customer.__slots__` lists the state alone). It changes no result: an outcome
+    is used only where evaluating again would give the same one.
     """
 
-    __slots__ = ("_untils", "_nexts", "_kept_for", "_index")
+    __slots__ = ("_kept", "_index")
 
 
 class Customer(_Derived):
@@ -212,11 +269,11 @@ class Customer(_Derived):
     def __init__(self, customer_id: str) -> None:
         self.customer_id = customer_id
         self._first: int | None = None
-        self._last: dict[str | None, int] = {}
-        self._counts: dict[str | None, int] = {}
-        self._traits: dict[str, tuple[int, Any]] = {}
-        self._tracked: list[Retained] = []  # track events windows and scores read, in log order
-        self.members: dict[str, int] = {}
+        self._last = _NO_EVENTS
+        self._counts = _NO_EVENTS
+        self._traits = _NO_TRAITS  # its shape (see _SHAPES), then value, at, value, at, ...
+        self._tracked = _NO_TRACKED  # track events windows and scores read, in log order
+        self.members = _NO_MEMBERS
         """Segment name -> the instant the customer entered it."""
         self.version = 0
         """How many transitions the customer has had (the last one's ``version``)."""
@@ -224,12 +281,18 @@ class Customer(_Derived):
         """The instant up to which the customer's state has been evaluated."""
         self.deadline: int | None = None
         """The next instant a segment can change without an event (always > watermark)."""
-        # By the steps of Plan.steps: when to look at the segment again (_STALE: at the next
-        # evaluation; the facts its rules read changed), and its next instant (_NEVER: None).
-        self._untils: list[int] | None = None
-        self._nexts: list[int] | None = None
-        self._kept_for: SegmentSet | None = None
+        self._kept: _Kept | None = None
         self._index: _TimeIndex | None = None
+
+    @property
+    def _untils(self) -> list[int] | None:
+        kept = self._kept
+        return None if kept is None else kept.untils
+
+    @_untils.setter
+    def _untils(self, value: None) -> None:
+        """Forget every kept outcome (tests set it to None)."""
+        self._kept = None
 
     # Facts, as the rules read them ------------------------------------------------------
 
@@ -243,8 +306,12 @@ class Customer(_Derived):
         return self._counts.get(name, 0)
 
     def trait(self, key: str) -> Any:
-        entry = self._traits.get(key)
-        return MISSING if entry is None or entry[1] is None else entry[1]
+        traits = self._traits
+        i = traits[0].get(key)
+        if i is None:
+            return MISSING
+        value = traits[i]
+        return MISSING if value is None else value
 
     def tracked(self) -> Sequence[Tracked]:
         return self._tracked
@@ -300,9 +367,13 @@ class Customer(_Derived):
         at = event.at
         if at > self.watermark:
             self.watermark = at
-        untils = self._untils
-        if untils is not None and self._kept_for is not segments:
-            untils = self._untils = self._nexts = self._kept_for = None
+        kept = self._kept
+        untils = None
+        if kept is not None:
+            if kept.segments is segments:
+                untils = kept.untils
+            else:
+                self._kept = None
         plan = segments.plan
         if self._first is None or at < self._first:
             self._first = at
@@ -313,12 +384,20 @@ class Customer(_Derived):
         if event.kind == "track":
             retained = needs.retained
             if retained and (None in retained or event.name in retained):
-                self._tracked.append(Retained(at, event.name, event.properties))
+                tracked = self._tracked
+                if tracked is _NO_TRACKED:
+                    tracked = self._tracked = []
+                tracked.append(Retained(at, event.name, event.properties))
             for key in (None, event.name):
                 if key in needs.event_names:
-                    if at > self._last.get(key, at - 1):
-                        self._last[key] = at
-                    self._counts[key] = self._counts.get(key, 0) + 1
+                    last, counts = self._last, self._counts
+                    if last is _NO_EVENTS:
+                        last = self._last = {}
+                    if counts is _NO_EVENTS:
+                        counts = self._counts = {}
+                    if at > last.get(key, at - 1):
+                        last[key] = at
+                    counts[key] = counts.get(key, 0) + 1
             if untils is not None:
                 for j in plan.by_name.get(event.name, plan.by_any_name):
                     untils[j] = _STALE
@@ -326,9 +405,14 @@ class Customer(_Derived):
             for key, value in event.traits.items():
                 if key in needs.trait_keys:
                     # The latest event time wins; at equal times the later in the log does.
-                    old = self._traits.get(key)
-                    if old is None or at >= old[0]:
-                        self._traits[key] = (at, value)
+                    traits = self._traits
+                    i = traits[0].get(key)
+                    if i is None:
+                        traits = _with_key(traits, key)
+                        i = traits[0][key]
+                    old = traits[i + 1]
+                    if old is None or at >= old:
+                        self._traits = (*traits[:i], _share(value), at, *traits[i + 2 :])
                         if untils is not None:
                             for j in plan.by_trait[key]:
                                 untils[j] = _STALE
@@ -362,12 +446,11 @@ class Customer(_Derived):
         """
         now = self.watermark
         plan = segments.plan
-        untils, nexts = self._untils, self._nexts
+        kept = self._kept
         definition = isinstance(cause, DefinitionCause)
-        if untils is None or nexts is None or self._kept_for is not segments or definition:
-            untils = self._untils = [_STALE] * len(plan.steps)
-            nexts = self._nexts = [_NEVER] * len(plan.steps)
-            self._kept_for = segments
+        if kept is None or kept.segments is not segments or definition:
+            kept = self._kept = _Kept(segments)
+        untils, nexts = kept.untils, kept.nexts
         evaluators = plan.evaluators
         members = self.members
         out: list[Transition] = []
@@ -434,11 +517,17 @@ class Customer(_Derived):
         self.deadline = None if nxt == _NEVER else nxt
         return out
 
+    def _own_members(self) -> dict[str, int]:
+        members = self.members
+        if not isinstance(members, dict):
+            members = self.members = dict(members)
+        return members
+
     def _change(self, segment: str, entered: bool, at: int, cause: Cause) -> Transition:
         if entered:
-            self.members[segment] = at
+            self._own_members()[segment] = at
         else:
-            del self.members[segment]
+            del self._own_members()[segment]
         self.version += 1
         return Transition(
             customer_id=self.customer_id,
@@ -452,13 +541,13 @@ class Customer(_Derived):
     def restore(self, transitions: Iterable[Transition]) -> None:
         """Take memberships, version and watermark from the customer's past transitions
         (in version order), as published; used by rebuild after :meth:`fold`."""
-        self._untils = self._nexts = self._kept_for = None  # memberships change
+        self._kept = None  # memberships change
         for t in transitions:
             at = to_instant(t.at)
             if t.change == "entered":
-                self.members[t.segment] = at
-            else:
-                self.members.pop(t.segment, None)
+                self._own_members()[t.segment] = at
+            elif t.segment in self.members:
+                del self._own_members()[t.segment]
             self.version = t.version
             if at > self.watermark:
                 self.watermark = at
@@ -468,14 +557,16 @@ class Customer(_Derived):
     def snapshot(self) -> bytes:
         """The whole state, encoded (format :data:`SNAPSHOT_FORMAT`); :meth:`from_snapshot`
         gives back an equal actor."""
+        traits = self._traits
+        shape: dict[str, int] = traits[0]
         return _state_encoder.encode(
             _State(
                 first=self._first,
                 last=list(self._last.items()),
                 counts=list(self._counts.items()),
-                traits=[(k, at, v) for k, (at, v) in self._traits.items()],
+                traits=[(k, traits[i + 1], traits[i]) for k, i in shape.items()],
                 tracked=self._tracked,
-                members=self.members,
+                members=dict(self.members),
                 version=self.version,
                 watermark=self.watermark,
                 deadline=self.deadline,
@@ -495,14 +586,30 @@ class Customer(_Derived):
             raise SnapshotError(customer_id, str(e)) from e
         if state.deadline is not None and state.deadline <= state.watermark:
             raise SnapshotError(customer_id, "its deadline is not after its watermark")
+        # Equal instants as one object each (an identify sets the first instant and its
+        # traits alike; a segment is often entered then).
+        same: dict[int, int] = {}
         c = cls(customer_id)
-        c._first = state.first
-        c._last = dict(state.last)
-        c._counts = dict(state.counts)
-        c._traits = {k: (at, v) for k, at, v in state.traits}
-        c._tracked = state.tracked
-        c.members = state.members
+        if state.first is not None:
+            c._first = same.setdefault(state.first, state.first)
+        if state.last:
+            c._last = {k: same.setdefault(at, at) for k, at in state.last}
+        if state.counts:
+            c._counts = dict(state.counts)
+        if state.traits:
+            shape = _shape(tuple(sorted({k for k, _, _ in state.traits})))
+            traits: list[Any] = [shape, *(None,) * (2 * len(shape))]
+            for k, at, v in state.traits:
+                i = shape[k]
+                traits[i] = _share(v)
+                traits[i + 1] = same.setdefault(at, at)
+            c._traits = tuple(traits)
+        if state.tracked:
+            c._tracked = state.tracked
+        if state.members:
+            c.members = {k: same.setdefault(at, at) for k, at in state.members.items()}
         c.version = state.version
-        c.watermark = state.watermark
-        c.deadline = state.deadline
+        c.watermark = same.setdefault(state.watermark, state.watermark)
+        if state.deadline is not None:
+            c.deadline = same.setdefault(state.deadline, state.deadline)
         return c

@@ -349,6 +349,71 @@ def test_identify_without_a_trait_keeps_the_old_value() -> None:
     assert c.trait("plan") == "gold"
 
 
+def test_a_trait_set_to_null_later_wins_over_an_earlier_value() -> None:
+    c = Customer(CID)
+    c.apply(identify(T0 + 2, plan=None), DEFAULT)
+    c.apply(identify(T0 + 1, plan="gold"), DEFAULT)
+    assert c.trait("plan") is MISSING
+    restored = Customer.from_snapshot(CID, c.snapshot())
+    restored.apply(identify(T0 + 1, "late", plan="gold"), DEFAULT)
+    assert restored.trait("plan") is MISSING
+    restored.apply(identify(T0 + 3, plan="gold"), DEFAULT)
+    assert restored.trait("plan") == "gold"
+
+
+# --- memory: empty collections shared, allocated at the first write -----------------------
+
+
+def test_customers_without_events_or_members_share_their_empty_collections() -> None:
+    quiet = Customer("quiet")
+    bare = Customer.from_snapshot("bare", Customer("bare").snapshot())
+    busy = Customer(CID)
+    busy.apply(identify(T0, plan="gold"), DEFAULT)
+    busy.apply(visit(T0 + 1), DEFAULT)
+    busy.restore([])
+    assert "premium" in busy.members and busy.count("Visit") == 1
+    assert busy.trait("plan") == "gold" and len(busy.tracked()) == 0
+    for c in (quiet, bare):
+        assert (c.members, c.version, c.deadline) == ({}, 0, None)
+        assert c.count("Visit") == 0 and c.last_at("Visit") is None
+        assert c.trait("plan") is MISSING
+        assert list(c.tracked()) == [] and list(c.instants(None)) == []
+    assert quiet.members is bare.members and quiet._last is bare._last
+    assert quiet._traits is bare._traits
+
+
+def test_snapshot_of_a_customer_with_empty_collections_round_trips() -> None:
+    c = Customer(CID)
+    c.fold(identify(T0, email="a@b.c"), DEFAULT)  # a trait no rule reads: nothing kept
+    assert c.members == {} and c.trait("plan") is MISSING
+    restored = Customer.from_snapshot(CID, c.snapshot())
+    assert restored.snapshot() == c.snapshot()
+    assert (restored.first_at(), restored.watermark, restored.deadline) == (
+        c.first_at(),
+        c.watermark,
+        c.deadline,
+    )
+    # Its first writes give it collections of its own.
+    entered = changes(restored.apply(identify(T0 + 1, plan="gold"), DEFAULT))
+    assert ("premium", "entered", T0 + 1) in entered
+    restored.apply(visit(T0 + 2), DEFAULT)
+    assert restored.count("Visit") == 1 and restored.trait("plan") == "gold"
+    assert Customer("other").members == {} and Customer("other").count("Visit") == 0
+    again = Customer.from_snapshot(CID, restored.snapshot())
+    assert again.snapshot() == restored.snapshot()
+    assert again.members == restored.members and again.members["premium"] == T0 + 1
+
+
+def test_a_bare_snapshot_shares_equal_instants_and_trait_values() -> None:
+    a, b = Customer("a"), Customer("b")
+    for c in (a, b):
+        c.apply(identify(T0, plan="gold"), DEFAULT)
+    ra = Customer.from_snapshot("a", a.snapshot())
+    rb = Customer.from_snapshot("b", b.snapshot())
+    assert ra.trait("plan") is rb.trait("plan")
+    assert ra.first_at() is ra.members["premium"]
+
+
 # --- restore and definition changes ------------------------------------------------------
 
 
