@@ -1172,13 +1172,28 @@ class Engine:
             await _breathe(i, _SERVE_EVERY)
             c = customers[customer_id]
             deadline = c.deadline
+            if i % 50 == 49 and feed.buffered:
+                # Events come first: the rest go back to the timer queue, for later.
+                for rest in due[i:]:
+                    self._timers.set(rest, customers[rest].deadline)
+                break
+            if deadline is None:
+                continue  # in the timer queue, so it has one
             made = c.evaluate(segments, _TIME)
-            if made or c.deadline != deadline or deadline is None:
+            if made:
                 # Not what it was evaluated to when last changed (it should be): take
                 # what evaluating at its watermark gives, as a time-based change.
                 changed += made
                 self._touch(c)
-            elif not held or held[-1][0] <= deadline:
+                continue
+            if c.deadline != deadline:
+                # A fresh evaluation can give an earlier next instant than the outcomes it
+                # kept when last evaluated did (a rule's next instant can be only where to
+                # look again). Unprepared, it would fire at the deadline it had: so it does,
+                # with what it keeps dropped, as loaded.
+                c.restore(())
+                c.deadline = deadline
+            if not held or held[-1][0] <= deadline:
                 held.append((deadline, customer_id))
             else:
                 bisect.insort(held, (deadline, customer_id))  # armed since the last ones

@@ -506,3 +506,47 @@ async def test_customers_due_soon_are_prepared_while_idle_and_fire_once_on_time(
     assert {(t.segment, t.change, t.version, t.cause) for t in got.values()} == {
         ("idle", "entered", 1, TimeCause())
     }
+
+
+async def test_a_prepared_customer_keeps_the_deadline_it_was_loaded_with(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # Preparing evaluates a customer afresh; if that gives another next instant than the
+    # one it was loaded with, it still fires when it would have unprepared, once.
+    db = tmp_path / "shoal.db"
+    nc = await connect([nats_server.url])
+    seen = await collect(nc, "shoal.segments.>")
+    start = SystemClock().now()
+    visit = start - 1_000_000
+    try:
+        async with running_engine(nats_server.url, db, IDLE, clock=VirtualClock(start)) as engine:
+            await nc.publish("shoal.events.a", _visit("a", visit))
+            await eventually(lambda: engine.stats.events_applied == 1)
+        async with await EventLog.open(db) as log:
+            (stored,) = await log.snapshots_of(["a"])
+            c = Customer.from_snapshot("a", stored.body)
+            assert c.deadline == visit + 3 * SECOND
+            c.deadline = visit + 5 * SECOND  # later than its rule says
+            await log.commit(
+                [],
+                snapshots=[msgspec.structs.replace(stored, deadline=c.deadline, body=c.snapshot())],
+            )
+
+        clock = VirtualClock(start - 5 * SECOND)
+        async with running_engine(nats_server.url, db, IDLE, clock=clock) as engine:
+            await eventually(lambda: len(engine._held) == 1)
+            loaded = engine.customer("a")
+            assert loaded is not None and loaded.deadline == visit + 5 * SECOND
+            clock.set(start + 10 * SECOND)
+            await eventually(lambda: len(seen.msgs) == 1)
+            await anyio.sleep(0.2)
+            assert engine.stats.deadlines_fired == 1
+    finally:
+        await nc.close()
+    (t,) = seen.transitions()
+    assert (t.segment, t.change, t.version, to_instant(t.at)) == (
+        "idle",
+        "entered",
+        1,
+        visit + 5 * SECOND,
+    )
