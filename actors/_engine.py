@@ -8,7 +8,9 @@ Two tasks, none per customer. Each turn of the main loop:
    transaction (which also records how far the outbox has been published); publishes a
    rejection for each invalid event; acknowledges the batch with one message;
 2. fires the deadlines that fell due, each at its own instant, in the same way;
-3. when there is nothing to do, sleeps until a delivery arrives or the next deadline.
+3. when there is nothing else to do, prepares the customers whose deadlines fall due within
+   the next 10 s, so that firing them costs less (``Engine._prepare``);
+4. when there is nothing to do, sleeps until a delivery arrives or the next deadline.
 
 New segment definitions (:meth:`Engine.apply_segments`) are switched to at the top of a
 turn, between two batches, so no event is ever applied under a mix of old and new rules.
@@ -98,7 +100,8 @@ _SCAN_SLICE = 20_000
 """Customers looked at between two checkpoints of :meth:`Engine.members`."""
 _NOT_TIMED = contextlib.nullcontext()
 _FREEZE_EVENTS = 20_000
-"""Events applied between two freezes of the garbage collector."""
+"""Events applied (or customers prepared or fired) between two freezes of the garbage
+collector."""
 
 
 _SERVE_EVERY = 200
@@ -146,8 +149,8 @@ class EngineConfig:
     freeze_gc: bool = True
     """Take the objects alive out of the cyclic garbage collector's view (``gc.freeze``)
     once the customers are loaded, after each page loaded while warming up (the collector
-    is off while a page decodes), every 20,000 events applied, and after each round of
-    snapshots. A million actors are tens of
+    is off while a page decodes), every 20,000 events applied or customers prepared or fired
+    (their deadlines), and after each round of snapshots. A million actors are tens of
     millions of objects that live as long as the engine; each full collection walked them
     all: 28 % of ingest time at 1M customers, and pauses of seconds
     (scripts/results/bench/gc-stalls). The cost: cyclic garbage alive at those instants
@@ -250,6 +253,7 @@ class Engine:
         # entries armed meanwhile). An entry holds only while the customer's deadline is
         # still that one and the timer queue has not been given one again (_held_valid).
         self._held: deque[tuple[int, str]] = deque()
+        self._preparing = 0  # taken out of the timer queue by _prepare(), not yet held
         # Committed, not yet confirmed by the broker, in outbox order.
         self._outbox: deque[tuple[int, Transition]] = deque()
         self._outbox_ready = anyio.Event()
@@ -327,7 +331,7 @@ class Engine:
     @property
     def pending_deadlines(self) -> int:
         """How many customers have a deadline armed."""
-        return len(self._timers) + len(self._held)
+        return len(self._timers) + len(self._held) + self._preparing
 
     @property
     def segments(self) -> SegmentSet:
@@ -1091,13 +1095,17 @@ class Engine:
             return False
         transitions: list[Transition] = []
         due_at: list[int] = []
+        customers, segments = self._customers, self._segments
+        arm, dirty = self._timers.set, self._dirty
         for i, customer_id in enumerate(due):
-            await _breathe(i, _SERVE_EVERY)
-            c = self._customers[customer_id]
+            if i % _SERVE_EVERY == _SERVE_EVERY - 1:
+                await anyio.lowlevel.cancel_shielded_checkpoint()  # as _breathe(), inline
+            c = customers[customer_id]
             if c.deadline is not None:
                 due_at.append(c.deadline)  # what the timer held: the deadline firing now
-            transitions += c.advance(floor, self._segments)
-            self._touch(c)
+            transitions += c.advance(floor, segments)
+            arm(customer_id, c.deadline)  # as _touch(c)
+            dirty.add(customer_id)
         self.stats.deadlines_fired += len(due)
         self._applied_since_gc += len(due)
         if self._observer is not None:
@@ -1168,14 +1176,17 @@ class Engine:
             return False
         segments, customers, held = self._segments, self._customers, self._held
         changed: list[Transition] = []
+        self._preparing = len(due)
         for i, customer_id in enumerate(due):
-            await _breathe(i, _SERVE_EVERY)
+            await _breathe(i, _SERVE_EVERY)  # queries meanwhile count self._preparing
+            self._preparing = len(due) - i - 1
             c = customers[customer_id]
             deadline = c.deadline
             if i % 50 == 49 and feed.buffered:
                 # Events come first: the rest go back to the timer queue, for later.
                 for rest in due[i:]:
                     self._timers.set(rest, customers[rest].deadline)
+                self._preparing = 0
                 break
             if deadline is None:
                 continue  # in the timer queue, so it has one
