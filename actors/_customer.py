@@ -198,7 +198,6 @@ class _Kept:
 # Most customers have some of these empty: they share one empty collection, never written
 # (a customer makes its own at its first write), to stay small. Those loaded from snapshots
 # and never evaluated keep nothing else but their state.
-_NO_EVENTS: dict[str | None, int] = {}
 _NO_TRACKED: list[Retained] = []
 _NO_MEMBERS: Mapping[str, int] = MappingProxyType({})
 
@@ -216,6 +215,36 @@ def _shape(keys: tuple[str, ...]) -> dict[str, int]:
 
 
 _NO_TRAITS: tuple[Any, ...] = (_shape(()),)
+
+_NAME_SHAPES: dict[tuple[str | None, ...], dict[str | None, int]] = {}
+"""The same for the event names a customer counts (None: any track event): its ``_named``
+is a list of its shape, then ``last instant, count`` per name."""
+
+
+def _by_name(name: str | None) -> tuple[bool, str]:
+    return (name is not None, name or "")
+
+
+def _name_shape(names: Iterable[str | None]) -> dict[str | None, int]:
+    key = tuple(sorted(set(names), key=_by_name))
+    shape = _NAME_SHAPES.get(key)
+    if shape is None:
+        shape = _NAME_SHAPES[key] = {k: 1 + 2 * j for j, k in enumerate(key)}
+    return shape
+
+
+_NO_NAMED: list[Any] = [_name_shape(())]
+
+
+def _named_with(named: list[Any], name: str | None) -> list[Any]:
+    """A new ``named`` with a place for ``name`` (no instant, count 0)."""
+    old: dict[str | None, int] = named[0]
+    shape = _name_shape((*old, name))
+    out: list[Any] = [shape, *(None, 0) * len(shape)]
+    for k, i in old.items():
+        j = shape[k]
+        out[j], out[j + 1] = named[i], named[i + 1]
+    return out
 
 
 def _with_key(traits: tuple[Any, ...], key: str) -> tuple[Any, ...]:
@@ -256,8 +285,7 @@ class Customer(_Derived):
     __slots__ = (
         "customer_id",
         "_first",
-        "_last",
-        "_counts",
+        "_named",
         "_traits",
         "_tracked",
         "members",
@@ -269,8 +297,7 @@ class Customer(_Derived):
     def __init__(self, customer_id: str) -> None:
         self.customer_id = customer_id
         self._first: int | None = None
-        self._last = _NO_EVENTS
-        self._counts = _NO_EVENTS
+        self._named = _NO_NAMED  # last instant and count of each event name rules count
         self._traits = _NO_TRAITS  # its shape (see _SHAPES), then value, at, value, at, ...
         self._tracked = _NO_TRACKED  # track events windows and scores read, in log order
         self.members = _NO_MEMBERS
@@ -300,10 +327,14 @@ class Customer(_Derived):
         return self._first
 
     def last_at(self, name: str | None) -> int | None:
-        return self._last.get(name)
+        named = self._named
+        i = named[0].get(name)
+        return None if i is None else named[i]
 
     def count(self, name: str | None) -> int:
-        return self._counts.get(name, 0)
+        named = self._named
+        i = named[0].get(name)
+        return 0 if i is None else named[i + 1]
 
     def trait(self, key: str) -> Any:
         traits = self._traits
@@ -390,14 +421,15 @@ class Customer(_Derived):
                 tracked.append(Retained(at, event.name, event.properties))
             for key in (None, event.name):
                 if key in needs.event_names:
-                    last, counts = self._last, self._counts
-                    if last is _NO_EVENTS:
-                        last = self._last = {}
-                    if counts is _NO_EVENTS:
-                        counts = self._counts = {}
-                    if at > last.get(key, at - 1):
-                        last[key] = at
-                    counts[key] = counts.get(key, 0) + 1
+                    named = self._named
+                    i = named[0].get(key)
+                    if i is None:
+                        named = self._named = _named_with(named, key)
+                        i = named[0][key]
+                    last = named[i]
+                    if last is None or at > last:
+                        named[i] = at
+                    named[i + 1] += 1
             if untils is not None:
                 for j in plan.by_name.get(event.name, plan.by_any_name):
                     untils[j] = _STALE
@@ -557,13 +589,14 @@ class Customer(_Derived):
     def snapshot(self) -> bytes:
         """The whole state, encoded (format :data:`SNAPSHOT_FORMAT`); :meth:`from_snapshot`
         gives back an equal actor."""
-        traits = self._traits
+        traits, named = self._traits, self._named
         shape: dict[str, int] = traits[0]
+        names: dict[str | None, int] = named[0]
         return _state_encoder.encode(
             _State(
                 first=self._first,
-                last=list(self._last.items()),
-                counts=list(self._counts.items()),
+                last=[(k, named[i]) for k, i in names.items() if named[i] is not None],
+                counts=[(k, named[i + 1]) for k, i in names.items()],
                 traits=[(k, traits[i + 1], traits[i]) for k, i in shape.items()],
                 tracked=self._tracked,
                 members=dict(self.members),
@@ -592,10 +625,14 @@ class Customer(_Derived):
         c = cls(customer_id)
         if state.first is not None:
             c._first = same.setdefault(state.first, state.first)
-        if state.last:
-            c._last = {k: same.setdefault(at, at) for k, at in state.last}
-        if state.counts:
-            c._counts = dict(state.counts)
+        if state.last or state.counts:
+            names = _name_shape([k for k, _ in state.last] + [k for k, _ in state.counts])
+            named: list[Any] = [names, *(None, 0) * len(names)]
+            for k, at in state.last:
+                named[names[k]] = same.setdefault(at, at)
+            for k, n in state.counts:
+                named[names[k] + 1] = n
+            c._named = named
         if state.traits:
             shape = _shape(tuple(sorted({k for k, _, _ in state.traits})))
             traits: list[Any] = [shape, *(None,) * (2 * len(shape))]

@@ -378,7 +378,7 @@ def test_customers_without_events_or_members_share_their_empty_collections() -> 
         assert c.count("Visit") == 0 and c.last_at("Visit") is None
         assert c.trait("plan") is MISSING
         assert list(c.tracked()) == [] and list(c.instants(None)) == []
-    assert quiet.members is bare.members and quiet._last is bare._last
+    assert quiet.members is bare.members and quiet._named is bare._named
     assert quiet._traits is bare._traits
 
 
