@@ -119,24 +119,48 @@ class _Future(Indexed):
     """A copy of a customer run on with no new event: its facts (the same as the
     customer's), and each segment's membership at any instant up to ``known_until``."""
 
-    __slots__ = ("customer_id", "_copy", "_start", "changes", "known_until", "t")
+    __slots__ = (
+        "customer_id",
+        "_copy",
+        "_start",
+        "_segments",
+        "_steps_left",
+        "changes",
+        "known_until",
+        "t",
+    )
 
     def __init__(
         self,
         copy: Customer,
         start: dict[str, int],
+        segments: SegmentSet,
+        steps_left: int,
         changes: dict[str, list[int]],
-        known_until: int | None,
     ) -> None:
         self.customer_id: str = copy.customer_id
         self._copy = copy
         self._start = start
+        self._segments = segments
+        self._steps_left = steps_left
         self.changes = changes
         """Segment -> the instants its membership changes, in order."""
-        self.known_until = known_until
+        self.known_until = None if copy.deadline is None else copy.deadline - 1
         """Memberships are known up to this instant (None: for good)."""
         self.t = 0
         """The instant :meth:`member` answers for."""
+
+    def extend(self) -> bool:
+        """Run the copy on by one more deadline (memberships become known further); False
+        when the search may look at no more instants, or all is known already."""
+        copy = self._copy
+        if copy.deadline is None or self._steps_left <= 0:
+            return False
+        for t in copy.advance(copy.deadline, self._segments):
+            self.changes.setdefault(t.segment, []).append(to_instant(t.at))
+        self._steps_left -= 1
+        self.known_until = None if copy.deadline is None else copy.deadline - 1
+        return True
 
     @classmethod
     def run(
@@ -151,14 +175,10 @@ class _Future(Indexed):
         deadline, until each segment of ``watch`` has changed, no deadline is left, or
         ``max_steps`` deadlines have fired."""
         copy = Customer.from_snapshot(customer.customer_id, state)
-        changes: dict[str, list[int]] = {}
-        steps = 0
-        while copy.deadline is not None and steps < max_steps and not watch <= changes.keys():
-            for t in copy.advance(copy.deadline, segments):
-                changes.setdefault(t.segment, []).append(to_instant(t.at))
-            steps += 1
-        known_until = None if copy.deadline is None else copy.deadline - 1
-        return cls(copy, dict(customer.members), changes, known_until)
+        future = cls(copy, dict(customer.members), segments, max_steps, {})
+        while not watch <= future.changes.keys() and future.extend():
+            pass
+        return future
 
     def next_member_change(self, names: Iterable[str], after: int) -> int | None:
         """The first instant after ``after`` at which one of ``names`` changes (known)."""
@@ -341,10 +361,15 @@ class _Explainer:
         f.t = t
         nxt = node.eval(f, t)[1]
         for _ in range(self.max_steps):
-            if refs:
-                nxt = earliest(nxt, f.next_member_change(refs, t))
+            while refs:
+                # The next membership change of a segment it reads, known that far: run
+                # the copy on while the next instant is past what is known.
+                cand = earliest(nxt, f.next_member_change(refs, t))
                 known = f.known_until
-                if known is not None and (nxt is None or nxt > known):
+                if known is None or (cand is not None and cand <= known):
+                    nxt = cand
+                    break
+                if not f.extend():
                     self.note_horizon(known)
                     return None
             if nxt is None:
