@@ -1243,7 +1243,8 @@ class _ScoreCompare(_Compare):
     ) -> Value | None:
         # Both sides decay by the same factor: the result only changes at steps, where an
         # event enters one side, and is computed relative to the latest term of either
-        # (as _relative, inline: this runs for every step of every such evaluation).
+        # (the estimates of both sides, inline: this runs for every step of every such
+        # evaluation).
         da, db, n = self.da, self.db, len(times)
         ka, kb, h, fn = self.ka, self.kb, self.config.half_life, self.fn
         ta, tb = ka * tiny + 1e-300, kb * tiny + 1e-300
@@ -1297,30 +1298,6 @@ class _ScoreCompare(_Compare):
             elif fn(s, 0) != value:
                 return value, step
         raise AssertionError("unreachable")
-
-    def _relative(
-        self, times: list[int], prefix: list[float], ref: int, tiny: float, ia: int, ib: int
-    ) -> int | None:
-        """The sign of ``ka * score(t - da) - kb * score(t - db)`` with the first ``ia`` and
-        ``ib`` terms in them (the same at every ``t`` with those), or None if the estimates
-        do not settle it."""
-        if not ia and not ib:
-            return 0
-        h = self.config.half_life
-        ka, da, kb, db = self.ka, self.da, self.kb, self.db
-        r = times[(ia if ia > ib else ib) - 1]
-        za, zb = (ref - r + da) / h, (ref - r + db) / h
-        if not (-1000.0 < za < 1000.0 and -1000.0 < zb < 1000.0):
-            return None
-        va = ka * prefix[ia] * 2.0**za
-        ma = va * _U * (8 * ia + 1024 + 4 * abs(za) + 4 * da / h) + ka * tiny + 1e-300
-        vb = kb * prefix[ib] * 2.0**zb
-        mb = vb * _U * (8 * ib + 1024 + 4 * abs(zb) + 4 * db / h) + kb * tiny + 1e-300
-        if va - ma > vb + mb:
-            return 1
-        if va + ma < vb - mb:
-            return -1
-        return None
 
 
 _STEPS = 64
