@@ -45,7 +45,7 @@ from protocol import (
 )
 from store import NEVER, EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
 
-from .conftest import NatsServer, collect, eventually, running_engine
+from .conftest import Collector, NatsServer, collect, eventually, running_engine
 
 T0 = to_instant(datetime(2026, 1, 1, tzinfo=UTC))
 
@@ -418,6 +418,15 @@ def _visit(user: str, at: int) -> bytes:
     )
 
 
+def _assert_entered_idle_at(seen: Collector, expected: dict[str, int]) -> None:
+    """Each customer of ``expected`` entered ``idle`` once, by its deadline, at that instant."""
+    got = {t.customer_id: t for t in seen.transitions()}
+    assert {u: to_instant(t.at) for u, t in got.items()} == expected
+    assert {(t.segment, t.change, t.version, t.cause) for t in got.values()} == {
+        ("idle", "entered", 1, TimeCause())
+    }
+
+
 async def test_restart_loads_snapshots_in_deadline_order_and_fires_each_on_time(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -456,11 +465,7 @@ async def test_restart_loads_snapshots_in_deadline_order_and_fires_each_on_time(
         await nc.close()
     expected = {u: at + 3 * SECOND for u, at in visits.items()}
     expected["c00"] += SECOND
-    got = {t.customer_id: t for t in seen.transitions()}
-    assert {u: to_instant(t.at) for u, t in got.items()} == expected
-    assert {(t.segment, t.change, t.version, t.cause) for t in got.values()} == {
-        ("idle", "entered", 1, TimeCause())
-    }
+    _assert_entered_idle_at(seen, expected)
 
 
 async def test_customers_due_soon_are_prepared_while_idle_and_fire_once_on_time(
@@ -501,11 +506,7 @@ async def test_customers_due_soon_are_prepared_while_idle_and_fire_once_on_time(
     expected = {u: at + 3 * SECOND for u, at in visits.items()}
     expected["c1"] += SECOND
     assert len(seen.msgs) == 6
-    got = {t.customer_id: t for t in seen.transitions()}
-    assert {u: to_instant(t.at) for u, t in got.items()} == expected
-    assert {(t.segment, t.change, t.version, t.cause) for t in got.values()} == {
-        ("idle", "entered", 1, TimeCause())
-    }
+    _assert_entered_idle_at(seen, expected)
 
 
 async def test_a_prepared_customer_keeps_the_deadline_it_was_loaded_with(
