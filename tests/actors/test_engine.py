@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,18 @@ from protocol import (
     to_instant,
 )
 from store import EventLog
-
-from .conftest import Collector, NatsServer, collect, eventually, running_engine, segments
+from tests.helpers import (
+    Collector,
+    NatsServer,
+    collect,
+    eventually,
+    now,
+    running_engine,
+    segments,
+    sleep_until,
+    summary,
+    track,
+)
 
 ACTIVE_IDLE = segments(
     """
@@ -49,26 +58,6 @@ rule = "since_last('Visit') >= '2s'"
 )
 
 
-def now() -> int:
-    return time.time_ns() // 1000
-
-
-def track(
-    user: str, name: str = "Visit", *, at: int | None = None, mid: str | None = None, **extra: Any
-) -> bytes:
-    doc: dict[str, Any] = {"type": "track", "userId": user, "event": name, **extra}
-    if at is not None:
-        doc["timestamp"] = format_instant(at)
-    if mid is not None:
-        doc["messageId"] = mid
-    return json.dumps(doc).encode()
-
-
-async def sleep_until(instant: int) -> None:
-    while now() < instant:
-        await anyio.sleep(0.05)
-
-
 async def visit_with_engine_up(
     nats_server: NatsServer, client: Client, db: Path, seen: Collector
 ) -> int:
@@ -79,10 +68,6 @@ async def visit_with_engine_up(
         await client.publish("shoal.events.alice", track("alice", at=t0, mid="a1"))
         await eventually(lambda: len(seen.msgs) == 1)
     return t0
-
-
-def summary(ts: list[Any]) -> list[tuple[str, str, str, Any, int]]:
-    return [(t.customer_id, t.segment, t.change, t.cause, t.version) for t in ts]
 
 
 async def test_events_and_time_produce_transitions(

@@ -44,9 +44,7 @@ from protocol import (
     serve_api,
 )
 from store import EventLog
-
-from .conftest import NatsServer, collect, eventually, running_engine, segments
-from .test_engine import track
+from tests.helpers import NatsServer, collect, eventually, running_engine, segments, track
 
 SEGMENTS = """
 [segments.visitor]

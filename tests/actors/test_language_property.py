@@ -1,5 +1,6 @@
 """The segment language end to end: shoal's engine (``actors.replay``) against the independent
-brute-force reference in ``tests/reference.py``, on random histories and random segment files.
+brute-force reference in ``tests/actors/reference.py``, on random histories and random segment
+files.
 
 The generator covers the whole of SEGMENTS.md. Each construct is probed with
 ``parse_segments``, and the engine must parse every one except a time since compared with a

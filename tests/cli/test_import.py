@@ -27,8 +27,7 @@ from protocol import (
 )
 from scripts._import_cmd import event_from_line, event_of, import_history, logged_event
 from store import EventLog
-
-from .conftest import NatsServer, eventually, running_engine, segments
+from tests.helpers import NatsServer, eventually, running_engine, segments
 
 SHOAL = [sys.executable, "-m", "scripts.cli"]
 NOW = parse_timestamp("2025-06-01T09:00:00Z")

@@ -25,10 +25,18 @@ from protocol import (
     to_instant,
 )
 from store import EventLog
-
-from .conftest import NatsServer, collect, eventually, running_engine, segments
-from .test_cli import Proc, run
-from .test_engine import now, summary, track
+from tests.helpers import (
+    NatsServer,
+    Proc,
+    collect,
+    eventually,
+    now,
+    run,
+    running_engine,
+    segments,
+    summary,
+    track,
+)
 
 VISITOR = "[segments.visitor]\nrule = \"count('Visit') >= 1\"\n"
 REGULAR = "[segments.regular]\nrule = \"count('Visit') >= 2\"\n"

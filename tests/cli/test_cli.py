@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from protocol import BrokerError, find_nats_server, port_in_use
+from tests.helpers import NatsServer, Proc, free_port, run
 
-from .conftest import NatsServer, free_port
-
-SHOAL = [sys.executable, "-m", "scripts.cli"]
 SEGMENTS = """
 [segments.active]
 rule = "since_last('Visit') < '2s'"
@@ -30,91 +23,11 @@ rule = "since_last('Visit') >= '2s'"
 """
 
 
-class Proc:
-    """A running ``shoal`` command whose output lines can be awaited."""
-
-    def __init__(self, *args: str) -> None:
-        self.popen = subprocess.Popen(
-            [*SHOAL, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.out: queue.Queue[str] = queue.Queue()
-        self.err: list[str] = []
-        self._err_q: queue.Queue[str] = queue.Queue()
-        self._threads = [
-            threading.Thread(target=self._pump, args=(stream, q), daemon=True)
-            for stream, q in ((self.popen.stdout, self.out), (self.popen.stderr, self._err_q))
-        ]
-        for t in self._threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream: object, q: queue.Queue[str]) -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            q.put(line.rstrip("\n"))
-
-    def wait_err(self, needle: str, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._err_q.get(timeout=0.1)
-            except queue.Empty:
-                if self.popen.poll() is not None and self._err_q.empty():
-                    break
-                continue
-            self.err.append(line)
-            if needle in line:
-                return line
-        raise AssertionError(f"{needle!r} not seen on stderr: {self.err}")
-
-    def out_lines(self, n: int, timeout: float = 20.0) -> list[str]:
-        lines = []
-        deadline = time.monotonic() + timeout
-        while len(lines) < n:
-            lines.append(self.out.get(timeout=max(0.01, deadline - time.monotonic())))
-        return lines
-
-    def close(self) -> None:
-        """Kill it if it still runs, and release its pipes."""
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait()
-        for t in self._threads:
-            t.join(5)
-        for stream in (self.popen.stdout, self.popen.stderr):
-            if stream is not None:
-                stream.close()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-        return self.popen.wait(timeout)
-
-
-def run(
-    *args: str, stdin: str | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*SHOAL, *args], input=stdin, capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.fixture
 def segments_file(tmp_path: Path) -> Path:
     path = tmp_path / "segments.toml"
     path.write_text(SEGMENTS)
     return path
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def test_walkthrough_serve_publish_tail(

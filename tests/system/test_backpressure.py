@@ -21,8 +21,7 @@ from nats.js.api import DiscardPolicy, StreamConfig
 from actors import Engine, EngineConfig
 from protocol import connect
 from store import EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
-
-from .conftest import NatsServer, eventually, segments
+from tests.helpers import NatsServer, eventually, segments
 
 VISITED = segments("""
 [segments.visited]

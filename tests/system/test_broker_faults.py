@@ -30,8 +30,7 @@ from structlog.testing import capture_logs
 from actors import EngineConfig
 from protocol import BrokerError, EventFeed, Transition, connect, ensure_streams
 from store import EventLog
-
-from .conftest import NatsServer, eventually, running_engine, segments
+from tests.helpers import NatsServer, eventually, running_engine, segments
 
 # nats-py, when the server goes away under it, can drop a connection's asyncio StreamWriter
 # without closing it; the ResourceWarning then surfaces in whichever test the collector

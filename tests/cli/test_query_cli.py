@@ -10,9 +10,7 @@ from pathlib import Path
 import msgspec
 
 from protocol import CustomerReply, SegmentsReply, StatusReply
-
-from .conftest import NatsServer
-from .test_cli import Proc, procs, run  # noqa: F401 - procs is a fixture
+from tests.helpers import NatsServer, Proc, run
 
 SEGMENTS = """
 [segments.visitor]

@@ -5,7 +5,7 @@ ended with is what a fresh process rebuilds from the log alone.
 
 Set ``SHOAL_CRASH_SEED`` to replay a run; every failure message names its seed.
 
-Run as ``python -m tests.test_crash DB SEGMENTS UNTIL`` (from the repository root), it is
+Run as ``python -m tests.system.test_crash DB SEGMENTS UNTIL`` (from the repository root), it is
 that fresh process: it reads the event log and prints, as JSON lines, the transitions
 ``actors.replay`` computes from it.
 """
@@ -45,10 +45,9 @@ from protocol import (
     to_instant,
 )
 from store import EventLog
+from tests.helpers import NatsServer
 
-from .conftest import NatsServer
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHOAL = [sys.executable, "-m", "scripts.cli"]
 
 # Rules measured in seconds, so that time-based changes fire all through the run: recency,
@@ -350,7 +349,7 @@ async def fresh_replay(db: Path, segments: Path, until: int) -> list[Transition]
     """The transitions a fresh process computes from the log alone (see the module's
     ``__main__``): a separate interpreter, so nothing of this one's state can leak in."""
     done = await anyio.run_process(
-        [sys.executable, "-m", "tests.test_crash", str(db), str(segments), str(until)],
+        [sys.executable, "-m", "tests.system.test_crash", str(db), str(segments), str(until)],
         cwd=ROOT,
         check=False,
     )

@@ -15,7 +15,7 @@ import pytest
 from scripts import _bench_sql
 from scripts.bench import MEASUREMENTS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(180)

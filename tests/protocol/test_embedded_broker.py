@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from protocol import BrokerError, embedded_broker, port_in_use
-
-from .conftest import free_port
+from tests.helpers import free_port
 
 SHOAL = [sys.executable, "-m", "scripts.cli"]
 

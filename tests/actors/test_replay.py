@@ -34,10 +34,9 @@ from protocol import (
 from scripts import cli
 from scripts._replay_cmd import read_events_file, size_chart
 from store import EventLog, LoggedEvent
+from tests.helpers import NatsServer, collect, eventually, running_engine, segments
 
-from .conftest import NatsServer, collect, eventually, running_engine, segments
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHOAL = [sys.executable, "-m", "scripts.cli"]
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -44,8 +44,7 @@ from protocol import (
     to_instant,
 )
 from store import NEVER, EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
-
-from .conftest import Collector, NatsServer, collect, eventually, running_engine
+from tests.helpers import Collector, NatsServer, collect, eventually, running_engine
 
 T0 = to_instant(datetime(2026, 1, 1, tzinfo=UTC))
 

@@ -38,8 +38,7 @@ from scripts._history_cmd import (
 )
 from scripts._import_cmd import import_history
 from store import EventLog, OutboxEntry
-
-from .conftest import NatsServer, eventually, running_engine
+from tests.helpers import NatsServer, eventually, running_engine
 
 SHOAL = [sys.executable, "-m", "scripts.cli"]
 SEGMENTS = """

@@ -20,9 +20,7 @@ from actors import Clock, Customer, Engine, EngineConfig, SystemClock, VirtualCl
 from protocol import SECOND, connect, format_instant
 from protocol.metrics import EngineMetrics, MetricsError
 from store import EventLog
-
-from .conftest import NatsServer, eventually, free_port, running_engine, segments
-from .test_cli import Proc, run
+from tests.helpers import NatsServer, Proc, eventually, free_port, run, running_engine, segments
 
 ACTIVE_IDLE = segments(
     """

@@ -1,0 +1,155 @@
+"""The engine's ports to the broker: where inbound events come from, where transitions go.
+
+The engine (``actors``) sees the broker only through these two Protocols. ``protocol.nats``
+implements them on NATS JetStream; ``protocol.memory`` implements them in memory, for tests
+and for running an engine without a broker. One contract test suite holds both to the same
+behaviour (``tests/protocol/test_ports_contract.py``).
+
+Nothing here imports ``nats``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ._errors import ProtocolError
+from ._types import Transition
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One inbound event message as the broker delivered it."""
+
+    subject: str
+    data: bytes
+    stream_sequence: int
+    """Its position in the events stream: increasing, the unit acknowledgements count in."""
+    received: int
+    """When the broker stored it: microseconds since the epoch."""
+    pending: int
+    """How many messages the source had still to deliver after this one."""
+    msg_id: str | None
+    """The producer's message id (``Nats-Msg-Id``), when it set one."""
+
+
+class PublishError(ProtocolError):
+    """Transitions (or a rejection) could not be published, or the broker did not confirm
+    them in time. Nothing is lost: publish the same ones again."""
+
+
+class EventSource(Protocol):
+    """Inbound event messages, in stream order, in micro-batches.
+
+    The broker hands deliveries into a bounded buffer; :meth:`take` hands them out in order.
+    Once the engine has committed a batch it acknowledges it with :meth:`ack`: one
+    acknowledgement covers every delivery up to a position. Whatever was not acknowledged is
+    delivered again after :meth:`restart`, or to the next source of the same consumer.
+    """
+
+    @property
+    def pending_at_start(self) -> int:
+        """Messages waiting for this consumer when it (re)started (its backlog)."""
+        ...
+
+    @property
+    def buffered(self) -> int:
+        """Deliveries received and not yet taken."""
+        ...
+
+    @property
+    def received_through(self) -> int:
+        """The broker's stamp of the latest delivery that reached this source (taken or
+        buffered): every event still on its way is stamped no earlier."""
+        ...
+
+    @property
+    def needs_restart(self) -> bool:
+        """True once a delivery went missing or the connection was lost since (re)start:
+        acknowledge what was taken, then call :meth:`restart`."""
+        ...
+
+    async def start(self) -> None:
+        """Start receiving (creating the durable consumer if needed)."""
+        ...
+
+    async def restart(self) -> None:
+        """Start again just past what was acknowledged: the rest is delivered again."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop receiving; the consumer and its acknowledgements stay. Idempotent."""
+        ...
+
+    def take(self, limit: int) -> list[Delivery]:
+        """Up to ``limit`` buffered deliveries in order, without waiting (never one past a
+        delivery that did not arrive)."""
+        ...
+
+    def oldest_buffered_received(self) -> int | None:
+        """The receive instant of the oldest buffered delivery, if any."""
+        ...
+
+    async def wait(self) -> None:
+        """Return once deliveries are buffered (or :attr:`needs_restart` may have turned)."""
+        ...
+
+    async def ack(self, through: int) -> None:
+        """Acknowledge every delivery taken up to stream position ``through`` (one message).
+
+        Call it only once they are all committed: a restart resumes past them.
+        """
+        ...
+
+    async def fence(self, *, timeout: float = 2.0) -> bool:
+        """Whether every event stored when this was called has reached this source (taken or
+        buffered): the deadline barrier. Never raises; an unanswered question is no."""
+        ...
+
+    async def lag(self, *, timeout: float = 1.0) -> int | None:
+        """Events stored for this consumer and not yet acknowledged; None if unknown."""
+        ...
+
+
+class TransitionSink(Protocol):
+    """Where committed transitions and rejections are published.
+
+    :meth:`publish` returns only once the broker confirmed every transition given, so the
+    engine learns what was confirmed by it returning; on :class:`PublishError` it publishes
+    the same ones again, and the broker drops what it already holds (by message id).
+    """
+
+    async def start(self) -> None:
+        """Get ready to publish."""
+        ...
+
+    async def close(self) -> None:
+        """Stop publishing. Idempotent."""
+        ...
+
+    async def publish(self, transitions: Sequence[Transition]) -> None:
+        """Publish ``transitions`` in order, each once (its message id is
+        ``<customer>:<segment>:<version>``), and wait until all are confirmed.
+
+        Raises:
+            PublishError: not all were confirmed; publish them again.
+        """
+        ...
+
+    async def publish_rejection(
+        self,
+        *,
+        reason: str,
+        subject: str,
+        data: bytes,
+        received: int,
+        stream_sequence: int | None,
+    ) -> None:
+        """Publish the rejection of an inbound message, with its reason, and wait until it is
+        confirmed.
+
+        Raises:
+            PublishError: it was not confirmed; publish it again.
+        """
+        ...
