@@ -9,10 +9,6 @@ from ._clock import Clock as Clock
 from ._clock import SystemClock as SystemClock
 from ._clock import VirtualClock as VirtualClock
 from ._customer import Customer as Customer
-from ._engine import Engine as Engine
-from ._engine import EngineConfig as EngineConfig
-from ._engine import EngineObserver as EngineObserver
-from ._engine import EngineStats as EngineStats
 from ._errors import ActorsError as ActorsError
 from ._errors import DefinitionError as DefinitionError
 from ._replay import Replay as Replay
@@ -25,6 +21,10 @@ from ._segments import SegmentSet as SegmentSet
 from ._segments import load_segments as load_segments
 from ._segments import parse_segments as parse_segments
 from ._timers import TimerQueue as TimerQueue
+from .engine import Engine as Engine
+from .engine import EngineConfig as EngineConfig
+from .engine import EngineObserver as EngineObserver
+from .engine import EngineStats as EngineStats
 
 __all__ = (
     "ActorsError",

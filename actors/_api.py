@@ -33,11 +33,11 @@ from protocol import (
 )
 
 from ._customer import Customer
-from ._engine import Engine
 from ._errors import ActorsError, DefinitionError, UnknownSegmentError
 from ._explain import explain
 from ._rules import MISSING
 from ._segments import SegmentSet, parse_segments
+from .engine import Engine
 
 _SECOND = 1_000_000
 
@@ -231,8 +231,8 @@ class EngineApi:
         nxt = engine.next_deadline
         return StatusReply(
             at=from_instant(engine.now()),
-            consumer=engine.config.consumer,
-            filter_subject=engine.config.filter_subject,
+            consumer=engine.consumer,
+            filter_subject=engine.filter_subject,
             warm=engine.warm,
             customers=engine.customer_count,
             events_applied=stats.events_applied,

@@ -2,9 +2,9 @@
 
 The clock follows the events' receive instants, as the live engine's time floor does: before
 an event is applied, every deadline before its receive instant fires (each at its own
-instant, all customers' deadlines in time order), then the event is applied. This is the
-code path of the live engine without NATS and SQLite, so it is what backtests and property
-tests hold to the specification.
+instant, all customers' deadlines in time order), then the event is applied. Replay runs the
+live engine's core (:class:`actors.engine.Partition`) without ports and store, so it is what
+backtests and property tests hold to the specification.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from protocol import Event, Transition
 
 from ._customer import Customer
 from ._segments import SegmentSet
-from ._timers import TimerQueue
-
-_ALL = 1 << 62
+from .engine import Partition
 
 
 class Replay:
@@ -35,13 +33,16 @@ class Replay:
     them when it starts, with cause ``definition``).
     """
 
-    __slots__ = ("segments", "_customers", "_timers", "_now")
+    __slots__ = ("_partition", "_now")
 
     def __init__(self, segments: SegmentSet) -> None:
-        self.segments = segments
-        self._customers: dict[str, Customer] = {}
-        self._timers = TimerQueue()
+        self._partition = Partition(segments)
         self._now: int | None = None
+
+    @property
+    def segments(self) -> SegmentSet:
+        """The definitions replayed."""
+        return self._partition.segments
 
     @property
     def now(self) -> int | None:
@@ -51,11 +52,11 @@ class Replay:
     @property
     def customers(self) -> int:
         """How many customers the replay holds."""
-        return len(self._customers)
+        return len(self._partition.customers)
 
     def customer(self, customer_id: str) -> Customer | None:
         """The actor of ``customer_id``, if it has had an event (read it, don't change it)."""
-        return self._customers.get(customer_id)
+        return self._partition.customers.get(customer_id)
 
     def apply(self, event: Event) -> list[Transition]:
         """Fire the deadlines before ``event.received``, then apply the event.
@@ -65,11 +66,7 @@ class Replay:
         few out of receive order) does not move it back.
         """
         out = self._fire(event.received - 1)
-        c = self._customers.get(event.customer_id)
-        if c is None:
-            c = self._customers[event.customer_id] = Customer(event.customer_id)
-        out += c.apply(event, self.segments)
-        self._timers.set(c.customer_id, c.deadline)
+        out += self._partition.apply(event)
         return out
 
     def advance(self, until: int) -> list[Transition]:
@@ -80,16 +77,7 @@ class Replay:
     def _fire(self, upto: int) -> list[Transition]:
         if self._now is None or upto > self._now:
             self._now = upto
-        out: list[Transition] = []
-        timers, customers, segments = self._timers, self._customers, self.segments
-        # One instant at a time, so the transitions of different customers come in time
-        # order; each customer fires only the deadline at that instant.
-        while (instant := timers.next()) is not None and instant <= upto:
-            for customer_id in timers.pop_due(instant, _ALL):
-                c = customers[customer_id]
-                out += c.advance(instant, segments)
-                timers.set(customer_id, c.deadline)
-        return out
+        return self._partition.fire_due(upto)
 
 
 def replay(

@@ -38,14 +38,17 @@ from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
 from ._inbound import InvalidEvent as InvalidEvent
 from ._inbound import decode_event as decode_event
 from ._inbound import parse_timestamp as parse_timestamp
-from ._nats import Delivery as Delivery
 from ._nats import EventFeed as EventFeed
 from ._nats import Publisher as Publisher
-from ._nats import PublishError as PublishError
 from ._nats import StreamSettings as StreamSettings
 from ._nats import connect as connect
 from ._nats import ensure_streams as ensure_streams
 from ._nats import iter_transitions as iter_transitions
+from ._nats import jetstream_ports as jetstream_ports
+from ._ports import Delivery as Delivery
+from ._ports import EventSource as EventSource
+from ._ports import PublishError as PublishError
+from ._ports import TransitionSink as TransitionSink
 from ._service import API_VERSION as API_VERSION
 from ._service import ApiClient as ApiClient
 from ._service import QueryHandler as QueryHandler
@@ -73,6 +76,7 @@ from ._subjects import validate_segment_name as validate_segment_name
 from ._time import DAY as DAY
 from ._time import HOUR as HOUR
 from ._time import MINUTE as MINUTE
+from ._time import NEVER as NEVER
 from ._time import SECOND as SECOND
 from ._time import format_instant as format_instant
 from ._time import from_instant as from_instant
@@ -99,6 +103,7 @@ __all__ = (
     "MAX_FUTURE_SKEW",
     "MAX_PAGE",
     "MINUTE",
+    "NEVER",
     "REJECTED_STREAM",
     "REJECTED_SUBJECT",
     "SECOND",
@@ -120,6 +125,7 @@ __all__ = (
     "EventCause",
     "EventCounter",
     "EventFeed",
+    "EventSource",
     "ExplainReply",
     "ExplainRequest",
     "InvalidEvent",
@@ -143,6 +149,7 @@ __all__ = (
     "SubjectError",
     "TimeCause",
     "Transition",
+    "TransitionSink",
     "UnknownCustomer",
     "UnknownSegment",
     "api_subject",
@@ -161,6 +168,7 @@ __all__ = (
     "from_instant",
     "header_token",
     "iter_transitions",
+    "jetstream_ports",
     "parse_timestamp",
     "port_in_use",
     "segment_filter",

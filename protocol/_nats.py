@@ -33,6 +33,7 @@ from nats.js.api import (
 )
 
 from ._errors import BrokerError, ProtocolError
+from ._ports import Delivery, PublishError
 from ._subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
@@ -56,10 +57,6 @@ _CONNECTION_CHECK = 0.05
 """Seconds between two looks at the connection while waiting for the broker."""
 _logger = structlog.get_logger("shoal.feed")
 _transition_encoder = msgspec.json.Encoder()
-
-
-class PublishError(ProtocolError):
-    """A message could not be published and confirmed; it is kept for another try."""
 
 
 async def connect(servers: Sequence[str], *, name: str = "shoal") -> Client:
@@ -151,21 +148,6 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
             raise BrokerError(f"cannot set up stream {config.name}: {e}") from e
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One event message as delivered by the broker."""
-
-    subject: str
-    data: bytes
-    stream_sequence: int
-    received: int
-    """When the broker stored it: microseconds since the epoch."""
-    pending: int
-    """How many messages the consumer had still to deliver after this one."""
-    msg_id: str | None
-    """The ``Nats-Msg-Id`` header, when the producer set one."""
-
-
 def _parse_ack_reply(reply: str) -> tuple[int, int, int, int]:
     """(stream sequence, consumer sequence, timestamp in µs, pending) from an ack subject.
 
@@ -236,6 +218,16 @@ class EventFeed:
         self.pending_at_start = 0
         """Messages waiting for this consumer when it (re)started, delivered or not (its
         backlog)."""
+
+    @property
+    def consumer(self) -> str:
+        """The durable consumer's name."""
+        return self._durable
+
+    @property
+    def filter_subject(self) -> str:
+        """The subjects it reads."""
+        return self._filter
 
     @property
     def needs_restart(self) -> bool:
@@ -549,6 +541,10 @@ class EventFeed:
         except nats.errors.Error:
             self._broken = True
 
+    async def ack(self, through: int) -> None:
+        """Acknowledge every delivery taken up to stream position ``through``."""
+        await self.ack_taken()
+
     async def stop(self) -> None:
         """Stop receiving; the durable consumer stays on the broker. Idempotent."""
         await self._close_subscription()
@@ -664,6 +660,10 @@ class Publisher:
                 f"{acks.errors[0]}"
             )
 
+    async def publish(self, transitions: Sequence[Transition]) -> None:
+        """As :meth:`publish_transitions` (the :class:`TransitionSink` port)."""
+        await self.publish_transitions(transitions)
+
     async def _connected(self) -> None:
         """Return once the client is connected; publishing meanwhile would only fill its
         outgoing buffer.
@@ -739,3 +739,21 @@ async def iter_transitions(
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
+
+
+async def jetstream_ports(
+    nc: Client,
+    *,
+    consumer: str = "shoal-engine",
+    filter_subject: str = EVENTS_WILDCARD,
+    max_in_flight: int = 20_000,
+    streams: StreamSettings | None = None,
+) -> tuple[EventFeed, Publisher]:
+    """Declare the streams, then make an engine's ports on ``nc``: its event source (the
+    durable ``consumer`` of ``filter_subject``) and its transition sink."""
+    js = nc.jetstream()
+    await ensure_streams(js, streams)
+    feed = EventFeed(
+        nc, js, durable=consumer, filter_subject=filter_subject, max_in_flight=max_in_flight
+    )
+    return feed, Publisher(nc)

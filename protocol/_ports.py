@@ -49,6 +49,16 @@ class EventSource(Protocol):
     """
 
     @property
+    def consumer(self) -> str:
+        """The name of the durable consumer read: acknowledgements are kept under it."""
+        ...
+
+    @property
+    def filter_subject(self) -> str:
+        """The event subjects read: which customers the engine reading them owns."""
+        ...
+
+    @property
     def pending_at_start(self) -> int:
         """Messages waiting for this consumer when it (re)started (its backlog)."""
         ...

@@ -15,6 +15,8 @@ SECOND = 1_000_000
 MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR
+NEVER = 1 << 62
+"""An instant later than any real one: no deadline, or no end."""
 
 
 def to_instant(dt: datetime) -> int:

@@ -61,8 +61,8 @@ async def serve_queries(
         await serve_api(
             nc,
             EngineApi(engine),
-            customers=engine.config.filter_subject,
-            metadata={"consumer": engine.config.consumer},
+            customers=engine.filter_subject,
+            metadata={"consumer": engine.consumer},
             task_status=task_status,
         )
     finally:

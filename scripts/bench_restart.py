@@ -250,8 +250,9 @@ def loadavg() -> str:
 
 def code_digest() -> dict[str, str]:
     """Short md5 of the files a restart runs, as imported by this process."""
-    import actors._customer
     import actors._engine
+
+    import actors._customer
     import actors._rules
     import protocol._nats
     import store._log

@@ -32,6 +32,7 @@ from protocol import (
     event_subject,
     format_instant,
     iter_transitions,
+    jetstream_ports,
     segment_filter,
     to_instant,
 )
@@ -244,12 +245,13 @@ async def _serve(args: argparse.Namespace) -> int:
             from protocol.metrics import EngineMetrics
 
             metrics = EngineMetrics()
+        source, sink = await jetstream_ports(nc, consumer=args.consumer)
         engine = Engine(
-            nc,
+            source,
+            sink,
             log,
             segments,
             config=EngineConfig(
-                consumer=args.consumer,
                 use_snapshots=not args.rebuild,
                 snapshot_interval=args.snapshot_interval,
             ),

@@ -23,7 +23,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from actors import Clock, Engine, EngineConfig, SegmentSet, parse_segments
-from protocol import Rejection, Transition, connect, find_nats_server, format_instant
+from protocol import (
+    Rejection,
+    Transition,
+    connect,
+    find_nats_server,
+    format_instant,
+    jetstream_ports,
+)
 from store import EventLog
 
 
@@ -104,12 +111,16 @@ async def running_engine(
     *,
     clock: Clock | None = None,
     config: EngineConfig | None = None,
+    consumer: str = "shoal-engine",
+    max_in_flight: int = 20_000,
 ) -> AsyncIterator[Engine]:
-    """An engine consuming from ``url`` with its log at ``db``, stopped on exit."""
+    """An engine consuming from ``url`` (as durable ``consumer``) with its log at ``db``,
+    stopped on exit."""
     nc = await connect([url])
     log = await EventLog.open(db)
     try:
-        engine = Engine(nc, log, segment_set, clock=clock, config=config)
+        source, sink = await jetstream_ports(nc, consumer=consumer, max_in_flight=max_in_flight)
+        engine = Engine(source, sink, log, segment_set, clock=clock, config=config)
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             try:

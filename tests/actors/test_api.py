@@ -466,7 +466,7 @@ async def test_a_customer_not_loaded_yet_after_a_restart_is_loaded_to_answer(
             await anyio.sleep(0.001)
             return []
 
-        monkeypatch.setattr(engine, "_page", stalled)
+        monkeypatch.setattr(engine._recovery, "page", stalled)
         assert not engine.warm
         assert engine.customer("c19") is None
         api = ApiClient(client)

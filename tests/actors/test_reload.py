@@ -22,6 +22,7 @@ from protocol import (
     TimeCause,
     Transition,
     format_instant,
+    jetstream_ports,
     to_instant,
 )
 from store import EventLog
@@ -229,7 +230,8 @@ async def test_customers_of_static_lists_get_an_actor_at_start(
 
 async def test_apply_segments_needs_a_running_engine(client: Client, tmp_path: Path) -> None:
     async with await EventLog.open(tmp_path / "shoal.db") as log:
-        engine = Engine(client, log, segments(VISITOR))
+        source, sink = await jetstream_ports(client)
+        engine = Engine(source, sink, log, segments(VISITOR))
         with pytest.raises(ActorsError) as e:
             await engine.apply_segments(segments(REGULAR))
     assert str(e.value) == "the engine is not running"

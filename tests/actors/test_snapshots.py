@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import actors._stored
 import anyio
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import actors._engine
 from actors import Customer, Engine, EngineConfig, SystemClock, VirtualClock, parse_segments
 from actors._customer import SNAPSHOT_FORMAT, SnapshotError
 from protocol import (
@@ -41,6 +41,7 @@ from protocol import (
     Transition,
     connect,
     format_instant,
+    jetstream_ports,
     to_instant,
 )
 from store import NEVER, EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
@@ -329,8 +330,10 @@ async def recover(
     nc = await connect([url])
     try:
         async with await EventLog.open(db) as log:
+            source, sink = await jetstream_ports(nc)
             engine = Engine(
-                nc,
+                source,
+                sink,
                 log,
                 SEGMENTS,
                 clock=VirtualClock(end),
@@ -382,7 +385,7 @@ def test_recovery_from_snapshots_and_tail_equals_recovery_from_the_log(
                     )
             # After "format", this is the next version of shoal: it reads another format.
             new_format = SNAPSHOT_FORMAT + (damage == "format")
-            with mock.patch.object(actors._engine, "SNAPSHOT_FORMAT", new_format):
+            with mock.patch.object(actors._stored, "SNAPSHOT_FORMAT", new_format):
                 from_snapshots, engine = await recover(nats_server.url, db, end, use_snapshots=True)
             from_log, plain = await recover(nats_server.url, db, end, use_snapshots=False)
 
@@ -484,11 +487,11 @@ async def test_customers_due_soon_are_prepared_while_idle_and_fire_once_on_time(
         clock = VirtualClock(start - 20 * SECOND)
         async with running_engine(nats_server.url, db, IDLE, clock=clock) as engine:
             await anyio.sleep(0.3)
-            assert not engine._held  # due in 22 s: not yet
+            assert not engine._partition._held  # due in 22 s: not yet
             clock.set(start - 5 * SECOND)
             # Idle, with six deadlines within the next few seconds: prepared, and taken
             # out of the timer queue, but still counted and still the next one.
-            await eventually(lambda: len(engine._held) == 6)
+            await eventually(lambda: len(engine._partition._held) == 6)
             assert engine.pending_deadlines == 6
             assert engine.next_deadline == visits["c5"] + 3 * SECOND
             # A later visit moves c1's deadline: the one held for it no longer holds.
@@ -534,7 +537,7 @@ async def test_a_prepared_customer_keeps_the_deadline_it_was_loaded_with(
 
         clock = VirtualClock(start - 5 * SECOND)
         async with running_engine(nats_server.url, db, IDLE, clock=clock) as engine:
-            await eventually(lambda: len(engine._held) == 1)
+            await eventually(lambda: len(engine._partition._held) == 1)
             loaded = engine.customer("a")
             assert loaded is not None and loaded.deadline == visit + 5 * SECOND
             clock.set(start + 10 * SECOND)

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from actors import Clock, Customer, Engine, EngineConfig, SystemClock, VirtualClock
-from protocol import SECOND, connect, format_instant
+from protocol import SECOND, connect, format_instant, jetstream_ports
 from protocol.metrics import EngineMetrics, MetricsError
 from store import EventLog
 from tests.helpers import NatsServer, Proc, eventually, free_port, run, running_engine, segments
@@ -183,7 +183,8 @@ async def test_port_in_use_is_a_metrics_error(nats_server: NatsServer, tmp_path:
     log = await EventLog.open(tmp_path / "shoal.db")
     try:
         metrics = EngineMetrics()
-        engine = Engine(nc, log, ACTIVE_IDLE, observer=metrics)
+        source, sink = await jetstream_ports(nc)
+        engine = Engine(source, sink, log, ACTIVE_IDLE, observer=metrics)
         async with anyio.create_task_group() as tg:
             endpoint = await tg.start(
                 lambda task_status: metrics.serve(engine, port=0, task_status=task_status)

@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from actors import Engine, EngineConfig
-from protocol import connect
+from protocol import connect, jetstream_ports
 from store import EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
 from tests.helpers import NatsServer, eventually, segments
 
@@ -80,7 +80,8 @@ async def watch(engine: Engine, client: Client, until: int) -> tuple[int, int, i
     return most_buffered, most_unpublished, most_waiting
 
 
-CONFIG = EngineConfig(batch_size=50, max_in_flight=200, max_outbox=100)
+CONFIG = EngineConfig(batch_size=50, max_outbox=100)
+MAX_IN_FLIGHT = 200
 
 
 async def test_a_slow_disk_slows_ingestion_instead_of_growing_queues(
@@ -89,7 +90,8 @@ async def test_a_slow_disk_slows_ingestion_instead_of_growing_queues(
     nc = await connect([nats_server.url])
     log = await SlowDisk.open(tmp_path / "shoal.db")
     try:
-        engine = Engine(nc, log, VISITED, config=CONFIG)
+        source, sink = await jetstream_ports(nc, max_in_flight=MAX_IN_FLIGHT)
+        engine = Engine(source, sink, log, VISITED, config=CONFIG)
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             await publish_burst(client, BURST)
@@ -99,10 +101,10 @@ async def test_a_slow_disk_slows_ingestion_instead_of_growing_queues(
     finally:
         await log.close()
         await nc.close()
-    assert buffered <= CONFIG.max_in_flight
+    assert buffered <= MAX_IN_FLIGHT
     assert unpublished <= CONFIG.max_outbox + CONFIG.batch_size
     # The burst waited in the broker, not in the engine.
-    assert waiting > CONFIG.max_in_flight
+    assert waiting > MAX_IN_FLIGHT
     assert engine.stats.events_applied == BURST
 
 
@@ -114,7 +116,8 @@ async def test_a_broker_refusing_transitions_pauses_ingestion_at_max_outbox(
     nc = await connect([nats_server.url])
     log = await EventLog.open(tmp_path / "shoal.db")
     try:
-        engine = Engine(nc, log, VISITED, config=CONFIG)
+        source, sink = await jetstream_ports(nc, max_in_flight=MAX_IN_FLIGHT)
+        engine = Engine(source, sink, log, VISITED, config=CONFIG)
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             # SHOAL_SEGMENTS full: the broker refuses every transition from now on.
@@ -131,8 +134,8 @@ async def test_a_broker_refusing_transitions_pauses_ingestion_at_max_outbox(
             stalled = engine.stats.events_applied
             assert stalled <= CONFIG.max_outbox + CONFIG.batch_size
             assert engine.unpublished <= CONFIG.max_outbox + CONFIG.batch_size
-            assert engine.buffered <= CONFIG.max_in_flight
-            assert await pending_in_stream(client) >= BURST - stalled - CONFIG.max_in_flight
+            assert engine.buffered <= MAX_IN_FLIGHT
+            assert await pending_in_stream(client) >= BURST - stalled - MAX_IN_FLIGHT
 
             # Room again: everything goes through, nothing was lost.
             await js.purge_stream("SHOAL_SEGMENTS")

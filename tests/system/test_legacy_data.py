@@ -70,9 +70,13 @@ async def test_old_data_dir_starts_from_its_snapshots(
     log_db = tmp_path / "log" / "shoal.db"
     log_db.parent.mkdir()
     shutil.copy(LEGACY, log_db)
-    config = EngineConfig(use_snapshots=False, consumer="rebuild")
     async with running_engine(
-        nats_server.url, log_db, load_segments(), clock=VirtualClock(WRITTEN), config=config
+        nats_server.url,
+        log_db,
+        load_segments(),
+        clock=VirtualClock(WRITTEN),
+        config=EngineConfig(use_snapshots=False),
+        consumer="rebuild",
     ) as engine:
         assert engine.stats.rebuilt_events == EVENTS
         assert engine.customer_count == CUSTOMERS

@@ -1,0 +1,421 @@
+"""The engine: one partition of customers run from an event source to a transition sink.
+
+Two tasks, none per customer. Each turn of the main loop:
+
+1. takes a micro-batch of deliveries from the event source and ingests it (:mod:`._ingest`):
+   decoded and validated, applied to the actors, events and transitions committed to the
+   store in one transaction, rejections published, the batch acknowledged with one message;
+2. fires the deadlines that fell due, each at its own instant, in the same way
+   (:mod:`._deadlines`);
+3. writes the next part of a round of snapshots, when one is under way (:mod:`._snapshots`);
+4. when there is nothing else to do, prepares the customers whose deadlines fall due within
+   the next 10 s, so that firing them costs less;
+5. when there is nothing to do, sleeps until a delivery arrives, the next deadline, or a
+   request.
+
+New segment definitions (:meth:`Engine.apply_segments`) are switched to at the top of a
+turn, between two batches (:mod:`._definitions`). The publishing task publishes committed
+transitions in outbox order while the main loop goes on (:mod:`._outbox`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import structlog
+
+from actors._clock import Clock, SystemClock
+from actors._customer import Customer
+from actors._errors import ActorsError
+from actors._segments import SegmentSet
+from protocol import EventSource, TransitionSink
+from store import EventLog, StoreError
+
+from . import _queries
+from ._config import EngineConfig, EngineObserver, EngineStats, Wake
+from ._deadlines import Deadlines
+from ._definitions import Definitions
+from ._gc import Collector
+from ._ingest import Ingest
+from ._metrics import Counts
+from ._outbox import Outbox
+from ._partition import Partition
+from ._recovery import Recovery
+from ._snapshots import Snapshots
+
+_MAX_IDLE = 1.0
+"""Seconds the loop sleeps at most, so retries and a lifted time floor are not missed."""
+_FENCE_RETRY = 0.01
+"""Seconds before asking the broker again whether an event is on its way, while a deadline is
+due (a delivery that arrives meanwhile wakes the loop at once)."""
+
+
+class Engine:
+    """Runs the segmentation of one partition of customers: events from ``source``,
+    transitions to ``sink``, everything durable in ``store``.
+
+    Args:
+        source: where inbound events come from (``protocol.nats.JetStreamSource``, or
+            ``protocol.memory`` in tests).
+        sink: where committed transitions and rejections are published.
+        store: the partition's SQLite store, open for writing.
+        segments: the definitions to start with.
+        clock: the engine's time (default: the system clock).
+        config: batching, snapshots, warm-up.
+        observer: told of commits and deadline rounds, for metrics.
+    """
+
+    def __init__(
+        self,
+        source: EventSource,
+        sink: TransitionSink,
+        store: EventLog,
+        segments: SegmentSet,
+        *,
+        clock: Clock | None = None,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self._source = source
+        self._sink = sink
+        self._store = store
+        self._clock: Clock = clock or SystemClock()
+        self._config = cfg = config or EngineConfig()
+        self._partition = p = Partition(segments, track_changes=True)
+        self._counts = counts = Counts()
+        self._gc = gc = Collector(cfg.freeze_gc)
+        self._outbox = outbox = Outbox(store, sink, cfg, counts, observer)
+        self._recovery = recovery = Recovery(store, p, outbox, counts, gc, self._clock, cfg)
+        self._snapshots = snaps = Snapshots(store, p, outbox, counts.stats, gc, self._clock, cfg)
+        self._deadlines = deadlines = Deadlines(
+            p, recovery, outbox, counts.stats, gc, self._clock, cfg, observer
+        )
+        self._ingest = Ingest(
+            store, p, recovery, deadlines, outbox, sink, counts, gc, self._clock, cfg
+        )
+        self._definitions = Definitions(p, recovery, snaps, outbox, counts)
+        self._wake = Wake()
+        self._running = False
+        self._consuming = False
+        self._recovered = False
+        self._logger = structlog.get_logger("shoal.engine")
+
+    # What tests and operators may read -------------------------------------------------
+
+    @property
+    def stats(self) -> EngineStats:
+        """Counters since the engine started."""
+        return self._counts.stats
+
+    def customer(self, customer_id: str) -> Customer | None:
+        """The actor of ``customer_id``, if the engine knows it (read it, don't change it)."""
+        return self._partition.customers.get(customer_id)
+
+    @property
+    def customer_count(self) -> int:
+        """How many customers this engine holds in memory (after a restart, all of them once
+        :attr:`warm`)."""
+        return len(self._partition.customers)
+
+    @property
+    def warm(self) -> bool:
+        """Whether every customer is in memory (after a restart, customers whose deadlines
+        are far off load from their snapshots while the engine already runs)."""
+        return self._recovery.warm
+
+    @property
+    def buffered(self) -> int:
+        """Deliveries received from the broker and not yet applied (bounded by the source:
+        the broker holds the rest)."""
+        return self._source.buffered if self._consuming else 0
+
+    @property
+    def unpublished(self) -> int:
+        """Committed transitions not yet confirmed published (ingestion pauses at
+        ``max_outbox``)."""
+        return len(self._outbox)
+
+    @property
+    def pending_deadlines(self) -> int:
+        """How many customers have a deadline armed."""
+        return self._partition.pending
+
+    @property
+    def segments(self) -> SegmentSet:
+        """The definitions in force."""
+        return self._partition.segments
+
+    @property
+    def transition_counts(self) -> dict[tuple[str, str, str], int]:
+        """Transitions committed since start, by (segment, change, cause kind)."""
+        return self._counts.transition_counts
+
+    @property
+    def rejection_counts(self) -> dict[str, int]:
+        """Events rejected since start, by class of reason (``InvalidEvent.kind``)."""
+        return self._counts.rejection_counts
+
+    # What the query API reads (protocol.serve_api through actors.EngineApi) ---------------
+
+    @property
+    def running(self) -> bool:
+        """Whether :meth:`run` is under way."""
+        return self._running
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @property
+    def consumer(self) -> str:
+        """The name of the durable consumer this engine's source reads."""
+        return self._source.consumer
+
+    @property
+    def filter_subject(self) -> str:
+        """The subjects this engine's source reads: which customers it owns."""
+        return self._source.filter_subject
+
+    def now(self) -> int:
+        """The engine clock's instant."""
+        return self._clock.now()
+
+    async def load(self, customer_id: str) -> Customer | None:
+        """The actor of ``customer_id`` (read it, don't change it), or None if the engine
+        knows no such customer.
+
+        While the engine warms up after a restart, a customer not loaded yet is loaded from
+        its snapshot first, by the main loop between two batches, as for an event.
+        """
+        customers = self._partition.customers
+        c = customers.get(customer_id)
+        if c is not None or self._recovery.warm or not self._running:
+            return c
+        done = self._recovery.ask_load(customer_id)
+        self._wake.set()
+        await done.wait()
+        return self._partition.customers.get(customer_id)
+
+    @property
+    def segment_sizes(self) -> dict[str, int]:
+        """How many customers are in each segment in force, in file order. Counted as
+        memberships change, among the customers in memory (every one once :attr:`warm`)."""
+        sizes = self._counts.sizes
+        return {name: sizes.get(name, 0) for name in self._partition.segments.names}
+
+    async def members(self, segment: str, *, after: str | None = None, limit: int) -> list[str]:
+        """Up to ``limit`` ids of the segment's members in memory, in id order, after the id
+        ``after`` (a slice at a time, letting the event loop run between slices)."""
+        return await _queries.members(self._partition, segment, after=after, limit=limit)
+
+    @property
+    def next_deadline(self) -> int | None:
+        """The earliest deadline armed, if any."""
+        return self._partition.next_due()
+
+    @property
+    def events_per_second(self) -> float:
+        """Events applied per second over the last 10 s of the engine's clock."""
+        return self._counts.events_per_second(self._clock.now())
+
+    async def consumer_lag(self) -> int | None:
+        """Events the broker holds for this engine's consumer, not yet acknowledged; None
+        when not consuming or the broker does not answer."""
+        return await self._source.lag() if self._consuming else None
+
+    # Changing definitions while running ---------------------------------------------------
+
+    async def apply_segments(self, segments: SegmentSet) -> int:
+        """Switch the running engine to ``segments``; return how many transitions that made.
+
+        The switch is made by the engine's main loop between two batches, and this waits for
+        it. Every customer is evaluated under the new definitions at its watermark, with
+        cause ``definition``: members of a new segment whose rule holds enter it, members of
+        a removed segment exit it, and a changed rule gives the difference. The transitions
+        are committed and published like any other, and deadlines are re-armed. When the new
+        rules read facts the old ones did not (``SegmentSet.needs`` differs), the facts are
+        first rebuilt from the event log, which takes as long as the rebuild at start. The
+        customers of static lists the engine does not know yet are added, with no events.
+
+        Requests are applied in the order made. A request whose caller is cancelled while
+        it waits is still applied.
+
+        Raises:
+            ActorsError: the engine is not running, or it stopped before the switch was made.
+        """
+        if not self._running:
+            raise ActorsError("the engine is not running")
+        request = self._definitions.ask(segments)
+        self._wake.set()
+        await request.done.wait()
+        if request.transitions is None:
+            raise ActorsError("the engine stopped before the new segments were applied") from (
+                request.error
+            )
+        return request.transitions
+
+    async def recover(self) -> None:
+        """Load every customer from the store as a start does, without consuming: from
+        snapshots plus the log tail after them, or from the whole log (``use_snapshots``).
+
+        :meth:`run` does this itself (or, after this, starts from what it loaded); call it
+        on an engine that is not running to read a store's state offline. Memberships that
+        changed definitions alter are committed to the outbox (published once it runs).
+
+        Raises:
+            StoreError: the store cannot be read or written.
+        """
+        if self._running or self._recovered:
+            raise ActorsError("the engine has recovered already")
+        await self._rebuild()
+        changed = await self._recovery.load_all()
+        if changed:
+            await self._outbox.commit([], changed)
+        self._recovered = True
+
+    # Running ----------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Rebuild from the store, then consume until cancelled.
+
+        ``task_status.started()`` is called once the engine consumes. Raises
+        :class:`protocol.BrokerError` or :class:`store.StoreError` when it cannot go on.
+        """
+        # From here on, apply_segments() requests queue up for the main loop.
+        self._running = True
+        try:
+            await self._run(task_status)
+        finally:
+            self._running = False
+            self._definitions.release()
+            self._recovery.release_loads()
+
+    async def _rebuild(self) -> None:
+        self._snapshots.restarted()
+        if await self._recovery.rebuild(self._config.use_snapshots):
+            self._snapshots.due_now()
+        self._gc.settle()
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        sink, source = self._sink, self._source
+        await sink.start()
+        try:
+            if not self._recovered:
+                await self._rebuild()
+            await source.start()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await sink.close()
+            raise
+        self._consuming = True
+        self._deadlines.started(source.pending_at_start)
+        p = self._partition
+        self._logger.info(
+            "engine started",
+            customers=len(p.customers),
+            rebuilt_events=self.stats.rebuilt_events,
+            snapshots_loaded=self.stats.snapshots_loaded,
+            snapshots_ignored=self.stats.snapshots_ignored,
+            warm=self._recovery.warm,
+            backlog=source.pending_at_start,
+            pending_deadlines=self.pending_deadlines,
+            segments=list(p.segments.names),
+        )
+        task_status.started()
+        stopped = False
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._outbox.publish_loop)
+                self._recovery.tg = tg
+                try:
+                    await self._loop(source)
+                finally:
+                    self._recovery.tg = None
+        except anyio.get_cancelled_exc_class():
+            stopped = True  # asked to stop, not failing
+            raise
+        finally:
+            self._consuming = False
+            with anyio.CancelScope(shield=True):
+                await source.stop()
+                await sink.close()
+                # Record what was published meanwhile; if the store is what failed, the
+                # original error matters, and unrecorded marks only mean a republish.
+                with contextlib.suppress(StoreError):
+                    await self._outbox.commit([], [])
+                    if stopped:
+                        # A clean stop leaves no tail: the next start loads snapshots only.
+                        await self._snapshots.flush()
+
+    async def _loop(self, source: EventSource) -> None:
+        cfg, recovery, outbox = self._config, self._recovery, self._outbox
+        deadlines, snapshots = self._deadlines, self._snapshots
+        while True:
+            # Between turns the actors match the log: the place where a stop takes effect
+            # (commits are shielded, so a busy loop might otherwise never offer one).
+            await anyio.lowlevel.checkpoint()
+            self._wake.reset()
+            await recovery.serve_loads()
+            await self._definitions.serve()
+            await outbox.wait_for_space()
+            batch = source.take(cfg.batch_size)
+            if batch:
+                await self._ingest.batch(batch, source)
+            if source.needs_restart:
+                await self._resume(source)
+            busy = bool(batch)
+            if not recovery.warm:
+                changed = await recovery.page(cfg.page_batch)
+                if changed:
+                    await outbox.commit([], changed)
+                busy = True
+            busy = await deadlines.fire_due(source) or busy
+            busy = await snapshots.step() or busy
+            if not busy and recovery.warm:
+                busy = await deadlines.prepare(source)
+            if not busy:
+                await outbox.record_confirmed()
+                await self._idle(source)
+
+    async def _idle(self, source: EventSource) -> None:
+        deadlines = self._deadlines
+        wake_at = self._partition.next_due()
+        behind = deadlines.backlog_cap is not None
+        unfenced = (
+            wake_at is not None
+            and not behind
+            and deadlines.confirmed(source) < wake_at <= self._clock.now()
+        )
+        with anyio.move_on_after(_FENCE_RETRY if unfenced else _MAX_IDLE) as quiet:
+            async with anyio.create_task_group() as tg:
+
+                async def on_delivery() -> None:
+                    await source.wait()
+                    tg.cancel_scope.cancel()
+
+                async def on_deadline(instant: int) -> None:
+                    await self._clock.sleep_until(instant)
+                    tg.cancel_scope.cancel()
+
+                async def on_request() -> None:
+                    await self._wake.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(on_delivery)
+                tg.start_soon(on_request)
+                if wake_at is not None and not behind and not unfenced:
+                    tg.start_soon(on_deadline, wake_at)
+        if quiet.cancelled_caught and not unfenced and not source.buffered and behind:
+            deadlines.caught_up()
+
+    async def _resume(self, source: EventSource) -> None:
+        """Restart the source after a lost delivery or connection, once all taken is
+        committed and acknowledged: what was on its way comes again at once, as backlog."""
+        await source.restart()
+        self._deadlines.started(source.pending_at_start)
+        self._logger.info("consumer resumed", backlog=source.pending_at_start)

@@ -1,0 +1,122 @@
+"""The outbox: committing events and transitions to the store in one transaction, then
+publishing the committed transitions in outbox order through the transition sink."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections import deque
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+import anyio
+import structlog
+
+from actors._stored import outbox_entry
+from protocol import PublishError, Transition, TransitionSink, to_instant
+from store import EventLog, LoggedEvent, Snapshot, SnapshotMarks
+
+from ._config import EngineConfig, EngineObserver
+from ._metrics import Counts
+
+_NOT_TIMED = contextlib.nullcontext()
+_MAX_RETRY_DELAY = 5.0
+"""Seconds at most between two attempts to publish the same transitions."""
+
+
+class Outbox:
+    """Committed transitions not yet confirmed by the broker, in outbox order.
+
+    :meth:`commit` appends events and transitions to the store in one transaction (which
+    also records how far the outbox has been confirmed); :meth:`publish_loop` publishes them
+    in order while the main loop goes on, and retries the same ones on failure (the broker
+    drops repeats by message id). A bounded outbox makes the main loop wait
+    (:meth:`wait_for_space`) when the broker falls behind.
+    """
+
+    def __init__(
+        self,
+        store: EventLog,
+        sink: TransitionSink,
+        config: EngineConfig,
+        counts: Counts,
+        observer: EngineObserver | None,
+    ) -> None:
+        self._store = store
+        self._sink = sink
+        self._config = config
+        self._counts = counts
+        self._observer = observer
+        self._pending: deque[tuple[int, Transition]] = deque()
+        self._ready = anyio.Event()
+        self._space = anyio.Event()
+        self.confirmed_through = 0
+        """The outbox position the broker has confirmed so far."""
+        self._logger = structlog.get_logger("shoal.engine")
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def restore(self, entries: Iterable[tuple[int, Transition]], confirmed_through: int) -> None:
+        """Take up what a previous run committed and did not see confirmed."""
+        self.confirmed_through = confirmed_through
+        self._pending.extend(entries)
+
+    async def commit(self, events: list[LoggedEvent], transitions: Iterable[Transition]) -> None:
+        """Append ``events`` and ``transitions`` to the store in one transaction, then queue
+        the transitions for publishing."""
+        # Transitions of a batch or a round of deadlines share few instants: parse each once.
+        instants: dict[datetime, int] = {}
+        entries = [
+            outbox_entry(t, instants.get(t.at) or instants.setdefault(t.at, to_instant(t.at)))
+            for t in transitions
+        ]
+        obs = self._observer
+        with obs.timing_commit() if obs is not None and (events or entries) else _NOT_TIMED:
+            seqs = await self._store.commit(events, entries, self.confirmed_through)
+        self._counts.stats.transitions += len(entries)
+        if entries:
+            self._counts.committed(transitions)
+            self._pending.extend(zip(seqs, transitions, strict=True))
+            self._ready.set()
+
+    async def commit_snapshots(self, rows: Sequence[Snapshot], marks: SnapshotMarks | None) -> None:
+        """Write snapshots (and, closing a round, its marks) in one transaction."""
+        await self._store.commit([], [], self.confirmed_through, snapshots=rows, marks=marks)
+
+    async def record_confirmed(self) -> None:
+        """Record in the store how far the broker confirmed, if it moved."""
+        if self.confirmed_through > self._store.published_through:
+            await self.commit([], [])
+
+    async def wait_for_space(self) -> None:
+        """Backpressure: wait while the broker is not taking transitions as fast as they are
+        made."""
+        while len(self._pending) >= self._config.max_outbox:
+            self._space = anyio.Event()
+            await self._space.wait()
+
+    async def publish_loop(self) -> None:
+        """Publish committed transitions in outbox order; on failure, retry the same ones."""
+        delay = 0.1
+        pending, stats = self._pending, self._counts.stats
+        while True:
+            if not pending:
+                self._ready = anyio.Event()
+                await self._ready.wait()
+            batch = list(itertools.islice(pending, self._config.publish_batch))
+            try:
+                await self._sink.publish([t for _, t in batch])
+            except PublishError as e:
+                self._logger.warning(
+                    "publishing transitions failed; will retry", error=str(e), retry_in=delay
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+                continue
+            delay = 0.1
+            for _ in batch:
+                pending.popleft()
+            self.confirmed_through = batch[-1][0]
+            stats.transitions_published += len(batch)
+            self._space.set()

@@ -1,0 +1,359 @@
+"""Recovery: making the actors ready after a start, from snapshots plus the log tail after
+them (or from the whole log), then loading the rest in deadline order while the engine runs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import structlog
+
+from actors._clock import Clock
+from actors._customer import Customer, SnapshotError
+from actors._segments import SegmentSet
+from actors._stored import customer_of, event_of, transition_of, usable
+from protocol import NEVER, DefinitionCause, Transition
+from store import EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
+
+from ._config import EngineConfig, breathe
+from ._gc import Collector
+from ._metrics import Counts
+from ._outbox import Outbox
+from ._partition import Partition
+
+_DEFINITION = DefinitionCause()
+
+
+@dataclass(slots=True)
+class _PageAhead:
+    """A page of snapshots being read on SQLite's thread while the previous one decodes."""
+
+    after: tuple[int, str] | None
+    limit: int
+    rows: list[Snapshot] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass(slots=True)
+class _LoadRequest:
+    customer_id: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Recovery:
+    """Loads customers into the partition: at start, while warming up, and on demand.
+
+    After a restart, customers whose deadlines are far off load from their snapshots in
+    deadline order while the engine already runs; until all have (:attr:`warm`),
+    :attr:`horizon` is the deadline up to which all are loaded.
+    """
+
+    def __init__(
+        self,
+        store: EventLog,
+        partition: Partition,
+        outbox: Outbox,
+        counts: Counts,
+        gc: Collector,
+        clock: Clock,
+        config: EngineConfig,
+    ) -> None:
+        self._store = store
+        self._partition = partition
+        self._outbox = outbox
+        self._counts = counts
+        self._stats = counts.stats
+        self._gc = gc
+        self._clock = clock
+        self._config = config
+        self.warm = True
+        self.horizon = NEVER
+        self._cursor: tuple[int, str] | None = None
+        self._ahead: _PageAhead | None = None
+        self.tg: anyio.abc.TaskGroup | None = None  # the main loop's, while it runs
+        self._loads: deque[_LoadRequest] = deque()
+        self._logger = structlog.get_logger("shoal.engine")
+
+    # At start -------------------------------------------------------------------------
+
+    async def rebuild(self, use_snapshots: bool) -> bool:
+        """Make the actors ready: from snapshots plus the log tail after them when the
+        stored snapshots fit these rules, else from the whole log. Returns whether snapshots
+        must be taken at once (there were none usable)."""
+        store, p = self._store, self._partition
+        entries: list[tuple[int, Transition]] = []
+        async for outbox in store.read_unpublished():
+            entries.extend((o.seq, transition_of(o)) for o in outbox)
+        self._outbox.restore(entries, store.published_through)
+        marks = store.snapshot_marks
+        snapshot_now = False
+        if use_snapshots and marks is not None and marks.needs == p.needs:
+            await self._rebuild_from_snapshots(marks)
+        else:
+            await self._rebuild_from_log()
+            # No usable snapshots: take them now, or the next start rebuilds from the log too.
+            snapshot_now = use_snapshots
+        self._counts.recount(p.segments.names, p.customers.values())
+        return snapshot_now
+
+    async def _rebuild_from_log(self) -> None:
+        """Rebuild every actor: facts from the event log, memberships from the outbox."""
+        p = self._partition
+        segments = p.segments
+        self._stats.rebuilt_events += await self.fold_log(segments, p.customers)
+
+        # The outbox comes in (customer, version) order, so each entry is restored as it comes.
+        async for outbox in self._store.read_transitions():
+            for o in outbox:
+                p.actor(o.customer_id).restore((transition_of(o),))
+
+        self.add_listed(segments, p.customers)
+
+        # A customer's memberships differ from its rules only if the definitions changed.
+        changed: list[Transition] = []
+        for i, c in enumerate(list(p.customers.values())):
+            changed += c.evaluate(segments, _DEFINITION)
+            p.touch(c)
+            await breathe(i)
+        self._stats.rebuilt_customers = len(p.customers)
+        if changed:
+            self._logger.info("definitions changed memberships", transitions=len(changed))
+            await self._outbox.commit([], changed)
+
+    async def _rebuild_from_snapshots(self, marks: SnapshotMarks) -> None:
+        """Load the customers of the log tail (snapshot plus what came after it); then, if
+        the definitions are the ones the snapshots were taken under, let the rest load in
+        deadline order while the engine runs, else load them all and evaluate them."""
+        store, p = self._store, self._partition
+        tail_events: dict[str, list[LoggedEvent]] = defaultdict(list)
+        async for chunk in store.read_events(after=marks.events_through):
+            for e in chunk:
+                tail_events[e.customer_id].append(e)
+            self._stats.rebuilt_events += len(chunk)
+        tail_outbox: dict[str, list[OutboxEntry]] = defaultdict(list)
+        async for outbox in store.read_outbox(after=marks.outbox_through):
+            for o in outbox:
+                tail_outbox[o.customer_id].append(o)
+        tail = sorted(tail_events.keys() | tail_outbox.keys())
+        changed = await self.load(tail, tail_events, tail_outbox)
+        for i, customer_id in enumerate(tail):
+            c = p.customers[customer_id]
+            changed += c.evaluate(p.segments, _DEFINITION)
+            p.touch(c)
+            await breathe(i)
+
+        self.warm, self._cursor, self.horizon = False, None, -NEVER
+        await store.bulk_reads(True)  # until warm: pages come in random table order
+        if marks.definitions == p.segments.fingerprint:
+            # Overdue deadlines first: they fire at once, at their own instants.
+            now = self._clock.now()
+            while not self.warm and self.horizon <= now:
+                changed += await self.page(self._config.page_batch)
+        else:
+            changed += await self.load_all()
+            self.add_listed(p.segments, p.customers)
+            for i, c in enumerate(list(p.customers.values())):
+                changed += c.evaluate(p.segments, _DEFINITION)
+                p.touch(c)
+                await breathe(i)
+        self._stats.rebuilt_customers = len(p.customers)
+        if changed:
+            self._logger.info("definitions changed memberships", transitions=len(changed))
+            await self._outbox.commit([], changed)
+
+    # Loading customers ------------------------------------------------------------------
+
+    def _from_snapshot(self, snap: Snapshot) -> Customer | None:
+        """The actor a stored snapshot holds, or None if it must be rebuilt from the log."""
+        if usable(snap, self._partition.needs):
+            try:
+                c = customer_of(snap)
+            except SnapshotError as e:
+                self._logger.warning("snapshot ignored", customer_id=snap.customer_id, error=str(e))
+            else:
+                self._stats.snapshots_loaded += 1
+                return c
+        self._stats.snapshots_ignored += 1
+        return None
+
+    def _hold(self, c: Customer) -> None:
+        """Keep a customer loaded with its memberships so far (later ones are counted as
+        they are committed)."""
+        self._partition.customers[c.customer_id] = c
+        self._counts.held(c)
+
+    async def load(
+        self,
+        customer_ids: Iterable[str],
+        tail_events: Mapping[str, list[LoggedEvent]],
+        tail_outbox: Mapping[str, list[OutboxEntry]],
+    ) -> list[Transition]:
+        """Load customers not in memory: each from its snapshot plus its ``tail_events`` and
+        ``tail_outbox`` after it, or from the log when it has no usable snapshot. Returns the
+        transitions of evaluating those rebuilt from the log (to commit)."""
+        p = self._partition
+        ids = [i for i in customer_ids if i not in p.customers]
+        if not ids:
+            return []
+        segments = p.segments
+        snaps = {s.customer_id: s for s in await self._store.snapshots_of(ids)}
+        from_log: list[str] = []
+        for customer_id in ids:
+            snap = snaps.get(customer_id)
+            c = self._from_snapshot(snap) if snap is not None else None
+            if c is None or snap is None:
+                # No usable snapshot. Most often a new customer, but the log has the last
+                # word (a snapshot may have been lost): rebuild from what it holds, if any.
+                from_log.append(customer_id)
+                continue
+            for e in tail_events.get(customer_id, ()):
+                if e.seq > snap.log_seq:
+                    c.fold(event_of(e), segments)
+            for o in tail_outbox.get(customer_id, ()):
+                if o.version > c.version:
+                    c.restore((transition_of(o),))
+            self._hold(c)
+            p.touch(c)
+        return await self._load_from_log(from_log, known=snaps.keys())
+
+    async def _load_from_log(
+        self, customer_ids: list[str], *, known: Collection[str] = ()
+    ) -> list[Transition]:
+        """Rebuild these customers from their events and transitions alone, evaluate them,
+        and return the transitions that made (to commit).
+
+        One with neither is left out (a new customer, which its first event creates), unless
+        it is ``known`` (it had a snapshot: a static list's customer without events).
+        """
+        if not customer_ids:
+            return []
+        p = self._partition
+        segments = p.segments
+        fresh = {customer_id: Customer(customer_id) for customer_id in customer_ids}
+        for e in await self._store.customer_events(customer_ids):
+            fresh[e.customer_id].fold(event_of(e), segments)
+            self._stats.rebuilt_events += 1
+        for o in await self._store.customer_transitions(customer_ids):
+            fresh[o.customer_id].restore((transition_of(o),))
+        now = self._clock.now()
+        changed: list[Transition] = []
+        for c in fresh.values():
+            if c.version == 0 and c.first_at() is None:
+                if c.customer_id not in known:
+                    continue
+                c.watermark = now  # known from a static list only: as when it was added
+            self._hold(c)
+            changed += c.evaluate(segments, _DEFINITION)
+            p.touch(c)
+        return changed
+
+    async def page(self, limit: int) -> list[Transition]:
+        """Load the next ``limit`` snapshots in deadline order; return the transitions of
+        customers rebuilt from the log instead (to commit)."""
+        store, p = self._store, self._partition
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.after == self._cursor and ahead.limit == limit:
+            await ahead.done.wait()
+            rows = ahead.rows
+        else:
+            rows = await store.page_snapshots(self._cursor, limit)
+        if len(rows) == limit and self.tg is not None:
+            # SQLite reads the next page on its thread while this one decodes here (the
+            # rows not loaded yet do not change meanwhile: only loaded customers change).
+            ahead = self._ahead = _PageAhead((rows[-1].deadline, rows[-1].customer_id), limit)
+            self.tg.start_soon(self._read_ahead, ahead)
+            await anyio.lowlevel.cancel_shielded_checkpoint()  # lets it send the query
+        bad: list[str] = []
+        with self._gc.loading():
+            for snap in rows:
+                if snap.customer_id in p.customers:
+                    continue  # loaded already: from the tail, or for an event
+                c = self._from_snapshot(snap)
+                if c is None:
+                    bad.append(snap.customer_id)
+                    continue
+                self._hold(c)
+                p.arm(c.customer_id, c.deadline)
+        if len(rows) < limit:
+            await store.bulk_reads(False)
+            self.warm, self._cursor, self.horizon = True, None, NEVER
+            self._logger.info("warm", customers=len(p.customers))
+            self._gc.settle()
+        else:
+            self._cursor = (rows[-1].deadline, rows[-1].customer_id)
+            self.horizon = rows[-1].deadline
+        return await self._load_from_log(bad, known=bad)
+
+    async def _read_ahead(self, ahead: _PageAhead) -> None:
+        ahead.rows = await self._store.page_snapshots(ahead.after, ahead.limit)
+        ahead.done.set()
+
+    async def load_all(self) -> list[Transition]:
+        """Load every customer not loaded yet; return the transitions to commit."""
+        changed: list[Transition] = []
+        while not self.warm:
+            changed += await self.page(max(self._config.page_batch, 50_000))
+        return changed
+
+    async def fold_log(self, segments: SegmentSet, customers: dict[str, Customer]) -> int:
+        """Fold the whole event log into ``customers`` (adding actors as needed), keeping the
+        facts ``segments`` reads; return how many events were read."""
+        read = 0
+        async for chunk in self._store.read_events():
+            for entry in chunk:
+                event = event_of(entry)
+                c = customers.get(event.customer_id)
+                if c is None:
+                    c = customers[event.customer_id] = Customer(event.customer_id)
+                c.fold(event, segments)
+            read += len(chunk)
+        return read
+
+    def add_listed(self, segments: SegmentSet, customers: dict[str, Customer]) -> int:
+        """Add an actor for each customer of a static list not in ``customers``; return how
+        many were added.
+
+        Such a customer has no events, so nothing gives it an instant: it is evaluated from
+        now on, the engine clock's now.
+        """
+        added = 0
+        now = self._clock.now()
+        for ids in segments.lists.values():
+            for customer_id in sorted(ids):  # sorted: a reproducible publishing order
+                if customer_id not in customers:
+                    c = customers[customer_id] = Customer(customer_id)
+                    c.watermark = now
+                    added += 1
+        return added
+
+    # Loads asked for by queries ---------------------------------------------------------
+
+    def ask_load(self, customer_id: str) -> anyio.Event:
+        """Ask the main loop to load a customer between two batches; the event is set once
+        it is done (or the engine stopped)."""
+        request = _LoadRequest(customer_id)
+        self._loads.append(request)
+        return request.done
+
+    async def serve_loads(self) -> None:
+        """Load the customers queries asked for, commit what that changed, tell each."""
+        if not self._loads:
+            return
+        loads, self._loads = self._loads, deque()
+        try:
+            changed = await self.load(sorted({r.customer_id for r in loads}), {}, {})
+            if changed:
+                await self._outbox.commit([], changed)
+        finally:
+            for r in loads:
+                r.done.set()
+
+    def release_loads(self) -> None:
+        """The engine stopped: whoever waits for a load would wait forever."""
+        while self._loads:
+            self._loads.popleft().done.set()
