@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import actors._stored
 import anyio
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import actors._stored
 from actors import Customer, Engine, EngineConfig, SystemClock, VirtualClock, parse_segments
 from actors._customer import SNAPSHOT_FORMAT, SnapshotError
 from protocol import (
