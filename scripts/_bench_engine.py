@@ -53,7 +53,7 @@ import msgspec
 
 from actors import Customer, Engine, EngineConfig, Replay, SegmentSet, load_segments
 from actors._customer import SNAPSHOT_FORMAT
-from protocol import DAY, Event, connect, event_subject, format_instant
+from protocol import DAY, Event, connect, event_subject, format_instant, jetstream_ports
 from scripts.bench_ingest import CpuSnapshot, now_us, rss_mb
 from scripts.bench_restart import GcClock, Template, make_templates
 from store import NEVER, EventLog, Snapshot, SnapshotMarks
@@ -268,7 +268,8 @@ async def child(db: Path, url: str) -> None:
     nc = await connect([url])
     log = await EventLog.open(db)
     observer = LatenessObserver()
-    engine = Engine(nc, log, segments, config=EngineConfig(), observer=observer)
+    source, sink = await jetstream_ports(nc)
+    engine = Engine(source, sink, log, segments, config=EngineConfig(), observer=observer)
     gc_clock = GcClock()
     # The longest the event loop was held by one piece of work since the last ``mark``:
     # how much a 50 ms sleep overslept.

@@ -82,6 +82,7 @@ from protocol import (
     ensure_streams,
     event_subject,
     format_instant,
+    jetstream_ports,
 )
 from store import EventLog
 
@@ -306,7 +307,10 @@ async def running_engine(
 
         observer = EngineMetrics()
     try:
-        engine = Engine(nc, log, segments, config=config or EngineConfig(), observer=observer)
+        source, sink = await jetstream_ports(nc)
+        engine = Engine(
+            source, sink, log, segments, config=config or EngineConfig(), observer=observer
+        )
         if breakdown is not None:
             breakdown.wrap(engine, "_ingest", "engine._ingest (batch, incl. known+commit)")
             breakdown.wrap(engine, "_fire_due", "engine._fire_due (incl. commit)")

@@ -91,7 +91,16 @@ import msgspec
 
 from actors import Customer, Engine, EngineConfig, SegmentSet, load_segments
 from actors._customer import SNAPSHOT_FORMAT
-from protocol import DAY, HOUR, Event, Transition, connect, embedded_broker, to_instant
+from protocol import (
+    DAY,
+    HOUR,
+    Event,
+    Transition,
+    connect,
+    embedded_broker,
+    jetstream_ports,
+    to_instant,
+)
 from scripts.bench_ingest import CpuSnapshot, free_port, now_us, rss_mb
 from store import NEVER, EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
 
@@ -250,15 +259,14 @@ def loadavg() -> str:
 
 def code_digest() -> dict[str, str]:
     """Short md5 of the files a restart runs, as imported by this process."""
-    import actors._engine
-
     import actors._customer
     import actors._rules
+    import actors.engine._engine
     import protocol._nats
     import store._log
 
     out = {}
-    for mod in (actors._engine, actors._customer, actors._rules, store._log, protocol._nats):
+    for mod in (actors.engine._engine, actors._customer, actors._rules, store._log, protocol._nats):
         path = Path(mod.__file__ or "")
         name = f"{path.parent.name}/{path.name}"
         out[name] = hashlib.md5(path.read_bytes()).hexdigest()[:8]
@@ -666,7 +674,9 @@ async def restart_child(p: dict[str, Any]) -> dict[str, Any]:
     stalls: list[tuple[float, float]] = []
     start_clock = 0
     try:
-        engine = Engine(nc, log, segments, config=EngineConfig(use_snapshots=p["use_snapshots"]))
+        source, sink = await jetstream_ports(nc)
+        config = EngineConfig(use_snapshots=p["use_snapshots"])
+        engine = Engine(source, sink, log, segments, config=config)
         for name in ("_rebuild", "_page", "_load", "_load_from_log", "_flush_snapshots"):
             timers.wrap(engine, name)
 
@@ -675,7 +685,7 @@ async def restart_child(p: dict[str, Any]) -> dict[str, Any]:
                 profiles["start to ready"].disable()
             marks["ready"] = _Mark.take(engine, timers, gc_clock)
             # Not timed: customers in memory whose deadline was due when the restart began.
-            due = engine._timers._due.values()
+            due = engine._partition._timers._due.values()
             out["overdue_at_ready"] = sum(1 for at in due if at <= start_clock)
             if p["profile"]:
                 profiles["ready to caught up"] = cProfile.Profile()
@@ -687,7 +697,7 @@ async def restart_child(p: dict[str, Any]) -> dict[str, Any]:
             await engine.run(task_status=_ReadyMark(task_status, on_started))
 
         def caught_up() -> bool:
-            nxt = engine._timers.next()
+            nxt = engine._partition._timers.next()
             return nxt is None or nxt > start_clock
 
         async def watch_loop() -> None:
@@ -727,7 +737,7 @@ async def restart_child(p: dict[str, Any]) -> dict[str, Any]:
                 with anyio.fail_after(p["timeout"]):
                     while engine.stats.transitions_published < engine.stats.transitions:
                         await anyio.sleep(POLL)
-                out["dirty_at_stop"] = len(engine._dirty)
+                out["dirty_at_stop"] = len(engine._partition.changed or ())
                 marks["stop"] = _Mark.take(engine, timers, gc_clock)
                 tg.cancel_scope.cancel()
             marks["stopped"] = _Mark.take(engine, timers, gc_clock)
