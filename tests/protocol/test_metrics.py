@@ -69,7 +69,10 @@ async def engine_with_metrics(
     log = await EventLog.open(db)
     metrics = EngineMetrics()
     try:
-        engine = Engine(nc, log, ACTIVE_IDLE, clock=clock, config=EngineConfig(), observer=metrics)
+        source, sink = await jetstream_ports(nc)
+        engine = Engine(
+            source, sink, log, ACTIVE_IDLE, clock=clock, config=EngineConfig(), observer=metrics
+        )
         async with anyio.create_task_group() as tg:
             endpoint = await tg.start(
                 lambda task_status: metrics.serve(
