@@ -230,7 +230,7 @@ class Proc:
         raise AssertionError(f"{needle!r} not seen on stderr: {self.err}")
 
     def out_lines(self, n: int, timeout: float = 20.0) -> list[str]:
-        lines = []
+        lines: list[str] = []
         deadline = time.monotonic() + timeout
         while len(lines) < n:
             lines.append(self.out.get(timeout=max(0.01, deadline - time.monotonic())))

@@ -398,7 +398,7 @@ async def test_definitions_validate_and_apply(
 
         applied = await api.definitions(NEW, source="new.toml", apply=True)
         assert (applied.applied, applied.transitions) == (True, 5)
-        assert engine.segments.names == ("visitor", "loyal")
+        assert list(engine.segments.names) == ["visitor", "loyal"]
         assert engine.segments.source == "new.toml"
         await eventually(lambda: len(seen.msgs) == 6)
         assert sorted((t.customer_id, t.segment, t.change) for t in seen.transitions()[1:]) == [

@@ -274,7 +274,7 @@ def test_serve_reloads_a_changed_file_and_keeps_the_old_one_when_invalid(
             assert run("publish", "--nats", url, *args).returncode == 0
 
         def transitions(n: int) -> list[tuple[str, str, str, str, int]]:
-            got = [json.loads(line) for line in tail.out_lines(n)]  # type: ignore[union-attr]
+            got = [json.loads(line) for line in tail.out_lines(n)]
             return [
                 (t["customer_id"], t["segment"], t["change"], t["cause"]["kind"], t["version"])
                 for t in got
