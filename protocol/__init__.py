@@ -1,6 +1,7 @@
-"""Wire types, subjects, codecs and the NATS edge of shoal.
+"""Wire types, subjects, codecs and the engine's ports of shoal.
 
-``protocol`` knows nothing of SQLite or of segment rules.
+``protocol`` knows nothing of SQLite or of segment rules, and imports no ``nats``: the NATS
+implementation is the subpackage ``protocol.nats``, the in-memory one ``protocol.memory``.
 """
 
 from ._api import MAX_PAGE as MAX_PAGE
@@ -38,21 +39,12 @@ from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
 from ._inbound import InvalidEvent as InvalidEvent
 from ._inbound import decode_event as decode_event
 from ._inbound import parse_timestamp as parse_timestamp
-from ._nats import EventFeed as EventFeed
-from ._nats import Publisher as Publisher
-from ._nats import StreamSettings as StreamSettings
-from ._nats import connect as connect
-from ._nats import ensure_streams as ensure_streams
-from ._nats import iter_transitions as iter_transitions
-from ._nats import jetstream_ports as jetstream_ports
 from ._ports import Delivery as Delivery
 from ._ports import EventSource as EventSource
 from ._ports import PublishError as PublishError
 from ._ports import TransitionSink as TransitionSink
-from ._service import API_VERSION as API_VERSION
-from ._service import ApiClient as ApiClient
-from ._service import QueryHandler as QueryHandler
-from ._service import serve_api as serve_api
+from ._query import API_VERSION as API_VERSION
+from ._query import QueryHandler as QueryHandler
 from ._subjects import API_ENDPOINTS as API_ENDPOINTS
 from ._subjects import API_PREFIX as API_PREFIX
 from ._subjects import API_SERVICE as API_SERVICE
@@ -109,7 +101,6 @@ __all__ = (
     "SECOND",
     "SEGMENTS_STREAM",
     "SEGMENTS_WILDCARD",
-    "ApiClient",
     "ApiError",
     "BrokerError",
     "Cause",
@@ -124,7 +115,6 @@ __all__ = (
     "Event",
     "EventCause",
     "EventCounter",
-    "EventFeed",
     "EventSource",
     "ExplainReply",
     "ExplainRequest",
@@ -135,7 +125,6 @@ __all__ = (
     "Membership",
     "ProtocolError",
     "PublishError",
-    "Publisher",
     "QueryHandler",
     "Rejection",
     "SegmentExplanation",
@@ -145,7 +134,6 @@ __all__ = (
     "SegmentsRequest",
     "StatusReply",
     "StatusRequest",
-    "StreamSettings",
     "SubjectError",
     "TimeCause",
     "Transition",
@@ -153,27 +141,22 @@ __all__ = (
     "UnknownCustomer",
     "UnknownSegment",
     "api_subject",
-    "connect",
     "customer_api_filter",
     "customer_api_subject",
     "customer_of_api_subject",
     "customer_of_event_subject",
     "decode_event",
     "embedded_broker",
-    "ensure_streams",
     "escape_token",
     "event_subject",
     "find_nats_server",
     "format_instant",
     "from_instant",
     "header_token",
-    "iter_transitions",
-    "jetstream_ports",
     "parse_timestamp",
     "port_in_use",
     "segment_filter",
     "segment_subject",
-    "serve_api",
     "to_instant",
     "unescape_token",
     "validate_segment_name",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
 
 from ._subjects import escape_token
+from ._time import from_instant, to_instant
 
 
 class EventCause(msgspec.Struct, frozen=True, kw_only=True, tag="event", tag_field="kind"):
@@ -88,6 +90,32 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     stream_sequence: int | None
     payload: str | None = None
     payload_base64: str | None = None
+
+    @classmethod
+    def of(
+        cls, *, reason: str, subject: str, data: bytes, received: int, stream_sequence: int | None
+    ) -> Rejection:
+        """The rejection of the inbound message ``data`` received on ``subject``."""
+        try:
+            text: str | None = data.decode("utf-8")
+            b64 = None
+        except UnicodeDecodeError:
+            text, b64 = None, base64.b64encode(data).decode("ascii")
+        return cls(
+            reason=reason,
+            subject=subject,
+            received_at=from_instant(received),
+            stream_sequence=stream_sequence,
+            payload=text,
+            payload_base64=b64,
+        )
+
+    @property
+    def msg_id(self) -> str | None:
+        """Its message id (the broker drops a repeat), when it has a stream position."""
+        if self.stream_sequence is None:
+            return None
+        return f"rejected:{self.stream_sequence}:{to_instant(self.received_at)}"
 
 
 def header_token(customer_id: str) -> str:

@@ -53,7 +53,8 @@ import msgspec
 
 from actors import Customer, Engine, EngineConfig, Replay, SegmentSet, load_segments
 from actors._customer import SNAPSHOT_FORMAT
-from protocol import DAY, Event, connect, event_subject, format_instant, jetstream_ports
+from protocol import DAY, Event, event_subject, format_instant
+from protocol.nats import connect, jetstream_ports
 from scripts.bench_ingest import CpuSnapshot, now_us, rss_mb
 from scripts.bench_restart import GcClock, Template, make_templates
 from store import NEVER, EventLog, Snapshot, SnapshotMarks

@@ -25,7 +25,6 @@ from rich.tree import Tree
 
 from actors import Engine, EngineApi, load_segments
 from protocol import (
-    ApiClient,
     ConditionExplanation,
     CustomerReply,
     DefinitionsReply,
@@ -33,11 +32,10 @@ from protocol import (
     MembersReply,
     SegmentsReply,
     StatusReply,
-    connect,
     format_instant,
-    serve_api,
     to_instant,
 )
+from protocol.nats import ApiClient, connect, serve_api
 
 from ._errors import UsageError
 

@@ -35,14 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from actors import Replay, SegmentSet, load_segments, parse_duration
-from protocol import (
-    Event,
-    InvalidEvent,
-    Transition,
-    format_instant,
-    from_instant,
-    to_instant,
-)
+from protocol import Event, InvalidEvent, Transition, format_instant, from_instant, to_instant
 from store import EventLog, LoggedEvent
 
 from ._errors import UsageError

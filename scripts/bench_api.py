@@ -31,14 +31,13 @@ import nats.errors
 from nats.aio.client import Client
 
 from protocol import (
-    ApiClient,
     EngineUnavailable,
     customer_api_subject,
     embedded_broker,
-    ensure_streams,
     event_subject,
     format_instant,
 )
+from protocol.nats import ApiClient, ensure_streams
 
 
 def _free_port() -> int:

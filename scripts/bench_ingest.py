@@ -72,18 +72,8 @@ import msgspec
 import nats
 
 from actors import Engine, EngineConfig, SegmentSet, load_segments
-from protocol import (
-    DAY,
-    EVENTS_STREAM,
-    HOUR,
-    Publisher,
-    connect,
-    embedded_broker,
-    ensure_streams,
-    event_subject,
-    format_instant,
-    jetstream_ports,
-)
+from protocol import DAY, EVENTS_STREAM, HOUR, embedded_broker, event_subject, format_instant
+from protocol.nats import Publisher, connect, ensure_streams, jetstream_ports
 from store import EventLog
 
 POLL = 0.01

@@ -91,16 +91,8 @@ import msgspec
 
 from actors import Customer, Engine, EngineConfig, SegmentSet, load_segments
 from actors._customer import SNAPSHOT_FORMAT
-from protocol import (
-    DAY,
-    HOUR,
-    Event,
-    Transition,
-    connect,
-    embedded_broker,
-    jetstream_ports,
-    to_instant,
-)
+from protocol import DAY, HOUR, Event, Transition, embedded_broker, to_instant
+from protocol.nats import connect, jetstream_ports
 from scripts.bench_ingest import CpuSnapshot, free_port, now_us, rss_mb
 from store import NEVER, EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
 
@@ -262,11 +254,17 @@ def code_digest() -> dict[str, str]:
     import actors._customer
     import actors._rules
     import actors.engine._engine
-    import protocol._nats
+    import protocol.nats._feed
     import store._log
 
     out = {}
-    for mod in (actors.engine._engine, actors._customer, actors._rules, store._log, protocol._nats):
+    for mod in (
+        actors.engine._engine,
+        actors._customer,
+        actors._rules,
+        store._log,
+        protocol.nats._feed,
+    ):
         path = Path(mod.__file__ or "")
         name = f"{path.parent.name}/{path.name}"
         out[name] = hashlib.md5(path.read_bytes()).hexdigest()[:8]

@@ -26,16 +26,13 @@ from actors import ActorsError, DefinitionError, Engine, EngineConfig, load_segm
 from protocol import (
     ProtocolError,
     Transition,
-    connect,
     embedded_broker,
-    ensure_streams,
     event_subject,
     format_instant,
-    iter_transitions,
-    jetstream_ports,
     segment_filter,
     to_instant,
 )
+from protocol.nats import connect, ensure_streams, iter_transitions, jetstream_ports
 from store import EventLog, StoreError
 
 from . import _history_cmd, _import_cmd, _query_cmd, _replay_cmd

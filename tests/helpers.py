@@ -23,14 +23,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from actors import Clock, Engine, EngineConfig, SegmentSet, parse_segments
-from protocol import (
-    Rejection,
-    Transition,
-    connect,
-    find_nats_server,
-    format_instant,
-    jetstream_ports,
-)
+from protocol import Rejection, Transition, find_nats_server, format_instant
+from protocol.nats import connect, jetstream_ports
 from store import EventLog
 
 

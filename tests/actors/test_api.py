@@ -27,7 +27,6 @@ from actors import (
 from protocol import (
     DAY,
     SECOND,
-    ApiClient,
     ApiError,
     CustomerReply,
     DefinitionsReply,
@@ -38,11 +37,10 @@ from protocol import (
     MembersReply,
     SegmentsReply,
     StatusReply,
-    connect,
     format_instant,
     from_instant,
-    serve_api,
 )
+from protocol.nats import ApiClient, connect, serve_api
 from store import EventLog
 from tests.helpers import NatsServer, collect, eventually, running_engine, segments, track
 

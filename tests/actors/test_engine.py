@@ -23,16 +23,15 @@ from protocol import (
     DefinitionCause,
     Event,
     EventCause,
-    Publisher,
     PublishError,
     TimeCause,
     Transition,
-    ensure_streams,
     event_subject,
     format_instant,
     from_instant,
     to_instant,
 )
+from protocol.nats import Publisher, ensure_streams
 from store import EventLog
 from tests.helpers import (
     Collector,

@@ -22,9 +22,9 @@ from protocol import (
     TimeCause,
     Transition,
     format_instant,
-    jetstream_ports,
     to_instant,
 )
+from protocol.nats import jetstream_ports
 from store import EventLog
 from tests.helpers import (
     NatsServer,

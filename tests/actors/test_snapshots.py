@@ -32,18 +32,8 @@ from hypothesis import strategies as st
 import actors._stored
 from actors import Customer, Engine, EngineConfig, SystemClock, VirtualClock, parse_segments
 from actors._customer import SNAPSHOT_FORMAT, SnapshotError
-from protocol import (
-    DAY,
-    HOUR,
-    SECOND,
-    Event,
-    TimeCause,
-    Transition,
-    connect,
-    format_instant,
-    jetstream_ports,
-    to_instant,
-)
+from protocol import DAY, HOUR, SECOND, Event, TimeCause, Transition, format_instant, to_instant
+from protocol.nats import connect, jetstream_ports
 from store import NEVER, EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
 from tests.helpers import Collector, NatsServer, collect, eventually, running_engine
 

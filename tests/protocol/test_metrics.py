@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from actors import Clock, Customer, Engine, EngineConfig, SystemClock, VirtualClock
-from protocol import SECOND, connect, format_instant, jetstream_ports
+from protocol import SECOND, format_instant
 from protocol.metrics import EngineMetrics, MetricsError
+from protocol.nats import connect, jetstream_ports
 from store import EventLog
 from tests.helpers import NatsServer, Proc, eventually, free_port, run, running_engine, segments
 

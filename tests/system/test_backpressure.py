@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from actors import Engine, EngineConfig
-from protocol import connect, jetstream_ports
+from protocol.nats import connect, jetstream_ports
 from store import EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
 from tests.helpers import NatsServer, eventually, segments
 

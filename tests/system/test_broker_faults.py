@@ -28,7 +28,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from structlog.testing import capture_logs
 
 from actors import EngineConfig
-from protocol import BrokerError, EventFeed, Transition, connect, ensure_streams
+from protocol import BrokerError, Transition
+from protocol.nats import EventFeed, connect, ensure_streams
 from store import EventLog
 from tests.helpers import NatsServer, eventually, running_engine, segments
 
@@ -436,7 +437,7 @@ async def test_needs_restart_after_a_reconnect_and_restart_resumes_past_the_acks
         await eventually(lambda: feed.buffered == 5)
         taken = feed.take(2)
         assert [d.msg_id for d in taken] == ["a0", "a1"]
-        await feed.ack_taken()
+        await feed.ack(taken[-1].stream_sequence)
 
         await anyio.to_thread.run_sync(nats_server.restart)
         await eventually(lambda: feed.needs_restart, timeout=30)
@@ -444,13 +445,15 @@ async def test_needs_restart_after_a_reconnect_and_restart_resumes_past_the_acks
 
         # What was buffered before the reconnect can still be taken (it came in order);
         # a5, delivered after it, is not buffered until the restart.
-        assert [d.msg_id for d in feed.take(100)] == ["a2", "a3", "a4"]
-        await feed.ack_taken()
+        taken = feed.take(100)
+        assert [d.msg_id for d in taken] == ["a2", "a3", "a4"]
+        await feed.ack(taken[-1].stream_sequence)
         await feed.restart()
         assert not feed.needs_restart and feed.pending_at_start == 1
         await eventually(lambda: feed.buffered == 1)
-        assert [d.msg_id for d in feed.take(100)] == ["a5"]
-        await feed.ack_taken()
+        taken = feed.take(100)
+        assert [d.msg_id for d in taken] == ["a5"]
+        await feed.ack(taken[-1].stream_sequence)
         await feed.stop()
     finally:
         await nc.close()
@@ -471,17 +474,18 @@ async def test_take_stops_at_a_delivery_gap_and_restart_delivers_it_again(
         # The client dropped the fifth delivery (as a slow consumer would).
         del feed._buffer[4]
 
-        got = [d.msg_id for d in feed.take(100)]
-        assert got == ["a0", "a1", "a2", "a3"]
+        taken = feed.take(100)
+        assert [d.msg_id for d in taken] == ["a0", "a1", "a2", "a3"]
         assert feed.needs_restart and feed.buffered == 0
         assert feed.take(100) == []
-        await feed.ack_taken()
+        await feed.ack(taken[-1].stream_sequence)
 
         await feed.restart()
         assert not feed.needs_restart and feed.pending_at_start == 6
         await eventually(lambda: feed.buffered == 6)
-        assert [d.msg_id for d in feed.take(100)] == [f"a{i}" for i in range(4, 10)]
-        await feed.ack_taken()
+        taken = feed.take(100)
+        assert [d.msg_id for d in taken] == [f"a{i}" for i in range(4, 10)]
+        await feed.ack(taken[-1].stream_sequence)
         await feed.stop()
     finally:
         await nc.close()
@@ -510,8 +514,9 @@ async def test_restart_keeps_trying_while_the_broker_is_away(
             await feed.restart()
         assert not feed.needs_restart and feed.pending_at_start == 1
         await eventually(lambda: feed.buffered == 1)
-        assert [d.msg_id for d in feed.take(10)] == ["a0"]
-        await feed.ack_taken()
+        taken = feed.take(10)
+        assert [d.msg_id for d in taken] == ["a0"]
+        await feed.ack(taken[-1].stream_sequence)
         await feed.stop()
     finally:
         await nc.close()

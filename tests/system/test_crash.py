@@ -40,10 +40,10 @@ from protocol import (
     SEGMENTS_WILDCARD,
     Event,
     Transition,
-    ensure_streams,
     event_subject,
     to_instant,
 )
+from protocol.nats import ensure_streams
 from store import EventLog
 from tests.helpers import NatsServer
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -21,7 +21,7 @@ import structlog
 from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request, ServiceError
 
-from ._api import (
+from protocol._api import (
     CustomerReply,
     DefinitionsReply,
     DefinitionsRequest,
@@ -38,8 +38,9 @@ from ._api import (
     segments_request_decoder,
     status_request_decoder,
 )
-from ._errors import ApiError, EngineUnavailable, InvalidRequest, SubjectError
-from ._subjects import (
+from protocol._errors import ApiError, EngineUnavailable, InvalidRequest, SubjectError
+from protocol._query import API_VERSION, QueryHandler
+from protocol._subjects import (
     API_SERVICE,
     EVENTS_WILDCARD,
     api_subject,
@@ -48,36 +49,11 @@ from ._subjects import (
     customer_of_api_subject,
 )
 
-API_VERSION = "1.0.0"
-"""The version ``$SRV.INFO`` reports: the major part changes when a body changes
-incompatibly."""
 _STOP_TIMEOUT = 2.0
 _READY_TIMEOUT = 5.0
 _logger = structlog.get_logger("shoal.api")
 _encoder = msgspec.json.Encoder()
 _R = TypeVar("_R")
-
-
-class QueryHandler(Protocol):
-    """What answers the service's requests: the engine side of the API.
-
-    Each method raises an :class:`~protocol.ApiError` subclass for a request it cannot
-    answer (:class:`~protocol.UnknownCustomer`, :class:`~protocol.UnknownSegment`,
-    :class:`~protocol.InvalidRequest`, :class:`~protocol.EngineUnavailable`); its message
-    goes to the caller as it is.
-    """
-
-    async def customer(self, customer_id: str) -> CustomerReply: ...
-
-    async def explain(self, customer_id: str, request: ExplainRequest) -> ExplainReply: ...
-
-    async def segments(self) -> SegmentsReply: ...
-
-    async def members(self, request: MembersRequest) -> MembersReply: ...
-
-    async def definitions(self, request: DefinitionsRequest) -> DefinitionsReply: ...
-
-    async def status(self) -> StatusReply: ...
 
 
 def _header_text(message: str) -> str:

@@ -1,21 +1,14 @@
-"""The NATS edge: connecting, declaring streams, consuming events, publishing results.
-
-Nothing here knows about SQLite or about segment rules: it moves bytes and acknowledgements.
-"""
+"""The engine's event source on NATS: a durable push consumer of ``SHOAL_EVENTS``,
+delivering in micro-batches and acknowledged up to a position."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -27,27 +20,15 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
 )
 
-from ._errors import BrokerError, ProtocolError
-from ._ports import Delivery, PublishError
-from ._subjects import (
+from protocol._errors import BrokerError, ProtocolError
+from protocol._ports import Delivery
+from protocol._subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
-    REJECTED_STREAM,
-    REJECTED_SUBJECT,
-    SEGMENTS_STREAM,
-    SEGMENTS_WILDCARD,
-    segment_subject,
 )
-from ._time import from_instant
-from ._types import Rejection, Transition
 
-_CONNECT_TIMEOUT = 5.0
-_FIRST_CONNECT_ATTEMPTS = 3
 _FLUSH_TIMEOUT = 5
 _MAX_RETRY_DELAY = 2.0
 """Seconds at most between two attempts to restart the consumer while NATS is away."""
@@ -56,96 +37,6 @@ _BOUND_GRACE = 5.0
 _CONNECTION_CHECK = 0.05
 """Seconds between two looks at the connection while waiting for the broker."""
 _logger = structlog.get_logger("shoal.feed")
-_transition_encoder = msgspec.json.Encoder()
-
-
-async def connect(servers: Sequence[str], *, name: str = "shoal") -> Client:
-    """Connect to NATS, reconnecting for ever after a drop once connected.
-
-    Raises:
-        BrokerError: no server could be reached at first.
-    """
-    errors: list[str] = []
-
-    async def on_error(e: Exception) -> None:
-        errors.append(str(e) or type(e).__name__)
-
-    try:
-        # nats-py applies max_reconnect_attempts to the first connection too, and -1 would
-        # retry an unreachable server for ever: bound the first, then reconnect for ever.
-        nc = await nats.connect(
-            servers=list(servers),
-            name=name,
-            connect_timeout=_CONNECT_TIMEOUT,
-            allow_reconnect=True,
-            max_reconnect_attempts=_FIRST_CONNECT_ATTEMPTS,
-            reconnect_time_wait=0.5,
-            error_cb=on_error,
-        )
-    except (TimeoutError, OSError, nats.errors.Error) as e:
-        why = errors[-1] if errors else (str(e) or type(e).__name__)
-        raise BrokerError(f"cannot reach NATS at {', '.join(servers)}: {why}") from e
-    nc.options["max_reconnect_attempts"] = -1
-    return nc
-
-
-@dataclass(frozen=True, slots=True)
-class StreamSettings:
-    """How long the broker keeps messages and for how long it drops duplicates.
-
-    ``segments_duplicate_window`` must outlast an engine restart: a transition published
-    again after a crash carries the same ``Nats-Msg-Id`` and is dropped inside it.
-    """
-
-    events_duplicate_window: float = 120.0
-    segments_duplicate_window: float = 600.0
-    rejected_max_age: float = 30 * 24 * 3600.0
-
-
-async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None = None) -> None:
-    """Create the three streams, or update them to this configuration (idempotent).
-
-    Raises:
-        BrokerError: JetStream is not enabled, or a stream cannot be created or updated.
-    """
-    s = settings or StreamSettings()
-    configs = [
-        StreamConfig(
-            name=EVENTS_STREAM,
-            subjects=[EVENTS_WILDCARD],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            duplicate_window=s.events_duplicate_window,
-        ),
-        StreamConfig(
-            name=SEGMENTS_STREAM,
-            subjects=[SEGMENTS_WILDCARD],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            duplicate_window=s.segments_duplicate_window,
-        ),
-        StreamConfig(
-            name=REJECTED_STREAM,
-            subjects=[REJECTED_SUBJECT],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=s.rejected_max_age,
-        ),
-    ]
-    for config in configs:
-        try:
-            try:
-                await js.stream_info(config.name)  # type: ignore[arg-type]
-            except nats.js.errors.NotFoundError:
-                await js.add_stream(config)
-            else:
-                await js.update_stream(config)
-        except nats.js.errors.ServiceUnavailableError as e:
-            raise BrokerError(
-                "JetStream is not enabled on the NATS server (start it with -js)"
-            ) from e
-        except (TimeoutError, nats.errors.Error) as e:
-            raise BrokerError(f"cannot set up stream {config.name}: {e}") from e
 
 
 def _parse_ack_reply(reply: str) -> tuple[int, int, int, int]:
@@ -174,7 +65,7 @@ class EventFeed:
 
     A push consumer with ``AckPolicy.ALL``: the broker delivers up to ``max_in_flight``
     unacknowledged messages into a buffer, :meth:`take` hands them out in order, and
-    :meth:`ack_taken` acknowledges a whole batch with one message (its last). ``max_in_flight``
+    :meth:`ack` acknowledges a whole batch with one message (its last). ``max_in_flight``
     bounds memory: when the engine is slow the broker waits.
 
     One acknowledgement covers every earlier delivery, so the feed never hands out a delivery
@@ -209,7 +100,8 @@ class EventFeed:
         self._generation = 0
         self._reconnects = 0
         self._broken = False
-        self._last_taken: Msg | None = None
+        # Taken and not yet acknowledged: (stream sequence, message), in order.
+        self._unacked: deque[tuple[int, Msg]] = deque()
         self._last_cseq = 0
         self._last_stamp = -(1 << 62)  # the broker's stamp of the latest delivery taken
         self._taken_through = 0
@@ -328,7 +220,7 @@ class EventFeed:
         generation = self._generation
         self._buffer.clear()
         self._ready.clear()
-        self._last_taken = None
+        self._unacked.clear()
         self._last_cseq = 0
         self._broken = False
         self._reconnects = self._nc.stats["reconnects"]
@@ -449,7 +341,7 @@ class EventFeed:
                     msg_id=headers.get("Nats-Msg-Id") if headers else None,
                 )
             )
-            self._last_taken = msg
+            self._unacked.append((seq, msg))
             self._taken_through = max(self._taken_through, seq)
             self._last_stamp = max(self._last_stamp, received)
         if not buf:
@@ -514,19 +406,22 @@ class EventFeed:
         """Return when deliveries are buffered (or :attr:`needs_restart` may have turned)."""
         await self._ready.wait()
 
-    async def ack_taken(self) -> None:
-        """Acknowledge every delivery handed out by :meth:`take` so far (one message).
+    async def ack(self, through: int) -> None:
+        """Acknowledge every delivery taken up to stream position ``through`` (one message:
+        with ``AckPolicy.ALL`` the acknowledgement of one covers every earlier one).
 
         Call it only once they are all committed: :meth:`restart` resumes past them.
 
         Raises:
             BrokerError: the connection to NATS is closed for good.
         """
-        last = self._last_taken
+        unacked = self._unacked
+        last: Msg | None = None
+        while unacked and unacked[0][0] <= through:
+            last = unacked.popleft()[1]
         if last is None:
             return
-        self._last_taken = None
-        self._acked_through = max(self._acked_through, self._taken_through)
+        self._acked_through = max(self._acked_through, min(through, self._taken_through))
         if not self._nc.is_connected and not self._nc.is_closed:
             # It would wait in the client's outgoing buffer, which a long outage can fill.
             # Once reconnected, needs_restart is true, and restart() resumes past it.
@@ -541,219 +436,6 @@ class EventFeed:
         except nats.errors.Error:
             self._broken = True
 
-    async def ack(self, through: int) -> None:
-        """Acknowledge every delivery taken up to stream position ``through``."""
-        await self.ack_taken()
-
     async def stop(self) -> None:
         """Stop receiving; the durable consumer stays on the broker. Idempotent."""
         await self._close_subscription()
-
-
-class _Acks:
-    """The broker's answers to one batch of publishes."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.acked = 0
-        self.errors: list[str] = []
-        self.done = anyio.Event()
-
-    def answer(self, error: str | None) -> None:
-        self.acked += 1
-        if error is not None:
-            self.errors.append(error)
-        if self.acked >= self.expected:
-            self.done.set()
-
-
-class Publisher:
-    """Publishes transitions and rejections to JetStream and waits for the broker's word.
-
-    Transitions go out as plain publishes that share one reply subject per batch, and the
-    broker's acknowledgements are counted there: nats-py's ``publish_async`` makes a future
-    and a ``PubAck`` per message, which measured as half of the engine's main-thread time.
-    Call :meth:`start` before publishing and :meth:`close` after.
-    """
-
-    def __init__(self, nc: Client, *, timeout: float = 10.0) -> None:
-        self._nc = nc
-        self._js = nc.jetstream()
-        self._timeout = timeout
-        self._prefix = nc.new_inbox()
-        self._sub: Any = None
-        self._batches: dict[str, _Acks] = {}
-        self._ids = itertools.count()
-
-    async def start(self) -> None:
-        """Subscribe to the replies. Idempotent."""
-        if self._sub is None:
-            self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_reply)
-
-    async def close(self) -> None:
-        """Stop listening for replies. Idempotent."""
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-
-    async def _on_reply(self, msg: Msg) -> None:
-        acks = self._batches.get(msg.subject.rpartition(".")[2])
-        if acks is None:
-            return  # a late answer for a batch already given up on
-        headers = msg.headers or {}
-        if headers.get("Status") == "503":
-            acks.answer("no stream is listening on the subject (503 no responders)")
-        elif b'"error"' in msg.data:
-            acks.answer(msg.data.decode("utf-8", "replace"))
-        else:
-            acks.answer(None)
-
-    async def publish_transitions(self, transitions: Sequence[Transition]) -> None:
-        """Publish each on its segment subject with ``Nats-Msg-Id``; return once all are stored.
-
-        Raises:
-            PublishError: some were not confirmed (the broker drops repeats by message id, so
-                publishing the same transitions again is safe).
-        """
-        if not transitions:
-            return
-        await self._connected()
-        reconnects = self._nc.stats["reconnects"]
-        token = str(next(self._ids))
-        acks = self._batches[token] = _Acks(len(transitions))
-        reply = f"{self._prefix}.{token}"
-        try:
-            for i, t in enumerate(transitions):
-                if i % 500 == 499:
-                    # nats-py's publish only buffers: let the loop serve others meanwhile.
-                    await anyio.lowlevel.checkpoint()
-                await self._nc.publish(
-                    segment_subject(t.segment, t.change),
-                    _transition_encoder.encode(t),
-                    reply=reply,
-                    headers={"Nats-Msg-Id": t.msg_id},
-                )
-            with anyio.fail_after(self._timeout):
-                while not acks.done.is_set():
-                    with anyio.move_on_after(_CONNECTION_CHECK):
-                        await acks.done.wait()
-                    if self._nc.stats["reconnects"] != reconnects or not self._nc.is_connected:
-                        # What was on its way when the connection dropped is lost, with
-                        # its answers: no use waiting for them.
-                        raise PublishError(
-                            f"the connection to NATS dropped with {acks.acked} of "
-                            f"{len(transitions)} transitions confirmed"
-                        )
-        except TimeoutError as e:
-            raise PublishError(
-                f"the broker confirmed {acks.acked} of {len(transitions)} transitions "
-                f"within {self._timeout:g} s"
-            ) from e
-        except nats.errors.Error as e:
-            raise PublishError(f"could not publish {len(transitions)} transitions: {e}") from e
-        finally:
-            del self._batches[token]
-        if acks.errors:
-            raise PublishError(
-                f"the broker refused {len(acks.errors)} of {len(transitions)} transitions: "
-                f"{acks.errors[0]}"
-            )
-
-    async def publish(self, transitions: Sequence[Transition]) -> None:
-        """As :meth:`publish_transitions` (the :class:`TransitionSink` port)."""
-        await self.publish_transitions(transitions)
-
-    async def _connected(self) -> None:
-        """Return once the client is connected; publishing meanwhile would only fill its
-        outgoing buffer.
-
-        Raises:
-            PublishError: not connected within the timeout, or the connection is closed.
-        """
-        with anyio.move_on_after(self._timeout):
-            while not self._nc.is_connected:
-                if self._nc.is_closed:
-                    raise PublishError("the connection to NATS is closed")
-                await anyio.sleep(_CONNECTION_CHECK)
-            return
-        raise PublishError(f"not connected to NATS for {self._timeout:g} s")
-
-    async def publish_rejection(
-        self,
-        *,
-        reason: str,
-        subject: str,
-        data: bytes,
-        received: int,
-        stream_sequence: int | None,
-    ) -> None:
-        """Publish a :class:`Rejection` on ``shoal.rejected`` and wait for the broker.
-
-        Raises:
-            PublishError: it was not confirmed.
-        """
-        try:
-            text: str | None = data.decode("utf-8")
-            b64 = None
-        except UnicodeDecodeError:
-            text, b64 = None, base64.b64encode(data).decode("ascii")
-        body = Rejection(
-            reason=reason,
-            subject=subject,
-            received_at=from_instant(received),
-            stream_sequence=stream_sequence,
-            payload=text,
-            payload_base64=b64,
-        )
-        headers = None
-        if stream_sequence is not None:
-            headers = {"Nats-Msg-Id": f"rejected:{stream_sequence}:{received}"}
-        await self._connected()
-        try:
-            await self._js.publish(
-                REJECTED_SUBJECT,
-                msgspec.json.encode(body),
-                headers=headers,
-                timeout=self._timeout,
-            )
-        except (TimeoutError, nats.errors.Error) as e:
-            raise PublishError(f"could not publish a rejection: {e}") from e
-
-
-async def iter_transitions(
-    nc: Client, filter_subject: str, *, from_start: bool = False
-) -> AsyncIterator[Transition]:
-    """Transitions on ``filter_subject`` as they are published (and, with ``from_start``,
-    all that ``SHOAL_SEGMENTS`` still holds first, through an ordered consumer)."""
-    decoder = msgspec.json.Decoder(Transition)
-    sub: Any
-    if from_start:
-        js = nc.jetstream()
-        sub = await js.subscribe(filter_subject, ordered_consumer=True)
-    else:
-        sub = await nc.subscribe(filter_subject)
-    try:
-        async for msg in sub.messages:
-            yield decoder.decode(msg.data)
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-
-
-async def jetstream_ports(
-    nc: Client,
-    *,
-    consumer: str = "shoal-engine",
-    filter_subject: str = EVENTS_WILDCARD,
-    max_in_flight: int = 20_000,
-    streams: StreamSettings | None = None,
-) -> tuple[EventFeed, Publisher]:
-    """Declare the streams, then make an engine's ports on ``nc``: its event source (the
-    durable ``consumer`` of ``filter_subject``) and its transition sink."""
-    js = nc.jetstream()
-    await ensure_streams(js, streams)
-    feed = EventFeed(
-        nc, js, durable=consumer, filter_subject=filter_subject, max_in_flight=max_in_flight
-    )
-    return feed, Publisher(nc)

@@ -1,0 +1,44 @@
+"""The query API's contract on the engine side: what answers the service's requests, and
+the API's version. The service itself runs on NATS (``protocol.nats.serve_api``)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ._api import (
+    CustomerReply,
+    DefinitionsReply,
+    DefinitionsRequest,
+    ExplainReply,
+    ExplainRequest,
+    MembersReply,
+    MembersRequest,
+    SegmentsReply,
+    StatusReply,
+)
+
+API_VERSION = "1.0.0"
+"""The version ``$SRV.INFO`` reports: the major part changes when a body changes
+incompatibly."""
+
+
+class QueryHandler(Protocol):
+    """What answers the service's requests: the engine side of the API.
+
+    Each method raises an :class:`~protocol.ApiError` subclass for a request it cannot
+    answer (:class:`~protocol.UnknownCustomer`, :class:`~protocol.UnknownSegment`,
+    :class:`~protocol.InvalidRequest`, :class:`~protocol.EngineUnavailable`); its message
+    goes to the caller as it is.
+    """
+
+    async def customer(self, customer_id: str) -> CustomerReply: ...
+
+    async def explain(self, customer_id: str, request: ExplainRequest) -> ExplainReply: ...
+
+    async def segments(self) -> SegmentsReply: ...
+
+    async def members(self, request: MembersRequest) -> MembersReply: ...
+
+    async def definitions(self, request: DefinitionsRequest) -> DefinitionsReply: ...
+
+    async def status(self) -> StatusReply: ...

@@ -1,0 +1,29 @@
+"""shoal on NATS JetStream: connecting, the streams, the engine's two ports (the event source
+and the transition sink), the query service and its client.
+
+The only part of ``protocol`` that imports ``nats``: the command line and the service import
+it; the engine (``actors``) sees only the ports (``protocol.EventSource`` and
+``protocol.TransitionSink``).
+"""
+
+from ._connect import StreamSettings as StreamSettings
+from ._connect import connect as connect
+from ._connect import ensure_streams as ensure_streams
+from ._feed import EventFeed as EventFeed
+from ._publisher import Publisher as Publisher
+from ._service import ApiClient as ApiClient
+from ._service import serve_api as serve_api
+from ._wiring import iter_transitions as iter_transitions
+from ._wiring import jetstream_ports as jetstream_ports
+
+__all__ = (
+    "ApiClient",
+    "EventFeed",
+    "Publisher",
+    "StreamSettings",
+    "connect",
+    "ensure_streams",
+    "iter_transitions",
+    "jetstream_ports",
+    "serve_api",
+)

@@ -1,0 +1,192 @@
+"""The engine's transition sink on NATS: transitions and rejections published to
+JetStream, confirmed by the broker."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from protocol._ports import PublishError
+from protocol._subjects import (
+    REJECTED_SUBJECT,
+    segment_subject,
+)
+from protocol._types import Rejection, Transition
+
+_CONNECTION_CHECK = 0.05
+"""Seconds between two looks at the connection while waiting for the broker."""
+_transition_encoder = msgspec.json.Encoder()
+
+
+class _Acks:
+    """The broker's answers to one batch of publishes."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.acked = 0
+        self.errors: list[str] = []
+        self.done = anyio.Event()
+
+    def answer(self, error: str | None) -> None:
+        self.acked += 1
+        if error is not None:
+            self.errors.append(error)
+        if self.acked >= self.expected:
+            self.done.set()
+
+
+class Publisher:
+    """Publishes transitions and rejections to JetStream and waits for the broker's word.
+
+    Transitions go out as plain publishes that share one reply subject per batch, and the
+    broker's acknowledgements are counted there: nats-py's ``publish_async`` makes a future
+    and a ``PubAck`` per message, which measured as half of the engine's main-thread time.
+    Call :meth:`start` before publishing and :meth:`close` after.
+    """
+
+    def __init__(self, nc: Client, *, timeout: float = 10.0) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._timeout = timeout
+        self._prefix = nc.new_inbox()
+        self._sub: Any = None
+        self._batches: dict[str, _Acks] = {}
+        self._ids = itertools.count()
+
+    async def start(self) -> None:
+        """Subscribe to the replies. Idempotent."""
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_reply)
+
+    async def close(self) -> None:
+        """Stop listening for replies. Idempotent."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        acks = self._batches.get(msg.subject.rpartition(".")[2])
+        if acks is None:
+            return  # a late answer for a batch already given up on
+        headers = msg.headers or {}
+        if headers.get("Status") == "503":
+            acks.answer("no stream is listening on the subject (503 no responders)")
+        elif b'"error"' in msg.data:
+            acks.answer(msg.data.decode("utf-8", "replace"))
+        else:
+            acks.answer(None)
+
+    async def publish_transitions(self, transitions: Sequence[Transition]) -> None:
+        """Publish each on its segment subject with ``Nats-Msg-Id``; return once all are stored.
+
+        Raises:
+            PublishError: some were not confirmed (the broker drops repeats by message id, so
+                publishing the same transitions again is safe).
+        """
+        if not transitions:
+            return
+        await self._connected()
+        reconnects = self._nc.stats["reconnects"]
+        token = str(next(self._ids))
+        acks = self._batches[token] = _Acks(len(transitions))
+        reply = f"{self._prefix}.{token}"
+        try:
+            for i, t in enumerate(transitions):
+                if i % 500 == 499:
+                    # nats-py's publish only buffers: let the loop serve others meanwhile.
+                    await anyio.lowlevel.checkpoint()
+                await self._nc.publish(
+                    segment_subject(t.segment, t.change),
+                    _transition_encoder.encode(t),
+                    reply=reply,
+                    headers={"Nats-Msg-Id": t.msg_id},
+                )
+            with anyio.fail_after(self._timeout):
+                while not acks.done.is_set():
+                    with anyio.move_on_after(_CONNECTION_CHECK):
+                        await acks.done.wait()
+                    if self._nc.stats["reconnects"] != reconnects or not self._nc.is_connected:
+                        # What was on its way when the connection dropped is lost, with
+                        # its answers: no use waiting for them.
+                        raise PublishError(
+                            f"the connection to NATS dropped with {acks.acked} of "
+                            f"{len(transitions)} transitions confirmed"
+                        )
+        except TimeoutError as e:
+            raise PublishError(
+                f"the broker confirmed {acks.acked} of {len(transitions)} transitions "
+                f"within {self._timeout:g} s"
+            ) from e
+        except nats.errors.Error as e:
+            raise PublishError(f"could not publish {len(transitions)} transitions: {e}") from e
+        finally:
+            del self._batches[token]
+        if acks.errors:
+            raise PublishError(
+                f"the broker refused {len(acks.errors)} of {len(transitions)} transitions: "
+                f"{acks.errors[0]}"
+            )
+
+    async def publish(self, transitions: Sequence[Transition]) -> None:
+        """As :meth:`publish_transitions` (the :class:`TransitionSink` port)."""
+        await self.publish_transitions(transitions)
+
+    async def _connected(self) -> None:
+        """Return once the client is connected; publishing meanwhile would only fill its
+        outgoing buffer.
+
+        Raises:
+            PublishError: not connected within the timeout, or the connection is closed.
+        """
+        with anyio.move_on_after(self._timeout):
+            while not self._nc.is_connected:
+                if self._nc.is_closed:
+                    raise PublishError("the connection to NATS is closed")
+                await anyio.sleep(_CONNECTION_CHECK)
+            return
+        raise PublishError(f"not connected to NATS for {self._timeout:g} s")
+
+    async def publish_rejection(
+        self,
+        *,
+        reason: str,
+        subject: str,
+        data: bytes,
+        received: int,
+        stream_sequence: int | None,
+    ) -> None:
+        """Publish a :class:`Rejection` on ``shoal.rejected`` and wait for the broker.
+
+        Raises:
+            PublishError: it was not confirmed.
+        """
+        body = Rejection.of(
+            reason=reason,
+            subject=subject,
+            data=data,
+            received=received,
+            stream_sequence=stream_sequence,
+        )
+        msg_id = body.msg_id
+        headers = None if msg_id is None else {"Nats-Msg-Id": msg_id}
+        await self._connected()
+        try:
+            await self._js.publish(
+                REJECTED_SUBJECT,
+                msgspec.json.encode(body),
+                headers=headers,
+                timeout=self._timeout,
+            )
+        except (TimeoutError, nats.errors.Error) as e:
+            raise PublishError(f"could not publish a rejection: {e}") from e

@@ -1,0 +1,60 @@
+"""Wiring an engine to NATS: its two ports on one connection, and reading transitions as
+they are published."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+
+from protocol._subjects import (
+    EVENTS_WILDCARD,
+)
+from protocol._types import Transition
+from protocol.nats._connect import StreamSettings, ensure_streams
+from protocol.nats._feed import EventFeed
+from protocol.nats._publisher import Publisher
+
+
+async def iter_transitions(
+    nc: Client, filter_subject: str, *, from_start: bool = False
+) -> AsyncIterator[Transition]:
+    """Transitions on ``filter_subject`` as they are published (and, with ``from_start``,
+    all that ``SHOAL_SEGMENTS`` still holds first, through an ordered consumer)."""
+    decoder = msgspec.json.Decoder(Transition)
+    sub: Any
+    if from_start:
+        js = nc.jetstream()
+        sub = await js.subscribe(filter_subject, ordered_consumer=True)
+    else:
+        sub = await nc.subscribe(filter_subject)
+    try:
+        async for msg in sub.messages:
+            yield decoder.decode(msg.data)
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+
+
+async def jetstream_ports(
+    nc: Client,
+    *,
+    consumer: str = "shoal-engine",
+    filter_subject: str = EVENTS_WILDCARD,
+    max_in_flight: int = 20_000,
+    streams: StreamSettings | None = None,
+) -> tuple[EventFeed, Publisher]:
+    """Declare the streams, then make an engine's ports on ``nc``: its event source (the
+    durable ``consumer`` of ``filter_subject``) and its transition sink."""
+    js = nc.jetstream()
+    await ensure_streams(js, streams)
+    feed = EventFeed(
+        nc, js, durable=consumer, filter_subject=filter_subject, max_in_flight=max_in_flight
+    )
+    return feed, Publisher(nc)
