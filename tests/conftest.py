@@ -20,6 +20,16 @@ settings.register_profile(
 )
 settings.load_profile("shoal")
 
+_SYSTEM = Path(__file__).parent / "system"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/system is a system test (plain ``pytest`` runs them all;
+    ``-m 'not system'`` leaves them out)."""
+    for item in items:
+        if _SYSTEM in item.path.parents:
+            item.add_marker(pytest.mark.system)
+
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:

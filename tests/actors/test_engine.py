@@ -481,6 +481,7 @@ async def _delayed_proxy(target: int, delay: float) -> tuple[asyncio.Server, int
     return server, server.sockets[0].getsockname()[1]
 
 
+@pytest.mark.slow
 async def test_a_deadline_waits_for_an_event_the_broker_stored_before_it(
     nats_server: NatsServer, client: Client, tmp_path: Path
 ) -> None:
