@@ -46,6 +46,7 @@ from nats.aio.client import Client
 from protocol import (
     DEFAULT_MAX_EVENT_BYTES,
     EVENTS_WILDCARD,
+    NEVER,
     SECOND,
     DefinitionCause,
     Delivery,
@@ -62,12 +63,11 @@ from protocol import (
     to_instant,
 )
 from store import (
-    NEVER,
-    EventLog,
     LoggedEvent,
     OutboxEntry,
     Snapshot,
     SnapshotMarks,
+    Store,
     StoreError,
 )
 
@@ -232,7 +232,7 @@ class Engine:
     def __init__(
         self,
         nc: Client,
-        log: EventLog,
+        log: Store,
         segments: SegmentSet,
         *,
         clock: Clock | None = None,
@@ -573,12 +573,12 @@ class Engine:
     async def _rebuild(self) -> None:
         """Make the actors ready: from snapshots plus the log tail after them when the stored
         snapshots fit these rules, else from the whole log."""
-        self._confirmed_through = self._log.published_through
-        async for outbox in self._log.read_unpublished():
+        self._confirmed_through = self._log.outbox.published_through
+        async for outbox in self._log.outbox.unpublished():
             self._outbox.extend((o.seq, _transition_decoder.decode(o.body)) for o in outbox)
-        marks = self._log.snapshot_marks
+        marks = self._log.snapshots.marks
         self._round_started = self._clock.now()
-        self._round_events = self._log.last_event_seq
+        self._round_events = self._log.events.last_seq
         if self._config.use_snapshots and marks is not None and marks.needs == self._needs:
             await self._rebuild_from_snapshots(marks)
         else:
@@ -591,7 +591,7 @@ class Engine:
         self.stats.rebuilt_events += await self._fold_log(segments, self._customers)
 
         # The outbox comes in (customer, version) order, so each entry is restored as it comes.
-        async for outbox in self._log.read_transitions():
+        async for outbox in self._log.outbox.by_customer():
             for o in outbox:
                 self._actor(o.customer_id).restore((_transition_decoder.decode(o.body),))
 
@@ -616,12 +616,12 @@ class Engine:
         the definitions are the ones the snapshots were taken under, let the rest load in
         deadline order while the engine runs, else load them all and evaluate them."""
         tail_events: dict[str, list[LoggedEvent]] = defaultdict(list)
-        async for chunk in self._log.read_events(after=marks.events_through):
+        async for chunk in self._log.events.read(after=marks.events_through):
             for e in chunk:
                 tail_events[e.customer_id].append(e)
             self.stats.rebuilt_events += len(chunk)
         tail_outbox: dict[str, list[OutboxEntry]] = defaultdict(list)
-        async for outbox in self._log.read_outbox(after=marks.outbox_through):
+        async for outbox in self._log.outbox.read(after=marks.outbox_through):
             for o in outbox:
                 tail_outbox[o.customer_id].append(o)
         tail = sorted(tail_events.keys() | tail_outbox.keys())
@@ -677,7 +677,7 @@ class Engine:
         if not ids:
             return []
         segments = self._segments
-        snaps = {s.customer_id: s for s in await self._log.snapshots_of(ids)}
+        snaps = {s.customer_id: s for s in await self._log.snapshots.of(ids)}
         from_log: list[str] = []
         for customer_id in ids:
             snap = snaps.get(customer_id)
@@ -710,10 +710,10 @@ class Engine:
             return []
         segments = self._segments
         fresh = {customer_id: Customer(customer_id) for customer_id in customer_ids}
-        for e in await self._log.customer_events(customer_ids):
+        for e in await self._log.events.of_customers(customer_ids):
             fresh[e.customer_id].fold(_event_decoder.decode(e.body), segments)
             self.stats.rebuilt_events += 1
-        for o in await self._log.customer_transitions(customer_ids):
+        for o in await self._log.outbox.of_customers(customer_ids):
             fresh[o.customer_id].restore((_transition_decoder.decode(o.body),))
         now = self._clock.now()
         changed: list[Transition] = []
@@ -735,7 +735,7 @@ class Engine:
             await ahead.done.wait()
             rows = ahead.rows
         else:
-            rows = await self._log.page_snapshots(self._cursor, limit)
+            rows = await self._log.snapshots.page(self._cursor, limit)
         if len(rows) == limit and self._tg is not None:
             # SQLite reads the next page on its thread while this one decodes here (the
             # rows not loaded yet do not change meanwhile: only loaded customers change).
@@ -764,7 +764,7 @@ class Engine:
         return await self._load_from_log(bad, known=bad)
 
     async def _read_ahead(self, ahead: _PageAhead) -> None:
-        ahead.rows = await self._log.page_snapshots(ahead.after, ahead.limit)
+        ahead.rows = await self._log.snapshots.page(ahead.after, ahead.limit)
         ahead.done.set()
 
     async def _load_all(self) -> list[Transition]:
@@ -799,7 +799,7 @@ class Engine:
         """Fold the whole event log into ``customers`` (adding actors as needed), keeping the
         facts ``segments`` reads; return how many events were read."""
         read = 0
-        async for chunk in self._log.read_events():
+        async for chunk in self._log.events.read():
             for entry in chunk:
                 event = _event_decoder.decode(entry.body)
                 c = customers.get(event.customer_id)
@@ -937,7 +937,7 @@ class Engine:
             if not busy and self._warm:
                 busy = await self._prepare(feed)
             if not busy:
-                if self._confirmed_through > self._log.published_through:
+                if self._confirmed_through > self._log.outbox.published_through:
                     await self._commit([], [])
                 await self._idle(feed)
 
@@ -965,7 +965,7 @@ class Engine:
                 continue
             keys.add(key)
             fresh.append(event)
-        known = await self._log.known(keys) if keys else set()
+        known = await self._log.events.known(keys) if keys else set()
 
         logged: list[LoggedEvent] = []
         transitions: list[Transition] = []
@@ -1263,7 +1263,7 @@ class Engine:
             now = self._clock.now()
             if (
                 now - self._round_started < cfg.snapshot_interval * 1_000_000
-                and log.last_event_seq - self._round_events < cfg.snapshot_events
+                and log.events.last_seq - self._round_events < cfg.snapshot_events
             ):
                 return False
             self._start_round(now)
@@ -1277,16 +1277,16 @@ class Engine:
         # Sorted: upserts in key order cost half as much as in set order (bench_restart).
         self._round, self._dirty = sorted(self._dirty), set()
         self._round_marks = SnapshotMarks(
-            events_through=self._log.last_event_seq,
-            outbox_through=self._log.last_outbox_seq,
+            events_through=self._log.events.last_seq,
+            outbox_through=self._log.outbox.last_seq,
             definitions=self._segments.fingerprint,
             needs=self._needs,
         )
-        self._round_started, self._round_events = now, self._log.last_event_seq
+        self._round_started, self._round_events = now, self._log.events.last_seq
 
     async def _write_snapshots(self, customer_ids: list[str], *, done: bool) -> None:
         # Taken between turns, so each reflects exactly what is committed up to here.
-        needs, log_seq = self._needs, self._log.last_event_seq
+        needs, log_seq = self._needs, self._log.events.last_seq
         rows = [
             Snapshot(
                 customer_id=c.customer_id,

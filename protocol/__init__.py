@@ -38,6 +38,9 @@ from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
 from ._inbound import InvalidEvent as InvalidEvent
 from ._inbound import decode_event as decode_event
 from ._inbound import parse_timestamp as parse_timestamp
+from ._lines import event_from_line as event_from_line
+from ._lines import event_line as event_line
+from ._lines import events_from_lines as events_from_lines
 from ._nats import Delivery as Delivery
 from ._nats import EventFeed as EventFeed
 from ._nats import Publisher as Publisher
@@ -73,6 +76,7 @@ from ._subjects import validate_segment_name as validate_segment_name
 from ._time import DAY as DAY
 from ._time import HOUR as HOUR
 from ._time import MINUTE as MINUTE
+from ._time import NEVER as NEVER
 from ._time import SECOND as SECOND
 from ._time import format_instant as format_instant
 from ._time import from_instant as from_instant
@@ -99,6 +103,7 @@ __all__ = (
     "MAX_FUTURE_SKEW",
     "MAX_PAGE",
     "MINUTE",
+    "NEVER",
     "REJECTED_STREAM",
     "REJECTED_SUBJECT",
     "SECOND",
@@ -155,7 +160,10 @@ __all__ = (
     "embedded_broker",
     "ensure_streams",
     "escape_token",
+    "event_from_line",
+    "event_line",
     "event_subject",
+    "events_from_lines",
     "find_nats_server",
     "format_instant",
     "from_instant",

@@ -16,6 +16,9 @@ MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR
 
+NEVER = 1 << 62
+"""The instant after every instant shoal handles: "no deadline", stored as an int."""
+
 
 def to_instant(dt: datetime) -> int:
     """Microseconds since the epoch of an aware ``datetime`` (exact, no float rounding)."""

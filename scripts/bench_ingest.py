@@ -83,7 +83,7 @@ from protocol import (
     event_subject,
     format_instant,
 )
-from store import EventLog
+from store import Store
 
 POLL = 0.01
 SETTLE_QUIET = 0.5
@@ -299,7 +299,7 @@ async def running_engine(
     Yields (engine, perf_counter just before ``tg.start``, seconds ``tg.start`` took).
     """
     nc = await connect([url])
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     observer = None
     if metrics:
         from protocol.metrics import EngineMetrics

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 
 from actors import Clock, Engine, EngineConfig, SegmentSet, parse_segments
 from protocol import Rejection, Transition, connect, find_nats_server, format_instant
-from store import EventLog
+from store import Store
 
 
 def free_port() -> int:
@@ -107,7 +107,7 @@ async def running_engine(
 ) -> AsyncIterator[Engine]:
     """An engine consuming from ``url`` with its log at ``db``, stopped on exit."""
     nc = await connect([url])
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     try:
         engine = Engine(nc, log, segment_set, clock=clock, config=config)
         async with anyio.create_task_group() as tg:

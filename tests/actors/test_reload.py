@@ -24,7 +24,7 @@ from protocol import (
     format_instant,
     to_instant,
 )
-from store import EventLog
+from store import Store
 from tests.helpers import (
     NatsServer,
     Proc,
@@ -228,7 +228,7 @@ async def test_customers_of_static_lists_get_an_actor_at_start(
 
 
 async def test_apply_segments_needs_a_running_engine(client: Client, tmp_path: Path) -> None:
-    async with await EventLog.open(tmp_path / "shoal.db") as log:
+    async with await Store.open(tmp_path / "shoal.db") as log:
         engine = Engine(client, log, segments(VISITOR))
         with pytest.raises(ActorsError) as e:
             await engine.apply_segments(segments(REGULAR))

@@ -35,6 +35,7 @@ from actors._customer import SNAPSHOT_FORMAT, SnapshotError
 from protocol import (
     DAY,
     HOUR,
+    NEVER,
     SECOND,
     Event,
     TimeCause,
@@ -43,7 +44,7 @@ from protocol import (
     format_instant,
     to_instant,
 )
-from store import NEVER, EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
+from store import LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks, Store
 from tests.helpers import Collector, NatsServer, collect, eventually, running_engine
 
 T0 = to_instant(datetime(2026, 1, 1, tzinfo=UTC))
@@ -213,7 +214,7 @@ class Live:
     """The engine's writes, made by hand: events and their transitions per batch, deadlines
     fired in between, and rounds of snapshots."""
 
-    log: EventLog
+    log: Store
     customers: dict[str, Customer]
     dirty: set[str]
 
@@ -248,7 +249,7 @@ class Live:
                 customer_id=i,
                 format=SNAPSHOT_FORMAT,
                 needs=SEGMENTS.needs.fingerprint(),
-                log_seq=self.log.last_event_seq,
+                log_seq=self.log.events.last_seq,
                 deadline=NEVER
                 if self.customers[i].deadline is None
                 else self.customers[i].deadline,  # type: ignore[arg-type]
@@ -297,7 +298,7 @@ async def write_history(
     db: Path, history: list[Event], steps: list[tuple[int, str]], data: st.DataObject
 ) -> tuple[dict[str, Customer], int]:
     """Write the history as a live engine would; return its actors and its clock's end."""
-    async with await EventLog.open(db) as log:
+    async with await Store.open(db) as log:
         live = Live(log, {}, set())
         for i, e in enumerate(history):
             # The engine fires deadlines before the event's receive instant at the latest.
@@ -308,8 +309,8 @@ async def write_history(
                     await live.fire(e.received + data.draw(st.integers(0, 20)) * DAY)
                 elif what == "round":
                     marks = SnapshotMarks(
-                        events_through=log.last_event_seq,
-                        outbox_through=log.last_outbox_seq,
+                        events_through=log.events.last_seq,
+                        outbox_through=log.outbox.last_seq,
                         definitions=SEGMENTS.fingerprint,
                         needs=SEGMENTS.needs.fingerprint(),
                     )
@@ -328,7 +329,7 @@ async def recover(
 ) -> tuple[dict[str, Customer], Engine]:
     nc = await connect([url])
     try:
-        async with await EventLog.open(db) as log:
+        async with await Store.open(db) as log:
             engine = Engine(
                 nc,
                 log,
@@ -370,8 +371,8 @@ def test_recovery_from_snapshots_and_tail_equals_recovery_from_the_log(
             db = Path(tmp) / "shoal.db"
             live, end = await write_history(db, history, steps, data)
             if damage == "corrupt":
-                async with await EventLog.open(db) as log:
-                    rows = await log.snapshots_of(CUSTOMERS)
+                async with await Store.open(db) as log:
+                    rows = await log.snapshots.of(CUSTOMERS)
                     await log.commit(
                         [],
                         [],
@@ -443,8 +444,8 @@ async def test_restart_loads_snapshots_in_deadline_order_and_fires_each_on_time(
                 await nc.publish(f"shoal.events.{user}", _visit(user, at))
             await eventually(lambda: engine.stats.events_applied == 40)
         # The clean stop snapshotted every customer.
-        async with await EventLog.open(db) as log:
-            assert await log.count_snapshots() == 40
+        async with await Store.open(db) as log:
+            assert await log.snapshots.count() == 40
 
         config = EngineConfig(page_batch=4)
         async with running_engine(nats_server.url, db, IDLE, clock=clock, config=config) as engine:
@@ -522,8 +523,8 @@ async def test_a_prepared_customer_keeps_the_deadline_it_was_loaded_with(
         async with running_engine(nats_server.url, db, IDLE, clock=VirtualClock(start)) as engine:
             await nc.publish("shoal.events.a", _visit("a", visit))
             await eventually(lambda: engine.stats.events_applied == 1)
-        async with await EventLog.open(db) as log:
-            (stored,) = await log.snapshots_of(["a"])
+        async with await Store.open(db) as log:
+            (stored,) = await log.snapshots.of(["a"])
             c = Customer.from_snapshot("a", stored.body)
             assert c.deadline == visit + 3 * SECOND
             c.deadline = visit + 5 * SECOND  # later than its rule says
