@@ -30,12 +30,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import actors._engine
-from actors import Customer, Engine, EngineConfig, SystemClock, VirtualClock, parse_segments
+from actors import (
+    Customer,
+    Engine,
+    EngineConfig,
+    SystemClock,
+    VirtualClock,
+    logged_event,
+    outbox_entries,
+    parse_segments,
+    snapshot_row,
+)
 from actors._customer import SNAPSHOT_FORMAT, SnapshotError
 from protocol import (
     DAY,
     HOUR,
-    NEVER,
     SECOND,
     Event,
     TimeCause,
@@ -44,7 +53,7 @@ from protocol import (
     format_instant,
     to_instant,
 )
-from store import LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks, Store
+from store import LoggedEvent, SnapshotMarks, Store
 from tests.helpers import Collector, NatsServer, collect, eventually, running_engine
 
 T0 = to_instant(datetime(2026, 1, 1, tzinfo=UTC))
@@ -63,9 +72,6 @@ rule = "sum('Order Completed', 'amount', within='30d') >= 100"
     source="snapshots.toml",
 )
 SLOTS = [s for s in Customer.__slots__ if s != "customer_id"]
-
-_event_encoder = msgspec.msgpack.Encoder()
-_json = msgspec.json.Encoder()
 
 
 def state(c: Customer) -> dict[str, Any]:
@@ -225,15 +231,8 @@ class Live:
             c = self.customers.setdefault(e.customer_id, Customer(e.customer_id))
             transitions += c.apply(e, SEGMENTS)
             self.dirty.add(e.customer_id)
-            logged.append(
-                LoggedEvent(
-                    customer_id=e.customer_id,
-                    message_id=e.message_id,
-                    at=e.at,
-                    body=_event_encoder.encode(e),
-                )
-            )
-        await self.log.commit(logged, outbox(transitions))
+            logged.append(logged_event(e))
+        await self.log.commit(logged, outbox_entries(transitions))
 
     async def fire(self, until: int) -> None:
         transitions: list[Transition] = []
@@ -241,36 +240,12 @@ class Live:
             if c.deadline is not None and c.deadline <= until:
                 transitions += c.advance(until, SEGMENTS)
                 self.dirty.add(c.customer_id)
-        await self.log.commit([], outbox(transitions))
+        await self.log.commit([], outbox_entries(transitions))
 
     async def snapshot(self, ids: list[str], marks: SnapshotMarks | None) -> None:
-        rows = [
-            Snapshot(
-                customer_id=i,
-                format=SNAPSHOT_FORMAT,
-                needs=SEGMENTS.needs.fingerprint(),
-                log_seq=self.log.events.last_seq,
-                deadline=NEVER
-                if self.customers[i].deadline is None
-                else self.customers[i].deadline,  # type: ignore[arg-type]
-                body=self.customers[i].snapshot(),
-            )
-            for i in ids
-        ]
+        needs, log_seq = SEGMENTS.needs.fingerprint(), self.log.events.last_seq
+        rows = [snapshot_row(self.customers[i], needs=needs, log_seq=log_seq) for i in ids]
         await self.log.commit([], [], snapshots=rows, marks=marks)
-
-
-def outbox(transitions: list[Transition]) -> list[OutboxEntry]:
-    return [
-        OutboxEntry(
-            customer_id=t.customer_id,
-            version=t.version,
-            segment=t.segment,
-            at=to_instant(t.at),
-            body=_json.encode(t),
-        )
-        for t in transitions
-    ]
 
 
 CUSTOMERS = ("ann", "bob")
