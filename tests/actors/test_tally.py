@@ -6,18 +6,18 @@ import io
 
 import msgspec
 
-from actors import ReplayTally, SegmentTally, logged_event, parse_segments
+from actors import ReplayTally, SegmentTally, logged_event
 from protocol import DAY, HOUR, Event, Transition, format_instant, parse_timestamp
+from tests.helpers import segments
 
-SEGMENTS = parse_segments(
+SEGMENTS = segments(
     """
 [segments.active]
 rule = "since_last('Visit') < '1d'"
 
 [segments.idle]
 rule = "since_last('Visit') >= '2d'"
-""",
-    source="tally.toml",
+"""
 )
 T0 = parse_timestamp("2026-01-01T00:00:00Z")
 

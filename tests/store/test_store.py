@@ -327,7 +327,7 @@ async def test_outbox_and_mark_survive_reopening(path: Path) -> None:
         assert await store.commit([], [tr("a", 3)]) == [3]
 
 
-async def test_read_transitions_in_chunks(store: Store) -> None:
+async def test_outbox_by_customer_in_chunks(store: Store) -> None:
     await store.commit([], [tr("a", 1), tr("a", 2), tr("b", 1)])
     parts = [
         [(t.customer_id, t.version) for t in part]
