@@ -9,8 +9,16 @@ from ._clock import Clock as Clock
 from ._clock import SystemClock as SystemClock
 from ._clock import VirtualClock as VirtualClock
 from ._customer import Customer as Customer
+from ._customer import SnapshotError as SnapshotError
 from ._errors import ActorsError as ActorsError
 from ._errors import DefinitionError as DefinitionError
+from ._history import Interval as Interval
+from ._history import MembershipAt as MembershipAt
+from ._history import known_customer as known_customer
+from ._history import membership_intervals as membership_intervals
+from ._history import memberships_at as memberships_at
+from ._history import outbox_history as outbox_history
+from ._history import replayed_history as replayed_history
 from ._replay import Replay as Replay
 from ._replay import replay as replay
 from ._rules import Rule as Rule
@@ -20,13 +28,31 @@ from ._segments import Segment as Segment
 from ._segments import SegmentSet as SegmentSet
 from ._segments import load_segments as load_segments
 from ._segments import parse_segments as parse_segments
+from ._stored import customer_of as customer_of
+from ._stored import event_of as event_of
+from ._stored import logged_event as logged_event
+from ._stored import outbox_entries as outbox_entries
+from ._stored import outbox_entry as outbox_entry
+from ._stored import snapshot_row as snapshot_row
+from ._stored import transition_of as transition_of
+from ._tally import ReplayTally as ReplayTally
+from ._tally import SegmentTally as SegmentTally
 from ._timers import TimerQueue as TimerQueue
+from ._transfer import IMPORT_BATCH as IMPORT_BATCH
+from ._transfer import ImportReport as ImportReport
+from ._transfer import export_history as export_history
+from ._transfer import import_history as import_history
+from ._transfer import read_log as read_log
+from ._watch import FileStamp as FileStamp
+from ._watch import file_stamp as file_stamp
+from ._watch import watch_segments as watch_segments
 from .engine import Engine as Engine
 from .engine import EngineConfig as EngineConfig
 from .engine import EngineObserver as EngineObserver
 from .engine import EngineStats as EngineStats
 
 __all__ = (
+    "IMPORT_BATCH",
     "ActorsError",
     "Clock",
     "Customer",
@@ -36,17 +62,41 @@ __all__ = (
     "EngineConfig",
     "EngineObserver",
     "EngineStats",
+    "FileStamp",
+    "ImportReport",
+    "Interval",
+    "MembershipAt",
     "Replay",
+    "ReplayTally",
     "Rule",
     "Segment",
     "SegmentSet",
+    "SegmentTally",
+    "SnapshotError",
     "SystemClock",
     "TimerQueue",
     "VirtualClock",
+    "customer_of",
     "customer_state",
+    "event_of",
+    "export_history",
+    "file_stamp",
+    "import_history",
+    "known_customer",
     "load_segments",
+    "logged_event",
+    "membership_intervals",
+    "memberships_at",
+    "outbox_entries",
+    "outbox_entry",
+    "outbox_history",
     "parse_duration",
     "parse_rule",
     "parse_segments",
+    "read_log",
     "replay",
+    "replayed_history",
+    "snapshot_row",
+    "transition_of",
+    "watch_segments",
 )

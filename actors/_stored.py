@@ -1,16 +1,24 @@
-"""The stored forms of events, transitions and customer snapshots: one codec for all.
+"""The stored forms of events, transitions and customers: the one codec between what the
+actors handle and the rows of :mod:`store`.
 
-The store keeps opaque bodies; what they hold is decided here, once: an event is the msgpack
-of its :class:`protocol.Event`, an outbox entry the JSON of its :class:`protocol.Transition`
-(the payload published), a snapshot the actor's own encoding (:meth:`Customer.snapshot`).
+- an event is logged as the msgpack of its :class:`protocol.Event`;
+- a transition goes to the outbox as the JSON of its :class:`protocol.Transition`, the exact
+  payload that is published;
+- a customer is snapshotted as :meth:`Customer.snapshot` (format
+  :data:`SNAPSHOT_FORMAT`), with its next deadline (:data:`protocol.NEVER`: none).
+
+These bytes are the file format of a data directory: they must not change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import datetime
+
 import msgspec
 
 from protocol import NEVER, Event, Transition, to_instant
-from store import LoggedEvent, OutboxEntry, Snapshot
+from store import LoggedEvent, OutboxEntry, Snapshot, StoreError
 
 from ._customer import SNAPSHOT_FORMAT, Customer
 
@@ -21,7 +29,7 @@ _transition_decoder = msgspec.json.Decoder(Transition)
 
 
 def logged_event(event: Event) -> LoggedEvent:
-    """The log entry of an event."""
+    """The event log entry of a validated event."""
     return LoggedEvent(
         customer_id=event.customer_id,
         message_id=event.message_id,
@@ -31,49 +39,83 @@ def logged_event(event: Event) -> LoggedEvent:
 
 
 def event_of(entry: LoggedEvent) -> Event:
-    """The event a log entry holds."""
-    return _event_decoder.decode(entry.body)
+    """The event an entry of the log holds.
+
+    Raises:
+        StoreError: its body is not an event this shoal can read.
+    """
+    try:
+        return _event_decoder.decode(entry.body)
+    except msgspec.DecodeError as e:
+        raise StoreError(f"event {entry.seq} of the log cannot be read: {e}") from e
 
 
-def outbox_entry(t: Transition, at: int | None = None) -> OutboxEntry:
-    """The outbox entry of a transition (``at``: its instant, if already parsed)."""
+def outbox_entry(transition: Transition) -> OutboxEntry:
+    """The outbox entry of a transition: its body is the payload to publish."""
+    return _entry(transition, to_instant(transition.at))
+
+
+def outbox_entries(transitions: Iterable[Transition]) -> list[OutboxEntry]:
+    """The outbox entries of transitions, in order (as :func:`outbox_entry`, each instant
+    parsed once: the transitions of a batch share few)."""
+    instants: dict[datetime, int] = {}
+    out: list[OutboxEntry] = []
+    for t in transitions:
+        at = instants.get(t.at)
+        if at is None:
+            at = instants[t.at] = to_instant(t.at)
+        out.append(_entry(t, at))
+    return out
+
+
+def _entry(t: Transition, at: int) -> OutboxEntry:
     return OutboxEntry(
         customer_id=t.customer_id,
         version=t.version,
         segment=t.segment,
-        at=to_instant(t.at) if at is None else at,
+        at=at,
         body=_transition_encoder.encode(t),
     )
 
 
 def transition_of(entry: OutboxEntry) -> Transition:
-    """The transition an outbox entry holds."""
-    return _transition_decoder.decode(entry.body)
-
-
-def usable(snap: Snapshot, needs: str) -> bool:
-    """Whether a stored snapshot is of this version's format, taken for rules that keep the
-    facts ``needs`` names: else the customer is rebuilt from the log."""
-    return snap.format == SNAPSHOT_FORMAT and snap.needs == needs
-
-
-def customer_of(snap: Snapshot) -> Customer:
-    """The actor a usable snapshot holds.
+    """The transition an outbox entry holds.
 
     Raises:
-        SnapshotError: the body cannot be decoded.
+        StoreError: its body is not a transition this shoal can read.
     """
-    return Customer.from_snapshot(snap.customer_id, snap.body)
+    try:
+        return _transition_decoder.decode(entry.body)
+    except msgspec.DecodeError as e:
+        raise StoreError(f"transition {entry.seq} of the outbox cannot be read: {e}") from e
 
 
-def snapshot_row(c: Customer, *, needs: str, log_seq: int) -> Snapshot:
-    """The snapshot row of a customer, taken with the log at ``log_seq`` for rules that keep
-    the facts ``needs`` names."""
+def snapshot_row(customer: Customer, *, needs: str, log_seq: int) -> Snapshot:
+    """The snapshot row of a customer's whole state.
+
+    Args:
+        customer: the actor, with every event up to ``log_seq`` that is its own folded in.
+        needs: what its facts were kept for (``SegmentSet.needs.fingerprint()``).
+        log_seq: the event log position it reflects.
+    """
+    deadline = customer.deadline
     return Snapshot(
-        customer_id=c.customer_id,
+        customer_id=customer.customer_id,
         format=SNAPSHOT_FORMAT,
         needs=needs,
         log_seq=log_seq,
-        deadline=NEVER if c.deadline is None else c.deadline,
-        body=c.snapshot(),
+        deadline=NEVER if deadline is None else deadline,
+        body=customer.snapshot(),
     )
+
+
+def customer_of(row: Snapshot, *, needs: str) -> Customer | None:
+    """The actor a snapshot row holds, or None if it was taken in another format or for
+    other needs (the customer must then be rebuilt from the log).
+
+    Raises:
+        SnapshotError: its body cannot be read (rebuild the customer from the log too).
+    """
+    if row.format != SNAPSHOT_FORMAT or row.needs != needs:
+        return None
+    return Customer.from_snapshot(row.customer_id, row.body)

@@ -39,6 +39,9 @@ from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
 from ._inbound import InvalidEvent as InvalidEvent
 from ._inbound import decode_event as decode_event
 from ._inbound import parse_timestamp as parse_timestamp
+from ._lines import event_from_line as event_from_line
+from ._lines import event_line as event_line
+from ._lines import events_from_lines as events_from_lines
 from ._ports import Delivery as Delivery
 from ._ports import EventSource as EventSource
 from ._ports import PublishError as PublishError
@@ -148,7 +151,10 @@ __all__ = (
     "decode_event",
     "embedded_broker",
     "escape_token",
+    "event_from_line",
+    "event_line",
     "event_subject",
+    "events_from_lines",
     "find_nats_server",
     "format_instant",
     "from_instant",

@@ -18,6 +18,9 @@ DAY = 24 * HOUR
 NEVER = 1 << 62
 """An instant later than any real one: no deadline, or no end."""
 
+NEVER = 1 << 62
+"""The instant after every instant shoal handles: "no deadline", stored as an int."""
+
 
 def to_instant(dt: datetime) -> int:
     """Microseconds since the epoch of an aware ``datetime`` (exact, no float rounding)."""

@@ -53,11 +53,11 @@ import msgspec
 
 from actors import Customer, Engine, EngineConfig, Replay, SegmentSet, load_segments
 from actors._customer import SNAPSHOT_FORMAT
-from protocol import DAY, Event, event_subject, format_instant
+from protocol import DAY, NEVER, Event, event_subject, format_instant
 from protocol.nats import connect, jetstream_ports
 from scripts.bench_ingest import CpuSnapshot, now_us, rss_mb
 from scripts.bench_restart import GcClock, Template, make_templates
-from store import NEVER, EventLog, Snapshot, SnapshotMarks
+from store import Snapshot, SnapshotMarks, Store
 
 PY_SPY_RATE = 250
 """Samples per second for ``py-spy record`` (its default is 100)."""
@@ -164,7 +164,7 @@ def typical_templates(k: int, segments: SegmentSet, cut: int) -> list[Template]:
 
 
 async def write_clones(
-    log: EventLog, segments: SegmentSet, templates: Sequence[Template], ids: range
+    log: Store, segments: SegmentSet, templates: Sequence[Template], ids: range
 ) -> float:
     """Snapshot customers ``c<i>`` for i in ``ids``, customer i a clone of template
     ``i % len(templates)``; returns seconds."""
@@ -189,11 +189,11 @@ async def write_clones(
     return time.perf_counter() - t0
 
 
-async def finish_store(log: EventLog, segments: SegmentSet) -> None:
+async def finish_store(log: Store, segments: SegmentSet) -> None:
     """Record the round's marks: every customer has a snapshot under these definitions."""
     marks = SnapshotMarks(
-        events_through=log.last_event_seq,
-        outbox_through=log.last_outbox_seq,
+        events_through=log.events.last_seq,
+        outbox_through=log.outbox.last_seq,
         definitions=segments.fingerprint,
         needs=segments.needs.fingerprint(),
     )
@@ -209,7 +209,7 @@ async def build_store(db: Path, customers: int, population: str = "typical") -> 
     k = min(2_000, customers)
     make = {"typical": typical_templates, "bare": bare_templates, "history": history_templates}
     templates = make[population](k, segments, cut)
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     try:
         await write_clones(log, segments, templates, range(customers))
         await finish_store(log, segments)
@@ -267,7 +267,7 @@ async def child(db: Path, url: str) -> None:
     gc.collect()
     base = rss_mb()[0]
     nc = await connect([url])
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     observer = LatenessObserver()
     source, sink = await jetstream_ports(nc)
     engine = Engine(source, sink, log, segments, config=EngineConfig(), observer=observer)

@@ -1,10 +1,7 @@
 """``shoal history CUSTOMER``: when a customer was in each segment.
 
-A customer's transitions, from the outbox (what the engine published) or from a replay of
-its events in the log, become membership intervals per segment: entered at, exited at (or
-still a member), and the cause of each end. "Was X in S at T" is answered by reading them.
-From Python: :func:`membership_intervals` and :func:`memberships_at` (pure), and
-:func:`outbox_history` and :func:`replayed_history` (read a store).
+The intervals come from :func:`actors.membership_intervals`, over the customer's outbox
+(:func:`actors.outbox_history`) or a replay of its events (:func:`actors.replayed_history`).
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,145 +17,18 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from actors import SegmentSet, load_segments, replay
-from protocol import Cause, Transition, format_instant, from_instant, to_instant
-from store import EventLog
+from actors import (
+    known_customer,
+    load_segments,
+    membership_intervals,
+    memberships_at,
+    outbox_history,
+    replayed_history,
+)
+from protocol import Cause, format_instant, from_instant, to_instant
+from store import Store
 
 from ._errors import UsageError
-from ._import_cmd import event_of
-
-
-class Interval(msgspec.Struct, frozen=True, kw_only=True):
-    """One stay of a customer in a segment: from ``entered_at`` until just before
-    ``exited_at`` (None: still a member when the history ends)."""
-
-    customer_id: str
-    segment: str
-    entered_at: datetime
-    entered_by: Cause
-    entered_version: int
-    exited_at: datetime | None = None
-    exited_by: Cause | None = None
-    exited_version: int | None = None
-
-    def holds(self, at: datetime) -> bool:
-        """Whether the customer was a member at ``at`` (an aware datetime): in from the
-        instant it entered, out from the instant it left."""
-        return self.entered_at <= at and (self.exited_at is None or at < self.exited_at)
-
-
-class Membership(msgspec.Struct, frozen=True, kw_only=True):
-    """Whether a customer was in a segment at an instant, and the stay that covers it."""
-
-    customer_id: str
-    segment: str
-    at: datetime
-    member: bool
-    interval: Interval | None
-    """The stay ``at`` falls in (None when not a member)."""
-
-
-def membership_intervals(transitions: Iterable[Transition]) -> list[Interval]:
-    """The membership intervals that transitions describe.
-
-    Args:
-        transitions: each customer's transitions, complete from its version 1 (an outbox,
-            or a replay); in any order, as they are taken in version order per customer.
-
-    Returns:
-        The intervals, ordered by customer, segment and entry.
-
-    Raises:
-        ValueError: they are not a consistent history (an entry into a segment the customer
-            is in, or an exit from one it is not in).
-    """
-    current: dict[tuple[str, str], Interval] = {}
-    out: list[Interval] = []
-    for t in sorted(transitions, key=lambda t: (t.customer_id, t.version)):
-        key = (t.customer_id, t.segment)
-        stay = current.pop(key, None)
-        if t.change == "entered":
-            if stay is not None:
-                raise ValueError(
-                    f"customer {t.customer_id!r} enters {t.segment!r} at version {t.version} "
-                    f"but is in it since version {stay.entered_version}"
-                )
-            current[key] = Interval(
-                customer_id=t.customer_id,
-                segment=t.segment,
-                entered_at=t.at,
-                entered_by=t.cause,
-                entered_version=t.version,
-            )
-        else:
-            if stay is None:
-                raise ValueError(
-                    f"customer {t.customer_id!r} leaves {t.segment!r} at version {t.version} "
-                    "but is not in it"
-                )
-            out.append(
-                msgspec.structs.replace(
-                    stay, exited_at=t.at, exited_by=t.cause, exited_version=t.version
-                )
-            )
-    out += current.values()
-    out.sort(key=lambda i: (i.customer_id, i.segment, i.entered_version))
-    return out
-
-
-def memberships_at(intervals: Iterable[Interval], at: datetime) -> list[Membership]:
-    """Whether each customer was in each of its segments at ``at`` (an aware datetime).
-
-    Returns:
-        One answer per customer and segment that has an interval, ordered by customer and
-        segment. A segment the customer was never in has none: the answer there is no.
-    """
-    found: dict[tuple[str, str], Interval | None] = {}
-    for i in intervals:
-        key = (i.customer_id, i.segment)
-        if i.holds(at):
-            found[key] = i
-        else:
-            found.setdefault(key, None)
-    return [
-        Membership(customer_id=c, segment=s, at=at, member=i is not None, interval=i)
-        for (c, s), i in sorted(found.items())
-    ]
-
-
-_transition_decoder = msgspec.json.Decoder(Transition)
-
-
-async def outbox_history(log: EventLog, customer_id: str) -> list[Transition]:
-    """What the engine published for ``customer_id`` (its outbox), in version order."""
-    return [
-        _transition_decoder.decode(o.body) for o in await log.customer_transitions([customer_id])
-    ]
-
-
-async def replayed_history(
-    log: EventLog, customer_id: str, segments: SegmentSet, *, until: int
-) -> list[Transition]:
-    """The transitions of replaying ``customer_id``'s events from the log under
-    ``segments`` (:func:`actors.replay`), events received after ``until`` left out, and
-    deadlines fired up to ``until``.
-
-    Customers are independent, so one customer replayed alone gives the transitions a
-    replay of the whole log gives it: for a log a live engine wrote, those the engine
-    published (except for definition changes, and static-list customers without events).
-    """
-    events = [event_of(e) for e in await log.customer_events([customer_id])]
-    return list(replay((e for e in events if e.received <= until), segments, until=until))
-
-
-async def known_customer(log: EventLog, customer_id: str) -> bool:
-    """Whether the log holds an event or a transition of ``customer_id``."""
-    return bool(
-        await log.customer_transitions([customer_id]) or await log.customer_events([customer_id])
-    )
-
-
-# the command --------------------------------------------------------------------------------
 
 
 def register(sub: Any) -> None:
@@ -246,18 +115,18 @@ async def _history(args: argparse.Namespace) -> int:
     segments = load_segments(args.segments) if args.replay else None
     db = args.data_dir / "shoal.db"
     customer: str = args.customer
-    async with await EventLog.open_read_only(db) as log:
-        if not await known_customer(log, customer):
+    async with await Store.open_read_only(db) as store:
+        if not await known_customer(store, customer):
             print(f"shoal: error: no customer {customer!r} in {db}", file=sys.stderr)
             return 1
         if segments is not None:
-            transitions = await replayed_history(log, customer, segments, until=until)
+            transitions = await replayed_history(store, customer, segments, until=until)
             source = (
                 f"as replayed under {args.segments or 'the default segments'} until "
                 f"{format_instant(until)}"
             )
         else:
-            transitions = await outbox_history(log, customer)
+            transitions = await outbox_history(store, customer)
             source = f"as published (the outbox of {db})"
     try:
         intervals = membership_intervals(transitions)

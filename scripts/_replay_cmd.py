@@ -1,8 +1,9 @@
 """``shoal replay``: the event log (or a JSON-lines file) through the engine's actors on a
 virtual clock, for audits and backtests.
 
-This module parses arguments, reads events and writes outputs; the replay itself is
-:func:`actors.replay` (:class:`actors.Replay`), the live engine's actor and rule code.
+This module parses arguments, opens the inputs and writes the outputs; the replay and its
+counts are :class:`actors.ReplayTally` (the live engine's actor and rule code), the file's
+events :func:`protocol.events_from_lines`, the log's :func:`actors.read_log`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import argparse
 import contextlib
 import csv
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import anyio
 import anyio.to_thread
 import msgspec
 from rich.console import Console
@@ -34,24 +34,19 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from actors import Replay, SegmentSet, load_segments, parse_duration
-from protocol import Event, InvalidEvent, Transition, format_instant, from_instant, to_instant
-from store import EventLog, LoggedEvent
+from actors import ReplayTally, load_segments, parse_duration, read_log
+from protocol import Event, events_from_lines, format_instant, from_instant, to_instant
+from store import Store
 
 from ._errors import UsageError
-from ._import_cmd import event_from_line
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-_END_OF_TIME = to_instant(datetime(9999, 12, 31, tzinfo=UTC))
-"""The "now" a file's lines are read at: a file replays its own time, none of it ahead."""
 _NO_MATPLOTLIB = "--chart needs matplotlib: pip install 'shoal[chart]'"
 _PIECE = 10_000
 """Events of a file replayed per hop to the worker thread (the log goes by its chunks)."""
-_event_decoder = msgspec.msgpack.Decoder(Event)
-_transition_encoder = msgspec.json.Encoder()
 _summary_encoder = msgspec.json.Encoder()
 
 
@@ -202,53 +197,6 @@ def _open_output(name: str | None, *, binary: bool, stack: contextlib.ExitStack)
 # Reading events -------------------------------------------------------------------------------
 
 
-def decode_line(line: bytes) -> Event:
-    """The event of one JSON line of a file: a Segment Spec event with a ``timestamp``.
-
-    As ``shoal import`` reads a line (:func:`scripts._import_cmd.event_from_line`), so a
-    file replayed gives the transitions the same file imported then replayed gives. A file
-    has no broker: the timestamp is both the event's instant and its receive instant, and
-    none is "ahead". Without a ``messageId``, the id is ``import:`` and a hash of the
-    line's content. Everything else is validated as the live engine validates what
-    producers publish.
-
-    Raises:
-        InvalidEvent: the line is not such an event; ``reason`` says why.
-    """
-    return event_from_line(line, now=_END_OF_TIME)
-
-
-def read_events_file(
-    lines: Iterable[bytes],
-    on_skip: Callable[[int, str], None] = lambda number, reason: None,
-    on_repeat: Callable[[int, int], None] = lambda number, first: None,
-) -> list[Event]:
-    """The valid events of a JSON-lines file (:func:`decode_line`), in timestamp order
-    (stable: equal timestamps keep their file order). Blank lines are ignored.
-
-    ``on_skip(number, reason)`` is called for each line that is not a valid event, and
-    ``on_repeat(number, first)`` for each event of a customer with the message id of an
-    earlier line ``first``: the engine applies an event once, so the repeat is left out."""
-    events: list[Event] = []
-    seen: dict[tuple[str, str], int] = {}
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line:
-            continue
-        try:
-            event = decode_line(line)
-        except InvalidEvent as e:
-            on_skip(number, e.reason)
-            continue
-        first = seen.setdefault((event.customer_id, event.message_id), number)
-        if first != number:
-            on_repeat(number, first)
-            continue
-        events.append(event)
-    events.sort(key=lambda e: e.received)
-    return events
-
-
 def _read_file(source: str) -> tuple[list[Event], int]:
     """Events of a JSON-lines file (or stdin) and how many lines were not valid events."""
     skipped = 0
@@ -262,10 +210,10 @@ def _read_file(source: str) -> tuple[list[Event], int]:
         print(f"line {number}: the same event as line {first}; applied once", file=sys.stderr)
 
     if source == "-":
-        return read_events_file(sys.stdin.buffer, skip, repeat), skipped
+        return events_from_lines(sys.stdin.buffer, on_skip=skip, on_repeat=repeat), skipped
     try:
         with open(source, "rb") as f:
-            return read_events_file(f, skip, repeat), skipped
+            return events_from_lines(f, on_skip=skip, on_repeat=repeat), skipped
     except OSError as e:
         raise UsageError(f"cannot read {source}: {e.strerror}") from None
 
@@ -279,113 +227,6 @@ def _is_sqlite(path: Path) -> bool:
 
 
 # The replay and what it writes ----------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Tally:
-    entered: int = 0
-    exited: int = 0
-    members: int = 0
-
-
-@dataclass(slots=True)
-class _Run:
-    """One replay, fed events in pieces; gathers what the outputs need as it goes."""
-
-    segments: SegmentSet
-    options: _Options
-    transitions_out: IO[bytes] | None
-    replay: Replay = field(init=False)
-    index: dict[str, int] = field(init=False)
-    tallies: list[_Tally] = field(init=False)
-    first_at: int | None = None
-    last_received: int | None = None
-    events: int = 0
-    out_of_order: int = 0
-    """Events received before an event applied ahead of them (in a log: imported history)."""
-    transitions: int = 0
-    # Sizes: for grid step k (instant first_at/--from + k * every), the membership changes
-    # since step k - 1, per segment. Sparse: only steps where something changed.
-    steps: dict[int, list[int]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.replay = Replay(self.segments)
-        self.index = {name: i for i, name in enumerate(self.segments.names)}
-        self.tallies = [_Tally() for _ in self.segments.names]
-
-    @property
-    def origin(self) -> int | None:
-        """The instant of the sizes grid's first row."""
-        return self.options.start if self.options.start is not None else self.first_at
-
-    def feed_logged(self, entries: Sequence[LoggedEvent]) -> None:
-        self.feed([_event_decoder.decode(e.body) for e in entries])
-
-    def feed(self, events: Sequence[Event]) -> None:
-        until = self.options.until
-        for event in events:
-            if until is not None and event.received > until:
-                continue  # after the clock's end, as if not yet received
-            if self.first_at is None:
-                self.first_at = event.at  # before its transitions: the grid starts here
-            if self.last_received is None or event.received > self.last_received:
-                self.last_received = event.received
-            elif event.received < self.last_received:
-                self.out_of_order += 1
-            self.events += 1
-            self._emit(self.replay.apply(event))
-
-    def finish(self) -> int | None:
-        """Run the clock on to the end; return the end instant (None: no events, no end)."""
-        end = self.options.until
-        if end is None:
-            end = self.last_received if self.last_received is not None else self.origin
-        if end is not None:
-            self._emit(self.replay.advance(end))
-        if self.transitions_out is not None:
-            self.transitions_out.flush()
-        return end
-
-    def _emit(self, transitions: list[Transition]) -> None:
-        start, out = self.options.start, self.transitions_out
-        for t in transitions:
-            at = to_instant(t.at)
-            i = self.index[t.segment]
-            delta = 1 if t.change == "entered" else -1
-            tally = self.tallies[i]
-            tally.members += delta
-            self._add(at, i, delta)
-            if start is not None and at < start:
-                continue  # before the window: it only makes the state
-            if delta > 0:
-                tally.entered += 1
-            else:
-                tally.exited += 1
-            self.transitions += 1
-            if out is not None:
-                out.write(_transition_encoder.encode(t) + b"\n")
-
-    def _add(self, at: int, segment: int, delta: int) -> None:
-        origin = self.origin
-        assert origin is not None  # known from the first event on
-        # The first grid instant at or after ``at``: the change counts from that row on.
-        k = max(0, -((origin - at) // self.options.every))
-        row = self.steps.get(k)
-        if row is None:
-            row = self.steps[k] = [0] * len(self.tallies)
-        row[segment] += delta
-
-    def sizes(self, end: int | None) -> Iterator[tuple[int, list[int]]]:
-        """Each instant of the grid up to ``end``, with the members of each segment then."""
-        origin = self.origin
-        if origin is None or end is None or end < origin:
-            return
-        every = self.options.every
-        current = [0] * len(self.tallies)
-        for k in range((end - origin) // every + 1):
-            for i, d in enumerate(self.steps.get(k, ())):
-                current[i] += d
-            yield origin + k * every, list(current)
 
 
 def write_sizes(
@@ -459,7 +300,7 @@ def _progress() -> Progress | None:
     )
 
 
-def _summary(run: _Run, end: int | None, out: IO[str]) -> None:
+def _summary(run: ReplayTally, end: int | None, out: IO[str]) -> None:
     names = run.segments.names
     if not out.isatty():
         for name, t in zip(names, run.tallies, strict=True):
@@ -512,7 +353,13 @@ async def run(args: argparse.Namespace) -> int:
         if db is None:
             assert source is not None
             file_events, skipped = await anyio.to_thread.run_sync(_read_file, source)
-        the_run = _Run(segments, options, transitions_out)
+        the_run = ReplayTally(
+            segments,
+            start=options.start,
+            until=options.until,
+            every=options.every,
+            transitions_out=transitions_out,
+        )
         progress = _progress()
         with progress or contextlib.nullcontext():
             if db is not None:
@@ -556,7 +403,9 @@ async def _chart(
         raise UsageError(f"cannot write {path}: {e.strerror}") from None
 
 
-async def _replay_events(the_run: _Run, events: list[Event], progress: Progress | None) -> None:
+async def _replay_events(
+    the_run: ReplayTally, events: list[Event], progress: Progress | None
+) -> None:
     task = progress.add_task("", total=len(events)) if progress is not None else None
     for i in range(0, len(events), _PIECE):
         piece = events[i : i + _PIECE]
@@ -565,17 +414,12 @@ async def _replay_events(the_run: _Run, events: list[Event], progress: Progress 
             progress.advance(task, len(piece))
 
 
-async def _replay_log(the_run: _Run, db: Path, progress: Progress | None) -> None:
-    async with await EventLog.open_read_only(db) as log:
-        # What is in the log now: an engine may append while we read.
-        through = log.last_event_seq
+async def _replay_log(the_run: ReplayTally, db: Path, progress: Progress | None) -> None:
+    async with await Store.open_read_only(db) as store:
         task: TaskID | None = None
         if progress is not None:
-            task = progress.add_task("", total=await log.count_events())
-        async for chunk in log.read_events():
-            entries = [e for e in chunk if e.seq <= through]
+            task = progress.add_task("", total=await store.events.count())
+        async for entries in read_log(store):
             await anyio.to_thread.run_sync(the_run.feed_logged, entries)
             if progress is not None and task is not None:
                 progress.advance(task, len(entries))
-            if len(entries) < len(chunk):
-                break

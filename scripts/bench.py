@@ -108,7 +108,7 @@ from scripts import _bench_sql as bsql
 from scripts.bench_ingest import CpuSnapshot, free_port, now_us
 from scripts.bench_restart import loadavg, machine
 from scripts.generate import generate, history_end
-from store import EventLog
+from store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "scripts" / "results" / "bench"
@@ -673,7 +673,7 @@ async def deadlines_once(run: Run, profile: Path | None = None) -> dict[str, Any
         + (", engine under py-spy" if profile else "")
     )
     t0 = time.perf_counter()
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     try:
         cut = now_us()
         templates = be.typical_templates(min(2_000, typical), segments, cut)

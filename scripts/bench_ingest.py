@@ -74,7 +74,7 @@ import nats
 from actors import Engine, EngineConfig, SegmentSet, load_segments
 from protocol import DAY, EVENTS_STREAM, HOUR, embedded_broker, event_subject, format_instant
 from protocol.nats import Publisher, connect, ensure_streams, jetstream_ports
-from store import EventLog
+from store import Store
 
 POLL = 0.01
 SETTLE_QUIET = 0.5
@@ -290,7 +290,7 @@ async def running_engine(
     Yields (engine, perf_counter just before ``tg.start``, seconds ``tg.start`` took).
     """
     nc = await connect([url])
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     observer = None
     if metrics:
         from protocol.metrics import EngineMetrics

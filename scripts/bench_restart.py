@@ -13,14 +13,14 @@ The script builds a store of N customers ``c<i>`` in a temporary directory, star
    falling in the downtime are overdue at the restart. Customer i is template ``i % K``
    cloned: its events (the template's ``protocol.Event``, msgpack, with customer ``c<i>``
    and message ids ``c<i>-<k>``) and its transitions (``protocol.Transition`` JSON with the
-   customer replaced, same versions) are appended with ``EventLog.commit`` in one
+   customer replaced, same versions) are appended with ``Store.commit`` in one
    transaction per block of 20,000 customers, sorted by instant within the block, with the
    outbox marked published.
 2. snapshots: the actor of customer i is ``Customer.from_snapshot("c<i>", template
    snapshot)``; all N are encoded (``Customer.snapshot()``) and written as
    ``Engine._write_snapshots`` writes them (format ``SNAPSHOT_FORMAT``, ``needs``
-   fingerprint, ``log_seq`` = the log's last position, deadline or ``store.NEVER``) with
-   ``EventLog.commit([], [], snapshots=rows, marks=...)`` in parts of 50,000 (the engine's
+   fingerprint, ``log_seq`` = the log's last position, deadline or ``protocol.NEVER``) with
+   ``Store.commit([], [], snapshots=rows, marks=...)`` in parts of 50,000 (the engine's
    part at a clean stop), the last part recording the ``SnapshotMarks``. Then a random
    sample of up to 100,000 customers is written again (an upsert, as a running engine
    does) in parts of 5,000 (the engine's part per loop turn) and of 50,000.
@@ -91,10 +91,10 @@ import msgspec
 
 from actors import Customer, Engine, EngineConfig, SegmentSet, load_segments
 from actors._customer import SNAPSHOT_FORMAT
-from protocol import DAY, HOUR, Event, Transition, embedded_broker, to_instant
+from protocol import DAY, HOUR, NEVER, Event, Transition, embedded_broker, to_instant
 from protocol.nats import connect, jetstream_ports
 from scripts.bench_ingest import CpuSnapshot, free_port, now_us, rss_mb
-from store import NEVER, EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
+from store import LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks, Store
 
 POLL = 0.01
 STALL_TICK = 0.05
@@ -255,14 +255,14 @@ def code_digest() -> dict[str, str]:
     import actors._rules
     import actors.engine._engine
     import protocol.nats._feed
-    import store._log
+    import store._store
 
     out = {}
     for mod in (
         actors.engine._engine,
         actors._customer,
         actors._rules,
-        store._log,
+        store._store,
         protocol.nats._feed,
     ):
         path = Path(mod.__file__ or "")
@@ -371,7 +371,7 @@ def make_templates(k: int, segments: SegmentSet, cut: int) -> tuple[list[Templat
     return out, time.perf_counter() - t0, applied
 
 
-async def build_store(log: EventLog, templates: list[Template], n: int) -> dict[str, Any]:
+async def build_store(log: Store, templates: list[Template], n: int) -> dict[str, Any]:
     """Append the events and transitions of N clones, a block of customers per transaction."""
     k = len(templates)
     t0 = time.perf_counter()
@@ -414,7 +414,7 @@ async def build_store(log: EventLog, templates: list[Template], n: int) -> dict[
         await log.commit(
             [e for _, e in events],
             [o for _, o in entries],
-            published_through=log.last_outbox_seq + len(entries),
+            published_through=log.outbox.last_seq + len(entries),
         )
         commit_s += time.perf_counter() - tc
         if start // BLOCK % 10 == 9:
@@ -423,8 +423,8 @@ async def build_store(log: EventLog, templates: list[Template], n: int) -> dict[
     return {
         "seconds": round(time.perf_counter() - t0, 2),
         "commit_seconds": round(commit_s, 2),
-        "events": log.last_event_seq,
-        "transitions": log.last_outbox_seq,
+        "events": log.events.last_seq,
+        "transitions": log.outbox.last_seq,
         "cpu_main": round(cpu1.main - cpu0.main, 2),
         "cpu_threads": round((cpu1.process - cpu1.main) - (cpu0.process - cpu0.main), 2),
     }
@@ -446,7 +446,7 @@ def snapshot_rows(customers: list[Customer], needs: str, log_seq: int) -> list[S
 
 
 async def write_snapshots(
-    log: EventLog,
+    log: Store,
     segments: SegmentSet,
     templates: list[Template],
     ids: list[int],
@@ -473,7 +473,7 @@ async def write_snapshots(
         t1 = time.perf_counter()
         bodies = [c.snapshot() for c in customers]
         t2 = time.perf_counter()
-        rows = snapshot_rows(customers, needs, log.last_event_seq)
+        rows = snapshot_rows(customers, needs, log.events.last_seq)
         t3 = time.perf_counter()
         last = start + part >= len(ids)
         await log.commit([], [], snapshots=rows, marks=marks if last else None)
@@ -509,7 +509,7 @@ async def write_snapshots(
 
 
 async def append_tail(
-    log: EventLog, segments: SegmentSet, n: int, count: int, rng: random.Random
+    log: Store, segments: SegmentSet, n: int, count: int, rng: random.Random
 ) -> dict[str, Any]:
     """Append ``count`` events stamped now for random customers, with the transitions they
     cause (as the engine's ``_ingest`` would), and no snapshot."""
@@ -521,7 +521,7 @@ async def append_tail(
         size = min(TAIL_BATCH, count - start)
         picks = [f"c{rng.randrange(n)}" for _ in range(size)]
         missing = sorted({p for p in picks if p not in state})
-        for snap in await log.snapshots_of(missing):
+        for snap in await log.snapshots.of(missing):
             state[snap.customer_id] = Customer.from_snapshot(snap.customer_id, snap.body)
         logged: list[LoggedEvent] = []
         changed: list[Transition] = []
@@ -538,7 +538,7 @@ async def append_tail(
                 )
             )
             at = now - count + start + j  # one microsecond apart, in log order
-            mid = f"tail-{log.last_event_seq + j}"
+            mid = f"tail-{log.events.last_seq + j}"
             event = Event(
                 kind="track",
                 customer_id=cid,
@@ -565,7 +565,7 @@ async def append_tail(
             )
             for t in changed
         ]
-        await log.commit(logged, entries, published_through=log.last_outbox_seq + len(entries))
+        await log.commit(logged, entries, published_through=log.outbox.last_seq + len(entries))
         transitions += len(entries)
     return {
         "events": count,
@@ -663,7 +663,7 @@ async def restart_child(p: dict[str, Any]) -> dict[str, Any]:
     gc_clock = GcClock()
     out["rss_start"] = round(rss_mb()[0])
     t = time.perf_counter()
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     out["open_s"] = round(time.perf_counter() - t, 3)
     nc = await connect([p["url"]])
     timers = Timers()
@@ -941,7 +941,7 @@ async def run(args: argparse.Namespace) -> Report:
                 f"templates: {len(templates):,} customers, {applied:,} events applied in "
                 f"{t_templates:.2f} s ({t_templates / applied * 1e6:.0f} us/event)"
             )
-            log = await EventLog.open(db)
+            log = await Store.open(db)
             try:
                 build = await build_store(log, templates, n)
                 build.update(
@@ -959,8 +959,8 @@ async def run(args: argparse.Namespace) -> Report:
 
                 # 2. snapshot cost ---------------------------------------------------------
                 marks = SnapshotMarks(
-                    events_through=log.last_event_seq,
-                    outbox_through=log.last_outbox_seq,
+                    events_through=log.events.last_seq,
+                    outbox_through=log.outbox.last_seq,
                     definitions=segments.fingerprint,
                     needs=segments.needs.fingerprint(),
                 )
@@ -1050,7 +1050,7 @@ async def run(args: argparse.Namespace) -> Report:
 async def _tail(
     db: Path, segments: SegmentSet, n: int, count: int, rng: random.Random
 ) -> dict[str, Any]:
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     try:
         tail = await append_tail(log, segments, n, count, rng)
     finally:
@@ -1235,7 +1235,7 @@ def markdown(report: Report, command: str) -> str:
         "(what loading one costs at restart, without the SQL and the checks; GC included); "
         "encode is `Customer.snapshot()` alone; rows is the list `Engine._write_snapshots` "
         "makes (encode plus the `store.Snapshot` around it); commit is "
-        "`EventLog.commit(snapshots=...)` wall time (parameter tuples, then the SQLite "
+        "`Store.commit(snapshots=...)` wall time (parameter tuples, then the SQLite "
         'thread\'s work). "total" is what the engine spends per snapshot written: rows + '
         "commit. GC is the builder's garbage collections during that write.",
         "",

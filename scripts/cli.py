@@ -14,7 +14,7 @@ import functools
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,7 +22,7 @@ import anyio
 import msgspec
 import structlog
 
-from actors import ActorsError, DefinitionError, Engine, EngineConfig, load_segments
+from actors import ActorsError, Engine, EngineConfig, file_stamp, load_segments, watch_segments
 from protocol import (
     ProtocolError,
     Transition,
@@ -33,17 +33,13 @@ from protocol import (
     to_instant,
 )
 from protocol.nats import connect, ensure_streams, iter_transitions, jetstream_ports
-from store import EventLog, StoreError
+from store import Store, StoreError
 
 from . import _history_cmd, _import_cmd, _query_cmd, _replay_cmd
 from ._errors import UsageError
 from ._logging import configure_logging
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
-_POLL = 1.0
-"""Seconds between two looks at a served segments file."""
-_SETTLE = 0.1
-"""Seconds a changed segments file must hold still before it is read (not half-written)."""
 _USER_ERRORS = (ActorsError, ProtocolError, StoreError)
 
 
@@ -213,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace) -> int:
     logger = structlog.get_logger("shoal")
     path: Path | None = args.segments
-    stamp = _stamp(path) if path is not None else None  # before reading: no change is missed
+    stamp = file_stamp(path) if path is not None else None  # before reading: no change is missed
     segments = load_segments(path)
     data_dir: Path = args.data_dir
     async with contextlib.AsyncExitStack() as stack:
@@ -224,8 +220,8 @@ async def _serve(args: argparse.Namespace) -> int:
             if path is not None
             else None
         )
-        log = await EventLog.open(data_dir / "shoal.db", synchronous=args.sync.upper())
-        stack.push_async_callback(log.close)
+        store = await Store.open(data_dir / "shoal.db", synchronous=args.sync.upper())
+        stack.push_async_callback(store.close)
         if args.nats:
             servers = list(args.nats)
         else:
@@ -246,7 +242,7 @@ async def _serve(args: argparse.Namespace) -> int:
         engine = Engine(
             source,
             sink,
-            log,
+            store,
             segments,
             config=EngineConfig(
                 use_snapshots=not args.rebuild,
@@ -266,7 +262,11 @@ async def _serve(args: argparse.Namespace) -> int:
             await tg.start(engine.run)
             await tg.start(_query_cmd.serve_queries, engine, servers)
             if path is not None and hups is not None:
-                tg.start_soon(_reload_segments, engine, path, stamp, hups)
+                tg.start_soon(
+                    functools.partial(
+                        watch_segments, path, engine.apply_segments, stamp=stamp, asked=hups
+                    )
+                )
             logger.info("shoal is serving", nats=servers, data_dir=str(data_dir))
     logger.info("shoal stopped", **dataclasses.asdict(engine.stats))
     return 0
@@ -278,52 +278,6 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
             structlog.get_logger("shoal").info("stopping", signal=signal.Signals(signum).name)
             scope.cancel()
             return
-
-
-_Stamp = tuple[int, int, int] | None
-
-
-def _stamp(path: Path) -> _Stamp:
-    """What tells a changed file: inode (replaced by a rename), size and mtime; None if it
-    cannot be read."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-async def _reload_segments(
-    engine: Engine, path: Path, stamp: _Stamp, hups: AsyncIterator[signal.Signals]
-) -> None:
-    """Apply ``path`` to the engine again on SIGHUP, or when it changes (polled every second).
-
-    An invalid file changes nothing: one error line, and the definitions in force stay.
-    """
-    logger = structlog.get_logger("shoal")
-    while True:
-        hup = False
-        with anyio.move_on_after(_POLL):
-            await anext(hups)
-            hup = True
-        now = _stamp(path)
-        if not hup and now == stamp:
-            continue
-        while True:  # an editor or a copy may still be writing it
-            await anyio.sleep(_SETTLE)
-            now, before = _stamp(path), now
-            if now == before:
-                break
-        stamp = now
-        try:
-            segments = load_segments(path)
-        except DefinitionError as e:
-            logger.error("segments not reloaded, the previous ones stay in force", error=str(e))
-            continue
-        try:
-            await engine.apply_segments(segments)  # the engine logs what it changed
-        except ActorsError:
-            return  # the engine stopped; its own error, if any, is what matters
 
 
 # segments validate --------------------------------------------------------------------------

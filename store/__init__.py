@@ -1,4 +1,5 @@
-"""The SQLite store of shoal: the append-only event log and the transitions outbox.
+"""The SQLite store of shoal: the append-only event log, the transitions outbox and the
+customers' snapshots, as parts of one :class:`Store`.
 
 ``store`` knows nothing of NATS or of segment rules: entries carry opaque bodies.
 """
@@ -6,23 +7,27 @@
 from ._errors import StoreError as StoreError
 from ._errors import StoreFormatError as StoreFormatError
 from ._errors import StoreLockedError as StoreLockedError
-from ._log import NEVER as NEVER
-from ._log import SCHEMA_VERSION as SCHEMA_VERSION
-from ._log import EventLog as EventLog
-from ._log import LoggedEvent as LoggedEvent
-from ._log import OutboxEntry as OutboxEntry
-from ._log import Snapshot as Snapshot
-from ._log import SnapshotMarks as SnapshotMarks
-from ._log import Synchronous as Synchronous
+from ._events import EventLog as EventLog
+from ._events import LoggedEvent as LoggedEvent
+from ._outbox import Outbox as Outbox
+from ._outbox import OutboxEntry as OutboxEntry
+from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
+from ._schema import Synchronous as Synchronous
+from ._snapshots import Snapshot as Snapshot
+from ._snapshots import SnapshotMarks as SnapshotMarks
+from ._snapshots import Snapshots as Snapshots
+from ._store import Store as Store
 
 __all__ = (
-    "NEVER",
     "SCHEMA_VERSION",
     "EventLog",
     "LoggedEvent",
+    "Outbox",
     "OutboxEntry",
     "Snapshot",
     "SnapshotMarks",
+    "Snapshots",
+    "Store",
     "StoreError",
     "StoreFormatError",
     "StoreLockedError",

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from actors import Clock, Engine, EngineConfig, SegmentSet, parse_segments
 from protocol import Rejection, Transition, find_nats_server, format_instant
 from protocol.nats import connect, jetstream_ports
-from store import EventLog
+from store import Store
 
 
 def free_port() -> int:
@@ -111,7 +111,7 @@ async def running_engine(
     """An engine consuming from ``url`` (as durable ``consumer``) with its log at ``db``,
     stopped on exit."""
     nc = await connect([url])
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     try:
         source, sink = await jetstream_ports(nc, consumer=consumer, max_in_flight=max_in_flight)
         engine = Engine(source, sink, log, segment_set, clock=clock, config=config)

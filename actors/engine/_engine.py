@@ -32,7 +32,7 @@ from actors._customer import Customer
 from actors._errors import ActorsError
 from actors._segments import SegmentSet
 from protocol import EventSource, TransitionSink
-from store import EventLog, StoreError
+from store import Store, StoreError
 
 from . import _queries
 from ._config import EngineConfig, EngineObserver, EngineStats, Wake
@@ -72,7 +72,7 @@ class Engine:
         self,
         source: EventSource,
         sink: TransitionSink,
-        store: EventLog,
+        store: Store,
         segments: SegmentSet,
         *,
         clock: Clock | None = None,

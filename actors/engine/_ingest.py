@@ -23,7 +23,7 @@ from protocol import (
     TransitionSink,
     decode_event,
 )
-from store import EventLog, LoggedEvent
+from store import LoggedEvent, Store
 
 from ._config import SERVE_EVERY, EngineConfig, breathe
 from ._deadlines import Deadlines
@@ -42,7 +42,7 @@ class Ingest:
 
     def __init__(
         self,
-        store: EventLog,
+        store: Store,
         partition: Partition,
         recovery: Recovery,
         deadlines: Deadlines,
@@ -91,7 +91,7 @@ class Ingest:
                 continue
             keys.add(key)
             fresh.append(event)
-        known = await self._store.known(keys) if keys else set()
+        known = await self._store.events.known(keys) if keys else set()
 
         p = self._partition
         logged: list[LoggedEvent] = []

@@ -7,14 +7,13 @@ import contextlib
 import itertools
 from collections import deque
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 
 import anyio
 import structlog
 
-from actors._stored import outbox_entry
-from protocol import PublishError, Transition, TransitionSink, to_instant
-from store import EventLog, LoggedEvent, Snapshot, SnapshotMarks
+from actors._stored import outbox_entries
+from protocol import PublishError, Transition, TransitionSink
+from store import LoggedEvent, Snapshot, SnapshotMarks, Store
 
 from ._config import EngineConfig, EngineObserver
 from ._metrics import Counts
@@ -36,7 +35,7 @@ class Outbox:
 
     def __init__(
         self,
-        store: EventLog,
+        store: Store,
         sink: TransitionSink,
         config: EngineConfig,
         counts: Counts,
@@ -62,15 +61,10 @@ class Outbox:
         self.confirmed_through = confirmed_through
         self._pending.extend(entries)
 
-    async def commit(self, events: list[LoggedEvent], transitions: Iterable[Transition]) -> None:
+    async def commit(self, events: list[LoggedEvent], transitions: Sequence[Transition]) -> None:
         """Append ``events`` and ``transitions`` to the store in one transaction, then queue
         the transitions for publishing."""
-        # Transitions of a batch or a round of deadlines share few instants: parse each once.
-        instants: dict[datetime, int] = {}
-        entries = [
-            outbox_entry(t, instants.get(t.at) or instants.setdefault(t.at, to_instant(t.at)))
-            for t in transitions
-        ]
+        entries = outbox_entries(transitions)
         obs = self._observer
         with obs.timing_commit() if obs is not None and (events or entries) else _NOT_TIMED:
             seqs = await self._store.commit(events, entries, self.confirmed_through)
@@ -86,7 +80,7 @@ class Outbox:
 
     async def record_confirmed(self) -> None:
         """Record in the store how far the broker confirmed, if it moved."""
-        if self.confirmed_through > self._store.published_through:
+        if self.confirmed_through > self._store.outbox.published_through:
             await self.commit([], [])
 
     async def wait_for_space(self) -> None:

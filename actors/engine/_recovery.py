@@ -16,9 +16,9 @@ import structlog
 from actors._clock import Clock
 from actors._customer import Customer, SnapshotError
 from actors._segments import SegmentSet
-from actors._stored import customer_of, event_of, transition_of, usable
+from actors._stored import customer_of, event_of, transition_of
 from protocol import NEVER, DefinitionCause, Transition
-from store import EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
+from store import LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks, Store
 
 from ._config import EngineConfig, breathe
 from ._gc import Collector
@@ -55,7 +55,7 @@ class Recovery:
 
     def __init__(
         self,
-        store: EventLog,
+        store: Store,
         partition: Partition,
         outbox: Outbox,
         counts: Counts,
@@ -87,10 +87,10 @@ class Recovery:
         must be taken at once (there were none usable)."""
         store, p = self._store, self._partition
         entries: list[tuple[int, Transition]] = []
-        async for outbox in store.read_unpublished():
+        async for outbox in store.outbox.unpublished():
             entries.extend((o.seq, transition_of(o)) for o in outbox)
-        self._outbox.restore(entries, store.published_through)
-        marks = store.snapshot_marks
+        self._outbox.restore(entries, store.outbox.published_through)
+        marks = store.snapshots.marks
         snapshot_now = False
         if use_snapshots and marks is not None and marks.needs == p.needs:
             await self._rebuild_from_snapshots(marks)
@@ -108,7 +108,7 @@ class Recovery:
         self._stats.rebuilt_events += await self.fold_log(segments, p.customers)
 
         # The outbox comes in (customer, version) order, so each entry is restored as it comes.
-        async for outbox in self._store.read_transitions():
+        async for outbox in self._store.outbox.by_customer():
             for o in outbox:
                 p.actor(o.customer_id).restore((transition_of(o),))
 
@@ -131,12 +131,12 @@ class Recovery:
         deadline order while the engine runs, else load them all and evaluate them."""
         store, p = self._store, self._partition
         tail_events: dict[str, list[LoggedEvent]] = defaultdict(list)
-        async for chunk in store.read_events(after=marks.events_through):
+        async for chunk in store.events.read(after=marks.events_through):
             for e in chunk:
                 tail_events[e.customer_id].append(e)
             self._stats.rebuilt_events += len(chunk)
         tail_outbox: dict[str, list[OutboxEntry]] = defaultdict(list)
-        async for outbox in store.read_outbox(after=marks.outbox_through):
+        async for outbox in store.outbox.read(after=marks.outbox_through):
             for o in outbox:
                 tail_outbox[o.customer_id].append(o)
         tail = sorted(tail_events.keys() | tail_outbox.keys())
@@ -170,16 +170,16 @@ class Recovery:
 
     def _from_snapshot(self, snap: Snapshot) -> Customer | None:
         """The actor a stored snapshot holds, or None if it must be rebuilt from the log."""
-        if usable(snap, self._partition.needs):
-            try:
-                c = customer_of(snap)
-            except SnapshotError as e:
-                self._logger.warning("snapshot ignored", customer_id=snap.customer_id, error=str(e))
-            else:
-                self._stats.snapshots_loaded += 1
-                return c
-        self._stats.snapshots_ignored += 1
-        return None
+        try:
+            c = customer_of(snap, needs=self._partition.needs)
+        except SnapshotError as e:
+            self._logger.warning("snapshot ignored", customer_id=snap.customer_id, error=str(e))
+            c = None
+        if c is None:
+            self._stats.snapshots_ignored += 1
+        else:
+            self._stats.snapshots_loaded += 1
+        return c
 
     def _hold(self, c: Customer) -> None:
         """Keep a customer loaded with its memberships so far (later ones are counted as
@@ -201,7 +201,7 @@ class Recovery:
         if not ids:
             return []
         segments = p.segments
-        snaps = {s.customer_id: s for s in await self._store.snapshots_of(ids)}
+        snaps = {s.customer_id: s for s in await self._store.snapshots.of(ids)}
         from_log: list[str] = []
         for customer_id in ids:
             snap = snaps.get(customer_id)
@@ -235,10 +235,10 @@ class Recovery:
         p = self._partition
         segments = p.segments
         fresh = {customer_id: Customer(customer_id) for customer_id in customer_ids}
-        for e in await self._store.customer_events(customer_ids):
+        for e in await self._store.events.of_customers(customer_ids):
             fresh[e.customer_id].fold(event_of(e), segments)
             self._stats.rebuilt_events += 1
-        for o in await self._store.customer_transitions(customer_ids):
+        for o in await self._store.outbox.of_customers(customer_ids):
             fresh[o.customer_id].restore((transition_of(o),))
         now = self._clock.now()
         changed: list[Transition] = []
@@ -261,7 +261,7 @@ class Recovery:
             await ahead.done.wait()
             rows = ahead.rows
         else:
-            rows = await store.page_snapshots(self._cursor, limit)
+            rows = await store.snapshots.page(self._cursor, limit)
         if len(rows) == limit and self.tg is not None:
             # SQLite reads the next page on its thread while this one decodes here (the
             # rows not loaded yet do not change meanwhile: only loaded customers change).
@@ -290,7 +290,7 @@ class Recovery:
         return await self._load_from_log(bad, known=bad)
 
     async def _read_ahead(self, ahead: _PageAhead) -> None:
-        ahead.rows = await self._store.page_snapshots(ahead.after, ahead.limit)
+        ahead.rows = await self._store.snapshots.page(ahead.after, ahead.limit)
         ahead.done.set()
 
     async def load_all(self) -> list[Transition]:
@@ -304,7 +304,7 @@ class Recovery:
         """Fold the whole event log into ``customers`` (adding actors as needed), keeping the
         facts ``segments`` reads; return how many events were read."""
         read = 0
-        async for chunk in self._store.read_events():
+        async for chunk in self._store.events.read():
             for entry in chunk:
                 event = event_of(entry)
                 c = customers.get(event.customer_id)

@@ -9,7 +9,7 @@ import structlog
 from actors._clock import Clock
 from actors._stored import snapshot_row
 from protocol import NEVER
-from store import EventLog, SnapshotMarks
+from store import SnapshotMarks, Store
 
 from ._config import EngineConfig, EngineStats
 from ._gc import Collector
@@ -25,7 +25,7 @@ class Snapshots:
 
     def __init__(
         self,
-        store: EventLog,
+        store: Store,
         partition: Partition,
         outbox: Outbox,
         stats: EngineStats,
@@ -49,7 +49,7 @@ class Snapshots:
     def restarted(self) -> None:
         """The engine starts: the next round is due after the interval from now."""
         self._started = self._clock.now()
-        self._events = self._store.last_event_seq
+        self._events = self._store.events.last_seq
 
     def due_now(self) -> None:
         """Make the next round due at once (there are no usable snapshots)."""
@@ -75,7 +75,7 @@ class Snapshots:
             now = self._clock.now()
             if (
                 now - self._started < cfg.snapshot_interval * 1_000_000
-                and self._store.last_event_seq - self._events < cfg.snapshot_events
+                and self._store.events.last_seq - self._events < cfg.snapshot_events
             ):
                 return False
             self._start(now)
@@ -92,10 +92,10 @@ class Snapshots:
         # Sorted: upserts in key order cost half as much as in set order (bench_restart).
         self._round = sorted(changed)
         changed.clear()
-        last_event_seq = self._store.last_event_seq
+        last_event_seq = self._store.events.last_seq
         self._marks = SnapshotMarks(
             events_through=last_event_seq,
-            outbox_through=self._store.last_outbox_seq,
+            outbox_through=self._store.outbox.last_seq,
             definitions=p.segments.fingerprint,
             needs=p.needs,
         )
@@ -103,7 +103,7 @@ class Snapshots:
 
     async def _write(self, customer_ids: list[str], *, done: bool) -> None:
         # Taken between turns, so each reflects exactly what is committed up to here.
-        needs, log_seq = self._partition.needs, self._store.last_event_seq
+        needs, log_seq = self._partition.needs, self._store.events.last_seq
         customers = self._partition.customers
         rows = [snapshot_row(customers[i], needs=needs, log_seq=log_seq) for i in customer_ids]
         await self._outbox.commit_snapshots(rows, self._marks if done else None)

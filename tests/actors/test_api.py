@@ -41,7 +41,7 @@ from protocol import (
     from_instant,
 )
 from protocol.nats import ApiClient, connect, serve_api
-from store import EventLog
+from store import Store
 from tests.helpers import NatsServer, collect, eventually, running_engine, segments, track
 
 SEGMENTS = """
@@ -453,8 +453,8 @@ async def test_a_customer_not_loaded_yet_after_a_restart_is_loaded_to_answer(
         for u in users:
             await client.publish(f"shoal.events.{u}", track(u, mid=f"{u}-1"))
         await eventually(lambda: engine.stats.events_applied == 20)
-    async with await EventLog.open(db) as log:
-        assert await log.count_snapshots() == 20  # the clean stop took them
+    async with await Store.open(db) as log:
+        assert await log.snapshots.count() == 20  # the clean stop took them
 
     # Customers load one per turn while the engine runs; hold that back.
     config = EngineConfig(page_batch=1)

@@ -32,7 +32,7 @@ from protocol import (
     to_instant,
 )
 from protocol.nats import Publisher, ensure_streams
-from store import EventLog
+from store import Store
 from tests.helpers import (
     Collector,
     NatsServer,
@@ -151,8 +151,8 @@ async def test_duplicate_message_ids_are_applied_once(
         ("alice", "active", 1),
         ("bob", "active", 1),
     ]
-    async with await EventLog.open(tmp_path / "shoal.db") as log:
-        assert await log.count_events() == 2
+    async with await Store.open(tmp_path / "shoal.db") as log:
+        assert await log.events.count() == 2
 
 
 @pytest.mark.parametrize("use_snapshots", [True, False], ids=["snapshots", "log-only"])
@@ -194,8 +194,8 @@ async def test_restart_loses_nothing_and_fires_overdue_deadlines_at_their_instan
     # Nothing was published twice, not even to plain subscribers.
     ids = [m.headers["Nats-Msg-Id"] for m in seen.msgs if m.headers]
     assert len(ids) == len(set(ids)) == len(seen.msgs)
-    async with await EventLog.open(db) as log:
-        assert await log.count_events() == 6
+    async with await Store.open(db) as log:
+        assert await log.events.count() == 6
 
 
 async def test_deadline_never_fires_ahead_of_an_event_waiting_in_the_stream(
@@ -430,8 +430,8 @@ async def test_transitions_wait_in_the_outbox_until_the_broker_takes_them(
         await eventually(lambda: engine.stats.transitions_published == 1, timeout=15)
     info = await js.stream_info("SHOAL_SEGMENTS")
     assert info.state.messages == 1
-    async with await EventLog.open(tmp_path / "shoal.db") as log:
-        assert log.published_through == 1
+    async with await Store.open(tmp_path / "shoal.db") as log:
+        assert log.outbox.published_through == 1
 
 
 async def test_publish_refused_without_a_stream_is_an_error(
@@ -499,10 +499,10 @@ async def test_a_deadline_waits_for_an_event_the_broker_stored_before_it(
             await anyio.sleep(0.5)
     finally:
         server.close()
-    async with await EventLog.open(tmp_path / "shoal.db") as log:
+    async with await Store.open(tmp_path / "shoal.db") as log:
         logged = [
             msgspec.msgpack.decode(e.body, type=Event)
-            for chunk in [c async for c in log.read_events()]
+            for chunk in [c async for c in log.events.read()]
             for e in chunk
         ]
     v1, v2 = (e.received for e in logged)

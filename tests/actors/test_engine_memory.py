@@ -17,7 +17,7 @@ import msgspec
 from actors import Engine, EngineApi, EngineConfig, VirtualClock
 from protocol import SECOND, DefinitionCause, EventCause, TimeCause, Transition, to_instant
 from protocol.memory import MemoryBroker
-from store import EventLog
+from store import Store
 from tests.helpers import eventually, segments
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
@@ -61,7 +61,7 @@ async def test_an_engine_on_memory_ports(tmp_path: Path) -> None:
     config = EngineConfig(snapshot_interval=5.0)
     db = tmp_path / "shoal.db"
 
-    async with await EventLog.open(db) as store:
+    async with await Store.open(db) as store:
         engine = Engine(
             broker.source(), broker.sink(), store, ACTIVE_IDLE, clock=clock, config=config
         )
@@ -103,7 +103,7 @@ async def test_an_engine_on_memory_ports(tmp_path: Path) -> None:
 
     # A restart on the same store: from snapshots, nothing read from the log, and on from
     # the versions it had.
-    async with await EventLog.open(db) as store:
+    async with await Store.open(db) as store:
         engine = Engine(
             broker.source(), broker.sink(), store, WITH_SEEN, clock=clock, config=config
         )
@@ -130,7 +130,7 @@ async def test_a_sink_that_fails_is_retried_and_nothing_is_lost(tmp_path: Path) 
     broker = MemoryBroker(clock.now)
     sink = broker.sink()
     sink.fail_next(2)
-    async with await EventLog.open(tmp_path / "shoal.db") as store:
+    async with await Store.open(tmp_path / "shoal.db") as store:
         engine = Engine(broker.source(), sink, store, ACTIVE_IDLE, clock=clock)
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)

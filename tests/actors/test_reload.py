@@ -25,7 +25,7 @@ from protocol import (
     to_instant,
 )
 from protocol.nats import jetstream_ports
-from store import EventLog
+from store import Store
 from tests.helpers import (
     NatsServer,
     Proc,
@@ -229,7 +229,7 @@ async def test_customers_of_static_lists_get_an_actor_at_start(
 
 
 async def test_apply_segments_needs_a_running_engine(client: Client, tmp_path: Path) -> None:
-    async with await EventLog.open(tmp_path / "shoal.db") as log:
+    async with await Store.open(tmp_path / "shoal.db") as log:
         source, sink = await jetstream_ports(client)
         engine = Engine(source, sink, log, segments(VISITOR))
         with pytest.raises(ActorsError) as e:

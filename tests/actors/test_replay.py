@@ -18,7 +18,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 
-from actors import Replay, load_segments, replay
+from actors import Replay, event_of, load_segments, logged_event, replay, transition_of
 from protocol import (
     DAY,
     HOUR,
@@ -27,13 +27,14 @@ from protocol import (
     EventCause,
     TimeCause,
     Transition,
+    events_from_lines,
     format_instant,
     from_instant,
     to_instant,
 )
 from scripts import cli
-from scripts._replay_cmd import read_events_file, size_chart
-from store import EventLog, LoggedEvent
+from scripts._replay_cmd import size_chart
+from store import Store
 from tests.helpers import NatsServer, collect, eventually, running_engine, segments
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +64,6 @@ rule = "since_last('Visit') >= '3s'"
 """
 
 _transition = msgspec.json.Decoder(Transition)
-_event = msgspec.msgpack.Decoder(Event)
 
 
 def now() -> int:
@@ -97,8 +97,8 @@ async def shoal(
 
 
 async def logged_events(db: Path) -> list[Event]:
-    async with await EventLog.open_read_only(db) as log:
-        return [_event.decode(e.body) async for chunk in log.read_events() for e in chunk]
+    async with await Store.open_read_only(db) as store:
+        return [event_of(e) async for chunk in store.events.read() for e in chunk]
 
 
 async def live_run(nats_server: NatsServer, client: Client, data: Path) -> list[Transition]:
@@ -207,8 +207,8 @@ async def test_backtest_of_new_definitions_on_a_live_log(
     assert by_version(transitions_in(out)) == by_version(expected)
     # The live store is untouched, its outbox still what the engine published.
     assert db.read_bytes() == before
-    async with await EventLog.open_read_only(db) as log:
-        outbox = [_transition.decode(o.body) async for c in log.read_transitions() for o in c]
+    async with await Store.open_read_only(db) as store:
+        outbox = [transition_of(o) async for c in store.outbox.read() for o in c]
     assert by_version(outbox) == by_version(published)
 
 
@@ -260,7 +260,7 @@ async def test_two_replays_are_byte_identical_whatever_the_hash_seed(tmp_path: P
     assert len(sizes.splitlines()) > 100
 
     # The Python API, fed the same file, writes the same bytes.
-    events = read_events_file(source.read_bytes().splitlines())
+    events = events_from_lines(source.read_bytes().splitlines())
     until = to_instant(from_instant(0).replace(year=2026, month=6))
     api = replay(events, load_segments(), until=until)
     assert b"".join(msgspec.json.encode(t) + b"\n" for t in api) == transitions
@@ -483,7 +483,7 @@ def test_chart_without_matplotlib_is_one_line(
 
 
 def test_replay_in_pieces_equals_replay_in_one_call() -> None:
-    events = read_events_file(history(11, customers=10, events=120).encode().splitlines())
+    events = events_from_lines(history(11, customers=10, events=120).encode().splitlines())
     until = events[-1].received + 30 * DAY
     whole = list(replay(events, load_segments(), until=until))
     r = Replay(load_segments())
@@ -504,13 +504,11 @@ async def test_a_log_out_of_receive_order_replays_in_log_order_with_a_note(
     db = tmp_path / "shoal.db"
     t0 = to_instant(from_instant(0).replace(year=2026))
     visits = [("bob", t0 + 4 * DAY), ("alice", t0 + 10 * HOUR)]  # alice's was received first
-    async with await EventLog.open(db) as log:
-        await log.commit(
+    async with await Store.open(db) as store:
+        await store.commit(
             [
-                LoggedEvent(customer_id=c, message_id=c, at=at, body=msgspec.msgpack.encode(
-                    Event(kind="track", customer_id=c, name="Visit", properties={}, traits={},
-                          at=at, received=at, message_id=c)
-                ))
+                logged_event(Event(kind="track", customer_id=c, name="Visit", properties={},
+                                   traits={}, at=at, received=at, message_id=c))
                 for c, at in visits
             ]
         )  # fmt: skip

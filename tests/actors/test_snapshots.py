@@ -30,11 +30,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import actors._stored
-from actors import Customer, Engine, EngineConfig, SystemClock, VirtualClock, parse_segments
+from actors import (
+    Customer,
+    Engine,
+    EngineConfig,
+    SystemClock,
+    VirtualClock,
+    logged_event,
+    outbox_entries,
+    parse_segments,
+    snapshot_row,
+)
 from actors._customer import SNAPSHOT_FORMAT, SnapshotError
 from protocol import DAY, HOUR, SECOND, Event, TimeCause, Transition, format_instant, to_instant
 from protocol.nats import connect, jetstream_ports
-from store import NEVER, EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
+from store import LoggedEvent, SnapshotMarks, Store
 from tests.helpers import Collector, NatsServer, collect, eventually, running_engine
 
 T0 = to_instant(datetime(2026, 1, 1, tzinfo=UTC))
@@ -53,9 +63,6 @@ rule = "sum('Order Completed', 'amount', within='30d') >= 100"
     source="snapshots.toml",
 )
 SLOTS = [s for s in Customer.__slots__ if s != "customer_id"]
-
-_event_encoder = msgspec.msgpack.Encoder()
-_json = msgspec.json.Encoder()
 
 
 def state(c: Customer) -> dict[str, Any]:
@@ -204,7 +211,7 @@ class Live:
     """The engine's writes, made by hand: events and their transitions per batch, deadlines
     fired in between, and rounds of snapshots."""
 
-    log: EventLog
+    log: Store
     customers: dict[str, Customer]
     dirty: set[str]
 
@@ -215,15 +222,8 @@ class Live:
             c = self.customers.setdefault(e.customer_id, Customer(e.customer_id))
             transitions += c.apply(e, SEGMENTS)
             self.dirty.add(e.customer_id)
-            logged.append(
-                LoggedEvent(
-                    customer_id=e.customer_id,
-                    message_id=e.message_id,
-                    at=e.at,
-                    body=_event_encoder.encode(e),
-                )
-            )
-        await self.log.commit(logged, outbox(transitions))
+            logged.append(logged_event(e))
+        await self.log.commit(logged, outbox_entries(transitions))
 
     async def fire(self, until: int) -> None:
         transitions: list[Transition] = []
@@ -231,36 +231,12 @@ class Live:
             if c.deadline is not None and c.deadline <= until:
                 transitions += c.advance(until, SEGMENTS)
                 self.dirty.add(c.customer_id)
-        await self.log.commit([], outbox(transitions))
+        await self.log.commit([], outbox_entries(transitions))
 
     async def snapshot(self, ids: list[str], marks: SnapshotMarks | None) -> None:
-        rows = [
-            Snapshot(
-                customer_id=i,
-                format=SNAPSHOT_FORMAT,
-                needs=SEGMENTS.needs.fingerprint(),
-                log_seq=self.log.last_event_seq,
-                deadline=NEVER
-                if self.customers[i].deadline is None
-                else self.customers[i].deadline,  # type: ignore[arg-type]
-                body=self.customers[i].snapshot(),
-            )
-            for i in ids
-        ]
+        needs, log_seq = SEGMENTS.needs.fingerprint(), self.log.events.last_seq
+        rows = [snapshot_row(self.customers[i], needs=needs, log_seq=log_seq) for i in ids]
         await self.log.commit([], [], snapshots=rows, marks=marks)
-
-
-def outbox(transitions: list[Transition]) -> list[OutboxEntry]:
-    return [
-        OutboxEntry(
-            customer_id=t.customer_id,
-            version=t.version,
-            segment=t.segment,
-            at=to_instant(t.at),
-            body=_json.encode(t),
-        )
-        for t in transitions
-    ]
 
 
 CUSTOMERS = ("ann", "bob")
@@ -288,7 +264,7 @@ async def write_history(
     db: Path, history: list[Event], steps: list[tuple[int, str]], data: st.DataObject
 ) -> tuple[dict[str, Customer], int]:
     """Write the history as a live engine would; return its actors and its clock's end."""
-    async with await EventLog.open(db) as log:
+    async with await Store.open(db) as log:
         live = Live(log, {}, set())
         for i, e in enumerate(history):
             # The engine fires deadlines before the event's receive instant at the latest.
@@ -299,8 +275,8 @@ async def write_history(
                     await live.fire(e.received + data.draw(st.integers(0, 20)) * DAY)
                 elif what == "round":
                     marks = SnapshotMarks(
-                        events_through=log.last_event_seq,
-                        outbox_through=log.last_outbox_seq,
+                        events_through=log.events.last_seq,
+                        outbox_through=log.outbox.last_seq,
                         definitions=SEGMENTS.fingerprint,
                         needs=SEGMENTS.needs.fingerprint(),
                     )
@@ -319,7 +295,7 @@ async def recover(
 ) -> tuple[dict[str, Customer], Engine]:
     nc = await connect([url])
     try:
-        async with await EventLog.open(db) as log:
+        async with await Store.open(db) as log:
             source, sink = await jetstream_ports(nc)
             engine = Engine(
                 source,
@@ -363,8 +339,8 @@ def test_recovery_from_snapshots_and_tail_equals_recovery_from_the_log(
             db = Path(tmp) / "shoal.db"
             live, end = await write_history(db, history, steps, data)
             if damage == "corrupt":
-                async with await EventLog.open(db) as log:
-                    rows = await log.snapshots_of(CUSTOMERS)
+                async with await Store.open(db) as log:
+                    rows = await log.snapshots.of(CUSTOMERS)
                     await log.commit(
                         [],
                         [],
@@ -436,8 +412,8 @@ async def test_restart_loads_snapshots_in_deadline_order_and_fires_each_on_time(
                 await nc.publish(f"shoal.events.{user}", _visit(user, at))
             await eventually(lambda: engine.stats.events_applied == 40)
         # The clean stop snapshotted every customer.
-        async with await EventLog.open(db) as log:
-            assert await log.count_snapshots() == 40
+        async with await Store.open(db) as log:
+            assert await log.snapshots.count() == 40
 
         config = EngineConfig(page_batch=4)
         async with running_engine(nats_server.url, db, IDLE, clock=clock, config=config) as engine:
@@ -515,8 +491,8 @@ async def test_a_prepared_customer_keeps_the_deadline_it_was_loaded_with(
         async with running_engine(nats_server.url, db, IDLE, clock=VirtualClock(start)) as engine:
             await nc.publish("shoal.events.a", _visit("a", visit))
             await eventually(lambda: engine.stats.events_applied == 1)
-        async with await EventLog.open(db) as log:
-            (stored,) = await log.snapshots_of(["a"])
+        async with await Store.open(db) as log:
+            (stored,) = await log.snapshots.of(["a"])
             c = Customer.from_snapshot("a", stored.body)
             assert c.deadline == visit + 3 * SECOND
             c.deadline = visit + 5 * SECOND  # later than its rule says

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import anyio
@@ -15,29 +14,17 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 
-from actors import load_segments
-from protocol import (
-    DAY,
-    SECOND,
-    Cause,
-    DefinitionCause,
-    EventCause,
-    TimeCause,
-    Transition,
-    event_subject,
-    format_instant,
-    from_instant,
-    parse_timestamp,
-)
-from scripts._history_cmd import (
+from actors import (
     Interval,
-    membership_intervals,
-    memberships_at,
+    import_history,
+    load_segments,
+    outbox_entry,
     outbox_history,
     replayed_history,
 )
-from scripts._import_cmd import import_history
-from store import EventLog, OutboxEntry
+from protocol import DAY, SECOND, event_subject, format_instant, parse_timestamp
+from store import Store
+from tests.actors.test_history import ALICE, HISTORY
 from tests.helpers import NatsServer, eventually, running_engine
 
 SHOAL = [sys.executable, "-m", "scripts.cli"]
@@ -54,138 +41,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*SHOAL, *args], capture_output=True, text=True, timeout=60)
 
 
-def at(text: str) -> datetime:
-    return from_instant(parse_timestamp(text))
-
-
-def tr(
-    version: int, segment: str, change: str, when: str, cause: Cause, customer: str = "alice"
-) -> Transition:
-    return Transition(
-        customer_id=customer,
-        segment=segment,
-        change=change,  # type: ignore[arg-type]
-        at=at(when),
-        cause=cause,
-        version=version,
-    )
-
-
-# Alice: in `new` from her first visit until 30 days later; `lapsed` twice, the second time
-# still; `vip` from a change of definitions. Bob enters `new`.
-HISTORY = [
-    tr(1, "new", "entered", "2026-01-01T10:00:00Z", EventCause(message_id="v1")),
-    tr(2, "lapsed", "entered", "2026-01-15T10:00:00Z", TimeCause()),
-    tr(1, "new", "entered", "2026-01-03T00:00:00Z", EventCause(message_id="b1"), "bob"),
-    tr(3, "lapsed", "exited", "2026-01-20T08:30:00.5Z", EventCause(message_id="v2")),
-    tr(4, "new", "exited", "2026-01-31T10:00:00Z", TimeCause()),
-    tr(5, "vip", "entered", "2026-02-01T00:00:00Z", DefinitionCause()),
-    tr(6, "lapsed", "entered", "2026-02-03T08:30:00.5Z", TimeCause()),
-]
-
-
-def stay(
-    segment: str,
-    entered: str,
-    by: Cause,
-    version: int,
-    exited: str | None = None,
-    exited_by: Cause | None = None,
-    exited_version: int | None = None,
-    customer: str = "alice",
-) -> Interval:
-    return Interval(
-        customer_id=customer,
-        segment=segment,
-        entered_at=at(entered),
-        entered_by=by,
-        entered_version=version,
-        exited_at=None if exited is None else at(exited),
-        exited_by=exited_by,
-        exited_version=exited_version,
-    )
-
-
-ALICE = [
-    stay(
-        "lapsed",
-        "2026-01-15T10:00:00Z",
-        TimeCause(),
-        2,
-        "2026-01-20T08:30:00.5Z",
-        EventCause(message_id="v2"),
-        3,
-    ),
-    stay("lapsed", "2026-02-03T08:30:00.5Z", TimeCause(), 6),
-    stay(
-        "new",
-        "2026-01-01T10:00:00Z",
-        EventCause(message_id="v1"),
-        1,
-        "2026-01-31T10:00:00Z",
-        TimeCause(),
-        4,
-    ),
-    stay("vip", "2026-02-01T00:00:00Z", DefinitionCause(), 5),
-]
-
-
-# --- the pure functions ------------------------------------------------------------------------
-
-
-def test_intervals_per_customer_and_segment_in_any_input_order() -> None:
-    intervals = membership_intervals(reversed(HISTORY))
-    assert intervals == [
-        *ALICE,
-        stay("new", "2026-01-03T00:00:00Z", EventCause(message_id="b1"), 1, customer="bob"),
-    ]
-    assert membership_intervals([]) == []
-
-
-@pytest.mark.parametrize(
-    ("history", "problem"),
-    [
-        (
-            [HISTORY[0], tr(2, "new", "entered", "2026-01-02T00:00:00Z", TimeCause())],
-            "customer 'alice' enters 'new' at version 2 but is in it since version 1",
-        ),
-        (
-            [HISTORY[0], tr(2, "lapsed", "exited", "2026-01-02T00:00:00Z", TimeCause())],
-            "customer 'alice' leaves 'lapsed' at version 2 but is not in it",
-        ),
-    ],
-)
-def test_an_inconsistent_history_is_refused(history: list[Transition], problem: str) -> None:
-    with pytest.raises(ValueError) as e:
-        membership_intervals(history)
-    assert str(e.value) == problem
-
-
-def test_was_alice_in_the_segment_at_an_instant() -> None:
-    intervals = membership_intervals(HISTORY)
-
-    def members(when: str) -> dict[str, bool]:
-        answers = memberships_at(intervals, at(when))
-        return {m.segment: m.member for m in answers if m.customer_id == "alice"}
-
-    # In from the instant of entry, out from the instant of exit.
-    assert members("2026-01-01T09:59:59.999999Z") == {"new": False, "lapsed": False, "vip": False}
-    assert members("2026-01-01T10:00:00Z") == {"new": True, "lapsed": False, "vip": False}
-    assert members("2026-01-20T08:30:00.499999Z") == {"new": True, "lapsed": True, "vip": False}
-    assert members("2026-01-20T08:30:00.5Z") == {"new": True, "lapsed": False, "vip": False}
-    assert members("2026-01-31T10:00:00Z") == {"new": False, "lapsed": False, "vip": False}
-    assert members("2030-01-01T00:00:00+09:00") == {"new": False, "lapsed": True, "vip": True}
-    answers = memberships_at(intervals, at("2026-01-16T00:00:00Z"))
-    assert [(m.customer_id, m.segment, m.member) for m in answers] == [
-        ("alice", "lapsed", True),
-        ("alice", "new", True),
-        ("alice", "vip", False),
-        ("bob", "new", True),
-    ]
-    assert [m.interval for m in answers[:3]] == [ALICE[0], ALICE[2], None]
-
-
-# --- the command, over an outbox written with EventLog.commit ---------------------------------
+# --- the command, over an outbox written with Store.commit ---------------------------------
 
 
 @pytest.fixture
@@ -193,20 +49,8 @@ def data_dir(tmp_path: Path) -> Path:
     """A store whose outbox holds HISTORY (and no events: alice is known by her outbox)."""
 
     async def write() -> None:
-        async with await EventLog.open(tmp_path / "shoal.db") as log:
-            await log.commit(
-                [],
-                [
-                    OutboxEntry(
-                        customer_id=t.customer_id,
-                        version=t.version,
-                        segment=t.segment,
-                        at=0,
-                        body=msgspec.json.encode(t),
-                    )
-                    for t in HISTORY
-                ],
-            )
+        async with await Store.open(tmp_path / "shoal.db") as store:
+            await store.commit([], [outbox_entry(t) for t in HISTORY])
 
     anyio.run(write)
     return tmp_path
@@ -320,9 +164,9 @@ async def test_replay_of_the_log_equals_what_the_engine_published(
         # bob: active, then idle (10 in all).
         await eventually(lambda: engine.stats.transitions_published == 10)
 
-    async with await EventLog.open_read_only(db) as log:
-        published = await outbox_history(log, "alice")
-        replayed = await replayed_history(log, "alice", segments, until=time.time_ns() // 1000)
+    async with await Store.open_read_only(db) as store:
+        published = await outbox_history(store, "alice")
+        replayed = await replayed_history(store, "alice", segments, until=time.time_ns() // 1000)
     assert [(t.segment, t.change, t.version) for t in published] == [
         ("active", "entered", 1),
         ("active", "exited", 2),
@@ -357,8 +201,8 @@ def test_replay_until_an_instant_of_imported_history(tmp_path: Path) -> None:
     ]
 
     async def load() -> None:
-        async with await EventLog.open(tmp_path / "shoal.db") as log:
-            report = await import_history(log, [x.encode() for x in lines], now=t0 + DAY)
+        async with await Store.open(tmp_path / "shoal.db") as store:
+            report = await import_history(store, [x.encode() for x in lines], now=t0 + DAY)
             assert report.imported == 2
 
     anyio.run(load)

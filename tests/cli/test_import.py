@@ -1,4 +1,4 @@
-"""``shoal import`` and ``shoal export``: history into and out of the event log."""
+"""``shoal import`` and ``shoal export``: history into and out of the event store."""
 
 from __future__ import annotations
 
@@ -6,50 +6,31 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-import msgspec
-import pytest
 
+from actors import event_of, logged_event
 from protocol import (
     SECOND,
-    DefinitionCause,
     Event,
-    InvalidEvent,
-    TimeCause,
-    Transition,
-    format_instant,
-    from_instant,
+    event_from_line,
     parse_timestamp,
 )
-from scripts._import_cmd import event_from_line, event_of, import_history, logged_event
-from store import EventLog
-from tests.helpers import NatsServer, eventually, running_engine, segments
+from store import Store
+from tests.history_lines import NOW, T1, T2, line, visit
 
 SHOAL = [sys.executable, "-m", "scripts.cli"]
-NOW = parse_timestamp("2025-06-01T09:00:00Z")
-T1 = "2025-05-01T10:00:00Z"
-T2 = "2025-05-02T10:00:00.250000+01:00"
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*SHOAL, *args], input=stdin, capture_output=True, text=True, timeout=60)
 
 
-def line(**fields: Any) -> str:
-    return json.dumps(fields)
-
-
-def visit(user: str, ts: str = T1, **extra: Any) -> str:
-    return line(type="track", userId=user, event="Visit", timestamp=ts, **extra)
-
-
 async def logged(db: Path) -> list[Event]:
-    async with await EventLog.open_read_only(db) as log:
-        return [event_of(e) async for part in log.read_events() for e in part]
+    async with await Store.open_read_only(db) as store:
+        return [event_of(e) async for part in store.events.read() for e in part]
 
 
 def summary(events: list[Event]) -> list[tuple[Any, ...]]:
@@ -141,7 +122,7 @@ async def test_import_while_the_store_is_locked_is_one_line(tmp_path: Path) -> N
     history = tmp_path / "history.jsonl"
     history.write_text(visit("alice") + "\n")
     db = tmp_path / "shoal.db"
-    async with await EventLog.open(db) as log:  # as `shoal serve` holds it
+    async with await Store.open(db) as store:  # as `shoal serve` holds it
         done = await anyio.to_thread.run_sync(
             lambda: run("import", str(history), "--data-dir", str(tmp_path))
         )
@@ -150,7 +131,7 @@ async def test_import_while_the_store_is_locked_is_one_line(tmp_path: Path) -> N
             f"shoal: error: {db} is in use by another shoal engine; stop it, or give this one "
             "another --data-dir\n"
         )
-        assert await log.count_events() == 0
+        assert await store.events.count() == 0
 
 
 def test_export_then_import_gives_the_same_events(tmp_path: Path) -> None:
@@ -189,8 +170,8 @@ def test_export_then_import_gives_the_same_events(tmp_path: Path) -> None:
     ]
 
     async def write() -> None:
-        async with await EventLog.open(first) as log:
-            await log.commit([logged_event(e) for e in originals])
+        async with await Store.open(first) as store:
+            await store.commit([logged_event(e) for e in originals])
 
     anyio.run(write)
     exported = run("export", "--data-dir", str(first.parent))
@@ -225,8 +206,8 @@ def test_export_then_import_gives_the_same_events(tmp_path: Path) -> None:
 
 async def test_export_beside_a_writer_reads_the_log_as_it_stood(tmp_path: Path) -> None:
     db = tmp_path / "shoal.db"
-    async with await EventLog.open(db) as log:
-        await log.import_events([logged_event(event_from_line(visit("a").encode(), now=NOW))])
+    async with await Store.open(db) as store:
+        await store.import_events([logged_event(event_from_line(visit("a").encode(), now=NOW))])
         done = await anyio.to_thread.run_sync(lambda: run("export", "--data-dir", str(tmp_path)))
     assert done.returncode == 0, done.stderr
     assert [json.loads(x)["userId"] for x in done.stdout.splitlines()] == ["a"]
@@ -238,147 +219,3 @@ def test_export_of_a_missing_store_is_one_line(tmp_path: Path) -> None:
         1,
         f"shoal: error: no event log at {tmp_path / 'shoal.db'}\n",
     )
-
-
-# --- the Python API --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "reason"),
-    [
-        ("{", "invalid JSON: Input data was truncated"),
-        ("[]", "invalid event: Expected `object`, got `array`"),
-        (line(type="track", event="Visit", timestamp=T1), "missing required field `userId`"),
-        (
-            line(type="track", userId=7, event="Visit", timestamp=T1),
-            "invalid event: Expected `str | null`, got `int` - at `$.userId`",
-        ),
-        (visit(""), "invalid `userId`: a customer id cannot be empty"),
-        (
-            line(type="track", userId="a", event="Visit"),
-            "missing required field `timestamp` (a file has no receive time: each event "
-            "needs its instant)",
-        ),
-        (
-            line(type="alias", userId="a", timestamp=T1),
-            "unknown type 'alias': expected 'track' or 'identify'",
-        ),
-        (
-            line(type="track", userId="a", timestamp=T1),
-            "missing required field `event` (the event name) on a track event",
-        ),
-        (
-            visit("a", "2025-06-01T09:05:00.000001Z"),
-            "timestamp '2025-06-01T09:05:00.000001Z' is 300.000001 s ahead of the time the "
-            "event was received (2025-06-01T09:00:00Z); at most 300 s ahead is allowed",
-        ),
-        (
-            visit("a", "2026-11-22 09:00"),
-            "timestamp '2026-11-22 09:00' is not an ISO-8601 date and time with a UTC offset "
-            "(for example 2026-11-22T10:00:00+01:00 or 2026-11-22T09:00:00Z)",
-        ),
-        (visit("a", messageId=""), "field `messageId` must not be empty when given"),
-    ],
-)
-def test_each_bad_line_has_the_reason_a_live_event_would(text: str, reason: str) -> None:
-    with pytest.raises(InvalidEvent) as e:
-        event_from_line(text.encode(), now=NOW)
-    assert e.value.reason == reason
-
-
-def test_a_timestamp_a_little_ahead_counts_from_now() -> None:
-    event = event_from_line(visit("a", "2025-06-01T09:04:00Z").encode(), now=NOW)
-    assert (event.at, event.received) == (NOW, NOW)
-
-
-def test_message_id_without_one_follows_the_content_not_its_spelling() -> None:
-    def message_id(text: str) -> str:
-        return event_from_line(text.encode(), now=NOW).message_id
-
-    one = message_id(f'{{"type":"track","userId":"a","event":"V","timestamp":"{T1}"}}')
-    same = message_id(f'{{ "timestamp": "{T1}", "event": "V", "userId": "a", "type": "track" }}')
-    assert one == same
-    assert re.fullmatch(r"import:[0-9a-f]{32}", one)
-    assert message_id(f'{{"type":"track","userId":"a","event":"W","timestamp":"{T1}"}}') != one
-
-
-async def test_duplicates_within_a_file_and_across_imports(tmp_path: Path) -> None:
-    lines = [
-        visit("a", messageId="1"),
-        visit("a", T2, messageId="1"),  # same customer and id: the first one stays
-        visit("b", messageId="1"),  # ids are per customer
-        visit("c"),
-        json.dumps(json.loads(visit("c")), indent=None, separators=(",", ":")),
-        "nonsense",
-    ]
-    skipped: list[tuple[int, str]] = []
-    async with await EventLog.open(tmp_path / "shoal.db") as log:
-        report = await import_history(
-            log,
-            [(x + "\n").encode() for x in lines],
-            now=NOW,
-            on_skip=lambda n, r: skipped.append((n, r)),
-            batch=2,  # three transactions, and a repeat across two of them
-        )
-        assert (report.imported, report.duplicates, report.skipped) == (3, 2, 1)
-        assert [n for n, _ in skipped] == [6]
-        again = await import_history(log, [(x + "\n").encode() for x in lines], now=NOW)
-        assert (again.imported, again.duplicates, again.skipped) == (0, 5, 1)
-        entries = [e async for part in log.read_events() for e in part]
-    assert [(e.seq, e.customer_id, e.message_id[:7]) for e in entries] == [
-        (1, "a", "1"),
-        (2, "b", "1"),
-        (3, "c", "import:"),
-    ]
-    assert entries[0].at == parse_timestamp(T1)
-
-
-async def test_progress_counts_every_byte_and_event(tmp_path: Path) -> None:
-    data = [(visit(f"c{i}") + "\n").encode() for i in range(12_000)] + [b"\n", b"bad\n"]
-    seen = [0, 0]
-
-    def progress(size: int, events: int) -> None:
-        seen[0] += size
-        seen[1] += events
-
-    async with await EventLog.open(tmp_path / "shoal.db") as log:
-        report = await import_history(log, data, now=NOW, on_progress=progress)
-        assert await log.count_events() == 12_000
-    assert report.imported == 12_000
-    assert seen == [sum(map(len, data)), 12_000]
-
-
-# --- the engine folds imported history in -------------------------------------------------
-
-
-async def test_imported_history_is_applied_when_the_engine_starts(
-    nats_server: NatsServer, tmp_path: Path
-) -> None:
-    db = tmp_path / "shoal.db"
-    t0 = time.time_ns() // 1000 - 20 * SECOND
-    async with await EventLog.open(db) as log:
-        report = await import_history(
-            log, [visit("alice", format_instant(t0), messageId="v").encode()], now=t0 + 20 * SECOND
-        )
-        assert report.imported == 1
-    rules = segments(
-        """
-[segments.active]
-rule = "since_last('Visit') < '2s'"
-
-[segments.idle]
-rule = "since_last('Visit') >= '2s'"
-"""
-    )
-    async with running_engine(nats_server.url, db, rules) as engine:
-        await eventually(lambda: engine.stats.transitions_published == 3)
-    async with await EventLog.open_read_only(db) as log:
-        outbox = [
-            msgspec.json.decode(o.body, type=Transition)
-            for o in await log.customer_transitions(["alice"])
-        ]
-    assert [(t.segment, t.change, t.cause, t.at) for t in outbox] == [
-        ("active", "entered", DefinitionCause(), from_instant(t0)),
-        ("active", "exited", TimeCause(), from_instant(t0 + 2 * SECOND)),
-        ("idle", "entered", TimeCause(), from_instant(t0 + 2 * SECOND)),
-    ]

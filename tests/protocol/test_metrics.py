@@ -20,7 +20,7 @@ from actors import Clock, Customer, Engine, EngineConfig, SystemClock, VirtualCl
 from protocol import SECOND, format_instant
 from protocol.metrics import EngineMetrics, MetricsError
 from protocol.nats import connect, jetstream_ports
-from store import EventLog
+from store import Store
 from tests.helpers import NatsServer, Proc, eventually, free_port, run, running_engine, segments
 
 ACTIVE_IDLE = segments(
@@ -67,7 +67,7 @@ async def engine_with_metrics(
 ) -> AsyncIterator[tuple[Engine, str]]:
     """An engine with its metrics endpoint on a free port, sampled every 50 ms."""
     nc = await connect([url])
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     metrics = EngineMetrics()
     try:
         source, sink = await jetstream_ports(nc)
@@ -184,7 +184,7 @@ async def test_deadline_lateness_is_fired_at_less_due_at(
 
 async def test_port_in_use_is_a_metrics_error(nats_server: NatsServer, tmp_path: Path) -> None:
     nc = await connect([nats_server.url])
-    log = await EventLog.open(tmp_path / "shoal.db")
+    log = await Store.open(tmp_path / "shoal.db")
     try:
         metrics = EngineMetrics()
         source, sink = await jetstream_ports(nc)

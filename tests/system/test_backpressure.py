@@ -20,7 +20,7 @@ from nats.js.api import DiscardPolicy, StreamConfig
 
 from actors import Engine, EngineConfig
 from protocol.nats import connect, jetstream_ports
-from store import EventLog, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks
+from store import LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks, Store
 from tests.helpers import NatsServer, eventually, segments
 
 VISITED = segments("""
@@ -44,21 +44,21 @@ async def publish_burst(client: Client, n: int) -> None:
         await f
 
 
-class SlowDisk(EventLog):
+class SlowDisk(Store):
     """A store whose every commit takes 20 ms longer, as on a slow disk."""
 
     async def commit(
         self,
         events: Sequence[LoggedEvent],
-        transitions: Sequence[OutboxEntry] = (),
+        entries: Sequence[OutboxEntry] = (),
         published_through: int | None = None,
         *,
-        snapshots: Sequence[Snapshot] = (),
+        snapshots: Sequence[Snapshot] | None = None,
         marks: SnapshotMarks | None = None,
     ) -> list[int]:
         await anyio.sleep(0.02)
         return await super().commit(
-            events, transitions, published_through, snapshots=snapshots, marks=marks
+            events, entries, published_through, snapshots=snapshots, marks=marks
         )
 
 
@@ -114,7 +114,7 @@ async def test_a_broker_refusing_transitions_pauses_ingestion_at_max_outbox(
 ) -> None:
     js = client.jetstream()
     nc = await connect([nats_server.url])
-    log = await EventLog.open(tmp_path / "shoal.db")
+    log = await Store.open(tmp_path / "shoal.db")
     try:
         source, sink = await jetstream_ports(nc, max_in_flight=MAX_IN_FLIGHT)
         engine = Engine(source, sink, log, VISITED, config=CONFIG)

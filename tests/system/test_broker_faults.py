@@ -30,7 +30,7 @@ from structlog.testing import capture_logs
 from actors import EngineConfig
 from protocol import BrokerError, Transition
 from protocol.nats import EventFeed, connect, ensure_streams
-from store import EventLog
+from store import Store
 from tests.helpers import NatsServer, eventually, running_engine, segments
 
 # nats-py, when the server goes away under it, can drop a connection's asyncio StreamWriter
@@ -152,9 +152,9 @@ def resumed(logs: Sequence[Mapping[str, Any]]) -> int:
 
 
 async def logged_message_ids(db: Path) -> list[tuple[str, str]]:
-    log = await EventLog.open(db)
+    log = await Store.open(db)
     try:
-        return [(e.customer_id, e.message_id) async for part in log.read_events() for e in part]
+        return [(e.customer_id, e.message_id) async for part in log.events.read() for e in part]
     finally:
         await log.close()
 

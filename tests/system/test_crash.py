@@ -44,7 +44,7 @@ from protocol import (
     to_instant,
 )
 from protocol.nats import ensure_streams
-from store import EventLog
+from store import Store
 from tests.helpers import NatsServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -494,10 +494,10 @@ async def test_sigkill_at_random_moments_loses_nothing(
     # 1. Every event the broker stored is in the log exactly once.
     db = tmp_path / "data" / "shoal.db"
     logged: list[Event] = []
-    async with await EventLog.open(db) as log:
-        async for chunk in log.read_events():
+    async with await Store.open(db) as log:
+        async for chunk in log.events.read():
             logged += (_event_decoder.decode(entry.body) for entry in chunk)
-        outbox = [o async for chunk in log.read_transitions() for o in chunk]
+        outbox = [o async for chunk in log.outbox.by_customer() for o in chunk]
     counts = Counter(e.message_id for e in logged)
     assert {m: n for m, n in counts.items() if n != 1} == {}, ctx
     assert counts.keys() == acked.keys(), (
@@ -567,8 +567,8 @@ async def test_sigkill_at_random_moments_loses_nothing(
 async def _print_replay(db: Path, segments_path: Path, until: int) -> None:
     segments = load_segments(segments_path)
     events: list[Event] = []
-    async with await EventLog.open(db) as log:
-        async for chunk in log.read_events():
+    async with await Store.open(db) as log:
+        async for chunk in log.events.read():
             events += (_event_decoder.decode(entry.body) for entry in chunk)
     encoder = msgspec.json.Encoder()
     out = sys.stdout.buffer

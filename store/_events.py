@@ -1,0 +1,131 @@
+"""The event log: every event a customer sent, once, in the order the engine applied them.
+
+The log is the truth: actors are rebuilt from it. It is written only inside the store's
+transactions (:meth:`store.Store.commit`, :meth:`store.Store.import_events`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import msgspec
+
+from ._db import Db, Row, chunks, placeholders
+
+_READING = "cannot read the event log"
+_COLUMNS = "SELECT seq, customer_id, message_id, at, body FROM events"
+
+
+class LoggedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One entry of the event log. ``body`` is opaque to the store."""
+
+    customer_id: str
+    message_id: str
+    at: int
+    body: bytes
+    seq: int = 0
+    """The log position, assigned on append (0 before)."""
+
+
+def _entries(rows: list[Row]) -> list[LoggedEvent]:
+    # One comprehension, no call per row: a rebuild reads millions of them.
+    return [
+        LoggedEvent(seq=r[0], customer_id=r[1], message_id=r[2], at=r[3], body=r[4]) for r in rows
+    ]
+
+
+class EventLog:
+    """The event log of a :class:`store.Store` (``store.events``)."""
+
+    def __init__(self, db: Db, last_seq: int) -> None:
+        self._db = db
+        self._last_seq = last_seq
+
+    @classmethod
+    async def load(cls, db: Db, *, doing: str) -> EventLog:
+        """The log of an opened store."""
+        return cls(db, await db.max_seq("events", doing=doing))
+
+    @property
+    def last_seq(self) -> int:
+        """The log position of the last event appended (0: none)."""
+        return self._last_seq
+
+    async def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these ``(customer_id, message_id)`` pairs the log already holds."""
+        keys = list(keys)
+        found: set[tuple[str, str]] = set()
+        # Chunks stay well under SQLite's limit on bound parameters.
+        for i in range(0, len(keys), 400):
+            chunk = keys[i : i + 400]
+            clause = " OR ".join(["(customer_id = ? AND message_id = ?)"] * len(chunk))
+            params = [v for pair in chunk for v in pair]
+            rows = await self._db.rows(
+                f"SELECT customer_id, message_id FROM events WHERE {clause}", params, doing=_READING
+            )
+            found.update((r[0], r[1]) for r in rows)
+        return found
+
+    async def read(
+        self, *, after: int = 0, chunk: int = 10_000
+    ) -> AsyncIterator[list[LoggedEvent]]:
+        """The log after position ``after`` (default: all of it) in log order, in lists of up
+        to ``chunk`` entries."""
+        last = after
+        while True:
+            rows = await self._db.rows(
+                f"{_COLUMNS} WHERE seq > ? ORDER BY seq LIMIT ?", (last, chunk), doing=_READING
+            )
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield _entries(rows)
+
+    async def of_customers(self, customer_ids: Iterable[str]) -> list[LoggedEvent]:
+        """Every event of these customers, in log order."""
+        out: list[LoggedEvent] = []
+        for ids in chunks(customer_ids):
+            rows = await self._db.rows(
+                f"{_COLUMNS} WHERE customer_id IN ({placeholders(len(ids))})", ids, doing=_READING
+            )
+            out += _entries(rows)
+        out.sort(key=lambda e: e.seq)
+        return out
+
+    async def count(self) -> int:
+        """How many events the log holds."""
+        return await self._db.count("events", doing=_READING)
+
+    # Inside the store's transactions ---------------------------------------------------------
+
+    async def _append(self, events: Sequence[LoggedEvent]) -> int:
+        """Write ``events`` at the next positions; return the last position (for
+        :meth:`_committed`, once the transaction is)."""
+        first = self._last_seq + 1
+        if events:
+            await self._db.execute_many(
+                "INSERT INTO events (seq, customer_id, message_id, at, body) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (seq, e.customer_id, e.message_id, e.at, e.body)
+                    for seq, e in enumerate(events, first)
+                ],
+                doing=self._db.writing,
+            )
+        return first - 1 + len(events)
+
+    async def _import(self, events: Sequence[LoggedEvent]) -> tuple[int, int]:
+        """Write the events the log does not hold yet; return how many, and the last
+        position (for :meth:`_committed`)."""
+        db = self._db
+        # No seq given: SQLite assigns one past the largest, which is what _append() does
+        # (this process holds the only writer's lock, so that is last_seq).
+        added = await db.execute_many(
+            "INSERT OR IGNORE INTO events (customer_id, message_id, at, body) VALUES (?, ?, ?, ?)",
+            [(e.customer_id, e.message_id, e.at, e.body) for e in events],
+            doing=db.writing,
+        )
+        return added, await db.max_seq("events", doing=db.writing)
+
+    def _committed(self, last_seq: int) -> None:
+        self._last_seq = last_seq

@@ -1,0 +1,100 @@
+"""The store's schema: its tables, its version, and getting a file ready to be used.
+
+The file format is fixed: a store written by an older shoal of the same schema version
+opens as it is, and a version-1 store is upgraded in place.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ._db import Db
+from ._errors import StoreFormatError
+
+SCHEMA_VERSION = 2
+"""2 added the snapshots table; a version-1 store is upgraded in place when opened."""
+
+Synchronous = Literal["NORMAL", "FULL"]
+"""SQLite's ``synchronous`` level: ``NORMAL`` (WAL: a power cut may lose the last
+transactions, never corrupts) or ``FULL`` (every commit reaches the disk before it returns)."""
+
+MMAP_BYTES = 1 << 32
+"""How much of the file SQLite may map into memory (it caps this at its build's limit)."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    customer_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    UNIQUE (customer_id, message_id)
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    seq INTEGER PRIMARY KEY,
+    customer_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    segment TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    UNIQUE (customer_id, version)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    customer_id TEXT PRIMARY KEY,
+    format INTEGER NOT NULL,
+    needs TEXT NOT NULL,
+    log_seq INTEGER NOT NULL,
+    deadline INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS snapshots_by_deadline ON snapshots (deadline, customer_id);
+"""
+# A snapshot is one customer's state as of the event log position ``log_seq`` (every event
+# up to it that is the customer's is folded in, none after). ``deadline`` is indexed so that
+# a restarting engine can load first the customers whose time-based changes are due first.
+# The outbox is append-only and published in ``seq`` order, so what is published is a
+# prefix: one number in ``meta`` (published_through) marks it, instead of rewriting rows.
+
+
+async def prepare_for_writing(db: Db, synchronous: Synchronous, *, doing: str) -> None:
+    """Set the journal up, create what is missing, and check or upgrade the version.
+
+    Raises:
+        StoreFormatError: the file was written by an incompatible version.
+        StoreError: it cannot be prepared (``doing`` says what failed).
+    """
+    await db.execute("PRAGMA journal_mode=WAL", doing=doing)
+    await db.execute(f"PRAGMA synchronous={synchronous}", doing=doing)
+    await db.script(_SCHEMA, doing=doing)
+    row = await db.one("SELECT value FROM meta WHERE key = 'schema_version'", doing=doing)
+    if row is None:
+        await db.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+            doing=doing,
+        )
+    elif int(row[0]) == 1:
+        # Version 2 only added the snapshots table, which _SCHEMA just created.
+        await db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+            (str(SCHEMA_VERSION),),
+            doing=doing,
+        )
+    elif int(row[0]) != SCHEMA_VERSION:
+        raise StoreFormatError(db.path, int(row[0]), SCHEMA_VERSION)
+
+
+async def check_for_reading(db: Db, meta: dict[str, str]) -> None:
+    """Check that a store opened read only (its ``meta`` given) can be read.
+
+    Raises:
+        StoreFormatError: it was written by an incompatible version.
+    """
+    version = int(meta.get("schema_version", 0))
+    # Version 1 lacks only the snapshots table, which readers of events do not need.
+    if version not in (1, SCHEMA_VERSION):
+        raise StoreFormatError(db.path, version, SCHEMA_VERSION)
