@@ -1,5 +1,5 @@
 """The engine side of the query service: :class:`EngineApi` answers the requests
-:func:`protocol.serve_api` decodes, from the engine's in-memory actors.
+:func:`protocol.nats.serve_api` decodes, from the engine's in-memory actors.
 
 Everything here reads; only :meth:`EngineApi.definitions` with ``apply`` changes anything,
 and it goes through :meth:`Engine.apply_segments` like a reload of the served file.
@@ -120,7 +120,7 @@ def _score(c: Customer, segments: SegmentSet, now: int) -> float | None:
 class EngineApi:
     """Answers the query service's requests from a running :class:`Engine`: it implements
     :class:`protocol.QueryHandler`. Start it with
-    ``await tg.start(protocol.serve_api, nc, EngineApi(engine), customers=...)``."""
+    ``await tg.start(protocol.nats.serve_api, nc, EngineApi(engine), customers=...)``."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine

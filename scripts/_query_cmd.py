@@ -1,5 +1,5 @@
 """``shoal status``, ``customer``, ``explain``, ``members`` and ``segments list|apply``:
-requests to a running engine's query service (:class:`protocol.ApiClient`), printed as
+requests to a running engine's query service (:class:`protocol.nats.ApiClient`), printed as
 tables for people or, with ``--json``, as one JSON line for machines.
 
 Also :func:`serve_queries`, which ``shoal serve`` runs beside the engine.

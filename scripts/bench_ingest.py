@@ -6,7 +6,7 @@ loopback port, with its store and the SQLite file in a temporary directory, and 
 1. publish: generates N Segment Spec ``track`` events (``Visit`` or ``EmailOpen``) over C
    customers ``c<i>`` with ``random.Random(42)``, stamped within the last 60 days and
    non-decreasing per customer, and publishes them with ``js.publish_async`` on
-   ``protocol.event_subject(customer)`` (after ``protocol.ensure_streams``). Events are
+   ``protocol.event_subject(customer)`` (after ``protocol.nats.ensure_streams``). Events are
    generated while publishing, so the rate includes building each payload (a few us).
 2. backlog: with all N events in the stream, starts an engine in-process as
    ``tests/conftest.py``'s ``running_engine`` does (``Engine(nc, log, load_segments(),

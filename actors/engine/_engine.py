@@ -158,7 +158,7 @@ class Engine:
         """Events rejected since start, by class of reason (``InvalidEvent.kind``)."""
         return self._counts.rejection_counts
 
-    # What the query API reads (protocol.serve_api through actors.EngineApi) ---------------
+    # What the query API reads (protocol.nats.serve_api through actors.EngineApi) ---------------
 
     @property
     def running(self) -> bool:
