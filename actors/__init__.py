@@ -13,18 +13,18 @@ from ._errors import ActorsError as ActorsError
 from ._errors import DefinitionError as DefinitionError
 from ._replay import Replay as Replay
 from ._replay import replay as replay
-from ._rules import Rule as Rule
-from ._rules import parse_duration as parse_duration
-from ._rules import parse_rule as parse_rule
-from ._segments import Segment as Segment
-from ._segments import SegmentSet as SegmentSet
-from ._segments import load_segments as load_segments
-from ._segments import parse_segments as parse_segments
 from ._timers import TimerQueue as TimerQueue
 from .engine import Engine as Engine
 from .engine import EngineConfig as EngineConfig
 from .engine import EngineObserver as EngineObserver
 from .engine import EngineStats as EngineStats
+from .rules import Rule as Rule
+from .rules import Segment as Segment
+from .rules import SegmentSet as SegmentSet
+from .rules import load_segments as load_segments
+from .rules import parse_duration as parse_duration
+from .rules import parse_rule as parse_rule
+from .rules import parse_segments as parse_segments
 
 __all__ = (
     "ActorsError",

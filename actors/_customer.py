@@ -30,16 +30,16 @@ from protocol import (
 )
 
 from ._errors import ActorsError
-from ._rules import (
+from .rules import (
     MISSING,
     Indexed,
     LocalFilter,
     ScoreConfig,
     ScoreTerms,
+    SegmentSet,
     Tracked,
     local_time,
 )
-from ._segments import SegmentSet
 
 _TIME = TimeCause()
 

@@ -260,13 +260,19 @@ def loadavg() -> str:
 def code_digest() -> dict[str, str]:
     """Short md5 of the files a restart runs, as imported by this process."""
     import actors._customer
-    import actors._rules
     import actors.engine._engine
+    import actors.rules._rule
     import protocol._nats
     import store._log
 
     out = {}
-    for mod in (actors.engine._engine, actors._customer, actors._rules, store._log, protocol._nats):
+    for mod in (
+        actors.engine._engine,
+        actors._customer,
+        actors.rules._rule,
+        store._log,
+        protocol._nats,
+    ):
         path = Path(mod.__file__ or "")
         name = f"{path.parent.name}/{path.name}"
         out[name] = hashlib.md5(path.read_bytes()).hexdigest()[:8]

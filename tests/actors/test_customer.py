@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors import Customer, SegmentSet, parse_segments
-from actors._rules import MISSING
+from actors.rules import MISSING
 from protocol import (
     DAY,
     HOUR,

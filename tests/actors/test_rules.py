@@ -21,7 +21,7 @@ from actors import (
     parse_rule,
     parse_segments,
 )
-from actors._rules import MISSING
+from actors.rules import MISSING
 from protocol import DAY, HOUR, MINUTE, SECOND
 
 FUNCTIONS = (

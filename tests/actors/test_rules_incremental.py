@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from actors import Customer, SegmentSet, parse_segments
 from actors._customer import _DEFINITION
-from actors._rules import Tracked
+from actors.rules import Tracked
 from protocol import DAY, HOUR, Event, Transition, to_instant
 
 from .test_language_property import histories, segment_files
