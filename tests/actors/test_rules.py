@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from actors import (
     parse_rule,
     parse_segments,
 )
-from actors.rules import MISSING
+from actors.rules import MISSING, Tracked
 from protocol import DAY, HOUR, MINUTE, SECOND
 
 FUNCTIONS = (
@@ -30,13 +30,25 @@ FUNCTIONS = (
 )
 
 
+@dataclass(frozen=True)
+class Track:
+    """A retained track event (:class:`actors.rules.Tracked`)."""
+
+    at: int
+    name: str | None
+    properties: Mapping[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Facts:
-    """A tiny customer: track events by name, other events, and traits."""
+    """A tiny customer: track events by name, other events, traits and memberships (the
+    :class:`actors.rules.Facts` a rule reads)."""
 
     tracks: dict[str, list[int]] = field(default_factory=dict)
     others: list[int] = field(default_factory=list)
     traits: dict[str, Any] = field(default_factory=dict)
+    members: set[str] = field(default_factory=set)
+    customer_id: str = "c"
 
     def first_at(self) -> int | None:
         every = [t for ts in self.tracks.values() for t in ts] + self.others
@@ -51,6 +63,16 @@ class Facts:
 
     def trait(self, key: str) -> Any:
         return self.traits.get(key, MISSING)
+
+    def tracked(self) -> Sequence[Tracked]:
+        return sorted((Track(t, n) for n, ts in self.tracks.items() for t in ts), key=_at)
+
+    def member(self, segment: str) -> bool:
+        return segment in self.members
+
+
+def _at(track: Track) -> int:
+    return track.at
 
 
 def problem(text: str) -> str:
@@ -667,7 +689,8 @@ def cases(draw: st.DrawFn, tree_strategy: st.SearchStrategy[Tree] = trees) -> tu
     tree = draw(tree_strategy)
     facts = draw(histories)
     near = sorted(boundaries(tree, facts))
-    base = draw(st.sampled_from(near) if near and draw(st.booleans()) else _instant)
+    on_boundary = bool(near) and draw(st.booleans())
+    base = draw(st.sampled_from(near) if on_boundary else _instant)
     now = base + draw(st.sampled_from([-1, 0, 0, 1, SECOND // 2]))
     return tree, facts, now
 

@@ -234,7 +234,9 @@ def test_a_definition_cause_evaluates_everything_afresh() -> None:
     assert [t.change for t in c.apply(visit, segments)] == ["entered"]
     # Memberships changed behind the customer's back (as a rebuild does): a definition
     # cause looks at every segment again.
-    c.members.clear()
+    members = c.members
+    assert isinstance(members, dict)
+    members.clear()
     assert [t.change for t in c.evaluate(segments, _DEFINITION)] == ["entered"]
 
 
