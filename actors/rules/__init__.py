@@ -1,9 +1,19 @@
 """Segment rules: the language, the definitions file, and explanations.
 
-A rule is checked when it is parsed and compiled to one function; :class:`Rule` evaluates it
-at an exact instant, and says the next instant its value can change. :class:`SegmentSet`
-holds a definitions file's segments; :func:`explain` says why a customer is in a segment or
-not. SEGMENTS.md is the specification.
+SEGMENTS.md is the specification. A rule is an expression in Python syntax, parsed with
+:mod:`ast` and checked against a whitelist of nodes and functions (never ``eval``), then
+compiled to one function. :class:`SegmentSet` holds a definitions file's segments;
+:func:`explain` says why a customer is in a segment or not.
+
+Every part of a rule evaluates at an instant ``now`` to ``(value, next)``: its value, and the
+earliest instant after ``now`` at which the value (or its form, for values that move with
+time) can change without a new event (``None``: never). A customer's deadline is the earliest
+``next`` over its segments: that is what lets shoal fire a time-based change at its exact
+instant instead of in a periodic sweep. A ``next`` may be early (the engine re-evaluates then
+and finds nothing changed) but never late.
+
+Values that move with time are represented, not sampled: an elapsed time by the instant it is
+measured from, a score by its terms, so comparisons can solve for the instant they flip.
 """
 
 from ._check import Env as Env

@@ -55,7 +55,7 @@ def _always_number(node: Node) -> bool:
     return isinstance(node, Const) and node.kind == "numconst"
 
 
-def make_compare(left: Node, op: str, right: Node) -> Compare:
+def _make_compare(left: Node, op: str, right: Node) -> Compare:
     """The comparison, specialised for the common shapes (each evaluates exactly as
     :class:`Compare` would)."""
     if isinstance(left, ElapsedNode) and isinstance(right, DurationConst):
@@ -77,7 +77,7 @@ def make_compare(left: Node, op: str, right: Node) -> Compare:
     return Compare(left, op, right)
 
 
-# --- parsing -------------------------------------------------------------------------------
+# --- checking ------------------------------------------------------------------------------
 
 _CMP = {
     ast.Eq: "==",
@@ -208,7 +208,7 @@ class Parser:
         if left.kind == "bool" or right.kind == "bool":
             if not (isinstance(left, Const) or isinstance(right, Const)):
                 raise self.fail(f"compare conditions with and/or/not, not `{symbol}`")
-        return make_compare(left, symbol, right)
+        return _make_compare(left, symbol, right)
 
     def typed(
         self, left: Node, left_ast: ast.expr, right: Node, right_ast: ast.expr

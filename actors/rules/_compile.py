@@ -13,7 +13,6 @@ from ._nodes import And, Const, Node, Not, Or, SinceFirst, SinceLast
 from ._score_compare import ScoreCompare
 from ._windows import NumberCompare, Window
 
-# --- compiling -------------------------------------------------------------------------------
 # A rule is also compiled into one Python function, so evaluating it is straight-line code
 # instead of a call per node. Each node compiles to the same computation as its ``test``
 # (or ``eval``); nodes without a compiled form are called. The source holds only names made

@@ -1,10 +1,38 @@
-"""Parsing a rule's text: the SQL-style rewrite, with columns mapped back to the text."""
+"""Parsing a rule's text into a syntax tree: SQL habits rewritten, columns mapped back."""
 
 from __future__ import annotations
 
 import ast
 import io
 import tokenize
+from collections.abc import Callable
+
+from actors._errors import DefinitionError
+
+
+def parse_syntax(
+    text: str, fail: Callable[[str], DefinitionError]
+) -> tuple[Rewrite, ast.Expression]:
+    """The syntax tree of rule ``text`` (as rewritten), not yet checked.
+
+    Raises:
+        DefinitionError: from ``fail``: the rule is empty or not valid syntax.
+    """
+    if not text.strip():
+        raise fail("the rule is empty")
+    rewrite = Rewrite(text)
+    try:
+        tree = ast.parse(rewrite.text, mode="eval")
+    except SyntaxError as e:
+        words = text.split()
+        if not e.offset or e.offset > len(rewrite.text.rstrip()):
+            # Python points at nothing when the rule stops short, e.g. after `and`.
+            raise fail(
+                f"rule `{text}` is incomplete: something is missing after `{words[-1]}`"
+            ) from None
+        col = rewrite.column(e.lineno or 1, e.offset - 1) + 1
+        raise fail(f"rule `{text}` is not valid syntax at column {col}: {e.msg}") from None
+    return rewrite, tree
 
 
 class Rewrite:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,7 +13,7 @@ from ._compile import compile_rule
 from ._conditions import Condition
 from ._facts import Facts, Needs
 from ._nodes import Node, walk
-from ._parse import Rewrite
+from ._parse import parse_syntax
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,20 +76,7 @@ def parse_rule(
     def fail(problem: str) -> DefinitionError:
         return DefinitionError(problem, source=source, segment=segment)
 
-    if not text.strip():
-        raise fail("the rule is empty")
-    rewrite = Rewrite(text)
-    try:
-        tree = ast.parse(rewrite.text, mode="eval")
-    except SyntaxError as e:
-        words = text.split()
-        if not e.offset or e.offset > len(rewrite.text.rstrip()):
-            # Python points at nothing when the rule stops short, e.g. after `and`.
-            raise fail(
-                f"rule `{text}` is incomplete: something is missing after `{words[-1]}`"
-            ) from None
-        col = rewrite.column(e.lineno or 1, e.offset - 1) + 1
-        raise fail(f"rule `{text}` is not valid syntax at column {col}: {e.msg}") from None
+    rewrite, tree = parse_syntax(text, fail)
     parser = Parser(rewrite, fail, env or Env())
     root = parser.condition(tree.body)
     return Rule(
