@@ -575,6 +575,70 @@ def test_load_segments_error_names_the_file(tmp_path: Path) -> None:
     assert str(e.value) == f"{path}: segment 'a': the rule is empty"
 
 
+# --- Rule.condition: the public view explanations read ------------------------------------
+
+
+def test_condition_tree_keeps_text_kinds_and_order() -> None:
+    rule = parse_rule(
+        "count('Visit') >= 2 and not (trait('plan') == 'gold' or since_last() < '1d')"
+    )
+    c = rule.condition
+    assert (c.kind, c.text, c.op, c.operands) == ("and", rule.text, None, ())
+    first, negated = c.children
+    assert (first.kind, first.text, first.op) == ("condition", "count('Visit') >= 2", ">=")
+    assert negated.kind == "not"
+    (inner,) = negated.children
+    assert inner.kind == "or"
+    assert [p.text for p in inner.children] == ["trait('plan') == 'gold'", "since_last() < '1d'"]
+    assert first.children == ()
+
+
+def test_condition_operands_are_in_the_order_written() -> None:
+    # The moving side is kept on the left inside; the view shows the rule as written.
+    c = parse_rule("'1d' > since_last('Visit')").condition
+    assert c.op == ">"
+    left, right = c.operands
+    f = Facts(tracks={"Visit": [0]})
+    assert (left.kind, left.value(f, HOUR)) == ("duration", DAY)
+    assert (right.kind, right.value(f, HOUR)) == ("duration", HOUR)
+    assert c.evaluate(f, HOUR) == (True, DAY)
+    assert c.evaluate(f, DAY) == (False, None)
+
+
+def test_condition_operands_of_in_exists_and_missing_values() -> None:
+    f = Facts(traits={"plan": "gold", "renewal": "2026-01-02"})
+    c = parse_rule("trait('plan') not in ['gold', 'silver']").condition
+    assert c.op == "not in"
+    plan, options = c.operands
+    assert (plan.kind, plan.value(f, 0)) == ("value", "gold")
+    assert options.value(f, 0) == ["gold", "silver"]
+    assert c.evaluate(f, 0) == (False, None)
+    e = parse_rule("exists(trait('nickname'))").condition
+    assert e.op == "exists"
+    (nick,) = e.operands
+    assert nick.value(f, 0) is MISSING
+    d = parse_rule("date(trait('renewal')) > '2026-01-01'").condition
+    assert d.operands[0].kind == "instant"
+    assert parse_rule("contains(trait('plan'), 'ol')").condition.op == "contains"
+
+
+def test_condition_refs_and_tests_without_operator() -> None:
+    rule = parse_rule("in_segment('a') or (count() > 1 and in_segment('b'))")
+    assert rule.condition.refs == frozenset({"a", "b"})
+    test = rule.condition.children[0]
+    assert (test.kind, test.op, test.operands, test.refs) == ("condition", None, (), {"a"})
+    assert test.evaluate(Facts(members={"a"}), 0) == (True, None)
+    assert test.evaluate(Facts(), 0) == (False, None)
+
+
+def test_condition_score_operand() -> None:
+    c = parse_rule("score() > 0.5").condition
+    score, half = c.operands
+    assert score.kind == "score"
+    assert score.value(Facts(tracks={"Visit": [0]}), 0) == pytest.approx(1.0)
+    assert (half.kind, half.value(Facts(), 0)) == ("value", 0.5)
+
+
 # --- exactness of time: Rule.evaluate against brute force ------------------------------
 #
 # A rule is drawn as a small tree; it is rendered to text for parse_rule and evaluated
