@@ -626,7 +626,12 @@ def test_condition_refs_and_tests_without_operator() -> None:
     rule = parse_rule("in_segment('a') or (count() > 1 and in_segment('b'))")
     assert rule.condition.refs == frozenset({"a", "b"})
     test = rule.condition.children[0]
-    assert (test.kind, test.op, test.operands, test.refs) == ("condition", None, (), {"a"})
+    assert (test.kind, test.op, test.operands, test.refs) == (
+        "condition",
+        None,
+        (),
+        frozenset({"a"}),
+    )
     assert test.evaluate(Facts(members={"a"}), 0) == (True, None)
     assert test.evaluate(Facts(), 0) == (False, None)
 
