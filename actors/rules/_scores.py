@@ -1,4 +1,4 @@
-"""Decayed scores: score settings, a score's value over time, and its exact terms."""
+"""Decayed scores: score settings, a score's value over time, and its indexed terms."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Counts of events in windows, and comparisons of counts with the instants they flip."""
+"""Event windows (count, sum, min, max of track events in a trailing window), and
+comparisons of counts, which solve for the instant an event leaves the window."""
 
 from __future__ import annotations
 
