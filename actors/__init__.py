@@ -21,13 +21,6 @@ from ._history import outbox_history as outbox_history
 from ._history import replayed_history as replayed_history
 from ._replay import Replay as Replay
 from ._replay import replay as replay
-from ._rules import Rule as Rule
-from ._rules import parse_duration as parse_duration
-from ._rules import parse_rule as parse_rule
-from ._segments import Segment as Segment
-from ._segments import SegmentSet as SegmentSet
-from ._segments import load_segments as load_segments
-from ._segments import parse_segments as parse_segments
 from ._stored import customer_of as customer_of
 from ._stored import event_of as event_of
 from ._stored import logged_event as logged_event
@@ -50,6 +43,13 @@ from .engine import Engine as Engine
 from .engine import EngineConfig as EngineConfig
 from .engine import EngineObserver as EngineObserver
 from .engine import EngineStats as EngineStats
+from .rules import Rule as Rule
+from .rules import Segment as Segment
+from .rules import SegmentSet as SegmentSet
+from .rules import load_segments as load_segments
+from .rules import parse_duration as parse_duration
+from .rules import parse_rule as parse_rule
+from .rules import parse_segments as parse_segments
 
 __all__ = (
     "IMPORT_BATCH",

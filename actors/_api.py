@@ -34,10 +34,8 @@ from protocol import (
 
 from ._customer import Customer
 from ._errors import ActorsError, DefinitionError, UnknownSegmentError
-from ._explain import explain
-from ._rules import MISSING
-from ._segments import SegmentSet, parse_segments
 from .engine import Engine
+from .rules import MISSING, SegmentSet, explain, parse_segments
 
 _SECOND = 1_000_000
 

@@ -9,16 +9,16 @@ has emitted, which the engine keeps in the outbox.
 from __future__ import annotations
 
 import sys
-from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import tzinfo
-from itertools import accumulate, compress
+from itertools import compress
 from types import MappingProxyType
 from typing import Any
 
 import msgspec
 
 from protocol import (
+    NEVER,
     Cause,
     DefinitionCause,
     Event,
@@ -30,26 +30,24 @@ from protocol import (
 )
 
 from ._errors import ActorsError
-from ._rules import (
+from ._time_index import NO_COUNTS, NO_INSTANTS, LocalTimes, TimeIndex, empty_terms
+from .rules import (
     MISSING,
     Indexed,
     LocalFilter,
     ScoreConfig,
     ScoreTerms,
+    SegmentSet,
     Tracked,
-    local_time,
 )
-from ._segments import SegmentSet
 
 _TIME = TimeCause()
 
 
-_BEFORE_ANY = -(1 << 62)
+_BEFORE_ANY = -NEVER
 """The watermark of a customer with no events yet: before any instant an event can have."""
-_NEVER = 1 << 63
-"""After any instant: a segment's next instant when it has none."""
-_STALE = -(1 << 63)
-"""Before any instant: a segment to look at again at the next evaluation."""
+_STALE = -NEVER
+"""Not after any watermark: a segment to look at again at the next evaluation."""
 _DEFINITION = DefinitionCause()
 
 SNAPSHOT_FORMAT = 1
@@ -92,99 +90,10 @@ class SnapshotError(ActorsError):
         self.problem = problem
 
 
-class _Local:
-    """Local times (``weekday * 24 + hour``) of some instants in one zone, and for each
-    filter asked about, how many of the first i instants it lets in."""
-
-    __slots__ = ("zone", "codes", "counts")
-
-    def __init__(self, zone: tzinfo, ats: Sequence[int]) -> None:
-        self.zone = zone
-        self.codes = [local_time(at, zone) for at in ats]
-        self.counts: dict[LocalFilter, list[int]] = {}
-
-    def insert(self, pos: int, at: int) -> None:
-        code = local_time(at, self.zone)
-        codes = self.codes
-        codes.insert(pos, code)
-        if pos == len(codes) - 1:
-            for flt, counts in self.counts.items():
-                counts.append(counts[-1] + flt.ok[code])
-        else:
-            self.counts.clear()
-
-    def count(self, flt: LocalFilter) -> list[int]:
-        counts = self.counts.get(flt)
-        if counts is None:
-            ok = flt.ok
-            counts = self.counts[flt] = list(accumulate((ok[c] for c in self.codes), initial=0))
-        return counts
-
-
-_NO_INSTANTS: tuple[int, ...] = ()
-_NO_COUNTS = (0,)
-_EMPTY_TERMS: list[ScoreTerms] = []
-
-
-def _empty_terms(config: ScoreConfig) -> ScoreTerms:
-    """The score terms of no event, shared by the customers without track events (they
-    are only read), so that such a customer keeps no index: a few hundred bytes each."""
-    if not _EMPTY_TERMS or _EMPTY_TERMS[0].config is not config:
-        _EMPTY_TERMS[:] = [ScoreTerms(config)]
-    return _EMPTY_TERMS[0]
-
-
-class _TimeIndex:
-    """A customer's retained track events by instant (see :class:`Indexed`), brought up to
-    date with the retained events, which only grow, when it is read."""
-
-    __slots__ = ("upto", "times", "local", "terms", "terms_upto")
-
-    def __init__(self) -> None:
-        self.upto = 0  # how many retained events ``times`` and ``local`` hold
-        self.times: dict[str | None, list[int]] = {}
-        self.local: dict[str | None, _Local] = {}
-        self.terms: ScoreTerms | None = None
-        self.terms_upto = 0  # how many retained events ``terms`` has seen
-
-    def catch_up(self, tracked: Sequence[Retained]) -> None:
-        times, local = self.times, self.local
-        for e in tracked[self.upto :]:
-            at = e.at
-            for key in (None,) if e.name is None else (None, e.name):
-                ats = times.get(key)
-                if ats is None:
-                    continue
-                if not ats or ats[-1] <= at:
-                    pos = len(ats)
-                    ats.append(at)
-                else:  # a late event
-                    pos = bisect_right(ats, at)
-                    ats.insert(pos, at)
-                loc = local.get(key)
-                if loc is not None:
-                    loc.insert(pos, at)
-        self.upto = len(tracked)
-
-    def score_terms(self, tracked: Sequence[Retained], config: ScoreConfig) -> ScoreTerms:
-        terms = self.terms
-        if terms is None or terms.config is not config:
-            terms = self.terms = ScoreTerms(config)
-            self.terms_upto = 0
-        if self.terms_upto < len(tracked):
-            weight = config.weight
-            for e in tracked[self.terms_upto :]:
-                w = weight(e.name)
-                if w != 0:
-                    terms.add(e.at, float(w))
-            self.terms_upto = len(tracked)
-        return terms
-
-
 class _Kept:
     """The outcomes a customer keeps under one set of definitions: by the steps of
     ``Plan.steps``, when to look at the segment again (``_STALE``: at the next evaluation;
-    the facts its rules read changed), and its next instant (``_NEVER``: None)."""
+    the facts its rules read changed), and its next instant (``NEVER``: None)."""
 
     __slots__ = ("segments", "untils", "nexts")
 
@@ -192,7 +101,7 @@ class _Kept:
         n = len(segments.plan.steps)
         self.segments = segments
         self.untils = [_STALE] * n
-        self.nexts = [_NEVER] * n
+        self.nexts = [NEVER] * n
 
 
 # Most customers have some of these empty: they share one empty collection, never written
@@ -309,7 +218,7 @@ class Customer(_Derived):
         self.deadline: int | None = None
         """The next instant a segment can change without an event (always > watermark)."""
         self._kept: _Kept | None = None
-        self._index: _TimeIndex | None = None
+        self._index: TimeIndex | None = None
 
     @property
     def _untils(self) -> list[int] | None:
@@ -354,13 +263,13 @@ class Customer(_Derived):
         ix = self._index
         tracked = self._tracked
         if not tracked:
-            return _NO_INSTANTS  # no index at all for a customer without track events
+            return NO_INSTANTS  # no index at all for a customer without track events
         if ix is not None and ix.upto == len(tracked):
             ats = ix.times.get(name)
             if ats is not None:
                 return ats
         if ix is None:
-            ix = self._index = _TimeIndex()
+            ix = self._index = TimeIndex()
         if ix.upto < len(tracked):
             ix.catch_up(tracked)
         ats = ix.times.get(name)
@@ -370,25 +279,25 @@ class Customer(_Derived):
 
     def local_counts(self, name: str | None, zone: tzinfo, where: LocalFilter) -> Sequence[int]:
         if not self._tracked:
-            return _NO_COUNTS
+            return NO_COUNTS
         ats = self.instants(name)
         ix = self._index
         assert ix is not None
         loc = ix.local.get(name)
         if loc is None or loc.zone is not zone:
-            loc = ix.local[name] = _Local(zone, ats)
+            loc = ix.local[name] = LocalTimes(zone, ats)
         return loc.count(where)
 
     def score_terms(self, config: ScoreConfig) -> ScoreTerms:
         if not self._tracked:
-            return _empty_terms(config)
+            return empty_terms(config)
         ix = self._index
         if ix is not None:
             terms = ix.terms
             if terms is not None and terms.config is config and ix.terms_upto == len(self._tracked):
                 return terms
         else:
-            ix = self._index = _TimeIndex()
+            ix = self._index = TimeIndex()
         return ix.score_terms(self._tracked, config)
 
     # Changes ----------------------------------------------------------------------------
@@ -533,7 +442,7 @@ class Customer(_Derived):
                     c = when
                     if leave and (c is None or first_out < c):
                         c = first_out
-            nexts[j] = until = _NEVER if c is None else c
+            nexts[j] = until = NEVER if c is None else c
             if cacheable:
                 # Looked at again at its next instant, or when an answer it read runs out.
                 if r is not None and r[2] is not None and r[2] < until:
@@ -545,8 +454,9 @@ class Customer(_Derived):
             defined = set(segments.names)
             for name in [m for m in self.members if m not in defined]:
                 out.append(self._change(name, False, now, cause))
-        nxt = min(nexts, default=_NEVER)
-        self.deadline = None if nxt == _NEVER else nxt
+        nxt = min(nexts, default=NEVER)
+        # No instant shoal handles is at or past NEVER: a next there is none.
+        self.deadline = None if nxt >= NEVER else nxt
         return out
 
     def _own_members(self) -> dict[str, int]:

@@ -18,8 +18,8 @@ from protocol import Cause, Transition
 from store import Store
 
 from ._replay import replay
-from ._segments import SegmentSet
 from ._stored import event_of, transition_of
+from .rules import SegmentSet
 
 
 class Interval(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 from protocol import Event, Transition
 
 from ._customer import Customer
-from ._segments import SegmentSet
 from .engine import Partition
+from .rules import SegmentSet
 
 
 class Replay:

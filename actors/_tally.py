@@ -14,8 +14,8 @@ from protocol import Event, Transition, to_instant
 from store import LoggedEvent
 
 from ._replay import Replay
-from ._segments import SegmentSet
 from ._stored import event_of
+from .rules import SegmentSet
 
 _transition_encoder = msgspec.json.Encoder()
 

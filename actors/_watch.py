@@ -12,7 +12,7 @@ import anyio
 import structlog
 
 from ._errors import ActorsError, DefinitionError
-from ._segments import SegmentSet, load_segments
+from .rules import SegmentSet, load_segments
 
 POLL = 1.0
 """Seconds between two looks at a watched file."""

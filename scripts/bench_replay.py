@@ -69,12 +69,18 @@ def code_digest() -> dict[str, str]:
     """Short md5 of the files a replay runs, as imported by this process."""
     import actors._customer
     import actors._replay
-    import actors._rules
-    import actors._segments
     import actors._timers
+    import actors.rules._rule
+    import actors.rules._segments
 
     out = {}
-    for mod in (actors._replay, actors._customer, actors._rules, actors._segments, actors._timers):
+    for mod in (
+        actors._replay,
+        actors._customer,
+        actors.rules._rule,
+        actors.rules._segments,
+        actors._timers,
+    ):
         path = Path(mod.__file__ or "")
         out[f"{path.parent.name}/{path.name}"] = hashlib.md5(path.read_bytes()).hexdigest()[:8]
     return out

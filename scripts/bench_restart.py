@@ -252,8 +252,8 @@ def loadavg() -> str:
 def code_digest() -> dict[str, str]:
     """Short md5 of the files a restart runs, as imported by this process."""
     import actors._customer
-    import actors._rules
     import actors.engine._engine
+    import actors.rules._rule
     import protocol.nats._feed
     import store._store
 
@@ -261,7 +261,7 @@ def code_digest() -> dict[str, str]:
     for mod in (
         actors.engine._engine,
         actors._customer,
-        actors._rules,
+        actors.rules._rule,
         store._store,
         protocol.nats._feed,
     ):

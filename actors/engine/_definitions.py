@@ -10,7 +10,7 @@ import anyio
 import structlog
 
 from actors._customer import Customer
-from actors._segments import SegmentSet
+from actors.rules import SegmentSet
 from protocol import DefinitionCause, Transition
 
 from ._config import breathe

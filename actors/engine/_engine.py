@@ -30,7 +30,7 @@ import structlog
 from actors._clock import Clock, SystemClock
 from actors._customer import Customer
 from actors._errors import ActorsError
-from actors._segments import SegmentSet
+from actors.rules import SegmentSet
 from protocol import EventSource, TransitionSink
 from store import Store, StoreError
 

@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Iterable
 
 from actors._customer import Customer
-from actors._segments import SegmentSet
 from actors._timers import TimerQueue
+from actors.rules import SegmentSet
 from protocol import Event, Transition
 
 

@@ -15,8 +15,8 @@ import structlog
 
 from actors._clock import Clock
 from actors._customer import Customer, SnapshotError
-from actors._segments import SegmentSet
 from actors._stored import customer_of, event_of, transition_of
+from actors.rules import SegmentSet
 from protocol import NEVER, DefinitionCause, Transition
 from store import LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks, Store
 

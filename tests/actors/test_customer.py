@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors import Customer, SegmentSet, parse_segments
-from actors._rules import MISSING
+from actors.rules import MISSING
 from protocol import (
     DAY,
     HOUR,
@@ -217,6 +217,26 @@ def test_advance_fires_each_deadline_at_its_own_instant() -> None:
     assert all(t.cause == TimeCause() for t in out)
     assert c.deadline is None
     assert c.watermark == T0 + 30 * DAY
+
+
+def test_a_next_instant_at_or_past_never_is_no_deadline() -> None:
+    # protocol.NEVER is further than any instant shoal handles: whichever segment comes
+    # first in the file, a rule's next instant beyond it leaves the customer with none.
+    far = "since_last('Visit') < '100000000d'"  # flips 2.7e5 years on: past NEVER
+    for order in ((far, "count('Visit') > 5"), ("count('Visit') > 5", far)):
+        segments = parse_segments(
+            f"""
+[segments.first]
+rule = "{order[0]}"
+[segments.second]
+rule = "{order[1]}"
+"""
+        )
+        c = Customer(CID)
+        assert [t.segment for t in c.apply(visit(T0), segments)] == [
+            "first" if order[0] == far else "second"
+        ]
+        assert c.deadline is None
 
 
 def test_advance_before_the_deadline_changes_nothing() -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from actors import Customer, Replay, SegmentSet, parse_segments
 from actors._errors import ActorsError, UnknownSegmentError
-from actors._explain import explain
+from actors.rules import explain
 from protocol import DAY, HOUR, Event, Transition, format_instant, to_instant
 from protocol._explain import ConditionExplanation, SegmentExplanation
 

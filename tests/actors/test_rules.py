@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from actors import (
     parse_rule,
     parse_segments,
 )
-from actors._rules import MISSING
+from actors.rules import MISSING, Tracked
 from protocol import DAY, HOUR, MINUTE, SECOND
 
 FUNCTIONS = (
@@ -30,13 +30,25 @@ FUNCTIONS = (
 )
 
 
+@dataclass(frozen=True)
+class Track:
+    """A retained track event (:class:`actors.rules.Tracked`)."""
+
+    at: int
+    name: str | None
+    properties: Mapping[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Facts:
-    """A tiny customer: track events by name, other events, and traits."""
+    """A tiny customer: track events by name, other events, traits and memberships (the
+    :class:`actors.rules.Facts` a rule reads)."""
 
     tracks: dict[str, list[int]] = field(default_factory=dict)
     others: list[int] = field(default_factory=list)
     traits: dict[str, Any] = field(default_factory=dict)
+    members: set[str] = field(default_factory=set)
+    customer_id: str = "c"
 
     def first_at(self) -> int | None:
         every = [t for ts in self.tracks.values() for t in ts] + self.others
@@ -51,6 +63,16 @@ class Facts:
 
     def trait(self, key: str) -> Any:
         return self.traits.get(key, MISSING)
+
+    def tracked(self) -> Sequence[Tracked]:
+        return sorted((Track(t, n) for n, ts in self.tracks.items() for t in ts), key=_at)
+
+    def member(self, segment: str) -> bool:
+        return segment in self.members
+
+
+def _at(track: Track) -> int:
+    return track.at
 
 
 def problem(text: str) -> str:
@@ -553,6 +575,75 @@ def test_load_segments_error_names_the_file(tmp_path: Path) -> None:
     assert str(e.value) == f"{path}: segment 'a': the rule is empty"
 
 
+# --- Rule.condition: the public view explanations read ------------------------------------
+
+
+def test_condition_tree_keeps_text_kinds_and_order() -> None:
+    rule = parse_rule(
+        "count('Visit') >= 2 and not (trait('plan') == 'gold' or since_last() < '1d')"
+    )
+    c = rule.condition
+    assert (c.kind, c.text, c.op, c.operands) == ("and", rule.text, None, ())
+    first, negated = c.children
+    assert (first.kind, first.text, first.op) == ("condition", "count('Visit') >= 2", ">=")
+    assert negated.kind == "not"
+    (inner,) = negated.children
+    assert inner.kind == "or"
+    assert [p.text for p in inner.children] == ["trait('plan') == 'gold'", "since_last() < '1d'"]
+    assert first.children == ()
+
+
+def test_condition_operands_are_in_the_order_written() -> None:
+    # The moving side is kept on the left inside; the view shows the rule as written.
+    c = parse_rule("'1d' > since_last('Visit')").condition
+    assert c.op == ">"
+    left, right = c.operands
+    f = Facts(tracks={"Visit": [0]})
+    assert (left.kind, left.value(f, HOUR)) == ("duration", DAY)
+    assert (right.kind, right.value(f, HOUR)) == ("duration", HOUR)
+    assert c.evaluate(f, HOUR) == (True, DAY)
+    assert c.evaluate(f, DAY) == (False, None)
+
+
+def test_condition_operands_of_in_exists_and_missing_values() -> None:
+    f = Facts(traits={"plan": "gold", "renewal": "2026-01-02"})
+    c = parse_rule("trait('plan') not in ['gold', 'silver']").condition
+    assert c.op == "not in"
+    plan, options = c.operands
+    assert (plan.kind, plan.value(f, 0)) == ("value", "gold")
+    assert options.value(f, 0) == ["gold", "silver"]
+    assert c.evaluate(f, 0) == (False, None)
+    e = parse_rule("exists(trait('nickname'))").condition
+    assert e.op == "exists"
+    (nick,) = e.operands
+    assert nick.value(f, 0) is MISSING
+    d = parse_rule("date(trait('renewal')) > '2026-01-01'").condition
+    assert d.operands[0].kind == "instant"
+    assert parse_rule("contains(trait('plan'), 'ol')").condition.op == "contains"
+
+
+def test_condition_refs_and_tests_without_operator() -> None:
+    rule = parse_rule("in_segment('a') or (count() > 1 and in_segment('b'))")
+    assert rule.condition.refs == frozenset({"a", "b"})
+    test = rule.condition.children[0]
+    assert (test.kind, test.op, test.operands, test.refs) == (
+        "condition",
+        None,
+        (),
+        frozenset({"a"}),
+    )
+    assert test.evaluate(Facts(members={"a"}), 0) == (True, None)
+    assert test.evaluate(Facts(), 0) == (False, None)
+
+
+def test_condition_score_operand() -> None:
+    c = parse_rule("score() > 0.5").condition
+    score, half = c.operands
+    assert score.kind == "score"
+    assert score.value(Facts(tracks={"Visit": [0]}), 0) == pytest.approx(1.0)
+    assert (half.kind, half.value(Facts(), 0)) == ("value", 0.5)
+
+
 # --- exactness of time: Rule.evaluate against brute force ------------------------------
 #
 # A rule is drawn as a small tree; it is rendered to text for parse_rule and evaluated
@@ -667,7 +758,8 @@ def cases(draw: st.DrawFn, tree_strategy: st.SearchStrategy[Tree] = trees) -> tu
     tree = draw(tree_strategy)
     facts = draw(histories)
     near = sorted(boundaries(tree, facts))
-    base = draw(st.sampled_from(near) if near and draw(st.booleans()) else _instant)
+    on_boundary = bool(near) and draw(st.booleans())
+    base = draw(st.sampled_from(near) if on_boundary else _instant)
     now = base + draw(st.sampled_from([-1, 0, 0, 1, SECOND // 2]))
     return tree, facts, now
 

@@ -13,10 +13,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from actors._errors import DefinitionError
 from protocol import SubjectError, validate_segment_name
 
-from ._errors import DefinitionError
-from ._rules import Env, Facts, Needs, Rule, ScoreConfig, parse_duration, parse_rule
+from ._check import Env
+from ._dates import parse_duration
+from ._facts import Facts, Needs
+from ._rule import Rule, parse_rule
+from ._scores import ScoreConfig
 
 _SEGMENT_KEYS = {"description", "rule", "exit", "min_dwell"}
 _TOP_KEYS = {"segments", "score", "lists"}

@@ -14,37 +14,23 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from datetime import tzinfo
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from actors._errors import UnknownSegmentError
 from protocol import DAY, HOUR, MINUTE, SECOND, format_instant, to_instant
 from protocol._explain import ConditionExplanation, SegmentExplanation
 
-from ._customer import Customer
-from ._errors import UnknownSegmentError
-from ._rules import (
-    MISSING,
-    Indexed,
-    LocalFilter,
-    ScoreConfig,
-    ScoreTerms,
-    Tracked,
-    _And,
-    _Compare,
-    _Contains,
-    _Decay,
-    _Elapsed,
-    _Exists,
-    _In,
-    _InSegment,
-    _Node,
-    _Not,
-    _Or,
-    _walk,
-    earliest,
-)
+from ._conditions import Condition, Operand
+from ._dates import LocalFilter
+from ._facts import MISSING, Indexed, Tracked, earliest
+from ._scores import ScoreConfig, ScoreTerms
 from ._segments import Segment, SegmentSet
+
+if TYPE_CHECKING:
+    # Only for annotations: the customer module imports the rules, not the other way.
+    from actors._customer import Customer
 
 MAX_STEPS = 10_000
 """How many instants a search for a next change looks at (per segment: deadlines the copy
@@ -174,7 +160,7 @@ class _Future(Indexed):
         """Run a copy of ``customer`` (made from its snapshot ``state``) on, deadline after
         deadline, until each segment of ``watch`` has changed, no deadline is left, or
         ``max_steps`` deadlines have fired."""
-        copy = Customer.from_snapshot(customer.customer_id, state)
+        copy = type(customer).from_snapshot(customer.customer_id, state)
         future = cls(copy, dict(customer.members), segments, max_steps, {})
         while not watch <= future.changes.keys() and future.extend():
             pass
@@ -233,8 +219,8 @@ class _Explainer:
         at = self.at
         entered = customer.members.get(seg.name)
         member = entered is not None
-        rule_value = self.value(seg.rule._root)
-        exit_value = self.value(seg.exit._root) if seg.exit is not None else None
+        rule_value = self.value(seg.rule.condition)
+        exit_value = self.value(seg.exit.condition) if seg.exit is not None else None
         earliest_exit: int | None = None
         held = False
         if entered is not None:
@@ -250,8 +236,8 @@ class _Explainer:
             # Out while the rule is false, or while it holds but so does the exit.
             rule_decides = True
             exit_decides = bool(rule_value and exit_value)
-        rule = self.condition(seg.rule._root, rule_decides)
-        exit_ = self.condition(seg.exit._root, exit_decides) if seg.exit is not None else None
+        rule = self.condition(seg.rule.condition, rule_decides)
+        exit_ = self.condition(seg.exit.condition, exit_decides) if seg.exit is not None else None
         changes = self.future.changes.get(seg.name)
         nxt = changes[0] if changes else None
         if nxt is None and self.future.known_until is not None:
@@ -285,44 +271,45 @@ class _Explainer:
     def note_horizon(self, t: int) -> None:
         self.horizon = t if self.horizon is None else min(self.horizon, t)
 
-    def value(self, node: _Node) -> bool:
+    def value(self, c: Condition) -> bool:
         self.future.t = self.at
-        return bool(node.eval(self.future, self.at)[0])
+        return c.evaluate(self.future, self.at)[0]
 
-    def condition(self, node: _Node, decides: bool) -> ConditionExplanation:
-        value = self.value(node)
-        nxt = self.next_flip(node, value)
-        if isinstance(node, _And | _Or):
-            kind: Literal["and", "or"] = "and" if isinstance(node, _And) else "or"
+    def condition(self, c: Condition, decides: bool) -> ConditionExplanation:
+        value = self.value(c)
+        nxt = self.next_flip(c, value)
+        kind = c.kind
+        if kind == "and" or kind == "or":
             # A part decides if its own value settles the result (false in an and, true in
             # an or), or when none does and so every part is needed.
-            settling = isinstance(node, _Or)
-            values = [self.value(p) for p in node.parts]
+            settling = kind == "or"
+            parts = c.children
+            values = [self.value(p) for p in parts]
             any_settles = settling in values
             children = tuple(
                 self.condition(p, decides and (v == settling or not any_settles))
-                for p, v in zip(node.parts, values, strict=True)
+                for p, v in zip(parts, values, strict=True)
             )
             return ConditionExplanation(
-                text=node.text,
+                text=c.text,
                 kind=kind,
                 value=value,
                 decides=decides,
                 next_change=_instant(nxt),
                 children=children,
             )
-        if isinstance(node, _Not):
+        if kind == "not":
             return ConditionExplanation(
-                text=node.text,
+                text=c.text,
                 kind="not",
                 value=value,
                 decides=decides,
                 next_change=_instant(nxt),
-                children=(self.condition(node.part, decides),),
+                children=(self.condition(c.children[0], decides),),
             )
-        op, left, right = self.sides(node)
+        op, left, right = self.sides(c)
         return ConditionExplanation(
-            text=node.text,
+            text=c.text,
             kind="condition",
             value=value,
             decides=decides,
@@ -332,34 +319,29 @@ class _Explainer:
             next_change=_instant(nxt),
         )
 
-    def sides(self, node: _Node) -> tuple[str | None, str | None, str | None]:
+    def sides(self, c: Condition) -> tuple[str | None, str | None, str | None]:
         """A test's operator and its two sides' values as shown, in the order written."""
         f, at = self.future, self.at
         f.t = at
-        if isinstance(node, _Compare):
-            left, right, op = node.left, node.right, node.op
-            a, b = _shown(left, f, at), _shown(right, f, at)
-            if node.mirrored:
-                return _MIRROR[op], b, a
-            return op, a, b
-        if isinstance(node, _In):
-            options = _json(list(node.options))
-            return ("not in" if node.negate else "in"), _shown(node.left, f, at), options
-        if isinstance(node, _Contains):
-            return "contains", _shown(node.haystack, f, at), _shown(node.needle, f, at)
-        if isinstance(node, _Exists):
-            return "exists", _shown(node.inner, f, at), None
-        return None, None, None
+        op = c.op
+        if op is None:
+            return None, None, None
+        operands = c.operands
+        if op in ("in", "not in"):
+            return op, _shown(operands[0], f, at), _json(operands[1].value(f, at))
+        if op == "exists":
+            return op, _shown(operands[0], f, at), None
+        return op, _shown(operands[0], f, at), _shown(operands[1], f, at)
 
-    def next_flip(self, node: _Node, value: bool) -> int | None:
-        """The first instant after ``at`` at which ``node``'s value is not ``value``, with
+    def next_flip(self, c: Condition, value: bool) -> int | None:
+        """The first instant after ``at`` at which ``c``'s value is not ``value``, with
         the same facts: stepping from one "may change" instant to the next, and through the
         known membership changes of the segments it reads."""
         f = self.future
-        refs = {n.name for n in _walk(node) if isinstance(n, _InSegment)}
+        refs = c.refs
         t = self.at
         f.t = t
-        nxt = node.eval(f, t)[1]
+        nxt = c.evaluate(f, t)[1]
         for _ in range(self.max_steps):
             while refs:
                 # The next membership change of a segment it reads, known that far: run
@@ -376,28 +358,24 @@ class _Explainer:
                 return None
             t = max(nxt, t + 1)
             f.t = t
-            v, nxt = node.eval(f, t)
-            if bool(v) != value:
+            v, nxt = c.evaluate(f, t)
+            if v != value:
                 return t
         self.note_horizon(t)
         return None
 
 
-_MIRROR = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
-
-
-def _shown(node: _Node, f: _Future, at: int) -> str:
+def _shown(side: Operand, f: _Future, at: int) -> str:
     """A value as a person reads it."""
-    v, _ = node.eval(f, at)
-    if v is None or v is MISSING:
+    v = side.value(f, at)
+    if v is MISSING:
         return "missing"
-    if isinstance(v, _Elapsed):
-        return _duration(v.sign * (at - v.anchor))
-    if isinstance(v, _Decay):
-        return _score(v.at(at))
-    if node.kind == "duration":
+    kind = side.kind
+    if kind == "duration":
         return _duration(v)
-    if node.kind == "instant":
+    if kind == "score":
+        return _score(v)
+    if kind == "instant":
         return format_instant(v)
     if isinstance(v, float) and not isinstance(v, bool):
         return repr(v)
