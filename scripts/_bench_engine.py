@@ -140,7 +140,7 @@ def due_template(due: int, segments: SegmentSet, cut: int) -> Template:
 def history_templates(k: int, segments: SegmentSet, cut: int) -> list[Template]:
     """K customers of a ``scripts/generate.py`` history of the 120 days up to ``cut``
     (about 33 events each), replayed to ``cut``: actors with realistic event windows."""
-    from scripts.generate import generate
+    from actors.population import generate
 
     r = Replay(segments)
     ids: set[str] = set()

@@ -36,7 +36,7 @@ import msgspec
 
 from actors import Replay, SegmentSet
 from protocol import DAY, Event, parse_timestamp
-from scripts.generate import to_segment_spec
+from actors.population import to_segment_spec
 
 D = DAY
 H = 14 * DAY  # the default segments' half-life

@@ -107,7 +107,7 @@ from scripts import _bench_engine as be
 from scripts import _bench_sql as bsql
 from scripts.bench_ingest import CpuSnapshot, free_port, now_us
 from scripts.bench_restart import loadavg, machine
-from scripts.generate import generate, history_end
+from actors.population import generate, history_end
 from store import EventLog
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -51,7 +51,7 @@ from actors import Customer, load_segments, parse_segments, replay
 from protocol import EventCause, TimeCause, Transition, format_instant, to_instant
 from scripts import bench_restart
 from scripts.bench_restart import loadavg
-from scripts.generate import generate, history_end
+from actors.population import generate, history_end
 
 ROOT = Path(__file__).resolve().parent.parent
 
