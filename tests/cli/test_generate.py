@@ -21,7 +21,7 @@ from actors.population import (
     write_history,
 )
 from protocol import DAY, decode_event, event_subject
-from scripts import cli
+from tests.helpers import run
 
 
 def test_same_arguments_same_events_and_another_seed_others() -> None:
@@ -77,14 +77,14 @@ def test_segment_spec_lines_are_what_shoal_accepts() -> None:
         assert decoded == event
 
 
-def test_command_line_writes_json_lines(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
-    assert cli.main(["generate", "--customers", "20", "--days", "30", "--seed", "7"]) == 0
-    out = capsysbinary.readouterr().out
-    lines = out.decode().splitlines()
+def test_command_line_writes_json_lines() -> None:
+    done = run("generate", "--customers", "20", "--days", "30", "--seed", "7")
+    assert done.returncode == 0 and done.stderr == ""
+    lines = done.stdout.splitlines()
     assert [from_segment_spec(json.loads(line)) for line in lines] == list(generate(20, 30, 7))
     buffer = io.BytesIO()
     assert write_history(generate(20, 30, 7), buffer) == len(lines)
-    assert buffer.getvalue() == out
+    assert buffer.getvalue() == done.stdout.encode()
 
 
 # sha256 of what `python scripts/generate.py --customers 300 --days 60 --seed 3` wrote at
@@ -92,11 +92,10 @@ def test_command_line_writes_json_lines(capsysbinary: pytest.CaptureFixture[byte
 SCRIPT_SHA256 = "6ba340a64326402fbb463f76570df9d51f5c82a8c89b76545559ba88393992e6"
 
 
-def test_command_line_writes_what_the_script_wrote(
-    capsysbinary: pytest.CaptureFixture[bytes],
-) -> None:
-    assert cli.main(["generate", "--customers", "300", "--days", "60", "--seed", "3"]) == 0
-    assert hashlib.sha256(capsysbinary.readouterr().out).hexdigest() == SCRIPT_SHA256
+def test_command_line_writes_what_the_script_wrote() -> None:
+    done = run("generate", "--customers", "300", "--days", "60", "--seed", "3")
+    assert done.returncode == 0
+    assert hashlib.sha256(done.stdout.encode()).hexdigest() == SCRIPT_SHA256
 
 
 @pytest.mark.parametrize(
@@ -111,12 +110,10 @@ def test_command_line_writes_what_the_script_wrote(
         ),
     ],
 )
-def test_command_line_refuses_bad_arguments(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert cli.main(["generate", *argv]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err == f"shoal: error: {message}\n"
+def test_command_line_refuses_bad_arguments(argv: list[str], message: str) -> None:
+    done = run("generate", *argv)
+    assert done.returncode == 2
+    assert done.stdout == "" and done.stderr == f"shoal: error: {message}\n"
 
 
 @pytest.mark.parametrize("customers, days", [(0, 10), (10, 0)])
