@@ -43,7 +43,7 @@ class EngineConfig:
     (their deadlines), and after each round of snapshots. A million actors are tens of
     millions of objects that live as long as the engine; each full collection walked them
     all: 28 % of ingest time at 1M customers, and pauses of seconds
-    (scripts/results/bench/gc-stalls). The cost: cyclic garbage alive at those instants
+    (scripts/bench/results/bench/gc-stalls). The cost: cyclic garbage alive at those instants
     (rare: actors hold no cycles) is never collected. Process-wide, as the collector is."""
 
 

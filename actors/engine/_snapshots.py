@@ -89,7 +89,7 @@ class Snapshots:
         p = self._partition
         changed = p.changed
         assert changed is not None
-        # Sorted: upserts in key order cost half as much as in set order (bench_restart).
+        # Sorted: upserts in key order cost half as much as in set order (scripts.bench.restart).
         self._round = sorted(changed)
         changed.clear()
         last_event_seq = self._store.events.last_seq

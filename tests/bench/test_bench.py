@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import _bench_sql
-from scripts.bench import MEASUREMENTS
+from scripts.bench import _sql
+from scripts.bench._suite import MEASUREMENTS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(180)
 def test_smoke_run_reports_every_measurement(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", "scripts.bench", "--smoke", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=170,
@@ -81,7 +81,7 @@ def test_smoke_run_reports_every_measurement(tmp_path: Path) -> None:
         )
         for segment, a in s["agreement"].items():
             # Every rule SQL can state exactly gives shoal's members at the same instant.
-            if segment not in _bench_sql.APPROXIMATED:
+            if segment not in _sql.APPROXIMATED:
                 assert a["equal"], (segment, a)
 
     assert res["consumer"]["consume_per_s"] > 0 and res["consumer"]["status"] == "ok"

@@ -1,4 +1,5 @@
-"""bench.py's reading of py-spy's collapsed stacks, on hand-written input (no py-spy needed)."""
+"""The benchmark's reading of py-spy's collapsed stacks, on hand-written input (no py-spy
+needed)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import bench
-from scripts.bench import profile_lines, read_collapsed, shorten_line
+from scripts.bench import _main
+from scripts.bench._profiles import profile_lines, read_collapsed, shorten_line
 
 # Root first; the main thread's stacks start in runpy, a thread's in Thread._bootstrap.
 RUN = "_run_module_as_main (<frozen runpy>:173);<module> (scripts/_bench_engine.py:1)"
@@ -104,10 +105,10 @@ def test_shorten_line() -> None:
 def test_profile_without_py_spy_fails_at_once(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(bench.be, "find_py_spy", lambda: None)
-    assert bench.main(["--smoke", "--profile", "--out", str(tmp_path)]) == 2
+    monkeypatch.setattr(_main, "find_py_spy", lambda: None)
+    assert _main.main(["--smoke", "--profile", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
-        "bench.py: --profile needs py-spy (a sampling profiler), which is not installed: "
-        "pip install -e '.[bench]'\n"
+        "python -m scripts.bench: --profile needs py-spy (a sampling profiler), which is not "
+        "installed: pip install -e '.[bench]'\n"
     )
     assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import bench_replay
+from scripts.bench import replay as bench_replay
 
 
 def test_tiny_history_reports_every_figure(

@@ -1,24 +1,27 @@
-"""scripts/generate.py: a seeded, reproducible synthetic population, in receive order, that
-shoal's own inbound decoder accepts line by line."""
+"""actors.population and ``shoal generate``: a seeded, reproducible synthetic population, in
+receive order, that shoal's own inbound decoder accepts line by line."""
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import io
 import json
 
 import msgspec
 import pytest
 
 from actors import load_segments, replay
-from protocol import DAY, decode_event, event_subject
-from scripts.generate import (
+from actors.population import (
     DEFAULT_START,
     from_segment_spec,
     generate,
     history_end,
-    main,
     to_segment_spec,
+    write_history,
 )
+from protocol import DAY, decode_event, event_subject
+from tests.helpers import run
 
 
 def test_same_arguments_same_events_and_another_seed_others() -> None:
@@ -74,10 +77,43 @@ def test_segment_spec_lines_are_what_shoal_accepts() -> None:
         assert decoded == event
 
 
-def test_command_line_writes_json_lines(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
-    assert main(["--customers", "20", "--days", "30", "--seed", "7"]) == 0
-    lines = capsysbinary.readouterr().out.decode().splitlines()
+def test_command_line_writes_json_lines() -> None:
+    done = run("generate", "--customers", "20", "--days", "30", "--seed", "7")
+    assert done.returncode == 0 and done.stderr == ""
+    lines = done.stdout.splitlines()
     assert [from_segment_spec(json.loads(line)) for line in lines] == list(generate(20, 30, 7))
+    buffer = io.BytesIO()
+    assert write_history(generate(20, 30, 7), buffer) == len(lines)
+    assert buffer.getvalue() == done.stdout.encode()
+
+
+# sha256 of what `python scripts/generate.py --customers 300 --days 60 --seed 3` wrote at
+# ddd092d (before the generator became actors.population and `shoal generate`).
+SCRIPT_SHA256 = "6ba340a64326402fbb463f76570df9d51f5c82a8c89b76545559ba88393992e6"
+
+
+def test_command_line_writes_what_the_script_wrote() -> None:
+    done = run("generate", "--customers", "300", "--days", "60", "--seed", "3")
+    assert done.returncode == 0
+    assert hashlib.sha256(done.stdout.encode()).hexdigest() == SCRIPT_SHA256
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--days", "0"], "--customers and --days must be positive"),
+        (["--customers", "-3"], "--customers and --days must be positive"),
+        (
+            ["--start", "2025-01-06"],
+            "--start: timestamp '2025-01-06' is not an ISO-8601 date and time with a UTC offset "
+            "(for example 2026-11-22T10:00:00+01:00 or 2026-11-22T09:00:00Z)",
+        ),
+    ],
+)
+def test_command_line_refuses_bad_arguments(argv: list[str], message: str) -> None:
+    done = run("generate", *argv)
+    assert done.returncode == 2
+    assert done.stdout == "" and done.stderr == f"shoal: error: {message}\n"
 
 
 @pytest.mark.parametrize("customers, days", [(0, 10), (10, 0)])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgspec
 
-from scripts.generate import generate, to_segment_spec
+from actors.population import generate, to_segment_spec
 from tests.helpers import SHOAL
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,9 +8,9 @@ loopback port, with its store and the SQLite file in a temporary directory, and 
    non-decreasing per customer, and publishes them with ``js.publish_async`` on
    ``protocol.event_subject(customer)`` (after ``protocol.nats.ensure_streams``). Events are
    generated while publishing, so the rate includes building each payload (a few us).
-2. backlog: with all N events in the stream, starts an engine in-process as
-   ``tests/conftest.py``'s ``running_engine`` does (``Engine(nc, log, load_segments(),
-   config=EngineConfig())``, ``await tg.start(engine.run)``) and times, from just before
+2. backlog: with all N events in the stream, starts an engine in-process
+   (``_harness.engine_on``: the default segments and ``EngineConfig()``,
+   ``await tg.start(engine.run)``) and times, from just before
    ``tg.start``, until ``engine.stats.events_applied == N`` (polled every 10 ms); then until
    the engine is *settled* (every committed transition published, deadlines that fell due
    fired, nothing changing for 0.5 s).
@@ -38,9 +38,9 @@ The machine is assumed to be small and noisy: compare ratios within one run.
 
 Usage::
 
-    python scripts/bench_ingest.py                    # N=200000, C=20000
-    python scripts/bench_ingest.py --quick            # N=20000, C=2000
-    python scripts/bench_ingest.py --json out.jsonl --profile prof.txt
+    python -m scripts.bench.ingest                    # N=200000, C=20000
+    python -m scripts.bench.ingest --quick            # N=20000, C=2000
+    python -m scripts.bench.ingest --json out.jsonl --profile prof.txt
 """
 
 from __future__ import annotations
@@ -51,18 +51,15 @@ import contextlib
 import cProfile
 import functools
 import importlib.metadata
-import io
 import json
 import os
 import platform
-import pstats
 import random
-import resource
-import socket
+import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,83 +69,27 @@ import msgspec
 import nats
 
 from actors import Engine, EngineConfig, SegmentSet, load_segments
-from protocol import DAY, EVENTS_STREAM, HOUR, embedded_broker, event_subject, format_instant
-from protocol.nats import Publisher, connect, ensure_streams, jetstream_ports
-from store import Store
+from protocol import DAY, EVENTS_STREAM, HOUR, event_subject, format_instant
+from protocol.nats import Publisher, ensure_streams
+
+from ._common import (
+    CpuSnapshot,
+    Timers,
+    broker,
+    cprofile_text,
+    free_port,
+    now_us,
+    publish,
+    rss_mib,
+)
+from ._harness import engine_on
 
 POLL = 0.01
 SETTLE_QUIET = 0.5
 _encode = msgspec.json.Encoder().encode
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def now_us() -> int:
-    """Wall-clock microseconds since the epoch (the generator's "now")."""
-    return time.time_ns() // 1000
-
-
-def _stat_cpu(path: str) -> float:
-    """utime + stime in seconds from a /proc .../stat file (0.0 when unreadable)."""
-    try:
-        with open(path, encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def _nats_server_pids() -> list[int]:
-    """Pids of this process's nats-server children (Linux /proc; empty elsewhere)."""
-    pids: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children", encoding="ascii") as f:
-                pids += [int(p) for p in f.read().split()]
-    out = []
-    for pid in pids:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm", encoding="ascii") as f:
-            if f.read().strip() == "nats-server":
-                out.append(pid)
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class CpuSnapshot:
-    """CPU seconds so far: this process (all threads), its main thread, the broker."""
-
-    process: float
-    main: float
-    broker: float
-
-    @classmethod
-    def take(cls) -> CpuSnapshot:
-        pid = os.getpid()
-        return cls(
-            process=_stat_cpu(f"/proc/{pid}/stat"),
-            main=_stat_cpu(f"/proc/{pid}/task/{pid}/stat"),
-            broker=sum(_stat_cpu(f"/proc/{p}/stat") for p in _nats_server_pids()),
-        )
-
-
-def rss_mb() -> tuple[float, float]:
-    """(current, peak) resident set size of this process in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    current = 0.0
-    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                current = int(line.split()[1]) / 1024
-    return current, peak
 
 
 @dataclass
@@ -188,40 +129,6 @@ class Stopwatch:
         )
 
 
-class Breakdown:
-    """Wall seconds and calls of wrapped coroutine methods (wrapped on the instance)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-
-    def wrap(self, obj: object, name: str, label: str) -> None:
-        fn: Callable[..., Awaitable[Any]] = getattr(obj, name)
-
-        async def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return await fn(*args, **kwargs)
-            finally:
-                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
-                self.calls[label] = self.calls.get(label, 0) + 1
-
-        setattr(obj, name, timed)
-
-    def snapshot(self) -> dict[str, tuple[float, int]]:
-        return {k: (self.seconds[k], self.calls.get(k, 0)) for k in self.seconds}
-
-
-def diff(
-    after: dict[str, tuple[float, int]], before: dict[str, tuple[float, int]]
-) -> dict[str, tuple[float, int]]:
-    out = {}
-    for k, (s, c) in after.items():
-        s0, c0 = before.get(k, (0.0, 0))
-        out[k] = (s - s0, c - c0)
-    return out
-
-
 # --------------------------------------------------------------------------- events
 
 
@@ -248,29 +155,6 @@ def events(
         yield event_subject(cid), _encode(doc)
 
 
-async def publish(js: Any, batch: Iterator[tuple[str, bytes]]) -> int:
-    """Publish with ``publish_async`` and wait for every ack; returns how many.
-
-    The futures are not kept (200k of them would inflate the RSS figures); a done callback
-    records failures instead.
-    """
-    n = 0
-    errors: list[BaseException] = []
-
-    def check(f: Any) -> None:
-        if not f.cancelled() and f.exception() is not None:
-            errors.append(f.exception())
-
-    for subject, body in batch:
-        (await js.publish_async(subject, body)).add_done_callback(check)
-        n += 1
-    await js.publish_async_completed()
-    await anyio.sleep(0)  # let the last done callbacks run
-    if errors:
-        raise RuntimeError(f"{len(errors)} publishes failed, first: {errors[0]!r}")
-    return n
-
-
 # --------------------------------------------------------------------------- engine
 
 
@@ -279,33 +163,28 @@ async def running_engine(
     url: str,
     db: Path,
     segments: SegmentSet,
-    breakdown: Breakdown | None,
+    breakdown: Timers | None,
     *,
     metrics: bool = False,
     config: EngineConfig | None = None,
 ) -> AsyncIterator[tuple[Engine, float, float]]:
-    """An engine on ``url`` and ``db``, started as tests/conftest.py's ``running_engine``
+    """An engine on ``url`` and ``db`` (``_harness.engine_on``), started in a task group
     (with ``metrics``: as ``shoal serve --metrics-port`` runs it, endpoint on a free port).
 
     Yields (engine, perf_counter just before ``tg.start``, seconds ``tg.start`` took).
     """
-    nc = await connect([url])
-    log = await Store.open(db)
     observer = None
     if metrics:
         from protocol.metrics import EngineMetrics
 
         observer = EngineMetrics()
-    try:
-        source, sink = await jetstream_ports(nc)
-        engine = Engine(
-            source, sink, log, segments, config=config or EngineConfig(), observer=observer
-        )
+    async with engine_on(url, db, segments, config=config, observer=observer) as bench:
+        engine = bench.engine
         if breakdown is not None:
-            breakdown.wrap(engine, "_ingest", "engine._ingest (batch, incl. known+commit)")
-            breakdown.wrap(engine, "_fire_due", "engine._fire_due (incl. commit)")
-            breakdown.wrap(log, "known", "log.known")
-            breakdown.wrap(log, "commit", "log.commit")
+            breakdown.wrap(engine._ingest, "batch", "engine._ingest (batch, incl. known+commit)")
+            breakdown.wrap(engine._deadlines, "fire_due", "engine._fire_due (incl. commit)")
+            breakdown.wrap(bench.log.events, "known", "log.known")
+            breakdown.wrap(bench.log, "commit", "log.commit")
         async with anyio.create_task_group() as tg:
             if observer is not None:
                 await tg.start(functools.partial(observer.serve, engine, port=free_port()))
@@ -316,9 +195,6 @@ async def running_engine(
                 yield engine, t0, started
             finally:
                 tg.cancel_scope.cancel()
-    finally:
-        await log.close()
-        await nc.close()
 
 
 async def wait_applied(engine: Engine, target: int, timeout: float) -> float:
@@ -358,17 +234,16 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
     live_n = n // 2
     rng = random.Random(42)
     segments = load_segments()
-    breakdown = None if args.no_breakdown else Breakdown()
+    breakdown = None if args.no_breakdown else Timers()
     if breakdown is not None:
         # The engine makes its Publisher inside run(), so this one is wrapped on the class;
         # publishing runs in a task of its own, overlapping ingest.
-        breakdown.wrap(Publisher, "publish_transitions", "publisher (publish+acks, own task)")
+        breakdown.wrap(Publisher, "publish", "publisher (publish+acks, own task)")
     extras: dict[str, Any] = {}
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="shoal-bench-ingest-") as tmp:
-        port = free_port()
         db = Path(tmp) / "shoal.db"
-        async with embedded_broker(Path(tmp) / "nats", host="127.0.0.1", port=port) as url:
+        async with broker(Path(tmp)) as url:
             pub = await nats.connect(url)
             try:
                 js = pub.jetstream()
@@ -382,7 +257,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
                     "nats_server": f"{sv.major}.{sv.minor}.{sv.patch}",
                     "msgspec": importlib.metadata.version("msgspec"),
                     "aiosqlite": importlib.metadata.version("aiosqlite"),
-                    "sqlite": __import__("sqlite3").sqlite_version,
+                    "sqlite": sqlite3.sqlite_version,
                     "events": n,
                     "customers": customers,
                     "live_events": live_n,
@@ -404,11 +279,11 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
                 if info.state.messages != n:
                     raise RuntimeError(f"stream holds {info.state.messages} events, expected {n}")
                 _say(phases[-1])
-                rss_before = rss_mb()
+                rss_before = _rss()
 
                 # 2. backlog ingest -----------------------------------------------------
                 profiler = cProfile.Profile() if args.profile else None
-                bd0 = breakdown.snapshot() if breakdown else {}
+                bd0 = breakdown.take() if breakdown else {}
                 sw = Stopwatch()
                 if profiler is not None:
                     profiler.enable()
@@ -436,7 +311,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
                     phases.append(backlog)
                     _say(backlog)
                     if breakdown is not None:
-                        extras["breakdown_backlog"] = _bd_json(diff(breakdown.snapshot(), bd0))
+                        extras["breakdown_backlog"] = _bd_json(breakdown.since(bd0))
                     settled_at = await wait_settled(engine, args.timeout)
                     st = stats_of(engine)
                     phases.append(
@@ -452,8 +327,8 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
                     )
                     _say(phases[-1])
                     if breakdown is not None:
-                        extras["breakdown_settled"] = _bd_json(diff(breakdown.snapshot(), bd0))
-                    rss_after = rss_mb()
+                        extras["breakdown_settled"] = _bd_json(breakdown.since(bd0))
+                    rss_after = _rss()
                     extras["rss_mb"] = {
                         "before_engine": {"current": rss_before[0], "peak": rss_before[1]},
                         "after_backlog": {"current": rss_after[0], "peak": rss_after[1]},
@@ -461,7 +336,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
                     extras["customers_held"] = engine.customer_count
                     extras["pending_deadlines"] = engine.pending_deadlines
                     if profiler is not None:
-                        extras["profile"] = _profile_text(profiler)
+                        extras["profile"] = cprofile_text(profiler, ("cumulative", "tottime"))
                         profiler.dump_stats(args.profile + ".prof")
 
                     # 3. live ingest -----------------------------------------------------
@@ -469,7 +344,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
                     live_now = now_us()
                     stamps = instants(rng, live_n, live_now - HOUR, live_now)
                     live_events = events(rng, stamps, customers, n)
-                    bd0 = breakdown.snapshot() if breakdown else {}
+                    bd0 = breakdown.take() if breakdown else {}
                     sw = Stopwatch()
                     pub_done: list[float] = []
 
@@ -493,7 +368,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
                     phases.append(live)
                     _say(live)
                     if breakdown is not None:
-                        extras["breakdown_live"] = _bd_json(diff(breakdown.snapshot(), bd0))
+                        extras["breakdown_live"] = _bd_json(breakdown.since(bd0))
                     await wait_settled(engine, args.timeout)
                     final = stats_of(engine)
                 extras["first_engine_stats"] = final
@@ -522,7 +397,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[Phase], di
                         raise RuntimeError(
                             f"rebuilt {st['rebuilt_events']} events, expected {n + live_n}"
                         )
-                extras["rss_mb"]["end"] = dict(zip(("current", "peak"), rss_mb(), strict=True))
+                extras["rss_mb"]["end"] = dict(zip(("current", "peak"), _rss(), strict=True))
             finally:
                 await pub.close()
     return meta, phases, extras
@@ -532,22 +407,9 @@ def _bd_json(d: dict[str, tuple[float, int]]) -> dict[str, dict[str, float]]:
     return {k: {"seconds": round(s, 4), "calls": c} for k, (s, c) in d.items()}
 
 
-def _profile_text(profiler: cProfile.Profile) -> str:
-    """Top 15 by cumulative and by internal time, then the top 15 of shoal's own code by
-    cumulative time (the first listing is mostly asyncio's and the bench's scaffolding)."""
-    out = io.StringIO()
-    for key in ("cumulative", "tottime"):
-        out.write(f"## top 15 by {key}\n")
-        stats = pstats.Stats(profiler, stream=out)
-        stats.strip_dirs().sort_stats(key).print_stats(15)
-    out.write("## top 15 by cumulative, shoal code only (actors/, protocol/, store/)\n")
-    own = io.StringIO()
-    pstats.Stats(profiler, stream=own).sort_stats("cumulative").print_stats(
-        r"/(actors|protocol|store)/_\w+\.py", 15
-    )
-    root = str(Path(__file__).resolve().parent.parent) + os.sep
-    out.write(own.getvalue().replace(root, ""))
-    return out.getvalue()
+def _rss() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MiB."""
+    return rss_mib(), rss_mib("VmHWM")
 
 
 def _say(p: Phase) -> None:

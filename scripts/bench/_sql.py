@@ -1,4 +1,5 @@
-"""The baseline of ``scripts/bench.py``: shoal's default segments as scheduled SQL.
+"""The baseline of the suite (``python -m scripts.bench``): shoal's default segments as
+scheduled SQL.
 
 What a team without shoal would run: an ``events`` table in SQLite (one row per Segment Spec
 event: ``customer_id``, ``type``, ``event``, ``ts`` in microseconds, ``properties`` and
@@ -35,8 +36,8 @@ from typing import Any
 import msgspec
 
 from actors import Replay, SegmentSet
+from actors.population import write_history
 from protocol import DAY, Event, parse_timestamp
-from scripts.generate import to_segment_spec
 
 D = DAY
 H = 14 * DAY  # the default segments' half-life
@@ -119,13 +120,9 @@ _encode = msgspec.json.Encoder().encode
 
 
 def write_jsonl(events: Iterable[Event], path: Path) -> int:
-    """The events as Segment Spec JSON lines (``scripts/generate.py``'s format)."""
-    n = 0
+    """The events as Segment Spec JSON lines (``shoal generate``'s format)."""
     with open(path, "wb") as f:
-        for e in events:
-            f.write(_encode(to_segment_spec(e)) + b"\n")
-            n += 1
-    return n
+        return write_history(events, f)
 
 
 def load(db: Path, jsonl: Path, clones: int) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Customer lookups on the query service while the engine ingests at full speed.
 
-It starts a ``nats-server -js`` (``protocol.embedded_broker``, free port, temp store),
+It starts a ``nats-server -js`` (``_common.broker``: free port, temp store),
 publishes a backlog of N ``track`` events over C customers, then starts ``shoal serve
 --nats URL`` as a child process (default segments) and, as soon as the service answers,
 sends ``shoal.api.customer.<random known customer>`` requests from K concurrent callers
@@ -8,7 +8,7 @@ sends ``shoal.api.customer.<random known customer>`` requests from K concurrent 
 with the engine idle. It prints requests/s and latency percentiles for both phases, and
 the engine's ingest rate while it answered.
 
-    python scripts/bench_api.py [--events N] [--customers C] [--callers K] [--idle S]
+    python -m scripts.bench.api [--events N] [--customers C] [--callers K] [--idle S]
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,22 +32,17 @@ from nats.aio.client import Client
 from protocol import (
     EngineUnavailable,
     customer_api_subject,
-    embedded_broker,
     event_subject,
     format_instant,
 )
 from protocol.nats import ApiClient, ensure_streams
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ._common import ROOT, broker, now_us, percentiles, publish
 
 
 def _events(n: int, customers: int) -> list[tuple[str, bytes]]:
     rng = random.Random(42)
-    now = time.time_ns() // 1000
+    now = now_us()
     out = []
     for i in range(n):
         user = f"c{rng.randrange(customers)}"
@@ -64,32 +58,23 @@ def _events(n: int, customers: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
-
-
 def _line(name: str, lat: list[float], seconds: float, errors: int) -> str:
-    ms = [x * 1000 for x in lat]
+    p = percentiles([x * 1000 for x in lat])
     return (
         f"| {name} | {len(lat):,} | {seconds:.1f} | {len(lat) / seconds:,.0f} | "
-        f"{_pct(ms, 50):.2f} | {_pct(ms, 99):.2f} | {max(ms, default=float('nan')):.1f} | "
-        f"{errors} |"
+        f"{p['p50']:.2f} | {p['p99']:.2f} | {p['max']:.1f} | {errors} |"
     )
 
 
-async def main(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="shoal-bench-api-") as tmp:
-        async with embedded_broker(Path(tmp) / "nats", port=_free_port()) as url:
+        async with broker(Path(tmp)) as url:
             nc = await nats.connect(url)
             js = nc.jetstream()
             await ensure_streams(js)
             events = _events(args.events, args.customers)
             t = time.perf_counter()
-            for i in range(0, len(events), 5_000):
-                acks = [await js.publish_async(s, d) for s, d in events[i : i + 5_000]]
-                for a in acks:
-                    await a
+            await publish(js, events)
             print(f"published {len(events):,} events in {time.perf_counter() - t:.1f} s")
             # The customers that have events (ids are plain tokens, c<i>): any other is a 404.
             ids = sorted({subject.rsplit(".", 1)[1] for subject, _ in events})
@@ -97,6 +82,7 @@ async def main(args: argparse.Namespace) -> None:
                 [sys.executable, "-m", "scripts.cli", "--log-level", "warning", "serve"]
                 + ["--nats", url, "--data-dir", str(Path(tmp) / "data")],
                 stderr=subprocess.DEVNULL,
+                cwd=ROOT,
             )
             try:
                 await _measure(nc, args, ids)
@@ -168,12 +154,17 @@ async def _measure(nc: Client, args: argparse.Namespace, ids: list[str]) -> None
         print(f"error replies during {name}: {n} with code {code}")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--events", type=int, default=150_000)
     p.add_argument("--customers", type=int, default=20_000)
     p.add_argument("--callers", type=int, default=4)
     p.add_argument("--idle", type=float, default=10.0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    anyio.run(run, args)
+    return 0
+
+
+if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    anyio.run(main, args)
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""A synthetic, reproducible population of a gym or club, as Segment Spec events.
+"""The population model: a synthetic, reproducible gym or club, as Segment Spec events.
 
 Each customer joins on some day (a third in the first two weeks, the rest spread over the
 period), says who it is with an ``identify`` (``plan``, ``renewal_date``, usually
@@ -24,28 +24,35 @@ always give the same events. Local hours ignore daylight saving time (each time 
 at its standard offset); the engine, which reads weekdays in the customer's time zone, does
 not.
 
-As a module: :func:`generate` yields :class:`protocol.Event` s, :func:`to_segment_spec`
-turns one into a Segment Spec dict (with ``timestamp`` and ``receivedAt``), and
-:func:`from_segment_spec` reads one back. As a script it writes JSON lines::
+:func:`generate` yields :class:`protocol.Event` s, :func:`to_segment_spec` turns one into a
+Segment Spec dict (with ``timestamp`` and ``receivedAt``), :func:`from_segment_spec` reads one
+back, and :func:`write_history` writes them as JSON lines. ``shoal generate`` is its command::
 
-    python scripts/generate.py --customers 5000 --days 240 --seed 1 > history.jsonl
+    shoal generate --customers 5000 --days 240 --seed 1 > history.jsonl
 """
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import math
 import random
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 
 from protocol import DAY, HOUR, MINUTE, SECOND, Event, format_instant, parse_timestamp, to_instant
+
+__all__ = (
+    "DEFAULT_START",
+    "from_segment_spec",
+    "generate",
+    "history_end",
+    "to_segment_spec",
+    "write_history",
+)
 
 DEFAULT_START = to_instant(datetime(2025, 1, 6, tzinfo=UTC))
 """2025-01-06T00:00:00Z, a Monday: the first day of a generated history by default."""
@@ -373,36 +380,21 @@ def from_segment_spec(message: Mapping[str, Any]) -> Event:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--customers", type=int, default=1000, help="how many (default 1000)")
-    parser.add_argument("--days", type=int, default=365, help="length of the history")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed, the same events")
-    parser.add_argument(
-        "--start",
-        default=format_instant(DEFAULT_START),
-        help="first day, ISO-8601 with an offset (default %(default)s)",
-    )
-    args = parser.parse_args(argv)
-    if args.customers <= 0 or args.days <= 0:
-        parser.error("--customers and --days must be positive")
-    try:
-        start = parse_timestamp(args.start)
-    except ValueError as e:
-        parser.error(str(e))
+def write_history(events: Iterable[Event], out: IO[bytes]) -> int:
+    """Write ``events`` to ``out`` as JSON lines (:func:`to_segment_spec`, one per line, each
+    ended by a newline), as ``shoal generate`` does; returns how many.
+    """
     encode = msgspec.json.Encoder().encode
-    out = sys.stdout.buffer
     lines: list[bytes] = []
-    for event in generate(args.customers, args.days, args.seed, start=start):
+    n = 0
+    for event in events:
         lines.append(encode(to_segment_spec(event)))
         if len(lines) >= 4096:
             out.write(b"\n".join(lines) + b"\n")
+            n += len(lines)
             lines.clear()
     if lines:
         out.write(b"\n".join(lines) + b"\n")
+        n += len(lines)
     out.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return n

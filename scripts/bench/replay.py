@@ -1,8 +1,8 @@
 """Benchmark replay throughput: ``actors.replay`` over a generated history, default segments.
 
-1. Generates a history with ``scripts/generate.py`` (seeded: the same arguments give the same
-   events) and keeps it in memory as a list of ``protocol.Event`` in receive order. This is
-   not timed.
+1. Generates a history with ``actors.population`` (``shoal generate``; seeded: the same
+   arguments give the same events) and keeps it in memory as a list of ``protocol.Event``
+   in receive order. This is not timed.
 2. Times ``actors.replay(events, load_segments(), until=end)``, where ``end`` is the end of
    the generated period, consuming every transition (a counting loop, nothing else), with
    ``time.perf_counter`` (wall) and ``time.process_time`` (CPU). The default segments are
@@ -26,20 +26,17 @@ it to a file as well) and, with ``--json FILE``, one JSON line appended to FILE.
 
 Usage::
 
-    python scripts/bench_replay.py --quick --digest --floor --profile
-    python scripts/bench_replay.py --json /tmp/replay.jsonl
+    python -m scripts.bench.replay --quick --digest --floor --profile
+    python -m scripts.bench.replay --json /tmp/replay.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import gc
 import hashlib
-import io
 import json
-import pstats
 import sys
 import time
 from collections import Counter
@@ -48,66 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from actors import Customer, load_segments, parse_segments, replay
+from actors.population import generate, history_end
 from protocol import EventCause, TimeCause, Transition, format_instant, to_instant
-from scripts import bench_restart
-from scripts.bench_restart import loadavg
-from scripts.generate import generate, history_end
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-# --------------------------------------------------------------------------- the machine
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on (as the other benchmarks say it), with digests of
-    the files a replay runs."""
-    return {**bench_restart.machine(), "code_md5": code_digest()}
-
-
-def code_digest() -> dict[str, str]:
-    """Short md5 of the files a replay runs, as imported by this process."""
-    import actors._customer
-    import actors._replay
-    import actors._timers
-    import actors.rules._rule
-    import actors.rules._segments
-
-    out = {}
-    for mod in (
-        actors._replay,
-        actors._customer,
-        actors.rules._rule,
-        actors.rules._segments,
-        actors._timers,
-    ):
-        path = Path(mod.__file__ or "")
-        out[f"{path.parent.name}/{path.name}"] = hashlib.md5(path.read_bytes()).hexdigest()[:8]
-    return out
-
-
-def rss_mib(field: str) -> float:
-    """``VmRSS`` or ``VmHWM`` of this process in MiB (0 when unreadable)."""
-    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux); whether it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def say(text: str) -> None:
-    print(f"# {text}", file=sys.stderr, flush=True)
-
+from ._common import cprofile_text, reset_peak_rss, rss_mib, say
+from ._machine import code_digest, loadavg, machine
 
 # --------------------------------------------------------------------------- measuring
 
@@ -154,14 +96,7 @@ def profile(events: list[Any], end: int, top: int = 20) -> str:
     for _ in replay(events, segments, until=end):
         pass
     prof.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(prof, stream=out)
-    stats.sort_stats("tottime").print_stats(top)
-    lines = out.getvalue().splitlines()
-    # Keep the table (from the header line on) with paths relative to the repository.
-    start = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
-    root = str(ROOT) + "/"
-    return "\n".join(line.replace(root, "") for line in lines[start:] if line.strip())
+    return cprofile_text(prof, top=top)
 
 
 FLOOR_RULE = "[segments.idle]\nrule = \"since_last() >= '14d'\"\n"
@@ -245,7 +180,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> Iterator[str]:
     )
     yield f"- Python {m['python']}, msgspec {m['msgspec']}. Code: {m['code']}."
     md5 = ", ".join(f"`{k}` {v}" for k, v in m["code_md5"].items())
-    yield f"- md5 (first 8 hex digits): {md5}."
+    yield f"- md5 (first 8 hex digits) of the packages: {md5}."
     g = result["history"]
     yield (
         f"- History: {g['events']:,} events ({g['per_customer']:.1f} per customer; "
@@ -332,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.gmtime()
     result: dict[str, Any] = {
-        "command": "python scripts/bench_replay.py " + " ".join(sys.argv[1:] or []),
+        "command": "python -m scripts.bench.replay " + " ".join(sys.argv[1:] or []),
         "started": time.strftime("%Y-%m-%d %H:%M", started),
         "customers": args.customers,
         "days": args.days,
         "seed": args.seed,
-        "machine": machine(),
+        "machine": {**machine(), "code_md5": code_digest(("actors",))},
         "load_before": loadavg(),
     }
     say(f"generating {args.customers:,} customers over {args.days} days (seed {args.seed})")
