@@ -545,6 +545,7 @@ def check_agreement(text: str, events: list[Event], end: int) -> None:
     assert got == ref, f"causes differ\nexpected: {ref}\ngot: {got}"
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None)
 @given(text=segment_files(), history=histories())
 def test_engine_agrees_with_reference(text: str, history: tuple[list[Event], int]) -> None:

@@ -18,6 +18,7 @@ from scripts.bench._suite import MEASUREMENTS
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_smoke_run_reports_every_measurement(tmp_path: Path) -> None:
     proc = subprocess.run(

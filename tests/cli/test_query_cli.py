@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from protocol import CustomerReply, SegmentsReply, StatusReply
 from tests.helpers import NatsServer, Proc, run
@@ -32,6 +33,7 @@ rule = "count('Visit' >= 1"
 """
 
 
+@pytest.mark.slow
 def test_operator_commands(nats_server: NatsServer, tmp_path: Path, procs: list[Proc]) -> None:  # noqa: F811
     url = nats_server.url
     seg_file = tmp_path / "segments.toml"

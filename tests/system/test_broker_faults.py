@@ -287,6 +287,7 @@ async def test_a_dropped_connection_loses_no_delivery(
     )
 
 
+@pytest.mark.slow
 async def test_a_stream_of_events_survives_server_restarts_and_a_dropped_connection(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -360,6 +360,7 @@ async def fresh_replay(db: Path, segments: Path, until: int) -> list[Transition]
 # The test ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_sigkill_at_random_moments_loses_nothing(
     nats_server: NatsServer, tmp_path: Path
