@@ -115,15 +115,7 @@ class Recovery:
         self.add_listed(segments, p.customers)
 
         # A customer's memberships differ from its rules only if the definitions changed.
-        changed: list[Transition] = []
-        for i, c in enumerate(list(p.customers.values())):
-            changed += c.evaluate(segments, _DEFINITION)
-            p.touch(c)
-            await breathe(i)
-        self._stats.rebuilt_customers = len(p.customers)
-        if changed:
-            self._logger.info("definitions changed memberships", transitions=len(changed))
-            await self._outbox.commit([], changed)
+        await self._ready(await self._evaluate(list(p.customers.values())))
 
     async def _rebuild_from_snapshots(self, marks: SnapshotMarks) -> None:
         """Load the customers of the log tail (snapshot plus what came after it); then, if
@@ -141,11 +133,7 @@ class Recovery:
                 tail_outbox[o.customer_id].append(o)
         tail = sorted(tail_events.keys() | tail_outbox.keys())
         changed = await self.load(tail, tail_events, tail_outbox)
-        for i, customer_id in enumerate(tail):
-            c = p.customers[customer_id]
-            changed += c.evaluate(p.segments, _DEFINITION)
-            p.touch(c)
-            await breathe(i)
+        changed += await self._evaluate([p.customers[customer_id] for customer_id in tail])
 
         self.warm, self._cursor, self.horizon = False, None, -NEVER
         await store.bulk_reads(True)  # until warm: pages come in random table order
@@ -157,11 +145,24 @@ class Recovery:
         else:
             changed += await self.load_all()
             self.add_listed(p.segments, p.customers)
-            for i, c in enumerate(list(p.customers.values())):
-                changed += c.evaluate(p.segments, _DEFINITION)
-                p.touch(c)
-                await breathe(i)
-        self._stats.rebuilt_customers = len(p.customers)
+            changed += await self._evaluate(list(p.customers.values()))
+        await self._ready(changed)
+
+    async def _evaluate(self, customers: list[Customer]) -> list[Transition]:
+        """Evaluate customers under the definitions in force, at their watermarks, with cause
+        ``definition``; re-arm them; return the transitions."""
+        p = self._partition
+        segments = p.segments
+        changed: list[Transition] = []
+        for i, c in enumerate(customers):
+            changed += c.evaluate(segments, _DEFINITION)
+            p.touch(c)
+            await breathe(i)
+        return changed
+
+    async def _ready(self, changed: list[Transition]) -> None:
+        """The customers loaded at start are ready: commit what evaluating them changed."""
+        self._stats.rebuilt_customers = len(self._partition.customers)
         if changed:
             self._logger.info("definitions changed memberships", transitions=len(changed))
             await self._outbox.commit([], changed)
