@@ -2,7 +2,8 @@
 :func:`protocol.nats.serve_api` decodes, from the engine's in-memory actors.
 
 Everything here reads; only :meth:`EngineApi.definitions` with ``apply`` changes anything,
-and it goes through :meth:`Engine.apply_segments` like a reload of the served file.
+and it goes through :meth:`Engine.apply_segments` like a reload of the served file, and
+:meth:`EngineApi.unpark`, an operator's request to try parked customers again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from protocol import (
     DAY,
+    CustomerParked,
     CustomerReply,
     DefinitionsReply,
     DefinitionsRequest,
@@ -23,14 +25,20 @@ from protocol import (
     Membership,
     MembersReply,
     MembersRequest,
+    ParkedInfo,
     SegmentInfo,
     SegmentSize,
     SegmentsReply,
     StatusReply,
     UnknownCustomer,
     UnknownSegment,
+    UnparkReply,
+    UnparkRequest,
+    format_instant,
     from_instant,
 )
+from protocol._api import MAX_PARKED_SHOWN
+from store import ParkedCustomer
 
 from ._customer import Customer
 from ._errors import ActorsError, DefinitionError, UnknownSegmentError
@@ -129,6 +137,10 @@ class EngineApi:
         if not engine.running:
             raise EngineUnavailable("the engine is not running (starting or stopping)")
         if c is None:
+            parked = engine.parked(customer_id)
+            if parked is not None:
+                since = format_instant(parked.at)
+                raise CustomerParked(customer_id, f"{parked.reason} ({parked.during})", since)
             raise UnknownCustomer(customer_id)
         return c
 
@@ -227,6 +239,7 @@ class EngineApi:
         engine = self._engine
         stats, segments = engine.stats, engine.segments
         nxt = engine.next_deadline
+        parked = engine.parked_customers
         return StatusReply(
             at=from_instant(engine.now()),
             consumer=engine.consumer,
@@ -247,4 +260,33 @@ class EngineApi:
             definitions=segments.source,
             fingerprint=segments.fingerprint,
             segments=[SegmentSize(name=n, size=s) for n, s in engine.segment_sizes.items()],
+            events_quarantined=stats.events_quarantined,
+            parked=len(parked),
+            parked_customers=[_parked_info(r) for r in parked[:MAX_PARKED_SHOWN]],
         )
+
+    async def unpark(self, request: UnparkRequest) -> UnparkReply:
+        engine = self._engine
+        if not engine.running:
+            raise EngineUnavailable("the engine is not running (starting or stopping)")
+        ids = list(dict.fromkeys(request.customer_ids))
+        not_parked = [i for i in ids if engine.parked(i) is None]
+        try:
+            unparked = await engine.unpark([i for i in ids if i not in not_parked])
+        except ActorsError as e:
+            raise EngineUnavailable(f"the customers were not tried again: {e}") from e
+        still = [r for r in (engine.parked(i) for i in ids) if r is not None]
+        return UnparkReply(
+            unparked=unparked,
+            parked=[_parked_info(r) for r in still],
+            not_parked=not_parked,
+        )
+
+
+def _parked_info(r: ParkedCustomer) -> ParkedInfo:
+    return ParkedInfo(
+        customer_id=r.customer_id,
+        reason=r.reason,
+        during=r.during,
+        parked_at=from_instant(r.at),
+    )

@@ -15,17 +15,21 @@ from ._api import ExplainRequest as ExplainRequest
 from ._api import Membership as Membership
 from ._api import MembersReply as MembersReply
 from ._api import MembersRequest as MembersRequest
+from ._api import ParkedInfo as ParkedInfo
 from ._api import SegmentInfo as SegmentInfo
 from ._api import SegmentSize as SegmentSize
 from ._api import SegmentsReply as SegmentsReply
 from ._api import SegmentsRequest as SegmentsRequest
 from ._api import StatusReply as StatusReply
 from ._api import StatusRequest as StatusRequest
+from ._api import UnparkReply as UnparkReply
+from ._api import UnparkRequest as UnparkRequest
 from ._broker import embedded_broker as embedded_broker
 from ._broker import find_nats_server as find_nats_server
 from ._broker import port_in_use as port_in_use
 from ._errors import ApiError as ApiError
 from ._errors import BrokerError as BrokerError
+from ._errors import CustomerParked as CustomerParked
 from ._errors import EngineUnavailable as EngineUnavailable
 from ._errors import InvalidRequest as InvalidRequest
 from ._errors import ProtocolError as ProtocolError
@@ -108,6 +112,7 @@ __all__ = (
     "BrokerError",
     "Cause",
     "ConditionExplanation",
+    "CustomerParked",
     "CustomerReply",
     "CustomerRequest",
     "DefinitionCause",
@@ -126,6 +131,7 @@ __all__ = (
     "MembersReply",
     "MembersRequest",
     "Membership",
+    "ParkedInfo",
     "ProtocolError",
     "PublishError",
     "QueryHandler",
@@ -143,6 +149,8 @@ __all__ = (
     "TransitionSink",
     "UnknownCustomer",
     "UnknownSegment",
+    "UnparkReply",
+    "UnparkRequest",
     "api_subject",
     "customer_api_filter",
     "customer_api_subject",

@@ -16,6 +16,8 @@ from ._explain import SegmentExplanation
 
 MAX_PAGE = 10_000
 """The most members one ``members`` request returns."""
+MAX_PARKED_SHOWN = 100
+"""The most parked customers ``status`` lists (it counts them all)."""
 
 
 # Requests ---------------------------------------------------------------------------------
@@ -65,6 +67,16 @@ class DefinitionsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
 
 class StatusRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``shoal.api.status``: no fields."""
+
+
+MAX_UNPARK = 1_000
+"""The most customers one ``unpark`` request names."""
+
+
+class UnparkRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``shoal.api.unpark``: try these parked customers again (an operator's request)."""
+
+    customer_ids: Annotated[list[str], msgspec.Meta(min_length=1, max_length=MAX_UNPARK)]
 
 
 # Replies ----------------------------------------------------------------------------------
@@ -181,6 +193,28 @@ class DefinitionsReply(msgspec.Struct, frozen=True, kw_only=True):
     transitions: int | None
 
 
+class ParkedInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A customer the engine set aside after an error no message could be blamed for: not
+    evaluated until tried again (``shoal unpark``, a change of definitions, an upgrade); its
+    events are still logged, and applied then. ``during`` says what the engine was doing
+    (``deadline``, ``snapshot``, ``definitions``, ``load``, ``quarantine``, ``unpark``)."""
+
+    customer_id: str
+    reason: str
+    during: str
+    parked_at: datetime
+
+
+class UnparkReply(msgspec.Struct, frozen=True, kw_only=True):
+    """``unparked``: tried again and back in the engine, their events since applied.
+    ``parked``: tried again and failed again (with this attempt's error). ``not_parked``:
+    named but not parked."""
+
+    unparked: list[str]
+    parked: list[ParkedInfo]
+    not_parked: list[str]
+
+
 class SegmentSize(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     size: int
@@ -214,6 +248,12 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     definitions: str
     fingerprint: str
     segments: list[SegmentSize]
+    events_quarantined: int = 0
+    """Events that raised while applied: rejected with the error (in ``events_rejected``)."""
+    parked: int = 0
+    """Customers parked now."""
+    parked_customers: list[ParkedInfo] = msgspec.field(default_factory=list)
+    """The first :data:`MAX_PARKED_SHOWN` of them, in id order."""
 
 
 customer_request_decoder = msgspec.json.Decoder(CustomerRequest)
@@ -222,3 +262,4 @@ segments_request_decoder = msgspec.json.Decoder(SegmentsRequest)
 members_request_decoder = msgspec.json.Decoder(MembersRequest)
 definitions_request_decoder = msgspec.json.Decoder(DefinitionsRequest)
 status_request_decoder = msgspec.json.Decoder(StatusRequest)
+unpark_request_decoder = msgspec.json.Decoder(UnparkRequest)

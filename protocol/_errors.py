@@ -51,6 +51,19 @@ class UnknownCustomer(ApiError):
         self.customer_id = customer_id
 
 
+class CustomerParked(ApiError):
+    """The customer is parked: set aside after an error, until tried again."""
+
+    code = "409"
+
+    def __init__(self, customer_id: str, reason: str, since: str) -> None:
+        super().__init__(
+            f"customer {customer_id!r} is parked since {since} after an error: {reason} "
+            f"(its events are kept; `shoal unpark {customer_id}` tries it again)"
+        )
+        self.customer_id = customer_id
+
+
 class UnknownSegment(ApiError):
     """No segment of this name is defined; ``known`` lists those that are."""
 

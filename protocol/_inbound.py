@@ -32,6 +32,7 @@ RejectionKind = Literal[
     "message_id",
     "timestamp",
     "future",
+    "quarantined",
 ]
 """The class of a rejection reason: a short, stable name for counting them (metrics)."""
 

@@ -15,6 +15,8 @@ from ._api import (
     MembersRequest,
     SegmentsReply,
     StatusReply,
+    UnparkReply,
+    UnparkRequest,
 )
 
 API_VERSION = "1.0.0"
@@ -42,3 +44,5 @@ class QueryHandler(Protocol):
     async def definitions(self, request: DefinitionsRequest) -> DefinitionsReply: ...
 
     async def status(self) -> StatusReply: ...
+
+    async def unpark(self, request: UnparkRequest) -> UnparkReply: ...

@@ -22,7 +22,15 @@ REJECTED_SUBJECT = "shoal.rejected"
 API_PREFIX = "shoal.api."
 API_SERVICE = "shoal"
 """The name of the query service (``$SRV.PING.shoal``) and the queue group of its endpoints."""
-API_ENDPOINTS = ("customer", "explain", "segments", "members", "definitions", "status")
+API_ENDPOINTS = (
+    "customer",
+    "explain",
+    "segments",
+    "members",
+    "definitions",
+    "status",
+    "unpark",
+)
 CUSTOMER_ENDPOINTS = ("customer", "explain")
 """Endpoints about one customer: the customer is the last token of the subject, so a request
 reaches the engine that owns the customer."""

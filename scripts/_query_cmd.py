@@ -30,6 +30,7 @@ from protocol import (
     DefinitionsReply,
     ExplainReply,
     MembersReply,
+    ParkedInfo,
     SegmentsReply,
     StatusReply,
     format_instant,
@@ -119,6 +120,17 @@ def register(sub: Any, segments: Any) -> None:
     p.add_argument("--cursor", metavar="C", help="start after this id (a page's next cursor)")
     common(p)
     p.set_defaults(run=_members)
+
+    p = sub.add_parser(
+        "unpark",
+        help="try parked customers again (set aside after an error; `status` lists them)",
+        description="Ask the running engine to try these parked customers again: each is "
+        "rebuilt from the log and the events logged since it was parked are applied. Exits "
+        "1 if any stays parked (its new error is printed).",
+    )
+    p.add_argument("customer_ids", nargs="+", metavar="ID")
+    common(p, _APPLY_TIMEOUT)
+    p.set_defaults(run=_unpark)
 
     p = segments.add_parser("list", help="the running engine's definitions with their sizes")
     common(p)
@@ -230,6 +242,11 @@ def _show_status(r: StatusReply, out: Console) -> None:
         ("timer queue", f"{r.pending_deadlines} pending, next due {_when(r.next_deadline)}"),
         ("deadlines fired", str(r.deadlines_fired)),
         ("definitions", f"{r.definitions} ({r.fingerprint})"),
+        ("quarantined", f"{r.events_quarantined} events (rejected: they raised when applied)"),
+        (
+            "parked",
+            f"{r.parked} customers" + (" (`shoal unpark ID` tries one again)" * bool(r.parked)),
+        ),
     ):
         t.add_row(key, value)
     out.print(t)
@@ -237,6 +254,36 @@ def _show_status(r: StatusReply, out: Console) -> None:
     for s in r.segments:
         sizes.add_row(s.name, str(s.size))
     out.print(sizes)
+    if r.parked_customers:
+        _show_parked(r.parked_customers, out)
+        if r.parked > len(r.parked_customers):
+            out.print(f"... and {r.parked - len(r.parked_customers)} more parked")
+
+
+def _show_parked(parked: list[ParkedInfo], out: Console) -> None:
+    t = Table("parked customer", "since", "during", "error")
+    for p in parked:
+        t.add_row(escape(p.customer_id), _when(p.parked_at), p.during, escape(p.reason))
+    out.print(t)
+
+
+# unpark -----------------------------------------------------------------------------------
+
+
+async def _unpark(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        reply = await api.unpark(list(args.customer_ids))
+    if args.json:
+        sys.stdout.write(_encoder.encode(reply).decode() + "\n")
+    else:
+        out = Console(highlight=False)
+        for customer_id in reply.unparked:
+            out.print(f"unparked {escape(customer_id)}")
+        for customer_id in reply.not_parked:
+            out.print(f"{escape(customer_id)} is not parked")
+        if reply.parked:
+            _show_parked(reply.parked, out)
+    return 1 if reply.parked else 0
 
 
 # customer ---------------------------------------------------------------------------------

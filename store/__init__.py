@@ -11,6 +11,8 @@ from ._events import EventLog as EventLog
 from ._events import LoggedEvent as LoggedEvent
 from ._outbox import Outbox as Outbox
 from ._outbox import OutboxEntry as OutboxEntry
+from ._parked import Parked as Parked
+from ._parked import ParkedCustomer as ParkedCustomer
 from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
 from ._schema import Synchronous as Synchronous
 from ._snapshots import Snapshot as Snapshot
@@ -24,6 +26,8 @@ __all__ = (
     "LoggedEvent",
     "Outbox",
     "OutboxEntry",
+    "Parked",
+    "ParkedCustomer",
     "Snapshot",
     "SnapshotMarks",
     "Snapshots",

@@ -17,13 +17,14 @@ from ._errors import StoreError
 from ._events import EventLog, LoggedEvent
 from ._lock import WriterLock
 from ._outbox import Outbox, OutboxEntry
+from ._parked import Parked
 from ._schema import MMAP_BYTES, Synchronous, check_for_reading, prepare_for_writing
 from ._snapshots import Snapshot, SnapshotMarks, Snapshots
 
 
 class Store:
     """The SQLite store of one engine: :attr:`events` (the log), :attr:`outbox` and
-    :attr:`snapshots`, written together by :meth:`commit`.
+    :attr:`snapshots`, written together by :meth:`commit`, and :attr:`parked`.
 
     Open it with ``async with await Store.open(path) as store:``. Only one process may
     hold a store for writing at a time (a lock beside the file enforces it); any number may
@@ -37,6 +38,7 @@ class Store:
         events: EventLog,
         outbox: Outbox,
         snapshots: Snapshots,
+        parked: Parked,
     ) -> None:
         self._db = db
         self._lock = lock
@@ -47,6 +49,8 @@ class Store:
         """The transitions outbox."""
         self.snapshots = snapshots
         """The customers' snapshots and the marks of the last complete round."""
+        self.parked = parked
+        """The customers set aside after an error, until tried again."""
 
     @classmethod
     async def open(cls, path: Path, *, synchronous: Synchronous = "NORMAL") -> Self:
@@ -112,6 +116,7 @@ class Store:
             await EventLog.load(db, doing=doing),
             await Outbox.load(db, meta, doing=doing),
             Snapshots.load(db, meta),
+            await Parked.load(db, writable=lock is not None, doing=doing),
         )
 
     async def __aenter__(self) -> Self:
@@ -161,6 +166,7 @@ class Store:
         *,
         snapshots: Sequence[Snapshot] | None = None,
         marks: SnapshotMarks | None = None,
+        unparked: Sequence[str] = (),
     ) -> list[int]:
         """Append events and outbox entries, advance the published mark, and store
         snapshots, atomically.
@@ -173,6 +179,7 @@ class Store:
             snapshots: customer states replacing those stored (their ``log_seq`` must not be
                 past the events appended before this call).
             marks: a round of snapshots is complete with this commit.
+            unparked: customers no longer parked (see :attr:`parked`).
 
         Returns:
             The outbox positions assigned to ``entries``, in order.
@@ -183,7 +190,7 @@ class Store:
         mark = published_through
         if mark is not None and mark <= self.outbox.published_through:
             mark = None
-        if not (events or entries or mark is not None or snapshots or marks):
+        if not (events or entries or mark is not None or snapshots or marks or unparked):
             return []
         seqs = self.outbox._next_seqs(len(entries))
         async with self._db.transaction():
@@ -195,9 +202,11 @@ class Store:
                 await self.snapshots._put(snapshots)
             if marks is not None:
                 await self.snapshots._mark(marks)
+            await self.parked._remove(unparked)
         self.events._committed(last_event)
         self.outbox._committed(seqs, mark)
         self.snapshots._committed(marks)
+        self.parked._committed(unparked)
         return seqs
 
     async def import_events(self, events: Sequence[LoggedEvent]) -> int:

@@ -54,6 +54,13 @@ class EngineStats:
     events_applied: int = 0
     events_duplicate: int = 0
     events_rejected: int = 0
+    events_quarantined: int = 0
+    """Events that raised while applied: rejected with the error, their customer restored
+    (counted in :attr:`events_rejected` too)."""
+    events_parked: int = 0
+    """Events logged for a parked customer, to apply when it is unparked."""
+    customers_parked: int = 0
+    """Customers parked since start (see ``store.parked`` for those parked now)."""
     transitions: int = 0
     transitions_published: int = 0
     deadlines_fired: int = 0

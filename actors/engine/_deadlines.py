@@ -16,6 +16,7 @@ from protocol import NEVER, SECOND, Delivery, EventSource, TimeCause, Transition
 from ._config import SERVE_EVERY, EngineConfig, EngineObserver, EngineStats, breathe
 from ._gc import FREEZE_EVENTS, Collector
 from ._outbox import Outbox
+from ._parking import Parking
 from ._partition import Partition
 from ._recovery import Recovery
 
@@ -35,6 +36,7 @@ class Deadlines:
         partition: Partition,
         recovery: Recovery,
         outbox: Outbox,
+        parking: Parking,
         stats: EngineStats,
         gc: Collector,
         clock: Clock,
@@ -44,6 +46,7 @@ class Deadlines:
         self._partition = partition
         self._recovery = recovery
         self._outbox = outbox
+        self._parking = parking
         self._stats = stats
         self._gc = gc
         self._clock = clock
@@ -136,6 +139,7 @@ class Deadlines:
             if i:
                 await anyio.lowlevel.cancel_shielded_checkpoint()  # as breathe()
             transitions += p.fire(due[i : i + SERVE_EVERY], floor, due_at)
+        await self._parking.settle()  # those whose deadline raised
         self._stats.deadlines_fired += len(due)
         self._gc.since += len(due)
         if self._observer is not None:
@@ -181,7 +185,11 @@ class Deadlines:
                 break
             if deadline is None:
                 continue  # in the timer queue, so it has one
-            made = c.evaluate(segments, _TIME)
+            try:
+                made = c.evaluate(segments, _TIME)
+            except Exception as e:
+                p.fail(customer_id, "deadline", e)
+                continue
             if made:
                 # Not what it was evaluated to when last changed (it should be): take
                 # what evaluating at its watermark gives, as a time-based change.
@@ -203,6 +211,7 @@ class Deadlines:
             # soon are prepared: else the first full collection, often while they fire,
             # walks it all (20-40 ms for 4,000 customers).
             gc.settle()
+        await self._parking.settle()
         if changed:
             await self._outbox.commit([], changed)
         return True

@@ -16,6 +16,7 @@ from protocol import DefinitionCause, Transition
 from ._config import breathe
 from ._metrics import Counts
 from ._outbox import Outbox
+from ._parking import Parking
 from ._partition import Partition
 from ._recovery import Recovery
 from ._snapshots import Snapshots
@@ -40,12 +41,14 @@ class Definitions:
         recovery: Recovery,
         snapshots: Snapshots,
         outbox: Outbox,
+        parking: Parking,
         counts: Counts,
     ) -> None:
         self._partition = partition
         self._recovery = recovery
         self._snapshots = snapshots
         self._outbox = outbox
+        self._parking = parking
         self._counts = counts
         self._requests: deque[_SegmentsRequest] = deque()
         self._logger = structlog.get_logger("shoal.engine")
@@ -85,13 +88,16 @@ class Definitions:
         old = p.segments
         customers = p.customers
         refolded = 0
+        failed: dict[str, BaseException] = {}
         if new.needs != old.needs:
             # Customers keep only the facts the old rules read: refold the log into fresh
             # actors that take over the memberships, version and watermark. They replace
             # the old ones only once complete, so a failed read changes nothing.
             customers = {}
-            refolded = await recovery.fold_log(new, customers)
+            refolded, failed = await recovery.fold_log(new, customers)
             for customer_id, before in p.customers.items():
+                if customer_id in failed:
+                    continue
                 c = customers.get(customer_id)
                 if c is None:  # known without events, from a static list
                     c = customers[customer_id] = Customer(customer_id)
@@ -102,12 +108,19 @@ class Definitions:
 
         changed: list[Transition] = []
         for i, c in enumerate(list(customers.values())):
-            changed += c.evaluate(new, _DEFINITION)
-            p.arm(c.customer_id, c.deadline)
+            try:
+                changed += c.evaluate(new, _DEFINITION)
+            except Exception as e:
+                failed[c.customer_id] = e
+            else:
+                p.arm(c.customer_id, c.deadline)
             await breathe(i)
         p.segments, p.customers = new, customers
         if p.changed is not None:
             p.changed.update(customers)
+        for customer_id, error in failed.items():
+            p.fail(customer_id, "definitions", error)
+        await self._parking.settle()
         await self._outbox.commit([], changed)
         self._counts.recount(new.names, customers.values())  # segments removed, refolded
 
@@ -124,5 +137,10 @@ class Definitions:
             transitions=len(changed),
             entered=entered,
             exited=len(changed) - entered,
+            parked=len(failed),
         )
+        # Customers parked before, under other definitions, are tried under these.
+        parked = [r.customer_id for r in self._parking.all() if r.customer_id not in failed]
+        if parked:
+            await self._parking.try_again(parked, why="definitions changed")
         return len(changed)

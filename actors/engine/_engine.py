@@ -32,7 +32,7 @@ from actors._customer import Customer
 from actors._errors import ActorsError
 from actors.rules import SegmentSet
 from protocol import EventSource, TransitionSink
-from store import Store, StoreError
+from store import ParkedCustomer, Store, StoreError
 
 from . import _queries
 from ._config import EngineConfig, EngineObserver, EngineStats, Wake
@@ -42,6 +42,7 @@ from ._gc import Collector
 from ._ingest import Ingest
 from ._metrics import Counts
 from ._outbox import Outbox
+from ._parking import Parking
 from ._partition import Partition
 from ._recovery import Recovery
 from ._snapshots import Snapshots
@@ -88,15 +89,20 @@ class Engine:
         self._counts = counts = Counts()
         self._gc = gc = Collector(cfg.freeze_gc)
         self._outbox = outbox = Outbox(store, sink, cfg, counts, observer)
-        self._recovery = recovery = Recovery(store, p, outbox, counts, gc, self._clock, cfg)
-        self._snapshots = snaps = Snapshots(store, p, outbox, counts.stats, gc, self._clock, cfg)
+        self._parking = parking = Parking(store, p, outbox, counts, self._clock)
+        self._recovery = recovery = Recovery(
+            store, p, outbox, parking, counts, gc, self._clock, cfg
+        )
+        self._snapshots = snaps = Snapshots(
+            store, p, outbox, parking, counts.stats, gc, self._clock, cfg
+        )
         self._deadlines = deadlines = Deadlines(
-            p, recovery, outbox, counts.stats, gc, self._clock, cfg, observer
+            p, recovery, outbox, parking, counts.stats, gc, self._clock, cfg, observer
         )
         self._ingest = Ingest(
-            store, p, recovery, deadlines, outbox, sink, counts, gc, self._clock, cfg
+            store, p, recovery, deadlines, outbox, parking, sink, counts, gc, self._clock, cfg
         )
-        self._definitions = Definitions(p, recovery, snaps, outbox, counts)
+        self._definitions = Definitions(p, recovery, snaps, outbox, parking, counts)
         self._wake = Wake()
         self._running = False
         self._consuming = False
@@ -199,6 +205,32 @@ class Engine:
         await done.wait()
         return self._partition.customers.get(customer_id)
 
+    def parked(self, customer_id: str) -> ParkedCustomer | None:
+        """Why the customer is parked, or None if it is not (see :mod:`._parking`)."""
+        return self._parking.get(customer_id)
+
+    @property
+    def parked_customers(self) -> list[ParkedCustomer]:
+        """Every customer parked now, in id order."""
+        return self._parking.all()
+
+    async def unpark(self, customer_ids: list[str]) -> list[str]:
+        """Try parked customers again; return those unparked (others stay parked, with the
+        error of this attempt; ids not parked are ignored). The main loop does it between
+        two batches, and this waits for it.
+
+        Raises:
+            ActorsError: the engine is not running, or it stopped before doing it.
+        """
+        if not self._running:
+            raise ActorsError("the engine is not running")
+        request = self._parking.ask(customer_ids)
+        self._wake.set()
+        await request.done.wait()
+        if request.unparked is None:
+            raise ActorsError("the engine stopped before the customers were tried again")
+        return request.unparked
+
     @property
     def segment_sizes(self) -> dict[str, int]:
         """How many customers are in each segment in force, in file order. Counted as
@@ -272,6 +304,7 @@ class Engine:
             raise ActorsError("the engine has recovered already")
         await self._rebuild()
         changed = await self._recovery.load_all()
+        await self._parking.settle()
         if changed:
             await self._outbox.commit([], changed)
         self._recovered = True
@@ -293,12 +326,14 @@ class Engine:
         finally:
             self._running = False
             self._definitions.release()
+            self._parking.release()
             self._recovery.release_loads()
 
     async def _rebuild(self) -> None:
         self._snapshots.restarted()
         if await self._recovery.rebuild(self._config.use_snapshots):
             self._snapshots.due_now()
+        await self._parking.on_start()
         self._gc.settle()
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -322,6 +357,7 @@ class Engine:
             snapshots_loaded=self.stats.snapshots_loaded,
             snapshots_ignored=self.stats.snapshots_ignored,
             warm=self._recovery.warm,
+            parked=len(self._parking),
             backlog=source.pending_at_start,
             pending_deadlines=self.pending_deadlines,
             segments=list(p.segments.names),
@@ -362,6 +398,7 @@ class Engine:
             self._wake.reset()
             await recovery.serve_loads()
             await self._definitions.serve()
+            await self._parking.serve()
             await outbox.wait_for_space()
             batch = source.take(cfg.batch_size)
             if batch:
@@ -371,6 +408,7 @@ class Engine:
             busy = bool(batch)
             if not recovery.warm:
                 changed = await recovery.page(cfg.page_batch)
+                await self._parking.settle()
                 if changed:
                     await outbox.commit([], changed)
                 busy = True

@@ -30,11 +30,21 @@ from ._deadlines import Deadlines
 from ._gc import Collector
 from ._metrics import Counts
 from ._outbox import Outbox
+from ._parking import Parking, reason_of
 from ._partition import Partition
 from ._recovery import Recovery
 
 _MAX_RETRY_DELAY = 5.0
 """Seconds at most between two attempts to publish the same rejection."""
+
+
+def _quarantined(event: Event, error: Exception) -> InvalidEvent:
+    return InvalidEvent(
+        f"the event raised an error while applied and was quarantined: {reason_of(error)}",
+        kind="quarantined",
+        customer_id=event.customer_id,
+        message_id=event.message_id,
+    )
 
 
 class Ingest:
@@ -47,6 +57,7 @@ class Ingest:
         recovery: Recovery,
         deadlines: Deadlines,
         outbox: Outbox,
+        parking: Parking,
         sink: TransitionSink,
         counts: Counts,
         gc: Collector,
@@ -58,6 +69,7 @@ class Ingest:
         self._recovery = recovery
         self._deadlines = deadlines
         self._outbox = outbox
+        self._parking = parking
         self._sink = sink
         self._counts = counts
         self._gc = gc
@@ -68,7 +80,7 @@ class Ingest:
     async def batch(self, batch: list[Delivery], source: EventSource) -> None:
         """Apply, commit, reject and acknowledge one batch taken from ``source``."""
         stats = self._counts.stats
-        fresh: list[Event] = []
+        fresh: list[tuple[Event, Delivery]] = []
         rejected: list[tuple[Delivery, InvalidEvent]] = []
         keys: set[tuple[str, str]] = set()
         max_bytes = self._config.max_event_bytes
@@ -90,32 +102,35 @@ class Ingest:
                 stats.events_duplicate += 1
                 continue
             keys.add(key)
-            fresh.append(event)
+            fresh.append((event, d))
         known = await self._store.events.known(keys) if keys else set()
 
-        p = self._partition
+        p, parking = self._partition, self._parking
         logged: list[LoggedEvent] = []
         transitions: list[Transition] = []
         if not self._recovery.warm:
             # Still warming up: these customers' snapshots load now, ahead of their turn.
-            transitions += await self._recovery.load({e.customer_id for e in fresh}, {}, {})
-        try:
-            for i, event in enumerate(fresh):
-                await breathe(i, SERVE_EVERY)
-                if (event.customer_id, event.message_id) in known:
-                    stats.events_duplicate += 1
-                    continue
-                transitions += p.apply(event)
+            transitions += await self._recovery.load({e.customer_id for e, _ in fresh}, {}, {})
+            await parking.settle()
+        applied: list[Event] = []  # in this batch, before the one being applied
+        for i, (event, d) in enumerate(fresh):
+            await breathe(i, SERVE_EVERY)
+            if (event.customer_id, event.message_id) in known:
+                stats.events_duplicate += 1
+                continue
+            if event.customer_id in parking:
+                # Kept for when it is tried again, not applied now.
                 logged.append(logged_event(event))
-        except Exception:
-            # The engine stops with this error; say which event it was.
-            self._logger.error(
-                "event could not be applied",
-                customer_id=event.customer_id,
-                message_id=event.message_id,
-                exc_info=True,
-            )
-            raise
+                stats.events_parked += 1
+                continue
+            try:
+                transitions += p.apply(event)
+            except Exception as e:
+                transitions = await self._quarantine(event, d, e, applied, transitions)
+                rejected.append((d, _quarantined(event, e)))
+                continue
+            logged.append(logged_event(event))
+            applied.append(event)
         await self._outbox.commit(logged, transitions)
         stats.events_applied += len(logged)
         self._gc.worked(len(logged))
@@ -126,6 +141,49 @@ class Ingest:
         # Acknowledged only now: every event of the batch is in the log or was rejected.
         await source.ack(batch[-1].stream_sequence)
         self._deadlines.ingested(batch)
+
+    async def _quarantine(
+        self,
+        event: Event,
+        d: Delivery,
+        error: Exception,
+        applied: list[Event],
+        transitions: list[Transition],
+    ) -> list[Transition]:
+        """An event raised while applied: restore its customer to its state before it (as
+        committed, then the batch's earlier events of that customer applied again); return
+        the batch's transitions so far. If restoring raises too, the customer is parked and
+        its transitions of this batch are dropped (its events are applied when unparked)."""
+        customer_id = event.customer_id
+        self._counts.stats.events_quarantined += 1
+        self._logger.error(
+            "event quarantined: it raised while applied",
+            customer_id=customer_id,
+            message_id=event.message_id,
+            stream_sequence=d.stream_sequence,
+            error=reason_of(error),
+            exc_info=error,
+        )
+        p, parking = self._partition, self._parking
+        p.drop(customer_id)
+        restored = await self._recovery.reload(customer_id)
+        mine = [e for e in applied if e.customer_id == customer_id]
+        if mine and customer_id not in parking:
+            c = p.actor(customer_id)
+            try:
+                # The same transitions as the first time, which the batch has already.
+                for earlier in mine:
+                    c.apply(earlier, p.segments)
+            except Exception as e:
+                p.fail(customer_id, "quarantine", e)
+            else:
+                p.touch(c)
+        if customer_id in parking:
+            # Restoring it raised: parked, its events of this batch applied when unparked.
+            await parking.settle()
+            return [t for t in transitions if t.customer_id != customer_id]
+        self._counts.recount(p.segments.names, p.customers.values())
+        return transitions + restored
 
     async def _reject(self, d: Delivery, invalid: InvalidEvent) -> None:
         reason = invalid.reason

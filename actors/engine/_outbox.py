@@ -61,13 +61,23 @@ class Outbox:
         self.confirmed_through = confirmed_through
         self._pending.extend(entries)
 
-    async def commit(self, events: list[LoggedEvent], transitions: Sequence[Transition]) -> None:
-        """Append ``events`` and ``transitions`` to the store in one transaction, then queue
-        the transitions for publishing."""
+    async def commit(
+        self,
+        events: list[LoggedEvent],
+        transitions: Sequence[Transition],
+        snapshots: Sequence[Snapshot] = (),
+        *,
+        unparked: Sequence[str] = (),
+    ) -> None:
+        """Append ``events`` and ``transitions`` (and replace ``snapshots``, and unpark
+        customers) in the store in one transaction, then queue the transitions for
+        publishing."""
         entries = outbox_entries(transitions)
         obs = self._observer
         with obs.timing_commit() if obs is not None and (events or entries) else _NOT_TIMED:
-            seqs = await self._store.commit(events, entries, self.confirmed_through)
+            seqs = await self._store.commit(
+                events, entries, self.confirmed_through, snapshots=snapshots, unparked=unparked
+            )
         self._counts.stats.transitions += len(entries)
         if entries:
             self._counts.committed(transitions)

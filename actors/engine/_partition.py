@@ -12,11 +12,21 @@ import bisect
 import heapq
 from collections import deque
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from actors._customer import Customer
 from actors._timers import TimerQueue
 from actors.rules import SegmentSet
 from protocol import Event, Transition
+
+
+class Failure(NamedTuple):
+    """A customer dropped from the partition after an error no message can be blamed for."""
+
+    customer_id: str
+    during: str
+    """What was being done: ``deadline``, ``snapshot``, ``definitions``, ``load``, ..."""
+    error: BaseException
 
 
 class Partition:
@@ -28,16 +38,29 @@ class Partition:
     timer queue has not been given one again.
 
     With ``track_changes``, every customer applied or fired is added to :attr:`changed`
-    (the engine snapshots those); replay does without.
+    (the engine snapshots those), and a customer whose deadline raises is dropped and added
+    to :attr:`failed` (the engine parks those) instead of the error stopping everything;
+    replay does without either.
     """
 
-    __slots__ = ("customers", "changed", "preparing", "_segments", "_needs", "_timers", "_held")
+    __slots__ = (
+        "customers",
+        "changed",
+        "failed",
+        "preparing",
+        "_segments",
+        "_needs",
+        "_timers",
+        "_held",
+    )
 
     def __init__(self, segments: SegmentSet, *, track_changes: bool = False) -> None:
         self.customers: dict[str, Customer] = {}
         self._segments = segments
         self._needs = segments.needs.fingerprint()
         self.changed: set[str] | None = set() if track_changes else None
+        self.failed: list[Failure] | None = [] if track_changes else None
+        """Customers dropped after an error, with what was being done and the error."""
         self.preparing = 0
         """Customers taken out of the timer queue by the engine's preparation, not yet held."""
         self._timers = TimerQueue()
@@ -76,6 +99,22 @@ class Partition:
         if self.changed is not None:
             self.changed.add(c.customer_id)
 
+    def drop(self, customer_id: str) -> Customer | None:
+        """Take the customer out of the partition: no deadline, no snapshot, not in memory."""
+        c = self.customers.pop(customer_id, None)
+        self._timers.set(customer_id, None)
+        if self.changed is not None:
+            self.changed.discard(customer_id)
+        return c
+
+    def fail(self, customer_id: str, during: str, error: BaseException) -> None:
+        """Drop a customer after ``error`` and note it in :attr:`failed`; without
+        ``track_changes`` (replay), raise ``error`` instead."""
+        if self.failed is None:
+            raise error
+        self.drop(customer_id)
+        self.failed.append(Failure(customer_id, during, error))
+
     def arm(self, customer_id: str, deadline: int | None) -> None:
         """Make ``deadline`` the customer's pending deadline in the timer queue."""
         self._timers.set(customer_id, deadline)
@@ -108,7 +147,8 @@ class Partition:
     ) -> list[Transition]:
         """Fire the deadlines of ``customer_ids`` (popped by :meth:`pop_due`): each customer
         fires every deadline at or before ``until``, each at its own instant, and is re-armed.
-        The instant each was due is appended to ``due_at``, if given."""
+        The instant each was due is appended to ``due_at``, if given. A customer whose
+        deadline raises is dropped (:meth:`fail`), with none of its transitions."""
         out: list[Transition] = []
         customers, segments, arm, changed = (
             self.customers,
@@ -120,7 +160,11 @@ class Partition:
             c = customers[customer_id]
             if due_at is not None and c.deadline is not None:
                 due_at.append(c.deadline)  # what the timer held: the deadline firing now
-            out += c.advance(until, segments)
+            try:
+                out += c.advance(until, segments)
+            except Exception as e:
+                self.fail(customer_id, "deadline", e)
+                continue
             arm(customer_id, c.deadline)
             if changed is not None:
                 changed.add(customer_id)

@@ -24,6 +24,7 @@ from ._config import EngineConfig, breathe
 from ._gc import Collector
 from ._metrics import Counts
 from ._outbox import Outbox
+from ._parking import Parking
 from ._partition import Partition
 
 _DEFINITION = DefinitionCause()
@@ -58,6 +59,7 @@ class Recovery:
         store: Store,
         partition: Partition,
         outbox: Outbox,
+        parking: Parking,
         counts: Counts,
         gc: Collector,
         clock: Clock,
@@ -66,6 +68,7 @@ class Recovery:
         self._store = store
         self._partition = partition
         self._outbox = outbox
+        self._parking = parking
         self._counts = counts
         self._stats = counts.stats
         self._gc = gc
@@ -99,18 +102,24 @@ class Recovery:
             # No usable snapshots: take them now, or the next start rebuilds from the log too.
             snapshot_now = use_snapshots
         self._counts.recount(p.segments.names, p.customers.values())
+        await self._parking.settle()
         return snapshot_now
 
     async def _rebuild_from_log(self) -> None:
         """Rebuild every actor: facts from the event log, memberships from the outbox."""
         p = self._partition
         segments = p.segments
-        self._stats.rebuilt_events += await self.fold_log(segments, p.customers)
+        read, failed = await self.fold_log(segments, p.customers)
+        self._stats.rebuilt_events += read
 
         # The outbox comes in (customer, version) order, so each entry is restored as it comes.
+        parked = self._parking
         async for outbox in self._store.outbox.by_customer():
             for o in outbox:
-                p.actor(o.customer_id).restore((transition_of(o),))
+                if o.customer_id not in parked and o.customer_id not in failed:
+                    p.actor(o.customer_id).restore((transition_of(o),))
+        for customer_id, error in failed.items():
+            p.fail(customer_id, "load", error)
 
         self.add_listed(segments, p.customers)
 
@@ -131,9 +140,9 @@ class Recovery:
         async for outbox in store.outbox.read(after=marks.outbox_through):
             for o in outbox:
                 tail_outbox[o.customer_id].append(o)
-        tail = sorted(tail_events.keys() | tail_outbox.keys())
+        tail = sorted(i for i in tail_events.keys() | tail_outbox.keys() if i not in self._parking)
         changed = await self.load(tail, tail_events, tail_outbox)
-        changed += await self._evaluate([p.customers[customer_id] for customer_id in tail])
+        changed += await self._evaluate([p.customers[i] for i in tail if i in p.customers])
 
         self.warm, self._cursor, self.horizon = False, None, -NEVER
         await store.bulk_reads(True)  # until warm: pages come in random table order
@@ -155,8 +164,12 @@ class Recovery:
         segments = p.segments
         changed: list[Transition] = []
         for i, c in enumerate(customers):
-            changed += c.evaluate(segments, _DEFINITION)
-            p.touch(c)
+            try:
+                changed += c.evaluate(segments, _DEFINITION)
+            except Exception as e:
+                p.fail(c.customer_id, "load", e)
+            else:
+                p.touch(c)
             await breathe(i)
         return changed
 
@@ -175,6 +188,12 @@ class Recovery:
             c = customer_of(snap, needs=self._partition.needs)
         except SnapshotError as e:
             self._logger.warning("snapshot ignored", customer_id=snap.customer_id, error=str(e))
+            c = None
+        except Exception as e:
+            # Not a format it knows how to refuse: the log still has the last word.
+            self._logger.warning(
+                "snapshot ignored", customer_id=snap.customer_id, error=repr(e), exc_info=e
+            )
             c = None
         if c is None:
             self._stats.snapshots_ignored += 1
@@ -198,7 +217,8 @@ class Recovery:
         ``tail_outbox`` after it, or from the log when it has no usable snapshot. Returns the
         transitions of evaluating those rebuilt from the log (to commit)."""
         p = self._partition
-        ids = [i for i in customer_ids if i not in p.customers]
+        parked = self._parking
+        ids = [i for i in customer_ids if i not in p.customers and i not in parked]
         if not ids:
             return []
         segments = p.segments
@@ -212,12 +232,16 @@ class Recovery:
                 # word (a snapshot may have been lost): rebuild from what it holds, if any.
                 from_log.append(customer_id)
                 continue
-            for e in tail_events.get(customer_id, ()):
-                if e.seq > snap.log_seq:
-                    c.fold(event_of(e), segments)
-            for o in tail_outbox.get(customer_id, ()):
-                if o.version > c.version:
-                    c.restore((transition_of(o),))
+            try:
+                for e in tail_events.get(customer_id, ()):
+                    if e.seq > snap.log_seq:
+                        c.fold(event_of(e), segments)
+                for o in tail_outbox.get(customer_id, ()):
+                    if o.version > c.version:
+                        c.restore((transition_of(o),))
+            except Exception as e:
+                p.fail(customer_id, "load", e)
+                continue
             self._hold(c)
             p.touch(c)
         return await self._load_from_log(from_log, known=snaps.keys())
@@ -236,22 +260,42 @@ class Recovery:
         p = self._partition
         segments = p.segments
         fresh = {customer_id: Customer(customer_id) for customer_id in customer_ids}
+        failed: dict[str, BaseException] = {}
         for e in await self._store.events.of_customers(customer_ids):
-            fresh[e.customer_id].fold(event_of(e), segments)
+            if e.customer_id not in failed:
+                try:
+                    fresh[e.customer_id].fold(event_of(e), segments)
+                except Exception as folding:
+                    failed[e.customer_id] = folding
             self._stats.rebuilt_events += 1
         for o in await self._store.outbox.of_customers(customer_ids):
             fresh[o.customer_id].restore((transition_of(o),))
         now = self._clock.now()
         changed: list[Transition] = []
         for c in fresh.values():
+            if c.customer_id in failed:
+                p.fail(c.customer_id, "load", failed[c.customer_id])
+                continue
             if c.version == 0 and c.first_at() is None:
                 if c.customer_id not in known:
                     continue
                 c.watermark = now  # known from a static list only: as when it was added
+            try:
+                made = c.evaluate(segments, _DEFINITION)
+            except Exception as e:
+                p.fail(c.customer_id, "load", e)
+                continue
             self._hold(c)
-            changed += c.evaluate(segments, _DEFINITION)
+            changed += made
             p.touch(c)
         return changed
+
+    async def reload(self, customer_id: str) -> list[Transition]:
+        """Load a customer not in memory afresh from the log and the outbox: as committed.
+        Returns the transitions of evaluating it (to commit: none, unless its committed
+        state and its rules disagree). If that raises, the partition drops it as failed."""
+        listed = any(customer_id in ids for ids in self._partition.segments.lists.values())
+        return await self._load_from_log([customer_id], known=(customer_id,) if listed else ())
 
     async def page(self, limit: int) -> list[Transition]:
         """Load the next ``limit`` snapshots in deadline order; return the transitions of
@@ -272,8 +316,8 @@ class Recovery:
         bad: list[str] = []
         with self._gc.loading():
             for snap in rows:
-                if snap.customer_id in p.customers:
-                    continue  # loaded already: from the tail, or for an event
+                if snap.customer_id in p.customers or snap.customer_id in self._parking:
+                    continue  # loaded already (from the tail, or for an event), or parked
                 c = self._from_snapshot(snap)
                 if c is None:
                     bad.append(snap.customer_id)
@@ -301,19 +345,31 @@ class Recovery:
             changed += await self.page(max(self._config.page_batch, 50_000))
         return changed
 
-    async def fold_log(self, segments: SegmentSet, customers: dict[str, Customer]) -> int:
+    async def fold_log(
+        self, segments: SegmentSet, customers: dict[str, Customer]
+    ) -> tuple[int, dict[str, BaseException]]:
         """Fold the whole event log into ``customers`` (adding actors as needed), keeping the
-        facts ``segments`` reads; return how many events were read."""
+        facts ``segments`` reads, but for parked customers; return how many events were
+        read, and the customers whose events raised (taken out of ``customers``: the caller
+        parks them)."""
         read = 0
+        parked = self._parking
+        failed: dict[str, BaseException] = {}
         async for chunk in self._store.events.read():
             for entry in chunk:
-                event = event_of(entry)
-                c = customers.get(event.customer_id)
+                customer_id = entry.customer_id
+                c = customers.get(customer_id)
                 if c is None:
-                    c = customers[event.customer_id] = Customer(event.customer_id)
-                c.fold(event, segments)
+                    if customer_id in parked or customer_id in failed:
+                        continue
+                    c = customers[customer_id] = Customer(customer_id)
+                try:
+                    c.fold(event_of(entry), segments)
+                except Exception as e:
+                    failed[customer_id] = e
+                    del customers[customer_id]
             read += len(chunk)
-        return read
+        return read, failed
 
     def add_listed(self, segments: SegmentSet, customers: dict[str, Customer]) -> int:
         """Add an actor for each customer of a static list not in ``customers``; return how
@@ -326,7 +382,7 @@ class Recovery:
         now = self._clock.now()
         for ids in segments.lists.values():
             for customer_id in sorted(ids):  # sorted: a reproducible publishing order
-                if customer_id not in customers:
+                if customer_id not in customers and customer_id not in self._parking:
                     c = customers[customer_id] = Customer(customer_id)
                     c.watermark = now
                     added += 1
@@ -348,6 +404,7 @@ class Recovery:
         loads, self._loads = self._loads, deque()
         try:
             changed = await self.load(sorted({r.customer_id for r in loads}), {}, {})
+            await self._parking.settle()
             if changed:
                 await self._outbox.commit([], changed)
         finally:

@@ -9,11 +9,12 @@ import structlog
 from actors._clock import Clock
 from actors._stored import snapshot_row
 from protocol import NEVER
-from store import SnapshotMarks, Store
+from store import Snapshot, SnapshotMarks, Store
 
 from ._config import EngineConfig, EngineStats
 from ._gc import Collector
 from ._outbox import Outbox
+from ._parking import Parking
 from ._partition import Partition
 
 _FLUSH_BATCH = 50_000
@@ -28,6 +29,7 @@ class Snapshots:
         store: Store,
         partition: Partition,
         outbox: Outbox,
+        parking: Parking,
         stats: EngineStats,
         gc: Collector,
         clock: Clock,
@@ -37,6 +39,7 @@ class Snapshots:
         self._store = store
         self._partition = partition
         self._outbox = outbox
+        self._parking = parking
         self._stats = stats
         self._gc = gc
         self._clock = clock
@@ -103,9 +106,21 @@ class Snapshots:
 
     async def _write(self, customer_ids: list[str], *, done: bool) -> None:
         # Taken between turns, so each reflects exactly what is committed up to here.
-        needs, log_seq = self._partition.needs, self._store.events.last_seq
-        customers = self._partition.customers
-        rows = [snapshot_row(customers[i], needs=needs, log_seq=log_seq) for i in customer_ids]
+        p = self._partition
+        needs, log_seq = p.needs, self._store.events.last_seq
+        customers = p.customers
+        rows: list[Snapshot] = []
+        for customer_id in customer_ids:
+            c = customers.get(customer_id)
+            if c is None:
+                continue  # parked since it changed
+            try:
+                rows.append(snapshot_row(c, needs=needs, log_seq=log_seq))
+            except Exception as e:
+                p.fail(customer_id, "snapshot", e)
+        # Parked before the round's mark is recorded: a restart must not take the mark as
+        # covering them.
+        await self._parking.settle()
         await self._outbox.commit_snapshots(rows, self._marks if done else None)
         self._stats.snapshots_written += len(rows)
         if done:

@@ -31,12 +31,15 @@ from protocol._api import (
     MembersRequest,
     SegmentsReply,
     StatusReply,
+    UnparkReply,
+    UnparkRequest,
     customer_request_decoder,
     definitions_request_decoder,
     explain_request_decoder,
     members_request_decoder,
     segments_request_decoder,
     status_request_decoder,
+    unpark_request_decoder,
 )
 from protocol._errors import ApiError, EngineUnavailable, InvalidRequest, SubjectError
 from protocol._query import API_VERSION, QueryHandler
@@ -113,7 +116,7 @@ async def serve_api(
         name=API_SERVICE,
         version=API_VERSION,
         description="shoal query service: customer state, explanations, segments, members, "
-        "definitions and status",
+        "definitions, status and unparking",
         queue_group=API_SERVICE,
         metadata=metadata or {},
     )
@@ -144,6 +147,9 @@ async def serve_api(
             _decode(status_request_decoder, request.data)
             return await handler.status()
 
+        async def unpark(request: Request) -> msgspec.Struct:
+            return await handler.unpark(_decode(unpark_request_decoder, request.data))
+
         await service.add_endpoint(
             name="customer",
             subject=customer_api_filter("customer", customers),
@@ -159,6 +165,7 @@ async def serve_api(
             ("members", members),
             ("definitions", definitions),
             ("status", status),
+            ("unpark", unpark),
         ):
             await service.add_endpoint(
                 name=name, subject=api_subject(name), handler=_endpoint(name, answer)
@@ -184,6 +191,7 @@ _segments_reply = msgspec.json.Decoder(SegmentsReply)
 _members_reply = msgspec.json.Decoder(MembersReply)
 _definitions_reply = msgspec.json.Decoder(DefinitionsReply)
 _status_reply = msgspec.json.Decoder(StatusReply)
+_unpark_reply = msgspec.json.Decoder(UnparkReply)
 
 
 class ApiClient:
@@ -247,6 +255,11 @@ class ApiClient:
     async def status(self) -> StatusReply:
         """How the engine is doing."""
         return await self._request(api_subject("status"), b"", _status_reply)
+
+    async def unpark(self, customer_ids: list[str], *, timeout: float | None = None) -> UnparkReply:
+        """Try parked customers again."""
+        body = _encoder.encode(UnparkRequest(customer_ids=customer_ids))
+        return await self._request(api_subject("unpark"), body, _unpark_reply, timeout=timeout)
 
     async def _request(
         self,

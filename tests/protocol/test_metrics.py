@@ -14,14 +14,13 @@ import anyio
 import pytest
 from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
-from structlog.testing import capture_logs
 
-from actors import Clock, Customer, Engine, EngineConfig, SystemClock, VirtualClock
+from actors import Clock, Engine, EngineConfig, SystemClock, VirtualClock
 from protocol import SECOND, format_instant
 from protocol.metrics import EngineMetrics, MetricsError
 from protocol.nats import connect, jetstream_ports
 from store import Store
-from tests.helpers import NatsServer, Proc, eventually, free_port, run, running_engine, segments
+from tests.helpers import NatsServer, Proc, eventually, free_port, run, segments
 
 ACTIVE_IDLE = segments(
     """
@@ -267,25 +266,6 @@ def test_serve_metrics_port_and_json_logs(nats_server: NatsServer, tmp_path: Pat
         assert serve.stop() == 0
     finally:
         serve.close()
-
-
-async def test_an_event_that_fails_to_apply_is_logged_with_its_ids(
-    nats_server: NatsServer, client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def broken(self: Customer, event: Any, segments: Any) -> list[Any]:
-        raise RuntimeError("a bug in a rule")
-
-    monkeypatch.setattr(Customer, "apply", broken)
-    with capture_logs() as logs, pytest.raises(BaseExceptionGroup) as caught:
-        async with running_engine(nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE):
-            await client.publish("shoal.events.gail", track("gail", mid="g1"))
-            await anyio.sleep(10)  # the engine fails first, and cancels this
-    assert caught.group_contains(RuntimeError, match="a bug in a rule", depth=2)
-    failed = [e for e in logs if e["event"] == "event could not be applied"]
-    assert len(failed) == 1
-    assert failed[0]["customer_id"] == "gail"
-    assert failed[0]["message_id"] == "g1"
-    assert failed[0]["log_level"] == "error"
 
 
 def test_serve_metrics_port_is_checked(tmp_path: Path) -> None:

@@ -55,10 +55,11 @@ class SlowDisk(Store):
         *,
         snapshots: Sequence[Snapshot] | None = None,
         marks: SnapshotMarks | None = None,
+        unparked: Sequence[str] = (),
     ) -> list[int]:
         await anyio.sleep(0.02)
         return await super().commit(
-            events, entries, published_through, snapshots=snapshots, marks=marks
+            events, entries, published_through, snapshots=snapshots, marks=marks, unparked=unparked
         )
 
 
