@@ -314,7 +314,7 @@ def test_serve_reloads_a_changed_file_and_keeps_the_old_one_when_invalid(
             "transitions": 1,
             "entered": 1,
             "exited": 0,
-                "parked": 0,
+            "parked": 0,
             "level": "info",
         }
         assert transitions(1) == [("alice", "regular", "entered", "definition", 2)]
