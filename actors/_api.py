@@ -7,8 +7,11 @@ and it goes through :meth:`Engine.apply_segments` like a reload of the served fi
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
+
+from anyio import to_thread
 
 from protocol import (
     DAY,
@@ -195,7 +198,10 @@ class EngineApi:
     async def definitions(self, request: DefinitionsRequest) -> DefinitionsReply:
         try:
             base_dir = None if request.base_dir is None else Path(request.base_dir)
-            new = parse_segments(request.toml, source=request.source, base_dir=base_dir)
+            # In a worker thread: parsing a file at the limits takes a while, and reads list
+            # files; the engine's loop goes on meanwhile.
+            parse = functools.partial(parse_segments, source=request.source, base_dir=base_dir)
+            new = await to_thread.run_sync(parse, request.toml)
         except DefinitionError as e:
             raise InvalidRequest(str(e)) from e
         engine = self._engine
