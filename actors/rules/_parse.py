@@ -23,11 +23,8 @@ def parse_syntax(
     """
     if not text.strip():
         raise fail("the rule is empty")
-    if len(text) > MAX_RULE_CHARS:
-        raise fail(
-            f"the rule has {len(text):,} characters; the limit is {MAX_RULE_CHARS:,} "
-            "(split it into segments that refer to each other with in_segment)"
-        )
+    if (problem := too_long(text)) is not None:
+        raise fail(problem)
     rewrite = Rewrite(text)
     try:
         tree = ast.parse(rewrite.text, mode="eval")
@@ -45,6 +42,16 @@ def parse_syntax(
         raise fail(f"rule `{text}` is not valid syntax at column {col}: {e.msg}") from None
     _check_size(tree, fail)
     return rewrite, tree
+
+
+def too_long(text: str) -> str | None:
+    """What is wrong with rule ``text`` when it is over the length limit."""
+    if len(text) <= MAX_RULE_CHARS:
+        return None
+    return (
+        f"the rule has {len(text):,} characters; the limit is {MAX_RULE_CHARS:,} "
+        "(split it into segments that refer to each other with in_segment)"
+    )
 
 
 def _too_deep() -> str:

@@ -28,6 +28,7 @@ from ._limits import (
     MAX_SEGMENTS_FILE_BYTES,
     read_text_file,
 )
+from ._parse import too_long
 from ._rule import Rule, parse_rule
 from ._scores import ScoreConfig
 
@@ -269,28 +270,34 @@ def parse_segments(
         raise DefinitionError(
             "no segments: define at least one [segments.NAME] table with a rule", source=source
         )
-    if len(table) > MAX_SEGMENTS:
-        raise DefinitionError(
-            f"{len(table):,} segments; the limit is {MAX_SEGMENTS:,} in one file", source=source
-        )
-    rules = sum(
-        len(text)
-        for body in table.values()
-        if isinstance(body, Mapping)
-        for text in (body.get("rule"), body.get("exit"))
-        if isinstance(text, str)
-    )
-    if rules > MAX_RULES_CHARS:
-        raise DefinitionError(
-            f"the rules have {rules:,} characters in all; the limit is {MAX_RULES_CHARS:,} in "
-            "one file",
-            source=source,
-        )
+    _check_sizes(table, source)
     score = _score(doc.get("score", {}), source)
     lists = _lists(doc.get("lists", {}), source, base_dir)
     env = Env(score=score, lists=lists, segments=frozenset(table))
     segments = [_segment(name, body, source, env) for name, body in table.items()]
     return SegmentSet.of(segments, source=source, score=score, lists=lists)
+
+
+def _check_sizes(table: Mapping[str, Any], source: str) -> None:
+    """Refuse too many segments or too much rule text, before any rule is parsed."""
+    if len(table) > MAX_SEGMENTS:
+        raise DefinitionError(
+            f"{len(table):,} segments; the limit is {MAX_SEGMENTS:,} in one file", source=source
+        )
+    chars = 0
+    for name, body in table.items():
+        rules = (body.get("rule"), body.get("exit")) if isinstance(body, Mapping) else ()
+        for rule in rules:
+            if isinstance(rule, str):
+                if (problem := too_long(rule)) is not None:
+                    raise DefinitionError(problem, source=source, segment=name)
+                chars += len(rule)
+    if chars > MAX_RULES_CHARS:
+        raise DefinitionError(
+            f"the rules have {chars:,} characters in all; the limit is {MAX_RULES_CHARS:,} in "
+            "one file",
+            source=source,
+        )
 
 
 def _number(value: Any) -> bool:
