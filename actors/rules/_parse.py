@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import io
 import tokenize
+import warnings
 from collections.abc import Callable
 
 from actors._errors import DefinitionError
@@ -27,7 +28,11 @@ def parse_syntax(
         raise fail(problem)
     rewrite = Rewrite(text)
     try:
-        tree = ast.parse(rewrite.text, mode="eval")
+        with warnings.catch_warnings():
+            # Such as "invalid decimal literal" for `1and`: printed on stderr, beside the
+            # one error a bad rule gets.
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(rewrite.text, mode="eval")
     except (RecursionError, MemoryError):
         # Python's parser gives up on deep nesting this way, before any limit of ours.
         raise fail(_too_deep()) from None
