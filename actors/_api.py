@@ -8,6 +8,7 @@ and it goes through :meth:`Engine.apply_segments` like a reload of the served fi
 from __future__ import annotations
 
 import functools
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from protocol import (
     UnknownCustomer,
     UnknownSegment,
     from_instant,
+    to_instant,
 )
 
 from ._customer import Customer
@@ -41,6 +43,9 @@ from .engine import Engine
 from .rules import MISSING, SegmentSet, explain, parse_segments
 
 _SECOND = 1_000_000
+_LAST = to_instant(datetime.max.replace(tzinfo=UTC))
+"""The last instant a reply can hold: a deadline after it (a trait dated 9999-12-31 plus a
+duration) never comes."""
 
 
 def _definition(s: Any) -> tuple[Any, ...]:
@@ -97,7 +102,9 @@ def customer_state(c: Customer, segments: SegmentSet, now: int) -> CustomerReply
         score=_score(c, segments, now),
         traits=traits,
         events=counters,
-        next_deadline=None if c.deadline is None else from_instant(c.deadline),
+        next_deadline=None
+        if c.deadline is None or c.deadline > _LAST
+        else from_instant(c.deadline),
     )
 
 

@@ -308,6 +308,27 @@ async def test_definitions_at_the_limits_run(tmp_path: Path) -> None:
             tg.cancel_scope.cancel()
 
 
+async def test_a_deadline_after_year_9999_is_none_in_queries(tmp_path: Path) -> None:
+    """A trait dated 9999-12-31 (a common "never") plus a duration: a deadline no date can
+    hold. The customer query and explanations answered 500 (OverflowError); it never comes."""
+    clock = VirtualClock(T0)
+    broker = MemoryBroker(clock.now)
+    defs = segments(one("since(trait('renewal')) >= '30d'"))
+    async with await Store.open(tmp_path / "shoal.db") as store:
+        engine = Engine(broker.source(), broker.sink(), store, defs, clock=clock)
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            doc = {"type": "identify", "userId": "alice", "traits": {"renewal": "9999-12-31"}}
+            broker.publish("shoal.events.alice", msgspec.json.encode(doc), msg_id="a1")
+            await eventually(lambda: engine.stats.events_applied == 1)
+            api = EngineApi(engine)
+            assert (await api.customer("alice")).next_deadline is None
+            (explained,) = (await api.explain("alice", ExplainRequest())).segments
+            assert (explained.member, explained.next_change) == (False, None)
+            assert explained.rule.next_change is None
+            tg.cancel_scope.cancel()
+
+
 # --- time zones from trait values ---------------------------------------------------------
 
 
