@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.actors.test_rules_limits import listed, one
 from tests.helpers import SHOAL
 
 _MEMORY = 2 << 30  # the child's address space: a read of /dev/zero must fail, not the machine
@@ -29,15 +30,6 @@ def shoal(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=30,
         preexec_fn=_limited,  # the test process starts no threads that could deadlock it
     )
-
-
-def one(rule: str, **extra: str) -> str:
-    lines = [f"{k} = {v!r}" for k, v in extra.items()]
-    return "\n".join(["[segments.a]", f"rule = {rule!r}", *lines]) + "\n"
-
-
-def listed(file: str) -> str:
-    return f'[lists.vip]\nfile = "{file}"\n\n[segments.a]\nrule = "in_list(\'vip\')"\n'
 
 
 LONGEST = "is longer than the longest duration, 36525d (100 years)"
