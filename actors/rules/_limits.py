@@ -3,8 +3,9 @@
 Definitions come from files and over the network (the query service applies them), so they
 are untrusted. Each limit is checked while a file is parsed, before the work it bounds, and
 breaking one is a :class:`~actors.DefinitionError` naming the file, the segment and the
-limit. Whatever passes them also runs: every instant a rule can compute stays one shoal can
-write (years 1 to 9999).
+limit. Whatever passes them also runs: a date written in a rule plus or minus any duration
+is still a date shoal can write (years 1 to 9999). (A deadline past 9999-12-31, reached
+from a trait's date, never comes: queries and explanations show none.)
 
 =========================  =============  ====================================================
 limit                      value          what it bounds
