@@ -8,8 +8,12 @@ and it goes through :meth:`Engine.apply_segments` like a reload of the served fi
 
 from __future__ import annotations
 
+import functools
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from anyio import to_thread
 
 from protocol import (
     DAY,
@@ -36,6 +40,7 @@ from protocol import (
     UnparkRequest,
     format_instant,
     from_instant,
+    to_instant,
 )
 from protocol._api import MAX_PARKED_SHOWN
 from store import ParkedCustomer
@@ -46,6 +51,9 @@ from .engine import Engine
 from .rules import MISSING, SegmentSet, explain, parse_segments
 
 _SECOND = 1_000_000
+_LAST = to_instant(datetime.max.replace(tzinfo=UTC))
+"""The last instant a reply can hold: a deadline after it (a trait dated 9999-12-31 plus a
+duration) never comes."""
 
 
 def _definition(s: Any) -> tuple[Any, ...]:
@@ -102,7 +110,9 @@ def customer_state(c: Customer, segments: SegmentSet, now: int) -> CustomerReply
         score=_score(c, segments, now),
         traits=traits,
         events=counters,
-        next_deadline=None if c.deadline is None else from_instant(c.deadline),
+        next_deadline=None
+        if c.deadline is None or c.deadline > _LAST
+        else from_instant(c.deadline),
     )
 
 
@@ -207,7 +217,10 @@ class EngineApi:
     async def definitions(self, request: DefinitionsRequest) -> DefinitionsReply:
         try:
             base_dir = None if request.base_dir is None else Path(request.base_dir)
-            new = parse_segments(request.toml, source=request.source, base_dir=base_dir)
+            # In a worker thread: parsing a file at the limits takes a while, and reads list
+            # files; the engine's loop goes on meanwhile.
+            parse = functools.partial(parse_segments, source=request.source, base_dir=base_dir)
+            new = await to_thread.run_sync(parse, request.toml)
         except DefinitionError as e:
             raise InvalidRequest(str(e)) from e
         engine = self._engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,7 @@ from actors._errors import DefinitionError
 
 from ._compare import Compare, ElapsedCompare
 from ._dates import DAYS, parse_duration, to_instant_value
+from ._limits import MAX_RULE_NUMBER, MAX_RULE_YEAR, MIN_RULE_YEAR, rule_date_range
 from ._nodes import (
     And,
     Const,
@@ -148,18 +150,28 @@ class Parser:
         if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mult):
             return self.scale(n)
         if isinstance(n, ast.Constant) and isinstance(n.value, str | int | float | bool):
-            return Const(n.value)
+            return self.const(n.value, n)
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
             inner = n.operand
             if isinstance(inner, ast.Constant) and isinstance(inner.value, int | float):
                 if not isinstance(inner.value, bool):
-                    return Const(-inner.value)
+                    return self.const(-inner.value, n)
         if isinstance(n, ast.Name):
             raise self.fail(
                 f"unknown name {n.id!r}: write text in quotes ('{n.id}'), or call a function "
                 "such as " + ", ".join(list(_FUNCTIONS.values())[:4]) + " (see SEGMENTS.md)"
             )
         raise self.fail(f"`{self.snippet(n)}` is not allowed in a rule")
+
+    def const(self, value: str | float | bool, n: ast.AST) -> Const:
+        """A constant; a number must be finite and at most ``MAX_RULE_NUMBER`` in size."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not (math.isfinite(value) and abs(value) <= MAX_RULE_NUMBER):
+                raise self.fail(
+                    f"`{self.snippet(n)}`: a number in a rule is at most {MAX_RULE_NUMBER:,} "
+                    "in size"
+                )
+        return Const(value)
 
     def condition(self, n: ast.AST) -> Node:
         node = self.node(n)
@@ -182,7 +194,7 @@ class Parser:
                 f"`{self.snippet(n)}`: a score can only be multiplied by a positive number"
             )
         if isinstance(inner, Const):
-            return Const(k * inner.value)
+            return self.const(k * inner.value, n)
         return Scale(float(k), inner)
 
     def compare(self, left_ast: ast.expr, op: ast.cmpop, right_ast: ast.expr) -> Node:
@@ -264,6 +276,12 @@ class Parser:
             at = to_instant_value(node.value)
             if at is None:
                 raise self.fail(f"{node.value!r} is not an ISO-8601 date or date and time")
+            first, last = rule_date_range()
+            if not first <= at <= last:
+                raise self.fail(
+                    f"{node.value!r}: a date in a rule is in the years {MIN_RULE_YEAR} to "
+                    f"{MAX_RULE_YEAR}"
+                )
             return InstantConst(at)
         raise self.fail(
             f"a date compares with another date, like date('2027-01-01'), "

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import re
+import zoneinfo
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from protocol import DAY, HOUR, MINUTE, SECOND
+
+from ._limits import MAX_DURATION
 
 _US = {"s": SECOND, "m": MINUTE, "h": HOUR, "d": DAY}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -54,7 +57,8 @@ def parse_duration(text: str) -> int:
     """Microseconds of a duration such as ``'90s'``, ``'14d'``, ``'1d12h'`` or ``'-1d'``.
 
     Raises:
-        ValueError: the text is not a duration.
+        ValueError: the text is not a duration, or is longer than 100 years either way
+            (:data:`~actors.rules._limits.MAX_DURATION`).
     """
     compact = text.replace(" ", "")
     sign = -1 if compact.startswith("-") else 1
@@ -70,6 +74,10 @@ def parse_duration(text: str) -> int:
     if units != sorted(set(units), key="dhms".index):
         raise ValueError(f"{text!r}: give each unit once, largest first, like '1d12h'")
     total = sum((Decimal(n) * _US[u] for n, u in parts), Decimal(0))
+    if total > MAX_DURATION:
+        raise ValueError(
+            f"{text!r} is longer than the longest duration, {MAX_DURATION // DAY}d (100 years)"
+        )
     if total != total.to_integral_value():
         raise ValueError(f"{text!r} is finer than a microsecond")
     return sign * int(total)
@@ -98,11 +106,23 @@ def _instant_of_text(value: str) -> int | None:
     return (dt - EPOCH) // timedelta(microseconds=1)
 
 
+@functools.cache
+def _known_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
 @functools.lru_cache(maxsize=1024)
 def zone_of(name: Any) -> tzinfo:
-    if isinstance(name, str):
+    """The time zone of a ``timezone`` trait value; UTC for anything that is not the name of
+    a zone zoneinfo knows.
+
+    A trait value is a customer's data (and logs written by older versions may hold any
+    text): it is looked up among the known names first, so it never makes zoneinfo open a
+    path of its choosing (``'America'`` is a directory, a long name is too long a path).
+    """
+    if isinstance(name, str) and name in _known_zones():
         try:
             return ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (OSError, ValueError, KeyError):  # the tz database changed since
             pass
     return UTC

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from datetime import tzinfo
+from datetime import UTC, datetime, tzinfo
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -131,7 +131,7 @@ class _Future(Indexed):
         self._steps_left = steps_left
         self.changes = changes
         """Segment -> the instants its membership changes, in order."""
-        self.known_until = None if copy.deadline is None else copy.deadline - 1
+        self.known_until = _known_until(copy)
         """Memberships are known up to this instant (None: for good)."""
         self.t = 0
         """The instant :meth:`member` answers for."""
@@ -140,12 +140,13 @@ class _Future(Indexed):
         """Run the copy on by one more deadline (memberships become known further); False
         when the search may look at no more instants, or all is known already."""
         copy = self._copy
-        if copy.deadline is None or self._steps_left <= 0:
+        if self.known_until is None or self._steps_left <= 0:
             return False
+        assert copy.deadline is not None
         for t in copy.advance(copy.deadline, self._segments):
             self.changes.setdefault(t.segment, []).append(to_instant(t.at))
         self._steps_left -= 1
-        self.known_until = None if copy.deadline is None else copy.deadline - 1
+        self.known_until = _known_until(copy)
         return True
 
     @classmethod
@@ -411,8 +412,20 @@ def _duration(us: int) -> str:
     return sign + ("".join(parts) or "0s")
 
 
+_LAST = to_instant(datetime.max.replace(tzinfo=UTC))
+
+
+def _known_until(copy: Customer) -> int | None:
+    # A deadline after the last instant a date can hold (a trait dated 9999-12-31 plus a
+    # duration) never comes: memberships are known for good.
+    at = copy.deadline
+    return None if at is None or at > _LAST else at - 1
+
+
 def _instant(at: int | None) -> str | None:
-    return None if at is None else format_instant(at)
+    # A condition can flip after the last instant a date can hold (a trait dated
+    # 9999-12-31 plus a duration): that never comes.
+    return None if at is None or at > _LAST else format_instant(at)
 
 
 def _deciding(c: ConditionExplanation) -> list[ConditionExplanation]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import ast
 import io
 import tokenize
+import warnings
 from collections.abc import Callable
 
 from actors._errors import DefinitionError
+
+from ._limits import MAX_RULE_CHARS, MAX_RULE_DEPTH, MAX_RULE_NODES
 
 
 def parse_syntax(
@@ -16,13 +19,23 @@ def parse_syntax(
     """The syntax tree of rule ``text`` (as rewritten), not yet checked.
 
     Raises:
-        DefinitionError: from ``fail``: the rule is empty or not valid syntax.
+        DefinitionError: from ``fail``: the rule is empty, not valid syntax, or larger or
+            more deeply nested than the limits allow.
     """
     if not text.strip():
         raise fail("the rule is empty")
+    if (problem := too_long(text)) is not None:
+        raise fail(problem)
     rewrite = Rewrite(text)
     try:
-        tree = ast.parse(rewrite.text, mode="eval")
+        with warnings.catch_warnings():
+            # Such as "invalid decimal literal" for `1and`: printed on stderr, beside the
+            # one error a bad rule gets.
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(rewrite.text, mode="eval")
+    except (RecursionError, MemoryError):
+        # Python's parser gives up on deep nesting this way, before any limit of ours.
+        raise fail(_too_deep()) from None
     except SyntaxError as e:
         words = text.split()
         if not e.offset or e.offset > len(rewrite.text.rstrip()):
@@ -32,7 +45,40 @@ def parse_syntax(
             ) from None
         col = rewrite.column(e.lineno or 1, e.offset - 1) + 1
         raise fail(f"rule `{text}` is not valid syntax at column {col}: {e.msg}") from None
+    _check_size(tree, fail)
     return rewrite, tree
+
+
+def too_long(text: str) -> str | None:
+    """What is wrong with rule ``text`` when it is over the length limit."""
+    if len(text) <= MAX_RULE_CHARS:
+        return None
+    return (
+        f"the rule has {len(text):,} characters; the limit is {MAX_RULE_CHARS:,} "
+        "(split it into segments that refer to each other with in_segment)"
+    )
+
+
+def _too_deep() -> str:
+    return f"the rule is nested too deeply: the limit is {MAX_RULE_DEPTH} levels"
+
+
+def _check_size(tree: ast.Expression, fail: Callable[[str], DefinitionError]) -> None:
+    """Refuse a tree over the node or depth limit, walking it without recursion: checking
+    (and compiling, and explaining) recurse along it, and their time grows with its size."""
+    nodes = 0
+    stack: list[tuple[ast.AST, int]] = [(tree.body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_RULE_NODES:
+            raise fail(
+                f"the rule has more than {MAX_RULE_NODES:,} parts (names, values, operators); "
+                f"the limit is {MAX_RULE_NODES:,}"
+            )
+        if depth > MAX_RULE_DEPTH:
+            raise fail(_too_deep())
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
 
 
 class Rewrite:

@@ -6,6 +6,7 @@ SEGMENTS.md documents the file and the language.
 from __future__ import annotations
 
 import hashlib
+import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,15 @@ from protocol import SubjectError, validate_segment_name
 from ._check import Env
 from ._dates import parse_duration
 from ._facts import Facts, Needs
+from ._limits import (
+    MAX_LIST_FILE_BYTES,
+    MAX_RULE_NUMBER,
+    MAX_RULES_CHARS,
+    MAX_SEGMENTS,
+    MAX_SEGMENTS_FILE_BYTES,
+    read_text_file,
+)
+from ._parse import too_long
 from ._rule import Rule, parse_rule
 from ._scores import ScoreConfig
 
@@ -231,13 +241,23 @@ def parse_segments(
         base_dir: where list files (``[lists.X] file = ...``) are looked up.
 
     Raises:
-        DefinitionError: the file is not valid; the message names the file, the segment and
-            the problem.
+        DefinitionError: the file is not valid, or breaks a limit (see
+            :mod:`actors.rules._limits`); the message names the file, the segment and the
+            problem.
     """
+    size = len(text) if len(text) > MAX_SEGMENTS_FILE_BYTES else len(text.encode(errors="replace"))
+    if size > MAX_SEGMENTS_FILE_BYTES:
+        raise DefinitionError(
+            f"the file has {size:,} bytes; the limit is {MAX_SEGMENTS_FILE_BYTES:,}", source=source
+        )
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise DefinitionError(f"not valid TOML: {e}", source=source) from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise DefinitionError(
+            "not valid TOML: values are nested too deeply", source=source
+        ) from None
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise DefinitionError(
@@ -250,6 +270,7 @@ def parse_segments(
         raise DefinitionError(
             "no segments: define at least one [segments.NAME] table with a rule", source=source
         )
+    _check_sizes(table, source)
     score = _score(doc.get("score", {}), source)
     lists = _lists(doc.get("lists", {}), source, base_dir)
     env = Env(score=score, lists=lists, segments=frozenset(table))
@@ -257,8 +278,36 @@ def parse_segments(
     return SegmentSet.of(segments, source=source, score=score, lists=lists)
 
 
+def _check_sizes(table: Mapping[str, Any], source: str) -> None:
+    """Refuse too many segments or too much rule text, before any rule is parsed."""
+    if len(table) > MAX_SEGMENTS:
+        raise DefinitionError(
+            f"{len(table):,} segments; the limit is {MAX_SEGMENTS:,} in one file", source=source
+        )
+    chars = 0
+    for name, body in table.items():
+        rules = (body.get("rule"), body.get("exit")) if isinstance(body, Mapping) else ()
+        for rule in rules:
+            if isinstance(rule, str):
+                if (problem := too_long(rule)) is not None:
+                    raise DefinitionError(problem, source=source, segment=name)
+                chars += len(rule)
+    if chars > MAX_RULES_CHARS:
+        raise DefinitionError(
+            f"the rules have {chars:,} characters in all; the limit is {MAX_RULES_CHARS:,} in "
+            "one file",
+            source=source,
+        )
+
+
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """Whether ``value`` is a number a definition may hold: finite, and in range."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) <= MAX_RULE_NUMBER
+    )
 
 
 def _score(table: Any, source: str) -> ScoreConfig:
@@ -285,12 +334,16 @@ def _score(table: Any, source: str) -> ScoreConfig:
     weights = table.get("weights", {})
     if not isinstance(weights, Mapping) or not all(_number(w) for w in weights.values()):
         raise DefinitionError(
-            "[score] weights must map event names to numbers, like { Visit = 1.0 }",
+            "[score] weights must map event names to numbers, like { Visit = 1.0 }, of at "
+            f"most {MAX_RULE_NUMBER:,} in size",
             source=source,
         )
     default = table.get("default_weight", 1.0)
     if not _number(default):
-        raise DefinitionError("[score] default_weight must be a number", source=source)
+        raise DefinitionError(
+            f"[score] default_weight must be a number of at most {MAX_RULE_NUMBER:,} in size",
+            source=source,
+        )
     return ScoreConfig(
         half_life=half_life,
         weights={k: float(v) for k, v in weights.items()},
@@ -325,8 +378,8 @@ def _lists(table: Any, source: str, base_dir: Path | None) -> dict[str, frozense
             if not path.is_absolute():
                 path = (base_dir or Path.cwd()) / path
             try:
-                lines = path.read_text("utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as e:
+                lines = read_text_file(path, MAX_LIST_FILE_BYTES).splitlines()
+            except (OSError, ValueError) as e:
                 raise DefinitionError(f"{where} cannot read {path}: {e}", source=source) from None
             ids.update(s for line in lines if (s := line.strip()) and not s.startswith("#"))
         out[name] = frozenset(ids)
@@ -387,7 +440,7 @@ def load_segments(path: Path | None = None) -> SegmentSet:
         text = resources.files("actors").joinpath("default_segments.toml").read_text("utf-8")
         return parse_segments(text, source="default_segments.toml")
     try:
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_text_file(path, MAX_SEGMENTS_FILE_BYTES)
+    except (OSError, ValueError) as e:
         raise DefinitionError(f"cannot read it: {e}", source=str(path)) from None
     return parse_segments(text, source=str(path), base_dir=path.parent)
