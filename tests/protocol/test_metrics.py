@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,6 +47,22 @@ def scrape(url: str) -> Samples:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def get(url: str) -> tuple[int, bytes]:
+    """Status and body of a GET (an error status is an answer too)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def readiness(base: str) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body of ``base``/readyz."""
+    status, body = get(f"{base}/readyz")
+    doc: dict[str, Any] = json.loads(body)
+    return status, doc
 
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
@@ -204,6 +221,78 @@ async def test_port_in_use_is_a_metrics_error(nats_server: NatsServer, tmp_path:
         f"cannot serve metrics on 127.0.0.1:{port}: Address already in use "
         "(choose another with --metrics-port)"
     )
+
+
+async def test_readiness_gives_the_reasons_of_its_checks(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    nc = await connect([nats_server.url])
+    log = await Store.open(tmp_path / "shoal.db")
+    paused = ["paused: disk full"]  # a check another part may add
+    try:
+        metrics = EngineMetrics()
+        source, sink = await jetstream_ports(nc)
+        engine = Engine(source, sink, log, ACTIVE_IDLE, observer=metrics)
+        async with anyio.create_task_group() as tg:
+            endpoint = await tg.start(
+                lambda task_status: metrics.serve(
+                    engine,
+                    broker=nc,
+                    checks=[lambda: paused],
+                    port=0,
+                    interval=0.05,
+                    task_status=task_status,
+                )
+            )
+            base = endpoint.removesuffix("/metrics")
+
+            def probe() -> tuple[int, dict[str, Any]]:
+                return readiness(base)
+
+            # Sampled before the engine runs.
+            assert await anyio.to_thread.run_sync(probe) == (
+                503,
+                {
+                    "ready": False,
+                    "reasons": ["engine not consuming (starting or stopping)", "paused: disk full"],
+                },
+            )
+            assert await anyio.to_thread.run_sync(get, f"{base}/healthz") == (
+                200,
+                b'{"alive": true}\n',
+            )
+            await tg.start(engine.run)
+            with anyio.fail_after(10):
+                while await anyio.to_thread.run_sync(probe) != (
+                    503,
+                    {"ready": False, "reasons": ["paused: disk full"]},
+                ):
+                    await anyio.sleep(0.05)
+            paused.clear()
+            with anyio.fail_after(10):
+                while await anyio.to_thread.run_sync(probe) != (
+                    200,
+                    {"ready": True, "reasons": []},
+                ):
+                    await anyio.sleep(0.05)
+            assert metrics.not_ready == ()
+            s = await anyio.to_thread.run_sync(scrape, endpoint)
+            assert value(s, "shoal_broker_connected") == 1
+            # Any other path is the metrics, as prometheus-client serves them.
+            other = await anyio.to_thread.run_sync(scrape, f"{base}/")
+            assert value(other, "shoal_broker_connected") == 1
+            tg.cancel_scope.cancel()
+    finally:
+        await log.close()
+        await nc.close()
+
+
+async def test_without_a_broker_to_watch_there_is_no_broker_gauge(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with engine_with_metrics(nats_server.url, tmp_path / "shoal.db") as (engine, endpoint):
+        s = await scraped(endpoint, lambda s: value(s, "shoal_warm") == 1)
+        assert value(s, "shoal_broker_connected") is None
 
 
 def test_serve_metrics_port_and_json_logs(nats_server: NatsServer, tmp_path: Path) -> None:
