@@ -49,14 +49,9 @@ def test_a_stopped_broker_is_reported_and_ingestion_resumes(
 ) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    data = str(tmp_path / "data")
     serve = Proc(
-        "serve",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--nats",
-        nats_server.url,
-        "--metrics-port",
-        str(port),
+        "serve", "--nats", nats_server.url, "--data-dir", data, "--metrics-port", str(port)
     )
     assert nats_server.proc is not None
     broker = nats_server.proc.pid
