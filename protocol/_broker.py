@@ -197,12 +197,17 @@ class _Supervised:
             raise BrokerError(f"cannot start nats-server ({self._exe}): {e.strerror or e}") from e
         run = self._run = _Run(proc)
         tg.start_soon(run.read_stderr)
-        with anyio.move_on_after(_START_TIMEOUT) as scope:
-            while not run.ready.is_set() and proc.returncode is None:
-                with anyio.move_on_after(0.05):
-                    await run.ready.wait()
-        if run.ready.is_set():
-            return
+        try:
+            with anyio.move_on_after(_START_TIMEOUT) as scope:
+                while not run.ready.is_set() and proc.returncode is None:
+                    with anyio.move_on_after(0.05):
+                        await run.ready.wait()
+            if run.ready.is_set():
+                return
+        except BaseException:  # asked to stop meanwhile: not for a caller that never got it
+            with anyio.CancelScope(shield=True):
+                await _stop(proc)
+            raise
         with anyio.CancelScope(shield=True):
             await _stop(proc)
         last = await run.last_line()

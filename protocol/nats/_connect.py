@@ -87,11 +87,12 @@ class _Watch:
         self._name = name
         self._servers = ", ".join(servers)
         self.last_error: str | None = None
+        self._error_at = 0.0
         self._down_since: float | None = None
         self._warned_at = 0.0
 
     async def error(self, e: Exception) -> None:
-        self.last_error = str(e) or type(e).__name__
+        self.last_error, self._error_at = str(e) or type(e).__name__, time.monotonic()
         down_since = self._down_since
         if down_since is None:
             return
@@ -112,12 +113,14 @@ class _Watch:
         # Also called by close(): that is no fault, and nothing follows it.
         if self._nc.is_closed or self._down_since is not None:
             return
-        self._down_since = self._warned_at = time.monotonic()
+        now = self._down_since = self._warned_at = time.monotonic()
+        # A read error is reported just before; a broker that went silent, not at all.
+        recent = self.last_error if now - self._error_at < 1.0 else None
         _logger.warning(
             "broker connection lost; reconnecting",
             client=self._name,
             servers=self._servers,
-            error=self.last_error,
+            error=recent or "no answer to pings",
         )
 
     async def reconnected(self) -> None:

@@ -71,6 +71,7 @@ def test_a_stopped_broker_is_reported_and_ingestion_resumes(
             assert time.monotonic() - stopped < 5
             assert warning["level"] == "warning"
             assert warning["servers"] == nats_server.url
+            assert warning["error"] == "no answer to pings"
             wait_until(lambda: gauge(base, "shoal_broker_connected") == 0, 5, "gauge at 0")
             status, doc = readiness(base)
             assert status == 503
