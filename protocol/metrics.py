@@ -227,6 +227,7 @@ class EngineMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._checks: tuple[ReadinessCheck, ...] = ()
+        self._failing: set[str] = set()
         self._commit = Histogram(
             "shoal_batch_commit_seconds",
             "Time to commit a batch (events, transitions, or both) to the store.",
@@ -321,7 +322,7 @@ class EngineMetrics:
         stats = engine.stats
         self._sample = _Sample(
             broker_connected=None if broker is None else broker.is_connected,
-            not_ready=tuple(reason for check in self._checks for reason in check()),
+            not_ready=tuple(reason for check in self._checks for reason in self._reasons(check)),
             counters={attr: getattr(stats, attr) for _, _, attr in _COUNTERS},
             transitions=dict(engine.transition_counts),
             rejections=dict(engine.rejection_counts),
@@ -329,6 +330,16 @@ class EngineMetrics:
             gauges={attr: int(getattr(engine, attr)) for _, _, attr in _GAUGES},
             lag=lag,
         )
+
+    def _reasons(self, check: ReadinessCheck) -> list[str]:
+        try:
+            return list(check())
+        except Exception as e:  # noqa: BLE001 - a faulty probe must not stop the engine
+            reason = f"readiness check failed: {e!r}"
+            if reason not in self._failing:  # logged once, not at every sample
+                self._failing.add(reason)
+                _logger.exception("readiness check failed", check=getattr(check, "__name__", None))
+            return [reason]
 
     def _app(self) -> _WsgiApp:
         """The HTTP endpoint: the probes, and the metrics at any other path (as

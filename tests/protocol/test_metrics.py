@@ -232,6 +232,13 @@ async def test_readiness_gives_the_reasons_of_its_checks(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     paused = ["paused: disk full"]  # a check another part may add
+    bug: list[str] = []
+    bug_error = RuntimeError("a bug in a check")
+
+    def faulty() -> list[str]:
+        if bug:
+            raise bug_error
+        return []
 
     async def probe(expected: tuple[int, dict[str, Any]]) -> None:
         with anyio.fail_after(10):
@@ -246,7 +253,7 @@ async def test_readiness_gives_the_reasons_of_its_checks(
             lambda task_status: metrics.serve(
                 engine,
                 broker=nc,
-                checks=[lambda: paused],
+                checks=[lambda: paused, faulty],
                 port=0,
                 interval=0.05,
                 task_status=task_status,
@@ -266,6 +273,9 @@ async def test_readiness_gives_the_reasons_of_its_checks(
         await tg.start(engine.run)
         await probe((503, {"ready": False, "reasons": ["paused: disk full"]}))
         paused.clear()
+        bug.append("a bug in a check")  # said, not raised: the engine goes on
+        await probe((503, {"ready": False, "reasons": [f"readiness check failed: {bug_error!r}"]}))
+        bug.clear()
         await probe((200, {"ready": True, "reasons": []}))
         assert metrics.not_ready == ()
         s = await anyio.to_thread.run_sync(scrape, endpoint)
