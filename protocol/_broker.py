@@ -14,11 +14,14 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import anyio.abc
+import structlog
 
 from ._errors import BrokerError
 
@@ -28,6 +31,7 @@ _STOP_TIMEOUT = 10.0
 _EXEC_FAILED = 127
 """The launcher's exit status (as in ``_LAUNCHER``) when it cannot execute nats-server; its
 last line says why."""
+_logger = structlog.get_logger("shoal.broker")
 
 # Run as ``python -I -S -c _LAUNCHER <parent pid> <nats-server> <args>...``: asks Linux to
 # send the child SIGTERM when the thread that spawned it ends (prctl PR_SET_PDEATHSIG), then
@@ -88,15 +92,21 @@ async def embedded_broker(
     host: str = "127.0.0.1",
     port: int = 4222,
     binary: Path | None = None,
+    restarts: int = 3,
+    within: float = 60.0,
 ) -> AsyncIterator[str]:
     """Run ``nats-server`` with JetStream for the duration of the ``async with`` block.
 
-    Yields the URL clients connect to, once the server says it is ready. On exit the server
-    is stopped with SIGTERM (SIGKILL if it does not stop in time) and waited for.
+    Yields the URL clients connect to, once the server says it is ready. Should the server
+    exit meanwhile, it is started again (same store, same port; clients reconnect by
+    themselves), up to ``restarts`` times within ``within`` seconds. Once more than that, the
+    block is cancelled and :class:`BrokerError` raised, quoting the server's last line of
+    output. On exit the server is stopped with SIGTERM (SIGKILL if it does not stop in time)
+    and waited for.
 
     Raises:
         BrokerError: the binary is missing, the port is taken, or the server exited or did not
-            become ready; the message is one line for a person.
+            become ready (at first, or too often since); the message is one line for a person.
     """
     exe = binary or find_nats_server()
     if port_in_use(host, port):
@@ -105,63 +115,153 @@ async def embedded_broker(
             "(choose another with --port, or use the server there with --nats URL)"
         )
     store_dir.mkdir(parents=True, exist_ok=True)
-    args = [str(exe), "-js", "-sd", str(store_dir), "-a", host, "-p", str(port)]
-    try:
-        # A session of its own: Ctrl-C on a terminal signals the whole foreground group,
-        # and the broker must outlive the engine's last flush; we stop it ourselves after.
-        # If we are killed instead, the kernel stops it (Linux), so it does not keep the port.
-        proc = await anyio.open_process(
-            _with_parent_death_signal(args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-    except OSError as e:
-        raise BrokerError(f"cannot start nats-server ({exe}): {e.strerror or e}") from e
-
-    lines: list[str] = []
-    ready = anyio.Event()
-
-    async def read_stderr() -> None:
-        assert proc.stderr is not None
-        buf = b""
-        async for chunk in proc.stderr:
-            buf += chunk
-            *complete, buf = buf.split(b"\n")
-            for raw in complete:
-                line = raw.decode("utf-8", "replace")
-                lines.append(line)
-                del lines[:-50]  # keep only the tail, for the error message
-                if _READY_LINE in line:
-                    ready.set()
-
-    # Raised once the task group is done, so the caller gets it as such, not in a group.
-    problem: str | None = None
+    broker = _Supervised(exe, [str(exe), "-js", "-sd", str(store_dir), "-a", host, "-p", str(port)])
     async with anyio.create_task_group() as tg:
-        tg.start_soon(read_stderr)
+        try:
+            await broker.start(tg)
+        except BrokerError as e:
+            broker.failure = e
+        if broker.failure is None:
+            tg.start_soon(broker.supervise, tg, restarts, within)
+            try:
+                yield f"nats://{host}:{port}"
+            finally:
+                tg.cancel_scope.cancel()  # the supervisor, before the server it watches
+                with anyio.CancelScope(shield=True):
+                    await broker.stop()
+    # Raised once the task group is done, so the caller gets it as such, not in a group.
+    if broker.failure is not None:
+        raise broker.failure
+
+
+class _Run:
+    """One run of nats-server: its process and the tail of its output."""
+
+    def __init__(self, proc: anyio.abc.Process) -> None:
+        self.proc = proc
+        self.lines: deque[str] = deque(maxlen=50)
+        self.ready = anyio.Event()
+        self.read_all = anyio.Event()
+
+    async def read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        buf = b""
+        try:
+            async for chunk in self.proc.stderr:
+                buf += chunk
+                *complete, buf = buf.split(b"\n")
+                for raw in complete:
+                    line = raw.decode("utf-8", "replace")
+                    self.lines.append(line)
+                    if _READY_LINE in line:
+                        self.ready.set()
+        finally:
+            self.read_all.set()
+
+    async def last_line(self) -> str:
+        """The line that best says why it stopped: its last error, else its last line."""
+        with anyio.move_on_after(1.0):  # let the reader collect the dying words
+            await self.read_all.wait()
+        last = next((ln for ln in reversed(self.lines) if "[FTL]" in ln or "[ERR]" in ln), None)
+        return (last or (self.lines[-1] if self.lines else "no output")).strip()
+
+
+class _Supervised:
+    """nats-server, started again when it exits, within limits."""
+
+    def __init__(self, exe: Path, args: list[str]) -> None:
+        self._exe = exe
+        self._args = args
+        self._run: _Run | None = None
+        self.failure: BrokerError | None = None
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start the server and wait until it is ready.
+
+        Raises:
+            BrokerError: it cannot be started, exited, or did not become ready in time.
+        """
+        try:
+            # A session of its own: Ctrl-C on a terminal signals the whole foreground group,
+            # and the broker must outlive the engine's last flush; we stop it ourselves after.
+            # If we are killed instead, the kernel stops it (Linux), so it does not keep the
+            # port.
+            proc = await anyio.open_process(
+                _with_parent_death_signal(self._args),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise BrokerError(f"cannot start nats-server ({self._exe}): {e.strerror or e}") from e
+        run = self._run = _Run(proc)
+        tg.start_soon(run.read_stderr)
         try:
             with anyio.move_on_after(_START_TIMEOUT) as scope:
-                while not ready.is_set():
-                    if proc.returncode is not None:
-                        break
+                while not run.ready.is_set() and proc.returncode is None:
                     with anyio.move_on_after(0.05):
-                        await ready.wait()
-            if ready.is_set():
-                yield f"nats://{host}:{port}"
-            else:
-                await anyio.sleep(0.05)  # let the reader collect the dying words
-                last = next((ln for ln in reversed(lines) if "[FTL]" in ln or "[ERR]" in ln), None)
-                last = (last or (lines[-1] if lines else "no output")).strip()
-                why = "did not become ready in time" if scope.cancelled_caught else "exited"
-                # The launcher's own line already says what could not be started.
-                problem = last if proc.returncode == _EXEC_FAILED else f"nats-server {why}: {last}"
-        finally:
+                        await run.ready.wait()
+            if run.ready.is_set():
+                return
+        except BaseException:  # asked to stop meanwhile: not for a caller that never got it
             with anyio.CancelScope(shield=True):
                 await _stop(proc)
-            tg.cancel_scope.cancel()
-    if problem is not None:
-        raise BrokerError(problem)
+            raise
+        with anyio.CancelScope(shield=True):
+            await _stop(proc)
+        last = await run.last_line()
+        if proc.returncode == _EXEC_FAILED:
+            raise BrokerError(last)  # the launcher's own line says what could not be started
+        why = "did not become ready in time" if scope.cancelled_caught else "exited"
+        raise BrokerError(f"nats-server {why}: {last}")
+
+    async def supervise(self, tg: anyio.abc.TaskGroup, restarts: int, within: float) -> None:
+        """Start the server again each time it exits; after more than ``restarts`` exits
+        within ``within`` seconds, record :attr:`failure` and cancel ``tg``."""
+        exits: deque[float] = deque()
+        while True:
+            run = self._run
+            assert run is not None
+            await run.proc.wait()
+            last = await run.last_line()
+            how = _how_it_ended(run.proc.returncode)
+            now = time.monotonic()
+            exits.append(now)
+            while now - exits[0] > within:
+                exits.popleft()
+            if len(exits) > restarts:
+                self.failure = BrokerError(
+                    f"the embedded nats-server stopped {len(exits)} times within {within:g} s "
+                    f"(the last time {how}); not restarting it again. Its last line: {last}"
+                )
+                tg.cancel_scope.cancel()
+                return
+            _logger.warning(
+                "embedded nats-server stopped; restarting it",
+                how=how,
+                last_line=last,
+                restart=len(exits),
+                of=restarts,
+                within_seconds=within,
+            )
+            try:
+                await self.start(tg)
+            except BrokerError:
+                continue  # its run has ended: counted as the next exit
+            assert self._run is not None
+            _logger.info("embedded nats-server restarted", pid=self._run.proc.pid)
+
+    async def stop(self) -> None:
+        if self._run is not None:
+            await _stop(self._run.proc)
+
+
+def _how_it_ended(status: int | None) -> str:
+    if status is not None and status < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-status).name}"
+    return f"exit status {status}"
 
 
 def _with_parent_death_signal(args: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a running engine, served over HTTP (``shoal serve --metrics-port``).
+"""Prometheus metrics and health probes of a running engine, served over HTTP (``shoal serve
+--metrics-port``): ``/metrics``, ``/healthz`` and ``/readyz``.
 
 A module of its own, imported only when metrics are wanted: prometheus-client takes about
 70 ms to import, which no other command should pay.
@@ -10,15 +11,23 @@ its counters and gauges, and the broker is asked how far behind the engine's con
 scrape, served from a thread of prometheus-client's HTTP server, reads only that sample, so
 nothing in the engine is touched from another thread and the engine's hot path does no work
 for metrics beyond a few counters it keeps anyway.
+
+Readiness is part of the sample: a list of checks, each giving the reasons it is not ready
+(none when it is), taken on the engine's loop with the rest. ``/readyz`` answers 200 when there
+are none, else 503 with them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import socket
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from threading import Thread
+from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import anyio
 import anyio.abc
@@ -29,8 +38,9 @@ from prometheus_client import (
     PROCESS_COLLECTOR,
     CollectorRegistry,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -42,8 +52,10 @@ __all__ = (
     "LATENESS_BUCKETS",
     "EngineCounters",
     "EngineMetrics",
+    "BrokerLink",
     "EngineView",
     "MetricsError",
+    "ReadinessCheck",
 )
 
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -127,6 +139,23 @@ class EngineView(Protocol):
     @property
     def warm(self) -> bool: ...
     async def consumer_lag(self) -> int | None: ...
+    def not_ready(self) -> Sequence[str]:
+        """Why the engine is not ready to serve (nothing once it consumes, warm)."""
+        ...
+
+
+class BrokerLink(Protocol):
+    """A connection to the broker (``nats.aio.client.Client`` is one)."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+
+ReadinessCheck = Callable[[], Iterable[str]]
+"""A readiness check: the reasons it is not ready, for people (none when it is). Called on the
+engine's loop at each sample: it must be quick and must not block."""
+
+_STARTING = ("starting: no sample taken yet",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +168,9 @@ class _Sample:
     sizes: dict[str, int] = field(default_factory=dict)
     gauges: dict[str, int] = field(default_factory=dict)
     lag: int | None = None
+    broker_connected: bool | None = None
+    """None: no broker given to watch."""
+    not_ready: tuple[str, ...] = _STARTING
 
 
 # name (without _total), help, EngineCounters attribute
@@ -194,6 +226,8 @@ class EngineMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._checks: tuple[ReadinessCheck, ...] = ()
+        self._failing: set[str] = set()
         self._commit = Histogram(
             "shoal_batch_commit_seconds",
             "Time to commit a batch (events, transitions, or both) to the store.",
@@ -214,6 +248,11 @@ class EngineMetrics:
         self.url: str | None = None
         """``http://host:port/metrics`` once :meth:`serve` has started."""
 
+    @property
+    def not_ready(self) -> tuple[str, ...]:
+        """The reasons ``/readyz`` gives, as of the latest sample (none: ready)."""
+        return self._sample.not_ready
+
     # actors.EngineObserver ------------------------------------------------------------------
 
     def timing_commit(self) -> contextlib.AbstractContextManager[object]:
@@ -230,35 +269,46 @@ class EngineMetrics:
         self,
         engine: EngineView,
         *,
+        broker: BrokerLink | None = None,
+        checks: Sequence[ReadinessCheck] = (),
         host: str = "127.0.0.1",
         port: int = 9464,
         interval: float = 1.0,
         task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve ``/metrics`` on ``host:port`` until cancelled, sampling ``engine`` (and
-        asking the broker for its consumer's lag) every ``interval`` seconds.
+        """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` until cancelled,
+        sampling ``engine`` (and asking the broker for its consumer's lag) every ``interval``
+        seconds.
 
-        ``task_status.started()`` is given the endpoint's URL (with the port chosen when
+        Ready means: ``engine.not_ready()`` gives no reason, ``broker`` (when given) is
+        connected, and neither does any of ``checks``. ``broker`` is also shown as the gauge
+        ``shoal_broker_connected``.
+
+        ``task_status.started()`` is given the metrics URL (with the port chosen when
         ``port`` is 0).
 
         Raises:
             MetricsError: the address cannot be listened on.
         """
+        readiness: list[ReadinessCheck] = [engine.not_ready]
+        if broker is not None:
+            readiness.append(lambda: () if broker.is_connected else ("broker disconnected",))
+        self._checks = (*readiness, *checks)
         try:
             server, thread = await anyio.to_thread.run_sync(
-                lambda: start_http_server(port, addr=host, registry=self.registry)
+                lambda: _start_server(host, port, self._app())
             )
         except OSError as e:
             raise MetricsError(host, port, e.strerror or str(e)) from e
         try:
             shown = f"[{host}]" if ":" in host else host
             self.url = f"http://{shown}:{server.server_port}/metrics"
-            await self._take(engine)
+            await self._take(engine, broker)
             _logger.info("metrics endpoint ready", url=self.url)
             task_status.started(self.url)
             while True:
                 await anyio.sleep(interval)
-                await self._take(engine)
+                await self._take(engine, broker)
         finally:
             with anyio.CancelScope(shield=True):
                 # shutdown() waits for the serving thread's next poll (at most 0.5 s).
@@ -266,11 +316,13 @@ class EngineMetrics:
                 server.server_close()
                 thread.join()
 
-    async def _take(self, engine: EngineView) -> None:
+    async def _take(self, engine: EngineView, broker: BrokerLink | None) -> None:
         # None (left out of the scrape) while not consuming, or the broker does not answer.
         lag = await engine.consumer_lag()
         stats = engine.stats
         self._sample = _Sample(
+            broker_connected=None if broker is None else broker.is_connected,
+            not_ready=tuple(reason for check in self._checks for reason in self._reasons(check)),
             counters={attr: getattr(stats, attr) for _, _, attr in _COUNTERS},
             transitions=dict(engine.transition_counts),
             rejections=dict(engine.rejection_counts),
@@ -278,6 +330,71 @@ class EngineMetrics:
             gauges={attr: int(getattr(engine, attr)) for _, _, attr in _GAUGES},
             lag=lag,
         )
+
+    def _reasons(self, check: ReadinessCheck) -> list[str]:
+        try:
+            return list(check())
+        except Exception as e:  # noqa: BLE001 - a faulty probe must not stop the engine
+            reason = f"readiness check failed: {e!r}"
+            if reason not in self._failing:  # logged once, not at every sample
+                self._failing.add(reason)
+                _logger.exception("readiness check failed", check=getattr(check, "__name__", None))
+            return [reason]
+
+    def _app(self) -> _WsgiApp:
+        """The HTTP endpoint: the probes, and the metrics at any other path (as
+        prometheus-client serves them)."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., object]) -> list[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/healthz":
+                # Answered at all: the process is alive.
+                return _json(start_response, "200 OK", {"alive": True})
+            if path == "/readyz":
+                reasons = list(self._sample.not_ready)  # one read: never changed once made
+                status = "503 Service Unavailable" if reasons else "200 OK"
+                return _json(start_response, status, {"ready": not reasons, "reasons": reasons})
+            body: list[bytes] = metrics_app(environ, start_response)
+            return body
+
+        return app
+
+
+_WsgiApp = Callable[[dict[str, Any], Callable[..., object]], list[bytes]]
+
+
+def _json(start_response: Callable[..., object], status: str, doc: object) -> list[bytes]:
+    body = json.dumps(doc).encode() + b"\n"
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    return [body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Logs no request (a probe every few seconds would fill stderr)."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass
+
+
+def _start_server(host: str, port: int, app: _WsgiApp) -> tuple[ThreadingWSGIServer, Thread]:
+    """``app`` served on ``host:port`` by a thread (as ``prometheus_client.start_http_server``
+    serves its own)."""
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+    thread = Thread(target=server.serve_forever, name="shoal-metrics", daemon=True)
+    thread.start()
+    return server, thread
 
 
 class _SampleCollector(Collector):
@@ -316,6 +433,12 @@ class _SampleCollector(Collector):
         for segment, n in s.sizes.items():
             sizes.add_metric([segment], n)
         yield sizes
+        if s.broker_connected is not None:
+            yield GaugeMetricFamily(
+                "shoal_broker_connected",
+                "1 while connected to the broker, 0 while the connection is lost.",
+                value=int(s.broker_connected),
+            )
         if s.lag is not None:
             yield GaugeMetricFamily(
                 "shoal_consumer_lag_messages",

@@ -257,7 +257,11 @@ async def _serve(args: argparse.Namespace) -> int:
                 # Before the engine starts: the start-up (a rebuild) is watched too.
                 await tg.start(
                     functools.partial(
-                        metrics.serve, engine, host=args.metrics_host, port=args.metrics_port
+                        metrics.serve,
+                        engine,
+                        broker=nc,
+                        host=args.metrics_host,
+                        port=args.metrics_port,
                     )
                 )
             await tg.start(engine.run)

@@ -132,6 +132,15 @@ class Engine:
         are far off load from their snapshots while the engine already runs)."""
         return self._recovery.warm
 
+    def not_ready(self) -> list[str]:
+        """Why the engine is not ready to serve, for a readiness probe (none once it
+        consumes, warm)."""
+        if not self._consuming:
+            return ["engine not consuming (starting or stopping)"]
+        if not self._recovery.warm:
+            return [f"warming up: {len(self._partition.customers)} customers loaded"]
+        return []
+
     @property
     def buffered(self) -> int:
         """Deliveries received from the broker and not yet applied (bounded by the source:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import nats
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -28,36 +30,108 @@ from protocol._subjects import (
 
 _CONNECT_TIMEOUT = 5.0
 _FIRST_CONNECT_ATTEMPTS = 3
+_RECONNECT_WAIT = 0.5
+# nats-py pings every 2 minutes by default, so a broker that stops answering (SIGSTOP, a
+# dead host, a cut that sends no reset) would be noticed only after minutes. A ping a second,
+# dropped after 2 unanswered, notices it within 3 s for a few bytes a second. It cannot be
+# fooled by a busy loop: the ping timer does not run while the loop is busy either.
+_PING_INTERVAL = 1
+_MAX_OUTSTANDING_PINGS = 2
+_STILL_DOWN_EVERY = 60.0
+"""Seconds between the warnings that the broker is still unreachable."""
+
+_logger = structlog.get_logger("shoal.nats")
 
 
 async def connect(servers: Sequence[str], *, name: str = "shoal") -> Client:
     """Connect to NATS, reconnecting for ever after a drop once connected.
 
+    A lost connection is logged at once (warning ``broker connection lost``), then every
+    minute while it lasts (``broker still unreachable``), and its return too (``broker
+    connection restored``). ``Client.is_connected`` tells whether it is up.
+
     Raises:
         BrokerError: no server could be reached at first.
     """
-    errors: list[str] = []
-
-    async def on_error(e: Exception) -> None:
-        errors.append(str(e) or type(e).__name__)
-
+    nc = Client()
+    watch = _Watch(nc, name, servers)
     try:
         # nats-py applies max_reconnect_attempts to the first connection too, and -1 would
         # retry an unreachable server for ever: bound the first, then reconnect for ever.
-        nc = await nats.connect(
+        await nc.connect(
             servers=list(servers),
             name=name,
-            connect_timeout=_CONNECT_TIMEOUT,
+            connect_timeout=_CONNECT_TIMEOUT,  # type: ignore[arg-type]
             allow_reconnect=True,
             max_reconnect_attempts=_FIRST_CONNECT_ATTEMPTS,
-            reconnect_time_wait=0.5,
-            error_cb=on_error,
+            reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]
+            ping_interval=_PING_INTERVAL,
+            max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
+            error_cb=watch.error,
+            disconnected_cb=watch.disconnected,
+            reconnected_cb=watch.reconnected,
         )
     except (TimeoutError, OSError, nats.errors.Error) as e:
-        why = errors[-1] if errors else (str(e) or type(e).__name__)
+        why = watch.last_error or str(e) or type(e).__name__
         raise BrokerError(f"cannot reach NATS at {', '.join(servers)}: {why}") from e
     nc.options["max_reconnect_attempts"] = -1
+    watch.last_error = None
     return nc
+
+
+class _Watch:
+    """Logs a client's connection going down and coming back (nats-py's callbacks)."""
+
+    def __init__(self, nc: Client, name: str, servers: Sequence[str]) -> None:
+        self._nc = nc
+        self._name = name
+        self._servers = ", ".join(servers)
+        self.last_error: str | None = None
+        self._error_at = 0.0
+        self._down_since: float | None = None
+        self._warned_at = 0.0
+
+    async def error(self, e: Exception) -> None:
+        self.last_error, self._error_at = str(e) or type(e).__name__, time.monotonic()
+        down_since = self._down_since
+        if down_since is None:
+            return
+        # nats-py reports each failed attempt to reconnect (every second or so, for ever):
+        # say it once a minute.
+        now = time.monotonic()
+        if now - self._warned_at >= _STILL_DOWN_EVERY:
+            self._warned_at = now
+            _logger.warning(
+                "broker still unreachable",
+                client=self._name,
+                servers=self._servers,
+                for_seconds=round(now - down_since),
+                error=self.last_error,
+            )
+
+    async def disconnected(self) -> None:
+        # Also called by close(): that is no fault, and nothing follows it.
+        if self._nc.is_closed or self._down_since is not None:
+            return
+        now = self._down_since = self._warned_at = time.monotonic()
+        # A read error is reported just before; a broker that went silent, not at all.
+        recent = self.last_error if now - self._error_at < 1.0 else None
+        _logger.warning(
+            "broker connection lost; reconnecting",
+            client=self._name,
+            servers=self._servers,
+            error=recent or "no answer to pings",
+        )
+
+    async def reconnected(self) -> None:
+        down_since, self._down_since = self._down_since, None
+        self.last_error = None
+        _logger.info(
+            "broker connection restored",
+            client=self._name,
+            servers=self._servers,
+            after_seconds=round(time.monotonic() - down_since, 1) if down_since else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,13 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, MutableMapping
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from protocol import BrokerError, embedded_broker, port_in_use
-from tests.helpers import free_port
+from protocol.nats import connect
+from tests.helpers import eventually, free_port
 
 SHOAL = [sys.executable, "-m", "scripts.cli"]
 
@@ -48,6 +52,30 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout:g} s")
         time.sleep(0.05)
+
+
+def broker_of(parent: int, not_one_of: Collection[int] = ()) -> int:
+    """The pid of a nats-server child of ``parent``, not one of ``not_one_of``, once there is
+    one (within 20 s)."""
+    found: list[int] = []
+
+    def check() -> bool:
+        found[:] = [
+            pid
+            for pid in children(parent)
+            if pid not in not_one_of and running(pid) and _exe_name(pid) == "nats-server"
+        ]
+        return bool(found)
+
+    wait_for(check, 20, "no new nats-server child")
+    return found[0]
+
+
+def _exe_name(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "exe").resolve().name
+    except OSError:
+        return ""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
@@ -98,3 +126,37 @@ async def test_a_broker_binary_that_cannot_run_is_one_line(tmp_path: Path) -> No
         async with embedded_broker(tmp_path / "store", port=free_port(), binary=exe):
             pass
     assert str(e.value) == f"cannot start nats-server ({exe}): Permission denied"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the broker in /proc")
+async def test_a_broker_that_exits_is_started_again_within_limits(tmp_path: Path) -> None:
+    def said(event: str) -> list[MutableMapping[str, Any]]:
+        return [e for e in logs if e["event"] == event]
+
+    killed: list[int] = []
+    with capture_logs() as logs, pytest.raises(BrokerError) as caught:
+        async with embedded_broker(tmp_path / "store", port=free_port(), restarts=1) as url:
+            nc = await connect([url])
+            try:
+                killed.append(await anyio.to_thread.run_sync(broker_of, os.getpid()))
+                os.kill(killed[-1], signal.SIGKILL)
+                await eventually(lambda: len(said("embedded nats-server restarted")) == 1)
+                # Same port, same store: the client is back on its own.
+                await eventually(lambda: nc.is_connected)
+                await nc.jetstream().account_info()
+                killed.append(await anyio.to_thread.run_sync(broker_of, os.getpid(), killed))
+                os.kill(killed[-1], signal.SIGKILL)
+                await anyio.sleep(30)  # cancelled: a second exit within 60 s is one too many
+            finally:
+                await nc.close()
+    message = str(caught.value)
+    assert message.startswith(
+        "the embedded nats-server stopped 2 times within 60 s (the last time killed by "
+        f"SIGKILL); not restarting it again. Its last line: [{killed[-1]}] "
+    ), message
+    assert message.endswith(" [INF] Server is ready")
+    [restarting] = said("embedded nats-server stopped; restarting it")
+    assert restarting["how"] == "killed by SIGKILL"
+    assert restarting["last_line"].startswith(f"[{killed[0]}] ")
+    assert (restarting["restart"], restarting["of"]) == (1, 1)
+    assert not any(running(pid) for pid in killed)

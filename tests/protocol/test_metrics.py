@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -47,6 +48,22 @@ def scrape(url: str) -> Samples:
     }
 
 
+def get(url: str) -> tuple[int, bytes]:
+    """Status and body of a GET (an error status is an answer too)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def readiness(base: str) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body of ``base``/readyz."""
+    status, body = get(f"{base}/readyz")
+    doc: dict[str, Any] = json.loads(body)
+    return status, doc
+
+
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
@@ -61,10 +78,10 @@ def track(user: str, *, at: int | None = None, mid: str | None = None, **extra: 
 
 
 @contextlib.asynccontextmanager
-async def engine_with_metrics(
+async def observed_engine(
     url: str, db: Path, *, clock: Clock | None = None
-) -> AsyncIterator[tuple[Engine, str]]:
-    """An engine with its metrics endpoint on a free port, sampled every 50 ms."""
+) -> AsyncIterator[tuple[Engine, EngineMetrics, Client]]:
+    """An engine (not running) observed by its metrics, and its connection."""
     nc = await connect([url])
     log = await Store.open(db)
     metrics = EngineMetrics()
@@ -73,20 +90,31 @@ async def engine_with_metrics(
         engine = Engine(
             source, sink, log, ACTIVE_IDLE, clock=clock, config=EngineConfig(), observer=metrics
         )
-        async with anyio.create_task_group() as tg:
-            endpoint = await tg.start(
-                lambda task_status: metrics.serve(
-                    engine, port=free_port(), interval=0.05, task_status=task_status
-                )
-            )
-            await tg.start(engine.run)
-            try:
-                yield engine, endpoint
-            finally:
-                tg.cancel_scope.cancel()
+        yield engine, metrics, nc
     finally:
         await log.close()
         await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def engine_with_metrics(
+    url: str, db: Path, *, clock: Clock | None = None
+) -> AsyncIterator[tuple[Engine, str]]:
+    """An engine with its metrics endpoint on a free port, sampled every 50 ms."""
+    async with (
+        observed_engine(url, db, clock=clock) as (engine, metrics, _),
+        anyio.create_task_group() as tg,
+    ):
+        endpoint = await tg.start(
+            lambda task_status: metrics.serve(
+                engine, port=free_port(), interval=0.05, task_status=task_status
+            )
+        )
+        await tg.start(engine.run)
+        try:
+            yield engine, endpoint
+        finally:
+            tg.cancel_scope.cancel()
 
 
 async def scraped(endpoint: str, check: Any, timeout: float = 10.0) -> Samples:
@@ -182,27 +210,87 @@ async def test_deadline_lateness_is_fired_at_less_due_at(
 
 
 async def test_port_in_use_is_a_metrics_error(nats_server: NatsServer, tmp_path: Path) -> None:
-    nc = await connect([nats_server.url])
-    log = await Store.open(tmp_path / "shoal.db")
-    try:
-        metrics = EngineMetrics()
-        source, sink = await jetstream_ports(nc)
-        engine = Engine(source, sink, log, ACTIVE_IDLE, observer=metrics)
-        async with anyio.create_task_group() as tg:
-            endpoint = await tg.start(
-                lambda task_status: metrics.serve(engine, port=0, task_status=task_status)
-            )
-            port = int(endpoint.rsplit(":", 1)[1].split("/")[0])
-            with pytest.raises(MetricsError) as caught:
-                await EngineMetrics().serve(engine, port=port)
-            tg.cancel_scope.cancel()
-    finally:
-        await log.close()
-        await nc.close()
+    async with (
+        observed_engine(nats_server.url, tmp_path / "shoal.db") as (engine, metrics, _),
+        anyio.create_task_group() as tg,
+    ):
+        endpoint = await tg.start(
+            lambda task_status: metrics.serve(engine, port=0, task_status=task_status)
+        )
+        port = int(endpoint.rsplit(":", 1)[1].split("/")[0])
+        with pytest.raises(MetricsError) as caught:
+            await EngineMetrics().serve(engine, port=port)
+        tg.cancel_scope.cancel()
     assert str(caught.value) == (
         f"cannot serve metrics on 127.0.0.1:{port}: Address already in use "
         "(choose another with --metrics-port)"
     )
+
+
+async def test_readiness_gives_the_reasons_of_its_checks(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    paused = ["paused: disk full"]  # a check another part may add
+    bug: list[str] = []
+    bug_error = RuntimeError("a bug in a check")
+
+    def faulty() -> list[str]:
+        if bug:
+            raise bug_error
+        return []
+
+    async def probe(expected: tuple[int, dict[str, Any]]) -> None:
+        with anyio.fail_after(10):
+            while await anyio.to_thread.run_sync(readiness, base) != expected:
+                await anyio.sleep(0.05)
+
+    async with (
+        observed_engine(nats_server.url, tmp_path / "shoal.db") as (engine, metrics, nc),
+        anyio.create_task_group() as tg,
+    ):
+        endpoint = await tg.start(
+            lambda task_status: metrics.serve(
+                engine,
+                broker=nc,
+                checks=[lambda: paused, faulty],
+                port=0,
+                interval=0.05,
+                task_status=task_status,
+            )
+        )
+        base = endpoint.removesuffix("/metrics")
+        # Sampled before the engine runs.
+        starting = ["engine not consuming (starting or stopping)", "paused: disk full"]
+        assert await anyio.to_thread.run_sync(readiness, base) == (
+            503,
+            {"ready": False, "reasons": starting},
+        )
+        assert await anyio.to_thread.run_sync(get, f"{base}/healthz") == (
+            200,
+            b'{"alive": true}\n',
+        )
+        await tg.start(engine.run)
+        await probe((503, {"ready": False, "reasons": ["paused: disk full"]}))
+        paused.clear()
+        bug.append("a bug in a check")  # said, not raised: the engine goes on
+        await probe((503, {"ready": False, "reasons": [f"readiness check failed: {bug_error!r}"]}))
+        bug.clear()
+        await probe((200, {"ready": True, "reasons": []}))
+        assert metrics.not_ready == ()
+        s = await anyio.to_thread.run_sync(scrape, endpoint)
+        assert value(s, "shoal_broker_connected") == 1
+        # Any other path is the metrics, as prometheus-client serves them.
+        other = await anyio.to_thread.run_sync(scrape, f"{base}/")
+        assert value(other, "shoal_broker_connected") == 1
+        tg.cancel_scope.cancel()
+
+
+async def test_without_a_broker_to_watch_there_is_no_broker_gauge(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with engine_with_metrics(nats_server.url, tmp_path / "shoal.db") as (engine, endpoint):
+        s = await scraped(endpoint, lambda s: value(s, "shoal_warm") == 1)
+        assert value(s, "shoal_broker_connected") is None
 
 
 def test_serve_metrics_port_and_json_logs(nats_server: NatsServer, tmp_path: Path) -> None:
