@@ -20,6 +20,9 @@ from ._outbox import Outbox, OutboxEntry
 from ._schema import MMAP_BYTES, Synchronous, check_for_reading, prepare_for_writing
 from ._snapshots import Snapshot, SnapshotMarks, Snapshots
 
+_STREAM_THROUGH = "stream_through"
+"""The ``meta`` key of :attr:`Store.stream_through`."""
+
 
 class Store:
     """The SQLite store of one engine: :attr:`events` (the log), :attr:`outbox` and
@@ -37,16 +40,31 @@ class Store:
         events: EventLog,
         outbox: Outbox,
         snapshots: Snapshots,
+        stream_through: int | None = None,
     ) -> None:
         self._db = db
         self._lock = lock
         self._closed = False
+        self._stream_through = stream_through
         self.events = events
         """The event log."""
         self.outbox = outbox
         """The transitions outbox."""
         self.snapshots = snapshots
         """The customers' snapshots and the marks of the last complete round."""
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file."""
+        return self._db.path
+
+    @property
+    def stream_through(self) -> int | None:
+        """The events stream position up to which every message was committed (logged, or
+        found a duplicate or rejected); None when no commit recorded one (a new store, or one
+        written by a shoal before this was recorded). A consumer's acknowledgement floor past
+        it means the store is behind the stream."""
+        return self._stream_through
 
     @classmethod
     async def open(cls, path: Path, *, synchronous: Synchronous = "NORMAL") -> Self:
@@ -112,6 +130,7 @@ class Store:
             await EventLog.load(db, doing=doing),
             await Outbox.load(db, meta, doing=doing),
             Snapshots.load(db, meta),
+            int(meta[_STREAM_THROUGH]) if _STREAM_THROUGH in meta else None,
         )
 
     async def __aenter__(self) -> Self:
@@ -161,6 +180,7 @@ class Store:
         *,
         snapshots: Sequence[Snapshot] | None = None,
         marks: SnapshotMarks | None = None,
+        stream_through: int | None = None,
     ) -> list[int]:
         """Append events and outbox entries, advance the published mark, and store
         snapshots, atomically.
@@ -173,6 +193,8 @@ class Store:
             snapshots: customer states replacing those stored (their ``log_seq`` must not be
                 past the events appended before this call).
             marks: a round of snapshots is complete with this commit.
+            stream_through: every message of the events stream up to this position is
+                committed with this (ignored unless it moves :attr:`stream_through` forward).
 
         Returns:
             The outbox positions assigned to ``entries``, in order.
@@ -183,7 +205,10 @@ class Store:
         mark = published_through
         if mark is not None and mark <= self.outbox.published_through:
             mark = None
-        if not (events or entries or mark is not None or snapshots or marks):
+        through = stream_through
+        if through is not None and through <= (self._stream_through or 0):
+            through = None
+        if not (events or entries or mark is not None or snapshots or marks or through):
             return []
         seqs = self.outbox._next_seqs(len(entries))
         async with self._db.transaction():
@@ -195,6 +220,10 @@ class Store:
                 await self.snapshots._put(snapshots)
             if marks is not None:
                 await self.snapshots._mark(marks)
+            if through is not None:
+                await self._db.set_meta(_STREAM_THROUGH, str(through))
+        if through is not None:
+            self._stream_through = through
         self.events._committed(last_event)
         self.outbox._committed(seqs, mark)
         self.snapshots._committed(marks)

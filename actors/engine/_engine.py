@@ -45,6 +45,7 @@ from ._outbox import Outbox
 from ._partition import Partition
 from ._recovery import Recovery
 from ._snapshots import Snapshots
+from ._startup import check_store
 
 _MAX_IDLE = 1.0
 """Seconds the loop sleeps at most, so retries and a lifted time floor are not missed."""
@@ -305,6 +306,7 @@ class Engine:
         sink, source = self._sink, self._source
         await sink.start()
         try:
+            await check_store(self._store, source)
             if not self._recovered:
                 await self._rebuild()
             await source.start()

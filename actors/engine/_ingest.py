@@ -116,7 +116,7 @@ class Ingest:
                 exc_info=True,
             )
             raise
-        await self._outbox.commit(logged, transitions)
+        await self._outbox.commit(logged, transitions, batch[-1].stream_sequence)
         stats.events_applied += len(logged)
         self._gc.worked(len(logged))
         if logged:

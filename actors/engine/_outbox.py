@@ -61,13 +61,21 @@ class Outbox:
         self.confirmed_through = confirmed_through
         self._pending.extend(entries)
 
-    async def commit(self, events: list[LoggedEvent], transitions: Sequence[Transition]) -> None:
+    async def commit(
+        self,
+        events: list[LoggedEvent],
+        transitions: Sequence[Transition],
+        stream_through: int | None = None,
+    ) -> None:
         """Append ``events`` and ``transitions`` to the store in one transaction, then queue
-        the transitions for publishing."""
+        the transitions for publishing. ``stream_through``: every message of the events stream
+        up to this position is committed with this (what a start checks the store against)."""
         entries = outbox_entries(transitions)
         obs = self._observer
         with obs.timing_commit() if obs is not None and (events or entries) else _NOT_TIMED:
-            seqs = await self._store.commit(events, entries, self.confirmed_through)
+            seqs = await self._store.commit(
+                events, entries, self.confirmed_through, stream_through=stream_through
+            )
         self._counts.stats.transitions += len(entries)
         if entries:
             self._counts.committed(transitions)

@@ -55,10 +55,16 @@ class SlowDisk(Store):
         *,
         snapshots: Sequence[Snapshot] | None = None,
         marks: SnapshotMarks | None = None,
+        stream_through: int | None = None,
     ) -> list[int]:
         await anyio.sleep(0.02)
         return await super().commit(
-            events, entries, published_through, snapshots=snapshots, marks=marks
+            events,
+            entries,
+            published_through,
+            snapshots=snapshots,
+            marks=marks,
+            stream_through=stream_through,
         )
 
 

@@ -1,0 +1,151 @@
+"""Startup checks end to end, on a real nats-server: an engine whose ``shoal.db`` is lost
+beside a stream full of events refuses to start, with one line that names the stream, its
+size and the rebuild command; ``shoal rebuild --from-stream`` brings the store level; the
+engine then goes on from the transition versions published before, and its memberships are
+those a replay of the rebuilt log gives."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import msgspec
+import nats
+
+from actors import replay
+from protocol import EVENTS_STREAM, SEGMENTS_WILDCARD, Event, Transition, event_subject
+from protocol.nats import connect, jetstream_ports, read_stream
+from store import Store
+from tests.helpers import NatsServer, eventually, run, running_engine, segments, track
+
+SEGMENTS = """
+[segments.visitor]
+rule = "count('Visit') >= 1"
+
+[segments.regular]
+rule = "count('Visit') >= 2"
+
+[segments.buyer]
+rule = "count('Buy') >= 1"
+"""
+
+
+async def _published(url: str) -> list[Transition]:
+    nc = await connect([url])
+    try:
+        decoder = msgspec.json.Decoder(Transition)
+        return [
+            decoder.decode(d.data)
+            async for chunk in read_stream(nc, "SHOAL_SEGMENTS", SEGMENTS_WILDCARD)
+            for d in chunk
+        ]
+    finally:
+        await nc.close()
+
+
+def _memberships(transitions: list[Transition]) -> dict[str, set[str]]:
+    members: dict[str, set[str]] = defaultdict(set)
+    for t in transitions:
+        if t.change == "entered":
+            members[t.customer_id].add(t.segment)
+        else:
+            members[t.customer_id].discard(t.segment)
+    return {c: s for c, s in members.items() if s}
+
+
+def _forget_store(db: Path) -> None:
+    for p in db.parent.glob(db.name + "*"):
+        p.unlink()
+
+
+async def test_a_lost_store_refuses_to_start_and_is_rebuilt_from_the_stream(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    db = data / "shoal.db"
+    segs = segments(SEGMENTS)
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        async with running_engine(nats_server.url, db, segs) as engine:
+            for user, name in [("a", "Visit"), ("b", "Visit"), ("a", "Visit"), ("a", "Buy")]:
+                await js.publish(event_subject(user), track(user, name))
+            await js.publish(event_subject("c"), b"{not json")  # rejected, acknowledged
+            await eventually(lambda: engine.stats.transitions_published == 4)
+        before = await _published(nats_server.url)
+        assert [(t.customer_id, t.version) for t in before] == [
+            ("a", 1),
+            ("b", 1),
+            ("a", 2),
+            ("a", 3),
+        ]
+
+        _forget_store(db)
+        refused = run("serve", "--nats", nats_server.url, "--data-dir", str(data), timeout=30)
+        assert refused.returncode == 1, refused.stderr
+        error = refused.stderr.strip().splitlines()[-1]
+        assert error.startswith("shoal: error: ")
+        assert "Traceback" not in refused.stderr
+        assert f"is behind stream {EVENTS_STREAM} (5 messages)" in error
+        assert f"shoal rebuild --from-stream --data-dir {data}" in error
+
+        rebuilt = run(
+            "rebuild", "--from-stream", "--nats", nats_server.url, "--data-dir", str(data)
+        )
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        assert "4 events logged and 4 published transitions restored" in rebuilt.stdout
+        assert "(1 rejected" in rebuilt.stdout
+
+        async with running_engine(nats_server.url, db, segs) as engine:
+            await js.publish(event_subject("b"), track("b", "Visit"))
+            await js.publish(event_subject("d"), track("d", "Buy"))
+            await eventually(lambda: engine.stats.transitions_published == 2)
+            assert engine.stats.events_applied == 2  # nothing ingested twice
+            live = {c: set(engine.customer(c).members) for c in "abd"}  # type: ignore[union-attr]
+        after = await _published(nats_server.url)
+    finally:
+        await nc.close()
+
+    # The new transitions go on from the versions published before; none is published again.
+    assert [(t.customer_id, t.segment, t.version) for t in after[len(before) :]] == [
+        ("b", "regular", 2),
+        ("d", "buyer", 1),
+    ]
+    async with await Store.open_read_only(db) as store:
+        decoder = msgspec.msgpack.Decoder(Event)
+        events = [decoder.decode(e.body) async for chunk in store.events.read() for e in chunk]
+    replayed = list(replay(events, segs))
+    assert _memberships(replayed) == {c: s for c, s in live.items() if s} == _memberships(after)
+    assert sorted((t.customer_id, t.version) for t in replayed) == sorted(
+        (t.customer_id, t.version) for t in after
+    )
+
+
+async def test_a_first_start_against_a_stream_with_events_reads_it_all(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # Producers published before the engine ever ran: no consumer yet, nothing to refuse.
+    nc = await connect([nats_server.url])
+    try:
+        await jetstream_ports(nc)  # declares the streams
+        js = nc.jetstream()
+        for user in ("a", "b"):
+            await js.publish(event_subject(user), track(user))
+    finally:
+        await nc.close()
+    async with running_engine(nats_server.url, tmp_path / "shoal.db", segments(SEGMENTS)) as e:
+        await eventually(lambda: e.stats.events_applied == 2)
+
+
+def test_rebuild_without_a_consumer_has_nothing_to_do(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    done = run("rebuild", "--from-stream", "--nats", nats_server.url, "--data-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "consumer 'shoal-engine' does not exist: nothing to rebuild" in done.stdout
+
+
+def test_rebuild_needs_the_from_stream_flag(tmp_path: Path) -> None:
+    done = run("rebuild", "--data-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert "--from-stream" in done.stderr
