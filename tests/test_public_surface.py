@@ -117,6 +117,7 @@ PINS = {
         "Store",
         "StoreError",
         "StoreFormatError",
+        "StoreFullError",
         "StoreLockedError",
         "Synchronous",
     ),

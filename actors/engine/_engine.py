@@ -140,6 +140,12 @@ class Engine:
         return len(self._outbox)
 
     @property
+    def paused(self) -> str | None:
+        """Why ingestion is paused (``disk full at <path>``: it resumes by itself once there
+        is room), or None."""
+        return self._outbox.paused
+
+    @property
     def pending_deadlines(self) -> int:
         """How many customers have a deadline armed."""
         return self._partition.pending
