@@ -115,10 +115,9 @@ class _Serve:
 
 def _fill(directory: Path) -> Path:
     filler = directory / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 65536)
-            f.flush()
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while f.write(b"\0" * 65536):
+            pass
     return filler
 
 
