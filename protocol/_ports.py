@@ -53,6 +53,9 @@ class StreamState:
     ack_floor: int | None
     """The stream position up to which the consumer acknowledged everything; None when the
     consumer does not exist (yet)."""
+    published: int = 0
+    """How many transitions the transitions stream (``SHOAL_SEGMENTS``) holds: published by
+    an engine before."""
 
 
 class PublishError(ProtocolError):

@@ -289,6 +289,7 @@ class MemorySource:
             stream=EVENTS_STREAM,
             messages=len(self._broker._events),
             ack_floor=self._broker._floors.get(self._consumer),
+            published=len(self._broker.transitions),
         )
 
 

@@ -79,10 +79,10 @@ async def _rebuild(args: argparse.Namespace) -> int:
         stack.push_async_callback(nc.close)
         source, _ = await jetstream_ports(nc, consumer=args.consumer)
         state = await source.stream_state()
-        if state.ack_floor is None:
+        if state.ack_floor is None and not state.published:
             print(
-                f"consumer {args.consumer!r} does not exist: nothing to rebuild "
-                f"(the engine reads {state.stream} from its start)"
+                f"consumer {args.consumer!r} does not exist and no transition was published: "
+                f"nothing to rebuild (the engine reads {state.stream} from its start)"
             )
             return 0
         report = await rebuild_from_stream(

@@ -18,6 +18,8 @@ from actors._errors import ActorsError
 from actors._stored import logged_event
 from protocol import (
     DEFAULT_MAX_EVENT_BYTES,
+    EVENTS_WILDCARD,
+    SEGMENTS_STREAM,
     Delivery,
     EventSource,
     InvalidEvent,
@@ -40,31 +42,45 @@ class StoreBehindError(ActorsError):
 
     def __init__(self, store: Store, state: StreamState, consumer: str) -> None:
         recorded = store.stream_through
-        floor = state.ack_floor
-        holds = "nothing" if recorded is None else f"messages through position {recorded}"
+        if state.ack_floor:
+            holds = "nothing" if recorded is None else f"messages through position {recorded}"
+            why = (
+                f"consumer {consumer!r} acknowledged messages through position "
+                f"{state.ack_floor}, the store recorded {holds}"
+            )
+        else:
+            why = (
+                f"the store is empty, while {SEGMENTS_STREAM} holds {state.published} "
+                "transitions an engine published"
+            )
         command = f"{REBUILD_COMMAND} --data-dir {store.path.parent}"
         if consumer != "shoal-engine":
             command += f" --consumer {consumer}"
         super().__init__(
             f"{store.path} is behind stream {state.stream} ({state.messages} messages): "
-            f"consumer {consumer!r} acknowledged messages through position {floor}, the "
-            f"store recorded {holds}. Starting would lose those events and restart "
-            f"transition versions. With the engine stopped, rebuild the store from the "
-            f"stream: {command}"
+            f"{why}. Starting would lose those events and restart transition versions. With "
+            f"the engine stopped, rebuild the store from the stream: {command}"
         )
         self.path = store.path
         self.state = state
         self.recorded = recorded
 
 
+def _empty(store: Store) -> bool:
+    return not (store.events.last_seq or store.outbox.last_seq or store.snapshots.marks is not None)
+
+
 async def check_store(store: Store, source: EventSource) -> None:
     """Refuse to start from a store that is behind ``source``'s stream.
 
     It is behind when the consumer acknowledged messages past the stream position the store
-    recorded at its last commit, or, when the store recorded none, when the store is empty
-    while the consumer acknowledged any. A store written by a shoal that did not record the
-    position, but holding anything, is trusted. A first start (no consumer yet) against a
-    stream that already holds events is fine: the engine reads it from its start.
+    recorded at its last commit; or, when the store recorded none, when it is empty while
+    the consumer acknowledged any, or while there is no consumer but the transitions stream
+    holds transitions (asked only of an engine that reads every customer: with a partition
+    of them, those may be another engine's). A store written by a shoal that did not record
+    the position, but holding anything, is trusted. A first start (no consumer yet, nothing
+    published) against a stream that already holds events is fine: the engine reads it from
+    its start.
 
     Raises:
         StoreBehindError: the store is behind.
@@ -72,16 +88,16 @@ async def check_store(store: Store, source: EventSource) -> None:
     """
     state = await source.stream_state()
     floor = state.ack_floor
-    if not floor:
-        return
     recorded = store.stream_through
-    if recorded is None:
-        empty = not (
-            store.events.last_seq or store.outbox.last_seq or store.snapshots.marks is not None
-        )
-        if not empty:
+    if floor:
+        if recorded is None and not _empty(store) or recorded is not None and floor <= recorded:
             return
-    elif floor <= recorded:
+    elif not (
+        state.published
+        and recorded is None
+        and _empty(store)
+        and source.filter_subject == EVENTS_WILDCARD
+    ):
         return
     raise StoreBehindError(store, state, source.consumer)
 
@@ -107,11 +123,12 @@ async def rebuild_from_stream(
     deliveries: AsyncIterable[Sequence[Delivery]],
     published: AsyncIterable[Sequence[Delivery]],
     *,
-    through: int,
+    through: int | None,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
 ) -> RebuildReport:
     """Bring ``store`` level with the events stream, up to position ``through`` (the
-    consumer's acknowledgement floor: what the engine had committed).
+    consumer's acknowledgement floor: what the engine had committed; None, when there is no
+    consumer: all of it, and the engine's new consumer finds those events logged).
 
     Each message is decoded exactly as the engine decodes it (the same default message id,
     the same receive instant), and the valid events are added to the log in stream order,
@@ -124,19 +141,22 @@ async def rebuild_from_stream(
         store: the store, open for writing (the engine stopped).
         deliveries: the events stream's messages up to ``through``, in stream order.
         published: ``SHOAL_SEGMENTS``' messages, in stream order.
-        through: the stream position the store is to be level with.
+        through: the stream position the store is to be level with (None: the last of
+            ``deliveries``).
         max_event_bytes: the engine's limit on an event's size.
 
     Raises:
         StoreError: the store cannot be written (what was written before stays: running it
             again adds only what is missing).
     """
-    report = RebuildReport(through=through)
+    report = RebuildReport(through=through or 0)
     async for chunk in deliveries:
         events: list[LoggedEvent] = []
         for d in chunk:
-            if d.stream_sequence > through:
+            if through is not None and d.stream_sequence > through:
                 break
+            if through is None:
+                report.through = d.stream_sequence
             report.read += 1
             try:
                 event = decode_event(
@@ -174,6 +194,6 @@ async def rebuild_from_stream(
         entries.pop((o.customer_id, o.version), None)
     new = list(entries.values())
     last = store.outbox.last_seq + len(new)
-    await store.commit([], new, last, stream_through=through)
+    await store.commit([], new, last, stream_through=report.through or None)
     report.transitions = len(new)
     return report

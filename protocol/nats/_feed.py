@@ -27,6 +27,7 @@ from protocol._ports import Delivery, StreamState
 from protocol._subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
+    SEGMENTS_STREAM,
 )
 
 _FLUSH_TIMEOUT = 5
@@ -417,10 +418,17 @@ class EventFeed:
                 floor = None
             else:
                 floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+            try:
+                published = int((await self._js.stream_info(SEGMENTS_STREAM)).state.messages)
+            except nats.js.errors.NotFoundError:
+                published = 0
         except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot read the state of stream {EVENTS_STREAM}: {e}") from e
         return StreamState(
-            stream=EVENTS_STREAM, messages=int(stream.state.messages or 0), ack_floor=floor
+            stream=EVENTS_STREAM,
+            messages=int(stream.state.messages or 0),
+            ack_floor=floor,
+            published=published,
         )
 
     async def wait(self) -> None:

@@ -121,6 +121,49 @@ async def test_a_lost_store_refuses_to_start_and_is_rebuilt_from_the_stream(
     )
 
 
+async def test_a_lost_store_and_consumer_refuse_to_start_while_transitions_were_published(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    db = data / "shoal.db"
+    segs = segments(SEGMENTS)
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        async with running_engine(nats_server.url, db, segs) as engine:
+            for user, name in [("a", "Visit"), ("a", "Visit"), ("b", "Buy")]:
+                await js.publish(event_subject(user), track(user, name))
+            await eventually(lambda: engine.stats.transitions_published == 3)
+        _forget_store(db)
+        await js.delete_consumer(EVENTS_STREAM, "shoal-engine")
+
+        refused = run("serve", "--nats", nats_server.url, "--data-dir", str(data), timeout=30)
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"shoal: error: {db} is behind stream SHOAL_EVENTS (3 messages): the store is "
+            "empty, while SHOAL_SEGMENTS holds 3 transitions an engine published. Starting "
+            "would lose those events and restart transition versions. With the engine "
+            f"stopped, rebuild the store from the stream: shoal rebuild --from-stream "
+            f"--data-dir {data}"
+        )
+        rebuilt = run(
+            "rebuild", "--from-stream", "--nats", nats_server.url, "--data-dir", str(data)
+        )
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        assert "3 events logged and 3 published transitions restored" in rebuilt.stdout
+
+        async with running_engine(nats_server.url, db, segs) as engine:
+            await js.publish(event_subject("b"), track("b", "Visit"))
+            await eventually(lambda: engine.stats.transitions_published == 1)
+            # The stream is read again from its start: what the log holds is not applied twice.
+            await eventually(lambda: engine.stats.events_duplicate == 3)
+            assert engine.stats.events_applied == 1
+    finally:
+        await nc.close()
+    after = await _published(nats_server.url)
+    assert [(t.customer_id, t.segment, t.version) for t in after[3:]] == [("b", "visitor", 2)]
+
+
 async def test_a_first_start_against_a_stream_with_events_reads_it_all(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -142,7 +185,7 @@ def test_rebuild_without_a_consumer_has_nothing_to_do(
 ) -> None:
     done = run("rebuild", "--from-stream", "--nats", nats_server.url, "--data-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert "consumer 'shoal-engine' does not exist: nothing to rebuild" in done.stdout
+    assert "does not exist and no transition was published: nothing to rebuild" in done.stdout
 
 
 def test_rebuild_needs_the_from_stream_flag(tmp_path: Path) -> None:
