@@ -24,9 +24,8 @@ import msgspec
 import nats
 import pytest
 
-from protocol import SEGMENTS_WILDCARD, Transition, event_subject
-from protocol.nats import connect, read_stream
-from tests.helpers import SHOAL, NatsServer, eventually
+from protocol import event_subject
+from tests.helpers import SHOAL, NatsServer, eventually, published
 
 SEGMENTS = """
 [segments.seen]
@@ -161,8 +160,8 @@ async def test_a_full_disk_pauses_ingestion_which_resumes_once_there_is_room(
         serve.close()
         await nc.close()
     assert sorted(customers) == sorted(f"c{i}" for i in range(BEFORE + WHILE_FULL))
-    published = await _published(nats_server.url)
-    assert sorted((t.customer_id, t.version) for t in published) == sorted(
+    transitions = await published(nats_server.url)
+    assert sorted((t.customer_id, t.version) for t in transitions) == sorted(
         (f"c{i}", 1) for i in range(BEFORE + WHILE_FULL)
     )
     assert not any("Traceback" in line for line in serve.lines), serve.lines
@@ -177,16 +176,3 @@ async def _wait_for(serve: _Serve, n: int, timeout: float = 60.0) -> None:
             return
         await anyio.sleep(0.2)
     raise AssertionError(f"{got} events logged, not {n}")
-
-
-async def _published(url: str) -> list[Transition]:
-    nc = await connect([url])
-    try:
-        decoder = msgspec.json.Decoder(Transition)
-        return [
-            decoder.decode(d.data)
-            async for chunk in read_stream(nc, "SHOAL_SEGMENTS", SEGMENTS_WILDCARD)
-            for d in chunk
-        ]
-    finally:
-        await nc.close()

@@ -10,13 +10,22 @@ from collections import defaultdict
 from pathlib import Path
 
 import msgspec
-import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from actors import replay
-from protocol import EVENTS_STREAM, SEGMENTS_WILDCARD, Event, Transition, event_subject
-from protocol.nats import connect, jetstream_ports, read_stream
+from protocol import EVENTS_STREAM, Event, Transition, event_subject
+from protocol.nats import connect, jetstream_ports
 from store import Store
-from tests.helpers import NatsServer, eventually, run, running_engine, segments, track
+from tests.helpers import (
+    NatsServer,
+    eventually,
+    published,
+    run,
+    running_engine,
+    segments,
+    track,
+)
 
 SEGMENTS = """
 [segments.visitor]
@@ -30,19 +39,6 @@ rule = "count('Buy') >= 1"
 """
 
 
-async def _published(url: str) -> list[Transition]:
-    nc = await connect([url])
-    try:
-        decoder = msgspec.json.Decoder(Transition)
-        return [
-            decoder.decode(d.data)
-            async for chunk in read_stream(nc, "SHOAL_SEGMENTS", SEGMENTS_WILDCARD)
-            for d in chunk
-        ]
-    finally:
-        await nc.close()
-
-
 def _memberships(transitions: list[Transition]) -> dict[str, set[str]]:
     members: dict[str, set[str]] = defaultdict(set)
     for t in transitions:
@@ -53,58 +49,50 @@ def _memberships(transitions: list[Transition]) -> dict[str, set[str]]:
     return {c: s for c, s in members.items() if s}
 
 
-def _forget_store(db: Path) -> None:
+async def _run_then_lose_store(
+    url: str, db: Path, js: JetStreamContext, sent: list[tuple[str, bytes]], transitions: int
+) -> None:
+    """Run an engine until ``sent`` made ``transitions``, stop it, and delete its store."""
+    async with running_engine(url, db, segments(SEGMENTS)) as engine:
+        for user, body in sent:
+            await js.publish(event_subject(user), body)
+        await eventually(lambda: engine.stats.transitions_published == transitions)
     for p in db.parent.glob(db.name + "*"):
         p.unlink()
 
 
 async def test_a_lost_store_refuses_to_start_and_is_rebuilt_from_the_stream(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, client: Client, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
-    db = data / "shoal.db"
-    segs = segments(SEGMENTS)
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    try:
-        async with running_engine(nats_server.url, db, segs) as engine:
-            for user, name in [("a", "Visit"), ("b", "Visit"), ("a", "Visit"), ("a", "Buy")]:
-                await js.publish(event_subject(user), track(user, name))
-            await js.publish(event_subject("c"), b"{not json")  # rejected, acknowledged
-            await eventually(lambda: engine.stats.transitions_published == 4)
-        before = await _published(nats_server.url)
-        assert [(t.customer_id, t.version) for t in before] == [
-            ("a", 1),
-            ("b", 1),
-            ("a", 2),
-            ("a", 3),
-        ]
+    url, data, js = nats_server.url, tmp_path / "data", client.jetstream()
+    db, segs = data / "shoal.db", segments(SEGMENTS)
+    visits = [("a", "Visit"), ("b", "Visit"), ("a", "Visit"), ("a", "Buy")]
+    sent = [(user, track(user, name)) for user, name in visits]
+    sent.append(("c", b"{not json"))  # rejected, acknowledged
+    await _run_then_lose_store(url, db, js, sent, 4)
+    before = await published(url)
+    assert [(t.customer_id, t.version) for t in before] == [("a", 1), ("b", 1), ("a", 2), ("a", 3)]
 
-        _forget_store(db)
-        refused = run("serve", "--nats", nats_server.url, "--data-dir", str(data), timeout=30)
-        assert refused.returncode == 1, refused.stderr
-        error = refused.stderr.strip().splitlines()[-1]
-        assert error.startswith("shoal: error: ")
-        assert "Traceback" not in refused.stderr
-        assert f"is behind stream {EVENTS_STREAM} (5 messages)" in error
-        assert f"shoal rebuild --from-stream --data-dir {data}" in error
+    refused = run("serve", "--nats", url, "--data-dir", str(data), timeout=30)
+    assert refused.returncode == 1, refused.stderr
+    error = refused.stderr.strip().splitlines()[-1]
+    assert error.startswith("shoal: error: ")
+    assert "Traceback" not in refused.stderr
+    assert f"is behind stream {EVENTS_STREAM} (5 messages)" in error
+    assert f"shoal rebuild --from-stream --data-dir {data}" in error
 
-        rebuilt = run(
-            "rebuild", "--from-stream", "--nats", nats_server.url, "--data-dir", str(data)
-        )
-        assert rebuilt.returncode == 0, rebuilt.stderr
-        assert "4 events logged and 4 published transitions restored" in rebuilt.stdout
-        assert "(1 rejected" in rebuilt.stdout
+    rebuilt = run("rebuild", "--from-stream", "--nats", url, "--data-dir", str(data))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "4 events logged and 4 published transitions restored" in rebuilt.stdout
+    assert "(1 rejected" in rebuilt.stdout
 
-        async with running_engine(nats_server.url, db, segs) as engine:
-            await js.publish(event_subject("b"), track("b", "Visit"))
-            await js.publish(event_subject("d"), track("d", "Buy"))
-            await eventually(lambda: engine.stats.transitions_published == 2)
-            assert engine.stats.events_applied == 2  # nothing ingested twice
-            live = {c: set(engine.customer(c).members) for c in "abd"}  # type: ignore[union-attr]
-        after = await _published(nats_server.url)
-    finally:
-        await nc.close()
+    async with running_engine(url, db, segs) as engine:
+        await js.publish(event_subject("b"), track("b", "Visit"))
+        await js.publish(event_subject("d"), track("d", "Buy"))
+        await eventually(lambda: engine.stats.transitions_published == 2)
+        assert engine.stats.events_applied == 2  # nothing ingested twice
+        live = {c: set(engine.customer(c).members) for c in "abd"}  # type: ignore[union-attr]
+    after = await published(url)
 
     # The new transitions go on from the versions published before; none is published again.
     assert [(t.customer_id, t.segment, t.version) for t in after[len(before) :]] == [
@@ -122,45 +110,35 @@ async def test_a_lost_store_refuses_to_start_and_is_rebuilt_from_the_stream(
 
 
 async def test_a_lost_store_and_consumer_refuse_to_start_while_transitions_were_published(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, client: Client, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
+    url, data, js = nats_server.url, tmp_path / "data", client.jetstream()
     db = data / "shoal.db"
-    segs = segments(SEGMENTS)
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    try:
-        async with running_engine(nats_server.url, db, segs) as engine:
-            for user, name in [("a", "Visit"), ("a", "Visit"), ("b", "Buy")]:
-                await js.publish(event_subject(user), track(user, name))
-            await eventually(lambda: engine.stats.transitions_published == 3)
-        _forget_store(db)
-        await js.delete_consumer(EVENTS_STREAM, "shoal-engine")
+    sent = [(user, track(user, name)) for user, name in [("a", "Visit"), ("a", "Visit")]]
+    sent.append(("b", track("b", "Buy")))
+    await _run_then_lose_store(url, db, js, sent, 3)
+    await js.delete_consumer(EVENTS_STREAM, "shoal-engine")
 
-        refused = run("serve", "--nats", nats_server.url, "--data-dir", str(data), timeout=30)
-        assert refused.returncode == 1, refused.stderr
-        assert refused.stderr.strip().splitlines()[-1] == (
-            f"shoal: error: {db} is behind stream SHOAL_EVENTS (3 messages): the store is "
-            "empty, while SHOAL_SEGMENTS holds 3 transitions an engine published. Starting "
-            "would lose those events and restart transition versions. With the engine "
-            f"stopped, rebuild the store from the stream: shoal rebuild --from-stream "
-            f"--data-dir {data}"
-        )
-        rebuilt = run(
-            "rebuild", "--from-stream", "--nats", nats_server.url, "--data-dir", str(data)
-        )
-        assert rebuilt.returncode == 0, rebuilt.stderr
-        assert "3 events logged and 3 published transitions restored" in rebuilt.stdout
+    refused = run("serve", "--nats", url, "--data-dir", str(data), timeout=30)
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"shoal: error: {db} is behind stream SHOAL_EVENTS (3 messages): the store is "
+        "empty, while SHOAL_SEGMENTS holds 3 transitions an engine published. Starting "
+        "would lose those events and restart transition versions. With the engine "
+        f"stopped, rebuild the store from the stream: shoal rebuild --from-stream "
+        f"--data-dir {data}"
+    )
+    rebuilt = run("rebuild", "--from-stream", "--nats", url, "--data-dir", str(data))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "3 events logged and 3 published transitions restored" in rebuilt.stdout
 
-        async with running_engine(nats_server.url, db, segs) as engine:
-            await js.publish(event_subject("b"), track("b", "Visit"))
-            await eventually(lambda: engine.stats.transitions_published == 1)
-            # The stream is read again from its start: what the log holds is not applied twice.
-            await eventually(lambda: engine.stats.events_duplicate == 3)
-            assert engine.stats.events_applied == 1
-    finally:
-        await nc.close()
-    after = await _published(nats_server.url)
+    async with running_engine(url, db, segments(SEGMENTS)) as engine:
+        await js.publish(event_subject("b"), track("b", "Visit"))
+        await eventually(lambda: engine.stats.transitions_published == 1)
+        # The stream is read again from its start: what the log holds is not applied twice.
+        await eventually(lambda: engine.stats.events_duplicate == 3)
+        assert engine.stats.events_applied == 1
+    after = await published(url)
     assert [(t.customer_id, t.segment, t.version) for t in after[3:]] == [("b", "visitor", 2)]
 
 
