@@ -66,10 +66,6 @@ class StoreBehindError(ActorsError):
         self.recorded = recorded
 
 
-def _empty(store: Store) -> bool:
-    return not (store.events.last_seq or store.outbox.last_seq or store.snapshots.marks is not None)
-
-
 async def check_store(store: Store, source: EventSource) -> None:
     """Refuse to start from a store that is behind ``source``'s stream.
 
@@ -87,19 +83,18 @@ async def check_store(store: Store, source: EventSource) -> None:
         BrokerError: the broker does not answer.
     """
     state = await source.stream_state()
-    floor = state.ack_floor
+    if _behind(store, state, source.filter_subject):
+        raise StoreBehindError(store, state, source.consumer)
+
+
+def _behind(store: Store, state: StreamState, filter_subject: str) -> bool:
     recorded = store.stream_through
-    if floor:
-        if recorded is None and not _empty(store) or recorded is not None and floor <= recorded:
-            return
-    elif not (
-        state.published
-        and recorded is None
-        and _empty(store)
-        and source.filter_subject == EVENTS_WILDCARD
-    ):
-        return
-    raise StoreBehindError(store, state, source.consumer)
+    empty = recorded is None and not (
+        store.events.last_seq or store.outbox.last_seq or store.snapshots.marks is not None
+    )
+    if state.ack_floor:
+        return empty if recorded is None else state.ack_floor > recorded
+    return empty and state.published > 0 and filter_subject == EVENTS_WILDCARD
 
 
 @dataclass(slots=True)
