@@ -43,6 +43,9 @@ from .engine import Engine as Engine
 from .engine import EngineConfig as EngineConfig
 from .engine import EngineObserver as EngineObserver
 from .engine import EngineStats as EngineStats
+from .engine import RebuildReport as RebuildReport
+from .engine import StoreBehindError as StoreBehindError
+from .engine import rebuild_from_stream as rebuild_from_stream
 from .rules import Rule as Rule
 from .rules import Segment as Segment
 from .rules import SegmentSet as SegmentSet
@@ -66,6 +69,7 @@ __all__ = (
     "ImportReport",
     "Interval",
     "MembershipAt",
+    "RebuildReport",
     "Replay",
     "ReplayTally",
     "Rule",
@@ -73,6 +77,7 @@ __all__ = (
     "SegmentSet",
     "SegmentTally",
     "SnapshotError",
+    "StoreBehindError",
     "SystemClock",
     "TimerQueue",
     "VirtualClock",
@@ -94,6 +99,7 @@ __all__ = (
     "parse_rule",
     "parse_segments",
     "read_log",
+    "rebuild_from_stream",
     "replay",
     "replayed_history",
     "snapshot_row",

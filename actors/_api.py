@@ -276,6 +276,7 @@ class EngineApi:
             events_quarantined=stats.events_quarantined,
             parked=len(parked),
             parked_customers=[_parked_info(r) for r in parked[:MAX_PARKED_SHOWN]],
+            paused=engine.paused,
         )
 
     async def unpark(self, request: UnparkRequest) -> UnparkReply:

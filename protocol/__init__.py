@@ -49,6 +49,7 @@ from ._lines import events_from_lines as events_from_lines
 from ._ports import Delivery as Delivery
 from ._ports import EventSource as EventSource
 from ._ports import PublishError as PublishError
+from ._ports import StreamState as StreamState
 from ._ports import TransitionSink as TransitionSink
 from ._query import API_VERSION as API_VERSION
 from ._query import QueryHandler as QueryHandler
@@ -143,6 +144,7 @@ __all__ = (
     "SegmentsRequest",
     "StatusReply",
     "StatusRequest",
+    "StreamState",
     "SubjectError",
     "TimeCause",
     "Transition",

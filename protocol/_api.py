@@ -254,6 +254,8 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     """Customers parked now."""
     parked_customers: list[ParkedInfo] = msgspec.field(default_factory=list)
     """The first :data:`MAX_PARKED_SHOWN` of them, in id order."""
+    paused: str | None = None
+    """Why ingestion is paused (``disk full at <path>``: it resumes by itself), or None."""
 
 
 customer_request_decoder = msgspec.json.Decoder(CustomerRequest)

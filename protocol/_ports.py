@@ -33,6 +33,30 @@ class Delivery:
     msg_id: str | None
     """The producer's message id (``Nats-Msg-Id``), when it set one."""
 
+    @property
+    def default_message_id(self) -> str:
+        """The message id of an event that has no ``messageId`` of its own: the producer's
+        ``Nats-Msg-Id``, else one derived from its place in the stream (the same every time
+        it is read, so a rebuild from the stream logs it under the same id)."""
+        return self.msg_id or f"js:{self.stream_sequence}@{self.received}"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """Where an engine's consumer stands in the events stream, as the broker sees it: what
+    a start compares with what its store recorded."""
+
+    stream: str
+    """The events stream's name."""
+    messages: int
+    """How many messages the stream holds."""
+    ack_floor: int | None
+    """The stream position up to which the consumer acknowledged everything; None when the
+    consumer does not exist (yet)."""
+    published: int = 0
+    """How many transitions the transitions stream (``SHOAL_SEGMENTS``) holds: published by
+    an engine before."""
+
 
 class PublishError(ProtocolError):
     """Transitions (or a rejection) could not be published, or the broker did not confirm
@@ -119,6 +143,15 @@ class EventSource(Protocol):
 
     async def lag(self, *, timeout: float = 1.0) -> int | None:
         """Events stored for this consumer and not yet acknowledged; None if unknown."""
+        ...
+
+    async def stream_state(self) -> StreamState:
+        """The stream's size and this consumer's acknowledgement floor (asked before
+        :meth:`start`, which creates the consumer).
+
+        Raises:
+            BrokerError: the broker does not answer.
+        """
         ...
 
 

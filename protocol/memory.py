@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import anyio
 
 from ._errors import BrokerError
-from ._ports import Delivery, PublishError
-from ._subjects import EVENTS_WILDCARD
+from ._ports import Delivery, PublishError, StreamState
+from ._subjects import EVENTS_STREAM, EVENTS_WILDCARD
 from ._time import MINUTE
 from ._types import Rejection, Transition
 
@@ -281,6 +281,15 @@ class MemorySource:
         floor = self._broker.ack_floor(self._consumer)
         return sum(
             1 for e in self._broker._events_after(floor) if _matches(self._filter, e.subject)
+        )
+
+    async def stream_state(self) -> StreamState:
+        # A consumer that never acknowledged anything has nothing a store could be behind.
+        return StreamState(
+            stream=EVENTS_STREAM,
+            messages=len(self._broker._events),
+            ack_floor=self._broker._floors.get(self._consumer),
+            published=len(self._broker.transitions),
         )
 
 

@@ -115,6 +115,8 @@ class EngineCounters(Protocol):
     def snapshots_written(self) -> int: ...
     @property
     def snapshot_rounds(self) -> int: ...
+    @property
+    def events_quarantined(self) -> int: ...
 
 
 class EngineView(Protocol):
@@ -138,6 +140,8 @@ class EngineView(Protocol):
     def customer_count(self) -> int: ...
     @property
     def warm(self) -> bool: ...
+    @property
+    def parked_count(self) -> int: ...
     async def consumer_lag(self) -> int | None: ...
     def not_ready(self) -> Sequence[str]:
         """Why the engine is not ready to serve (nothing once it consumes, warm)."""
@@ -197,6 +201,11 @@ _COUNTERS = (
     ),
     ("shoal_snapshots_written", "Customer snapshots written.", "snapshots_written"),
     ("shoal_snapshot_rounds", "Completed rounds of snapshots.", "snapshot_rounds"),
+    (
+        "shoal_events_quarantined",
+        "Events that raised while applied: rejected with the error, their customer restored.",
+        "events_quarantined",
+    ),
 )
 # name, help, EngineView attribute
 _GAUGES = (
@@ -213,6 +222,11 @@ _GAUGES = (
     ("shoal_feed_buffered", "Deliveries received from the broker, not yet applied.", "buffered"),
     ("shoal_customers", "Customers in memory.", "customer_count"),
     ("shoal_warm", "1 once every customer is in memory (0 while loading after a restart).", "warm"),
+    (
+        "shoal_customers_parked",
+        "Customers parked after an error (not evaluated until tried again; events kept).",
+        "parked_count",
+    ),
 )
 
 

@@ -229,6 +229,7 @@ def _show_status(r: StatusReply, out: Console) -> None:
     t.add_column()
     for key, value in (
         ("engine", f"up, consumer {r.consumer} on {r.filter_subject}{warm}"),
+        *((("paused", f"ingestion paused: {r.paused}"),) if r.paused else ()),
         ("at", _when(r.at)),
         ("customers", str(r.customers)),
         ("events/s", f"{r.events_per_second:g} (last 10 s)"),

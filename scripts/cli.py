@@ -35,7 +35,14 @@ from protocol import (
 from protocol.nats import connect, ensure_streams, iter_transitions, jetstream_ports
 from store import Store, StoreError
 
-from . import _generate_cmd, _history_cmd, _import_cmd, _query_cmd, _replay_cmd
+from . import (
+    _generate_cmd,
+    _history_cmd,
+    _import_cmd,
+    _query_cmd,
+    _rebuild_cmd,
+    _replay_cmd,
+)
 from ._errors import UsageError
 from ._logging import configure_logging
 
@@ -201,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     _replay_cmd.register(sub)
     _query_cmd.register(sub, segs_sub)
     _generate_cmd.register(sub)
+    _rebuild_cmd.register(sub)
     return p
 
 

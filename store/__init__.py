@@ -6,6 +6,7 @@ customers' snapshots, as parts of one :class:`Store`.
 
 from ._errors import StoreError as StoreError
 from ._errors import StoreFormatError as StoreFormatError
+from ._errors import StoreFullError as StoreFullError
 from ._errors import StoreLockedError as StoreLockedError
 from ._events import EventLog as EventLog
 from ._events import LoggedEvent as LoggedEvent
@@ -34,6 +35,7 @@ __all__ = (
     "Store",
     "StoreError",
     "StoreFormatError",
+    "StoreFullError",
     "StoreLockedError",
     "Synchronous",
 )

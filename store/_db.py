@@ -8,6 +8,8 @@ translated here, with what was being done, and chained (``raise ... from e``).
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -16,19 +18,43 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from ._errors import StoreError
+from ._errors import StoreError, StoreFullError
 
 Row = sqlite3.Row
 """A result row (a tuple: no row factory is set)."""
 
 
+def _disk_full(e: sqlite3.Error, path: Path) -> bool:
+    """Whether ``e`` says the disk holding ``path`` is full: SQLITE_FULL, or an I/O error
+    while that disk has no room left (SQLite reports some failed writes only as I/O errors)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is None:
+        return False
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return True
+    if code & 0xFF != sqlite3.SQLITE_IOERR:
+        return False
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def translated(doing: str) -> Iterator[None]:
-    """Turn a ``sqlite3.Error`` raised inside into :class:`StoreError` ``"{doing}: {error}"``."""
+def translated(doing: str, path: Path | None = None) -> Iterator[None]:
+    """Turn a ``sqlite3.Error`` raised inside into :class:`StoreError` ``"{doing}: {error}"``
+    (:class:`StoreFullError` when the disk holding ``path`` is full), and an ``OSError`` for
+    a full disk into :class:`StoreFullError`."""
     try:
         yield
     except sqlite3.Error as e:
+        if path is not None and _disk_full(e, path):
+            raise StoreFullError(path, doing) from e
         raise StoreError(f"{doing}: {e}") from e
+    except OSError as e:
+        if path is not None and e.errno == errno.ENOSPC:
+            raise StoreFullError(path, doing) from e
+        raise
 
 
 def chunks(ids: Iterable[str], size: int = 500) -> Iterator[list[str]]:
@@ -67,7 +93,7 @@ class Db:
         Raises:
             StoreError: it cannot be opened.
         """
-        with translated(f"cannot open {path}"):
+        with translated(f"cannot open {path}", path):
             if read_only:
                 conn = await aiosqlite.connect(
                     path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None
@@ -78,35 +104,35 @@ class Db:
 
     async def close(self) -> None:
         """Close the connection."""
-        with translated(f"cannot close {self.path}"):
+        with translated(f"cannot close {self.path}", self.path):
             await self._conn.close()
 
     async def rows(self, sql: str, params: Sequence[Any] = (), *, doing: str) -> list[Row]:
         """Every row ``sql`` returns."""
-        with translated(doing):
+        with translated(doing, self.path):
             async with self._conn.execute(sql, params) as cur:
                 return list(await cur.fetchall())
 
     async def one(self, sql: str, params: Sequence[Any] = (), *, doing: str) -> Row | None:
         """The first row ``sql`` returns (None: none)."""
-        with translated(doing):
+        with translated(doing, self.path):
             async with self._conn.execute(sql, params) as cur:
                 return await cur.fetchone()
 
     async def execute(self, sql: str, params: Sequence[Any] = (), *, doing: str) -> None:
         """Run one statement."""
-        with translated(doing):
+        with translated(doing, self.path):
             await self._conn.execute(sql, params)
 
     async def execute_many(self, sql: str, params: Iterable[Sequence[Any]], *, doing: str) -> int:
         """Run one statement for each parameter tuple; return the rows it changed."""
-        with translated(doing):
+        with translated(doing, self.path):
             cur = await self._conn.executemany(sql, params)
             return int(cur.rowcount)
 
     async def script(self, sql: str, *, doing: str) -> None:
         """Run several statements."""
-        with translated(doing):
+        with translated(doing, self.path):
             await self._conn.executescript(sql)
 
     @contextlib.asynccontextmanager
@@ -119,13 +145,17 @@ class Db:
         Raises:
             StoreError: (``cannot write to ...``) nothing was written.
         """
-        with anyio.CancelScope(shield=True), translated(self.writing):
+        with anyio.CancelScope(shield=True), translated(self.writing, self.path):
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield
                 await self._conn.execute("COMMIT")
             except BaseException:
-                await self._conn.execute("ROLLBACK")
+                # After some errors (a full disk among them) SQLite has rolled back already;
+                # a failed ROLLBACK must not hide the error that caused it.
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._conn.execute("ROLLBACK")
                 raise
 
     async def meta(self, *, doing: str) -> dict[str, str]:

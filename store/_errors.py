@@ -28,3 +28,14 @@ class StoreFormatError(StoreError):
         self.path = path
         self.found = found
         self.expected = expected
+
+
+class StoreFullError(StoreError):
+    """The disk that holds the store is full: nothing of the write was written. The same
+    write succeeds once there is room again."""
+
+    def __init__(self, path: Path, doing: str) -> None:
+        where = "its disk" if str(path) in doing else f"the disk that holds {path}"
+        super().__init__(f"{doing}: {where} is full; free space on it")
+        self.path = path
+        self.doing = doing

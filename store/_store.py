@@ -21,6 +21,9 @@ from ._parked import Parked
 from ._schema import MMAP_BYTES, Synchronous, check_for_reading, prepare_for_writing
 from ._snapshots import Snapshot, SnapshotMarks, Snapshots
 
+_STREAM_THROUGH = "stream_through"
+"""The ``meta`` key of :attr:`Store.stream_through`."""
+
 
 class Store:
     """The SQLite store of one engine: :attr:`events` (the log), :attr:`outbox` and
@@ -39,10 +42,12 @@ class Store:
         outbox: Outbox,
         snapshots: Snapshots,
         parked: Parked,
+        stream_through: int | None = None,
     ) -> None:
         self._db = db
         self._lock = lock
         self._closed = False
+        self._stream_through = stream_through
         self.events = events
         """The event log."""
         self.outbox = outbox
@@ -51,6 +56,19 @@ class Store:
         """The customers' snapshots and the marks of the last complete round."""
         self.parked = parked
         """The customers set aside after an error, until tried again."""
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file."""
+        return self._db.path
+
+    @property
+    def stream_through(self) -> int | None:
+        """The events stream position up to which every message was committed (logged, or
+        found a duplicate or rejected); None when no commit recorded one (a new store, or one
+        written by a shoal before this was recorded). A consumer's acknowledgement floor past
+        it means the store is behind the stream."""
+        return self._stream_through
 
     @classmethod
     async def open(cls, path: Path, *, synchronous: Synchronous = "NORMAL") -> Self:
@@ -117,6 +135,7 @@ class Store:
             await Outbox.load(db, meta, doing=doing),
             Snapshots.load(db, meta),
             await Parked.load(db, writable=lock is not None, doing=doing),
+            int(meta[_STREAM_THROUGH]) if _STREAM_THROUGH in meta else None,
         )
 
     async def __aenter__(self) -> Self:
@@ -167,6 +186,7 @@ class Store:
         snapshots: Sequence[Snapshot] | None = None,
         marks: SnapshotMarks | None = None,
         unparked: Sequence[str] = (),
+        stream_through: int | None = None,
     ) -> list[int]:
         """Append events and outbox entries, advance the published mark, and store
         snapshots, atomically.
@@ -180,6 +200,8 @@ class Store:
                 past the events appended before this call).
             marks: a round of snapshots is complete with this commit.
             unparked: customers no longer parked (see :attr:`parked`).
+            stream_through: every message of the events stream up to this position is
+                committed with this (ignored unless it moves :attr:`stream_through` forward).
 
         Returns:
             The outbox positions assigned to ``entries``, in order.
@@ -190,7 +212,10 @@ class Store:
         mark = published_through
         if mark is not None and mark <= self.outbox.published_through:
             mark = None
-        if not (events or entries or mark is not None or snapshots or marks or unparked):
+        through = stream_through
+        if through is not None and through <= (self._stream_through or 0):
+            through = None
+        if not (events or entries or mark is not None or snapshots or marks or through or unparked):
             return []
         seqs = self.outbox._next_seqs(len(entries))
         async with self._db.transaction():
@@ -203,6 +228,10 @@ class Store:
             if marks is not None:
                 await self.snapshots._mark(marks)
             await self.parked._remove(unparked)
+            if through is not None:
+                await self._db.set_meta(_STREAM_THROUGH, str(through))
+        if through is not None:
+            self._stream_through = through
         self.events._committed(last_event)
         self.outbox._committed(seqs, mark)
         self.snapshots._committed(marks)

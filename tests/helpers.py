@@ -23,8 +23,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from actors import Clock, Engine, EngineConfig, SegmentSet, parse_segments
-from protocol import Rejection, Transition, find_nats_server, format_instant
-from protocol.nats import connect, jetstream_ports
+from protocol import (
+    SEGMENTS_STREAM,
+    SEGMENTS_WILDCARD,
+    Rejection,
+    Transition,
+    find_nats_server,
+    format_instant,
+)
+from protocol.nats import connect, jetstream_ports, read_stream
 from store import Store
 
 
@@ -123,6 +130,20 @@ async def running_engine(
                 tg.cancel_scope.cancel()
     finally:
         await log.close()
+        await nc.close()
+
+
+async def published(url: str) -> list[Transition]:
+    """Every transition ``SHOAL_SEGMENTS`` holds, in stream order."""
+    nc = await connect([url])
+    try:
+        decoder = msgspec.json.Decoder(Transition)
+        return [
+            decoder.decode(d.data)
+            async for chunk in read_stream(nc, SEGMENTS_STREAM, SEGMENTS_WILDCARD)
+            for d in chunk
+        ]
+    finally:
         await nc.close()
 
 

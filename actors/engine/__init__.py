@@ -12,5 +12,17 @@ from ._config import EngineObserver as EngineObserver
 from ._config import EngineStats as EngineStats
 from ._engine import Engine as Engine
 from ._partition import Partition as Partition
+from ._startup import RebuildReport as RebuildReport
+from ._startup import StoreBehindError as StoreBehindError
+from ._startup import rebuild_from_stream as rebuild_from_stream
 
-__all__ = ("Engine", "EngineConfig", "EngineObserver", "EngineStats", "Partition")
+__all__ = (
+    "Engine",
+    "EngineConfig",
+    "EngineObserver",
+    "EngineStats",
+    "Partition",
+    "RebuildReport",
+    "StoreBehindError",
+    "rebuild_from_stream",
+)

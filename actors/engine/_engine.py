@@ -46,6 +46,7 @@ from ._parking import Parking
 from ._partition import Partition
 from ._recovery import Recovery
 from ._snapshots import Snapshots
+from ._startup import check_store
 
 _MAX_IDLE = 1.0
 """Seconds the loop sleeps at most, so retries and a lifted time floor are not missed."""
@@ -137,9 +138,13 @@ class Engine:
         consumes, warm)."""
         if not self._consuming:
             return ["engine not consuming (starting or stopping)"]
+        reasons: list[str] = []
         if not self._recovery.warm:
-            return [f"warming up: {len(self._partition.customers)} customers loaded"]
-        return []
+            reasons.append(f"warming up: {len(self._partition.customers)} customers loaded")
+        paused = self._outbox.paused
+        if paused is not None:
+            reasons.append(f"ingestion paused: {paused}")
+        return reasons
 
     @property
     def buffered(self) -> int:
@@ -152,6 +157,12 @@ class Engine:
         """Committed transitions not yet confirmed published (ingestion pauses at
         ``max_outbox``)."""
         return len(self._outbox)
+
+    @property
+    def paused(self) -> str | None:
+        """Why ingestion is paused (``disk full at <path>``: it resumes by itself once there
+        is room), or None."""
+        return self._outbox.paused
 
     @property
     def pending_deadlines(self) -> int:
@@ -217,6 +228,11 @@ class Engine:
     def parked(self, customer_id: str) -> ParkedCustomer | None:
         """Why the customer is parked, or None if it is not (see :mod:`._parking`)."""
         return self._parking.get(customer_id)
+
+    @property
+    def parked_count(self) -> int:
+        """How many customers are parked now."""
+        return len(self._parking)
 
     @property
     def parked_customers(self) -> list[ParkedCustomer]:
@@ -349,6 +365,7 @@ class Engine:
         sink, source = self._sink, self._source
         await sink.start()
         try:
+            await check_store(self._store, source)
             if not self._recovered:
                 await self._rebuild()
             await source.start()

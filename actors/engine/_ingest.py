@@ -131,7 +131,7 @@ class Ingest:
                 continue
             logged.append(logged_event(event))
             applied.append(event)
-        await self._outbox.commit(logged, transitions)
+        await self._outbox.commit(logged, transitions, stream_through=batch[-1].stream_sequence)
         stats.events_applied += len(logged)
         self._gc.worked(len(logged))
         if logged:

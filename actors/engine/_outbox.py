@@ -6,21 +6,24 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import anyio
 import structlog
 
 from actors._stored import outbox_entries
 from protocol import PublishError, Transition, TransitionSink
-from store import LoggedEvent, Snapshot, SnapshotMarks, Store
+from store import LoggedEvent, Snapshot, SnapshotMarks, Store, StoreFullError
 
 from ._config import EngineConfig, EngineObserver
 from ._metrics import Counts
 
 _NOT_TIMED = contextlib.nullcontext()
 _MAX_RETRY_DELAY = 5.0
-"""Seconds at most between two attempts to publish the same transitions."""
+"""Seconds at most between two attempts to publish the same transitions, or to commit the
+same rows while the disk is full."""
+_FULL_REMINDER = 60.0
+"""Seconds between two log lines saying the engine is still paused by a full disk."""
 
 
 class Outbox:
@@ -51,6 +54,9 @@ class Outbox:
         self._space = anyio.Event()
         self.confirmed_through = 0
         """The outbox position the broker has confirmed so far."""
+        self.paused: str | None = None
+        """Why the engine is paused (``disk full at <path>``), None when it is not."""
+        self._stopped = False
         self._logger = structlog.get_logger("shoal.engine")
 
     def __len__(self) -> int:
@@ -68,15 +74,24 @@ class Outbox:
         snapshots: Sequence[Snapshot] = (),
         *,
         unparked: Sequence[str] = (),
+        stream_through: int | None = None,
     ) -> None:
         """Append ``events`` and ``transitions`` (and replace ``snapshots``, and unpark
         customers) in the store in one transaction, then queue the transitions for
-        publishing."""
+        publishing. ``stream_through``: every message of the events stream up to this
+        position is committed with this (what a start checks the store against)."""
         entries = outbox_entries(transitions)
         obs = self._observer
         with obs.timing_commit() if obs is not None and (events or entries) else _NOT_TIMED:
-            seqs = await self._store.commit(
-                events, entries, self.confirmed_through, snapshots=snapshots, unparked=unparked
+            seqs = await self._while_full(
+                lambda: self._store.commit(
+                    events,
+                    entries,
+                    self.confirmed_through,
+                    snapshots=snapshots,
+                    unparked=unparked,
+                    stream_through=stream_through,
+                )
             )
         self._counts.stats.transitions += len(entries)
         if entries:
@@ -84,8 +99,53 @@ class Outbox:
             self._pending.extend(zip(seqs, transitions, strict=True))
             self._ready.set()
 
+    async def _while_full(self, commit: Callable[[], Awaitable[list[int]]]) -> list[int]:
+        """Run ``commit`` until it is done, trying the same one again while the disk is full.
+
+        What it commits is applied in memory already and not yet acknowledged, so waiting
+        loses nothing, and the main loop (ingestion with it) pauses meanwhile. The error is
+        logged once, then once a minute. Once the engine is stopping, it is raised instead.
+        """
+        delay, since, told = 0.1, 0.0, 0.0
+        while True:
+            try:
+                seqs = await commit()
+            except StoreFullError as e:
+                if self._stopped:
+                    raise
+                now = anyio.current_time()
+                if self.paused is None:
+                    self.paused = f"disk full at {e.path}"
+                    since = told = now
+                    self._logger.error(
+                        "disk full: ingestion paused until there is room",
+                        path=str(e.path),
+                        error=str(e),
+                    )
+                elif now - told >= _FULL_REMINDER:
+                    told = now
+                    self._logger.warning(
+                        "disk still full: ingestion paused",
+                        path=str(e.path),
+                        paused_for=round(now - since),
+                    )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+                continue
+            if self.paused is not None:
+                self._logger.info(
+                    "disk has room again: ingestion resumed",
+                    paused_for=round(anyio.current_time() - since, 1),
+                )
+                self.paused = None
+            return seqs
+
     async def commit_snapshots(self, rows: Sequence[Snapshot], marks: SnapshotMarks | None) -> None:
-        """Write snapshots (and, closing a round, its marks) in one transaction."""
+        """Write snapshots (and, closing a round, its marks) in one transaction.
+
+        Raises:
+            StoreFullError: the disk is full (not retried: a round can wait).
+        """
         await self._store.commit([], [], self.confirmed_through, snapshots=rows, marks=marks)
 
     async def record_confirmed(self) -> None:
@@ -102,6 +162,13 @@ class Outbox:
 
     async def publish_loop(self) -> None:
         """Publish committed transitions in outbox order; on failure, retry the same ones."""
+        try:
+            await self._publish()
+        finally:
+            # The engine is stopping: what it still writes must not wait for disk space.
+            self._stopped = True
+
+    async def _publish(self) -> None:
         delay = 0.1
         pending, stats = self._pending, self._counts.stats
         while True:

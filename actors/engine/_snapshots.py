@@ -9,7 +9,7 @@ import structlog
 from actors._clock import Clock
 from actors._stored import snapshot_row
 from protocol import NEVER
-from store import Snapshot, SnapshotMarks, Store
+from store import Snapshot, SnapshotMarks, Store, StoreFullError
 
 from ._config import EngineConfig, EngineStats
 from ._gc import Collector
@@ -19,6 +19,8 @@ from ._partition import Partition
 
 _FLUSH_BATCH = 50_000
 """Snapshots written per transaction when all are written at once (at a clean stop)."""
+_FULL_RETRY = 30.0
+"""Seconds (of the engine's clock) before a round the full disk stopped is tried again."""
 
 
 class Snapshots:
@@ -48,6 +50,7 @@ class Snapshots:
         self._marks: SnapshotMarks | None = None
         self._started = 0  # the clock's instant when the last round started
         self._events = 0  # the log position when the last round started
+        self._retry_at = -NEVER  # while the disk is full: when to try the round again
 
     def restarted(self) -> None:
         """The engine starts: the next round is due after the interval from now."""
@@ -72,6 +75,8 @@ class Snapshots:
         the round's mark recorded: where the log and the outbox stood when it started.
         """
         cfg = self._config
+        if self._retry_at > self._clock.now():
+            return False
         if self._round is None:
             if not self._partition.changed:
                 return False
@@ -85,7 +90,16 @@ class Snapshots:
         assert self._round is not None
         part = self._round[-cfg.snapshot_batch :]
         del self._round[-cfg.snapshot_batch :]
-        await self._write(part, done=not self._round)
+        try:
+            await self._write(part, done=not self._round)
+        except StoreFullError as e:
+            # Snapshots can wait; ingestion, whose commits are small, need not wait for them.
+            self._round += part
+            self._retry_at = self._clock.now() + int(_FULL_RETRY * 1_000_000)
+            structlog.get_logger("shoal.engine").warning(
+                "snapshots put off: the disk is full", path=str(e.path), retry_in=_FULL_RETRY
+            )
+            return False
         return True
 
     def _start(self, now: int) -> None:

@@ -13,6 +13,7 @@ from ._feed import EventFeed as EventFeed
 from ._publisher import Publisher as Publisher
 from ._service import ApiClient as ApiClient
 from ._service import serve_api as serve_api
+from ._stream import read_stream as read_stream
 from ._wiring import iter_transitions as iter_transitions
 from ._wiring import jetstream_ports as jetstream_ports
 
@@ -25,5 +26,6 @@ __all__ = (
     "ensure_streams",
     "iter_transitions",
     "jetstream_ports",
+    "read_stream",
     "serve_api",
 )

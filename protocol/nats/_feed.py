@@ -23,10 +23,11 @@ from nats.js.api import (
 )
 
 from protocol._errors import BrokerError, ProtocolError
-from protocol._ports import Delivery
+from protocol._ports import Delivery, StreamState
 from protocol._subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
+    SEGMENTS_STREAM,
 )
 
 _FLUSH_TIMEOUT = 5
@@ -401,6 +402,34 @@ class EventFeed:
         except (TimeoutError, nats.errors.Error):
             return None
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def stream_state(self) -> StreamState:
+        """``SHOAL_EVENTS``'s size and this consumer's acknowledgement floor (None: the
+        consumer does not exist yet), asking the broker.
+
+        Raises:
+            BrokerError: the broker does not answer.
+        """
+        try:
+            stream = await self._js.stream_info(EVENTS_STREAM)
+            try:
+                info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
+            except nats.js.errors.NotFoundError:
+                floor = None
+            else:
+                floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+            try:
+                published = int((await self._js.stream_info(SEGMENTS_STREAM)).state.messages)
+            except nats.js.errors.NotFoundError:
+                published = 0
+        except (TimeoutError, nats.errors.Error) as e:
+            raise BrokerError(f"cannot read the state of stream {EVENTS_STREAM}: {e}") from e
+        return StreamState(
+            stream=EVENTS_STREAM,
+            messages=int(stream.state.messages or 0),
+            ack_floor=floor,
+            published=published,
+        )
 
     async def wait(self) -> None:
         """Return when deliveries are buffered (or :attr:`needs_restart` may have turned)."""

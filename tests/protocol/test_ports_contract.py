@@ -255,3 +255,34 @@ async def test_the_lag_counts_stored_and_unacknowledged(ports: Ports) -> None:
     assert source.consumer == "engine"
     assert source.filter_subject == "shoal.events.>"
     await source.stop()
+
+
+async def test_the_stream_state_before_and_after_acknowledgements(ports: Ports) -> None:
+    for i in range(3):
+        await ports.publish(f"c{i}")
+    source = await ports.source()
+    state = await source.stream_state()
+    assert (state.stream, state.messages, state.ack_floor, state.published) == (
+        "SHOAL_EVENTS",
+        3,
+        None,  # no consumer yet
+        0,
+    )
+    await source.start()
+    positions = await taken(source, 3)
+    assert not (await source.stream_state()).ack_floor  # nothing acknowledged yet
+    await source.ack(positions[1])
+    await eventually_floor(source, positions[1])
+    sink = await ports.sink()
+    await sink.start()
+    await sink.publish([_transition("c0", 1)])
+    assert (await source.stream_state()).published == 1
+    await sink.close()
+    await source.stop()
+    assert (await source.stream_state()).ack_floor == positions[1]  # the consumer stays
+
+
+async def eventually_floor(source: EventSource, floor: int) -> None:
+    with anyio.fail_after(10):
+        while (await source.stream_state()).ack_floor != floor:
+            await anyio.sleep(0.02)

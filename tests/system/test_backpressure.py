@@ -56,10 +56,17 @@ class SlowDisk(Store):
         snapshots: Sequence[Snapshot] | None = None,
         marks: SnapshotMarks | None = None,
         unparked: Sequence[str] = (),
+        stream_through: int | None = None,
     ) -> list[int]:
         await anyio.sleep(0.02)
         return await super().commit(
-            events, entries, published_through, snapshots=snapshots, marks=marks, unparked=unparked
+            events,
+            entries,
+            published_through,
+            snapshots=snapshots,
+            marks=marks,
+            unparked=unparked,
+            stream_through=stream_through,
         )
 
 

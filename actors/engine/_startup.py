@@ -1,0 +1,194 @@
+"""Startup checks: an engine refuses to start from a store that is behind its events stream
+(a missing or emptied ``shoal.db`` beside a stream full of events), and
+:func:`rebuild_from_stream` brings such a store level with the stream again.
+
+Started from such a store, an engine would begin with every customer empty and restart
+transition versions at 1, so subscribers that drop repeats by version would drop what it
+publishes; and the events its consumer acknowledged would be missing from the log for good.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from actors._errors import ActorsError
+from actors._stored import logged_event
+from protocol import (
+    DEFAULT_MAX_EVENT_BYTES,
+    EVENTS_WILDCARD,
+    SEGMENTS_STREAM,
+    Delivery,
+    EventSource,
+    InvalidEvent,
+    StreamState,
+    Transition,
+    decode_event,
+    to_instant,
+)
+from store import LoggedEvent, OutboxEntry, Store
+
+REBUILD_COMMAND = "shoal rebuild --from-stream"
+"""The command that rebuilds a store from the events stream (:func:`rebuild_from_stream`)."""
+
+_transition_decoder = msgspec.json.Decoder(Transition)
+
+
+class StoreBehindError(ActorsError):
+    """The store holds less than its events stream says was committed: starting from it would
+    lose events and restart transition versions. Rebuild it from the stream."""
+
+    def __init__(self, store: Store, state: StreamState, consumer: str) -> None:
+        recorded = store.stream_through
+        if state.ack_floor:
+            holds = "nothing" if recorded is None else f"messages through position {recorded}"
+            why = (
+                f"consumer {consumer!r} acknowledged messages through position "
+                f"{state.ack_floor}, the store recorded {holds}"
+            )
+        else:
+            why = (
+                f"the store is empty, while {SEGMENTS_STREAM} holds {state.published} "
+                "transitions an engine published"
+            )
+        command = f"{REBUILD_COMMAND} --data-dir {store.path.parent}"
+        if consumer != "shoal-engine":
+            command += f" --consumer {consumer}"
+        super().__init__(
+            f"{store.path} is behind stream {state.stream} ({state.messages} messages): "
+            f"{why}. Starting would lose those events and restart transition versions. With "
+            f"the engine stopped, rebuild the store from the stream: {command}"
+        )
+        self.path = store.path
+        self.state = state
+        self.recorded = recorded
+
+
+async def check_store(store: Store, source: EventSource) -> None:
+    """Refuse to start from a store that is behind ``source``'s stream.
+
+    It is behind when the consumer acknowledged messages past the stream position the store
+    recorded at its last commit; or, when the store recorded none, when it is empty while
+    the consumer acknowledged any, or while there is no consumer but the transitions stream
+    holds transitions (asked only of an engine that reads every customer: with a partition
+    of them, those may be another engine's). A store written by a shoal that did not record
+    the position, but holding anything, is trusted. A first start (no consumer yet, nothing
+    published) against a stream that already holds events is fine: the engine reads it from
+    its start.
+
+    Raises:
+        StoreBehindError: the store is behind.
+        BrokerError: the broker does not answer.
+    """
+    state = await source.stream_state()
+    if _behind(store, state, source.filter_subject):
+        raise StoreBehindError(store, state, source.consumer)
+
+
+def _behind(store: Store, state: StreamState, filter_subject: str) -> bool:
+    recorded = store.stream_through
+    empty = recorded is None and not (
+        store.events.last_seq or store.outbox.last_seq or store.snapshots.marks is not None
+    )
+    if state.ack_floor:
+        return empty if recorded is None else state.ack_floor > recorded
+    return empty and state.published > 0 and filter_subject == EVENTS_WILDCARD
+
+
+@dataclass(slots=True)
+class RebuildReport:
+    """What :func:`rebuild_from_stream` did."""
+
+    through: int
+    """The stream position the store is level with now."""
+    read: int = 0
+    """Event messages read from the stream."""
+    logged: int = 0
+    """Events added to the log (those not there already)."""
+    rejected: int = 0
+    """Messages the engine rejected (invalid): not logged, as by the engine."""
+    transitions: int = 0
+    """Published transitions added to the outbox, as published."""
+
+
+async def rebuild_from_stream(
+    store: Store,
+    deliveries: AsyncIterable[Sequence[Delivery]],
+    published: AsyncIterable[Sequence[Delivery]],
+    *,
+    through: int | None,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> RebuildReport:
+    """Bring ``store`` level with the events stream, up to position ``through`` (the
+    consumer's acknowledgement floor: what the engine had committed; None, when there is no
+    consumer: all of it, and the engine's new consumer finds those events logged).
+
+    Each message is decoded exactly as the engine decodes it (the same default message id,
+    the same receive instant), and the valid events are added to the log in stream order,
+    skipping those it holds. The transitions the broker holds (``published``, the messages of
+    ``SHOAL_SEGMENTS``) are added to the outbox as published, so a start rebuilds each
+    customer's memberships and version from them and goes on from the last version published
+    rather than from 1, and publishes none of them again. The position is recorded last.
+
+    Args:
+        store: the store, open for writing (the engine stopped).
+        deliveries: the events stream's messages up to ``through``, in stream order.
+        published: ``SHOAL_SEGMENTS``' messages, in stream order.
+        through: the stream position the store is to be level with (None: the last of
+            ``deliveries``).
+        max_event_bytes: the engine's limit on an event's size.
+
+    Raises:
+        StoreError: the store cannot be written (what was written before stays: running it
+            again adds only what is missing).
+    """
+    report = RebuildReport(through=through or 0)
+    async for chunk in deliveries:
+        events: list[LoggedEvent] = []
+        for d in chunk:
+            if through is not None and d.stream_sequence > through:
+                break
+            if through is None:
+                report.through = d.stream_sequence
+            report.read += 1
+            try:
+                event = decode_event(
+                    d.data,
+                    d.subject,
+                    received=d.received,
+                    default_message_id=d.default_message_id,
+                    max_bytes=max_event_bytes,
+                )
+            except InvalidEvent:
+                report.rejected += 1
+                continue
+            events.append(logged_event(event))
+        report.logged += await store.import_events(events)
+
+    entries: dict[tuple[str, int], OutboxEntry] = {}
+    async for chunk in published:
+        for d in chunk:
+            try:
+                t = _transition_decoder.decode(d.data)
+            except msgspec.DecodeError:
+                continue  # not shoal's: nothing to restore from it
+            entries.setdefault(
+                (t.customer_id, t.version),
+                OutboxEntry(
+                    customer_id=t.customer_id,
+                    version=t.version,
+                    segment=t.segment,
+                    at=to_instant(t.at),
+                    body=d.data,  # the very payload published
+                ),
+            )
+    held = await store.outbox.of_customers(sorted({c for c, _ in entries}))
+    for o in held:
+        entries.pop((o.customer_id, o.version), None)
+    new = list(entries.values())
+    last = store.outbox.last_seq + len(new)
+    await store.commit([], new, last, stream_through=report.through or None)
+    report.transitions = len(new)
+    return report

@@ -1,0 +1,93 @@
+"""Reading a stream once from its start, up to where it ended when asked: what a store is
+rebuilt from (``shoal rebuild --from-stream``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import DeliverPolicy
+
+from protocol._errors import BrokerError
+from protocol._ports import Delivery
+from protocol.nats._feed import _parse_ack_reply
+
+_IDLE = 5.0
+"""Seconds without a message after which the broker is taken to have stopped sending."""
+
+
+async def read_stream(
+    nc: Client,
+    stream: str,
+    filter_subject: str,
+    *,
+    through: int | None = None,
+    chunk: int = 10_000,
+) -> AsyncIterator[list[Delivery]]:
+    """The messages of ``stream`` on ``filter_subject``, in stream order, from its start up
+    to position ``through`` (default: its last message when this is called), in lists of up
+    to ``chunk``. Each is given as the engine's source delivers it (stream position, receive
+    instant, ``Nats-Msg-Id``). An ordered consumer reads them; no durable state is changed.
+
+    Raises:
+        BrokerError: the stream does not exist, or the broker stops answering.
+    """
+    js = nc.jetstream()
+    try:
+        info = await js.stream_info(stream)
+    except nats.js.errors.NotFoundError as e:
+        raise BrokerError(f"stream {stream} does not exist") from e
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read stream {stream}: {e}") from e
+    last = int(info.state.last_seq or 0)
+    if through is not None:
+        last = min(last, through)
+    if not info.state.messages or last < int(info.state.first_seq or 0):
+        return
+    sub: Any = None
+    try:
+        sub = await js.subscribe(
+            filter_subject,
+            stream=stream,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+            pending_msgs_limit=chunk * 2,
+        )
+        consumer = await sub.consumer_info()
+        delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
+        if not consumer.num_pending and not delivered:
+            return  # nothing on the filter: nothing will come
+        out: list[Delivery] = []
+        while True:
+            msg = await sub.next_msg(timeout=_IDLE)
+            seq, _, received, pending = _parse_ack_reply(msg.reply)
+            if seq > last:
+                break
+            headers = msg.headers
+            out.append(
+                Delivery(
+                    subject=msg.subject,
+                    data=msg.data,
+                    stream_sequence=seq,
+                    received=received,
+                    pending=pending,
+                    msg_id=headers.get("Nats-Msg-Id") if headers else None,
+                )
+            )
+            if seq == last or pending == 0:
+                break
+            if len(out) >= chunk:
+                yield out
+                out = []
+        if out:
+            yield out
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read stream {stream}: {e}") from e
+    finally:
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()

@@ -1,0 +1,100 @@
+"""``shoal rebuild --from-stream``: bring a store that is behind its events stream (a lost or
+emptied ``shoal.db``) level with the stream again, while the engine is stopped.
+
+The work is :func:`actors.rebuild_from_stream`; the stream is read by
+:func:`protocol.nats.read_stream`, from the embedded broker's store in the data directory
+or from ``--nats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from actors import EngineConfig, rebuild_from_stream
+from protocol import EVENTS_STREAM, SEGMENTS_STREAM, SEGMENTS_WILDCARD, embedded_broker
+from protocol.nats import connect, jetstream_ports, read_stream
+from store import Store
+
+from ._errors import UsageError
+
+
+def register(sub: Any) -> None:
+    """Add the ``rebuild`` command to the ``shoal`` subparsers ``sub``."""
+    p = sub.add_parser(
+        "rebuild",
+        help="rebuild the store from the events stream, while the engine is stopped",
+        description="Add to the event log every event the engine's consumer acknowledged "
+        f"in {EVENTS_STREAM} that the log lacks (decoded as the engine decodes them), and "
+        f"to the outbox the transitions {SEGMENTS_STREAM} holds, as published, so that the "
+        "engine starts from them and goes on with the next transition versions.",
+    )
+    p.add_argument(
+        "--from-stream",
+        action="store_true",
+        required=True,
+        help=f"rebuild from {EVENTS_STREAM} (and {SEGMENTS_STREAM}): the only source so far",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("shoal-data"),
+        metavar="DIR",
+        help="the engine's data directory (default: ./shoal-data)",
+    )
+    p.add_argument(
+        "--nats",
+        action="append",
+        metavar="URL",
+        help="the NATS server the engine uses (default: start the embedded one on the data "
+        "directory's broker store)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="embedded broker address")
+    p.add_argument("--port", type=int, default=4222, help="embedded broker port")
+    p.add_argument("--consumer", default="shoal-engine", help="the engine's durable consumer")
+    p.set_defaults(run=_rebuild)
+
+
+async def _rebuild(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir
+    if not args.nats and not (data_dir / "nats").is_dir():
+        raise UsageError(
+            f"{data_dir / 'nats'} holds no broker store to rebuild from; "
+            "give the engine's server with --nats URL"
+        )
+    async with contextlib.AsyncExitStack() as stack:
+        # Taken first: it fails at once if the engine is running.
+        store = await Store.open(data_dir / "shoal.db")
+        stack.push_async_callback(store.close)
+        if args.nats:
+            servers = list(args.nats)
+        else:
+            url = await stack.enter_async_context(
+                embedded_broker(data_dir / "nats", host=args.host, port=args.port)
+            )
+            servers = [url]
+        nc = await connect(servers, name="shoal-rebuild")
+        stack.push_async_callback(nc.close)
+        source, _ = await jetstream_ports(nc, consumer=args.consumer)
+        state = await source.stream_state()
+        if state.ack_floor is None and not state.published:
+            print(
+                f"consumer {args.consumer!r} does not exist and no transition was published: "
+                f"nothing to rebuild (the engine reads {state.stream} from its start)"
+            )
+            return 0
+        report = await rebuild_from_stream(
+            store,
+            read_stream(nc, EVENTS_STREAM, source.filter_subject, through=state.ack_floor),
+            read_stream(nc, SEGMENTS_STREAM, SEGMENTS_WILDCARD),
+            through=state.ack_floor,
+            max_event_bytes=EngineConfig().max_event_bytes,
+        )
+        print(
+            f"{store.path}: {report.logged} events logged and {report.transitions} published "
+            f"transitions restored from {report.read} messages of {state.stream} through "
+            f"position {report.through} ({report.rejected} rejected as the engine does)"
+        )
+    return 0
