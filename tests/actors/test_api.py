@@ -138,6 +138,7 @@ async def test_srv_discovery_lists_every_endpoint(
             ("members", "shoal.api.members", "shoal"),
             ("definitions", "shoal.api.definitions", "shoal"),
             ("status", "shoal.api.status", "shoal"),
+            ("unpark", "shoal.api.unpark", "shoal"),
         }
         await ask(client, "shoal.api.customer.nobody")
         stats = json.loads((await ask(client, "$SRV.STATS.shoal")).data)
