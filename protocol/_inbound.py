@@ -1,7 +1,8 @@
 """Decoding and validating what producers publish on ``shoal.events.<customer>``.
 
 Every reason an event is rejected is written here, so that the README, the tests and the
-``shoal.rejected`` messages agree on its exact text.
+``shoal.rejected`` messages agree on its exact text. The limits an event is decoded under are
+in :mod:`protocol._limits`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,23 @@ from typing import Any, Literal
 import msgspec
 
 from ._errors import ProtocolError, SubjectError
+from ._limits import DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT_BYTES
+from ._limits import (
+    EARLIEST,
+    LATEST,
+    MAX_ID_CHARS,
+    MAX_NAME_CHARS,
+    MAX_TIMESTAMP_CHARS,
+    TIMEZONE_TRAIT,
+    TOO_DEEP,
+    LimitExceeded,
+    check_values,
+    known_timezones,
+)
 from ._subjects import customer_of_event_subject
 from ._time import SECOND, format_instant, to_instant
-from ._types import Event
+from ._types import Event, shown_subject
 
-DEFAULT_MAX_EVENT_BYTES = 64 * 1024
 MAX_FUTURE_SKEW = 300 * SECOND
 """How far ahead of its receive time an event may be stamped (5 minutes)."""
 
@@ -32,9 +45,21 @@ RejectionKind = Literal[
     "message_id",
     "timestamp",
     "future",
+    "depth",
+    "integer",
+    "length",
+    "timezone",
     "quarantined",
 ]
 """The class of a rejection reason: a short, stable name for counting them (metrics)."""
+
+_SHOWN_CHARS = 64
+"""How much of a rejected text a reason quotes."""
+
+
+def _shown(text: str) -> str:
+    """``text``, cut to what a one-line reason can quote."""
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
 
 
 class InvalidEvent(ProtocolError, ValueError):
@@ -85,22 +110,34 @@ def _seconds(us: int) -> str:
 
 
 def parse_timestamp(text: str) -> int:
-    """The instant of an ISO-8601 timestamp that carries a UTC offset.
+    """The instant of an ISO-8601 timestamp that carries a UTC offset, within the range
+    shoal accepts (:data:`~protocol._limits.EARLIEST` to before
+    :data:`~protocol._limits.LATEST`).
 
     Raises:
         InvalidEvent: the text is not such a timestamp.
     """
     try:
-        dt = datetime.fromisoformat(text)
+        dt = datetime.fromisoformat(text) if len(text) <= MAX_TIMESTAMP_CHARS else None
     except ValueError:
         dt = None
     if dt is None or dt.tzinfo is None:
         raise InvalidEvent(
-            f"timestamp {text!r} is not an ISO-8601 date and time with a UTC offset "
+            f"timestamp {_shown(text)!r} is not an ISO-8601 date and time with a UTC offset "
             "(for example 2026-11-22T10:00:00+01:00 or 2026-11-22T09:00:00Z)",
             kind="timestamp",
         )
-    return to_instant(dt)
+    try:
+        at = to_instant(dt)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first datetime
+        at = EARLIEST - 1
+    if not EARLIEST <= at < LATEST:
+        raise InvalidEvent(
+            f"timestamp {text!r} is out of range: events must be stamped from "
+            f"{format_instant(EARLIEST)} to before {format_instant(LATEST)}",
+            kind="timestamp",
+        )
+    return at
 
 
 def decode_event(
@@ -115,7 +152,8 @@ def decode_event(
 
     Args:
         data: the message payload (Segment Spec JSON).
-        subject: the subject it was published on (``shoal.events.<customer>``).
+        subject: the subject it was published on (``shoal.events.<customer>``); bytes that
+            are not UTF-8 arrive surrogate-escaped, and are refused.
         received: when the broker received it (microseconds since the epoch); the event's
             instant when it has no timestamp, and the reference for "too far in the future".
         default_message_id: the message id to use when the payload has no ``messageId``.
@@ -132,16 +170,25 @@ def decode_event(
                 f"payload is {len(data)} bytes, over the limit of {max_bytes} bytes",
                 kind="too_large",
             )
+        if not subject.isascii():
+            _check_utf8(subject)
         try:
             customer_id = customer_of_event_subject(subject)
         except SubjectError as e:
             raise InvalidEvent(str(e), kind="subject") from e
+        if len(customer_id) > MAX_ID_CHARS:
+            raise InvalidEvent(
+                f"customer id of {len(customer_id)} characters, over the limit of {MAX_ID_CHARS}",
+                kind="length",
+            )
         try:
             wire = _decoder.decode(data)
         except msgspec.ValidationError as e:
             raise InvalidEvent(f"invalid event: {e}") from e
         except msgspec.DecodeError as e:
             raise InvalidEvent(f"invalid JSON: {e}", kind="json") from e
+        except RecursionError:
+            raise InvalidEvent(TOO_DEEP, kind="depth") from None
         message_id = wire.message_id or default_message_id
         return _checked(wire, customer_id, subject, received, message_id)
     except InvalidEvent as e:
@@ -150,30 +197,53 @@ def decode_event(
         raise
 
 
+def _check_utf8(subject: str) -> None:
+    try:
+        subject.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEvent(
+            f"subject '{shown_subject(subject)}' is not valid UTF-8 (bytes that are not are "
+            "shown as \\xNN)",
+            kind="subject",
+        ) from None
+
+
 def _checked(wire: _Wire, customer_id: str, subject: str, received: int, message_id: str) -> Event:
     if wire.type is None:
         raise InvalidEvent("missing required field `type` ('track' or 'identify')", kind="type")
     if wire.type not in ("track", "identify"):
         raise InvalidEvent(
-            f"unknown type {wire.type!r}: expected 'track' or 'identify'", kind="type"
+            f"unknown type {_shown(wire.type)!r}: expected 'track' or 'identify'", kind="type"
         )
     if wire.user_id is None:
         raise InvalidEvent("missing required field `userId`", kind="user_id")
     if wire.user_id != customer_id:
         raise InvalidEvent(
-            f"userId {wire.user_id!r} does not match the customer {customer_id!r} "
+            f"userId {_shown(wire.user_id)!r} does not match the customer {customer_id!r} "
             f"of subject {subject!r}",
             kind="user_id",
         )
-    if wire.type == "track":
+    track = wire.type == "track"
+    if track:
         if wire.event is None:
             raise InvalidEvent(
                 "missing required field `event` (the event name) on a track event", kind="event"
             )
         if not wire.event:
             raise InvalidEvent("field `event` (the event name) must not be empty", kind="event")
+        if len(wire.event) > MAX_NAME_CHARS:
+            raise InvalidEvent(
+                f"field `event` (the event name) has {len(wire.event)} characters, over the "
+                f"limit of {MAX_NAME_CHARS}",
+                kind="length",
+            )
     if wire.message_id is not None and not wire.message_id:
         raise InvalidEvent("field `messageId` must not be empty when given", kind="message_id")
+    if len(message_id) > MAX_ID_CHARS:
+        raise InvalidEvent(
+            f"message id of {len(message_id)} characters, over the limit of {MAX_ID_CHARS}",
+            kind="length",
+        )
 
     at = received
     if wire.timestamp is not None:
@@ -190,13 +260,40 @@ def _checked(wire: _Wire, customer_id: str, subject: str, received: int, message
         # event counts from when it was received, so no rule sees an instant not yet reached.
         at = min(stamped, received)
 
+    properties: dict[str, Any] = {}
+    traits: dict[str, Any] = {}
+    try:
+        if track:
+            if wire.properties:
+                properties = wire.properties
+                check_values(properties)
+        elif wire.traits:
+            traits = wire.traits
+            check_values(traits)
+            zone = traits.get(TIMEZONE_TRAIT)
+            if zone is not None:
+                _check_zone(zone)
+    except LimitExceeded as e:
+        raise InvalidEvent(e.at("properties" if track else "traits"), kind=e.kind) from None
+
     return Event(
         kind=wire.type,  # type: ignore[arg-type]  # checked above
         customer_id=customer_id,
-        name=wire.event if wire.type == "track" else None,
-        properties=(wire.properties or {}) if wire.type == "track" else {},
-        traits=(wire.traits or {}) if wire.type == "identify" else {},
+        name=wire.event if track else None,
+        properties=properties,
+        traits=traits,
         at=at,
         received=received,
         message_id=message_id,
+    )
+
+
+def _check_zone(zone: object) -> None:
+    if isinstance(zone, str) and zone in known_timezones():
+        return
+    shown = repr(_shown(zone)) if isinstance(zone, str) else f"of type {type(zone).__name__}"
+    raise InvalidEvent(
+        f"trait `{TIMEZONE_TRAIT}` {shown} is not a time zone name zoneinfo knows: give an "
+        "IANA name such as 'Europe/London', or null",
+        kind="timezone",
     )

@@ -42,7 +42,7 @@ def _content_id(line: bytes) -> str:
     however spaced or ordered, gets the same id."""
     try:
         canonical = msgspec.json.encode(msgspec.json.decode(line), order="sorted")
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, RecursionError):
         canonical = line.strip()
     return "import:" + hashlib.sha256(canonical).hexdigest()[:32]
 
@@ -67,7 +67,7 @@ def event_from_line(line: bytes, *, now: int) -> Event:
     """
     try:
         head = _head_decoder.decode(line)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         # Not a JSON object: decode_event says so in its own words.
         decode_event(line, _NOBODY, received=now, default_message_id="-")
         raise InvalidEvent("invalid JSON") from None  # not reached: it refuses the line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import datetime
 from typing import Any, Literal
 
@@ -82,6 +83,12 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     """Published on ``shoal.rejected`` for an event that was not applied.
 
     ``payload`` is the original payload when it is UTF-8 text, else ``payload_base64`` holds it.
+    ``payload_bytes`` is the original payload's size and ``payload_sha256`` the hex SHA-256 of
+    its bytes. A rejection that would not fit in one message (the broker's maximum payload) is
+    cut: ``truncated`` is true and the payload holds only its beginning (and the reason and
+    the subject too, should they alone not fit). ``subject`` shows bytes that are not UTF-8
+    as ``\\xNN``. The last three fields are absent from rejections published before shoal
+    had them.
     """
 
     reason: str
@@ -90,12 +97,15 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     stream_sequence: int | None
     payload: str | None = None
     payload_base64: str | None = None
+    payload_bytes: int | None = None
+    payload_sha256: str | None = None
+    truncated: bool = False
 
     @classmethod
     def of(
         cls, *, reason: str, subject: str, data: bytes, received: int, stream_sequence: int | None
     ) -> Rejection:
-        """The rejection of the inbound message ``data`` received on ``subject``."""
+        """The rejection of the inbound message ``data`` received on ``subject`` (uncut)."""
         try:
             text: str | None = data.decode("utf-8")
             b64 = None
@@ -103,11 +113,13 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
             text, b64 = None, base64.b64encode(data).decode("ascii")
         return cls(
             reason=reason,
-            subject=subject,
+            subject=shown_subject(subject),
             received_at=from_instant(received),
             stream_sequence=stream_sequence,
             payload=text,
             payload_base64=b64,
+            payload_bytes=len(data),
+            payload_sha256=hashlib.sha256(data).hexdigest(),
         )
 
     @property
@@ -116,6 +128,90 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
         if self.stream_sequence is None:
             return None
         return f"rejected:{self.stream_sequence}:{to_instant(self.received_at)}"
+
+
+_rejection_encoder = msgspec.json.Encoder()
+NATS_MAX_PAYLOAD = 1024 * 1024
+"""The NATS server's default maximum payload (``max_payload``), in bytes."""
+REJECTION_HEADROOM = 256
+"""Bytes of the broker's maximum payload left for a rejection's headers (the broker counts
+them in): a rejection's JSON is cut to the maximum payload less this."""
+_ELLIPSIS = "..."
+
+
+def encode_rejection(
+    *,
+    reason: str,
+    subject: str,
+    data: bytes,
+    received: int,
+    stream_sequence: int | None,
+    max_bytes: int,
+) -> tuple[Rejection, bytes]:
+    """The :class:`Rejection` of an inbound message and its JSON, cut to at most
+    ``max_bytes`` (what every sink publishes: the cut is the same on each).
+
+    What does not fit is cut from the payload first (``truncated`` turns true; the original's
+    size and hash stay), then from the reason, then from the subject.
+    """
+    full = Rejection.of(
+        reason=reason,
+        subject=subject,
+        data=data,
+        received=received,
+        stream_sequence=stream_sequence,
+    )
+    body = _rejection_encoder.encode(full)
+    if len(body) <= max_bytes:
+        return full, body
+    text = full.payload
+    cut = msgspec.structs.replace(
+        full,
+        payload=None if text is None else "",
+        payload_base64=None if text is not None else "",
+        truncated=True,
+    )
+    excess = len(_rejection_encoder.encode(cut)) - max_bytes
+    for field in ("reason", "subject"):
+        if excess > 0:
+            cut = msgspec.structs.replace(cut, **{field: _cut(getattr(cut, field), excess)})
+            excess = len(_rejection_encoder.encode(cut)) - max_bytes
+    room = max(0, -excess)
+    if text is not None:
+        # The longest beginning whose JSON fits (a character takes 1 to 6 bytes of it).
+        lo, hi = 0, min(len(text), room)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(_rejection_encoder.encode(text[:mid])) - 2 <= room:
+                lo = mid
+            else:
+                hi = mid - 1
+        head = text[:lo]
+        cut = msgspec.structs.replace(cut, payload=head)
+    elif room > 0:
+        # Base64 needs no escaping: 4 characters for each 3 bytes.
+        cut = msgspec.structs.replace(
+            cut, payload_base64=base64.b64encode(data[: room // 4 * 3]).decode("ascii")
+        )
+    return cut, _rejection_encoder.encode(cut)
+
+
+def _cut(text: str, excess: int) -> str:
+    """``text`` shortened by at least ``excess`` characters, marked as cut."""
+    keep = len(text) - excess - len(_ELLIPSIS)
+    return text[:keep] + _ELLIPSIS if keep > 0 else ""
+
+
+def shown_subject(subject: str) -> str:
+    """``subject`` as text that can be written anywhere: bytes that are not UTF-8 (which
+    arrive surrogate-escaped) are shown as ``\\xNN``."""
+    if subject.isascii():
+        return subject
+    try:
+        raw = subject.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that surrogateescape did not make
+        return subject.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def header_token(customer_id: str) -> str:

@@ -22,7 +22,13 @@ from ._errors import BrokerError
 from ._ports import Delivery, PublishError, StreamState
 from ._subjects import EVENTS_STREAM, EVENTS_WILDCARD
 from ._time import MINUTE
-from ._types import Rejection, Transition
+from ._types import (
+    NATS_MAX_PAYLOAD,
+    REJECTION_HEADROOM,
+    Rejection,
+    Transition,
+    encode_rejection,
+)
 
 __all__ = ("MemoryBroker", "MemorySink", "MemorySource")
 
@@ -297,11 +303,13 @@ class MemorySink:
     """Publishes into a :class:`MemoryBroker`: the engine's transition sink.
 
     :meth:`fail_next` makes the next publishes fail, as a broker that does not confirm.
+    A rejection is cut to ``max_payload`` bytes as the NATS sink cuts it to the broker's.
     """
 
-    def __init__(self, broker: MemoryBroker) -> None:
+    def __init__(self, broker: MemoryBroker, *, max_payload: int = NATS_MAX_PAYLOAD) -> None:
         self._broker = broker
         self._failures = 0
+        self._max_payload = max_payload
 
     def fail_next(self, n: int = 1) -> None:
         """Make the next ``n`` publishes (transitions or rejections) raise PublishError."""
@@ -334,12 +342,12 @@ class MemorySink:
         stream_sequence: int | None,
     ) -> None:
         self._maybe_fail("a rejection")
-        self._broker._reject(
-            Rejection.of(
-                reason=reason,
-                subject=subject,
-                data=data,
-                received=received,
-                stream_sequence=stream_sequence,
-            )
+        rejection, _ = encode_rejection(
+            reason=reason,
+            subject=subject,
+            data=data,
+            received=received,
+            stream_sequence=stream_sequence,
+            max_bytes=self._max_payload - REJECTION_HEADROOM,
         )
+        self._broker._reject(rejection)

@@ -45,8 +45,10 @@ def free_port() -> int:
 class NatsServer:
     """A real nats-server child process with JetStream and a store in a temp dir."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, *args: str) -> None:
         self.store = store
+        self.args = args
+        """More nats-server arguments (``-c`` a configuration file, say)."""
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -62,6 +64,7 @@ class NatsServer:
                 "127.0.0.1",
                 "-p",
                 str(self.port),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -29,6 +29,7 @@ from protocol._subjects import (
     EVENTS_WILDCARD,
     SEGMENTS_STREAM,
 )
+from protocol.nats._undecodable import tolerate_undecodable_subjects
 
 _FLUSH_TIMEOUT = 5
 _MAX_RETRY_DELAY = 2.0
@@ -87,6 +88,7 @@ class EventFeed:
         max_in_flight: int = 20_000,
         ack_wait: float = 30.0,
     ) -> None:
+        tolerate_undecodable_subjects(nc)
         self._nc = nc
         self._js = js
         self._durable = durable

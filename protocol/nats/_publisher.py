@@ -21,7 +21,7 @@ from protocol._subjects import (
     REJECTED_SUBJECT,
     segment_subject,
 )
-from protocol._types import Rejection, Transition
+from protocol._types import REJECTION_HEADROOM, Transition, encode_rejection
 
 _CONNECTION_CHECK = 0.05
 """Seconds between two looks at the connection while waiting for the broker."""
@@ -166,25 +166,27 @@ class Publisher:
         received: int,
         stream_sequence: int | None,
     ) -> None:
-        """Publish a :class:`Rejection` on ``shoal.rejected`` and wait for the broker.
+        """Publish a :class:`Rejection` on ``shoal.rejected`` and wait for the broker; one that
+        would not fit in the broker's maximum payload is cut (see :func:`encode_rejection`).
 
         Raises:
             PublishError: it was not confirmed.
         """
-        body = Rejection.of(
+        rejection, body = encode_rejection(
             reason=reason,
             subject=subject,
             data=data,
             received=received,
             stream_sequence=stream_sequence,
+            max_bytes=self._nc.max_payload - REJECTION_HEADROOM,
         )
-        msg_id = body.msg_id
+        msg_id = rejection.msg_id
         headers = None if msg_id is None else {"Nats-Msg-Id": msg_id}
         await self._connected()
         try:
             await self._js.publish(
                 REJECTED_SUBJECT,
-                msgspec.json.encode(body),
+                body,
                 headers=headers,
                 timeout=self._timeout,
             )

@@ -51,6 +51,8 @@ from protocol._subjects import (
     customer_api_subject,
     customer_of_api_subject,
 )
+from protocol._types import shown_subject
+from protocol.nats._undecodable import tolerate_undecodable_subjects
 
 _STOP_TIMEOUT = 2.0
 _READY_TIMEOUT = 5.0
@@ -72,6 +74,10 @@ def _decode(decoder: msgspec.json.Decoder[_R], data: bytes) -> _R:
 
 
 def _customer(endpoint: str, subject: str) -> str:
+    if subject != shown_subject(subject):
+        raise InvalidRequest(
+            f"invalid request: subject '{shown_subject(subject)}' is not valid UTF-8"
+        )
     try:
         return customer_of_api_subject(endpoint, subject)
     except SubjectError as e:
@@ -111,6 +117,7 @@ async def serve_api(
     an engine that owns the customer. ``task_status.started()`` is called once every
     endpoint listens.
     """
+    tolerate_undecodable_subjects(nc)
     service = await nats.micro.add_service(
         nc,
         name=API_SERVICE,
