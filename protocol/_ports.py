@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ._errors import ProtocolError
-from ._types import Transition
+from ._inbound import DEFAULT_MAX_EVENT_BYTES, decode_event
+from ._types import Event, Transition
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,20 @@ class Delivery:
         ``Nats-Msg-Id``, else one derived from its place in the stream (the same every time
         it is read, so a rebuild from the stream logs it under the same id)."""
         return self.msg_id or f"js:{self.stream_sequence}@{self.received}"
+
+    def event(self, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event:
+        """The event this delivery carries, validated as the engine validates it.
+
+        Raises:
+            InvalidEvent: it cannot be applied; its ``reason`` says why.
+        """
+        return decode_event(
+            self.data,
+            self.subject,
+            received=self.received,
+            default_message_id=self.default_message_id,
+            max_bytes=max_bytes,
+        )
 
 
 @dataclass(frozen=True, slots=True)

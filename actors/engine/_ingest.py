@@ -21,7 +21,6 @@ from protocol import (
     PublishError,
     Transition,
     TransitionSink,
-    decode_event,
 )
 from store import LoggedEvent, Store
 
@@ -87,13 +86,7 @@ class Ingest:
         for i, d in enumerate(batch):
             await breathe(i, SERVE_EVERY * 4)
             try:
-                event = decode_event(
-                    d.data,
-                    d.subject,
-                    received=d.received,
-                    default_message_id=d.msg_id or f"js:{d.stream_sequence}@{d.received}",
-                    max_bytes=max_bytes,
-                )
+                event = d.event(max_bytes)
             except InvalidEvent as e:
                 rejected.append((d, e))
                 continue

@@ -25,7 +25,6 @@ from protocol import (
     InvalidEvent,
     StreamState,
     Transition,
-    decode_event,
     to_instant,
 )
 from store import LoggedEvent, OutboxEntry, Store
@@ -154,13 +153,7 @@ async def rebuild_from_stream(
                 report.through = d.stream_sequence
             report.read += 1
             try:
-                event = decode_event(
-                    d.data,
-                    d.subject,
-                    received=d.received,
-                    default_message_id=d.default_message_id,
-                    max_bytes=max_event_bytes,
-                )
+                event = d.event(max_event_bytes)
             except InvalidEvent:
                 report.rejected += 1
                 continue

@@ -333,17 +333,7 @@ class EventFeed:
                 buf.clear()
                 break
             self._last_cseq = cseq
-            headers = msg.headers
-            out.append(
-                Delivery(
-                    subject=msg.subject,
-                    data=msg.data,
-                    stream_sequence=seq,
-                    received=received,
-                    pending=pending,
-                    msg_id=headers.get("Nats-Msg-Id") if headers else None,
-                )
-            )
+            out.append(delivery_of(msg, seq, received, pending))
             self._unacked.append((seq, msg))
             self._taken_through = max(self._taken_through, seq)
             self._last_stamp = max(self._last_stamp, received)
@@ -470,3 +460,16 @@ class EventFeed:
     async def stop(self) -> None:
         """Stop receiving; the durable consumer stays on the broker. Idempotent."""
         await self._close_subscription()
+
+
+def delivery_of(msg: Msg, seq: int, received: int, pending: int) -> Delivery:
+    """The :class:`Delivery` of a JetStream message (its ack reply already parsed)."""
+    headers = msg.headers
+    return Delivery(
+        subject=msg.subject,
+        data=msg.data,
+        stream_sequence=seq,
+        received=received,
+        pending=pending,
+        msg_id=headers.get("Nats-Msg-Id") if headers else None,
+    )

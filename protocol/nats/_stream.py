@@ -14,7 +14,7 @@ from nats.js.api import DeliverPolicy
 
 from protocol._errors import BrokerError
 from protocol._ports import Delivery
-from protocol.nats._feed import _parse_ack_reply
+from protocol.nats._feed import _parse_ack_reply, delivery_of
 
 _IDLE = 5.0
 """Seconds without a message after which the broker is taken to have stopped sending."""
@@ -67,17 +67,7 @@ async def read_stream(
             seq, _, received, pending = _parse_ack_reply(msg.reply)
             if seq > last:
                 break
-            headers = msg.headers
-            out.append(
-                Delivery(
-                    subject=msg.subject,
-                    data=msg.data,
-                    stream_sequence=seq,
-                    received=received,
-                    pending=pending,
-                    msg_id=headers.get("Nats-Msg-Id") if headers else None,
-                )
-            )
+            out.append(delivery_of(msg, seq, received, pending))
             if seq == last or pending == 0:
                 break
             if len(out) >= chunk:
