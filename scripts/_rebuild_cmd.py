@@ -13,12 +13,24 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from actors import EngineConfig, rebuild_from_stream
-from protocol import EVENTS_STREAM, SEGMENTS_STREAM, SEGMENTS_WILDCARD, embedded_broker
+from protocol import (
+    EVENTS_STREAM,
+    REJECTED_STREAM,
+    REJECTED_SUBJECT,
+    SEGMENTS_STREAM,
+    SEGMENTS_WILDCARD,
+    Rejection,
+    embedded_broker,
+)
 from protocol.nats import connect, jetstream_ports, read_stream
 from store import Store
 
 from ._errors import UsageError
+
+_rejection = msgspec.json.Decoder(Rejection)
 
 
 def register(sub: Any) -> None:
@@ -85,12 +97,21 @@ async def _rebuild(args: argparse.Namespace) -> int:
                 f"nothing to rebuild (the engine reads {state.stream} from its start)"
             )
             return 0
+        # What the engine rejected stays rejected: an event quarantined because it raised
+        # when applied decodes fine, and would raise again.
+        rejected = {
+            r.stream_sequence
+            async for chunk in read_stream(nc, REJECTED_STREAM, REJECTED_SUBJECT)
+            for d in chunk
+            if (r := _rejection.decode(d.data)).stream_sequence is not None
+        }
         report = await rebuild_from_stream(
             store,
             read_stream(nc, EVENTS_STREAM, source.filter_subject, through=state.ack_floor),
             read_stream(nc, SEGMENTS_STREAM, SEGMENTS_WILDCARD),
             through=state.ack_floor,
             max_event_bytes=EngineConfig().max_event_bytes,
+            rejected=rejected,
         )
         print(
             f"{store.path}: {report.logged} events logged and {report.transitions} published "

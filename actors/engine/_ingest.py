@@ -125,10 +125,11 @@ class Ingest:
             logged.append(logged_event(event))
             applied.append(event)
         await self._outbox.commit(logged, transitions, stream_through=batch[-1].stream_sequence)
-        stats.events_applied += len(logged)
-        self._gc.worked(len(logged))
-        if logged:
-            self._counts.applied(len(logged), self._clock.now())
+        # Parked customers' events are logged, not applied (yet).
+        stats.events_applied += len(applied)
+        self._gc.worked(len(applied))
+        if applied:
+            self._counts.applied(len(applied), self._clock.now())
         for d, invalid in rejected:
             await self._reject(d, invalid)
         # Acknowledged only now: every event of the batch is in the log or was rejected.

@@ -9,7 +9,7 @@ publishes; and the events its consumer acknowledged would be missing from the lo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Collection, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -119,6 +119,7 @@ async def rebuild_from_stream(
     *,
     through: int | None,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    rejected: Collection[int] = (),
 ) -> RebuildReport:
     """Bring ``store`` level with the events stream, up to position ``through`` (the
     consumer's acknowledgement floor: what the engine had committed; None, when there is no
@@ -138,6 +139,9 @@ async def rebuild_from_stream(
         through: the stream position the store is to be level with (None: the last of
             ``deliveries``).
         max_event_bytes: the engine's limit on an event's size.
+        rejected: stream positions the engine rejected (those ``SHOAL_REJECTED`` holds): not
+            logged, even if they decode (an event quarantined because it raised when
+            applied).
 
     Raises:
         StoreError: the store cannot be written (what was written before stays: running it
@@ -152,6 +156,9 @@ async def rebuild_from_stream(
             if through is None:
                 report.through = d.stream_sequence
             report.read += 1
+            if d.stream_sequence in rejected:
+                report.rejected += 1
+                continue
             try:
                 event = d.event(max_event_bytes)
             except InvalidEvent:
