@@ -161,6 +161,10 @@ class Ingest:
         p, parking = self._partition, self._parking
         p.drop(customer_id)
         restored = await self._recovery.reload(customer_id)
+        reloaded = p.customers.get(customer_id)
+        if reloaded is not None:
+            # Loading counted its memberships, which were counted before it was dropped.
+            self._counts.released(reloaded)
         mine = [e for e in applied if e.customer_id == customer_id]
         if mine and customer_id not in parking:
             c = p.actor(customer_id)
@@ -176,7 +180,6 @@ class Ingest:
             # Restoring it raised: parked, its events of this batch applied when unparked.
             await parking.settle()
             return [t for t in transitions if t.customer_id != customer_id]
-        self._counts.recount(p.segments.names, p.customers.values())
         return transitions + restored
 
     async def _reject(self, d: Delivery, invalid: InvalidEvent) -> None:

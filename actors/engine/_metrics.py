@@ -62,6 +62,12 @@ class Counts:
         for segment in c.members:
             sizes[segment] = sizes.get(segment, 0) + 1
 
+    def released(self, c: Customer) -> None:
+        """Stop counting the memberships of a customer (counted by :meth:`held`)."""
+        sizes = self.sizes
+        for segment in c.members:
+            sizes[segment] = sizes.get(segment, 0) - 1
+
     def recount(self, names: Iterable[str], customers: Iterable[Customer]) -> None:
         """Count the members of each segment afresh (after a start or a switch, which look
         at every customer anyway)."""

@@ -94,6 +94,12 @@ async def test_an_event_that_raises_is_quarantined_and_its_customer_restored(
             assert alice is not None
             assert (alice.count("Visit"), alice.version) == (1, 1)  # as before boom-1
             assert sorted(alice.members) == ["active"]
+            # Members per segment, counted as they change, still match the actors.
+            actors = [engine.customer(i) for i in ("alice", "bob", "carol")]
+            assert engine.segment_sizes == {
+                name: sum(name in c.members for c in actors if c is not None)
+                for name in ("active", "regular", "idle")
+            }
             await client.publish("shoal.events.alice", visit("alice", "a2"))
             await anyio.sleep(2.5)  # every 1 s deadline fires
             stopped = now()
