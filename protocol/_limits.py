@@ -16,7 +16,7 @@ from typing import Any, Literal
 from ._time import to_instant
 
 DEFAULT_MAX_EVENT_BYTES = 64 * 1024
-"""The largest payload accepted, in bytes (``shoal serve --max-event-bytes`` changes it)."""
+"""The largest payload accepted, in bytes (``EngineConfig.max_event_bytes`` changes it)."""
 MAX_DEPTH = 32
 """How deep JSON may nest: the event object is level 1, its ``properties`` level 2."""
 MAX_ID_CHARS = 256
