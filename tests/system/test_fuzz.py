@@ -4,7 +4,7 @@ bytes can be sent. The engine never stops; every hostile input is rejected on
 ``shoal.rejected`` with a reason (matched by stream sequence); every valid event is in the log
 exactly once, and nothing else is.
 
-``SHOAL_FUZZ_INPUTS`` (default 50,000) and ``SHOAL_FUZZ_SEED`` (default random, printed) set
+``SHOAL_FUZZ_INPUTS`` (default 50,000) and ``SHOAL_FUZZ_SEED`` (default 20261205, printed) set
 the run; a long run::
 
     SHOAL_FUZZ_INPUTS=1000000 SHOAL_FUZZ_SEED=1 pytest -p no:cacheprovider --timeout 7200 \\
@@ -360,7 +360,8 @@ async def test_fuzz_a_running_engine(
     nats_server: NatsServer, client: Client, tmp_path: Path
 ) -> None:
     inputs = int(os.environ.get("SHOAL_FUZZ_INPUTS", "50000"))
-    seed = int(os.environ.get("SHOAL_FUZZ_SEED") or random.randrange(1 << 32))
+    # Fixed by default, so that every run of the suite is the same run; set it to explore.
+    seed = int(os.environ.get("SHOAL_FUZZ_SEED") or 20261205)
     print(f"fuzz: {inputs} inputs, seed {seed} (SHOAL_FUZZ_SEED={seed} to replay)")
     rng = random.Random(seed)
     db = tmp_path / "shoal.db"
