@@ -36,11 +36,11 @@ from protocol import (
     format_instant,
     to_instant,
 )
-from protocol.nats import ApiClient, connect, serve_api
+from protocol.nats import ApiClient, Credentials, connect, serve_api
 
+from ._connection import credentials_of, servers_of
 from ._errors import UsageError
 
-_DEFAULT_URL = "nats://127.0.0.1:4222"  # as scripts.cli.DEFAULT_URL (which imports this)
 _TIMEOUT = 5.0
 _APPLY_TIMEOUT = 600.0
 """Seconds ``segments apply`` waits: new rules reading other facts reread the whole log."""
@@ -50,12 +50,13 @@ _encoder = msgspec.json.Encoder()
 async def serve_queries(
     engine: Engine,
     servers: Sequence[str],
+    credentials: Credentials | None = None,
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the query service for ``engine`` on a connection of its own (so requests never
     wait behind the engine's acknowledgements and publishes) until cancelled."""
-    nc = await connect(servers, name="shoal-api")
+    nc = await connect(servers, name="shoal-api", credentials=credentials)
     try:
         await serve_api(
             nc,
@@ -174,12 +175,13 @@ class _client:
     """A connected :class:`ApiClient` for a command's ``--nats`` and ``--timeout``."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self._servers = args.nats or [_DEFAULT_URL]
+        self._servers = servers_of(args)
+        self._credentials = credentials_of(args)
         self._timeout = args.timeout
         self._nc: Client | None = None
 
     async def __aenter__(self) -> ApiClient:
-        self._nc = await connect(self._servers, name="shoal-cli")
+        self._nc = await connect(self._servers, name="shoal-cli", credentials=self._credentials)
         return ApiClient(self._nc, timeout=self._timeout)
 
     async def __aexit__(self, *exc: object) -> None:

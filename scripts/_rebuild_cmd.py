@@ -28,6 +28,7 @@ from protocol import (
 from protocol.nats import connect, jetstream_ports, read_stream
 from store import Store
 
+from ._connection import credentials_of
 from ._errors import UsageError
 
 _rejection = msgspec.json.Decoder(Rejection)
@@ -87,7 +88,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
                 embedded_broker(data_dir / "nats", host=args.host, port=args.port)
             )
             servers = [url]
-        nc = await connect(servers, name="shoal-rebuild")
+        nc = await connect(servers, name="shoal-rebuild", credentials=credentials_of(args))
         stack.push_async_callback(nc.close)
         source, _ = await jetstream_ports(nc, consumer=args.consumer)
         state = await source.stream_state()

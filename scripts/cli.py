@@ -32,7 +32,7 @@ from protocol import (
     segment_filter,
     to_instant,
 )
-from protocol.nats import connect, ensure_streams, iter_transitions, jetstream_ports
+from protocol.nats import connect, ensure_streams, iter_transitions, jetstream_ports, redact
 from store import Store, StoreError
 
 from . import (
@@ -43,10 +43,22 @@ from . import (
     _rebuild_cmd,
     _replay_cmd,
 )
+from ._connection import add_connection_options, credentials_of, servers_of
 from ._errors import UsageError
 from ._logging import configure_logging
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
+_CONNECTING = (
+    "serve",
+    "publish",
+    "tail",
+    "rebuild",
+    "status",
+    "customer",
+    "explain",
+    "members",
+    "unpark",
+)
+"""The commands that connect to NATS: they take the credential options."""
 _USER_ERRORS = (ActorsError, ProtocolError, StoreError)
 
 
@@ -100,7 +112,10 @@ def _port(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shoal", description=__doc__.splitlines()[0])
+    # No abbreviations: the top level would take a subcommand's --nats for --nats-user.
+    p = argparse.ArgumentParser(
+        prog="shoal", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
@@ -167,7 +182,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     pub.add_argument("file", nargs="?", help="JSON-lines file ('-' or nothing: stdin)")
     pub.add_argument("--nats", action="append", metavar="URL")
-    pub.add_argument("--user", help="build one event for this customer id")
+    pub.add_argument("--customer", help="build one event for this customer id")
+    pub.add_argument(
+        "--user", dest="user_alias", help="deprecated: the same as --customer (one release)"
+    )
     pub.add_argument("--event", help="track event name")
     pub.add_argument("--identify", action="store_true", help="an identify event")
     pub.add_argument(
@@ -209,6 +227,11 @@ def _parser() -> argparse.ArgumentParser:
     _query_cmd.register(sub, segs_sub)
     _generate_cmd.register(sub)
     _rebuild_cmd.register(sub)
+    add_connection_options(p, top=True)
+    for name in _CONNECTING:
+        add_connection_options(sub.choices[name], top=False)
+    for name in ("list", "apply", "validate"):
+        add_connection_options(segs_sub.choices[name], top=False)
     return p
 
 
@@ -239,7 +262,8 @@ async def _serve(args: argparse.Namespace) -> int:
             )
             servers = [url]
             logger.info("embedded nats-server ready", url=url)
-        nc = await connect(servers, name="shoal-engine")
+        credentials = credentials_of(args)
+        nc = await connect(servers, name="shoal-engine", credentials=credentials)
         stack.push_async_callback(nc.close)
         metrics = None
         if args.metrics_port is not None:
@@ -273,14 +297,16 @@ async def _serve(args: argparse.Namespace) -> int:
                     )
                 )
             await tg.start(engine.run)
-            await tg.start(_query_cmd.serve_queries, engine, servers)
+            await tg.start(_query_cmd.serve_queries, engine, servers, credentials)
             if path is not None and hups is not None:
                 tg.start_soon(
                     functools.partial(
                         watch_segments, path, engine.apply_segments, stamp=stamp, asked=hups
                     )
                 )
-            logger.info("shoal is serving", nats=servers, data_dir=str(data_dir))
+            logger.info(
+                "shoal is serving", nats=[redact(s) for s in servers], data_dir=str(data_dir)
+            )
     logger.info("shoal stopped", **dataclasses.asdict(engine.stats))
     return 0
 
@@ -327,7 +353,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, Any]:
 def _event_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     if args.identify == bool(args.event):
         raise UsageError("give --event NAME (a track event) or --identify, not both or neither")
-    event: dict[str, Any] = {"userId": args.user}
+    event: dict[str, Any] = {"userId": args.customer}
     if args.identify:
         event |= {"type": "identify", "traits": _pairs(args.trait, "--trait")}
     else:
@@ -340,9 +366,17 @@ def _event_from_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _publish(args: argparse.Namespace) -> int:
-    if args.user:
+    if args.user_alias is not None:
+        if args.customer is not None:
+            raise UsageError("give --customer, not --user as well")
+        print(
+            "shoal publish: warning: --user is renamed --customer; --user goes in the next release",
+            file=sys.stderr,
+        )
+        args.customer = args.user_alias
+    if args.customer:
         if args.file:
-            raise UsageError("give a FILE or --user, not both")
+            raise UsageError("give a FILE or --customer, not both")
         lines: Any = [json.dumps(_event_from_flags(args))]
     elif args.file in (None, "-"):
         lines = sys.stdin
@@ -351,7 +385,7 @@ async def _publish(args: argparse.Namespace) -> int:
             lines = open(args.file, encoding="utf-8")  # noqa: SIM115 - closed below
         except OSError as e:
             raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
-    nc = await connect(args.nats or [DEFAULT_URL], name="shoal-publish")
+    nc = await connect(servers_of(args), name="shoal-publish", credentials=credentials_of(args))
     js = nc.jetstream()
     skipped = 0
     pending: list[tuple[int, asyncio.Future[Any]]] = []
@@ -410,7 +444,7 @@ def _route(line: str) -> tuple[str | None, str, str | None]:
 
 
 async def _tail(args: argparse.Namespace) -> int:
-    nc = await connect(args.nats or [DEFAULT_URL], name="shoal-tail")
+    nc = await connect(servers_of(args), name="shoal-tail", credentials=credentials_of(args))
     out: TextIO = sys.stdout
     human = out.isatty()
     encoder = msgspec.json.Encoder()

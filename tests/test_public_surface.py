@@ -212,6 +212,7 @@ PINS = {
     ),
     "protocol.nats": (
         "ApiClient",
+        "Credentials",
         "EventFeed",
         "Publisher",
         "StreamSettings",
@@ -220,6 +221,7 @@ PINS = {
         "iter_transitions",
         "jetstream_ports",
         "read_stream",
+        "redact",
         "serve_api",
     ),
     "protocol.memory": (

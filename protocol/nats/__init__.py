@@ -6,9 +6,11 @@ it; the engine (``actors``) sees only the ports (``protocol.EventSource`` and
 ``protocol.TransitionSink``).
 """
 
+from ._connect import Credentials as Credentials
 from ._connect import StreamSettings as StreamSettings
 from ._connect import connect as connect
 from ._connect import ensure_streams as ensure_streams
+from ._connect import redact as redact
 from ._feed import EventFeed as EventFeed
 from ._publisher import Publisher as Publisher
 from ._service import ApiClient as ApiClient
@@ -19,6 +21,7 @@ from ._wiring import jetstream_ports as jetstream_ports
 
 __all__ = (
     "ApiClient",
+    "Credentials",
     "EventFeed",
     "Publisher",
     "StreamSettings",
@@ -27,5 +30,6 @@ __all__ = (
     "iter_transitions",
     "jetstream_ports",
     "read_stream",
+    "redact",
     "serve_api",
 )

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -43,18 +47,103 @@ _STILL_DOWN_EVERY = 60.0
 _logger = structlog.get_logger("shoal.nats")
 
 
-async def connect(servers: Sequence[str], *, name: str = "shoal") -> Client:
+_USERINFO = re.compile(r"(?<=://)([^/@]*)@")
+
+
+def redact(url: str) -> str:
+    """``url`` with any user, password or token in it replaced by ``***``, for logs and
+    errors: ``nats://alice:s3cret@host:4222`` becomes ``nats://***@host:4222``."""
+    return _USERINFO.sub("***@", url)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """How a client proves who it is to a secured NATS, and what it trusts: at most one of
+    a credentials file (``creds``), an NKey seed file (``nkey``), a user and password, or a
+    token (URLs may carry a user and password or a token too); and TLS (``tls_ca``, the CA
+    to trust; ``tls_cert`` and ``tls_key``, a client certificate).
+
+    Secrets never show in its ``repr``, so it can be logged.
+    """
+
+    creds: Path | None = None
+    nkey: Path | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def secrets(self) -> list[str]:
+        """The secret values it holds (to keep out of anything printed)."""
+        return [s for s in (self.password, self.token) if s]
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for nats-py's ``Client.connect``.
+
+        Raises:
+            BrokerError: they contradict each other, or a file cannot be read.
+        """
+        given = [
+            flag
+            for flag, value in (
+                ("--creds", self.creds),
+                ("--nkey", self.nkey),
+                ("--nats-user", self.user),
+                ("--token", self.token),
+            )
+            if value
+        ]
+        if len(given) > 1:
+            raise BrokerError(f"give one way to authenticate, not {' and '.join(given)}")
+        if self.password and not self.user:
+            raise BrokerError("--nats-password needs --nats-user")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise BrokerError("--tlscert and --tlskey go together")
+        out: dict[str, Any] = {}
+        for path in (self.creds, self.nkey, self.tls_ca, self.tls_cert, self.tls_key):
+            if path is not None and not path.is_file():
+                raise BrokerError(f"cannot read {path}: no such file")
+        if self.creds:
+            out["user_credentials"] = str(self.creds)
+        if self.nkey:
+            out["nkeys_seed"] = str(self.nkey)
+        if self.user:
+            out["user"], out["password"] = self.user, self.password or ""
+        if self.token:
+            out["token"] = self.token
+        if self.tls_ca or self.tls_cert:
+            try:
+                context = ssl.create_default_context(
+                    cafile=str(self.tls_ca) if self.tls_ca else None
+                )
+                if self.tls_cert and self.tls_key:
+                    context.load_cert_chain(str(self.tls_cert), str(self.tls_key))
+            except (OSError, ssl.SSLError) as e:
+                raise BrokerError(f"cannot set TLS up: {e}") from e
+            out["tls"] = context
+        return out
+
+
+async def connect(
+    servers: Sequence[str], *, name: str = "shoal", credentials: Credentials | None = None
+) -> Client:
     """Connect to NATS, reconnecting for ever after a drop once connected.
 
     A lost connection is logged at once (warning ``broker connection lost``), then every
     minute while it lasts (``broker still unreachable``), and its return too (``broker
     connection restored``). ``Client.is_connected`` tells whether it is up.
 
+    Every URL it logs or puts in an error is redacted (:func:`redact`).
+
     Raises:
-        BrokerError: no server could be reached at first.
+        BrokerError: no server could be reached at first, or the credentials are refused.
     """
+    options = (credentials or Credentials()).options()
+    shown = [redact(s) for s in servers]
     nc = Client()
-    watch = _Watch(nc, name, servers)
+    watch = _Watch(nc, name, shown)
     try:
         # nats-py applies max_reconnect_attempts to the first connection too, and -1 would
         # retry an unreachable server for ever: bound the first, then reconnect for ever.
@@ -70,13 +159,28 @@ async def connect(servers: Sequence[str], *, name: str = "shoal") -> Client:
             error_cb=watch.error,
             disconnected_cb=watch.disconnected,
             reconnected_cb=watch.reconnected,
+            **options,
         )
     except (TimeoutError, OSError, nats.errors.Error) as e:
         why = watch.last_error or str(e) or type(e).__name__
-        raise BrokerError(f"cannot reach NATS at {', '.join(servers)}: {why}") from e
+        for secret in (credentials or Credentials()).secrets() + _url_secrets(servers):
+            why = why.replace(secret, "***")
+        raise BrokerError(f"cannot reach NATS at {', '.join(shown)}: {redact(why)}") from e
     nc.options["max_reconnect_attempts"] = -1
     watch.last_error = None
     return nc
+
+
+def _url_secrets(servers: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for url in servers:
+        m = _USERINFO.search(url)
+        if m:
+            # user:password, or a token alone
+            secret = m.group(1).split(":", 1)[-1]
+            if secret:
+                out.append(secret)
+    return out
 
 
 class _Watch:
@@ -92,7 +196,7 @@ class _Watch:
         self._warned_at = 0.0
 
     async def error(self, e: Exception) -> None:
-        self.last_error, self._error_at = str(e) or type(e).__name__, time.monotonic()
+        self.last_error, self._error_at = redact(str(e) or type(e).__name__), time.monotonic()
         down_since = self._down_since
         if down_since is None:
             return

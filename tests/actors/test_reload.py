@@ -270,7 +270,7 @@ def test_serve_reloads_a_changed_file_and_keeps_the_old_one_when_invalid(
         time.sleep(0.5)  # let tail subscribe
 
         def publish(user: str, mid: str) -> None:
-            args = ("--user", user, "--event", "Visit", "--message-id", mid)
+            args = ("--customer", user, "--event", "Visit", "--message-id", mid)
             assert run("publish", "--nats", url, *args).returncode == 0
 
         def transitions(n: int) -> list[tuple[str, str, str, str, int]]:

@@ -51,7 +51,7 @@ def test_walkthrough_serve_publish_tail(
     time.sleep(0.5)  # let tail subscribe
 
     done = run(
-        "publish", "--nats", url, "--user", "alice", "--event", "Visit", "--message-id", "w1"
+        "publish", "--nats", url, "--customer", "alice", "--event", "Visit", "--message-id", "w1"
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "published 1 event(s)"
@@ -165,10 +165,10 @@ def test_publish_reports_bad_lines_and_sends_the_good_ones(nats_server: NatsServ
 
 
 def test_publish_flags_are_checked() -> None:
-    done = run("publish", "--user", "a", "--event", "Visit", "--prop", "oops")
+    done = run("publish", "--customer", "a", "--event", "Visit", "--prop", "oops")
     assert done.returncode == 2
     assert done.stderr.strip() == "shoal: error: --prop 'oops': write it as KEY=VALUE"
-    done = run("publish", "--user", "a")
+    done = run("publish", "--customer", "a")
     assert done.stderr.strip() == (
         "shoal: error: give --event NAME (a track event) or --identify, not both or neither"
     )
