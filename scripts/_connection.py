@@ -5,9 +5,13 @@ reads as fallbacks."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
+import structlog
+
+from protocol import embedded_broker
 from protocol.nats import Credentials
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -71,3 +75,18 @@ def servers_of(args: argparse.Namespace) -> list[str]:
     env = os.environ.get("NATS_URL", "")
     urls = [u.strip() for u in env.split(",") if u.strip()]
     return urls or [DEFAULT_URL]
+
+
+async def engine_servers(
+    stack: contextlib.AsyncExitStack, args: argparse.Namespace, data_dir: Path
+) -> list[str]:
+    """The servers of a command that works on a data directory (``serve``, ``rebuild``):
+    ``--nats``, else the embedded broker on ``data_dir``'s broker store, run until ``stack``
+    closes (``NATS_URL`` does not replace it: a user with it set keeps the broker)."""
+    if args.nats:
+        return list(args.nats)
+    url = await stack.enter_async_context(
+        embedded_broker(data_dir / "nats", host=args.host, port=args.port)
+    )
+    structlog.get_logger("shoal").info("embedded nats-server ready", url=url)
+    return [url]

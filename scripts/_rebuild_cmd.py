@@ -23,12 +23,11 @@ from protocol import (
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
     Rejection,
-    embedded_broker,
 )
 from protocol.nats import connect, jetstream_ports, read_stream
 from store import Store
 
-from ._connection import credentials_of
+from ._connection import credentials_of, engine_servers
 from ._errors import UsageError
 
 _rejection = msgspec.json.Decoder(Rejection)
@@ -81,13 +80,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
         # Taken first: it fails at once if the engine is running.
         store = await Store.open(data_dir / "shoal.db")
         stack.push_async_callback(store.close)
-        if args.nats:
-            servers = list(args.nats)
-        else:
-            url = await stack.enter_async_context(
-                embedded_broker(data_dir / "nats", host=args.host, port=args.port)
-            )
-            servers = [url]
+        servers = await engine_servers(stack, args, data_dir)
         nc = await connect(servers, name="shoal-rebuild", credentials=credentials_of(args))
         stack.push_async_callback(nc.close)
         source, _ = await jetstream_ports(nc, consumer=args.consumer)

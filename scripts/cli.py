@@ -26,7 +26,6 @@ from actors import ActorsError, Engine, EngineConfig, file_stamp, load_segments,
 from protocol import (
     ProtocolError,
     Transition,
-    embedded_broker,
     event_subject,
     format_instant,
     segment_filter,
@@ -43,7 +42,7 @@ from . import (
     _rebuild_cmd,
     _replay_cmd,
 )
-from ._connection import add_connection_options, credentials_of, servers_of
+from ._connection import add_connection_options, credentials_of, engine_servers, servers_of
 from ._errors import UsageError
 from ._logging import configure_logging
 
@@ -254,14 +253,7 @@ async def _serve(args: argparse.Namespace) -> int:
         )
         store = await Store.open(data_dir / "shoal.db", synchronous=args.sync.upper())
         stack.push_async_callback(store.close)
-        if args.nats:
-            servers = list(args.nats)
-        else:
-            url = await stack.enter_async_context(
-                embedded_broker(data_dir / "nats", host=args.host, port=args.port)
-            )
-            servers = [url]
-            logger.info("embedded nats-server ready", url=url)
+        servers = await engine_servers(stack, args, data_dir)
         credentials = credentials_of(args)
         nc = await connect(servers, name="shoal-engine", credentials=credentials)
         stack.push_async_callback(nc.close)
