@@ -135,17 +135,23 @@ class Deadlines:
             return False
         transitions: list[Transition] = []
         due_at: list[int] = []
-        for i in range(0, len(due), SERVE_EVERY):
-            if i:
-                await anyio.lowlevel.cancel_shielded_checkpoint()  # as breathe()
-            transitions += p.fire(due[i : i + SERVE_EVERY], floor, due_at)
-        await self._parking.settle()  # those whose deadline raised
-        self._stats.deadlines_fired += len(due)
-        self._gc.since += len(due)
-        if self._observer is not None:
-            self._observer.deadlines_fired(self._clock.now(), due_at)
-        if transitions:
-            await self._outbox.commit([], transitions)
+        # Until committed, the fired deadlines still count as pending (Partition.firing): a
+        # status read while they are written must not show the engine idle.
+        p.firing = len(due)
+        try:
+            for i in range(0, len(due), SERVE_EVERY):
+                if i:
+                    await anyio.lowlevel.cancel_shielded_checkpoint()  # as breathe()
+                transitions += p.fire(due[i : i + SERVE_EVERY], floor, due_at)
+            await self._parking.settle()  # those whose deadline raised
+            self._stats.deadlines_fired += len(due)
+            self._gc.since += len(due)
+            if self._observer is not None:
+                self._observer.deadlines_fired(self._clock.now(), due_at)
+            if transitions:
+                await self._outbox.commit([], transitions)
+        finally:
+            p.firing = 0
         self._gc.worked(0)
         return True
 
@@ -213,5 +219,9 @@ class Deadlines:
             gc.settle()
         await self._parking.settle()
         if changed:
-            await self._outbox.commit([], changed)
+            p.firing = len(changed)  # as in fire_due
+            try:
+                await self._outbox.commit([], changed)
+            finally:
+                p.firing = 0
         return True

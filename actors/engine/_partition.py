@@ -48,6 +48,7 @@ class Partition:
         "changed",
         "failed",
         "preparing",
+        "firing",
         "_segments",
         "_needs",
         "_timers",
@@ -63,6 +64,9 @@ class Partition:
         """Customers dropped after an error, with what was being done and the error."""
         self.preparing = 0
         """Customers taken out of the timer queue by the engine's preparation, not yet held."""
+        self.firing = 0
+        """Customers whose deadline the engine fired and whose transitions it has not yet
+        committed: still pending, so that nobody sees the engine idle meanwhile."""
         self._timers = TimerQueue()
         # (deadline, customer) in order: taken in order, so appending keeps it sorted but for
         # rare entries armed meanwhile (see hold()).
@@ -139,8 +143,9 @@ class Partition:
 
     @property
     def pending(self) -> int:
-        """How many customers have a deadline armed (held ones may count twice for a while)."""
-        return len(self._timers) + len(self._held) + self.preparing
+        """How many customers have a deadline armed or being fired (held ones may count twice
+        for a while)."""
+        return len(self._timers) + len(self._held) + self.preparing + self.firing
 
     def fire(
         self, customer_ids: Iterable[str], until: int, due_at: list[int] | None = None
