@@ -110,12 +110,13 @@ async def test_a_definition_over_the_api_naming_a_file_is_refused_and_nothing_re
 ) -> None:
     files = _files(tmp_path)
     ours = segments("[lists.vip]\ncustomers = ['bob']\n\n" + VIP)
+    old: dict[str, object] = {"base_dir": str(tmp_path)}  # as older clients send: ignored
     requests = [
-        {"toml": toml, "source": "new.toml", "apply": apply} | extra
+        {"toml": toml, "source": "new.toml", "apply": apply, **extra}
         for file in files.values()
         for toml in (listed(file), listed(file, customers="['carol']"))
         for apply in (False, True)
-        for extra in ({}, {"base_dir": str(tmp_path)})  # as older clients send: ignored
+        for extra in ({}, old)
     ]
     async with serving(nats_server.url, tmp_path / "shoal.db", ours) as engine:
         with opening() as opened:
