@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,14 @@ def toml_text(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_NOT_LITERAL = re.compile("[\x00-\x08\x0a-\x1f\x7f']")
+"""What a TOML literal string cannot hold."""
+
+
 def _string(s: str) -> str:
+    # A literal string when it can be one: sent inside JSON, it needs no escapes.
+    if not _NOT_LITERAL.search(s):
+        return f"'{s}'"
     # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
     return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
