@@ -4,9 +4,9 @@ Definitions come from files and over the network (the query service applies them
 are untrusted; those from the network read no file at all (their lists carry their ids by
 value: :mod:`actors.rules._lists`). Each limit is checked while a file is parsed, before the
 work it bounds, and breaking one is a :class:`~actors.DefinitionError` naming the file, the
-segment and the limit. Whatever passes them also runs: a date written in a rule plus or minus any duration
-is still a date shoal can write (years 1 to 9999). (A deadline past 9999-12-31, reached
-from a trait's date, never comes: queries and explanations show none.)
+segment and the limit. Whatever passes them also runs: a date written in a rule plus or
+minus any duration is still a date shoal can write (years 1 to 9999). (A deadline past
+9999-12-31, reached from a trait's date, never comes: queries and explanations show none.)
 
 =========================  =============  ====================================================
 limit                      value          what it bounds
