@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -79,7 +80,9 @@ async def watch_segments(
                 break
         stamp = now
         try:
-            segments = load_segments(path, lists_dir=lists_dir)
+            # In a worker thread: list files may be large, and the engine's loop goes on.
+            load = functools.partial(load_segments, path, lists_dir=lists_dir)
+            segments = await anyio.to_thread.run_sync(load)
         except DefinitionError as e:
             logger.error("segments not reloaded, the previous ones stay in force", error=str(e))
             continue
