@@ -10,7 +10,7 @@ definitions come from:
   files to its lists directory (``--lists-dir``), symbolic links followed.
 
 ``shoal segments apply`` reads the list files on the user's machine and sends their ids by
-value (:func:`segments_text_by_value`).
+value (:func:`~actors.rules.load_segments_by_value`).
 """
 
 from __future__ import annotations

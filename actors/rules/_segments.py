@@ -493,9 +493,7 @@ def load_segments_by_value(path: Path) -> tuple[str, SegmentSet]:
     return text, segments
 
 
-def _largest_list(segments: SegmentSet, names: Iterable[str] | None = None) -> str:
-    """``[lists.NAME] has N ids``, of the list with the most ids (among ``names``), for
-    messages on size."""
-    among = segments.lists if names is None else {n: segments.lists[n] for n in names}
-    name, ids = max(among.items(), key=lambda kv: (len(kv[1]), kv[0]))
-    return f"[lists.{name}] has {len(ids):,} ids"
+def _largest_list(segments: SegmentSet, names: Iterable[str]) -> str:
+    """``[lists.NAME] has N ids``, of the list among ``names`` with the most ids."""
+    name = max(names, key=lambda n: (len(segments.lists[n]), n))
+    return f"[lists.{name}] has {len(segments.lists[name]):,} ids"
