@@ -50,6 +50,7 @@ from .rules import Rule as Rule
 from .rules import Segment as Segment
 from .rules import SegmentSet as SegmentSet
 from .rules import load_segments as load_segments
+from .rules import load_segments_by_value as load_segments_by_value
 from .rules import parse_duration as parse_duration
 from .rules import parse_rule as parse_rule
 from .rules import parse_segments as parse_segments
@@ -89,6 +90,7 @@ __all__ = (
     "import_history",
     "known_customer",
     "load_segments",
+    "load_segments_by_value",
     "logged_event",
     "membership_intervals",
     "memberships_at",

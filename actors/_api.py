@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from anyio import to_thread
@@ -216,10 +215,11 @@ class EngineApi:
 
     async def definitions(self, request: DefinitionsRequest) -> DefinitionsReply:
         try:
-            base_dir = None if request.base_dir is None else Path(request.base_dir)
-            # In a worker thread: parsing a file at the limits takes a while, and reads list
-            # files; the engine's loop goes on meanwhile.
-            parse = functools.partial(parse_segments, source=request.source, base_dir=base_dir)
+            # In a worker thread: parsing a file at the limits takes a while; the engine's
+            # loop goes on meanwhile. No base_dir: definitions from the network are data, and
+            # one naming a list file is refused before anything is read (an old client's
+            # base_dir is ignored).
+            parse = functools.partial(parse_segments, source=request.source)
             new = await to_thread.run_sync(parse, request.toml)
         except DefinitionError as e:
             raise InvalidRequest(str(e)) from e

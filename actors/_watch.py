@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -39,6 +40,7 @@ async def watch_segments(
     *,
     stamp: FileStamp,
     asked: AsyncIterator[object],
+    lists_dir: Path | None = None,
     poll: float = POLL,
     settle: float = SETTLE,
     sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
@@ -58,6 +60,8 @@ async def watch_segments(
         stamp: :func:`file_stamp` of ``path`` as it was read for the definitions in force
             (taken before reading it, so that no change is missed).
         asked: yields each time the file is to be read again, changed or not (SIGHUP).
+        lists_dir: the only directory its list files are read from (``serve --lists-dir``):
+            a file that names one outside it is refused like any invalid file.
         sleep: waits a number of seconds (injected by tests).
     """
     logger = structlog.get_logger("shoal")
@@ -76,7 +80,9 @@ async def watch_segments(
                 break
         stamp = now
         try:
-            segments = load_segments(path)
+            # In a worker thread: list files may be large, and the engine's loop goes on.
+            load = functools.partial(load_segments, path, lists_dir=lists_dir)
+            segments = await anyio.to_thread.run_sync(load)
         except DefinitionError as e:
             logger.error("segments not reloaded, the previous ones stay in force", error=str(e))
             continue

@@ -54,15 +54,20 @@ class DefinitionsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     """``shoal.api.definitions``: a segments file (TOML text) to validate, and to apply when
     ``apply`` is true. ``source`` names it in error messages (usually its file name).
 
-    A ``[lists.NAME] file = ...`` is read on the engine's machine; a relative path is taken
-    from ``base_dir`` (default: the engine's working directory). ``shoal segments apply``
-    sends the file's own directory.
+    Definitions sent over the network are data: the engine reads no file for them, so their
+    lists carry their ids by value (``customers = [...]``) and a ``[lists.NAME] file`` is
+    refused. ``shoal segments apply`` reads list files on the user's machine and sends
+    their ids.
     """
 
     toml: str
     source: str = "<request>"
-    base_dir: str | None = None
     apply: bool = False
+    legacy_base_dir: str | None | msgspec.UnsetType = msgspec.field(
+        default=msgspec.UNSET, name="base_dir"
+    )
+    """``base_dir``, which older clients send (it was where list files were looked up): it
+    is accepted and ignored, so their requests without list files still work. Never sent."""
 
 
 class StatusRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -23,11 +23,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from actors import Engine, EngineApi, load_segments
+from actors import DefinitionError, Engine, EngineApi, SegmentSet, load_segments_by_value
 from protocol import (
     ConditionExplanation,
     CustomerReply,
     DefinitionsReply,
+    DefinitionsRequest,
     ExplainReply,
     MembersReply,
     ParkedInfo,
@@ -159,13 +160,7 @@ def register(sub: Any, segments: Any) -> None:
     async def run_validate(args: argparse.Namespace) -> int:
         code: int = await offline(args)
         if args.nats:
-            async with _client(args) as api:
-                reply = await api.definitions(
-                    _read(args.file),
-                    source=str(args.file),
-                    base_dir=str(args.file.resolve().parent),
-                )
-            print(_changes(reply))
+            print(_changes(await _definitions(args, apply=False)))
         return code
 
     validate.set_defaults(run=run_validate, json=False, timeout=_TIMEOUT)
@@ -184,16 +179,15 @@ class _client:
         self._nc = await connect(self._servers, name="shoal-cli", credentials=self._credentials)
         return ApiClient(self._nc, timeout=self._timeout)
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message the connected NATS server takes."""
+        assert self._nc is not None
+        return int(self._nc.max_payload)
+
     async def __aexit__(self, *exc: object) -> None:
         if self._nc is not None:
             await self._nc.close()
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
 
 
 async def _ask(
@@ -411,18 +405,40 @@ def _show_segments(r: SegmentsReply, out: Console) -> None:
 
 
 async def _apply(args: argparse.Namespace) -> int:
-    text = _read(args.file)
-    load_segments(args.file)  # offline first: a bad file fails here, with list files read
-    return await _ask(
-        args,
-        lambda api: api.definitions(
-            text,
-            source=str(args.file),
-            base_dir=str(args.file.resolve().parent),
-            apply=True,
-            timeout=args.timeout,
-        ),
-        lambda r, out: print(_changes(r)),
+    reply = await _definitions(args, apply=True)
+    if args.json:
+        sys.stdout.write(_encoder.encode(reply).decode() + "\n")
+    else:
+        print(_changes(reply))
+    return 0
+
+
+async def _definitions(args: argparse.Namespace, *, apply: bool) -> DefinitionsReply:
+    """Send the segments file ``args.file`` to the engine, to validate or ``apply``. Its list
+    files are read here, on the user's machine, and their ids sent by value: the engine
+    reads no file for definitions that come over the network."""
+    # A bad file fails here, offline, with its list files read.
+    text, segments = load_segments_by_value(args.file)
+    source = str(args.file)
+    client = _client(args)
+    async with client as api:
+        body = DefinitionsRequest(toml=text, source=source, apply=apply)
+        _check_size(len(_encoder.encode(body)), client.max_payload, segments)
+        return await api.definitions(text, source=source, apply=apply, timeout=args.timeout)
+
+
+def _check_size(size: int, max_payload: int, segments: SegmentSet) -> None:
+    """Refuse a request larger than the NATS server takes, naming the largest list (nats-py
+    would refuse it with no word of why)."""
+    if size <= max_payload:
+        return
+    lists = sorted(segments.lists.items(), key=lambda kv: -len(kv[1]))
+    biggest = f" ([lists.{lists[0][0]}] has {len(lists[0][1]):,} ids)" if lists else ""
+    raise DefinitionError(
+        f"the request is {size:,} bytes{biggest}, more than the NATS server takes in a "
+        f"message (max_payload {max_payload:,}): serve large lists from files instead "
+        "(`shoal serve --segments FILE --lists-dir DIR`)",
+        source=segments.source,
     )
 
 

@@ -133,6 +133,14 @@ def _parser() -> argparse.ArgumentParser:
         "changes or on SIGHUP",
     )
     serve.add_argument(
+        "--lists-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the only directory the segments file's list files are read from (default: "
+        "the segments file's own directory); one outside it is refused",
+    )
+    serve.add_argument(
         "--nats",
         action="append",
         metavar="URL",
@@ -240,8 +248,9 @@ def _parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace) -> int:
     logger = structlog.get_logger("shoal")
     path: Path | None = args.segments
+    lists_dir = _lists_dir(path, args.lists_dir)
     stamp = file_stamp(path) if path is not None else None  # before reading: no change is missed
-    segments = load_segments(path)
+    segments = load_segments(path, lists_dir=lists_dir)
     data_dir: Path = args.data_dir
     async with contextlib.AsyncExitStack() as stack:
         # Taken over now, so a SIGHUP during start-up waits for the engine instead of
@@ -293,7 +302,12 @@ async def _serve(args: argparse.Namespace) -> int:
             if path is not None and hups is not None:
                 tg.start_soon(
                     functools.partial(
-                        watch_segments, path, engine.apply_segments, stamp=stamp, asked=hups
+                        watch_segments,
+                        path,
+                        engine.apply_segments,
+                        stamp=stamp,
+                        asked=hups,
+                        lists_dir=lists_dir,
                     )
                 )
             logger.info(
@@ -301,6 +315,18 @@ async def _serve(args: argparse.Namespace) -> int:
             )
     logger.info("shoal stopped", **dataclasses.asdict(engine.stats))
     return 0
+
+
+def _lists_dir(segments: Path | None, lists_dir: Path | None) -> Path | None:
+    """Where ``serve`` reads list files from: ``--lists-dir``, else the segments file's own
+    directory."""
+    if lists_dir is None:
+        return None if segments is None else segments.parent
+    if segments is None:
+        raise UsageError("--lists-dir is for the list files of --segments FILE: give both")
+    if not lists_dir.is_dir():
+        raise UsageError(f"--lists-dir {lists_dir} is not a directory")
+    return lists_dir
 
 
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:

@@ -37,6 +37,7 @@ from ._segments import Plan as Plan
 from ._segments import Segment as Segment
 from ._segments import SegmentSet as SegmentSet
 from ._segments import load_segments as load_segments
+from ._segments import load_segments_by_value as load_segments_by_value
 from ._segments import parse_segments as parse_segments
 
 __all__ = (
@@ -58,6 +59,7 @@ __all__ = (
     "earliest",
     "explain",
     "load_segments",
+    "load_segments_by_value",
     "local_time",
     "parse_duration",
     "parse_rule",

@@ -1,16 +1,18 @@
 """The limits on segment definitions, and reading definition files within them.
 
 Definitions come from files and over the network (the query service applies them), so they
-are untrusted. Each limit is checked while a file is parsed, before the work it bounds, and
-breaking one is a :class:`~actors.DefinitionError` naming the file, the segment and the
-limit. Whatever passes them also runs: a date written in a rule plus or minus any duration
-is still a date shoal can write (years 1 to 9999). (A deadline past 9999-12-31, reached
-from a trait's date, never comes: queries and explanations show none.)
+are untrusted; those from the network read no file at all (their lists carry their ids by
+value: :mod:`actors.rules._lists`). Each limit is checked while a file is parsed, before the
+work it bounds, and breaking one is a :class:`~actors.DefinitionError` naming the file, the
+segment and the limit. Whatever passes them also runs: a date written in a rule plus or
+minus any duration is still a date shoal can write (years 1 to 9999). (A deadline past
+9999-12-31, reached from a trait's date, never comes: queries and explanations show none.)
 
 =========================  =============  ====================================================
 limit                      value          what it bounds
 =========================  =============  ====================================================
-MAX_SEGMENTS_FILE_BYTES    1 MiB          a segments file (and the ``toml`` the API applies)
+MAX_SEGMENTS_FILE_BYTES    1 MiB          a segments file (and the ``toml`` the API applies,
+                                          its lists' ids by value included)
 MAX_SEGMENTS               1,000          segments in one file
 MAX_RULE_CHARS             10,000         the text of one ``rule`` or ``exit``
 MAX_RULES_CHARS            200,000        the text of all rules of one file together

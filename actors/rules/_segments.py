@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,13 +21,13 @@ from ._check import Env
 from ._dates import parse_duration
 from ._facts import Facts, Needs
 from ._limits import (
-    MAX_LIST_FILE_BYTES,
     MAX_RULE_NUMBER,
     MAX_RULES_CHARS,
     MAX_SEGMENTS,
     MAX_SEGMENTS_FILE_BYTES,
     read_text_file,
 )
+from ._lists import by_value, file_lists, list_file_ids
 from ._parse import too_long
 from ._rule import Rule, parse_rule
 from ._scores import ScoreConfig
@@ -231,14 +231,22 @@ def _cycle(refs: Mapping[str, frozenset[str]]) -> list[str]:
 
 
 def parse_segments(
-    text: str, *, source: str = "<segments>", base_dir: Path | None = None
+    text: str,
+    *,
+    source: str = "<segments>",
+    base_dir: Path | None = None,
+    lists_dir: Path | None = None,
 ) -> SegmentSet:
     """Parse a segments file's text.
 
     Args:
         text: the TOML text.
         source: its name, for error messages.
-        base_dir: where list files (``[lists.X] file = ...``) are looked up.
+        base_dir: where a relative list file (``[lists.X] file = ...``) is taken from. None
+            (the default) for definitions that came over the network: their lists carry
+            their ids by value, and one naming a file is refused; nothing is read.
+        lists_dir: when given, list files are read only from this directory (symbolic links
+            followed); one outside it is refused before it is read.
 
     Raises:
         DefinitionError: the file is not valid, or breaks a limit (see
@@ -250,14 +258,7 @@ def parse_segments(
         raise DefinitionError(
             f"the file has {size:,} bytes; the limit is {MAX_SEGMENTS_FILE_BYTES:,}", source=source
         )
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise DefinitionError(f"not valid TOML: {e}", source=source) from None
-    except RecursionError:  # tomllib recurses into nested arrays and inline tables
-        raise DefinitionError(
-            "not valid TOML: values are nested too deeply", source=source
-        ) from None
+    doc = _toml(text, source)
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise DefinitionError(
@@ -272,10 +273,21 @@ def parse_segments(
         )
     _check_sizes(table, source)
     score = _score(doc.get("score", {}), source)
-    lists = _lists(doc.get("lists", {}), source, base_dir)
+    lists = _lists(doc.get("lists", {}), source, base_dir, lists_dir)
     env = Env(score=score, lists=lists, segments=frozenset(table))
     segments = [_segment(name, body, source, env) for name, body in table.items()]
     return SegmentSet.of(segments, source=source, score=score, lists=lists)
+
+
+def _toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise DefinitionError(f"not valid TOML: {e}", source=source) from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise DefinitionError(
+            "not valid TOML: values are nested too deeply", source=source
+        ) from None
 
 
 def _check_sizes(table: Mapping[str, Any], source: str) -> None:
@@ -351,7 +363,9 @@ def _score(table: Any, source: str) -> ScoreConfig:
     )
 
 
-def _lists(table: Any, source: str, base_dir: Path | None) -> dict[str, frozenset[str]]:
+def _lists(
+    table: Any, source: str, base_dir: Path | None, lists_dir: Path | None
+) -> dict[str, frozenset[str]]:
     if not isinstance(table, Mapping):
         raise DefinitionError("[lists] must hold [lists.NAME] tables", source=source)
     out: dict[str, frozenset[str]] = {}
@@ -374,14 +388,9 @@ def _lists(table: Any, source: str, base_dir: Path | None) -> dict[str, frozense
             )
         ids.update(customers)
         if "file" in body:
-            path = Path(str(body["file"]))
-            if not path.is_absolute():
-                path = (base_dir or Path.cwd()) / path
-            try:
-                lines = read_text_file(path, MAX_LIST_FILE_BYTES).splitlines()
-            except (OSError, ValueError) as e:
-                raise DefinitionError(f"{where} cannot read {path}: {e}", source=source) from None
-            ids.update(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+            ids |= list_file_ids(
+                where, body["file"], source, base_dir=base_dir, lists_dir=lists_dir
+            )
         out[name] = frozenset(ids)
     return out
 
@@ -430,17 +439,61 @@ def _segment(name: str, body: Any, source: str, env: Env) -> Segment:
     )
 
 
-def load_segments(path: Path | None = None) -> SegmentSet:
+def load_segments(path: Path | None = None, *, lists_dir: Path | None = None) -> SegmentSet:
     """Load a segments file, or the default one shipped with shoal when ``path`` is None.
 
+    Its list files are read relative to its directory; with ``lists_dir``, only from within
+    that directory (``shoal serve --lists-dir``), symbolic links followed.
+
     Raises:
-        DefinitionError: the file cannot be read or is not valid.
+        DefinitionError: the file or a list file cannot be read, is outside ``lists_dir``, or
+            is not valid.
     """
     if path is None:
         text = resources.files("actors").joinpath("default_segments.toml").read_text("utf-8")
         return parse_segments(text, source="default_segments.toml")
+    text = _read_segments_file(path)
+    return parse_segments(text, source=str(path), base_dir=path.parent, lists_dir=lists_dir)
+
+
+def _read_segments_file(path: Path) -> str:
     try:
-        text = read_text_file(path, MAX_SEGMENTS_FILE_BYTES)
+        return read_text_file(path, MAX_SEGMENTS_FILE_BYTES)
     except (OSError, ValueError) as e:
         raise DefinitionError(f"cannot read it: {e}", source=str(path)) from None
-    return parse_segments(text, source=str(path), base_dir=path.parent)
+
+
+def load_segments_by_value(path: Path) -> tuple[str, SegmentSet]:
+    """Load the segments file ``path`` on this machine (as :func:`load_segments`), and the
+    text to send the engine for it: the file's own text, or, when a list names a file, the
+    same definitions with that list's ids by value. The engine reads no file for definitions
+    sent over the network.
+
+    Raises:
+        DefinitionError: as :func:`load_segments`; or the text with the ids by value is
+            larger than the engine takes (:data:`MAX_SEGMENTS_FILE_BYTES`): the message
+            names the largest list read from a file.
+    """
+    text = _read_segments_file(path)
+    segments = parse_segments(text, source=str(path), base_dir=path.parent)
+    doc = _toml(text, str(path))
+    files = file_lists(doc)
+    if not files:
+        return text, segments
+    text = by_value(doc, segments.lists)
+    size = len(text.encode())
+    if size > MAX_SEGMENTS_FILE_BYTES:
+        raise DefinitionError(
+            f"with the ids of its list files by value it has {size:,} bytes; the engine takes "
+            f"at most {MAX_SEGMENTS_FILE_BYTES:,} over the network "
+            f"({_largest_list(segments, files)}): serve large lists from files instead "
+            "(`shoal serve --segments FILE --lists-dir DIR`)",
+            source=str(path),
+        )
+    return text, segments
+
+
+def _largest_list(segments: SegmentSet, names: Iterable[str]) -> str:
+    """``[lists.NAME] has N ids``, of the list among ``names`` with the most ids."""
+    name = max(names, key=lambda n: (len(segments.lists[n]), n))
+    return f"[lists.{name}] has {len(segments.lists[name]):,} ids"

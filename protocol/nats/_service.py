@@ -247,14 +247,13 @@ class ApiClient:
         toml: str,
         *,
         source: str = "<request>",
-        base_dir: str | None = None,
         apply: bool = False,
         timeout: float | None = None,
     ) -> DefinitionsReply:
-        """Validate a segments file's text on the engine, and apply it when ``apply``."""
-        body = _encoder.encode(
-            DefinitionsRequest(toml=toml, source=source, base_dir=base_dir, apply=apply)
-        )
+        """Validate a segments file's text on the engine, and apply it when ``apply``. Its
+        lists carry their ids by value: the engine reads no file for it
+        (:func:`actors.load_segments_by_value` gives such text for a file)."""
+        body = _encoder.encode(DefinitionsRequest(toml=toml, source=source, apply=apply))
         return await self._request(
             api_subject("definitions"), body, _definitions_reply, timeout=timeout
         )
