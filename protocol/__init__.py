@@ -43,6 +43,9 @@ from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
 from ._inbound import InvalidEvent as InvalidEvent
 from ._inbound import decode_event as decode_event
 from ._inbound import parse_timestamp as parse_timestamp
+from ._keys import KEYS_DIR as KEYS_DIR
+from ._keys import KeyFileError as KeyFileError
+from ._keys import role_key_file as role_key_file
 from ._lines import event_from_line as event_from_line
 from ._lines import event_line as event_line
 from ._lines import events_from_lines as events_from_lines
@@ -100,6 +103,7 @@ __all__ = (
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
     "HOUR",
+    "KEYS_DIR",
     "MAX_FUTURE_SKEW",
     "MAX_PAGE",
     "MINUTE",
@@ -129,6 +133,7 @@ __all__ = (
     "ExplainRequest",
     "InvalidEvent",
     "InvalidRequest",
+    "KeyFileError",
     "MembersReply",
     "MembersRequest",
     "Membership",
@@ -171,6 +176,7 @@ __all__ = (
     "header_token",
     "parse_timestamp",
     "port_in_use",
+    "role_key_file",
     "segment_filter",
     "segment_subject",
     "to_instant",

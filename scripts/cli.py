@@ -42,22 +42,30 @@ from . import (
     _rebuild_cmd,
     _replay_cmd,
 )
-from ._connection import add_connection_options, credentials_of, engine_servers, servers_of
+from ._connection import (
+    add_connection_options,
+    credentials_of,
+    engine_servers,
+    explain,
+    servers_of,
+)
 from ._errors import UsageError
 from ._logging import configure_logging
 
-_CONNECTING = (
-    "serve",
-    "publish",
-    "tail",
-    "rebuild",
-    "status",
-    "customer",
-    "explain",
-    "members",
-    "unpark",
-)
-"""The commands that connect to NATS: they take the credential options."""
+_CONNECTING = {
+    "serve": "engine",
+    "publish": "producer",
+    "tail": "subscriber",
+    "rebuild": "engine",
+    "status": "operator",
+    "customer": "operator",
+    "explain": "operator",
+    "members": "operator",
+    "unpark": "operator",
+}
+"""The commands that connect to NATS, and the role each acts as: they take the credential
+options and --data-dir, whose key of their role they use when given no credentials."""
+_SEGMENTS_CONNECTING = {"list": "subscriber", "apply": "operator", "validate": "operator"}
 _USER_ERRORS = (ActorsError, ProtocolError, StoreError)
 
 
@@ -75,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = _find(e, (*_USER_ERRORS, UsageError))
         if known is None:
             raise
-        print(f"shoal: error: {known}", file=sys.stderr)
+        print(f"shoal: error: {explain(known, args)}", file=sys.stderr)
         return 2 if isinstance(known, UsageError) else 1
 
 
@@ -227,10 +235,10 @@ def _parser() -> argparse.ArgumentParser:
     _generate_cmd.register(sub)
     _rebuild_cmd.register(sub)
     add_connection_options(p, top=True)
-    for name in _CONNECTING:
-        add_connection_options(sub.choices[name], top=False)
-    for name in ("list", "apply", "validate"):
-        add_connection_options(segs_sub.choices[name], top=False)
+    for name, role in _CONNECTING.items():
+        add_connection_options(sub.choices[name], top=False, role=role)
+    for name, role in _SEGMENTS_CONNECTING.items():
+        add_connection_options(segs_sub.choices[name], top=False, role=role)
     return p
 
 
