@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,8 @@ async def _rebuild(args: argparse.Namespace) -> int:
         store = await Store.open(data_dir / "shoal.db")
         stack.push_async_callback(store.close)
         servers = await engine_servers(stack, args, data_dir)
-        nc = await connect(servers, name="shoal-rebuild", credentials=credentials_of(args))
+        credentials = dataclasses.replace(credentials_of(args), role="engine")
+        nc = await connect(servers, name="shoal-rebuild", credentials=credentials)
         stack.push_async_callback(nc.close)
         source, _ = await jetstream_ports(nc, consumer=args.consumer)
         state = await source.stream_state()

@@ -20,10 +20,13 @@ from typing import Any, TextIO
 
 import anyio
 import msgspec
+import nats.js.errors
 import structlog
 
 from actors import ActorsError, Engine, EngineConfig, file_stamp, load_segments, watch_segments
 from protocol import (
+    EVENTS_STREAM,
+    BrokerError,
     ProtocolError,
     Transition,
     event_subject,
@@ -31,7 +34,7 @@ from protocol import (
     segment_filter,
     to_instant,
 )
-from protocol.nats import connect, ensure_streams, iter_transitions, jetstream_ports, redact
+from protocol.nats import connect, iter_transitions, jetstream_ports, redact
 from store import Store, StoreError
 
 from . import (
@@ -254,7 +257,7 @@ async def _serve(args: argparse.Namespace) -> int:
         store = await Store.open(data_dir / "shoal.db", synchronous=args.sync.upper())
         stack.push_async_callback(store.close)
         servers = await engine_servers(stack, args, data_dir)
-        credentials = credentials_of(args)
+        credentials = dataclasses.replace(credentials_of(args), role="engine")
         nc = await connect(servers, name="shoal-engine", credentials=credentials)
         stack.push_async_callback(nc.close)
         metrics = None
@@ -377,13 +380,13 @@ async def _publish(args: argparse.Namespace) -> int:
             lines = open(args.file, encoding="utf-8")  # noqa: SIM115 - closed below
         except OSError as e:
             raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
-    nc = await connect(servers_of(args), name="shoal-publish", credentials=credentials_of(args))
+    credentials = dataclasses.replace(credentials_of(args), role="producer")
+    nc = await connect(servers_of(args), name="shoal-publish", credentials=credentials)
     js = nc.jetstream()
     skipped = 0
     pending: list[tuple[int, asyncio.Future[Any]]] = []
     try:
-        # Idempotent: events published before any engine ran are kept in the stream too.
-        await ensure_streams(js)
+        # The engine declares the streams; a producer may not (least privilege).
         for number, line in enumerate(lines, 1):
             text = line.strip()
             if not text:
@@ -402,6 +405,12 @@ async def _publish(args: argparse.Namespace) -> int:
         if lines is not sys.stdin and hasattr(lines, "close"):
             lines.close()
         await nc.close()
+    # nats-py tells a 503 (no stream takes the subject) apart for JetStream publishes.
+    if any(isinstance(r, nats.js.errors.NoStreamResponseError) for r in results):
+        raise BrokerError(
+            f"stream {EVENTS_STREAM} does not exist on this NATS server, so nothing was "
+            "stored: start the engine (`shoal serve`) once, it creates the streams"
+        )
     failed = 0
     for (number, _), result in zip(pending, results, strict=True):
         if isinstance(result, BaseException):
@@ -436,7 +445,8 @@ def _route(line: str) -> tuple[str | None, str, str | None]:
 
 
 async def _tail(args: argparse.Namespace) -> int:
-    nc = await connect(servers_of(args), name="shoal-tail", credentials=credentials_of(args))
+    credentials = dataclasses.replace(credentials_of(args), role="subscriber")
+    nc = await connect(servers_of(args), name="shoal-tail", credentials=credentials)
     out: TextIO = sys.stdout
     human = out.isatty()
     encoder = msgspec.json.Encoder()

@@ -31,7 +31,7 @@ from protocol import (
     find_nats_server,
     format_instant,
 )
-from protocol.nats import connect, jetstream_ports, read_stream
+from protocol.nats import connect, ensure_streams, jetstream_ports, read_stream
 from store import Store
 
 
@@ -101,6 +101,20 @@ class NatsServer:
         self.stop()
         time.sleep(down)
         self.start()
+
+
+def declare_streams(url: str) -> None:
+    """Create shoal's streams on the server at ``url``, as the engine does when it starts:
+    ``shoal publish`` creates none."""
+
+    async def declare() -> None:
+        nc = await connect([url])
+        try:
+            await ensure_streams(nc.jetstream())
+        finally:
+            await nc.close()
+
+    anyio.run(declare)
 
 
 def segments(text: str) -> SegmentSet:

@@ -23,6 +23,7 @@ from nats.js.api import (
 )
 
 from protocol._errors import BrokerError
+from protocol._roles import inbox_prefix
 from protocol._subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
@@ -61,7 +62,8 @@ class Credentials:
     """How a client proves who it is to a secured NATS, and what it trusts: at most one of
     a credentials file (``creds``), an NKey seed file (``nkey``), a user and password, or a
     token (URLs may carry a user and password or a token too); and TLS (``tls_ca``, the CA
-    to trust; ``tls_cert`` and ``tls_key``, a client certificate).
+    to trust; ``tls_cert`` and ``tls_key``, a client certificate); and the ``role`` they
+    belong to.
 
     Secrets never show in its ``repr``, so it can be logged.
     """
@@ -74,6 +76,10 @@ class Credentials:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    role: str | None = None
+    """The shoal role these credentials belong to (one of :data:`protocol.ROLES`), if known:
+    the client then uses the role's reply inboxes (:func:`protocol.inbox_prefix`), and a
+    permission violation names it."""
 
     def secrets(self) -> list[str]:
         """The secret values it holds (to keep out of anything printed)."""
@@ -140,7 +146,7 @@ async def connect(
     Raises:
         BrokerError: no server could be reached at first, or the credentials are refused.
     """
-    options = (credentials or Credentials()).options()
+    options = (credentials or Credentials()).options() | _role_options(credentials)
     shown = [redact(s) for s in servers]
     nc = Client()
     watch = _Watch(nc, name, shown)
@@ -169,6 +175,14 @@ async def connect(
     nc.options["max_reconnect_attempts"] = -1
     watch.last_error = None
     return nc
+
+
+def _role_options(credentials: Credentials | None) -> dict[str, Any]:
+    """nats-py options for the role of ``credentials``: its reply inboxes, the only ones its
+    permissions let it read."""
+    if credentials is None or credentials.role is None:
+        return {}
+    return {"inbox_prefix": inbox_prefix(credentials.role)}
 
 
 def _url_secrets(servers: Sequence[str]) -> list[str]:

@@ -15,6 +15,7 @@ from nats.aio.client import Client
 
 from protocol._subjects import (
     EVENTS_WILDCARD,
+    SEGMENTS_STREAM,
 )
 from protocol._types import Transition
 from protocol.nats._connect import StreamSettings, ensure_streams
@@ -31,7 +32,9 @@ async def iter_transitions(
     sub: Any
     if from_start:
         js = nc.jetstream()
-        sub = await js.subscribe(filter_subject, ordered_consumer=True)
+        # The stream named: else nats-py asks the broker which stream holds the subject, an
+        # API a subscriber may not use.
+        sub = await js.subscribe(filter_subject, stream=SEGMENTS_STREAM, ordered_consumer=True)
     else:
         sub = await nc.subscribe(filter_subject)
     try:
