@@ -32,6 +32,7 @@ from ._errors import BrokerError as BrokerError
 from ._errors import CustomerParked as CustomerParked
 from ._errors import EngineUnavailable as EngineUnavailable
 from ._errors import InvalidRequest as InvalidRequest
+from ._errors import PermissionDenied as PermissionDenied
 from ._errors import ProtocolError as ProtocolError
 from ._errors import SubjectError as SubjectError
 from ._errors import UnknownCustomer as UnknownCustomer
@@ -139,6 +140,7 @@ __all__ = (
     "MembersRequest",
     "Membership",
     "ParkedInfo",
+    "PermissionDenied",
     "ProtocolError",
     "PublishError",
     "QueryHandler",

@@ -169,6 +169,18 @@ _ROLES = {
 }
 
 
+def known_tokens() -> frozenset[str]:
+    """Every upper-case token of the roles' subjects (``$JS``, ``API``, ``SHOAL_EVENTS``...):
+    nats-py hands the broker's errors over lower-cased, and these put a subject back."""
+    return frozenset(
+        token
+        for build in _ROLES.values()
+        for subject in (*build().publish, *build().subscribe)
+        for token in subject.split(".")
+        if token.isupper()
+    )
+
+
 def role_summary(role: str) -> str:
     """One line on who uses ``role`` and what it may do.
 

@@ -8,7 +8,6 @@ Also :func:`serve_queries`, which ``shoal serve`` runs beside the engine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -178,7 +177,7 @@ class _client:
 
     def __init__(self, args: argparse.Namespace, role: str = "operator") -> None:
         self._servers = servers_of(args)
-        self._credentials = dataclasses.replace(credentials_of(args), role=role)
+        self._credentials = credentials_of(args).for_role(role)
         self._timeout = args.timeout
         self._nc: Client | None = None
 

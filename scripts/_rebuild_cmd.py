@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
         store = await Store.open(data_dir / "shoal.db")
         stack.push_async_callback(store.close)
         servers = await engine_servers(stack, args, data_dir)
-        credentials = dataclasses.replace(credentials_of(args), role="engine")
+        credentials = credentials_of(args).for_role("engine")
         nc = await connect(servers, name="shoal-rebuild", credentials=credentials)
         stack.push_async_callback(nc.close)
         source, _ = await jetstream_ports(nc, consumer=args.consumer)

@@ -34,10 +34,17 @@ from protocol import (
     segment_filter,
     to_instant,
 )
-from protocol.nats import connect, iter_transitions, jetstream_ports, redact
+from protocol.nats import (
+    connect,
+    iter_transitions,
+    jetstream_ports,
+    permission_guard,
+    redact,
+)
 from store import Store, StoreError
 
 from . import (
+    _auth_cmd,
     _generate_cmd,
     _history_cmd,
     _import_cmd,
@@ -229,6 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     _query_cmd.register(sub, segs_sub)
     _generate_cmd.register(sub)
     _rebuild_cmd.register(sub)
+    _auth_cmd.register(sub)
     add_connection_options(p, top=True)
     for name in _CONNECTING:
         add_connection_options(sub.choices[name], top=False)
@@ -257,7 +265,7 @@ async def _serve(args: argparse.Namespace) -> int:
         store = await Store.open(data_dir / "shoal.db", synchronous=args.sync.upper())
         stack.push_async_callback(store.close)
         servers = await engine_servers(stack, args, data_dir)
-        credentials = dataclasses.replace(credentials_of(args), role="engine")
+        credentials = credentials_of(args).for_role("engine")
         nc = await connect(servers, name="shoal-engine", credentials=credentials)
         stack.push_async_callback(nc.close)
         metrics = None
@@ -380,27 +388,28 @@ async def _publish(args: argparse.Namespace) -> int:
             lines = open(args.file, encoding="utf-8")  # noqa: SIM115 - closed below
         except OSError as e:
             raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
-    credentials = dataclasses.replace(credentials_of(args), role="producer")
+    credentials = credentials_of(args).for_role("producer")
     nc = await connect(servers_of(args), name="shoal-publish", credentials=credentials)
     js = nc.jetstream()
     skipped = 0
     pending: list[tuple[int, asyncio.Future[Any]]] = []
     try:
         # The engine declares the streams; a producer may not (least privilege).
-        for number, line in enumerate(lines, 1):
-            text = line.strip()
-            if not text:
-                continue
-            problem, subject, msg_id = _route(text)
-            if problem:
-                print(f"line {number}: {problem}; skipped", file=sys.stderr)
-                skipped += 1
-                continue
-            headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-            pending.append(
-                (number, await js.publish_async(subject, text.encode("utf-8"), headers=headers))
-            )
-        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        async with permission_guard(nc):
+            for number, line in enumerate(lines, 1):
+                text = line.strip()
+                if not text:
+                    continue
+                problem, subject, msg_id = _route(text)
+                if problem:
+                    print(f"line {number}: {problem}; skipped", file=sys.stderr)
+                    skipped += 1
+                    continue
+                headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+                pending.append(
+                    (number, await js.publish_async(subject, text.encode("utf-8"), headers=headers))
+                )
+            results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
     finally:
         if lines is not sys.stdin and hasattr(lines, "close"):
             lines.close()
@@ -445,21 +454,22 @@ def _route(line: str) -> tuple[str | None, str, str | None]:
 
 
 async def _tail(args: argparse.Namespace) -> int:
-    credentials = dataclasses.replace(credentials_of(args), role="subscriber")
+    credentials = credentials_of(args).for_role("subscriber")
     nc = await connect(servers_of(args), name="shoal-tail", credentials=credentials)
     out: TextIO = sys.stdout
     human = out.isatty()
     encoder = msgspec.json.Encoder()
     try:
         with contextlib.suppress(anyio.get_cancelled_exc_class()):
-            async for t in iter_transitions(
-                nc, segment_filter(args.segment), from_start=args.from_start
-            ):
-                if human:
-                    out.write(_readable(t) + "\n")
-                else:
-                    out.write(encoder.encode(t).decode() + "\n")
-                out.flush()
+            async with permission_guard(nc):
+                async for t in iter_transitions(
+                    nc, segment_filter(args.segment), from_start=args.from_start
+                ):
+                    if human:
+                        out.write(_readable(t) + "\n")
+                    else:
+                        out.write(encoder.encode(t).decode() + "\n")
+                    out.flush()
     finally:
         await nc.close()
     return 0

@@ -21,6 +21,7 @@ from protocol._types import Transition
 from protocol.nats._connect import StreamSettings, ensure_streams
 from protocol.nats._feed import EventFeed
 from protocol.nats._publisher import Publisher
+from protocol.nats._refusals import permission_guard
 
 
 async def iter_transitions(
@@ -54,9 +55,15 @@ async def jetstream_ports(
     streams: StreamSettings | None = None,
 ) -> tuple[EventFeed, Publisher]:
     """Declare the streams, then make an engine's ports on ``nc``: its event source (the
-    durable ``consumer`` of ``filter_subject``) and its transition sink."""
+    durable ``consumer`` of ``filter_subject``) and its transition sink.
+
+    Raises:
+        BrokerError: the streams cannot be declared (:class:`~protocol.PermissionDenied`
+            when the credentials may not).
+    """
     js = nc.jetstream()
-    await ensure_streams(js, streams)
+    async with permission_guard(nc):
+        await ensure_streams(js, streams)
     feed = EventFeed(
         nc, js, durable=consumer, filter_subject=filter_subject, max_in_flight=max_in_flight
     )
