@@ -221,7 +221,6 @@ async def test_the_service_answers_inboxes_only(secured: Secured, procs: list[Pr
     procs[0].wait_err("request not answered: its reply subject is not an inbox")
 
 
-@pytest.mark.slow
 def test_every_command_works_with_its_own_key(
     secured: Secured, tmp_path: Path, procs: list[Proc]
 ) -> None:
@@ -275,3 +274,17 @@ async def test_the_operator_reads_the_rejected_events(secured: Secured) -> None:
                 await nc.jetstream().subscribe(
                     "shoal.segments.>", stream=SEGMENTS_STREAM, ordered_consumer=True
                 )
+
+
+async def test_tail_skips_what_is_not_a_transition(secured: Secured, procs: list[Proc]) -> None:
+    """A producer cannot publish on shoal.segments, but JetStream sends its acknowledgement
+    wherever the producer asks: that lands in SHOAL_SEGMENTS too, and is no transition."""
+    async with secured.client("producer") as nc:
+        event = b'{"type": "track", "userId": "ann", "event": "Visit"}'
+        await nc.publish("shoal.events.ann", event, reply="shoal.segments.vip.entered")
+        await nc.flush()
+    tail = Proc("tail", "--from-start", *secured.as_role("subscriber"))
+    procs.append(tail)
+    tail.wait_err("not a transition; skipped")
+    transition = msgspec.json.decode(tail.out_lines(1)[0], type=Transition)
+    assert (transition.customer_id, transition.segment) == ("ann", "new_customer")
