@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import msgspec
+import nats
 import nats.errors
 import nkeys
 import pytest
@@ -288,3 +289,26 @@ async def test_tail_skips_what_is_not_a_transition(secured: Secured, procs: list
     tail.wait_err("not a transition; skipped")
     transition = msgspec.json.decode(tail.out_lines(1)[0], type=Transition)
     assert (transition.customer_id, transition.segment) == ("ann", "new_customer")
+
+
+async def test_a_campaign_reads_transitions_as_the_readme_shows(secured: Secured) -> None:
+    async with secured.client("producer") as nc:
+        await nc.jetstream().publish(
+            "shoal.events.ann", b'{"type": "track", "userId": "ann", "event": "Visit"}'
+        )
+    nc = await nats.connect(
+        secured.url,
+        nkeys_seed=str(secured.keys["subscriber"]),
+        inbox_prefix="_INBOX.shoal.subscriber",
+    )
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(
+            "shoal.segments.>", durable="campaigns", stream=SEGMENTS_STREAM
+        )
+        (msg,) = await sub.fetch(1, timeout=20)
+        await msg.ack()
+        transition = msgspec.json.decode(msg.data, type=Transition)
+        assert (transition.customer_id, transition.segment) == ("ann", "new_customer")
+    finally:
+        await nc.close()
