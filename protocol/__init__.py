@@ -32,6 +32,7 @@ from ._errors import BrokerError as BrokerError
 from ._errors import CustomerParked as CustomerParked
 from ._errors import EngineUnavailable as EngineUnavailable
 from ._errors import InvalidRequest as InvalidRequest
+from ._errors import PermissionDenied as PermissionDenied
 from ._errors import ProtocolError as ProtocolError
 from ._errors import SubjectError as SubjectError
 from ._errors import UnknownCustomer as UnknownCustomer
@@ -56,6 +57,11 @@ from ._ports import StreamState as StreamState
 from ._ports import TransitionSink as TransitionSink
 from ._query import API_VERSION as API_VERSION
 from ._query import QueryHandler as QueryHandler
+from ._roles import ROLES as ROLES
+from ._roles import inbox_prefix as inbox_prefix
+from ._roles import nkey_users_config as nkey_users_config
+from ._roles import permissions_block as permissions_block
+from ._roles import role_summary as role_summary
 from ._subjects import API_ENDPOINTS as API_ENDPOINTS
 from ._subjects import API_PREFIX as API_PREFIX
 from ._subjects import API_SERVICE as API_SERVICE
@@ -110,6 +116,7 @@ __all__ = (
     "NEVER",
     "REJECTED_STREAM",
     "REJECTED_SUBJECT",
+    "ROLES",
     "SECOND",
     "SEGMENTS_STREAM",
     "SEGMENTS_WILDCARD",
@@ -138,6 +145,7 @@ __all__ = (
     "MembersRequest",
     "Membership",
     "ParkedInfo",
+    "PermissionDenied",
     "ProtocolError",
     "PublishError",
     "QueryHandler",
@@ -174,9 +182,13 @@ __all__ = (
     "format_instant",
     "from_instant",
     "header_token",
+    "inbox_prefix",
+    "nkey_users_config",
     "parse_timestamp",
+    "permissions_block",
     "port_in_use",
     "role_key_file",
+    "role_summary",
     "segment_filter",
     "segment_subject",
     "to_instant",

@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-import nkeys  # type: ignore[import-untyped]
+import nkeys
 
 from ._errors import BrokerError
 

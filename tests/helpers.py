@@ -32,7 +32,7 @@ from protocol import (
     format_instant,
     role_key_file,
 )
-from protocol.nats import Credentials, connect, jetstream_ports, read_stream
+from protocol.nats import Credentials, connect, ensure_streams, jetstream_ports, read_stream
 from store import Store
 
 
@@ -107,7 +107,21 @@ class NatsServer:
 def role_credentials(data_dir: Path, role: str) -> Credentials:
     """The credentials of ``role`` with the key that ``shoal serve``'s embedded broker made
     in ``data_dir``."""
-    return Credentials(nkey=role_key_file(data_dir, role))
+    return Credentials(nkey=role_key_file(data_dir, role), role=role)
+
+
+def declare_streams(url: str) -> None:
+    """Create shoal's streams on the server at ``url``, as the engine does when it starts:
+    ``shoal publish`` creates none."""
+
+    async def declare() -> None:
+        nc = await connect([url])
+        try:
+            await ensure_streams(nc.jetstream())
+        finally:
+            await nc.close()
+
+    anyio.run(declare)
 
 
 def segments(text: str) -> SegmentSet:

@@ -20,6 +20,7 @@ import nats.micro
 import structlog
 from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request, ServiceError
+from nats.micro.service import Service
 
 from protocol._api import (
     CustomerReply,
@@ -52,6 +53,7 @@ from protocol._subjects import (
     customer_of_api_subject,
 )
 from protocol._types import shown_subject
+from protocol.nats._refusals import permission_guard
 from protocol.nats._undecodable import tolerate_undecodable_subjects
 
 _STOP_TIMEOUT = 2.0
@@ -116,8 +118,67 @@ async def serve_api(
     filter subject ``customers`` selects (the engine's ``filter_subject``): a request reaches
     an engine that owns the customer. ``task_status.started()`` is called once every
     endpoint listens.
+
+    Give it a connection of its own: from then on ``nc`` publishes only to reply inboxes
+    (subjects under ``_INBOX.``). A request names the subject its answer goes to, and the
+    engine's credentials may publish transitions and use the JetStream API of shoal's
+    streams: answering on, say, ``$JS.API.CONSUMER.DELETE.SHOAL_EVENTS.shoal-engine`` would
+    let anyone who may ask delete the engine's consumer. Such a request is not answered.
     """
     tolerate_undecodable_subjects(nc)
+    _answer_inboxes_only(nc)
+    async with permission_guard(nc):
+        service = await _listen(nc, handler, customers, metadata or {})
+    task_status.started()
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_TIMEOUT):
+            with contextlib.suppress(nats.errors.Error):
+                await service.stop()
+
+
+_REPLY_ROOT = "_INBOX."
+_SELF_PING = f"$SRV.PING.{API_SERVICE}."
+_DROPPED_EVERY = 60.0
+"""Seconds at least between two warnings about requests not answered."""
+
+
+def _answer_inboxes_only(nc: Client) -> None:
+    """Make ``nc`` drop what it would publish anywhere but a reply inbox (and the service's
+    own readiness ping), with a warning at most once a minute. Idempotent."""
+    if getattr(nc, "_shoal_answers_inboxes_only", False):
+        return
+    publish = nc.publish
+    dropped = 0
+    warned_at = -_DROPPED_EVERY
+
+    async def answer(
+        subject: str, payload: bytes = b"", reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
+        nonlocal dropped, warned_at
+        if subject.startswith((_REPLY_ROOT, _SELF_PING)):
+            await publish(subject, payload, reply, headers)
+            return
+        dropped += 1
+        now = anyio.current_time()
+        if now - warned_at >= _DROPPED_EVERY:
+            warned_at = now
+            _logger.warning(
+                "request not answered: its reply subject is not an inbox (_INBOX.>)",
+                reply_subject=shown_subject(subject),
+                not_answered=dropped,
+            )
+
+    # Instance attributes: only the service's connection changes, not every Client.
+    setattr(nc, "publish", answer)  # noqa: B010
+    setattr(nc, "_shoal_answers_inboxes_only", True)  # noqa: B010
+
+
+async def _listen(
+    nc: Client, handler: QueryHandler, customers: str, metadata: dict[str, str]
+) -> Service:
+    """Start the service's endpoints; return once the server has their subscriptions."""
     service = await nats.micro.add_service(
         nc,
         name=API_SERVICE,
@@ -125,7 +186,7 @@ async def serve_api(
         description="shoal query service: customer state, explanations, segments, members, "
         "definitions, status and unparking",
         queue_group=API_SERVICE,
-        metadata=metadata or {},
+        metadata=metadata,
     )
     try:
 
@@ -182,12 +243,12 @@ async def serve_api(
         # ourselves: the server handles a connection's commands in order, so the answer
         # comes after it has taken every SUB sent before.
         await nc.request(f"$SRV.PING.{API_SERVICE}.{service.id}", b"", timeout=_READY_TIMEOUT)
-        task_status.started()
-        await anyio.sleep_forever()
-    finally:
+    except BaseException:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_TIMEOUT):
             with contextlib.suppress(nats.errors.Error):
                 await service.stop()
+        raise
+    return service
 
 
 # Client -----------------------------------------------------------------------------------
@@ -277,17 +338,18 @@ class ApiClient:
         timeout: float | None = None,
     ) -> _R:
         wait = self.timeout if timeout is None else timeout
-        try:
-            msg = await self._nc.request(subject, body, timeout=wait)
-        except nats.errors.NoRespondersError as e:
-            raise EngineUnavailable(
-                f"no shoal engine answers on {subject} (is `shoal serve` running, and "
-                "connected to this NATS server?)"
-            ) from e
-        except nats.errors.TimeoutError as e:
-            raise EngineUnavailable(f"no answer on {subject} within {wait:g} s") from e
-        except nats.errors.Error as e:
-            raise EngineUnavailable(f"request on {subject} failed: {e}") from e
+        async with permission_guard(self._nc, subject):
+            try:
+                msg = await self._nc.request(subject, body, timeout=wait)
+            except nats.errors.NoRespondersError as e:
+                raise EngineUnavailable(
+                    f"no shoal engine answers on {subject} (is `shoal serve` running, and "
+                    "connected to this NATS server?)"
+                ) from e
+            except nats.errors.TimeoutError as e:
+                raise EngineUnavailable(f"no answer on {subject} within {wait:g} s") from e
+            except nats.errors.Error as e:
+                raise EngineUnavailable(f"request on {subject} failed: {e}") from e
         headers: dict[str, Any] = msg.headers or {}
         if ERROR_CODE_HEADER in headers:
             raise ApiError(str(headers.get(ERROR_HEADER, "")), code=str(headers[ERROR_CODE_HEADER]))

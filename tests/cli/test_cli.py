@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from protocol import BrokerError, find_nats_server, port_in_use
-from tests.helpers import NatsServer, Proc, free_port, run
+from tests.helpers import NatsServer, Proc, declare_streams, free_port, run
 
 SEGMENTS = """
 [segments.active]
@@ -155,6 +155,7 @@ def test_publish_reports_bad_lines_and_sends_the_good_ones(nats_server: NatsServ
         "",
         json.dumps({"type": "identify", "userId": "b", "traits": {"plan": "gold"}}),
     ]
+    declare_streams(nats_server.url)
     done = run("publish", "--nats", nats_server.url, stdin="\n".join(lines) + "\n")
     assert done.returncode == 1
     assert done.stderr.splitlines() == [

@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-import nkeys  # type: ignore[import-untyped]
+import nkeys
 import pytest
 
 from protocol import BrokerError, KeyFileError, embedded_broker, role_key_file
