@@ -188,12 +188,12 @@ async def connect(
             **options,
         )
     except (TimeoutError, OSError, nats.errors.Error) as e:
-        why = watch.last_error or str(e) or type(e).__name__
+        why = watch.refusal or watch.last_error or str(e) or type(e).__name__
         for secret in (credentials or Credentials()).secrets() + _url_secrets(servers):
             why = why.replace(secret, "***")
         raise BrokerError(f"cannot reach NATS at {', '.join(shown)}: {redact(why)}") from e
     nc.options["max_reconnect_attempts"] = -1
-    watch.last_error = None
+    watch.last_error = watch.refusal = None
     return nc
 
 
@@ -236,12 +236,17 @@ class _Watch:
         self._name = name
         self._servers = ", ".join(servers)
         self.last_error: str | None = None
+        self.refusal: str | None = None
+        """The server's refusal of the credentials, if it refused them: an attempt after it
+        may fail otherwise (the server resets the connection), but this is the reason."""
         self._error_at = 0.0
         self._down_since: float | None = None
         self._warned_at = 0.0
 
     async def error(self, e: Exception) -> None:
         self.last_error, self._error_at = redact(str(e) or type(e).__name__), time.monotonic()
+        if "authorization violation" in self.last_error.lower():
+            self.refusal = self.last_error
         down_since = self._down_since
         if down_since is None:
             return
