@@ -86,15 +86,18 @@ def credentials_of(args: argparse.Namespace) -> Credentials:
     one (see :func:`role_key_file`)."""
     found = _given(args)
     key = _role_key(args, found)
+    if key is not None and key.is_file():
+        found["nkey"], found["role"] = key, args.role
     return Credentials(
         creds=found["creds"],  # type: ignore[arg-type]
-        nkey=found["nkey"] or (key if key is not None and key.is_file() else None),  # type: ignore[arg-type]
+        nkey=found["nkey"],  # type: ignore[arg-type]
         user=found["nats_user"],  # type: ignore[arg-type]
         password=found["nats_password"],  # type: ignore[arg-type]
         token=found["token"],  # type: ignore[arg-type]
         tls_ca=found["tlsca"],  # type: ignore[arg-type]
         tls_cert=found["tlscert"],  # type: ignore[arg-type]
         tls_key=found["tlskey"],  # type: ignore[arg-type]
+        role=found.get("role"),  # type: ignore[arg-type]
     )
 
 

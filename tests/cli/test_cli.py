@@ -46,12 +46,23 @@ def test_walkthrough_serve_publish_tail(
     )
     procs.append(serve)
     serve.wait_err("shoal is serving")
-    tail = Proc("tail", "--nats", url)
+    # The clients find their keys in the data directory, as the README's quick start does.
+    data = ("--data-dir", str(tmp_path / "data"))
+    tail = Proc("tail", "--nats", url, *data)
     procs.append(tail)
     time.sleep(0.5)  # let tail subscribe
 
     done = run(
-        "publish", "--nats", url, "--customer", "alice", "--event", "Visit", "--message-id", "w1"
+        "publish",
+        "--nats",
+        url,
+        *data,
+        "--customer",
+        "alice",
+        "--event",
+        "Visit",
+        "--message-id",
+        "w1",
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "published 1 event(s)"
