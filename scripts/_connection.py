@@ -128,14 +128,18 @@ def _role_key(args: argparse.Namespace, found: dict[str, object]) -> Path | None
 
 
 def explain(error: BaseException, args: argparse.Namespace) -> str:
-    """The one line that reports ``error``: a broker's refusal of a command that found no
-    key to connect with also says where it looked, and what to do."""
+    """The one line that reports ``error``: a broker's refusal of a command that was given
+    no credentials also names the key file of its data directory (refused, or not found),
+    and what to do."""
     text = str(error)
     if "authorization violation" not in text.lower():
         return text
     key = _role_key(args, _given(args))
-    if key is None or key.is_file():
+    if key is None:
         return text
+    if key.is_file():
+        # Another data directory's key: two engines, each with its own broker and keys.
+        return f"{text} (with the key {key}: give the --data-dir of the `shoal serve` there)"
     return (
         f"{text} (no key file {key}: give the --data-dir of `shoal serve`, or credentials "
         "with --nkey, --creds, --nats-user or --token)"

@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from protocol import ROLES, BrokerError, Transition, embedded_broker, role_key_file
+from protocol._keys import ensure_role_keys
 from protocol.nats import connect
 from tests.helpers import Proc, free_port, run
 from tests.system import test_roles
@@ -139,6 +140,15 @@ def test_anonymous_clients_are_refused_and_told_where_keys_were_looked_for(
     assert done.stderr.endswith(
         "(no key file nowhere/auth/operator.nk: give the --data-dir of `shoal serve`, or "
         "credentials with --nkey, --creds, --nats-user or --token)\n"
+    )
+    # The key of another data directory.
+    other = tmp_path / "other"
+    (other / "auth").mkdir(parents=True)
+    ensure_role_keys(other / "auth", ["operator"])
+    done = run("status", "--nats", secured.url, "--data-dir", str(other), cwd=tmp_path)
+    assert done.stderr.endswith(
+        f"'Authorization Violation' (with the key {other}/auth/operator.nk: give the "
+        "--data-dir of the `shoal serve` there)\n"
     )
     # Given credentials win over the data directory's key: refused as given.
     done = run("status", "--nats", secured.url, "--token", "nope", cwd=tmp_path)
