@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -312,3 +313,21 @@ async def test_a_campaign_reads_transitions_as_the_readme_shows(secured: Secured
         assert (transition.customer_id, transition.segment) == ("ann", "new_customer")
     finally:
         await nc.close()
+
+
+def test_rebuild_works_with_the_engine_key(
+    secured: Secured, tmp_path: Path, procs: list[Proc]
+) -> None:
+    done = run("publish", "--customer", "ann", "--event", "Visit", *secured.as_role("producer"))
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 20
+    while run("customer", "ann", *secured.as_role("operator")).returncode != 0:  # not yet
+        assert time.monotonic() < deadline, "the event was not applied"
+        time.sleep(0.1)
+    assert procs[0].stop() == 0
+    data = tmp_path / "data"
+    for lost in data.glob("shoal.db*"):
+        lost.unlink()
+    done = run("rebuild", "--from-stream", "--data-dir", str(data), *secured.as_role("engine"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{data / 'shoal.db'}: 1 events logged and 1 published")
