@@ -7,11 +7,12 @@ role keys (:class:`Secured`), so the same tests can run on the embedded broker t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -44,10 +45,13 @@ STREAMS = (EVENTS_STREAM, SEGMENTS_STREAM, REJECTED_STREAM)
 
 @dataclass(frozen=True)
 class Secured:
-    """A broker that enforces the roles, and a seed file per role."""
+    """A broker that enforces the roles, a seed file per role, and the engine once it runs
+    (with the engine's key, its data in ``data``)."""
 
     url: str
     keys: dict[str, Path]
+    data: Path
+    engine: Proc | None = None
 
     def as_role(self, role: str) -> list[str]:
         """The options of a ``shoal`` command that connects with ``role``'s key."""
@@ -70,10 +74,10 @@ def _user_entry(role: str, public_key: str) -> str:
     return f"    {{\n      nkey: {public_key}\n{done.stdout}    }}\n"
 
 
-@pytest.fixture
-def external(tmp_path: Path) -> Iterator[Secured]:
+@contextmanager
+def _external_broker(tmp_path: Path) -> Iterator[Secured]:
     """A nats-server configured from ``shoal auth permissions``, with an NKey per role and
-    no anonymous access; no engine runs yet."""
+    no anonymous access."""
     keys: dict[str, Path] = {}
     users = []
     for role in ROLES:
@@ -87,18 +91,39 @@ def external(tmp_path: Path) -> Iterator[Secured]:
     server = NatsServer(tmp_path / "nats", "-c", str(config))
     server.start()
     try:
-        yield Secured(server.url, keys)
+        yield Secured(server.url, keys, tmp_path / "data")
     finally:
         server.stop()
 
 
 @pytest.fixture
-def secured(external: Secured, tmp_path: Path, procs: list[Proc]) -> Secured:
-    """The broker with the engine running on it with its own key."""
-    engine = Proc("serve", "--data-dir", str(tmp_path / "data"), *external.as_role("engine"))
-    procs.append(engine)
-    engine.wait_err("shoal is serving")
-    return external
+def external(tmp_path: Path) -> Iterator[Secured]:
+    """The external nats-server, no engine running yet."""
+    with _external_broker(tmp_path) as broker:
+        yield broker
+
+
+@contextmanager
+def _on_external(tmp_path: Path, procs: list[Proc]) -> Iterator[Secured]:
+    """The engine on the external nats-server, with its key."""
+    with _external_broker(tmp_path) as broker:
+        engine = Proc("serve", "--data-dir", str(broker.data), *broker.as_role("engine"))
+        procs.append(engine)
+        engine.wait_err("shoal is serving")
+        yield dataclasses.replace(broker, engine=engine)
+
+
+BROKERS: dict[str, Callable[[Path, list[Proc]], AbstractContextManager[Secured]]] = {
+    "external": _on_external,
+}
+"""Where the tests with a running engine run (another helper adds the embedded broker)."""
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def secured(request: pytest.FixtureRequest, tmp_path: Path, procs: list[Proc]) -> Iterator[Secured]:
+    """A broker that enforces the roles, with the engine running on it with its own key."""
+    with BROKERS[request.param](tmp_path, procs) as broker:
+        yield broker
 
 
 Call = Callable[[], Awaitable[object]]
@@ -133,9 +158,9 @@ def _stream_api(js: JetStreamContext, stream: str) -> list[tuple[str, Call]]:
     ]
 
 
-async def test_an_anonymous_client_is_refused(external: Secured) -> None:
+async def test_an_anonymous_client_is_refused(secured: Secured) -> None:
     with pytest.raises(BrokerError, match="uthorization"):
-        await connect([external.url])
+        await connect([secured.url])
 
 
 async def test_the_producer_cannot_forge_apply_or_touch_the_streams(secured: Secured) -> None:
@@ -220,7 +245,8 @@ async def test_the_service_answers_inboxes_only(secured: Secured, procs: list[Pr
     async with secured.client("engine") as nc:
         info = await nc.jetstream().consumer_info(EVENTS_STREAM, "shoal-engine")
         assert info.name == "shoal-engine"
-    procs[0].wait_err("request not answered: its reply subject is not an inbox")
+    assert secured.engine is not None
+    secured.engine.wait_err("request not answered: its reply subject is not an inbox")
 
 
 def test_every_command_works_with_its_own_key(
@@ -324,8 +350,8 @@ def test_rebuild_works_with_the_engine_key(
     while run("customer", "ann", *secured.as_role("operator")).returncode != 0:  # not yet
         assert time.monotonic() < deadline, "the event was not applied"
         time.sleep(0.1)
-    assert procs[0].stop() == 0
-    data = tmp_path / "data"
+    assert secured.engine is not None and secured.engine.stop() == 0
+    data = secured.data
     for lost in data.glob("shoal.db*"):
         lost.unlink()
     done = run("rebuild", "--from-stream", "--data-dir", str(data), *secured.as_role("engine"))
