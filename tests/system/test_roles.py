@@ -232,9 +232,13 @@ def test_publish_creates_no_stream(external: Secured) -> None:
     )
 
 
-async def test_the_service_answers_inboxes_only(secured: Secured, procs: list[Proc]) -> None:
+async def test_the_service_answers_inboxes_only(secured: Secured) -> None:
     """A request names where its answer goes: were the engine to answer on the JetStream API
-    with its own rights, anyone who may ask could delete its consumer."""
+    with its own rights, anyone who may ask could delete its consumer, and an answer on
+    shoal.segments would sit among the transitions."""
+    async with secured.client("operator") as nc:
+        await nc.publish("$SRV.PING.shoal", b"", reply="shoal.segments.vip.entered")
+        await nc.request("$SRV.PING.shoal", b"", timeout=5)  # answered after the one before
     async with secured.client("subscriber") as nc:
         target = f"$JS.API.CONSUMER.DELETE.{EVENTS_STREAM}.shoal-engine"
         # Undecodable: the error answer has an empty body, as a delete request has.
@@ -245,6 +249,7 @@ async def test_the_service_answers_inboxes_only(secured: Secured, procs: list[Pr
     async with secured.client("engine") as nc:
         info = await nc.jetstream().consumer_info(EVENTS_STREAM, "shoal-engine")
         assert info.name == "shoal-engine"
+        assert (await nc.jetstream().stream_info(SEGMENTS_STREAM)).state.messages == 0
     assert secured.engine is not None
     secured.engine.wait_err("request not answered: its reply subject is not an inbox")
 
