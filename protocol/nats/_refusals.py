@@ -25,6 +25,8 @@ from protocol._roles import known_tokens
 _logger = structlog.get_logger("shoal.nats")
 _VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"')
 _ACTIONS = {"publish": "publish", "subscription": "subscribe"}
+# The JetStream API's own words no role uses, for the subjects a role may not use.
+_JS_WORDS = ("PURGE", "DIRECT", "LIST", "NAMES", "SNAPSHOT", "RESTORE", "PAUSE", "RESET", "UNPIN")
 
 
 class _Guard:
@@ -43,7 +45,7 @@ class Refusals:
         self._guards: set[_Guard] = set()
         # nats-py lower-cases the broker's errors: the subjects shoal knows put them back.
         self._subjects: dict[str, str] = {}
-        self._tokens = {t.lower(): t for t in known_tokens()}
+        self._tokens = {t.lower(): t for t in (*known_tokens(), *_JS_WORDS)}
 
     def report(self, error: BaseException) -> PermissionDenied | None:
         """The :class:`PermissionDenied` that ``error`` (from nats-py's error callback) tells

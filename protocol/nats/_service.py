@@ -54,6 +54,7 @@ from protocol._subjects import (
 )
 from protocol._types import shown_subject
 from protocol.nats._refusals import permission_guard
+from protocol.nats._replies import answer_inboxes_only, answers_an_inbox
 from protocol.nats._undecodable import tolerate_undecodable_subjects
 
 _STOP_TIMEOUT = 2.0
@@ -90,6 +91,8 @@ def _endpoint(
     name: str, answer: Callable[[Request], Awaitable[msgspec.Struct]]
 ) -> Callable[[Request], Awaitable[None]]:
     async def handle(request: Request) -> None:
+        if not answers_an_inbox(request._msg):
+            return
         try:
             reply = await answer(request)
         except ApiError as e:
@@ -119,14 +122,11 @@ async def serve_api(
     an engine that owns the customer. ``task_status.started()`` is called once every
     endpoint listens.
 
-    Give it a connection of its own: from then on ``nc`` publishes only to reply inboxes
-    (subjects under ``_INBOX.``). A request names the subject its answer goes to, and the
-    engine's credentials may publish transitions and use the JetStream API of shoal's
-    streams: answering on, say, ``$JS.API.CONSUMER.DELETE.SHOAL_EVENTS.shoal-engine`` would
-    let anyone who may ask delete the engine's consumer. Such a request is not answered.
+    A request whose reply subject is not an inbox (under ``_INBOX.``) is not answered (see
+    :mod:`protocol.nats._replies`).
     """
     tolerate_undecodable_subjects(nc)
-    _answer_inboxes_only(nc)
+    answer_inboxes_only(nc)
     async with permission_guard(nc):
         service = await _listen(nc, handler, customers, metadata or {})
     task_status.started()
@@ -136,43 +136,6 @@ async def serve_api(
         with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_TIMEOUT):
             with contextlib.suppress(nats.errors.Error):
                 await service.stop()
-
-
-_REPLY_ROOT = "_INBOX."
-_SELF_PING = f"$SRV.PING.{API_SERVICE}."
-_DROPPED_EVERY = 60.0
-"""Seconds at least between two warnings about requests not answered."""
-
-
-def _answer_inboxes_only(nc: Client) -> None:
-    """Make ``nc`` drop what it would publish anywhere but a reply inbox (and the service's
-    own readiness ping), with a warning at most once a minute. Idempotent."""
-    if getattr(nc, "_shoal_answers_inboxes_only", False):
-        return
-    publish = nc.publish
-    dropped = 0
-    warned_at = -_DROPPED_EVERY
-
-    async def answer(
-        subject: str, payload: bytes = b"", reply: str = "", headers: dict[str, str] | None = None
-    ) -> None:
-        nonlocal dropped, warned_at
-        if subject.startswith((_REPLY_ROOT, _SELF_PING)):
-            await publish(subject, payload, reply, headers)
-            return
-        dropped += 1
-        now = anyio.current_time()
-        if now - warned_at >= _DROPPED_EVERY:
-            warned_at = now
-            _logger.warning(
-                "request not answered: its reply subject is not an inbox (_INBOX.>)",
-                reply_subject=shown_subject(subject),
-                not_answered=dropped,
-            )
-
-    # Instance attributes: only the service's connection changes, not every Client.
-    setattr(nc, "publish", answer)  # noqa: B010
-    setattr(nc, "_shoal_answers_inboxes_only", True)  # noqa: B010
 
 
 async def _listen(

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import nkeys
 import pytest
+from nats.aio.client import Client
 
 from protocol import ROLES, find_nats_server, inbox_prefix, nkey_users_config, permissions_block
+from protocol.nats import Credentials
+from protocol.nats._refusals import Refusals
 
 
 def _public_key() -> str:
@@ -86,3 +89,41 @@ def test_nats_server_accepts_the_configuration(tmp_path: Path) -> None:
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_credentials_take_the_role_of_their_key_file(tmp_path: Path) -> None:
+    assert Credentials().for_role("operator").role == "operator"
+    assert Credentials(nkey=tmp_path / "subscriber.nk").for_role("operator").role == "subscriber"
+    assert Credentials(creds=tmp_path / "producer.creds").for_role("engine").role == "producer"
+    assert Credentials(nkey=tmp_path / "mine.nk").for_role("operator").role == "operator"
+    assert Credentials(role="engine").for_role("operator").role == "engine"
+    with pytest.raises(ValueError, match="unknown role 'admin'"):
+        Credentials().for_role("admin")
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            'nats: permissions violation for publish to "$js.api.stream.purge.shoal_events"',
+            "permission denied: role producer may not publish to $JS.API.STREAM.PURGE.SHOAL_EVENTS",
+        ),
+        (
+            'nats: permissions violation for subscription to "shoal.segments.>"',
+            "permission denied: role producer may not subscribe to shoal.segments.>",
+        ),
+        (
+            'nats: permissions violation for subscription to "_inbox.abcdefghijkl.*"',
+            "permission denied: role producer may not subscribe to _INBOX.> (its replies' "
+            "inbox: are these the producer role's credentials?)",
+        ),
+    ],
+)
+def test_a_violation_is_told_with_the_subject_as_written(error: str, message: str) -> None:
+    refusals = Refusals(Client(), "producer")
+    denied = refusals.report(Exception(error))
+    assert str(denied) == message
+
+
+def test_other_errors_are_no_violation() -> None:
+    assert Refusals(Client(), None).report(Exception("nats: stale connection")) is None

@@ -7,10 +7,12 @@ role keys (:class:`Secured`), so the same tests can run on the embedded broker t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,10 +45,13 @@ STREAMS = (EVENTS_STREAM, SEGMENTS_STREAM, REJECTED_STREAM)
 
 @dataclass(frozen=True)
 class Secured:
-    """A broker that enforces the roles, and a seed file per role."""
+    """A broker that enforces the roles, a seed file per role, and the engine once it runs
+    (with the engine's key, its data in ``data``)."""
 
     url: str
     keys: dict[str, Path]
+    data: Path
+    engine: Proc | None = None
 
     def as_role(self, role: str) -> list[str]:
         """The options of a ``shoal`` command that connects with ``role``'s key."""
@@ -69,10 +74,10 @@ def _user_entry(role: str, public_key: str) -> str:
     return f"    {{\n      nkey: {public_key}\n{done.stdout}    }}\n"
 
 
-@pytest.fixture
-def external(tmp_path: Path) -> Iterator[Secured]:
+@contextmanager
+def _external_broker(tmp_path: Path) -> Iterator[Secured]:
     """A nats-server configured from ``shoal auth permissions``, with an NKey per role and
-    no anonymous access; no engine runs yet."""
+    no anonymous access."""
     keys: dict[str, Path] = {}
     users = []
     for role in ROLES:
@@ -86,18 +91,39 @@ def external(tmp_path: Path) -> Iterator[Secured]:
     server = NatsServer(tmp_path / "nats", "-c", str(config))
     server.start()
     try:
-        yield Secured(server.url, keys)
+        yield Secured(server.url, keys, tmp_path / "data")
     finally:
         server.stop()
 
 
 @pytest.fixture
-def secured(external: Secured, tmp_path: Path, procs: list[Proc]) -> Secured:
-    """The broker with the engine running on it with its own key."""
-    engine = Proc("serve", "--data-dir", str(tmp_path / "data"), *external.as_role("engine"))
-    procs.append(engine)
-    engine.wait_err("shoal is serving")
-    return external
+def external(tmp_path: Path) -> Iterator[Secured]:
+    """The external nats-server, no engine running yet."""
+    with _external_broker(tmp_path) as broker:
+        yield broker
+
+
+@contextmanager
+def _on_external(tmp_path: Path, procs: list[Proc]) -> Iterator[Secured]:
+    """The engine on the external nats-server, with its key."""
+    with _external_broker(tmp_path) as broker:
+        engine = Proc("serve", "--data-dir", str(broker.data), *broker.as_role("engine"))
+        procs.append(engine)
+        engine.wait_err("shoal is serving")
+        yield dataclasses.replace(broker, engine=engine)
+
+
+BROKERS: dict[str, Callable[[Path, list[Proc]], AbstractContextManager[Secured]]] = {
+    "external": _on_external,
+}
+"""Where the tests with a running engine run (another helper adds the embedded broker)."""
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def secured(request: pytest.FixtureRequest, tmp_path: Path, procs: list[Proc]) -> Iterator[Secured]:
+    """A broker that enforces the roles, with the engine running on it with its own key."""
+    with BROKERS[request.param](tmp_path, procs) as broker:
+        yield broker
 
 
 Call = Callable[[], Awaitable[object]]
@@ -132,9 +158,9 @@ def _stream_api(js: JetStreamContext, stream: str) -> list[tuple[str, Call]]:
     ]
 
 
-async def test_an_anonymous_client_is_refused(external: Secured) -> None:
+async def test_an_anonymous_client_is_refused(secured: Secured) -> None:
     with pytest.raises(BrokerError, match="uthorization"):
-        await connect([external.url])
+        await connect([secured.url])
 
 
 async def test_the_producer_cannot_forge_apply_or_touch_the_streams(secured: Secured) -> None:
@@ -206,9 +232,13 @@ def test_publish_creates_no_stream(external: Secured) -> None:
     )
 
 
-async def test_the_service_answers_inboxes_only(secured: Secured, procs: list[Proc]) -> None:
+async def test_the_service_answers_inboxes_only(secured: Secured) -> None:
     """A request names where its answer goes: were the engine to answer on the JetStream API
-    with its own rights, anyone who may ask could delete its consumer."""
+    with its own rights, anyone who may ask could delete its consumer, and an answer on
+    shoal.segments would sit among the transitions."""
+    async with secured.client("operator") as nc:
+        await nc.publish("$SRV.PING.shoal", b"", reply="shoal.segments.vip.entered")
+        await nc.request("$SRV.PING.shoal", b"", timeout=5)  # answered after the one before
     async with secured.client("subscriber") as nc:
         target = f"$JS.API.CONSUMER.DELETE.{EVENTS_STREAM}.shoal-engine"
         # Undecodable: the error answer has an empty body, as a delete request has.
@@ -219,7 +249,9 @@ async def test_the_service_answers_inboxes_only(secured: Secured, procs: list[Pr
     async with secured.client("engine") as nc:
         info = await nc.jetstream().consumer_info(EVENTS_STREAM, "shoal-engine")
         assert info.name == "shoal-engine"
-    procs[0].wait_err("request not answered: its reply subject is not an inbox")
+        assert (await nc.jetstream().stream_info(SEGMENTS_STREAM)).state.messages == 0
+    assert secured.engine is not None
+    secured.engine.wait_err("request not answered: its reply subject is not an inbox")
 
 
 def test_every_command_works_with_its_own_key(
@@ -312,3 +344,21 @@ async def test_a_campaign_reads_transitions_as_the_readme_shows(secured: Secured
         assert (transition.customer_id, transition.segment) == ("ann", "new_customer")
     finally:
         await nc.close()
+
+
+def test_rebuild_works_with_the_engine_key(
+    secured: Secured, tmp_path: Path, procs: list[Proc]
+) -> None:
+    done = run("publish", "--customer", "ann", "--event", "Visit", *secured.as_role("producer"))
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 20
+    while run("customer", "ann", *secured.as_role("operator")).returncode != 0:  # not yet
+        assert time.monotonic() < deadline, "the event was not applied"
+        time.sleep(0.1)
+    assert secured.engine is not None and secured.engine.stop() == 0
+    data = secured.data
+    for lost in data.glob("shoal.db*"):
+        lost.unlink()
+    done = run("rebuild", "--from-stream", "--data-dir", str(data), *secured.as_role("engine"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{data / 'shoal.db'}: 1 events logged and 1 published")
