@@ -2,30 +2,24 @@
 its data directory, refuses anonymous clients, and every command finds its own key there;
 ``--no-auth`` is for loopback only.
 
-The least-privilege tests of ``test_roles`` run here too, on the embedded broker of a real
-``shoal serve`` (the fixtures ``external`` and ``secured`` below replace theirs).
+The least-privilege tests of ``test_roles`` run on the embedded broker too (its ``BROKERS``).
 """
 
 from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
-import anyio.from_thread
+import anyio
 import msgspec
 import pytest
 
-from protocol import ROLES, BrokerError, Transition, embedded_broker, role_key_file
+from protocol import ROLES, BrokerError, Transition, role_key_file
 from protocol._keys import ensure_role_keys
 from protocol.nats import connect
 from tests.helpers import Proc, free_port, run
-from tests.system import test_roles
 from tests.system.test_roles import Secured
-
-# Every test of test_roles, against the embedded broker.
-globals().update({k: v for k, v in vars(test_roles).items() if k.startswith("test_")})
 
 VISIT = ("--customer", "ann", "--event", "Visit")
 
@@ -35,28 +29,15 @@ def keys_of(data_dir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def external(tmp_path: Path) -> Iterator[Secured]:
-    """The embedded broker with its role keys (made in ``tmp_path/broker``), no engine."""
-    data = tmp_path / "broker"
-    port = free_port()
-    with (
-        anyio.from_thread.start_blocking_portal() as portal,
-        portal.wrap_async_context_manager(
-            embedded_broker(data / "nats", port=port, keys=data / "auth")
-        ) as url,
-    ):
-        yield Secured(url, keys_of(data))
-
-
-@pytest.fixture
-def secured(tmp_path: Path, procs: list[Proc]) -> Secured:
+def serving(tmp_path: Path, procs: list[Proc]) -> Secured:
     """``shoal serve`` with its embedded broker, run with no options but a port from
     ``tmp_path``: its keys are in ``tmp_path/shoal-data``."""
     port = free_port()
     engine = Proc("serve", "--port", str(port), cwd=tmp_path)
     procs.append(engine)
     engine.wait_err("shoal is serving")
-    return Secured(f"nats://127.0.0.1:{port}", keys_of(tmp_path / "shoal-data"))
+    data = tmp_path / "shoal-data"
+    return Secured(f"nats://127.0.0.1:{port}", keys_of(data), data, engine)
 
 
 def mode(path: Path) -> int:
@@ -82,10 +63,10 @@ def test_serve_makes_a_key_per_role_once(tmp_path: Path, procs: list[Proc]) -> N
 
 
 def test_every_command_finds_its_key_in_the_data_directory(
-    secured: Secured, tmp_path: Path, procs: list[Proc]
+    serving: Secured, tmp_path: Path, procs: list[Proc]
 ) -> None:
     """Run from the directory of ``shoal serve``, as the quick start does: no credentials."""
-    url = ("--nats", secured.url)
+    url = ("--nats", serving.url)
     live = Proc("tail", *url, cwd=tmp_path)
     procs.append(live)
     assert run("status", *url, cwd=tmp_path).returncode == 0  # tail subscribed by now
@@ -120,23 +101,23 @@ def test_every_command_finds_its_key_in_the_data_directory(
 
 
 def test_anonymous_clients_are_refused_and_told_where_keys_were_looked_for(
-    secured: Secured, tmp_path: Path
+    serving: Secured, tmp_path: Path
 ) -> None:
     async def anonymous() -> None:
-        await connect([secured.url])
+        await connect([serving.url])
 
     with pytest.raises(BrokerError, match="'Authorization Violation'$"):
         anyio.run(anonymous)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = run("publish", "--nats", secured.url, *VISIT, cwd=elsewhere)
+    done = run("publish", "--nats", serving.url, *VISIT, cwd=elsewhere)
     assert (done.returncode, done.stderr) == (
         1,
-        f"shoal: error: cannot reach NATS at {secured.url}: nats: 'Authorization Violation' "
+        f"shoal: error: cannot reach NATS at {serving.url}: nats: 'Authorization Violation' "
         "(no key file shoal-data/auth/producer.nk: give the --data-dir of `shoal serve`, or "
         "credentials with --nkey, --creds, --nats-user or --token)\n",
     )
-    done = run("status", "--nats", secured.url, "--data-dir", "nowhere", cwd=elsewhere)
+    done = run("status", "--nats", serving.url, "--data-dir", "nowhere", cwd=elsewhere)
     assert done.stderr.endswith(
         "(no key file nowhere/auth/operator.nk: give the --data-dir of `shoal serve`, or "
         "credentials with --nkey, --creds, --nats-user or --token)\n"
@@ -145,15 +126,15 @@ def test_anonymous_clients_are_refused_and_told_where_keys_were_looked_for(
     other = tmp_path / "other"
     (other / "auth").mkdir(parents=True)
     ensure_role_keys(other / "auth", ["operator"])
-    done = run("status", "--nats", secured.url, "--data-dir", str(other), cwd=tmp_path)
+    done = run("status", "--nats", serving.url, "--data-dir", str(other), cwd=tmp_path)
     assert done.stderr.endswith(
         f"'Authorization Violation' (with the key {other}/auth/operator.nk: give the "
         "--data-dir of the `shoal serve` there)\n"
     )
     # Given credentials win over the data directory's key: refused as given.
-    done = run("status", "--nats", secured.url, "--token", "nope", cwd=tmp_path)
+    done = run("status", "--nats", serving.url, "--token", "nope", cwd=tmp_path)
     assert done.stderr == (
-        f"shoal: error: cannot reach NATS at {secured.url}: nats: 'Authorization Violation'\n"
+        f"shoal: error: cannot reach NATS at {serving.url}: nats: 'Authorization Violation'\n"
     )
 
 

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
 import msgspec
 import nats
 import nats.errors
@@ -29,6 +30,7 @@ from nats.js.api import ConsumerConfig, StreamConfig
 
 from protocol import (
     EVENTS_STREAM,
+    KEYS_DIR,
     REJECTED_STREAM,
     ROLES,
     SEGMENTS_STREAM,
@@ -36,9 +38,11 @@ from protocol import (
     PermissionDenied,
     Rejection,
     Transition,
+    embedded_broker,
+    role_key_file,
 )
 from protocol.nats import Credentials, connect, permission_guard
-from tests.helpers import NatsServer, Proc, run
+from tests.helpers import NatsServer, Proc, free_port, run
 
 STREAMS = (EVENTS_STREAM, SEGMENTS_STREAM, REJECTED_STREAM)
 
@@ -113,10 +117,29 @@ def _on_external(tmp_path: Path, procs: list[Proc]) -> Iterator[Secured]:
         yield dataclasses.replace(broker, engine=engine)
 
 
+@contextmanager
+def _on_embedded(tmp_path: Path, procs: list[Proc]) -> Iterator[Secured]:
+    """The engine on shoal's embedded broker, whose keys it made in the data directory; the
+    engine is given none: it finds its own there. (The broker runs apart from the engine,
+    so that it outlives it, as the external one does.)"""
+    data = tmp_path / "data"
+    with (
+        anyio.from_thread.start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(
+            embedded_broker(data / "nats", port=free_port(), keys=data / KEYS_DIR)
+        ) as url,
+    ):
+        engine = Proc("serve", "--data-dir", str(data), "--nats", url)
+        procs.append(engine)
+        engine.wait_err("shoal is serving")
+        yield Secured(url, {role: role_key_file(data, role) for role in ROLES}, data, engine)
+
+
 BROKERS: dict[str, Callable[[Path, list[Proc]], AbstractContextManager[Secured]]] = {
     "external": _on_external,
+    "embedded": _on_embedded,
 }
-"""Where the tests with a running engine run (another helper adds the embedded broker)."""
+"""Where the tests with a running engine run."""
 
 
 @pytest.fixture(params=sorted(BROKERS))
