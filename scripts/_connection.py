@@ -161,7 +161,13 @@ async def engine_servers(
 ) -> list[str]:
     """The servers of a command that works on a data directory (``serve``, ``rebuild``):
     ``--nats``, else the embedded broker on ``data_dir``'s broker store, run until ``stack``
-    closes (``NATS_URL`` does not replace it: a user with it set keeps the broker)."""
+    closes (``NATS_URL`` does not replace it: a user with it set keeps the broker). The
+    broker admits only the role keys of ``data_dir`` (made on its first start), or anyone
+    with ``--no-auth``, which only a loopback ``--host`` may have.
+
+    Raises:
+        UsageError: ``--no-auth`` with ``--nats``, or with a host that is not loopback.
+    """
     if args.nats:
         if args.no_auth:
             raise UsageError("--no-auth is for the embedded broker: give it or --nats, not both")

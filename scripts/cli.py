@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=Path("shoal-data"),
-        help="where the event log and the embedded broker's store live (default: ./shoal-data)",
+        help="where the event log, the embedded broker's store and the role keys (auth/) live "
+        "(default: ./shoal-data)",
     )
     serve.add_argument(
         "--segments",
