@@ -18,6 +18,7 @@ import pytest
 from protocol import ROLES, BrokerError, Transition, role_key_file
 from protocol._keys import ensure_role_keys
 from protocol.nats import connect
+from scripts import cli
 from tests.helpers import Proc, free_port, run
 from tests.system.test_roles import Secured
 
@@ -38,6 +39,12 @@ def serving(tmp_path: Path, procs: list[Proc]) -> Secured:
     engine.wait_err("shoal is serving")
     data = tmp_path / "shoal-data"
     return Secured(f"nats://127.0.0.1:{port}", keys_of(data), data, engine)
+
+
+def connecting_commands() -> list[str]:
+    """The commands that take the connection options (and so --data-dir), as ``shoal
+    --help`` names them: ``serve``, ``segments list``..."""
+    return [*cli._CONNECTING, *(f"segments {name}" for name in cli._SEGMENTS_CONNECTING)]
 
 
 def mode(path: Path) -> int:
@@ -67,28 +74,34 @@ def test_every_command_finds_its_key_in_the_data_directory(
 ) -> None:
     """Run from the directory of ``shoal serve``, as the quick start does: no credentials."""
     url = ("--nats", serving.url)
+    segments = tmp_path / "segments.toml"
+    segments.write_text("[segments.visitors]\nrule = \"count('Visit') >= 1\"\n")
+    # Every command that connects, in the order that gives each something to work on.
+    operands: dict[str, list[str]] = {
+        "tail": [],
+        "publish": list(VISIT),
+        "status": [],
+        "customer": ["ann"],
+        "explain": ["ann"],
+        "members": ["new_customer"],
+        "segments list": [],
+        "segments validate": [str(segments)],
+        "segments apply": [str(segments)],
+        "unpark": ["ann"],
+    }
+    engine_commands = {"serve", "rebuild"}  # tested on their own: they run the broker
+    assert set(operands) | engine_commands == set(connecting_commands())
     live = Proc("tail", *url, cwd=tmp_path)
     procs.append(live)
     assert run("status", *url, cwd=tmp_path).returncode == 0  # tail subscribed by now
-    done = run("publish", *url, *VISIT, cwd=tmp_path)
-    assert (done.returncode, done.stderr) == (0, "published 1 event(s)\n")
-    transition = msgspec.json.decode(live.out_lines(1)[0], type=Transition)
-    assert (transition.customer_id, transition.segment) == ("ann", "new_customer")
-
-    segments = tmp_path / "segments.toml"
-    segments.write_text("[segments.visitors]\nrule = \"count('Visit') >= 1\"\n")
-    for command in (
-        ["status"],
-        ["customer", "ann"],
-        ["explain", "ann"],
-        ["members", "new_customer"],
-        ["segments", "list"],
-        ["segments", "validate", str(segments)],
-        ["segments", "apply", str(segments)],
-        ["unpark", "ann"],
-    ):
-        done = run(*command, *url, cwd=tmp_path)
+    for command, more in operands.items():
+        if command == "tail":
+            continue
+        done = run(*command.split(), *more, *url, cwd=tmp_path)
         assert done.returncode == 0, (command, done.stderr)
+        if command == "publish":  # applied once tail sees it
+            transition = msgspec.json.decode(live.out_lines(1)[0], type=Transition)
+            assert (transition.customer_id, transition.segment) == ("ann", "new_customer")
     # From elsewhere, --data-dir names the directory.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
