@@ -73,7 +73,8 @@ def public_key_of(path: Path) -> str:
     """
     try:
         mode = path.stat().st_mode
-        if stat.S_IMODE(mode) & 0o077:
+        # Windows has no such mode bits (its ACLs decide): checked where they mean something.
+        if os.name == "posix" and stat.S_IMODE(mode) & 0o077:
             raise KeyFileError(
                 path,
                 f"may be read by others (mode {stat.S_IMODE(mode):04o}): run `chmod 600 {path}`",
