@@ -32,6 +32,7 @@ from ._errors import BrokerError as BrokerError
 from ._errors import CustomerParked as CustomerParked
 from ._errors import EngineUnavailable as EngineUnavailable
 from ._errors import InvalidRequest as InvalidRequest
+from ._errors import PermissionDenied as PermissionDenied
 from ._errors import ProtocolError as ProtocolError
 from ._errors import SubjectError as SubjectError
 from ._errors import UnknownCustomer as UnknownCustomer
@@ -43,6 +44,9 @@ from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
 from ._inbound import InvalidEvent as InvalidEvent
 from ._inbound import decode_event as decode_event
 from ._inbound import parse_timestamp as parse_timestamp
+from ._keys import KEYS_DIR as KEYS_DIR
+from ._keys import KeyFileError as KeyFileError
+from ._keys import role_key_file as role_key_file
 from ._lines import event_from_line as event_from_line
 from ._lines import event_line as event_line
 from ._lines import events_from_lines as events_from_lines
@@ -53,6 +57,11 @@ from ._ports import StreamState as StreamState
 from ._ports import TransitionSink as TransitionSink
 from ._query import API_VERSION as API_VERSION
 from ._query import QueryHandler as QueryHandler
+from ._roles import ROLES as ROLES
+from ._roles import inbox_prefix as inbox_prefix
+from ._roles import nkey_users_config as nkey_users_config
+from ._roles import permissions_block as permissions_block
+from ._roles import role_summary as role_summary
 from ._subjects import API_ENDPOINTS as API_ENDPOINTS
 from ._subjects import API_PREFIX as API_PREFIX
 from ._subjects import API_SERVICE as API_SERVICE
@@ -100,12 +109,14 @@ __all__ = (
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
     "HOUR",
+    "KEYS_DIR",
     "MAX_FUTURE_SKEW",
     "MAX_PAGE",
     "MINUTE",
     "NEVER",
     "REJECTED_STREAM",
     "REJECTED_SUBJECT",
+    "ROLES",
     "SECOND",
     "SEGMENTS_STREAM",
     "SEGMENTS_WILDCARD",
@@ -129,10 +140,12 @@ __all__ = (
     "ExplainRequest",
     "InvalidEvent",
     "InvalidRequest",
+    "KeyFileError",
     "MembersReply",
     "MembersRequest",
     "Membership",
     "ParkedInfo",
+    "PermissionDenied",
     "ProtocolError",
     "PublishError",
     "QueryHandler",
@@ -169,8 +182,13 @@ __all__ = (
     "format_instant",
     "from_instant",
     "header_token",
+    "inbox_prefix",
+    "nkey_users_config",
     "parse_timestamp",
+    "permissions_block",
     "port_in_use",
+    "role_key_file",
+    "role_summary",
     "segment_filter",
     "segment_subject",
     "to_instant",

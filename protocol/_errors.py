@@ -82,3 +82,19 @@ class EngineUnavailable(ApiError):
     """No engine answered, or the engine cannot answer now (starting or stopping): retry."""
 
     code = "503"
+
+
+class PermissionDenied(BrokerError):
+    """The broker refused a publish or a subscription: the credentials' role may not use
+    ``subject``. ``action`` is ``"publish"`` or ``"subscribe"``; ``role`` is None when the
+    credentials' role is not known."""
+
+    def __init__(self, role: str | None, action: str, subject: str, *, hint: str = "") -> None:
+        who = f"role {role}" if role else "these credentials"
+        super().__init__(
+            f"permission denied: {who} may not {action} to {subject}"
+            + (f" ({hint})" if hint else "")
+        )
+        self.role = role
+        self.action = action
+        self.subject = subject

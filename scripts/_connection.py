@@ -1,18 +1,22 @@
 """How every command that connects to NATS is told where and as whom: one set of options,
 accepted before or after the subcommand, with the environment variables the ``nats`` CLI
-reads as fallbacks."""
+reads as fallbacks; else the key of the command's role in the data directory, which the
+embedded broker of ``shoal serve`` made."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import os
 from pathlib import Path
 
 import structlog
 
-from protocol import embedded_broker
-from protocol.nats import Credentials
+from protocol import KEYS_DIR, embedded_broker, role_key_file
+from protocol.nats import Credentials, redact
+
+from ._errors import UsageError
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -29,9 +33,38 @@ _OPTIONS = (
 )
 
 
-def add_connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
-    """Add the credential options to ``parser``: the top-level parser (``top``), or a
-    subcommand's, whose options only override what was given before the subcommand."""
+DEFAULT_DATA_DIR = Path("shoal-data")
+
+
+def add_connection_options(
+    parser: argparse.ArgumentParser, *, top: bool, role: str | None = None
+) -> None:
+    """Add the credential options to ``parser``: the top-level parser (``top``), or the
+    parser of a subcommand that acts as ``role``, whose options only override what was
+    given before the subcommand.
+
+    A subcommand also takes ``--data-dir`` (unless it has one: ``serve``, ``rebuild``), whose
+    key for ``role`` it uses when given no credentials; the engine's commands (they run the
+    embedded broker) take ``--no-auth``.
+    """
+    if role is not None:
+        parser.set_defaults(role=role)
+        if parser.get_default("data_dir") is None:
+            parser.add_argument(
+                "--data-dir",
+                type=Path,
+                default=DEFAULT_DATA_DIR,
+                metavar="DIR",
+                help=f"the data directory of `shoal serve`: without credentials, connect with "
+                f"its {role} key, DIR/auth/{role}.nk (default: ./{DEFAULT_DATA_DIR})",
+            )
+        if role == "engine":
+            parser.add_argument(
+                "--no-auth",
+                action="store_true",
+                help="run the embedded broker without authentication: anyone who reaches it "
+                "may do anything (only with a loopback --host)",
+            )
     group = parser.add_argument_group(
         "connecting to a secured NATS (also from NATS_CREDS, NATS_NKEY, NATS_USER, "
         "NATS_PASSWORD, NATS_CA, NATS_CERT, NATS_KEY)"
@@ -48,13 +81,13 @@ def add_connection_options(parser: argparse.ArgumentParser, *, top: bool) -> Non
 
 
 def credentials_of(args: argparse.Namespace) -> Credentials:
-    """The credentials a command's options (else the environment) give."""
-    found: dict[str, object] = {}
-    for dest, _, env, _, is_path in _OPTIONS:
-        value = getattr(args, dest, None)
-        if value is None and env is not None and os.environ.get(env):
-            value = Path(os.environ[env]) if is_path else os.environ[env]
-        found[dest] = value
+    """The credentials a command's options (else the environment) give; when they give no
+    way to authenticate, the key of the command's role in its ``--data-dir``, if there is
+    one (see :func:`role_key_file`)."""
+    found = _given(args)
+    key = _role_key(args, found)
+    if key is not None and key.is_file():
+        found["nkey"], found["role"] = key, args.role
     return Credentials(
         creds=found["creds"],  # type: ignore[arg-type]
         nkey=found["nkey"],  # type: ignore[arg-type]
@@ -64,6 +97,52 @@ def credentials_of(args: argparse.Namespace) -> Credentials:
         tls_ca=found["tlsca"],  # type: ignore[arg-type]
         tls_cert=found["tlscert"],  # type: ignore[arg-type]
         tls_key=found["tlskey"],  # type: ignore[arg-type]
+        role=found.get("role"),  # type: ignore[arg-type]
+    )
+
+
+def _given(args: argparse.Namespace) -> dict[str, object]:
+    found: dict[str, object] = {}
+    for dest, _, env, _, is_path in _OPTIONS:
+        value = getattr(args, dest, None)
+        if value is None and env is not None and os.environ.get(env):
+            value = Path(os.environ[env]) if is_path else os.environ[env]
+        found[dest] = value
+    return found
+
+
+def _role_key(args: argparse.Namespace, found: dict[str, object]) -> Path | None:
+    """Where the role's key of the command's data directory is to be looked for: None when
+    the command has no role, runs without authentication, or is told how to authenticate
+    (options, environment, or a user or token in a server URL)."""
+    role: str | None = getattr(args, "role", None)
+    if role is None or getattr(args, "no_auth", False):
+        return None
+    if any(found[dest] for dest in ("creds", "nkey", "nats_user", "token")):
+        return None
+    urls = (args.nats or []) if role == "engine" else servers_of(args)
+    if any(redact(url) != url for url in urls):
+        return None
+    data_dir: Path = getattr(args, "data_dir", None) or DEFAULT_DATA_DIR
+    return role_key_file(data_dir, role)
+
+
+def explain(error: BaseException, args: argparse.Namespace) -> str:
+    """The one line that reports ``error``: a broker's refusal of a command that was given
+    no credentials also names the key file of its data directory (refused, or not found),
+    and what to do."""
+    text = str(error)
+    if "authorization violation" not in text.lower():
+        return text
+    key = _role_key(args, _given(args))
+    if key is None:
+        return text
+    if key.is_file():
+        # Another data directory's key: two engines, each with its own broker and keys.
+        return f"{text} (with the key {key}: give the --data-dir of the `shoal serve` there)"
+    return (
+        f"{text} (no key file {key}: give the --data-dir of `shoal serve`, or credentials "
+        "with --nkey, --creds, --nats-user or --token)"
     )
 
 
@@ -82,11 +161,39 @@ async def engine_servers(
 ) -> list[str]:
     """The servers of a command that works on a data directory (``serve``, ``rebuild``):
     ``--nats``, else the embedded broker on ``data_dir``'s broker store, run until ``stack``
-    closes (``NATS_URL`` does not replace it: a user with it set keeps the broker)."""
+    closes (``NATS_URL`` does not replace it: a user with it set keeps the broker). The
+    broker admits only the role keys of ``data_dir`` (made on its first start), or anyone
+    with ``--no-auth``, which only a loopback ``--host`` may have.
+
+    Raises:
+        UsageError: ``--no-auth`` with ``--nats``, or with a host that is not loopback.
+    """
     if args.nats:
+        if args.no_auth:
+            raise UsageError("--no-auth is for the embedded broker: give it or --nats, not both")
         return list(args.nats)
+    if args.no_auth and not _loopback(args.host):
+        raise UsageError(
+            f"--no-auth listens on {args.host}, which is not a loopback address: anyone who "
+            "reaches it could forge transitions and read every customer. Drop --no-auth "
+            "(clients then use the keys in the data directory), or listen on --host 127.0.0.1"
+        )
+    keys = None if args.no_auth else data_dir / KEYS_DIR
     url = await stack.enter_async_context(
-        embedded_broker(data_dir / "nats", host=args.host, port=args.port)
+        embedded_broker(data_dir / "nats", host=args.host, port=args.port, keys=keys)
     )
-    structlog.get_logger("shoal").info("embedded nats-server ready", url=url)
+    structlog.get_logger("shoal").info(
+        "embedded nats-server ready",
+        url=url,
+        auth="none (--no-auth)" if keys is None else f"role keys in {keys}",
+    )
     return [url]
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere

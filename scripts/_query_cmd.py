@@ -167,11 +167,12 @@ def register(sub: Any, segments: Any) -> None:
 
 
 class _client:
-    """A connected :class:`ApiClient` for a command's ``--nats`` and ``--timeout``."""
+    """A connected :class:`ApiClient` for a command's ``--nats`` and ``--timeout``, as
+    ``role``."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, role: str = "operator") -> None:
         self._servers = servers_of(args)
-        self._credentials = credentials_of(args)
+        self._credentials = credentials_of(args).for_role(role)
         self._timeout = args.timeout
         self._nc: Client | None = None
 
@@ -194,8 +195,10 @@ async def _ask(
     args: argparse.Namespace,
     call: Callable[[ApiClient], Awaitable[msgspec.Struct]],
     show: Callable[[Any, Console], None],
+    *,
+    role: str = "operator",
 ) -> int:
-    async with _client(args) as api:
+    async with _client(args, role) as api:
         reply = await call(api)
     if args.json:
         sys.stdout.write(_encoder.encode(reply).decode() + "\n")

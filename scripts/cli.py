@@ -20,10 +20,13 @@ from typing import Any, TextIO
 
 import anyio
 import msgspec
+import nats.js.errors
 import structlog
 
 from actors import ActorsError, Engine, EngineConfig, file_stamp, load_segments, watch_segments
 from protocol import (
+    EVENTS_STREAM,
+    BrokerError,
     ProtocolError,
     Transition,
     event_subject,
@@ -31,10 +34,17 @@ from protocol import (
     segment_filter,
     to_instant,
 )
-from protocol.nats import connect, ensure_streams, iter_transitions, jetstream_ports, redact
+from protocol.nats import (
+    connect,
+    iter_transitions,
+    jetstream_ports,
+    permission_guard,
+    redact,
+)
 from store import Store, StoreError
 
 from . import (
+    _auth_cmd,
     _generate_cmd,
     _history_cmd,
     _import_cmd,
@@ -42,22 +52,30 @@ from . import (
     _rebuild_cmd,
     _replay_cmd,
 )
-from ._connection import add_connection_options, credentials_of, engine_servers, servers_of
+from ._connection import (
+    add_connection_options,
+    credentials_of,
+    engine_servers,
+    explain,
+    servers_of,
+)
 from ._errors import UsageError
 from ._logging import configure_logging
 
-_CONNECTING = (
-    "serve",
-    "publish",
-    "tail",
-    "rebuild",
-    "status",
-    "customer",
-    "explain",
-    "members",
-    "unpark",
-)
-"""The commands that connect to NATS: they take the credential options."""
+_CONNECTING = {
+    "serve": "engine",
+    "publish": "producer",
+    "tail": "subscriber",
+    "rebuild": "engine",
+    "status": "operator",
+    "customer": "operator",
+    "explain": "operator",
+    "members": "operator",
+    "unpark": "operator",
+}
+"""The commands that connect to NATS, and the role each acts as: they take the credential
+options and --data-dir, whose key of their role they use when given no credentials."""
+_SEGMENTS_CONNECTING = {"list": "subscriber", "apply": "operator", "validate": "operator"}
 _USER_ERRORS = (ActorsError, ProtocolError, StoreError)
 
 
@@ -75,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = _find(e, (*_USER_ERRORS, UsageError))
         if known is None:
             raise
-        print(f"shoal: error: {known}", file=sys.stderr)
+        print(f"shoal: error: {explain(known, args)}", file=sys.stderr)
         return 2 if isinstance(known, UsageError) else 1
 
 
@@ -123,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=Path("shoal-data"),
-        help="where the event log and the embedded broker's store live (default: ./shoal-data)",
+        help="where the event log, the embedded broker's store and the role keys (auth/) live "
+        "(default: ./shoal-data)",
     )
     serve.add_argument(
         "--segments",
@@ -234,11 +253,12 @@ def _parser() -> argparse.ArgumentParser:
     _query_cmd.register(sub, segs_sub)
     _generate_cmd.register(sub)
     _rebuild_cmd.register(sub)
+    _auth_cmd.register(sub)
     add_connection_options(p, top=True)
-    for name in _CONNECTING:
-        add_connection_options(sub.choices[name], top=False)
-    for name in ("list", "apply", "validate"):
-        add_connection_options(segs_sub.choices[name], top=False)
+    for name, role in _CONNECTING.items():
+        add_connection_options(sub.choices[name], top=False, role=role)
+    for name, role in _SEGMENTS_CONNECTING.items():
+        add_connection_options(segs_sub.choices[name], top=False, role=role)
     return p
 
 
@@ -263,7 +283,7 @@ async def _serve(args: argparse.Namespace) -> int:
         store = await Store.open(data_dir / "shoal.db", synchronous=args.sync.upper())
         stack.push_async_callback(store.close)
         servers = await engine_servers(stack, args, data_dir)
-        credentials = credentials_of(args)
+        credentials = credentials_of(args).for_role("engine")
         nc = await connect(servers, name="shoal-engine", credentials=credentials)
         stack.push_async_callback(nc.close)
         metrics = None
@@ -403,31 +423,38 @@ async def _publish(args: argparse.Namespace) -> int:
             lines = open(args.file, encoding="utf-8")  # noqa: SIM115 - closed below
         except OSError as e:
             raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
-    nc = await connect(servers_of(args), name="shoal-publish", credentials=credentials_of(args))
+    credentials = credentials_of(args).for_role("producer")
+    nc = await connect(servers_of(args), name="shoal-publish", credentials=credentials)
     js = nc.jetstream()
     skipped = 0
     pending: list[tuple[int, asyncio.Future[Any]]] = []
     try:
-        # Idempotent: events published before any engine ran are kept in the stream too.
-        await ensure_streams(js)
-        for number, line in enumerate(lines, 1):
-            text = line.strip()
-            if not text:
-                continue
-            problem, subject, msg_id = _route(text)
-            if problem:
-                print(f"line {number}: {problem}; skipped", file=sys.stderr)
-                skipped += 1
-                continue
-            headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-            pending.append(
-                (number, await js.publish_async(subject, text.encode("utf-8"), headers=headers))
-            )
-        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        # The engine declares the streams; a producer may not (least privilege).
+        async with permission_guard(nc):
+            for number, line in enumerate(lines, 1):
+                text = line.strip()
+                if not text:
+                    continue
+                problem, subject, msg_id = _route(text)
+                if problem:
+                    print(f"line {number}: {problem}; skipped", file=sys.stderr)
+                    skipped += 1
+                    continue
+                headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+                pending.append(
+                    (number, await js.publish_async(subject, text.encode("utf-8"), headers=headers))
+                )
+            results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
     finally:
         if lines is not sys.stdin and hasattr(lines, "close"):
             lines.close()
         await nc.close()
+    # nats-py tells a 503 (no stream takes the subject) apart for JetStream publishes.
+    if any(isinstance(r, nats.js.errors.NoStreamResponseError) for r in results):
+        raise BrokerError(
+            f"stream {EVENTS_STREAM} does not exist on this NATS server, so nothing was "
+            "stored: start the engine (`shoal serve`) once, it creates the streams"
+        )
     failed = 0
     for (number, _), result in zip(pending, results, strict=True):
         if isinstance(result, BaseException):
@@ -462,20 +489,22 @@ def _route(line: str) -> tuple[str | None, str, str | None]:
 
 
 async def _tail(args: argparse.Namespace) -> int:
-    nc = await connect(servers_of(args), name="shoal-tail", credentials=credentials_of(args))
+    credentials = credentials_of(args).for_role("subscriber")
+    nc = await connect(servers_of(args), name="shoal-tail", credentials=credentials)
     out: TextIO = sys.stdout
     human = out.isatty()
     encoder = msgspec.json.Encoder()
     try:
         with contextlib.suppress(anyio.get_cancelled_exc_class()):
-            async for t in iter_transitions(
-                nc, segment_filter(args.segment), from_start=args.from_start
-            ):
-                if human:
-                    out.write(_readable(t) + "\n")
-                else:
-                    out.write(encoder.encode(t).decode() + "\n")
-                out.flush()
+            async with permission_guard(nc):
+                async for t in iter_transitions(
+                    nc, segment_filter(args.segment), from_start=args.from_start
+                ):
+                    if human:
+                        out.write(_readable(t) + "\n")
+                    else:
+                        out.write(encoder.encode(t).decode() + "\n")
+                    out.flush()
     finally:
         await nc.close()
     return 0

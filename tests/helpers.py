@@ -30,8 +30,9 @@ from protocol import (
     Transition,
     find_nats_server,
     format_instant,
+    role_key_file,
 )
-from protocol.nats import connect, jetstream_ports, read_stream
+from protocol.nats import Credentials, connect, ensure_streams, jetstream_ports, read_stream
 from store import Store
 
 
@@ -103,6 +104,26 @@ class NatsServer:
         self.start()
 
 
+def role_credentials(data_dir: Path, role: str) -> Credentials:
+    """The credentials of ``role`` with the key that ``shoal serve``'s embedded broker made
+    in ``data_dir``."""
+    return Credentials(nkey=role_key_file(data_dir, role), role=role)
+
+
+def declare_streams(url: str) -> None:
+    """Create shoal's streams on the server at ``url``, as the engine does when it starts:
+    ``shoal publish`` creates none."""
+
+    async def declare() -> None:
+        nc = await connect([url])
+        try:
+            await ensure_streams(nc.jetstream())
+        finally:
+            await nc.close()
+
+    anyio.run(declare)
+
+
 def segments(text: str) -> SegmentSet:
     return parse_segments(text, source="test.toml")
 
@@ -117,10 +138,11 @@ async def running_engine(
     config: EngineConfig | None = None,
     consumer: str = "shoal-engine",
     max_in_flight: int = 20_000,
+    credentials: Credentials | None = None,
 ) -> AsyncIterator[Engine]:
-    """An engine consuming from ``url`` (as durable ``consumer``) with its log at ``db``,
-    stopped on exit."""
-    nc = await connect([url])
+    """An engine consuming from ``url`` (as durable ``consumer``, connected with
+    ``credentials``) with its log at ``db``, stopped on exit."""
+    nc = await connect([url], credentials=credentials)
     log = await Store.open(db)
     try:
         source, sink = await jetstream_ports(nc, consumer=consumer, max_in_flight=max_in_flight)
@@ -136,9 +158,9 @@ async def running_engine(
         await nc.close()
 
 
-async def published(url: str) -> list[Transition]:
+async def published(url: str, credentials: Credentials | None = None) -> list[Transition]:
     """Every transition ``SHOAL_SEGMENTS`` holds, in stream order."""
-    nc = await connect([url])
+    nc = await connect([url], credentials=credentials)
     try:
         decoder = msgspec.json.Decoder(Transition)
         return [
@@ -208,11 +230,13 @@ SHOAL = [sys.executable, "-m", "scripts.cli"]
 
 
 class Proc:
-    """A running ``shoal`` command whose output lines can be awaited."""
+    """A running ``shoal`` command whose output lines can be awaited; ``cwd``: where it runs
+    (a command finds its role's key in ``./shoal-data`` there unless given ``--data-dir``)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, cwd: Path | None = None) -> None:
         self.popen = subprocess.Popen(
             [*SHOAL, *args],
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -272,8 +296,8 @@ class Proc:
 
 
 def run(
-    *args: str, stdin: str | None = None, timeout: float = 60
+    *args: str, stdin: str | None = None, timeout: float = 60, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*SHOAL, *args], input=stdin, capture_output=True, text=True, timeout=timeout
+        [*SHOAL, *args], input=stdin, capture_output=True, text=True, timeout=timeout, cwd=cwd
     )

@@ -13,6 +13,7 @@ from ._connect import ensure_streams as ensure_streams
 from ._connect import redact as redact
 from ._feed import EventFeed as EventFeed
 from ._publisher import Publisher as Publisher
+from ._refusals import permission_guard as permission_guard
 from ._service import ApiClient as ApiClient
 from ._service import serve_api as serve_api
 from ._stream import read_stream as read_stream
@@ -29,6 +30,7 @@ __all__ = (
     "ensure_streams",
     "iter_transitions",
     "jetstream_ports",
+    "permission_guard",
     "read_stream",
     "redact",
     "serve_api",

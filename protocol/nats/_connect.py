@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from nats.js.api import (
 )
 
 from protocol._errors import BrokerError
+from protocol._roles import ROLES, inbox_prefix
 from protocol._subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
@@ -31,6 +33,7 @@ from protocol._subjects import (
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
 )
+from protocol.nats._refusals import Refusals, watch_refusals
 
 _CONNECT_TIMEOUT = 5.0
 _FIRST_CONNECT_ATTEMPTS = 3
@@ -61,7 +64,8 @@ class Credentials:
     """How a client proves who it is to a secured NATS, and what it trusts: at most one of
     a credentials file (``creds``), an NKey seed file (``nkey``), a user and password, or a
     token (URLs may carry a user and password or a token too); and TLS (``tls_ca``, the CA
-    to trust; ``tls_cert`` and ``tls_key``, a client certificate).
+    to trust; ``tls_cert`` and ``tls_key``, a client certificate); and the ``role`` they
+    belong to.
 
     Secrets never show in its ``repr``, so it can be logged.
     """
@@ -74,6 +78,27 @@ class Credentials:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    role: str | None = None
+    """The shoal role these credentials belong to (one of :data:`protocol.ROLES`), if known:
+    the client then uses the role's reply inboxes (:func:`protocol.inbox_prefix`), and a
+    permission violation names it."""
+
+    def for_role(self, role: str) -> Credentials:
+        """These credentials for a command of ``role``, unless they tell whose they are: a
+        role given already, or a key file named after one (``subscriber.nk``,
+        ``operator.creds``), as shoal's embedded broker writes them. So a command given
+        another role's key uses that role's inboxes, and its errors name that role.
+
+        Raises:
+            ValueError: ``role`` is not one of :data:`protocol.ROLES`.
+        """
+        inbox_prefix(role)  # checks it
+        if self.role is not None:
+            return self
+        for path in (self.nkey, self.creds):
+            if path is not None and path.suffix in (".nk", ".creds") and path.stem in ROLES:
+                return dataclasses.replace(self, role=path.stem)
+        return dataclasses.replace(self, role=role)
 
     def secrets(self) -> list[str]:
         """The secret values it holds (to keep out of anything printed)."""
@@ -140,10 +165,11 @@ async def connect(
     Raises:
         BrokerError: no server could be reached at first, or the credentials are refused.
     """
-    options = (credentials or Credentials()).options()
+    options = (credentials or Credentials()).options() | _role_options(credentials)
     shown = [redact(s) for s in servers]
     nc = Client()
     watch = _Watch(nc, name, shown)
+    refusals = watch_refusals(nc, credentials.role if credentials else None)
     try:
         # nats-py applies max_reconnect_attempts to the first connection too, and -1 would
         # retry an unreachable server for ever: bound the first, then reconnect for ever.
@@ -156,19 +182,38 @@ async def connect(
             reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]
             ping_interval=_PING_INTERVAL,
             max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
-            error_cb=watch.error,
+            error_cb=_on_error(refusals, watch),
             disconnected_cb=watch.disconnected,
             reconnected_cb=watch.reconnected,
             **options,
         )
     except (TimeoutError, OSError, nats.errors.Error) as e:
-        why = watch.last_error or str(e) or type(e).__name__
+        why = watch.refusal or watch.last_error or str(e) or type(e).__name__
         for secret in (credentials or Credentials()).secrets() + _url_secrets(servers):
             why = why.replace(secret, "***")
         raise BrokerError(f"cannot reach NATS at {', '.join(shown)}: {redact(why)}") from e
     nc.options["max_reconnect_attempts"] = -1
-    watch.last_error = None
+    watch.last_error = watch.refusal = None
     return nc
+
+
+def _on_error(refusals: Refusals, watch: _Watch) -> Callable[[Exception], Awaitable[None]]:
+    """nats-py's error callback: a permission violation fails what waits on it (see
+    :mod:`protocol.nats._refusals`); any other error is the connection's."""
+
+    async def on_error(e: Exception) -> None:
+        if refusals.report(e) is None:
+            await watch.error(e)
+
+    return on_error
+
+
+def _role_options(credentials: Credentials | None) -> dict[str, Any]:
+    """nats-py options for the role of ``credentials``: its reply inboxes, the only ones its
+    permissions let it read."""
+    if credentials is None or credentials.role is None:
+        return {}
+    return {"inbox_prefix": inbox_prefix(credentials.role)}
 
 
 def _url_secrets(servers: Sequence[str]) -> list[str]:
@@ -191,12 +236,17 @@ class _Watch:
         self._name = name
         self._servers = ", ".join(servers)
         self.last_error: str | None = None
+        self.refusal: str | None = None
+        """The server's refusal of the credentials, if it refused them: an attempt after it
+        may fail otherwise (the server resets the connection), but this is the reason."""
         self._error_at = 0.0
         self._down_since: float | None = None
         self._warned_at = 0.0
 
     async def error(self, e: Exception) -> None:
         self.last_error, self._error_at = redact(str(e) or type(e).__name__), time.monotonic()
+        if "authorization violation" in self.last_error.lower():
+            self.refusal = self.last_error
         down_since = self._down_since
         if down_since is None:
             return

@@ -29,6 +29,7 @@ from protocol._subjects import (
     EVENTS_WILDCARD,
     SEGMENTS_STREAM,
 )
+from protocol.nats._refusals import permission_guard
 from protocol.nats._undecodable import tolerate_undecodable_subjects
 
 _FLUSH_TIMEOUT = 5
@@ -137,10 +138,12 @@ class EventFeed:
         """Create or bind the durable consumer and start receiving.
 
         Raises:
-            BrokerError: the consumer cannot be created or bound.
+            BrokerError: the consumer cannot be created or bound
+                (:class:`~protocol.PermissionDenied` when the credentials may not).
         """
         try:
-            await self._open(own=None)
+            async with permission_guard(self._nc):
+                await self._open(own=None)
         except BrokerError:
             raise
         except (TimeoutError, nats.errors.Error) as e:
@@ -156,8 +159,9 @@ class EventFeed:
         again, at most 2 s apart.
 
         Raises:
-            BrokerError: another engine consumes from the consumer now, or the connection is
-                closed for good.
+            BrokerError: another engine consumes from the consumer now, the connection is
+                closed for good, or the credentials may not
+                (:class:`~protocol.PermissionDenied`).
         """
         delay = 0.1
         bound_since: float | None = None
@@ -167,7 +171,8 @@ class EventFeed:
                 # The last acknowledgement reaches the broker before its floor is read.
                 await self._nc.flush(timeout=_FLUSH_TIMEOUT)
                 await self._close_subscription()
-                await self._open(own=self._deliver)
+                async with permission_guard(self._nc):
+                    await self._open(own=self._deliver)
             except _ConsumerInUse:
                 # Give a subscription that just went away a moment to be noticed.
                 now = anyio.current_time()

@@ -22,6 +22,7 @@ from protocol._subjects import (
     segment_subject,
 )
 from protocol._types import REJECTION_HEADROOM, Transition, encode_rejection
+from protocol.nats._refusals import permission_guard
 
 _CONNECTION_CHECK = 0.05
 """Seconds between two looks at the connection while waiting for the broker."""
@@ -93,6 +94,7 @@ class Publisher:
         Raises:
             PublishError: some were not confirmed (the broker drops repeats by message id, so
                 publishing the same transitions again is safe).
+            PermissionDenied: the credentials may not publish them.
         """
         if not transitions:
             return
@@ -101,28 +103,31 @@ class Publisher:
         token = str(next(self._ids))
         acks = self._batches[token] = _Acks(len(transitions))
         reply = f"{self._prefix}.{token}"
+        # Their subjects as written, for an error to show (segment names have capitals).
+        subjects = {segment_subject(t.segment, t.change) for t in transitions}
         try:
-            for i, t in enumerate(transitions):
-                if i % 500 == 499:
-                    # nats-py's publish only buffers: let the loop serve others meanwhile.
-                    await anyio.lowlevel.checkpoint()
-                await self._nc.publish(
-                    segment_subject(t.segment, t.change),
-                    _transition_encoder.encode(t),
-                    reply=reply,
-                    headers={"Nats-Msg-Id": t.msg_id},
-                )
-            with anyio.fail_after(self._timeout):
-                while not acks.done.is_set():
-                    with anyio.move_on_after(_CONNECTION_CHECK):
-                        await acks.done.wait()
-                    if self._nc.stats["reconnects"] != reconnects or not self._nc.is_connected:
-                        # What was on its way when the connection dropped is lost, with
-                        # its answers: no use waiting for them.
-                        raise PublishError(
-                            f"the connection to NATS dropped with {acks.acked} of "
-                            f"{len(transitions)} transitions confirmed"
-                        )
+            async with permission_guard(self._nc, *subjects):
+                for i, t in enumerate(transitions):
+                    if i % 500 == 499:
+                        # nats-py's publish only buffers: let the loop serve others meanwhile.
+                        await anyio.lowlevel.checkpoint()
+                    await self._nc.publish(
+                        segment_subject(t.segment, t.change),
+                        _transition_encoder.encode(t),
+                        reply=reply,
+                        headers={"Nats-Msg-Id": t.msg_id},
+                    )
+                with anyio.fail_after(self._timeout):
+                    while not acks.done.is_set():
+                        with anyio.move_on_after(_CONNECTION_CHECK):
+                            await acks.done.wait()
+                        if self._nc.stats["reconnects"] != reconnects or not self._nc.is_connected:
+                            # What was on its way when the connection dropped is lost, with
+                            # its answers: no use waiting for them.
+                            raise PublishError(
+                                f"the connection to NATS dropped with {acks.acked} of "
+                                f"{len(transitions)} transitions confirmed"
+                            )
         except TimeoutError as e:
             raise PublishError(
                 f"the broker confirmed {acks.acked} of {len(transitions)} transitions "
@@ -171,6 +176,7 @@ class Publisher:
 
         Raises:
             PublishError: it was not confirmed.
+            PermissionDenied: the credentials may not publish it.
         """
         rejection, body = encode_rejection(
             reason=reason,
@@ -184,11 +190,12 @@ class Publisher:
         headers = None if msg_id is None else {"Nats-Msg-Id": msg_id}
         await self._connected()
         try:
-            await self._js.publish(
-                REJECTED_SUBJECT,
-                body,
-                headers=headers,
-                timeout=self._timeout,
-            )
+            async with permission_guard(self._nc, REJECTED_SUBJECT):
+                await self._js.publish(
+                    REJECTED_SUBJECT,
+                    body,
+                    headers=headers,
+                    timeout=self._timeout,
+                )
         except (TimeoutError, nats.errors.Error) as e:
             raise PublishError(f"could not publish a rejection: {e}") from e

@@ -20,6 +20,7 @@ import nats.micro
 import structlog
 from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request, ServiceError
+from nats.micro.service import Service
 
 from protocol._api import (
     CustomerReply,
@@ -52,6 +53,8 @@ from protocol._subjects import (
     customer_of_api_subject,
 )
 from protocol._types import shown_subject
+from protocol.nats._refusals import permission_guard
+from protocol.nats._replies import answer_inboxes_only, answers_an_inbox
 from protocol.nats._undecodable import tolerate_undecodable_subjects
 
 _STOP_TIMEOUT = 2.0
@@ -88,6 +91,8 @@ def _endpoint(
     name: str, answer: Callable[[Request], Awaitable[msgspec.Struct]]
 ) -> Callable[[Request], Awaitable[None]]:
     async def handle(request: Request) -> None:
+        if not answers_an_inbox(request._msg):
+            return
         try:
             reply = await answer(request)
         except ApiError as e:
@@ -116,8 +121,27 @@ async def serve_api(
     filter subject ``customers`` selects (the engine's ``filter_subject``): a request reaches
     an engine that owns the customer. ``task_status.started()`` is called once every
     endpoint listens.
+
+    A request whose reply subject is not an inbox (under ``_INBOX.``) is not answered (see
+    :mod:`protocol.nats._replies`).
     """
     tolerate_undecodable_subjects(nc)
+    answer_inboxes_only(nc)
+    async with permission_guard(nc):
+        service = await _listen(nc, handler, customers, metadata or {})
+    task_status.started()
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_TIMEOUT):
+            with contextlib.suppress(nats.errors.Error):
+                await service.stop()
+
+
+async def _listen(
+    nc: Client, handler: QueryHandler, customers: str, metadata: dict[str, str]
+) -> Service:
+    """Start the service's endpoints; return once the server has their subscriptions."""
     service = await nats.micro.add_service(
         nc,
         name=API_SERVICE,
@@ -125,7 +149,7 @@ async def serve_api(
         description="shoal query service: customer state, explanations, segments, members, "
         "definitions, status and unparking",
         queue_group=API_SERVICE,
-        metadata=metadata or {},
+        metadata=metadata,
     )
     try:
 
@@ -182,12 +206,12 @@ async def serve_api(
         # ourselves: the server handles a connection's commands in order, so the answer
         # comes after it has taken every SUB sent before.
         await nc.request(f"$SRV.PING.{API_SERVICE}.{service.id}", b"", timeout=_READY_TIMEOUT)
-        task_status.started()
-        await anyio.sleep_forever()
-    finally:
+    except BaseException:
         with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_TIMEOUT):
             with contextlib.suppress(nats.errors.Error):
                 await service.stop()
+        raise
+    return service
 
 
 # Client -----------------------------------------------------------------------------------
@@ -276,17 +300,18 @@ class ApiClient:
         timeout: float | None = None,
     ) -> _R:
         wait = self.timeout if timeout is None else timeout
-        try:
-            msg = await self._nc.request(subject, body, timeout=wait)
-        except nats.errors.NoRespondersError as e:
-            raise EngineUnavailable(
-                f"no shoal engine answers on {subject} (is `shoal serve` running, and "
-                "connected to this NATS server?)"
-            ) from e
-        except nats.errors.TimeoutError as e:
-            raise EngineUnavailable(f"no answer on {subject} within {wait:g} s") from e
-        except nats.errors.Error as e:
-            raise EngineUnavailable(f"request on {subject} failed: {e}") from e
+        async with permission_guard(self._nc, subject):
+            try:
+                msg = await self._nc.request(subject, body, timeout=wait)
+            except nats.errors.NoRespondersError as e:
+                raise EngineUnavailable(
+                    f"no shoal engine answers on {subject} (is `shoal serve` running, and "
+                    "connected to this NATS server?)"
+                ) from e
+            except nats.errors.TimeoutError as e:
+                raise EngineUnavailable(f"no answer on {subject} within {wait:g} s") from e
+            except nats.errors.Error as e:
+                raise EngineUnavailable(f"request on {subject} failed: {e}") from e
         headers: dict[str, Any] = msg.headers or {}
         if ERROR_CODE_HEADER in headers:
             raise ApiError(str(headers.get(ERROR_HEADER, "")), code=str(headers[ERROR_CODE_HEADER]))

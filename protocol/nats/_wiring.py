@@ -11,32 +11,47 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.aio.client import Client
 
 from protocol._subjects import (
     EVENTS_WILDCARD,
+    SEGMENTS_STREAM,
 )
-from protocol._types import Transition
+from protocol._types import Transition, shown_subject
 from protocol.nats._connect import StreamSettings, ensure_streams
 from protocol.nats._feed import EventFeed
 from protocol.nats._publisher import Publisher
+from protocol.nats._refusals import permission_guard
+
+_logger = structlog.get_logger("shoal.tail")
 
 
 async def iter_transitions(
     nc: Client, filter_subject: str, *, from_start: bool = False
 ) -> AsyncIterator[Transition]:
     """Transitions on ``filter_subject`` as they are published (and, with ``from_start``,
-    all that ``SHOAL_SEGMENTS`` still holds first, through an ordered consumer)."""
+    all that ``SHOAL_SEGMENTS`` still holds first, through an ordered consumer). A message
+    that is not a transition is skipped, with a warning."""
     decoder = msgspec.json.Decoder(Transition)
     sub: Any
     if from_start:
         js = nc.jetstream()
-        sub = await js.subscribe(filter_subject, ordered_consumer=True)
+        # The stream named: else nats-py asks the broker which stream holds the subject, an
+        # API a subscriber may not use.
+        sub = await js.subscribe(filter_subject, stream=SEGMENTS_STREAM, ordered_consumer=True)
     else:
         sub = await nc.subscribe(filter_subject)
     try:
         async for msg in sub.messages:
-            yield decoder.decode(msg.data)
+            try:
+                transition = decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                # Only the engine may publish there, but whoever may publish to any stream
+                # can have JetStream send its acknowledgement to any subject: not ours.
+                _logger.warning("not a transition; skipped", subject=shown_subject(msg.subject))
+                continue
+            yield transition
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
@@ -51,9 +66,15 @@ async def jetstream_ports(
     streams: StreamSettings | None = None,
 ) -> tuple[EventFeed, Publisher]:
     """Declare the streams, then make an engine's ports on ``nc``: its event source (the
-    durable ``consumer`` of ``filter_subject``) and its transition sink."""
+    durable ``consumer`` of ``filter_subject``) and its transition sink.
+
+    Raises:
+        BrokerError: the streams cannot be declared (:class:`~protocol.PermissionDenied`
+            when the credentials may not).
+    """
     js = nc.jetstream()
-    await ensure_streams(js, streams)
+    async with permission_guard(nc):
+        await ensure_streams(js, streams)
     feed = EventFeed(
         nc, js, durable=consumer, filter_subject=filter_subject, max_in_flight=max_in_flight
     )

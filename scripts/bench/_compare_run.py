@@ -205,6 +205,9 @@ async def run_ingest(tree: Tree, messages: list[tuple[str, bytes]], d: Path) -> 
     d.mkdir(parents=True)
     port = free_port()
     cmd = [*tree.shoal, "serve", "--data-dir", str(d / "data"), "--port", str(port)]
+    # This client connects anonymously, as to the trees before the broker's role keys.
+    if "--no-auth" in _run([*tree.shoal, "serve", "--help"], "shoal serve --help", cwd=tree.cwd):
+        cmd.append("--no-auth")
     with open(d / "serve.log", "wb") as log:
         proc = await anyio.open_process(
             cmd, cwd=tree.cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from protocol import BrokerError, find_nats_server, port_in_use
-from tests.helpers import NatsServer, Proc, free_port, run
+from tests.helpers import NatsServer, Proc, declare_streams, free_port, run
 
 SEGMENTS = """
 [segments.active]
@@ -46,12 +46,23 @@ def test_walkthrough_serve_publish_tail(
     )
     procs.append(serve)
     serve.wait_err("shoal is serving")
-    tail = Proc("tail", "--nats", url)
+    # The clients find their keys in the data directory, as the README's quick start does.
+    data = ("--data-dir", str(tmp_path / "data"))
+    tail = Proc("tail", "--nats", url, *data)
     procs.append(tail)
     time.sleep(0.5)  # let tail subscribe
 
     done = run(
-        "publish", "--nats", url, "--customer", "alice", "--event", "Visit", "--message-id", "w1"
+        "publish",
+        "--nats",
+        url,
+        *data,
+        "--customer",
+        "alice",
+        "--event",
+        "Visit",
+        "--message-id",
+        "w1",
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "published 1 event(s)"
@@ -155,6 +166,7 @@ def test_publish_reports_bad_lines_and_sends_the_good_ones(nats_server: NatsServ
         "",
         json.dumps({"type": "identify", "userId": "b", "traits": {"plan": "gold"}}),
     ]
+    declare_streams(nats_server.url)
     done = run("publish", "--nats", nats_server.url, stdin="\n".join(lines) + "\n")
     assert done.returncode == 1
     assert done.stderr.splitlines() == [

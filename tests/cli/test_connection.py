@@ -14,7 +14,7 @@ import pytest
 
 from protocol import StatusReply
 from protocol.nats import Credentials, redact
-from tests.helpers import SHOAL, NatsServer, Proc, free_port, run
+from tests.helpers import SHOAL, NatsServer, Proc, declare_streams, free_port, run
 
 PASSWORD = "pw-Zq81-s3cret"
 TOKEN = "tok-Hh27-s3cret"
@@ -24,6 +24,7 @@ TOKEN = "tok-Hh27-s3cret"
 def user_server(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path / "nats-user", "--user", "alice", "--pass", PASSWORD)
     server.start()
+    declare_streams(f"nats://alice:{PASSWORD}@127.0.0.1:{server.port}")
     yield server
     server.stop()
 
@@ -32,6 +33,7 @@ def user_server(tmp_path: Path) -> Iterator[NatsServer]:
 def token_server(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path / "nats-token", "--auth", TOKEN)
     server.start()
+    declare_streams(f"nats://{TOKEN}@127.0.0.1:{server.port}")
     yield server
     server.stop()
 

@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from protocol.nats import connect
-from tests.helpers import Proc, free_port, track
+from tests.helpers import Proc, free_port, role_credentials, track
 from tests.protocol.test_embedded_broker import broker_of, running, wait_for
 from tests.system.test_health import gauge
 
@@ -34,9 +34,10 @@ def serve(tmp_path: Path, port: int, metrics_port: int) -> Proc:
     )
 
 
-def publish(port: int, user: str, mid: str) -> None:
+def publish(data_dir: Path, port: int, user: str, mid: str) -> None:
     async def send() -> None:
-        nc = await connect([f"nats://127.0.0.1:{port}"])
+        credentials = role_credentials(data_dir, "producer")
+        nc = await connect([f"nats://127.0.0.1:{port}"], credentials=credentials)
         try:
             await nc.jetstream().publish(f"shoal.events.{user}", track(user, mid=mid))
         finally:
@@ -55,7 +56,7 @@ def test_a_killed_broker_is_restarted_and_the_engine_goes_on(tmp_path: Path) -> 
     proc = serve(tmp_path, port, metrics_port)
     try:
         proc.wait_err("shoal is serving", timeout=30)
-        publish(port, "ann", "a1")
+        publish(tmp_path / "data", port, "ann", "a1")
         wait_for(lambda: applied(metrics) == 1, 20, "a1 not applied")
 
         first = broker_of(proc.popen.pid, set())
@@ -63,7 +64,7 @@ def test_a_killed_broker_is_restarted_and_the_engine_goes_on(tmp_path: Path) -> 
         proc.wait_err("embedded nats-server restarted", timeout=30)
         broker_of(proc.popen.pid, {first})
 
-        publish(port, "bob", "b1")
+        publish(tmp_path / "data", port, "bob", "b1")
         wait_for(lambda: applied(metrics) == 2, 30, "b1 not applied after the restart")
         assert proc.stop() == 0
     finally:

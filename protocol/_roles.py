@@ -1,0 +1,246 @@
+"""The roles that connect to shoal's broker and the least NATS permissions each needs: the one
+generator of the nats-server configuration that enforces them.
+
+Four roles: ``engine`` (``shoal serve`` and ``shoal rebuild``: shoal's streams, its consumer,
+the transitions, the query service), ``producer`` (publishes events, nothing else),
+``subscriber`` (reads transitions, through its own consumers of ``SHOAL_SEGMENTS`` too, and
+the list of segments) and ``operator`` (every query, definitions, unparking, and the rejected
+events of ``SHOAL_REJECTED``).
+
+Each role's subjects are listed exactly: the JetStream API subjects name shoal's streams, so
+no role can touch the streams of anyone else, and only the engine can create, update or
+delete anything in them. The subjects here are those nats-py sends (``nats.js``), and those
+the ``nats`` CLI, nats.js and nats-py use to read the streams a role may read.
+
+Replies come back on inboxes: with NATS's default ``_INBOX.>`` for all, any client allowed to
+subscribe to inboxes could read every other client's replies (customers' states, the
+engine's JetStream answers). So each role gets its own prefix, ``_INBOX.shoal.<role>``
+(:func:`inbox_prefix`): a client of a role must use it (nats-py's ``inbox_prefix``, the
+``nats`` CLI's ``--inbox-prefix``, nats.js's ``inboxPrefix``), and may subscribe under it
+only. The push consumers a role creates deliver there too.
+
+Later features add their subjects here, and ``shoal auth permissions`` prints the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from ._subjects import (
+    API_PREFIX,
+    API_SERVICE,
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    REJECTED_STREAM,
+    REJECTED_SUBJECT,
+    SEGMENTS_STREAM,
+    SEGMENTS_WILDCARD,
+    api_subject,
+)
+
+ROLES: tuple[str, ...] = ("engine", "producer", "subscriber", "operator")
+"""Every role, in the order ``shoal auth permissions`` prints them."""
+
+_INBOX_ROOT = "_INBOX.shoal"
+_JS = "$JS.API"
+_STREAMS = (EVENTS_STREAM, SEGMENTS_STREAM, REJECTED_STREAM)
+
+
+def inbox_prefix(role: str) -> str:
+    """The prefix of the reply inboxes a client of ``role`` uses: ``_INBOX.shoal.<role>``.
+
+    Each role may subscribe under its own prefix only, so no role reads another's replies.
+
+    Raises:
+        ValueError: ``role`` is not one of :data:`ROLES`.
+    """
+    return f"{_INBOX_ROOT}.{_known(role)}"
+
+
+def _known(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; the roles are {', '.join(ROLES)}")
+    return role
+
+
+def _read_stream(stream: str) -> list[str]:
+    """What reading ``stream`` through consumers of one's own takes: push or pull, durable
+    or ephemeral (nats-py's ordered consumer included), and acknowledging them."""
+    return [
+        f"{_JS}.STREAM.INFO.{stream}",
+        # Ephemeral consumers without a name (nats-py's ordered consumer), named ones
+        # (nats-server 2.9 and later), and durable ones the older way.
+        f"{_JS}.CONSUMER.CREATE.{stream}",
+        f"{_JS}.CONSUMER.CREATE.{stream}.>",
+        f"{_JS}.CONSUMER.DURABLE.CREATE.{stream}.*",
+        f"{_JS}.CONSUMER.INFO.{stream}.*",
+        f"{_JS}.CONSUMER.DELETE.{stream}.*",
+        f"{_JS}.CONSUMER.MSG.NEXT.{stream}.*",
+        f"{_JS}.CONSUMER.LIST.{stream}",
+        f"{_JS}.CONSUMER.NAMES.{stream}",
+        f"$JS.ACK.{stream}.>",
+        # Flow control of push consumers: the replies to the server's checks.
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+# The subjects of the query service's discovery (nats.micro): $SRV.PING, $SRV.PING.shoal,
+# $SRV.PING.shoal.<id>, and the same for INFO and STATS.
+_SERVICE_DISCOVERY = ("$SRV.*", f"$SRV.*.{API_SERVICE}", f"$SRV.*.{API_SERVICE}.*")
+
+
+@dataclass(frozen=True, slots=True)
+class _Role:
+    summary: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = False
+
+
+def _engine() -> _Role:
+    js: list[str] = []
+    for stream in _STREAMS:
+        # Declared at start-up: created, or updated to this version's configuration.
+        js += [f"{_JS}.STREAM.{op}.{stream}" for op in ("INFO", "CREATE", "UPDATE")]
+        # `shoal rebuild --from-stream` reads each with an ordered consumer.
+        js += [f"{_JS}.CONSUMER.CREATE.{stream}", f"{_JS}.CONSUMER.INFO.{stream}.*"]
+        js.append(f"$JS.FC.{stream}.>")
+    js += [
+        # The engine's durable consumer, recreated at each start past its floor.
+        f"{_JS}.CONSUMER.CREATE.{EVENTS_STREAM}.>",
+        f"{_JS}.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.*",
+        f"{_JS}.CONSUMER.DELETE.{EVENTS_STREAM}.*",
+        f"$JS.ACK.{EVENTS_STREAM}.>",
+    ]
+    return _Role(
+        summary="shoal serve and shoal rebuild: the streams, the engine's consumer of "
+        f"{EVENTS_STREAM}, the transitions, the rejected events, the query service",
+        publish=(
+            SEGMENTS_WILDCARD,
+            REJECTED_SUBJECT,
+            *js,
+            # The service asks itself whether it listens yet.
+            f"$SRV.PING.{API_SERVICE}.*",
+        ),
+        subscribe=(inbox_prefix("engine") + ".>", API_PREFIX + ">", *_SERVICE_DISCOVERY),
+        # The query service answers requests on the requesters' inboxes.
+        allow_responses=True,
+    )
+
+
+def _producer() -> _Role:
+    return _Role(
+        summary="shoal publish: publishes events, and gets JetStream's acknowledgements; "
+        "creates no stream",
+        publish=(EVENTS_WILDCARD,),
+        subscribe=(inbox_prefix("producer") + ".>",),
+    )
+
+
+def _subscriber() -> _Role:
+    return _Role(
+        summary="shoal tail, shoal segments list: reads transitions (live, or through "
+        f"consumers of its own on {SEGMENTS_STREAM}) and the list of segments",
+        publish=(api_subject("segments"), *_read_stream(SEGMENTS_STREAM)),
+        subscribe=(inbox_prefix("subscriber") + ".>", SEGMENTS_WILDCARD),
+    )
+
+
+def _operator() -> _Role:
+    return _Role(
+        summary="shoal status, customer, explain, members, segments list|apply|validate, "
+        f"unpark: every query and definitions; reads the rejected events ({REJECTED_STREAM})",
+        publish=(
+            API_PREFIX + ">",
+            *_SERVICE_DISCOVERY[1:],
+            *_read_stream(REJECTED_STREAM),
+            f"{_JS}.STREAM.MSG.GET.{REJECTED_STREAM}",
+        ),
+        subscribe=(inbox_prefix("operator") + ".>", REJECTED_SUBJECT),
+    )
+
+
+_ROLES = {
+    "engine": _engine,
+    "producer": _producer,
+    "subscriber": _subscriber,
+    "operator": _operator,
+}
+
+
+def known_tokens() -> frozenset[str]:
+    """Every upper-case token of the roles' subjects (``$JS``, ``API``, ``SHOAL_EVENTS``...):
+    nats-py hands the broker's errors over lower-cased, and these put a subject back."""
+    return frozenset(
+        token
+        for build in _ROLES.values()
+        for subject in (*build().publish, *build().subscribe)
+        for token in subject.split(".")
+        if token.isupper()
+    )
+
+
+def role_summary(role: str) -> str:
+    """One line on who uses ``role`` and what it may do.
+
+    Raises:
+        ValueError: ``role`` is not one of :data:`ROLES`.
+    """
+    return _ROLES[_known(role)]().summary
+
+
+def _quoted(subjects: Iterable[str], indent: str) -> str:
+    # Quoted: nats-server reads an unquoted $NAME as a variable.
+    return ",\n".join(f'{indent}"{s}"' for s in subjects)
+
+
+def permissions_block(role: str) -> str:
+    """The nats-server permissions of ``role``, as the ``permissions: {...}`` entry of a user
+    in a server configuration (``authorization { users = [ {..., permissions: {...}} ] }``,
+    or an account's ``users``). Multi-line, without a trailing newline.
+
+    Raises:
+        ValueError: ``role`` is not one of :data:`ROLES`.
+    """
+    r = _ROLES[_known(role)]()
+    lines = [
+        "permissions: {",
+        "  publish: {",
+        "    allow: [",
+        _quoted(r.publish, "      "),
+        "    ]",
+        "  }",
+        "  subscribe: {",
+        "    allow: [",
+        _quoted(r.subscribe, "      "),
+        "    ]",
+        "  }",
+    ]
+    if r.allow_responses:
+        lines.append("  allow_responses: true")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _indented(text: str, indent: str) -> str:
+    return "\n".join(indent + line if line else line for line in text.splitlines())
+
+
+def nkey_users_config(public_keys: Mapping[str, str]) -> str:
+    """A nats-server ``authorization`` block with one NKey user per role: ``public_keys``
+    maps a role to its public user key (``U...``). A client that is none of them is refused.
+
+    Raises:
+        ValueError: a role is unknown, or a key is not a public user NKey.
+    """
+    entries: list[str] = []
+    for role, key in public_keys.items():
+        _known(role)
+        if not (key.startswith("U") and key.isalnum() and key.isupper()):
+            raise ValueError(f"the key of role {role!r} is not a public user NKey (U...)")
+        entries.append(
+            f"    # {role}\n    {{\n      nkey: {key}\n"
+            f"{_indented(permissions_block(role), '      ')}\n    }}"
+        )
+    return "authorization {\n  users = [\n" + "\n".join(entries) + "\n  ]\n}\n"
