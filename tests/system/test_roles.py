@@ -2,8 +2,7 @@
 
 The broker here is an external nats-server whose configuration is pasted together from
 ``shoal auth permissions``, with NKeys made in the test. The fixtures give a broker and the
-role keys (:class:`Secured`): a module that defines its own ``external`` and ``secured``
-runs the same tests on another broker (the embedded one).
+role keys (:class:`Secured`), so the same tests can run on the embedded broker too.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,13 +45,13 @@ STREAMS = (EVENTS_STREAM, SEGMENTS_STREAM, REJECTED_STREAM)
 
 @dataclass(frozen=True)
 class Secured:
-    """A broker that enforces the roles, and a seed file per role; once the engine runs, its
-    process and its data directory when the fixture knows them."""
+    """A broker that enforces the roles, a seed file per role, and the engine once it runs
+    (with the engine's key, its data in ``data``)."""
 
     url: str
     keys: dict[str, Path]
+    data: Path
     engine: Proc | None = None
-    data: Path | None = None
 
     def as_role(self, role: str) -> list[str]:
         """The options of a ``shoal`` command that connects with ``role``'s key."""
@@ -75,10 +74,10 @@ def _user_entry(role: str, public_key: str) -> str:
     return f"    {{\n      nkey: {public_key}\n{done.stdout}    }}\n"
 
 
-@pytest.fixture
-def external(tmp_path: Path) -> Iterator[Secured]:
+@contextmanager
+def _external_broker(tmp_path: Path) -> Iterator[Secured]:
     """A nats-server configured from ``shoal auth permissions``, with an NKey per role and
-    no anonymous access; no engine runs yet."""
+    no anonymous access."""
     keys: dict[str, Path] = {}
     users = []
     for role in ROLES:
@@ -92,24 +91,39 @@ def external(tmp_path: Path) -> Iterator[Secured]:
     server = NatsServer(tmp_path / "nats", "-c", str(config))
     server.start()
     try:
-        yield Secured(server.url, keys)
+        yield Secured(server.url, keys, tmp_path / "data")
     finally:
         server.stop()
 
 
 @pytest.fixture
-def secured(external: Secured, tmp_path: Path, procs: list[Proc]) -> Secured:
-    """The broker with the engine running on it with its own key."""
-    data = tmp_path / "data"
-    engine = Proc("serve", "--data-dir", str(data), *external.as_role("engine"))
-    procs.append(engine)
-    engine.wait_err("shoal is serving")
-    return dataclasses.replace(external, engine=engine, data=data)
+def external(tmp_path: Path) -> Iterator[Secured]:
+    """The external nats-server, no engine running yet."""
+    with _external_broker(tmp_path) as broker:
+        yield broker
 
 
-def _engine(secured: Secured, procs: list[Proc]) -> Proc:
-    # A fixture that does not say started the engine first.
-    return secured.engine or procs[0]
+@contextmanager
+def _on_external(tmp_path: Path, procs: list[Proc]) -> Iterator[Secured]:
+    """The engine on the external nats-server, with its key."""
+    with _external_broker(tmp_path) as broker:
+        engine = Proc("serve", "--data-dir", str(broker.data), *broker.as_role("engine"))
+        procs.append(engine)
+        engine.wait_err("shoal is serving")
+        yield dataclasses.replace(broker, engine=engine)
+
+
+BROKERS: dict[str, Callable[[Path, list[Proc]], AbstractContextManager[Secured]]] = {
+    "external": _on_external,
+}
+"""Where the tests with a running engine run (another helper adds the embedded broker)."""
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def secured(request: pytest.FixtureRequest, tmp_path: Path, procs: list[Proc]) -> Iterator[Secured]:
+    """A broker that enforces the roles, with the engine running on it with its own key."""
+    with BROKERS[request.param](tmp_path, procs) as broker:
+        yield broker
 
 
 Call = Callable[[], Awaitable[object]]
@@ -218,7 +232,7 @@ def test_publish_creates_no_stream(external: Secured) -> None:
     )
 
 
-async def test_the_service_answers_inboxes_only(secured: Secured, procs: list[Proc]) -> None:
+async def test_the_service_answers_inboxes_only(secured: Secured) -> None:
     """A request names where its answer goes: were the engine to answer on the JetStream API
     with its own rights, anyone who may ask could delete its consumer, and an answer on
     shoal.segments would sit among the transitions."""
@@ -236,7 +250,8 @@ async def test_the_service_answers_inboxes_only(secured: Secured, procs: list[Pr
         info = await nc.jetstream().consumer_info(EVENTS_STREAM, "shoal-engine")
         assert info.name == "shoal-engine"
         assert (await nc.jetstream().stream_info(SEGMENTS_STREAM)).state.messages == 0
-    _engine(secured, procs).wait_err("request not answered: its reply subject is not an inbox")
+    assert secured.engine is not None
+    secured.engine.wait_err("request not answered: its reply subject is not an inbox")
 
 
 def test_every_command_works_with_its_own_key(
@@ -340,9 +355,7 @@ def test_rebuild_works_with_the_engine_key(
     while run("customer", "ann", *secured.as_role("operator")).returncode != 0:  # not yet
         assert time.monotonic() < deadline, "the event was not applied"
         time.sleep(0.1)
-    if secured.data is None:
-        pytest.skip("the engine's data directory is not known here")
-    assert _engine(secured, procs).stop() == 0
+    assert secured.engine is not None and secured.engine.stop() == 0
     data = secured.data
     for lost in data.glob("shoal.db*"):
         lost.unlink()
