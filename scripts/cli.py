@@ -44,7 +44,7 @@ from . import (
 )
 from ._connection import add_connection_options, credentials_of, engine_servers, servers_of
 from ._errors import UsageError
-from ._logging import configure_logging
+from ._logging import configure_logging, secrets_of
 
 _CONNECTING = (
     "serve",
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shoal`` console script; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    scrub = configure_logging(args.log_level, secrets=secrets_of(args))
     try:
         code: int = anyio.run(args.run, args)
         return code
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = _find(e, (*_USER_ERRORS, UsageError))
         if known is None:
             raise
-        print(f"shoal: error: {known}", file=sys.stderr)
+        print(f"shoal: error: {scrub(str(known))}", file=sys.stderr)
         return 2 if isinstance(known, UsageError) else 1
 
 

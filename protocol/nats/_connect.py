@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats
 import nats.errors
 import nats.js.errors
@@ -43,6 +44,11 @@ _PING_INTERVAL = 1
 _MAX_OUTSTANDING_PINGS = 2
 _STILL_DOWN_EVERY = 60.0
 """Seconds between the warnings that the broker is still unreachable."""
+_NAME_MISMATCH = (62, 64)
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
+_CLIENT_CERT_REFUSED = ("unknown ca", "bad certificate", "certificate unknown", "expired")
+"""The TLS alerts (as OpenSSL names them) a server sends for a client certificate it
+does not accept."""
 
 _logger = structlog.get_logger("shoal.nats")
 
@@ -144,31 +150,111 @@ async def connect(
     shown = [redact(s) for s in servers]
     nc = Client()
     watch = _Watch(nc, name, shown)
+    tls = _TlsRefusal()
     try:
-        # nats-py applies max_reconnect_attempts to the first connection too, and -1 would
-        # retry an unreachable server for ever: bound the first, then reconnect for ever.
-        await nc.connect(
-            servers=list(servers),
-            name=name,
-            connect_timeout=_CONNECT_TIMEOUT,  # type: ignore[arg-type]
-            allow_reconnect=True,
-            max_reconnect_attempts=_FIRST_CONNECT_ATTEMPTS,
-            reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]
-            ping_interval=_PING_INTERVAL,
-            max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
-            error_cb=watch.error,
-            disconnected_cb=watch.disconnected,
-            reconnected_cb=watch.reconnected,
-            **options,
-        )
+        with anyio.CancelScope() as tls.scope:
+            # nats-py applies max_reconnect_attempts to the first connection too, and -1
+            # would retry an unreachable server for ever: bound the first, then reconnect
+            # for ever.
+            await nc.connect(
+                servers=list(servers),
+                name=name,
+                connect_timeout=_CONNECT_TIMEOUT,  # type: ignore[arg-type]
+                allow_reconnect=True,
+                max_reconnect_attempts=_FIRST_CONNECT_ATTEMPTS,
+                reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]
+                ping_interval=_PING_INTERVAL,
+                max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
+                error_cb=tls.watching(watch.error),
+                disconnected_cb=watch.disconnected,
+                reconnected_cb=watch.reconnected,
+                **options,
+            )
     except (TimeoutError, OSError, nats.errors.Error) as e:
         why = watch.last_error or str(e) or type(e).__name__
-        for secret in (credentials or Credentials()).secrets() + _url_secrets(servers):
-            why = why.replace(secret, "***")
-        raise BrokerError(f"cannot reach NATS at {', '.join(shown)}: {redact(why)}") from e
+        raise BrokerError(
+            f"cannot reach NATS at {', '.join(shown)}: {_scrub(why, credentials, servers)}"
+        ) from e
+    if tls.error is not None:
+        why = _scrub(_explain_tls(tls.error), credentials, servers)
+        raise BrokerError(f"cannot reach NATS at {', '.join(shown)}: {why}") from tls.error
+    tls.scope = None
+    if _asks_for_tls(servers) and not nc._server_info.get("tls_required"):
+        await nc.close()
+        raise BrokerError(
+            f"cannot reach NATS at {', '.join(shown)}: the server does not offer TLS, "
+            "which a tls:// URL asks for (nats: secure connection not available)"
+        )
     nc.options["max_reconnect_attempts"] = -1
     watch.last_error = None
     return nc
+
+
+def _scrub(text: str, credentials: Credentials | None, servers: Sequence[str]) -> str:
+    """``text`` with every secret of ``credentials`` and ``servers`` replaced by ``***``."""
+    for secret in (credentials or Credentials()).secrets() + _url_secrets(servers):
+        text = text.replace(secret, "***")
+    return redact(text)
+
+
+class _TlsRefusal:
+    """Stops the first connection at a TLS failure, which trying again cannot mend.
+
+    nats-py would retry it as if the broker were down, and hangs after the first failed
+    handshake anyway: it waits for the plain socket under the failed TLS layer to report
+    its closing, which never comes (nats-io/nats.py#718). Its error callback still sees the
+    failure first, so the attempt is cancelled from there.
+    """
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        """The first connection's; ``None`` once connected, when TLS failures on a
+        reconnect are retried like any other (the broker may be changing certificates)."""
+        self.error: ssl.SSLError | None = None
+
+    def watching(
+        self, then: Callable[[Exception], Awaitable[None]]
+    ) -> Callable[[Exception], Awaitable[None]]:
+        """An error callback that checks each error, then passes it to ``then``."""
+
+        async def error(e: Exception) -> None:
+            if self.scope is not None and isinstance(e, ssl.SSLError) and self.error is None:
+                self.error = e
+                self.scope.cancel()
+            await then(e)
+
+        return error
+
+
+def _asks_for_tls(servers: Sequence[str]) -> bool:
+    # nats-py follows the server: it talks plain text to one that does not require TLS,
+    # even at a tls:// URL. The nats CLI refuses that, and so does shoal. (A CA alone, from
+    # NATS_CA say, does not ask for TLS: the embedded broker, plain, must still be reached.)
+    return any(s.startswith("tls://") for s in servers)
+
+
+def _explain_tls(e: ssl.SSLError) -> str:
+    """What a failed TLS handshake means to a user, and what to do about it."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        detail = f"certificate verify failed: {str(e.verify_message).rstrip('.')}"
+        if e.verify_code in _NAME_MISMATCH:
+            return (
+                f"the server's certificate is not for this host ({detail}); "
+                "connect with a host name or address the certificate names"
+            )
+        return f"the server's certificate is not trusted ({detail}); give its CA with --tlsca"
+    reason = (e.reason or str(e)).lower().replace("_", " ")
+    if "certificate required" in reason:
+        return (
+            f"the server requires a client certificate ({reason}); "
+            "give it with --tlscert and --tlskey"
+        )
+    if any(alert in reason for alert in _CLIENT_CERT_REFUSED):
+        return (
+            f"the server refused the client certificate ({reason}); give one signed by a "
+            "CA the server trusts"
+        )
+    return f"the TLS handshake failed ({reason})"
 
 
 def _url_secrets(servers: Sequence[str]) -> list[str]:
