@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import structlog
 
@@ -60,14 +60,9 @@ class Scrubber:
 
 def secrets_of(args: argparse.Namespace) -> list[str]:
     """The secrets a command was given: password and token (options or environment), and
-    the user information of its NATS URLs."""
-    found = credentials_of(args).secrets()
-    for url in [*servers_of(args), *(getattr(args, "nats", None) or [])]:
-        parts = urlsplit(url)
-        for secret in (parts.password, parts.username if not parts.password else None):
-            if secret:
-                found += [secret, unquote(secret)]
-    return found
+    those in its NATS URLs (``--nats``, ``NATS_URL``)."""
+    urls = [*servers_of(args), *os.environ.get("NATS_URL", "").split(",")]
+    return credentials_of(args).secrets(urls)
 
 
 def configure_logging(level: str = "info", *, secrets: Iterable[str] = ()) -> Scrubber:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import anyio
 import nats
@@ -53,13 +54,32 @@ does not accept."""
 _logger = structlog.get_logger("shoal.nats")
 
 
-_USERINFO = re.compile(r"(?<=://)([^/@]*)@")
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
+"""The user information of URLs in a text, up to the last ``@`` of the host part (where
+URL parsers split it: a password may hold an ``@``)."""
 
 
 def redact(url: str) -> str:
     """``url`` with any user, password or token in it replaced by ``***``, for logs and
-    errors: ``nats://alice:s3cret@host:4222`` becomes ``nats://***@host:4222``."""
-    return _USERINFO.sub("***@", url)
+    errors: ``nats://alice:s3cret@host:4222`` becomes ``nats://***@host:4222``; a URL
+    without a scheme (``alice:s3cret@host``) too."""
+    userinfo, _, scheme, rest = _split_userinfo(url)
+    return f"{scheme}***@{rest}" if userinfo is not None else url
+
+
+def _split_userinfo(url: str) -> tuple[str | None, str, str, str]:
+    """(user information or None, its secret part, the scheme with ``://``, the rest)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    else:
+        scheme += sep
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return None, "", scheme, rest
+    userinfo, _, host = authority.rpartition("@")
+    # user:password, or a token alone
+    return userinfo, userinfo.split(":", 1)[-1], scheme, host + slash + path
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +101,14 @@ class Credentials:
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
-    def secrets(self) -> list[str]:
-        """The secret values it holds (to keep out of anything printed)."""
-        return [s for s in (self.password, self.token) if s]
+    def secrets(self, servers: Sequence[str] = ()) -> list[str]:
+        """The secret values it holds, and those in the URLs of ``servers`` (passwords and
+        tokens, as written and percent-decoded): to keep out of anything printed."""
+        found = [s for s in (self.password, self.token) if s]
+        for url in servers:
+            secret = _split_userinfo(url)[1]
+            found += [secret, unquote(secret)] if secret else []
+        return found
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for nats-py's ``Client.connect``.
@@ -187,14 +212,22 @@ async def connect(
         )
     nc.options["max_reconnect_attempts"] = -1
     watch.last_error = None
+    url = nc.connected_url
+    _logger.debug(
+        "connected to NATS",
+        client=name,
+        server=redact(url.geturl()) if url is not None else None,
+        tls=bool(nc._server_info.get("tls_required")),
+        server_version=str(nc.connected_server_version),
+    )
     return nc
 
 
 def _scrub(text: str, credentials: Credentials | None, servers: Sequence[str]) -> str:
     """``text`` with every secret of ``credentials`` and ``servers`` replaced by ``***``."""
-    for secret in (credentials or Credentials()).secrets() + _url_secrets(servers):
+    for secret in sorted((credentials or Credentials()).secrets(servers), key=len, reverse=True):
         text = text.replace(secret, "***")
-    return redact(text)
+    return _USERINFO.sub("***@", text)
 
 
 class _TlsRefusal:
@@ -255,18 +288,6 @@ def _explain_tls(e: ssl.SSLError) -> str:
             "CA the server trusts"
         )
     return f"the TLS handshake failed ({reason})"
-
-
-def _url_secrets(servers: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    for url in servers:
-        m = _USERINFO.search(url)
-        if m:
-            # user:password, or a token alone
-            secret = m.group(1).split(":", 1)[-1]
-            if secret:
-                out.append(secret)
-    return out
 
 
 class _Watch:
