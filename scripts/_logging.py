@@ -65,10 +65,9 @@ def secrets_of(args: argparse.Namespace) -> list[str]:
     return credentials_of(args).secrets(urls)
 
 
-def configure_logging(level: str = "info", *, secrets: Iterable[str] = ()) -> Scrubber:
-    """Send structured logs to stderr, rendered for a person or for a machine, with
-    ``secrets`` scrubbed; returns the scrubber, for what is printed otherwise."""
-    scrubber = Scrubber(secrets)
+def configure_logging(level: str = "info", *, scrubber: Scrubber | None = None) -> None:
+    """Send structured logs to stderr, rendered for a person or for a machine, with the
+    secrets ``scrubber`` knows scrubbed."""
     renderer: structlog.typing.Processor
     if sys.stderr.isatty():
         renderer = structlog.dev.ConsoleRenderer()
@@ -79,7 +78,7 @@ def configure_logging(level: str = "info", *, secrets: Iterable[str] = ()) -> Sc
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            scrubber.processor,
+            (scrubber or Scrubber()).processor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -91,7 +90,6 @@ def configure_logging(level: str = "info", *, secrets: Iterable[str] = ()) -> Sc
     asyncio_logger = logging.getLogger("asyncio")
     if not any(isinstance(f, _SslEofNoise) for f in asyncio_logger.filters):
         asyncio_logger.addFilter(_SslEofNoise())
-    return scrubber
 
 
 class _SslEofNoise(logging.Filter):

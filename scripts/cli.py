@@ -44,7 +44,7 @@ from . import (
 )
 from ._connection import add_connection_options, credentials_of, engine_servers, servers_of
 from ._errors import UsageError
-from ._logging import configure_logging, secrets_of
+from ._logging import Scrubber, configure_logging, secrets_of
 
 _CONNECTING = (
     "serve",
@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shoal`` console script; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    scrub = configure_logging(args.log_level, secrets=secrets_of(args))
+    scrub = Scrubber(secrets_of(args))
+    configure_logging(args.log_level, scrubber=scrub)
     try:
         code: int = anyio.run(args.run, args)
         return code

@@ -17,6 +17,8 @@ from pathlib import Path
 import nkeys
 import pytest
 
+from scripts import cli
+from scripts._logging import Scrubber, secrets_of
 from tests.helpers import SHOAL, NatsServer, Proc, free_port
 from tests.nats_auth import new_key, operator_setup, public, seed
 
@@ -233,3 +235,26 @@ def test_urls_of_every_form_are_redacted(userinfo: str, scheme: str, tmp_path: P
         assert done.stderr.startswith(f"shoal: error: cannot reach NATS at {scheme}***@127.0.0.1:")
         for secret in (PASSWORD, TOKEN, AT_PASSWORD, AT_PASSWORD.split("@")[1]):
             assert secret not in done.stdout + done.stderr, args
+
+
+def test_the_log_scrubber_is_the_last_defence() -> None:
+    scrub = Scrubber(secrets_of(cli._parser().parse_args(["status", "--token", TOKEN])))
+    event = scrub.processor(
+        None,
+        "warning",
+        {
+            "event": f"oops {TOKEN}",
+            "nested": [{"url": f"nats://{TOKEN}@host"}, (1, None, TOKEN)],
+            "error": ValueError(f"bad {TOKEN}"),
+            "path": Path("/tmp/x"),
+            "count": 3,
+        },
+    )
+    assert event == {
+        "event": "oops ***",
+        "nested": [{"url": "nats://***@host"}, [1, None, "***"]],
+        "error": "ValueError('bad ***')",
+        "path": Path("/tmp/x"),
+        "count": 3,
+    }
+    assert scrub(f"shoal: error: {TOKEN}") == "shoal: error: ***"
