@@ -175,9 +175,9 @@ async def connect(
     shown = [redact(s) for s in servers]
     nc = Client()
     watch = _Watch(nc, name, shown)
-    tls = _TlsRefusal()
+    refusal = _Refusal()
     try:
-        with anyio.CancelScope() as tls.scope:
+        with anyio.CancelScope() as refusal.scope:
             # nats-py applies max_reconnect_attempts to the first connection too, and -1
             # would retry an unreachable server for ever: bound the first, then reconnect
             # for ever.
@@ -190,7 +190,7 @@ async def connect(
                 reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]
                 ping_interval=_PING_INTERVAL,
                 max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
-                error_cb=tls.watching(watch.error),
+                error_cb=refusal.watching(watch.error),
                 disconnected_cb=watch.disconnected,
                 reconnected_cb=watch.reconnected,
                 **options,
@@ -200,10 +200,13 @@ async def connect(
         raise BrokerError(
             f"cannot reach NATS at {', '.join(shown)}: {_scrub(why, credentials, servers)}"
         ) from e
-    if tls.error is not None:
-        why = _scrub(_explain_tls(tls.error), credentials, servers)
-        raise BrokerError(f"cannot reach NATS at {', '.join(shown)}: {why}") from tls.error
-    tls.scope = None
+    if refusal.error is not None:
+        refused = refusal.error
+        why = _explain_tls(refused) if isinstance(refused, ssl.SSLError) else str(refused)
+        raise BrokerError(
+            f"cannot reach NATS at {', '.join(shown)}: {_scrub(why, credentials, servers)}"
+        ) from refused
+    refusal.scope = None
     if _asks_for_tls(servers) and not nc._server_info.get("tls_required"):
         await nc.close()
         raise BrokerError(
@@ -230,20 +233,22 @@ def _scrub(text: str, credentials: Credentials | None, servers: Sequence[str]) -
     return _USERINFO.sub("***@", text)
 
 
-class _TlsRefusal:
-    """Stops the first connection at a TLS failure, which trying again cannot mend.
+class _Refusal:
+    """Stops the first connection at an error that trying again cannot mend: a failed TLS
+    handshake, or credentials the server refuses.
 
-    nats-py would retry it as if the broker were down, and hangs after the first failed
-    handshake anyway: it waits for the plain socket under the failed TLS layer to report
-    its closing, which never comes (nats-io/nats.py#718). Its error callback still sees the
-    failure first, so the attempt is cancelled from there.
+    nats-py would retry both as if the broker were down, and report whatever the last try
+    met (a reset connection, say). After a failed TLS handshake it even hangs: it waits for
+    the plain socket under the failed TLS layer to report its closing, which never comes
+    (nats-io/nats.py#718). Its error callback still sees the failure first, so the attempt
+    is cancelled from there.
     """
 
     def __init__(self) -> None:
         self.scope: anyio.CancelScope | None = None
-        """The first connection's; ``None`` once connected, when TLS failures on a
-        reconnect are retried like any other (the broker may be changing certificates)."""
-        self.error: ssl.SSLError | None = None
+        """The first connection's; ``None`` once connected, when these errors on a reconnect
+        are retried like any other (the broker may be changing certificates or accounts)."""
+        self.error: Exception | None = None
 
     def watching(
         self, then: Callable[[Exception], Awaitable[None]]
@@ -251,12 +256,22 @@ class _TlsRefusal:
         """An error callback that checks each error, then passes it to ``then``."""
 
         async def error(e: Exception) -> None:
-            if self.scope is not None and isinstance(e, ssl.SSLError) and self.error is None:
+            if self.scope is not None and self.error is None and _is_refusal(e):
                 self.error = e
                 self.scope.cancel()
             await then(e)
 
         return error
+
+
+_REFUSED = ("Authorization Violation", "Authentication Expired", "Authentication Revoked")
+"""The server's errors (``-ERR``) for credentials it does not accept."""
+
+
+def _is_refusal(e: Exception) -> bool:
+    if isinstance(e, ssl.SSLError | nats.errors.AuthorizationError):
+        return True
+    return isinstance(e, nats.errors.Error) and any(r in str(e) for r in _REFUSED)
 
 
 def _asks_for_tls(servers: Sequence[str]) -> bool:
