@@ -15,6 +15,7 @@ import anyio
 import nats
 import nats.errors
 import nats.js.errors
+import nkeys
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -195,6 +196,10 @@ async def connect(
                 reconnected_cb=watch.reconnected,
                 **options,
             )
+    except nkeys.NkeysError as e:
+        # nats-py reads the seed only now, and lets the error through as it is.
+        seed_file = (credentials or Credentials()).nkey or (credentials or Credentials()).creds
+        raise BrokerError(f"cannot read an NKey seed from {seed_file} ({e})") from e
     except (TimeoutError, OSError, nats.errors.Error) as e:
         why = watch.last_error or str(e) or type(e).__name__
         raise BrokerError(

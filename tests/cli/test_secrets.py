@@ -258,3 +258,13 @@ def test_the_log_scrubber_is_the_last_defence() -> None:
         "count": 3,
     }
     assert scrub(f"shoal: error: {TOKEN}") == "shoal: error: ***"
+
+
+def test_a_seed_file_that_holds_no_seed_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "user.nk"
+    bad.write_text(f"SU{TOKEN}\n")
+    done = shoal("status", "--nats", f"nats://127.0.0.1:{free_port()}", "--nkey", str(bad))
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"shoal: error: cannot read an NKey seed from {bad} (nkeys: invalid seed)\n",
+    )
