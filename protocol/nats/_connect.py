@@ -138,6 +138,7 @@ class Credentials:
             if path is not None and not path.is_file():
                 raise BrokerError(f"cannot read {path}: no such file")
         if self.creds:
+            _check_creds_file(self.creds)
             out["user_credentials"] = str(self.creds)
         if self.nkey:
             out["nkeys_seed"] = str(self.nkey)
@@ -156,6 +157,21 @@ class Credentials:
                 raise BrokerError(f"cannot set TLS up: {e}") from e
             out["tls"] = context
         return out
+
+
+def _check_creds_file(path: Path) -> None:
+    # nats-py reads the JWT by looking for its first line until it finds it: without one
+    # it would read the end of the file for ever.
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise BrokerError(f"cannot read {path}: {e.strerror}") from e
+    for block, what in (("NATS USER JWT", "a user JWT"), ("USER NKEY SEED", "an NKey seed")):
+        if f"BEGIN {block}" not in text:
+            raise BrokerError(
+                f"{path} is not a NATS credentials file: it holds no {what} "
+                f"(-----BEGIN {block}-----)"
+            )
 
 
 async def connect(

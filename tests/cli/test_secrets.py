@@ -268,3 +268,18 @@ def test_a_seed_file_that_holds_no_seed_is_one_line(tmp_path: Path) -> None:
         1,
         f"shoal: error: cannot read an NKey seed from {bad} (nkeys: invalid seed)\n",
     )
+
+
+def test_a_creds_file_without_a_jwt_or_a_seed_is_one_line(tmp_path: Path) -> None:
+    # nats-py would look for the JWT for ever.
+    creds = tmp_path / "user.creds"
+    for text, what in (
+        (f"-----BEGIN USER NKEY SEED-----\nSU{TOKEN}\n", "a user JWT (-----BEGIN NATS USER JWT"),
+        ("-----BEGIN NATS USER JWT-----\neyJ0\n", "an NKey seed (-----BEGIN USER NKEY SEED"),
+    ):
+        creds.write_text(text)
+        done = shoal("status", "--nats", f"nats://127.0.0.1:{free_port()}", "--creds", str(creds))
+        assert (done.returncode, done.stderr) == (
+            1,
+            f"shoal: error: {creds} is not a NATS credentials file: it holds no {what}-----)\n",
+        )
