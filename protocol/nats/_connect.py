@@ -192,9 +192,9 @@ async def connect(
     shown = [redact(s) for s in servers]
     nc = Client()
     watch = _Watch(nc, name, shown)
-    refusal = _Refusal()
+    give_up = _GiveUp()
     try:
-        with anyio.CancelScope() as refusal.scope:
+        with anyio.CancelScope() as give_up.scope:
             # nats-py applies max_reconnect_attempts to the first connection too, and -1
             # would retry an unreachable server for ever: bound the first, then reconnect
             # for ever.
@@ -207,7 +207,7 @@ async def connect(
                 reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]
                 ping_interval=_PING_INTERVAL,
                 max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
-                error_cb=refusal.watching(watch.error),
+                error_cb=give_up.watching(watch.error),
                 disconnected_cb=watch.disconnected,
                 reconnected_cb=watch.reconnected,
                 **options,
@@ -221,13 +221,13 @@ async def connect(
         raise BrokerError(
             f"cannot reach NATS at {', '.join(shown)}: {_scrub(why, credentials, servers)}"
         ) from e
-    if refusal.error is not None:
-        refused = refusal.error
-        why = _explain_tls(refused) if isinstance(refused, ssl.SSLError) else str(refused)
+    if give_up.error is not None:
+        final = give_up.error
+        why = _explain_tls(final) if isinstance(final, ssl.SSLError) else str(final)
         raise BrokerError(
             f"cannot reach NATS at {', '.join(shown)}: {_scrub(why, credentials, servers)}"
-        ) from refused
-    refusal.scope = None
+        ) from final
+    give_up.scope = None
     if _asks_for_tls(servers) and not nc._server_info.get("tls_required"):
         await nc.close()
         raise BrokerError(
@@ -254,7 +254,7 @@ def _scrub(text: str, credentials: Credentials | None, servers: Sequence[str]) -
     return _USERINFO.sub("***@", text)
 
 
-class _Refusal:
+class _GiveUp:
     """Stops the first connection at an error that trying again cannot mend: a failed TLS
     handshake, or credentials the server refuses.
 
@@ -277,7 +277,7 @@ class _Refusal:
         """An error callback that checks each error, then passes it to ``then``."""
 
         async def error(e: Exception) -> None:
-            if self.scope is not None and self.error is None and _is_refusal(e):
+            if self.scope is not None and self.error is None and _is_final(e):
                 self.error = e
                 self.scope.cancel()
             await then(e)
@@ -289,7 +289,7 @@ _REFUSED = ("Authorization Violation", "Authentication Expired", "Authentication
 """The server's errors (``-ERR``) for credentials it does not accept."""
 
 
-def _is_refusal(e: Exception) -> bool:
+def _is_final(e: Exception) -> bool:
     if isinstance(e, ssl.SSLError | nats.errors.AuthorizationError):
         return True
     return isinstance(e, nats.errors.Error) and any(r in str(e) for r in _REFUSED)
