@@ -60,7 +60,7 @@ from ._connection import (
     servers_of,
 )
 from ._errors import UsageError
-from ._logging import configure_logging
+from ._logging import Scrubber, configure_logging, secrets_of
 
 _CONNECTING = {
     "serve": "engine",
@@ -83,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shoal`` console script; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    scrub = Scrubber(secrets_of(args))
+    configure_logging(args.log_level, scrubber=scrub)
     try:
         code: int = anyio.run(args.run, args)
         return code
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = _find(e, (*_USER_ERRORS, UsageError))
         if known is None:
             raise
-        print(f"shoal: error: {explain(known, args)}", file=sys.stderr)
+        print(f"shoal: error: {scrub(explain(known, args))}", file=sys.stderr)
         return 2 if isinstance(known, UsageError) else 1
 
 

@@ -278,6 +278,10 @@ class Proc:
             lines.append(self.out.get(timeout=max(0.01, deadline - time.monotonic())))
         return lines
 
+    def rest(self) -> list[str]:
+        """The lines of stdout and stderr not read yet (call it once it has exited)."""
+        return [q.get() for q in (self.out, self._err_q) for _ in range(q.qsize())]
+
     def close(self) -> None:
         """Kill it if it still runs, and release its pipes."""
         if self.popen.poll() is None:

@@ -10,10 +10,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
+import anyio
 import nats
 import nats.errors
 import nats.js.errors
+import nkeys
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -46,17 +49,41 @@ _PING_INTERVAL = 1
 _MAX_OUTSTANDING_PINGS = 2
 _STILL_DOWN_EVERY = 60.0
 """Seconds between the warnings that the broker is still unreachable."""
+_NAME_MISMATCH = (62, 64)
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
+_CLIENT_CERT_REFUSED = ("unknown ca", "bad certificate", "certificate unknown", "expired")
+"""The TLS alerts (as OpenSSL names them) a server sends for a client certificate it
+does not accept."""
 
 _logger = structlog.get_logger("shoal.nats")
 
 
-_USERINFO = re.compile(r"(?<=://)([^/@]*)@")
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
+"""The user information of URLs in a text, up to the last ``@`` of the host part (where
+URL parsers split it: a password may hold an ``@``)."""
 
 
 def redact(url: str) -> str:
     """``url`` with any user, password or token in it replaced by ``***``, for logs and
-    errors: ``nats://alice:s3cret@host:4222`` becomes ``nats://***@host:4222``."""
-    return _USERINFO.sub("***@", url)
+    errors: ``nats://alice:s3cret@host:4222`` becomes ``nats://***@host:4222``; a URL
+    without a scheme (``alice:s3cret@host``) too."""
+    userinfo, _, scheme, rest = _split_userinfo(url)
+    return f"{scheme}***@{rest}" if userinfo is not None else url
+
+
+def _split_userinfo(url: str) -> tuple[str | None, str, str, str]:
+    """(user information or None, its secret part, the scheme with ``://``, the rest)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    else:
+        scheme += sep
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return None, "", scheme, rest
+    userinfo, _, host = authority.rpartition("@")
+    # user:password, or a token alone
+    return userinfo, userinfo.split(":", 1)[-1], scheme, host + slash + path
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +127,14 @@ class Credentials:
                 return dataclasses.replace(self, role=path.stem)
         return dataclasses.replace(self, role=role)
 
-    def secrets(self) -> list[str]:
-        """The secret values it holds (to keep out of anything printed)."""
-        return [s for s in (self.password, self.token) if s]
+    def secrets(self, servers: Sequence[str] = ()) -> list[str]:
+        """The secret values it holds, and those in the URLs of ``servers`` (passwords and
+        tokens, as written and percent-decoded): to keep out of anything printed."""
+        found = [s for s in (self.password, self.token) if s]
+        for url in servers:
+            secret = _split_userinfo(url)[1]
+            found += [secret, unquote(secret)] if secret else []
+        return found
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for nats-py's ``Client.connect``.
@@ -131,6 +163,7 @@ class Credentials:
             if path is not None and not path.is_file():
                 raise BrokerError(f"cannot read {path}: no such file")
         if self.creds:
+            _check_creds_file(self.creds)
             out["user_credentials"] = str(self.creds)
         if self.nkey:
             out["nkeys_seed"] = str(self.nkey)
@@ -149,6 +182,21 @@ class Credentials:
                 raise BrokerError(f"cannot set TLS up: {e}") from e
             out["tls"] = context
         return out
+
+
+def _check_creds_file(path: Path) -> None:
+    # nats-py reads the JWT by looking for its first line until it finds it: without one
+    # it would read the end of the file for ever.
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise BrokerError(f"cannot read {path}: {e.strerror}") from e
+    for block, what in (("NATS USER JWT", "a user JWT"), ("USER NKEY SEED", "an NKey seed")):
+        if f"BEGIN {block}" not in text:
+            raise BrokerError(
+                f"{path} is not a NATS credentials file: it holds no {what} "
+                f"(-----BEGIN {block}-----)"
+            )
 
 
 async def connect(
@@ -170,30 +218,58 @@ async def connect(
     nc = Client()
     watch = _Watch(nc, name, shown)
     refusals = watch_refusals(nc, credentials.role if credentials else None)
+    give_up = _GiveUp()
     try:
-        # nats-py applies max_reconnect_attempts to the first connection too, and -1 would
-        # retry an unreachable server for ever: bound the first, then reconnect for ever.
-        await nc.connect(
-            servers=list(servers),
-            name=name,
-            connect_timeout=_CONNECT_TIMEOUT,  # type: ignore[arg-type]
-            allow_reconnect=True,
-            max_reconnect_attempts=_FIRST_CONNECT_ATTEMPTS,
-            reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]
-            ping_interval=_PING_INTERVAL,
-            max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
-            error_cb=_on_error(refusals, watch),
-            disconnected_cb=watch.disconnected,
-            reconnected_cb=watch.reconnected,
-            **options,
-        )
+        with anyio.CancelScope() as give_up.scope:
+            # nats-py applies max_reconnect_attempts to the first connection too, and -1
+            # would retry an unreachable server for ever: bound the first, then reconnect
+            # for ever.
+            await nc.connect(
+                servers=list(servers),
+                name=name,
+                connect_timeout=_CONNECT_TIMEOUT,  # type: ignore[arg-type]
+                allow_reconnect=True,
+                max_reconnect_attempts=_FIRST_CONNECT_ATTEMPTS,
+                reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]
+                ping_interval=_PING_INTERVAL,
+                max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
+                error_cb=give_up.watching(_on_error(refusals, watch)),
+                disconnected_cb=watch.disconnected,
+                reconnected_cb=watch.reconnected,
+                **options,
+            )
+    except nkeys.NkeysError as e:
+        # nats-py reads the seed only now, and lets the error through as it is.
+        seed_file = (credentials or Credentials()).nkey or (credentials or Credentials()).creds
+        raise BrokerError(f"cannot read an NKey seed from {seed_file} ({e})") from e
     except (TimeoutError, OSError, nats.errors.Error) as e:
         why = watch.refusal or watch.last_error or str(e) or type(e).__name__
-        for secret in (credentials or Credentials()).secrets() + _url_secrets(servers):
-            why = why.replace(secret, "***")
-        raise BrokerError(f"cannot reach NATS at {', '.join(shown)}: {redact(why)}") from e
+        raise BrokerError(
+            f"cannot reach NATS at {', '.join(shown)}: {_scrub(why, credentials, servers)}"
+        ) from e
+    if give_up.error is not None:
+        final = give_up.error
+        why = _explain_tls(final) if isinstance(final, ssl.SSLError) else str(final)
+        raise BrokerError(
+            f"cannot reach NATS at {', '.join(shown)}: {_scrub(why, credentials, servers)}"
+        ) from final
+    give_up.scope = None
+    if _asks_for_tls(servers) and not nc._server_info.get("tls_required"):
+        await nc.close()
+        raise BrokerError(
+            f"cannot reach NATS at {', '.join(shown)}: the server does not offer TLS, "
+            "which a tls:// URL asks for (nats: secure connection not available)"
+        )
     nc.options["max_reconnect_attempts"] = -1
     watch.last_error = watch.refusal = None
+    url = nc.connected_url
+    _logger.debug(
+        "connected to NATS",
+        client=name,
+        server=redact(url.geturl()) if url is not None else None,
+        tls=bool(nc._server_info.get("tls_required")),
+        server_version=str(nc.connected_server_version),
+    )
     return nc
 
 
@@ -216,16 +292,83 @@ def _role_options(credentials: Credentials | None) -> dict[str, Any]:
     return {"inbox_prefix": inbox_prefix(credentials.role)}
 
 
-def _url_secrets(servers: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    for url in servers:
-        m = _USERINFO.search(url)
-        if m:
-            # user:password, or a token alone
-            secret = m.group(1).split(":", 1)[-1]
-            if secret:
-                out.append(secret)
-    return out
+def _scrub(text: str, credentials: Credentials | None, servers: Sequence[str]) -> str:
+    """``text`` with every secret of ``credentials`` and ``servers`` replaced by ``***``."""
+    for secret in sorted((credentials or Credentials()).secrets(servers), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _USERINFO.sub("***@", text)
+
+
+class _GiveUp:
+    """Stops the first connection at an error that trying again cannot mend: a failed TLS
+    handshake, or credentials the server refuses.
+
+    nats-py would retry both as if the broker were down, and report whatever the last try
+    met (a reset connection, say). After a failed TLS handshake it even hangs: it waits for
+    the plain socket under the failed TLS layer to report its closing, which never comes
+    (nats-io/nats.py#718). Its error callback still sees the failure first, so the attempt
+    is cancelled from there.
+    """
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        """The first connection's; ``None`` once connected, when these errors on a reconnect
+        are retried like any other (the broker may be changing certificates or accounts)."""
+        self.error: Exception | None = None
+
+    def watching(
+        self, then: Callable[[Exception], Awaitable[None]]
+    ) -> Callable[[Exception], Awaitable[None]]:
+        """An error callback that checks each error, then passes it to ``then``."""
+
+        async def error(e: Exception) -> None:
+            if self.scope is not None and self.error is None and _is_final(e):
+                self.error = e
+                self.scope.cancel()
+            await then(e)
+
+        return error
+
+
+_REFUSED = ("Authorization Violation", "Authentication Expired", "Authentication Revoked")
+"""The server's errors (``-ERR``) for credentials it does not accept."""
+
+
+def _is_final(e: Exception) -> bool:
+    if isinstance(e, ssl.SSLError | nats.errors.AuthorizationError):
+        return True
+    return isinstance(e, nats.errors.Error) and any(r in str(e) for r in _REFUSED)
+
+
+def _asks_for_tls(servers: Sequence[str]) -> bool:
+    # nats-py follows the server: it talks plain text to one that does not require TLS,
+    # even at a tls:// URL. The nats CLI refuses that, and so does shoal. (A CA alone, from
+    # NATS_CA say, does not ask for TLS: the embedded broker, plain, must still be reached.)
+    return any(s.startswith("tls://") for s in servers)
+
+
+def _explain_tls(e: ssl.SSLError) -> str:
+    """What a failed TLS handshake means to a user, and what to do about it."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        detail = f"certificate verify failed: {str(e.verify_message).rstrip('.')}"
+        if e.verify_code in _NAME_MISMATCH:
+            return (
+                f"the server's certificate is not for this host ({detail}); "
+                "connect with a host name or address the certificate names"
+            )
+        return f"the server's certificate is not trusted ({detail}); give its CA with --tlsca"
+    reason = (e.reason or str(e)).lower().replace("_", " ")
+    if "certificate required" in reason:
+        return (
+            f"the server requires a client certificate ({reason}); "
+            "give it with --tlscert and --tlskey"
+        )
+    if any(alert in reason for alert in _CLIENT_CERT_REFUSED):
+        return (
+            f"the server refused the client certificate ({reason}); give one signed by a "
+            "CA the server trusts"
+        )
+    return f"the TLS handshake failed ({reason})"
 
 
 class _Watch:

@@ -299,7 +299,7 @@ def small_history() -> str:
 
 def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     """``shoal ARGS`` in this process (logging left alone: other tests' output stays put)."""
-    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda level, **_: None)
     return cli.main(args)
 
 
