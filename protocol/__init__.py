@@ -43,9 +43,11 @@ from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
 from ._inbound import InvalidEvent as InvalidEvent
 from ._inbound import decode_event as decode_event
 from ._inbound import parse_timestamp as parse_timestamp
+from ._lines import OrderedHistory as OrderedHistory
 from ._lines import event_from_line as event_from_line
 from ._lines import event_line as event_line
 from ._lines import events_from_lines as events_from_lines
+from ._lines import read_history as read_history
 from ._ports import Delivery as Delivery
 from ._ports import EventSource as EventSource
 from ._ports import PublishError as PublishError
@@ -53,6 +55,7 @@ from ._ports import StreamState as StreamState
 from ._ports import TransitionSink as TransitionSink
 from ._query import API_VERSION as API_VERSION
 from ._query import QueryHandler as QueryHandler
+from ._spill import SpillError as SpillError
 from ._subjects import API_ENDPOINTS as API_ENDPOINTS
 from ._subjects import API_PREFIX as API_PREFIX
 from ._subjects import API_SERVICE as API_SERVICE
@@ -132,6 +135,7 @@ __all__ = (
     "MembersReply",
     "MembersRequest",
     "Membership",
+    "OrderedHistory",
     "ParkedInfo",
     "ProtocolError",
     "PublishError",
@@ -142,6 +146,7 @@ __all__ = (
     "SegmentSize",
     "SegmentsReply",
     "SegmentsRequest",
+    "SpillError",
     "StatusReply",
     "StatusRequest",
     "StreamState",
@@ -171,6 +176,7 @@ __all__ = (
     "header_token",
     "parse_timestamp",
     "port_in_use",
+    "read_history",
     "segment_filter",
     "segment_subject",
     "to_instant",

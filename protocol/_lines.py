@@ -3,19 +3,22 @@
 A line of history is validated as the engine validates a live event (:func:`decode_event`),
 except that it must carry its ``timestamp``: a file has no broker receive time, so the
 timestamp is both the event's instant and its receive instant. ``shoal import``, ``shoal
-replay FILE`` and ``shoal export`` read and write these lines.
+replay FILE`` and ``shoal export`` read and write these lines; :func:`read_history` reads a
+file of them into time order in bounded memory (``protocol._spill``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ._inbound import InvalidEvent, decode_event
+from ._spill import RUN, Spill, SpillFiles
 from ._subjects import event_subject
 from ._time import format_instant, to_instant
 from ._types import Event
@@ -99,11 +102,7 @@ def events_from_lines(
     on_repeat: Callable[[int, int], None] = _ignore,
 ) -> list[Event]:
     """The valid events of a file of history, in timestamp order (stable: equal timestamps
-    keep their file order). Blank lines are ignored.
-
-    Each line is read by :func:`event_from_line` at the end of time: a file replays its own
-    time, and none of it is "ahead". So a file replayed gives the transitions the same file
-    imported (``shoal import``) then replayed gives.
+    keep their file order), as a list: :func:`read_history`, all in memory.
 
     Args:
         lines: the file's lines, numbered from 1.
@@ -113,24 +112,155 @@ def events_from_lines(
             of an earlier line, and that line's number: the engine applies an event once,
             so the repeat is left out.
     """
-    events: list[Event] = []
-    seen: dict[tuple[str, str], int] = {}
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line:
-            continue
-        try:
-            event = event_from_line(line, now=_END_OF_TIME)
-        except InvalidEvent as e:
-            on_skip(number, e.reason)
-            continue
-        first = seen.setdefault((event.customer_id, event.message_id), number)
-        if first != number:
-            on_repeat(number, first)
-            continue
-        events.append(event)
-    events.sort(key=lambda e: e.received)
-    return events
+    with read_history(lines, on_skip=on_skip, on_repeat=on_repeat) as history:
+        return list(history)
+
+
+_Entry = tuple[int, int, Event]
+"""An event to sort by time: its receive instant, its line number (stable), the event."""
+_Key = tuple[str, str, int]
+"""An event to find repeats by: its customer, its message id, its line number."""
+_Repeat = tuple[int, int]
+"""A repeat: its line number, and that of the line it repeats."""
+
+
+class OrderedHistory:
+    """The valid events of a file of history, read by :func:`read_history`: iterate it
+    (once) for them in timestamp order, then close it (or use it in a ``with`` block) to
+    remove its temporary files."""
+
+    __slots__ = ("_events", "_repeats", "_files", "events", "spilled")
+
+    def __init__(
+        self,
+        events: Iterator[_Entry],
+        repeats: bytearray | None,
+        files: SpillFiles,
+        count: int,
+    ) -> None:
+        self._events = events
+        self._repeats = repeats
+        self._files = files
+        self.events = count
+        """How many events it yields: the valid lines, less the repeats."""
+        self.spilled = files.used
+        """Whether the file was too large to sort in memory (temporary files were written)."""
+
+    def __iter__(self) -> Iterator[Event]:
+        repeats = self._repeats
+        if repeats is None:
+            for _, _, event in self._events:
+                yield event
+            return
+        for _, number, event in self._events:
+            if not repeats[number >> 3] & (1 << (number & 7)):
+                yield event
+
+    def close(self) -> None:
+        """Remove the temporary files (again: nothing)."""
+        self._files.close()
+
+    def __enter__(self) -> OrderedHistory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_history(
+    lines: Iterable[bytes],
+    *,
+    on_skip: Callable[[int, str], None] = _ignore,
+    on_repeat: Callable[[int, int], None] = _ignore,
+    directory: str | Path | None = None,
+    run: int = RUN,
+) -> OrderedHistory:
+    """Read a file of history, in memory that does not grow with its length, for its valid
+    events in timestamp order (stable: equal timestamps keep their file order). Blank lines
+    are ignored.
+
+    Each line is read by :func:`event_from_line` at the end of time: a file replays its own
+    time, and none of it is "ahead". So a file replayed gives the transitions the same file
+    imported (``shoal import``) then replayed gives.
+
+    Every line is read before this returns: skips are reported as they are met, then the
+    repeats, in line order. Beyond ``run`` events, they are sorted in runs written to
+    temporary files (and so are the keys repeats are found by), merged as the result is
+    iterated; a file already in timestamp order is written as one run, never merged.
+
+    Args:
+        lines: the file's lines, numbered from 1.
+        on_skip: called with the number and the reason of each line that is not a valid
+            event.
+        on_repeat: called with the number of each event of a customer with the message id
+            of an earlier line, and that line's number: the engine applies an event once,
+            so the repeat is left out.
+        directory: where to make the temporary directory (None: ``TMPDIR``, else the
+            system's).
+        run: how many events to hold in memory at most while reading.
+
+    Returns:
+        The events, to iterate once and close.
+
+    Raises:
+        SpillError: the temporary files cannot be written.
+    """
+    files = SpillFiles(directory)
+    try:
+        events: Spill[_Entry] = Spill(_Entry, files, run=run)
+        keys: Spill[_Key] = Spill(_Key, files, run=run)
+        lines_read = valid = 0
+        for number, raw in enumerate(lines, 1):
+            lines_read = number
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                event = event_from_line(line, now=_END_OF_TIME)
+            except InvalidEvent as e:
+                on_skip(number, e.reason)
+                continue
+            valid += 1
+            events.add((event.received, number, event))
+            keys.add((event.customer_id, event.message_id, number))
+        repeats = _repeats(keys, files, run, lines_read, on_repeat)
+        count = valid - (0 if repeats is None else _ones(repeats))
+        return OrderedHistory(events.sorted(), repeats, files, count)
+    except BaseException:
+        files.close()
+        raise
+
+
+def _repeats(
+    keys: Spill[_Key],
+    files: SpillFiles,
+    run: int,
+    lines: int,
+    on_repeat: Callable[[int, int], None],
+) -> bytearray | None:
+    """Report the repeats in line order; return their line numbers as a bitmap (one bit per
+    line: 400 KB for 3.25M lines), or None when there are none."""
+    found: Spill[_Repeat] = Spill(_Repeat, files, run=run)
+    customer = message_id = None
+    first = 0
+    any_found = False
+    for c, m, number in keys.sorted():
+        if m == message_id and c == customer:
+            found.add((number, first))
+            any_found = True
+        else:
+            customer, message_id, first = c, m, number
+    if not any_found:
+        return None
+    bitmap = bytearray(lines // 8 + 1)
+    for number, first in found.sorted():
+        bitmap[number >> 3] |= 1 << (number & 7)
+        on_repeat(number, first)
+    return bitmap
+
+
+def _ones(bitmap: bytearray) -> int:
+    return int.from_bytes(bitmap, "little").bit_count()
 
 
 class _Line(msgspec.Struct, kw_only=True, omit_defaults=True, rename="camel"):

@@ -3,7 +3,8 @@ virtual clock, for audits and backtests.
 
 This module parses arguments, opens the inputs and writes the outputs; the replay and its
 counts are :class:`actors.ReplayTally` (the live engine's actor and rule code), the file's
-events :func:`protocol.events_from_lines`, the log's :func:`actors.read_log`.
+events :func:`protocol.read_history` (in time order, in bounded memory), the log's
+:func:`actors.read_log` (in chunks). Nothing is held per event.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import itertools
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from actors import ReplayTally, load_segments, parse_duration, read_log
-from protocol import Event, events_from_lines, format_instant, from_instant, to_instant
+from protocol import OrderedHistory, format_instant, from_instant, read_history, to_instant
 from store import Store
 
 from ._errors import UsageError
@@ -197,8 +199,9 @@ def _open_output(name: str | None, *, binary: bool, stack: contextlib.ExitStack)
 # Reading events -------------------------------------------------------------------------------
 
 
-def _read_file(source: str) -> tuple[list[Event], int]:
-    """Events of a JSON-lines file (or stdin) and how many lines were not valid events."""
+def _read_file(source: str) -> tuple[OrderedHistory, int]:
+    """The events of a JSON-lines file (or stdin), read into time order in bounded memory,
+    and how many lines were not valid events."""
     skipped = 0
 
     def skip(number: int, reason: str) -> None:
@@ -210,10 +213,10 @@ def _read_file(source: str) -> tuple[list[Event], int]:
         print(f"line {number}: the same event as line {first}; applied once", file=sys.stderr)
 
     if source == "-":
-        return events_from_lines(sys.stdin.buffer, on_skip=skip, on_repeat=repeat), skipped
+        return read_history(sys.stdin.buffer, on_skip=skip, on_repeat=repeat), skipped
     try:
         with open(source, "rb") as f:
-            return events_from_lines(f, on_skip=skip, on_repeat=repeat), skipped
+            return read_history(f, on_skip=skip, on_repeat=repeat), skipped
     except OSError as e:
         raise UsageError(f"cannot read {source}: {e.strerror}") from None
 
@@ -349,10 +352,11 @@ async def run(args: argparse.Namespace) -> int:
         transitions_out = _open_output(args.transitions, binary=True, stack=outputs)
         sizes_out = _open_output(args.sizes, binary=False, stack=outputs)
         skipped = 0
-        file_events: list[Event] = []
+        history: OrderedHistory | None = None
         if db is None:
             assert source is not None
-            file_events, skipped = await anyio.to_thread.run_sync(_read_file, source)
+            read, skipped = await anyio.to_thread.run_sync(_read_file, source)
+            history = outputs.enter_context(read)  # its temporary files go at the end
         the_run = ReplayTally(
             segments,
             start=options.start,
@@ -362,10 +366,11 @@ async def run(args: argparse.Namespace) -> int:
         )
         progress = _progress()
         with progress or contextlib.nullcontext():
-            if db is not None:
-                await _replay_log(the_run, db, progress)
+            if history is not None:
+                await _replay_history(the_run, history, progress)
             else:
-                await _replay_events(the_run, file_events, progress)
+                assert db is not None
+                await _replay_log(the_run, db, progress)
             end = await anyio.to_thread.run_sync(the_run.finish)
         if sizes_out is not None:
             await anyio.to_thread.run_sync(
@@ -403,15 +408,20 @@ async def _chart(
         raise UsageError(f"cannot write {path}: {e.strerror}") from None
 
 
-async def _replay_events(
-    the_run: ReplayTally, events: list[Event], progress: Progress | None
+async def _replay_history(
+    the_run: ReplayTally, history: OrderedHistory, progress: Progress | None
 ) -> None:
-    task = progress.add_task("", total=len(events)) if progress is not None else None
-    for i in range(0, len(events), _PIECE):
-        piece = events[i : i + _PIECE]
-        await anyio.to_thread.run_sync(the_run.feed, piece)
+    task = progress.add_task("", total=history.events) if progress is not None else None
+    events = iter(history)
+
+    def feed_piece() -> int:
+        piece = list(itertools.islice(events, _PIECE))
+        the_run.feed(piece)
+        return len(piece)
+
+    while fed := await anyio.to_thread.run_sync(feed_piece):
         if progress is not None and task is not None:
-            progress.advance(task, len(piece))
+            progress.advance(task, fed)
 
 
 async def _replay_log(the_run: ReplayTally, db: Path, progress: Progress | None) -> None:
