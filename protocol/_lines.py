@@ -125,34 +125,125 @@ _Repeat = tuple[int, int]
 
 
 class OrderedHistory:
-    """The valid events of a file of history, read by :func:`read_history`: iterate it
-    (once) for them in timestamp order, then close it (or use it in a ``with`` block) to
-    remove its temporary files."""
+    """A file of history read into timestamp order (stable: equal timestamps keep their file
+    order) in memory that does not grow with its length. Blank lines are ignored.
 
-    __slots__ = ("_events", "_repeats", "_files", "events", "spilled")
+    Give it the file's lines with :meth:`read` (in one call or several: numbering goes on),
+    then :meth:`finish`, then iterate it (once) for the valid events in order; close it (or
+    use it in a ``with`` block) to remove its temporary files, whatever happened.
+    :func:`read_history` does the reading in one call.
+
+    Each line is read by :func:`event_from_line` at the end of time: a file replays its own
+    time, and none of it is "ahead". So a file replayed gives the transitions the same file
+    imported (``shoal import``) then replayed gives.
+
+    Beyond ``run`` events, they are sorted in runs written to temporary files, and so are
+    the keys repeats are found by; the runs are merged as the result is iterated. A file
+    already in timestamp order is written as one run, never merged.
+
+    Args:
+        on_skip: called with the number and the reason of each line that is not a valid
+            event, as it is read.
+        on_repeat: called by :meth:`finish` with the number of each event of a customer
+            with the message id of an earlier line, and that line's number, in line order:
+            the engine applies an event once, so the repeat is left out.
+        directory: where to make the temporary directory (None: ``TMPDIR``, else the
+            system's).
+        run: how many events to hold in memory at most while reading.
+    """
+
+    __slots__ = (
+        "_on_skip",
+        "_on_repeat",
+        "_run",
+        "_files",
+        "_entries",
+        "_keys",
+        "_lines",
+        "_valid",
+        "_sorted",
+        "_repeats",
+        "events",
+    )
 
     def __init__(
         self,
-        events: Iterator[_Entry],
-        repeats: bytearray | None,
-        files: SpillFiles,
-        count: int,
+        *,
+        on_skip: Callable[[int, str], None] = _ignore,
+        on_repeat: Callable[[int, int], None] = _ignore,
+        directory: str | Path | None = None,
+        run: int = RUN,
     ) -> None:
-        self._events = events
-        self._repeats = repeats
-        self._files = files
-        self.events = count
-        """How many events it yields: the valid lines, less the repeats."""
-        self.spilled = files.used
-        """Whether the file was too large to sort in memory (temporary files were written)."""
+        self._on_skip = on_skip
+        self._on_repeat = on_repeat
+        self._run = run
+        self._files = SpillFiles(directory)
+        self._entries: Spill[_Entry] = Spill(_Entry, self._files, run=run)
+        self._keys: Spill[_Key] = Spill(_Key, self._files, run=run)
+        self._lines = 0
+        self._valid = 0
+        self._sorted: Iterator[_Entry] | None = None
+        self._repeats: bytearray | None = None
+        self.events = 0
+        """How many events it yields: the valid lines less the repeats (after
+        :meth:`finish`)."""
+
+    @property
+    def spilled(self) -> bool:
+        """Whether temporary files were written (the events were too many to hold)."""
+        return self._files.used
+
+    def read(self, lines: Iterable[bytes]) -> int:
+        """Read more lines of the file (numbered on from the last line read); return how
+        many.
+
+        Raises:
+            SpillError: the temporary files cannot be written.
+        """
+        if self._sorted is not None:
+            raise RuntimeError("finish() was called: no more lines")
+        entries, keys, on_skip = self._entries, self._keys, self._on_skip
+        number = start = self._lines
+        for raw in lines:
+            number += 1
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                event = event_from_line(line, now=_END_OF_TIME)
+            except InvalidEvent as e:
+                on_skip(number, e.reason)
+                continue
+            self._valid += 1
+            entries.add((event.received, number, event))
+            keys.add((event.customer_id, event.message_id, number))
+        self._lines = number
+        return number - start
+
+    def finish(self) -> int:
+        """Find the repeats (reporting each), and return how many events there are.
+
+        Raises:
+            SpillError: the temporary files cannot be written.
+        """
+        if self._sorted is None:
+            self._repeats = _repeats(
+                self._keys, self._files, self._run, self._lines, self._on_repeat
+            )
+            self._sorted = self._entries.sorted()
+            repeated = 0 if self._repeats is None else _ones(self._repeats)
+            self.events = self._valid - repeated
+        return self.events
 
     def __iter__(self) -> Iterator[Event]:
-        repeats = self._repeats
+        self.finish()
+        assert self._sorted is not None
+        entries, repeats = self._sorted, self._repeats
         if repeats is None:
-            for _, _, event in self._events:
+            for _, _, event in entries:
                 yield event
             return
-        for _, number, event in self._events:
+        for _, number, event in entries:
             if not repeats[number >> 3] & (1 << (number & 7)):
                 yield event
 
@@ -175,60 +266,21 @@ def read_history(
     directory: str | Path | None = None,
     run: int = RUN,
 ) -> OrderedHistory:
-    """Read a file of history, in memory that does not grow with its length, for its valid
-    events in timestamp order (stable: equal timestamps keep their file order). Blank lines
-    are ignored.
-
-    Each line is read by :func:`event_from_line` at the end of time: a file replays its own
-    time, and none of it is "ahead". So a file replayed gives the transitions the same file
-    imported (``shoal import``) then replayed gives.
-
-    Every line is read before this returns: skips are reported as they are met, then the
-    repeats, in line order. Beyond ``run`` events, they are sorted in runs written to
-    temporary files (and so are the keys repeats are found by), merged as the result is
-    iterated; a file already in timestamp order is written as one run, never merged.
-
-    Args:
-        lines: the file's lines, numbered from 1.
-        on_skip: called with the number and the reason of each line that is not a valid
-            event.
-        on_repeat: called with the number of each event of a customer with the message id
-            of an earlier line, and that line's number: the engine applies an event once,
-            so the repeat is left out.
-        directory: where to make the temporary directory (None: ``TMPDIR``, else the
-            system's).
-        run: how many events to hold in memory at most while reading.
-
-    Returns:
-        The events, to iterate once and close.
+    """Read every line of a file of history into an :class:`OrderedHistory` (see it for the
+    arguments), and find its repeats: skips are reported as they are met, then repeats in
+    line order. Iterate the result (once) for the events in timestamp order, and close it.
 
     Raises:
         SpillError: the temporary files cannot be written.
     """
-    files = SpillFiles(directory)
+    history = OrderedHistory(on_skip=on_skip, on_repeat=on_repeat, directory=directory, run=run)
     try:
-        events: Spill[_Entry] = Spill(_Entry, files, run=run)
-        keys: Spill[_Key] = Spill(_Key, files, run=run)
-        lines_read = valid = 0
-        for number, raw in enumerate(lines, 1):
-            lines_read = number
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                event = event_from_line(line, now=_END_OF_TIME)
-            except InvalidEvent as e:
-                on_skip(number, e.reason)
-                continue
-            valid += 1
-            events.add((event.received, number, event))
-            keys.add((event.customer_id, event.message_id, number))
-        repeats = _repeats(keys, files, run, lines_read, on_repeat)
-        count = valid - (0 if repeats is None else _ones(repeats))
-        return OrderedHistory(events.sorted(), repeats, files, count)
+        history.read(lines)
+        history.finish()
     except BaseException:
-        files.close()
+        history.close()
         raise
+    return history
 
 
 def _repeats(

@@ -37,7 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from actors import ReplayTally, load_segments, parse_duration, read_log
-from protocol import OrderedHistory, format_instant, from_instant, read_history, to_instant
+from protocol import OrderedHistory, format_instant, from_instant, to_instant
 from store import Store
 
 from ._errors import UsageError
@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _NO_MATPLOTLIB = "--chart needs matplotlib: pip install 'shoal[chart]'"
 _PIECE = 10_000
-"""Events of a file replayed per hop to the worker thread (the log goes by its chunks)."""
+"""Lines of a file read, and events of it replayed, per hop to a worker thread (the log goes by
+its chunks): Ctrl-C waits for one hop at most."""
 _summary_encoder = msgspec.json.Encoder()
 
 
@@ -199,26 +200,31 @@ def _open_output(name: str | None, *, binary: bool, stack: contextlib.ExitStack)
 # Reading events -------------------------------------------------------------------------------
 
 
-def _read_file(source: str) -> tuple[OrderedHistory, int]:
-    """The events of a JSON-lines file (or stdin), read into time order in bounded memory,
-    and how many lines were not valid events."""
-    skipped = 0
+def _history() -> tuple[OrderedHistory, list[int]]:
+    """A file's history to read, reporting on stderr, and the count of skipped lines."""
+    skipped = [0]
 
     def skip(number: int, reason: str) -> None:
-        nonlocal skipped
-        skipped += 1
+        skipped[0] += 1
         print(f"line {number}: {reason}; skipped", file=sys.stderr)
 
     def repeat(number: int, first: int) -> None:
         print(f"line {number}: the same event as line {first}; applied once", file=sys.stderr)
 
-    if source == "-":
-        return read_history(sys.stdin.buffer, on_skip=skip, on_repeat=repeat), skipped
-    try:
-        with open(source, "rb") as f:
-            return read_history(f, on_skip=skip, on_repeat=repeat), skipped
-    except OSError as e:
-        raise UsageError(f"cannot read {source}: {e.strerror}") from None
+    return OrderedHistory(on_skip=skip, on_repeat=repeat), skipped
+
+
+async def _read_file(source: str, history: OrderedHistory) -> None:
+    """Read a JSON-lines file (or stdin) into ``history``, a piece per hop to a worker
+    thread: Ctrl-C waits for one piece at most."""
+    with contextlib.ExitStack() as stack:
+        try:
+            f = sys.stdin.buffer if source == "-" else stack.enter_context(open(source, "rb"))
+            while await anyio.to_thread.run_sync(history.read, itertools.islice(f, _PIECE)):
+                pass
+        except OSError as e:
+            raise UsageError(f"cannot read {source}: {e.strerror}") from None
+    await anyio.to_thread.run_sync(history.finish)
 
 
 def _is_sqlite(path: Path) -> bool:
@@ -351,12 +357,13 @@ async def run(args: argparse.Namespace) -> int:
         # Opened first: a path that cannot be written fails before the work, not after it.
         transitions_out = _open_output(args.transitions, binary=True, stack=outputs)
         sizes_out = _open_output(args.sizes, binary=False, stack=outputs)
-        skipped = 0
+        skipped = [0]
         history: OrderedHistory | None = None
         if db is None:
             assert source is not None
-            read, skipped = await anyio.to_thread.run_sync(_read_file, source)
-            history = outputs.enter_context(read)  # its temporary files go at the end
+            history, skipped = _history()
+            outputs.enter_context(history)  # its temporary files go, whatever happens
+            await _read_file(source, history)
         the_run = ReplayTally(
             segments,
             start=options.start,
@@ -391,8 +398,8 @@ async def run(args: argparse.Namespace) -> int:
             "logged ahead of them (imported history?); a replay applies events in log order",
             file=sys.stderr,
         )
-    if skipped:
-        print(f"{skipped} line(s) skipped", file=sys.stderr)
+    if skipped[0]:
+        print(f"{skipped[0]} line(s) skipped", file=sys.stderr)
         return 1
     return 0
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,29 @@ def test_four_times_the_events_of_the_same_customers_take_about_the_same_memory(
     at_large = peak_kib(large, segments, tmp_path / "large-out.jsonl", tmp)
     assert at_large - at_small < GROWTH_KIB, (at_small, at_large)
     assert list((tmp_path / "tmp").iterdir()) == []  # the runs spilled are removed
+
+
+@pytest.mark.slow
+def test_ctrl_c_removes_the_temporary_files(tmp_path: Path) -> None:
+    segments = tmp_path / "segments.toml"
+    segments.write_text(SEGMENTS)
+    source, tmp = tmp_path / "h.jsonl", tmp_path / "tmp"
+    history(source, 4 * SMALL)
+    tmp.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "scripts.cli", "replay", str(source), "--segments",
+         str(segments), "--transitions", str(tmp_path / "out.jsonl")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp.iterdir()):  # the first run spilled: the reading is under way
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert (child.returncode, err) == (130, "")
+    assert list(tmp.iterdir()) == []
