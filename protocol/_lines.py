@@ -164,6 +164,7 @@ class OrderedHistory:
         "_sorted",
         "_repeats",
         "events",
+        "skipped",
     )
 
     def __init__(
@@ -187,6 +188,8 @@ class OrderedHistory:
         self.events = 0
         """How many events it yields: the valid lines less the repeats (after
         :meth:`finish`)."""
+        self.skipped = 0
+        """How many lines were not valid events."""
 
     @property
     def spilled(self) -> bool:
@@ -212,6 +215,7 @@ class OrderedHistory:
             try:
                 event = event_from_line(line, now=_END_OF_TIME)
             except InvalidEvent as e:
+                self.skipped += 1
                 on_skip(number, e.reason)
                 continue
             self._valid += 1

@@ -3,7 +3,7 @@ virtual clock, for audits and backtests.
 
 This module parses arguments, opens the inputs and writes the outputs; the replay and its
 counts are :class:`actors.ReplayTally` (the live engine's actor and rule code), the file's
-events :func:`protocol.read_history` (in time order, in bounded memory), the log's
+events :class:`protocol.OrderedHistory` (in time order, in bounded memory), the log's
 :func:`actors.read_log` (in chunks). Nothing is held per event.
 """
 
@@ -200,18 +200,12 @@ def _open_output(name: str | None, *, binary: bool, stack: contextlib.ExitStack)
 # Reading events -------------------------------------------------------------------------------
 
 
-def _history() -> tuple[OrderedHistory, list[int]]:
-    """A file's history to read, reporting on stderr, and the count of skipped lines."""
-    skipped = [0]
+def _skip(number: int, reason: str) -> None:
+    print(f"line {number}: {reason}; skipped", file=sys.stderr)
 
-    def skip(number: int, reason: str) -> None:
-        skipped[0] += 1
-        print(f"line {number}: {reason}; skipped", file=sys.stderr)
 
-    def repeat(number: int, first: int) -> None:
-        print(f"line {number}: the same event as line {first}; applied once", file=sys.stderr)
-
-    return OrderedHistory(on_skip=skip, on_repeat=repeat), skipped
+def _repeat(number: int, first: int) -> None:
+    print(f"line {number}: the same event as line {first}; applied once", file=sys.stderr)
 
 
 async def _read_file(source: str, history: OrderedHistory) -> None:
@@ -357,11 +351,10 @@ async def run(args: argparse.Namespace) -> int:
         # Opened first: a path that cannot be written fails before the work, not after it.
         transitions_out = _open_output(args.transitions, binary=True, stack=outputs)
         sizes_out = _open_output(args.sizes, binary=False, stack=outputs)
-        skipped = [0]
         history: OrderedHistory | None = None
         if db is None:
             assert source is not None
-            history, skipped = _history()
+            history = OrderedHistory(on_skip=_skip, on_repeat=_repeat)
             outputs.enter_context(history)  # its temporary files go, whatever happens
             await _read_file(source, history)
         the_run = ReplayTally(
@@ -398,8 +391,8 @@ async def run(args: argparse.Namespace) -> int:
             "logged ahead of them (imported history?); a replay applies events in log order",
             file=sys.stderr,
         )
-    if skipped[0]:
-        print(f"{skipped[0]} line(s) skipped", file=sys.stderr)
+    if history is not None and history.skipped:
+        print(f"{history.skipped} line(s) skipped", file=sys.stderr)
         return 1
     return 0
 

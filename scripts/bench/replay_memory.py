@@ -207,10 +207,8 @@ def report(doc: dict[str, Any]) -> Iterator[str]:
         "process's own `ru_maxrss`."
     )
     yield ""
-    yield (
-        "| segments | input | code | events | peak RSS MiB | wall s | CPU us/event "
-        "| transitions |"
-    )
+    columns = ("segments", "input", "code", "events", "peak RSS MiB", "wall s", "CPU us/event")
+    yield "| " + " | ".join(columns) + " | transitions |"
     yield "|---|---|---|---:|---:|---:|---:|---:|"
     for r in runs:
         yield (

@@ -56,6 +56,7 @@ def streamed(
         run=run,
     ) as history:
         events = list(history)
+        assert history.skipped == len(skipped)
         return events, repeats, skipped, history.spilled, history.events
 
 
