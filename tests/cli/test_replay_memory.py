@@ -118,3 +118,24 @@ def test_ctrl_c_removes_the_temporary_files(tmp_path: Path) -> None:
         child.kill()
     assert (child.returncode, err) == (130, "")
     assert list(tmp.iterdir()) == []
+
+
+def test_stdin_spills_as_a_file_does_and_replays_the_same(tmp_path: Path) -> None:
+    segments = tmp_path / "segments.toml"
+    segments.write_text(SEGMENTS)
+    source, tmp = tmp_path / "h.jsonl", tmp_path / "tmp"
+    history(source, SMALL)  # more than one run: spilled
+    tmp.mkdir()
+    outputs = []
+    for name, args, stdin in (("file", [str(source)], None), ("stdin", ["-"], source)):
+        out = tmp_path / f"{name}.jsonl"
+        with open(stdin or os.devnull, "rb") as f:
+            done = subprocess.run(
+                [sys.executable, "-m", "scripts.cli", "replay", *args, "--segments",
+                 str(segments), "--transitions", str(out)],
+                stdin=f, capture_output=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp)},
+            )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] and outputs[0].count(b"\n") > 100
+    assert list(tmp.iterdir()) == []
