@@ -102,15 +102,16 @@ def events_from_lines(
     on_repeat: Callable[[int, int], None] = _ignore,
 ) -> list[Event]:
     """The valid events of a file of history, in timestamp order (stable: equal timestamps
-    keep their file order), as a list: :func:`read_history`, all in memory.
+    keep their file order), as a list: :func:`read_history`'s events, which for a large file
+    are better iterated than held.
 
     Args:
         lines: the file's lines, numbered from 1.
         on_skip: called with the number and the reason of each line that is not a valid
-            event.
-        on_repeat: called with the number of each event of a customer with the message id
-            of an earlier line, and that line's number: the engine applies an event once,
-            so the repeat is left out.
+            event, as it is read.
+        on_repeat: called, once every line is read, with the number of each event of a
+            customer with the message id of an earlier line, and that line's number, in
+            line order: the engine applies an event once, so the repeat is left out.
     """
     with read_history(lines, on_skip=on_skip, on_repeat=on_repeat) as history:
         return list(history)
