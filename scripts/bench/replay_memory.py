@@ -27,7 +27,7 @@ The report is markdown on stdout and in ``--out`` (default
 
 Usage::
 
-    python -m scripts.bench.replay_memory --compare main
+    python -m scripts.bench.replay_memory --compare main  # about 20 minutes
     python -m scripts.bench.replay_memory --sizes 20000,80000 --customers 2000  # a quick look
 """
 
