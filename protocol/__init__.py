@@ -47,9 +47,11 @@ from ._inbound import parse_timestamp as parse_timestamp
 from ._keys import KEYS_DIR as KEYS_DIR
 from ._keys import KeyFileError as KeyFileError
 from ._keys import role_key_file as role_key_file
+from ._lines import OrderedHistory as OrderedHistory
 from ._lines import event_from_line as event_from_line
 from ._lines import event_line as event_line
 from ._lines import events_from_lines as events_from_lines
+from ._lines import read_history as read_history
 from ._ports import Delivery as Delivery
 from ._ports import EventSource as EventSource
 from ._ports import PublishError as PublishError
@@ -62,6 +64,7 @@ from ._roles import inbox_prefix as inbox_prefix
 from ._roles import nkey_users_config as nkey_users_config
 from ._roles import permissions_block as permissions_block
 from ._roles import role_summary as role_summary
+from ._spill import SpillError as SpillError
 from ._subjects import API_ENDPOINTS as API_ENDPOINTS
 from ._subjects import API_PREFIX as API_PREFIX
 from ._subjects import API_SERVICE as API_SERVICE
@@ -144,6 +147,7 @@ __all__ = (
     "MembersReply",
     "MembersRequest",
     "Membership",
+    "OrderedHistory",
     "ParkedInfo",
     "PermissionDenied",
     "ProtocolError",
@@ -155,6 +159,7 @@ __all__ = (
     "SegmentSize",
     "SegmentsReply",
     "SegmentsRequest",
+    "SpillError",
     "StatusReply",
     "StatusRequest",
     "StreamState",
@@ -189,6 +194,7 @@ __all__ = (
     "port_in_use",
     "role_key_file",
     "role_summary",
+    "read_history",
     "segment_filter",
     "segment_subject",
     "to_instant",

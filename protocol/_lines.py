@@ -3,19 +3,22 @@
 A line of history is validated as the engine validates a live event (:func:`decode_event`),
 except that it must carry its ``timestamp``: a file has no broker receive time, so the
 timestamp is both the event's instant and its receive instant. ``shoal import``, ``shoal
-replay FILE`` and ``shoal export`` read and write these lines.
+replay FILE`` and ``shoal export`` read and write these lines; :func:`read_history` reads a
+file of them into time order in bounded memory (``protocol._spill``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ._inbound import InvalidEvent, decode_event
+from ._spill import RUN, Spill, SpillFiles
 from ._subjects import event_subject
 from ._time import format_instant, to_instant
 from ._types import Event
@@ -99,38 +102,222 @@ def events_from_lines(
     on_repeat: Callable[[int, int], None] = _ignore,
 ) -> list[Event]:
     """The valid events of a file of history, in timestamp order (stable: equal timestamps
-    keep their file order). Blank lines are ignored.
+    keep their file order), as a list: :func:`read_history`'s events, which for a large file
+    are better iterated than held.
+
+    Args:
+        lines: the file's lines, numbered from 1.
+        on_skip: called with the number and the reason of each line that is not a valid
+            event, as it is read.
+        on_repeat: called, once every line is read, with the number of each event of a
+            customer with the message id of an earlier line, and that line's number, in
+            line order: the engine applies an event once, so the repeat is left out.
+    """
+    with read_history(lines, on_skip=on_skip, on_repeat=on_repeat) as history:
+        return list(history)
+
+
+_Entry = tuple[int, int, Event]
+"""An event to sort by time: its receive instant, its line number (stable), the event."""
+_Key = tuple[str, str, int]
+"""An event to find repeats by: its customer, its message id, its line number."""
+_Repeat = tuple[int, int]
+"""A repeat: its line number, and that of the line it repeats."""
+
+
+class OrderedHistory:
+    """A file of history read into timestamp order (stable: equal timestamps keep their file
+    order) in memory that does not grow with its length. Blank lines are ignored.
+
+    Give it the file's lines with :meth:`read` (in one call or several: numbering goes on),
+    then :meth:`finish`, then iterate it (once) for the valid events in order; close it (or
+    use it in a ``with`` block) to remove its temporary files, whatever happened.
+    :func:`read_history` does the reading in one call.
 
     Each line is read by :func:`event_from_line` at the end of time: a file replays its own
     time, and none of it is "ahead". So a file replayed gives the transitions the same file
     imported (``shoal import``) then replayed gives.
 
+    Beyond ``run`` events, they are sorted in runs written to temporary files, and so are
+    the keys repeats are found by; the runs are merged as the result is iterated. A file
+    already in timestamp order is written as one run, never merged.
+
     Args:
-        lines: the file's lines, numbered from 1.
         on_skip: called with the number and the reason of each line that is not a valid
-            event.
-        on_repeat: called with the number of each event of a customer with the message id
-            of an earlier line, and that line's number: the engine applies an event once,
-            so the repeat is left out.
+            event, as it is read.
+        on_repeat: called by :meth:`finish` with the number of each event of a customer
+            with the message id of an earlier line, and that line's number, in line order:
+            the engine applies an event once, so the repeat is left out.
+        directory: where to make the temporary directory (None: ``TMPDIR``, else the
+            system's).
+        run: how many events to hold in memory at most while reading.
     """
-    events: list[Event] = []
-    seen: dict[tuple[str, str], int] = {}
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line:
-            continue
-        try:
-            event = event_from_line(line, now=_END_OF_TIME)
-        except InvalidEvent as e:
-            on_skip(number, e.reason)
-            continue
-        first = seen.setdefault((event.customer_id, event.message_id), number)
-        if first != number:
-            on_repeat(number, first)
-            continue
-        events.append(event)
-    events.sort(key=lambda e: e.received)
-    return events
+
+    __slots__ = (
+        "_on_skip",
+        "_on_repeat",
+        "_run",
+        "_files",
+        "_entries",
+        "_keys",
+        "_lines",
+        "_valid",
+        "_sorted",
+        "_repeats",
+        "events",
+        "skipped",
+    )
+
+    def __init__(
+        self,
+        *,
+        on_skip: Callable[[int, str], None] = _ignore,
+        on_repeat: Callable[[int, int], None] = _ignore,
+        directory: str | Path | None = None,
+        run: int = RUN,
+    ) -> None:
+        self._on_skip = on_skip
+        self._on_repeat = on_repeat
+        self._run = run
+        self._files = SpillFiles(directory)
+        self._entries: Spill[_Entry] = Spill(_Entry, self._files, run=run)
+        self._keys: Spill[_Key] = Spill(_Key, self._files, run=run)
+        self._lines = 0
+        self._valid = 0
+        self._sorted: Iterator[_Entry] | None = None
+        self._repeats: bytearray | None = None
+        self.events = 0
+        """How many events it yields: the valid lines less the repeats (after
+        :meth:`finish`)."""
+        self.skipped = 0
+        """How many lines were not valid events."""
+
+    @property
+    def spilled(self) -> bool:
+        """Whether temporary files were written (the events were too many to hold)."""
+        return self._files.used
+
+    def read(self, lines: Iterable[bytes]) -> int:
+        """Read more lines of the file (numbered on from the last line read); return how
+        many.
+
+        Raises:
+            SpillError: the temporary files cannot be written.
+        """
+        if self._sorted is not None:
+            raise RuntimeError("finish() was called: no more lines")
+        entries, keys, on_skip = self._entries, self._keys, self._on_skip
+        number = start = self._lines
+        for raw in lines:
+            number += 1
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                event = event_from_line(line, now=_END_OF_TIME)
+            except InvalidEvent as e:
+                self.skipped += 1
+                on_skip(number, e.reason)
+                continue
+            self._valid += 1
+            entries.add((event.received, number, event))
+            keys.add((event.customer_id, event.message_id, number))
+        self._lines = number
+        return number - start
+
+    def finish(self) -> int:
+        """Find the repeats (reporting each), and return how many events there are.
+
+        Raises:
+            SpillError: the temporary files cannot be written.
+        """
+        if self._sorted is None:
+            self._repeats = _repeats(
+                self._keys, self._files, self._run, self._lines, self._on_repeat
+            )
+            self._sorted = self._entries.sorted()
+            repeated = 0 if self._repeats is None else _ones(self._repeats)
+            self.events = self._valid - repeated
+        return self.events
+
+    def __iter__(self) -> Iterator[Event]:
+        self.finish()
+        assert self._sorted is not None
+        entries, repeats = self._sorted, self._repeats
+        if repeats is None:
+            for _, _, event in entries:
+                yield event
+            return
+        for _, number, event in entries:
+            if not repeats[number >> 3] & (1 << (number & 7)):
+                yield event
+
+    def close(self) -> None:
+        """Remove the temporary files (again: nothing)."""
+        self._files.close()
+
+    def __enter__(self) -> OrderedHistory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_history(
+    lines: Iterable[bytes],
+    *,
+    on_skip: Callable[[int, str], None] = _ignore,
+    on_repeat: Callable[[int, int], None] = _ignore,
+    directory: str | Path | None = None,
+    run: int = RUN,
+) -> OrderedHistory:
+    """Read every line of a file of history into an :class:`OrderedHistory` (see it for the
+    arguments), and find its repeats: skips are reported as they are met, then repeats in
+    line order. Iterate the result (once) for the events in timestamp order, and close it.
+
+    Raises:
+        SpillError: the temporary files cannot be written.
+    """
+    history = OrderedHistory(on_skip=on_skip, on_repeat=on_repeat, directory=directory, run=run)
+    try:
+        history.read(lines)
+        history.finish()
+    except BaseException:
+        history.close()
+        raise
+    return history
+
+
+def _repeats(
+    keys: Spill[_Key],
+    files: SpillFiles,
+    run: int,
+    lines: int,
+    on_repeat: Callable[[int, int], None],
+) -> bytearray | None:
+    """Report the repeats in line order; return their line numbers as a bitmap (one bit per
+    line: 400 KB for 3.25M lines), or None when there are none."""
+    found: Spill[_Repeat] = Spill(_Repeat, files, run=run)
+    customer = message_id = None
+    first = 0
+    any_found = False
+    for c, m, number in keys.sorted():
+        if m == message_id and c == customer:
+            found.add((number, first))
+            any_found = True
+        else:
+            customer, message_id, first = c, m, number
+    if not any_found:
+        return None
+    bitmap = bytearray(lines // 8 + 1)
+    for number, first in found.sorted():
+        bitmap[number >> 3] |= 1 << (number & 7)
+        on_repeat(number, first)
+    return bitmap
+
+
+def _ones(bitmap: bytearray) -> int:
+    return int.from_bytes(bitmap, "little").bit_count()
 
 
 class _Line(msgspec.Struct, kw_only=True, omit_defaults=True, rename="camel"):

@@ -3,7 +3,8 @@ virtual clock, for audits and backtests.
 
 This module parses arguments, opens the inputs and writes the outputs; the replay and its
 counts are :class:`actors.ReplayTally` (the live engine's actor and rule code), the file's
-events :func:`protocol.events_from_lines`, the log's :func:`actors.read_log`.
+events :class:`protocol.OrderedHistory` (in time order, in bounded memory), the log's
+:func:`actors.read_log` (in chunks). Nothing is held per event.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import itertools
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from actors import ReplayTally, load_segments, parse_duration, read_log
-from protocol import Event, events_from_lines, format_instant, from_instant, to_instant
+from protocol import OrderedHistory, format_instant, from_instant, to_instant
 from store import Store
 
 from ._errors import UsageError
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _NO_MATPLOTLIB = "--chart needs matplotlib: pip install 'shoal[chart]'"
 _PIECE = 10_000
-"""Events of a file replayed per hop to the worker thread (the log goes by its chunks)."""
+"""Lines of a file read, and events of it replayed, per hop to a worker thread (the log goes by
+its chunks): Ctrl-C waits for one hop at most."""
 _summary_encoder = msgspec.json.Encoder()
 
 
@@ -197,25 +200,25 @@ def _open_output(name: str | None, *, binary: bool, stack: contextlib.ExitStack)
 # Reading events -------------------------------------------------------------------------------
 
 
-def _read_file(source: str) -> tuple[list[Event], int]:
-    """Events of a JSON-lines file (or stdin) and how many lines were not valid events."""
-    skipped = 0
+def _skip(number: int, reason: str) -> None:
+    print(f"line {number}: {reason}; skipped", file=sys.stderr)
 
-    def skip(number: int, reason: str) -> None:
-        nonlocal skipped
-        skipped += 1
-        print(f"line {number}: {reason}; skipped", file=sys.stderr)
 
-    def repeat(number: int, first: int) -> None:
-        print(f"line {number}: the same event as line {first}; applied once", file=sys.stderr)
+def _repeat(number: int, first: int) -> None:
+    print(f"line {number}: the same event as line {first}; applied once", file=sys.stderr)
 
-    if source == "-":
-        return events_from_lines(sys.stdin.buffer, on_skip=skip, on_repeat=repeat), skipped
-    try:
-        with open(source, "rb") as f:
-            return events_from_lines(f, on_skip=skip, on_repeat=repeat), skipped
-    except OSError as e:
-        raise UsageError(f"cannot read {source}: {e.strerror}") from None
+
+async def _read_file(source: str, history: OrderedHistory) -> None:
+    """Read a JSON-lines file (or stdin) into ``history``, a piece per hop to a worker
+    thread: Ctrl-C waits for one piece at most."""
+    with contextlib.ExitStack() as stack:
+        try:
+            f = sys.stdin.buffer if source == "-" else stack.enter_context(open(source, "rb"))
+            while await anyio.to_thread.run_sync(history.read, itertools.islice(f, _PIECE)):
+                pass
+        except OSError as e:
+            raise UsageError(f"cannot read {source}: {e.strerror}") from None
+    await anyio.to_thread.run_sync(history.finish)
 
 
 def _is_sqlite(path: Path) -> bool:
@@ -348,11 +351,12 @@ async def run(args: argparse.Namespace) -> int:
         # Opened first: a path that cannot be written fails before the work, not after it.
         transitions_out = _open_output(args.transitions, binary=True, stack=outputs)
         sizes_out = _open_output(args.sizes, binary=False, stack=outputs)
-        skipped = 0
-        file_events: list[Event] = []
+        history: OrderedHistory | None = None
         if db is None:
             assert source is not None
-            file_events, skipped = await anyio.to_thread.run_sync(_read_file, source)
+            history = OrderedHistory(on_skip=_skip, on_repeat=_repeat)
+            outputs.enter_context(history)  # its temporary files go, whatever happens
+            await _read_file(source, history)
         the_run = ReplayTally(
             segments,
             start=options.start,
@@ -362,10 +366,11 @@ async def run(args: argparse.Namespace) -> int:
         )
         progress = _progress()
         with progress or contextlib.nullcontext():
-            if db is not None:
-                await _replay_log(the_run, db, progress)
+            if history is not None:
+                await _replay_history(the_run, history, progress)
             else:
-                await _replay_events(the_run, file_events, progress)
+                assert db is not None
+                await _replay_log(the_run, db, progress)
             end = await anyio.to_thread.run_sync(the_run.finish)
         if sizes_out is not None:
             await anyio.to_thread.run_sync(
@@ -386,8 +391,8 @@ async def run(args: argparse.Namespace) -> int:
             "logged ahead of them (imported history?); a replay applies events in log order",
             file=sys.stderr,
         )
-    if skipped:
-        print(f"{skipped} line(s) skipped", file=sys.stderr)
+    if history is not None and history.skipped:
+        print(f"{history.skipped} line(s) skipped", file=sys.stderr)
         return 1
     return 0
 
@@ -403,15 +408,20 @@ async def _chart(
         raise UsageError(f"cannot write {path}: {e.strerror}") from None
 
 
-async def _replay_events(
-    the_run: ReplayTally, events: list[Event], progress: Progress | None
+async def _replay_history(
+    the_run: ReplayTally, history: OrderedHistory, progress: Progress | None
 ) -> None:
-    task = progress.add_task("", total=len(events)) if progress is not None else None
-    for i in range(0, len(events), _PIECE):
-        piece = events[i : i + _PIECE]
-        await anyio.to_thread.run_sync(the_run.feed, piece)
+    task = progress.add_task("", total=history.events) if progress is not None else None
+    events = iter(history)
+
+    def feed_piece() -> int:
+        piece = list(itertools.islice(events, _PIECE))
+        the_run.feed(piece)
+        return len(piece)
+
+    while fed := await anyio.to_thread.run_sync(feed_piece):
         if progress is not None and task is not None:
-            progress.advance(task, len(piece))
+            progress.advance(task, fed)
 
 
 async def _replay_log(the_run: ReplayTally, db: Path, progress: Progress | None) -> None:
