@@ -20,7 +20,8 @@ def register(sub: Any) -> None:
         description="Print the nats-server permissions of each role, or of ROLE: a "
         "`permissions: {...}` block to paste into a user of your server's configuration.",
     )
-    p.add_argument("role", nargs="?", choices=ROLES, metavar="ROLE", help=", ".join(ROLES))
+    # dest is not "role": that attribute names the role a connecting command runs as.
+    p.add_argument("which", nargs="?", choices=ROLES, metavar="ROLE", help=", ".join(ROLES))
     p.set_defaults(run=_permissions)
 
 
@@ -41,5 +42,5 @@ def permissions_text(roles: tuple[str, ...] = ROLES) -> str:
 
 
 async def _permissions(args: argparse.Namespace) -> int:
-    print(permissions_text((args.role,) if args.role else ROLES), end="")
+    print(permissions_text((args.which,) if args.which else ROLES), end="")
     return 0
