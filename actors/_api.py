@@ -16,6 +16,7 @@ from anyio import to_thread
 
 from protocol import (
     DAY,
+    ApiOrigin,
     CustomerParked,
     CustomerReply,
     DefinitionsReply,
@@ -229,7 +230,8 @@ class EngineApi:
         transitions: int | None = None
         if request.apply:
             try:
-                transitions = await engine.apply_segments(new)
+                origin = ApiOrigin(source=request.source)
+                transitions = await engine.apply_segments(new, origin=origin)
             except ActorsError as e:
                 raise EngineUnavailable(f"the segments were not applied: {e}") from e
         return DefinitionsReply(
@@ -277,6 +279,7 @@ class EngineApi:
             parked=len(parked),
             parked_customers=[_parked_info(r) for r in parked[:MAX_PARKED_SHOWN]],
             paused=engine.paused,
+            definitions_applied=engine.definitions_applied,
         )
 
     async def unpark(self, request: UnparkRequest) -> UnparkReply:

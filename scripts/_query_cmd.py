@@ -27,6 +27,7 @@ from actors import DefinitionError, Engine, EngineApi, SegmentSet, load_segments
 from protocol import (
     ConditionExplanation,
     CustomerReply,
+    DefinitionsApplied,
     DefinitionsReply,
     DefinitionsRequest,
     ExplainReply,
@@ -220,6 +221,17 @@ async def _status(args: argparse.Namespace) -> int:
     return await _ask(args, lambda api: api.status(), _show_status)
 
 
+def _applied(a: DefinitionsApplied) -> str:
+    """Version, instant and origin of the definitions in force, on one line."""
+    if a.origin == "file":
+        where = f"from the served file {a.source}"
+        if a.content_hash:
+            where += f" (sha256 {a.content_hash[:12]})"
+    else:
+        where = f"over the API ({a.source}" + (f", by {a.client}" if a.client else "") + ")"
+    return f"version {a.version}, applied {_when(a.applied_at)} {where}"
+
+
 def _show_status(r: StatusReply, out: Console) -> None:
     lag = "unknown" if r.consumer_lag is None else str(r.consumer_lag)
     warm = "" if r.warm else "  (still loading customers after a restart)"
@@ -242,6 +254,7 @@ def _show_status(r: StatusReply, out: Console) -> None:
         ("timer queue", f"{r.pending_deadlines} pending, next due {_when(r.next_deadline)}"),
         ("deadlines fired", str(r.deadlines_fired)),
         ("definitions", f"{r.definitions} ({r.fingerprint})"),
+        *((("applied", _applied(r.definitions_applied)),) if r.definitions_applied else ()),
         ("quarantined", f"{r.events_quarantined} events (rejected: they raised when applied)"),
         (
             "parked",
