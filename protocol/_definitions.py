@@ -21,6 +21,10 @@ from ._errors import ProtocolError
 
 DEFINITIONS_BUCKET = "SHOAL_DEFINITIONS"
 """The JetStream KV bucket of the definitions in force (and, chunked, their lists)."""
+DEFINITIONS_STREAM = f"KV_{DEFINITIONS_BUCKET}"
+"""The stream that holds the bucket (JetStream's naming)."""
+DEFINITIONS_KEYS = f"$KV.{DEFINITIONS_BUCKET}.>"
+"""The subjects of the bucket's keys: a write is a publish there."""
 
 MAX_STORED_DEFINITIONS_BYTES = 1 << 30
 """The most a stored record may hold, encoded (its lists' ids included): a record said to be

@@ -24,7 +24,6 @@ import hashlib
 import msgspec
 import nats.errors
 import nats.js.errors
-import structlog
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
@@ -44,8 +43,6 @@ HEAD_KEY = "current"
 _CHUNK_MARGIN = 16 << 10
 """Bytes of a message kept for its subject and headers: a chunk is ``max_payload`` less this."""
 _MIN_CHUNK = 4 << 10
-
-_logger = structlog.get_logger("shoal.definitions")
 
 
 class _Head(msgspec.Struct, frozen=True, kw_only=True):
@@ -189,4 +186,3 @@ class DefinitionsKV:
                         await self._kv.purge(_chunk_key(old.sha256, n))
             except (TimeoutError, nats.errors.Error) as e:
                 raise BrokerError(f"cannot write {self.where}: {e}") from e
-        _logger.debug("definitions stored", where=self.where, version=d.version, bytes=len(data))
