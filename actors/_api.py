@@ -214,7 +214,9 @@ class EngineApi:
             next_cursor=page[-1] if more else None,
         )
 
-    async def definitions(self, request: DefinitionsRequest) -> DefinitionsReply:
+    async def definitions(
+        self, request: DefinitionsRequest, *, client: str | None = None
+    ) -> DefinitionsReply:
         try:
             # In a worker thread: parsing a file at the limits takes a while; the engine's
             # loop goes on meanwhile. No base_dir: definitions from the network are data, and
@@ -230,7 +232,7 @@ class EngineApi:
         transitions: int | None = None
         if request.apply:
             try:
-                origin = ApiOrigin(source=request.source)
+                origin = ApiOrigin(source=request.source, client=client)
                 transitions = await engine.apply_segments(new, origin=origin)
             except ActorsError as e:
                 raise EngineUnavailable(f"the segments were not applied: {e}") from e

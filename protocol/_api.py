@@ -50,6 +50,22 @@ class MembersRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     count_only: bool = False
 
 
+CLIENT_HEADER = "Shoal-Client"
+"""The header of a ``definitions`` request that says who sends it (``shoal segments apply``:
+``user@host``); the engine stores it with the definitions it applies. Optional."""
+MAX_CLIENT_CHARS = 200
+"""The most of :data:`CLIENT_HEADER` the engine keeps."""
+
+
+def client_of(value: str | None) -> str | None:
+    """The :data:`CLIENT_HEADER` value as the engine keeps it: printable, at most
+    :data:`MAX_CLIENT_CHARS` characters; None when absent or empty."""
+    if not value:
+        return None
+    shown = "".join(c if c.isprintable() else "?" for c in value[:MAX_CLIENT_CHARS])
+    return shown.strip() or None
+
+
 class DefinitionsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``shoal.api.definitions``: a segments file (TOML text) to validate, and to apply when
     ``apply`` is true. ``source`` names it in error messages (usually its file name).

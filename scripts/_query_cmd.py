@@ -8,6 +8,8 @@ Also :func:`serve_queries`, which ``shoal serve`` runs beside the engine.
 from __future__ import annotations
 
 import argparse
+import getpass
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -440,7 +442,20 @@ async def _definitions(args: argparse.Namespace, *, apply: bool) -> DefinitionsR
     async with client as api:
         body = DefinitionsRequest(toml=text, source=source, apply=apply)
         _check_size(len(_encoder.encode(body)), client.max_payload, segments)
-        return await api.definitions(text, source=source, apply=apply, timeout=args.timeout)
+        return await api.definitions(
+            text, source=source, apply=apply, timeout=args.timeout, client=_who()
+        )
+
+
+def _who() -> str:
+    """``user@host`` of this command, which the engine stores with definitions it applies;
+    ASCII, as a header value must be."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no user name in this environment
+        user = "?"
+    who = f"{user}@{socket.gethostname()}"
+    return who.encode("ascii", "replace").decode()
 
 
 def _check_size(size: int, max_payload: int, segments: SegmentSet) -> None:

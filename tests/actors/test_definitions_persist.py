@@ -8,8 +8,10 @@ is what is tested, the keeper in the test's task where the copies are.
 
 from __future__ import annotations
 
+import getpass
 import json
 import signal
+import socket
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -142,7 +144,7 @@ def api_applied(s: Served, tmp_path: Path) -> None:
         "version": 2,
         "origin": "api",
         "source": str(api),
-        "client": None,
+        "client": f"{getpass.getuser()}@{socket.gethostname()}",
     }
     s.stop()
 
@@ -171,6 +173,9 @@ def test_api_applied_definitions_survive_a_restart_with_no_transitions(
         )
         status = s.status()
         assert [seg["name"] for seg in status["segments"]] == ["visitor", "regular"]
+        shown = " ".join(s.shoal("status").split())  # the table, its wrapping undone
+        assert "applied version 2, applied " in shown
+        assert " over the API (" in shown
         assert status["definitions_applied"]["version"] == 2
         # No transition at restart: bob's is the next one published.
         assert settled(s, "bob", 3) == [*before, ("bob", "visitor", "entered", "event", 1)]
