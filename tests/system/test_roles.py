@@ -322,12 +322,13 @@ async def test_only_the_engine_touches_the_definitions_bucket(secured: Secured) 
     for role in ("operator", "producer", "subscriber"):
         async with secured.client(role) as nc:
             js = nc.jetstream()
-            for subject, call in [
+            calls: list[tuple[str, Call]] = [
                 (f"$JS.API.STREAM.INFO.{stream}", partial(js.key_value, DEFINITIONS_BUCKET)),
                 (f"$JS.API.STREAM.MSG.GET.{stream}", partial(js.get_msg, stream, subject=key)),
                 (f"$JS.API.STREAM.DELETE.{stream}", partial(js.delete_stream, stream)),
                 (key, partial(js.publish, key, b"{}")),
-            ]:
+            ]
+            for subject, call in calls:
                 denied = await _refused(nc, subject, call)
                 assert (denied.role, denied.subject) == (role, subject)
     async with secured.client("engine") as nc:
