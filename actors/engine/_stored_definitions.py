@@ -45,6 +45,7 @@ from protocol import (
     StoredDefinitionsError,
     decode_definitions,
     encode_definitions,
+    format_instant,
     from_instant,
     to_instant,
 )
@@ -225,7 +226,7 @@ class DefinitionsKeeper:
             chose=chose,
             why=why,
             version=d.version,
-            applied_at=d.applied_at.isoformat(),
+            applied_at=format_instant(to_instant(d.applied_at)),
             **_described(d.origin),
             served_file=file.path,
             served_hash=file.content_hash[:_HASH_SHOWN],
