@@ -39,6 +39,7 @@ from ._config import EngineConfig, EngineObserver, EngineStats, Wake
 from ._deadlines import Deadlines
 from ._definitions import Definitions
 from ._gc import Collector
+from ._imports import Imports
 from ._ingest import Ingest
 from ._metrics import Counts
 from ._outbox import Outbox
@@ -100,8 +101,20 @@ class Engine:
         self._deadlines = deadlines = Deadlines(
             p, recovery, outbox, parking, counts.stats, gc, self._clock, cfg, observer
         )
+        self._imports = imports = Imports(store, p, outbox, parking, self._clock)
         self._ingest = Ingest(
-            store, p, recovery, deadlines, outbox, parking, sink, counts, gc, self._clock, cfg
+            store,
+            p,
+            recovery,
+            deadlines,
+            outbox,
+            parking,
+            imports,
+            sink,
+            counts,
+            gc,
+            self._clock,
+            cfg,
         )
         self._definitions = Definitions(p, recovery, snaps, outbox, parking, counts)
         self._wake = Wake()
