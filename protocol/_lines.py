@@ -184,6 +184,8 @@ class OrderedHistory:
         directory: where to make the temporary directory (None: ``TMPDIR``, else the
             system's).
         run: how many events to hold in memory at most while reading.
+        now: the instant lines are read at (default: the end of time, for a replay);
+            ``shoal import`` gives the current one, refusing history from the future.
     """
 
     __slots__ = (
@@ -199,6 +201,7 @@ class OrderedHistory:
         "_repeats",
         "events",
         "skipped",
+        "_now",
     )
 
     def __init__(
@@ -208,7 +211,9 @@ class OrderedHistory:
         on_repeat: Callable[[int, int], None] = _ignore,
         directory: str | Path | None = None,
         run: int = RUN,
+        now: int = _END_OF_TIME,
     ) -> None:
+        self._now = now
         self._on_skip = on_skip
         self._on_repeat = on_repeat
         self._run = run
@@ -224,6 +229,12 @@ class OrderedHistory:
         :meth:`finish`)."""
         self.skipped = 0
         """How many lines were not valid events."""
+
+    @property
+    def repeated(self) -> int:
+        """How many valid lines repeat an earlier one's customer and message id (after
+        :meth:`finish`): left out."""
+        return self._valid - self.events if self._sorted is not None else 0
 
     @property
     def spilled(self) -> bool:
@@ -247,7 +258,7 @@ class OrderedHistory:
             if not line:
                 continue
             try:
-                event = event_from_line(line, now=_END_OF_TIME)
+                event = event_from_line(line, now=self._now)
             except InvalidEvent as e:
                 self.skipped += 1
                 on_skip(number, e.reason)
@@ -303,6 +314,7 @@ def read_history(
     on_repeat: Callable[[int, int], None] = _ignore,
     directory: str | Path | None = None,
     run: int = RUN,
+    now: int = _END_OF_TIME,
 ) -> OrderedHistory:
     """Read every line of a file of history into an :class:`OrderedHistory` (see it for the
     arguments), and find its repeats: skips are reported as they are met, then repeats in
@@ -311,7 +323,9 @@ def read_history(
     Raises:
         SpillError: the temporary files cannot be written.
     """
-    history = OrderedHistory(on_skip=on_skip, on_repeat=on_repeat, directory=directory, run=run)
+    history = OrderedHistory(
+        on_skip=on_skip, on_repeat=on_repeat, directory=directory, run=run, now=now
+    )
     try:
         history.read(lines)
         history.finish()

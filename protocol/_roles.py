@@ -4,8 +4,9 @@ generator of the nats-server configuration that enforces them.
 Four roles: ``engine`` (``shoal serve`` and ``shoal rebuild``: shoal's streams, its consumer,
 the transitions, the query service), ``producer`` (publishes events, nothing else),
 ``subscriber`` (reads transitions, through its own consumers of ``SHOAL_SEGMENTS`` too, and
-the list of segments) and ``operator`` (every query, definitions, unparking, and the rejected
-events of ``SHOAL_REJECTED``).
+the list of segments) and ``operator`` (every query, definitions, unparking, the rejected
+events of ``SHOAL_REJECTED``, and imports of history into ``SHOAL_EVENTS``: only it may
+publish the import markers).
 
 Each role's subjects are listed exactly: the JetStream API subjects name shoal's streams, so
 no role can touch the streams of anyone else, and only the engine can create, update or
@@ -32,6 +33,7 @@ from ._subjects import (
     API_SERVICE,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
+    IMPORTS_WILDCARD,
     REJECTED_STREAM,
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
@@ -150,9 +152,14 @@ def _subscriber() -> _Role:
 def _operator() -> _Role:
     return _Role(
         summary="shoal status, customer, explain, members, segments list|apply|validate, "
-        f"unpark: every query and definitions; reads the rejected events ({REJECTED_STREAM})",
+        f"unpark, import: every query and definitions; reads the rejected events "
+        f"({REJECTED_STREAM}); imports history into {EVENTS_STREAM} (its events and the "
+        "import markers, which no other role may publish)",
         publish=(
             API_PREFIX + ">",
+            # shoal import: the imported events, and the markers that frame them.
+            EVENTS_WILDCARD,
+            IMPORTS_WILDCARD,
             *_SERVICE_DISCOVERY[1:],
             *_read_stream(REJECTED_STREAM),
             f"{_JS}.STREAM.MSG.GET.{REJECTED_STREAM}",
