@@ -41,6 +41,7 @@ def reconcile(
     *,
     now: int,
     cause: ImportCause | DefinitionCause,
+    clocks: Iterable[int] | None = None,
 ) -> Reconciled:
     """Replay a customer's logged events under ``segments`` up to ``now`` (deadlines fired
     up to it, as :class:`Replay` fires them) and reconcile the result with ``current``, the
@@ -56,6 +57,11 @@ def reconcile(
             the catch-up transitions' ``at``. An event received after it moves it on to
             its receive instant, so no transition is stamped before what it reports.
         cause: ``ImportCause()`` or ``DefinitionCause()``.
+        clocks: for each event, up to which instant a replay of the whole log fired
+            deadlines since the customer's previous event (the latest receive instant, less
+            1, of the log's entries in between): a log out of receive order (a later import
+            of older history) fires the customer's deadlines up to there first, as the
+            whole replay does. None: the customer's log alone decides.
 
     Returns:
         The rebuilt actor and the catch-up transitions.
@@ -63,8 +69,10 @@ def reconcile(
     replay = Replay(segments)
     # The last instant each segment stopped holding by the replay: an exit's true_since.
     left: dict[str, int] = {}
+    clock_of = iter(clocks) if clocks is not None else None
     for event in events:
-        for t in replay.apply(event):
+        fired = replay.advance(next(clock_of)) if clock_of is not None else []
+        for t in fired + replay.apply(event):
             if t.change == "exited":
                 left[t.segment] = _instant(t)
     at = max(now, replay.now or now)

@@ -101,7 +101,7 @@ class Engine:
         self._deadlines = deadlines = Deadlines(
             p, recovery, outbox, parking, counts.stats, gc, self._clock, cfg, observer
         )
-        self._imports = imports = Imports(store, p, outbox, parking, self._clock)
+        self._imports = imports = Imports(store, p, outbox, parking, counts.stats, self._clock)
         self._ingest = Ingest(
             store,
             p,
@@ -176,6 +176,11 @@ class Engine:
         """Why ingestion is paused (``disk full at <path>``: it resumes by itself once there
         is room), or None."""
         return self._outbox.paused
+
+    @property
+    def open_imports(self) -> list[str]:
+        """The imports begun and not yet ended (``shoal import``), by id."""
+        return sorted(self._store.open_imports)
 
     @property
     def pending_deadlines(self) -> int:

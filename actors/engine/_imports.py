@@ -13,6 +13,8 @@ of one goes on with it.
 
 from __future__ import annotations
 
+import bisect
+from array import array
 from collections import defaultdict
 
 import structlog
@@ -20,10 +22,12 @@ import structlog
 from actors._clock import Clock
 from actors._customer import Customer
 from actors._reconcile import reconcile
-from actors._stored import event_of, snapshot_row, transition_of
+from actors._stored import event_of, received_of, snapshot_row, transition_of
 from protocol import (
     EARLIEST,
     IMPORTS_PREFIX,
+    NEVER,
+    DefinitionCause,
     Delivery,
     ImportCause,
     InvalidEvent,
@@ -33,7 +37,7 @@ from protocol import (
 )
 from store import LoggedEvent, Snapshot, Store
 
-from ._config import breathe
+from ._config import EngineStats, breathe
 from ._outbox import Outbox
 from ._parking import Parking
 from ._partition import Partition
@@ -44,6 +48,25 @@ RECONCILE_BATCH = 1_000
 """Customers rebuilt per commit at the end of an import (between two, the engine's other
 tasks and the query service run)."""
 _IMPORT = ImportCause()
+
+
+class Clocks:
+    """The clock a replay of the whole log stands at before each event of some customers,
+    by log position (see :meth:`Imports.clocks`)."""
+
+    __slots__ = ("_seqs", "_before")
+
+    def __init__(self, seqs: array[int], before: array[int]) -> None:
+        self._seqs = seqs
+        self._before = before
+
+    def before(self, seq: int) -> int:
+        """The clock before the event at log position ``seq`` (one of theirs)."""
+        i = bisect.bisect_left(self._seqs, seq)
+        if i < len(self._seqs) and self._seqs[i] == seq:
+            return self._before[i]
+        # Logged after the pass (not possible on the engine's loop): the latest clock.
+        return self._before[-1] if self._before else -NEVER
 
 
 def is_marker(d: Delivery) -> bool:
@@ -61,8 +84,10 @@ class Imports:
         partition: Partition,
         outbox: Outbox,
         parking: Parking,
+        stats: EngineStats,
         clock: Clock,
     ) -> None:
+        self._stats = stats
         self._store = store
         self._partition = partition
         self._outbox = outbox
@@ -137,6 +162,7 @@ class Imports:
         await self._outbox.commit(
             [], [], stream_through=d.stream_sequence, imports={import_id: None}
         )
+        self._stats.imports_applied += 1
         self._logger.info(
             "import applied", import_id=import_id, customers=customers, transitions=transitions
         )
@@ -150,12 +176,50 @@ class Imports:
         async for chunk in self._store.events.read(after=begun):
             touched.update(e.customer_id for e in chunk)
         ids = sorted(i for i in touched if i not in self._parking)
+        clocks = await self.clocks(set(ids))
         made = 0
         for start in range(0, len(ids), RECONCILE_BATCH):
-            made += await self.rebuild(ids[start : start + RECONCILE_BATCH], _IMPORT)
+            made += await self.rebuild(ids[start : start + RECONCILE_BATCH], _IMPORT, clocks)
         return len(ids), made
 
-    async def rebuild(self, customer_ids: list[str], cause: ImportCause) -> int:
+    async def clocks(self, customer_ids: set[str]) -> Clocks:
+        """For each logged event of these customers, how far a replay of the whole log has
+        fired deadlines since the customer's previous event (:func:`actors.reconcile`'s
+        ``clocks``): before each entry, a replay fires every deadline up to that entry's
+        receive instant less 1, so what fired of this customer's meanwhile is up to the
+        largest of those over the entries in between. One pass over the log; a stack of the
+        entries whose receive instant no later one exceeds answers each in O(log n) (it
+        stays short: a log is mostly in receive order)."""
+        seqs, before = array("q"), array("q")
+        stack_seq, stack_max = array("q"), array("q")  # receive instants - 1, decreasing
+        last: dict[str, int] = {}
+        i = 0
+        async for chunk in self._store.events.read():
+            for e in chunk:
+                customer_id = e.customer_id
+                if customer_id in customer_ids:
+                    previous = last.get(customer_id)
+                    clock = -NEVER
+                    if previous is not None:
+                        j = bisect.bisect_right(stack_seq, previous)
+                        if j < len(stack_seq):
+                            clock = stack_max[j]
+                    seqs.append(e.seq)
+                    before.append(clock)
+                    last[customer_id] = e.seq
+                received = received_of(e) - 1
+                while stack_max and stack_max[-1] <= received:
+                    stack_max.pop()
+                    stack_seq.pop()
+                stack_seq.append(e.seq)
+                stack_max.append(received)
+                i += 1
+                await breathe(i, 50_000)
+        return Clocks(seqs, before)
+
+    async def rebuild(
+        self, customer_ids: list[str], cause: ImportCause | DefinitionCause, clocks: Clocks
+    ) -> int:
         """Rebuild these customers from the log, reconcile each with what was published,
         and commit the catch-up transitions with their snapshots; returns how many."""
         store, p = self._store, self._partition
@@ -175,13 +239,15 @@ class Imports:
         for i, customer_id in enumerate(customer_ids):
             current = p.customers.get(customer_id) or published.get(customer_id)
             try:
+                mine = logged[customer_id]
                 done = reconcile(
                     current,
                     customer_id,
-                    [event_of(e) for e in logged[customer_id]],
+                    [event_of(e) for e in mine],
                     p.segments,
                     now=now,
                     cause=cause,
+                    clocks=[clocks.before(e.seq) for e in mine],
                 )
             except Exception as e:
                 p.fail(customer_id, "import", e)

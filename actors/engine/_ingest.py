@@ -146,6 +146,7 @@ class Ingest:
             if d.stream_sequence in imported:
                 # Applied when its import ends, by rebuilding its customer from the log.
                 logged.append(logged_event(event))
+                stats.imported_events += 1
                 continue
             if event.customer_id in parking:
                 # Kept for when it is tried again, not applied now.
