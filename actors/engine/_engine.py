@@ -116,7 +116,7 @@ class Engine:
             self._clock,
             cfg,
         )
-        self._definitions = Definitions(p, recovery, snaps, outbox, parking, counts)
+        self._definitions = Definitions(p, recovery, snaps, outbox, parking, imports, counts)
         self._wake = Wake()
         self._running = False
         self._consuming = False

@@ -179,7 +179,7 @@ class Imports:
         clocks = await self.clocks(set(ids))
         made = 0
         for start in range(0, len(ids), RECONCILE_BATCH):
-            made += await self.rebuild(ids[start : start + RECONCILE_BATCH], _IMPORT, clocks)
+            made += len(await self.rebuild(ids[start : start + RECONCILE_BATCH], _IMPORT, clocks))
         return len(ids), made
 
     async def clocks(self, customer_ids: set[str]) -> Clocks:
@@ -219,9 +219,10 @@ class Imports:
 
     async def rebuild(
         self, customer_ids: list[str], cause: ImportCause | DefinitionCause, clocks: Clocks
-    ) -> int:
-        """Rebuild these customers from the log, reconcile each with what was published,
-        and commit the catch-up transitions with their snapshots; returns how many."""
+    ) -> list[Transition]:
+        """Rebuild these customers from the log under the definitions in force, reconcile
+        each with what was published, and commit the catch-up transitions with their
+        snapshots; return the transitions."""
         store, p = self._store, self._partition
         logged: dict[str, list[LoggedEvent]] = defaultdict(list)
         for e in await store.events.of_customers(customer_ids):
@@ -261,4 +262,4 @@ class Imports:
         # The snapshots too: one taken during the import holds its customer without the
         # imported events, and a restart must not load that one.
         await self._outbox.commit([], transitions, rows)
-        return len(transitions)
+        return transitions
