@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
+from nats.aio.client import Client
 
 from actors import Engine, Replay, SegmentSet, VirtualClock, event_of
 from protocol import (
@@ -31,7 +32,15 @@ from protocol import (
 )
 from protocol.nats import connect, publish_import
 from store import Store
-from tests.helpers import NatsServer, eventually, now, published, running_engine, segments
+from tests.helpers import (
+    NatsServer,
+    collect,
+    eventually,
+    now,
+    published,
+    running_engine,
+    segments,
+)
 
 T = now() // HOUR * HOUR - DAY
 """The engine's (virtual) now: before the wall clock, which the broker stamps with."""
@@ -130,7 +139,7 @@ def _check_catch_up(
     for customer in _CUSTOMERS:
         mine = [t for t in new if t.customer_id == customer]
         was = before.get(customer)
-        old = set(was[0]) if isinstance(was, tuple) else set()  # type: ignore[arg-type]
+        old = set(was[0]) if isinstance(was, tuple) else set()
         r = replay.customer(customer)
         now_in = dict(r.members) if r is not None else {}
         assert sorted((t.segment, t.change) for t in mine) == sorted(
@@ -202,3 +211,30 @@ def test_import_then_serve_equals_a_replay_of_the_log(
 
     with tempfile.TemporaryDirectory() as tmp:
         anyio.run(scenario, Path(tmp))
+
+
+async def test_an_event_claiming_an_import_that_is_not_open_is_rejected(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    """A producer may set any header: one claiming an import is never taken for live traffic
+    (nor applied with its claimed receive instant) unless an operator opened that import."""
+    rejected = await collect(client, "shoal.rejected")
+    async with running_engine(nats_server.url, tmp_path / "shoal.db", SEGMENTS) as engine:
+        js = client.jetstream()
+        await js.publish(
+            "shoal.events.ann",
+            b'{"type": "track", "userId": "ann", "event": "Visit", "messageId": "x"}',
+            headers={"Shoal-Import": "0123abcd", "Shoal-Received-At": str(START)},
+        )
+        # An end marker of no open import: ignored, nothing rebuilt.
+        await js.publish("shoal.imports.0123abcd.end", b"", headers={"Shoal-Import": "0123abcd"})
+        await eventually(lambda: len(rejected.msgs) == 1)
+        (rejection,) = rejected.rejections()
+        assert rejection.reason == (
+            "the event claims import '0123abcd', which is not open (no begin marker, or it "
+            "ended): imported events are published by `shoal import`"
+        )
+        await eventually(lambda: engine.stats.events_rejected == 1)
+        assert engine.customer("ann") is None
+        assert engine.stats.imports_applied == 0
+        assert engine.stats.events_applied == engine.stats.imported_events == 0
