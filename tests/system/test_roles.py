@@ -398,8 +398,7 @@ async def test_only_the_operator_may_import(secured: Secured, tmp_path: Path) ->
     history = tmp_path / "h.jsonl"
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
     history.write_text(
-        json.dumps({"type": "track", "userId": "ann", "event": "Visit", "timestamp": stamp})
-        + "\n"
+        json.dumps({"type": "track", "userId": "ann", "event": "Visit", "timestamp": stamp}) + "\n"
     )
     done = await anyio.to_thread.run_sync(
         lambda: run("import", str(history), *secured.as_role("operator"))
