@@ -18,11 +18,15 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
-from actors import Engine, Replay, SegmentSet, VirtualClock, event_of
+from actors import Engine, Replay, SegmentSet, VirtualClock, event_of, rebuild_from_stream
 from protocol import (
     DAY,
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
     HOUR,
     MINUTE,
+    SEGMENTS_STREAM,
+    SEGMENTS_WILDCARD,
     Event,
     ImportCause,
     OrderedHistory,
@@ -30,7 +34,7 @@ from protocol import (
     format_instant,
     to_instant,
 )
-from protocol.nats import connect, publish_import
+from protocol.nats import connect, publish_import, read_stream
 from store import Store
 from tests.helpers import (
     NatsServer,
@@ -238,3 +242,33 @@ async def test_an_event_claiming_an_import_that_is_not_open_is_rejected(
         assert engine.customer("ann") is None
         assert engine.stats.imports_applied == 0
         assert engine.stats.events_applied == engine.stats.imported_events == 0
+
+
+async def test_a_store_rebuilt_from_the_stream_keeps_imported_receive_instants(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Imported history is in the stream: a store rebuilt from it logs the imported events
+    with their original receive instants, as the engine did."""
+    lines = _lines([("ann", 10, 30, False), ("bob", 20, 0, True), ("ann", 30, 60, False)], "m")
+    async with running_engine(
+        nats_server.url, tmp_path / "shoal.db", SEGMENTS, clock=VirtualClock(T)
+    ) as engine:
+        await _import(nats_server.url, lines)
+        await eventually(lambda: engine.stats.imports_applied == 1)
+    nc = await connect([nats_server.url])
+    try:
+        async with await Store.open(tmp_path / "again.db") as store:
+            report = await rebuild_from_stream(
+                store,
+                read_stream(nc, EVENTS_STREAM, EVENTS_WILDCARD),
+                read_stream(nc, SEGMENTS_STREAM, SEGMENTS_WILDCARD),
+                through=None,
+            )
+            assert report.logged == 3
+            rebuilt = [event_of(e) async for chunk in store.events.read() for e in chunk]
+    finally:
+        await nc.close()
+    async with await Store.open_read_only(tmp_path / "shoal.db") as store:
+        logged = [event_of(e) async for chunk in store.events.read() for e in chunk]
+    assert rebuilt == logged
+    assert any(e.received > e.at for e in logged)
