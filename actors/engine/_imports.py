@@ -257,7 +257,8 @@ class Imports:
             p.touch(done.customer)
             transitions += done.transitions
             rows.append(snapshot_row(done.customer, needs=p.needs, log_seq=store.events.last_seq))
-            await breathe(i)
+            # A customer is replayed whole: let the query service in every few.
+            await breathe(i, 20)
         await self._parking.settle()
         # The snapshots too: one taken during the import holds its customer without the
         # imported events, and a restart must not load that one.
