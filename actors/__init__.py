@@ -19,6 +19,8 @@ from ._history import membership_intervals as membership_intervals
 from ._history import memberships_at as memberships_at
 from ._history import outbox_history as outbox_history
 from ._history import replayed_history as replayed_history
+from ._reconcile import Reconciled as Reconciled
+from ._reconcile import reconcile as reconcile
 from ._replay import Replay as Replay
 from ._replay import replay as replay
 from ._stored import customer_of as customer_of
@@ -74,6 +76,7 @@ __all__ = (
     "Interval",
     "MembershipAt",
     "RebuildReport",
+    "Reconciled",
     "Replay",
     "ReplayTally",
     "Rule",
@@ -105,6 +108,7 @@ __all__ = (
     "parse_segments",
     "read_log",
     "rebuild_from_stream",
+    "reconcile",
     "replay",
     "replayed_history",
     "served_origin",

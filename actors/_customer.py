@@ -511,12 +511,15 @@ class Customer(_Derived):
 
     def restore(self, transitions: Iterable[Transition]) -> None:
         """Take memberships, version and watermark from the customer's past transitions
-        (in version order), as published; used by rebuild after :meth:`fold`."""
+        (in version order), as published; used by rebuild after :meth:`fold`. A membership
+        holds the instant it truly began (``true_since``)."""
         self._kept = None  # memberships change
         for t in transitions:
             at = to_instant(t.at)
             if t.change == "entered":
-                self._own_members()[t.segment] = at
+                # The instant it truly entered: min_dwell counts from it (a catch-up
+                # transition's ``at`` is only when the engine published it).
+                self._own_members()[t.segment] = to_instant(t.true_since)
             elif t.segment in self.members:
                 del self._own_members()[t.segment]
             self.version = t.version

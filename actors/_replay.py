@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from protocol import Event, Transition
 
 from ._customer import Customer
-from .engine import Partition
+from .engine._partition import Partition
 from .rules import SegmentSet
 
 

@@ -28,6 +28,35 @@ _transition_encoder = msgspec.json.Encoder()
 _transition_decoder = msgspec.json.Decoder(Transition)
 
 
+class _Received(msgspec.Struct, array_like=True, gc=False):
+    """The leading fields of a logged :class:`Event`, up to its receive instant; the rest
+    of the array is ignored."""
+
+    kind: msgspec.Raw
+    customer_id: msgspec.Raw
+    name: msgspec.Raw
+    properties: msgspec.Raw
+    traits: msgspec.Raw
+    at: int
+    received: int
+
+
+_received_decoder = msgspec.msgpack.Decoder(_Received)
+
+
+def received_of(entry: LoggedEvent) -> int:
+    """The receive instant of the event an entry of the log holds, without decoding the
+    rest of it.
+
+    Raises:
+        StoreError: its body is not an event this shoal can read.
+    """
+    try:
+        return _received_decoder.decode(entry.body).received
+    except msgspec.DecodeError as e:
+        raise StoreError(f"event {entry.seq} of the log cannot be read: {e}") from e
+
+
 def logged_event(event: Event) -> LoggedEvent:
     """The event log entry of a validated event."""
     return LoggedEvent(

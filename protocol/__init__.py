@@ -58,6 +58,7 @@ from ._inbound import parse_timestamp as parse_timestamp
 from ._keys import KEYS_DIR as KEYS_DIR
 from ._keys import KeyFileError as KeyFileError
 from ._keys import role_key_file as role_key_file
+from ._limits import EARLIEST as EARLIEST
 from ._lines import OrderedHistory as OrderedHistory
 from ._lines import event_from_line as event_from_line
 from ._lines import event_line as event_line
@@ -81,6 +82,10 @@ from ._subjects import API_PREFIX as API_PREFIX
 from ._subjects import API_SERVICE as API_SERVICE
 from ._subjects import EVENTS_STREAM as EVENTS_STREAM
 from ._subjects import EVENTS_WILDCARD as EVENTS_WILDCARD
+from ._subjects import IMPORT_HEADER as IMPORT_HEADER
+from ._subjects import IMPORTS_PREFIX as IMPORTS_PREFIX
+from ._subjects import IMPORTS_WILDCARD as IMPORTS_WILDCARD
+from ._subjects import RECEIVED_HEADER as RECEIVED_HEADER
 from ._subjects import REJECTED_STREAM as REJECTED_STREAM
 from ._subjects import REJECTED_SUBJECT as REJECTED_SUBJECT
 from ._subjects import SEGMENTS_STREAM as SEGMENTS_STREAM
@@ -92,9 +97,12 @@ from ._subjects import customer_of_api_subject as customer_of_api_subject
 from ._subjects import customer_of_event_subject as customer_of_event_subject
 from ._subjects import escape_token as escape_token
 from ._subjects import event_subject as event_subject
+from ._subjects import import_marker_of as import_marker_of
+from ._subjects import import_marker_subject as import_marker_subject
 from ._subjects import segment_filter as segment_filter
 from ._subjects import segment_subject as segment_subject
 from ._subjects import unescape_token as unescape_token
+from ._subjects import validate_import_id as validate_import_id
 from ._subjects import validate_segment_name as validate_segment_name
 from ._time import DAY as DAY
 from ._time import HOUR as HOUR
@@ -108,6 +116,7 @@ from ._types import Cause as Cause
 from ._types import DefinitionCause as DefinitionCause
 from ._types import Event as Event
 from ._types import EventCause as EventCause
+from ._types import ImportCause as ImportCause
 from ._types import Rejection as Rejection
 from ._types import TimeCause as TimeCause
 from ._types import Transition as Transition
@@ -130,9 +139,14 @@ __all__ = (
     "API_SERVICE",
     "API_VERSION",
     "DAY",
+    "EARLIEST",
     "DEFAULT_MAX_EVENT_BYTES",
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
+    "IMPORTS_PREFIX",
+    "IMPORTS_WILDCARD",
+    "IMPORT_HEADER",
+    "RECEIVED_HEADER",
     "HOUR",
     "KEYS_DIR",
     "MAX_FUTURE_SKEW",
@@ -159,6 +173,7 @@ __all__ = (
     "EngineUnavailable",
     "Event",
     "EventCause",
+    "ImportCause",
     "EventCounter",
     "EventSource",
     "ExplainReply",
@@ -199,6 +214,9 @@ __all__ = (
     "customer_of_api_subject",
     "customer_of_event_subject",
     "decode_event",
+    "import_marker_of",
+    "import_marker_subject",
+    "validate_import_id",
     "embedded_broker",
     "escape_token",
     "event_from_line",

@@ -17,10 +17,10 @@ from typing import Any
 
 import msgspec
 
-from ._inbound import InvalidEvent, decode_event
+from ._inbound import MAX_FUTURE_SKEW, InvalidEvent, decode_event, parse_timestamp
 from ._spill import RUN, Spill, SpillFiles
 from ._subjects import event_subject
-from ._time import format_instant, to_instant
+from ._time import SECOND, format_instant, to_instant
 from ._types import Event
 
 
@@ -30,6 +30,7 @@ class _Head(msgspec.Struct, kw_only=True, rename="camel"):
     user_id: Any = None
     timestamp: Any = None
     message_id: Any = None
+    received_at: Any = None
 
 
 _head_decoder = msgspec.json.Decoder(_Head)
@@ -53,8 +54,10 @@ def _content_id(line: bytes) -> str:
 def event_from_line(line: bytes, *, now: int) -> Event:
     """Validate one line of history (Segment Spec JSON) as a live event, and return it.
 
-    Unlike a live event, it must carry its ``timestamp``: history has no broker receive
-    time, so the timestamp is both its instant and its receive instant. Its message id is
+    Unlike a live event, it must carry its ``timestamp``. Its receive instant is its
+    ``receivedAt`` when given (what ``shoal export`` writes, so an export imports back
+    exactly), else its timestamp; its instant is its timestamp, or its receive instant when
+    stamped ahead of it (at most :data:`MAX_FUTURE_SKEW`), as for a live event. Its message id is
     its ``messageId``, or else ``import:`` and a hash of its content, so importing the same
     line twice gives one event (two identical lines without ``messageId`` are one event).
 
@@ -88,7 +91,37 @@ def event_from_line(line: bytes, *, now: int) -> Event:
             "missing required field `timestamp` (a file has no receive time: each event "
             "needs its instant)"
         )
-    return msgspec.structs.replace(event, received=event.at)
+    if head.received_at is None:
+        return msgspec.structs.replace(event, received=event.at)
+    return _received_at(event, head.timestamp, head.received_at, now)
+
+
+def _received_at(event: Event, timestamp: str, received_at: Any, now: int) -> Event:
+    """``event`` as received at its line's ``receivedAt``: its instant is its timestamp,
+    or its receive instant when stamped ahead of it, as for a live event."""
+    if not isinstance(received_at, str):
+        raise InvalidEvent(
+            "field `receivedAt` must be an ISO-8601 date and time with a UTC offset, when given"
+        )
+    try:
+        received = parse_timestamp(received_at)
+    except InvalidEvent as e:
+        raise InvalidEvent(e.reason.replace("timestamp", "receivedAt", 1)) from None
+    if received - now > MAX_FUTURE_SKEW:
+        raise InvalidEvent(
+            f"receivedAt {received_at!r} is ahead of now ({format_instant(now)}): an event "
+            "cannot have been received in the future",
+            kind="future",
+        )
+    stamped = parse_timestamp(timestamp)
+    if stamped - received > MAX_FUTURE_SKEW:
+        raise InvalidEvent(
+            f"timestamp {timestamp!r} is {(stamped - received) / SECOND:g} s ahead of "
+            f"receivedAt ({format_instant(received)}); at most "
+            f"{MAX_FUTURE_SKEW // SECOND} s ahead is allowed",
+            kind="future",
+        )
+    return msgspec.structs.replace(event, at=min(stamped, received), received=received)
 
 
 def _ignore(number: int, detail: Any) -> None:
@@ -151,6 +184,8 @@ class OrderedHistory:
         directory: where to make the temporary directory (None: ``TMPDIR``, else the
             system's).
         run: how many events to hold in memory at most while reading.
+        now: the instant lines are read at (default: the end of time, for a replay);
+            ``shoal import`` gives the current one, refusing history from the future.
     """
 
     __slots__ = (
@@ -166,6 +201,7 @@ class OrderedHistory:
         "_repeats",
         "events",
         "skipped",
+        "_now",
     )
 
     def __init__(
@@ -175,7 +211,9 @@ class OrderedHistory:
         on_repeat: Callable[[int, int], None] = _ignore,
         directory: str | Path | None = None,
         run: int = RUN,
+        now: int = _END_OF_TIME,
     ) -> None:
+        self._now = now
         self._on_skip = on_skip
         self._on_repeat = on_repeat
         self._run = run
@@ -191,6 +229,12 @@ class OrderedHistory:
         :meth:`finish`)."""
         self.skipped = 0
         """How many lines were not valid events."""
+
+    @property
+    def repeated(self) -> int:
+        """How many valid lines repeat an earlier one's customer and message id (after
+        :meth:`finish`): left out."""
+        return self._valid - self.events if self._sorted is not None else 0
 
     @property
     def spilled(self) -> bool:
@@ -214,7 +258,7 @@ class OrderedHistory:
             if not line:
                 continue
             try:
-                event = event_from_line(line, now=_END_OF_TIME)
+                event = event_from_line(line, now=self._now)
             except InvalidEvent as e:
                 self.skipped += 1
                 on_skip(number, e.reason)
@@ -270,6 +314,7 @@ def read_history(
     on_repeat: Callable[[int, int], None] = _ignore,
     directory: str | Path | None = None,
     run: int = RUN,
+    now: int = _END_OF_TIME,
 ) -> OrderedHistory:
     """Read every line of a file of history into an :class:`OrderedHistory` (see it for the
     arguments), and find its repeats: skips are reported as they are met, then repeats in
@@ -278,7 +323,9 @@ def read_history(
     Raises:
         SpillError: the temporary files cannot be written.
     """
-    history = OrderedHistory(on_skip=on_skip, on_repeat=on_repeat, directory=directory, run=run)
+    history = OrderedHistory(
+        on_skip=on_skip, on_repeat=on_repeat, directory=directory, run=run, now=now
+    )
     try:
         history.read(lines)
         history.finish()

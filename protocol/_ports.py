@@ -33,6 +33,13 @@ class Delivery:
     """How many messages the source had still to deliver after this one."""
     msg_id: str | None
     """The producer's message id (``Nats-Msg-Id``), when it set one."""
+    import_id: str | None = None
+    """The ``Shoal-Import`` header: the import this message claims to belong to (an
+    imported event, or an import's marker). The engine believes it only for an import an
+    operator opened (see the README's Import section)."""
+    received_at: str | None = None
+    """The ``Shoal-Received-At`` header as sent: an imported event's original receive
+    instant (microseconds since the epoch, decimal)."""
 
     @property
     def default_message_id(self) -> str:
@@ -41,8 +48,15 @@ class Delivery:
         it is read, so a rebuild from the stream logs it under the same id)."""
         return self.msg_id or f"js:{self.stream_sequence}@{self.received}"
 
-    def event(self, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event:
+    def event(
+        self, max_bytes: int = DEFAULT_MAX_EVENT_BYTES, *, received: int | None = None
+    ) -> Event:
         """The event this delivery carries, validated as the engine validates it.
+
+        Args:
+            max_bytes: the largest payload accepted.
+            received: its receive instant, when not the broker's stamp (an imported event's
+                original one).
 
         Raises:
             InvalidEvent: it cannot be applied; its ``reason`` says why.
@@ -50,7 +64,7 @@ class Delivery:
         return decode_event(
             self.data,
             self.subject,
-            received=self.received,
+            received=self.received if received is None else received,
             default_message_id=self.default_message_id,
             max_bytes=max_bytes,
         )

@@ -5,8 +5,9 @@ Four roles: ``engine`` (``shoal serve`` and ``shoal rebuild``: shoal's streams, 
 the transitions, the query service, and the definitions in force in the KV bucket
 ``SHOAL_DEFINITIONS``), ``producer`` (publishes events, nothing else), ``subscriber`` (reads
 transitions, through its own consumers of ``SHOAL_SEGMENTS`` too, and the list of segments)
-and ``operator`` (every query, definitions, unparking, and the rejected events of
-``SHOAL_REJECTED``). The ``SHOAL_DEFINITIONS`` bucket (its chunked lists included) is the
+and ``operator`` (every query, definitions, unparking, the rejected events of
+``SHOAL_REJECTED``, and imports of history into ``SHOAL_EVENTS``: only it may publish the
+import markers). The ``SHOAL_DEFINITIONS`` bucket (its chunked lists included) is the
 engine's alone: an operator changes the definitions through the query API
 (``shoal.api.definitions``), which the engine applies and stores, and needs no access to it.
 
@@ -36,6 +37,7 @@ from ._subjects import (
     API_SERVICE,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
+    IMPORTS_WILDCARD,
     REJECTED_STREAM,
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
@@ -161,10 +163,15 @@ def _subscriber() -> _Role:
 def _operator() -> _Role:
     return _Role(
         summary="shoal status, customer, explain, members, segments list|apply|validate, "
-        "unpark: every query, and definitions through the API only (no access to the KV "
-        f"bucket {DEFINITIONS_BUCKET}); reads the rejected events ({REJECTED_STREAM})",
+        "unpark, import: every query, and definitions through the API only (no access to "
+        f"the KV bucket {DEFINITIONS_BUCKET}); reads the rejected events ({REJECTED_STREAM}); "
+        f"imports history into {EVENTS_STREAM} (its events and the import markers, which no "
+        "other role may publish)",
         publish=(
             API_PREFIX + ">",
+            # shoal import: the imported events, and the markers that frame them.
+            EVENTS_WILDCARD,
+            IMPORTS_WILDCARD,
             *_SERVICE_DISCOVERY[1:],
             *_read_stream(REJECTED_STREAM),
             f"{_JS}.STREAM.MSG.GET.{REJECTED_STREAM}",

@@ -19,6 +19,16 @@ SEGMENTS_PREFIX = "shoal.segments."
 EVENTS_WILDCARD = "shoal.events.>"
 SEGMENTS_WILDCARD = "shoal.segments.>"
 REJECTED_SUBJECT = "shoal.rejected"
+IMPORTS_PREFIX = "shoal.imports."
+IMPORTS_WILDCARD = "shoal.imports.>"
+"""The markers of ``shoal import`` (``shoal.imports.<import id>.<begin|end>``), in
+``SHOAL_EVENTS`` so that they come in stream order with the imported events."""
+IMPORT_STAGES = ("begin", "end")
+IMPORT_HEADER = "Shoal-Import"
+"""The header of an imported event (and of the markers): its import's id."""
+RECEIVED_HEADER = "Shoal-Received-At"
+"""The header of an imported event: its original receive instant, microseconds since the
+epoch in decimal (the broker's own stamp is when it was imported)."""
 API_PREFIX = "shoal.api."
 API_SERVICE = "shoal"
 """The name of the query service (``$SRV.PING.shoal``) and the queue group of its endpoints."""
@@ -42,6 +52,7 @@ REJECTED_STREAM = "SHOAL_REJECTED"
 CHANGES = ("entered", "exited")
 
 _SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_IMPORT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ESCAPE_HEX = re.compile(r"%([0-9A-F]{2})")
 
 
@@ -226,3 +237,42 @@ def customer_of_api_subject(endpoint: str, subject: str) -> str:
             "(escape '.' in customer ids as %2E)"
         )
     return unescape_token(token)
+
+
+def validate_import_id(import_id: str) -> str:
+    """Return ``import_id`` if it can name an import (a subject token and a header value).
+
+    Raises:
+        SubjectError: it is not 1 to 64 letters, digits, '_' or '-'.
+    """
+    if not _IMPORT_ID.fullmatch(import_id):
+        raise SubjectError(
+            f"import id {import_id[:80]!r} must be 1 to 64 letters, digits, '_' or '-'"
+        )
+    return import_id
+
+
+def import_marker_subject(import_id: str, stage: str) -> str:
+    """The subject of an import's marker: ``shoal.imports.<import id>.<begin|end>``.
+
+    Raises:
+        SubjectError: a bad import id, or ``stage`` is not ``begin`` or ``end``.
+    """
+    if stage not in IMPORT_STAGES:
+        raise SubjectError(f"import stage {stage!r} must be 'begin' or 'end'")
+    return f"{IMPORTS_PREFIX}{validate_import_id(import_id)}.{stage}"
+
+
+def import_marker_of(subject: str) -> tuple[str, str]:
+    """The import id and stage of a marker subject ``shoal.imports.<import id>.<stage>``.
+
+    Raises:
+        SubjectError: the subject is not such a marker.
+    """
+    rest = subject[len(IMPORTS_PREFIX) :] if subject.startswith(IMPORTS_PREFIX) else ""
+    import_id, _, stage = rest.partition(".")
+    if stage not in IMPORT_STAGES:
+        raise SubjectError(
+            f"subject {subject[:200]!r} is not {IMPORTS_PREFIX}<import id>.<begin|end>"
+        )
+    return validate_import_id(import_id), stage

@@ -26,10 +26,18 @@ class TimeCause(msgspec.Struct, frozen=True, kw_only=True, tag="time", tag_field
 class DefinitionCause(
     msgspec.Struct, frozen=True, kw_only=True, tag="definition", tag_field="kind"
 ):
-    """The membership changed because the segment definitions changed."""
+    """The membership changed because the segment definitions changed: a catch-up
+    transition, whose ``true_since`` comes from replaying the customer's log under the new
+    definitions."""
 
 
-Cause = EventCause | TimeCause | DefinitionCause
+class ImportCause(msgspec.Struct, frozen=True, kw_only=True, tag="import", tag_field="kind"):
+    """The membership changed because imported history was applied (``shoal import``): a
+    catch-up transition, published when the engine applied the end of the import, whose
+    ``true_since`` comes from replaying the customer's log with the imported events."""
+
+
+Cause = EventCause | TimeCause | DefinitionCause | ImportCause
 
 Change = Literal["entered", "exited"]
 
@@ -38,9 +46,19 @@ class Transition(msgspec.Struct, frozen=True, kw_only=True):
     """A change of one customer's membership in one segment, as published on
     ``shoal.segments.<segment>.<change>``.
 
-    ``at`` is the instant the rule became true or false (for a time-based change, the
-    computed instant, not when the engine noticed). ``version`` counts the customer's
-    transitions over all segments, starting at 1, with no gaps.
+    ``at`` is the instant the change took effect: for causes ``event`` and ``time``, the
+    instant the rule became true or false (for a time-based change, the computed instant,
+    not when the engine noticed); for the catch-up causes ``import`` and ``definition``, the
+    instant the engine applied the end of the import or the definitions change.
+
+    ``true_since`` is the instant the change it reports became true by the rules: equal to
+    ``at`` for causes ``event`` and ``time``; for a catch-up transition, the instant a replay
+    of the customer's log says the rule became true (``entered``) or stopped holding
+    (``exited``; ``at`` when the replay never had it in the segment). Transitions stored
+    before shoal had it decode with ``true_since`` equal to ``at``.
+
+    ``version`` counts the customer's transitions over all segments, starting at 1, with no
+    gaps.
     """
 
     customer_id: str
@@ -49,6 +67,11 @@ class Transition(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime
     cause: Cause
     version: int
+    true_since: datetime = None  # type: ignore[assignment]  # set from ``at`` when absent
+
+    def __post_init__(self) -> None:
+        if self.true_since is None:
+            msgspec.structs.force_setattr(self, "true_since", self.at)
 
     @property
     def msg_id(self) -> str:

@@ -1,39 +1,43 @@
-"""``shoal import`` and ``shoal export``: history in and out of the event log, as JSON lines.
+"""``shoal import`` and ``shoal export``: history in and out of shoal, as JSON lines.
 
-Import writes straight into the SQLite log (taking its single-writer lock), so it is for
-history while the engine is stopped: the next ``shoal serve`` folds the imported events in.
-Export reads the log beside a running engine. The work is :func:`actors.import_history` and
-:func:`actors.export_history`.
+Import publishes the history into the events stream, as one import between two markers
+(:func:`protocol.nats.publish_import`; README, Import): to the broker of a running engine,
+else to the data directory's embedded broker, started for the import (the next ``shoal
+serve`` applies it). Export reads the log beside a running engine
+(:func:`actors.export_history`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import itertools
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
     Task,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from rich.text import Text
 
-from actors import export_history, import_history
+from actors import export_history
+from protocol import KEYS_DIR, Event, OrderedHistory, embedded_broker, port_in_use, role_key_file
+from protocol.nats import Credentials, connect, ensure_streams, permission_guard, publish_import
 from store import Store
 
+from ._connection import credentials_of
 from ._errors import UsageError
 
 
@@ -41,7 +45,7 @@ def register(sub: Any) -> None:
     """Add ``import`` and ``export`` to the ``shoal`` subcommands ``sub``."""
     imp = sub.add_parser(
         "import",
-        help="load history (JSON lines) into the event log, while the engine is stopped",
+        help="load history (JSON lines) into the events stream, the engine running or not",
     )
     imp.add_argument("file", help="JSON-lines file of Segment Spec events ('-': stdin)")
     imp.add_argument(
@@ -49,8 +53,14 @@ def register(sub: Any) -> None:
         type=Path,
         default=Path("shoal-data"),
         metavar="DIR",
-        help="the engine's data directory (default: ./shoal-data)",
+        help="the engine's data directory: its embedded broker is started for the import when "
+        "no engine runs, and its operator key used (default: ./shoal-data)",
     )
+    imp.add_argument(
+        "--nats", action="append", metavar="URL", help="the engine's NATS server (not embedded)"
+    )
+    imp.add_argument("--host", default="127.0.0.1", help="the embedded broker's address")
+    imp.add_argument("--port", type=int, default=4222, help="the embedded broker's port")
     imp.set_defaults(run=_import)
 
     exp = sub.add_parser("export", help="write the event log as JSON lines")
@@ -104,40 +114,82 @@ async def _import(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UsageError(f"cannot read {name}: {e.strerror}") from None
     try:
-        total = os.fstat(stream.fileno()).st_size if name != "-" else None
-        async with await Store.open(args.data_dir / "shoal.db") as store:
-            with _progress(
-                TextColumn("importing"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[events]:,} events"),
-            ) as (progress, say):
-                task = progress.add_task("import", total=total or None, events=0)
-                read = 0
-
-                def advance(size: int, events: int) -> None:
-                    nonlocal read
-                    read += events
-                    progress.update(task, advance=size, events=read)
-
-                report = await import_history(
-                    store,
-                    stream,
-                    now=_now(),
-                    on_skip=lambda number, reason: say(f"line {number}: {reason}; skipped"),
-                    on_progress=advance,
-                )
+        with _progress(
+            TextColumn("importing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _Rate(),
+            TimeRemainingColumn(),
+        ) as (progress, say):
+            # Read into receive order (a file's lines may come in any order), repeats left
+            # out, in bounded memory: the log then holds them as a replay of the file sees
+            # them.
+            with OrderedHistory(
+                on_skip=lambda number, reason: say(f"line {number}: {reason}; skipped"),
+                now=_now(),
+            ) as history:
+                await anyio.to_thread.run_sync(history.read, stream)
+                events = await anyio.to_thread.run_sync(history.finish)
+                task = progress.add_task("import", total=events or None)
+                async with contextlib.AsyncExitStack() as stack:
+                    servers, started = await _import_servers(stack, args)
+                    credentials = credentials_of(args).for_role("operator")
+                    nc = await connect(servers, name="shoal-import", credentials=credentials)
+                    stack.push_async_callback(nc.close)
+                    async with permission_guard(nc):
+                        done = await publish_import(
+                            nc,
+                            _pieces(iter(history)),
+                            on_progress=lambda n: progress.advance(task, n),
+                        )
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
     print(
-        f"imported {report.imported} event(s), {report.duplicates} duplicate(s), "
-        f"{report.skipped} line(s) skipped",
+        f"imported {done.published} event(s), {done.duplicates + history.repeated} "
+        "duplicate(s), "
+        f"{history.skipped} line(s) skipped; "
+        + (
+            "the next `shoal serve` applies them"
+            if started
+            else "the engine applies them once it reaches the import's end"
+        ),
         file=sys.stderr,
     )
-    return 1 if report.skipped else 0
+    return 1 if history.skipped else 0
+
+
+async def _pieces(events: Iterator[Event], size: int = 1_000) -> AsyncIterator[list[Event]]:
+    """``events`` in lists, each read off the event loop (they may come from files)."""
+    while True:
+        piece = await anyio.to_thread.run_sync(lambda: list(itertools.islice(events, size)))
+        if not piece:
+            return
+        yield piece
+
+
+async def _import_servers(
+    stack: contextlib.AsyncExitStack, args: argparse.Namespace
+) -> tuple[list[str], bool]:
+    """Where to publish an import, and whether its broker was started for it: ``--nats``;
+    else the embedded broker of a ``shoal serve`` running on ``--host``/``--port``; else
+    the data directory's embedded broker, started here (with the streams declared, as the
+    engine) until ``stack`` closes: the next ``shoal serve`` applies the import."""
+    if args.nats:
+        return list(args.nats), False
+    if port_in_use(args.host, args.port):
+        return [f"nats://{args.host}:{args.port}"], False
+    data_dir: Path = args.data_dir
+    url = await stack.enter_async_context(
+        embedded_broker(data_dir / "nats", host=args.host, port=args.port, keys=data_dir / KEYS_DIR)
+    )
+    engine = Credentials(nkey=role_key_file(data_dir, "engine"), role="engine").for_role("engine")
+    nc = await connect([url], name="shoal-import-streams", credentials=engine)
+    try:
+        await ensure_streams(nc.jetstream())
+    finally:
+        await nc.close()
+    return [url], True
 
 
 async def _export(args: argparse.Namespace) -> int:

@@ -76,6 +76,7 @@ from ._logging import Scrubber, configure_logging, secrets_of
 
 _CONNECTING = {
     "serve": "engine",
+    "import": "operator",
     "publish": "producer",
     "tail": "subscriber",
     "rebuild": "engine",

@@ -7,7 +7,7 @@ snapshots, stores customer states), so the parts never disagree after a crash.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -23,6 +23,9 @@ from ._schema import MMAP_BYTES, Synchronous, check_for_reading, prepare_for_wri
 from ._snapshots import Snapshot, SnapshotMarks, Snapshots
 
 _STREAM_THROUGH = "stream_through"
+_IMPORT = "import:"
+"""``meta`` keys of the imports begun and not yet ended: ``import:<id>`` -> the event log
+position when it began."""
 """The ``meta`` key of :attr:`Store.stream_through`."""
 
 
@@ -44,8 +47,10 @@ class Store:
         snapshots: Snapshots,
         parked: Parked,
         stream_through: int | None = None,
+        imports: dict[str, int] | None = None,
     ) -> None:
         self._db = db
+        self._imports = imports or {}
         self._lock = lock
         self._closed = False
         self._stream_through = stream_through
@@ -72,6 +77,12 @@ class Store:
         written by a shoal before this was recorded). A consumer's acknowledgement floor past
         it means the store is behind the stream."""
         return self._stream_through
+
+    @property
+    def open_imports(self) -> dict[str, int]:
+        """The imports begun and not yet ended (``shoal import``): import id -> the event
+        log position when it began (read it, don't change it)."""
+        return self._imports
 
     @classmethod
     async def open(cls, path: Path, *, synchronous: Synchronous = "NORMAL") -> Self:
@@ -139,6 +150,7 @@ class Store:
             Snapshots.load(db, meta),
             await Parked.load(db, writable=lock is not None, doing=doing),
             int(meta[_STREAM_THROUGH]) if _STREAM_THROUGH in meta else None,
+            {k[len(_IMPORT) :]: int(v) for k, v in meta.items() if k.startswith(_IMPORT)},
         )
 
     async def __aenter__(self) -> Self:
@@ -190,6 +202,7 @@ class Store:
         marks: SnapshotMarks | None = None,
         unparked: Sequence[str] = (),
         stream_through: int | None = None,
+        imports: Mapping[str, int | None] | None = None,
     ) -> list[int]:
         """Append events and outbox entries, advance the published mark, and store
         snapshots, atomically.
@@ -205,6 +218,8 @@ class Store:
             unparked: customers no longer parked (see :attr:`parked`).
             stream_through: every message of the events stream up to this position is
                 committed with this (ignored unless it moves :attr:`stream_through` forward).
+            imports: imports begun (id -> the event log position then) or ended (id ->
+                None) with this commit (see :attr:`open_imports`).
 
         Returns:
             The outbox positions assigned to ``entries``, in order.
@@ -218,7 +233,10 @@ class Store:
         through = stream_through
         if through is not None and through <= (self._stream_through or 0):
             through = None
-        if not (events or entries or mark is not None or snapshots or marks or through or unparked):
+        if (
+            not (events or entries or mark is not None or snapshots or marks or through or unparked)
+            and not imports
+        ):
             return []
         seqs = self.outbox._next_seqs(len(entries))
         async with self._db.transaction():
@@ -233,8 +251,22 @@ class Store:
             await self.parked._remove(unparked)
             if through is not None:
                 await self._db.set_meta(_STREAM_THROUGH, str(through))
+            for import_id, begun in (imports or {}).items():
+                if begun is None:
+                    await self._db.execute(
+                        "DELETE FROM meta WHERE key = ?",
+                        (_IMPORT + import_id,),
+                        doing=self._db.writing,
+                    )
+                else:
+                    await self._db.set_meta(_IMPORT + import_id, str(begun))
         if through is not None:
             self._stream_through = through
+        for import_id, begun in (imports or {}).items():
+            if begun is None:
+                self._imports.pop(import_id, None)
+            else:
+                self._imports[import_id] = begun
         self.events._committed(last_event)
         self.outbox._committed(seqs, mark)
         self.snapshots._committed(marks)

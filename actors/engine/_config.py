@@ -74,6 +74,10 @@ class EngineStats:
     """Snapshots of another format, for other facts, or unreadable: rebuilt from the log."""
     snapshots_written: int = 0
     snapshot_rounds: int = 0
+    imports_applied: int = 0
+    """Imports whose end marker was applied (their customers rebuilt and reconciled)."""
+    imported_events: int = 0
+    """Events of imports logged (applied at their import's end)."""
 
 
 class EngineObserver(Protocol):

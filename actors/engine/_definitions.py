@@ -1,5 +1,11 @@
 """Definitions: switching a running engine to new segment definitions between two batches,
-so no event is ever applied under a mix of old and new rules."""
+so no event is ever applied under a mix of old and new rules.
+
+Every customer is rebuilt from its log under the new rules (:func:`actors.reconcile`), so
+a membership the change brings begins when the new rule says it became true, not at the
+instant the customer was last evaluated; the catch-up transitions are stamped with the
+instant of the change (``at``) and carry that instant (``true_since``).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,10 @@ from dataclasses import dataclass, field
 import anyio
 import structlog
 
-from actors._customer import Customer
 from actors.rules import SegmentSet
-from protocol import DefinitionCause, Origin, Transition
+from protocol import DefinitionCause, Origin
 
-from ._config import breathe
+from ._imports import RECONCILE_BATCH, Imports
 from ._metrics import Counts
 from ._outbox import Outbox
 from ._parking import Parking
@@ -44,9 +49,11 @@ class Definitions:
         snapshots: Snapshots,
         outbox: Outbox,
         parking: Parking,
+        imports: Imports,
         counts: Counts,
         keeper: DefinitionsKeeper | None = None,
     ) -> None:
+        self._imports = imports
         self._partition = partition
         self._recovery = recovery
         self._snapshots = snapshots
@@ -86,68 +93,51 @@ class Definitions:
             self._requests.popleft().done.set()
 
     async def _switch(self, new: SegmentSet) -> int:
+        """Rebuild every customer from its log under ``new`` and publish one catch-up
+        transition per membership that differs (cause ``definition``, ``at`` now,
+        ``true_since`` from the replay), a batch of customers per commit."""
         p, recovery = self._partition, self._recovery
-        # Every customer is evaluated, so every customer must be in memory.
+        # Every customer is rebuilt, so every customer must be in memory.
         loaded = await recovery.load_all()
         if loaded:
             await self._outbox.commit([], loaded)
         self._snapshots.abandon()
         old = p.segments
-        customers = p.customers
-        refolded = 0
-        failed: dict[str, BaseException] = {}
-        if new.needs != old.needs:
-            # Customers keep only the facts the old rules read: refold the log into fresh
-            # actors that take over the memberships, version and watermark. They replace
-            # the old ones only once complete, so a failed read changes nothing.
-            customers = {}
-            refolded, failed = await recovery.fold_log(new, customers)
-            for customer_id, before in p.customers.items():
-                if customer_id in failed:
-                    continue
-                c = customers.get(customer_id)
-                if c is None:  # known without events, from a static list
-                    c = customers[customer_id] = Customer(customer_id)
-                c.members = before.members
-                c.version = before.version
-                c.watermark = max(c.watermark, before.watermark)
-        added = recovery.add_listed(new, customers)
-
-        changed: list[Transition] = []
-        for i, c in enumerate(list(customers.values())):
-            try:
-                changed += c.evaluate(new, _DEFINITION)
-            except Exception as e:
-                failed[c.customer_id] = e
-            else:
-                p.arm(c.customer_id, c.deadline)
-            await breathe(i)
-        p.segments, p.customers = new, customers
+        before = len(p.customers)
+        added = recovery.add_listed(new, p.customers)
+        # The new rules from here on: the customers not rebuilt yet are replaced before the
+        # main loop applies anything (the batches below run on it).
+        p.segments = new
+        ids = sorted(i for i in p.customers if i not in self._parking)
+        clocks = await self._imports.clocks(set(ids))
+        changed = 0
+        entered = 0
+        for start in range(0, len(ids), RECONCILE_BATCH):
+            made = await self._imports.rebuild(
+                ids[start : start + RECONCILE_BATCH], _DEFINITION, clocks
+            )
+            changed += len(made)
+            entered += sum(1 for t in made if t.change == "entered")
         if p.changed is not None:
-            p.changed.update(customers)
-        for customer_id, error in failed.items():
-            p.fail(customer_id, "definitions", error)
-        await self._parking.settle()
-        await self._outbox.commit([], changed)
-        self._counts.recount(new.names, customers.values())  # segments removed, refolded
+            p.changed.update(p.customers)
+        self._counts.recount(new.names, p.customers.values())  # segments removed, refolded
 
-        entered = sum(1 for t in changed if t.change == "entered")
         self._logger.info(
             "segments applied",
             source=new.source,
             segments=list(new.names),
             added=[n for n in new.names if n not in old.names],
             removed=[n for n in old.names if n not in new.names],
-            customers=len(customers),
+            customers=len(p.customers),
             new_customers=added,
-            refolded_events=refolded,
-            transitions=len(changed),
+            rebuilt_customers=len(ids),
+            transitions=changed,
             entered=entered,
-            exited=len(changed) - entered,
-            parked=len(failed),
+            exited=changed - entered,
+            parked=before + added - len(p.customers),
         )
         # Customers parked before, under other definitions, are tried under these.
-        parked = [r.customer_id for r in self._parking.all() if r.customer_id not in failed]
+        parked = [r.customer_id for r in self._parking.all() if r.customer_id not in ids]
         if parked:
             await self._parking.try_again(parked, why="definitions changed")
-        return len(changed)
+        return changed

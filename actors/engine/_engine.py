@@ -39,6 +39,7 @@ from ._config import EngineConfig, EngineObserver, EngineStats, Wake
 from ._deadlines import Deadlines
 from ._definitions import Definitions
 from ._gc import Collector
+from ._imports import Imports
 from ._ingest import Ingest
 from ._metrics import Counts
 from ._outbox import Outbox
@@ -104,11 +105,25 @@ class Engine:
         self._deadlines = deadlines = Deadlines(
             p, recovery, outbox, parking, counts.stats, gc, self._clock, cfg, observer
         )
+        self._imports = imports = Imports(store, p, outbox, parking, counts.stats, self._clock)
         self._ingest = Ingest(
-            store, p, recovery, deadlines, outbox, parking, sink, counts, gc, self._clock, cfg
+            store,
+            p,
+            recovery,
+            deadlines,
+            outbox,
+            parking,
+            imports,
+            sink,
+            counts,
+            gc,
+            self._clock,
+            cfg,
         )
         self._keeper = keeper
-        self._definitions = Definitions(p, recovery, snaps, outbox, parking, counts, keeper)
+        self._definitions = Definitions(
+            p, recovery, snaps, outbox, parking, imports, counts, keeper
+        )
         self._wake = Wake()
         self._running = False
         self._consuming = False
@@ -168,6 +183,11 @@ class Engine:
         """Why ingestion is paused (``disk full at <path>``: it resumes by itself once there
         is room), or None."""
         return self._outbox.paused
+
+    @property
+    def open_imports(self) -> list[str]:
+        """The imports begun and not yet ended (``shoal import``), by id."""
+        return sorted(self._store.open_imports)
 
     @property
     def pending_deadlines(self) -> int:
@@ -300,13 +320,13 @@ class Engine:
         """Switch the running engine to ``segments``; return how many transitions that made.
 
         The switch is made by the engine's main loop between two batches, and this waits for
-        it. Every customer is evaluated under the new definitions at its watermark, with
-        cause ``definition``: members of a new segment whose rule holds enter it, members of
-        a removed segment exit it, and a changed rule gives the difference. The transitions
-        are committed and published like any other, and deadlines are re-armed. When the new
-        rules read facts the old ones did not (``SegmentSet.needs`` differs), the facts are
-        first rebuilt from the event log, which takes as long as the rebuild at start. The
-        customers of static lists the engine does not know yet are added, with no events.
+        it. Every customer is rebuilt from its event log under the new definitions (replayed
+        up to the engine's now, as :func:`actors.reconcile` does), 1,000 customers per
+        commit, and each membership that differs from what was published gives one
+        transition with cause ``definition``: ``at`` is now, ``true_since`` when the new rule
+        became true (or stopped) by the replay. Members of a removed segment exit it. The
+        transitions are committed and published like any other, and deadlines are re-armed.
+        The customers of static lists the engine does not know yet are added, with no events.
 
         Requests are applied in the order made. A request whose caller is cancelled while
         it waits is still applied. With a keeper, the definitions are stored once in force

@@ -1,9 +1,10 @@
 """Ingest: one micro-batch of inbound messages, from decoding to acknowledgement.
 
-Each batch is decoded and validated; messages the log already holds (by customer and message
-id) are dropped; the rest are applied to their actors; events and transitions are committed
-to the store in one transaction; each invalid message is published as a rejection with its
-reason; then the whole batch is acknowledged with one message.
+Each batch is decoded and validated (an import's markers split it: :mod:`._imports`);
+messages the log already holds (by customer and message id) are dropped; the rest are
+applied to their actors; events and transitions are committed to the store in one
+transaction; each invalid message is published as a rejection with its reason; then the
+whole batch is acknowledged with one message.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from store import LoggedEvent, Store
 from ._config import SERVE_EVERY, EngineConfig, breathe
 from ._deadlines import Deadlines
 from ._gc import Collector
+from ._imports import Imports, is_marker
 from ._metrics import Counts
 from ._outbox import Outbox
 from ._parking import Parking, reason_of
@@ -57,6 +59,7 @@ class Ingest:
         deadlines: Deadlines,
         outbox: Outbox,
         parking: Parking,
+        imports: Imports,
         sink: TransitionSink,
         counts: Counts,
         gc: Collector,
@@ -69,6 +72,7 @@ class Ingest:
         self._deadlines = deadlines
         self._outbox = outbox
         self._parking = parking
+        self._imports = imports
         self._sink = sink
         self._counts = counts
         self._gc = gc
@@ -77,19 +81,47 @@ class Ingest:
         self._logger = structlog.get_logger("shoal.engine")
 
     async def batch(self, batch: list[Delivery], source: EventSource) -> None:
-        """Apply, commit, reject and acknowledge one batch taken from ``source``."""
+        """Apply, commit, reject and acknowledge one batch taken from ``source``.
+
+        An import's marker splits the batch: what comes before it is committed first, then
+        the marker acted on (:class:`Imports`), in stream order.
+        """
+        run: list[Delivery] = []
+        for d in batch:
+            if is_marker(d):
+                if run:
+                    await self._run(run)
+                    run = []
+                refused = await self._imports.marker(d)
+                if refused is not None:
+                    await self._reject(d, refused)
+            else:
+                run.append(d)
+        if run:
+            await self._run(run)
+        # Acknowledged only now: every event of the batch is in the log or was rejected.
+        await source.ack(batch[-1].stream_sequence)
+        self._deadlines.ingested(batch)
+
+    async def _run(self, batch: list[Delivery]) -> None:
+        """Apply, commit and reject deliveries of events (no marker among them). Imported
+        events are logged, not applied: the end of their import applies them."""
         stats = self._counts.stats
         fresh: list[tuple[Event, Delivery]] = []
         rejected: list[tuple[Delivery, InvalidEvent]] = []
         keys: set[tuple[str, str]] = set()
+        imported: set[int] = set()
         max_bytes = self._config.max_event_bytes
         for i, d in enumerate(batch):
             await breathe(i, SERVE_EVERY * 4)
             try:
-                event = d.event(max_bytes)
+                received = self._imports.received(d)
+                event = d.event(max_bytes, received=received)
             except InvalidEvent as e:
                 rejected.append((d, e))
                 continue
+            if received is not None:
+                imported.add(d.stream_sequence)
             key = (event.customer_id, event.message_id)
             if key in keys:
                 stats.events_duplicate += 1
@@ -110,6 +142,11 @@ class Ingest:
             await breathe(i, SERVE_EVERY)
             if (event.customer_id, event.message_id) in known:
                 stats.events_duplicate += 1
+                continue
+            if d.stream_sequence in imported:
+                # Applied when its import ends, by rebuilding its customer from the log.
+                logged.append(logged_event(event))
+                stats.imported_events += 1
                 continue
             if event.customer_id in parking:
                 # Kept for when it is tried again, not applied now.
@@ -132,9 +169,6 @@ class Ingest:
             self._counts.applied(len(applied), self._clock.now())
         for d, invalid in rejected:
             await self._reject(d, invalid)
-        # Acknowledged only now: every event of the batch is in the log or was rejected.
-        await source.ack(batch[-1].stream_sequence)
-        self._deadlines.ingested(batch)
 
     async def _quarantine(
         self,

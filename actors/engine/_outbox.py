@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import anyio
 import structlog
@@ -75,11 +75,13 @@ class Outbox:
         *,
         unparked: Sequence[str] = (),
         stream_through: int | None = None,
+        imports: Mapping[str, int | None] | None = None,
     ) -> None:
         """Append ``events`` and ``transitions`` (and replace ``snapshots``, and unpark
         customers) in the store in one transaction, then queue the transitions for
         publishing. ``stream_through``: every message of the events stream up to this
-        position is committed with this (what a start checks the store against)."""
+        position is committed with this (what a start checks the store against).
+        ``imports``: imports begun or ended with this (:meth:`store.Store.commit`)."""
         entries = outbox_entries(transitions)
         obs = self._observer
         with obs.timing_commit() if obs is not None and (events or entries) else _NOT_TIMED:
@@ -91,6 +93,7 @@ class Outbox:
                     snapshots=snapshots,
                     unparked=unparked,
                     stream_through=stream_through,
+                    imports=imports,
                 )
             )
         self._counts.stats.transitions += len(entries)

@@ -18,6 +18,7 @@ from actors._errors import ActorsError
 from actors._stored import logged_event
 from protocol import (
     DEFAULT_MAX_EVENT_BYTES,
+    EARLIEST,
     EVENTS_WILDCARD,
     SEGMENTS_STREAM,
     Delivery,
@@ -112,6 +113,21 @@ class RebuildReport:
     """Published transitions added to the outbox, as published."""
 
 
+def _imported_received(d: Delivery) -> int | None:
+    """An imported event's original receive instant, as the engine took it (one it refused
+    is in ``SHOAL_REJECTED``, so left out before this is asked); None for live traffic.
+
+    Raises:
+        InvalidEvent: the header is not one the engine would have taken.
+    """
+    if d.import_id is None:
+        return None
+    text = d.received_at or ""
+    if not (text.isdigit() and len(text) <= 20 and EARLIEST <= int(text) <= d.received):
+        raise InvalidEvent(f"imported event with header Shoal-Received-At {text[:40]!r}")
+    return int(text)
+
+
 async def rebuild_from_stream(
     store: Store,
     deliveries: AsyncIterable[Sequence[Delivery]],
@@ -126,10 +142,11 @@ async def rebuild_from_stream(
     consumer: all of it, and the engine's new consumer finds those events logged).
 
     Each message is decoded exactly as the engine decodes it (the same default message id,
-    the same receive instant), and the valid events are added to the log in stream order,
-    skipping those it holds. The transitions the broker holds (``published``, the messages of
-    ``SHOAL_SEGMENTS``) are added to the outbox as published, so a start rebuilds each
-    customer's memberships and version from them and goes on from the last version published
+    the same receive instant: an imported event's original one), and the valid events are
+    added to the log in stream order, skipping those it holds. The transitions the broker
+    holds (``published``, the messages of ``SHOAL_SEGMENTS``) are added to the outbox as
+    published, so a start rebuilds each customer's memberships and version from them and goes
+    on from the last version published
     rather than from 1, and publishes none of them again. The position is recorded last.
 
     Args:
@@ -160,7 +177,7 @@ async def rebuild_from_stream(
                 report.rejected += 1
                 continue
             try:
-                event = d.event(max_event_bytes)
+                event = d.event(max_event_bytes, received=_imported_received(d))
             except InvalidEvent:
                 report.rejected += 1
                 continue

@@ -13,6 +13,8 @@ from ._connect import ensure_streams as ensure_streams
 from ._connect import redact as redact
 from ._definitions_kv import DefinitionsKV as DefinitionsKV
 from ._feed import EventFeed as EventFeed
+from ._import import Published as Published
+from ._import import publish_import as publish_import
 from ._publisher import Publisher as Publisher
 from ._refusals import permission_guard as permission_guard
 from ._service import ApiClient as ApiClient
@@ -26,6 +28,7 @@ __all__ = (
     "Credentials",
     "DefinitionsKV",
     "EventFeed",
+    "Published",
     "Publisher",
     "StreamSettings",
     "connect",
@@ -33,6 +36,7 @@ __all__ = (
     "iter_transitions",
     "jetstream_ports",
     "permission_guard",
+    "publish_import",
     "read_stream",
     "redact",
     "serve_api",

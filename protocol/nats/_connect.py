@@ -31,6 +31,7 @@ from protocol._roles import ROLES, inbox_prefix
 from protocol._subjects import (
     EVENTS_STREAM,
     EVENTS_WILDCARD,
+    IMPORTS_WILDCARD,
     REJECTED_STREAM,
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
@@ -454,7 +455,7 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
     configs = [
         StreamConfig(
             name=EVENTS_STREAM,
-            subjects=[EVENTS_WILDCARD],
+            subjects=[EVENTS_WILDCARD, IMPORTS_WILDCARD],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             duplicate_window=s.events_duplicate_window,

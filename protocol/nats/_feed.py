@@ -25,8 +25,12 @@ from nats.js.api import (
 from protocol._errors import BrokerError, ProtocolError
 from protocol._ports import Delivery, StreamState
 from protocol._subjects import (
+    EVENTS_PREFIX,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
+    IMPORT_HEADER,
+    IMPORTS_WILDCARD,
+    RECEIVED_HEADER,
     SEGMENTS_STREAM,
 )
 from protocol.nats._refusals import permission_guard
@@ -255,6 +259,10 @@ class EventFeed:
         self._taken_through = max(self._taken_through, start - 1)
         self._deliver = self._nc.new_inbox()
         config = ConsumerConfig(
+            # An engine of shoal's events reads the import markers too, in stream order.
+            filter_subjects=[self._filter, IMPORTS_WILDCARD]
+            if self._filter.startswith(EVENTS_PREFIX)
+            else None,
             ack_policy=AckPolicy.ALL,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
             opt_start_seq=start if start > 1 else None,
@@ -470,11 +478,22 @@ class EventFeed:
 def delivery_of(msg: Msg, seq: int, received: int, pending: int) -> Delivery:
     """The :class:`Delivery` of a JetStream message (its ack reply already parsed)."""
     headers = msg.headers
+    if not headers:
+        return Delivery(
+            subject=msg.subject,
+            data=msg.data,
+            stream_sequence=seq,
+            received=received,
+            pending=pending,
+            msg_id=None,
+        )
     return Delivery(
         subject=msg.subject,
         data=msg.data,
         stream_sequence=seq,
         received=received,
         pending=pending,
-        msg_id=headers.get("Nats-Msg-Id") if headers else None,
+        msg_id=headers.get("Nats-Msg-Id"),
+        import_id=headers.get(IMPORT_HEADER),
+        received_at=headers.get(RECEIVED_HEADER),
     )

@@ -47,8 +47,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+
+from actors import import_history
 from actors.population import generate, write_history
 from protocol import OrderedHistory
+from store import Store
 
 from ._common import ROOT, say
 from ._compare_run import Tree, ref_tree, working_tree
@@ -148,15 +152,17 @@ def prepare(args: argparse.Namespace, tmp: Path) -> dict[int, tuple[Path, Path]]
             with full.open("rb") as src, path.open("wb") as dst:
                 dst.writelines(itertools.islice(src, n))
         data = tmp / f"data-{n}"
-        say(f"importing {n:,} events into {data}")
-        subprocess.run(
-            [*working_tree().shoal, "import", str(path), "--data-dir", str(data)],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
+        say(f"logging {n:,} events into {data}")
+        # Straight into the log (`shoal import` goes through the stream and an engine).
+        anyio.run(_log, path, data)
         inputs[n] = (path, data)
     return inputs
+
+
+async def _log(path: Path, data: Path) -> None:
+    async with await Store.open(data / "shoal.db") as store:
+        with path.open("rb") as lines:
+            await import_history(store, lines, now=time.time_ns() // 1000)
 
 
 def measure(args: argparse.Namespace, tmp: Path, trees: dict[str, Tree]) -> list[dict[str, Any]]:

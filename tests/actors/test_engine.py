@@ -115,6 +115,7 @@ async def test_payload_on_the_wire(nats_server: NatsServer, client: Client, tmp_
         "at": "2026-11-18T11:06:40.123456Z",
         "cause": {"kind": "event", "message_id": "m-1"},
         "version": 1,
+        "true_since": "2026-11-18T11:06:40.123456Z",
     }
 
 

@@ -63,6 +63,7 @@ async def test_a_new_segment_is_evaluated_at_once_for_every_customer(
         await client.publish("shoal.events.bob", track("bob", at=t0, mid="b1"))
         await eventually(lambda: engine.stats.events_applied == 3 and len(seen.msgs) == 2)
 
+        applied_at = now()
         assert await engine.apply_segments(segments(VISITOR + REGULAR)) == 1
         assert engine.segments.names == ("visitor", "regular")
         await eventually(lambda: len(seen.msgs) == 3)
@@ -76,8 +77,10 @@ async def test_a_new_segment_is_evaluated_at_once_for_every_customer(
         ("alice", "visitor", "entered", EventCause(message_id="a1"), 1),
         ("alice", "regular", "entered", DefinitionCause(), 2),
     ]
-    # Stamped with the instant the customer's state was evaluated at: its latest event.
-    assert to_instant(ts[2].at) == t0 + 1
+    # Stamped with the instant the change took effect; true since the rule became true by
+    # a replay of the log under the new rules: the second visit (issue 17, item 2).
+    assert to_instant(ts[2].true_since) == t0 + 1
+    assert to_instant(ts[2].at) >= applied_at > t0 + 1
     assert of("bob", ts) == [
         ("bob", "visitor", "entered", EventCause(message_id="b1"), 1),
         ("bob", "regular", "entered", EventCause(message_id="b2"), 2),
@@ -310,7 +313,7 @@ def test_serve_reloads_a_changed_file_and_keeps_the_old_one_when_invalid(
             "removed": [],
             "customers": 2,
             "new_customers": 0,
-            "refolded_events": 0,
+            "rebuilt_customers": 2,
             "transitions": 1,
             "entered": 1,
             "exited": 0,

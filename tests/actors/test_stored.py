@@ -84,7 +84,7 @@ def test_a_transition_goes_to_the_outbox_as_its_published_json() -> None:
     assert entry.body == (
         b'{"customer_id":"ann","segment":"buyer","change":"entered",'
         b'"at":"2026-03-01T09:00:00Z","cause":{"kind":"event","message_id":"m1"},'
-        b'"version":1}'
+        b'"version":1,"true_since":"2026-03-01T09:00:00Z"}'
     )
     assert transition_of(entry) == ENTERED
 

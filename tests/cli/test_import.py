@@ -1,4 +1,5 @@
-"""``shoal import`` and ``shoal export``: history into and out of the event store."""
+"""``shoal import`` and ``shoal export``: history into the events stream and out of the event
+log (issue 17, item 3: through the stream, receivedAt kept, an export round-trips)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,24 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import pytest
 
-from actors import event_of, logged_event
+from actors import VirtualClock, event_of, load_segments, logged_event
+from actors.population import generate, write_history
 from protocol import (
+    DAY,
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    IMPORTS_WILDCARD,
     SECOND,
+    Delivery,
     Event,
     event_from_line,
     parse_timestamp,
 )
+from protocol.nats import connect, read_stream
 from store import Store
+from tests.helpers import NatsServer, Proc, declare_streams, eventually, free_port, running_engine
 from tests.history_lines import NOW, T1, T2, line, visit
 
 SHOAL = [sys.executable, "-m", "scripts.cli"]
@@ -33,6 +43,14 @@ async def logged(db: Path) -> list[Event]:
         return [event_of(e) async for part in store.events.read() for e in part]
 
 
+async def streamed(url: str, subject: str = EVENTS_WILDCARD) -> list[Delivery]:
+    nc = await connect([url])
+    try:
+        return [d async for chunk in read_stream(nc, EVENTS_STREAM, subject) for d in chunk]
+    finally:
+        await nc.close()
+
+
 def summary(events: list[Event]) -> list[tuple[Any, ...]]:
     return [
         (e.customer_id, e.message_id, e.kind, e.name, e.at, e.properties, e.traits) for e in events
@@ -42,7 +60,10 @@ def summary(events: list[Event]) -> list[tuple[Any, ...]]:
 # --- the command, as a user runs it ----------------------------------------------------------
 
 
-def test_import_reports_bad_lines_exactly_and_keeps_the_good_ones(tmp_path: Path) -> None:
+def test_import_reports_bad_lines_exactly_and_publishes_the_good_ones(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    declare_streams(nats_server.url)
     history = tmp_path / "history.jsonl"
     history.write_text(
         "\n".join(
@@ -61,8 +82,7 @@ def test_import_reports_bad_lines_exactly_and_keeps_the_good_ones(tmp_path: Path
         )
         + "\n"
     )
-    db = tmp_path / "data" / "shoal.db"
-    done = run("import", str(history), "--data-dir", str(tmp_path / "data"))
+    done = run("import", str(history), "--nats", nats_server.url)
     assert done.returncode == 1
     err = done.stderr.splitlines()
     assert err[:5] == [
@@ -79,8 +99,19 @@ def test_import_reports_bad_lines_exactly_and_keeps_the_good_ones(tmp_path: Path
         r"was received \(\S+Z\); at most 300 s ahead is allowed; skipped",
         err[5],
     )
-    assert err[6:] == ["imported 3 event(s), 0 duplicate(s), 6 line(s) skipped"]
-    events = anyio.run(logged, db)
+    assert err[6:] == [
+        "imported 3 event(s), 0 duplicate(s), 6 line(s) skipped; the engine applies them "
+        "once it reaches the import's end"
+    ]
+    deliveries = anyio.run(streamed, nats_server.url)
+    events = [d.event(received=int(d.received_at or 0)) for d in deliveries]
+    (import_id,) = {d.import_id for d in deliveries}
+    markers = anyio.run(streamed, nats_server.url, IMPORTS_WILDCARD)
+    assert [d.subject for d in markers] == [
+        f"shoal.imports.{import_id}.begin",
+        f"shoal.imports.{import_id}.end",
+    ]
+    assert [d.stream_sequence for d in markers] == [1, 5]  # around the events
     assert summary(events) == [
         ("alice", "a1", "track", "Visit", parse_timestamp(T1), {"club": "north"}, {}),
         ("bob", "b1", "track", "Visit", parse_timestamp(T1), {}, {}),
@@ -99,14 +130,18 @@ def test_import_reports_bad_lines_exactly_and_keeps_the_good_ones(tmp_path: Path
     assert events[2].message_id.startswith("import:")
 
 
-def test_import_from_stdin_of_good_lines_exits_0(tmp_path: Path) -> None:
-    done = run(
-        "import", "-", "--data-dir", str(tmp_path), stdin=visit("a") + "\n" + visit("b") + "\n"
-    )
+def test_import_from_stdin_of_good_lines_exits_0(nats_server: NatsServer) -> None:
+    declare_streams(nats_server.url)
+    lines = visit("a") + "\n" + visit("b") + "\n" + visit("a") + "\n"
+    done = run("import", "-", "--nats", nats_server.url, stdin=lines)
     assert (done.returncode, done.stderr) == (
         0,
-        "imported 2 event(s), 0 duplicate(s), 0 line(s) skipped\n",
+        "imported 2 event(s), 1 duplicate(s), 0 line(s) skipped; the engine applies them "
+        "once it reaches the import's end\n",
     )
+    # Imported again: the broker drops the repeats (its duplicate window).
+    again = run("import", "-", "--nats", nats_server.url, stdin=lines)
+    assert again.stderr.startswith("imported 0 event(s), 3 duplicate(s), 0 line(s) skipped")
 
 
 def test_import_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
@@ -118,24 +153,11 @@ def test_import_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()  # no store is created for nothing
 
 
-async def test_import_while_the_store_is_locked_is_one_line(tmp_path: Path) -> None:
-    history = tmp_path / "history.jsonl"
-    history.write_text(visit("alice") + "\n")
-    db = tmp_path / "shoal.db"
-    async with await Store.open(db) as store:  # as `shoal serve` holds it
-        done = await anyio.to_thread.run_sync(
-            lambda: run("import", str(history), "--data-dir", str(tmp_path))
-        )
-        assert done.returncode == 1
-        assert done.stderr == (
-            f"shoal: error: {db} is in use by another shoal engine; stop it, or give this one "
-            "another --data-dir\n"
-        )
-        assert await store.events.count() == 0
-
-
-def test_export_then_import_gives_the_same_events(tmp_path: Path) -> None:
+def test_export_then_import_with_no_engine_running_then_serve_round_trips_exactly(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
     first = tmp_path / "first" / "shoal.db"
+    # A log as an engine writes it: in receive order (import publishes in that order).
     originals = [
         Event(
             kind="track",
@@ -154,7 +176,7 @@ def test_export_then_import_gives_the_same_events(tmp_path: Path) -> None:
             properties={},
             traits={"plan": "gold", "renewal_date": "2026-12-01", "gone": None},
             at=NOW - 3 * SECOND,
-            received=NOW - 3 * SECOND,
+            received=NOW,  # late, and received with the first: file order kept
             message_id="m-2",
         ),
         Event(
@@ -196,12 +218,22 @@ def test_export_then_import_gives_the_same_events(tmp_path: Path) -> None:
     dump = tmp_path / "dump.jsonl"
     assert run("export", "--data-dir", str(first.parent), "--output", str(dump)).returncode == 0
     assert dump.read_text() == exported.stdout
-    done = run("import", str(dump), "--data-dir", str(tmp_path / "second"))
+    # No engine runs: import starts the data directory's embedded broker for the import.
+    second, port = tmp_path / "second", str(free_port())
+    done = run("import", str(dump), "--data-dir", str(second), "--port", port)
     assert (done.returncode, done.stderr) == (
         0,
-        "imported 3 event(s), 0 duplicate(s), 0 line(s) skipped\n",
+        "imported 3 event(s), 0 duplicate(s), 0 line(s) skipped; the next `shoal serve` "
+        "applies them\n",
     )
-    assert summary(anyio.run(logged, tmp_path / "second" / "shoal.db")) == summary(originals)
+    # The next serve applies it.
+    serve = Proc("serve", "--data-dir", str(second), "--port", port)
+    procs.append(serve)
+    serve.wait_err("import applied")
+    assert serve.stop() == 0
+    assert summary(anyio.run(logged, second / "shoal.db")) == summary(originals)
+    # receivedAt kept (issue 17, item 3): exported again, the same file byte for byte.
+    assert run("export", "--data-dir", str(second)).stdout == dump.read_text()
 
 
 async def test_export_beside_a_writer_reads_the_log_as_it_stood(tmp_path: Path) -> None:
@@ -219,3 +251,41 @@ def test_export_of_a_missing_store_is_one_line(tmp_path: Path) -> None:
         1,
         f"shoal: error: no event log at {tmp_path / 'shoal.db'}\n",
     )
+
+
+@pytest.mark.parametrize("customers", [40])
+def test_a_file_replayed_equals_the_file_imported_then_replayed(
+    tmp_path: Path, nats_server: NatsServer, customers: int
+) -> None:
+    """Issue 17, item 3: late events (received after their timestamp) replay in the same order
+    from the file and from the log it was imported into."""
+    history = tmp_path / "h.jsonl"
+    with history.open("wb") as out:
+        write_history(generate(customers, 40, 7), out)
+    text = history.read_bytes()
+    assert b'"receivedAt"' in text
+    late = [json.loads(x) for x in text.splitlines()]
+    assert any(d["timestamp"] != d["receivedAt"] for d in late)
+    declare_streams(nats_server.url)
+    data = tmp_path / "data"
+
+    async def imported() -> None:
+        last = max(parse_timestamp(d["receivedAt"]) for d in late)
+        async with running_engine(
+            nats_server.url,
+            data / "shoal.db",
+            load_segments(None),
+            clock=VirtualClock(last + DAY),
+        ) as engine:
+            done = await anyio.to_thread.run_sync(
+                lambda: run("import", str(history), "--nats", nats_server.url)
+            )
+            assert done.returncode == 0, done.stderr
+            await eventually(lambda: engine.stats.imports_applied == 1, timeout=60)
+
+    anyio.run(imported)
+    from_file = run("replay", str(history), "--transitions", str(tmp_path / "a.jsonl"))
+    from_log = run("replay", "--data-dir", str(data), "--transitions", str(tmp_path / "b.jsonl"))
+    assert from_file.returncode == from_log.returncode == 0, from_file.stderr + from_log.stderr
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert from_file.stdout == from_log.stdout

@@ -110,19 +110,44 @@ def test_an_event_line_is_read_back_as_the_same_event() -> None:
         b'{"type":"identify","userId":"zo\xc3\xab","traits":{"plan":"gold","gone":null},'
         b'"timestamp":"2025-06-01T09:00:00Z","messageId":"m-2","receivedAt":"2025-06-01T09:00:00Z"}'
     )
-    # History has no receive time of its own: the timestamp stands for it.
-    back = event_from_line(event_line(track), now=NOW)
-    assert back == Event(
-        kind="track",
-        customer_id="ann",
-        name="Order Completed",
-        properties={"total": 12.5, "note": "café"},
-        traits={},
-        at=track.at,
-        received=track.at,
-        message_id="js:1@1",
-    )
+    # receivedAt is read back (issue 17, item 3): an export imports back exactly.
+    assert event_from_line(event_line(track), now=NOW) == track
     assert event_from_line(event_line(identify), now=NOW) == identify
+
+
+def test_without_received_at_the_timestamp_stands_for_it() -> None:
+    event = event_from_line(visit("a", "2025-06-01T08:00:00Z").encode(), now=NOW)
+    assert event.at == event.received == NOW - 3600 * SECOND
+
+
+@pytest.mark.parametrize(
+    ("received_at", "reason"),
+    [
+        (
+            "2025-06-01T09:10:00Z",
+            "receivedAt '2025-06-01T09:10:00Z' is ahead of now (2025-06-01T09:00:00Z): an "
+            "event cannot have been received in the future",
+        ),
+        (
+            "2025-06-01T07:00:00Z",
+            "timestamp '2025-06-01T08:00:00Z' is 3600 s ahead of receivedAt "
+            "(2025-06-01T07:00:00Z); at most 300 s ahead is allowed",
+        ),
+        (
+            "yesterday",
+            "receivedAt 'yesterday' is not an ISO-8601 date and time with a UTC offset (for "
+            "example 2026-11-22T10:00:00+01:00 or 2026-11-22T09:00:00Z)",
+        ),
+    ],
+)
+def test_a_bad_received_at_is_refused(received_at: str, reason: str) -> None:
+    line = (
+        '{"type":"track","userId":"a","event":"V","timestamp":"2025-06-01T08:00:00Z",'
+        f'"receivedAt":"{received_at}"}}'
+    )
+    with pytest.raises(InvalidEvent) as e:
+        event_from_line(line.encode(), now=NOW)
+    assert e.value.reason == reason
 
 
 def test_a_file_of_lines_in_timestamp_order_with_skips_and_repeats() -> None:

@@ -10,7 +10,7 @@ batch, and the rest waits in the stream. Nothing is lost once the stage recovers
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anyio
@@ -57,6 +57,7 @@ class SlowDisk(Store):
         marks: SnapshotMarks | None = None,
         unparked: Sequence[str] = (),
         stream_through: int | None = None,
+        imports: Mapping[str, int | None] | None = None,
     ) -> list[int]:
         await anyio.sleep(0.02)
         return await super().commit(
@@ -67,6 +68,7 @@ class SlowDisk(Store):
             marks=marks,
             unparked=unparked,
             stream_through=stream_through,
+            imports=imports,
         )
 
 

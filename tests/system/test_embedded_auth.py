@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from pathlib import Path
 
 import anyio
@@ -76,10 +77,16 @@ def test_every_command_finds_its_key_in_the_data_directory(
     url = ("--nats", serving.url)
     segments = tmp_path / "segments.toml"
     segments.write_text("[segments.visitors]\nrule = \"count('Visit') >= 1\"\n")
+    history = tmp_path / "history.jsonl"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+    history.write_text(
+        json.dumps({"type": "track", "userId": "bob", "event": "Visit", "timestamp": stamp}) + "\n"
+    )
     # Every command that connects, in the order that gives each something to work on.
     operands: dict[str, list[str]] = {
         "tail": [],
         "publish": list(VISIT),
+        "import": [str(history)],
         "status": [],
         "customer": ["ann"],
         "explain": ["ann"],
@@ -107,7 +114,7 @@ def test_every_command_finds_its_key_in_the_data_directory(
     elsewhere.mkdir()
     data = ("--data-dir", str(tmp_path / "shoal-data"))
     done = run("members", "visitors", *url, *data, cwd=elsewhere)
-    assert (done.returncode, done.stdout) == (0, "ann\n"), done.stderr
+    assert (done.returncode, done.stdout) == (0, "ann\nbob\n"), done.stderr  # bob: imported
     again = Proc("tail", "--from-start", "visitors", *url, *data, cwd=elsewhere)
     procs.append(again)
     assert json.loads(again.out_lines(1)[0])["segment"] == "visitors"

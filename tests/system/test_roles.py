@@ -409,3 +409,28 @@ def test_rebuild_works_with_the_engine_key(
     done = run("rebuild", "--from-stream", "--data-dir", str(data), *secured.as_role("engine"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{data / 'shoal.db'}: 1 events logged and 1 published")
+
+
+async def test_only_the_operator_may_import(secured: Secured, tmp_path: Path) -> None:
+    """Issue 17: import into the stream is the operator's. No other role can open an import
+    (its markers), so none can pass events off as imported."""
+    for role in ("producer", "subscriber"):
+        async with secured.client(role) as nc:
+            subject = "shoal.imports.abc.begin"
+            denied = await _refused(nc, subject, partial(nc.request, subject, b"", timeout=5))
+            assert str(denied) == f"permission denied: role {role} may not publish to {subject}"
+    history = tmp_path / "h.jsonl"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+    history.write_text(
+        json.dumps({"type": "track", "userId": "ann", "event": "Visit", "timestamp": stamp}) + "\n"
+    )
+    done = await anyio.to_thread.run_sync(
+        lambda: run("import", str(history), *secured.as_role("operator"))
+    )
+    assert (done.returncode, done.stderr) == (
+        0,
+        "imported 1 event(s), 0 duplicate(s), 0 line(s) skipped; the engine applies them "
+        "once it reaches the import's end\n",
+    )
+    assert secured.engine is not None
+    secured.engine.wait_err("import applied")
