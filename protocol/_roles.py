@@ -5,11 +5,12 @@ Four roles: ``engine`` (``shoal serve`` and ``shoal rebuild``: shoal's streams, 
 the transitions, the query service), ``producer`` (publishes events, nothing else),
 ``subscriber`` (reads transitions, through its own consumers of ``SHOAL_SEGMENTS`` too, and
 the list of segments) and ``operator`` (every query, definitions, unparking, and the rejected
-events of ``SHOAL_REJECTED``).
+events of ``SHOAL_REJECTED``, which it may publish again as events).
 
 Each role's subjects are listed exactly: the JetStream API subjects name shoal's streams, so
 no role can touch the streams of anyone else, and only the engine can create, update or
-delete anything in them. The subjects here are those nats-py sends (``nats.js``), and those
+delete them (the operator deletes one message of ``SHOAL_REJECTED`` once it republished
+it). The subjects here are those nats-py sends (``nats.js``), and those
 the ``nats`` CLI, nats.js and nats-py use to read the streams a role may read.
 
 Replies come back on inboxes: with NATS's default ``_INBOX.>`` for all, any client allowed to
@@ -150,12 +151,17 @@ def _subscriber() -> _Role:
 def _operator() -> _Role:
     return _Role(
         summary="shoal status, customer, explain, members, segments list|apply|validate, "
-        f"unpark: every query and definitions; reads the rejected events ({REJECTED_STREAM})",
+        f"unpark, rejected: every query and definitions; reads the rejected events "
+        f"({REJECTED_STREAM}), and republishes them (rejected --republish)",
         publish=(
             API_PREFIX + ">",
             *_SERVICE_DISCOVERY[1:],
             *_read_stream(REJECTED_STREAM),
             f"{_JS}.STREAM.MSG.GET.{REJECTED_STREAM}",
+            # rejected --republish: the events again, on their own subjects, then their
+            # rejections out of quarantine (one message at a time; never the stream).
+            EVENTS_WILDCARD,
+            f"{_JS}.STREAM.MSG.DELETE.{REJECTED_STREAM}",
         ),
         subscribe=(inbox_prefix("operator") + ".>", REJECTED_SUBJECT),
     )

@@ -50,6 +50,7 @@ from . import (
     _import_cmd,
     _query_cmd,
     _rebuild_cmd,
+    _rejected_cmd,
     _replay_cmd,
 )
 from ._connection import (
@@ -72,6 +73,7 @@ _CONNECTING = {
     "explain": "operator",
     "members": "operator",
     "unpark": "operator",
+    "rejected": "operator",
 }
 """The commands that connect to NATS, and the role each acts as: they take the credential
 options and --data-dir, whose key of their role they use when given no credentials."""
@@ -254,6 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     _query_cmd.register(sub, segs_sub)
     _generate_cmd.register(sub)
     _rebuild_cmd.register(sub)
+    _rejected_cmd.register(sub)
     _auth_cmd.register(sub)
     add_connection_options(p, top=True)
     for name, role in _CONNECTING.items():
