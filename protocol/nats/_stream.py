@@ -14,7 +14,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from protocol._errors import BrokerError
 from protocol._ports import Delivery
-from protocol._time import from_instant
+from protocol._time import from_instant, to_instant
 from protocol.nats._feed import _parse_ack_reply, delivery_of
 
 _IDLE = 5.0
@@ -53,13 +53,20 @@ async def read_stream(
         return
     sub: Any = None
     try:
-        start = (
-            ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-            if since is None
-            else ConsumerConfig(
+        start = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        if since is not None:
+            # Only when a message is stored after it: nats-py's ordered consumer takes the
+            # first heartbeat of one starting past the end for a gap, and starts again from
+            # the stream's first message.
+            try:
+                newest = await js.get_msg(stream, subject=filter_subject)
+            except nats.js.errors.NotFoundError:
+                return
+            if newest.time is None or to_instant(newest.time) < since:
+                return
+            start = ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=from_instant(since)
             )
-        )
         sub = await js.subscribe(
             filter_subject,
             stream=stream,
