@@ -69,9 +69,11 @@ def _write_page(out: TextIO, fmt: str, page: MembersReply, header: bool) -> None
             out.write(_encoder.encode(doc).decode() + "\n")
 
 
-async def export_members(api: ApiClient, segment: str, fmt: str, out: TextIO) -> int:
+async def export_members(api: ApiClient, segment: str, fmt: str, out: TextIO) -> tuple[int, bool]:
     """Write every member of ``segment`` with its ``true_since`` to ``out`` as ``csv`` (with
-    a header ``customer_id,true_since``) or ``jsonl``, in id order; return how many.
+    a header ``customer_id,true_since``) or ``jsonl``, in id order; return how many, and
+    whether the engine held every customer (false while it still loads them after a
+    restart: then only the members loaded so far are written).
 
     It asks a page at a time (each reply fits in one message of the broker), each page
     after the last id of the one before: a customer appears at most once, and one that
@@ -83,6 +85,7 @@ async def export_members(api: ApiClient, segment: str, fmt: str, out: TextIO) ->
     """
     cursor: str | None = None
     rows = 0
+    complete = True
     while True:
         page = await api.members(segment, limit=MAX_PAGE, cursor=cursor)
         if len(page.true_since) != len(page.members):
@@ -93,6 +96,7 @@ async def export_members(api: ApiClient, segment: str, fmt: str, out: TextIO) ->
         # In a worker thread: a page is up to 10,000 rows.
         await anyio.to_thread.run_sync(_write_page, out, fmt, page, cursor is None)
         rows += len(page.members)
+        complete = complete and page.complete
         cursor = page.next_cursor
         if cursor is None:
-            return rows
+            return rows, complete

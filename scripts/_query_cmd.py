@@ -8,6 +8,7 @@ Also :func:`serve_queries`, which ``shoal serve`` runs beside the engine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -457,18 +458,23 @@ async def _export(args: argparse.Namespace) -> int:
     ):
         if given:
             raise UsageError(f"--format exports the whole segment: give no {flag}")
-    rows = 0
     async with _client(args) as api:
         try:
             with atomic_output(args.output) as out:
-                rows = await export_members(api, args.segment, args.format, out)
+                rows, complete = await export_members(api, args.segment, args.format, out)
         except ApiError as e:
             if e.code != "404":
                 raise
             print(f"shoal: error: {e.message}", file=sys.stderr)
             return NOT_FOUND
+        except BrokenPipeError:
+            # The reader stopped early (`| head`): not an error. Point stdout at /dev/null
+            # so that the interpreter's last flush does not fail on the closed pipe.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     where = f" to {args.output}" if args.output else ""
-    print(f"exported {rows} member(s) of {args.segment}{where}", file=sys.stderr)
+    partial = "" if complete else " (so far: the engine is still loading customers)"
+    print(f"exported {rows} member(s) of {args.segment}{where}{partial}", file=sys.stderr)
     return 0
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
+import os
 import re
 import sys
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -155,7 +157,7 @@ class Quarantined:
     problem: str | None = None
 
 
-async def read_rejected(nc: Client, since: int | None) -> AsyncIterator[Quarantined]:
+async def read_rejected(nc: Client, since: int | None) -> AsyncGenerator[Quarantined, None]:
     """The rejections ``SHOAL_REJECTED`` holds (stored at or after ``since``), oldest first,
     up to the last one when called.
 
@@ -163,8 +165,8 @@ async def read_rejected(nc: Client, since: int | None) -> AsyncIterator[Quaranti
         BrokerError: the stream does not exist (no engine ever ran on this broker), or the
             broker stops answering.
     """
-    async with permission_guard(nc):
-        chunks = read_stream(nc, REJECTED_STREAM, REJECTED_SUBJECT, since=since, chunk=_CHUNK)
+    chunks = read_stream(nc, REJECTED_STREAM, REJECTED_SUBJECT, since=since, chunk=_CHUNK)
+    async with contextlib.aclosing(chunks):
         async for chunk in chunks:
             for d in chunk:
                 yield _quarantined(d)
@@ -352,23 +354,29 @@ async def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     shown = skipped = republished = 0
     try:
-        async for q in read_rejected(nc, since):
-            shown += 1
-            if not args.republish:
-                out.write(_json_line(q) + "\n" if args.json else _human(q))
-                continue
-            now = datetime.now(UTC)
-            outcome = await republish(
-                nc, q, to_instant(now), dry_run=args.dry_run, timeout=args.timeout
-            )
-            if outcome.outcome == "skipped":
-                skipped += 1
-            else:
-                republished += 1
-            out.write(
-                _encoder.encode(outcome).decode() + "\n" if args.json else _human_outcome(outcome)
-            )
-            out.flush()
+        async with (
+            permission_guard(nc),
+            contextlib.aclosing(read_rejected(nc, since)) as rejections,
+        ):
+            async for q in rejections:
+                shown += 1
+                if not args.republish:
+                    out.write(_json_line(q) + "\n" if args.json else _human(q))
+                    continue
+                now = to_instant(datetime.now(UTC))
+                outcome = await republish(nc, q, now, dry_run=args.dry_run, timeout=args.timeout)
+                if outcome.outcome == "skipped":
+                    skipped += 1
+                else:
+                    republished += 1
+                line = _encoder.encode(outcome).decode() + "\n"
+                out.write(line if args.json else _human_outcome(outcome))
+                out.flush()
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not an error. Point stdout at /dev/null so
+        # that the interpreter's last flush does not fail on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         await nc.close()
     start = "" if since is None else f" since {human_instant(since)}"

@@ -4,7 +4,7 @@ rebuilt from (``shoal rebuild --from-stream``)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import nats.errors
@@ -29,7 +29,7 @@ async def read_stream(
     through: int | None = None,
     since: int | None = None,
     chunk: int = 10_000,
-) -> AsyncIterator[list[Delivery]]:
+) -> AsyncGenerator[list[Delivery], None]:
     """The messages of ``stream`` on ``filter_subject``, in stream order, from its start (or
     the first stored at or after the instant ``since``) up to position ``through`` (default:
     its last message when this is called), in lists of up to ``chunk``. Each is given as the
