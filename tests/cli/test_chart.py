@@ -28,12 +28,13 @@ def colours_drawn(names: list[str]) -> list[str]:
     return [to_hex(line.get_color()) for ax in fig.axes for line in ax.get_lines()]
 
 
-@pytest.mark.parametrize("n", [1, 3, 6, 7, 10, 11, 12, 15, 20, 40])
-def test_no_two_segments_share_a_colour(n: int) -> None:
-    names = [f"segment_{i}" for i in range(n)]
-    colours = colours_drawn(names)
-    assert len(colours) == n
-    assert len(set(colours)) == n, colours
+def test_no_two_segments_share_a_colour() -> None:
+    # One chart up to six, small multiples beyond; past ten, matplotlib's own cycle repeats.
+    for n in (1, 3, 6, 7, 10, 11, 12, 15, 20, 40):
+        names = [f"segment_{i}" for i in range(n)]
+        colours = colours_drawn(names)
+        assert len(colours) == n
+        assert len(set(colours)) == n, (n, colours)
 
 
 def test_many_segments_get_a_panel_each_titled_with_the_name() -> None:
