@@ -50,9 +50,14 @@ _STALE = -NEVER
 """Not after any watermark: a segment to look at again at the next evaluation."""
 _DEFINITION = DefinitionCause()
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 1
 """The layout of :meth:`Customer.snapshot`. Change it whenever ``_State`` or the meaning of a
-field changes: a snapshot of another format is ignored and its customer rebuilt from the log."""
+field changes: a snapshot of another format is ignored and its customer rebuilt from the log.
+
+(The watermark no longer moves at a deadline that changes nothing, since late events took
+their stated contract. A snapshot from before holds a watermark at or after the one it would
+hold now, which is still a valid state: the format stays, so an upgrade rebuilds nothing,
+and only an event stamped between the two, for such a customer, is taken as late.)"""
 
 
 class Retained(msgspec.Struct, frozen=True, array_like=True, gc=False):
