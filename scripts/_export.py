@@ -45,9 +45,12 @@ def atomic_output(name: str | None) -> Iterator[TextIO]:
     except OSError as e:
         raise UsageError(f"cannot write {name}: {e.strerror}") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
-            yield out
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+                yield out
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk, FILE a directory...: one line, not a traceback
+            raise UsageError(f"cannot write {name}: {e.strerror}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

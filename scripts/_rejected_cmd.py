@@ -272,7 +272,10 @@ def republishable(q: Quarantined, now: int) -> tuple[bytes, str] | str:
         # Bytes that were not UTF-8 are shown as \xNN: the original subject is lost.
         return "its subject held bytes that are not UTF-8 (shown as \\xNN): it cannot be restored"
     if r.payload is not None:
-        data = r.payload.encode("utf-8")
+        try:
+            data = r.payload.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no payload of the engine's has one
+            return "its payload is not valid UTF-8 text"
     elif r.payload_base64 is not None:
         try:
             data = base64.b64decode(r.payload_base64, validate=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts._export import atomic_output
 from tests.helpers import NatsServer, Proc, run
 
 SEGMENTS = """
@@ -130,6 +131,28 @@ def test_members_export_errors(served: str, tmp_path: Path) -> None:
         2,
         f"shoal: error: cannot write {tmp_path / 'no' / 'x.csv'}: No such file or directory\n",
     )
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    done = run("members", "visitor", "--format", "csv", "--output", str(folder), "--nats", url)
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"shoal: error: cannot write {folder}: Is a directory\n",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_interrupted_export_leaves_no_file_and_the_old_one_whole(tmp_path: Path) -> None:
+    out = tmp_path / "members.csv"
+    out.write_text("the last export\n")
+    with pytest.raises(KeyboardInterrupt), atomic_output(str(out)) as f:
+        f.write("customer_id,true_since\nc1,")
+        raise KeyboardInterrupt
+    assert out.read_text() == "the last export\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["members.csv"]
+    with atomic_output(str(out)) as f:
+        f.write("customer_id,true_since\n")
+    assert out.read_text() == "customer_id,true_since\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["members.csv"]
 
 
 @pytest.mark.slow
