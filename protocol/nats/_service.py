@@ -109,10 +109,11 @@ def fit_reply(reply: msgspec.Struct, max_bytes: int) -> bytes:
     """The JSON of ``reply``, cut to at most ``max_bytes`` when it is a list that pages on
     (the members of a :class:`MembersReply`, the ids of a :class:`SearchReply`): the
     longest beginning that fits is kept, and the reply says that more follow (a
-    ``next_cursor`` after the last id kept, ``more``). Other replies are left whole.
+    ``next_cursor`` after the last id kept, ``more``). Other replies cannot be cut.
 
     Raises:
-        ApiError: not even one item fits (a broker whose ``max_payload`` is tiny).
+        ApiError: another reply does not fit (the requester gets this error, rather than
+            no answer at all), or not even one item fits (a tiny ``max_payload``).
     """
     body = _encoder.encode(reply)
     if len(body) <= max_bytes:
@@ -138,7 +139,10 @@ def fit_reply(reply: msgspec.Struct, max_bytes: int) -> bytes:
             return msgspec.structs.replace(reply, customers=ids[:k], more=reply.more or k < count)
 
     else:
-        return body
+        raise ApiError(
+            f"the reply is {len(body):,} bytes, more than the broker takes in one message "
+            f"({max_bytes:,} bytes with its headers' share of max_payload)"
+        )
     k = _longest_fitting(count, lambda k: len(_encoder.encode(cut(k))) <= max_bytes)
     if k == 0:
         raise ApiError(f"the reply does not fit in {max_bytes} bytes (the broker's max_payload)")

@@ -19,6 +19,7 @@ from protocol import (
     ApiError,
     MembersReply,
     SearchReply,
+    SegmentsReply,
     from_instant,
 )
 from protocol.nats import ApiClient, connect
@@ -101,6 +102,14 @@ def test_a_reply_is_cut_to_what_fits_and_pages_on() -> None:
     assert found.more and found.customers == ids[: len(found.customers)]
     with pytest.raises(ApiError, match=r"the reply does not fit in 10 bytes"):
         fit_reply(search, 10)
+    # A reply that cannot page on is an error the requester gets, not a silence.
+    state = SegmentsReply(source="s", fingerprint="f", customers=0, complete=True, segments=[])
+    with pytest.raises(ApiError) as caught:
+        fit_reply(state, 20)
+    assert caught.value.message == (
+        "the reply is 76 bytes, more than the broker takes in one message (20 bytes with its "
+        "headers' share of max_payload)"
+    )
 
 
 @pytest.fixture
