@@ -30,6 +30,8 @@ from protocol import (
     MembersReply,
     MembersRequest,
     ParkedInfo,
+    SearchReply,
+    SearchRequest,
     SegmentInfo,
     SegmentSize,
     SegmentsReply,
@@ -198,10 +200,10 @@ class EngineApi:
     async def members(self, request: MembersRequest) -> MembersReply:
         self._segment(request.segment)
         engine = self._engine
-        page: list[str] = []
+        page: list[tuple[str, int]] = []
         more = False
         if not request.count_only:
-            page = await engine.members(
+            page = await engine.members_since(
                 request.segment, after=request.cursor, limit=request.limit + 1
             )
             more = len(page) > request.limit
@@ -210,8 +212,21 @@ class EngineApi:
             segment=request.segment,
             count=engine.segment_sizes.get(request.segment, 0),
             complete=engine.warm,
-            members=page,
-            next_cursor=page[-1] if more else None,
+            members=[cid for cid, _ in page],
+            next_cursor=page[-1][0] if more else None,
+            true_since=[from_instant(at) for _, at in page],
+        )
+
+    async def search(self, request: SearchRequest) -> SearchReply:
+        engine = self._engine
+        if not engine.running:
+            raise EngineUnavailable("the engine is not running (starting or stopping)")
+        found = await engine.search(request.prefix, limit=request.limit + 1)
+        return SearchReply(
+            prefix=request.prefix,
+            customers=found[: request.limit],
+            more=len(found) > request.limit,
+            complete=engine.warm,
         )
 
     async def definitions(

@@ -5,6 +5,8 @@ implementation is the subpackage ``protocol.nats``, the in-memory one ``protocol
 """
 
 from ._api import MAX_PAGE as MAX_PAGE
+from ._api import MAX_PREFIX_CHARS as MAX_PREFIX_CHARS
+from ._api import MAX_SEARCH as MAX_SEARCH
 from ._api import CustomerReply as CustomerReply
 from ._api import CustomerRequest as CustomerRequest
 from ._api import DefinitionsApplied as DefinitionsApplied
@@ -17,6 +19,8 @@ from ._api import Membership as Membership
 from ._api import MembersReply as MembersReply
 from ._api import MembersRequest as MembersRequest
 from ._api import ParkedInfo as ParkedInfo
+from ._api import SearchReply as SearchReply
+from ._api import SearchRequest as SearchRequest
 from ._api import SegmentInfo as SegmentInfo
 from ._api import SegmentSize as SegmentSize
 from ._api import SegmentsReply as SegmentsReply
@@ -151,6 +155,8 @@ __all__ = (
     "KEYS_DIR",
     "MAX_FUTURE_SKEW",
     "MAX_PAGE",
+    "MAX_PREFIX_CHARS",
+    "MAX_SEARCH",
     "MINUTE",
     "NEVER",
     "REJECTED_STREAM",
@@ -191,6 +197,8 @@ __all__ = (
     "PublishError",
     "QueryHandler",
     "Rejection",
+    "SearchReply",
+    "SearchRequest",
     "SegmentExplanation",
     "SegmentInfo",
     "SegmentSize",

@@ -13,11 +13,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from ._explain import SegmentExplanation
+from ._limits import MAX_ID_CHARS
 
 MAX_PAGE = 10_000
 """The most members one ``members`` request returns."""
 MAX_PARKED_SHOWN = 100
 """The most parked customers ``status`` lists (it counts them all)."""
+MAX_SEARCH = 1_000
+"""The most customer ids one ``search`` request returns."""
+MAX_PREFIX_CHARS = MAX_ID_CHARS
+"""The longest prefix a ``search`` request takes: no customer id is longer."""
 
 
 # Requests ---------------------------------------------------------------------------------
@@ -48,6 +53,16 @@ class MembersRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = 100
     cursor: str | None = None
     count_only: bool = False
+
+
+class SearchRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``shoal.api.search``: the ids of customers that start with ``prefix``, in id order.
+
+    ``limit`` caps the ids returned; the reply says whether there were more.
+    """
+
+    prefix: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PREFIX_CHARS)]
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_SEARCH)] = 100
 
 
 CLIENT_HEADER = "Shoal-Client"
@@ -183,7 +198,9 @@ class SegmentsReply(msgspec.Struct, frozen=True, kw_only=True):
 class MembersReply(msgspec.Struct, frozen=True, kw_only=True):
     """A page of members (empty with ``count_only``) and the segment's size.
 
-    ``next_cursor`` is the cursor of the next page, None after the last one.
+    ``next_cursor`` is the cursor of the next page, None after the last one. A page holds at
+    most the ``limit`` asked for, and fewer when more would not fit in one message of the
+    broker (its ``max_payload``): page on with ``next_cursor`` either way.
     """
 
     segment: str
@@ -191,6 +208,21 @@ class MembersReply(msgspec.Struct, frozen=True, kw_only=True):
     complete: bool
     members: list[str]
     next_cursor: str | None
+    true_since: list[datetime] = msgspec.field(default_factory=list)
+    """The instant each member entered the segment (the rule became true), in the order of
+    ``members``. Absent from the replies of engines older than API 1.1."""
+
+
+class SearchReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The customers whose id starts with ``prefix``, in id order, at most the ``limit``
+    asked for (fewer when more would not fit in one message). ``more`` is true when others
+    match too: ask with a longer prefix. ``complete`` is false while the engine still loads
+    customers after a restart (only those loaded so far are searched)."""
+
+    prefix: str
+    customers: list[str]
+    more: bool
+    complete: bool
 
 
 class DefinitionsReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -304,6 +336,7 @@ customer_request_decoder = msgspec.json.Decoder(CustomerRequest)
 explain_request_decoder = msgspec.json.Decoder(ExplainRequest)
 segments_request_decoder = msgspec.json.Decoder(SegmentsRequest)
 members_request_decoder = msgspec.json.Decoder(MembersRequest)
+search_request_decoder = msgspec.json.Decoder(SearchRequest)
 definitions_request_decoder = msgspec.json.Decoder(DefinitionsRequest)
 status_request_decoder = msgspec.json.Decoder(StatusRequest)
 unpark_request_decoder = msgspec.json.Decoder(UnparkRequest)

@@ -13,15 +13,18 @@ from ._api import (
     ExplainRequest,
     MembersReply,
     MembersRequest,
+    SearchReply,
+    SearchRequest,
     SegmentsReply,
     StatusReply,
     UnparkReply,
     UnparkRequest,
 )
 
-API_VERSION = "1.0.0"
+API_VERSION = "1.1.0"
 """The version ``$SRV.INFO`` reports: the major part changes when a body changes
-incompatibly."""
+incompatibly, the minor part when one is added to (1.1: ``search``, members'
+``true_since``)."""
 
 
 class QueryHandler(Protocol):
@@ -40,6 +43,8 @@ class QueryHandler(Protocol):
     async def segments(self) -> SegmentsReply: ...
 
     async def members(self, request: MembersRequest) -> MembersReply: ...
+
+    async def search(self, request: SearchRequest) -> SearchReply: ...
 
     async def definitions(
         self, request: DefinitionsRequest, *, client: str | None = None

@@ -6,14 +6,16 @@ the transitions, the query service, and the definitions in force in the KV bucke
 ``SHOAL_DEFINITIONS``), ``producer`` (publishes events, nothing else), ``subscriber`` (reads
 transitions, through its own consumers of ``SHOAL_SEGMENTS`` too, and the list of segments)
 and ``operator`` (every query, definitions, unparking, the rejected events of
-``SHOAL_REJECTED``, and imports of history into ``SHOAL_EVENTS``: only it may publish the
-import markers). The ``SHOAL_DEFINITIONS`` bucket (its chunked lists included) is the
-engine's alone: an operator changes the definitions through the query API
-(``shoal.api.definitions``), which the engine applies and stores, and needs no access to it.
+``SHOAL_REJECTED``, which it may publish again as events, and imports of history into
+``SHOAL_EVENTS``: only it may publish the import markers). The ``SHOAL_DEFINITIONS`` bucket
+(its chunked lists included) is the engine's alone: an operator changes the definitions
+through the query API (``shoal.api.definitions``), which the engine applies and stores, and
+needs no access to it.
 
 Each role's subjects are listed exactly: the JetStream API subjects name shoal's streams, so
 no role can touch the streams of anyone else, and only the engine can create, update or
-delete anything in them. The subjects here are those nats-py sends (``nats.js``), and those
+delete them (the operator deletes one message of ``SHOAL_REJECTED`` once it republished
+it). The subjects here are those nats-py sends (``nats.js``), and those
 the ``nats`` CLI, nats.js and nats-py use to read the streams a role may read.
 
 Replies come back on inboxes: with NATS's default ``_INBOX.>`` for all, any client allowed to
@@ -163,10 +165,11 @@ def _subscriber() -> _Role:
 def _operator() -> _Role:
     return _Role(
         summary="shoal status, customer, explain, members, segments list|apply|validate, "
-        "unpark, import: every query, and definitions through the API only (no access to "
-        f"the KV bucket {DEFINITIONS_BUCKET}); reads the rejected events ({REJECTED_STREAM}); "
-        f"imports history into {EVENTS_STREAM} (its events and the import markers, which no "
-        "other role may publish)",
+        "unpark, rejected, import: every query, and definitions through the API only (no "
+        f"access to the KV bucket {DEFINITIONS_BUCKET}); reads the rejected events "
+        f"({REJECTED_STREAM}) and republishes them (rejected --republish); imports history "
+        f"into {EVENTS_STREAM} (its events and the import markers, which no other role may "
+        "publish)",
         publish=(
             API_PREFIX + ">",
             # shoal import: the imported events, and the markers that frame them.
@@ -175,6 +178,10 @@ def _operator() -> _Role:
             *_SERVICE_DISCOVERY[1:],
             *_read_stream(REJECTED_STREAM),
             f"{_JS}.STREAM.MSG.GET.{REJECTED_STREAM}",
+            # rejected --republish: the events again, on their own subjects (the events'
+            # wildcard above), then their rejections out of quarantine (one message at a
+            # time; never the stream).
+            f"{_JS}.STREAM.MSG.DELETE.{REJECTED_STREAM}",
         ),
         subscribe=(inbox_prefix("operator") + ".>", REJECTED_SUBJECT),
     )

@@ -37,6 +37,7 @@ API_ENDPOINTS = (
     "explain",
     "segments",
     "members",
+    "search",
     "definitions",
     "status",
     "unpark",
@@ -192,7 +193,7 @@ def _endpoint(endpoint: str, per_customer: bool) -> str:
 
 def api_subject(endpoint: str) -> str:
     """The subject of an API endpoint that is not about one customer: ``shoal.api.<endpoint>``
-    for ``segments``, ``members``, ``definitions`` and ``status``.
+    for ``segments``, ``members``, ``search``, ``definitions``, ``status`` and ``unpark``.
 
     Raises:
         SubjectError: ``endpoint`` is not one of those.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,6 +28,10 @@ from rich.tree import Tree
 
 from actors import DefinitionError, Engine, EngineApi, SegmentSet, load_segments_by_value
 from protocol import (
+    MAX_PAGE,
+    MAX_PREFIX_CHARS,
+    MAX_SEARCH,
+    ApiError,
     ConditionExplanation,
     CustomerReply,
     DefinitionsApplied,
@@ -44,6 +49,7 @@ from protocol.nats import ApiClient, Credentials, connect, serve_api
 
 from ._connection import credentials_of, servers_of
 from ._errors import UsageError
+from ._export import NOT_FOUND, atomic_output, export_members
 
 _TIMEOUT = 5.0
 _APPLY_TIMEOUT = 600.0
@@ -98,9 +104,26 @@ def register(sub: Any, segments: Any) -> None:
 
     p = sub.add_parser(
         "customer",
-        help="one customer's state: segments, score, traits, counters, next deadline",
+        help="one customer's state: segments, score, traits, counters, next deadline; "
+        "--search PREFIX finds customers by the start of their id",
+        description="Print one customer's state; or, with --search PREFIX, the ids of the "
+        "customers that start with PREFIX, in id order, one per line (exit status 4 when "
+        "none does).",
     )
-    p.add_argument("customer_id", metavar="ID")
+    p.add_argument("customer_id", metavar="ID", nargs="?")
+    p.add_argument(
+        "--search",
+        metavar="PREFIX",
+        help=f"the customers whose id starts with PREFIX (at most {MAX_PREFIX_CHARS} "
+        "characters) instead of one customer's state",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        metavar="N",
+        help=f"with --search: at most N ids (default %(default)s, at most {MAX_SEARCH})",
+    )
     common(p)
     p.set_defaults(run=_customer)
 
@@ -121,8 +144,21 @@ def register(sub: Any, segments: Any) -> None:
     )
     p.add_argument("segment", metavar="SEGMENT")
     p.add_argument("--count", action="store_true", help="print the number of members only")
-    p.add_argument("--limit", type=int, default=100, metavar="N", help="ids per page (100)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="ids per page (100)")
     p.add_argument("--cursor", metavar="C", help="start after this id (a page's next cursor)")
+    p.add_argument(
+        "--format",
+        choices=["csv", "jsonl"],
+        help="export the whole segment, every page, in id order: CSV with the columns "
+        "customer_id,true_since, or JSON lines {customer_id, true_since}; true_since is "
+        "when the customer entered the segment (RFC 3339, UTC)",
+    )
+    p.add_argument(
+        "--output",
+        metavar="FILE",
+        help="with --format: write the export to FILE (complete or not at all: written "
+        "under a temporary name, renamed when done) instead of stdout",
+    )
     common(p)
     p.set_defaults(run=_members)
 
@@ -305,7 +341,40 @@ async def _unpark(args: argparse.Namespace) -> int:
 
 
 async def _customer(args: argparse.Namespace) -> int:
+    if args.search is not None:
+        return await _search(args)
+    if args.customer_id is None:
+        raise UsageError("give a customer ID, or --search PREFIX")
     return await _ask(args, lambda api: api.customer(args.customer_id), _show_customer)
+
+
+async def _search(args: argparse.Namespace) -> int:
+    prefix: str = args.search
+    if args.customer_id is not None:
+        raise UsageError("give a customer ID or --search PREFIX, not both")
+    if not prefix:
+        raise UsageError("--search needs a PREFIX of at least one character")
+    if len(prefix) > MAX_PREFIX_CHARS:
+        raise UsageError(
+            f"--search PREFIX is {len(prefix)} characters long; a customer id has at most "
+            f"{MAX_PREFIX_CHARS}"
+        )
+    if not 1 <= args.limit <= MAX_SEARCH:
+        raise UsageError(f"--limit must be between 1 and {MAX_SEARCH}")
+    async with _client(args) as api:
+        reply = await api.search(prefix, limit=args.limit)
+    if args.json:
+        sys.stdout.write(_encoder.encode(reply).decode() + "\n")
+    else:
+        for customer_id in reply.customers:
+            print(customer_id)
+        partial = "" if reply.complete else " (so far: the engine is still loading customers)"
+        more = "; more match: give a longer prefix" if reply.more else ""
+        print(
+            f"{len(reply.customers)} customer(s) whose id starts with {prefix!r}{partial}{more}",
+            file=sys.stderr,
+        )
+    return 0 if reply.customers else NOT_FOUND
 
 
 def _show_customer(r: CustomerReply, out: Console) -> None:
@@ -378,15 +447,50 @@ def _show_explain(r: ExplainReply, out: Console) -> None:
 
 
 async def _members(args: argparse.Namespace) -> int:
-    if not 1 <= args.limit <= 10_000:
-        raise UsageError("--limit must be between 1 and 10000")
+    if args.format is not None:
+        return await _export(args)
+    if args.output is not None:
+        raise UsageError("--output goes with --format csv|jsonl (the whole segment)")
+    limit = 100 if args.limit is None else args.limit
+    if not 1 <= limit <= MAX_PAGE:
+        raise UsageError(f"--limit must be between 1 and {MAX_PAGE}")
     return await _ask(
         args,
         lambda api: api.members(
-            args.segment, limit=args.limit, cursor=args.cursor, count_only=args.count
+            args.segment, limit=limit, cursor=args.cursor, count_only=args.count
         ),
         lambda r, out: _show_members(r, count=args.count),
     )
+
+
+async def _export(args: argparse.Namespace) -> int:
+    """``members SEGMENT --format csv|jsonl``: every page of the segment, in id order."""
+    for flag, given in (
+        ("--json", args.json),
+        ("--count", args.count),
+        ("--limit", args.limit is not None),
+        ("--cursor", args.cursor is not None),
+    ):
+        if given:
+            raise UsageError(f"--format exports the whole segment: give no {flag}")
+    async with _client(args) as api:
+        try:
+            with atomic_output(args.output) as out:
+                rows, complete = await export_members(api, args.segment, args.format, out)
+        except ApiError as e:
+            if e.code != "404":
+                raise
+            print(f"shoal: error: {e.message}", file=sys.stderr)
+            return NOT_FOUND
+        except BrokenPipeError:
+            # The reader stopped early (`| head`): not an error. Point stdout at /dev/null
+            # so that the interpreter's last flush does not fail on the closed pipe.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+    where = f" to {args.output}" if args.output else ""
+    partial = "" if complete else " (so far: the engine is still loading customers)"
+    print(f"exported {rows} member(s) of {args.segment}{where}{partial}", file=sys.stderr)
+    return 0
 
 
 def _show_members(r: MembersReply, *, count: bool) -> None:

@@ -10,9 +10,11 @@ events :class:`protocol.OrderedHistory` (in time order, in bounded memory), the 
 from __future__ import annotations
 
 import argparse
+import colorsys
 import contextlib
 import csv
 import itertools
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -125,7 +127,14 @@ def register(sub: Any) -> None:
         "--chart",
         type=Path,
         metavar="FILE.png",
-        help="draw segment sizes over time as a PNG (needs matplotlib: pip install 'shoal[chart]')",
+        help="draw segment sizes over time as a PNG (needs matplotlib: pip install "
+        f"'shoal[chart]'): up to {SINGLE_CHART_MAX} segments on one chart, more as a panel "
+        "each; every segment in a colour of its own",
+    )
+    p.add_argument(
+        "--only",
+        metavar="SEGMENT,...",
+        help="with --chart: draw only these segments (comma-separated names, in this order)",
     )
     p.set_defaults(run=run)
 
@@ -168,6 +177,22 @@ class _Options:
     every: int
 
 
+def _only(text: str | None, known: Sequence[str]) -> tuple[str, ...] | None:
+    """The segments ``--only`` names, checked against those defined."""
+    if text is None:
+        return None
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise UsageError("--only needs at least one segment name")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(
+            f"--only: unknown segment{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(n) for n in unknown)}; the segments defined are: {', '.join(known)}"
+        )
+    return names
+
+
 def _options(args: argparse.Namespace) -> _Options:
     start = None if args.start is None else _instant(args.start, "--from")
     until = None if args.until is None else _instant(args.until, "--until")
@@ -178,6 +203,8 @@ def _options(args: argparse.Namespace) -> _Options:
     if args.source is not None and args.data_dir is not None:
         raise UsageError("give a FILE or --data-dir, not both")
     every = _every(args.every)
+    if args.only is not None and args.chart is None:
+        raise UsageError("--only chooses the segments --chart draws: give --chart FILE.png")
     if args.chart is not None:
         _check_matplotlib()  # before the work, not after it
     return _Options(start, until, every)
@@ -243,34 +270,129 @@ def write_sizes(
         w.writerow([format_instant(instant), *row])
 
 
+SINGLE_CHART_MAX = 6
+"""The most segments drawn together on one chart; more are drawn as small multiples (a
+panel each), which stay readable however many there are."""
+_TAB10 = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
+
+
+def palette(n: int) -> list[str]:
+    """``n`` colours (``#rrggbb``), none repeated, whatever ``n``: matplotlib's ten
+    categorical colours up to ten, else ``n`` hues evenly spaced around the colour wheel,
+    adjacent ones told apart by lightness too."""
+    if n <= len(_TAB10):
+        return list(_TAB10[:n])
+    out: list[str] = []
+    for i in range(n):
+        # Hue i/n is distinct for each i; the darker and lighter turns keep neighbours
+        # apart. Dark enough everywhere (yellows too) to read on white.
+        r, g, b = colorsys.hls_to_rgb(i / n, 0.32 if i % 2 else 0.45, 0.8)
+        out.append(f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}")
+    if len(set(out)) < n:  # more hues than 8-bit colours tell apart (never in practice)
+        raise ValueError(f"cannot draw {n} segments in distinct colours")
+    return out
+
+
 def size_chart(
     names: Sequence[str], instants: Sequence[int], rows: Sequence[Sequence[int]]
 ) -> Figure:
-    """A matplotlib figure of segment sizes over time: one line per segment, labelled with
-    its name in the legend. Needs matplotlib; uses no global state (no pyplot).
+    """A matplotlib figure of segment sizes over time, each segment in a colour of its own
+    (:func:`palette`). Up to :data:`SINGLE_CHART_MAX` segments share one chart, each line
+    labelled with its name at its end (and in the legend); more get a panel each (small
+    multiples), titled with the name and the last size, each on its own scale. Needs
+    matplotlib; uses no global state (no pyplot).
 
     Raises:
         ImportError: matplotlib is not installed.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(10, 5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     # matplotlib plots datetimes (its stubs admit only numbers and arrays).
     x: Any = [from_instant(i) for i in instants]
+    colours = palette(len(names))
+    span = f", {_ms(instants[0])} to {_ms(instants[-1])}" if instants else ""
+
+    def dates(ax: Any) -> None:
+        locator = AutoDateLocator(minticks=3, maxticks=7)  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+        ax.grid(True, alpha=0.3)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+
+    if len(names) <= SINGLE_CHART_MAX:
+        fig = Figure(figsize=(11, 5.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for i, (name, colour) in enumerate(zip(names, colours, strict=True)):
+            ax.plot(x, [row[i] for row in rows], label=name, color=colour, linewidth=2)
+        dates(ax)
+        ax.set_ylabel("members")
+        ax.set_title("Segment sizes" + span, loc="left")
+        if rows:
+            _label_line_ends(ax, names, colours, rows[-1], x[-1])
+        return fig
+
+    cols = min(4, math.ceil(math.sqrt(len(names))))
+    lines = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(3.6 * cols, 2.3 * lines + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(lines, cols, sharex=True, squeeze=False)
     for i, name in enumerate(names):
-        ax.plot(x, [row[i] for row in rows], label=name)
-    ax.set_title("Segment sizes")
-    ax.set_ylabel("members")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("UTC")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    fig.autofmt_xdate()
+        ax = axes[i // cols][i % cols]
+        ys = [row[i] for row in rows]
+        ax.plot(x, ys, color=colours[i], linewidth=2)
+        ax.fill_between(x, ys, color=colours[i], alpha=0.15, linewidth=0)
+        ax.set_ylim(bottom=0)
+        ax.set_title(name, loc="left", fontsize=11, fontweight="bold")
+        if ys:
+            ax.set_title(f"{ys[-1]:,} at the end", loc="right", fontsize=9, color="0.35")
+        dates(ax)
+    for j in range(len(names), lines * cols):
+        axes[j // cols][j % cols].set_visible(False)
+        # The panel above is the last of its column: it shows the dates.
+        axes[j // cols - 1][j % cols].xaxis.set_tick_params(labelbottom=True)
+    fig.suptitle(f"Segment sizes{span}; each panel on its own scale", x=0.01, ha="left")
     return fig
+
+
+def _ms(instant: int) -> str:
+    """An instant for people: UTC to the millisecond."""
+    dt = from_instant(instant)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def _label_line_ends(
+    ax: Any, names: Sequence[str], colours: Sequence[str], last: Sequence[int], at: Any
+) -> None:
+    """Write each name at the end of its line, in its colour, nudged apart so that no two
+    labels overlap (lines ending at close values)."""
+    low, high = ax.get_ylim()
+    gap = (high - low) * 0.06  # about one line of text on a chart this tall
+    order = sorted(range(len(names)), key=lambda i: last[i])
+    placed: list[float] = []
+    for i in order:
+        y = float(last[i])
+        if placed and y < placed[-1] + gap:
+            y = placed[-1] + gap
+        placed.append(y)
+        ax.annotate(
+            f" {names[i]}",
+            xy=(at, last[i]),
+            xytext=(at, y),
+            color=colours[i],
+            fontsize=10,
+            fontweight="bold",
+            va="center",
+            annotation_clip=False,
+        )
 
 
 def write_chart(
@@ -336,6 +458,7 @@ async def run(args: argparse.Namespace) -> int:
     """``shoal replay``: see :func:`register` for the options."""
     options = _options(args)
     segments = load_segments(args.segments)
+    only = _only(args.only, segments.names)  # before the work, not after it
     source: str | None = args.source
     db: Path | None = None
     if source is None:
@@ -382,7 +505,11 @@ async def run(args: argparse.Namespace) -> int:
             for instant, row in the_run.sizes(end):
                 instants.append(instant)
                 rows.append(row)
-            await _chart(args.chart, segments.names, instants, rows)
+            names: Sequence[str] = segments.names
+            if only is not None:
+                columns = [names.index(n) for n in only]
+                names, rows = only, [[row[c] for c in columns] for row in rows]
+            await _chart(args.chart, names, instants, rows)
     to_stdout = "-" in (args.transitions, args.sizes)
     _summary(the_run, end, sys.stderr if to_stdout else sys.stdout)
     if the_run.out_of_order:

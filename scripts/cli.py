@@ -62,6 +62,7 @@ from . import (
     _import_cmd,
     _query_cmd,
     _rebuild_cmd,
+    _rejected_cmd,
     _replay_cmd,
 )
 from ._connection import (
@@ -85,6 +86,7 @@ _CONNECTING = {
     "explain": "operator",
     "members": "operator",
     "unpark": "operator",
+    "rejected": "operator",
 }
 """The commands that connect to NATS, and the role each acts as: they take the credential
 options and --data-dir, whose key of their role they use when given no credentials."""
@@ -267,6 +269,7 @@ def _parser() -> argparse.ArgumentParser:
     _query_cmd.register(sub, segs_sub)
     _generate_cmd.register(sub)
     _rebuild_cmd.register(sub)
+    _rejected_cmd.register(sub)
     _auth_cmd.register(sub)
     add_connection_options(p, top=True)
     for name, role in _CONNECTING.items():

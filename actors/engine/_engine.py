@@ -297,7 +297,20 @@ class Engine:
     async def members(self, segment: str, *, after: str | None = None, limit: int) -> list[str]:
         """Up to ``limit`` ids of the segment's members in memory, in id order, after the id
         ``after`` (a slice at a time, letting the event loop run between slices)."""
+        page = await _queries.members(self._partition, segment, after=after, limit=limit)
+        return [cid for cid, _ in page]
+
+    async def members_since(
+        self, segment: str, *, after: str | None = None, limit: int
+    ) -> list[tuple[str, int]]:
+        """As :meth:`members`, each id with the instant it entered the segment (its
+        ``true_since``)."""
         return await _queries.members(self._partition, segment, after=after, limit=limit)
+
+    async def search(self, prefix: str, *, limit: int) -> list[str]:
+        """Up to ``limit`` ids of the customers in memory that start with ``prefix``, in id
+        order (a slice at a time, as :meth:`members`)."""
+        return await _queries.search(self._partition, prefix, limit=limit)
 
     @property
     def next_deadline(self) -> int | None:

@@ -31,6 +31,8 @@ from protocol._api import (
     ExplainRequest,
     MembersReply,
     MembersRequest,
+    SearchReply,
+    SearchRequest,
     SegmentsReply,
     StatusReply,
     UnparkReply,
@@ -40,6 +42,7 @@ from protocol._api import (
     definitions_request_decoder,
     explain_request_decoder,
     members_request_decoder,
+    search_request_decoder,
     segments_request_decoder,
     status_request_decoder,
     unpark_request_decoder,
@@ -54,7 +57,7 @@ from protocol._subjects import (
     customer_api_subject,
     customer_of_api_subject,
 )
-from protocol._types import shown_subject
+from protocol._types import REJECTION_HEADROOM, shown_subject
 from protocol.nats._refusals import permission_guard
 from protocol.nats._replies import answer_inboxes_only, answers_an_inbox
 from protocol.nats._undecodable import tolerate_undecodable_subjects
@@ -89,21 +92,78 @@ def _customer(endpoint: str, subject: str) -> str:
         raise InvalidRequest(f"invalid request: {e}") from e
 
 
+def _longest_fitting(count: int, fits: Callable[[int], bool]) -> int:
+    """The largest ``k`` in ``0..count`` for which ``fits(k)``, given that ``fits`` holds
+    for every ``k`` below one for which it holds (0 when none but 0 does)."""
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def fit_reply(reply: msgspec.Struct, max_bytes: int) -> bytes:
+    """The JSON of ``reply``, cut to at most ``max_bytes`` when it is a list that pages on
+    (the members of a :class:`MembersReply`, the ids of a :class:`SearchReply`): the
+    longest beginning that fits is kept, and the reply says that more follow (a
+    ``next_cursor`` after the last id kept, ``more``). Other replies cannot be cut.
+
+    Raises:
+        ApiError: another reply does not fit (the requester gets this error, rather than
+            no answer at all), or not even one item fits (a tiny ``max_payload``).
+    """
+    body = _encoder.encode(reply)
+    if len(body) <= max_bytes:
+        return body
+    cut: Callable[[int], msgspec.Struct]
+    if isinstance(reply, MembersReply):
+        members, since = reply.members, reply.true_since
+        count = len(members)
+
+        def cut(k: int) -> msgspec.Struct:
+            return msgspec.structs.replace(
+                reply,
+                members=members[:k],
+                true_since=since[:k],
+                next_cursor=members[k - 1] if 0 < k < count else reply.next_cursor,
+            )
+
+    elif isinstance(reply, SearchReply):
+        ids = reply.customers
+        count = len(ids)
+
+        def cut(k: int) -> msgspec.Struct:
+            return msgspec.structs.replace(reply, customers=ids[:k], more=reply.more or k < count)
+
+    else:
+        raise ApiError(
+            f"the reply is {len(body):,} bytes, more than the broker takes in one message "
+            f"({max_bytes:,} bytes with its headers' share of max_payload)"
+        )
+    k = _longest_fitting(count, lambda k: len(_encoder.encode(cut(k))) <= max_bytes)
+    if k == 0:
+        raise ApiError(f"the reply does not fit in {max_bytes} bytes (the broker's max_payload)")
+    return _encoder.encode(cut(k))
+
+
 def _endpoint(
-    name: str, answer: Callable[[Request], Awaitable[msgspec.Struct]]
+    name: str, answer: Callable[[Request], Awaitable[msgspec.Struct]], max_bytes: int
 ) -> Callable[[Request], Awaitable[None]]:
     async def handle(request: Request) -> None:
         if not answers_an_inbox(request._msg):
             return
         try:
-            reply = await answer(request)
+            reply = fit_reply(await answer(request), max_bytes)
         except ApiError as e:
             # Raised as micro's own error, so $SRV.STATS counts it as one.
             raise ServiceError(e.code, _header_text(e.message)) from e
         except Exception as e:
             _logger.exception("request failed", endpoint=name, subject=request.subject)
             raise ServiceError("500", _header_text(f"internal error: {e!r}")) from e
-        await request.respond(_encoder.encode(reply))
+        await request.respond(reply)
 
     return handle
 
@@ -149,10 +209,13 @@ async def _listen(
         name=API_SERVICE,
         version=API_VERSION,
         description="shoal query service: customer state, explanations, segments, members, "
-        "definitions, status and unparking",
+        "customer search, definitions, status and unparking",
         queue_group=API_SERVICE,
         metadata=metadata,
     )
+    # Replies that page on are cut to what one message of this broker holds (less room for
+    # headers); nats-py would refuse a larger one with no word to the requester.
+    max_bytes = int(nc.max_payload) - REJECTION_HEADROOM
     try:
 
         async def customer(request: Request) -> msgspec.Struct:
@@ -173,6 +236,9 @@ async def _listen(
         async def members(request: Request) -> msgspec.Struct:
             return await handler.members(_decode(members_request_decoder, request.data))
 
+        async def search(request: Request) -> msgspec.Struct:
+            return await handler.search(_decode(search_request_decoder, request.data))
+
         async def definitions(request: Request) -> msgspec.Struct:
             client = client_of((request.headers or {}).get(CLIENT_HEADER))
             return await handler.definitions(
@@ -189,22 +255,25 @@ async def _listen(
         await service.add_endpoint(
             name="customer",
             subject=customer_api_filter("customer", customers),
-            handler=_endpoint("customer", customer),
+            handler=_endpoint("customer", customer, max_bytes),
         )
         await service.add_endpoint(
             name="explain",
             subject=customer_api_filter("explain", customers),
-            handler=_endpoint("explain", explain),
+            handler=_endpoint("explain", explain, max_bytes),
         )
         for name, answer in (
             ("segments", segments),
             ("members", members),
+            ("search", search),
             ("definitions", definitions),
             ("status", status),
             ("unpark", unpark),
         ):
             await service.add_endpoint(
-                name=name, subject=api_subject(name), handler=_endpoint(name, answer)
+                name=name,
+                subject=api_subject(name),
+                handler=_endpoint(name, answer, max_bytes),
             )
         # Listening only once the server has our subscriptions. nats-py's flush() writes its
         # PING ahead of commands still pending in the client, SUBs included, so instead ask
@@ -225,6 +294,7 @@ _customer_reply = msgspec.json.Decoder(CustomerReply)
 _explain_reply = msgspec.json.Decoder(ExplainReply)
 _segments_reply = msgspec.json.Decoder(SegmentsReply)
 _members_reply = msgspec.json.Decoder(MembersReply)
+_search_reply = msgspec.json.Decoder(SearchReply)
 _definitions_reply = msgspec.json.Decoder(DefinitionsReply)
 _status_reply = msgspec.json.Decoder(StatusReply)
 _unpark_reply = msgspec.json.Decoder(UnparkReply)
@@ -270,6 +340,11 @@ class ApiClient:
             MembersRequest(segment=segment, limit=limit, cursor=cursor, count_only=count_only)
         )
         return await self._request(api_subject("members"), body, _members_reply)
+
+    async def search(self, prefix: str, *, limit: int = 100) -> SearchReply:
+        """The ids of customers that start with ``prefix``, in id order (at most ``limit``)."""
+        body = _encoder.encode(SearchRequest(prefix=prefix, limit=limit))
+        return await self._request(api_subject("search"), body, _search_reply)
 
     async def definitions(
         self,

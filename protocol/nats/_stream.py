@@ -4,16 +4,17 @@ rebuilt from (``shoal rebuild --from-stream``)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from protocol._errors import BrokerError
 from protocol._ports import Delivery
+from protocol._time import from_instant, to_instant
 from protocol.nats._feed import _parse_ack_reply, delivery_of
 
 _IDLE = 5.0
@@ -26,12 +27,14 @@ async def read_stream(
     filter_subject: str,
     *,
     through: int | None = None,
+    since: int | None = None,
     chunk: int = 10_000,
-) -> AsyncIterator[list[Delivery]]:
-    """The messages of ``stream`` on ``filter_subject``, in stream order, from its start up
-    to position ``through`` (default: its last message when this is called), in lists of up
-    to ``chunk``. Each is given as the engine's source delivers it (stream position, receive
-    instant, ``Nats-Msg-Id``). An ordered consumer reads them; no durable state is changed.
+) -> AsyncGenerator[list[Delivery], None]:
+    """The messages of ``stream`` on ``filter_subject``, in stream order, from its start (or
+    the first stored at or after the instant ``since``) up to position ``through`` (default:
+    its last message when this is called), in lists of up to ``chunk``. Each is given as the
+    engine's source delivers it (stream position, receive instant, ``Nats-Msg-Id``). An
+    ordered consumer reads them; no durable state is changed.
 
     Raises:
         BrokerError: the stream does not exist, or the broker stops answering.
@@ -50,11 +53,25 @@ async def read_stream(
         return
     sub: Any = None
     try:
+        start = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        if since is not None:
+            # Only when a message is stored after it: nats-py's ordered consumer takes the
+            # first heartbeat of one starting past the end for a gap, and starts again from
+            # the stream's first message.
+            try:
+                newest = await js.get_msg(stream, subject=filter_subject)
+            except nats.js.errors.NotFoundError:
+                return
+            if newest.time is None or to_instant(newest.time) < since:
+                return
+            start = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=from_instant(since)
+            )
         sub = await js.subscribe(
             filter_subject,
             stream=stream,
+            config=start,
             ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
             pending_msgs_limit=chunk * 2,
         )
         consumer = await sub.consumer_info()

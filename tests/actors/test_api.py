@@ -128,7 +128,7 @@ async def test_srv_discovery_lists_every_endpoint(
 ) -> None:
     async with with_alice(nats_server, client, tmp_path):
         ping = json.loads((await ask(client, "$SRV.PING.shoal")).data)
-        assert (ping["name"], ping["version"]) == ("shoal", "1.0.0")
+        assert (ping["name"], ping["version"]) == ("shoal", "1.1.0")
         info = json.loads((await ask(client, "$SRV.INFO.shoal")).data)
         assert info["name"] == "shoal"
         assert {(e["name"], e["subject"], e["queue_group"]) for e in info["endpoints"]} == {
@@ -136,6 +136,7 @@ async def test_srv_discovery_lists_every_endpoint(
             ("explain", "shoal.api.explain.>", "shoal"),
             ("segments", "shoal.api.segments", "shoal"),
             ("members", "shoal.api.members", "shoal"),
+            ("search", "shoal.api.search", "shoal"),
             ("definitions", "shoal.api.definitions", "shoal"),
             ("status", "shoal.api.status", "shoal"),
             ("unpark", "shoal.api.unpark", "shoal"),
@@ -304,7 +305,8 @@ async def test_members_paged_in_id_order(
         users = ["c", "a", "e", "b", "d", "f"]
         for u in users:
             await client.publish(f"shoal.events.{u}", track(u, mid=f"{u}1"))
-        await client.publish("shoal.events.g", identify("g", start_instant(), "g1", plan="gold"))
+        g_at = start_instant()
+        await client.publish("shoal.events.g", identify("g", g_at, "g1", plan="gold"))
         await eventually(lambda: engine.stats.events_applied == 7)
         api = ApiClient(client)
         pages: list[MembersReply] = []
@@ -338,6 +340,7 @@ async def test_members_paged_in_id_order(
             "complete": True,
             "members": ["g"],
             "next_cursor": None,
+            "true_since": [format_instant(g_at)],
         }
 
 

@@ -363,7 +363,7 @@ def test_transitions_to_stdout_move_the_summary_to_stderr(
     }  # fmt: skip
 
 
-async def test_chart_is_a_png_with_the_segments_in_its_legend(tmp_path: Path) -> None:
+async def test_chart_is_a_png_with_each_line_labelled_with_its_segment(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     source, seg, png = tmp_path / "h.jsonl", tmp_path / "s.toml", tmp_path / "sizes.png"
     source.write_text(small_history())
@@ -376,9 +376,12 @@ async def test_chart_is_a_png_with_the_segments_in_its_legend(tmp_path: Path) ->
     names = ("active", "idle", "premium")
     t0 = to_instant(from_instant(0).replace(year=2026))
     fig = size_chart(names, [t0, t0 + HOUR, t0 + 2 * HOUR], [[0, 1, 2], [1, 1, 2], [1, 0, 3]])
-    legend = fig.axes[0].get_legend()
-    assert legend is not None
-    assert [t.get_text() for t in legend.get_texts()] == list(names)
+    # Each name at the end of its line (in the order of the sizes there), in its colour.
+    (ax,) = fig.axes
+    labels = [(t.get_text().strip(), t.get_color()) for t in ax.texts]
+    lines = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    assert labels == [("idle", lines["idle"]), ("active", lines["active"]),
+                      ("premium", lines["premium"])]  # fmt: skip
 
 
 # Bad input --------------------------------------------------------------------------------------

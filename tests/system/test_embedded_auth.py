@@ -95,6 +95,7 @@ def test_every_command_finds_its_key_in_the_data_directory(
         "segments validate": [str(segments)],
         "segments apply": [str(segments)],
         "unpark": ["ann"],
+        "rejected": [],
     }
     engine_commands = {"serve", "rebuild"}  # tested on their own: they run the broker
     assert set(operands) | engine_commands == set(connecting_commands())

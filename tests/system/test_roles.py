@@ -303,11 +303,16 @@ def test_every_command_works_with_its_own_key(
         ["segments", "validate", str(segments)],
         ["segments", "apply", str(segments)],
         ["unpark", "ann"],
+        ["rejected"],
+        ["rejected", "--republish"],
+        ["customer", "--search", "a"],
     ):
         done = run(*command, *secured.as_role("operator"))
         assert done.returncode == 0, (command, done.stderr)
     done = run("members", "visitors", *secured.as_role("operator"))
     assert done.stdout == "ann\n"
+    done = run("members", "visitors", "--format", "csv", *secured.as_role("operator"))
+    assert done.stdout.splitlines()[1].startswith("ann,")
     # The subscriber may list the segments too.
     done = run("segments", "list", "--json", *secured.as_role("subscriber"))
     assert done.returncode == 0, done.stderr
@@ -354,6 +359,48 @@ async def test_the_operator_reads_the_rejected_events(secured: Secured) -> None:
                 await nc.jetstream().subscribe(
                     "shoal.segments.>", stream=SEGMENTS_STREAM, ordered_consumer=True
                 )
+
+
+async def test_the_operator_republishes_rejected_events_and_touches_nothing_else(
+    secured: Secured,
+) -> None:
+    """``shoal rejected --republish`` as the operator: it publishes the event again and
+    deletes its rejection, and may do no more to the streams than that."""
+    # A quarantined event whose cause is gone (as the engine publishes it after a bug).
+    event = b'{"type": "track", "userId": "bo", "event": "Visit", "messageId": "bo-1"}'
+    rejection = Rejection.of(
+        reason="the event raised an error while applied and was quarantined: RuntimeError",
+        subject="shoal.events.bo",
+        data=event,
+        received=1_800_000_000_000_000,
+        stream_sequence=99,
+    )
+    async with secured.client("engine") as nc:
+        await nc.jetstream().publish("shoal.rejected", msgspec.json.encode(rejection))
+    done = await anyio.to_thread.run_sync(
+        partial(run, "rejected", "--republish", *secured.as_role("operator"))
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("#1  republished  shoal.events.bo as ")
+    async with secured.client("operator") as nc:
+        js = nc.jetstream()
+        # Transitions are the engine's to publish.
+        subject = "shoal.segments.vip.entered"
+        denied = await _refused(nc, subject, partial(nc.request, subject, b"{}", timeout=5))
+        assert str(denied) == f"permission denied: role operator may not publish to {subject}"
+        # It reads SHOAL_REJECTED through consumers of its own and deletes a message of it;
+        # nothing else of any stream.
+        allowed = {
+            f"$JS.API.STREAM.{what}.{REJECTED_STREAM}" for what in ("INFO", "MSG.GET", "MSG.DELETE")
+        } | {
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{REJECTED_STREAM}.mine",
+            f"$JS.API.CONSUMER.DELETE.{REJECTED_STREAM}.shoal-engine",
+        }
+        for stream in STREAMS:
+            for subject, call in _stream_api(js, stream):
+                if subject not in allowed:
+                    denied = await _refused(nc, subject, call)
+                    assert denied.subject == subject
 
 
 async def test_tail_skips_what_is_not_a_transition(secured: Secured, procs: list[Proc]) -> None:
