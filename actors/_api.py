@@ -297,6 +297,8 @@ class EngineApi:
             parked_customers=[_parked_info(r) for r in parked[:MAX_PARKED_SHOWN]],
             paused=engine.paused,
             definitions_applied=engine.definitions_applied,
+            imports_open=engine.open_imports,
+            imports_applied=engine.applied_imports,
         )
 
     async def unpark(self, request: UnparkRequest) -> UnparkReply:

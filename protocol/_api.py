@@ -330,6 +330,11 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     definitions_applied: DefinitionsApplied | None = None
     """The stored version of the definitions in force, when and from where they were applied
     (None: an engine that stores none, or an older one)."""
+    imports_open: list[str] = msgspec.field(default_factory=list)
+    """The imports begun and not yet ended (``shoal import``), by id."""
+    imports_applied: list[str] = msgspec.field(default_factory=list)
+    """The ids of the latest imports the engine applied since it started (at most 64), the
+    latest last."""
 
 
 customer_request_decoder = msgspec.json.Decoder(CustomerRequest)

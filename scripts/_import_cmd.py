@@ -33,8 +33,23 @@ from rich.progress import (
 from rich.text import Text
 
 from actors import export_history
-from protocol import KEYS_DIR, Event, OrderedHistory, embedded_broker, port_in_use, role_key_file
-from protocol.nats import Credentials, connect, ensure_streams, permission_guard, publish_import
+from protocol import (
+    KEYS_DIR,
+    ApiError,
+    Event,
+    OrderedHistory,
+    embedded_broker,
+    port_in_use,
+    role_key_file,
+)
+from protocol.nats import (
+    ApiClient,
+    Credentials,
+    connect,
+    ensure_streams,
+    permission_guard,
+    publish_import,
+)
 from store import Store
 
 from ._connection import credentials_of
@@ -61,6 +76,12 @@ def register(sub: Any) -> None:
     )
     imp.add_argument("--host", default="127.0.0.1", help="the embedded broker's address")
     imp.add_argument("--port", type=int, default=4222, help="the embedded broker's port")
+    imp.add_argument(
+        "--wait",
+        action="store_true",
+        help="with an engine running, wait until it has applied the import (its status lists "
+        "the import as applied); Ctrl-C stops waiting, the import goes on",
+    )
     imp.set_defaults(run=_import)
 
     exp = sub.add_parser("export", help="write the event log as JSON lines")
@@ -142,6 +163,9 @@ async def _import(args: argparse.Namespace) -> int:
                             _pieces(iter(history)),
                             on_progress=lambda n: progress.advance(task, n),
                         )
+                        if args.wait and not started:
+                            say(f"waiting for the engine to apply import {done.import_id}")
+                            await _applied(ApiClient(nc), done.import_id)
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
@@ -152,11 +176,27 @@ async def _import(args: argparse.Namespace) -> int:
         + (
             "the next `shoal serve` applies them"
             if started
+            else "the engine applied them"
+            if args.wait
             else "the engine applies them once it reaches the import's end"
         ),
         file=sys.stderr,
     )
     return 1 if history.skipped else 0
+
+
+async def _applied(api: ApiClient, import_id: str, every: float = 0.5) -> None:
+    """Return once the engine's status lists ``import_id`` as applied. While no engine
+    answers (it may be starting or restarting), keep asking: an import stays open in the
+    stream until an engine applies it."""
+    while True:
+        try:
+            status = await api.status()
+        except ApiError:  # no engine answering (yet), or a refusal: ask again
+            status = None
+        if status is not None and import_id in status.imports_applied:
+            return
+        await anyio.sleep(every)
 
 
 async def _pieces(events: Iterator[Event], size: int = 1_000) -> AsyncIterator[list[Event]]:

@@ -190,6 +190,12 @@ class Engine:
         return sorted(self._store.open_imports)
 
     @property
+    def applied_imports(self) -> list[str]:
+        """The ids of the latest imports applied since the engine started (at most 64), the
+        latest last."""
+        return list(self._imports.applied)
+
+    @property
     def pending_deadlines(self) -> int:
         """How many customers have a deadline armed."""
         return self._partition.pending

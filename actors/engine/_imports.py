@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import structlog
 
@@ -44,6 +44,8 @@ from ._partition import Partition
 
 MAX_OPEN_IMPORTS = 16
 """Imports open at once at most: a begin marker beyond them is rejected."""
+APPLIED_SHOWN = 64
+"""The latest imports applied that the status lists (``shoal import --wait`` looks there)."""
 RECONCILE_BATCH = 1_000
 """Customers rebuilt per commit at the end of an import (between two, the engine's other
 tasks and the query service run)."""
@@ -94,6 +96,8 @@ class Imports:
         self._parking = parking
         self._clock = clock
         self._logger = structlog.get_logger("shoal.engine")
+        self.applied: deque[str] = deque(maxlen=APPLIED_SHOWN)
+        """The ids of the imports applied since the engine started, the latest last."""
 
     def received(self, d: Delivery) -> int | None:
         """The receive instant of an event delivery: None for live traffic (the broker's
@@ -163,6 +167,7 @@ class Imports:
             [], [], stream_through=d.stream_sequence, imports={import_id: None}
         )
         self._stats.imports_applied += 1
+        self.applied.append(import_id)
         self._logger.info(
             "import applied", import_id=import_id, customers=customers, transitions=transitions
         )

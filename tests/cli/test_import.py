@@ -289,3 +289,26 @@ def test_a_file_replayed_equals_the_file_imported_then_replayed(
     assert from_file.returncode == from_log.returncode == 0, from_file.stderr + from_log.stderr
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     assert from_file.stdout == from_log.stdout
+
+
+def test_import_wait_returns_once_the_running_engine_applied_it(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    data, port = tmp_path / "data", str(free_port())
+    serve = Proc("serve", "--data-dir", str(data), "--port", port)
+    procs.append(serve)
+    serve.wait_err("shoal is serving")
+    history = tmp_path / "history.jsonl"
+    history.write_text("\n".join(visit(c, messageId=f"{c}-1") for c in ("ann", "bob", "cy")) + "\n")
+    done = run("import", str(history), "--data-dir", str(data), "--port", port, "--wait")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "imported 3 event(s), 0 duplicate(s), 0 line(s) skipped; the engine applied them"
+    )
+    # Applied when it returned: the status lists it, and the customers are there.
+    status = run("status", "--json", "--data-dir", str(data), "--nats", f"nats://127.0.0.1:{port}")
+    reply = json.loads(status.stdout)
+    assert reply["imports_open"] == []
+    assert len(reply["imports_applied"]) == 1
+    assert reply["imports_applied"][0] in done.stderr
+    assert reply["customers"] == 3
