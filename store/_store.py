@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Self
 
 from ._db import Db
-from ._errors import StoreError
+from ._errors import StoreMissingError
 from ._events import EventLog, LoggedEvent
 from ._lock import WriterLock
 from ._outbox import Outbox, OutboxEntry
@@ -115,7 +115,7 @@ class Store:
             StoreError: there is no store at ``path``, or it cannot be read.
         """
         if not path.is_file():
-            raise StoreError(f"no event log at {path}")
+            raise StoreMissingError(path)
         db = await Db.connect(path, read_only=True)
         try:
             doing = f"cannot read {path}"

@@ -123,6 +123,7 @@ PINS = {
         "StoreFormatError",
         "StoreFullError",
         "StoreLockedError",
+        "StoreMissingError",
         "Synchronous",
     ),
     "protocol": (
