@@ -34,7 +34,8 @@ from rich.text import Text
 from actors import export_history, import_history
 from store import Store
 
-from ._errors import UsageError
+from ._errors import ExitCode, file_error
+from ._output import output_file
 
 
 def register(sub: Any) -> None:
@@ -43,7 +44,12 @@ def register(sub: Any) -> None:
         "import",
         help="load history (JSON lines) into the event log, while the engine is stopped",
     )
-    imp.add_argument("file", help="JSON-lines file of Segment Spec events ('-': stdin)")
+    imp.add_argument(
+        "file",
+        help="JSON-lines file of Segment Spec events ('-': stdin), validated as `shoal replay "
+        "FILE` validates them and, unlike replay, checked against now: a timestamp more "
+        "than 300 s ahead is refused",
+    )
     imp.add_argument(
         "--data-dir",
         type=Path,
@@ -102,7 +108,7 @@ async def _import(args: argparse.Namespace) -> int:
     try:
         stream = sys.stdin.buffer if name == "-" else open(name, "rb")  # noqa: SIM115
     except OSError as e:
-        raise UsageError(f"cannot read {name}: {e.strerror}") from None
+        raise file_error(name, e) from None
     try:
         total = os.fstat(stream.fileno()).st_size if name != "-" else None
         async with await Store.open(args.data_dir / "shoal.db") as store:
@@ -137,18 +143,20 @@ async def _import(args: argparse.Namespace) -> int:
         f"{report.skipped} line(s) skipped",
         file=sys.stderr,
     )
-    return 1 if report.skipped else 0
+    return ExitCode.BAD_INPUT if report.skipped else ExitCode.OK
 
 
 async def _export(args: argparse.Namespace) -> int:
     async with await Store.open_read_only(args.data_dir / "shoal.db") as store:
         total = await store.events.count()
         to_stdout = args.output in (None, "-")
-        try:
-            out = sys.stdout.buffer if to_stdout else open(args.output, "wb")  # noqa: SIM115
-        except OSError as e:
-            raise UsageError(f"cannot write {args.output}: {e.strerror}") from None
-        try:
+        with contextlib.ExitStack() as stack:
+            # A file takes its name only once complete: Ctrl-C leaves none half written.
+            out = (
+                sys.stdout.buffer
+                if to_stdout
+                else stack.enter_context(output_file(args.output, binary=True))
+            )
             with _progress(
                 TextColumn("exporting"),
                 BarColumn(),
@@ -160,8 +168,5 @@ async def _export(args: argparse.Namespace) -> int:
                 written = await export_history(
                     store, out, on_progress=lambda n: progress.advance(task, n)
                 )
-        finally:
-            if not to_stdout:
-                out.close()
     print(f"exported {written} event(s)", file=sys.stderr)
     return 0

@@ -214,11 +214,13 @@ class _Tally:
         self.stream = EVENTS_STREAM
         self.first: int | None = None
         self.last: int | None = None
+        self.duplicate_at = 0
 
     def acked(self, number: int, ack: PubAck) -> None:
         self.stream = ack.stream
         if ack.duplicate:
             self.duplicates += 1
+            self.duplicate_at = ack.seq
         else:
             self.sent += 1
             self.first = ack.seq if self.first is None else min(self.first, ack.seq)
@@ -229,20 +231,21 @@ class _Tally:
 
     def summary(self) -> str:
         if self.first is None:
-            text = "published 0 events"
+            text = "published 0 event(s)"
         elif self.first == self.last:
-            text = f"published 1 event: {self.stream} sequence {self.first}"
+            text = f"published 1 event(s): {self.stream} sequence {self.first}"
         else:
             text = (
-                f"published {self.sent} events: {self.stream} sequences {self.first} to {self.last}"
+                f"published {self.sent} event(s): {self.stream} sequences {self.first} to "
+                f"{self.last}"
             )
-        for n, what in (
-            (self.duplicates, "already stored (the same Nats-Msg-Id), not stored again"),
-            (self.invalid, "not valid, not sent"),
-            (self.failed, "not stored by the broker"),
-        ):
-            if n:
-                text += f"; {n} {what}"
+        if self.duplicates:
+            at = f" (sequence {self.duplicate_at})" if self.duplicates == 1 else ""
+            text += f"; {self.duplicates} already stored{at}, the same Nats-Msg-Id: not again"
+        if self.invalid:
+            text += f"; {self.invalid} line(s) not valid, not sent"
+        if self.failed:
+            text += f"; {self.failed} not stored by the broker"
         return text
 
 

@@ -37,10 +37,20 @@ from rich.table import Table
 from rich.text import Text
 
 from actors import ReplayTally, load_segments, parse_duration, read_log
-from protocol import OrderedHistory, format_instant, from_instant, to_instant
+from protocol import (
+    MAX_FUTURE_SKEW,
+    SECOND,
+    Event,
+    OrderedHistory,
+    format_instant,
+    from_instant,
+    to_instant,
+)
 from store import Store
 
-from ._errors import UsageError
+from ._errors import ExitCode, NotFound, UsageError, file_error
+from ._output import output_file, output_path
+from ._times import human_instant, now
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,7 +82,9 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="JSON-lines file of Segment Spec events, each with a `timestamp` (its instant "
         "and receive time; replayed in timestamp order, stable), '-' for stdin, or a shoal "
-        "SQLite event log; default: the event log in --data-dir",
+        "SQLite event log; default: the event log in --data-dir. Lines are validated as "
+        "`shoal import` validates them, except that times are not checked against now: a "
+        "backtest runs on a virtual clock",
     )
     p.add_argument(
         "--data-dir",
@@ -184,17 +196,15 @@ def _options(args: argparse.Namespace) -> _Options:
 
 
 def _open_output(name: str | None, *, binary: bool, stack: contextlib.ExitStack) -> IO[Any] | None:
-    """The stream an output option names ('-': stdout), closed with ``stack``."""
+    """The stream an output option names ('-': stdout), closed with ``stack``: a file is
+    written under a temporary name and takes its name only once complete."""
     if name is None:
         return None
     if name == "-":
         return sys.stdout.buffer if binary else sys.stdout
-    try:
-        if binary:
-            return stack.enter_context(open(name, "wb"))
-        return stack.enter_context(open(name, "w", encoding="utf-8", newline=""))
-    except OSError as e:
-        raise UsageError(f"cannot write {name}: {e.strerror}") from None
+    if binary:
+        return stack.enter_context(output_file(name, binary=True))
+    return stack.enter_context(output_file(name, binary=False))
 
 
 # Reading events -------------------------------------------------------------------------------
@@ -217,7 +227,7 @@ async def _read_file(source: str, history: OrderedHistory) -> None:
             while await anyio.to_thread.run_sync(history.read, itertools.islice(f, _PIECE)):
                 pass
         except OSError as e:
-            raise UsageError(f"cannot read {source}: {e.strerror}") from None
+            raise file_error(source, e) from None
     await anyio.to_thread.run_sync(history.finish)
 
 
@@ -226,7 +236,7 @@ def _is_sqlite(path: Path) -> bool:
         with path.open("rb") as f:
             return f.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC
     except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+        raise file_error(path, e) from None
 
 
 # The replay and what it writes ----------------------------------------------------------------
@@ -315,7 +325,7 @@ def _summary(run: ReplayTally, end: int | None, out: IO[str]) -> None:
     span = (
         ""
         if origin is None or end is None
-        else f", {format_instant(origin)} to {format_instant(end)}"
+        else f", {human_instant(origin)} to {human_instant(end)}"
     )
     table = Table(
         title=f"{run.events:,} events, {run.replay.customers:,} customers, "
@@ -341,7 +351,7 @@ async def run(args: argparse.Namespace) -> int:
     if source is None:
         db = (args.data_dir or Path("shoal-data")) / "shoal.db"
         if not db.is_file():
-            raise UsageError(
+            raise NotFound(
                 f"no event log at {db} (give `shoal serve`'s --data-dir, or a FILE of events)"
             )
     elif source != "-" and _is_sqlite(Path(source)):
@@ -352,6 +362,7 @@ async def run(args: argparse.Namespace) -> int:
         transitions_out = _open_output(args.transitions, binary=True, stack=outputs)
         sizes_out = _open_output(args.sizes, binary=False, stack=outputs)
         history: OrderedHistory | None = None
+        ahead = _Ahead(now() + MAX_FUTURE_SKEW)
         if db is None:
             assert source is not None
             history = OrderedHistory(on_skip=_skip, on_repeat=_repeat)
@@ -367,7 +378,7 @@ async def run(args: argparse.Namespace) -> int:
         progress = _progress()
         with progress or contextlib.nullcontext():
             if history is not None:
-                await _replay_history(the_run, history, progress)
+                await _replay_history(the_run, history, progress, ahead)
             else:
                 assert db is not None
                 await _replay_log(the_run, db, progress)
@@ -391,31 +402,57 @@ async def run(args: argparse.Namespace) -> int:
             "logged ahead of them (imported history?); a replay applies events in log order",
             file=sys.stderr,
         )
+    if ahead.count:
+        print(
+            f"note: {ahead.count} event(s) are stamped more than "
+            f"{MAX_FUTURE_SKEW // SECOND} s after now (the latest at "
+            f"{human_instant(ahead.latest)}): a replay runs on a virtual clock and applies "
+            "them, `shoal import` (which checks times against now) would refuse them",
+            file=sys.stderr,
+        )
     if history is not None and history.skipped:
         print(f"{history.skipped} line(s) skipped", file=sys.stderr)
-        return 1
-    return 0
+        return ExitCode.BAD_INPUT
+    return ExitCode.OK
 
 
 async def _chart(
     path: Path, names: Sequence[str], instants: Sequence[int], rows: Sequence[Sequence[int]]
 ) -> None:
     try:
-        await anyio.to_thread.run_sync(write_chart, path, names, instants, rows)
+        with output_path(path) as temporary:
+            await anyio.to_thread.run_sync(write_chart, temporary, names, instants, rows)
     except ImportError:
         raise UsageError(_NO_MATPLOTLIB) from None
     except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror}") from None
+        raise file_error(path, e, "write") from None
+
+
+class _Ahead:
+    """The events of a file stamped after ``limit`` (now, and the skew a live event may
+    have): how many, and the latest instant."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.latest = 0
+
+    def see(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if event.at > self.limit:
+                self.count += 1
+                self.latest = max(self.latest, event.at)
 
 
 async def _replay_history(
-    the_run: ReplayTally, history: OrderedHistory, progress: Progress | None
+    the_run: ReplayTally, history: OrderedHistory, progress: Progress | None, ahead: _Ahead
 ) -> None:
     task = progress.add_task("", total=history.events) if progress is not None else None
     events = iter(history)
 
     def feed_piece() -> int:
         piece = list(itertools.islice(events, _PIECE))
+        ahead.see(piece)
         the_run.feed(piece)
         return len(piece)
 

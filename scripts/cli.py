@@ -45,7 +45,7 @@ from ._connection import (
     engine_servers,
     explain,
 )
-from ._errors import REPORTED, ExitCode, UsageError, exit_code
+from ._errors import REPORTED, ExitCode, NotFound, UsageError, exit_code
 from ._logging import Scrubber, configure_logging, secrets_of
 
 _CONNECTING = {
@@ -336,6 +336,8 @@ def _lists_dir(segments: Path | None, lists_dir: Path | None) -> Path | None:
         return None if segments is None else segments.parent
     if segments is None:
         raise UsageError("--lists-dir is for the list files of --segments FILE: give both")
+    if not lists_dir.exists():
+        raise NotFound(f"--lists-dir {lists_dir} does not exist")
     if not lists_dir.is_dir():
         raise UsageError(f"--lists-dir {lists_dir} is not a directory")
     return lists_dir

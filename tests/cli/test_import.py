@@ -63,7 +63,7 @@ def test_import_reports_bad_lines_exactly_and_keeps_the_good_ones(tmp_path: Path
     )
     db = tmp_path / "data" / "shoal.db"
     done = run("import", str(history), "--data-dir", str(tmp_path / "data"))
-    assert done.returncode == 1
+    assert done.returncode == 3  # bad input
     err = done.stderr.splitlines()
     assert err[:5] == [
         "line 2: invalid JSON: Input data was truncated; skipped",
@@ -111,7 +111,7 @@ def test_import_from_stdin_of_good_lines_exits_0(tmp_path: Path) -> None:
 
 def test_import_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
     done = run("import", str(tmp_path / "nope.jsonl"), "--data-dir", str(tmp_path / "data"))
-    assert done.returncode == 2
+    assert done.returncode == 4  # not found
     assert done.stderr == (
         f"shoal: error: cannot read {tmp_path / 'nope.jsonl'}: No such file or directory\n"
     )
@@ -216,6 +216,6 @@ async def test_export_beside_a_writer_reads_the_log_as_it_stood(tmp_path: Path) 
 def test_export_of_a_missing_store_is_one_line(tmp_path: Path) -> None:
     done = run("export", "--data-dir", str(tmp_path))
     assert (done.returncode, done.stderr) == (
-        1,
+        4,
         f"shoal: error: no event log at {tmp_path / 'shoal.db'}\n",
     )
