@@ -228,6 +228,7 @@ class _Tally:
         if self.as_json:
             doc = {"line": number, "stream": ack.stream, "seq": ack.seq}
             sys.stdout.write(json.dumps(doc | {"duplicate": bool(ack.duplicate)}) + "\n")
+            sys.stdout.flush()  # as it is confirmed, for whoever reads the pipe
 
     def summary(self) -> str:
         if self.first is None:
@@ -320,4 +321,6 @@ async def _send(
             headers = {"Nats-Msg-Id": msg_id} if msg_id else None
             pending.append((number, await js.publish_async(subject, text, headers=headers)))
             await settle(_IN_FLIGHT)
-    await settle(0)
+        # Each batch confirmed before the next is read: lines typed or piped one at a time
+        # are reported as they are stored, not when the input ends.
+        await settle(0)
