@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import os
+import select
 import signal
 import sys
 from collections.abc import Sequence
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
     except BaseException as e:  # noqa: BLE001 - unwrap task-group errors for one clear line
-        if _find(e, (BrokenPipeError,)) is not None:
+        if _find(e, (BrokenPipeError,)) is not None and _reader_gone():
             # The reader stopped early (`shoal tail | head`): not an error. Point stdout at
             # /dev/null so that the interpreter's last flush does not fail on the pipe.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -87,6 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"shoal: error: {scrub(explain(known, args))}", file=sys.stderr)
         return exit_code(known)
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (its write end then reports
+    ``POLLERR``): a broken pipe elsewhere (a socket) is an error like any other."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poll.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _find(e: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
