@@ -39,6 +39,7 @@ from ._transfer import read_log as read_log
 from ._watch import FileStamp as FileStamp
 from ._watch import file_stamp as file_stamp
 from ._watch import watch_segments as watch_segments
+from .engine import DefinitionsKeeper as DefinitionsKeeper
 from .engine import Engine as Engine
 from .engine import EngineConfig as EngineConfig
 from .engine import EngineObserver as EngineObserver
@@ -46,6 +47,7 @@ from .engine import EngineStats as EngineStats
 from .engine import RebuildReport as RebuildReport
 from .engine import StoreBehindError as StoreBehindError
 from .engine import rebuild_from_stream as rebuild_from_stream
+from .engine import served_origin as served_origin
 from .rules import Rule as Rule
 from .rules import Segment as Segment
 from .rules import SegmentSet as SegmentSet
@@ -61,6 +63,7 @@ __all__ = (
     "Clock",
     "Customer",
     "DefinitionError",
+    "DefinitionsKeeper",
     "Engine",
     "EngineApi",
     "EngineConfig",
@@ -104,6 +107,7 @@ __all__ = (
     "rebuild_from_stream",
     "replay",
     "replayed_history",
+    "served_origin",
     "snapshot_row",
     "transition_of",
     "watch_segments",

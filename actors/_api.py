@@ -16,6 +16,7 @@ from anyio import to_thread
 
 from protocol import (
     DAY,
+    ApiOrigin,
     CustomerParked,
     CustomerReply,
     DefinitionsReply,
@@ -213,7 +214,9 @@ class EngineApi:
             next_cursor=page[-1] if more else None,
         )
 
-    async def definitions(self, request: DefinitionsRequest) -> DefinitionsReply:
+    async def definitions(
+        self, request: DefinitionsRequest, *, client: str | None = None
+    ) -> DefinitionsReply:
         try:
             # In a worker thread: parsing a file at the limits takes a while; the engine's
             # loop goes on meanwhile. No base_dir: definitions from the network are data, and
@@ -229,7 +232,8 @@ class EngineApi:
         transitions: int | None = None
         if request.apply:
             try:
-                transitions = await engine.apply_segments(new)
+                origin = ApiOrigin(source=request.source, client=client)
+                transitions = await engine.apply_segments(new, origin=origin)
             except ActorsError as e:
                 raise EngineUnavailable(f"the segments were not applied: {e}") from e
         return DefinitionsReply(
@@ -277,6 +281,7 @@ class EngineApi:
             parked=len(parked),
             parked_customers=[_parked_info(r) for r in parked[:MAX_PARKED_SHOWN]],
             paused=engine.paused,
+            definitions_applied=engine.definitions_applied,
         )
 
     async def unpark(self, request: UnparkRequest) -> UnparkReply:

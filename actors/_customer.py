@@ -52,7 +52,12 @@ _DEFINITION = DefinitionCause()
 
 SNAPSHOT_FORMAT = 1
 """The layout of :meth:`Customer.snapshot`. Change it whenever ``_State`` or the meaning of a
-field changes: a snapshot of another format is ignored and its customer rebuilt from the log."""
+field changes: a snapshot of another format is ignored and its customer rebuilt from the log.
+
+(The watermark no longer moves at a deadline that changes nothing, since late events took
+their stated contract. A snapshot from before holds a watermark at or after the one it would
+hold now, which is still a valid state: the format stays, so an upgrade rebuilds nothing,
+and only an event stamped between the two, for such a customer, is taken as late.)"""
 
 
 class Retained(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -95,13 +100,15 @@ class _Kept:
     ``Plan.steps``, when to look at the segment again (``_STALE``: at the next evaluation;
     the facts its rules read changed), and its next instant (``NEVER``: None)."""
 
-    __slots__ = ("segments", "untils", "nexts")
+    __slots__ = ("segments", "untils", "nexts", "at")
 
     def __init__(self, segments: SegmentSet) -> None:
         n = len(segments.plan.steps)
         self.segments = segments
         self.untils = [_STALE] * n
         self.nexts = [NEVER] * n
+        self.at = _BEFORE_ANY
+        """The latest instant they were computed at: they say nothing about earlier ones."""
 
 
 # Most customers have some of these empty: they share one empty collection, never written
@@ -214,7 +221,9 @@ class Customer(_Derived):
         self.version = 0
         """How many transitions the customer has had (the last one's ``version``)."""
         self.watermark = _BEFORE_ANY
-        """The instant up to which the customer's state has been evaluated."""
+        """The customer's latest instant: the latest at which one of its events took effect
+        or one of its memberships changed (SEGMENTS.md, "Late events"). Its next event takes
+        effect at its own instant if that is not before this one."""
         self.deadline: int | None = None
         """The next instant a segment can change without an event (always > watermark)."""
         self._kept: _Kept | None = None
@@ -303,10 +312,15 @@ class Customer(_Derived):
     # Changes ----------------------------------------------------------------------------
 
     def fold(self, event: Event, segments: SegmentSet) -> None:
-        """Add an event to the facts and the watermark, without evaluating segments."""
+        """Add an event to the facts and move the watermark to the instant it takes effect,
+        without evaluating segments: its own instant, or its receive instant when it is late
+        (before the watermark)."""
         at = event.at
-        if at > self.watermark:
+        watermark = self.watermark
+        if at >= watermark:
             self.watermark = at
+        elif event.received > watermark:
+            self.watermark = event.received
         kept = self._kept
         untils = None
         if kept is not None:
@@ -359,13 +373,17 @@ class Customer(_Derived):
                                 untils[j] = _STALE
 
     def apply(self, event: Event, segments: SegmentSet) -> list[Transition]:
-        """Apply one event: first fire deadlines due before its instant, then evaluate after it.
+        """Apply one event: first fire the deadlines due before its receive instant, then
+        evaluate at the instant it takes effect (:meth:`fold`).
 
-        A deadline at exactly the event's instant is evaluated together with the event, so a
-        visit at the very instant a customer would have lapsed keeps it in, with no exit and
-        re-entry at the same instant.
+        Firing up to the receive instant, not the event's own, makes the result independent
+        of whether the engine fired them before it took the event: live and replay alike, a
+        deadline fires once every event received before it has been applied (the time
+        floor). A deadline at exactly the event's instant (received then) is evaluated
+        together with the event, so a visit at the very instant a customer would have lapsed
+        keeps it in, with no exit and re-entry at the same instant.
         """
-        out = self.advance(event.at - 1, segments)
+        out = self.advance(event.received - 1, segments)
         self.fold(event, segments)
         out += self.evaluate(segments, EventCause(message_id=event.message_id))
         return out
@@ -374,8 +392,16 @@ class Customer(_Derived):
         """Fire, in order, every deadline at or before ``until``, each at its own instant."""
         out: list[Transition] = []
         while self.deadline is not None and self.deadline <= until:
+            latest = self.watermark
             self.watermark = self.deadline
-            out += self.evaluate(segments, _TIME)
+            made = self.evaluate(segments, _TIME)
+            if made:
+                out += made
+            else:
+                # Nothing changed: the watermark stays where an event or a change put it.
+                # A deadline can be only where a rule looks again, so counting it would make
+                # whether a later event is late depend on the rules' internals.
+                self.watermark = latest
         return out
 
     def evaluate(self, segments: SegmentSet, cause: Cause) -> list[Transition]:
@@ -389,8 +415,11 @@ class Customer(_Derived):
         plan = segments.plan
         kept = self._kept
         definition = isinstance(cause, DefinitionCause)
-        if kept is None or kept.segments is not segments or definition:
+        if kept is None or kept.segments is not segments or definition or now < kept.at:
+            # (Earlier than last time: an event at or after the watermark but before where a
+            # deadline that changed nothing was evaluated.)
             kept = self._kept = _Kept(segments)
+        kept.at = now
         untils, nexts = kept.untils, kept.nexts
         evaluators = plan.evaluators
         members = self.members

@@ -7,6 +7,7 @@ implementation is the subpackage ``protocol.nats``, the in-memory one ``protocol
 from ._api import MAX_PAGE as MAX_PAGE
 from ._api import CustomerReply as CustomerReply
 from ._api import CustomerRequest as CustomerRequest
+from ._api import DefinitionsApplied as DefinitionsApplied
 from ._api import DefinitionsReply as DefinitionsReply
 from ._api import DefinitionsRequest as DefinitionsRequest
 from ._api import EventCounter as EventCounter
@@ -27,6 +28,16 @@ from ._api import UnparkRequest as UnparkRequest
 from ._broker import embedded_broker as embedded_broker
 from ._broker import find_nats_server as find_nats_server
 from ._broker import port_in_use as port_in_use
+from ._definitions import DEFINITIONS_BUCKET as DEFINITIONS_BUCKET
+from ._definitions import MAX_STORED_DEFINITIONS_BYTES as MAX_STORED_DEFINITIONS_BYTES
+from ._definitions import ApiOrigin as ApiOrigin
+from ._definitions import DefinitionsBoard as DefinitionsBoard
+from ._definitions import FileOrigin as FileOrigin
+from ._definitions import Origin as Origin
+from ._definitions import StoredDefinitions as StoredDefinitions
+from ._definitions import StoredDefinitionsError as StoredDefinitionsError
+from ._definitions import decode_definitions as decode_definitions
+from ._definitions import encode_definitions as encode_definitions
 from ._errors import ApiError as ApiError
 from ._errors import BrokerError as BrokerError
 from ._errors import CustomerParked as CustomerParked
@@ -103,6 +114,17 @@ from ._types import Transition as Transition
 from ._types import header_token as header_token
 
 __all__ = (
+    "DEFINITIONS_BUCKET",
+    "MAX_STORED_DEFINITIONS_BYTES",
+    "ApiOrigin",
+    "DefinitionsApplied",
+    "DefinitionsBoard",
+    "FileOrigin",
+    "Origin",
+    "StoredDefinitions",
+    "StoredDefinitionsError",
+    "decode_definitions",
+    "encode_definitions",
     "API_ENDPOINTS",
     "API_PREFIX",
     "API_SERVICE",

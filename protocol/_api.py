@@ -8,7 +8,7 @@ needs no body (``customer``, ``segments``, ``status``) may be sent empty.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -48,6 +48,22 @@ class MembersRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = 100
     cursor: str | None = None
     count_only: bool = False
+
+
+CLIENT_HEADER = "Shoal-Client"
+"""The header of a ``definitions`` request that says who sends it (``shoal segments apply``:
+``user@host``); the engine stores it with the definitions it applies. Optional."""
+MAX_CLIENT_CHARS = 200
+"""The most of :data:`CLIENT_HEADER` the engine keeps."""
+
+
+def client_of(value: str | None) -> str | None:
+    """The :data:`CLIENT_HEADER` value as the engine keeps it: printable, at most
+    :data:`MAX_CLIENT_CHARS` characters; None when absent or empty."""
+    if not value:
+        return None
+    shown = "".join(c if c.isprintable() else "?" for c in value[:MAX_CLIENT_CHARS])
+    return shown.strip() or None
 
 
 class DefinitionsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -225,6 +241,24 @@ class SegmentSize(msgspec.Struct, frozen=True, kw_only=True):
     size: int
 
 
+class DefinitionsApplied(msgspec.Struct, frozen=True, kw_only=True):
+    """The stored version of the definitions in force: when and from where they were applied
+    (``StatusReply.definitions_applied``)."""
+
+    version: int
+    """1 for the first definitions the engine stored, one more for each applied after."""
+    applied_at: datetime
+    origin: Literal["file", "api"]
+    """``file``: the served segments file; ``api``: applied over the query API (``shoal
+    segments apply``)."""
+    source: str
+    """The served file's path, or the name the API request gave (its file's path)."""
+    content_hash: str | None = None
+    """SHA-256 of the served file's text and lists (``file`` only)."""
+    client: str | None = None
+    """Who applied them over the API, when the request said."""
+
+
 class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     """How the engine that answered is doing, at ``at`` (its now).
 
@@ -261,6 +295,9 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     """The first :data:`MAX_PARKED_SHOWN` of them, in id order."""
     paused: str | None = None
     """Why ingestion is paused (``disk full at <path>``: it resumes by itself), or None."""
+    definitions_applied: DefinitionsApplied | None = None
+    """The stored version of the definitions in force, when and from where they were applied
+    (None: an engine that stores none, or an older one)."""
 
 
 customer_request_decoder = msgspec.json.Decoder(CustomerRequest)

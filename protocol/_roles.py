@@ -2,10 +2,13 @@
 generator of the nats-server configuration that enforces them.
 
 Four roles: ``engine`` (``shoal serve`` and ``shoal rebuild``: shoal's streams, its consumer,
-the transitions, the query service), ``producer`` (publishes events, nothing else),
-``subscriber`` (reads transitions, through its own consumers of ``SHOAL_SEGMENTS`` too, and
-the list of segments) and ``operator`` (every query, definitions, unparking, and the rejected
-events of ``SHOAL_REJECTED``).
+the transitions, the query service, and the definitions in force in the KV bucket
+``SHOAL_DEFINITIONS``), ``producer`` (publishes events, nothing else), ``subscriber`` (reads
+transitions, through its own consumers of ``SHOAL_SEGMENTS`` too, and the list of segments)
+and ``operator`` (every query, definitions, unparking, and the rejected events of
+``SHOAL_REJECTED``). The ``SHOAL_DEFINITIONS`` bucket (its chunked lists included) is the
+engine's alone: an operator changes the definitions through the query API
+(``shoal.api.definitions``), which the engine applies and stores, and needs no access to it.
 
 Each role's subjects are listed exactly: the JetStream API subjects name shoal's streams, so
 no role can touch the streams of anyone else, and only the engine can create, update or
@@ -27,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ._definitions import DEFINITIONS_BUCKET, DEFINITIONS_KEYS, DEFINITIONS_STREAM
 from ._subjects import (
     API_PREFIX,
     API_SERVICE,
@@ -112,10 +116,17 @@ def _engine() -> _Role:
         f"{_JS}.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.*",
         f"{_JS}.CONSUMER.DELETE.{EVENTS_STREAM}.*",
         f"$JS.ACK.{EVENTS_STREAM}.>",
+        # The definitions in force (KV bucket SHOAL_DEFINITIONS): found or created at start,
+        # read key by key, written (and old chunks purged) by publishing on its keys.
+        f"{_JS}.STREAM.INFO.{DEFINITIONS_STREAM}",
+        f"{_JS}.STREAM.CREATE.{DEFINITIONS_STREAM}",
+        f"{_JS}.STREAM.MSG.GET.{DEFINITIONS_STREAM}",
+        DEFINITIONS_KEYS,
     ]
     return _Role(
         summary="shoal serve and shoal rebuild: the streams, the engine's consumer of "
-        f"{EVENTS_STREAM}, the transitions, the rejected events, the query service",
+        f"{EVENTS_STREAM}, the transitions, the rejected events, the query service, the "
+        f"definitions in force (KV bucket {DEFINITIONS_BUCKET}, the engine's alone)",
         publish=(
             SEGMENTS_WILDCARD,
             REJECTED_SUBJECT,
@@ -150,7 +161,8 @@ def _subscriber() -> _Role:
 def _operator() -> _Role:
     return _Role(
         summary="shoal status, customer, explain, members, segments list|apply|validate, "
-        f"unpark: every query and definitions; reads the rejected events ({REJECTED_STREAM})",
+        "unpark: every query, and definitions through the API only (no access to the KV "
+        f"bucket {DEFINITIONS_BUCKET}); reads the rejected events ({REJECTED_STREAM})",
         publish=(
             API_PREFIX + ">",
             *_SERVICE_DISCOVERY[1:],

@@ -8,6 +8,8 @@ Also :func:`serve_queries`, which ``shoal serve`` runs beside the engine.
 from __future__ import annotations
 
 import argparse
+import getpass
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -27,6 +29,7 @@ from actors import DefinitionError, Engine, EngineApi, SegmentSet, load_segments
 from protocol import (
     ConditionExplanation,
     CustomerReply,
+    DefinitionsApplied,
     DefinitionsReply,
     DefinitionsRequest,
     ExplainReply,
@@ -217,6 +220,17 @@ async def _status(args: argparse.Namespace) -> int:
     return await _ask(args, lambda api: api.status(), _show_status)
 
 
+def _applied(a: DefinitionsApplied) -> str:
+    """Version, instant and origin of the definitions in force, on one line."""
+    if a.origin == "file":
+        where = f"from the served file {a.source}"
+        if a.content_hash:
+            where += f" (sha256 {a.content_hash[:12]})"
+    else:
+        where = f"over the API ({a.source}" + (f", by {a.client}" if a.client else "") + ")"
+    return f"version {a.version}, applied {_when(a.applied_at)} {where}"
+
+
 def _show_status(r: StatusReply, out: Console) -> None:
     lag = "unknown" if r.consumer_lag is None else str(r.consumer_lag)
     warm = "" if r.warm else "  (still loading customers after a restart)"
@@ -239,6 +253,7 @@ def _show_status(r: StatusReply, out: Console) -> None:
         ("timer queue", f"{r.pending_deadlines} pending, next due {_when(r.next_deadline)}"),
         ("deadlines fired", str(r.deadlines_fired)),
         ("definitions", f"{r.definitions} ({r.fingerprint})"),
+        *((("applied", _applied(r.definitions_applied)),) if r.definitions_applied else ()),
         ("quarantined", f"{r.events_quarantined} events (rejected: they raised when applied)"),
         (
             "parked",
@@ -428,7 +443,20 @@ async def _definitions(args: argparse.Namespace, *, apply: bool) -> DefinitionsR
     async with client as api:
         body = DefinitionsRequest(toml=text, source=source, apply=apply)
         _check_size(len(_encoder.encode(body)), client.max_payload, segments)
-        return await api.definitions(text, source=source, apply=apply, timeout=args.timeout)
+        return await api.definitions(
+            text, source=source, apply=apply, timeout=args.timeout, client=_who()
+        )
+
+
+def _who() -> str:
+    """``user@host`` of this command, which the engine stores with definitions it applies;
+    ASCII, as a header value must be."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no user name in this environment
+        user = "?"
+    who = f"{user}@{socket.gethostname()}"
+    return who.encode("ascii", "replace").decode()
 
 
 def _check_size(size: int, max_payload: int, segments: SegmentSet) -> None:

@@ -21,8 +21,19 @@ from pathlib import Path
 import anyio
 import structlog
 
-from actors import Engine, EngineConfig, file_stamp, load_segments, watch_segments
+from actors import (
+    DefinitionsKeeper,
+    Engine,
+    EngineConfig,
+    SegmentSet,
+    SystemClock,
+    file_stamp,
+    load_segments,
+    served_origin,
+    watch_segments,
+)
 from protocol.nats import (
+    DefinitionsKV,
     connect,
     jetstream_ports,
     redact,
@@ -297,17 +308,29 @@ async def _serve(args: argparse.Namespace) -> int:
 
             metrics = EngineMetrics()
         source, sink = await jetstream_ports(nc, consumer=args.consumer)
+        # The definitions in force persist: those stored win unless the served file changed
+        # since it was last applied (the keeper logs which it chose, and why).
+        clock = SystemClock()
+        keeper = DefinitionsKeeper(store, await DefinitionsKV.open(nc), clock)
+        served = segments.source  # the path given, or the shipped file's name
+        segments = await keeper.resume(segments, served)
         engine = Engine(
             source,
             sink,
             store,
             segments,
+            clock=clock,
             config=EngineConfig(
                 use_snapshots=not args.rebuild,
                 snapshot_interval=args.snapshot_interval,
             ),
             observer=metrics,
+            keeper=keeper,
         )
+
+        async def apply_file(new: SegmentSet) -> int:
+            return await engine.apply_segments(new, origin=await served_origin(new, served))
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, tg.cancel_scope)
             if metrics is not None:
@@ -328,7 +351,7 @@ async def _serve(args: argparse.Namespace) -> int:
                     functools.partial(
                         watch_segments,
                         path,
-                        engine.apply_segments,
+                        apply_file,
                         stamp=stamp,
                         asked=hups,
                         lists_dir=lists_dir,

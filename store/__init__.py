@@ -4,6 +4,8 @@ customers' snapshots, as parts of one :class:`Store`.
 ``store`` knows nothing of NATS or of segment rules: entries carry opaque bodies.
 """
 
+from ._definitions import Definitions as Definitions
+from ._definitions import StoredRow as StoredRow
 from ._errors import StoreError as StoreError
 from ._errors import StoreFormatError as StoreFormatError
 from ._errors import StoreFullError as StoreFullError
@@ -24,6 +26,7 @@ from ._store import Store as Store
 
 __all__ = (
     "SCHEMA_VERSION",
+    "Definitions",
     "EventLog",
     "LoggedEvent",
     "Outbox",
@@ -39,5 +42,6 @@ __all__ = (
     "StoreFullError",
     "StoreLockedError",
     "StoreMissingError",
+    "StoredRow",
     "Synchronous",
 )

@@ -9,10 +9,15 @@ from __future__ import annotations
 from typing import Literal
 
 from ._db import Db
+from ._definitions import DEFINITIONS_TABLE
 from ._errors import StoreFormatError
 
-SCHEMA_VERSION = 2
-"""2 added the snapshots table; a version-1 store is upgraded in place when opened."""
+SCHEMA_VERSION = 3
+"""2 added the snapshots table, 3 the definitions table; a store of an older version is
+upgraded in place when opened for writing."""
+
+_UPGRADABLE = (1, 2)
+"""Older versions that only lack tables :data:`_SCHEMA` creates: upgraded by creating them."""
 
 Synchronous = Literal["NORMAL", "FULL"]
 """SQLite's ``synchronous`` level: ``NORMAL`` (WAL: a power cut may lose the last
@@ -53,6 +58,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 CREATE INDEX IF NOT EXISTS snapshots_by_deadline ON snapshots (deadline, customer_id);
 """
+_SCHEMA += DEFINITIONS_TABLE
 # A snapshot is one customer's state as of the event log position ``log_seq`` (every event
 # up to it that is the customer's is folded in, none after). ``deadline`` is indexed so that
 # a restarting engine can load first the customers whose time-based changes are due first.
@@ -77,8 +83,9 @@ async def prepare_for_writing(db: Db, synchronous: Synchronous, *, doing: str) -
             (str(SCHEMA_VERSION),),
             doing=doing,
         )
-    elif int(row[0]) == 1:
-        # Version 2 only added the snapshots table, which _SCHEMA just created.
+    elif int(row[0]) in _UPGRADABLE:
+        # Versions 2 and 3 only added tables (snapshots, definitions), which _SCHEMA just
+        # created.
         await db.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema_version'",
             (str(SCHEMA_VERSION),),
@@ -95,6 +102,7 @@ async def check_for_reading(db: Db, meta: dict[str, str]) -> None:
         StoreFormatError: it was written by an incompatible version.
     """
     version = int(meta.get("schema_version", 0))
-    # Version 1 lacks only the snapshots table, which readers of events do not need.
-    if version not in (1, SCHEMA_VERSION):
+    # Older versions lack only tables readers of events do not need (snapshots,
+    # definitions: read as none).
+    if version not in (*_UPGRADABLE, SCHEMA_VERSION):
         raise StoreFormatError(db.path, version, SCHEMA_VERSION)

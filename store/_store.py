@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Self
 
 from ._db import Db
+from ._definitions import Definitions
 from ._errors import StoreMissingError
 from ._events import EventLog, LoggedEvent
 from ._lock import WriterLock
@@ -56,6 +57,8 @@ class Store:
         """The customers' snapshots and the marks of the last complete round."""
         self.parked = parked
         """The customers set aside after an error, until tried again."""
+        self.definitions = Definitions(db)
+        """The engine's copy of the definitions in force."""
 
     @property
     def path(self) -> Path:

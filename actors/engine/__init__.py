@@ -15,8 +15,13 @@ from ._partition import Partition as Partition
 from ._startup import RebuildReport as RebuildReport
 from ._startup import StoreBehindError as StoreBehindError
 from ._startup import rebuild_from_stream as rebuild_from_stream
+from ._stored_definitions import DefinitionsKeeper as DefinitionsKeeper
+from ._stored_definitions import content_hash as content_hash
+from ._stored_definitions import segments_of as segments_of
+from ._stored_definitions import served_origin as served_origin
 
 __all__ = (
+    "DefinitionsKeeper",
     "Engine",
     "EngineConfig",
     "EngineObserver",
@@ -24,5 +29,8 @@ __all__ = (
     "Partition",
     "RebuildReport",
     "StoreBehindError",
+    "content_hash",
     "rebuild_from_stream",
+    "segments_of",
+    "served_origin",
 )

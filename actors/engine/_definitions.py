@@ -11,7 +11,7 @@ import structlog
 
 from actors._customer import Customer
 from actors.rules import SegmentSet
-from protocol import DefinitionCause, Transition
+from protocol import DefinitionCause, Origin, Transition
 
 from ._config import breathe
 from ._metrics import Counts
@@ -20,6 +20,7 @@ from ._parking import Parking
 from ._partition import Partition
 from ._recovery import Recovery
 from ._snapshots import Snapshots
+from ._stored_definitions import DefinitionsKeeper
 
 _DEFINITION = DefinitionCause()
 
@@ -27,6 +28,7 @@ _DEFINITION = DefinitionCause()
 @dataclass(slots=True)
 class _SegmentsRequest:
     segments: SegmentSet
+    origin: Origin | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
     transitions: int | None = None
     error: BaseException | None = None
@@ -43,6 +45,7 @@ class Definitions:
         outbox: Outbox,
         parking: Parking,
         counts: Counts,
+        keeper: DefinitionsKeeper | None = None,
     ) -> None:
         self._partition = partition
         self._recovery = recovery
@@ -50,12 +53,13 @@ class Definitions:
         self._outbox = outbox
         self._parking = parking
         self._counts = counts
+        self._keeper = keeper
         self._requests: deque[_SegmentsRequest] = deque()
         self._logger = structlog.get_logger("shoal.engine")
 
-    def ask(self, segments: SegmentSet) -> _SegmentsRequest:
+    def ask(self, segments: SegmentSet, origin: Origin | None = None) -> _SegmentsRequest:
         """Queue a switch for the main loop; wait on the request's ``done``."""
-        request = _SegmentsRequest(segments)
+        request = _SegmentsRequest(segments, origin)
         self._requests.append(request)
         return request
 
@@ -64,7 +68,10 @@ class Definitions:
         while self._requests:
             request = self._requests[0]
             try:
-                request.transitions = await self._switch(request.segments)
+                transitions = await self._switch(request.segments)
+                if self._keeper is not None:  # stored once in force: a restart resumes them
+                    await self._keeper.applied(request.segments, request.origin)
+                request.transitions = transitions
             except Exception as e:
                 # The engine stops with this error; the caller learns the switch failed.
                 request.error = e

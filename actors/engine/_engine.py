@@ -31,7 +31,7 @@ from actors._clock import Clock, SystemClock
 from actors._customer import Customer
 from actors._errors import ActorsError
 from actors.rules import SegmentSet
-from protocol import EventSource, TransitionSink
+from protocol import DefinitionsApplied, EventSource, Origin, TransitionSink
 from store import ParkedCustomer, Store, StoreError
 
 from . import _queries
@@ -47,6 +47,7 @@ from ._partition import Partition
 from ._recovery import Recovery
 from ._snapshots import Snapshots
 from ._startup import check_store
+from ._stored_definitions import DefinitionsKeeper
 
 _MAX_IDLE = 1.0
 """Seconds the loop sleeps at most, so retries and a lifted time floor are not missed."""
@@ -68,6 +69,8 @@ class Engine:
         clock: the engine's time (default: the system clock).
         config: batching, snapshots, warm-up.
         observer: told of commits and deadline rounds, for metrics.
+        keeper: stores each switch to new definitions (``shoal serve`` gives one, whose
+            :meth:`DefinitionsKeeper.resume` chose ``segments``); None: nothing is stored.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class Engine:
         clock: Clock | None = None,
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
+        keeper: DefinitionsKeeper | None = None,
     ) -> None:
         self._source = source
         self._sink = sink
@@ -103,7 +107,8 @@ class Engine:
         self._ingest = Ingest(
             store, p, recovery, deadlines, outbox, parking, sink, counts, gc, self._clock, cfg
         )
-        self._definitions = Definitions(p, recovery, snaps, outbox, parking, counts)
+        self._keeper = keeper
+        self._definitions = Definitions(p, recovery, snaps, outbox, parking, counts, keeper)
         self._wake = Wake()
         self._running = False
         self._consuming = False
@@ -173,6 +178,12 @@ class Engine:
     def segments(self) -> SegmentSet:
         """The definitions in force."""
         return self._partition.segments
+
+    @property
+    def definitions_applied(self) -> DefinitionsApplied | None:
+        """The stored version of the definitions in force, when and from where they were
+        applied (None without a keeper)."""
+        return None if self._keeper is None else self._keeper.applied_info()
 
     @property
     def transition_counts(self) -> dict[tuple[str, str, str], int]:
@@ -285,7 +296,7 @@ class Engine:
 
     # Changing definitions while running ---------------------------------------------------
 
-    async def apply_segments(self, segments: SegmentSet) -> int:
+    async def apply_segments(self, segments: SegmentSet, *, origin: Origin | None = None) -> int:
         """Switch the running engine to ``segments``; return how many transitions that made.
 
         The switch is made by the engine's main loop between two batches, and this waits for
@@ -298,14 +309,15 @@ class Engine:
         customers of static lists the engine does not know yet are added, with no events.
 
         Requests are applied in the order made. A request whose caller is cancelled while
-        it waits is still applied.
+        it waits is still applied. With a keeper, the definitions are stored once in force
+        as the next version, with ``origin`` (None: the API, under ``segments.source``).
 
         Raises:
             ActorsError: the engine is not running, or it stopped before the switch was made.
         """
         if not self._running:
             raise ActorsError("the engine is not running")
-        request = self._definitions.ask(segments)
+        request = self._definitions.ask(segments, origin)
         self._wake.set()
         await request.done.wait()
         if request.transitions is None:

@@ -39,6 +39,7 @@ from ._segments import SegmentSet as SegmentSet
 from ._segments import load_segments as load_segments
 from ._segments import load_segments_by_value as load_segments_by_value
 from ._segments import parse_segments as parse_segments
+from ._segments import stored_text as stored_text
 
 __all__ = (
     "MISSING",
@@ -64,4 +65,5 @@ __all__ = (
     "parse_duration",
     "parse_rule",
     "parse_segments",
+    "stored_text",
 )

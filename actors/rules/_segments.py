@@ -27,7 +27,7 @@ from ._limits import (
     MAX_SEGMENTS_FILE_BYTES,
     read_text_file,
 )
-from ._lists import by_value, file_lists, list_file_ids
+from ._lists import by_value, file_lists, list_file_ids, toml_text
 from ._parse import too_long
 from ._rule import Rule, parse_rule
 from ._scores import ScoreConfig
@@ -131,6 +131,9 @@ class SegmentSet:
     """Evaluation order: file order, except that a segment comes after those it references."""
     score: ScoreConfig = field(default_factory=ScoreConfig)
     lists: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    text: str | None = field(default=None, compare=False, repr=False)
+    """The TOML text these were parsed from, when they were (what the engine stores for the
+    definitions in force: :func:`stored_text`)."""
     plan: Plan = field(init=False, repr=False, compare=False)
     """How customers evaluate it (derived from ``order``)."""
 
@@ -145,8 +148,9 @@ class SegmentSet:
         source: str = "<segments>",
         score: ScoreConfig | None = None,
         lists: Mapping[str, frozenset[str]] | None = None,
+        text: str | None = None,
     ) -> SegmentSet:
-        """A set of segments.
+        """A set of segments (``text``: the TOML text they were parsed from, if any).
 
         Raises:
             DefinitionError: two segments share a name, a reference names no segment, or
@@ -175,6 +179,7 @@ class SegmentSet:
             _evaluation_order(segments, source),
             score or ScoreConfig(),
             dict(lists or {}),
+            text,
         )
 
     @property
@@ -236,6 +241,7 @@ def parse_segments(
     source: str = "<segments>",
     base_dir: Path | None = None,
     lists_dir: Path | None = None,
+    lists: Mapping[str, frozenset[str]] | None = None,
 ) -> SegmentSet:
     """Parse a segments file's text.
 
@@ -247,6 +253,8 @@ def parse_segments(
             their ids by value, and one naming a file is refused; nothing is read.
         lists_dir: when given, list files are read only from this directory (symbolic links
             followed); one outside it is refused before it is read.
+        lists: the static lists by value, for definitions the engine stored (their text has
+            no ``[lists]`` table: see :func:`stored_text`); None to read them from the text.
 
     Raises:
         DefinitionError: the file is not valid, or breaks a limit (see
@@ -273,10 +281,32 @@ def parse_segments(
         )
     _check_sizes(table, source)
     score = _score(doc.get("score", {}), source)
-    lists = _lists(doc.get("lists", {}), source, base_dir, lists_dir)
+    if lists is None:
+        lists = _lists(doc.get("lists", {}), source, base_dir, lists_dir)
+    elif "lists" in doc:
+        raise DefinitionError("[lists] given twice: in the text and by value", source=source)
     env = Env(score=score, lists=lists, segments=frozenset(table))
     segments = [_segment(name, body, source, env) for name, body in table.items()]
-    return SegmentSet.of(segments, source=source, score=score, lists=lists)
+    return SegmentSet.of(segments, source=source, score=score, lists=lists, text=text)
+
+
+def stored_text(segments: SegmentSet) -> str:
+    """The TOML text the engine stores for ``segments`` beside their lists: the text they
+    were parsed from without its ``[lists]`` tables (whose ids, read from files or given by
+    value, are stored apart, so the text stays small and names no file).
+    :func:`parse_segments` with ``lists=segments.lists`` reads it back to equal definitions.
+
+    Raises:
+        DefinitionError: ``segments`` were not parsed from a text.
+    """
+    if segments.text is None:
+        raise DefinitionError(
+            "no text to store: the definitions were not parsed from one", source=segments.source
+        )
+    doc = _toml(segments.text, segments.source)
+    if "lists" not in doc:
+        return segments.text
+    return toml_text({k: v for k, v in doc.items() if k != "lists"})
 
 
 def _toml(text: str, source: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from ._connect import StreamSettings as StreamSettings
 from ._connect import connect as connect
 from ._connect import ensure_streams as ensure_streams
 from ._connect import redact as redact
+from ._definitions_kv import DefinitionsKV as DefinitionsKV
 from ._feed import EventFeed as EventFeed
 from ._publisher import Publisher as Publisher
 from ._refusals import permission_guard as permission_guard
@@ -23,6 +24,7 @@ from ._wiring import jetstream_ports as jetstream_ports
 __all__ = (
     "ApiClient",
     "Credentials",
+    "DefinitionsKV",
     "EventFeed",
     "Publisher",
     "StreamSettings",

@@ -23,6 +23,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request, Service
 from nats.micro.service import Service
 
 from protocol._api import (
+    CLIENT_HEADER,
     CustomerReply,
     DefinitionsReply,
     DefinitionsRequest,
@@ -34,6 +35,7 @@ from protocol._api import (
     StatusReply,
     UnparkReply,
     UnparkRequest,
+    client_of,
     customer_request_decoder,
     definitions_request_decoder,
     explain_request_decoder,
@@ -172,7 +174,10 @@ async def _listen(
             return await handler.members(_decode(members_request_decoder, request.data))
 
         async def definitions(request: Request) -> msgspec.Struct:
-            return await handler.definitions(_decode(definitions_request_decoder, request.data))
+            client = client_of((request.headers or {}).get(CLIENT_HEADER))
+            return await handler.definitions(
+                _decode(definitions_request_decoder, request.data), client=client
+            )
 
         async def status(request: Request) -> msgspec.Struct:
             _decode(status_request_decoder, request.data)
@@ -273,13 +278,16 @@ class ApiClient:
         source: str = "<request>",
         apply: bool = False,
         timeout: float | None = None,
+        client: str | None = None,
     ) -> DefinitionsReply:
         """Validate a segments file's text on the engine, and apply it when ``apply``. Its
         lists carry their ids by value: the engine reads no file for it
-        (:func:`actors.load_segments_by_value` gives such text for a file)."""
+        (:func:`actors.load_segments_by_value` gives such text for a file). ``client`` says
+        who sends it (``user@host``): the engine stores it with definitions it applies."""
         body = _encoder.encode(DefinitionsRequest(toml=toml, source=source, apply=apply))
+        headers = None if client is None else {CLIENT_HEADER: client}
         return await self._request(
-            api_subject("definitions"), body, _definitions_reply, timeout=timeout
+            api_subject("definitions"), body, _definitions_reply, timeout=timeout, headers=headers
         )
 
     async def status(self) -> StatusReply:
@@ -298,11 +306,12 @@ class ApiClient:
         decoder: msgspec.json.Decoder[_R],
         *,
         timeout: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> _R:
         wait = self.timeout if timeout is None else timeout
         async with permission_guard(self._nc, subject):
             try:
-                msg = await self._nc.request(subject, body, timeout=wait)
+                msg = await self._nc.request(subject, body, timeout=wait, headers=headers)
             except nats.errors.NoRespondersError as e:
                 raise EngineUnavailable(
                     f"no shoal engine answers on {subject} (is `shoal serve` running, and "
@@ -312,9 +321,9 @@ class ApiClient:
                 raise EngineUnavailable(f"no answer on {subject} within {wait:g} s") from e
             except nats.errors.Error as e:
                 raise EngineUnavailable(f"request on {subject} failed: {e}") from e
-        headers: dict[str, Any] = msg.headers or {}
-        if ERROR_CODE_HEADER in headers:
-            raise ApiError(str(headers.get(ERROR_HEADER, "")), code=str(headers[ERROR_CODE_HEADER]))
+        answer: dict[str, Any] = msg.headers or {}
+        if ERROR_CODE_HEADER in answer:
+            raise ApiError(str(answer.get(ERROR_HEADER, "")), code=str(answer[ERROR_CODE_HEADER]))
         try:
             return decoder.decode(msg.data)
         except msgspec.DecodeError as e:

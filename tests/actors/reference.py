@@ -898,31 +898,43 @@ class Simulator:
         return {t for t in out if t > now}
 
     def run(self, events: list[Event], end: int) -> list[Change]:
-        i, now = 0, None
-        while True:
-            next_event = events[i].at if i < len(events) else None
+        """The changes of ``events`` (this customer's, in log order) up to ``end``.
+
+        As SEGMENTS.md says: before an event, time runs on to just before its receive
+        instant. The event then takes effect at its own instant, unless that is before the
+        customer's latest instant (the latest at which an earlier event took effect or a
+        membership changed): then it is late, and takes effect at its receive instant (or
+        that latest instant, should it be later).
+        """
+        now: int | None = None  # the sweep's clock: everything up to here is evaluated
+        latest: int | None = None  # the customer's latest instant
+        for e in events:
             if now is not None:
-                horizon = next_event if next_event is not None else end + 1
-                nxt = min((t for t in self.candidates(now) if t < horizon), default=horizon)
-                cx = self.cx(now)
-                for c in self.score_cmps:
-                    flip = c.score_flip(cx, nxt)
-                    if flip is not None and flip < nxt:
-                        nxt = flip
-                if nxt < horizon:
-                    self.evaluate(nxt, None)
-                    now = nxt
-                    continue
-                if next_event is None:
-                    return self.out
-            assert next_event is not None
-            if now is not None and next_event < now:
-                raise ValueError("the reference needs each customer's events in time order")
-            now = next_event
-            while i < len(events) and events[i].at == now:
-                self.events.append(events[i])
-                self.evaluate(now, events[i].message_id)
-                i += 1
+                self.sweep(now, e.received)
+            if self.out and (latest is None or self.out[-1].at > latest):
+                latest = self.out[-1].at
+            effect = e.at if latest is None or e.at >= latest else max(e.received, latest)
+            latest = effect
+            self.events.append(e)
+            self.evaluate(effect, e.message_id)
+            now = effect
+        if now is not None:
+            self.sweep(now, end + 1)
+        return self.out
+
+    def sweep(self, now: int, horizon: int) -> None:
+        """Evaluate every candidate instant after ``now`` and before ``horizon``."""
+        while True:
+            nxt = min((t for t in self.candidates(now) if t < horizon), default=horizon)
+            cx = self.cx(now)
+            for c in self.score_cmps:
+                flip = c.score_flip(cx, nxt)
+                if flip is not None and flip < nxt:
+                    nxt = flip
+            if nxt >= horizon:
+                return
+            self.evaluate(nxt, None)
+            now = nxt
 
 
 def reference_changes(

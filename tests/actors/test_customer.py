@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -312,6 +313,48 @@ def test_late_event_is_evaluated_at_the_watermark() -> None:
     assert c.watermark == T0 + 7 * DAY
     assert c.deadline == T0 + 12 * DAY
     assert c.last_at("Visit") == T0 + 5 * DAY
+
+
+def received_late(event: Event, received: int) -> Event:
+    return msgspec.structs.replace(event, received=received)
+
+
+def test_late_event_takes_effect_at_its_receive_instant() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0), DEFAULT)
+    c.advance(T0 + 10 * DAY, DEFAULT)  # active exited at T0 + 7d: the latest instant
+    # Visited at T0 + 5d, received at T0 + 9d: late, in effect from when shoal learned of it.
+    out = c.apply(received_late(visit(T0 + 5 * DAY, "late"), T0 + 9 * DAY), DEFAULT)
+    assert changes(out) == [("active", "entered", T0 + 9 * DAY)]
+    assert c.watermark == T0 + 9 * DAY
+    assert c.deadline == T0 + 12 * DAY  # the visit counts at its own instant
+    assert c.last_at("Visit") == T0 + 5 * DAY
+
+
+def test_an_event_fires_its_customers_deadlines_before_its_receive_instant_first() -> None:
+    """The same result whether or not the engine fired the due deadlines before it took the
+    event: the event itself fires those due before its receive instant (issue 17, item 4)."""
+    late = received_late(visit(T0 + 5 * DAY, "late"), T0 + 9 * DAY)
+    fired_first, not_fired = Customer(CID), Customer(CID)
+    for c in (fired_first, not_fired):
+        c.apply(visit(T0), DEFAULT)
+    out_a = fired_first.advance(T0 + 9 * DAY - 1, DEFAULT) + fired_first.apply(late, DEFAULT)
+    out_b = not_fired.apply(late, DEFAULT)
+    assert out_a == out_b
+    assert changes(out_b) == [
+        ("active", "exited", T0 + 7 * DAY),
+        ("active", "entered", T0 + 9 * DAY),
+    ]
+
+
+def test_an_event_received_late_but_not_late_takes_effect_at_its_own_instant() -> None:
+    c = Customer(CID)
+    c.apply(visit(T0), DEFAULT)
+    # Received two days after it happened, with nothing changed in between: on time.
+    out = c.apply(received_late(visit(T0 + 3 * DAY, "slow"), T0 + 5 * DAY), DEFAULT)
+    assert changes(out) == []
+    assert c.watermark == T0 + 3 * DAY
+    assert c.deadline == T0 + 10 * DAY
 
 
 def test_late_event_does_not_move_last_visit_back() -> None:

@@ -8,8 +8,8 @@ time until, which SEGMENTS.md excludes. The hand-written examples pin the refere
 and run through the engine too.
 
 Deliberate limits of the generated inputs (see the comments where they are made):
-- each customer's events are in time order with ``received == at`` (SEGMENTS.md does not say
-  how an event older than the customer's clock is stamped);
+- about a quarter of the events are received after their instant (up to three days), and
+  the log is in receive order, so customers have late events;
 - float revenues are multiples of 1/4, so `sum` is exact in any order (the order is not
   specified);
 - a generated `exit` implies `not rule` (hand-written examples cover an exit that overlaps
@@ -180,6 +180,12 @@ TRAITS: dict[str, st.SearchStrategy[Any]] = {
 
 # Revenue: ints, or floats on a quarter grid (exact in any summation order: SEGMENTS.md does
 # not fix the order of `sum`), or values that are not numeric.
+DELAYS = st.one_of(
+    st.integers(1, 72).map(lambda h: h * HOUR),
+    st.sampled_from(DURATIONS).map(parse_us),  # onto a window edge or a threshold
+    st.integers(1, 59).map(lambda m: m * MINUTE),
+)
+"""How much later than its instant a delayed event is received."""
 REVENUE = st.one_of(
     st.none(),
     st.integers(0, 200),
@@ -230,20 +236,25 @@ def histories(draw: st.DrawFn) -> tuple[list[Event], int]:
             traits = {k: draw(TRAITS[k]) for k in keys}
             raw.append((at, customer, "identify", None, {}, traits))
     raw.sort(key=lambda r: r[0])  # stable: equal instants keep their log order
+    # Most events are received at their instant; some later (a producer's clock, a phone
+    # offline for a day), so they may reach the log after later ones: late events. The log is
+    # in receive order (stable: equal instants keep their order).
+    received = [at + (0 if draw(st.integers(0, 3)) else draw(DELAYS)) for at, *_ in raw]
+    order = sorted(range(len(raw)), key=received.__getitem__)
     events = [
         Event(
-            kind=kind,  # type: ignore[arg-type]
-            customer_id=customer,
-            name=name,
-            properties=props,
-            traits=traits,
-            at=at,
-            received=at,
-            message_id=f"m{i}",
+            kind=raw[i][2],  # type: ignore[arg-type]
+            customer_id=raw[i][1],
+            name=raw[i][3],
+            properties=raw[i][4],
+            traits=raw[i][5],
+            at=raw[i][0],
+            received=received[i],
+            message_id=f"m{n}",
         )
-        for i, (at, customer, kind, name, props, traits) in enumerate(raw)
+        for n, i in enumerate(order)
     ]
-    last = max((e.at for e in events), default=BASE)
+    last = max((e.received for e in events), default=BASE)
     end = last + draw(st.integers(0, 40 * 24)) * HOUR
     return events, end
 

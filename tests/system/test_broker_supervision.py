@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -32,6 +33,14 @@ def serve(tmp_path: Path, port: int, metrics_port: int) -> Proc:
         "--metrics-port",
         str(metrics_port),
     )
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def publish(data_dir: Path, port: int, user: str, mid: str) -> None:
@@ -79,6 +88,9 @@ def test_a_broker_that_keeps_dying_ends_serve_with_its_last_line(tmp_path: Path)
         killed: set[int] = set()
         for _ in range(4):
             pid = broker_of(proc.popen.pid, killed)
+            # Killed once it listens, so that it has said something: a broker killed the
+            # instant it exists has no last line to show (seen on a loaded machine).
+            wait_for(lambda: listening(port), 30, "the restarted broker does not listen")
             os.kill(pid, signal.SIGKILL)
             killed.add(pid)
         last = pid

@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, StreamConfig
 
 from protocol import (
+    DEFINITIONS_BUCKET,
     EVENTS_STREAM,
     KEYS_DIR,
     REJECTED_STREAM,
@@ -41,7 +42,7 @@ from protocol import (
     embedded_broker,
     role_key_file,
 )
-from protocol.nats import Credentials, connect, permission_guard
+from protocol.nats import Credentials, DefinitionsKV, connect, permission_guard
 from tests.helpers import NatsServer, Proc, free_port, run
 
 STREAMS = (EVENTS_STREAM, SEGMENTS_STREAM, REJECTED_STREAM)
@@ -312,6 +313,29 @@ def test_every_command_works_with_its_own_key(
     done = run("segments", "list", "--json", *secured.as_role("subscriber"))
     assert done.returncode == 0, done.stderr
     assert [s["name"] for s in json.loads(done.stdout)["segments"]] == ["visitors"]
+
+
+async def test_only_the_engine_touches_the_definitions_bucket(secured: Secured) -> None:
+    """The engine stores the definitions in force in SHOAL_DEFINITIONS; an operator changes
+    them through the API (test_every_command_works_with_its_own_key), never in the bucket."""
+    stream = f"KV_{DEFINITIONS_BUCKET}"
+    key = f"$KV.{DEFINITIONS_BUCKET}.current"
+    for role in ("operator", "producer", "subscriber"):
+        async with secured.client(role) as nc:
+            js = nc.jetstream()
+            calls: list[tuple[str, Call]] = [
+                (f"$JS.API.STREAM.INFO.{stream}", partial(js.key_value, DEFINITIONS_BUCKET)),
+                (f"$JS.API.STREAM.MSG.GET.{stream}", partial(js.get_msg, stream, subject=key)),
+                (f"$JS.API.STREAM.DELETE.{stream}", partial(js.delete_stream, stream)),
+                (key, partial(js.publish, key, b"{}")),
+            ]
+            for subject, call in calls:
+                denied = await _refused(nc, subject, call)
+                assert (denied.role, denied.subject) == (role, subject)
+    async with secured.client("engine") as nc:
+        stored = await (await DefinitionsKV.open(nc)).load()
+    assert stored is not None
+    assert (stored.version, stored.origin_kind) == (1, "file")
 
 
 async def test_the_operator_reads_the_rejected_events(secured: Secured) -> None:

@@ -1,0 +1,377 @@
+"""Definitions persist: the definitions in force are stored each time they are applied, and a
+start resumes them.
+
+Two copies, written together: the engine's store (SQLite, ``store.definitions``) and the
+shared KV bucket ``SHOAL_DEFINITIONS`` on the broker (``protocol.nats.DefinitionsKV``). Each
+holds a :class:`protocol.StoredDefinitions`: the definitions (their text and their lists'
+ids), a version one more than the last, when they were applied, and from where (the served
+file with its path and content hash, or the API with the name and client the request gave).
+
+At a start (:meth:`DefinitionsKeeper.resume`):
+
+1. The two copies are read. The one with the higher version wins, and the other is written
+   again from it (a wiped broker, a copied data directory); at equal versions that differ,
+   the store's copy wins. A copy that cannot be read counts as missing.
+2. The served file (``shoal serve --segments FILE``, or the shipped default) takes effect
+   only when its content changed since it was last applied from a file: its content hash
+   (its text and its lists' ids) differs from the one stored. Otherwise the stored
+   definitions stay in force, those applied over the API included, so a restart causes no
+   transitions. Nothing stored (a first start): the served file takes effect.
+
+The engine logs one line saying which it chose and why (``definitions chosen at start``),
+and one for each copy it repaired (``definitions copy repaired``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping
+
+import anyio
+import structlog
+
+from actors._clock import Clock
+from actors._errors import DefinitionError
+from actors.rules import SegmentSet, parse_segments, stored_text
+from protocol import (
+    ApiOrigin,
+    BrokerError,
+    DefinitionsApplied,
+    DefinitionsBoard,
+    FileOrigin,
+    Origin,
+    StoredDefinitions,
+    StoredDefinitionsError,
+    decode_definitions,
+    encode_definitions,
+    format_instant,
+    from_instant,
+    to_instant,
+)
+from store import Store, StoredRow
+
+_HASH_SHOWN = 12
+"""Hex digits of a content hash shown in the log."""
+
+
+def content_hash(segments: SegmentSet) -> str:
+    """SHA-256 (hex) of the text ``segments`` were parsed from and of their lists' ids (read
+    from list files or given by value): what tells a changed served file."""
+    h = hashlib.sha256((segments.text or "").encode())
+    for name in sorted(segments.lists):
+        h.update(b"\0" + name.encode() + b"\0")
+        h.update("\n".join(sorted(segments.lists[name])).encode())
+    return h.hexdigest()
+
+
+async def served_origin(segments: SegmentSet, path: str) -> FileOrigin:
+    """The origin of ``segments`` read from the served file ``path`` (hashed in a worker
+    thread: list files may be large)."""
+    digest = await anyio.to_thread.run_sync(content_hash, segments)
+    return FileOrigin(path=path, content_hash=digest)
+
+
+def _record(
+    segments: SegmentSet,
+    *,
+    version: int,
+    applied_at: int,
+    origin: Origin,
+    last_file: FileOrigin | None,
+) -> StoredDefinitions:
+    return StoredDefinitions(
+        version=version,
+        applied_at=from_instant(applied_at),
+        origin=origin,
+        last_file=last_file,
+        fingerprint=segments.fingerprint,
+        source=segments.source,
+        toml=stored_text(segments),
+        lists={name: sorted(ids) for name, ids in segments.lists.items()},
+    )
+
+
+def segments_of(d: StoredDefinitions) -> SegmentSet:
+    """The definitions ``d`` holds, parsed again.
+
+    Raises:
+        DefinitionError: they no longer parse (a later shoal's stricter limits), or parse
+            to definitions that evaluate differently (their fingerprint differs).
+    """
+    lists: Mapping[str, frozenset[str]] = {name: frozenset(ids) for name, ids in d.lists.items()}
+    segments = parse_segments(d.toml, source=d.source, lists=lists)
+    if segments.fingerprint != d.fingerprint:
+        raise DefinitionError(
+            f"stored version {d.version} reads back as fingerprint {segments.fingerprint}, "
+            f"not {d.fingerprint}",
+            source=d.source,
+        )
+    return segments
+
+
+def _described(origin: Origin) -> dict[str, str | None]:
+    """The log fields of an origin (no secrets: paths, hashes, names)."""
+    if isinstance(origin, FileOrigin):
+        return {
+            "origin": "file",
+            "source": origin.path,
+            "content_hash": origin.content_hash[:_HASH_SHOWN],
+        }
+    return {"origin": "api", "source": origin.source, "client": origin.client}
+
+
+class DefinitionsKeeper:
+    """Stores the definitions in force in the engine's store and, when given, the shared
+    ``board`` (``SHOAL_DEFINITIONS``); resumes them at a start.
+
+    Give it to the :class:`~actors.Engine` (``keeper=``): each switch to new definitions is
+    stored once made. ``clock`` is the engine's: it stamps ``applied_at``.
+    """
+
+    def __init__(self, store: Store, board: DefinitionsBoard | None, clock: Clock) -> None:
+        self._store = store
+        self._board = board
+        self._clock = clock
+        self._current: StoredDefinitions | None = None
+        self._logger = structlog.get_logger("shoal.definitions")
+
+    @property
+    def current(self) -> StoredDefinitions | None:
+        """The stored record of the definitions in force (None before :meth:`resume`)."""
+        return self._current
+
+    def applied_info(self) -> DefinitionsApplied | None:
+        """Version, applied-at and origin of the definitions in force, for ``status``."""
+        d = self._current
+        if d is None:
+            return None
+        origin = d.origin
+        if isinstance(origin, FileOrigin):
+            return DefinitionsApplied(
+                version=d.version,
+                applied_at=d.applied_at,
+                origin="file",
+                source=origin.path,
+                content_hash=origin.content_hash,
+            )
+        return DefinitionsApplied(
+            version=d.version,
+            applied_at=d.applied_at,
+            origin="api",
+            source=origin.source,
+            client=origin.client,
+        )
+
+    # At start -------------------------------------------------------------------------------
+
+    async def resume(self, served: SegmentSet, path: str) -> SegmentSet:
+        """The definitions to start with: the stored ones, unless the served file ``path``
+        (read as ``served``) changed since it was last applied from a file (see the module).
+        Stores the served file's definitions when they take effect, and repairs a copy that
+        is missing, unreadable or behind.
+
+        Raises:
+            StoreError: the store cannot be read or written.
+            BrokerError: the broker does not answer.
+        """
+        file = await served_origin(served, path)
+        stored = await self._reconciled()
+        reason: str
+        if stored is None:
+            reason = "no definitions stored yet: the served file takes effect"
+        elif stored.last_file is None or stored.last_file.content_hash != file.content_hash:
+            was = "no file" if stored.last_file is None else stored.last_file.path
+            reason = (
+                f"the served file changed since it was last applied from a file ({was}, "
+                f"version {stored.version} in force): it takes effect"
+            )
+        else:
+            same = (
+                isinstance(stored.origin, FileOrigin)
+                and stored.origin.content_hash == file.content_hash
+            )
+            try:
+                segments = served if same else await anyio.to_thread.run_sync(segments_of, stored)
+            except DefinitionError as e:
+                reason = (
+                    f"the stored definitions (version {stored.version}) cannot be used: {e}; "
+                    "the served file takes effect"
+                )
+                self._logger.error("stored definitions not usable", error=str(e))
+            else:
+                self._current = stored
+                why = (
+                    "the served file is unchanged since it was applied"
+                    if same
+                    else "the served file is unchanged since it was last applied from it, so "
+                    "the definitions applied over the API after it stay in force"
+                )
+                self._log_choice("stored", why, stored, file)
+                return segments
+        self._current = await self._store_new(served, file, stored)
+        self._log_choice("served file", reason, self._current, file, previous=stored)
+        return served
+
+    def _log_choice(
+        self,
+        chose: str,
+        why: str,
+        d: StoredDefinitions,
+        file: FileOrigin,
+        previous: StoredDefinitions | None = None,
+    ) -> None:
+        self._logger.info(
+            "definitions chosen at start",
+            chose=chose,
+            why=why,
+            version=d.version,
+            applied_at=format_instant(to_instant(d.applied_at)),
+            **_described(d.origin),
+            served_file=file.path,
+            served_hash=file.content_hash[:_HASH_SHOWN],
+            previous_version=None if previous is None else previous.version,
+            fingerprint=d.fingerprint,
+        )
+
+    async def _read_local(self) -> StoredDefinitions | str | None:
+        row = await self._store.definitions.get()
+        if row is None:
+            return None
+        where = f"the store {self._store.path}"
+        try:
+            d = decode_definitions(row.body, where)
+        except StoredDefinitionsError as e:
+            return e.problem
+        if d.version != row.version:
+            return f"the row says version {row.version}, its record {d.version}"
+        return d
+
+    async def _read_shared(self) -> StoredDefinitions | str | None:
+        if self._board is None:
+            return None
+        try:
+            return await self._board.load()
+        except StoredDefinitionsError as e:
+            return e.problem
+
+    async def _reconciled(self) -> StoredDefinitions | None:
+        """The stored definitions in force, by version; a copy missing, unreadable or behind
+        is written again from the other."""
+        local, shared = await self._read_local(), await self._read_shared()
+        board = self._board
+        good_local = local if isinstance(local, StoredDefinitions) else None
+        good_shared = shared if isinstance(shared, StoredDefinitions) else None
+        if good_local is None and good_shared is None:
+            for where, problem in ((self._store.path, local), (self._where(), shared)):
+                if isinstance(problem, str):
+                    self._logger.warning(
+                        "stored definitions not readable", copy=str(where), problem=problem
+                    )
+            return None
+        if good_shared is not None and (
+            good_local is None or good_shared.version > good_local.version
+        ):
+            await self._repair_local(good_shared, local)
+            return good_shared
+        assert good_local is not None
+        if board is not None and (
+            good_shared is None or encode_definitions(good_shared) != encode_definitions(good_local)
+        ):
+            await self._repair_shared(board, good_local, shared)
+        return good_local
+
+    def _where(self) -> str:
+        return "no shared copy" if self._board is None else self._board.where
+
+    @staticmethod
+    def _why(copy: StoredDefinitions | str | None, other: StoredDefinitions) -> str:
+        if copy is None:
+            return "it holds none (wiped, or never written)"
+        if isinstance(copy, str):
+            return f"it cannot be read ({copy})"
+        if copy.version < other.version:
+            return f"it holds version {copy.version}, behind"
+        return f"it holds another version {copy.version}; the store's copy wins a tie"
+
+    async def _repair_local(
+        self, good: StoredDefinitions, was: StoredDefinitions | str | None
+    ) -> None:
+        await self._store.definitions.put(_row(good))
+        self._logger.warning(
+            "definitions copy repaired",
+            repaired=f"the store {self._store.path}",
+            from_copy=self._where(),
+            version=good.version,
+            why=self._why(was, good),
+        )
+
+    async def _repair_shared(
+        self, board: DefinitionsBoard, good: StoredDefinitions, was: StoredDefinitions | str | None
+    ) -> None:
+        try:
+            await board.save(good)
+        except BrokerError as e:
+            self._logger.warning(
+                "definitions copy not repaired",
+                copy=board.where,
+                version=good.version,
+                error=str(e),
+            )
+            return
+        self._logger.warning(
+            "definitions copy repaired",
+            repaired=board.where,
+            from_copy=f"the store {self._store.path}",
+            version=good.version,
+            why=self._why(was, good),
+        )
+
+    # After a switch -------------------------------------------------------------------------
+
+    async def applied(self, segments: SegmentSet, origin: Origin | None) -> None:
+        """Store ``segments``, just switched to, as the next version (``origin`` None: over
+        the API, under their own name).
+
+        Raises:
+            StoreError: the store cannot be written (the broker's copy failing is only
+                logged: the next start repairs it from the store).
+        """
+        self._current = await self._store_new(
+            segments, origin or ApiOrigin(source=segments.source), self._current
+        )
+
+    async def _store_new(
+        self, segments: SegmentSet, origin: Origin, before: StoredDefinitions | None
+    ) -> StoredDefinitions:
+        last_file = origin if isinstance(origin, FileOrigin) else None
+        if last_file is None and before is not None:
+            last_file = before.last_file
+        make = functools.partial(
+            _record,
+            segments,
+            version=(before.version if before else 0) + 1,
+            applied_at=self._clock.now(),
+            origin=origin,
+            last_file=last_file,
+        )
+        d = await anyio.to_thread.run_sync(make)
+        await self._store.definitions.put(_row(d))
+        if self._board is not None:
+            try:
+                await self._board.save(d)
+            except BrokerError as e:
+                self._logger.warning(
+                    "definitions not stored on the broker; the next start copies them there "
+                    "from the store",
+                    copy=self._board.where,
+                    version=d.version,
+                    error=str(e),
+                )
+        return d
+
+
+def _row(d: StoredDefinitions) -> StoredRow:
+    return StoredRow(
+        version=d.version, applied_at=to_instant(d.applied_at), body=encode_definitions(d)
+    )

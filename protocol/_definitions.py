@@ -1,0 +1,145 @@
+"""The definitions in force, as the engine stores them: what they are, their version, when
+they were applied and from where; and the port to the shared copy of them (the JetStream KV
+bucket ``SHOAL_DEFINITIONS``, in ``protocol.nats``).
+
+The engine keeps two copies: this shared one, and one in its SQLite store (``store``, which
+holds the same bytes). Both are written each time definitions are applied; at a start the
+engine reads both, and the higher version wins (see ``actors.engine``).
+
+Nothing here imports ``nats``, and nothing here knows segment rules: the definitions are
+their TOML text and their static lists' ids.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Protocol
+
+import msgspec
+
+from ._errors import ProtocolError
+
+DEFINITIONS_BUCKET = "SHOAL_DEFINITIONS"
+"""The JetStream KV bucket of the definitions in force (and, chunked, their lists)."""
+DEFINITIONS_STREAM = f"KV_{DEFINITIONS_BUCKET}"
+"""The stream that holds the bucket (JetStream's naming)."""
+DEFINITIONS_KEYS = f"$KV.{DEFINITIONS_BUCKET}.>"
+"""The subjects of the bucket's keys: a write is a publish there."""
+
+MAX_STORED_DEFINITIONS_BYTES = 1 << 30
+"""The most a stored record may hold, encoded (its lists' ids included): a record said to be
+larger is refused as corrupt before anything more is read."""
+
+
+class FileOrigin(msgspec.Struct, frozen=True, kw_only=True, tag="file"):
+    """Definitions read from the served segments file (``shoal serve --segments FILE``, or
+    the one shipped with shoal)."""
+
+    path: str
+    """The file, as ``serve`` was given it (``default_segments.toml`` for the shipped one)."""
+    content_hash: str
+    """SHA-256 of its text and of the ids of its lists: what tells a changed file."""
+
+
+class ApiOrigin(msgspec.Struct, frozen=True, kw_only=True, tag="api"):
+    """Definitions applied over the query API (``shoal.api.definitions``: ``shoal segments
+    apply``)."""
+
+    source: str
+    """The name the request gave them (``shoal segments apply`` sends the file's path)."""
+    client: str | None = None
+    """Who sent them, when the request said (``shoal segments apply`` says which user on
+    which host)."""
+
+
+Origin = FileOrigin | ApiOrigin
+
+
+class StoredDefinitions(msgspec.Struct, frozen=True, kw_only=True):
+    """The definitions in force, as stored: enough to apply them again with no file read."""
+
+    version: int
+    """1 for the first definitions stored, one more for each applied after: never reused."""
+    applied_at: datetime
+    """When the engine applied them (its clock)."""
+    origin: Origin
+    """Where they came from."""
+    last_file: FileOrigin | None
+    """The served file as it was last applied from it (the same as ``origin`` when they came
+    from it): a start applies the served file only when its content changed since."""
+    fingerprint: str
+    """``SegmentSet.fingerprint`` of the definitions: equal for definitions that evaluate
+    alike; checked when they are read back."""
+    source: str
+    """Their name in messages (``SegmentSet.source``)."""
+    toml: str
+    """Their TOML text without its ``[lists]`` tables."""
+    lists: dict[str, list[str]]
+    """The static lists' ids, by list name, sorted."""
+
+    @property
+    def origin_kind(self) -> Literal["file", "api"]:
+        """``file`` or ``api``."""
+        return "file" if isinstance(self.origin, FileOrigin) else "api"
+
+
+class StoredDefinitionsError(ProtocolError):
+    """A stored copy of the definitions cannot be read (corrupt, incomplete, or of an
+    unknown form); ``where`` says which copy. The engine uses the other copy, or the served
+    file, and writes this one again."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"the definitions stored in {where} cannot be read: {problem}")
+        self.where = where
+        self.problem = problem
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(StoredDefinitions)
+
+
+def encode_definitions(d: StoredDefinitions) -> bytes:
+    """``d`` as stored (JSON)."""
+    return _encoder.encode(d)
+
+
+def decode_definitions(data: bytes, where: str) -> StoredDefinitions:
+    """The record :func:`encode_definitions` made.
+
+    Raises:
+        StoredDefinitionsError: ``data`` is not one (``where`` names the copy read).
+    """
+    try:
+        d = _decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise StoredDefinitionsError(where, str(e)) from e
+    if d.version < 1:
+        raise StoredDefinitionsError(where, f"version {d.version} is not positive")
+    return d
+
+
+class DefinitionsBoard(Protocol):
+    """The shared copy of the definitions in force (``protocol.nats.DefinitionsKV``)."""
+
+    @property
+    def where(self) -> str:
+        """Which copy this is, for messages (``KV bucket SHOAL_DEFINITIONS``)."""
+        ...
+
+    async def load(self) -> StoredDefinitions | None:
+        """The stored definitions, or None when none are stored.
+
+        Raises:
+            StoredDefinitionsError: what is stored cannot be read.
+            BrokerError: the broker does not answer.
+        """
+        ...
+
+    async def save(self, d: StoredDefinitions) -> None:
+        """Store ``d`` in place of what is stored (whole, or not at all as far as
+        :meth:`load` sees).
+
+        Raises:
+            BrokerError: the broker does not answer or refuses.
+        """
+        ...
