@@ -25,10 +25,11 @@ from actors import (
     outbox_history,
     replayed_history,
 )
-from protocol import Cause, format_instant, from_instant, to_instant
+from protocol import Cause, from_instant, to_instant
 from store import Store
 
-from ._errors import UsageError
+from ._errors import NotFound, UsageError
+from ._times import human_instant
 
 
 def register(sub: Any) -> None:
@@ -104,7 +105,7 @@ def _cause(cause: Cause | None, version: int | None) -> str:
 
 
 def _when(at: datetime | None) -> str:
-    return "" if at is None else format_instant(to_instant(at))
+    return "" if at is None else human_instant(at)
 
 
 async def _history(args: argparse.Namespace) -> int:
@@ -117,13 +118,12 @@ async def _history(args: argparse.Namespace) -> int:
     customer: str = args.customer
     async with await Store.open_read_only(db) as store:
         if not await known_customer(store, customer):
-            print(f"shoal: error: no customer {customer!r} in {db}", file=sys.stderr)
-            return 1
+            raise NotFound(f"no customer {customer!r} in {db}")
         if segments is not None:
             transitions = await replayed_history(store, customer, segments, until=until)
             source = (
                 f"as replayed under {args.segments or 'the default segments'} until "
-                f"{format_instant(until)}"
+                f"{human_instant(until)}"
             )
         else:
             transitions = await outbox_history(store, customer)

@@ -53,7 +53,8 @@ from protocol.nats import (
 from store import Store
 
 from ._connection import credentials_of
-from ._errors import UsageError
+from ._errors import ExitCode, file_error
+from ._output import output_file
 
 
 def register(sub: Any) -> None:
@@ -62,7 +63,12 @@ def register(sub: Any) -> None:
         "import",
         help="load history (JSON lines) into the events stream, the engine running or not",
     )
-    imp.add_argument("file", help="JSON-lines file of Segment Spec events ('-': stdin)")
+    imp.add_argument(
+        "file",
+        help="JSON-lines file of Segment Spec events ('-': stdin), validated as `shoal replay "
+        "FILE` validates them and, unlike replay, checked against now: a timestamp more "
+        "than 300 s ahead is refused",
+    )
     imp.add_argument(
         "--data-dir",
         type=Path,
@@ -133,7 +139,7 @@ async def _import(args: argparse.Namespace) -> int:
     try:
         stream = sys.stdin.buffer if name == "-" else open(name, "rb")  # noqa: SIM115
     except OSError as e:
-        raise UsageError(f"cannot read {name}: {e.strerror}") from None
+        raise file_error(name, e) from None
     try:
         with _progress(
             TextColumn("importing"),
@@ -182,7 +188,7 @@ async def _import(args: argparse.Namespace) -> int:
         ),
         file=sys.stderr,
     )
-    return 1 if history.skipped else 0
+    return ExitCode.BAD_INPUT if history.skipped else ExitCode.OK
 
 
 async def _applied(api: ApiClient, import_id: str, every: float = 0.5) -> None:
@@ -236,11 +242,13 @@ async def _export(args: argparse.Namespace) -> int:
     async with await Store.open_read_only(args.data_dir / "shoal.db") as store:
         total = await store.events.count()
         to_stdout = args.output in (None, "-")
-        try:
-            out = sys.stdout.buffer if to_stdout else open(args.output, "wb")  # noqa: SIM115
-        except OSError as e:
-            raise UsageError(f"cannot write {args.output}: {e.strerror}") from None
-        try:
+        with contextlib.ExitStack() as stack:
+            # A file takes its name only once complete: Ctrl-C leaves none half written.
+            out = (
+                sys.stdout.buffer
+                if to_stdout
+                else stack.enter_context(output_file(args.output, binary=True))
+            )
             with _progress(
                 TextColumn("exporting"),
                 BarColumn(),
@@ -252,8 +260,5 @@ async def _export(args: argparse.Namespace) -> int:
                 written = await export_history(
                     store, out, on_progress=lambda n: progress.advance(task, n)
                 )
-        finally:
-            if not to_stdout:
-                out.close()
     print(f"exported {written} event(s)", file=sys.stderr)
     return 0

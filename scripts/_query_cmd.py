@@ -42,14 +42,13 @@ from protocol import (
     ParkedInfo,
     SegmentsReply,
     StatusReply,
-    format_instant,
-    to_instant,
 )
 from protocol.nats import ApiClient, Credentials, connect, serve_api
 
 from ._connection import credentials_of, servers_of
 from ._errors import UsageError
 from ._export import NOT_FOUND, atomic_output, export_members
+from ._times import human_instant
 
 _TIMEOUT = 5.0
 _APPLY_TIMEOUT = 600.0
@@ -247,9 +246,7 @@ async def _ask(
 
 
 def _when(at: datetime | str | None) -> str:
-    if at is None:
-        return "-"
-    return format_instant(to_instant(at)) if isinstance(at, datetime) else at
+    return "-" if at is None else human_instant(at)
 
 
 # status -----------------------------------------------------------------------------------
@@ -423,7 +420,7 @@ def _condition(tree: Tree, c: ConditionExplanation) -> None:
     if c.decides:
         text += "  [bold]decides[/bold]"
     if c.next_change is not None:
-        text += f"  [dim]changes at {c.next_change}[/dim]"
+        text += f"  [dim]changes at {_when(c.next_change)}[/dim]"
     branch = tree.add(text)
     for child in c.children:
         _condition(branch, child)
@@ -437,8 +434,12 @@ def _show_explain(r: ExplainReply, out: Console) -> None:
         if s.exit is not None:
             _condition(tree.add("exit"), s.exit)
         if s.min_dwell is not None:
-            tree.add(f"min_dwell {s.min_dwell}, earliest exit {s.earliest_exit or '-'}")
-        nxt = s.next_change or (f"none before {s.horizon}" if s.horizon else "none")
+            tree.add(f"min_dwell {s.min_dwell}, earliest exit {_when(s.earliest_exit)}")
+        nxt = (
+            _when(s.next_change)
+            if s.next_change
+            else (f"none before {_when(s.horizon)}" if s.horizon else "none")
+        )
         tree.add(f"next change without a new event: {nxt}")
         out.print(tree)
 

@@ -28,7 +28,7 @@ from protocol.nats import connect, jetstream_ports, read_stream
 from store import Store
 
 from ._connection import credentials_of, engine_servers
-from ._errors import UsageError
+from ._errors import NotFound
 
 _rejection = msgspec.json.Decoder(Rejection)
 
@@ -72,7 +72,7 @@ def register(sub: Any) -> None:
 async def _rebuild(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir
     if not args.nats and not (data_dir / "nats").is_dir():
-        raise UsageError(
+        raise NotFound(
             f"{data_dir / 'nats'} holds no broker store to rebuild from; "
             "give the engine's server with --nats URL"
         )

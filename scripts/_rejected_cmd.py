@@ -46,13 +46,13 @@ from protocol import (
     Rejection,
     decode_event,
     format_instant,
-    from_instant,
     to_instant,
 )
 from protocol.nats import connect, permission_guard, read_stream
 
 from ._connection import credentials_of, servers_of
 from ._errors import UsageError
+from ._times import human_instant
 
 REPUBLISHED_HEADER = "Shoal-Republished-From"
 """The header of a republished event: ``SHOAL_REJECTED:<position of its rejection>``."""
@@ -121,12 +121,6 @@ def _instant(text: str) -> int:
             "(2026-01-31T09:00:00Z)"
         ) from None
     return to_instant(dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC))
-
-
-def human_instant(instant: int) -> str:
-    """An instant for people: UTC to the millisecond, ``2026-01-31T09:00:00.250Z``."""
-    dt = from_instant(instant)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
 def printable(text: str) -> str:

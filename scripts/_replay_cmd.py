@@ -39,10 +39,20 @@ from rich.table import Table
 from rich.text import Text
 
 from actors import ReplayTally, load_segments, parse_duration, read_log
-from protocol import OrderedHistory, format_instant, from_instant, to_instant
+from protocol import (
+    MAX_FUTURE_SKEW,
+    SECOND,
+    Event,
+    OrderedHistory,
+    format_instant,
+    from_instant,
+    to_instant,
+)
 from store import Store
 
-from ._errors import UsageError
+from ._errors import ExitCode, NotFound, UsageError, file_error
+from ._output import output_file, output_path
+from ._times import human_instant, now
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -74,7 +84,9 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="JSON-lines file of Segment Spec events, each with a `timestamp` (its instant "
         "and receive time; replayed in timestamp order, stable), '-' for stdin, or a shoal "
-        "SQLite event log; default: the event log in --data-dir",
+        "SQLite event log; default: the event log in --data-dir. Lines are validated as "
+        "`shoal import` validates them, except that times are not checked against now: a "
+        "backtest runs on a virtual clock",
     )
     p.add_argument(
         "--data-dir",
@@ -211,17 +223,15 @@ def _options(args: argparse.Namespace) -> _Options:
 
 
 def _open_output(name: str | None, *, binary: bool, stack: contextlib.ExitStack) -> IO[Any] | None:
-    """The stream an output option names ('-': stdout), closed with ``stack``."""
+    """The stream an output option names ('-': stdout), closed with ``stack``: a file is
+    written under a temporary name and takes its name only once complete."""
     if name is None:
         return None
     if name == "-":
         return sys.stdout.buffer if binary else sys.stdout
-    try:
-        if binary:
-            return stack.enter_context(open(name, "wb"))
-        return stack.enter_context(open(name, "w", encoding="utf-8", newline=""))
-    except OSError as e:
-        raise UsageError(f"cannot write {name}: {e.strerror}") from None
+    if binary:
+        return stack.enter_context(output_file(name, binary=True))
+    return stack.enter_context(output_file(name, binary=False))
 
 
 # Reading events -------------------------------------------------------------------------------
@@ -244,7 +254,7 @@ async def _read_file(source: str, history: OrderedHistory) -> None:
             while await anyio.to_thread.run_sync(history.read, itertools.islice(f, _PIECE)):
                 pass
         except OSError as e:
-            raise UsageError(f"cannot read {source}: {e.strerror}") from None
+            raise file_error(source, e) from None
     await anyio.to_thread.run_sync(history.finish)
 
 
@@ -253,7 +263,7 @@ def _is_sqlite(path: Path) -> bool:
         with path.open("rb") as f:
             return f.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC
     except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+        raise file_error(path, e) from None
 
 
 # The replay and what it writes ----------------------------------------------------------------
@@ -316,7 +326,7 @@ def size_chart(
     # matplotlib plots datetimes (its stubs admit only numbers and arrays).
     x: Any = [from_instant(i) for i in instants]
     colours = palette(len(names))
-    span = f", {_ms(instants[0])} to {_ms(instants[-1])}" if instants else ""
+    span = f", {human_instant(instants[0])} to {human_instant(instants[-1])}" if instants else ""
 
     def dates(ax: Any) -> None:
         locator = AutoDateLocator(minticks=3, maxticks=7)  # type: ignore[no-untyped-call]
@@ -350,7 +360,9 @@ def size_chart(
         ys = [row[i] for row in rows]
         ax.plot(x, ys, color=colours[i], linewidth=2)
         ax.fill_between(x, ys, color=colours[i], alpha=0.15, linewidth=0)
-        ax.set_ylim(bottom=0)
+        # An empty segment's panel reads 0 to 1: matplotlib's own limits (0 to 0.05) would
+        # show fractions of a member.
+        ax.set_ylim(bottom=0, top=None if any(ys) else 1)
         ax.set_title(name, loc="left", fontsize=11, fontweight="bold")
         if ys:
             ax.set_title(f"{ys[-1]:,} at the end", loc="right", fontsize=9, color="0.35")
@@ -361,12 +373,6 @@ def size_chart(
         axes[j // cols - 1][j % cols].xaxis.set_tick_params(labelbottom=True)
     fig.suptitle(f"Segment sizes{span}; each panel on its own scale", x=0.01, ha="left")
     return fig
-
-
-def _ms(instant: int) -> str:
-    """An instant for people: UTC to the millisecond."""
-    dt = from_instant(instant)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
 def _label_line_ends(
@@ -437,7 +443,7 @@ def _summary(run: ReplayTally, end: int | None, out: IO[str]) -> None:
     span = (
         ""
         if origin is None or end is None
-        else f", {format_instant(origin)} to {format_instant(end)}"
+        else f", {human_instant(origin)} to {human_instant(end)}"
     )
     table = Table(
         title=f"{run.events:,} events, {run.replay.customers:,} customers, "
@@ -464,7 +470,7 @@ async def run(args: argparse.Namespace) -> int:
     if source is None:
         db = (args.data_dir or Path("shoal-data")) / "shoal.db"
         if not db.is_file():
-            raise UsageError(
+            raise NotFound(
                 f"no event log at {db} (give `shoal serve`'s --data-dir, or a FILE of events)"
             )
     elif source != "-" and _is_sqlite(Path(source)):
@@ -475,6 +481,7 @@ async def run(args: argparse.Namespace) -> int:
         transitions_out = _open_output(args.transitions, binary=True, stack=outputs)
         sizes_out = _open_output(args.sizes, binary=False, stack=outputs)
         history: OrderedHistory | None = None
+        ahead = _Ahead(now() + MAX_FUTURE_SKEW)
         if db is None:
             assert source is not None
             history = OrderedHistory(on_skip=_skip, on_repeat=_repeat)
@@ -490,7 +497,7 @@ async def run(args: argparse.Namespace) -> int:
         progress = _progress()
         with progress or contextlib.nullcontext():
             if history is not None:
-                await _replay_history(the_run, history, progress)
+                await _replay_history(the_run, history, progress, ahead)
             else:
                 assert db is not None
                 await _replay_log(the_run, db, progress)
@@ -518,31 +525,57 @@ async def run(args: argparse.Namespace) -> int:
             "logged ahead of them (imported history?); a replay applies events in log order",
             file=sys.stderr,
         )
+    if ahead.count:
+        print(
+            f"note: {ahead.count} event(s) are stamped more than "
+            f"{MAX_FUTURE_SKEW // SECOND} s after now (the latest at "
+            f"{human_instant(ahead.latest)}): a replay runs on a virtual clock and applies "
+            "them, `shoal import` (which checks times against now) would refuse them",
+            file=sys.stderr,
+        )
     if history is not None and history.skipped:
         print(f"{history.skipped} line(s) skipped", file=sys.stderr)
-        return 1
-    return 0
+        return ExitCode.BAD_INPUT
+    return ExitCode.OK
 
 
 async def _chart(
     path: Path, names: Sequence[str], instants: Sequence[int], rows: Sequence[Sequence[int]]
 ) -> None:
     try:
-        await anyio.to_thread.run_sync(write_chart, path, names, instants, rows)
+        with output_path(path) as temporary:
+            await anyio.to_thread.run_sync(write_chart, temporary, names, instants, rows)
     except ImportError:
         raise UsageError(_NO_MATPLOTLIB) from None
     except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror}") from None
+        raise file_error(path, e, "write") from None
+
+
+class _Ahead:
+    """The events of a file stamped after ``limit`` (now, and the skew a live event may
+    have): how many, and the latest instant."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.latest = 0
+
+    def see(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if event.at > self.limit:
+                self.count += 1
+                self.latest = max(self.latest, event.at)
 
 
 async def _replay_history(
-    the_run: ReplayTally, history: OrderedHistory, progress: Progress | None
+    the_run: ReplayTally, history: OrderedHistory, progress: Progress | None, ahead: _Ahead
 ) -> None:
     task = progress.add_task("", total=history.events) if progress is not None else None
     events = iter(history)
 
     def feed_piece() -> int:
         piece = list(itertools.islice(events, _PIECE))
+        ahead.see(piece)
         the_run.feed(piece)
         return len(piece)
 

@@ -7,24 +7,21 @@ line on stderr (``shoal: error: ...``) and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
+import importlib.metadata
+import os
+import select
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
 
 import anyio
-import msgspec
-import nats.js.errors
 import structlog
 
 from actors import (
-    ActorsError,
     DefinitionsKeeper,
     Engine,
     EngineConfig,
@@ -35,44 +32,33 @@ from actors import (
     served_origin,
     watch_segments,
 )
-from protocol import (
-    EVENTS_STREAM,
-    BrokerError,
-    ProtocolError,
-    Transition,
-    event_subject,
-    format_instant,
-    segment_filter,
-    to_instant,
-)
 from protocol.nats import (
     DefinitionsKV,
     connect,
-    iter_transitions,
     jetstream_ports,
-    permission_guard,
     redact,
 )
-from store import Store, StoreError
+from store import Store
 
 from . import (
     _auth_cmd,
     _generate_cmd,
     _history_cmd,
     _import_cmd,
+    _publish_cmd,
     _query_cmd,
     _rebuild_cmd,
     _rejected_cmd,
     _replay_cmd,
+    _tail_cmd,
 )
 from ._connection import (
     add_connection_options,
     credentials_of,
     engine_servers,
     explain,
-    servers_of,
 )
-from ._errors import UsageError
+from ._errors import REPORTED, ExitCode, NotFound, UsageError, exit_code
 from ._logging import Scrubber, configure_logging, secrets_of
 
 _CONNECTING = {
@@ -91,11 +77,11 @@ _CONNECTING = {
 """The commands that connect to NATS, and the role each acts as: they take the credential
 options and --data-dir, whose key of their role they use when given no credentials."""
 _SEGMENTS_CONNECTING = {"list": "subscriber", "apply": "operator", "validate": "operator"}
-_USER_ERRORS = (ActorsError, ProtocolError, StoreError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``shoal`` console script; returns the exit status."""
+    """Entry point of the ``shoal`` console script; returns the exit status (the table of
+    :mod:`scripts._errors`, the same for every command)."""
     parser = _parser()
     args = parser.parse_args(argv)
     scrub = Scrubber(secrets_of(args))
@@ -104,13 +90,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = anyio.run(args.run, args)
         return code
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     except BaseException as e:  # noqa: BLE001 - unwrap task-group errors for one clear line
-        known = _find(e, (*_USER_ERRORS, UsageError))
+        if _find(e, (BrokenPipeError,)) is not None and _reader_gone():
+            # The reader stopped early (`shoal tail | head`): not an error. Point stdout at
+            # /dev/null so that the interpreter's last flush does not fail on the pipe.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return ExitCode.OK
+        known = _find(e, REPORTED)
         if known is None:
             raise
         print(f"shoal: error: {scrub(explain(known, args))}", file=sys.stderr)
-        return 2 if isinstance(known, UsageError) else 1
+        return exit_code(known)
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (its write end then reports
+    ``POLLERR``): a broken pipe elsewhere (a socket) is an error like any other."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poll.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _find(e: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -149,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="shoal", description=__doc__.splitlines()[0], allow_abbrev=False
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"shoal {_version()}")
+    _add_log_level(p, top=True)
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the engine (starts an embedded nats-server)")
@@ -219,44 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
-    pub = sub.add_parser(
-        "publish", help="publish events (JSON lines from a file or stdin, or one built from flags)"
-    )
-    pub.add_argument("file", nargs="?", help="JSON-lines file ('-' or nothing: stdin)")
-    pub.add_argument("--nats", action="append", metavar="URL")
-    pub.add_argument("--customer", help="build one event for this customer id")
-    pub.add_argument(
-        "--user", dest="user_alias", help="deprecated: the same as --customer (one release)"
-    )
-    pub.add_argument("--event", help="track event name")
-    pub.add_argument("--identify", action="store_true", help="an identify event")
-    pub.add_argument(
-        "--prop",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="track property (VALUE is JSON when it parses, else text)",
-    )
-    pub.add_argument(
-        "--trait",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="identify trait (VALUE is JSON when it parses, else text)",
-    )
-    pub.add_argument("--timestamp", help="ISO-8601 with offset (default: when received)")
-    pub.add_argument("--message-id", help="idempotency key")
-    pub.set_defaults(run=_publish)
-
-    tail = sub.add_parser("tail", help="print segment transitions as they happen")
-    tail.add_argument("segment", nargs="?", help="only this segment")
-    tail.add_argument("--nats", action="append", metavar="URL")
-    tail.add_argument(
-        "--from-start",
-        action="store_true",
-        help="first print every transition the SHOAL_SEGMENTS stream holds",
-    )
-    tail.set_defaults(run=_tail)
+    _publish_cmd.register(sub)
+    _tail_cmd.register(sub)
 
     segs = sub.add_parser("segments", help="work with segments files")
     segs_sub = segs.add_subparsers(required=True, metavar="ACTION")
@@ -276,7 +243,42 @@ def _parser() -> argparse.ArgumentParser:
         add_connection_options(sub.choices[name], top=False, role=role)
     for name, role in _SEGMENTS_CONNECTING.items():
         add_connection_options(segs_sub.choices[name], top=False, role=role)
+    for command in _subcommands(p):
+        _add_log_level(command, top=False)
     return p
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_log_level(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--log-level`` on ``parser``: with its default on the top-level parser only, so that
+    given before the subcommand it is not overwritten by a subcommand's default (the
+    connection options work the same way, ``scripts._connection``)."""
+    parser.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        default="info" if top else argparse.SUPPRESS,
+        help="how much to log on stderr (default info); before or after the command",
+    )
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser``: its subcommands, their actions, and so on."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:  # argparse has no public walk of its subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += [child, *_subcommands(child)]
+    return found
+
+
+def _version() -> str:
+    """shoal's package version, as installed."""
+    try:
+        return importlib.metadata.version("shoal")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 # serve ------------------------------------------------------------------------------------
@@ -373,6 +375,8 @@ def _lists_dir(segments: Path | None, lists_dir: Path | None) -> Path | None:
         return None if segments is None else segments.parent
     if segments is None:
         raise UsageError("--lists-dir is for the list files of --segments FILE: give both")
+    if not lists_dir.exists():
+        raise NotFound(f"--lists-dir {lists_dir} does not exist")
     if not lists_dir.is_dir():
         raise UsageError(f"--lists-dir {lists_dir} is not a directory")
     return lists_dir
@@ -395,166 +399,6 @@ async def _validate(args: argparse.Namespace) -> int:
     plural = "" if len(names) == 1 else "s"
     print(f"{args.file}: ok, {len(names)} segment{plural} ({', '.join(names)})")
     return 0
-
-
-# publish ----------------------------------------------------------------------------------
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"{flag} {item!r}: write it as KEY=VALUE")
-        out[key] = _value(value)
-    return out
-
-
-def _event_from_flags(args: argparse.Namespace) -> dict[str, Any]:
-    if args.identify == bool(args.event):
-        raise UsageError("give --event NAME (a track event) or --identify, not both or neither")
-    event: dict[str, Any] = {"userId": args.customer}
-    if args.identify:
-        event |= {"type": "identify", "traits": _pairs(args.trait, "--trait")}
-    else:
-        event |= {"type": "track", "event": args.event, "properties": _pairs(args.prop, "--prop")}
-    if args.timestamp:
-        event["timestamp"] = args.timestamp
-    if args.message_id:
-        event["messageId"] = args.message_id
-    return event
-
-
-async def _publish(args: argparse.Namespace) -> int:
-    if args.user_alias is not None:
-        if args.customer is not None:
-            raise UsageError("give --customer, not --user as well")
-        print(
-            "shoal publish: warning: --user is renamed --customer; --user goes in the next release",
-            file=sys.stderr,
-        )
-        args.customer = args.user_alias
-    if args.customer:
-        if args.file:
-            raise UsageError("give a FILE or --customer, not both")
-        lines: Any = [json.dumps(_event_from_flags(args))]
-    elif args.file in (None, "-"):
-        lines = sys.stdin
-    else:
-        try:
-            lines = open(args.file, encoding="utf-8")  # noqa: SIM115 - closed below
-        except OSError as e:
-            raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
-    credentials = credentials_of(args).for_role("producer")
-    nc = await connect(servers_of(args), name="shoal-publish", credentials=credentials)
-    js = nc.jetstream()
-    skipped = 0
-    pending: list[tuple[int, asyncio.Future[Any]]] = []
-    try:
-        # The engine declares the streams; a producer may not (least privilege).
-        async with permission_guard(nc):
-            for number, line in enumerate(lines, 1):
-                text = line.strip()
-                if not text:
-                    continue
-                problem, subject, msg_id = _route(text)
-                if problem:
-                    print(f"line {number}: {problem}; skipped", file=sys.stderr)
-                    skipped += 1
-                    continue
-                headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-                pending.append(
-                    (number, await js.publish_async(subject, text.encode("utf-8"), headers=headers))
-                )
-            results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-    finally:
-        if lines is not sys.stdin and hasattr(lines, "close"):
-            lines.close()
-        await nc.close()
-    # nats-py tells a 503 (no stream takes the subject) apart for JetStream publishes.
-    if any(isinstance(r, nats.js.errors.NoStreamResponseError) for r in results):
-        raise BrokerError(
-            f"stream {EVENTS_STREAM} does not exist on this NATS server, so nothing was "
-            "stored: start the engine (`shoal serve`) once, it creates the streams"
-        )
-    failed = 0
-    for (number, _), result in zip(pending, results, strict=True):
-        if isinstance(result, BaseException):
-            failed += 1
-            print(f"line {number}: not stored by the broker: {result!r}", file=sys.stderr)
-    sent = len(pending) - failed
-    tail = "".join(
-        f", {n} {what}" for n, what in ((skipped, "line(s) skipped"), (failed, "failed")) if n
-    )
-    print(f"published {sent} event(s){tail}", file=sys.stderr)
-    return 1 if skipped or failed else 0
-
-
-def _route(line: str) -> tuple[str | None, str, str | None]:
-    """(problem, subject, message id) of one JSON line; the engine validates the rest."""
-    try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as e:
-        return f"invalid JSON: {e.msg} at column {e.colno}", "", None
-    if not isinstance(doc, dict):
-        return "not a JSON object", "", None
-    user = doc.get("userId")
-    if not isinstance(user, str) or not user:
-        return "missing `userId` (a non-empty string)", "", None
-    msg_id = doc.get("messageId")
-    # Header values must be ASCII; a non-ASCII id is still deduplicated by the engine.
-    header = msg_id if isinstance(msg_id, str) and msg_id.isascii() and msg_id else None
-    return None, event_subject(user), header
-
-
-# tail -------------------------------------------------------------------------------------
-
-
-async def _tail(args: argparse.Namespace) -> int:
-    credentials = credentials_of(args).for_role("subscriber")
-    nc = await connect(servers_of(args), name="shoal-tail", credentials=credentials)
-    out: TextIO = sys.stdout
-    human = out.isatty()
-    encoder = msgspec.json.Encoder()
-    try:
-        with contextlib.suppress(anyio.get_cancelled_exc_class()):
-            async with permission_guard(nc):
-                async for t in iter_transitions(
-                    nc, segment_filter(args.segment), from_start=args.from_start
-                ):
-                    if human:
-                        out.write(_readable(t) + "\n")
-                    else:
-                        out.write(encoder.encode(t).decode() + "\n")
-                    out.flush()
-    finally:
-        await nc.close()
-    return 0
-
-
-def _readable(t: Transition) -> str:
-    cause = t.cause
-    why = (
-        "time"
-        if cause.__struct_config__.tag == "time"
-        else (
-            f"event {getattr(cause, 'message_id', '')}".strip()
-            if cause.__struct_config__.tag == "event"
-            else "definition"
-        )
-    )
-    arrow = "->" if t.change == "entered" else "<-"
-    return (
-        f"{format_instant(to_instant(t.at))}  {t.customer_id} {arrow} {t.segment} "
-        f"({t.change}, {why}, v{t.version})"
-    )
 
 
 if __name__ == "__main__":

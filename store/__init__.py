@@ -10,6 +10,7 @@ from ._errors import StoreError as StoreError
 from ._errors import StoreFormatError as StoreFormatError
 from ._errors import StoreFullError as StoreFullError
 from ._errors import StoreLockedError as StoreLockedError
+from ._errors import StoreMissingError as StoreMissingError
 from ._events import EventLog as EventLog
 from ._events import LoggedEvent as LoggedEvent
 from ._outbox import Outbox as Outbox
@@ -40,6 +41,7 @@ __all__ = (
     "StoreFormatError",
     "StoreFullError",
     "StoreLockedError",
+    "StoreMissingError",
     "StoredRow",
     "Synchronous",
 )

@@ -20,6 +20,19 @@ class StoreLockedError(StoreError):
         self.path = path
 
 
+class StoreMissingError(StoreError, FileNotFoundError):
+    """There is no store at ``path`` (to read): a wrong data directory, or an engine that
+    never ran there."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"no event log at {path}")
+        self.path = path
+
+    def __str__(self) -> str:
+        # FileNotFoundError would show its (errno, strerror) pair otherwise.
+        return f"no event log at {self.path}"
+
+
 class StoreFormatError(StoreError):
     """The database was written by an incompatible version of shoal."""
 

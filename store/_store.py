@@ -14,7 +14,7 @@ from typing import Self
 
 from ._db import Db
 from ._definitions import Definitions
-from ._errors import StoreError
+from ._errors import StoreMissingError
 from ._events import EventLog, LoggedEvent
 from ._lock import WriterLock
 from ._outbox import Outbox, OutboxEntry
@@ -129,7 +129,7 @@ class Store:
             StoreError: there is no store at ``path``, or it cannot be read.
         """
         if not path.is_file():
-            raise StoreError(f"no event log at {path}")
+            raise StoreMissingError(path)
         db = await Db.connect(path, read_only=True)
         try:
             doing = f"cannot read {path}"

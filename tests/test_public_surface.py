@@ -133,6 +133,7 @@ PINS = {
         "StoreFormatError",
         "StoreFullError",
         "StoreLockedError",
+        "StoreMissingError",
         "StoredRow",
         "Synchronous",
     ),

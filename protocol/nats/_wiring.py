@@ -13,11 +13,13 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from protocol._subjects import (
     EVENTS_WILDCARD,
     SEGMENTS_STREAM,
 )
+from protocol._time import from_instant
 from protocol._types import Transition, shown_subject
 from protocol.nats._connect import StreamSettings, ensure_streams
 from protocol.nats._feed import EventFeed
@@ -28,18 +30,32 @@ _logger = structlog.get_logger("shoal.tail")
 
 
 async def iter_transitions(
-    nc: Client, filter_subject: str, *, from_start: bool = False
+    nc: Client,
+    filter_subject: str,
+    *,
+    from_start: bool = False,
+    since: int | None = None,
 ) -> AsyncIterator[Transition]:
-    """Transitions on ``filter_subject`` as they are published (and, with ``from_start``,
-    all that ``SHOAL_SEGMENTS`` still holds first, through an ordered consumer). A message
-    that is not a transition is skipped, with a warning."""
+    """Transitions on ``filter_subject`` as they are published; with ``from_start``, all
+    that ``SHOAL_SEGMENTS`` still holds first, or with ``since`` (an instant) those it
+    stored from then on, through an ordered consumer. A message that is not a transition is
+    skipped, with a warning."""
     decoder = msgspec.json.Decoder(Transition)
     sub: Any
-    if from_start:
+    if from_start or since is not None:
         js = nc.jetstream()
+        config = (
+            None
+            if since is None
+            else ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=from_instant(since)
+            )
+        )
         # The stream named: else nats-py asks the broker which stream holds the subject, an
         # API a subscriber may not use.
-        sub = await js.subscribe(filter_subject, stream=SEGMENTS_STREAM, ordered_consumer=True)
+        sub = await js.subscribe(
+            filter_subject, stream=SEGMENTS_STREAM, ordered_consumer=True, config=config
+        )
     else:
         sub = await nc.subscribe(filter_subject)
     try:

@@ -356,7 +356,7 @@ def test_validate_reports_the_problem_in_one_line(tmp_path: Path) -> None:
     path.write_text(VISITOR + "[segments.lapsed]\nrule = \"since_last('Visit') >= '14 days'\"\n")
     done = run("segments", "validate", str(path))
     assert (done.returncode, done.stdout, done.stderr) == (
-        1,
+        3,  # bad input
         "",
         f"shoal: error: {path}: segment 'lapsed': '14 days' is not a duration: write numbers "
         "with units s, m, h or d, like '90s', '14d' or '1d12h'\n",
@@ -364,7 +364,7 @@ def test_validate_reports_the_problem_in_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "missing.toml"
     done = run("segments", "validate", str(missing))
     assert (done.returncode, done.stdout, done.stderr) == (
-        1,
+        4,  # not found
         "",
         f"shoal: error: {missing}: cannot read it: [Errno 2] No such file or directory: "
         f"'{missing}'\n",

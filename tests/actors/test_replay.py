@@ -390,7 +390,7 @@ async def test_chart_is_a_png_with_each_line_labelled_with_its_segment(tmp_path:
 def test_a_missing_event_log_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_main(["replay", "--data-dir", str(tmp_path / "nowhere")], monkeypatch) == 2
+    assert run_main(["replay", "--data-dir", str(tmp_path / "nowhere")], monkeypatch) == 4
     assert capsys.readouterr().err == (
         f"shoal: error: no event log at {tmp_path / 'nowhere' / 'shoal.db'} "
         "(give `shoal serve`'s --data-dir, or a FILE of events)\n"
@@ -419,7 +419,7 @@ def test_bad_lines_are_reported_and_the_good_ones_replayed(
     ]) + "\n")  # fmt: skip
     tr = tmp_path / "t.jsonl"
     assert run_main(["replay", str(source), "--segments", str(seg), "--transitions", str(tr)],
-                    monkeypatch) == 1  # fmt: skip
+                    monkeypatch) == 3  # fmt: skip
     err = capsys.readouterr().err.splitlines()
     assert err == [
         "line 2: invalid JSON: JSON is malformed: invalid character (byte 4); skipped",

@@ -65,7 +65,7 @@ def test_walkthrough_serve_publish_tail(
         "w1",
     )
     assert done.returncode == 0, done.stderr
-    assert done.stderr.strip() == "published 1 event(s)"
+    assert done.stderr.strip() == "published 1 event(s): SHOAL_EVENTS sequence 1"
 
     lines = [json.loads(line) for line in tail.out_lines(3)]
     assert [(t["segment"], t["change"], t["cause"]["kind"], t["version"]) for t in lines] == [
@@ -137,7 +137,7 @@ def test_serve_bad_segments_file_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[segments.lapsed]\nrule = \"since_last('Visit') >= '14 days'\"\n")
     done = run("serve", "--data-dir", str(tmp_path), "--segments", str(bad))
-    assert done.returncode == 1
+    assert done.returncode == 3  # bad input
     assert done.stderr.strip() == (
         f"shoal: error: {bad}: segment 'lapsed': '14 days' is not a duration: write numbers "
         "with units s, m, h or d, like '90s', '14d' or '1d12h'"
@@ -168,11 +168,12 @@ def test_publish_reports_bad_lines_and_sends_the_good_ones(nats_server: NatsServ
     ]
     declare_streams(nats_server.url)
     done = run("publish", "--nats", nats_server.url, stdin="\n".join(lines) + "\n")
-    assert done.returncode == 1
+    # Validated here as the engine validates them, with the engine's reasons (exit 3).
+    assert done.returncode == 3
     assert done.stderr.splitlines() == [
-        "line 2: invalid JSON: Expecting value at column 28; skipped",
-        "line 3: missing `userId` (a non-empty string); skipped",
-        "published 2 event(s), 2 line(s) skipped",
+        "line 2: invalid JSON: Input data was truncated; not sent",
+        "line 3: missing required field `userId`; not sent",
+        "published 2 event(s): SHOAL_EVENTS sequences 1 to 2; 2 line(s) not valid, not sent",
     ]
 
 

@@ -76,7 +76,7 @@ def test_user_and_password_from_options_or_the_environment(user_server: NatsServ
     ):
         done = shoal(*args, env=env)
         assert done.returncode == 0, done.stderr
-        assert done.stderr.strip().endswith("published 1 event(s)")
+        assert "published 1 event(s): SHOAL_EVENTS sequence" in done.stderr
     # A wrong password, in the options or in the URL: refused, and never printed.
     done = shoal(
         "publish",

@@ -91,17 +91,24 @@ def test_history_as_a_table(data_dir: Path) -> None:
         for line in done.stdout.splitlines()
         if line.startswith("│")
     ]
+    # Times for people: to the millisecond, always (JSON keeps the wire's RFC 3339 text).
     assert rows == [
         [
             "lapsed",
-            "2026-01-15T10:00:00Z",
+            "2026-01-15T10:00:00.000Z",
             "time (v2)",
-            "2026-01-20T08:30:00.500000Z",
+            "2026-01-20T08:30:00.500Z",
             "event v2 (v3)",
         ],
-        ["lapsed", "2026-02-03T08:30:00.500000Z", "time (v6)", "(still in)", ""],
-        ["new", "2026-01-01T10:00:00Z", "event v1 (v1)", "2026-01-31T10:00:00Z", "time (v4)"],
-        ["vip", "2026-02-01T00:00:00Z", "definition (v5)", "(still in)", ""],
+        ["lapsed", "2026-02-03T08:30:00.500Z", "time (v6)", "(still in)", ""],
+        [
+            "new",
+            "2026-01-01T10:00:00.000Z",
+            "event v1 (v1)",
+            "2026-01-31T10:00:00.000Z",
+            "time (v4)",
+        ],
+        ["vip", "2026-02-01T00:00:00.000Z", "definition (v5)", "(still in)", ""],
     ]
     assert f"alice: segment memberships as published (the outbox of {data_dir / 'shoal.db'})" in (
         " ".join(done.stdout.split())
@@ -116,7 +123,7 @@ def test_history_as_a_table(data_dir: Path) -> None:
 
 def test_unknown_customer_is_one_line(data_dir: Path) -> None:
     done = run("history", "carol", "--data-dir", str(data_dir))
-    assert (done.returncode, done.stdout) == (1, "")
+    assert (done.returncode, done.stdout) == (4, "")  # not found
     assert done.stderr == f"shoal: error: no customer 'carol' in {data_dir / 'shoal.db'}\n"
 
 
@@ -134,7 +141,7 @@ def test_history_flags_are_checked(data_dir: Path, tmp_path: Path) -> None:
     )
     done = run("history", "alice", "--data-dir", str(tmp_path / "nowhere"))
     assert (done.returncode, done.stderr) == (
-        1,
+        4,
         f"shoal: error: no event log at {tmp_path / 'nowhere' / 'shoal.db'}\n",
     )
 

@@ -83,7 +83,7 @@ def test_import_reports_bad_lines_exactly_and_publishes_the_good_ones(
         + "\n"
     )
     done = run("import", str(history), "--nats", nats_server.url)
-    assert done.returncode == 1
+    assert done.returncode == 3  # bad input
     err = done.stderr.splitlines()
     assert err[:5] == [
         "line 2: invalid JSON: Input data was truncated; skipped",
@@ -146,7 +146,7 @@ def test_import_from_stdin_of_good_lines_exits_0(nats_server: NatsServer) -> Non
 
 def test_import_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
     done = run("import", str(tmp_path / "nope.jsonl"), "--data-dir", str(tmp_path / "data"))
-    assert done.returncode == 2
+    assert done.returncode == 4  # not found
     assert done.stderr == (
         f"shoal: error: cannot read {tmp_path / 'nope.jsonl'}: No such file or directory\n"
     )
@@ -248,7 +248,7 @@ async def test_export_beside_a_writer_reads_the_log_as_it_stood(tmp_path: Path) 
 def test_export_of_a_missing_store_is_one_line(tmp_path: Path) -> None:
     done = run("export", "--data-dir", str(tmp_path))
     assert (done.returncode, done.stderr) == (
-        1,
+        4,
         f"shoal: error: no event log at {tmp_path / 'shoal.db'}\n",
     )
 

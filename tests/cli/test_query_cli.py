@@ -74,7 +74,7 @@ def test_operator_commands(nats_server: NatsServer, tmp_path: Path, procs: list[
 
     done = run("customer", "carol", "--nats", url)
     assert (done.returncode, done.stdout, done.stderr) == (
-        1,
+        4,
         "",
         "shoal: error: unknown customer 'carol'\n",
     )
@@ -88,7 +88,7 @@ def test_operator_commands(nats_server: NatsServer, tmp_path: Path, procs: list[
     assert done.stdout == "1\n"
     done = run("members", "vip", "--nats", url)
     assert (done.returncode, done.stderr) == (
-        1,
+        4,
         "shoal: error: unknown segment 'vip'; the segments defined are: visitor, gold\n",
     )
 
@@ -108,7 +108,7 @@ def test_operator_commands(nats_server: NatsServer, tmp_path: Path, procs: list[
     done = run("segments", "validate", str(new), "--nats", url)
     assert done.stdout.splitlines()[1] == f"{new}: on the engine, applying it adds loyal"
     done = run("segments", "apply", str(broken), "--nats", url)
-    assert done.returncode == 1
+    assert done.returncode == 3  # bad input
     assert done.stderr.startswith(f"shoal: error: {broken}: segment 'visitor': rule ")
     done = run("segments", "apply", str(new), "--nats", url)
     assert done.returncode == 0, done.stderr

@@ -179,7 +179,7 @@ def test_no_secret_shows_in_any_output(
     time.sleep(0.5)  # let tail subscribe
     env = setup.env
     done = printed.run("publish", *connection, *VISIT, env=env)
-    assert done.stderr.strip().endswith("published 1 event(s)")
+    assert done.stderr.strip().endswith("published 1 event(s): SHOAL_EVENTS sequence 1")
     [line] = tail.out_lines(1)
     assert json.loads(line)["customer_id"] == "ann"
     done = printed.run("status", "--json", *connection, env=env)

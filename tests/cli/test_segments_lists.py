@@ -67,7 +67,7 @@ async def test_a_list_too_big_for_the_engine_is_refused_here(
     path.write_text(listed("ids"))
     (tmp_path / "ids").write_text("".join(f"customer-{i:07}\n" for i in range(80_000)))
     code, out, err = await shoal("segments", "apply", str(path), "--nats", nats_server.url)
-    assert (code, out) == (1, "")
+    assert (code, out) == (3, "")
     assert err.startswith(f"shoal: error: {path}: with the ids of its list files by value it has ")
     assert err.endswith(
         f" bytes; the engine takes at most {MAX_SEGMENTS_FILE_BYTES:,} over the network "
@@ -91,7 +91,7 @@ async def test_a_list_too_big_for_the_brokers_max_payload_is_a_clear_error(
             (tmp_path / "ids").write_text("".join(f"c{i:05}\n" for i in range(10_000)))
             for command in ("apply", "validate"):
                 code, out, err = await shoal("segments", command, str(path), "--nats", server.url)
-                assert code == 1, err
+                assert code == 3, err
                 assert out == ("" if command == "apply" else f"{path}: ok, 1 segment (vip)\n")
                 assert err.startswith(f"shoal: error: {path}: the request is ")
                 assert err.endswith(
@@ -121,7 +121,7 @@ def test_serve_refuses_a_list_file_outside_the_segments_files_directory(tmp_path
     ):
         path.write_text(listed(file))
         done = run("serve", "--segments", str(path), "--data-dir", data)
-        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        assert (done.returncode, done.stdout) == (3, ""), done.stderr
         assert done.stderr.splitlines()[-1] == (
             f"shoal: error: {path}: {outside(shown, defs)}{link}"
         )
@@ -134,8 +134,8 @@ def test_serve_lists_dir_must_be_a_directory_for_a_segments_file(tmp_path: Path)
     data = str(tmp_path / "data")
     done = run("serve", "--lists-dir", str(tmp_path / "nope"), "--segments", str(path))
     assert (done.returncode, done.stderr) == (
-        2,
-        f"shoal: error: --lists-dir {tmp_path / 'nope'} is not a directory\n",
+        4,
+        f"shoal: error: --lists-dir {tmp_path / 'nope'} does not exist\n",
     )
     done = run("serve", "--lists-dir", str(tmp_path), "--data-dir", data)
     assert (done.returncode, done.stderr) == (

@@ -128,7 +128,10 @@ def test_serve_publish_tail_and_status_over_tls_with_a_user_ca(
     procs.append(tail)
     time.sleep(0.5)  # let tail subscribe
     done, _ = shoal("publish", "--nats", url, *ca, "--customer", "ann", "--event", "Visit")
-    assert (done.returncode, done.stderr.strip()) == (0, "published 1 event(s)")
+    assert (done.returncode, done.stderr.strip()) == (
+        0,
+        "published 1 event(s): SHOAL_EVENTS sequence 1",
+    )
     [line] = tail.out_lines(1)
     assert (json.loads(line)["customer_id"], json.loads(line)["segment"]) == ("ann", "active")
     # A nats:// URL to a server that requires TLS is upgraded, with the CA given.

@@ -77,7 +77,7 @@ def test_validate_says_what_is_wrong_in_one_line(tmp_path: Path, case: str) -> N
     path = tmp_path / "segments.toml"
     path.write_text(text)
     done = shoal("segments", "validate", str(path))
-    assert (done.returncode, done.stdout) == (1, "")
+    assert (done.returncode, done.stdout) == (3, "")
     assert done.stderr == f"shoal: error: {path}: {problem.format(dir=tmp_path)}\n"
 
 
@@ -98,7 +98,7 @@ def test_validate_reads_only_a_regular_file_under_the_limit(
     elif name == "big":
         path.write_text("#" * (1 << 20) + "\n")
     done = shoal("segments", "validate", str(path))
-    assert (done.returncode, done.stdout) == (1, "")
+    assert (done.returncode, done.stdout) == (3, "")
     assert done.stderr == f"shoal: error: {path}: cannot read it: {problem}\n"
 
 
@@ -107,7 +107,7 @@ def test_serve_refuses_a_file_of_900_nested_nots(tmp_path: Path) -> None:
     path = tmp_path / "segments.toml"
     path.write_text(one("not " * 900 + "count() >= 1"))
     done = shoal("serve", "--segments", str(path), "--data-dir", str(tmp_path / "data"))
-    assert done.returncode == 1
+    assert done.returncode == 3
     assert done.stderr.splitlines()[-1] == (
         f"shoal: error: {path}: segment 'a': the rule is nested too deeply: the limit is 50 levels"
     )

@@ -169,7 +169,7 @@ def test_no_auth_on_loopback_admits_anyone(tmp_path: Path, procs: list[Proc]) ->
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     done = run("publish", *url, *VISIT, cwd=elsewhere)
-    assert (done.returncode, done.stderr) == (0, "published 1 event(s)\n")
+    assert (done.returncode, done.stderr) == (0, "published 1 event(s): SHOAL_EVENTS sequence 1\n")
     assert run("status", *url, cwd=elsewhere).returncode == 0
     assert not (tmp_path / "shoal-data" / "auth").exists()
 

@@ -251,8 +251,9 @@ def test_publish_creates_no_stream(external: Secured) -> None:
     done = run("publish", "--customer", "ann", "--event", "Visit", *external.as_role("producer"))
     assert (done.returncode, done.stderr) == (
         1,
-        f"shoal: error: stream {EVENTS_STREAM} does not exist on this NATS server, so nothing "
-        "was stored: start the engine (`shoal serve`) once, it creates the streams\n",
+        f"shoal: error: the engine has not created stream {EVENTS_STREAM} on this NATS server "
+        "yet, so nothing was stored: start `shoal serve` once (it creates the streams), then "
+        "publish again\n",
     )
 
 
@@ -285,7 +286,7 @@ def test_every_command_works_with_its_own_key(
     procs.append(live)
     assert run("status", *secured.as_role("operator")).returncode == 0  # tail subscribed by now
     done = run("publish", "--customer", "ann", "--event", "Visit", *secured.as_role("producer"))
-    assert (done.returncode, done.stderr) == (0, "published 1 event(s)\n")
+    assert (done.returncode, done.stderr) == (0, "published 1 event(s): SHOAL_EVENTS sequence 1\n")
     transition = msgspec.json.decode(live.out_lines(1)[0], type=Transition)
     assert (transition.customer_id, transition.segment) == ("ann", "new_customer")
     replayed = Proc("tail", "--from-start", *secured.as_role("subscriber"))
