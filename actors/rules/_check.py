@@ -120,7 +120,7 @@ class Parser:
         self.retained: set[str | None] = set()
         self.refs: set[str] = set()
         self.first = False
-        self.window: int | None = 0  # the longest `within` of a window on retained events
+        self.reach: int | None = 0  # the longest `within` of a window on retained events
         self.delay = 0  # the longest `score_at` delay
         self.properties = False  # a window reads properties
 
@@ -432,8 +432,8 @@ class Parser:
             self.names.add(event)
         else:
             self.retained.add(event)
-            if self.window is not None:
-                self.window = None if within is None else max(self.window, within)
+            if self.reach is not None:
+                self.reach = None if within is None else max(self.reach, within)
             if where or prop is not None:
                 self.properties = True
             if days or hours:

@@ -85,7 +85,7 @@ def parse_rule(
             event_names=frozenset(parser.names),
             trait_keys=frozenset(parser.traits),
             retained=frozenset(parser.retained),
-            window=parser.window,
+            window=parser.reach,
             delay=parser.delay,
             properties=parser.properties,
         ),
