@@ -293,7 +293,7 @@ class Customer(_Derived):
         log = self._log
         if log is None:
             return NO_INSTANTS  # no index at all for a customer without track events
-        if ix is not None and ix.upto == len(log):
+        if ix is not None and ix.upto == len(log.ats):
             ats = ix.times.get(name)
             if ats is not None:
                 return ats
@@ -319,7 +319,7 @@ class Customer(_Derived):
         ix = self._index
         if ix is not None:
             terms = ix.terms
-            if terms is not None and terms.config is config and ix.terms_upto == len(log):
+            if terms is not None and terms.config is config and ix.terms_upto == len(log.ats):
                 return terms
         else:
             ix = self._index = TimeIndex()
@@ -361,7 +361,7 @@ class Customer(_Derived):
                     log.props = [_NO_PROPS] * len(log)  # restored without: all were empty
                 log.add(at, event.name, event.properties)
                 ix = self._index
-                if ix is not None and len(log) >= ix.next_prune:
+                if ix is not None and len(log.ats) >= ix.next_prune:
                     # Amortised: the index has grown by as much as it kept last time.
                     if ix.fits(needs):
                         ix.prune(log, self.watermark, needs)

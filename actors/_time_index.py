@@ -116,7 +116,7 @@ class LocalTimes:
         if counts is None:
             ok = flt.ok
             counts = self.counts[flt] = array(
-                "L", accumulate((ok[c] for c in self.codes), initial=0)
+                "I", accumulate((ok[c] for c in self.codes), initial=0)
             )
         return counts
 
@@ -159,6 +159,7 @@ class TimeIndex:
         "needs",
         "next_prune",
         "events",
+        "weights",
     )
 
     def __init__(self) -> None:
@@ -174,10 +175,12 @@ class TimeIndex:
         self.next_prune = PRUNE_FROM
         """The length of the log at which to prune again."""
         self.events: list[Any] | None = None
+        self.weights: tuple[tuple[str | None, ...], list[float]] | None = None
+        """The score weight of each name of the log's table (the table, the weights)."""
         """Every logged event as rules read it (``Customer.tracked``), once asked for."""
 
     def instants(self, log: RetainedLog, name: str | None) -> array[int]:
-        if self.upto < len(log):
+        if self.upto < len(log.ats):
             self.catch_up(log)
         ats = self.times.get(name)
         if ats is None:
@@ -197,21 +200,23 @@ class TimeIndex:
 
     def catch_up(self, log: RetainedLog) -> None:
         times, local, cut, names = self.times, self.local, self.cut, log.names
-        n = len(log)
-        for at, c in zip(log.ats[self.upto : n], log.codes[self.upto : n], strict=True):
+        ats, codes = log.ats, log.codes
+        n = len(ats)
+        for i in range(self.upto, n):  # most often one event
+            at = ats[i]
             if cut is not None and at <= cut:
                 continue  # late, and older than any window reads
-            name = names[c]
+            name = names[codes[i]]
             for key in (None,) if name is None else (None, name):
-                ats = times.get(key)
-                if ats is None:
+                keyed = times.get(key)
+                if keyed is None:
                     continue
-                if not ats or ats[-1] <= at:
-                    pos = len(ats)
-                    ats.append(at)
+                if not keyed or keyed[-1] <= at:
+                    pos = len(keyed)
+                    keyed.append(at)
                 else:  # a late event
-                    pos = bisect_right(ats, at)
-                    ats.insert(pos, at)
+                    pos = bisect_right(keyed, at)
+                    keyed.insert(pos, at)
                 loc = local.get(key)
                 if loc is not None:
                     loc.insert(pos, at)
@@ -222,17 +227,20 @@ class TimeIndex:
         if terms is None or terms.config is not config:
             terms = self.terms = ScoreTerms(config, lambda upto: log.terms(config, upto))
             self.terms_upto = 0
-        n = len(log)
-        i = self.terms_upto
-        if i < n:
-            weights = [float(config.weight(name)) for name in log.names]
-            codes = log.codes
-            for at in log.ats[i:n]:
+            self.weights = None
+        ats = log.ats
+        n = len(ats)
+        start = self.terms_upto
+        if start < n:
+            table = self.weights
+            if table is None or table[0] is not log.names:
+                table = self.weights = (log.names, [float(config.weight(k)) for k in log.names])
+            weights, codes = table[1], log.codes
+            for i in range(start, n):
                 w = weights[codes[i]]
-                i += 1
                 if w != 0:
-                    terms.upto = i - 1  # what the source gives: the terms before this one
-                    terms.add(at, w)
+                    terms.upto = i  # what the source gives: the terms before this one
+                    terms.add(ats[i], w)
             self.terms_upto = terms.upto = n
         return terms
 
@@ -257,7 +265,7 @@ class TimeIndex:
             terms.fold_old(watermark - needs.delay)
             kept += len(terms.times)
         self.needs = needs
-        self.next_prune = len(log) + max(PRUNE_FROM, kept)
+        self.next_prune = len(log.ats) + max(PRUNE_FROM, kept)
 
     def fits(self, needs: Needs) -> bool:
         """Whether rules of ``needs`` read nothing it pruned (no longer window or delay)."""
