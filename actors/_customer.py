@@ -30,7 +30,7 @@ from protocol import (
 )
 
 from ._errors import ActorsError
-from ._time_index import NO_COUNTS, NO_INSTANTS, LocalTimes, TimeIndex, empty_terms
+from ._time_index import NO_COUNTS, NO_INSTANTS, LocalTimes, RetainedLog, TimeIndex, empty_terms
 from .rules import (
     MISSING,
     Indexed,
@@ -61,7 +61,8 @@ and only an event stamped between the two, for such a customer, is taken as late
 
 
 class Retained(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """A track event kept for windows and scores: only what rules read of it."""
+    """A track event kept for windows and scores: only what rules read of it (its
+    properties only when a window reads them; else they are empty)."""
 
     at: int
     name: str | None
@@ -115,6 +116,7 @@ class _Kept:
 # (a customer makes its own at its first write), to stay small. Those loaded from snapshots
 # and never evaluated keep nothing else but their state.
 _NO_TRACKED: list[Retained] = []
+_NO_PROPS: dict[str, Any] = {}  # never written
 _NO_MEMBERS: Mapping[str, int] = MappingProxyType({})
 
 _SHAPES: dict[tuple[str, ...], dict[str, int]] = {}
@@ -174,6 +176,15 @@ def _with_key(traits: tuple[Any, ...], key: str) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _retained(log: RetainedLog, start: int) -> list[Retained]:
+    """The logged events from ``start`` on, as rules and snapshots read them."""
+    names, props = log.names, log.props
+    return [
+        Retained(log.ats[i], names[log.codes[i]], _NO_PROPS if props is None else props[i])
+        for i in range(start, len(log))
+    ]
+
+
 def _share(value: Any) -> Any:
     """A short string value as one object for all customers (plans, zones, dates repeat)."""
     if type(value) is str and len(value) <= 64:
@@ -185,7 +196,8 @@ class _Derived(Indexed):
     """What a customer keeps besides its state, to save work: the outcome of each segment
     and until when it holds (the earliest instant at which an answer of its rules can
     change, ``Rule.evaluate_until``), dropped when a fact its rules read changes; and its
-    retained events indexed by instant.
+    retained events indexed by instant, pruned of what its rules can no longer read (see
+    :class:`TimeIndex`).
 
     Not part of the state: snapshots leave it out (a restored customer starts without it,
     and :data:`Customer.__slots__` lists the state alone). It changes no result: an outcome
@@ -203,7 +215,7 @@ class Customer(_Derived):
         "_first",
         "_named",
         "_traits",
-        "_tracked",
+        "_log",
         "members",
         "version",
         "watermark",
@@ -215,7 +227,7 @@ class Customer(_Derived):
         self._first: int | None = None
         self._named = _NO_NAMED  # last instant and count of each event name rules count
         self._traits = _NO_TRAITS  # its shape (see _SHAPES), then value, at, value, at, ...
-        self._tracked = _NO_TRACKED  # track events windows and scores read, in log order
+        self._log: RetainedLog | None = None  # track events windows and scores read
         self.members = _NO_MEMBERS
         """Segment name -> the instant the customer entered it."""
         self.version = 0
@@ -263,31 +275,39 @@ class Customer(_Derived):
         return MISSING if value is None else value
 
     def tracked(self) -> Sequence[Tracked]:
-        return self._tracked
+        log = self._log
+        if log is None:
+            return _NO_TRACKED
+        # Made once and kept up to date, in the index: rules that read properties (sum,
+        # where) read them on each evaluation. Other rules never call it.
+        ix = self._index
+        if ix is None:
+            ix = self._index = TimeIndex()
+        events = ix.events
+        if events is None:
+            events = ix.events = []
+        if len(events) < len(log):
+            events += _retained(log, len(events))
+        return events
 
     def member(self, segment: str) -> bool:
         return segment in self.members
 
     def instants(self, name: str | None) -> Sequence[int]:
         ix = self._index
-        tracked = self._tracked
-        if not tracked:
+        log = self._log
+        if log is None:
             return NO_INSTANTS  # no index at all for a customer without track events
-        if ix is not None and ix.upto == len(tracked):
+        if ix is not None and ix.upto == len(log.ats):
             ats = ix.times.get(name)
             if ats is not None:
                 return ats
         if ix is None:
             ix = self._index = TimeIndex()
-        if ix.upto < len(tracked):
-            ix.catch_up(tracked)
-        ats = ix.times.get(name)
-        if ats is None:
-            ats = ix.times[name] = sorted(e.at for e in tracked if name is None or e.name == name)
-        return ats
+        return ix.instants(log, name)
 
     def local_counts(self, name: str | None, zone: tzinfo, where: LocalFilter) -> Sequence[int]:
-        if not self._tracked:
+        if self._log is None:
             return NO_COUNTS
         ats = self.instants(name)
         ix = self._index
@@ -298,16 +318,17 @@ class Customer(_Derived):
         return loc.count(where)
 
     def score_terms(self, config: ScoreConfig) -> ScoreTerms:
-        if not self._tracked:
+        log = self._log
+        if log is None:
             return empty_terms(config)
         ix = self._index
         if ix is not None:
             terms = ix.terms
-            if terms is not None and terms.config is config and ix.terms_upto == len(self._tracked):
+            if terms is not None and terms.config is config and ix.terms_upto == len(log.ats):
                 return terms
         else:
             ix = self._index = TimeIndex()
-        return ix.score_terms(self._tracked, config)
+        return ix.score_terms(log, config)
 
     # Changes ----------------------------------------------------------------------------
 
@@ -338,10 +359,19 @@ class Customer(_Derived):
         if event.kind == "track":
             retained = needs.retained
             if retained and (None in retained or event.name in retained):
-                tracked = self._tracked
-                if tracked is _NO_TRACKED:
-                    tracked = self._tracked = []
-                tracked.append(Retained(at, event.name, event.properties))
+                log = self._log
+                if log is None:
+                    log = self._log = RetainedLog(needs.properties)
+                if needs.properties and log.props is None:
+                    log.props = [_NO_PROPS] * len(log)  # restored without: all were empty
+                log.add(at, event.name, event.properties)
+                ix = self._index
+                if ix is not None and len(log.ats) >= ix.next_prune:
+                    # Amortised: the index has grown by as much as it kept last time.
+                    if ix.fits(needs):
+                        ix.prune(log, self.watermark, needs)
+                    else:
+                        self._index = None  # pruned for other rules: made again
             for key in (None, event.name):
                 if key in needs.event_names:
                     named = self._named
@@ -413,6 +443,9 @@ class Customer(_Derived):
         """
         now = self.watermark
         plan = segments.plan
+        ix = self._index
+        if ix is not None and ix.needs is not segments.needs and not ix.fits(segments.needs):
+            self._index = None  # pruned for rules that read less far back
         kept = self._kept
         definition = isinstance(cause, DefinitionCause)
         if kept is None or kept.segments is not segments or definition or now < kept.at:
@@ -540,7 +573,7 @@ class Customer(_Derived):
                 last=[(k, named[i]) for k, i in names.items() if named[i] is not None],
                 counts=[(k, named[i + 1]) for k, i in names.items()],
                 traits=[(k, traits[i + 1], traits[i]) for k, i in shape.items()],
-                tracked=self._tracked,
+                tracked=_NO_TRACKED if self._log is None else _retained(self._log, 0),
                 members=dict(self.members),
                 version=self.version,
                 watermark=self.watermark,
@@ -584,7 +617,9 @@ class Customer(_Derived):
                 traits[i + 1] = same.setdefault(at, at)
             c._traits = tuple(traits)
         if state.tracked:
-            c._tracked = state.tracked
+            log = c._log = RetainedLog(any(e.properties for e in state.tracked))
+            for r in state.tracked:
+                log.add(r.at, r.name, r.properties)
         if state.members:
             c.members = {k: same.setdefault(at, at) for k, at in state.members.items()}
         c.version = state.version

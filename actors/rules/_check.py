@@ -120,6 +120,9 @@ class Parser:
         self.retained: set[str | None] = set()
         self.refs: set[str] = set()
         self.first = False
+        self.reach: int | None = 0  # the longest `within` of a window on retained events
+        self.delay = 0  # the longest `score_at` delay
+        self.properties = False  # a window reads properties
 
     def snippet(self, node: ast.AST) -> str:
         return self.rewrite.snippet(node)
@@ -330,6 +333,7 @@ class Parser:
             if d.us <= 0:
                 raise self.fail(f"`{self.snippet(n)}`: the duration must be positive")
             self.score_needs()
+            self.delay = max(self.delay, d.us)
             return Score(self.env.score, d.us)
         if name in ("in_segment", "in_list"):
             target = self.text_arg(n, args[0])
@@ -428,6 +432,10 @@ class Parser:
             self.names.add(event)
         else:
             self.retained.add(event)
+            if self.reach is not None:
+                self.reach = None if within is None else max(self.reach, within)
+            if where or prop is not None:
+                self.properties = True
             if days or hours:
                 self.traits.add("timezone")
         return node

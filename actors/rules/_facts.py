@@ -81,12 +81,26 @@ class Needs:
     trait_keys: frozenset[str] = frozenset()
     retained: frozenset[str | None] = frozenset()
     """Track event names whose events are kept for windows and scores (``None``: all)."""
+    window: int | None = 0
+    """How far back from the instant of evaluation a window reads retained events: the
+    longest ``within`` (None: a window reads all time; 0: no window reads them). Evaluation
+    is never before a customer's watermark, so its windows never read an event at or before
+    ``watermark - window`` again."""
+    delay: int = 0
+    """The longest ``score_at`` delay: a score never reads an instant before
+    ``watermark - delay`` as its present again."""
+    properties: bool = False
+    """Whether a window reads events' properties (``where``, ``sum``, ``min``, ``max``)."""
 
     def __or__(self, other: Needs) -> Needs:
+        a, b = self.window, other.window
         return Needs(
             self.event_names | other.event_names,
             self.trait_keys | other.trait_keys,
             self.retained | other.retained,
+            None if a is None or b is None else max(a, b),
+            max(self.delay, other.delay),
+            self.properties or other.properties,
         )
 
     def fingerprint(self) -> str:
@@ -96,5 +110,14 @@ class Needs:
             # "*" cannot clash with an event name: None (any track) has no name.
             return sorted("*" if k is None else "=" + k for k in keys)
 
-        text = repr((names(self.event_names), sorted(self.trait_keys), names(self.retained)))
+        parts: tuple[object, ...] = (
+            names(self.event_names),
+            sorted(self.trait_keys),
+            names(self.retained),
+        )
+        if self.properties:
+            # Kept facts differ only there: events' properties are kept (a customer keeps
+            # every retained event; windows and delays change only what is derived).
+            parts += ("properties",)
+        text = repr(parts)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 
 from protocol import NEVER
 
@@ -67,18 +68,24 @@ class ScoreCompare(Compare):
         prefix, ref = terms.prefix, terms.ref
         if prefix is None or ref is None:
             return None
+        # The folded terms (ScoreTerms.fold_old) are in every score: they count in the
+        # bounds (8 units of roundoff each) and stand for the latest instant when no other
+        # term is in.
+        off, top0 = terms.off, terms.top0
         if self.const is not None:
-            return self._against_constant(terms.times, prefix, ref, terms.total * TINY, now)
+            return self._against_constant(
+                terms.times, prefix, ref, terms.total * TINY, now, 8 * off
+            )
         if self.same:
-            return self._against_score(terms.times, prefix, ref, terms.total * TINY, now)
+            return self._against_score(terms.times, prefix, ref, terms.total * TINY, now, off, top0)
         return None
 
     def _sign(
-        self, prefix: list[float], i: int, ref: int, tiny: float, t: int, extra: int = 0
+        self, prefix: Sequence[float], i: int, ref: int, tiny: float, t: int, extra: int
     ) -> int:
         """The sign of ``ka * score(t - da) - b`` as the estimate settles it, for the first
-        ``i`` terms in time order; 0 when it does not (or it overflows). ``extra`` widens
-        the bound (in units of the estimate's roundoff)."""
+        ``i`` terms in time order (and the folded ones); 0 when it does not (or it
+        overflows). ``extra`` widens the bound (in units of the estimate's roundoff)."""
         assert self.const is not None
         z = (ref - t + self.da) / self.config.half_life
         ka, b = self.ka, self.const
@@ -96,13 +103,19 @@ class ScoreCompare(Compare):
         return 0
 
     def _against_constant(
-        self, times: list[int], prefix: list[float], ref: int, tiny: float, now: int
+        self,
+        times: Sequence[int],
+        prefix: Sequence[float],
+        ref: int,
+        tiny: float,
+        now: int,
+        e0: int,
     ) -> Value | None:
         # As Compare._decay, step for step; where an estimate does not settle the sign,
         # the general way (exact sums) gives the whole answer.
         da, n = self.da, len(times)
         i = bisect_right(times, now - da)
-        sign = self._sign(prefix, i, ref, tiny, now)
+        sign = self._sign(prefix, i, ref, tiny, now, e0)
         if not sign:
             return None
         value = self.fn(sign, 0)
@@ -111,7 +124,7 @@ class ScoreCompare(Compare):
             if (
                 step is not None
                 and n - i <= STEPS
-                and self._sign(prefix, n, ref, tiny, step, 8) < 0
+                and self._sign(prefix, n, ref, tiny, step, 8 + e0) < 0
             ):
                 # Every term in, at the first step, it would still be clearly below b:
                 # at each later step it has no more terms and has decayed for longer.
@@ -121,7 +134,7 @@ class ScoreCompare(Compare):
                 if step is None:
                     return value, None
                 i = bisect_right(times, times[i], i)
-                s = self._sign(prefix, i, ref, tiny, step)
+                s = self._sign(prefix, i, ref, tiny, step, e0)
                 if not s:
                     return None
                 if s > 0:
@@ -132,13 +145,13 @@ class ScoreCompare(Compare):
         assert b is not None
         if step is not None and b > 0 and n - i <= STEPS:
             last = times[-1] + da
-            if self._sign(prefix, i, ref, tiny, last - 1, 8) > 0:
+            if self._sign(prefix, i, ref, tiny, last - 1, 8 + e0) > 0:
                 # With no more terms than now, it would still be clearly above b just
                 # before the last step: above b at the end of every interval but the
                 # last, where it decays to 0 (b > 0). It can first fall in that one.
                 return value, last
         end = NEVER if step is None else step - 1
-        if end > now and self._sign(prefix, i, ref, tiny, end) <= 0:
+        if end > now and self._sign(prefix, i, ref, tiny, end, e0) <= 0:
             return None  # it may fall to b before the first step: searched the general way
         for _ in range(STEPS):
             if step is None:
@@ -148,7 +161,7 @@ class ScoreCompare(Compare):
             step = times[i] + da if i < n else None
             end = NEVER if step is None else step - 1
             if end > start:
-                s = self._sign(prefix, i, ref, tiny, end)
+                s = self._sign(prefix, i, ref, tiny, end, e0)
                 if not s:
                     return None
                 if s < 0:
@@ -156,7 +169,14 @@ class ScoreCompare(Compare):
         return value, step
 
     def _against_score(
-        self, times: list[int], prefix: list[float], ref: int, tiny: float, now: int
+        self,
+        times: Sequence[int],
+        prefix: Sequence[float],
+        ref: int,
+        tiny: float,
+        now: int,
+        off: int,
+        top0: int | None,
     ) -> Value | None:
         # Both sides decay by the same factor: the result only changes at steps, where an
         # event enters one side, and is computed relative to the latest term of either
@@ -182,10 +202,12 @@ class ScoreCompare(Compare):
                 if da or ia < n:
                     ia = bisect_right(times, step - da, ia)
                 ib = bisect_right(times, step - db, ib)
-            if not ia and not ib:
+            if not ia and not ib and not off:
                 s = 0
             else:
-                r = times[(ia if ia > ib else ib) - 1]
+                j = ia if ia > ib else ib
+                r = times[j - 1] if j else top0
+                assert r is not None
                 if r != last_r:
                     za, zb = (ref - r + da) / h, (ref - r + db) / h
                     if not (-1000.0 < za < 1000.0 and -1000.0 < zb < 1000.0):
@@ -195,9 +217,9 @@ class ScoreCompare(Compare):
                     cb = U * (1024 + 4 * abs(zb) + 4 * db / h)
                     last_r = r
                 va = ka * prefix[ia] * pa
-                ma = va * (U * 8 * ia + ca) + ta
+                ma = va * (U * 8 * (ia + off) + ca) + ta
                 vb = kb * prefix[ib] * pb
-                mb = vb * (U * 8 * ib + cb) + tb
+                mb = vb * (U * 8 * (ib + off) + cb) + tb
                 if va - ma > vb + mb:
                     s = 1
                 elif va + ma < vb - mb:
@@ -210,7 +232,7 @@ class ScoreCompare(Compare):
                     # Only the other side grows from here (by steps): if it stays clearly
                     # below with every term in, no step changes the result.
                     vb = kb * prefix[n] * pb
-                    if va - ma > vb + vb * (U * 8 * n + cb) + tb:
+                    if va - ma > vb + vb * (U * 8 * (n + off) + cb) + tb:
                         return value, None
             elif fn(s, 0) != value:
                 return value, step

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from protocol import DAY
@@ -155,42 +156,89 @@ def _estimate(
 class ScoreTerms:
     """A customer's score terms under one :class:`ScoreConfig`, kept as its events come.
 
-    The terms are ``(instant, weight)`` of the track events of non-zero weight: in time
-    order in ``times`` and ``weights``, and in log order (what the exact sum runs over,
-    SEGMENTS.md) in :attr:`terms`. When no weight is negative, ``prefix`` holds prefix sums
-    in time order of ``w * 2 ** ((t - ref) / H)``: they estimate any score at any instant in
-    O(1), closely enough to settle most comparisons without the exact sum (see
-    :meth:`Decay.estimate`).
+    The terms are ``(instant, weight)`` of the track events of non-zero weight. The exact
+    sum runs over them in log order (SEGMENTS.md): :attr:`terms`. The estimates read them in
+    time order: ``times`` and ``weights``, and when no weight is negative, ``prefix`` holds
+    prefix sums in time order of ``w * 2 ** ((t - ref) / H)``: they estimate any score at
+    any instant in O(1), closely enough to settle most comparisons without the exact sum
+    (see :meth:`Decay.estimate`).
+
+    With a ``source`` of the terms in log order (a customer's retained events), the oldest
+    terms can be folded (:meth:`fold_old`): the first ``off`` in time order, every term at
+    or before ``cut``, leave ``times`` and ``weights`` and are only in ``prefix[0]``, their
+    latest instant in ``top0``. No score reads an instant at or before ``cut`` as its
+    present again, so every score holds all of them: the estimates are the same floats,
+    and the exact sum still reads every term from ``source``.
     """
 
-    __slots__ = ("config", "log", "times", "weights", "prefix", "ref", "total")
+    __slots__ = (
+        "config",
+        "log",
+        "times",
+        "weights",
+        "prefix",
+        "ref",
+        "total",
+        "source",
+        "upto",
+        "ordered",
+        "cut",
+        "off",
+        "top0",
+    )
 
-    def __init__(self, config: ScoreConfig) -> None:
+    def __init__(
+        self,
+        config: ScoreConfig,
+        source: Callable[[int], Iterable[tuple[int, float]]] | None = None,
+    ) -> None:
         self.config = config
         self.log: list[tuple[int, float]] | None = None
-        """The terms in log order, once that is not time order (None while it is)."""
-        self.times: list[int] = []
-        self.weights: list[float] = []  # in time order, beside ``times``
-        self.prefix: list[float] | None = [0.0]
-        """prefix[i]: the sum over the first i terms in time order (None: not kept, as a
-        negative weight makes the estimate's bound invalid)."""
+        """Without a source: the terms in log order, once that is not time order."""
+        self.times: array[int] = array("q")
+        self.weights: array[float] = array("d")  # in time order, beside ``times``
+        self.prefix: array[float] | None = array("d", (0.0,))
+        """prefix[i]: the sum over the folded terms and the first i in ``times`` (None: not
+        kept, as a negative weight makes the estimate's bound invalid)."""
         self.ref: int | None = None
         self.total = 0.0  # sum of the weights
+        self.source = source
+        """The first n terms in log order, for n up to ``upto``."""
+        self.upto = 0
+        """How many entries of the source's log the terms cover (set by the caller)."""
+        self.ordered = True  # log order is ``times``'s order, and nothing is folded
+        self.cut: int | None = None
+        self.off = 0
+        self.top0: int | None = None
         if config.default_weight < 0 or any(w < 0 for w in config.weights.values()):
             self.prefix = None
 
     @property
     def terms(self) -> list[tuple[int, float]]:
         """The terms in log order."""
-        return list(zip(self.times, self.weights, strict=True)) if self.log is None else self.log
+        if self.ordered:
+            return list(zip(self.times, self.weights, strict=True))
+        if self.source is not None:
+            return list(self.source(self.upto))
+        assert self.log is not None
+        return self.log
 
     def add(self, at: int, w: float) -> None:
         """The next track event in the log, of non-zero weight ``w``."""
         times, weights = self.times, self.weights
         end = len(times)
-        if times and at < times[-1]:
-            if self.log is None:
+        folded = self.cut is not None and at <= self.cut
+        self.total += w
+        if folded:
+            # Late, and before any instant a score reads as its present: folded at once.
+            self.off += 1
+            if self.top0 is None or at > self.top0:
+                self.top0 = at
+            pos = 0
+        elif times and at < times[-1]:
+            if self.ordered and self.source is None:
                 self.log = list(zip(times, weights, strict=True))
+            self.ordered = False
             pos = bisect_right(times, at)
             times.insert(pos, at)
             weights.insert(pos, w)
@@ -200,43 +248,89 @@ class ScoreTerms:
             weights.append(w)
         if self.log is not None:
             self.log.append((at, w))
-        self.total += w
         prefix = self.prefix
         if prefix is None:
             return
         h = self.config.half_life
         if self.ref is None or (at - self.ref) / h > 400:
             # Rebase, so the terms stay far from overflow: they are at most 2 ** 400.
-            self.ref, pos = at, 0
+            self.ref = at
+            # (Without this term: a folded one is added to prefix[0] below.)
+            prefix[0] = self._folded_sum(at) if self.off > folded else 0.0
+            pos = 0
         ref = self.ref
-        if pos == end:
+        if pos == end and not folded:
             prefix.append(prefix[-1] + w * 2.0 ** ((at - ref) / h))
             return
+        if folded:
+            prefix[0] += w * 2.0 ** ((at - ref) / h)
         del prefix[pos + 1 :]
         acc = prefix[pos]
         for t, wt in zip(times[pos:], weights[pos:], strict=True):
             acc += wt * 2.0 ** ((t - ref) / h)
             prefix.append(acc)
 
+    def _folded_sum(self, ref: int) -> float:
+        """The folded terms' part of the prefix sums relative to ``ref``, in time order."""
+        assert self.source is not None and self.cut is not None
+        cut, h = self.cut, self.config.half_life
+        acc = 0.0
+        for t, w in sorted((x for x in self.source(self.upto) if x[0] <= cut), key=_at):
+            acc += w * 2.0 ** ((t - ref) / h)
+        return acc
+
+    def fold_old(self, cut: int) -> None:
+        """Fold the terms at or before ``cut`` (see the class); only with a source."""
+        assert self.source is not None
+        if self.cut is not None and cut <= self.cut:
+            return
+        self.cut = cut
+        times = self.times
+        k = bisect_right(times, cut)
+        if not k:
+            return
+        top = times[k - 1]
+        if self.top0 is None or top > self.top0:
+            self.top0 = top
+        self.off += k
+        self.ordered = False
+        del times[:k]
+        del self.weights[:k]
+        if self.prefix is not None:
+            del self.prefix[:k]  # prefix[k] is prefix[0] now: the same floats
+
     def decay(self, cutoff: int, delta: int) -> tuple[Decay, int | None]:
         """``score(now - delta)`` for ``cutoff = now - delta``, and the next instant an
-        event enters it."""
+        event enters it. ``cutoff`` is never before the folded terms' ``cut``."""
         times = self.times
         k = bisect_right(times, cutoff)
         nxt = times[k] + delta if delta and k < len(times) else None
-        log = self.log
-        if log is None:  # in time order: those at or before the cutoff come first
+        kept: Callable[[], tuple[tuple[int, float], ...]]
+        if self.ordered:  # in time order: those at or before the cutoff come first
             weights = self.weights
 
             def kept() -> tuple[tuple[int, float], ...]:
                 return tuple(zip(times[:k], weights[:k], strict=True))
 
+        elif self.source is not None:
+            source, upto = self.source, self.upto
+
+            def kept() -> tuple[tuple[int, float], ...]:
+                return tuple(t for t in source(upto) if t[0] <= cutoff)
+
         else:
+            log = self.log
+            assert log is not None
 
             def kept() -> tuple[tuple[int, float], ...]:
                 return tuple(t for t in log if t[0] <= cutoff)
 
         prefix = self.prefix
-        estimator = None if prefix is None else (prefix[k], self.ref, k, self.total)
-        top = times[k - 1] if k else None
+        off = self.off
+        estimator = None if prefix is None else (prefix[k], self.ref, off + k, self.total)
+        top = times[k - 1] if k else self.top0
         return Decay(1.0, delta, kept, self.config.half_life, top, estimator), nxt
+
+
+def _at(term: tuple[int, float]) -> int:
+    return term[0]

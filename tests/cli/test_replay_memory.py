@@ -11,11 +11,17 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import tzinfo
 from pathlib import Path
+from types import FunctionType
+from typing import Any
 
+import msgspec
 import pytest
 
-from protocol import DAY, SECOND, format_instant
+from actors import Customer, Replay, SegmentSet, load_segments
+from actors.rules import LocalFilter, Needs, ScoreConfig
+from protocol import DAY, SECOND, Event, format_instant
 
 CUSTOMERS = 500
 SMALL = 60_000
@@ -139,3 +145,85 @@ def test_stdin_spills_as_a_file_does_and_replays_the_same(tmp_path: Path) -> Non
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") > 100
     assert list(tmp.iterdir()) == []
+
+
+# --- the customers' state with the default segments ----------------------------------------
+
+SAME = 60
+"""Customers, each with one event a day, of every name the default segments read."""
+NAMES = ("Visit", "Visit", "Email Opened", "Email Link Clicked", "Order Completed")
+BYTES_PER_EVENT = 16
+"""What the customers may hold per event more once their history is longer than the longest
+window (90 days). They keep every retained event's instant and name code, 9 bytes (the
+score's exact sum reads every term, SEGMENTS.md), and index only what windows and scores can
+still read. Holding each retained event as an object with its properties, indexed whole,
+took about 500 bytes."""
+
+
+def daily(days: int) -> list[Event]:
+    """``days`` days of the same :data:`SAME` customers, in log order."""
+    start = 1_767_225_600 * SECOND  # 2026-01-01
+    out = []
+    for d in range(days):
+        for k in range(SAME):
+            at = start + d * DAY + (k * 7919 % 86_400) * SECOND
+            name = NAMES[(d + k) % len(NAMES)]
+            out.append(
+                Event(
+                    kind="track",
+                    customer_id=f"c{k:03}",
+                    name=name,
+                    properties={"revenue": 10.0} if name == "Order Completed" else {},
+                    traits={},
+                    at=at,
+                    received=at,
+                    message_id=f"m{d}-{k}",
+                )
+            )
+    return sorted(out, key=lambda e: e.received)
+
+
+def held(customers: list[Customer]) -> tuple[int, int]:
+    """How many objects the customers reach, each counted once, and their bytes (the rules,
+    definitions, zones and functions they refer to are shared by all: left out)."""
+    shared = (SegmentSet, ScoreConfig, Needs, LocalFilter, tzinfo, FunctionType, type)
+    seen: set[int] = set()
+    size = 0
+    todo: list[Any] = list(customers)
+    while todo:
+        o = todo.pop()
+        if id(o) in seen or isinstance(o, shared):
+            continue
+        seen.add(id(o))
+        size += sys.getsizeof(o)
+        if isinstance(o, dict):
+            todo += o.keys()
+            todo += o.values()
+        elif isinstance(o, list | tuple | set | frozenset):
+            todo += o
+        elif isinstance(o, msgspec.Struct):
+            todo += (getattr(o, f) for f in o.__struct_fields__)
+        else:
+            for cls in type(o).__mro__:
+                for slot in getattr(cls, "__slots__", ()):
+                    if hasattr(o, slot):
+                        todo.append(getattr(o, slot))
+    return len(seen), size
+
+
+def test_default_segments_keep_as_many_objects_for_three_times_the_history() -> None:
+    segments = load_segments()
+    figures = []
+    for days in (150, 450):
+        r = Replay(segments)
+        events = daily(days)
+        for e in events:
+            r.apply(e)
+        customers = [c for c in map(r.customer, (f"c{k:03}" for k in range(SAME))) if c]
+        assert len(customers) == SAME
+        figures.append((len(events), *held(customers)))
+    (small, objects_small, bytes_small), (large, objects_large, bytes_large) = figures
+    # Not one object more per event: the retained events are arrays, the index is pruned.
+    # (A few counters per customer pass 256 and become objects of their own.)
+    assert objects_large <= objects_small + 8 * SAME, figures
+    assert (bytes_large - bytes_small) / (large - small) < BYTES_PER_EVENT, figures
