@@ -349,6 +349,10 @@ async def _serve(args: argparse.Namespace) -> int:
                     )
                 )
             await tg.start(engine.run)
+            if keeper.pending is not None:
+                # The served file changed since it was last applied: a switch, as a reload,
+                # before queries are answered (see DefinitionsKeeper.pending).
+                await apply_file(keeper.pending)
             await tg.start(_query_cmd.serve_queries, engine, servers, credentials)
             if path is not None and hups is not None:
                 tg.start_soon(

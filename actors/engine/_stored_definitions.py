@@ -135,6 +135,12 @@ class DefinitionsKeeper:
         self._clock = clock
         self._current: StoredDefinitions | None = None
         self._logger = structlog.get_logger("shoal.definitions")
+        self.pending: SegmentSet | None = None
+        """The served file's definitions, when :meth:`resume` chose them over stored ones
+        that are still usable: the engine starts under the stored definitions and then
+        switches to these, as a reload does, so that every customer is rebuilt under them
+        and the changes carry the instant of the switch (``at``) and the instant each rule
+        became true (``true_since``), not instants from before the file changed."""
 
     @property
     def current(self) -> StoredDefinitions | None:
@@ -186,6 +192,29 @@ class DefinitionsKeeper:
                 f"the served file changed since it was last applied from a file ({was}, "
                 f"version {stored.version} in force): it takes effect"
             )
+            try:
+                now_in_force = await anyio.to_thread.run_sync(segments_of, stored)
+            except DefinitionError:
+                pass  # not usable: the served file takes effect at once (below)
+            else:
+                # Started under what is in force, then switched to the file (see pending):
+                # stored as the next version once the switch is made.
+                self._current = stored
+                self.pending = served
+                self._logger.info(
+                    "definitions chosen at start",
+                    chose="served file",
+                    why=reason + ", by a switch once the engine runs",
+                    version=stored.version + 1,
+                    origin="file",
+                    source=file.path,
+                    content_hash=file.content_hash[:_HASH_SHOWN],
+                    served_file=file.path,
+                    served_hash=file.content_hash[:_HASH_SHOWN],
+                    previous_version=stored.version,
+                    fingerprint=served.fingerprint,
+                )
+                return now_in_force
         else:
             same = (
                 isinstance(stored.origin, FileOrigin)

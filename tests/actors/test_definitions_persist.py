@@ -212,7 +212,7 @@ def test_a_changed_served_file_wins_with_a_log_line_and_definition_transitions(
         assert line["previous_version"] == 2
         assert line["why"] == (
             f"the served file changed since it was last applied from a file ({s.file}, "
-            "version 2 in force): it takes effect"
+            "version 2 in force): it takes effect, by a switch once the engine runs"
         )
         assert (
             line["served_hash"] == line["content_hash"] == content_hash(load_segments(s.file))[:12]
