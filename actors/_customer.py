@@ -233,9 +233,9 @@ class Customer(_Derived):
         self.version = 0
         """How many transitions the customer has had (the last one's ``version``)."""
         self.watermark = _BEFORE_ANY
-        """The customer's latest instant: the latest at which one of its events took effect
-        or one of its memberships changed (SEGMENTS.md, "Late events"). Its next event takes
-        effect at its own instant if that is not before this one."""
+        """The customer's latest instant: the latest of its events' own instants (those not
+        late) and of its membership changes (SEGMENTS.md, "Late events"). Its next event
+        takes effect at its own instant if that is not before this one."""
         self.deadline: int | None = None
         """The next instant a segment can change without an event (always > watermark)."""
         self._kept: _Kept | None = None
@@ -333,15 +333,17 @@ class Customer(_Derived):
     # Changes ----------------------------------------------------------------------------
 
     def fold(self, event: Event, segments: SegmentSet) -> None:
-        """Add an event to the facts and move the watermark to the instant it takes effect,
-        without evaluating segments: its own instant, or its receive instant when it is late
-        (before the watermark)."""
+        """Add an event to the facts, without evaluating segments; one that is not late
+        (not before the watermark) moves the watermark to its instant.
+
+        A late event moves it only by the changes it makes (:meth:`apply`). So folding a
+        customer's events and then restoring its transitions (a rebuild from the log) gives
+        the watermark the live actor had: the latest of its events' instants that were not
+        late and of its changes. (An event folded as not late that was late live has an
+        instant before that.)"""
         at = event.at
-        watermark = self.watermark
-        if at >= watermark:
+        if at >= self.watermark:
             self.watermark = at
-        elif event.received > watermark:
-            self.watermark = event.received
         kept = self._kept
         untils = None
         if kept is not None:
@@ -414,8 +416,19 @@ class Customer(_Derived):
         keeps it in, with no exit and re-entry at the same instant.
         """
         out = self.advance(event.received - 1, segments)
+        latest = self.watermark
         self.fold(event, segments)
-        out += self.evaluate(segments, EventCause(message_id=event.message_id))
+        if event.at >= latest:
+            out += self.evaluate(segments, EventCause(message_id=event.message_id))
+            return out
+        # Late: in effect from its receive instant (or the latest instant, for a log not in
+        # receive order). Changing nothing, it leaves the latest instant where it was.
+        self.watermark = max(event.received, latest)
+        made = self.evaluate(segments, EventCause(message_id=event.message_id))
+        if made:
+            out += made
+        else:
+            self.watermark = latest
         return out
 
     def advance(self, until: int, segments: SegmentSet) -> list[Transition]:

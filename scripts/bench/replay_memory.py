@@ -137,6 +137,23 @@ def reading_cost(source: Path, events: int) -> dict[str, float]:
 def prepare(args: argparse.Namespace, tmp: Path) -> dict[int, tuple[Path, Path]]:
     """The history files and event logs, per size."""
     top = max(args.sizes)
+    inputs = {}
+    if args.days_per_size:
+        # The same customers at each size: a history of its own per size, every customer
+        # joining within it (a prefix of one long history would hold fewer customers).
+        for n, days in zip(args.sizes, args.days_per_size, strict=True):
+            path = tmp / f"history-{n}.jsonl"
+            say(f"generating {n:,} events of {args.customers:,} customers over {days} days")
+            with path.open("wb") as f:
+                got = write_history(
+                    itertools.islice(generate(args.customers, days, args.seed), n), f
+                )
+            if got < n:
+                raise SystemExit(f"{days} days hold {got:,} events, fewer than {n:,}")
+            data = tmp / f"data-{n}"
+            anyio.run(_log, path, data)
+            inputs[n] = (path, data)
+        return inputs
     say(f"generating {top:,} events of {args.customers:,} customers (seed {args.seed})")
     full = tmp / f"history-{top}.jsonl"
     with full.open("wb") as f:
@@ -145,7 +162,6 @@ def prepare(args: argparse.Namespace, tmp: Path) -> dict[int, tuple[Path, Path]]
         )
     if got < top:
         raise SystemExit(f"the history has {got:,} events, fewer than {top:,}: give --days")
-    inputs = {}
     for n in args.sizes:
         path = tmp / f"history-{n}.jsonl"
         if n != top:
@@ -299,6 +315,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--customers", type=int, default=100_000)
     p.add_argument("--days", type=int, default=130, help="of the generated history")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--days-per-size",
+        help="the same customers at each size: a history of its own per size, over these "
+        "days (comma-separated, one per size in increasing order), instead of the first N "
+        "events of one history (which hold fewer customers at the smaller size)",
+    )
     p.add_argument("--segments", default="flat,default", help="flat, default or both")
     p.add_argument("--compare", metavar="REF", help="replay the files with REF's code too")
     p.add_argument("--ref-log", action="store_true", help="and the logs")
@@ -308,6 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.sizes = sorted(int(x) for x in args.sizes.split(","))
     args.segments = args.segments.split(",")
+    if args.days_per_size:
+        args.days_per_size = [int(x) for x in args.days_per_size.split(",")]
     args.argv = sys.argv[1:] if argv is None else argv
     return args
 

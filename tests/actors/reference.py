@@ -902,9 +902,9 @@ class Simulator:
 
         As SEGMENTS.md says: before an event, time runs on to just before its receive
         instant. The event then takes effect at its own instant, unless that is before the
-        customer's latest instant (the latest at which an earlier event took effect or a
-        membership changed): then it is late, and takes effect at its receive instant (or
-        that latest instant, should it be later).
+        customer's latest instant (the latest of its earlier events' own instants, those not
+        late, and of its membership changes): then it is late, and takes effect at its
+        receive instant (or that latest instant, should it be later).
         """
         now: int | None = None  # the sweep's clock: everything up to here is evaluated
         latest: int | None = None  # the customer's latest instant
@@ -913,8 +913,10 @@ class Simulator:
                 self.sweep(now, e.received)
             if self.out and (latest is None or self.out[-1].at > latest):
                 latest = self.out[-1].at
-            effect = e.at if latest is None or e.at >= latest else max(e.received, latest)
-            latest = effect
+            late = latest is not None and e.at < latest
+            effect = max(e.received, latest) if late and latest is not None else e.at
+            if not late:
+                latest = e.at  # a late event moves it only by the changes it makes
             self.events.append(e)
             self.evaluate(effect, e.message_id)
             now = effect

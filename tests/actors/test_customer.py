@@ -357,6 +357,21 @@ def test_an_event_received_late_but_not_late_takes_effect_at_its_own_instant() -
     assert c.deadline == T0 + 10 * DAY
 
 
+def test_a_late_event_that_changes_nothing_leaves_the_latest_instant() -> None:
+    """So a rebuild from the log (events folded, then transitions restored) gives the live
+    actor's watermark, and a later event is late or not alike in both."""
+    history = [visit(T0, "v1"), received_late(identify(T0 + DAY, "i1", plan="basic"), T0 + 9 * DAY)]
+    live = Customer(CID)
+    published = live.apply(history[0], DEFAULT) + live.advance(T0 + 8 * DAY, DEFAULT)
+    assert changes(live.apply(history[1], DEFAULT)) == []
+    assert live.watermark == T0 + 7 * DAY  # active exited then: the latest change
+    rebuilt = Customer(CID)
+    for e in history:
+        rebuilt.fold(e, DEFAULT)
+    rebuilt.restore(published)
+    assert rebuilt.watermark == live.watermark
+
+
 def test_late_event_does_not_move_last_visit_back() -> None:
     c = Customer(CID)
     c.apply(visit(T0 + DAY), DEFAULT)
