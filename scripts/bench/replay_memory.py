@@ -222,11 +222,20 @@ def report(doc: dict[str, Any]) -> Iterator[str]:
     )
     if doc.get("ref"):
         yield f"- Old code: `{doc['ref']}` = {doc['ref_commit']}, in a virtual env of its own."
+    days = doc.get("days_per_size")
+    history = (
+        f"for each N, the first N events of a generated history of its own of "
+        f"{doc['customers']:,} customers (seed {doc['seed']}) over "
+        + " and ".join(f"{d} days" for d in days)
+        + " respectively, so that every customer is in each"
+        if days
+        else f"the first N events of one generated history of {doc['customers']:,} "
+        f"customers (seed {doc['seed']})"
+    )
     yield (
-        f"- History: the first N events of one generated history of {doc['customers']:,} "
-        f"customers (seed {doc['seed']}), each N as a file (`shoal replay FILE`) and as an "
-        "event log imported from it (`shoal replay --data-dir DIR`). Peak RSS is each child "
-        "process's own `ru_maxrss`."
+        f"- History: {history}; each N as a file (`shoal replay FILE`) and as an event log "
+        "imported from it (`shoal replay --data-dir DIR`). Peak RSS is each child process's "
+        "own `ru_maxrss`."
     )
     yield ""
     columns = ("segments", "input", "code", "events", "peak RSS MiB", "wall s", "CPU us/event")
@@ -348,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "customers": args.customers,
         "seed": args.seed,
         "ref": args.compare,
+        "days_per_size": args.days_per_size,
     }
     with tempfile.TemporaryDirectory(prefix="shoal-replay-memory-") as name:
         tmp = Path(name)
