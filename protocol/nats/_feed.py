@@ -115,6 +115,9 @@ class EventFeed:
         self._taken_through = 0
         self._acked_through = 0
         self._resume_from = 1
+        self.redelivered = 0
+        """Deliveries the broker resent after ``ack_wait`` of events already handed out,
+        and skipped."""
         self.pending_at_start = 0
         """Messages waiting for this consumer when it (re)started, delivered or not (its
         backlog)."""
@@ -346,6 +349,12 @@ class EventFeed:
                 buf.clear()
                 break
             self._last_cseq = cseq
+            if seq <= self._taken_through:
+                # Resent after ack_wait while the engine still held it (a slow batch): it
+                # was handed out already and the batch's acknowledgement covers it. Handing
+                # it out again would reject (and count) a bad event twice.
+                self.redelivered += 1
+                continue
             out.append(delivery_of(msg, seq, received, pending))
             self._unacked.append((seq, msg))
             self._taken_through = max(self._taken_through, seq)

@@ -492,6 +492,39 @@ async def test_take_stops_at_a_delivery_gap_and_restart_delivers_it_again(
         await nc.close()
 
 
+async def test_a_delivery_resent_after_ack_wait_is_not_handed_out_twice(
+    nats_server: NatsServer,
+) -> None:
+    """A batch slower than ack_wait: the broker resends what the engine holds. Handing it
+    out again would reject (and count) a bad event twice (seen in the fuzz test on a loaded
+    machine)."""
+    nc = await connect([nats_server.url])
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        feed = EventFeed(nc, js, durable="unit", ack_wait=1.0)
+        await feed.start()
+        for i in range(3):
+            await publish(js, "ann", f"a{i}")
+        await eventually(lambda: feed.buffered == 3)
+        taken = feed.take(100)
+        assert [d.msg_id for d in taken] == ["a0", "a1", "a2"]
+        # Not acknowledged within ack_wait: the broker sends all three again.
+        await eventually(lambda: feed.buffered == 3, timeout=10)
+        await publish(js, "ann", "a3")
+        await eventually(lambda: feed.buffered == 4)
+        again = feed.take(100)
+        assert [d.msg_id for d in again] == ["a3"]
+        assert feed.redelivered == 3 and not feed.needs_restart
+        # The acknowledgement of a3 covers the resent three too.
+        await feed.ack(again[-1].stream_sequence)
+        await nc.flush()
+        assert await feed.lag() == 0
+        await feed.stop()
+    finally:
+        await nc.close()
+
+
 async def test_restart_keeps_trying_while_the_broker_is_away(
     nats_server: NatsServer,
 ) -> None:
