@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TextIO
 
 import anyio.to_thread
@@ -18,7 +15,7 @@ import msgspec
 from protocol import MAX_PAGE, ApiError, MembersReply, format_instant, to_instant
 from protocol.nats import ApiClient
 
-from ._errors import UsageError
+from ._output import output_file
 
 NOT_FOUND = 4
 """The exit status of a command whose subject does not exist (an unknown segment, no
@@ -28,33 +25,19 @@ _encoder = msgspec.json.Encoder()
 
 @contextlib.contextmanager
 def atomic_output(name: str | None) -> Iterator[TextIO]:
-    """A text stream to write an output to: stdout when ``name`` is None, else a temporary
-    file beside ``name``, renamed to ``name`` once the block ends without an error (an
-    interrupted or failed export leaves no partial file, and an older ``name`` untouched).
+    """A text stream to write an output to: stdout when ``name`` is None, else
+    :func:`~scripts._output.output_file` (written whole or not at all).
 
     Raises:
-        UsageError: the file cannot be written there.
+        CliError: the file cannot be written there (not found: its directory does not
+            exist; usage: any other reason).
     """
     if name is None:
         yield sys.stdout
         sys.stdout.flush()
         return
-    path = Path(name)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    except OSError as e:
-        raise UsageError(f"cannot write {name}: {e.strerror}") from None
-    try:
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
-                yield out
-            os.replace(tmp, path)
-        except OSError as e:  # a full disk, FILE a directory...: one line, not a traceback
-            raise UsageError(f"cannot write {name}: {e.strerror}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with output_file(name) as out:
+        yield out
 
 
 def _write_page(out: TextIO, fmt: str, page: MembersReply, header: bool) -> None:
