@@ -84,11 +84,13 @@ from ._spill import SpillError as SpillError
 from ._subjects import API_ENDPOINTS as API_ENDPOINTS
 from ._subjects import API_PREFIX as API_PREFIX
 from ._subjects import API_SERVICE as API_SERVICE
+from ._subjects import DEFAULT_PARTITIONS as DEFAULT_PARTITIONS
 from ._subjects import EVENTS_STREAM as EVENTS_STREAM
 from ._subjects import EVENTS_WILDCARD as EVENTS_WILDCARD
 from ._subjects import IMPORT_HEADER as IMPORT_HEADER
 from ._subjects import IMPORTS_PREFIX as IMPORTS_PREFIX
 from ._subjects import IMPORTS_WILDCARD as IMPORTS_WILDCARD
+from ._subjects import PARTITION_HEADER as PARTITION_HEADER
 from ._subjects import RECEIVED_HEADER as RECEIVED_HEADER
 from ._subjects import REJECTED_STREAM as REJECTED_STREAM
 from ._subjects import REJECTED_SUBJECT as REJECTED_SUBJECT
@@ -99,12 +101,15 @@ from ._subjects import customer_api_filter as customer_api_filter
 from ._subjects import customer_api_subject as customer_api_subject
 from ._subjects import customer_of_api_subject as customer_of_api_subject
 from ._subjects import customer_of_event_subject as customer_of_event_subject
+from ._subjects import customer_of_stored_subject as customer_of_stored_subject
 from ._subjects import escape_token as escape_token
 from ._subjects import event_subject as event_subject
 from ._subjects import import_marker_of as import_marker_of
 from ._subjects import import_marker_subject as import_marker_subject
+from ._subjects import partition as partition
 from ._subjects import segment_filter as segment_filter
 from ._subjects import segment_subject as segment_subject
+from ._subjects import stored_event_subject as stored_event_subject
 from ._subjects import unescape_token as unescape_token
 from ._subjects import validate_import_id as validate_import_id
 from ._subjects import validate_segment_name as validate_segment_name
@@ -145,6 +150,7 @@ __all__ = (
     "DAY",
     "EARLIEST",
     "DEFAULT_MAX_EVENT_BYTES",
+    "DEFAULT_PARTITIONS",
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
     "IMPORTS_PREFIX",
@@ -159,6 +165,7 @@ __all__ = (
     "MAX_SEARCH",
     "MINUTE",
     "NEVER",
+    "PARTITION_HEADER",
     "REJECTED_STREAM",
     "REJECTED_SUBJECT",
     "ROLES",
@@ -221,6 +228,7 @@ __all__ = (
     "customer_api_subject",
     "customer_of_api_subject",
     "customer_of_event_subject",
+    "customer_of_stored_subject",
     "decode_event",
     "import_marker_of",
     "import_marker_subject",
@@ -238,6 +246,7 @@ __all__ = (
     "inbox_prefix",
     "nkey_users_config",
     "parse_timestamp",
+    "partition",
     "permissions_block",
     "port_in_use",
     "role_key_file",
@@ -245,6 +254,7 @@ __all__ = (
     "read_history",
     "segment_filter",
     "segment_subject",
+    "stored_event_subject",
     "to_instant",
     "unescape_token",
     "validate_segment_name",

@@ -1,4 +1,5 @@
-"""Decoding and validating what producers publish on ``shoal.events.<customer>``.
+"""Decoding and validating what producers publish on ``shoal.events.<customer>`` (and
+``SHOAL_EVENTS`` stores as ``shoal.events.<partition>.<customer>``).
 
 Every reason an event is rejected is written here, so that the README, the tests and the
 ``shoal.rejected`` messages agree on its exact text. The limits an event is decoded under are
@@ -152,8 +153,11 @@ def decode_event(
 
     Args:
         data: the message payload (Segment Spec JSON).
-        subject: the subject it was published on (``shoal.events.<customer>``); bytes that
-            are not UTF-8 arrive surrogate-escaped, and are refused.
+        subject: the subject it was stored under (``shoal.events.<partition>.<customer>``),
+            or published on (``shoal.events.<customer>``: what ``shoal publish`` and a history
+            line are checked with); bytes that are not UTF-8 arrive surrogate-escaped, and
+            are refused. The literal ``shoal.events.*`` or ``shoal.events.>`` names no
+            customer: it is refused.
         received: when the broker received it (microseconds since the epoch); the event's
             instant when it has no timestamp, and the reference for "too far in the future".
         default_message_id: the message id to use when the payload has no ``messageId``.

@@ -15,6 +15,15 @@ import re
 from ._errors import SubjectError
 
 EVENTS_PREFIX = "shoal.events."
+EVENTS_PUBLISHED = "shoal.events.*"
+"""The subjects producers publish events on, one customer token each: the only event
+subjects ``SHOAL_EVENTS`` takes. It stores each as ``shoal.events.<partition>.<customer>``
+(see :func:`stored_event_subject`)."""
+DEFAULT_PARTITIONS = 32
+"""How many partitions ``SHOAL_EVENTS`` splits customers into, unless told otherwise when
+it is created. It is fixed for the stream's life: changing it is a migration."""
+PARTITION_HEADER = "Shoal-Partition"
+"""The header of a published transition: its customer's partition, in decimal."""
 SEGMENTS_PREFIX = "shoal.segments."
 EVENTS_WILDCARD = "shoal.events.>"
 SEGMENTS_WILDCARD = "shoal.segments.>"
@@ -133,21 +142,133 @@ def event_subject(customer_id: str) -> str:
     return EVENTS_PREFIX + escape_token(customer_id)
 
 
-def customer_of_event_subject(subject: str) -> str:
-    """The customer id of an event subject ``shoal.events.<customer>``.
+_FNV_OFFSET = 0x811C9DC5
+_FNV_PRIME = 0x01000193
+
+
+@functools.lru_cache(maxsize=65536)
+def token_partition(token: str, partitions: int) -> int:
+    """The partition of a subject token as nats-server's ``partition()`` computes it."""
+    # FNV-1a, 32 bits (xor the byte, then multiply), over the token's UTF-8 bytes: what
+    # nats-server's partition() subject-transform function computes for the token.
+    h = _FNV_OFFSET
+    for b in token.encode("utf-8"):
+        h = ((h ^ b) * _FNV_PRIME) & 0xFFFFFFFF
+    return h % partitions
+
+
+def partition(customer_id: str, partitions: int) -> int:
+    """The partition ``SHOAL_EVENTS`` stores the events of ``customer_id`` in, from 0 to
+    ``partitions - 1``: the broker's own hash of the subject token it sees (the escaped id,
+    as :func:`event_subject` builds it), so both always agree.
 
     Raises:
-        SubjectError: the subject is not an event subject with exactly one customer token.
+        SubjectError: the id is empty.
+        ValueError: ``partitions`` is not positive.
+    """
+    if partitions < 1:
+        raise ValueError(f"the number of partitions must be positive, not {partitions}")
+    return token_partition(escape_token(customer_id), partitions)
+
+
+def stored_event_subject(customer_id: str, partitions: int) -> str:
+    """The subject ``SHOAL_EVENTS`` stores an event of ``customer_id`` under when it splits
+    customers into ``partitions``: ``shoal.events.<partition>.<customer>``, where the
+    producer published it on :func:`event_subject`.
+
+    Raises:
+        SubjectError: the id is empty.
+    """
+    token = escape_token(customer_id)
+    return f"{EVENTS_PREFIX}{token_partition(token, partitions)}.{token}"
+
+
+_PARTITION_TOKEN = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
+def _unpartitioned(subject: str) -> SubjectError:
+    return SubjectError(
+        f"subject {subject!r} was published by hand on a wildcard subject and stored without "
+        "a partition: it names no customer (publish each event on shoal.events.<customer>)"
+    )
+
+
+def customer_of_stored_subject(subject: str) -> tuple[int, str]:
+    """The partition and customer id of a stored event subject
+    ``shoal.events.<partition>.<customer>``.
+
+    Raises:
+        SubjectError: the subject is not in that form: the literal ``shoal.events.*`` or
+            ``shoal.events.>``, which the stream stores untransformed when someone publishes
+            on it by hand; or anything but a decimal partition and one customer token.
+    """
+    if not subject.startswith(EVENTS_PREFIX):
+        raise SubjectError(f"subject {subject!r} is not under {EVENTS_PREFIX!r}")
+    rest = subject[len(EVENTS_PREFIX) :]
+    if rest in ("*", ">"):
+        raise _unpartitioned(subject)
+    number, dot, token = rest.partition(".")
+    if not dot or not _PARTITION_TOKEN.fullmatch(number) or not token or "." in token:
+        raise SubjectError(
+            f"subject {subject!r} is not a stored event subject "
+            f"{EVENTS_PREFIX}<partition>.<customer> (a decimal partition, then one customer "
+            "token; escape '.' in customer ids as %2E)"
+        )
+    return int(number), unescape_token(token)
+
+
+def customer_of_event_subject(subject: str) -> str:
+    """The customer id of an event subject: as published, ``shoal.events.<customer>``, or
+    as ``SHOAL_EVENTS`` stores it, ``shoal.events.<partition>.<customer>``.
+
+    A subject of two tokens after ``shoal.events.`` can only be the stored form: a producer
+    who publishes on one gets no stream to store it.
+
+    Raises:
+        SubjectError: the subject is neither; in particular the literal ``shoal.events.*``
+            or ``shoal.events.>`` (published by hand, stored without a partition).
     """
     if not subject.startswith(EVENTS_PREFIX):
         raise SubjectError(f"subject {subject!r} is not under {EVENTS_PREFIX!r}")
     token = subject[len(EVENTS_PREFIX) :]
+    if token in ("*", ">"):
+        raise _unpartitioned(subject)
     if "." in token:
+        if token.count(".") == 1 and _PARTITION_TOKEN.fullmatch(token.partition(".")[0]):
+            return customer_of_stored_subject(subject)[1]
         raise SubjectError(
             f"subject {subject!r} must have exactly one customer token after {EVENTS_PREFIX!r} "
             "(escape '.' in customer ids as %2E)"
         )
     return unescape_token(token)
+
+
+_TRANSFORM_DEST = re.compile(
+    re.escape(EVENTS_PREFIX) + r"\{\{\s*partition\(\s*([0-9]+)\s*,\s*1\s*\)\s*\}\}"
+    r"\.\{\{\s*wildcard\(\s*1\s*\)\s*\}\}"
+)
+
+
+def partition_transform(partitions: int) -> tuple[str, str]:
+    """The source and destination of ``SHOAL_EVENTS``'s subject transform for
+    ``partitions``: ``shoal.events.*`` becomes
+    ``shoal.events.{{partition(P,1)}}.{{wildcard(1)}}``.
+
+    Raises:
+        ValueError: ``partitions`` is not positive.
+    """
+    if partitions < 1:
+        raise ValueError(f"the number of partitions must be positive, not {partitions}")
+    return EVENTS_PUBLISHED, f"{EVENTS_PREFIX}{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"
+
+
+def partitions_of_transform(src: str | None, dest: str | None) -> int | None:
+    """The number of partitions of a subject transform that :func:`partition_transform`
+    made, or None when it is not one (no transform: a stream made by an earlier shoal)."""
+    if src != EVENTS_PUBLISHED or dest is None:
+        return None
+    m = _TRANSFORM_DEST.fullmatch(dest)
+    return int(m.group(1)) if m is not None and int(m.group(1)) > 0 else None
 
 
 def validate_segment_name(name: str) -> str:

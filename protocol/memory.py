@@ -6,7 +6,9 @@ holds both to it): events get increasing positions and non-decreasing receive st
 message id already stored within the duplicate window is dropped; a durable consumer keeps
 an acknowledgement floor, and whatever is past it is delivered again after a restart or to
 the next source of the same name; the sink keeps transitions in publish order and drops a
-repeat by message id. Nothing here imports ``nats``.
+repeat by message id. Events are stored as ``SHOAL_EVENTS`` stores them: published on
+``shoal.events.<customer>``, stored as ``shoal.events.<partition>.<customer>``. Nothing here
+imports ``nats``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import anyio
 
 from ._errors import BrokerError
 from ._ports import Delivery, PublishError, StreamState
-from ._subjects import EVENTS_STREAM, EVENTS_WILDCARD
+from ._subjects import (
+    DEFAULT_PARTITIONS,
+    EVENTS_PREFIX,
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    IMPORTS_PREFIX,
+    token_partition,
+)
 from ._time import MINUTE
 from ._types import (
     NATS_MAX_PAYLOAD,
@@ -63,10 +72,16 @@ class MemoryBroker:
     Args:
         now: the broker's clock (microseconds since the epoch), which stamps each event as
             received; give the engine's virtual clock's ``now`` to test with time as input.
+        partitions: how many partitions events are stored in, as ``SHOAL_EVENTS``'s
+            subject transform splits them.
     """
 
-    def __init__(self, now: Callable[[], int]) -> None:
+    def __init__(self, now: Callable[[], int], *, partitions: int = DEFAULT_PARTITIONS) -> None:
+        if partitions < 1:
+            raise ValueError(f"the number of partitions must be positive, not {partitions}")
         self._now = now
+        self.partitions = partitions
+        """How many partitions events are stored in."""
         self._events: list[_Stored] = []
         self._seqs: list[int] = []
         self._ids: dict[str, _Stored] = {}
@@ -80,8 +95,32 @@ class MemoryBroker:
         self._published: set[str] = set()
         self._changed = anyio.Event()
 
+    def _stored_subject(self, subject: str) -> str:
+        """The subject ``SHOAL_EVENTS`` would store a message published on ``subject`` under."""
+        if subject.startswith(EVENTS_PREFIX):
+            token = subject[len(EVENTS_PREFIX) :]
+            if token and "." not in token:
+                # As nats-server does: the literal wildcards match the stream's subject but
+                # not the transform's source, so they are stored as they are.
+                if token in ("*", ">"):
+                    return subject
+                return f"{EVENTS_PREFIX}{token_partition(token, self.partitions)}.{token}"
+        elif subject.startswith(IMPORTS_PREFIX) and len(subject) > len(IMPORTS_PREFIX):
+            return subject
+        raise PublishError(
+            f"no stream takes subject {subject!r}: events are published on "
+            f"{EVENTS_PREFIX}<customer>, one customer token (no responders)"
+        )
+
     def publish(self, subject: str, data: bytes, *, msg_id: str | None = None) -> int | None:
-        """Store an event; return its position, or None if its message id is a duplicate."""
+        """Store an event published on ``subject`` (under its stored subject); return its
+        position, or None if its message id is a duplicate.
+
+        Raises:
+            PublishError: no stream takes ``subject`` (several tokens after
+                ``shoal.events.``, say), as a broker with no stream for it would answer.
+        """
+        subject = self._stored_subject(subject)
         now = max(self._now(), self._last_stamp)  # stamps never go back
         if msg_id is not None:
             seen = self._ids.get(msg_id)

@@ -45,6 +45,7 @@ from protocol import (
     InvalidEvent,
     Rejection,
     decode_event,
+    event_subject,
     format_instant,
     to_instant,
 )
@@ -279,12 +280,13 @@ def republishable(q: Quarantined, now: int) -> tuple[bytes, str] | str:
         return "no payload was kept"
     if r.payload_sha256 is not None and hashlib.sha256(data).hexdigest() != r.payload_sha256:
         return "its payload does not match its payload_sha256"
-    subject = r.subject
     try:
-        decode_event(data, subject, received=now, default_message_id=republish_id(q))
+        event = decode_event(data, r.subject, received=now, default_message_id=republish_id(q))
     except InvalidEvent as e:
         return f"still invalid: {e.reason}"
-    return data, subject
+    # Rejected from the stream, its subject is the stored one (with a partition), on which
+    # no stream takes a publish: it goes back where its producer published it.
+    return data, event_subject(event.customer_id)
 
 
 async def republish(

@@ -7,10 +7,12 @@ it; the engine (``actors``) sees only the ports (``protocol.EventSource`` and
 """
 
 from ._connect import Credentials as Credentials
+from ._connect import StreamNeedsMigration as StreamNeedsMigration
 from ._connect import StreamSettings as StreamSettings
 from ._connect import connect as connect
 from ._connect import ensure_streams as ensure_streams
 from ._connect import redact as redact
+from ._connect import stream_partitions as stream_partitions
 from ._definitions_kv import DefinitionsKV as DefinitionsKV
 from ._feed import EventFeed as EventFeed
 from ._import import Published as Published
@@ -30,6 +32,7 @@ __all__ = (
     "EventFeed",
     "Published",
     "Publisher",
+    "StreamNeedsMigration",
     "StreamSettings",
     "connect",
     "ensure_streams",
@@ -40,4 +43,5 @@ __all__ = (
     "read_stream",
     "redact",
     "serve_api",
+    "stream_partitions",
 )

@@ -24,18 +24,22 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 
 from protocol._errors import BrokerError
 from protocol._roles import ROLES, inbox_prefix
 from protocol._subjects import (
+    DEFAULT_PARTITIONS,
+    EVENTS_PUBLISHED,
     EVENTS_STREAM,
-    EVENTS_WILDCARD,
     IMPORTS_WILDCARD,
     REJECTED_STREAM,
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
+    partition_transform,
+    partitions_of_transform,
 )
 from protocol.nats._refusals import Refusals, watch_refusals
 
@@ -432,6 +436,37 @@ class _Watch:
         )
 
 
+MIGRATE_UNPARTITIONED = (
+    "stream {stream} was made by an earlier shoal, without partitions: this shoal reads "
+    "events only from a partitioned stream. Migrate the stream and the data directory with "
+    "`shoal migrate`, then start again"
+)
+"""What :class:`StreamNeedsMigration` says of a stream made before partitions (the one
+place to change when the migration command's name or usage changes)."""
+MIGRATE_PARTITIONS = (
+    "stream {stream} splits customers into {found} partitions, not the {wanted} asked for: "
+    "the number is fixed when the stream is made, and changing it means migrating the "
+    "stream and the data directory with `shoal migrate`"
+)
+"""What :class:`StreamNeedsMigration` says when another number of partitions is asked for."""
+
+
+class StreamNeedsMigration(BrokerError):
+    """``SHOAL_EVENTS`` exists in a form this shoal cannot use as it is, and must be
+    migrated: made by an earlier shoal without partitions (``found`` is None), or split into
+    ``found`` partitions where ``wanted`` were asked for."""
+
+    def __init__(self, stream: str, found: int | None, wanted: int | None) -> None:
+        if found is None:
+            message = MIGRATE_UNPARTITIONED.format(stream=stream)
+        else:
+            message = MIGRATE_PARTITIONS.format(stream=stream, found=found, wanted=wanted)
+        super().__init__(message)
+        self.stream = stream
+        self.found = found
+        self.wanted = wanted
+
+
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
     """How long the broker keeps messages and for how long it drops duplicates.
@@ -443,23 +478,73 @@ class StreamSettings:
     events_duplicate_window: float = 120.0
     segments_duplicate_window: float = 600.0
     rejected_max_age: float = 30 * 24 * 3600.0
+    partitions: int | None = None
+    """How many partitions ``SHOAL_EVENTS`` splits customers into. None: those of the
+    existing stream, or :data:`~protocol.DEFAULT_PARTITIONS` for a new one. A number other
+    than the existing stream's is refused (:class:`StreamNeedsMigration`)."""
 
 
-async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None = None) -> None:
-    """Create the three streams, or update them to this configuration (idempotent).
+def _partitions_of(config: StreamConfig) -> int | None:
+    transform = config.subject_transform
+    if transform is None:
+        return None
+    return partitions_of_transform(transform.src, transform.dest)
+
+
+async def stream_partitions(js: JetStreamContext) -> int | None:
+    """How many partitions the existing ``SHOAL_EVENTS`` splits customers into, read from
+    its subject transform; None when it has none (made by an earlier shoal).
 
     Raises:
+        BrokerError: the stream does not exist, or the broker does not answer.
+    """
+    try:
+        info = await js.stream_info(EVENTS_STREAM)
+    except nats.js.errors.NotFoundError as e:
+        raise BrokerError(
+            f"stream {EVENTS_STREAM} does not exist on this NATS server: start the engine "
+            "(`shoal serve`) once, it creates the streams"
+        ) from e
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read stream {EVENTS_STREAM}: {e}") from e
+    return _partitions_of(info.config)
+
+
+def _events_config(s: StreamSettings, partitions: int) -> StreamConfig:
+    src, dest = partition_transform(partitions)
+    return StreamConfig(
+        name=EVENTS_STREAM,
+        # One customer token only: a subject of more tokens finds no stream, and its
+        # producer no answer, rather than reaching the engine as an event of no customer.
+        subjects=[EVENTS_PUBLISHED, IMPORTS_WILDCARD],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        duplicate_window=s.events_duplicate_window,
+        # No age limit: an owner rebuilds its customers from every event.
+        max_age=None,
+        subject_transform=SubjectTransform(src=src, dest=dest),
+    )
+
+
+async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None = None) -> int:
+    """Create the three streams, or update them to this configuration (idempotent).
+
+    ``SHOAL_EVENTS`` takes events on ``shoal.events.<customer>`` and stores each as
+    ``shoal.events.<partition>.<customer>``, the broker computing the partition
+    (:func:`protocol.partition` computes the same); it keeps every event.
+
+    Returns:
+        The number of partitions of ``SHOAL_EVENTS``.
+
+    Raises:
+        StreamNeedsMigration: ``SHOAL_EVENTS`` was made by an earlier shoal (without
+            partitions), or with another number of partitions than ``settings`` asks for.
         BrokerError: JetStream is not enabled, or a stream cannot be created or updated.
     """
     s = settings or StreamSettings()
+    partitions = s.partitions or DEFAULT_PARTITIONS
     configs = [
-        StreamConfig(
-            name=EVENTS_STREAM,
-            subjects=[EVENTS_WILDCARD, IMPORTS_WILDCARD],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            duplicate_window=s.events_duplicate_window,
-        ),
+        _events_config(s, partitions),
         StreamConfig(
             name=SEGMENTS_STREAM,
             subjects=[SEGMENTS_WILDCARD],
@@ -478,10 +563,16 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
     for config in configs:
         try:
             try:
-                await js.stream_info(config.name)  # type: ignore[arg-type]
+                info = await js.stream_info(config.name)  # type: ignore[arg-type]
             except nats.js.errors.NotFoundError:
                 await js.add_stream(config)
             else:
+                if config.name == EVENTS_STREAM:
+                    found = _partitions_of(info.config)
+                    if found is None or (s.partitions is not None and found != s.partitions):
+                        raise StreamNeedsMigration(EVENTS_STREAM, found, s.partitions)
+                    partitions = found
+                    config = _events_config(s, found)
                 await js.update_stream(config)
         except nats.js.errors.ServiceUnavailableError as e:
             raise BrokerError(
@@ -489,3 +580,4 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
             ) from e
         except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot set up stream {config.name}: {e}") from e
+    return partitions

@@ -18,7 +18,9 @@ from nats.aio.msg import Msg
 
 from protocol._ports import PublishError
 from protocol._subjects import (
+    PARTITION_HEADER,
     REJECTED_SUBJECT,
+    partition,
     segment_subject,
 )
 from protocol._types import REJECTION_HEADROOM, Transition, encode_rejection
@@ -53,10 +55,14 @@ class Publisher:
     broker's acknowledgements are counted there: nats-py's ``publish_async`` makes a future
     and a ``PubAck`` per message, which measured as half of the engine's main-thread time.
     Call :meth:`start` before publishing and :meth:`close` after.
+
+    Given the number of ``partitions`` of ``SHOAL_EVENTS``, each transition carries its
+    customer's partition in the header ``Shoal-Partition``.
     """
 
-    def __init__(self, nc: Client, *, timeout: float = 10.0) -> None:
+    def __init__(self, nc: Client, *, timeout: float = 10.0, partitions: int | None = None) -> None:
         self._nc = nc
+        self._partitions = partitions
         self._js = nc.jetstream()
         self._timeout = timeout
         self._prefix = nc.new_inbox()
@@ -111,11 +117,14 @@ class Publisher:
                     if i % 500 == 499:
                         # nats-py's publish only buffers: let the loop serve others meanwhile.
                         await anyio.lowlevel.checkpoint()
+                    headers = {"Nats-Msg-Id": t.msg_id}
+                    if self._partitions is not None:
+                        headers[PARTITION_HEADER] = str(partition(t.customer_id, self._partitions))
                     await self._nc.publish(
                         segment_subject(t.segment, t.change),
                         _transition_encoder.encode(t),
                         reply=reply,
-                        headers={"Nats-Msg-Id": t.msg_id},
+                        headers=headers,
                     )
                 with anyio.fail_after(self._timeout):
                     while not acks.done.is_set():

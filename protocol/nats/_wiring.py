@@ -82,16 +82,18 @@ async def jetstream_ports(
     streams: StreamSettings | None = None,
 ) -> tuple[EventFeed, Publisher]:
     """Declare the streams, then make an engine's ports on ``nc``: its event source (the
-    durable ``consumer`` of ``filter_subject``) and its transition sink.
+    durable ``consumer`` of ``filter_subject``) and its transition sink, which stamps each
+    transition with its customer's partition.
 
     Raises:
         BrokerError: the streams cannot be declared (:class:`~protocol.PermissionDenied`
-            when the credentials may not).
+            when the credentials may not; :class:`StreamNeedsMigration` when
+            ``SHOAL_EVENTS`` was made by an earlier shoal).
     """
     js = nc.jetstream()
     async with permission_guard(nc):
-        await ensure_streams(js, streams)
+        partitions = await ensure_streams(js, streams)
     feed = EventFeed(
         nc, js, durable=consumer, filter_subject=filter_subject, max_in_flight=max_in_flight
     )
-    return feed, Publisher(nc)
+    return feed, Publisher(nc, partitions=partitions)

@@ -13,14 +13,18 @@ from protocol import (
     SEGMENTS_WILDCARD,
     SubjectError,
     customer_of_event_subject,
+    customer_of_stored_subject,
     escape_token,
     event_subject,
     header_token,
+    partition,
     segment_filter,
     segment_subject,
+    stored_event_subject,
     unescape_token,
     validate_segment_name,
 )
+from protocol._subjects import partition_transform, partitions_of_transform, token_partition
 
 # Text that is likely to hit the reserved characters, besides arbitrary text.
 _reserved_heavy = st.text(
@@ -193,10 +197,76 @@ def test_customer_of_event_subject_rejects_empty_token() -> None:
         customer_of_event_subject("shoal.events.")
 
 
-def test_customer_of_event_subject_rejects_wildcard_token() -> None:
+@pytest.mark.parametrize("wildcard", ["*", ">"])
+def test_customer_of_event_subject_rejects_wildcard_token(wildcard: str) -> None:
+    # SHOAL_EVENTS stores a hand-published literal wildcard as it is, with no partition.
+    for parse in (customer_of_event_subject, customer_of_stored_subject):
+        with pytest.raises(SubjectError) as e:
+            parse(f"shoal.events.{wildcard}")
+        assert str(e.value) == (
+            f"subject 'shoal.events.{wildcard}' was published by hand on a wildcard subject "
+            "and stored without a partition: it names no customer (publish each event on "
+            "shoal.events.<customer>)"
+        )
+
+
+# --- partitions ----------------------------------------------------------------------------
+
+
+def test_partition_is_fnv1a_of_the_escaped_token() -> None:
+    # FNV-1a 32-bit of b"a" is 0xE40C292C; of b"" would be the offset basis.
+    assert partition("a", 1 << 16) == 0xE40C292C % (1 << 16)
+    assert partition("a", 32) == 0xE40C292C % 32
+    # The escaped token is hashed: "a.b" as the broker sees it, "a%2Eb".
+    assert partition("a.b", 1000) == token_partition("a%2Eb", 1000)
+    assert partition("café", 7) == token_partition("café", 7)
+
+
+def test_partition_refuses_no_partitions_and_empty_ids() -> None:
+    with pytest.raises(ValueError, match="must be positive, not 0"):
+        partition("a", 0)
+    with pytest.raises(SubjectError, match="cannot be empty"):
+        partition("", 32)
+
+
+@given(st.text(min_size=1, max_size=30), st.integers(min_value=1, max_value=128))
+def test_stored_event_subject_round_trip(customer_id: str, partitions: int) -> None:
+    subject = stored_event_subject(customer_id, partitions)
+    p = partition(customer_id, partitions)
+    assert 0 <= p < partitions
+    assert subject == f"shoal.events.{p}.{escape_token(customer_id)}"
+    assert customer_of_stored_subject(subject) == (p, customer_id)
+    assert customer_of_event_subject(subject) == customer_id
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "shoal.events.alice",
+        "shoal.events.x.alice",
+        "shoal.events.07.alice",
+        "shoal.events.1.",
+        "shoal.events.1.a.b",
+        "shoal.events.-1.a",
+    ],
+)
+def test_customer_of_stored_subject_rejects_other_forms(subject: str) -> None:
     with pytest.raises(SubjectError) as e:
-        customer_of_event_subject("shoal.events.*")
-    assert str(e.value) == "customer token '*' holds a character that must be escaped"
+        customer_of_stored_subject(subject)
+    assert str(e.value) == (
+        f"subject {subject!r} is not a stored event subject shoal.events.<partition>.<customer> "
+        "(a decimal partition, then one customer token; escape '.' in customer ids as %2E)"
+    )
+
+
+def test_partition_transform_and_back() -> None:
+    src, dest = partition_transform(32)
+    assert (src, dest) == ("shoal.events.*", "shoal.events.{{partition(32,1)}}.{{wildcard(1)}}")
+    assert partitions_of_transform(src, dest) == 32
+    assert partitions_of_transform(src, "shoal.events.{{ partition(7, 1) }}.{{wildcard(1)}}") == 7
+    assert partitions_of_transform(None, None) is None
+    assert partitions_of_transform("shoal.events.>", dest) is None
+    assert partitions_of_transform(src, "shoal.events.{{wildcard(1)}}") is None
 
 
 def test_customer_of_event_subject_rejects_non_canonical_token() -> None:
