@@ -27,7 +27,7 @@ from ._limits import (
     check_values,
     known_timezones,
 )
-from ._subjects import customer_of_event_subject
+from ._subjects import customer_of_event_subject, event_subject
 from ._time import SECOND, format_instant, to_instant
 from ._types import Event, shown_subject
 
@@ -194,7 +194,7 @@ def decode_event(
         except RecursionError:
             raise InvalidEvent(TOO_DEEP, kind="depth") from None
         message_id = wire.message_id or default_message_id
-        return _checked(wire, customer_id, subject, received, message_id)
+        return _checked(wire, customer_id, received, message_id)
     except InvalidEvent as e:
         # So whoever logs or counts the rejection can say whose event it was.
         e.customer_id, e.message_id = customer_id, message_id
@@ -212,7 +212,7 @@ def _check_utf8(subject: str) -> None:
         ) from None
 
 
-def _checked(wire: _Wire, customer_id: str, subject: str, received: int, message_id: str) -> Event:
+def _checked(wire: _Wire, customer_id: str, received: int, message_id: str) -> Event:
     if wire.type is None:
         raise InvalidEvent("missing required field `type` ('track' or 'identify')", kind="type")
     if wire.type not in ("track", "identify"):
@@ -222,9 +222,11 @@ def _checked(wire: _Wire, customer_id: str, subject: str, received: int, message
     if wire.user_id is None:
         raise InvalidEvent("missing required field `userId`", kind="user_id")
     if wire.user_id != customer_id:
+        # The subject its producer published on, not the one the stream stored it under
+        # (with a partition): the producer knows the first.
         raise InvalidEvent(
             f"userId {_shown(wire.user_id)!r} does not match the customer {customer_id!r} "
-            f"of subject {subject!r}",
+            f"of subject {event_subject(customer_id)!r}",
             kind="user_id",
         )
     track = wire.type == "track"

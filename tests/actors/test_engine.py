@@ -12,12 +12,14 @@ from typing import Any
 import anyio
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from actors import EngineConfig
 from protocol import (
+    DEFAULT_PARTITIONS,
     SECOND,
     BrokerError,
     DefinitionCause,
@@ -26,9 +28,12 @@ from protocol import (
     PublishError,
     TimeCause,
     Transition,
+    customer_of_event_subject,
     event_subject,
     format_instant,
     from_instant,
+    partition,
+    stored_event_subject,
     to_instant,
 )
 from protocol.nats import Publisher, ensure_streams
@@ -129,7 +134,11 @@ async def test_escaped_customer_ids(
         await client.publish(event_subject(customer), track(customer, mid="x"))
         await eventually(lambda: len(seen.msgs) >= 1)
     assert seen.transitions()[0].customer_id == customer
-    assert seen.msgs[0].headers == {"Nats-Msg-Id": "ann%2Elee@example%2Ecom%202:active:1"}
+    assert seen.msgs[0].headers == {
+        "Nats-Msg-Id": "ann%2Elee@example%2Ecom%202:active:1",
+        # The customer's partition, as the broker computed it for its events.
+        "Shoal-Partition": str(partition(customer, DEFAULT_PARTITIONS)),
+    }
 
 
 async def test_duplicate_message_ids_are_applied_once(
@@ -292,13 +301,30 @@ BAD_INPUT = {
         BIG.encode(),
         f"payload is {len(BIG)} bytes, over the limit of 1024 bytes",
     ),
-    "subject with two tokens": (
-        "shoal.events.alice.smith",
-        b'{"type": "track", "userId": "alice.smith", "event": "Visit"}',
-        "subject 'shoal.events.alice.smith' must have exactly one customer token after "
-        "'shoal.events.' (escape '.' in customer ids as %2E)",
-    ),
 }
+
+
+async def test_subject_with_two_tokens_reaches_no_stream(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    # SHOAL_EVENTS takes one customer token only (shoal.events.*): a subject of more finds
+    # no stream, so its producer gets no answer, and neither the engine nor shoal.rejected
+    # ever sees it.
+    rejected = await collect(client, "shoal.rejected")
+    seen = await collect(client, "shoal.segments.>")
+    async with running_engine(nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE) as engine:
+        js = client.jetstream()
+        with pytest.raises(nats.js.errors.NoStreamResponseError):
+            await js.publish(
+                "shoal.events.alice.smith", track("alice.smith", mid="lost"), timeout=2
+            )
+        await client.publish("shoal.events.alice.smith", track("alice.smith", mid="lost"))
+        await client.publish("shoal.events.bob", track("bob", mid="after"))
+        await eventually(lambda: len(seen.msgs) == 1)
+        assert (engine.stats.events_applied, engine.stats.events_rejected) == (1, 0)
+    assert rejected.msgs == []
+    info = await client.jetstream().stream_info("SHOAL_EVENTS")
+    assert info.state.messages == 1
 
 
 @pytest.mark.parametrize("kind", list(BAD_INPUT))
@@ -352,7 +378,9 @@ async def _check_rejection(
         await eventually(lambda: len(seen.msgs) == 3)
     (r,) = rejected.rejections()
     assert r.reason == reason(r)
-    assert r.subject == subject
+    # The subject the stream stored it under, with the customer's partition.
+    customer = customer_of_event_subject(subject)
+    assert r.subject == stored_event_subject(customer, DEFAULT_PARTITIONS)
     try:
         assert r.payload == payload.decode("utf-8") and r.payload_base64 is None
     except UnicodeDecodeError:
