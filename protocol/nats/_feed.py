@@ -258,8 +258,10 @@ class EventFeed:
         # started (in case the consumer itself was lost): all of that is committed.
         start = max(floor or 0, self._acked_through) + 1
         start = self._resume_from = max(start, self._resume_from)
-        # Nothing before the start is ours to receive (see fence()).
-        self._taken_through = max(self._taken_through, start - 1)
+        # Nothing before the start is ours to receive (see fence()); everything past it is
+        # delivered again, even what was taken before and not acknowledged (so the skip of
+        # resent deliveries in take() must not count it as handed out).
+        self._taken_through = start - 1
         self._deliver = self._nc.new_inbox()
         config = ConsumerConfig(
             # An engine of shoal's events reads the import markers too, in stream order.

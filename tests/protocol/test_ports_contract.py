@@ -17,17 +17,22 @@ from typing import Protocol
 import anyio
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
 from protocol import (
+    DEFAULT_PARTITIONS,
     REJECTED_STREAM,
     SEGMENTS_STREAM,
     EventCause,
     EventSource,
+    PublishError,
     Rejection,
     Transition,
     TransitionSink,
+    escape_token,
+    stored_event_subject,
 )
 from protocol.memory import MemoryBroker
 from protocol.nats import jetstream_ports
@@ -38,6 +43,10 @@ class Ports(Protocol):
     """The verbs a contract test needs of one implementation."""
 
     async def publish(self, customer: str, msg_id: str | None = None) -> None: ...
+
+    async def stored(self, subject: str) -> bool:
+        """Publish an event on ``subject``; whether a stream took it."""
+        ...
 
     async def source(self, consumer: str = "engine", max_in_flight: int = 100) -> EventSource: ...
 
@@ -63,6 +72,13 @@ class MemoryPorts:
     async def publish(self, customer: str, msg_id: str | None = None) -> None:
         self.broker.publish(f"shoal.events.{customer}", _body(customer), msg_id=msg_id)
 
+    async def stored(self, subject: str) -> bool:
+        try:
+            self.broker.publish(subject, b"{}")
+        except PublishError:
+            return False
+        return True
+
     async def source(self, consumer: str = "engine", max_in_flight: int = 100) -> EventSource:
         return self.broker.source(consumer=consumer, max_in_flight=max_in_flight)
 
@@ -84,6 +100,13 @@ class NatsPorts:
     async def publish(self, customer: str, msg_id: str | None = None) -> None:
         headers = None if msg_id is None else {"Nats-Msg-Id": msg_id}
         await self.js.publish(f"shoal.events.{customer}", _body(customer), headers=headers)
+
+    async def stored(self, subject: str) -> bool:
+        try:
+            await self.js.publish(subject, b"{}")
+        except nats.js.errors.NoStreamResponseError:
+            return False
+        return True
 
     async def source(self, consumer: str = "engine", max_in_flight: int = 100) -> EventSource:
         source, _ = await jetstream_ports(self.nc, consumer=consumer, max_in_flight=max_in_flight)
@@ -236,6 +259,25 @@ async def test_the_deadline_barrier(ports: Ports) -> None:
     assert await source.fence()
     oldest = source.oldest_buffered_received()
     assert oldest is not None and oldest <= source.received_through
+    await source.stop()
+
+
+async def test_events_are_stored_under_their_partition(ports: Ports) -> None:
+    customers = ["ann", "a.b c", "café", "%"]
+    for c in customers:
+        await ports.publish(escape_token(c))
+    # No stream takes a subject of several tokens, nor one with a partition already.
+    assert not await ports.stored("shoal.events.ann.lee")
+    assert not await ports.stored(stored_event_subject("ann", DEFAULT_PARTITIONS))
+    # The literal wildcard is taken, and stored as it is (the engine rejects it).
+    assert await ports.stored("shoal.events.*")
+    source = await ports.source()
+    await source.start()
+    await eventually(lambda: source.buffered >= len(customers) + 1)
+    assert [d.subject for d in source.take(10)] == [
+        *(stored_event_subject(c, DEFAULT_PARTITIONS) for c in customers),
+        "shoal.events.*",
+    ]
     await source.stop()
 
 
