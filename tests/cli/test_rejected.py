@@ -17,8 +17,21 @@ import pytest
 from nats.aio.client import Client
 
 from actors import Customer
-from protocol import EVENTS_STREAM, REJECTED_STREAM, EventCause, Rejection, Transition
+from protocol import (
+    DEFAULT_PARTITIONS,
+    EVENTS_STREAM,
+    REJECTED_STREAM,
+    EventCause,
+    Rejection,
+    Transition,
+    stored_event_subject,
+)
 from tests.helpers import NatsServer, collect, eventually, run, running_engine, segments
+
+
+def stored(customer: str) -> str:
+    return stored_event_subject(customer, DEFAULT_PARTITIONS)
+
 
 VISITORS = segments("""
 [segments.visitor]
@@ -57,10 +70,12 @@ async def test_rejected_shows_each_rejection_with_its_reason(
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 6
-    assert re.fullmatch(rf"#1  {MS}  shoal\.events\.ann  \(8 bytes, SHOAL_EVENTS #1\)", lines[0])
+    # The subjects the stream stored them under, with their partitions.
+    ann, eve = (re.escape(stored(c)) for c in ("ann", "eve"))
+    assert re.fullmatch(rf"#1  {MS}  {ann}  \(8 bytes, SHOAL_EVENTS #1\)", lines[0])
     assert lines[1].startswith("    reason   invalid JSON: ")
     assert lines[2] == "    payload  not json"
-    assert re.fullmatch(rf"#2  {MS}  shoal\.events\.eve  \(35 bytes, SHOAL_EVENTS #2\)", lines[3])
+    assert re.fullmatch(rf"#2  {MS}  {eve}  \(35 bytes, SHOAL_EVENTS #2\)", lines[3])
     assert lines[5] == '    payload  {"type": "track", "userId": "\\x1b[2J"}'
     assert "\x1b" not in done.stdout
     assert done.stderr == "2 rejected event(s) in SHOAL_REJECTED\n"
@@ -68,8 +83,8 @@ async def test_rejected_shows_each_rejection_with_its_reason(
     done = await shoal("rejected", "--json", "--nats", url)
     docs = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(d["seq"], d["subject"], d["payload"], d["payload_bytes"]) for d in docs] == [
-        (1, "shoal.events.ann", "not json", 8),
-        (2, "shoal.events.eve", '{"type": "track", "userId": "\x1b[2J"}', 35),
+        (1, stored("ann"), "not json", 8),
+        (2, stored("eve"), '{"type": "track", "userId": "\x1b[2J"}', 35),
     ]
     assert docs[0]["reason"] == rejected.rejections()[0].reason
     assert docs[0]["received_at"] == msgspec.json.decode(rejected.msgs[0].data)["received_at"]
@@ -128,9 +143,11 @@ async def test_republish_once_the_cause_is_fixed_and_never_twice(
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
         assert lines[0] == f"#1  republished  shoal.events.ann as SHOAL_EVENTS #{events_before + 1}"
-        assert lines[1].startswith("#2  skipped      shoal.events.bob: still invalid: invalid JSON")
+        # Republished on the subject its producer used; a skipped one shows where the
+        # stream stored it.
+        assert lines[1].startswith(f"#2  skipped      {stored('bob')}: still invalid: invalid JSON")
         assert lines[2] == (
-            "#3  skipped      shoal.events.cy: its payload was cut when quarantined (over the "
+            f"#3  skipped      {stored('cy')}: its payload was cut when quarantined (over the "
             f"broker's maximum payload): the original was {len(big):,} bytes"
         )
         assert done.stderr == "republished 1, skipped 2 of 3 rejected event(s)\n"
@@ -162,4 +179,4 @@ async def test_republish_once_the_cause_is_fixed_and_never_twice(
         assert await stream_messages(client, EVENTS_STREAM) == events_before + 1
         await anyio.sleep(0.5)
         assert ann.count("Visit") == 1 and engine.stats.events_duplicate == 0
-        assert msgspec.json.decode(first.data, type=Rejection).subject == "shoal.events.ann"
+        assert msgspec.json.decode(first.data, type=Rejection).subject == stored("ann")

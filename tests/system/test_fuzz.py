@@ -277,10 +277,13 @@ def hostile(rng: random.Random, received: int) -> tuple[bytes, bytes]:
     elif kind == 9:  # a subject byte that is not UTF-8
         subject = subject + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80abc"])
     elif kind == 10:  # the subject names someone else, or is not one customer token
+        # (A subject of several tokens is stored by no stream, so it is no input here: every
+        # input must be stored. The literal wildcards are stored, with no partition.)
         subject = rng.choice(
             [
                 b"shoal.events.someone-else",
-                subject + b".extra",
+                b"shoal.events.*",
+                b"shoal.events.>",
                 b"shoal.events.a%zz",
                 b"shoal.events.a%2e",
                 b"shoal.events.%41",

@@ -16,7 +16,7 @@ import pytest
 from nats.aio.client import Client
 
 from actors import Engine, EngineApi
-from protocol import REJECTED_SUBJECT, ApiError
+from protocol import DEFAULT_PARTITIONS, REJECTED_SUBJECT, ApiError
 from protocol.nats import ApiClient, connect, serve_api
 from tests.helpers import NatsServer, collect, eventually, running_engine, segments, track
 
@@ -153,8 +153,17 @@ async def test_an_event_subject_that_is_not_utf8(
         await applied(engine, 1)
     await eventually(lambda: len(rejected.msgs) == 1)
     (r,) = rejected.rejections()
-    assert r.subject == "shoal.events.p\\xff"
-    assert r.reason.startswith("subject 'shoal.events.p\\xff' is not valid UTF-8")
+    # Stored under the partition the broker hashed from the token's raw bytes (FNV-1a).
+    p = fnv1a(b"p\xff") % DEFAULT_PARTITIONS
+    assert r.subject == f"shoal.events.{p}.p\\xff"
+    assert r.reason.startswith(f"subject 'shoal.events.{p}.p\\xff' is not valid UTF-8")
+
+
+def fnv1a(data: bytes) -> int:
+    h = 0x811C9DC5
+    for b in data:
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
 
 
 async def test_an_api_subject_that_is_not_utf8(nats_server: NatsServer, tmp_path: Path) -> None:

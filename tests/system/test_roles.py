@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, StreamConfig
 
 from protocol import (
+    DEFAULT_PARTITIONS,
     DEFINITIONS_BUCKET,
     EVENTS_STREAM,
     KEYS_DIR,
@@ -41,6 +42,7 @@ from protocol import (
     Transition,
     embedded_broker,
     role_key_file,
+    stored_event_subject,
 )
 from protocol.nats import Credentials, DefinitionsKV, connect, permission_guard
 from tests.helpers import NatsServer, Proc, free_port, run
@@ -353,7 +355,8 @@ async def test_the_operator_reads_the_rejected_events(secured: Secured) -> None:
         with anyio.fail_after(20):
             msg = await sub.next_msg(timeout=20)
         rejection = msgspec.json.decode(msg.data, type=Rejection)
-        assert rejection.subject == "shoal.events.ann"
+        # The subject the stream stored it under, with its partition.
+        assert rejection.subject == stored_event_subject("ann", DEFAULT_PARTITIONS)
         # Not the transitions: they are the subscriber's.
         with pytest.raises((PermissionDenied, nats.errors.Error)):
             async with permission_guard(nc):
