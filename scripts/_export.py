@@ -7,7 +7,7 @@ import contextlib
 import csv
 import sys
 from collections.abc import Iterator
-from typing import TextIO
+from typing import TextIO, cast
 
 import anyio.to_thread
 import msgspec
@@ -37,7 +37,9 @@ def atomic_output(name: str | None) -> Iterator[TextIO]:
         sys.stdout.flush()
         return
     with output_file(name) as out:
-        yield out
+        # A text file opened by output_file is a TextIOWrapper: a TextIO, which its
+        # IO[str] type does not say.
+        yield cast(TextIO, out)
 
 
 def _write_page(out: TextIO, fmt: str, page: MembersReply, header: bool) -> None:
