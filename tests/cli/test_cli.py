@@ -9,7 +9,10 @@ import socket
 import time
 from pathlib import Path
 
+import anyio
+import nats
 import pytest
+from nats.js.api import StreamConfig
 
 from protocol import BrokerError, find_nats_server, port_in_use
 from tests.helpers import NatsServer, Proc, declare_streams, free_port, run
@@ -155,6 +158,28 @@ def test_second_engine_on_the_same_data_dir_is_refused(
     assert done.stderr.strip() == (
         f"shoal: error: {tmp_path / 'shoal.db'} is in use by another shoal engine; stop it, "
         "or give this one another --data-dir"
+    )
+
+
+def test_serve_on_a_stream_without_partitions_says_to_migrate(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async def old_stream() -> None:
+        # SHOAL_EVENTS as an earlier shoal made it: no subject transform.
+        nc = await nats.connect(nats_server.url)
+        try:
+            config = StreamConfig(name="SHOAL_EVENTS", subjects=["shoal.events.>"])
+            await nc.jetstream().add_stream(config)
+        finally:
+            await nc.close()
+
+    anyio.run(old_stream)
+    done = run("serve", "--data-dir", str(tmp_path), "--nats", nats_server.url)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "shoal: error: stream SHOAL_EVENTS was made by an earlier shoal, without partitions: "
+        "this shoal reads events only from a partitioned stream. Migrate the stream and the "
+        "data directory with `shoal migrate`, then start again"
     )
 
 
