@@ -483,6 +483,10 @@ class StreamSettings:
     existing stream, or :data:`~protocol.DEFAULT_PARTITIONS` for a new one. A number other
     than the existing stream's is refused (:class:`StreamNeedsMigration`)."""
 
+    def __post_init__(self) -> None:
+        if self.partitions is not None and self.partitions < 1:
+            raise ValueError(f"the number of partitions must be positive, not {self.partitions}")
+
 
 def _partitions_of(config: StreamConfig) -> int | None:
     transform = config.subject_transform
@@ -542,7 +546,7 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
         BrokerError: JetStream is not enabled, or a stream cannot be created or updated.
     """
     s = settings or StreamSettings()
-    partitions = s.partitions or DEFAULT_PARTITIONS
+    partitions = DEFAULT_PARTITIONS if s.partitions is None else s.partitions
     configs = [
         _events_config(s, partitions),
         StreamConfig(

@@ -144,6 +144,10 @@ async def test_a_hand_published_wildcard_is_stored_unpartitioned_and_rejected(
         for w in ("*", ">")
     ]
     assert [t.customer_id for t in seen.transitions()] == ["bob", "carol"]
+    # Each transition carries its customer's partition.
+    assert [m.headers and m.headers["Shoal-Partition"] for m in seen.msgs] == [
+        str(partition(c, DEFAULT_PARTITIONS)) for c in ("bob", "carol")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -190,6 +194,8 @@ async def test_a_stream_without_partitions_must_be_migrated(client: Client) -> N
 
 async def test_the_number_of_partitions_is_read_back_and_kept(client: Client) -> None:
     js = client.jetstream()
+    with pytest.raises(ValueError, match="must be positive, not 0"):
+        StreamSettings(partitions=0)
     with pytest.raises(Exception, match="does not exist"):
         await stream_partitions(js)
     assert await ensure_streams(js, StreamSettings(partitions=12)) == 12
