@@ -7,7 +7,7 @@ import contextlib
 import csv
 import sys
 from collections.abc import Iterator
-from typing import TextIO
+from typing import IO
 
 import anyio.to_thread
 import msgspec
@@ -24,7 +24,7 @@ _encoder = msgspec.json.Encoder()
 
 
 @contextlib.contextmanager
-def atomic_output(name: str | None) -> Iterator[TextIO]:
+def atomic_output(name: str | None) -> Iterator[IO[str]]:
     """A text stream to write an output to: stdout when ``name`` is None, else
     :func:`~scripts._output.output_file` (written whole or not at all).
 
@@ -40,7 +40,7 @@ def atomic_output(name: str | None) -> Iterator[TextIO]:
         yield out
 
 
-def _write_page(out: TextIO, fmt: str, page: MembersReply, header: bool) -> None:
+def _write_page(out: IO[str], fmt: str, page: MembersReply, header: bool) -> None:
     if fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
         if header:
@@ -55,7 +55,7 @@ def _write_page(out: TextIO, fmt: str, page: MembersReply, header: bool) -> None
             out.write(_encoder.encode(doc).decode() + "\n")
 
 
-async def export_members(api: ApiClient, segment: str, fmt: str, out: TextIO) -> tuple[int, bool]:
+async def export_members(api: ApiClient, segment: str, fmt: str, out: IO[str]) -> tuple[int, bool]:
     """Write every member of ``segment`` with its ``true_since`` to ``out`` as ``csv`` (with
     a header ``customer_id,true_since``) or ``jsonl``, in id order; return how many, and
     whether the engine held every customer (false while it still loads them after a
