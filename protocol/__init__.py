@@ -56,6 +56,7 @@ from ._errors import UnknownCustomer as UnknownCustomer
 from ._errors import UnknownSegment as UnknownSegment
 from ._explain import ConditionExplanation as ConditionExplanation
 from ._explain import SegmentExplanation as SegmentExplanation
+from ._gather import partition_ranges as partition_ranges
 from ._inbound import DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT_BYTES
 from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
 from ._inbound import InvalidEvent as InvalidEvent
@@ -246,6 +247,7 @@ __all__ = (
     "nkey_users_config",
     "parse_timestamp",
     "partition",
+    "partition_ranges",
     "permissions_block",
     "port_in_use",
     "role_key_file",

@@ -233,6 +233,16 @@ def partition_api_filter(endpoint: str, partition: int) -> str:
     return f"{_endpoint(endpoint, True)}.{partition}.*"
 
 
+def customer_api_wildcard(endpoint: str) -> str:
+    """The subjects of ``endpoint`` requests for every partition: ``shoal.api.customer.*.*``
+    (for permissions, which name no partition).
+
+    Raises:
+        SubjectError: ``endpoint`` is not a customer endpoint.
+    """
+    return f"{_endpoint(endpoint, True)}.*.*"
+
+
 def legacy_customer_api_filter(endpoint: str) -> str:
     """The subjects of ``endpoint`` requests as earlier versions sent them, without a
     partition: ``shoal.api.customer.*`` (one token, so no partitioned subject matches).

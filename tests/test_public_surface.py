@@ -253,6 +253,7 @@ PINS = {
         "nkey_users_config",
         "parse_timestamp",
         "partition",
+        "partition_ranges",
         "permissions_block",
         "port_in_use",
         "role_key_file",

@@ -438,6 +438,11 @@ class ApiClient:
         self.timeout = timeout
         self._partitions = partitions
 
+    @property
+    def partitions(self) -> int | None:
+        """P, the number of partitions, once known: given, or learned from the service."""
+        return self._partitions
+
     async def _customer_subject(self, endpoint: str, customer_id: str) -> str:
         count = self._partitions
         if count is None:
@@ -605,4 +610,6 @@ class ApiClient:
             if unavailable is not None:
                 raise unavailable
             raise EngineUnavailable(f"no answer on {subject} within {self.timeout:g} s")
+        if gathering.partition_count is not None:
+            self._partitions = gathering.partition_count
         return gathering
