@@ -3,7 +3,7 @@
 It starts a ``nats-server -js`` (``_common.broker``: free port, temp store),
 publishes a backlog of N ``track`` events over C customers, then starts ``shoal serve
 --nats URL`` as a child process (default segments) and, as soon as the service answers,
-sends ``shoal.api.customer.<random known customer>`` requests from K concurrent callers
+sends ``shoal.api.customer.<partition>.<random known customer>`` requests from K concurrent callers
 (nats-py request API) until the engine has applied the backlog; then as many seconds again
 with the engine idle. It prints requests/s and latency percentiles for both phases, and
 the engine's ingest rate while it answered.
