@@ -138,7 +138,8 @@ def _score(c: Customer, segments: SegmentSet, now: int) -> float | None:
 class EngineApi:
     """Answers the query service's requests from a running :class:`Engine`: it implements
     :class:`protocol.QueryHandler`. Start it with
-    ``await tg.start(protocol.nats.serve_api, nc, EngineApi(engine), customers=...)``."""
+    ``await tg.start(protocol.nats.serve_api, nc, EngineApi(engine), partitions=...,
+    owned=...)``."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine

@@ -15,6 +15,7 @@ from ._api import DefinitionsRequest as DefinitionsRequest
 from ._api import EventCounter as EventCounter
 from ._api import ExplainReply as ExplainReply
 from ._api import ExplainRequest as ExplainRequest
+from ._api import GatheredStatus as GatheredStatus
 from ._api import Membership as Membership
 from ._api import MembersReply as MembersReply
 from ._api import MembersRequest as MembersRequest
@@ -45,6 +46,7 @@ from ._definitions import encode_definitions as encode_definitions
 from ._errors import ApiError as ApiError
 from ._errors import BrokerError as BrokerError
 from ._errors import CustomerParked as CustomerParked
+from ._errors import EnginesDisagree as EnginesDisagree
 from ._errors import EngineUnavailable as EngineUnavailable
 from ._errors import InvalidRequest as InvalidRequest
 from ._errors import PermissionDenied as PermissionDenied
@@ -54,6 +56,7 @@ from ._errors import UnknownCustomer as UnknownCustomer
 from ._errors import UnknownSegment as UnknownSegment
 from ._explain import ConditionExplanation as ConditionExplanation
 from ._explain import SegmentExplanation as SegmentExplanation
+from ._gather import partition_ranges as partition_ranges
 from ._inbound import DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT_BYTES
 from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
 from ._inbound import InvalidEvent as InvalidEvent
@@ -68,6 +71,8 @@ from ._lines import event_from_line as event_from_line
 from ._lines import event_line as event_line
 from ._lines import events_from_lines as events_from_lines
 from ._lines import read_history as read_history
+from ._partitions import DEFAULT_PARTITIONS as DEFAULT_PARTITIONS
+from ._partitions import partition as partition
 from ._ports import Delivery as Delivery
 from ._ports import EventSource as EventSource
 from ._ports import PublishError as PublishError
@@ -84,9 +89,9 @@ from ._spill import SpillError as SpillError
 from ._subjects import API_ENDPOINTS as API_ENDPOINTS
 from ._subjects import API_PREFIX as API_PREFIX
 from ._subjects import API_SERVICE as API_SERVICE
-from ._subjects import DEFAULT_PARTITIONS as DEFAULT_PARTITIONS
 from ._subjects import EVENTS_STREAM as EVENTS_STREAM
 from ._subjects import EVENTS_WILDCARD as EVENTS_WILDCARD
+from ._subjects import GATHERED_ENDPOINTS as GATHERED_ENDPOINTS
 from ._subjects import IMPORT_HEADER as IMPORT_HEADER
 from ._subjects import IMPORTS_PREFIX as IMPORTS_PREFIX
 from ._subjects import IMPORTS_WILDCARD as IMPORTS_WILDCARD
@@ -97,7 +102,6 @@ from ._subjects import REJECTED_SUBJECT as REJECTED_SUBJECT
 from ._subjects import SEGMENTS_STREAM as SEGMENTS_STREAM
 from ._subjects import SEGMENTS_WILDCARD as SEGMENTS_WILDCARD
 from ._subjects import api_subject as api_subject
-from ._subjects import customer_api_filter as customer_api_filter
 from ._subjects import customer_api_subject as customer_api_subject
 from ._subjects import customer_of_api_subject as customer_of_api_subject
 from ._subjects import customer_of_event_subject as customer_of_event_subject
@@ -106,7 +110,6 @@ from ._subjects import escape_token as escape_token
 from ._subjects import event_subject as event_subject
 from ._subjects import import_marker_of as import_marker_of
 from ._subjects import import_marker_subject as import_marker_subject
-from ._subjects import partition as partition
 from ._subjects import segment_filter as segment_filter
 from ._subjects import segment_subject as segment_subject
 from ._subjects import stored_event_subject as stored_event_subject
@@ -148,9 +151,10 @@ __all__ = (
     "API_SERVICE",
     "API_VERSION",
     "DAY",
+    "DEFAULT_PARTITIONS",
+    "GATHERED_ENDPOINTS",
     "EARLIEST",
     "DEFAULT_MAX_EVENT_BYTES",
-    "DEFAULT_PARTITIONS",
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
     "IMPORTS_PREFIX",
@@ -184,6 +188,7 @@ __all__ = (
     "DefinitionsRequest",
     "Delivery",
     "EngineUnavailable",
+    "EnginesDisagree",
     "Event",
     "EventCause",
     "ImportCause",
@@ -191,6 +196,7 @@ __all__ = (
     "EventSource",
     "ExplainReply",
     "ExplainRequest",
+    "GatheredStatus",
     "InvalidEvent",
     "InvalidRequest",
     "KeyFileError",
@@ -224,7 +230,6 @@ __all__ = (
     "UnparkReply",
     "UnparkRequest",
     "api_subject",
-    "customer_api_filter",
     "customer_api_subject",
     "customer_of_api_subject",
     "customer_of_event_subject",
@@ -247,6 +252,7 @@ __all__ = (
     "nkey_users_config",
     "parse_timestamp",
     "partition",
+    "partition_ranges",
     "permissions_block",
     "port_in_use",
     "role_key_file",

@@ -186,6 +186,12 @@ class SegmentsReply(msgspec.Struct, frozen=True, kw_only=True):
 
     ``complete`` is false while the engine still loads customers after a restart: sizes then
     count only those loaded so far (``customers``).
+
+    Gathered from every engine (API 1.2): ``partition_count`` is P, the number of
+    partitions, and ``partitions`` those the reply covers (the answering engine's, or, merged
+    by the client, those of every engine that answered); ``missing_partitions``, set by the
+    client that gathers (:class:`protocol.nats.ApiClient`), those no engine answered for in
+    time, and ``complete`` is then false. An engine older than 1.2 sends none of them.
     """
 
     source: str
@@ -193,6 +199,9 @@ class SegmentsReply(msgspec.Struct, frozen=True, kw_only=True):
     customers: int
     complete: bool
     segments: list[SegmentInfo]
+    partition_count: int | None = None
+    partitions: list[int] = msgspec.field(default_factory=list)
+    missing_partitions: list[int] = msgspec.field(default_factory=list)
 
 
 class MembersReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -201,6 +210,12 @@ class MembersReply(msgspec.Struct, frozen=True, kw_only=True):
     ``next_cursor`` is the cursor of the next page, None after the last one. A page holds at
     most the ``limit`` asked for, and fewer when more would not fit in one message of the
     broker (its ``max_payload``): page on with ``next_cursor`` either way.
+
+    Gathered from every engine (API 1.2): ``partition_count`` is P, the number of
+    partitions, and ``partitions`` those the reply covers (the answering engine's, or, merged
+    by the client, those of every engine that answered); ``missing_partitions``, set by the
+    client that gathers (:class:`protocol.nats.ApiClient`), those no engine answered for in
+    time, and ``complete`` is then false. An engine older than 1.2 sends none of them.
     """
 
     segment: str
@@ -211,18 +226,31 @@ class MembersReply(msgspec.Struct, frozen=True, kw_only=True):
     true_since: list[datetime] = msgspec.field(default_factory=list)
     """The instant each member entered the segment (the rule became true), in the order of
     ``members``. Absent from the replies of engines older than API 1.1."""
+    partition_count: int | None = None
+    partitions: list[int] = msgspec.field(default_factory=list)
+    missing_partitions: list[int] = msgspec.field(default_factory=list)
 
 
 class SearchReply(msgspec.Struct, frozen=True, kw_only=True):
     """The customers whose id starts with ``prefix``, in id order, at most the ``limit``
     asked for (fewer when more would not fit in one message). ``more`` is true when others
     match too: ask with a longer prefix. ``complete`` is false while the engine still loads
-    customers after a restart (only those loaded so far are searched)."""
+    customers after a restart (only those loaded so far are searched).
+
+    Gathered from every engine (API 1.2): ``partition_count`` is P, the number of
+    partitions, and ``partitions`` those the reply covers (the answering engine's, or, merged
+    by the client, those of every engine that answered); ``missing_partitions``, set by the
+    client that gathers (:class:`protocol.nats.ApiClient`), those no engine answered for in
+    time, and ``complete`` is then false. An engine older than 1.2 sends none of them.
+    """
 
     prefix: str
     customers: list[str]
     more: bool
     complete: bool
+    partition_count: int | None = None
+    partitions: list[int] = msgspec.field(default_factory=list)
+    missing_partitions: list[int] = msgspec.field(default_factory=list)
 
 
 class DefinitionsReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -335,6 +363,26 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     imports_applied: list[str] = msgspec.field(default_factory=list)
     """The ids of the latest imports the engine applied since it started (at most 64), the
     latest last."""
+    partition_count: int | None = None
+    partitions: list[int] = msgspec.field(default_factory=list)
+    missing_partitions: list[int] = msgspec.field(default_factory=list)
+    """Gathered from every engine (API 1.2), as in :class:`SegmentsReply`."""
+
+
+class GatheredStatus(StatusReply, frozen=True, kw_only=True):
+    """The status of every engine, as :meth:`protocol.nats.ApiClient.status` gathers it:
+    ``engines`` holds each engine's reply (in the order of their lowest partition), and the
+    fields it shares with :class:`StatusReply` combine them. Counts, rates, sizes and lags
+    are summed (``consumer_lag`` None when an engine's is unknown); ``warm`` holds when every
+    engine is warm; ``next_deadline`` is the earliest; the parked customers and imports are
+    merged. Fields that name one engine's setup (``at``, ``consumer``, ``filter_subject``,
+    ``definitions``, ``fingerprint``, ``paused``, ``definitions_applied``) are those of the
+    first engine that has one. Never sent by an engine."""
+
+    engines: list[StatusReply] = msgspec.field(default_factory=list)
+    complete: bool = True
+    """False when partitions are missing (``missing_partitions``): no engine answered for
+    them in time, so the counts leave their customers out."""
 
 
 customer_request_decoder = msgspec.json.Decoder(CustomerRequest)

@@ -84,6 +84,22 @@ class EngineUnavailable(ApiError):
     code = "503"
 
 
+class EnginesDisagree(ApiError):
+    """The engines answering a gathered request hold different definitions (an apply
+    reaches them one at a time): ask again. ``fingerprints`` maps each fingerprint to the
+    partitions whose engines hold it (as runs, ``0-15``)."""
+
+    code = "409"
+
+    def __init__(self, fingerprints: dict[str, str], subject: str) -> None:
+        shown = "; ".join(f"partitions {ps} have {f}" for f, ps in fingerprints.items())
+        super().__init__(
+            f"the engines answering on {subject} hold different definitions ({shown}): "
+            "definitions being applied reach them one at a time; ask again"
+        )
+        self.fingerprints = fingerprints
+
+
 class PermissionDenied(BrokerError):
     """The broker refused a publish or a subscription: the credentials' role may not use
     ``subject``. ``action`` is ``"publish"`` or ``"subscribe"``; ``role`` is None when the

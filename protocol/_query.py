@@ -21,10 +21,11 @@ from ._api import (
     UnparkRequest,
 )
 
-API_VERSION = "1.1.0"
+API_VERSION = "1.2.0"
 """The version ``$SRV.INFO`` reports: the major part changes when a body changes
 incompatibly, the minor part when one is added to (1.1: ``search``, members'
-``true_since``)."""
+``true_since``; 1.2: requests about one customer on the subject of its partition, and the
+partitions each gathered reply covers)."""
 
 
 class QueryHandler(Protocol):

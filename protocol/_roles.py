@@ -35,8 +35,9 @@ from dataclasses import dataclass
 
 from ._definitions import DEFINITIONS_BUCKET, DEFINITIONS_KEYS, DEFINITIONS_STREAM
 from ._subjects import (
-    API_PREFIX,
+    API_ENDPOINTS,
     API_SERVICE,
+    CUSTOMER_ENDPOINTS,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
     IMPORTS_WILDCARD,
@@ -45,6 +46,8 @@ from ._subjects import (
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
     api_subject,
+    customer_api_wildcard,
+    legacy_customer_api_filter,
 )
 
 ROLES: tuple[str, ...] = ("engine", "producer", "subscriber", "operator")
@@ -106,6 +109,19 @@ class _Role:
     allow_responses: bool = False
 
 
+def _api_requests() -> tuple[str, ...]:
+    """The subjects of every request to the query service: about one customer on its
+    partition's subject (``shoal.api.customer.<partition>.<customer>``) and on the subject of
+    earlier versions (answered by forwarding), and the others on their own."""
+    per_customer = [
+        subject
+        for endpoint in CUSTOMER_ENDPOINTS
+        for subject in (customer_api_wildcard(endpoint), legacy_customer_api_filter(endpoint))
+    ]
+    others = [api_subject(e) for e in API_ENDPOINTS if e not in CUSTOMER_ENDPOINTS]
+    return (*per_customer, *others)
+
+
 def _engine() -> _Role:
     js: list[str] = []
     for stream in _STREAMS:
@@ -137,8 +153,10 @@ def _engine() -> _Role:
             *js,
             # The service asks itself whether it listens yet.
             f"$SRV.PING.{API_SERVICE}.*",
+            # A request on the subject of earlier versions, forwarded to the partition's.
+            *(customer_api_wildcard(endpoint) for endpoint in CUSTOMER_ENDPOINTS),
         ),
-        subscribe=(inbox_prefix("engine") + ".>", API_PREFIX + ">", *_SERVICE_DISCOVERY),
+        subscribe=(inbox_prefix("engine") + ".>", *_api_requests(), *_SERVICE_DISCOVERY),
         # The query service answers requests on the requesters' inboxes.
         allow_responses=True,
     )
@@ -171,7 +189,8 @@ def _operator() -> _Role:
         f"into {EVENTS_STREAM} (its events and the import markers, which no other role may "
         "publish)",
         publish=(
-            API_PREFIX + ">",
+            # Every request; $SRV.INFO.shoal (below) tells the number of partitions.
+            *_api_requests(),
             # shoal import: the imported events, and the markers that frame them.
             EVENTS_WILDCARD,
             IMPORTS_WILDCARD,

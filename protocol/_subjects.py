@@ -19,9 +19,6 @@ EVENTS_PUBLISHED = "shoal.events.*"
 """The subjects producers publish events on, one customer token each: the only event
 subjects ``SHOAL_EVENTS`` takes. It stores each as ``shoal.events.<partition>.<customer>``
 (see :func:`stored_event_subject`)."""
-DEFAULT_PARTITIONS = 32
-"""How many partitions ``SHOAL_EVENTS`` splits customers into, unless told otherwise when
-it is created. It is fixed for the stream's life: changing it is a migration."""
 PARTITION_HEADER = "Shoal-Partition"
 """The header of a published transition: its customer's partition, in decimal."""
 SEGMENTS_PREFIX = "shoal.segments."
@@ -52,8 +49,11 @@ API_ENDPOINTS = (
     "unpark",
 )
 CUSTOMER_ENDPOINTS = ("customer", "explain")
-"""Endpoints about one customer: the customer is the last token of the subject, so a request
-reaches the engine that owns the customer."""
+"""Endpoints about one customer: its partition and the customer are the last tokens of the
+subject, so a request reaches the engine that owns the customer."""
+GATHERED_ENDPOINTS = ("segments", "members", "status", "search")
+"""Endpoints every engine answers (each for the partitions it owns): a client gathers their
+replies until every partition is covered."""
 
 EVENTS_STREAM = "SHOAL_EVENTS"
 SEGMENTS_STREAM = "SHOAL_SEGMENTS"
@@ -148,27 +148,14 @@ _FNV_PRIME = 0x01000193
 
 @functools.lru_cache(maxsize=65536)
 def token_partition(token: str, partitions: int) -> int:
-    """The partition of a subject token as nats-server's ``partition()`` computes it."""
+    """The partition of a subject token as nats-server's ``partition()`` computes it
+    (:func:`protocol.partition` is this over a customer's escaped token)."""
     # FNV-1a, 32 bits (xor the byte, then multiply), over the token's UTF-8 bytes: what
     # nats-server's partition() subject-transform function computes for the token.
     h = _FNV_OFFSET
     for b in token.encode("utf-8"):
         h = ((h ^ b) * _FNV_PRIME) & 0xFFFFFFFF
     return h % partitions
-
-
-def partition(customer_id: str, partitions: int) -> int:
-    """The partition ``SHOAL_EVENTS`` stores the events of ``customer_id`` in, from 0 to
-    ``partitions - 1``: the broker's own hash of the subject token it sees (the escaped id,
-    as :func:`event_subject` builds it), so both always agree.
-
-    Raises:
-        SubjectError: the id is empty.
-        ValueError: ``partitions`` is not positive.
-    """
-    if partitions < 1:
-        raise ValueError(f"the number of partitions must be positive, not {partitions}")
-    return token_partition(escape_token(customer_id), partitions)
 
 
 def stored_event_subject(customer_id: str, partitions: int) -> str:
@@ -322,31 +309,58 @@ def api_subject(endpoint: str) -> str:
     return _endpoint(endpoint, False)
 
 
-def customer_api_subject(endpoint: str, customer_id: str) -> str:
-    """The subject of a request about one customer: ``shoal.api.<customer|explain>.<customer>``,
-    the customer escaped as in its event subject.
+def customer_api_subject(endpoint: str, customer_id: str, partition: int | None = None) -> str:
+    """The subject of a request about one customer: ``shoal.api.<customer|explain>.<partition>.
+    <customer>``, the customer escaped as in its event subject and ``partition`` its partition
+    (:func:`protocol.partition`), so that the request reaches the engine that owns it.
+
+    Without ``partition``, the subject of earlier versions, ``shoal.api.<endpoint>.<customer>``:
+    still answered, an engine forwards it to the partitioned subject.
 
     Raises:
-        SubjectError: ``endpoint`` is not ``customer`` or ``explain``, or the id is empty.
+        SubjectError: ``endpoint`` is not ``customer`` or ``explain``, the id is empty, or
+            ``partition`` is negative.
     """
-    return f"{_endpoint(endpoint, True)}.{escape_token(customer_id)}"
+    if partition is None:
+        return f"{_endpoint(endpoint, True)}.{escape_token(customer_id)}"
+    return f"{partition_api_filter(endpoint, partition)[:-1]}{escape_token(customer_id)}"
 
 
-def customer_api_filter(endpoint: str, events_filter: str = EVENTS_WILDCARD) -> str:
-    """The subjects of ``endpoint`` requests for the customers whose events ``events_filter``
-    selects (an engine's ``filter_subject``): ``shoal.events.>`` gives ``shoal.api.customer.>``.
+def partition_api_filter(endpoint: str, partition: int) -> str:
+    """The subjects of ``endpoint`` requests for the customers of one partition:
+    ``shoal.api.customer.<partition>.*`` (an engine listens on those of the partitions it owns).
 
     Raises:
-        SubjectError: ``endpoint`` is not a customer endpoint, or the filter is not under
-            ``shoal.events.``.
+        SubjectError: ``endpoint`` is not a customer endpoint, or ``partition`` is negative.
     """
-    if not events_filter.startswith(EVENTS_PREFIX) or events_filter == EVENTS_PREFIX:
-        raise SubjectError(f"filter subject {events_filter!r} is not under {EVENTS_PREFIX!r}")
-    return f"{_endpoint(endpoint, True)}.{events_filter[len(EVENTS_PREFIX) :]}"
+    if partition < 0:
+        raise SubjectError(f"partition {partition} must be 0 or more")
+    return f"{_endpoint(endpoint, True)}.{partition}.*"
+
+
+def customer_api_wildcard(endpoint: str) -> str:
+    """The subjects of ``endpoint`` requests for every partition: ``shoal.api.customer.*.*``
+    (for permissions, which name no partition).
+
+    Raises:
+        SubjectError: ``endpoint`` is not a customer endpoint.
+    """
+    return f"{_endpoint(endpoint, True)}.*.*"
+
+
+def legacy_customer_api_filter(endpoint: str) -> str:
+    """The subjects of ``endpoint`` requests as earlier versions sent them, without a
+    partition: ``shoal.api.customer.*`` (one token, so no partitioned subject matches).
+
+    Raises:
+        SubjectError: ``endpoint`` is not a customer endpoint.
+    """
+    return f"{_endpoint(endpoint, True)}.*"
 
 
 def customer_of_api_subject(endpoint: str, subject: str) -> str:
-    """The customer id of a request subject ``shoal.api.<endpoint>.<customer>``.
+    """The customer id of a request subject without a partition,
+    ``shoal.api.<endpoint>.<customer>`` (earlier versions').
 
     Raises:
         SubjectError: the subject does not have exactly one valid customer token there.
@@ -359,6 +373,25 @@ def customer_of_api_subject(endpoint: str, subject: str) -> str:
             "(escape '.' in customer ids as %2E)"
         )
     return unescape_token(token)
+
+
+def partitioned_customer_of_api_subject(endpoint: str, subject: str) -> tuple[int, str]:
+    """The partition and customer id of a request subject
+    ``shoal.api.<endpoint>.<partition>.<customer>``.
+
+    Raises:
+        SubjectError: the subject does not have a partition number and exactly one valid
+            customer token there.
+    """
+    prefix = _endpoint(endpoint, True) + "."
+    rest = subject[len(prefix) :] if subject.startswith(prefix) else ""
+    number, _, token = rest.partition(".")
+    if not _PARTITION_TOKEN.fullmatch(number) or not token or "." in token:
+        raise SubjectError(
+            f"subject {subject!r} must be {prefix}<partition>.<customer>, with one customer "
+            "token (escape '.' in customer ids as %2E)"
+        )
+    return int(number), unescape_token(token)
 
 
 def validate_import_id(import_id: str) -> str:

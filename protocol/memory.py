@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import anyio
 
 from ._errors import BrokerError
+from ._partitions import DEFAULT_PARTITIONS
 from ._ports import Delivery, PublishError, StreamState
 from ._subjects import (
-    DEFAULT_PARTITIONS,
     EVENTS_PREFIX,
     EVENTS_STREAM,
     EVENTS_WILDCARD,

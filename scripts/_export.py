@@ -7,7 +7,7 @@ import contextlib
 import csv
 import sys
 from collections.abc import Iterator
-from typing import TextIO, cast
+from typing import IO
 
 import anyio.to_thread
 import msgspec
@@ -24,7 +24,7 @@ _encoder = msgspec.json.Encoder()
 
 
 @contextlib.contextmanager
-def atomic_output(name: str | None) -> Iterator[TextIO]:
+def atomic_output(name: str | None) -> Iterator[IO[str]]:
     """A text stream to write an output to: stdout when ``name`` is None, else
     :func:`~scripts._output.output_file` (written whole or not at all).
 
@@ -37,12 +37,10 @@ def atomic_output(name: str | None) -> Iterator[TextIO]:
         sys.stdout.flush()
         return
     with output_file(name) as out:
-        # A text file opened by output_file is a TextIOWrapper: a TextIO, which its
-        # IO[str] type does not say.
-        yield cast(TextIO, out)
+        yield out
 
 
-def _write_page(out: TextIO, fmt: str, page: MembersReply, header: bool) -> None:
+def _write_page(out: IO[str], fmt: str, page: MembersReply, header: bool) -> None:
     if fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
         if header:
@@ -57,11 +55,14 @@ def _write_page(out: TextIO, fmt: str, page: MembersReply, header: bool) -> None
             out.write(_encoder.encode(doc).decode() + "\n")
 
 
-async def export_members(api: ApiClient, segment: str, fmt: str, out: TextIO) -> tuple[int, bool]:
+async def export_members(
+    api: ApiClient, segment: str, fmt: str, out: IO[str]
+) -> tuple[int, bool, list[int]]:
     """Write every member of ``segment`` with its ``true_since`` to ``out`` as ``csv`` (with
-    a header ``customer_id,true_since``) or ``jsonl``, in id order; return how many, and
-    whether the engine held every customer (false while it still loads them after a
-    restart: then only the members loaded so far are written).
+    a header ``customer_id,true_since``) or ``jsonl``, in id order; return how many, whether
+    the engines held every customer (false while one still loads them after a restart, or
+    when partitions are missing: then only the members loaded so far are written), and the
+    partitions no engine answered for on some page.
 
     It asks a page at a time (each reply fits in one message of the broker), each page
     after the last id of the one before: a customer appears at most once, and one that
@@ -74,6 +75,7 @@ async def export_members(api: ApiClient, segment: str, fmt: str, out: TextIO) ->
     cursor: str | None = None
     rows = 0
     complete = True
+    missing: set[int] = set()
     while True:
         page = await api.members(segment, limit=MAX_PAGE, cursor=cursor)
         if len(page.true_since) != len(page.members):
@@ -85,6 +87,7 @@ async def export_members(api: ApiClient, segment: str, fmt: str, out: TextIO) ->
         await anyio.to_thread.run_sync(_write_page, out, fmt, page, cursor is None)
         rows += len(page.members)
         complete = complete and page.complete
+        missing.update(page.missing_partitions)
         cursor = page.next_cursor
         if cursor is None:
-            return rows, complete
+            return rows, complete, sorted(missing)

@@ -12,7 +12,7 @@ import getpass
 import os
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from rich.tree import Tree
 
 from actors import DefinitionError, Engine, EngineApi, SegmentSet, load_segments_by_value
 from protocol import (
+    DEFAULT_PARTITIONS,
     MAX_PAGE,
     MAX_PREFIX_CHARS,
     MAX_SEARCH,
@@ -38,10 +39,12 @@ from protocol import (
     DefinitionsReply,
     DefinitionsRequest,
     ExplainReply,
+    GatheredStatus,
     MembersReply,
     ParkedInfo,
+    SearchReply,
     SegmentsReply,
-    StatusReply,
+    partition_ranges,
 )
 from protocol.nats import ApiClient, Credentials, connect, serve_api
 
@@ -61,16 +64,20 @@ async def serve_queries(
     servers: Sequence[str],
     credentials: Credentials | None = None,
     *,
+    partitions: int = DEFAULT_PARTITIONS,
+    owned: Iterable[int] | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the query service for ``engine`` on a connection of its own (so requests never
-    wait behind the engine's acknowledgements and publishes) until cancelled."""
+    wait behind the engine's acknowledgements and publishes) until cancelled: it answers
+    for the partitions ``owned`` (all when None) of ``partitions`` (P of ``SHOAL_EVENTS``)."""
     nc = await connect(servers, name="shoal-api", credentials=credentials)
     try:
         await serve_api(
             nc,
             EngineApi(engine),
-            customers=engine.filter_subject,
+            partitions=partitions,
+            owned=owned,
             metadata={"consumer": engine.consumer},
             task_status=task_status,
         )
@@ -238,11 +245,23 @@ async def _ask(
 ) -> int:
     async with _client(args, role) as api:
         reply = await call(api)
+    _warn_missing(getattr(reply, "missing_partitions", []), getattr(reply, "partition_count", 0))
     if args.json:
         sys.stdout.write(_encoder.encode(reply).decode() + "\n")
     else:
         show(reply, Console(highlight=False))
     return 0
+
+
+def _warn_missing(missing: list[int], count: int | None) -> None:
+    """One line on stderr when no engine answered for some partitions: the answer leaves
+    their customers out (``--json`` says so too: ``missing_partitions``, ``complete``)."""
+    if missing:
+        print(
+            f"shoal: warning: no engine answered for partition(s) {partition_ranges(missing)} "
+            f"of {count}: this answer leaves their customers out",
+            file=sys.stderr,
+        )
 
 
 def _when(at: datetime | str | None) -> str:
@@ -267,14 +286,33 @@ def _applied(a: DefinitionsApplied) -> str:
     return f"version {a.version}, applied {_when(a.applied_at)} {where}"
 
 
-def _show_status(r: StatusReply, out: Console) -> None:
+def _show_status(r: GatheredStatus, out: Console) -> None:
+    """One engine's status as a table; for several, a line per engine, then the table of
+    their combined counts."""
+    engine = f"up, consumer {r.consumer} on {r.filter_subject}"
+    if len(r.engines) > 1:
+        engines = Table("engine", "partitions", "customers", "events/s", "consumer lag")
+        for e in r.engines:
+            elag = "unknown" if e.consumer_lag is None else str(e.consumer_lag)
+            loading = "" if e.warm else " (loading)"
+            engines.add_row(
+                f"{e.consumer} on {e.filter_subject}{loading}",
+                partition_ranges(e.partitions),
+                str(e.customers),
+                f"{e.events_per_second:g}",
+                elag,
+            )
+        out.print(engines)
+        engine = f"{len(r.engines)} engines up, combined below"
+    if r.partition_count is not None:
+        engine += f"; partitions {partition_ranges(r.partitions)} of {r.partition_count}"
     lag = "unknown" if r.consumer_lag is None else str(r.consumer_lag)
     warm = "" if r.warm else "  (still loading customers after a restart)"
     t = Table(show_header=False, box=None)
     t.add_column(style="bold")
     t.add_column()
     for key, value in (
-        ("engine", f"up, consumer {r.consumer} on {r.filter_subject}{warm}"),
+        ("engine", f"{engine}{warm}"),
         *((("paused", f"ingestion paused: {r.paused}"),) if r.paused else ()),
         ("at", _when(r.at)),
         ("customers", str(r.customers)),
@@ -360,12 +398,13 @@ async def _search(args: argparse.Namespace) -> int:
         raise UsageError(f"--limit must be between 1 and {MAX_SEARCH}")
     async with _client(args) as api:
         reply = await api.search(prefix, limit=args.limit)
+    _warn_missing(reply.missing_partitions, reply.partition_count)
     if args.json:
         sys.stdout.write(_encoder.encode(reply).decode() + "\n")
     else:
         for customer_id in reply.customers:
             print(customer_id)
-        partial = "" if reply.complete else " (so far: the engine is still loading customers)"
+        partial = " (so far: the engine is still loading customers)" if _loading(reply) else ""
         more = "; more match: give a longer prefix" if reply.more else ""
         print(
             f"{len(reply.customers)} customer(s) whose id starts with {prefix!r}{partial}{more}",
@@ -477,7 +516,7 @@ async def _export(args: argparse.Namespace) -> int:
     async with _client(args) as api:
         try:
             with atomic_output(args.output) as out:
-                rows, complete = await export_members(api, args.segment, args.format, out)
+                rows, complete, missing = await export_members(api, args.segment, args.format, out)
         except ApiError as e:
             if e.code != "404":
                 raise
@@ -488,14 +527,21 @@ async def _export(args: argparse.Namespace) -> int:
             # so that the interpreter's last flush does not fail on the closed pipe.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+    _warn_missing(missing, api.partitions)
     where = f" to {args.output}" if args.output else ""
-    partial = "" if complete else " (so far: the engine is still loading customers)"
+    partial = "" if complete or missing else " (so far: the engine is still loading customers)"
     print(f"exported {rows} member(s) of {args.segment}{where}{partial}", file=sys.stderr)
     return 0
 
 
+def _loading(r: MembersReply | SearchReply | SegmentsReply) -> bool:
+    """Whether the answer is incomplete because an engine still loads customers (rather than
+    for partitions no engine answered for, which :func:`_warn_missing` reports)."""
+    return not r.complete and not r.missing_partitions
+
+
 def _show_members(r: MembersReply, *, count: bool) -> None:
-    partial = "" if r.complete else " (so far: the engine is still loading customers)"
+    partial = " (so far: the engine is still loading customers)" if _loading(r) else ""
     if count:
         print(f"{r.count}{partial}")
         return
@@ -513,7 +559,7 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 def _show_segments(r: SegmentsReply, out: Console) -> None:
-    partial = "" if r.complete else f", sizes among the {r.customers} loaded so far"
+    partial = f", sizes among the {r.customers} loaded so far" if _loading(r) else ""
     out.print(f"{escape(r.source)} ({r.fingerprint}), {r.customers} customer(s){partial}")
     t = Table("segment", "members", "rule")
     for s in r.segments:

@@ -32,6 +32,7 @@ from actors import (
     served_origin,
     watch_segments,
 )
+from protocol import DEFAULT_PARTITIONS
 from protocol.nats import (
     DefinitionsKV,
     connect,
@@ -353,7 +354,14 @@ async def _serve(args: argparse.Namespace) -> int:
                 # The served file changed since it was last applied: a switch, as a reload,
                 # before queries are answered (see DefinitionsKeeper.pending).
                 await apply_file(keeper.pending)
-            await tg.start(_query_cmd.serve_queries, engine, servers, credentials)
+            # The one place the query service learns P, as SHOAL_EVENTS's configuration
+            # says (read when the streams were declared): every partition is this engine's.
+            queries = functools.partial(
+                _query_cmd.serve_queries,
+                partitions=sink.partitions or DEFAULT_PARTITIONS,
+                owned=None,
+            )
+            await tg.start(queries, engine, servers, credentials)
             if path is not None and hups is not None:
                 tg.start_soon(
                     functools.partial(

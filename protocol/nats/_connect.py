@@ -28,9 +28,9 @@ from nats.js.api import (
 )
 
 from protocol._errors import BrokerError
+from protocol._partitions import DEFAULT_PARTITIONS
 from protocol._roles import ROLES, inbox_prefix
 from protocol._subjects import (
-    DEFAULT_PARTITIONS,
     EVENTS_PUBLISHED,
     EVENTS_STREAM,
     IMPORTS_WILDCARD,

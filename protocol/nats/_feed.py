@@ -258,16 +258,24 @@ class EventFeed:
         # started (in case the consumer itself was lost): all of that is committed.
         start = max(floor or 0, self._acked_through) + 1
         start = self._resume_from = max(start, self._resume_from)
-        # Nothing before the start is ours to receive (see fence()); everything past it is
-        # delivered again, even what was taken before and not acknowledged (so the skip of
-        # resent deliveries in take() must not count it as handed out).
+        # Nothing before the start is ours to receive (see fence()), and everything from it
+        # on is to be taken again, even what was taken before and not acknowledged: it is
+        # not a resend of something handed out (see take()).
         self._taken_through = start - 1
         self._deliver = self._nc.new_inbox()
+        # An engine of shoal's events reads the import markers too, in stream order. With
+        # one filter: nats-server 2.15 serves a consumer with several (filter_subjects)
+        # about 50 times slower once the stream holds thousands of subjects (one per
+        # customer), which made the whole engine broker-bound (scripts.bench.partitions).
+        # An engine of every customer reads the whole stream (">": events and markers);
+        # one of some customers needs both filters, and pays for them.
+        subject, filters = self._filter, None
+        if self._filter == EVENTS_WILDCARD:
+            subject = ">"
+        elif self._filter.startswith(EVENTS_PREFIX):
+            filters = [self._filter, IMPORTS_WILDCARD]
         config = ConsumerConfig(
-            # An engine of shoal's events reads the import markers too, in stream order.
-            filter_subjects=[self._filter, IMPORTS_WILDCARD]
-            if self._filter.startswith(EVENTS_PREFIX)
-            else None,
+            filter_subjects=filters,
             ack_policy=AckPolicy.ALL,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
             opt_start_seq=start if start > 1 else None,
@@ -278,7 +286,7 @@ class EventFeed:
         # flow_control and idle_heartbeat must be given to subscribe() itself: it
         # overwrites the ConsumerConfig's flow_control with its own argument.
         self._sub = await self._js.subscribe(
-            self._filter,
+            subject,
             durable=self._durable,
             stream=EVENTS_STREAM,
             cb=on_msg,

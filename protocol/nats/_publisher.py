@@ -16,11 +16,11 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from protocol._partitions import partition
 from protocol._ports import PublishError
 from protocol._subjects import (
     PARTITION_HEADER,
     REJECTED_SUBJECT,
-    partition,
     segment_subject,
 )
 from protocol._types import REJECTION_HEADROOM, Transition, encode_rejection
@@ -69,6 +69,12 @@ class Publisher:
         self._sub: Any = None
         self._batches: dict[str, _Acks] = {}
         self._ids = itertools.count()
+
+    @property
+    def partitions(self) -> int | None:
+        """The number of partitions of ``SHOAL_EVENTS`` its transitions are stamped with
+        (None: not told, and no ``Shoal-Partition`` header)."""
+        return self._partitions
 
     async def start(self) -> None:
         """Subscribe to the replies. Idempotent."""

@@ -9,7 +9,7 @@ in the micro error headers, ``Nats-Service-Error`` (the message) and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import anyio
@@ -29,6 +29,7 @@ from protocol._api import (
     DefinitionsRequest,
     ExplainReply,
     ExplainRequest,
+    GatheredStatus,
     MembersReply,
     MembersRequest,
     SearchReply,
@@ -47,15 +48,31 @@ from protocol._api import (
     status_request_decoder,
     unpark_request_decoder,
 )
-from protocol._errors import ApiError, EngineUnavailable, InvalidRequest, SubjectError
+from protocol._errors import (
+    ApiError,
+    EngineUnavailable,
+    InvalidRequest,
+    SubjectError,
+)
+from protocol._gather import (
+    Gathering,
+    merge_members,
+    merge_search,
+    merge_segments,
+    merge_status,
+    partition_ranges,
+)
+from protocol._partitions import DEFAULT_PARTITIONS, partition
 from protocol._query import API_VERSION, QueryHandler
 from protocol._subjects import (
     API_SERVICE,
-    EVENTS_WILDCARD,
+    GATHERED_ENDPOINTS,
     api_subject,
-    customer_api_filter,
     customer_api_subject,
     customer_of_api_subject,
+    legacy_customer_api_filter,
+    partition_api_filter,
+    partitioned_customer_of_api_subject,
 )
 from protocol._types import REJECTION_HEADROOM, shown_subject
 from protocol.nats._refusals import permission_guard
@@ -67,6 +84,8 @@ _READY_TIMEOUT = 5.0
 _logger = structlog.get_logger("shoal.api")
 _encoder = msgspec.json.Encoder()
 _R = TypeVar("_R")
+_S = TypeVar("_S", bound=msgspec.Struct)
+_C = TypeVar("_C", SegmentsReply, MembersReply, SearchReply, StatusReply)
 
 
 def _header_text(message: str) -> str:
@@ -81,11 +100,16 @@ def _decode(decoder: msgspec.json.Decoder[_R], data: bytes) -> _R:
         raise InvalidRequest(f"invalid request: {e}") from e
 
 
-def _customer(endpoint: str, subject: str) -> str:
+def _utf8(subject: str) -> None:
     if subject != shown_subject(subject):
         raise InvalidRequest(
             f"invalid request: subject '{shown_subject(subject)}' is not valid UTF-8"
         )
+
+
+def _customer(endpoint: str, subject: str) -> str:
+    """The customer of a request on a subject of earlier versions (without a partition)."""
+    _utf8(subject)
     try:
         return customer_of_api_subject(endpoint, subject)
     except SubjectError as e:
@@ -172,25 +196,46 @@ async def serve_api(
     nc: Client,
     handler: QueryHandler,
     *,
-    customers: str = EVENTS_WILDCARD,
+    partitions: int = DEFAULT_PARTITIONS,
+    owned: Iterable[int] | None = None,
     metadata: dict[str, str] | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the service ``shoal`` on ``nc`` until cancelled.
+    """Run the service ``shoal`` on ``nc`` until cancelled, for an engine that owns the
+    partitions ``owned`` (every one of ``range(partitions)`` when None) of ``partitions``.
 
-    Every endpoint listens in the queue group ``shoal``, so several copies share the
-    requests. ``customer`` and ``explain`` listen only for the customers whose events the
-    filter subject ``customers`` selects (the engine's ``filter_subject``): a request reaches
-    an engine that owns the customer. ``task_status.started()`` is called once every
-    endpoint listens.
+    Requests about one customer (``customer``, ``explain``) are listened for on the subjects
+    of the owned partitions only, ``shoal.api.<endpoint>.<partition>.<customer>``, in the
+    queue group ``shoal``; one whose partition is not the customer's is refused
+    (:class:`~protocol.InvalidRequest`), so it never answers with another customer's data.
+    The subjects of earlier versions, ``shoal.api.<endpoint>.<customer>``, are answered by
+    forwarding: the engine that gets one (in the queue group) publishes it again on the
+    customer's partitioned subject with the same reply subject, and the owner answers the
+    requester directly.
+
+    The gathered endpoints (``segments``, ``members``, ``search``, ``status``) reach every
+    engine: each listens in a queue group of its own (nats-py's ``nats.micro`` always
+    subscribes in one), and each reply says the partitions it covers and how many there
+    are. The others (``definitions``, ``unpark``) are in the queue group ``shoal``.
+    ``task_status.started()`` is called once every endpoint listens.
 
     A request whose reply subject is not an inbox (under ``_INBOX.``) is not answered (see
     :mod:`protocol.nats._replies`).
+
+    Raises:
+        ValueError: ``partitions`` is below 1, or ``owned`` holds a partition outside
+            ``range(partitions)`` or none at all.
     """
+    mine = sorted(set(range(partitions) if owned is None else owned))
+    if partitions < 1 or not mine or not 0 <= mine[0] <= mine[-1] < partitions:
+        raise ValueError(
+            f"an engine must own some of partitions 0-{partitions - 1} (owned: {mine})"
+        )
     tolerate_undecodable_subjects(nc)
     answer_inboxes_only(nc)
+    about = {"partitions": str(partitions), "owned": partition_ranges(mine)}
     async with permission_guard(nc):
-        service = await _listen(nc, handler, customers, metadata or {})
+        service = await _listen(nc, handler, _Owned(partitions, mine), (metadata or {}) | about)
     task_status.started()
     try:
         await anyio.sleep_forever()
@@ -200,8 +245,61 @@ async def serve_api(
                 await service.stop()
 
 
+class _Owned:
+    """The partitions an engine owns, of how many."""
+
+    def __init__(self, count: int, owned: list[int]) -> None:
+        self.count = count
+        self.owned = owned
+
+    def customer(self, endpoint: str, subject: str) -> str:
+        """The customer of a request on a partitioned subject, checked against its partition.
+
+        Raises:
+            InvalidRequest: the subject is malformed, or the customer is in another partition.
+        """
+        _utf8(subject)
+        try:
+            number, customer_id = partitioned_customer_of_api_subject(endpoint, subject)
+        except SubjectError as e:
+            raise InvalidRequest(f"invalid request: {e}") from e
+        actual = partition(customer_id, self.count)
+        if number != actual:
+            right = customer_api_subject(endpoint, customer_id, actual)
+            raise InvalidRequest(
+                f"invalid request: customer {customer_id!r} is in partition {actual} of "
+                f"{self.count}, not {number}: ask on {right}"
+            )
+        return customer_id
+
+    def stamped(self, reply: _S) -> _S:
+        """``reply`` saying which partitions it covers."""
+        return msgspec.structs.replace(
+            reply, partition_count=self.count, partitions=list(self.owned)
+        )
+
+
+def _forwarder(nc: Client, endpoint: str, count: int) -> Callable[[Request], Awaitable[None]]:
+    """The handler of ``endpoint`` requests on the subjects of earlier versions: publish the
+    request again on its partitioned subject, with the requester's reply subject, so the
+    engine that owns the customer answers it directly."""
+
+    async def forward(request: Request) -> None:
+        msg = request._msg
+        if not answers_an_inbox(msg):
+            return
+        try:
+            customer_id = _customer(endpoint, request.subject)
+            target = customer_api_subject(endpoint, customer_id, partition(customer_id, count))
+        except ApiError as e:
+            raise ServiceError(e.code, _header_text(e.message)) from e
+        await nc.publish(target, request.data, reply=msg.reply, headers=msg.headers)
+
+    return forward
+
+
 async def _listen(
-    nc: Client, handler: QueryHandler, customers: str, metadata: dict[str, str]
+    nc: Client, handler: QueryHandler, mine: _Owned, metadata: dict[str, str]
 ) -> Service:
     """Start the service's endpoints; return once the server has their subscriptions."""
     service = await nats.micro.add_service(
@@ -216,28 +314,32 @@ async def _listen(
     # Replies that page on are cut to what one message of this broker holds (less room for
     # headers); nats-py would refuse a larger one with no word to the requester.
     max_bytes = int(nc.max_payload) - REJECTION_HEADROOM
+    # A queue group of this service's own: every engine gets each gathered request.
+    everyone = f"{API_SERVICE}-{service.id}"
     try:
 
         async def customer(request: Request) -> msgspec.Struct:
-            customer_id = _customer("customer", request.subject)
+            customer_id = mine.customer("customer", request.subject)
             _decode(customer_request_decoder, request.data)
             return await handler.customer(customer_id)
 
         async def explain(request: Request) -> msgspec.Struct:
-            customer_id = _customer("explain", request.subject)
+            customer_id = mine.customer("explain", request.subject)
             return await handler.explain(
                 customer_id, _decode(explain_request_decoder, request.data)
             )
 
         async def segments(request: Request) -> msgspec.Struct:
             _decode(segments_request_decoder, request.data)
-            return await handler.segments()
+            return mine.stamped(await handler.segments())
 
         async def members(request: Request) -> msgspec.Struct:
-            return await handler.members(_decode(members_request_decoder, request.data))
+            return mine.stamped(
+                await handler.members(_decode(members_request_decoder, request.data))
+            )
 
         async def search(request: Request) -> msgspec.Struct:
-            return await handler.search(_decode(search_request_decoder, request.data))
+            return mine.stamped(await handler.search(_decode(search_request_decoder, request.data)))
 
         async def definitions(request: Request) -> msgspec.Struct:
             client = client_of((request.headers or {}).get(CLIENT_HEADER))
@@ -247,21 +349,23 @@ async def _listen(
 
         async def status(request: Request) -> msgspec.Struct:
             _decode(status_request_decoder, request.data)
-            return await handler.status()
+            return mine.stamped(await handler.status())
 
         async def unpark(request: Request) -> msgspec.Struct:
             return await handler.unpark(_decode(unpark_request_decoder, request.data))
 
-        await service.add_endpoint(
-            name="customer",
-            subject=customer_api_filter("customer", customers),
-            handler=_endpoint("customer", customer, max_bytes),
-        )
-        await service.add_endpoint(
-            name="explain",
-            subject=customer_api_filter("explain", customers),
-            handler=_endpoint("explain", explain, max_bytes),
-        )
+        for name, answer in (("customer", customer), ("explain", explain)):
+            for p in mine.owned:
+                await service.add_endpoint(
+                    name=f"{name}-{p}",
+                    subject=partition_api_filter(name, p),
+                    handler=_endpoint(name, answer, max_bytes),
+                )
+            await service.add_endpoint(
+                name=name,
+                subject=legacy_customer_api_filter(name),
+                handler=_forwarder(nc, name, mine.count),
+            )
         for name, answer in (
             ("segments", segments),
             ("members", members),
@@ -274,6 +378,7 @@ async def _listen(
                 name=name,
                 subject=api_subject(name),
                 handler=_endpoint(name, answer, max_bytes),
+                queue_group=everyone if name in GATHERED_ENDPOINTS else None,
             )
         # Listening only once the server has our subscriptions. nats-py's flush() writes its
         # PING ahead of commands still pending in the client, SUBs included, so instead ask
@@ -300,32 +405,84 @@ _status_reply = msgspec.json.Decoder(StatusReply)
 _unpark_reply = msgspec.json.Decoder(UnparkReply)
 
 
+class _ServiceInfo(msgspec.Struct, kw_only=True):
+    """What the client reads of a ``$SRV.INFO`` reply (nats.micro's)."""
+
+    metadata: dict[str, str] | None = None
+
+
+_service_info = msgspec.json.Decoder(_ServiceInfo)
+_NO_RESPONDERS = "503"
+
+
 class ApiClient:
     """Requests to the service ``shoal`` over a connected client.
+
+    A request about one customer goes on the subject of its partition, which reaches the
+    engine that owns it. The number of partitions is ``partitions`` when given, else read
+    once from the service's ``$SRV.INFO`` (an engine older than API 1.2 says none: then
+    the subject without a partition is used).
+
+    ``segments``, ``members``, ``search`` and ``status`` are gathered: published once, the
+    replies of every engine collected until every partition is covered or ``timeout`` passes,
+    and merged (:mod:`protocol._gather`). The partitions no engine answered for are in the
+    answer's ``missing_partitions``, and the answer is then marked incomplete.
 
     Every method raises :class:`~protocol.ApiError` with the service's message and code
     when the engine answers with an error, and :class:`~protocol.EngineUnavailable` when no
     engine answers (none running on this NATS, or it took longer than ``timeout``).
     """
 
-    def __init__(self, nc: Client, *, timeout: float = 5.0) -> None:
+    def __init__(self, nc: Client, *, timeout: float = 5.0, partitions: int | None = None) -> None:
         self._nc = nc
         self.timeout = timeout
+        self._partitions = partitions
+
+    @property
+    def partitions(self) -> int | None:
+        """P, the number of partitions, once known: given, or learned from the service."""
+        return self._partitions
+
+    async def _customer_subject(self, endpoint: str, customer_id: str) -> str:
+        count = self._partitions
+        if count is None:
+            count = self._partitions = await self._partition_count()
+        if count is None:
+            return customer_api_subject(endpoint, customer_id)
+        return customer_api_subject(endpoint, customer_id, partition(customer_id, count))
+
+    async def _partition_count(self) -> int | None:
+        """The number of partitions the service says it has; None when no engine says (none
+        answers, or it is older than API 1.2: the request then goes on the subject without a
+        partition, which any engine forwards, and fails there when no engine answers)."""
+        subject = f"$SRV.INFO.{API_SERVICE}"
+        try:
+            async with permission_guard(self._nc, subject):
+                msg = await self._nc.request(subject, b"", timeout=self.timeout)
+            info = _service_info.decode(msg.data)
+        except (nats.errors.Error, msgspec.DecodeError):
+            return None
+        number = (info.metadata or {}).get("partitions", "")
+        return int(number) if number.isdigit() and int(number) > 0 else None
 
     async def customer(self, customer_id: str) -> CustomerReply:
         """The state of one customer."""
-        subject = customer_api_subject("customer", customer_id)
+        subject = await self._customer_subject("customer", customer_id)
         return await self._request(subject, b"", _customer_reply)
 
     async def explain(self, customer_id: str, segment: str | None = None) -> ExplainReply:
         """Why the customer is or is not in ``segment`` (every segment when None)."""
-        subject = customer_api_subject("explain", customer_id)
+        subject = await self._customer_subject("explain", customer_id)
         body = _encoder.encode(ExplainRequest(segment=segment))
         return await self._request(subject, body, _explain_reply)
 
     async def segments(self) -> SegmentsReply:
-        """The definitions in force with their sizes."""
-        return await self._request(api_subject("segments"), b"", _segments_reply)
+        """The definitions in force with their sizes, gathered from every engine.
+
+        Raises:
+            EnginesDisagree: engines hold different definitions (an apply under way).
+        """
+        return merge_segments(await self._gather("segments", b"", _segments_reply))
 
     async def members(
         self,
@@ -335,16 +492,17 @@ class ApiClient:
         cursor: str | None = None,
         count_only: bool = False,
     ) -> MembersReply:
-        """A page of the segment's members and its size."""
+        """A page of the segment's members and its size, gathered from every engine."""
         body = _encoder.encode(
             MembersRequest(segment=segment, limit=limit, cursor=cursor, count_only=count_only)
         )
-        return await self._request(api_subject("members"), body, _members_reply)
+        return merge_members(await self._gather("members", body, _members_reply), limit)
 
     async def search(self, prefix: str, *, limit: int = 100) -> SearchReply:
-        """The ids of customers that start with ``prefix``, in id order (at most ``limit``)."""
+        """The ids of customers that start with ``prefix``, in id order (at most ``limit``),
+        gathered from every engine."""
         body = _encoder.encode(SearchRequest(prefix=prefix, limit=limit))
-        return await self._request(api_subject("search"), body, _search_reply)
+        return merge_search(await self._gather("search", body, _search_reply), limit)
 
     async def definitions(
         self,
@@ -365,9 +523,9 @@ class ApiClient:
             api_subject("definitions"), body, _definitions_reply, timeout=timeout, headers=headers
         )
 
-    async def status(self) -> StatusReply:
-        """How the engine is doing."""
-        return await self._request(api_subject("status"), b"", _status_reply)
+    async def status(self) -> GatheredStatus:
+        """How the engines are doing: each one's status, and their counts combined."""
+        return merge_status(await self._gather("status", b"", _status_reply))
 
     async def unpark(self, customer_ids: list[str], *, timeout: float | None = None) -> UnparkReply:
         """Try parked customers again."""
@@ -403,3 +561,55 @@ class ApiClient:
             return decoder.decode(msg.data)
         except msgspec.DecodeError as e:
             raise ApiError(f"unexpected reply on {subject}: {e}") from e
+
+    async def _gather(
+        self, endpoint: str, body: bytes, decoder: msgspec.json.Decoder[_C]
+    ) -> Gathering[_C]:
+        """Publish one request on ``endpoint`` and collect the engines' replies until every
+        partition is covered or the timeout passes."""
+        subject = api_subject(endpoint)
+        gathering: Gathering[_C] = Gathering(subject)
+        unavailable: ApiError | None = None
+        async with permission_guard(self._nc, subject):
+            inbox = self._nc.new_inbox()
+            try:
+                sub = await self._nc.subscribe(inbox)
+                await self._nc.publish(subject, body, reply=inbox)
+            except nats.errors.Error as e:
+                raise EngineUnavailable(f"request on {subject} failed: {e}") from e
+            try:
+                with anyio.move_on_after(self.timeout):
+                    while not gathering.done:
+                        msg = await sub.next_msg(timeout=None)
+                        answer: dict[str, Any] = msg.headers or {}
+                        if answer.get("Status") == _NO_RESPONDERS and not msg.data:
+                            raise EngineUnavailable(
+                                f"no shoal engine answers on {subject} (is `shoal serve` "
+                                "running, and connected to this NATS server?)"
+                            )
+                        if ERROR_CODE_HEADER in answer:
+                            error = ApiError(
+                                str(answer.get(ERROR_HEADER, "")),
+                                code=str(answer[ERROR_CODE_HEADER]),
+                            )
+                            # One engine starting or stopping: its partitions are reported
+                            # missing unless another answers for them. Any other error is
+                            # the request's, and every engine gives it.
+                            if error.code != EngineUnavailable.code:
+                                raise error
+                            unavailable = error
+                            continue
+                        try:
+                            gathering.add(decoder.decode(msg.data))
+                        except msgspec.DecodeError as e:
+                            raise ApiError(f"unexpected reply on {subject}: {e}") from e
+            finally:
+                with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+        if not gathering.replies:
+            if unavailable is not None:
+                raise unavailable
+            raise EngineUnavailable(f"no answer on {subject} within {self.timeout:g} s")
+        if gathering.partition_count is not None:
+            self._partitions = gathering.partition_count
+        return gathering

@@ -3,7 +3,7 @@
 It starts a ``nats-server -js`` (``_common.broker``: free port, temp store),
 publishes a backlog of N ``track`` events over C customers, then starts ``shoal serve
 --nats URL`` as a child process (default segments) and, as soon as the service answers,
-sends ``shoal.api.customer.<random known customer>`` requests from K concurrent callers
+sends ``shoal.api.customer.<partition>.<random known customer>`` requests from K concurrent callers
 (nats-py request API) until the engine has applied the backlog; then as many seconds again
 with the engine idle. It prints requests/s and latency percentiles for both phases, and
 the engine's ingest rate while it answered.
@@ -34,6 +34,7 @@ from protocol import (
     customer_api_subject,
     event_subject,
     format_instant,
+    partition,
 )
 from protocol.nats import ApiClient, ensure_streams
 
@@ -109,9 +110,14 @@ async def _measure(nc: Client, args: argparse.Namespace, ids: list[str]) -> None
     current = "ingest"
     stop = anyio.Event()
 
+    count = status.partition_count
+
     async def caller() -> None:
         while not stop.is_set():
-            subject = customer_api_subject("customer", rng.choice(ids))
+            cid = rng.choice(ids)
+            # On the customer's partition (the old subject would cost a forwarding hop).
+            where = None if count is None else partition(cid, count)
+            subject = customer_api_subject("customer", cid, where)
             name = current
             t0 = time.perf_counter()
             try:

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 
 from actors import (
     Clock,
@@ -26,6 +27,7 @@ from actors import (
 )
 from protocol import (
     DAY,
+    DEFAULT_PARTITIONS,
     SECOND,
     ApiError,
     CustomerReply,
@@ -39,6 +41,7 @@ from protocol import (
     StatusReply,
     format_instant,
     from_instant,
+    partition,
 )
 from protocol.nats import ApiClient, connect, serve_api
 from store import Store
@@ -128,25 +131,37 @@ async def test_srv_discovery_lists_every_endpoint(
 ) -> None:
     async with with_alice(nats_server, client, tmp_path):
         ping = json.loads((await ask(client, "$SRV.PING.shoal")).data)
-        assert (ping["name"], ping["version"]) == ("shoal", "1.1.0")
+        assert (ping["name"], ping["version"]) == ("shoal", "1.2.0")
         info = json.loads((await ask(client, "$SRV.INFO.shoal")).data)
         assert info["name"] == "shoal"
+        assert (info["metadata"]["partitions"], info["metadata"]["owned"]) == ("32", "0-31")
+        # Gathered endpoints listen in a queue group of this engine's own: every engine
+        # gets each request.
+        everyone = f"shoal-{info['id']}"
+        per_partition = {
+            (f"{e}-{p}", f"shoal.api.{e}.{p}.*", "shoal")
+            for e in ("customer", "explain")
+            for p in range(DEFAULT_PARTITIONS)
+        }
         assert {(e["name"], e["subject"], e["queue_group"]) for e in info["endpoints"]} == {
-            ("customer", "shoal.api.customer.>", "shoal"),
-            ("explain", "shoal.api.explain.>", "shoal"),
-            ("segments", "shoal.api.segments", "shoal"),
-            ("members", "shoal.api.members", "shoal"),
-            ("search", "shoal.api.search", "shoal"),
+            *per_partition,
+            ("customer", "shoal.api.customer.*", "shoal"),
+            ("explain", "shoal.api.explain.*", "shoal"),
+            ("segments", "shoal.api.segments", everyone),
+            ("members", "shoal.api.members", everyone),
+            ("search", "shoal.api.search", everyone),
             ("definitions", "shoal.api.definitions", "shoal"),
-            ("status", "shoal.api.status", "shoal"),
+            ("status", "shoal.api.status", everyone),
             ("unpark", "shoal.api.unpark", "shoal"),
         }
+        # On the subject of earlier versions: forwarded, and answered by the partition's.
         await ask(client, "shoal.api.customer.nobody")
         stats = json.loads((await ask(client, "$SRV.STATS.shoal")).data)
         by_name = {e["name"]: e for e in stats["endpoints"]}
-        assert by_name["customer"]["num_requests"] == 1
-        assert by_name["customer"]["num_errors"] == 1
-        assert by_name["customer"]["last_error"] == "404:unknown customer 'nobody'"
+        assert (by_name["customer"]["num_requests"], by_name["customer"]["num_errors"]) == (1, 0)
+        owner = by_name[f"customer-{partition('nobody', DEFAULT_PARTITIONS)}"]
+        assert (owner["num_requests"], owner["num_errors"]) == (1, 1)
+        assert owner["last_error"] == "404:unknown customer 'nobody'"
 
 
 async def test_customer_state(nats_server: NatsServer, client: Client, tmp_path: Path) -> None:
@@ -206,13 +221,16 @@ async def test_customer_ids_are_escaped_in_the_subject(
         reply = await ApiClient(client).customer("ann.lee@x.com")
         assert reply.customer_id == "ann.lee@x.com"
         assert [m.segment for m in reply.segments] == ["visitor"]
-        # Only the canonical form names the customer.
-        msg = await ask(client, "shoal.api.customer.ann.lee@x.com")
+        # Only the canonical form names the customer: unescaped, the id is several tokens,
+        # which no engine listens on (neither partition.customer nor the one token of the
+        # subjects of earlier versions).
+        with pytest.raises(NoRespondersError):
+            await ask(client, "shoal.api.customer.ann.lee@x.com")
+        msg = await ask(client, "shoal.api.customer.ann%2elee@x%2Ecom")
         assert error(msg) == (
             "400",
-            "invalid request: subject 'shoal.api.customer.ann.lee@x.com' must be "
-            "shoal.api.customer.<customer>, with one customer token (escape '.' in customer ids "
-            "as %2E)",
+            "invalid request: customer token 'ann%2elee@x%2Ecom' has a bad escape at position 3: "
+            "'%' must be followed by two upper-case hex digits",
         )
 
 
@@ -341,6 +359,10 @@ async def test_members_paged_in_id_order(
             "members": ["g"],
             "next_cursor": None,
             "true_since": [format_instant(g_at)],
+            # The engine owns every partition (API 1.2).
+            "partition_count": DEFAULT_PARTITIONS,
+            "partitions": list(range(DEFAULT_PARTITIONS)),
+            "missing_partitions": [],
         }
 
 

@@ -107,7 +107,7 @@ def test_a_reply_is_cut_to_what_fits_and_pages_on() -> None:
     with pytest.raises(ApiError) as caught:
         fit_reply(state, 20)
     assert caught.value.message == (
-        "the reply is 76 bytes, more than the broker takes in one message (20 bytes with its "
+        "the reply is 139 bytes, more than the broker takes in one message (20 bytes with its "
         "headers' share of max_payload)"
     )
 

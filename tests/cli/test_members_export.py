@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol import DEFAULT_PARTITIONS
 from scripts._export import atomic_output
 from tests.helpers import NatsServer, Proc, run
 
@@ -174,6 +175,10 @@ def test_customer_search(served: str) -> None:
         "customers": ["c0030"],
         "more": False,
         "complete": True,
+        # Gathered from every engine (one here, owning every partition).
+        "partition_count": DEFAULT_PARTITIONS,
+        "partitions": list(range(DEFAULT_PARTITIONS)),
+        "missing_partitions": [],
     }
 
     done = run("customer", "--search", "nobody", "--nats", url)

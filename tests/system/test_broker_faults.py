@@ -525,6 +525,25 @@ async def test_a_delivery_resent_after_ack_wait_is_not_handed_out_twice(
         await nc.close()
 
 
+async def test_the_engines_consumer_has_one_filter(nats_server: NatsServer) -> None:
+    """nats-server serves a consumer with several filters (``filter_subjects``) some 50
+    times slower once the stream holds thousands of subjects: the engine of every customer
+    reads the whole stream through one filter, import markers included."""
+    nc = await connect([nats_server.url])
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        feed = EventFeed(nc, js, durable="unit")
+        await feed.start()
+        info = await js.consumer_info("SHOAL_EVENTS", "unit")
+        assert (info.config.filter_subject, info.config.filter_subjects) == (">", None)
+        await publish(js, "ann", "a0")
+        await eventually(lambda: feed.buffered == 1)
+        await feed.stop()
+    finally:
+        await nc.close()
+
+
 async def test_restart_keeps_trying_while_the_broker_is_away(
     nats_server: NatsServer,
 ) -> None:

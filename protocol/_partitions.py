@@ -1,0 +1,25 @@
+"""Partitions: which of a fixed number of partitions a customer belongs to, as the broker
+computes it (the stream's subject transform ``{{partition(P,1)}}``)."""
+
+from __future__ import annotations
+
+from ._subjects import escape_token, token_partition
+
+DEFAULT_PARTITIONS = 32
+"""Partitions of a new ``SHOAL_EVENTS`` unless chosen otherwise. It is fixed for the
+stream's life: changing it is a migration."""
+
+
+def partition(customer_id: str, partitions: int) -> int:
+    """The partition of ``customer_id`` among ``partitions``: FNV-1a (32 bits) over the
+    UTF-8 bytes of the escaped subject token the broker sees, modulo ``partitions``, as
+    nats-server's ``partition()`` subject-transform function computes it
+    (``SHOAL_EVENTS`` stores the customer's events under it).
+
+    Raises:
+        SubjectError: the id is empty.
+        ValueError: ``partitions`` is not positive.
+    """
+    if partitions < 1:
+        raise ValueError(f"the number of partitions must be positive, not {partitions}")
+    return token_partition(escape_token(customer_id), partitions)
