@@ -89,12 +89,11 @@ from ._spill import SpillError as SpillError
 from ._subjects import API_ENDPOINTS as API_ENDPOINTS
 from ._subjects import API_PREFIX as API_PREFIX
 from ._subjects import API_SERVICE as API_SERVICE
+from ._subjects import CONTROL_WILDCARD as CONTROL_WILDCARD
 from ._subjects import EVENTS_STREAM as EVENTS_STREAM
 from ._subjects import EVENTS_WILDCARD as EVENTS_WILDCARD
 from ._subjects import GATHERED_ENDPOINTS as GATHERED_ENDPOINTS
 from ._subjects import IMPORT_HEADER as IMPORT_HEADER
-from ._subjects import IMPORTS_PREFIX as IMPORTS_PREFIX
-from ._subjects import IMPORTS_WILDCARD as IMPORTS_WILDCARD
 from ._subjects import PARTITION_HEADER as PARTITION_HEADER
 from ._subjects import RECEIVED_HEADER as RECEIVED_HEADER
 from ._subjects import REJECTED_STREAM as REJECTED_STREAM
@@ -110,6 +109,7 @@ from ._subjects import escape_token as escape_token
 from ._subjects import event_subject as event_subject
 from ._subjects import import_marker_of as import_marker_of
 from ._subjects import import_marker_subject as import_marker_subject
+from ._subjects import is_control_subject as is_control_subject
 from ._subjects import segment_filter as segment_filter
 from ._subjects import segment_subject as segment_subject
 from ._subjects import stored_event_subject as stored_event_subject
@@ -157,8 +157,7 @@ __all__ = (
     "DEFAULT_MAX_EVENT_BYTES",
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
-    "IMPORTS_PREFIX",
-    "IMPORTS_WILDCARD",
+    "CONTROL_WILDCARD",
     "IMPORT_HEADER",
     "RECEIVED_HEADER",
     "HOUR",
@@ -236,6 +235,7 @@ __all__ = (
     "customer_of_stored_subject",
     "decode_event",
     "import_marker_of",
+    "is_control_subject",
     "import_marker_subject",
     "validate_import_id",
     "embedded_broker",

@@ -112,6 +112,11 @@ class EventSource(Protocol):
         ...
 
     @property
+    def partitions(self) -> int:
+        """How many partitions ``SHOAL_EVENTS`` splits customers into."""
+        ...
+
+    @property
     def pending_at_start(self) -> int:
         """Messages waiting for this consumer when it (re)started (its backlog)."""
         ...

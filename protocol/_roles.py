@@ -37,10 +37,10 @@ from ._definitions import DEFINITIONS_BUCKET, DEFINITIONS_KEYS, DEFINITIONS_STRE
 from ._subjects import (
     API_ENDPOINTS,
     API_SERVICE,
+    CONTROL_WILDCARD,
     CUSTOMER_ENDPOINTS,
+    EVENTS_PUBLISHED,
     EVENTS_STREAM,
-    EVENTS_WILDCARD,
-    IMPORTS_WILDCARD,
     REJECTED_STREAM,
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
@@ -166,7 +166,9 @@ def _producer() -> _Role:
     return _Role(
         summary="shoal publish: publishes events, and gets JetStream's acknowledgements; "
         "creates no stream",
-        publish=(EVENTS_WILDCARD,),
+        # One customer token: SHOAL_EVENTS takes no other event subject, and the control
+        # messages (import markers, more tokens) are not a producer's.
+        publish=(EVENTS_PUBLISHED,),
         subscribe=(inbox_prefix("producer") + ".>",),
     )
 
@@ -191,14 +193,16 @@ def _operator() -> _Role:
         publish=(
             # Every request; $SRV.INFO.shoal (below) tells the number of partitions.
             *_api_requests(),
-            # shoal import: the imported events, and the markers that frame them.
-            EVENTS_WILDCARD,
-            IMPORTS_WILDCARD,
+            # shoal import: the imported events, and the markers that frame them (one per
+            # partition: the stream's configuration says how many).
+            EVENTS_PUBLISHED,
+            CONTROL_WILDCARD,
+            f"{_JS}.STREAM.INFO.{EVENTS_STREAM}",
             *_SERVICE_DISCOVERY[1:],
             *_read_stream(REJECTED_STREAM),
             f"{_JS}.STREAM.MSG.GET.{REJECTED_STREAM}",
             # rejected --republish: the events again, on their own subjects (the events'
-            # wildcard above), then their rejections out of quarantine (one message at a
+            # subjects above), then their rejections out of quarantine (one message at a
             # time; never the stream).
             f"{_JS}.STREAM.MSG.DELETE.{REJECTED_STREAM}",
         ),

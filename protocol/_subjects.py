@@ -25,10 +25,14 @@ SEGMENTS_PREFIX = "shoal.segments."
 EVENTS_WILDCARD = "shoal.events.>"
 SEGMENTS_WILDCARD = "shoal.segments.>"
 REJECTED_SUBJECT = "shoal.rejected"
-IMPORTS_PREFIX = "shoal.imports."
-IMPORTS_WILDCARD = "shoal.imports.>"
-"""The markers of ``shoal import`` (``shoal.imports.<import id>.<begin|end>``), in
-``SHOAL_EVENTS`` so that they come in stream order with the imported events."""
+CONTROL_TOKEN = "ctl"
+CONTROL_WILDCARD = "shoal.events.*.ctl.>"
+"""Control messages in a partition's own subjects (``shoal.events.<partition>.ctl....``:
+the markers of ``shoal import``), in ``SHOAL_EVENTS`` under its partition's subjects so
+that the partition's consumer reads them in order with its events, through one filter
+(nats-server serves a consumer of several filters far slower). The stream's transform
+takes one token only, so they are stored as published; and a producer, who may publish
+on ``shoal.events.*`` (one token), cannot publish one."""
 IMPORT_STAGES = ("begin", "end")
 IMPORT_HEADER = "Shoal-Import"
 """The header of an imported event (and of the markers): its import's id."""
@@ -407,27 +411,49 @@ def validate_import_id(import_id: str) -> str:
     return import_id
 
 
-def import_marker_subject(import_id: str, stage: str) -> str:
-    """The subject of an import's marker: ``shoal.imports.<import id>.<begin|end>``.
+def import_marker_subject(import_id: str, stage: str, partition: int) -> str:
+    """The subject of an import's marker in one partition:
+    ``shoal.events.<partition>.ctl.import.<import id>.<begin|end>`` (an import has one of
+    each per partition).
 
     Raises:
-        SubjectError: a bad import id, or ``stage`` is not ``begin`` or ``end``.
+        SubjectError: a bad import id or partition, or ``stage`` is not ``begin`` or
+            ``end``.
     """
     if stage not in IMPORT_STAGES:
         raise SubjectError(f"import stage {stage!r} must be 'begin' or 'end'")
-    return f"{IMPORTS_PREFIX}{validate_import_id(import_id)}.{stage}"
+    if partition < 0:
+        raise SubjectError(f"partition {partition} must not be negative")
+    return (
+        f"{EVENTS_PREFIX}{partition}.{CONTROL_TOKEN}.import.{validate_import_id(import_id)}.{stage}"
+    )
 
 
-def import_marker_of(subject: str) -> tuple[str, str]:
-    """The import id and stage of a marker subject ``shoal.imports.<import id>.<stage>``.
+def is_control_subject(subject: str) -> bool:
+    """Whether a stored subject of ``SHOAL_EVENTS`` is a control message
+    (``shoal.events.<partition>.ctl.…``) rather than an event."""
+    if not subject.startswith(EVENTS_PREFIX):
+        return False
+    tokens = subject[len(EVENTS_PREFIX) :].split(".", 2)
+    return len(tokens) == 3 and tokens[1] == CONTROL_TOKEN
+
+
+def import_marker_of(subject: str) -> tuple[int, str, str]:
+    """The partition, import id and stage of a marker subject
+    ``shoal.events.<partition>.ctl.import.<import id>.<stage>``.
 
     Raises:
         SubjectError: the subject is not such a marker.
     """
-    rest = subject[len(IMPORTS_PREFIX) :] if subject.startswith(IMPORTS_PREFIX) else ""
-    import_id, _, stage = rest.partition(".")
-    if stage not in IMPORT_STAGES:
+    tokens = subject[len(EVENTS_PREFIX) :].split(".") if subject.startswith(EVENTS_PREFIX) else []
+    if (
+        len(tokens) != 5
+        or tokens[1:3] != [CONTROL_TOKEN, "import"]
+        or tokens[4] not in IMPORT_STAGES
+        or not (tokens[0].isascii() and tokens[0].isdigit())
+    ):
         raise SubjectError(
-            f"subject {subject[:200]!r} is not {IMPORTS_PREFIX}<import id>.<begin|end>"
+            f"subject {subject[:200]!r} is not "
+            f"{EVENTS_PREFIX}<partition>.{CONTROL_TOKEN}.import.<import id>.<begin|end>"
         )
-    return validate_import_id(import_id), stage
+    return int(tokens[0]), validate_import_id(tokens[3]), tokens[4]

@@ -27,7 +27,7 @@ from ._subjects import (
     EVENTS_PREFIX,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
-    IMPORTS_PREFIX,
+    is_control_subject,
     token_partition,
 )
 from ._time import MINUTE
@@ -105,8 +105,8 @@ class MemoryBroker:
                 if token in ("*", ">"):
                     return subject
                 return f"{EVENTS_PREFIX}{token_partition(token, self.partitions)}.{token}"
-        elif subject.startswith(IMPORTS_PREFIX) and len(subject) > len(IMPORTS_PREFIX):
-            return subject
+            if is_control_subject(subject):
+                return subject  # beyond the transform's one token: stored as published
         raise PublishError(
             f"no stream takes subject {subject!r}: events are published on "
             f"{EVENTS_PREFIX}<customer>, one customer token (no responders)"
@@ -210,6 +210,10 @@ class MemorySource:
     @property
     def filter_subject(self) -> str:
         return self._filter
+
+    @property
+    def partitions(self) -> int:
+        return self._broker.partitions
 
     @property
     def buffered(self) -> int:

@@ -39,7 +39,7 @@ from ._config import EngineConfig, EngineObserver, EngineStats, Wake
 from ._deadlines import Deadlines
 from ._definitions import Definitions
 from ._gc import Collector
-from ._imports import Imports
+from ._imports import Imports, open_ids
 from ._ingest import Ingest
 from ._metrics import Counts
 from ._outbox import Outbox
@@ -187,7 +187,7 @@ class Engine:
     @property
     def open_imports(self) -> list[str]:
         """The imports begun and not yet ended (``shoal import``), by id."""
-        return sorted(self._store.open_imports)
+        return open_ids(self._store.open_imports)
 
     @property
     def applied_imports(self) -> list[str]:

@@ -2,13 +2,16 @@
 live traffic, logged without per-event transitions, and applied at its end by rebuilding
 and reconciling the customers it touched.
 
-An import is framed by two markers on ``shoal.imports.<id>.begin`` and ``.end``, subjects
-only the operator role may publish. Between them, its events come on the customers' usual
-subjects with the header ``Shoal-Import: <id>`` and their original receive instant in
-``Shoal-Received-At``. The engine believes those headers only while that import is open
-(begun and not ended): an event claiming an import that is not open is rejected, never
-taken for live traffic. The imports open are kept in the store, so a restart in the middle
-of one goes on with it.
+An import is framed, in each partition, by two markers on
+``shoal.events.<partition>.ctl.import.<id>.begin`` and ``.end``, subjects only the operator
+role may publish. Between them, its events come on the customers' usual subjects with the
+header ``Shoal-Import: <id>`` and their original receive instant in ``Shoal-Received-At``.
+The engine believes those headers only while that import is open in the event's partition
+(begun and not ended there): an event claiming an import that is not open is rejected,
+never taken for live traffic. At a partition's end marker, the customers of that partition
+the import touched are rebuilt and reconciled; the import is applied once every partition's
+end has been. The imports open are kept in the store, by import and partition, so a restart
+in the middle of one goes on with it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import bisect
 from array import array
 from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
 
 import structlog
 
@@ -25,7 +29,6 @@ from actors._reconcile import reconcile
 from actors._stored import event_of, received_of, snapshot_row, transition_of
 from protocol import (
     EARLIEST,
-    IMPORTS_PREFIX,
     NEVER,
     DefinitionCause,
     Delivery,
@@ -33,7 +36,10 @@ from protocol import (
     InvalidEvent,
     SubjectError,
     Transition,
+    customer_of_stored_subject,
     import_marker_of,
+    is_control_subject,
+    partition,
 )
 from store import LoggedEvent, Snapshot, Store
 
@@ -72,8 +78,18 @@ class Clocks:
 
 
 def is_marker(d: Delivery) -> bool:
-    """Whether a delivery is an import's marker rather than an event."""
-    return d.subject.startswith(IMPORTS_PREFIX)
+    """Whether a delivery is a control message (an import's marker) rather than an event."""
+    return is_control_subject(d.subject)
+
+
+def open_key(import_id: str, in_partition: int) -> str:
+    """The store's key of an import open in one partition (import ids have no ``@``)."""
+    return f"{import_id}@{in_partition}"
+
+
+def open_ids(keys: Iterable[str]) -> list[str]:
+    """The import ids of these keys (:func:`open_key`), each once, sorted."""
+    return sorted({k.partition("@")[0] for k in keys})
 
 
 class Imports:
@@ -98,6 +114,10 @@ class Imports:
         self._logger = structlog.get_logger("shoal.engine")
         self.applied: deque[str] = deque(maxlen=APPLIED_SHOWN)
         """The ids of the imports applied since the engine started, the latest last."""
+        # Of the imports ended in some partitions and not yet in all: customers and
+        # transitions so far, for the log line once applied.
+        self._customers: dict[str, int] = {}
+        self._transitions: dict[str, int] = {}
 
     def received(self, d: Delivery) -> int | None:
         """The receive instant of an event delivery: None for live traffic (the broker's
@@ -110,10 +130,15 @@ class Imports:
         import_id = d.import_id
         if import_id is None:
             return None
-        if import_id not in self._store.open_imports:
+        try:
+            in_partition = customer_of_stored_subject(d.subject)[0]
+        except SubjectError:
+            in_partition = -1  # not stored under a partition: no import is open there
+        if open_key(import_id, in_partition) not in self._store.open_imports:
             raise InvalidEvent(
-                f"the event claims import {import_id[:80]!r}, which is not open (no begin "
-                "marker, or it ended): imported events are published by `shoal import`",
+                f"the event claims import {import_id[:80]!r}, which is not open in its "
+                "partition (no begin marker, or it ended): imported events are published "
+                "by `shoal import`",
                 kind="invalid",
             )
         text = d.received_at or ""
@@ -130,57 +155,81 @@ class Imports:
             )
         return received
 
-    async def marker(self, d: Delivery) -> InvalidEvent | None:
-        """Act on an import's marker (committed with its stream position): begin opens the
-        import, end rebuilds and reconciles what it touched and closes it. Returns why it
-        is refused, if it is."""
+    async def marker(self, d: Delivery, partitions: int) -> InvalidEvent | None:
+        """Act on an import's marker in one partition (committed with its stream position):
+        begin opens the import there, end rebuilds and reconciles the customers of that
+        partition it touched and closes it there. ``partitions``: how many the stream has.
+        Returns why it is refused, if it is."""
         try:
-            import_id, stage = import_marker_of(d.subject)
+            in_partition, import_id, stage = import_marker_of(d.subject)
         except SubjectError as e:
             return InvalidEvent(str(e), kind="subject")
+        if in_partition >= partitions:
+            return InvalidEvent(
+                f"import marker for partition {in_partition}, but the stream has "
+                f"{partitions} partitions",
+                kind="subject",
+            )
         opened = self._store.open_imports
+        key = open_key(import_id, in_partition)
         if stage == "begin":
-            if import_id in opened:
+            if key in opened:
                 await self._outbox.commit([], [], stream_through=d.stream_sequence)
                 return None
-            if len(opened) >= MAX_OPEN_IMPORTS:
+            ids = open_ids(opened)
+            if import_id not in ids and len(ids) >= MAX_OPEN_IMPORTS:
                 return InvalidEvent(
                     f"import {import_id!r} not begun: {MAX_OPEN_IMPORTS} imports are open "
-                    "already (each ends with its end marker)",
+                    "already (each ends with its end markers)",
                     kind="invalid",
                 )
             await self._outbox.commit(
                 [],
                 [],
                 stream_through=d.stream_sequence,
-                imports={import_id: self._store.events.last_seq},
+                imports={key: self._store.events.last_seq},
             )
-            self._logger.info("import begun", import_id=import_id)
+            if import_id not in ids:
+                self._logger.info("import begun", import_id=import_id)
             return None
-        if import_id not in opened:
+        if key not in opened:
             # An end seen again (redelivered after its commit), or one without a begin.
-            self._logger.warning("import end marker of no open import", import_id=import_id)
+            self._logger.warning(
+                "import end marker of no open import",
+                import_id=import_id,
+                partition=in_partition,
+            )
             await self._outbox.commit([], [], stream_through=d.stream_sequence)
             return None
-        customers, transitions = await self._end(opened[import_id])
-        await self._outbox.commit(
-            [], [], stream_through=d.stream_sequence, imports={import_id: None}
+        customers, transitions = await self._end(
+            opened[key], lambda c: partition(c, partitions) == in_partition
         )
-        self._stats.imports_applied += 1
-        self.applied.append(import_id)
-        self._logger.info(
-            "import applied", import_id=import_id, customers=customers, transitions=transitions
-        )
+        await self._outbox.commit([], [], stream_through=d.stream_sequence, imports={key: None})
+        self._customers[import_id] = self._customers.get(import_id, 0) + customers
+        self._transitions[import_id] = self._transitions.get(import_id, 0) + transitions
+        if import_id not in open_ids(self._store.open_imports):
+            # Ended in every partition it was open in.
+            self._stats.imports_applied += 1
+            self.applied.append(import_id)
+            self._logger.info(
+                "import applied",
+                import_id=import_id,
+                customers=self._customers.pop(import_id),
+                transitions=self._transitions.pop(import_id),
+            )
         return None
 
-    async def _end(self, begun: int) -> tuple[int, int]:
-        """Rebuild and reconcile every customer with an event logged since ``begun`` (the
-        import's, and live ones meanwhile: reconciling those changes nothing, as they are
-        up to date), a batch at a time. Returns how many customers, and transitions."""
+    async def _end(self, begun: int, mine: Callable[[str], bool]) -> tuple[int, int]:
+        """Rebuild and reconcile every customer ``mine`` says is of this partition with an
+        event logged since ``begun`` (the import's, and live ones meanwhile: reconciling
+        those changes nothing, as they are up to date), a batch at a time. Returns how many
+        customers, and transitions."""
         touched: set[str] = set()
         async for chunk in self._store.events.read(after=begun):
             touched.update(e.customer_id for e in chunk)
-        ids = sorted(i for i in touched if i not in self._parking)
+        ids = sorted(i for i in touched if i not in self._parking and mine(i))
+        if not ids:
+            return 0, 0
         clocks = await self.clocks(set(ids))
         made = 0
         for start in range(0, len(ids), RECONCILE_BATCH):

@@ -92,7 +92,7 @@ class Ingest:
                 if run:
                     await self._run(run)
                     run = []
-                refused = await self._imports.marker(d)
+                refused = await self._imports.marker(d, source.partitions)
                 if refused is not None:
                     await self._reject(d, refused)
             else:

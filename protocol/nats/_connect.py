@@ -31,9 +31,9 @@ from protocol._errors import BrokerError
 from protocol._partitions import DEFAULT_PARTITIONS
 from protocol._roles import ROLES, inbox_prefix
 from protocol._subjects import (
+    CONTROL_WILDCARD,
     EVENTS_PUBLISHED,
     EVENTS_STREAM,
-    IMPORTS_WILDCARD,
     REJECTED_STREAM,
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
@@ -520,7 +520,7 @@ def _events_config(s: StreamSettings, partitions: int) -> StreamConfig:
         name=EVENTS_STREAM,
         # One customer token only: a subject of more tokens finds no stream, and its
         # producer no answer, rather than reaching the engine as an event of no customer.
-        subjects=[EVENTS_PUBLISHED, IMPORTS_WILDCARD],
+        subjects=[EVENTS_PUBLISHED, CONTROL_WILDCARD],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         duplicate_window=s.events_duplicate_window,

@@ -23,13 +23,12 @@ from nats.js.api import (
 )
 
 from protocol._errors import BrokerError, ProtocolError
+from protocol._partitions import DEFAULT_PARTITIONS
 from protocol._ports import Delivery, StreamState
 from protocol._subjects import (
-    EVENTS_PREFIX,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
     IMPORT_HEADER,
-    IMPORTS_WILDCARD,
     RECEIVED_HEADER,
     SEGMENTS_STREAM,
 )
@@ -92,6 +91,7 @@ class EventFeed:
         filter_subject: str = EVENTS_WILDCARD,
         max_in_flight: int = 20_000,
         ack_wait: float = 30.0,
+        partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
         tolerate_undecodable_subjects(nc)
         self._nc = nc
@@ -100,6 +100,7 @@ class EventFeed:
         self._filter = filter_subject
         self._max_in_flight = max_in_flight
         self._ack_wait = ack_wait
+        self._partitions = partitions
         self._buffer: deque[Msg] = deque()
         self._ready = asyncio.Event()
         self._sub: Any = None
@@ -131,6 +132,11 @@ class EventFeed:
     def filter_subject(self) -> str:
         """The subjects it reads."""
         return self._filter
+
+    @property
+    def partitions(self) -> int:
+        """How many partitions ``SHOAL_EVENTS`` splits customers into (as given)."""
+        return self._partitions
 
     @property
     def needs_restart(self) -> bool:
@@ -263,17 +269,11 @@ class EventFeed:
         # not a resend of something handed out (see take()).
         self._taken_through = start - 1
         self._deliver = self._nc.new_inbox()
-        # An engine of shoal's events reads the import markers too, in stream order. With
-        # one filter: nats-server 2.15 serves a consumer with several (filter_subjects)
-        # about 50 times slower once the stream holds thousands of subjects (one per
-        # customer), which made the whole engine broker-bound (scripts.bench.partitions).
-        # An engine of every customer reads the whole stream (">": events and markers);
-        # one of some customers needs both filters, and pays for them.
+        # One filter: nats-server 2.15 serves a consumer of several (filter_subjects) about
+        # 50 times slower once the stream holds thousands of subjects (one per customer).
+        # The import markers are in each partition's own subjects, so that a partition's
+        # filter reads them too, in stream order.
         subject, filters = self._filter, None
-        if self._filter == EVENTS_WILDCARD:
-            subject = ">"
-        elif self._filter.startswith(EVENTS_PREFIX):
-            filters = [self._filter, IMPORTS_WILDCARD]
         config = ConsumerConfig(
             filter_subjects=filters,
             ack_policy=AckPolicy.ALL,

@@ -1,7 +1,8 @@
 """Publishing imported history into ``SHOAL_EVENTS``: what ``shoal import`` does.
 
-An import is framed by two markers, ``shoal.imports.<id>.begin`` and ``.end`` (subjects only
-the operator role may publish). Each event between them goes on its customer's usual subject
+An import is framed, in each partition, by two markers,
+``shoal.events.<partition>.ctl.import.<id>.begin`` and ``.end`` (subjects only the operator
+role may publish). Each event between them goes on its customer's usual subject
 ``shoal.events.<customer>`` with three headers: ``Nats-Msg-Id`` (the broker drops a repeat
 within its duplicate window), ``Shoal-Import`` (the import's id) and ``Shoal-Received-At``
 (its original receive instant). The engine logs those events without applying them one by
@@ -31,6 +32,7 @@ from protocol._subjects import (
     import_marker_subject,
 )
 from protocol._types import Event
+from protocol.nats._connect import StreamNeedsMigration, stream_partitions
 
 WINDOW = 1_000
 """Events published at most before waiting for the broker's acknowledgements."""
@@ -86,13 +88,29 @@ async def publish_import(
     js = nc.jetstream()
     done = Published(import_id or new_import_id())
     marker = {IMPORT_HEADER: done.import_id}
-    try:
-        await js.publish(
-            import_marker_subject(done.import_id, "begin"),
-            b"",
-            stream=EVENTS_STREAM,
-            headers=marker,
+
+    async def markers(stage: str) -> None:
+        # One in each partition: each partition's consumer reads its own, in order with
+        # its events (so an import begins before its first event in every partition, and
+        # ends after its last).
+        await asyncio.gather(
+            *(
+                js.publish(
+                    import_marker_subject(done.import_id, stage, p),
+                    b"",
+                    stream=EVENTS_STREAM,
+                    headers=marker,
+                )
+                for p in range(partitions)
+            )
         )
+
+    found = await stream_partitions(js)
+    if found is None:
+        raise StreamNeedsMigration(EVENTS_STREAM, None, None)
+    partitions = found
+    try:
+        await markers("begin")
         pending: list[asyncio.Future[Any]] = []
         async for piece in events:
             for event in piece:
@@ -113,12 +131,7 @@ async def publish_import(
                     await _confirmed(pending, done, on_progress)
                     pending = []
         await _confirmed(pending, done, on_progress)
-        await js.publish(
-            import_marker_subject(done.import_id, "end"),
-            b"",
-            stream=EVENTS_STREAM,
-            headers=marker,
-        )
+        await markers("end")
     except nats.js.errors.NoStreamResponseError as e:
         raise BrokerError(
             f"stream {EVENTS_STREAM} does not exist on this NATS server, so nothing was "

@@ -94,6 +94,11 @@ async def jetstream_ports(
     async with permission_guard(nc):
         partitions = await ensure_streams(js, streams)
     feed = EventFeed(
-        nc, js, durable=consumer, filter_subject=filter_subject, max_in_flight=max_in_flight
+        nc,
+        js,
+        durable=consumer,
+        filter_subject=filter_subject,
+        max_in_flight=max_in_flight,
+        partitions=partitions,
     )
     return feed, Publisher(nc, partitions=partitions)

@@ -17,13 +17,14 @@ from actors import VirtualClock, event_of, load_segments, logged_event
 from actors.population import generate, write_history
 from protocol import (
     DAY,
+    DEFAULT_PARTITIONS,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
-    IMPORTS_WILDCARD,
     SECOND,
     Delivery,
     Event,
     event_from_line,
+    is_control_subject,
     parse_timestamp,
 )
 from protocol.nats import connect, read_stream
@@ -103,15 +104,21 @@ def test_import_reports_bad_lines_exactly_and_publishes_the_good_ones(
         "imported 3 event(s), 0 duplicate(s), 6 line(s) skipped; the engine applies them "
         "once it reaches the import's end"
     ]
-    deliveries = anyio.run(streamed, nats_server.url)
+    stored = anyio.run(streamed, nats_server.url)
+    deliveries = [d for d in stored if not is_control_subject(d.subject)]
     events = [d.event(received=int(d.received_at or 0)) for d in deliveries]
     (import_id,) = {d.import_id for d in deliveries}
-    markers = anyio.run(streamed, nats_server.url, IMPORTS_WILDCARD)
-    assert [d.subject for d in markers] == [
-        f"shoal.imports.{import_id}.begin",
-        f"shoal.imports.{import_id}.end",
-    ]
-    assert [d.stream_sequence for d in markers] == [1, 5]  # around the events
+    # A begin and an end marker in each partition, around the events.
+    markers = [d for d in stored if is_control_subject(d.subject)]
+    assert sorted(d.subject for d in markers) == sorted(
+        f"shoal.events.{p}.ctl.import.{import_id}.{stage}"
+        for p in range(DEFAULT_PARTITIONS)
+        for stage in ("begin", "end")
+    )
+    begins = [d.stream_sequence for d in markers if d.subject.endswith(".begin")]
+    ends = [d.stream_sequence for d in markers if d.subject.endswith(".end")]
+    seqs = [d.stream_sequence for d in deliveries]
+    assert max(begins) < min(seqs) and max(seqs) < min(ends)
     assert summary(events) == [
         ("alice", "a1", "track", "Visit", parse_timestamp(T1), {"club": "north"}, {}),
         ("bob", "b1", "track", "Visit", parse_timestamp(T1), {}, {}),

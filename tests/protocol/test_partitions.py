@@ -19,7 +19,6 @@ from protocol import (
     DEFAULT_PARTITIONS,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
-    IMPORTS_WILDCARD,
     customer_of_stored_subject,
     event_subject,
     partition,
@@ -166,7 +165,7 @@ async def _add_old_events_stream(client: Client) -> None:
     await client.jetstream().add_stream(
         StreamConfig(
             name=EVENTS_STREAM,
-            subjects=[EVENTS_WILDCARD, IMPORTS_WILDCARD],
+            subjects=[EVENTS_WILDCARD, "shoal.imports.>"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             duplicate_window=120.0,
@@ -203,7 +202,7 @@ async def test_the_number_of_partitions_is_read_back_and_kept(client: Client) ->
     # Not told: the stream's own number is kept.
     assert await ensure_streams(js) == 12
     info = await js.stream_info(EVENTS_STREAM)
-    assert info.config.subjects == ["shoal.events.*", IMPORTS_WILDCARD]
+    assert info.config.subjects == ["shoal.events.*", "shoal.events.*.ctl.>"]
     assert info.config.subject_transform is not None
     assert info.config.subject_transform.dest == "shoal.events.{{partition(12,1)}}.{{wildcard(1)}}"
     assert not info.config.max_age  # every event is kept

@@ -66,7 +66,7 @@ def test_the_producer_publishes_events_only() -> None:
             "permissions: {",
             "  publish: {",
             "    allow: [",
-            '      "shoal.events.>"',
+            '      "shoal.events.*"',
             "    ]",
             "  }",
             "  subscribe: {",

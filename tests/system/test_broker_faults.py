@@ -28,7 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from structlog.testing import capture_logs
 
 from actors import EngineConfig
-from protocol import BrokerError, Transition
+from protocol import EVENTS_WILDCARD, BrokerError, Transition
 from protocol.nats import EventFeed, connect, ensure_streams
 from store import Store
 from tests.helpers import NatsServer, eventually, running_engine, segments
@@ -527,8 +527,8 @@ async def test_a_delivery_resent_after_ack_wait_is_not_handed_out_twice(
 
 async def test_the_engines_consumer_has_one_filter(nats_server: NatsServer) -> None:
     """nats-server serves a consumer with several filters (``filter_subjects``) some 50
-    times slower once the stream holds thousands of subjects: the engine of every customer
-    reads the whole stream through one filter, import markers included."""
+    times slower once the stream holds thousands of subjects: the engine reads its events
+    through one filter, the import markers (in each partition's subjects) included."""
     nc = await connect([nats_server.url])
     try:
         js = nc.jetstream()
@@ -536,7 +536,7 @@ async def test_the_engines_consumer_has_one_filter(nats_server: NatsServer) -> N
         feed = EventFeed(nc, js, durable="unit")
         await feed.start()
         info = await js.consumer_info("SHOAL_EVENTS", "unit")
-        assert (info.config.filter_subject, info.config.filter_subjects) == (">", None)
+        assert (info.config.filter_subject, info.config.filter_subjects) == (EVENTS_WILDCARD, None)
         await publish(js, "ann", "a0")
         await eventually(lambda: feed.buffered == 1)
         await feed.stop()

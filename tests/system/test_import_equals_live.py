@@ -21,6 +21,7 @@ from nats.aio.client import Client
 from actors import Engine, Replay, SegmentSet, VirtualClock, event_of, rebuild_from_stream
 from protocol import (
     DAY,
+    DEFAULT_PARTITIONS,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
     HOUR,
@@ -32,6 +33,8 @@ from protocol import (
     OrderedHistory,
     Transition,
     format_instant,
+    import_marker_subject,
+    partition,
     to_instant,
 )
 from protocol.nats import connect, publish_import, read_stream
@@ -231,12 +234,16 @@ async def test_an_event_claiming_an_import_that_is_not_open_is_rejected(
             headers={"Shoal-Import": "0123abcd", "Shoal-Received-At": str(START)},
         )
         # An end marker of no open import: ignored, nothing rebuilt.
-        await js.publish("shoal.imports.0123abcd.end", b"", headers={"Shoal-Import": "0123abcd"})
+        await js.publish(
+            import_marker_subject("0123abcd", "end", partition("ann", DEFAULT_PARTITIONS)),
+            b"",
+            headers={"Shoal-Import": "0123abcd"},
+        )
         await eventually(lambda: len(rejected.msgs) == 1)
         (rejection,) = rejected.rejections()
         assert rejection.reason == (
-            "the event claims import '0123abcd', which is not open (no begin marker, or it "
-            "ended): imported events are published by `shoal import`"
+            "the event claims import '0123abcd', which is not open in its partition (no begin "
+            "marker, or it ended): imported events are published by `shoal import`"
         )
         await eventually(lambda: engine.stats.events_rejected == 1)
         assert engine.customer("ann") is None

@@ -392,11 +392,13 @@ async def test_the_operator_republishes_rejected_events_and_touches_nothing_else
         subject = "shoal.segments.vip.entered"
         denied = await _refused(nc, subject, partial(nc.request, subject, b"{}", timeout=5))
         assert str(denied) == f"permission denied: role operator may not publish to {subject}"
-        # It reads SHOAL_REJECTED through consumers of its own and deletes a message of it;
+        # It reads SHOAL_REJECTED through consumers of its own and deletes a message of it,
+        # and reads SHOAL_EVENTS's configuration (shoal import: how many partitions);
         # nothing else of any stream.
         allowed = {
             f"$JS.API.STREAM.{what}.{REJECTED_STREAM}" for what in ("INFO", "MSG.GET", "MSG.DELETE")
         } | {
+            "$JS.API.STREAM.INFO.SHOAL_EVENTS",
             f"$JS.API.CONSUMER.DURABLE.CREATE.{REJECTED_STREAM}.mine",
             f"$JS.API.CONSUMER.DELETE.{REJECTED_STREAM}.shoal-engine",
         }
@@ -467,7 +469,7 @@ async def test_only_the_operator_may_import(secured: Secured, tmp_path: Path) ->
     (its markers), so none can pass events off as imported."""
     for role in ("producer", "subscriber"):
         async with secured.client(role) as nc:
-            subject = "shoal.imports.abc.begin"
+            subject = "shoal.events.3.ctl.import.abc.begin"
             denied = await _refused(nc, subject, partial(nc.request, subject, b"", timeout=5))
             assert str(denied) == f"permission denied: role {role} may not publish to {subject}"
     history = tmp_path / "h.jsonl"
