@@ -80,6 +80,8 @@ from protocol.nats._replies import answer_inboxes_only, answers_an_inbox
 from protocol.nats._undecodable import tolerate_undecodable_subjects
 
 _STOP_TIMEOUT = 2.0
+_FORWARD_TIMEOUT = 5.0
+"""Seconds a forwarded request waits for the owner's reply."""
 _READY_TIMEOUT = 5.0
 _logger = structlog.get_logger("shoal.api")
 _encoder = msgspec.json.Encoder()
@@ -209,9 +211,8 @@ async def serve_api(
     queue group ``shoal``; one whose partition is not the customer's is refused
     (:class:`~protocol.InvalidRequest`), so it never answers with another customer's data.
     The subjects of earlier versions, ``shoal.api.<endpoint>.<customer>``, are answered by
-    forwarding: the engine that gets one (in the queue group) publishes it again on the
-    customer's partitioned subject with the same reply subject, and the owner answers the
-    requester directly.
+    forwarding: the engine that gets one (in the queue group) asks the owner on the
+    customer's partitioned subject and relays its reply.
 
     The gathered endpoints (``segments``, ``members``, ``search``, ``status``) reach every
     engine: each listens in a queue group of its own (nats-py's ``nats.micro`` always
@@ -280,9 +281,13 @@ class _Owned:
 
 
 def _forwarder(nc: Client, endpoint: str, count: int) -> Callable[[Request], Awaitable[None]]:
-    """The handler of ``endpoint`` requests on the subjects of earlier versions: publish the
-    request again on its partitioned subject, with the requester's reply subject, so the
-    engine that owns the customer answers it directly."""
+    """The handler of ``endpoint`` requests on the subjects of earlier versions: ask the
+    engine that owns the customer on its partitioned subject, and relay its reply (body and
+    headers, errors included) to the requester.
+
+    Relayed rather than republished with the requester's reply subject: under the roles'
+    permissions an engine may answer only the requests it receives itself, so the owner
+    could not answer a requester whose request another engine passed on."""
 
     async def forward(request: Request) -> None:
         msg = request._msg
@@ -290,10 +295,25 @@ def _forwarder(nc: Client, endpoint: str, count: int) -> Callable[[Request], Awa
             return
         try:
             customer_id = _customer(endpoint, request.subject)
-            target = customer_api_subject(endpoint, customer_id, partition(customer_id, count))
+            owner = partition(customer_id, count)
+            target = customer_api_subject(endpoint, customer_id, owner)
         except ApiError as e:
             raise ServiceError(e.code, _header_text(e.message)) from e
-        await nc.publish(target, request.data, reply=msg.reply, headers=msg.headers)
+        try:
+            reply = await nc.request(
+                target, request.data, timeout=_FORWARD_TIMEOUT, headers=msg.headers
+            )
+        except nats.errors.NoRespondersError:
+            raise ServiceError(
+                EngineUnavailable.code,
+                f"no engine answers for partition {owner} of {count} (asked on {target})",
+            ) from None
+        except (TimeoutError, nats.errors.Error) as e:
+            raise ServiceError(
+                EngineUnavailable.code,
+                _header_text(f"the engine of partition {owner} did not answer on {target}: {e}"),
+            ) from None
+        await request.respond(reply.data, headers=reply.headers)
 
     return forward
 
