@@ -3,6 +3,8 @@ computes it (the stream's subject transform ``{{partition(P,1)}}``)."""
 
 from __future__ import annotations
 
+import functools
+
 from ._subjects import escape_token, token_partition
 
 DEFAULT_PARTITIONS = 32
@@ -10,11 +12,13 @@ DEFAULT_PARTITIONS = 32
 stream's life: changing it is a migration."""
 
 
+@functools.lru_cache(maxsize=65536)
 def partition(customer_id: str, partitions: int) -> int:
     """The partition of ``customer_id`` among ``partitions``: FNV-1a (32 bits) over the
     UTF-8 bytes of the escaped subject token the broker sees, modulo ``partitions``, as
     nats-server's ``partition()`` subject-transform function computes it
-    (``SHOAL_EVENTS`` stores the customer's events under it).
+    (``SHOAL_EVENTS`` stores the customer's events under it). Cached: each transition
+    published asks it for its header.
 
     Raises:
         SubjectError: the id is empty.

@@ -208,12 +208,14 @@ def customer_of_stored_subject(subject: str) -> tuple[int, str]:
     return int(number), unescape_token(token)
 
 
+@functools.lru_cache(maxsize=65536)
 def customer_of_event_subject(subject: str) -> str:
     """The customer id of an event subject: as published, ``shoal.events.<customer>``, or
     as ``SHOAL_EVENTS`` stores it, ``shoal.events.<partition>.<customer>``.
 
     A subject of two tokens after ``shoal.events.`` can only be the stored form: a producer
-    who publishes on one gets no stream to store it.
+    who publishes on one gets no stream to store it. Cached: every event the engine takes
+    asks it, and a customer's subject comes again and again (an error is not cached).
 
     Raises:
         SubjectError: the subject is neither; in particular the literal ``shoal.events.*``
