@@ -73,6 +73,7 @@ from ._lines import events_from_lines as events_from_lines
 from ._lines import read_history as read_history
 from ._partitions import DEFAULT_PARTITIONS as DEFAULT_PARTITIONS
 from ._partitions import partition as partition
+from ._partitions import partition_consumer as partition_consumer
 from ._ports import Delivery as Delivery
 from ._ports import EventSource as EventSource
 from ._ports import PublishError as PublishError
@@ -252,6 +253,7 @@ __all__ = (
     "nkey_users_config",
     "parse_timestamp",
     "partition",
+    "partition_consumer",
     "partition_ranges",
     "permissions_block",
     "port_in_use",

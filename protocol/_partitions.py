@@ -27,3 +27,9 @@ def partition(customer_id: str, partitions: int) -> int:
     if partitions < 1:
         raise ValueError(f"the number of partitions must be positive, not {partitions}")
     return token_partition(escape_token(customer_id), partitions)
+
+
+def partition_consumer(prefix: str, partition: int) -> str:
+    """The durable consumer of one partition of ``SHOAL_EVENTS``: ``<prefix>-<partition>``
+    (``serve --consumer`` gives the prefix; the default is ``shoal-engine``)."""
+    return f"{prefix}-{partition}"

@@ -23,6 +23,8 @@ from ._schema import MMAP_BYTES, Synchronous, check_for_reading, prepare_for_wri
 from ._snapshots import Snapshot, SnapshotMarks, Snapshots
 
 _STREAM_THROUGH = "stream_through"
+_PARTITION_THROUGH = "stream_through."
+"""``meta`` keys of :attr:`Store.partitions_through`: ``stream_through.<partition>``."""
 _IMPORT = "import:"
 """``meta`` keys of the imports begun and not yet ended: ``import:<id>`` -> the event log
 position when it began."""
@@ -48,8 +50,10 @@ class Store:
         parked: Parked,
         stream_through: int | None = None,
         imports: dict[str, int] | None = None,
+        partitions_through: dict[int, int] | None = None,
     ) -> None:
         self._db = db
+        self._partitions_through = partitions_through or {}
         self._imports = imports or {}
         self._lock = lock
         self._closed = False
@@ -77,6 +81,14 @@ class Store:
         written by a shoal before this was recorded). A consumer's acknowledgement floor past
         it means the store is behind the stream."""
         return self._stream_through
+
+    @property
+    def partitions_through(self) -> Mapping[int, int]:
+        """Per partition of the events stream, the position up to which every message of
+        that partition was committed (read it, don't change it). A partition's consumer
+        whose acknowledgement floor is past its entry (or, without one, past
+        :attr:`stream_through`) means the store is behind the stream."""
+        return self._partitions_through
 
     @property
     def open_imports(self) -> dict[str, int]:
@@ -151,6 +163,11 @@ class Store:
             await Parked.load(db, writable=lock is not None, doing=doing),
             int(meta[_STREAM_THROUGH]) if _STREAM_THROUGH in meta else None,
             {k[len(_IMPORT) :]: int(v) for k, v in meta.items() if k.startswith(_IMPORT)},
+            {
+                int(k[len(_PARTITION_THROUGH) :]): int(v)
+                for k, v in meta.items()
+                if k.startswith(_PARTITION_THROUGH)
+            },
         )
 
     async def __aenter__(self) -> Self:
@@ -202,6 +219,7 @@ class Store:
         marks: SnapshotMarks | None = None,
         unparked: Sequence[str] = (),
         stream_through: int | None = None,
+        partitions_through: Mapping[int, int] | None = None,
         imports: Mapping[str, int | None] | None = None,
     ) -> list[int]:
         """Append events and outbox entries, advance the published mark, and store
@@ -218,6 +236,8 @@ class Store:
             unparked: customers no longer parked (see :attr:`parked`).
             stream_through: every message of the events stream up to this position is
                 committed with this (ignored unless it moves :attr:`stream_through` forward).
+            partitions_through: the same per partition (each entry ignored unless it moves
+                that partition's position forward).
             imports: imports begun (id -> the event log position then) or ended (id ->
                 None) with this commit (see :attr:`open_imports`).
 
@@ -233,9 +253,12 @@ class Store:
         through = stream_through
         if through is not None and through <= (self._stream_through or 0):
             through = None
+        known = self._partitions_through
+        moved = {p: seq for p, seq in (partitions_through or {}).items() if seq > known.get(p, 0)}
         if (
             not (events or entries or mark is not None or snapshots or marks or through or unparked)
             and not imports
+            and not moved
         ):
             return []
         seqs = self.outbox._next_seqs(len(entries))
@@ -251,6 +274,8 @@ class Store:
             await self.parked._remove(unparked)
             if through is not None:
                 await self._db.set_meta(_STREAM_THROUGH, str(through))
+            for p, seq in moved.items():
+                await self._db.set_meta(f"{_PARTITION_THROUGH}{p}", str(seq))
             for import_id, begun in (imports or {}).items():
                 if begun is None:
                     await self._db.execute(
@@ -262,6 +287,7 @@ class Store:
                     await self._db.set_meta(_IMPORT + import_id, str(begun))
         if through is not None:
             self._stream_through = through
+        known.update(moved)
         for import_id, begun in (imports or {}).items():
             if begun is None:
                 self._imports.pop(import_id, None)
@@ -272,6 +298,40 @@ class Store:
         self.snapshots._committed(marks)
         self.parked._committed(unparked)
         return seqs
+
+    async def reset_stream_positions(
+        self,
+        through: int | None,
+        partitions: Mapping[int, int],
+        imports: Mapping[str, int],
+    ) -> None:
+        """Replace the recorded events stream positions and open imports, in one transaction:
+        for a migration to a new events stream, whose positions are not the old one's.
+
+        Args:
+            through: the new :attr:`stream_through`.
+            partitions: the new :attr:`partitions_through` (every other entry is removed).
+            imports: the new :attr:`open_imports` (every other one is removed).
+
+        Raises:
+            StoreError: nothing was written.
+        """
+        db, writing = self._db, self._db.writing
+        async with db.transaction():
+            await db.execute(
+                "DELETE FROM meta WHERE key = ? OR key LIKE ? OR key LIKE ?",
+                (_STREAM_THROUGH, _PARTITION_THROUGH + "%", _IMPORT + "%"),
+                doing=writing,
+            )
+            if through is not None:
+                await db.set_meta(_STREAM_THROUGH, str(through))
+            for p, seq in partitions.items():
+                await db.set_meta(f"{_PARTITION_THROUGH}{p}", str(seq))
+            for import_id, begun in imports.items():
+                await db.set_meta(_IMPORT + import_id, str(begun))
+        self._stream_through = through
+        self._partitions_through = dict(partitions)
+        self._imports = dict(imports)
 
     async def import_events(self, events: Sequence[LoggedEvent]) -> int:
         """Append the events the log does not hold yet, in one transaction; return how many.
