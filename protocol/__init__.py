@@ -37,12 +37,15 @@ from ._definitions import DEFINITIONS_BUCKET as DEFINITIONS_BUCKET
 from ._definitions import MAX_STORED_DEFINITIONS_BYTES as MAX_STORED_DEFINITIONS_BYTES
 from ._definitions import ApiOrigin as ApiOrigin
 from ._definitions import DefinitionsBoard as DefinitionsBoard
+from ._definitions import DefinitionsMarker as DefinitionsMarker
 from ._definitions import FileOrigin as FileOrigin
 from ._definitions import Origin as Origin
 from ._definitions import StoredDefinitions as StoredDefinitions
 from ._definitions import StoredDefinitionsError as StoredDefinitionsError
 from ._definitions import decode_definitions as decode_definitions
+from ._definitions import decode_marker as decode_marker
 from ._definitions import encode_definitions as encode_definitions
+from ._definitions import encode_marker as encode_marker
 from ._errors import ApiError as ApiError
 from ._errors import BrokerError as BrokerError
 from ._errors import CustomerParked as CustomerParked
@@ -91,10 +94,12 @@ from ._subjects import API_ENDPOINTS as API_ENDPOINTS
 from ._subjects import API_PREFIX as API_PREFIX
 from ._subjects import API_SERVICE as API_SERVICE
 from ._subjects import CONTROL_WILDCARD as CONTROL_WILDCARD
+from ._subjects import DEFINITIONS_MARKERS as DEFINITIONS_MARKERS
 from ._subjects import EVENTS_STREAM as EVENTS_STREAM
 from ._subjects import EVENTS_WILDCARD as EVENTS_WILDCARD
 from ._subjects import GATHERED_ENDPOINTS as GATHERED_ENDPOINTS
 from ._subjects import IMPORT_HEADER as IMPORT_HEADER
+from ._subjects import IMPORT_MARKERS as IMPORT_MARKERS
 from ._subjects import PARTITION_HEADER as PARTITION_HEADER
 from ._subjects import RECEIVED_HEADER as RECEIVED_HEADER
 from ._subjects import REJECTED_STREAM as REJECTED_STREAM
@@ -106,11 +111,13 @@ from ._subjects import customer_api_subject as customer_api_subject
 from ._subjects import customer_of_api_subject as customer_of_api_subject
 from ._subjects import customer_of_event_subject as customer_of_event_subject
 from ._subjects import customer_of_stored_subject as customer_of_stored_subject
+from ._subjects import definitions_marker_subject as definitions_marker_subject
 from ._subjects import escape_token as escape_token
 from ._subjects import event_subject as event_subject
 from ._subjects import import_marker_of as import_marker_of
 from ._subjects import import_marker_subject as import_marker_subject
 from ._subjects import is_control_subject as is_control_subject
+from ._subjects import is_definitions_marker as is_definitions_marker
 from ._subjects import segment_filter as segment_filter
 from ._subjects import segment_subject as segment_subject
 from ._subjects import stored_event_subject as stored_event_subject
@@ -136,40 +143,33 @@ from ._types import Transition as Transition
 from ._types import header_token as header_token
 
 __all__ = (
-    "DEFINITIONS_BUCKET",
-    "MAX_STORED_DEFINITIONS_BYTES",
-    "ApiOrigin",
-    "DefinitionsApplied",
-    "DefinitionsBoard",
-    "FileOrigin",
-    "Origin",
-    "StoredDefinitions",
-    "StoredDefinitionsError",
-    "decode_definitions",
-    "encode_definitions",
     "API_ENDPOINTS",
     "API_PREFIX",
     "API_SERVICE",
     "API_VERSION",
+    "CONTROL_WILDCARD",
     "DAY",
-    "DEFAULT_PARTITIONS",
-    "GATHERED_ENDPOINTS",
-    "EARLIEST",
     "DEFAULT_MAX_EVENT_BYTES",
+    "DEFAULT_PARTITIONS",
+    "DEFINITIONS_BUCKET",
+    "DEFINITIONS_MARKERS",
+    "EARLIEST",
     "EVENTS_STREAM",
     "EVENTS_WILDCARD",
-    "CONTROL_WILDCARD",
-    "IMPORT_HEADER",
-    "RECEIVED_HEADER",
+    "GATHERED_ENDPOINTS",
     "HOUR",
+    "IMPORT_HEADER",
+    "IMPORT_MARKERS",
     "KEYS_DIR",
     "MAX_FUTURE_SKEW",
     "MAX_PAGE",
     "MAX_PREFIX_CHARS",
     "MAX_SEARCH",
+    "MAX_STORED_DEFINITIONS_BYTES",
     "MINUTE",
     "NEVER",
     "PARTITION_HEADER",
+    "RECEIVED_HEADER",
     "REJECTED_STREAM",
     "REJECTED_SUBJECT",
     "ROLES",
@@ -177,6 +177,7 @@ __all__ = (
     "SEGMENTS_STREAM",
     "SEGMENTS_WILDCARD",
     "ApiError",
+    "ApiOrigin",
     "BrokerError",
     "Cause",
     "ConditionExplanation",
@@ -184,6 +185,9 @@ __all__ = (
     "CustomerReply",
     "CustomerRequest",
     "DefinitionCause",
+    "DefinitionsApplied",
+    "DefinitionsBoard",
+    "DefinitionsMarker",
     "DefinitionsReply",
     "DefinitionsRequest",
     "Delivery",
@@ -191,12 +195,13 @@ __all__ = (
     "EnginesDisagree",
     "Event",
     "EventCause",
-    "ImportCause",
     "EventCounter",
     "EventSource",
     "ExplainReply",
     "ExplainRequest",
+    "FileOrigin",
     "GatheredStatus",
+    "ImportCause",
     "InvalidEvent",
     "InvalidRequest",
     "KeyFileError",
@@ -204,6 +209,7 @@ __all__ = (
     "MembersRequest",
     "Membership",
     "OrderedHistory",
+    "Origin",
     "ParkedInfo",
     "PermissionDenied",
     "ProtocolError",
@@ -220,6 +226,8 @@ __all__ = (
     "SpillError",
     "StatusReply",
     "StatusRequest",
+    "StoredDefinitions",
+    "StoredDefinitionsError",
     "StreamState",
     "SubjectError",
     "TimeCause",
@@ -234,12 +242,13 @@ __all__ = (
     "customer_of_api_subject",
     "customer_of_event_subject",
     "customer_of_stored_subject",
+    "decode_definitions",
     "decode_event",
-    "import_marker_of",
-    "is_control_subject",
-    "import_marker_subject",
-    "validate_import_id",
+    "decode_marker",
+    "definitions_marker_subject",
     "embedded_broker",
+    "encode_definitions",
+    "encode_marker",
     "escape_token",
     "event_from_line",
     "event_line",
@@ -249,7 +258,11 @@ __all__ = (
     "format_instant",
     "from_instant",
     "header_token",
+    "import_marker_of",
+    "import_marker_subject",
     "inbox_prefix",
+    "is_control_subject",
+    "is_definitions_marker",
     "nkey_users_config",
     "parse_timestamp",
     "partition",
@@ -257,13 +270,14 @@ __all__ = (
     "partition_ranges",
     "permissions_block",
     "port_in_use",
+    "read_history",
     "role_key_file",
     "role_summary",
-    "read_history",
     "segment_filter",
     "segment_subject",
     "stored_event_subject",
     "to_instant",
     "unescape_token",
+    "validate_import_id",
     "validate_segment_name",
 )

@@ -76,11 +76,51 @@ class StoredDefinitions(msgspec.Struct, frozen=True, kw_only=True):
     """Their TOML text without its ``[lists]`` tables."""
     lists: dict[str, list[str]]
     """The static lists' ids, by list name, sorted."""
+    applied_through: dict[int, int] | None = None
+    """Where in each partition of ``SHOAL_EVENTS`` they were switched to, when they replaced
+    earlier ones: every event up to that stream position (0 for a partition not listed) was
+    applied under the definitions before, every later one under these. None for the first
+    definitions of a store, and in records of a shoal before definitions markers."""
 
     @property
     def origin_kind(self) -> Literal["file", "api"]:
         """``file`` or ``api``."""
         return "file" if isinstance(self.origin, FileOrigin) else "api"
+
+
+class DefinitionsMarker(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of a definitions marker (``shoal.events.<partition>.ctl.definitions.<version>``,
+    published by the engine in each partition once it switched to new definitions).
+
+    It makes the switch part of the partition's history, so that the partition can be
+    rebuilt from the stream alone: apply its events up to ``applied_through`` under the
+    definitions before, switch at ``applied_at`` to those of ``version`` (the record in
+    ``SHOAL_DEFINITIONS``, whose ``fingerprint`` must match), then apply the rest."""
+
+    version: int
+    fingerprint: str
+    applied_at: datetime
+    applied_through: int
+    """The partition's last stream position applied under the definitions before (0:
+    none)."""
+
+
+_marker_encoder = msgspec.json.Encoder()
+_marker_decoder = msgspec.json.Decoder(DefinitionsMarker)
+
+
+def encode_marker(marker: DefinitionsMarker) -> bytes:
+    """A definitions marker's body (JSON)."""
+    return _marker_encoder.encode(marker)
+
+
+def decode_marker(data: bytes) -> DefinitionsMarker:
+    """The marker :func:`encode_marker` made.
+
+    Raises:
+        msgspec.DecodeError: ``data`` is not one.
+    """
+    return _marker_decoder.decode(data)
 
 
 class StoredDefinitionsError(ProtocolError):

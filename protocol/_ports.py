@@ -10,8 +10,8 @@ Nothing here imports ``nats``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ._errors import ProtocolError
@@ -40,6 +40,9 @@ class Delivery:
     received_at: str | None = None
     """The ``Shoal-Received-At`` header as sent: an imported event's original receive
     instant (microseconds since the epoch, decimal)."""
+    partition: int | None = None
+    """The partition of ``SHOAL_EVENTS`` whose own consumer delivered it; None when the
+    consumer reads several."""
 
     @property
     def default_message_id(self) -> str:
@@ -80,11 +83,14 @@ class StreamState:
     messages: int
     """How many messages the stream holds."""
     ack_floor: int | None
-    """The stream position up to which the consumer acknowledged everything; None when the
-    consumer does not exist (yet)."""
+    """The stream position up to which the consumer acknowledged everything (with one
+    consumer per partition: the furthest of theirs); None when the consumer does not exist
+    (yet)."""
     published: int = 0
     """How many transitions the transitions stream (``SHOAL_SEGMENTS``) holds: published by
     an engine before."""
+    partition_floors: Mapping[int, int] = field(default_factory=dict)
+    """With one consumer per partition: the acknowledgement floor of each that exists."""
 
 
 class PublishError(ProtocolError):
@@ -136,6 +142,19 @@ class EventSource(Protocol):
     def needs_restart(self) -> bool:
         """True once a delivery went missing or the connection was lost since (re)start:
         acknowledge what was taken, then call :meth:`restart`."""
+        ...
+
+    @property
+    def backlog_cap(self) -> int | None:
+        """None when caught up as far as the source knows. Else it is behind (the broker
+        holds more for it, or the backlog counted at its (re)start is not all taken yet):
+        no delivery still to come is stamped before this instant (0: unknown yet), so no
+        deadline at or past it may fire."""
+        ...
+
+    def caught_up(self) -> None:
+        """A whole idle period went by without a delivery: whatever was counted at
+        (re)start has arrived, so the source is no longer behind."""
         ...
 
     async def start(self) -> None:
@@ -228,5 +247,15 @@ class TransitionSink(Protocol):
 
         Raises:
             PublishError: it was not confirmed; publish it again.
+        """
+        ...
+
+    async def publish_markers(self, markers: Sequence[tuple[str, bytes, str]]) -> None:
+        """Publish control messages into the events stream, each a (stored subject, body,
+        message id), and wait until all are confirmed (a repeat of a message id the broker
+        holds is dropped).
+
+        Raises:
+            PublishError: not all were confirmed; publish them again.
         """
         ...

@@ -37,10 +37,11 @@ from ._definitions import DEFINITIONS_BUCKET, DEFINITIONS_KEYS, DEFINITIONS_STRE
 from ._subjects import (
     API_ENDPOINTS,
     API_SERVICE,
-    CONTROL_WILDCARD,
     CUSTOMER_ENDPOINTS,
+    DEFINITIONS_MARKERS,
     EVENTS_PUBLISHED,
     EVENTS_STREAM,
+    IMPORT_MARKERS,
     REJECTED_STREAM,
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
@@ -144,12 +145,15 @@ def _engine() -> _Role:
         DEFINITIONS_KEYS,
     ]
     return _Role(
-        summary="shoal serve and shoal rebuild: the streams, the engine's consumer of "
-        f"{EVENTS_STREAM}, the transitions, the rejected events, the query service, the "
-        f"definitions in force (KV bucket {DEFINITIONS_BUCKET}, the engine's alone)",
+        summary="shoal serve and shoal rebuild: the streams, the engine's consumers of "
+        f"{EVENTS_STREAM} and its definitions markers there, the transitions, the rejected "
+        "events, the query service, the definitions in force (KV bucket "
+        f"{DEFINITIONS_BUCKET}, the engine's alone)",
         publish=(
             SEGMENTS_WILDCARD,
             REJECTED_SUBJECT,
+            # Where it switched to new definitions, in each partition's history.
+            DEFINITIONS_MARKERS,
             *js,
             # The service asks itself whether it listens yet.
             f"$SRV.PING.{API_SERVICE}.*",
@@ -196,7 +200,7 @@ def _operator() -> _Role:
             # shoal import: the imported events, and the markers that frame them (one per
             # partition: the stream's configuration says how many).
             EVENTS_PUBLISHED,
-            CONTROL_WILDCARD,
+            IMPORT_MARKERS,
             f"{_JS}.STREAM.INFO.{EVENTS_STREAM}",
             *_SERVICE_DISCOVERY[1:],
             *_read_stream(REJECTED_STREAM),

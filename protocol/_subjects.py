@@ -431,6 +431,31 @@ def import_marker_subject(import_id: str, stage: str, partition: int) -> str:
     )
 
 
+DEFINITIONS_MARKERS = f"{EVENTS_PREFIX}*.{CONTROL_TOKEN}.definitions.*"
+"""The subjects of the definitions markers, which only the engine publishes."""
+IMPORT_MARKERS = f"{EVENTS_PREFIX}*.{CONTROL_TOKEN}.import.>"
+"""The subjects of the imports' markers, which only the operator publishes."""
+
+
+def definitions_marker_subject(partition: int, version: int) -> str:
+    """The subject of the marker that records, in one partition, where the engine switched
+    to the definitions of ``version``: ``shoal.events.<partition>.ctl.definitions.<version>``.
+
+    Raises:
+        SubjectError: a negative partition, or a version below 1.
+    """
+    if partition < 0 or version < 1:
+        raise SubjectError(f"no definitions marker for partition {partition}, version {version}")
+    return f"{EVENTS_PREFIX}{partition}.{CONTROL_TOKEN}.definitions.{version}"
+
+
+def is_definitions_marker(subject: str) -> bool:
+    """Whether a stored subject of ``SHOAL_EVENTS`` is a definitions marker (see
+    :func:`definitions_marker_subject`)."""
+    tokens = subject[len(EVENTS_PREFIX) :].split(".") if subject.startswith(EVENTS_PREFIX) else []
+    return len(tokens) == 4 and tokens[1:3] == [CONTROL_TOKEN, "definitions"]
+
+
 def is_control_subject(subject: str) -> bool:
     """Whether a stored subject of ``SHOAL_EVENTS`` is a control message
     (``shoal.events.<partition>.ctl.…``) rather than an event."""

@@ -202,6 +202,8 @@ class MemorySource:
         self._in_flight = 0  # delivered (buffered or taken) and not acknowledged
         self._last_stamp = 0
         self.pending_at_start = 0
+        self._catch_up = 0
+        self._backlog_cap: int | None = None
 
     @property
     def consumer(self) -> str:
@@ -256,6 +258,8 @@ class MemorySource:
         self.pending_at_start = sum(
             1 for e in self._broker._events_after(floor) if _matches(self._filter, e.subject)
         )
+        self._catch_up = self.pending_at_start
+        self._backlog_cap = 0 if self.pending_at_start else None
         self._started = True
         self._fill()
 
@@ -292,10 +296,21 @@ class MemorySource:
         while buf and len(out) < limit:
             out.append(buf.popleft())
         if out:
-            self._taken_through = out[-1].stream_sequence
+            last = out[-1]
+            self._taken_through = last.stream_sequence
+            self._catch_up -= len(out)
+            self._backlog_cap = last.received if last.pending or self._catch_up > 0 else None
         if not buf:
             self._ready = anyio.Event()
         return out
+
+    @property
+    def backlog_cap(self) -> int | None:
+        return self._backlog_cap
+
+    def caught_up(self) -> None:
+        self._catch_up = 0
+        self._backlog_cap = None
 
     def oldest_buffered_received(self) -> int | None:
         return self._buffer[0].received if self._buffer else None
@@ -374,6 +389,13 @@ class MemorySink:
             return
         self._maybe_fail(f"{len(transitions)} transitions")
         self._broker._record(transitions)
+
+    async def publish_markers(self, markers: Sequence[tuple[str, bytes, str]]) -> None:
+        if not markers:
+            return
+        self._maybe_fail(f"{len(markers)} markers")
+        for subject, body, msg_id in markers:
+            self._broker.publish(subject, body, msg_id=msg_id)
 
     async def publish_rejection(
         self,

@@ -23,6 +23,10 @@ CREATE TABLE IF NOT EXISTS definitions (
 # say what earlier definitions did.
 
 
+_MARKED = "definitions_marked"
+"""The ``meta`` key of :meth:`Definitions.marked`."""
+
+
 class StoredRow(msgspec.Struct, frozen=True, kw_only=True):
     """The stored definitions in force."""
 
@@ -59,6 +63,29 @@ class Definitions:
         if row is None:
             return None
         return StoredRow(version=int(row[0]), applied_at=int(row[1]), body=bytes(row[2]))
+
+    async def marked(self) -> int | None:
+        """The version whose definitions markers were all published into the events stream
+        (see :meth:`set_marked`); None when none was.
+
+        Raises:
+            StoreError: the store cannot be read.
+        """
+        row = await self._db.one(
+            "SELECT value FROM meta WHERE key = ?",
+            (_MARKED,),
+            doing=f"cannot read the definitions markers of {self._db.path}",
+        )
+        return None if row is None else int(row[0])
+
+    async def set_marked(self, version: int) -> None:
+        """Record that the definitions markers of ``version`` were all published.
+
+        Raises:
+            StoreError: nothing was written.
+        """
+        async with self._db.transaction():
+            await self._db.set_meta(_MARKED, str(version))
 
     async def put(self, row: StoredRow) -> None:
         """Store ``row`` in place of the definitions stored, in a transaction of its own.

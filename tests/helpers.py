@@ -305,3 +305,10 @@ def run(
     return subprocess.run(
         [*SHOAL, *args], input=stdin, capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
+
+
+async def engine_consumers(js: Any, prefix: str = "shoal-engine") -> dict[str, Any]:
+    """The engine's durable consumers of ``SHOAL_EVENTS`` (one per partition, and the one of
+    subjects stored without a partition), by name: their ``ConsumerInfo``."""
+    infos = await js.consumers_info("SHOAL_EVENTS")
+    return {i.name: i for i in infos if i.name.startswith(prefix + "-")}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import anyio.lowlevel
 
 from actors._clock import Clock
-from protocol import NEVER, SECOND, Delivery, EventSource, TimeCause, Transition
+from protocol import NEVER, SECOND, EventSource, TimeCause, Transition
 
 from ._config import SERVE_EVERY, EngineConfig, EngineObserver, EngineStats, breathe
 from ._gc import FREEZE_EVENTS, Collector
@@ -53,34 +53,28 @@ class Deadlines:
         self._config = config
         self._observer = observer
         # While behind (a backlog counted at start, or the broker holding more for us), the
-        # receive instant of the next event to apply: deadlines wait for it.
+        # receive instant of the next event to apply: deadlines wait for it. The source
+        # knows (with a consumer per partition, the earliest of theirs).
         self.backlog_cap: int | None = None
-        self._catch_up = 0
         # Every event the broker stored before this instant has reached the source (fence()).
         self._fenced = -NEVER
 
     # The time floor ---------------------------------------------------------------------
 
-    def started(self, pending_at_start: int) -> None:
-        """The source (re)started with this backlog: hold deadlines until its first batch
-        says how far it reaches."""
-        self._catch_up = pending_at_start
-        if pending_at_start:
-            self.backlog_cap = 0
+    def started(self, source: EventSource) -> None:
+        """The source (re)started: hold deadlines until its first batch says how far its
+        backlog reaches."""
+        self.backlog_cap = source.backlog_cap
 
-    def ingested(self, batch: list[Delivery]) -> None:
-        """A batch was applied and acknowledged."""
-        last = batch[-1]
-        # Behind while the broker holds more for us, or the backlog counted at start (some
-        # of it possibly still on its way to the buffer) has not all been applied.
-        self._catch_up -= len(batch)
-        self.backlog_cap = last.received if last.pending or self._catch_up > 0 else None
+    def ingested(self, source: EventSource) -> None:
+        """A batch taken from ``source`` was applied and acknowledged."""
+        self.backlog_cap = source.backlog_cap
 
-    def caught_up(self) -> None:
+    def caught_up(self, source: EventSource) -> None:
         """A whole idle period went by without a delivery: nothing counted at start is still
         on its way (deliveries take milliseconds), so deadlines need not wait any longer."""
-        self._catch_up = 0
-        self.backlog_cap = None
+        source.caught_up()
+        self.backlog_cap = source.backlog_cap
 
     def _time_floor(self, source: EventSource) -> int:
         """The latest instant up to which deadlines may fire: not past any event still

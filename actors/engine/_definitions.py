@@ -16,7 +16,17 @@ import anyio
 import structlog
 
 from actors.rules import SegmentSet
-from protocol import DefinitionCause, Origin
+from protocol import (
+    DefinitionCause,
+    DefinitionsMarker,
+    Origin,
+    PublishError,
+    StoredDefinitions,
+    TransitionSink,
+    definitions_marker_subject,
+    encode_marker,
+)
+from store import Store
 
 from ._imports import RECONCILE_BATCH, Imports
 from ._metrics import Counts
@@ -28,6 +38,73 @@ from ._snapshots import Snapshots
 from ._stored_definitions import DefinitionsKeeper
 
 _DEFINITION = DefinitionCause()
+_MAX_RETRY_DELAY = 5.0
+"""Seconds at most between two attempts to publish the same definitions markers."""
+
+
+def definitions_markers(d: StoredDefinitions, partitions: int) -> list[tuple[str, bytes, str]]:
+    """The definitions markers of ``d``, one per partition: (subject, body, message id);
+    none for definitions that replaced none (see ``StoredDefinitions.applied_through``)."""
+    through = d.applied_through
+    if through is None:
+        return []
+    return [
+        (
+            definitions_marker_subject(p, d.version),
+            encode_marker(
+                DefinitionsMarker(
+                    version=d.version,
+                    fingerprint=d.fingerprint,
+                    applied_at=d.applied_at,
+                    applied_through=through.get(p, 0),
+                )
+            ),
+            f"shoal-definitions:{d.version}:{p}",
+        )
+        for p in range(partitions)
+    ]
+
+
+class Markers:
+    """Publishes, into each partition of the events stream, where the engine switched to
+    new definitions (see :class:`~protocol.DefinitionsMarker`): so that a partition can be
+    rebuilt from the stream alone. The store records the last version marked, so a start
+    publishes the markers a stop (or crash) left unpublished."""
+
+    def __init__(self, store: Store, sink: TransitionSink, partitions: int) -> None:
+        self._store = store
+        self._sink = sink
+        self._partitions = partitions
+        self._logger = structlog.get_logger("shoal.engine")
+
+    async def publish(self, d: StoredDefinitions) -> None:
+        """Publish ``d``'s markers, trying again until the broker confirms them all, then
+        record them published.
+
+        Raises:
+            StoreError: the store cannot be written.
+        """
+        markers = definitions_markers(d, self._partitions)
+        delay = 0.1
+        while markers:
+            try:
+                await self._sink.publish_markers(markers)
+                break
+            except PublishError as e:
+                # Recorded only once out: a partition's history must not miss the switch.
+                self._logger.warning("retrying definitions markers", error=str(e), retry_in=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+        await self._store.definitions.set_marked(d.version)
+
+    async def publish_missing(self, d: StoredDefinitions | None) -> None:
+        """Publish the markers of the definitions in force, unless recorded published.
+
+        Raises:
+            StoreError: the store cannot be read or written.
+        """
+        if d is not None and await self._store.definitions.marked() != d.version:
+            await self.publish(d)
 
 
 @dataclass(slots=True)
@@ -52,7 +129,9 @@ class Definitions:
         imports: Imports,
         counts: Counts,
         keeper: DefinitionsKeeper | None = None,
+        markers: Markers | None = None,
     ) -> None:
+        self._markers = markers
         self._imports = imports
         self._partition = partition
         self._recovery = recovery
@@ -78,6 +157,8 @@ class Definitions:
                 transitions = await self._switch(request.segments)
                 if self._keeper is not None:  # stored once in force: a restart resumes them
                     await self._keeper.applied(request.segments, request.origin)
+                    if self._markers is not None and self._keeper.current is not None:
+                        await self._markers.publish(self._keeper.current)
                 request.transitions = transitions
             except Exception as e:
                 # The engine stops with this error; the caller learns the switch failed.

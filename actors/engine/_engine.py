@@ -37,7 +37,7 @@ from store import ParkedCustomer, Store, StoreError
 from . import _queries
 from ._config import EngineConfig, EngineObserver, EngineStats, Wake
 from ._deadlines import Deadlines
-from ._definitions import Definitions
+from ._definitions import Definitions, Markers
 from ._gc import Collector
 from ._imports import Imports, open_ids
 from ._ingest import Ingest
@@ -121,8 +121,9 @@ class Engine:
             cfg,
         )
         self._keeper = keeper
+        self._markers = Markers(store, sink, source.partitions)
         self._definitions = Definitions(
-            p, recovery, snaps, outbox, parking, imports, counts, keeper
+            p, recovery, snaps, outbox, parking, imports, counts, keeper, self._markers
         )
         self._wake = Wake()
         self._running = False
@@ -419,13 +420,16 @@ class Engine:
             await check_store(self._store, source)
             if not self._recovered:
                 await self._rebuild()
+            if self._keeper is not None:
+                # Before consuming: the switch they record precedes what comes next.
+                await self._markers.publish_missing(self._keeper.current)
             await source.start()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await sink.close()
             raise
         self._consuming = True
-        self._deadlines.started(source.pending_at_start)
+        self._deadlines.started(source)
         p = self._partition
         self._logger.info(
             "engine started",
@@ -526,11 +530,11 @@ class Engine:
                 if wake_at is not None and not behind and not unfenced:
                     tg.start_soon(on_deadline, wake_at)
         if quiet.cancelled_caught and not unfenced and not source.buffered and behind:
-            deadlines.caught_up()
+            deadlines.caught_up(source)
 
     async def _resume(self, source: EventSource) -> None:
         """Restart the source after a lost delivery or connection, once all taken is
         committed and acknowledged: what was on its way comes again at once, as backlog."""
         await source.restart()
-        self._deadlines.started(source.pending_at_start)
+        self._deadlines.started(source)
         self._logger.info("consumer resumed", backlog=source.pending_at_start)

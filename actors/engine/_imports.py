@@ -44,7 +44,7 @@ from protocol import (
 from store import LoggedEvent, Snapshot, Store
 
 from ._config import EngineStats, breathe
-from ._outbox import Outbox
+from ._outbox import Outbox, positions
 from ._parking import Parking
 from ._partition import Partition
 
@@ -174,7 +174,9 @@ class Imports:
         key = open_key(import_id, in_partition)
         if stage == "begin":
             if key in opened:
-                await self._outbox.commit([], [], stream_through=d.stream_sequence)
+                await self._outbox.commit(
+                    [], [], stream_through=d.stream_sequence, partitions_through=positions((d,))
+                )
                 return None
             ids = open_ids(opened)
             if import_id not in ids and len(ids) >= MAX_OPEN_IMPORTS:
@@ -187,6 +189,7 @@ class Imports:
                 [],
                 [],
                 stream_through=d.stream_sequence,
+                partitions_through=positions((d,)),
                 imports={key: self._store.events.last_seq},
             )
             if import_id not in ids:
@@ -199,12 +202,20 @@ class Imports:
                 import_id=import_id,
                 partition=in_partition,
             )
-            await self._outbox.commit([], [], stream_through=d.stream_sequence)
+            await self._outbox.commit(
+                [], [], stream_through=d.stream_sequence, partitions_through=positions((d,))
+            )
             return None
         customers, transitions = await self._end(
             opened[key], lambda c: partition(c, partitions) == in_partition
         )
-        await self._outbox.commit([], [], stream_through=d.stream_sequence, imports={key: None})
+        await self._outbox.commit(
+            [],
+            [],
+            stream_through=d.stream_sequence,
+            partitions_through=positions((d,)),
+            imports={key: None},
+        )
         self._customers[import_id] = self._customers.get(import_id, 0) + customers
         self._transitions[import_id] = self._transitions.get(import_id, 0) + transitions
         if import_id not in open_ids(self._store.open_imports):

@@ -22,6 +22,7 @@ from protocol import (
     PublishError,
     Transition,
     TransitionSink,
+    is_definitions_marker,
 )
 from store import LoggedEvent, Store
 
@@ -30,7 +31,7 @@ from ._deadlines import Deadlines
 from ._gc import Collector
 from ._imports import Imports, is_marker
 from ._metrics import Counts
-from ._outbox import Outbox
+from ._outbox import Outbox, positions
 from ._parking import Parking, reason_of
 from ._partition import Partition
 from ._recovery import Recovery
@@ -92,6 +93,16 @@ class Ingest:
                 if run:
                     await self._run(run)
                     run = []
+                if is_definitions_marker(d.subject):
+                    # The engine's own record of a switch (for a rebuild from the stream):
+                    # nothing to apply, but its position is committed like any message's.
+                    await self._outbox.commit(
+                        [],
+                        [],
+                        stream_through=d.stream_sequence,
+                        partitions_through=positions((d,)),
+                    )
+                    continue
                 refused = await self._imports.marker(d, source.partitions)
                 if refused is not None:
                     await self._reject(d, refused)
@@ -101,7 +112,7 @@ class Ingest:
             await self._run(run)
         # Acknowledged only now: every event of the batch is in the log or was rejected.
         await source.ack(batch[-1].stream_sequence)
-        self._deadlines.ingested(batch)
+        self._deadlines.ingested(source)
 
     async def _run(self, batch: list[Delivery]) -> None:
         """Apply, commit and reject deliveries of events (no marker among them). Imported
@@ -161,7 +172,12 @@ class Ingest:
                 continue
             logged.append(logged_event(event))
             applied.append(event)
-        await self._outbox.commit(logged, transitions, stream_through=batch[-1].stream_sequence)
+        await self._outbox.commit(
+            logged,
+            transitions,
+            stream_through=batch[-1].stream_sequence,
+            partitions_through=positions(batch),
+        )
         # Parked customers' events are logged, not applied (yet).
         stats.events_applied += len(applied)
         self._gc.worked(len(applied))

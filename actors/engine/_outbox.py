@@ -12,7 +12,7 @@ import anyio
 import structlog
 
 from actors._stored import outbox_entries
-from protocol import PublishError, Transition, TransitionSink
+from protocol import Delivery, PublishError, Transition, TransitionSink
 from store import LoggedEvent, Snapshot, SnapshotMarks, Store, StoreFullError
 
 from ._config import EngineConfig, EngineObserver
@@ -24,6 +24,16 @@ _MAX_RETRY_DELAY = 5.0
 same rows while the disk is full."""
 _FULL_REMINDER = 60.0
 """Seconds between two log lines saying the engine is still paused by a full disk."""
+
+
+def positions(deliveries: Iterable[Delivery]) -> dict[int, int]:
+    """The stream position of the last of ``deliveries`` (in stream order) in each
+    partition whose own consumer delivered it."""
+    out: dict[int, int] = {}
+    for d in deliveries:
+        if d.partition is not None:
+            out[d.partition] = d.stream_sequence
+    return out
 
 
 class Outbox:
@@ -75,12 +85,14 @@ class Outbox:
         *,
         unparked: Sequence[str] = (),
         stream_through: int | None = None,
+        partitions_through: Mapping[int, int] | None = None,
         imports: Mapping[str, int | None] | None = None,
     ) -> None:
         """Append ``events`` and ``transitions`` (and replace ``snapshots``, and unpark
         customers) in the store in one transaction, then queue the transitions for
         publishing. ``stream_through``: every message of the events stream up to this
-        position is committed with this (what a start checks the store against).
+        position is committed with this (what a start checks the store against);
+        ``partitions_through``: the same per partition (:func:`positions`).
         ``imports``: imports begun or ended with this (:meth:`store.Store.commit`)."""
         entries = outbox_entries(transitions)
         obs = self._observer
@@ -93,6 +105,7 @@ class Outbox:
                     snapshots=snapshots,
                     unparked=unparked,
                     stream_through=stream_through,
+                    partitions_through=partitions_through,
                     imports=imports,
                 )
             )

@@ -27,6 +27,7 @@ from protocol import (
     StreamState,
     Transition,
     is_control_subject,
+    partition_consumer,
     to_instant,
 )
 from store import LoggedEvent, OutboxEntry, Store
@@ -44,10 +45,20 @@ class StoreBehindError(ActorsError):
     def __init__(self, store: Store, state: StreamState, consumer: str) -> None:
         recorded = store.stream_through
         if state.ack_floor:
-            holds = "nothing" if recorded is None else f"messages through position {recorded}"
+            name, floor, mine = consumer, state.ack_floor, recorded
+            through = store.partitions_through
+            for p, f in sorted(state.partition_floors.items()):
+                # The first partition behind (the furthest floor when none is: the store
+                # recorded nothing).
+                if recorded is not None and f > through.get(p, recorded):
+                    name, floor, mine = partition_consumer(consumer, p), f, through.get(p, recorded)
+                    break
+                if f == state.ack_floor:
+                    name = partition_consumer(consumer, p)
+            holds = "nothing" if mine is None else f"messages through position {mine}"
             why = (
-                f"consumer {consumer!r} acknowledged messages through position "
-                f"{state.ack_floor}, the store recorded {holds}"
+                f"consumer {name!r} acknowledged messages through position "
+                f"{floor}, the store recorded {holds}"
             )
         else:
             why = (
@@ -94,7 +105,14 @@ def _behind(store: Store, state: StreamState, filter_subject: str) -> bool:
         store.events.last_seq or store.outbox.last_seq or store.snapshots.marks is not None
     )
     if state.ack_floor:
-        return empty if recorded is None else state.ack_floor > recorded
+        if recorded is None:
+            return empty
+        # Each partition against its own position; one the store has none for (it never
+        # committed a message of it, or recorded only the overall one) against the overall.
+        through = store.partitions_through
+        return state.ack_floor > recorded or any(
+            floor > through.get(p, recorded) for p, floor in state.partition_floors.items()
+        )
     return empty and state.published > 0 and filter_subject == EVENTS_WILDCARD
 
 

@@ -79,6 +79,7 @@ def _record(
     applied_at: int,
     origin: Origin,
     last_file: FileOrigin | None,
+    applied_through: dict[int, int] | None,
 ) -> StoredDefinitions:
     return StoredDefinitions(
         version=version,
@@ -89,6 +90,7 @@ def _record(
         source=segments.source,
         toml=stored_text(segments),
         lists={name: sorted(ids) for name, ids in segments.lists.items()},
+        applied_through=applied_through,
     )
 
 
@@ -383,6 +385,10 @@ class DefinitionsKeeper:
             applied_at=self._clock.now(),
             origin=origin,
             last_file=last_file,
+            # Applied between two batches: every event committed so far was applied under
+            # the definitions before, every later one is applied under these. The first
+            # ones of a store replace none.
+            applied_through=None if before is None else dict(self._store.partitions_through),
         )
         d = await anyio.to_thread.run_sync(make)
         await self._store.definitions.put(_row(d))

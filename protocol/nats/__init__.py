@@ -17,6 +17,7 @@ from ._definitions_kv import DefinitionsKV as DefinitionsKV
 from ._feed import EventFeed as EventFeed
 from ._import import Published as Published
 from ._import import publish_import as publish_import
+from ._partitioned import PartitionedFeed as PartitionedFeed
 from ._publisher import Publisher as Publisher
 from ._refusals import permission_guard as permission_guard
 from ._service import ApiClient as ApiClient
@@ -30,6 +31,7 @@ __all__ = (
     "Credentials",
     "DefinitionsKV",
     "EventFeed",
+    "PartitionedFeed",
     "Published",
     "Publisher",
     "StreamNeedsMigration",

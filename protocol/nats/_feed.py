@@ -92,8 +92,11 @@ class EventFeed:
         max_in_flight: int = 20_000,
         ack_wait: float = 30.0,
         partitions: int = DEFAULT_PARTITIONS,
+        partition: int | None = None,
+        ready: asyncio.Event | None = None,
     ) -> None:
         tolerate_undecodable_subjects(nc)
+        self._partition = partition
         self._nc = nc
         self._js = js
         self._durable = durable
@@ -102,7 +105,8 @@ class EventFeed:
         self._ack_wait = ack_wait
         self._partitions = partitions
         self._buffer: deque[Msg] = deque()
-        self._ready = asyncio.Event()
+        # Set when a delivery arrives; shared by the feeds of one PartitionedFeed.
+        self._ready = ready or asyncio.Event()
         self._sub: Any = None
         self._deliver: str | None = None
         # Bumped for each subscription: a message still queued for an old one is dropped.
@@ -122,6 +126,8 @@ class EventFeed:
         self.pending_at_start = 0
         """Messages waiting for this consumer when it (re)started, delivered or not (its
         backlog)."""
+        self._catch_up = 0
+        self._backlog_cap: int | None = None
 
     @property
     def consumer(self) -> str:
@@ -302,6 +308,8 @@ class EventFeed:
         info = await self._sub.consumer_info()
         # Delivered but not yet in our buffer counts too: it is on its way to us.
         self.pending_at_start = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        self._catch_up = self.pending_at_start
+        self._backlog_cap = 0 if self.pending_at_start else None
 
     async def _reset_consumer(self, own: str | None) -> int | None:
         """Delete an existing durable consumer; return its acknowledgement floor (a stream
@@ -365,13 +373,37 @@ class EventFeed:
                 # it out again would reject (and count) a bad event twice.
                 self.redelivered += 1
                 continue
-            out.append(delivery_of(msg, seq, received, pending))
+            out.append(delivery_of(msg, seq, received, pending, self._partition))
             self._unacked.append((seq, msg))
             self._taken_through = max(self._taken_through, seq)
             self._last_stamp = max(self._last_stamp, received)
         if not buf:
             self._ready.clear()
+        if out:
+            # Behind while the broker holds more for us, or the backlog counted at start
+            # (some of it possibly still on its way to the buffer) has not all been taken.
+            self._catch_up -= len(out)
+            last = out[-1]
+            self._backlog_cap = last.received if last.pending or self._catch_up > 0 else None
         return out
+
+    @property
+    def backlog_cap(self) -> int | None:
+        """While behind (see :class:`~protocol.EventSource`), the receive instant of the
+        latest delivery taken (0 before the first): the deliveries still to come are stamped
+        no earlier. None once caught up."""
+        return self._backlog_cap
+
+    def caught_up(self) -> None:
+        """A whole idle period went by without a delivery: nothing counted at start is still
+        on its way."""
+        self._catch_up = 0
+        self._backlog_cap = None
+
+    @property
+    def has_unacked(self) -> bool:
+        """Whether deliveries taken are not yet acknowledged."""
+        return bool(self._unacked)
 
     @property
     def buffered(self) -> int:
@@ -494,8 +526,11 @@ class EventFeed:
         await self._close_subscription()
 
 
-def delivery_of(msg: Msg, seq: int, received: int, pending: int) -> Delivery:
-    """The :class:`Delivery` of a JetStream message (its ack reply already parsed)."""
+def delivery_of(
+    msg: Msg, seq: int, received: int, pending: int, partition: int | None = None
+) -> Delivery:
+    """The :class:`Delivery` of a JetStream message (its ack reply already parsed), read by
+    the consumer of ``partition`` (None: of several, or unknown)."""
     headers = msg.headers
     if not headers:
         return Delivery(
@@ -505,6 +540,7 @@ def delivery_of(msg: Msg, seq: int, received: int, pending: int) -> Delivery:
             received=received,
             pending=pending,
             msg_id=None,
+            partition=partition,
         )
     return Delivery(
         subject=msg.subject,
@@ -515,4 +551,5 @@ def delivery_of(msg: Msg, seq: int, received: int, pending: int) -> Delivery:
         msg_id=headers.get("Nats-Msg-Id"),
         import_id=headers.get(IMPORT_HEADER),
         received_at=headers.get(RECEIVED_HEADER),
+        partition=partition,
     )

@@ -177,6 +177,31 @@ class Publisher:
             return
         raise PublishError(f"not connected to NATS for {self._timeout:g} s")
 
+    async def publish_markers(self, markers: Sequence[tuple[str, bytes, str]]) -> None:
+        """Publish each (subject, body, message id) into ``SHOAL_EVENTS`` and wait for the
+        broker to store it.
+
+        Raises:
+            PublishError: some were not confirmed.
+            PermissionDenied: the credentials may not publish them.
+        """
+        if not markers:
+            return
+        await self._connected()
+        try:
+            async with permission_guard(self._nc, *(m[0] for m in markers)):
+                futures = [
+                    await self._js.publish_async(
+                        subject, body, headers={"Nats-Msg-Id": msg_id}, wait_stall=self._timeout
+                    )
+                    for subject, body, msg_id in markers
+                ]
+                with anyio.fail_after(self._timeout):
+                    for f in futures:
+                        await f
+        except (TimeoutError, nats.errors.Error) as e:
+            raise PublishError(f"could not publish {len(markers)} markers: {e}") from e
+
     async def publish_rejection(
         self,
         *,

@@ -15,14 +15,11 @@ import structlog
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from protocol._subjects import (
-    EVENTS_WILDCARD,
-    SEGMENTS_STREAM,
-)
+from protocol._subjects import SEGMENTS_STREAM
 from protocol._time import from_instant
 from protocol._types import Transition, shown_subject
 from protocol.nats._connect import StreamSettings, ensure_streams
-from protocol.nats._feed import EventFeed
+from protocol.nats._partitioned import PartitionedFeed
 from protocol.nats._publisher import Publisher
 from protocol.nats._refusals import permission_guard
 
@@ -77,13 +74,12 @@ async def jetstream_ports(
     nc: Client,
     *,
     consumer: str = "shoal-engine",
-    filter_subject: str = EVENTS_WILDCARD,
     max_in_flight: int = 20_000,
     streams: StreamSettings | None = None,
-) -> tuple[EventFeed, Publisher]:
-    """Declare the streams, then make an engine's ports on ``nc``: its event source (the
-    durable ``consumer`` of ``filter_subject``) and its transition sink, which stamps each
-    transition with its customer's partition.
+) -> tuple[PartitionedFeed, Publisher]:
+    """Declare the streams, then make an engine's ports on ``nc``: its event source (a
+    durable consumer per partition, named ``<consumer>-<partition>``) and its transition
+    sink, which stamps each transition with its customer's partition.
 
     Raises:
         BrokerError: the streams cannot be declared (:class:`~protocol.PermissionDenied`
@@ -93,12 +89,7 @@ async def jetstream_ports(
     js = nc.jetstream()
     async with permission_guard(nc):
         partitions = await ensure_streams(js, streams)
-    feed = EventFeed(
-        nc,
-        js,
-        durable=consumer,
-        filter_subject=filter_subject,
-        max_in_flight=max_in_flight,
-        partitions=partitions,
+    feed = PartitionedFeed(
+        nc, js, prefix=consumer, partitions=partitions, max_in_flight=max_in_flight
     )
     return feed, Publisher(nc, partitions=partitions)

@@ -198,6 +198,13 @@ async def _poll(proc: anyio.abc.Process, attempt: Callable[[], Awaitable[T | Non
             await anyio.sleep(_POLL)
 
 
+def _started(d: Path) -> bool:
+    """Whether the engine of the serve process logging in ``d`` has started consuming."""
+    with contextlib.suppress(OSError):
+        return b"engine started" in (d / "serve.log").read_bytes()
+    return False
+
+
 async def run_ingest(tree: Tree, messages: list[tuple[str, bytes]], d: Path) -> dict[str, Any]:
     """``shoal serve`` of ``tree`` on a fresh data dir and port, and ``messages`` published to
     it: wall time and the serve process's CPU time per event, from the first publish until
@@ -229,22 +236,30 @@ async def run_ingest(tree: Tree, messages: list[tuple[str, bytes]], d: Path) -> 
         try:
             js = nc.jetstream()
 
+            async def engine_consumers(stream: str) -> list[Any]:
+                """The engine's consumers: one (``shoal-engine``), or one per partition
+                (``shoal-engine-<p>``, from issue 18 on)."""
+                infos = await js.consumers_info(stream)
+                return [i for i in infos if i.name == CONSUMER or i.name.startswith(CONSUMER + "-")]
+
             async def consuming() -> str | None:
-                """The stream of the events, once the engine's consumer on it exists."""
+                """The stream of the events, once the engine consumes it (the engine makes
+                its consumers before it starts, so ``serve`` logs its start after them)."""
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     stream: str = await js.find_stream_name_by_subject(event_subject("x"))
-                    await js.consumer_info(stream, CONSUMER)
-                    return stream
+                    if await engine_consumers(stream) and _started(d):
+                        return stream
                 return None
 
             stream = await _poll(proc, consuming)
             cpu0, t0 = process_cpu(proc.pid), time.perf_counter()
             await publish(js, messages)
-            last = (await js.stream_info(stream)).state.last_seq
 
             async def acknowledged() -> bool | None:
-                info = await js.consumer_info(stream, CONSUMER)
-                return info.ack_floor.stream_seq >= last and not info.num_pending or None
+                # Every message published is stored by now: pending (stored, not sent),
+                # sent and not acknowledged, or acknowledged.
+                infos = await engine_consumers(stream)
+                return all(not i.num_pending and not i.num_ack_pending for i in infos) or None
 
             await _poll(proc, acknowledged)
             wall, cpu = time.perf_counter() - t0, process_cpu(proc.pid) - cpu0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from tests.helpers import (
     Collector,
     NatsServer,
     collect,
+    engine_consumers,
     eventually,
     now,
     running_engine,
@@ -390,10 +392,12 @@ async def _check_rejection(
     info = await client.jetstream().stream_info("SHOAL_REJECTED")
     assert info.state.messages == 1
     # Acknowledged, so not redelivered: the consumer has nothing pending.
-    consumer = await client.jetstream().consumer_info("SHOAL_EVENTS", "shoal-engine")
-    assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
-    assert consumer.config.flow_control is True
-    assert consumer.config.ack_policy == AckPolicy.ALL
+    consumers = await engine_consumers(client.jetstream())
+    assert len(consumers) == DEFAULT_PARTITIONS + 1  # and that of unpartitioned subjects
+    for consumer in consumers.values():
+        assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
+        assert consumer.config.flow_control is True
+        assert consumer.config.ack_policy == AckPolicy.ALL
 
 
 async def test_deliveries_held_by_a_dead_engine_come_back_at_once(
@@ -402,7 +406,7 @@ async def test_deliveries_held_by_a_dead_engine_come_back_at_once(
     js = client.jetstream()
     await ensure_streams(js)
     for i in range(3):
-        await client.publish(f"shoal.events.c{i}", track(f"c{i}", mid=f"m{i}"))
+        await client.publish("shoal.events.c0", track("c0", mid=f"m{i}"))
     # A previous engine took the deliveries and died without acknowledging any of them.
     dead = await nats.connect(nats_server.url)
     got: list[Any] = []
@@ -410,9 +414,10 @@ async def test_deliveries_held_by_a_dead_engine_come_back_at_once(
     async def hold(msg: Any) -> None:
         got.append(msg)
 
+    p = partition("c0", DEFAULT_PARTITIONS)
     await dead.jetstream().subscribe(
-        "shoal.events.>",
-        durable="shoal-engine",
+        f"shoal.events.{p}.>",
+        durable=f"shoal-engine-{p}",
         stream="SHOAL_EVENTS",
         manual_ack=True,
         cb=hold,
@@ -420,7 +425,7 @@ async def test_deliveries_held_by_a_dead_engine_come_back_at_once(
     )
     await eventually(lambda: len(got) == 3)
     await dead.close()
-    info = await js.consumer_info("SHOAL_EVENTS", "shoal-engine")
+    info = await js.consumer_info("SHOAL_EVENTS", f"shoal-engine-{p}")
     assert info.num_ack_pending == 3 and info.num_pending == 0
 
     async with running_engine(nats_server.url, tmp_path / "shoal.db", ACTIVE_IDLE) as engine:
@@ -438,10 +443,13 @@ async def test_a_consumer_in_use_by_another_engine_is_refused(
                 pass
         except* BrokerError as group:
             errors += group.exceptions
-    assert [str(e) for e in errors] == [
-        "consumer 'shoal-engine' of stream SHOAL_EVENTS is in use by another engine; stop it, "
-        "or give this engine another consumer name (--consumer)"
-    ]
+    # The first of its partitions' consumers it found in use.
+    assert len(errors) == 1
+    assert re.fullmatch(
+        r"consumer 'shoal-engine-([0-9]+|unpartitioned)' of stream SHOAL_EVENTS is in use by "
+        r"another engine; stop it, or give this engine another consumer name \(--consumer\)",
+        str(errors[0]),
+    )
 
 
 async def test_transitions_wait_in_the_outbox_until_the_broker_takes_them(

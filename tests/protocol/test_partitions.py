@@ -126,9 +126,11 @@ async def test_a_hand_published_wildcard_is_stored_unpartitioned_and_rejected(
         star = await js.publish("shoal.events.*", track("*", mid="star"))
         rest = await js.publish("shoal.events.>", track(">", mid="rest"))
         await js.publish(event_subject("carol"), track("carol", mid="after"))
-        await eventually(lambda: len(rejected.msgs) == 2 and len(seen.msgs) == 2)
+        # The literal * is read by the consumer of unpartitioned subjects and rejected. No
+        # consumer filter can single out the literal >: it stays in the stream, unread.
+        await eventually(lambda: len(rejected.msgs) == 1 and len(seen.msgs) == 2)
         assert engine.stats.events_applied == 2
-        assert engine.rejection_counts == {"subject": 2}
+        assert engine.rejection_counts == {"subject": 1}
     assert [(await js.get_msg(EVENTS_STREAM, a.seq)).subject for a in (star, rest)] == [
         "shoal.events.*",
         "shoal.events.>",
@@ -140,7 +142,7 @@ async def test_a_hand_published_wildcard_is_stored_unpartitioned_and_rejected(
             "stored without a partition: it names no customer (publish each event on "
             "shoal.events.<customer>)",
         )
-        for w in ("*", ">")
+        for w in ("*",)
     ]
     assert [t.customer_id for t in seen.transitions()] == ["bob", "carol"]
     # Each transition carries its customer's partition.

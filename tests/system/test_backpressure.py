@@ -21,7 +21,7 @@ from nats.js.api import DiscardPolicy, StreamConfig
 from actors import Engine, EngineConfig
 from protocol.nats import connect, jetstream_ports
 from store import LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks, Store
-from tests.helpers import NatsServer, eventually, segments
+from tests.helpers import NatsServer, engine_consumers, eventually, segments
 
 VISITED = segments("""
 [segments.visited]
@@ -57,6 +57,7 @@ class SlowDisk(Store):
         marks: SnapshotMarks | None = None,
         unparked: Sequence[str] = (),
         stream_through: int | None = None,
+        partitions_through: Mapping[int, int] | None = None,
         imports: Mapping[str, int | None] | None = None,
     ) -> list[int]:
         await anyio.sleep(0.02)
@@ -68,13 +69,14 @@ class SlowDisk(Store):
             marks=marks,
             unparked=unparked,
             stream_through=stream_through,
+            partitions_through=partitions_through,
             imports=imports,
         )
 
 
 async def pending_in_stream(client: Client) -> int:
-    info = await client.jetstream().consumer_info("SHOAL_EVENTS", "shoal-engine")
-    return int(info.num_pending or 0)
+    infos = await engine_consumers(client.jetstream())
+    return sum(int(i.num_pending or 0) for i in infos.values())
 
 
 async def watch(engine: Engine, client: Client, until: int) -> tuple[int, int, int]:

@@ -28,10 +28,17 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from structlog.testing import capture_logs
 
 from actors import EngineConfig
-from protocol import EVENTS_WILDCARD, BrokerError, Transition
+from protocol import (
+    DEFAULT_PARTITIONS,
+    EVENTS_WILDCARD,
+    BrokerError,
+    Transition,
+    partition,
+    partition_consumer,
+)
 from protocol.nats import EventFeed, connect, ensure_streams
 from store import Store
-from tests.helpers import NatsServer, eventually, running_engine, segments
+from tests.helpers import NatsServer, engine_consumers, eventually, running_engine, segments
 
 # nats-py, when the server goes away under it, can drop a connection's asyncio StreamWriter
 # without closing it; the ResourceWarning then surfaces in whichever test the collector
@@ -260,7 +267,12 @@ async def test_a_dropped_connection_loses_no_delivery(
                         await publish(js, "ann", f"a{i}")
 
                     async def all_sent() -> bool:
-                        info = await js.consumer_info("SHOAL_EVENTS", "shoal-engine")
+                        info = await js.consumer_info(
+                            "SHOAL_EVENTS",
+                            partition_consumer(
+                                "shoal-engine", partition("ann", DEFAULT_PARTITIONS)
+                            ),
+                        )
                         return bool(info.num_pending == 0 and info.num_ack_pending == 20)
 
                     with anyio.fail_after(10):
@@ -378,8 +390,10 @@ async def test_deliveries_buffered_when_the_server_dies_are_not_lost(
                 await Producer(nc, count=count, customers=30).run()
 
                 async def all_delivered() -> bool:
-                    info = await js.consumer_info("SHOAL_EVENTS", "shoal-engine")
-                    return bool(info.num_pending == 0 and (info.num_ack_pending or 0) > 0)
+                    infos = (await engine_consumers(js)).values()
+                    return all(i.num_pending == 0 for i in infos) and any(
+                        (i.num_ack_pending or 0) > 0 for i in infos
+                    )
 
                 with anyio.fail_after(30):
                     while not await all_delivered():

@@ -34,7 +34,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from actors import load_segments, replay
 from protocol import (
-    EVENTS_STREAM,
+    DEFAULT_PARTITIONS,
     SECOND,
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
@@ -45,7 +45,7 @@ from protocol import (
 )
 from protocol.nats import ensure_streams
 from store import Store
-from tests.helpers import NatsServer
+from tests.helpers import NatsServer, engine_consumers
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOAL = [sys.executable, "-m", "scripts.cli"]
@@ -227,11 +227,14 @@ async def next_ack(js: JetStreamContext, limit: float) -> None:
     ``limit`` seconds): an event acknowledged before it was committed would then be lost."""
 
     async def floor() -> int | None:
+        # The partitions' floors added up: any new acknowledgement moves the sum.
         try:
-            info = await js.consumer_info(EVENTS_STREAM, "shoal-engine")
+            infos = await engine_consumers(js)
         except (TimeoutError, nats.errors.Error):
-            return None  # being recreated by a start, or a slow answer: look again
-        return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+            return None  # a slow answer: look again
+        if len(infos) < DEFAULT_PARTITIONS + 1:
+            return None  # being recreated by a start
+        return sum(int(i.ack_floor.stream_seq or 0) if i.ack_floor else 0 for i in infos.values())
 
     before = await floor()
     with anyio.move_on_after(limit):
@@ -292,11 +295,10 @@ async def delivered_all(js: JetStreamContext) -> tuple[bool, int]:
 
 async def engine_drained(js: JetStreamContext) -> bool:
     """Whether the engine has acknowledged every event in the stream."""
-    try:
-        info = await js.consumer_info(EVENTS_STREAM, "shoal-engine")
-    except nats.js.errors.NotFoundError:
+    infos = await engine_consumers(js)
+    if len(infos) < DEFAULT_PARTITIONS + 1:
         return False  # being recreated by a start
-    return not info.num_pending and not info.num_ack_pending
+    return all(not i.num_pending and not i.num_ack_pending for i in infos.values())
 
 
 # Checks -----------------------------------------------------------------------------------

@@ -178,8 +178,8 @@ def _stream_api(js: JetStreamContext, stream: str) -> list[tuple[str, Call]]:
             partial(js.add_consumer, stream, ConsumerConfig(durable_name="mine")),
         ),
         (
-            f"$JS.API.CONSUMER.DELETE.{stream}.shoal-engine",
-            partial(js.delete_consumer, stream, "shoal-engine"),
+            f"$JS.API.CONSUMER.DELETE.{stream}.shoal-engine-0",
+            partial(js.delete_consumer, stream, "shoal-engine-0"),
         ),
     ]
 
@@ -203,8 +203,8 @@ async def test_the_producer_cannot_forge_apply_or_touch_the_streams(secured: Sec
                 denied = await _refused(nc, subject, call)
                 assert denied.subject == subject
     async with secured.client("engine") as nc:
-        info = await nc.jetstream().consumer_info(EVENTS_STREAM, "shoal-engine")
-        assert info.name == "shoal-engine"
+        info = await nc.jetstream().consumer_info(EVENTS_STREAM, "shoal-engine-0")
+        assert info.name == "shoal-engine-0"
 
 
 async def test_the_subscriber_publishes_no_event_and_no_transition(secured: Secured) -> None:
@@ -267,15 +267,15 @@ async def test_the_service_answers_inboxes_only(secured: Secured) -> None:
         await nc.publish("$SRV.PING.shoal", b"", reply="shoal.segments.vip.entered")
         await nc.request("$SRV.PING.shoal", b"", timeout=5)  # answered after the one before
     async with secured.client("subscriber") as nc:
-        target = f"$JS.API.CONSUMER.DELETE.{EVENTS_STREAM}.shoal-engine"
+        target = f"$JS.API.CONSUMER.DELETE.{EVENTS_STREAM}.shoal-engine-0"
         # Undecodable: the error answer has an empty body, as a delete request has.
         await nc.publish("shoal.api.segments", b"[", reply=target)
         # Answered in order: once this one is, the one before was handled.
         answer = await nc.request("shoal.api.segments", b"[", timeout=5)
         assert answer.headers and answer.headers["Nats-Service-Error-Code"] == "400"
     async with secured.client("engine") as nc:
-        info = await nc.jetstream().consumer_info(EVENTS_STREAM, "shoal-engine")
-        assert info.name == "shoal-engine"
+        info = await nc.jetstream().consumer_info(EVENTS_STREAM, "shoal-engine-0")
+        assert info.name == "shoal-engine-0"
         assert (await nc.jetstream().stream_info(SEGMENTS_STREAM)).state.messages == 0
     assert secured.engine is not None
     secured.engine.wait_err("request not answered: its reply subject is not an inbox")
@@ -412,7 +412,7 @@ async def test_the_operator_republishes_rejected_events_and_touches_nothing_else
         } | {
             "$JS.API.STREAM.INFO.SHOAL_EVENTS",
             f"$JS.API.CONSUMER.DURABLE.CREATE.{REJECTED_STREAM}.mine",
-            f"$JS.API.CONSUMER.DELETE.{REJECTED_STREAM}.shoal-engine",
+            f"$JS.API.CONSUMER.DELETE.{REJECTED_STREAM}.shoal-engine-0",
         }
         for stream in STREAMS:
             for subject, call in _stream_api(js, stream):

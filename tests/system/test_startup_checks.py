@@ -19,6 +19,7 @@ from protocol.nats import connect, jetstream_ports
 from store import Store
 from tests.helpers import (
     NatsServer,
+    engine_consumers,
     eventually,
     published,
     run,
@@ -117,7 +118,8 @@ async def test_a_lost_store_and_consumer_refuse_to_start_while_transitions_were_
     sent = [(user, track(user, name)) for user, name in [("a", "Visit"), ("a", "Visit")]]
     sent.append(("b", track("b", "Buy")))
     await _run_then_lose_store(url, db, js, sent, 3)
-    await js.delete_consumer(EVENTS_STREAM, "shoal-engine")
+    for name in await engine_consumers(js):
+        await js.delete_consumer(EVENTS_STREAM, name)
 
     refused = run("serve", "--nats", url, "--data-dir", str(data), timeout=30)
     assert refused.returncode == 1, refused.stderr

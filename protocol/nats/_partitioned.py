@@ -1,0 +1,301 @@
+"""The engine's event source over a partitioned ``SHOAL_EVENTS``: one durable consumer per
+partition, read together in micro-batches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from operator import attrgetter
+
+import anyio
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from protocol._errors import BrokerError
+from protocol._partitions import partition_consumer
+from protocol._ports import Delivery, StreamState
+from protocol._subjects import EVENTS_PREFIX, EVENTS_STREAM, EVENTS_WILDCARD, SEGMENTS_STREAM
+from protocol.nats._feed import EventFeed
+
+STRAYS = "unpartitioned"
+"""The suffix of the consumer of messages stored without a partition (``<prefix>-<this>``)."""
+_STRAYS_FILTER = f"{EVENTS_PREFIX}*"
+"""Only a subject the stream stores untransformed has a single token after the prefix: one
+published on the literal ``shoal.events.*`` or ``shoal.events.>``."""
+_by_position = attrgetter("stream_sequence")
+
+
+def partition_filter(partition: int) -> str:
+    """The subjects of one partition of ``SHOAL_EVENTS``: its customers' events and its
+    control messages."""
+    return f"{EVENTS_PREFIX}{partition}.>"
+
+
+class PartitionedFeed:
+    """The engine's event source: one :class:`EventFeed` per partition it owns, each a
+    durable consumer ``<prefix>-<partition>`` filtered on that partition's subjects.
+
+    A single consumer of a stream holding a subject per customer is slow in nats-server
+    (its filter is matched against every subject); a consumer per partition reads only its
+    own, and each partition acknowledges, restarts and is fenced on its own. :meth:`take`
+    gathers what the partitions buffered, in rotation so that none waits behind a busy one,
+    and hands it out in stream order. Within a partition the order is the stream's, and a
+    customer belongs to one partition, so each customer's events come in order; across
+    partitions only the deadline barrier needs care: every bound (the backlog cap, the
+    instant through which deliveries reached us) is the earliest of the partitions'.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        *,
+        prefix: str = "shoal-engine",
+        partitions: int,
+        owned: Sequence[int] | None = None,
+        max_in_flight: int = 20_000,
+        ack_wait: float = 30.0,
+    ) -> None:
+        """``owned``: the partitions read (default: all); the owner of partition 0 reads
+        the messages stored without a partition too (and rejects them). ``max_in_flight``
+        bounds the deliveries not yet acknowledged over all of them (split evenly, at least
+        one each)."""
+        self._js = js
+        self._prefix = prefix
+        self._partitions = partitions
+        self._owned = list(range(partitions) if owned is None else owned)
+        if not self._owned:
+            raise ValueError("an engine owns at least one partition")
+        self._ready = asyncio.Event()
+        # Each partition's own consumer; and, with partition 0, one of the subjects stored
+        # untransformed (the literal wildcards), so that they are rejected, not left unread.
+        parts: list[int | None] = list(self._owned)
+        if 0 in self._owned:
+            parts.append(None)
+        self._parts = parts
+        # Split between them: the bound is the engine's memory, not each partition's.
+        per_feed = max(1, max_in_flight // len(parts))
+        self._feeds = [
+            EventFeed(
+                nc,
+                js,
+                durable=partition_consumer(prefix, p) if p is not None else f"{prefix}-{STRAYS}",
+                filter_subject=partition_filter(p) if p is not None else _STRAYS_FILTER,
+                max_in_flight=per_feed,
+                ack_wait=ack_wait,
+                partitions=partitions,
+                partition=p,
+                ready=self._ready,
+            )
+            for p in parts
+        ]
+        self._next = 0  # the feed take() starts with
+        # Feeds with deliveries taken and not yet acknowledged.
+        self._taken: set[EventFeed] = set()
+
+    @property
+    def consumer(self) -> str:
+        """The consumers' name prefix (``serve --consumer``)."""
+        return self._prefix
+
+    @property
+    def filter_subject(self) -> str:
+        """The subjects read: every customer's when it owns every partition."""
+        if len(self._owned) == self._partitions:
+            return EVENTS_WILDCARD
+        return ",".join(partition_filter(p) for p in self._owned)
+
+    @property
+    def partitions(self) -> int:
+        """How many partitions ``SHOAL_EVENTS`` splits customers into."""
+        return self._partitions
+
+    @property
+    def owned(self) -> list[int]:
+        """The partitions read, in order."""
+        return list(self._owned)
+
+    @property
+    def pending_at_start(self) -> int:
+        """Messages waiting for the consumers when they last (re)started."""
+        return sum(f.pending_at_start for f in self._feeds)
+
+    @property
+    def redelivered(self) -> int:
+        """Deliveries resent after ``ack_wait`` and skipped, over every partition."""
+        return sum(f.redelivered for f in self._feeds)
+
+    @property
+    def buffered(self) -> int:
+        """Deliveries received and not yet taken."""
+        return sum(f.buffered for f in self._feeds)
+
+    @property
+    def received_through(self) -> int:
+        """The earliest of the partitions' bounds: an event still on its way to any of them
+        is stamped no earlier."""
+        return min(f.received_through for f in self._feeds)
+
+    @property
+    def needs_restart(self) -> bool:
+        """True once any partition lost a delivery or the connection was lost."""
+        return any(f.needs_restart for f in self._feeds)
+
+    @property
+    def backlog_cap(self) -> int | None:
+        """The earliest cap of the partitions that are behind; None when none is."""
+        caps = [c for f in self._feeds if (c := f.backlog_cap) is not None]
+        return min(caps) if caps else None
+
+    def caught_up(self) -> None:
+        """No partition received anything for a whole idle period."""
+        for f in self._feeds:
+            f.caught_up()
+
+    async def start(self) -> None:
+        """Create or bind every partition's consumer and start receiving.
+
+        Raises:
+            BrokerError: a consumer cannot be created or bound (one in use by another engine
+                included); those started are stopped again.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                for f in self._feeds:
+                    tg.start_soon(f.start)
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):
+                await self.stop()
+            errors = e.exceptions if isinstance(e, BaseExceptionGroup) else [e]
+            broker = [x for x in errors if isinstance(x, BrokerError)]
+            if broker and len(broker) == len(errors):
+                raise broker[0] from None
+            raise
+
+    async def restart(self) -> None:
+        """Restart every partition's consumer just past what it acknowledged (all of them:
+        what the engine holds and its backlog count start afresh together).
+
+        Raises:
+            BrokerError: as :meth:`EventFeed.restart`.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                for f in self._feeds:
+                    tg.start_soon(f.restart)
+        except BaseExceptionGroup as e:
+            broker = [x for x in e.exceptions if isinstance(x, BrokerError)]
+            if broker and len(broker) == len(e.exceptions):
+                raise broker[0] from None
+            raise
+        self._taken.clear()
+
+    async def stop(self) -> None:
+        """Stop receiving; the consumers stay on the broker. Idempotent."""
+        for f in self._feeds:
+            await f.stop()
+        self._taken.clear()
+
+    def take(self, limit: int) -> list[Delivery]:
+        """Up to ``limit`` buffered deliveries, in stream order, without waiting; the
+        partitions take turns at coming first."""
+        out: list[Delivery] = []
+        feeds = self._feeds
+        n = len(feeds)
+        start = self._next
+        self._next = (start + 1) % n
+        for i in range(n):
+            f = feeds[(start + i) % n]
+            if not f.buffered:
+                continue
+            got = f.take(limit - len(out))
+            if got:
+                out += got
+                self._taken.add(f)
+                if len(out) >= limit:
+                    break
+        if len(self._taken) > 1:
+            out.sort(key=_by_position)
+        return out
+
+    def oldest_buffered_received(self) -> int | None:
+        """The receive instant of the oldest buffered delivery, if any."""
+        oldest: int | None = None
+        for f in self._feeds:
+            if f.buffered:
+                r = f.oldest_buffered_received()
+                if r is not None and (oldest is None or r < oldest):
+                    oldest = r
+        return oldest
+
+    async def wait(self) -> None:
+        """Return once some partition has buffered deliveries (or lost one)."""
+        while not self.buffered and not self.needs_restart:
+            self._ready.clear()
+            await self._ready.wait()
+
+    async def ack(self, through: int) -> None:
+        """Acknowledge, in each partition, every delivery taken up to ``through``.
+
+        Raises:
+            BrokerError: the connection to NATS is closed for good.
+        """
+        taken, self._taken = self._taken, set()
+        for f in taken:
+            await f.ack(through)
+            if f.has_unacked:
+                self._taken.add(f)
+
+    async def fence(self, *, timeout: float = 2.0) -> bool:
+        """Whether every event stored when this was called has reached its partition's
+        feed, asking the broker about every partition at once."""
+        answers = await asyncio.gather(*(f.fence(timeout=timeout) for f in self._feeds))
+        return all(answers)
+
+    async def lag(self, *, timeout: float = 1.0) -> int | None:
+        """Events stored for the consumers and not yet acknowledged; None if unknown."""
+        lags = await asyncio.gather(*(f.lag(timeout=timeout) for f in self._feeds))
+        if any(x is None for x in lags):
+            return None
+        return sum(x for x in lags if x is not None)
+
+    async def stream_state(self) -> StreamState:
+        """``SHOAL_EVENTS``' size and each partition consumer's acknowledgement floor.
+
+        Raises:
+            BrokerError: the broker does not answer.
+        """
+        js = self._js
+        try:
+            stream = await js.stream_info(EVENTS_STREAM)
+            infos = await asyncio.gather(
+                *(js.consumer_info(EVENTS_STREAM, f.consumer) for f in self._feeds),
+                return_exceptions=True,
+            )
+            floors: dict[int, int] = {}
+            strays: int | None = None
+            for p, info in zip(self._parts, infos, strict=True):
+                if isinstance(info, nats.js.errors.NotFoundError):
+                    continue
+                if isinstance(info, BaseException):
+                    raise info
+                floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+                if p is None:
+                    strays = floor
+                else:
+                    floors[p] = floor
+            try:
+                published = int((await js.stream_info(SEGMENTS_STREAM)).state.messages)
+            except nats.js.errors.NotFoundError:
+                published = 0
+        except (TimeoutError, nats.errors.Error) as e:
+            raise BrokerError(f"cannot read the state of stream {EVENTS_STREAM}: {e}") from e
+        return StreamState(
+            stream=EVENTS_STREAM,
+            messages=int(stream.state.messages or 0),
+            ack_floor=max([*floors.values(), *([] if strays is None else [strays])], default=None),
+            published=published,
+            partition_floors=floors,
+        )
