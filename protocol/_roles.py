@@ -1,16 +1,17 @@
 """The roles that connect to shoal's broker and the least NATS permissions each needs: the one
 generator of the nats-server configuration that enforces them.
 
-Four roles: ``engine`` (``shoal serve`` and ``shoal rebuild``: shoal's streams, its consumer,
-the transitions, the query service, and the definitions in force in the KV bucket
-``SHOAL_DEFINITIONS``), ``producer`` (publishes events, nothing else), ``subscriber`` (reads
-transitions, through its own consumers of ``SHOAL_SEGMENTS`` too, and the list of segments)
-and ``operator`` (every query, definitions, unparking, the rejected events of
-``SHOAL_REJECTED``, which it may publish again as events, and imports of history into
-``SHOAL_EVENTS``: only it may publish the import markers). The ``SHOAL_DEFINITIONS`` bucket
-(its chunked lists included) is the engine's alone: an operator changes the definitions
-through the query API (``shoal.api.definitions``), which the engine applies and stores, and
-needs no access to it.
+Four roles: ``engine`` (``shoal serve``, ``shoal rebuild`` and ``shoal migrate``: shoal's
+streams, its consumer, the transitions, the query service, the definitions in force in the
+KV bucket ``SHOAL_DEFINITIONS``, and the republishing of an earlier shoal's events stream),
+``producer`` (publishes events, nothing else), ``subscriber`` (reads transitions, through
+its own consumers of ``SHOAL_SEGMENTS`` too, and the list of segments) and ``operator``
+(every query, definitions, unparking, the rejected events of ``SHOAL_REJECTED``, which it
+may publish again as events, and imports of history into ``SHOAL_EVENTS``: besides the
+engine migrating a stream, only it may publish the import markers). The
+``SHOAL_DEFINITIONS`` bucket (its chunked lists included) is the engine's alone: an operator
+changes the definitions through the query API (``shoal.api.definitions``), which the engine
+applies and stores, and needs no access to it.
 
 Each role's subjects are listed exactly: the JetStream API subjects name shoal's streams, so
 no role can touch the streams of anyone else, and only the engine can create, update or
@@ -45,6 +46,7 @@ from ._subjects import (
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
+    STORED_EVENTS,
     api_subject,
     customer_api_wildcard,
     legacy_customer_api_filter,
@@ -136,6 +138,9 @@ def _engine() -> _Role:
         f"{_JS}.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.*",
         f"{_JS}.CONSUMER.DELETE.{EVENTS_STREAM}.*",
         f"$JS.ACK.{EVENTS_STREAM}.>",
+        # shoal migrate: the stream of an earlier shoal replaced by a partitioned one, into
+        # which its messages are republished on their stored subjects, markers included.
+        f"{_JS}.STREAM.DELETE.{EVENTS_STREAM}",
         # The definitions in force (KV bucket SHOAL_DEFINITIONS): found or created at start,
         # read key by key, written (and old chunks purged) by publishing on its keys.
         f"{_JS}.STREAM.INFO.{DEFINITIONS_STREAM}",
@@ -144,12 +149,15 @@ def _engine() -> _Role:
         DEFINITIONS_KEYS,
     ]
     return _Role(
-        summary="shoal serve and shoal rebuild: the streams, the engine's consumer of "
-        f"{EVENTS_STREAM}, the transitions, the rejected events, the query service, the "
-        f"definitions in force (KV bucket {DEFINITIONS_BUCKET}, the engine's alone)",
+        summary="shoal serve, shoal rebuild and shoal migrate: the streams, the engine's "
+        f"consumer of {EVENTS_STREAM}, the transitions, the rejected events, the query "
+        f"service, the definitions in force (KV bucket {DEFINITIONS_BUCKET}, the engine's "
+        "alone), and an earlier shoal's events republished by a migration",
         publish=(
             SEGMENTS_WILDCARD,
             REJECTED_SUBJECT,
+            STORED_EVENTS,
+            CONTROL_WILDCARD,
             *js,
             # The service asks itself whether it listens yet.
             f"$SRV.PING.{API_SERVICE}.*",

@@ -1,0 +1,414 @@
+"""The broker's side of ``shoal migrate``: an unpartitioned ``SHOAL_EVENTS`` made by an earlier
+shoal (events on ``shoal.events.<customer>``, import markers on
+``shoal.imports.<id>.<stage>``) replaced by a partitioned one holding the same messages in
+the same order.
+
+The steps, each safe to run again after a crash (``scripts/_migrate_cmd.py`` records which
+were done): :func:`seal_stream` (the old stream takes no more messages), reading it whole
+(:func:`protocol.nats.read_stream`, kept on disk as :class:`OldMessage`), :func:`plan` (what
+to publish), :func:`replace_stream` (the old stream deleted, the new one made in its staging
+form), :func:`republish`, :func:`finish_stream` (its final form, with the partition
+transform) and :func:`start_consumers`.
+
+In its staging form the new stream takes the stored subjects themselves
+(``shoal.events.<partition>.<customer>``, the partition computed here as the broker's
+transform computes it) and the control subjects, but not ``shoal.events.<customer>``: a
+producer publishing during the migration gets no acknowledgement (and tries again later)
+rather than having its event land among the republished ones, before the position the
+engine's consumers start from. Its duplicate window is the broker's shortest, so that two
+old messages with one ``Nats-Msg-Id`` (the old stream kept both: they came farther apart
+than its window) are both stored; :func:`republish` waits out that window before a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from protocol._errors import BrokerError, SubjectError
+from protocol._partitions import partition_consumer
+from protocol._ports import Delivery
+from protocol._subjects import (
+    CONTROL_WILDCARD,
+    EVENTS_PREFIX,
+    EVENTS_STREAM,
+    IMPORT_HEADER,
+    RECEIVED_HEADER,
+    STORED_EVENTS,
+    import_marker_subject,
+    token_partition,
+    validate_import_id,
+)
+from protocol.nats._connect import StreamSettings, _events_config, _partitions_of
+
+OLD_IMPORTS_PREFIX = "shoal.imports."
+"""The subjects of an earlier shoal's import markers: ``shoal.imports.<id>.<begin|end>``."""
+STAGING_SUBJECTS = [STORED_EVENTS, CONTROL_WILDCARD]
+"""The subjects of the new stream while it is filled: the stored forms only."""
+STAGING_DUPLICATE_WINDOW = 0.1
+"""Seconds: the shortest duplicate window nats-server takes (2.15 refuses 0.05)."""
+_REPEAT_WAIT = 3 * STAGING_DUPLICATE_WINDOW
+"""Waited before publishing a message whose ``Nats-Msg-Id`` an earlier one had: the broker
+forgets an id once the window has passed, on a timer."""
+_REPEAT_TRIES = 20
+_WINDOW = 1_000
+"""Messages published before waiting for the broker's acknowledgements."""
+_ACK_TIMEOUT = 60.0
+
+
+class OldMessage(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One message of the old stream, as read (and kept on disk until the migration ends)."""
+
+    seq: int
+    """Its position in the old stream."""
+    subject: str
+    data: bytes
+    received: int
+    """When the old broker stored it, in microseconds since the epoch."""
+    msg_id: str | None
+    import_id: str | None
+    received_at: str | None
+
+    @classmethod
+    def of(cls, d: Delivery) -> OldMessage:
+        return cls(
+            seq=d.stream_sequence,
+            subject=d.subject,
+            data=d.data,
+            received=d.received,
+            msg_id=d.msg_id,
+            import_id=d.import_id,
+            received_at=d.received_at,
+        )
+
+    @property
+    def message_id(self) -> str:
+        """The log id of an event without a ``messageId`` of its own (as
+        :attr:`protocol.Delivery.default_message_id` gives it)."""
+        return self.msg_id or f"js:{self.seq}@{self.received}"
+
+
+class Outgoing(msgspec.Struct, frozen=True, kw_only=True):
+    """A message to publish into the new stream."""
+
+    old_seq: int
+    """The old message it comes from (0: the migration's own begin and end markers)."""
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """What :func:`republish` publishes, and where the engine goes on."""
+
+    messages: list[Outgoing]
+    """In order: the new stream's positions 1, 2, ..."""
+    through: int
+    """The new position of the last message the old engine had committed (the migration's
+    begin markers count among those): the engine's consumers start after it."""
+    events: int
+    """Old events republished."""
+    markers: int
+    """Old import markers republished (one per partition each)."""
+    dropped: list[int]
+    """Old positions not republished: subjects no version of shoal takes as an event or a
+    marker (a literal wildcard, several customer tokens), which an engine rejects."""
+
+
+def plan(
+    messages: Sequence[OldMessage], *, migration_id: str, partitions: int, committed: int
+) -> Plan:
+    """The messages of the new stream for the old stream's ``messages`` (in order): the
+    migration's begin marker in every partition; each old event on its stored subject
+    ``shoal.events.<partition>.<customer>``, with its log id as ``Nats-Msg-Id`` and, as an
+    event of the migration's import, its original receive instant (one imported before
+    keeps its own import and instant); each old import marker in every partition; the
+    migration's end marker in every partition. ``committed``: the old position through which
+    the old engine had committed.
+
+    Raises:
+        SubjectError: ``migration_id`` is not a valid import id.
+    """
+    validate_import_id(migration_id)
+    out: list[Outgoing] = []
+    dropped: list[int] = []
+    events = markers = 0
+
+    def framing(stage: str) -> None:
+        out.extend(
+            Outgoing(
+                old_seq=0,
+                subject=import_marker_subject(migration_id, stage, p),
+                data=b"",
+                headers={IMPORT_HEADER: migration_id},
+            )
+            for p in range(partitions)
+        )
+
+    framing("begin")
+    through = len(out)
+    for m in messages:
+        subject = m.subject
+        if subject.startswith(OLD_IMPORTS_PREFIX):
+            import_id, _, stage = subject[len(OLD_IMPORTS_PREFIX) :].partition(".")
+            try:
+                new = [
+                    Outgoing(
+                        old_seq=m.seq,
+                        subject=import_marker_subject(import_id, stage, p),
+                        data=m.data,
+                        headers={IMPORT_HEADER: import_id},
+                    )
+                    for p in range(partitions)
+                ]
+            except SubjectError:
+                dropped.append(m.seq)
+                continue
+            markers += 1
+        else:
+            token = subject[len(EVENTS_PREFIX) :] if subject.startswith(EVENTS_PREFIX) else ""
+            if not token or "." in token or token in ("*", ">"):
+                dropped.append(m.seq)
+                continue
+            headers = {"Nats-Msg-Id": m.message_id}
+            if m.import_id is not None:
+                headers[IMPORT_HEADER] = m.import_id
+                if m.received_at is not None:
+                    headers[RECEIVED_HEADER] = m.received_at
+            else:
+                headers[IMPORT_HEADER] = migration_id
+                headers[RECEIVED_HEADER] = str(m.received)
+            stored = f"{EVENTS_PREFIX}{token_partition(token, partitions)}.{token}"
+            new = [Outgoing(old_seq=m.seq, subject=stored, data=m.data, headers=headers)]
+            events += 1
+        out.extend(new)
+        if m.seq <= committed:
+            through = len(out)
+    framing("end")
+    return Plan(messages=out, through=through, events=events, markers=markers, dropped=dropped)
+
+
+def _staging_config() -> StreamConfig:
+    return StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=list(STAGING_SUBJECTS),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        duplicate_window=STAGING_DUPLICATE_WINDOW,
+        max_age=None,
+    )
+
+
+async def stream_form(js: JetStreamContext) -> tuple[str, int, int | None]:
+    """What ``SHOAL_EVENTS`` is now: ``("missing", 0, None)``; ``("old", last, None)``, made
+    by an earlier shoal; ``("staging", last, None)``, being filled by a migration;
+    ``("partitioned", last, P)``. ``last``: the position of its last message.
+
+    Raises:
+        BrokerError: the broker does not answer.
+    """
+    try:
+        info = await js.stream_info(EVENTS_STREAM)
+    except nats.js.errors.NotFoundError:
+        return "missing", 0, None
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read stream {EVENTS_STREAM}: {e}") from e
+    last = int(info.state.last_seq or 0)
+    found = _partitions_of(info.config)
+    if found is not None:
+        return "partitioned", last, found
+    if sorted(info.config.subjects or []) == sorted(STAGING_SUBJECTS):
+        return "staging", last, None
+    return "old", last, None
+
+
+async def consumer_floor(js: JetStreamContext, consumer: str) -> tuple[int | None, bool]:
+    """The acknowledgement floor of ``SHOAL_EVENTS``' durable ``consumer`` (None: there is
+    none), and whether a client consumes from it now.
+
+    Raises:
+        BrokerError: the broker does not answer.
+    """
+    try:
+        info = await js.consumer_info(EVENTS_STREAM, consumer)
+    except nats.js.errors.NotFoundError:
+        return None, False
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read consumer {consumer!r}: {e}") from e
+    floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+    return floor, bool(info.push_bound)
+
+
+async def seal_stream(js: JetStreamContext) -> None:
+    """Make the old ``SHOAL_EVENTS`` refuse new messages (a sealed stream takes none, and
+    cannot be unsealed): nothing a producer publishes from now on is lost by its deletion.
+
+    Raises:
+        BrokerError: the broker refuses.
+    """
+    try:
+        config = (await js.stream_info(EVENTS_STREAM)).config
+        if not config.sealed:
+            config.sealed = True
+            await js.update_stream(config)
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot seal stream {EVENTS_STREAM}: {e}") from e
+
+
+async def replace_stream(js: JetStreamContext) -> None:
+    """Delete the old ``SHOAL_EVENTS`` (its consumers go with it) and make the new one in its
+    staging form; or make that alone when there is none.
+
+    Raises:
+        BrokerError: the broker refuses.
+    """
+    try:
+        form, _, _ = await stream_form(js)
+        if form == "old":
+            await js.delete_stream(EVENTS_STREAM)
+        if form != "staging":
+            await js.add_stream(_staging_config())
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot replace stream {EVENTS_STREAM}: {e}") from e
+
+
+def _repeats(messages: Sequence[Outgoing]) -> set[int]:
+    """The indexes of the messages whose ``Nats-Msg-Id`` an earlier one has."""
+    seen: set[str] = set()
+    out: set[int] = set()
+    for i, m in enumerate(messages):
+        msg_id = m.headers.get("Nats-Msg-Id")
+        if msg_id is None:
+            continue
+        if msg_id in seen:
+            out.add(i)
+        seen.add(msg_id)
+    return out
+
+
+def _nothing(_: int) -> None:
+    pass
+
+
+async def republish(
+    js: JetStreamContext,
+    messages: Sequence[Outgoing],
+    *,
+    start: int = 0,
+    on_progress: Callable[[int], None] = _nothing,
+) -> None:
+    """Publish ``messages[start:]`` into the staging stream, in order, each acknowledged.
+
+    ``start``: how many the stream holds already (an earlier run stopped there: it stores
+    them in order, so those are the first ``start``).
+
+    Raises:
+        BrokerError: the broker did not store one (run it again: it goes on from there).
+    """
+    repeats = _repeats(messages)
+    pending: list[asyncio.Future[Any]] = []
+
+    async def confirm() -> None:
+        try:
+            acks = await asyncio.wait_for(asyncio.gather(*pending), _ACK_TIMEOUT)
+        except TimeoutError as e:
+            raise BrokerError(
+                f"the broker did not acknowledge the messages republished into {EVENTS_STREAM} "
+                f"within {_ACK_TIMEOUT:g} s"
+            ) from e
+        if any(a.duplicate for a in acks):
+            raise BrokerError(f"{EVENTS_STREAM} dropped a republished message as a repeat")
+        on_progress(len(pending))
+        pending.clear()
+
+    try:
+        for i in range(start, len(messages)):
+            m = messages[i]
+            if i in repeats:
+                # The same id as an earlier message: once the broker has forgotten that one.
+                await confirm()
+                for _ in range(_REPEAT_TRIES):
+                    await asyncio.sleep(_REPEAT_WAIT)
+                    ack = await js.publish(
+                        m.subject, m.data, stream=EVENTS_STREAM, headers=m.headers
+                    )
+                    if not ack.duplicate:
+                        break
+                else:
+                    raise BrokerError(
+                        f"{EVENTS_STREAM} keeps dropping a republished message as a repeat of "
+                        f"Nats-Msg-Id {m.headers.get('Nats-Msg-Id')!r}"
+                    )
+                on_progress(1)
+                continue
+            pending.append(
+                await js.publish_async(m.subject, m.data, stream=EVENTS_STREAM, headers=m.headers)
+            )
+            if len(pending) >= _WINDOW:
+                await confirm()
+        await confirm()
+    except nats.js.errors.NoStreamResponseError as e:
+        raise BrokerError(
+            f"stream {EVENTS_STREAM} did not take a republished message: was it changed "
+            "meanwhile? Run the migration again"
+        ) from e
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"republishing into {EVENTS_STREAM} failed: {e}") from e
+
+
+async def finish_stream(
+    js: JetStreamContext, partitions: int, settings: StreamSettings | None = None
+) -> None:
+    """Give the filled stream its final form: events taken on ``shoal.events.<customer>``
+    and stored under their partition, and the usual duplicate window.
+
+    Raises:
+        BrokerError: the broker refuses.
+    """
+    try:
+        await js.update_stream(_events_config(settings or StreamSettings(), partitions))
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot update stream {EVENTS_STREAM}: {e}") from e
+
+
+async def start_consumers(js: JetStreamContext, prefix: str, partitions: int, after: int) -> None:
+    """Make each partition's durable consumer (``<prefix>-<partition>``, on its partition's
+    subjects, acknowledging all) start after position ``after``: its acknowledgement floor
+    then reads ``after``, where the engine goes on from. One that exists is made again.
+
+    Raises:
+        BrokerError: the broker refuses.
+    """
+    try:
+        for p in range(partitions):
+            name = partition_consumer(prefix, p)
+            try:
+                await js.delete_consumer(EVENTS_STREAM, name)
+            except nats.js.errors.NotFoundError:
+                pass
+            await js.add_consumer(
+                EVENTS_STREAM,
+                ConsumerConfig(
+                    durable_name=name,
+                    filter_subject=f"{EVENTS_PREFIX}{p}.>",
+                    ack_policy=AckPolicy.ALL,
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=after + 1,
+                ),
+            )
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot create the consumers of {EVENTS_STREAM}: {e}") from e
