@@ -10,8 +10,10 @@ memberships and version its published transitions (the outbox) say it has.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import msgspec
@@ -30,8 +32,9 @@ from protocol import (
     stored_event_subject,
 )
 from protocol.nats import read_stream
+from protocol.nats._migrate import OldMessage, plan, republish
 from store import Store
-from tests.helpers import NatsServer, eventually, run, running_engine, track
+from tests.helpers import SHOAL, NatsServer, eventually, free_port, run, running_engine, track
 from tests.helpers import published as published_transitions
 
 LEGACY = Path(__file__).parent / "data" / "legacy-ddd092d" / "shoal.db"
@@ -278,3 +281,90 @@ async def test_migrate_pre18_data_then_the_engine_goes_on(tmp_path: Path) -> Non
         assert await logged(rebuilt / "shoal.db") == migrated_log
     finally:
         server.stop()
+
+
+async def test_migrate_refuses_a_running_engine_and_resumes_after_a_stop_at_any_step(
+    tmp_path: Path,
+) -> None:
+    """Run by the embedded broker of the data directory (so as the engine role, with its
+    key): stopped after each step, and once in the middle of the republishing, a run again
+    finishes the migration, with every message once, in order."""
+    data = pre18_data(tmp_path)
+    port = str(free_port())
+    migrate = ("migrate", "--data-dir", str(data), "--port", port)
+
+    async with await Store.open(data / "shoal.db"):
+        refused = run(*migrate)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"shoal: error: {data / 'shoal.db'} is in use by a running engine: stop it "
+        "(`shoal serve`), then migrate"
+    )
+
+    def stopped_after(step: str) -> None:
+        done = subprocess.run(
+            [*SHOAL, *migrate],
+            env={**os.environ, "SHOAL_MIGRATE_STOP_AFTER": step},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.strip().endswith(
+            f"stopped after step {step!r} (SHOAL_MIGRATE_STOP_AFTER)"
+        )
+
+    stopped_after("dumped")
+    state = json.loads((data / "migrate" / "state.json").read_text())
+    assert (state["stage"], state["committed"]) == ("dumped", PRE18_FACTS["stream_messages"] - TAIL)
+    stopped_after("replaced")
+
+    # A stop in the middle of the republishing: the first 100 messages stored.
+    messages = msgspec.msgpack.decode(
+        (data / "migrate" / "messages.msgpack").read_bytes(), type=list[OldMessage]
+    )
+    made = plan(
+        messages,
+        migration_id=state["migration_id"],
+        partitions=PARTITIONS,
+        committed=state["committed"],
+    )
+    server = NatsServer(data / "nats")
+    server.start()
+    try:
+        nc = await nats.connect(server.url)
+        try:
+            await republish(nc.jetstream(), made.messages[:100])
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
+    stopped_after("republished")
+    done = run(*migrate)
+    assert done.returncode == 0, done.stderr
+    assert f"goes on after position {THROUGH} " in done.stdout
+    assert not (data / "migrate").exists()
+
+    server = NatsServer(data / "nats")
+    server.start()
+    try:
+        stored = await stream_deliveries(server.url)
+        assert [(d.subject, d.data, d.msg_id, d.import_id, d.received_at) for d in stored] == [
+            (
+                m.subject,
+                m.data,
+                m.headers.get("Nats-Msg-Id"),
+                m.headers.get("Shoal-Import"),
+                m.headers.get("Shoal-Received-At"),
+            )
+            for m in made.messages
+        ]
+        assert len(stored) == MIGRATED
+        assert await floors(server.url) == ({THROUGH}, TAIL + PARTITIONS)
+    finally:
+        server.stop()
+    async with await Store.open_read_only(data / "shoal.db") as store:
+        assert store.stream_through == THROUGH
+        assert set(store.open_imports) == {
+            f"{state['migration_id']}@{p}" for p in range(PARTITIONS)
+        }
