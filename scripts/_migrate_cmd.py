@@ -23,8 +23,13 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client
 
-from protocol import DEFAULT_PARTITIONS, EVENTS_STREAM, partition_consumer
-from protocol.nats import connect, read_stream
+from protocol import (
+    DEFAULT_PARTITIONS,
+    EVENTS_STREAM,
+    REJECTED_STREAM,
+    partition_consumer,
+)
+from protocol.nats import connect, read_stream, rejected_positions
 from protocol.nats._migrate import (
     OldMessage,
     consumer_floor,
@@ -64,6 +69,8 @@ class _State(msgspec.Struct, kw_only=True):
     old_messages: int
     open_imports: dict[str, int]
     """The store's open imports when the migration began (the old engine's)."""
+    rejected: list[int]
+    """The old positions the old engine rejected (``SHOAL_REJECTED`` names them)."""
 
 
 class _Stopped(CliError):
@@ -182,6 +189,7 @@ async def _migrate(args: argparse.Namespace) -> int:
             migration_id=state.migration_id,
             partitions=state.partitions,
             committed=state.committed,
+            rejected=set(state.rejected),
         )
         if state.stage == "dumped":
             form, last, found = await stream_form(js)
@@ -229,6 +237,12 @@ async def _migrate(args: argparse.Namespace) -> int:
             f"old stream ({state.old_messages} messages) republished into "
             f"{state.partitions} partitions as import {state.migration_id}"
             + (f"; {len(made.dropped)} left out (no event subject)" if made.dropped else "")
+            + (
+                f"; {len(made.rejected)} the old engine rejected left out (kept in "
+                f"{REJECTED_STREAM})"
+                if made.rejected
+                else ""
+            )
             + f". The engine goes on after position {made.through} (consumers "
             f"{partition_consumer(args.consumer, 0)} to "
             f"{partition_consumer(args.consumer, state.partitions - 1)}): {unread} messages the "
@@ -255,6 +269,7 @@ async def _dump(nc: Client, store: Store, work: Path, args: argparse.Namespace) 
     messages = [
         OldMessage.of(d) async for chunk in read_stream(nc, EVENTS_STREAM, ">") for d in chunk
     ]
+    rejected = sorted(await rejected_positions(nc))
     work.mkdir(parents=True, exist_ok=True)
     _write(work / _MESSAGES, msgspec.msgpack.encode(messages))
     state = _State(
@@ -264,6 +279,7 @@ async def _dump(nc: Client, store: Store, work: Path, args: argparse.Namespace) 
         committed=committed,
         old_messages=len(messages),
         open_imports=dict(store.open_imports),
+        rejected=rejected,
     )
     _write_json(work / _STATE, msgspec.json.encode(state))
     _stop_here("dumped")

@@ -23,7 +23,7 @@ than its window) are both stored; :func:`republish` waits out that window before
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import msgspec
@@ -127,10 +127,18 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     dropped: list[int]
     """Old positions not republished: subjects no version of shoal takes as an event or a
     marker (a literal wildcard, several customer tokens), which an engine rejects."""
+    rejected: list[int]
+    """Old positions not republished: messages the old engine rejected (in
+    ``SHOAL_REJECTED``)."""
 
 
 def plan(
-    messages: Sequence[OldMessage], *, migration_id: str, partitions: int, committed: int
+    messages: Sequence[OldMessage],
+    *,
+    migration_id: str,
+    partitions: int,
+    committed: int,
+    rejected: Collection[int] = (),
 ) -> Plan:
     """The messages of the new stream for the old stream's ``messages`` (in order): the
     migration's begin marker in every partition; each old event on its stored subject
@@ -138,7 +146,10 @@ def plan(
     event of the migration's import, its original receive instant (one imported before
     keeps its own import and instant); each old import marker in every partition; the
     migration's end marker in every partition. ``committed``: the old position through which
-    the old engine had committed.
+    the old engine had committed; ``rejected``: the old positions it rejected (those
+    ``SHOAL_REJECTED`` names), left out: they are not in its log, and ``SHOAL_REJECTED``
+    keeps them (a rebuild from the new stream would otherwise log one quarantined because it
+    raised when applied, whose old position no longer names it).
 
     Raises:
         SubjectError: ``migration_id`` is not a valid import id.
@@ -146,6 +157,7 @@ def plan(
     validate_import_id(migration_id)
     out: list[Outgoing] = []
     dropped: list[int] = []
+    left_out: list[int] = []
     events = markers = 0
 
     def framing(stage: str) -> None:
@@ -163,6 +175,9 @@ def plan(
     through = len(out)
     for m in messages:
         subject = m.subject
+        if m.seq <= committed and m.seq in rejected:
+            left_out.append(m.seq)
+            continue
         if subject.startswith(OLD_IMPORTS_PREFIX):
             import_id, _, stage = subject[len(OLD_IMPORTS_PREFIX) :].partition(".")
             try:
@@ -199,7 +214,14 @@ def plan(
         if m.seq <= committed:
             through = len(out)
     framing("end")
-    return Plan(messages=out, through=through, events=events, markers=markers, dropped=dropped)
+    return Plan(
+        messages=out,
+        through=through,
+        events=events,
+        markers=markers,
+        dropped=dropped,
+        rejected=left_out,
+    )
 
 
 def _staging_config() -> StreamConfig:

@@ -31,7 +31,7 @@ from protocol import (
     partition_consumer,
     stored_event_subject,
 )
-from protocol.nats import read_stream
+from protocol.nats import read_stream, rejected_positions
 from protocol.nats._migrate import OldMessage, plan, republish
 from store import Store
 from tests.helpers import SHOAL, NatsServer, eventually, free_port, run, running_engine, track
@@ -105,9 +105,10 @@ async def test_old_data_dir_starts_from_its_snapshots(
 PRE18 = Path(__file__).parent / "data" / "legacy-b1675b5"
 PRE18_FACTS = json.loads((PRE18 / "fixture.json").read_text())
 PARTITIONS = DEFAULT_PARTITIONS
-# The old stream: 110 live events, an import (5 events between its 2 markers), all
-# committed; then a tail of 6 events no engine read.
-COMMITTED_EVENTS = PRE18_FACTS["live"] + PRE18_FACTS["imported"]
+# The old stream: 111 live events (one the old engine rejected), an import (5 events
+# between its 2 markers), all committed; then a tail of 6 events no engine read. The
+# rejected one is left out: SHOAL_REJECTED keeps it.
+COMMITTED_EVENTS = PRE18_FACTS["live"] - PRE18_FACTS["rejected"] + PRE18_FACTS["imported"]
 TAIL = PRE18_FACTS["tail"]
 # The new stream: the migration's begin markers, the committed events, the old import's
 # markers (one per partition each), the tail, the migration's end markers.
@@ -181,6 +182,17 @@ async def test_migrate_pre18_data_then_the_engine_goes_on(tmp_path: Path) -> Non
         old = await stream_deliveries(server.url)
         assert len(old) == PRE18_FACTS["stream_messages"]
         written = max(d.received for d in old)
+        nc = await nats.connect(server.url)
+        try:
+            rejected = await rejected_positions(nc)
+        finally:
+            await nc.close()
+        assert len(rejected) == PRE18_FACTS["rejected"]
+        old_events = [
+            d
+            for d in old
+            if d.subject.startswith("shoal.events.") and d.stream_sequence not in rejected
+        ]
 
         refused = run("serve", "--data-dir", str(data), "--nats", server.url)
         assert refused.returncode == 1
@@ -195,6 +207,7 @@ async def test_migrate_pre18_data_then_the_engine_goes_on(tmp_path: Path) -> Non
         assert done.returncode == 0, done.stderr
         assert f"goes on after position {THROUGH} " in done.stdout
         assert f"{TAIL} messages the old engine had not read" in done.stdout
+        assert "; 1 the old engine rejected left out (kept in SHOAL_REJECTED)." in done.stdout
         assert not (data / "migrate").exists()
 
         new = await stream_deliveries(server.url)
@@ -202,15 +215,13 @@ async def test_migrate_pre18_data_then_the_engine_goes_on(tmp_path: Path) -> Non
         # The same events in the same order, each under its partition, with its log id.
         moved = [d for d in new if not is_control_subject(d.subject)]
         assert [customer_of_event_subject(d.subject) for d in moved] == [
-            customer_of_event_subject(d.subject) for d in old if d.subject.startswith("shoal.ev")
+            customer_of_event_subject(d.subject) for d in old_events
         ]
-        assert [d.data for d in moved] == [d.data for d in old if d.subject.startswith("shoal.ev")]
+        assert [d.data for d in moved] == [d.data for d in old_events]
         assert {d.subject for d in moved} == {
             stored_event_subject(customer_of_event_subject(d.subject), PARTITIONS) for d in moved
         }
-        assert [d.default_message_id for d in moved] == [
-            d.default_message_id for d in old if d.subject.startswith("shoal.ev")
-        ]
+        assert [d.default_message_id for d in moved] == [d.default_message_id for d in old_events]
         # Each partition's consumer starts after what the old engine had committed.
         assert await floors(server.url) == ({THROUGH}, TAIL + PARTITIONS)
         async with await Store.open_read_only(db) as store:
@@ -328,7 +339,9 @@ async def test_migrate_refuses_a_running_engine_and_resumes_after_a_stop_at_any_
         migration_id=state["migration_id"],
         partitions=PARTITIONS,
         committed=state["committed"],
+        rejected=set(state["rejected"]),
     )
+    assert len(made.rejected) == PRE18_FACTS["rejected"]
     server = NatsServer(data / "nats")
     server.start()
     try:
