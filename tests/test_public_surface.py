@@ -255,6 +255,7 @@ PINS = {
         "nkey_users_config",
         "parse_timestamp",
         "partition",
+        "partition_consumer",
         "partition_ranges",
         "permissions_block",
         "port_in_use",
