@@ -231,7 +231,8 @@ async def _migrate(args: argparse.Namespace) -> int:
             made.through, dict.fromkeys(range(state.partitions), made.through), imports
         )
         _remove(work)
-        unread = sum(1 for m in made.messages[made.through :] if m.old_seq)
+        # Old messages, not the markers each became in every partition.
+        unread = len({m.old_seq for m in made.messages[made.through :] if m.old_seq})
         print(
             f"{EVENTS_STREAM}: {made.events} events and {made.markers} import markers of the "
             f"old stream ({state.old_messages} messages) republished into "
