@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 import nats
 
+import protocol.nats
 from actors import EngineConfig, VirtualClock, load_segments
 from actors._stored import received_of
 from protocol import (
@@ -255,6 +256,14 @@ async def test_migrate_pre18_data_then_the_engine_goes_on(tmp_path: Path) -> Non
                 )
             )
             await eventually(lambda: engine.unpublished == 0)
+            stats = engine.stats
+            assert stats.imported_events == TAIL
+            if hasattr(protocol.nats, "PartitionedFeed"):
+                # Each partition's consumer went on after THROUGH: nothing read twice. (Until
+                # the engine reads through them, its one consumer reads the stream from its
+                # start: the committed events come again as duplicates, and the old import's
+                # markers apply it again. Drop this condition once they are merged.)
+                assert (stats.events_duplicate, stats.imports_applied) == (0, 1)
             # The tail, read as the migration's import: c05's and c06's opens, t00 new.
             for customer_id in ("c05", "c06"):
                 c = engine.customer(customer_id)
