@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from protocol import (
     DEFAULT_PARTITIONS,
@@ -29,7 +30,7 @@ from protocol import (
     REJECTED_STREAM,
     partition_consumer,
 )
-from protocol.nats import connect, read_stream, rejected_positions
+from protocol.nats import connect, permission_guard, read_stream, rejected_positions
 from protocol.nats._migrate import (
     OldMessage,
     consumer_floor,
@@ -45,6 +46,7 @@ from store import Store, StoreLockedError
 
 from ._connection import credentials_of, engine_servers
 from ._errors import CliError, NotFound, UsageError
+from ._import_cmd import _progress, _Rate
 
 STATE_DIR = "migrate"
 """The folder of the data directory that holds a migration under way."""
@@ -151,105 +153,122 @@ async def _migrate(args: argparse.Namespace) -> int:
         credentials = credentials_of(args).for_role("engine")
         nc = await connect(servers, name="shoal-migrate", credentials=credentials)
         stack.push_async_callback(nc.close)
-        js = nc.jetstream()
-        work = data_dir / STATE_DIR
-        state = _load_state(work)
-        form, last, found = await stream_form(js)
-        if state is None:
-            if form == "partitioned":
-                if found != args.partitions:
-                    raise UsageError(
-                        f"stream {EVENTS_STREAM} is split into {found} partitions already, not "
-                        f"the {args.partitions} asked for: changing the number of partitions "
-                        "of a partitioned stream is not supported yet (migrate --partitions "
-                        f"{found} has nothing to do)"
-                    )
-                _remove(work)
-                print(f"{EVENTS_STREAM} is partitioned ({found} partitions): nothing to migrate")
-                return 0
-            if form == "missing":
-                raise NotFound(
-                    f"stream {EVENTS_STREAM} does not exist on this NATS server: nothing to "
-                    "migrate (`shoal serve` creates it)"
-                )
-            if form == "staging":
-                raise CliError(
-                    f"stream {EVENTS_STREAM} is in the middle of a migration, but {work} is "
-                    "gone: the messages it was made from are lost, and it cannot be finished"
-                )
-            state = await _dump(nc, store, work, args)
-        elif state.partitions != args.partitions:
-            raise UsageError(
-                f"the migration under way ({work}) makes {state.partitions} partitions: run it "
-                f"with --partitions {state.partitions} to finish it"
-            )
-        messages = _messages_decoder.decode((work / _MESSAGES).read_bytes())
-        made = plan(
-            messages,
-            migration_id=state.migration_id,
-            partitions=state.partitions,
-            committed=state.committed,
-            rejected=set(state.rejected),
-        )
-        if state.stage == "dumped":
-            form, last, found = await stream_form(js)
-            if form == "partitioned":
-                pass  # filled and finished before a stop, not yet recorded
-            else:
-                if form in ("old", "missing"):
-                    await replace_stream(js)
-                    _stop_here("replaced")
-                    last = 0
-                elif form != "staging":
-                    raise CliError(
-                        f"stream {EVENTS_STREAM} was changed during the migration (it is "
-                        f"{form}): cannot finish it"
-                    )
-                if last > len(made.messages):
-                    raise CliError(
-                        f"stream {EVENTS_STREAM} holds {last} messages, more than the "
-                        f"{len(made.messages)} the migration publishes: something else "
-                        "published into it; cannot finish the migration"
-                    )
-                await republish(js, made.messages, start=last)
-                await finish_stream(js, state.partitions)
-            state.stage = "republished"
-            _write_json(work / _STATE, msgspec.json.encode(state))
-            _stop_here("republished")
-        await start_consumers(js, args.consumer, state.partitions, made.through)
-        # The old engine's open imports are open in every partition now (their end markers
-        # are republished in each), and so is the migration's own: the engine reads the
-        # tail as its events, and at its end markers reconciles the customers they touched.
-        imports: dict[str, int] = {}
-        for key, begun in [
-            *state.open_imports.items(),
-            (state.migration_id, store.events.last_seq),
-        ]:
-            for p in range(state.partitions):
-                imports[key if "@" in key else f"{key}@{p}"] = begun
-        await store.reset_stream_positions(
-            made.through, dict.fromkeys(range(state.partitions), made.through), imports
-        )
-        _remove(work)
-        # Old messages, not the markers each became in every partition.
-        unread = len({m.old_seq for m in made.messages[made.through :] if m.old_seq})
-        print(
-            f"{EVENTS_STREAM}: {made.events} events and {made.markers} import markers of the "
-            f"old stream ({state.old_messages} messages) republished into "
-            f"{state.partitions} partitions as import {state.migration_id}"
-            + (f"; {len(made.dropped)} left out (no event subject)" if made.dropped else "")
-            + (
-                f"; {len(made.rejected)} the old engine rejected left out (kept in "
-                f"{REJECTED_STREAM})"
-                if made.rejected
-                else ""
-            )
-            + f". The engine goes on after position {made.through} (consumers "
-            f"{partition_consumer(args.consumer, 0)} to "
-            f"{partition_consumer(args.consumer, state.partitions - 1)}): {unread} messages the "
-            "old engine had not read, then the import's end markers"
-        )
+        async with permission_guard(nc):
+            await _run(nc, store, data_dir / STATE_DIR, args)
     return 0
+
+
+async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -> None:
+    """Take the migration from where ``work`` says it is (or from the start) to its end."""
+    js = nc.jetstream()
+    state = _load_state(work)
+    form, last, found = await stream_form(js)
+    if state is None:
+        if form == "partitioned":
+            if found != args.partitions:
+                raise UsageError(
+                    f"stream {EVENTS_STREAM} is split into {found} partitions already, not "
+                    f"the {args.partitions} asked for: changing the number of partitions "
+                    "of a partitioned stream is not supported yet (migrate --partitions "
+                    f"{found} has nothing to do)"
+                )
+            _remove(work)
+            print(f"{EVENTS_STREAM} is partitioned ({found} partitions): nothing to migrate")
+            return
+        if form == "missing":
+            raise NotFound(
+                f"stream {EVENTS_STREAM} does not exist on this NATS server: nothing to "
+                "migrate (`shoal serve` creates it)"
+            )
+        if form == "staging":
+            raise CliError(
+                f"stream {EVENTS_STREAM} is in the middle of a migration, but {work} is "
+                "gone: the messages it was made from are lost, and it cannot be finished"
+            )
+        state = await _dump(nc, store, work, args)
+    elif state.partitions != args.partitions:
+        raise UsageError(
+            f"the migration under way ({work}) makes {state.partitions} partitions: run it "
+            f"with --partitions {state.partitions} to finish it"
+        )
+    messages = _messages_decoder.decode((work / _MESSAGES).read_bytes())
+    made = plan(
+        messages,
+        migration_id=state.migration_id,
+        partitions=state.partitions,
+        committed=state.committed,
+        rejected=set(state.rejected),
+    )
+    if state.stage == "dumped":
+        form, last, found = await stream_form(js)
+        if form == "partitioned":
+            pass  # filled and finished before a stop, not yet recorded
+        else:
+            if form in ("old", "missing"):
+                await replace_stream(js)
+                _stop_here("replaced")
+                last = 0
+            elif form != "staging":
+                raise CliError(
+                    f"stream {EVENTS_STREAM} was changed during the migration (it is "
+                    f"{form}): cannot finish it"
+                )
+            if last > len(made.messages):
+                raise CliError(
+                    f"stream {EVENTS_STREAM} holds {last} messages, more than the "
+                    f"{len(made.messages)} the migration publishes: something else "
+                    "published into it; cannot finish the migration"
+                )
+            with _progress(
+                TextColumn("republishing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                _Rate(),
+                TimeRemainingColumn(),
+            ) as (progress, _):
+                task = progress.add_task("republish", total=len(made.messages), completed=last)
+                await republish(
+                    js,
+                    made.messages,
+                    start=last,
+                    on_progress=lambda n: progress.advance(task, n),
+                )
+            await finish_stream(js, state.partitions)
+        state.stage = "republished"
+        _write_json(work / _STATE, msgspec.json.encode(state))
+        _stop_here("republished")
+    await start_consumers(js, args.consumer, state.partitions, made.through)
+    # The old engine's open imports are open in every partition now (their end markers
+    # are republished in each), and so is the migration's own: the engine reads the
+    # tail as its events, and at its end markers reconciles the customers they touched.
+    imports: dict[str, int] = {}
+    for key, begun in [
+        *state.open_imports.items(),
+        (state.migration_id, store.events.last_seq),
+    ]:
+        for p in range(state.partitions):
+            imports[key if "@" in key else f"{key}@{p}"] = begun
+    await store.reset_stream_positions(
+        made.through, dict.fromkeys(range(state.partitions), made.through), imports
+    )
+    _remove(work)
+    # Old messages, not the markers each became in every partition.
+    unread = len({m.old_seq for m in made.messages[made.through :] if m.old_seq})
+    print(
+        f"{EVENTS_STREAM}: {made.events} events and {made.markers} import markers of the "
+        f"old stream ({state.old_messages} messages) republished into "
+        f"{state.partitions} partitions as import {state.migration_id}"
+        + (f"; {len(made.dropped)} left out (no event subject)" if made.dropped else "")
+        + (
+            f"; {len(made.rejected)} the old engine rejected left out (kept in {REJECTED_STREAM})"
+            if made.rejected
+            else ""
+        )
+        + f". The engine goes on after position {made.through} (consumers "
+        f"{partition_consumer(args.consumer, 0)} to "
+        f"{partition_consumer(args.consumer, state.partitions - 1)}): {unread} messages the "
+        "old engine had not read, then the import's end markers"
+    )
 
 
 async def _dump(nc: Client, store: Store, work: Path, args: argparse.Namespace) -> _State:
