@@ -17,9 +17,11 @@ import contextlib
 import json
 import os
 import secrets
+from collections.abc import AsyncIterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import anyio
 import msgspec
 from nats.aio.client import Client
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -28,14 +30,15 @@ from protocol import (
     DEFAULT_PARTITIONS,
     EVENTS_STREAM,
     REJECTED_STREAM,
+    Delivery,
     partition_consumer,
 )
 from protocol.nats import connect, permission_guard, read_stream, rejected_positions
 from protocol.nats._migrate import (
     OldMessage,
+    Planner,
     consumer_floor,
     finish_stream,
-    plan,
     replace_stream,
     republish,
     seal_stream,
@@ -55,7 +58,9 @@ _MESSAGES = "messages.msgpack"
 _STOP_AFTER = "SHOAL_MIGRATE_STOP_AFTER"
 """Tests only: the step after which the command stops as if it crashed (``dumped``,
 ``replaced``, ``republished``)."""
-_messages_decoder = msgspec.msgpack.Decoder(list[OldMessage])
+_piece_decoder = msgspec.msgpack.Decoder(list[OldMessage])
+_LENGTH = 8
+"""Bytes of the length before each piece of the dump."""
 
 
 class _State(msgspec.Struct, kw_only=True):
@@ -191,14 +196,20 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
             f"the migration under way ({work}) makes {state.partitions} partitions: run it "
             f"with --partitions {state.partitions} to finish it"
         )
-    messages = _messages_decoder.decode((work / _MESSAGES).read_bytes())
-    made = plan(
-        messages,
+    planner = Planner(
         migration_id=state.migration_id,
         partitions=state.partitions,
         committed=state.committed,
         rejected=set(state.rejected),
     )
+    # A first pass counts (and finds where the engine goes on); the republishing reads the
+    # dump again: in bounded memory, however large the old stream.
+    unread = last_seq = 0  # old messages past what was committed (a marker gives several)
+    for m in planner.messages(read_dump(work / _MESSAGES)):
+        if m.old_seq > state.committed and m.old_seq != last_seq:
+            unread += 1
+        last_seq = m.old_seq
+    total = planner.count
     if state.stage == "dumped":
         form, last, found = await stream_form(js)
         if form == "partitioned":
@@ -213,10 +224,10 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
                     f"stream {EVENTS_STREAM} was changed during the migration (it is "
                     f"{form}): cannot finish it"
                 )
-            if last > len(made.messages):
+            if last > total:
                 raise CliError(
                     f"stream {EVENTS_STREAM} holds {last} messages, more than the "
-                    f"{len(made.messages)} the migration publishes: something else "
+                    f"{total} the migration publishes: something else "
                     "published into it; cannot finish the migration"
                 )
             with _progress(
@@ -226,10 +237,10 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
                 _Rate(),
                 TimeRemainingColumn(),
             ) as (progress, _):
-                task = progress.add_task("republish", total=len(made.messages), completed=last)
+                task = progress.add_task("republish", total=total, completed=last)
                 await republish(
                     js,
-                    made.messages,
+                    planner.messages(read_dump(work / _MESSAGES)),
                     start=last,
                     on_progress=lambda n: progress.advance(task, n),
                 )
@@ -237,7 +248,8 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
         state.stage = "republished"
         _write_json(work / _STATE, msgspec.json.encode(state))
         _stop_here("republished")
-    await start_consumers(js, args.consumer, state.partitions, made.through)
+    through = planner.through
+    await start_consumers(js, args.consumer, state.partitions, through)
     # The old engine's open imports are open in every partition now (their end markers
     # are republished in each), and so is the migration's own: the engine reads the
     # tail as its events, and at its end markers reconciles the customers they touched.
@@ -249,22 +261,21 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
         for p in range(state.partitions):
             imports[key if "@" in key else f"{key}@{p}"] = begun
     await store.reset_stream_positions(
-        made.through, dict.fromkeys(range(state.partitions), made.through), imports
+        through, dict.fromkeys(range(state.partitions), through), imports
     )
     _remove(work)
-    # Old messages, not the markers each became in every partition.
-    unread = len({m.old_seq for m in made.messages[made.through :] if m.old_seq})
     print(
-        f"{EVENTS_STREAM}: {made.events} events and {made.markers} import markers of the "
+        f"{EVENTS_STREAM}: {planner.events} events and {planner.markers} import markers of the "
         f"old stream ({state.old_messages} messages) republished into "
         f"{state.partitions} partitions as import {state.migration_id}"
-        + (f"; {len(made.dropped)} left out (no event subject)" if made.dropped else "")
+        + (f"; {len(planner.dropped)} left out (no event subject)" if planner.dropped else "")
         + (
-            f"; {len(made.rejected)} the old engine rejected left out (kept in {REJECTED_STREAM})"
-            if made.rejected
+            f"; {len(planner.rejected)} the old engine rejected left out (kept in "
+            f"{REJECTED_STREAM})"
+            if planner.rejected
             else ""
         )
-        + f". The engine goes on after position {made.through} (consumers "
+        + f". The engine goes on after position {through} (consumers "
         f"{partition_consumer(args.consumer, 0)} to "
         f"{partition_consumer(args.consumer, state.partitions - 1)}): {unread} messages the "
         "old engine had not read, then the import's end markers"
@@ -285,25 +296,61 @@ async def _dump(nc: Client, store: Store, work: Path, args: argparse.Namespace) 
     if committed is None:
         committed = floor or 0
     await seal_stream(js)
-    # Every subject: its events (shoal.events.>) and its import markers (shoal.imports.>).
-    messages = [
-        OldMessage.of(d) async for chunk in read_stream(nc, EVENTS_STREAM, ">") for d in chunk
-    ]
     rejected = sorted(await rejected_positions(nc))
     work.mkdir(parents=True, exist_ok=True)
-    _write(work / _MESSAGES, msgspec.msgpack.encode(messages))
+    # Every subject: its events (shoal.events.>) and its import markers (shoal.imports.>).
+    # (Not ">": nats-py's ordered consumer on ">" drops messages as a slow consumer past
+    # some 40,000, then times out.)
+    count = await _write_dump(work / _MESSAGES, read_stream(nc, EVENTS_STREAM, "shoal.>"))
     state = _State(
         stage="dumped",
         migration_id=f"migrate-{secrets.token_hex(8)}",
         partitions=args.partitions,
         committed=committed,
-        old_messages=len(messages),
+        old_messages=count,
         open_imports=dict(store.open_imports),
         rejected=rejected,
     )
     _write_json(work / _STATE, msgspec.json.encode(state))
     _stop_here("dumped")
     return state
+
+
+async def _write_dump(path: Path, pieces: AsyncIterable[Sequence[Delivery]]) -> int:
+    """Write the old stream's messages to ``path`` (a piece at a time, each a msgpack list of
+    :class:`OldMessage` after its length), whole or not at all, and make it durable; return
+    how many."""
+    count = 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        async for piece in pieces:
+            frame = msgspec.msgpack.encode([OldMessage.of(d) for d in piece])
+            await anyio.to_thread.run_sync(f.write, len(frame).to_bytes(_LENGTH, "big") + frame)
+            count += len(piece)
+        await anyio.to_thread.run_sync(_sync, f)
+    os.replace(tmp, path)
+    _sync_dir(path.parent)
+    return count
+
+
+def read_dump(path: Path) -> Iterator[list[OldMessage]]:
+    """The old stream's messages :func:`_write_dump` wrote, a piece at a time."""
+    with open(path, "rb") as f:
+        while header := f.read(_LENGTH):
+            yield _piece_decoder.decode(f.read(int.from_bytes(header, "big")))
+
+
+def _sync(f: BinaryIO) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _load_state(work: Path) -> _State | None:
@@ -318,14 +365,9 @@ def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        _sync(f)
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync_dir(path.parent)
 
 
 def _write_json(path: Path, data: bytes) -> None:

@@ -23,7 +23,7 @@ than its window) are both stored; :func:`republish` waits out that window before
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -62,8 +62,11 @@ STAGING_SUBJECTS = [STORED_EVENTS, CONTROL_WILDCARD]
 STAGING_DUPLICATE_WINDOW = 0.1
 """Seconds: the shortest duplicate window nats-server takes (2.15 refuses 0.05)."""
 _REPEAT_WAIT = 3 * STAGING_DUPLICATE_WINDOW
-"""Waited before publishing a message whose ``Nats-Msg-Id`` an earlier one had: the broker
+"""Waited after a message before publishing one with the same ``Nats-Msg-Id``: the broker
 forgets an id once the window has passed, on a timer."""
+_REMEMBERED = 1.0
+"""Seconds for which an id published is taken to be still known to the broker (ten times
+its window)."""
 _REPEAT_TRIES = 20
 _WINDOW = 1_000
 """Messages published before waiting for the broker's acknowledgements."""
@@ -132,6 +135,114 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     ``SHOAL_REJECTED``)."""
 
 
+class Planner:
+    """The messages of the new stream for the old stream's, one old message at a time (in
+    bounded memory), and what it counted on the way (:attr:`through`, :attr:`events`...).
+
+    The new stream: the migration's begin marker in every partition; each old event on its
+    stored subject ``shoal.events.<partition>.<customer>``, with its log id as
+    ``Nats-Msg-Id`` and, as an event of the migration's import, its original receive instant
+    (one imported before keeps its own import and instant); each old import marker in every
+    partition; the migration's end marker in every partition.
+
+    Args:
+        migration_id: the migration's import id.
+        partitions: the new stream's.
+        committed: the old position through which the old engine had committed.
+        rejected: the old positions it rejected (those ``SHOAL_REJECTED`` names), left out:
+            they are not in its log, and ``SHOAL_REJECTED`` keeps them (a rebuild from the
+            new stream would otherwise log one quarantined because it raised when applied,
+            whose old position no longer names it).
+
+    Raises:
+        SubjectError: ``migration_id`` is not a valid import id.
+    """
+
+    def __init__(
+        self,
+        *,
+        migration_id: str,
+        partitions: int,
+        committed: int,
+        rejected: Collection[int] = (),
+    ) -> None:
+        self.migration_id = validate_import_id(migration_id)
+        self.partitions = partitions
+        self.committed = committed
+        self._rejected = rejected
+        self.count = 0
+        """Messages of the new stream so far."""
+        self.through = 0
+        self.events = 0
+        self.markers = 0
+        self.dropped: list[int] = []
+        self.rejected: list[int] = []
+
+    def messages(self, old: Iterable[Sequence[OldMessage]]) -> Iterator[Outgoing]:
+        """The new stream's messages for ``old`` (the old stream's, in order, in pieces),
+        from the first; the counts start again."""
+        self.count = self.through = self.events = self.markers = 0
+        self.dropped, self.rejected = [], []
+        yield from self._framing("begin")
+        self.through = self.count
+        for piece in old:
+            for m in piece:
+                for new in self._of(m):
+                    self.count += 1
+                    yield new
+                if m.seq <= self.committed:
+                    self.through = self.count
+        yield from self._framing("end")
+
+    def _framing(self, stage: str) -> Iterator[Outgoing]:
+        for p in range(self.partitions):
+            self.count += 1
+            yield Outgoing(
+                old_seq=0,
+                subject=import_marker_subject(self.migration_id, stage, p),
+                data=b"",
+                headers={IMPORT_HEADER: self.migration_id},
+            )
+
+    def _of(self, m: OldMessage) -> list[Outgoing]:
+        subject = m.subject
+        if m.seq <= self.committed and m.seq in self._rejected:
+            self.rejected.append(m.seq)
+            return []
+        if subject.startswith(OLD_IMPORTS_PREFIX):
+            import_id, _, stage = subject[len(OLD_IMPORTS_PREFIX) :].partition(".")
+            try:
+                markers = [
+                    Outgoing(
+                        old_seq=m.seq,
+                        subject=import_marker_subject(import_id, stage, p),
+                        data=m.data,
+                        headers={IMPORT_HEADER: import_id},
+                    )
+                    for p in range(self.partitions)
+                ]
+            except SubjectError:
+                self.dropped.append(m.seq)
+                return []
+            self.markers += 1
+            return markers
+        token = subject[len(EVENTS_PREFIX) :] if subject.startswith(EVENTS_PREFIX) else ""
+        if not token or "." in token or token in ("*", ">"):
+            self.dropped.append(m.seq)
+            return []
+        headers = {"Nats-Msg-Id": m.message_id}
+        if m.import_id is not None:
+            headers[IMPORT_HEADER] = m.import_id
+            if m.received_at is not None:
+                headers[RECEIVED_HEADER] = m.received_at
+        else:
+            headers[IMPORT_HEADER] = self.migration_id
+            headers[RECEIVED_HEADER] = str(m.received)
+        self.events += 1
+        stored = f"{EVENTS_PREFIX}{token_partition(token, self.partitions)}.{token}"
+        return [Outgoing(old_seq=m.seq, subject=stored, data=m.data, headers=headers)]
+
+
 def plan(
     messages: Sequence[OldMessage],
     *,
@@ -140,87 +251,22 @@ def plan(
     committed: int,
     rejected: Collection[int] = (),
 ) -> Plan:
-    """The messages of the new stream for the old stream's ``messages`` (in order): the
-    migration's begin marker in every partition; each old event on its stored subject
-    ``shoal.events.<partition>.<customer>``, with its log id as ``Nats-Msg-Id`` and, as an
-    event of the migration's import, its original receive instant (one imported before
-    keeps its own import and instant); each old import marker in every partition; the
-    migration's end marker in every partition. ``committed``: the old position through which
-    the old engine had committed; ``rejected``: the old positions it rejected (those
-    ``SHOAL_REJECTED`` names), left out: they are not in its log, and ``SHOAL_REJECTED``
-    keeps them (a rebuild from the new stream would otherwise log one quarantined because it
-    raised when applied, whose old position no longer names it).
+    """All of :class:`Planner`'s work at once, for old ``messages`` that fit in memory.
 
     Raises:
         SubjectError: ``migration_id`` is not a valid import id.
     """
-    validate_import_id(migration_id)
-    out: list[Outgoing] = []
-    dropped: list[int] = []
-    left_out: list[int] = []
-    events = markers = 0
-
-    def framing(stage: str) -> None:
-        out.extend(
-            Outgoing(
-                old_seq=0,
-                subject=import_marker_subject(migration_id, stage, p),
-                data=b"",
-                headers={IMPORT_HEADER: migration_id},
-            )
-            for p in range(partitions)
-        )
-
-    framing("begin")
-    through = len(out)
-    for m in messages:
-        subject = m.subject
-        if m.seq <= committed and m.seq in rejected:
-            left_out.append(m.seq)
-            continue
-        if subject.startswith(OLD_IMPORTS_PREFIX):
-            import_id, _, stage = subject[len(OLD_IMPORTS_PREFIX) :].partition(".")
-            try:
-                new = [
-                    Outgoing(
-                        old_seq=m.seq,
-                        subject=import_marker_subject(import_id, stage, p),
-                        data=m.data,
-                        headers={IMPORT_HEADER: import_id},
-                    )
-                    for p in range(partitions)
-                ]
-            except SubjectError:
-                dropped.append(m.seq)
-                continue
-            markers += 1
-        else:
-            token = subject[len(EVENTS_PREFIX) :] if subject.startswith(EVENTS_PREFIX) else ""
-            if not token or "." in token or token in ("*", ">"):
-                dropped.append(m.seq)
-                continue
-            headers = {"Nats-Msg-Id": m.message_id}
-            if m.import_id is not None:
-                headers[IMPORT_HEADER] = m.import_id
-                if m.received_at is not None:
-                    headers[RECEIVED_HEADER] = m.received_at
-            else:
-                headers[IMPORT_HEADER] = migration_id
-                headers[RECEIVED_HEADER] = str(m.received)
-            stored = f"{EVENTS_PREFIX}{token_partition(token, partitions)}.{token}"
-            new = [Outgoing(old_seq=m.seq, subject=stored, data=m.data, headers=headers)]
-            events += 1
-        out.extend(new)
-        if m.seq <= committed:
-            through = len(out)
-    framing("end")
+    planner = Planner(
+        migration_id=migration_id, partitions=partitions, committed=committed, rejected=rejected
+    )
+    out = list(planner.messages([messages]))
     return Plan(
         messages=out,
-        through=through,
-        events=events,
-        markers=markers,
-        dropped=dropped,
-        rejected=left_out,
+        through=planner.through,
+        events=planner.events,
+        markers=planner.markers,
+        dropped=planner.dropped,
+        rejected=planner.rejected,
     )
 
 
@@ -308,41 +354,32 @@ async def replace_stream(js: JetStreamContext) -> None:
         raise BrokerError(f"cannot replace stream {EVENTS_STREAM}: {e}") from e
 
 
-def _repeats(messages: Sequence[Outgoing]) -> set[int]:
-    """The indexes of the messages whose ``Nats-Msg-Id`` an earlier one has."""
-    seen: set[str] = set()
-    out: set[int] = set()
-    for i, m in enumerate(messages):
-        msg_id = m.headers.get("Nats-Msg-Id")
-        if msg_id is None:
-            continue
-        if msg_id in seen:
-            out.add(i)
-        seen.add(msg_id)
-    return out
-
-
 def _nothing(_: int) -> None:
     pass
 
 
 async def republish(
     js: JetStreamContext,
-    messages: Sequence[Outgoing],
+    messages: Iterable[Outgoing],
     *,
     start: int = 0,
     on_progress: Callable[[int], None] = _nothing,
 ) -> None:
-    """Publish ``messages[start:]`` into the staging stream, in order, each acknowledged.
+    """Publish ``messages`` from the one at index ``start`` into the staging stream, in
+    order, each acknowledged.
 
     ``start``: how many the stream holds already (an earlier run stopped there: it stores
-    them in order, so those are the first ``start``).
+    them in order, so those are the first ``start``). A message whose ``Nats-Msg-Id`` one
+    published less than a second ago had waits until the broker forgot that one (its
+    duplicate window): only those can be taken for repeats, so only the recent ids are kept.
 
     Raises:
         BrokerError: the broker did not store one (run it again: it goes on from there).
     """
-    repeats = _repeats(messages)
     pending: list[asyncio.Future[Any]] = []
+    # Nats-Msg-Id -> when published (the loop's clock), in the order published.
+    recent: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
 
     async def confirm() -> None:
         try:
@@ -358,30 +395,41 @@ async def republish(
         pending.clear()
 
     try:
-        for i in range(start, len(messages)):
-            m = messages[i]
-            if i in repeats:
-                # The same id as an earlier message: once the broker has forgotten that one.
+        for i, m in enumerate(messages):
+            if i < start:
+                continue
+            msg_id = m.headers.get("Nats-Msg-Id")
+            now = loop.time()
+            while recent and now - recent[oldest := next(iter(recent))] >= _REMEMBERED:
+                del recent[oldest]  # in the order published: the oldest first
+            if msg_id is not None and now - recent.get(msg_id, -_REMEMBERED) < _REMEMBERED:
+                # The same id as a message just published: once the broker has forgotten it.
                 await confirm()
+                await asyncio.sleep(max(0.0, recent[msg_id] + _REPEAT_WAIT - loop.time()))
                 for _ in range(_REPEAT_TRIES):
-                    await asyncio.sleep(_REPEAT_WAIT)
                     ack = await js.publish(
                         m.subject, m.data, stream=EVENTS_STREAM, headers=m.headers
                     )
                     if not ack.duplicate:
                         break
+                    await asyncio.sleep(_REPEAT_WAIT)
                 else:
                     raise BrokerError(
                         f"{EVENTS_STREAM} keeps dropping a republished message as a repeat of "
-                        f"Nats-Msg-Id {m.headers.get('Nats-Msg-Id')!r}"
+                        f"Nats-Msg-Id {msg_id!r}"
                     )
                 on_progress(1)
-                continue
-            pending.append(
-                await js.publish_async(m.subject, m.data, stream=EVENTS_STREAM, headers=m.headers)
-            )
-            if len(pending) >= _WINDOW:
-                await confirm()
+            else:
+                pending.append(
+                    await js.publish_async(
+                        m.subject, m.data, stream=EVENTS_STREAM, headers=m.headers
+                    )
+                )
+                if len(pending) >= _WINDOW:
+                    await confirm()
+            if msg_id is not None:
+                recent.pop(msg_id, None)
+                recent[msg_id] = loop.time()
         await confirm()
     except nats.js.errors.NoStreamResponseError as e:
         raise BrokerError(

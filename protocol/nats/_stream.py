@@ -106,18 +106,26 @@ async def read_stream(
 
 async def rejected_positions(nc: Client) -> set[int]:
     """The positions of ``SHOAL_EVENTS`` that ``SHOAL_REJECTED`` names: the messages the
-    engine rejected. Only the rejections stored since ``SHOAL_EVENTS`` was made count: an
-    older one names a position of an earlier stream (one ``shoal migrate`` replaced).
+    engine rejected (none when there is no ``SHOAL_REJECTED``). Only the rejections stored
+    since ``SHOAL_EVENTS`` was made count: an older one names a position of an earlier stream
+    (one ``shoal migrate`` replaced).
 
     Raises:
-        BrokerError: a stream does not exist, or the broker stops answering.
+        BrokerError: ``SHOAL_EVENTS`` does not exist, or the broker stops answering.
     """
+    js = nc.jetstream()
     try:
-        created = (await nc.jetstream().stream_info(EVENTS_STREAM)).created
+        created = (await js.stream_info(EVENTS_STREAM)).created
     except nats.js.errors.NotFoundError as e:
         raise BrokerError(f"stream {EVENTS_STREAM} does not exist") from e
     except (TimeoutError, nats.errors.Error) as e:
         raise BrokerError(f"cannot read stream {EVENTS_STREAM}: {e}") from e
+    try:
+        await js.stream_info(REJECTED_STREAM)
+    except nats.js.errors.NotFoundError:
+        return set()  # never made: nothing was rejected
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read stream {REJECTED_STREAM}: {e}") from e
     since = to_instant(created) if created is not None else None
     found: set[int] = set()
     async for chunk in read_stream(nc, REJECTED_STREAM, REJECTED_SUBJECT):

@@ -33,7 +33,8 @@ from protocol import (
     stored_event_subject,
 )
 from protocol.nats import read_stream, rejected_positions
-from protocol.nats._migrate import OldMessage, plan, republish
+from protocol.nats._migrate import plan, republish
+from scripts._migrate_cmd import read_dump
 from store import Store
 from tests.helpers import SHOAL, NatsServer, eventually, free_port, run, running_engine, track
 from tests.helpers import published as published_transitions
@@ -127,7 +128,7 @@ def pre18_data(tmp_path: Path) -> Path:
 async def stream_deliveries(url: str) -> list[Delivery]:
     nc = await nats.connect(url)
     try:
-        return [d async for chunk in read_stream(nc, EVENTS_STREAM, ">") for d in chunk]
+        return [d async for chunk in read_stream(nc, EVENTS_STREAM, "shoal.>") for d in chunk]
     finally:
         await nc.close()
 
@@ -340,9 +341,7 @@ async def test_migrate_refuses_a_running_engine_and_resumes_after_a_stop_at_any_
     stopped_after("replaced")
 
     # A stop in the middle of the republishing: the first 100 messages stored.
-    messages = msgspec.msgpack.decode(
-        (data / "migrate" / "messages.msgpack").read_bytes(), type=list[OldMessage]
-    )
+    messages = [m for piece in read_dump(data / "migrate" / "messages.msgpack") for m in piece]
     made = plan(
         messages,
         migration_id=state["migration_id"],
