@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import AsyncIterable, Iterator, Sequence
+from collections.abc import AsyncIterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -250,16 +250,9 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
         _stop_here("republished")
     through = planner.through
     await start_consumers(js, args.consumer, state.partitions, through)
-    # The old engine's open imports are open in every partition now (their end markers
-    # are republished in each), and so is the migration's own: the engine reads the
-    # tail as its events, and at its end markers reconciles the customers they touched.
-    imports: dict[str, int] = {}
-    for key, begun in [
-        *state.open_imports.items(),
-        (state.migration_id, store.events.last_seq),
-    ]:
-        for p in range(state.partitions):
-            imports[key if "@" in key else f"{key}@{p}"] = begun
+    imports = open_imports(
+        state.open_imports, state.migration_id, store.events.last_seq, state.partitions
+    )
     await store.reset_stream_positions(
         through, dict.fromkeys(range(state.partitions), through), imports
     )
@@ -280,6 +273,24 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
         f"{partition_consumer(args.consumer, state.partitions - 1)}): {unread} messages the "
         "old engine had not read, then the import's end markers"
     )
+
+
+def open_imports(
+    old: Mapping[str, int], migration_id: str, begun: int, partitions: int
+) -> dict[str, int]:
+    """The store's open imports once migrated: those the old engine had open (``old``, by
+    import id: the log position each began at) open in every partition, as their end
+    markers are republished in each; and the migration's own, begun at ``begun`` (the log's
+    last position), in every partition: the engine reads the unread tail as its events, and
+    at its end markers reconciles the customers they touched."""
+    out: dict[str, int] = {}
+    for import_id, at in [*old.items(), (migration_id, begun)]:
+        if "@" in import_id:  # already one partition's (not written by an earlier shoal)
+            out[import_id] = at
+            continue
+        for p in range(partitions):
+            out[f"{import_id}@{p}"] = at  # the engine's key (actors.engine._imports.open_key)
+    return out
 
 
 async def _dump(nc: Client, store: Store, work: Path, args: argparse.Namespace) -> _State:

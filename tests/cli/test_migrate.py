@@ -1,5 +1,5 @@
-"""``shoal migrate``'s plan: what the new stream holds for each old message, and where the
-engine's consumers start."""
+"""``shoal migrate``: its plan (what the new stream holds for each old message, and where the
+engine's consumers start), and the imports left open."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 
 from protocol import SubjectError, import_marker_subject, stored_event_subject
 from protocol.nats._migrate import OldMessage, plan
+from scripts._migrate_cmd import open_imports
 
 
 def old(seq: int, subject: str, **more: str | None) -> OldMessage:
@@ -82,3 +83,15 @@ def test_nothing_committed_starts_after_the_begin_markers_and_rejected_are_left_
 def test_a_bad_migration_id_is_refused() -> None:
     with pytest.raises(SubjectError):
         plan(MESSAGES, migration_id="a.b", partitions=2, committed=0)
+
+
+def test_open_imports_are_open_in_every_partition_with_the_migration() -> None:
+    """An import the old engine had open (keyed by its id alone) is open in every partition
+    once migrated, from where it began; the migration's own too, from the log's end."""
+    assert open_imports({"imp": 7}, "mig", 40, 2) == {
+        "imp@0": 7,
+        "imp@1": 7,
+        "mig@0": 40,
+        "mig@1": 40,
+    }
+    assert open_imports({}, "mig", 0, 1) == {"mig@0": 0}
