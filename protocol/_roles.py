@@ -1,16 +1,17 @@
 """The roles that connect to shoal's broker and the least NATS permissions each needs: the one
 generator of the nats-server configuration that enforces them.
 
-Four roles: ``engine`` (``shoal serve`` and ``shoal rebuild``: shoal's streams, its consumer,
-the transitions, the query service, and the definitions in force in the KV bucket
-``SHOAL_DEFINITIONS``), ``producer`` (publishes events, nothing else), ``subscriber`` (reads
-transitions, through its own consumers of ``SHOAL_SEGMENTS`` too, and the list of segments)
-and ``operator`` (every query, definitions, unparking, the rejected events of
-``SHOAL_REJECTED``, which it may publish again as events, and imports of history into
-``SHOAL_EVENTS``: only it may publish the import markers). The ``SHOAL_DEFINITIONS`` bucket
-(its chunked lists included) is the engine's alone: an operator changes the definitions
-through the query API (``shoal.api.definitions``), which the engine applies and stores, and
-needs no access to it.
+Four roles: ``engine`` (``shoal serve``, ``shoal rebuild`` and ``shoal migrate``: shoal's
+streams, its consumer, the transitions, the query service, the definitions in force in the
+KV bucket ``SHOAL_DEFINITIONS``, and the republishing of an earlier shoal's events stream),
+``producer`` (publishes events, nothing else), ``subscriber`` (reads transitions, through
+its own consumers of ``SHOAL_SEGMENTS`` too, and the list of segments) and ``operator``
+(every query, definitions, unparking, the rejected events of ``SHOAL_REJECTED``, which it
+may publish again as events, and imports of history into ``SHOAL_EVENTS``: besides the
+engine migrating a stream, only it may publish the import markers). The
+``SHOAL_DEFINITIONS`` bucket (its chunked lists included) is the engine's alone: an operator
+changes the definitions through the query API (``shoal.api.definitions``), which the engine
+applies and stores, and needs no access to it.
 
 Each role's subjects are listed exactly: the JetStream API subjects name shoal's streams, so
 no role can touch the streams of anyone else, and only the engine can create, update or
@@ -37,8 +38,8 @@ from ._definitions import DEFINITIONS_BUCKET, DEFINITIONS_KEYS, DEFINITIONS_STRE
 from ._subjects import (
     API_ENDPOINTS,
     API_SERVICE,
+    CONTROL_WILDCARD,
     CUSTOMER_ENDPOINTS,
-    DEFINITIONS_MARKERS,
     EVENTS_PUBLISHED,
     EVENTS_STREAM,
     IMPORT_MARKERS,
@@ -46,6 +47,7 @@ from ._subjects import (
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
+    STORED_EVENTS,
     api_subject,
     customer_api_wildcard,
     legacy_customer_api_filter,
@@ -137,6 +139,9 @@ def _engine() -> _Role:
         f"{_JS}.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.*",
         f"{_JS}.CONSUMER.DELETE.{EVENTS_STREAM}.*",
         f"$JS.ACK.{EVENTS_STREAM}.>",
+        # shoal migrate: the stream of an earlier shoal replaced by a partitioned one, into
+        # which its messages are republished on their stored subjects, markers included.
+        f"{_JS}.STREAM.DELETE.{EVENTS_STREAM}",
         # The definitions in force (KV bucket SHOAL_DEFINITIONS): found or created at start,
         # read key by key, written (and old chunks purged) by publishing on its keys.
         f"{_JS}.STREAM.INFO.{DEFINITIONS_STREAM}",
@@ -145,15 +150,19 @@ def _engine() -> _Role:
         DEFINITIONS_KEYS,
     ]
     return _Role(
-        summary="shoal serve and shoal rebuild: the streams, the engine's consumers of "
-        f"{EVENTS_STREAM} and its definitions markers there, the transitions, the rejected "
-        "events, the query service, the definitions in force (KV bucket "
-        f"{DEFINITIONS_BUCKET}, the engine's alone)",
+        summary="shoal serve, shoal rebuild and shoal migrate: the streams, the engine's "
+        f"consumers of {EVENTS_STREAM} and its definitions markers there, the transitions, "
+        "the rejected events, the query service, the definitions in force (KV bucket "
+        f"{DEFINITIONS_BUCKET}, the engine's alone), and an earlier shoal's events "
+        "republished by a migration",
         publish=(
             SEGMENTS_WILDCARD,
             REJECTED_SUBJECT,
-            # Where it switched to new definitions, in each partition's history.
-            DEFINITIONS_MARKERS,
+            # shoal migrate: an earlier shoal's events on their stored subjects, and the
+            # import markers; the engine: where it switched to new definitions, in each
+            # partition's history (the definitions markers, which this covers).
+            STORED_EVENTS,
+            CONTROL_WILDCARD,
             *js,
             # The service asks itself whether it listens yet.
             f"$SRV.PING.{API_SERVICE}.*",
@@ -192,8 +201,8 @@ def _operator() -> _Role:
         "unpark, rejected, import: every query, and definitions through the API only (no "
         f"access to the KV bucket {DEFINITIONS_BUCKET}); reads the rejected events "
         f"({REJECTED_STREAM}) and republishes them (rejected --republish); imports history "
-        f"into {EVENTS_STREAM} (its events and the import markers, which no other role may "
-        "publish)",
+        f"into {EVENTS_STREAM} (its events and the import markers, which only the engine "
+        "also may publish, for shoal migrate)",
         publish=(
             # Every request; $SRV.INFO.shoal (below) tells the number of partitions.
             *_api_requests(),

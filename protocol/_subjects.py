@@ -19,6 +19,9 @@ EVENTS_PUBLISHED = "shoal.events.*"
 """The subjects producers publish events on, one customer token each: the only event
 subjects ``SHOAL_EVENTS`` takes. It stores each as ``shoal.events.<partition>.<customer>``
 (see :func:`stored_event_subject`)."""
+STORED_EVENTS = "shoal.events.*.*"
+"""The stored form of the event subjects (``shoal.events.<partition>.<customer>``): only
+``shoal migrate`` publishes there, into the new stream it fills (which takes them only then)."""
 PARTITION_HEADER = "Shoal-Partition"
 """The header of a published transition: its customer's partition, in decimal."""
 SEGMENTS_PREFIX = "shoal.segments."

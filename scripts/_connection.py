@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from protocol import KEYS_DIR, embedded_broker, role_key_file
-from protocol.nats import Credentials, redact
+from protocol.nats import Credentials, StreamNeedsMigration, redact
 
 from ._errors import UsageError
 
@@ -132,6 +132,8 @@ def explain(error: BaseException, args: argparse.Namespace) -> str:
     no credentials also names the key file of its data directory (refused, or not found),
     and what to do."""
     text = str(error)
+    if isinstance(error, StreamNeedsMigration) and error.found is None:
+        return text.replace("`shoal migrate`", f"`{migrate_command(args)}`")
     if "authorization violation" not in text.lower():
         return text
     key = _role_key(args, _given(args))
@@ -144,6 +146,27 @@ def explain(error: BaseException, args: argparse.Namespace) -> str:
         f"{text} (no key file {key}: give the --data-dir of `shoal serve`, or credentials "
         "with --nkey, --creds, --nats-user or --token)"
     )
+
+
+def migrate_command(args: argparse.Namespace) -> str:
+    """The ``shoal migrate`` command for the data directory, broker and consumer of the
+    command ``args`` were given to (``serve``, ``rebuild``)."""
+    words = ["shoal migrate"]
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None and Path(data_dir) != Path("shoal-data"):
+        words.append(f"--data-dir {data_dir}")
+    if getattr(args, "nats", None):
+        words += [f"--nats {redact(url)}" for url in args.nats]
+    else:
+        if getattr(args, "host", "127.0.0.1") != "127.0.0.1":
+            words.append(f"--host {args.host}")
+        if getattr(args, "port", 4222) != 4222:
+            words.append(f"--port {args.port}")
+        if getattr(args, "no_auth", False):
+            words.append("--no-auth")
+    if getattr(args, "consumer", "shoal-engine") != "shoal-engine":
+        words.append(f"--consumer {args.consumer}")
+    return " ".join(words)
 
 
 def servers_of(args: argparse.Namespace) -> list[str]:

@@ -13,24 +13,17 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from actors import EngineConfig, rebuild_from_stream
 from protocol import (
     EVENTS_STREAM,
-    REJECTED_STREAM,
-    REJECTED_SUBJECT,
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
-    Rejection,
 )
-from protocol.nats import connect, jetstream_ports, read_stream
+from protocol.nats import connect, jetstream_ports, read_stream, rejected_positions
 from store import Store
 
 from ._connection import credentials_of, engine_servers
 from ._errors import NotFound
-
-_rejection = msgspec.json.Decoder(Rejection)
 
 
 def register(sub: Any) -> None:
@@ -94,12 +87,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
             return 0
         # What the engine rejected stays rejected: an event quarantined because it raised
         # when applied decodes fine, and would raise again.
-        rejected = {
-            r.stream_sequence
-            async for chunk in read_stream(nc, REJECTED_STREAM, REJECTED_SUBJECT)
-            for d in chunk
-            if (r := _rejection.decode(d.data)).stream_sequence is not None
-        }
+        rejected = await rejected_positions(nc)
         report = await rebuild_from_stream(
             store,
             read_stream(nc, EVENTS_STREAM, source.filter_subject, through=state.ack_floor),

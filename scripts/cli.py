@@ -46,6 +46,7 @@ from . import (
     _generate_cmd,
     _history_cmd,
     _import_cmd,
+    _migrate_cmd,
     _publish_cmd,
     _query_cmd,
     _rebuild_cmd,
@@ -68,6 +69,7 @@ _CONNECTING = {
     "publish": "producer",
     "tail": "subscriber",
     "rebuild": "engine",
+    "migrate": "engine",
     "status": "operator",
     "customer": "operator",
     "explain": "operator",
@@ -237,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     _query_cmd.register(sub, segs_sub)
     _generate_cmd.register(sub)
     _rebuild_cmd.register(sub)
+    _migrate_cmd.register(sub)
     _rejected_cmd.register(sub)
     _auth_cmd.register(sub)
     add_connection_options(p, top=True)

@@ -294,6 +294,7 @@ PINS = {
         "publish_import",
         "read_stream",
         "redact",
+        "rejected_positions",
         "serve_api",
         "stream_partitions",
     ),

@@ -23,6 +23,7 @@ from ._refusals import permission_guard as permission_guard
 from ._service import ApiClient as ApiClient
 from ._service import serve_api as serve_api
 from ._stream import read_stream as read_stream
+from ._stream import rejected_positions as rejected_positions
 from ._wiring import iter_transitions as iter_transitions
 from ._wiring import jetstream_ports as jetstream_ports
 
@@ -44,6 +45,7 @@ __all__ = (
     "publish_import",
     "read_stream",
     "redact",
+    "rejected_positions",
     "serve_api",
     "stream_partitions",
 )

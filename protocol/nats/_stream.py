@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -14,9 +15,12 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from protocol._errors import BrokerError
 from protocol._ports import Delivery
+from protocol._subjects import EVENTS_STREAM, REJECTED_STREAM, REJECTED_SUBJECT
 from protocol._time import from_instant, to_instant
+from protocol._types import Rejection
 from protocol.nats._feed import _parse_ack_reply, delivery_of
 
+_rejection = msgspec.json.Decoder(Rejection)
 _IDLE = 5.0
 """Seconds without a message after which the broker is taken to have stopped sending."""
 
@@ -98,3 +102,40 @@ async def read_stream(
         if sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+
+
+async def rejected_positions(nc: Client) -> set[int]:
+    """The positions of ``SHOAL_EVENTS`` that ``SHOAL_REJECTED`` names: the messages the
+    engine rejected (none when there is no ``SHOAL_REJECTED``). Only the rejections stored
+    since ``SHOAL_EVENTS`` was made count: an older one names a position of an earlier stream
+    (one ``shoal migrate`` replaced).
+
+    Raises:
+        BrokerError: ``SHOAL_EVENTS`` does not exist, or the broker stops answering.
+    """
+    js = nc.jetstream()
+    try:
+        created = (await js.stream_info(EVENTS_STREAM)).created
+    except nats.js.errors.NotFoundError as e:
+        raise BrokerError(f"stream {EVENTS_STREAM} does not exist") from e
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read stream {EVENTS_STREAM}: {e}") from e
+    try:
+        await js.stream_info(REJECTED_STREAM)
+    except nats.js.errors.NotFoundError:
+        return set()  # never made: nothing was rejected
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read stream {REJECTED_STREAM}: {e}") from e
+    since = to_instant(created) if created is not None else None
+    found: set[int] = set()
+    async for chunk in read_stream(nc, REJECTED_STREAM, REJECTED_SUBJECT):
+        for d in chunk:
+            if since is not None and d.received < since:
+                continue
+            try:
+                seq = _rejection.decode(d.data).stream_sequence
+            except msgspec.DecodeError:
+                continue  # not shoal's: names nothing
+            if seq is not None:
+                found.add(seq)
+    return found

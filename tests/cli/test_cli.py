@@ -179,7 +179,8 @@ def test_serve_on_a_stream_without_partitions_says_to_migrate(
     assert done.stderr.strip() == (
         "shoal: error: stream SHOAL_EVENTS was made by an earlier shoal, without partitions: "
         "this shoal reads events only from a partitioned stream. Migrate the stream and the "
-        "data directory with `shoal migrate`, then start again"
+        f"data directory with `shoal migrate --data-dir {tmp_path} --nats {nats_server.url}`, "
+        "then start again"
     )
 
 

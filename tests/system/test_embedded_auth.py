@@ -97,7 +97,7 @@ def test_every_command_finds_its_key_in_the_data_directory(
         "unpark": ["ann"],
         "rejected": [],
     }
-    engine_commands = {"serve", "rebuild"}  # tested on their own: they run the broker
+    engine_commands = {"serve", "rebuild", "migrate"}  # tested on their own: they run the broker
     assert set(operands) | engine_commands == set(connecting_commands())
     live = Proc("tail", *url, cwd=tmp_path)
     procs.append(live)
