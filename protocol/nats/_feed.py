@@ -401,6 +401,11 @@ class EventFeed:
         self._backlog_cap = None
 
     @property
+    def started(self) -> bool:
+        """Whether it is receiving (started, not stopped)."""
+        return self._sub is not None
+
+    @property
     def has_unacked(self) -> bool:
         """Whether deliveries taken are not yet acknowledged."""
         return bool(self._unacked)

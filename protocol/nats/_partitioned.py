@@ -4,6 +4,7 @@ partition, read together in micro-batches."""
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Sequence
 from operator import attrgetter
 
@@ -92,6 +93,12 @@ class PartitionedFeed:
             for p in parts
         ]
         self._next = 0  # the feed take() starts with
+        # Every stream position up to the frontier has reached a feed (taken): one question
+        # about the stream's last position then answers the deadline barrier for all the
+        # partitions (see fence()). Positions taken past a gap wait in a heap.
+        self._whole = len(self._owned) == partitions
+        self._frontier = 0
+        self._ahead: list[int] = []
         # Feeds with deliveries taken and not yet acknowledged.
         self._taken: set[EventFeed] = set()
 
@@ -218,7 +225,30 @@ class PartitionedFeed:
                     break
         if len(self._taken) > 1:
             out.sort(key=_by_position)
+        if out and self._whole:
+            self._advance(out)
         return out
+
+    def _advance(self, taken: list[Delivery]) -> None:
+        frontier, ahead = self._frontier, self._ahead
+        for d in taken:
+            seq = d.stream_sequence
+            if seq == frontier + 1:
+                frontier = seq
+                while ahead and ahead[0] <= frontier + 1:
+                    frontier = max(frontier, heapq.heappop(ahead))
+            elif seq > frontier:
+                heapq.heappush(ahead, seq)
+        self._frontier = frontier
+
+    def _jump(self, through: int) -> None:
+        """Every position up to ``through`` has reached a feed (a fence said so)."""
+        if through <= self._frontier:
+            return
+        ahead = self._ahead
+        while ahead and ahead[0] <= through + 1:
+            through = max(through, heapq.heappop(ahead))
+        self._frontier = through
 
     def oldest_buffered_received(self) -> int | None:
         """The receive instant of the oldest buffered delivery, if any."""
@@ -250,7 +280,35 @@ class PartitionedFeed:
 
     async def fence(self, *, timeout: float = 2.0) -> bool:
         """Whether every event stored when this was called has reached its partition's
-        feed, asking the broker about every partition at once."""
+        feed. Never raises; an unanswered question is no.
+
+        Asking each partition's consumer costs a request each (3.3 ms of CPU for 33 of
+        them, against 0.23 ms for one consumer of the whole stream). So, owning every
+        partition, it first asks the stream's last position: when every position up to it
+        was taken, that is the answer. Otherwise (events on their way, or a position no
+        feed reads, such as a message on the literal ``shoal.events.>``) it asks every
+        consumer, and a yes moves the frontier past the gap.
+        """
+        if not self._whole:
+            return await self._fence_each(timeout)
+        if self.needs_restart:
+            return False
+        last: int | None = None
+        with anyio.move_on_after(timeout):
+            try:
+                last = int((await self._js.stream_info(EVENTS_STREAM)).state.last_seq or 0)
+            except (TimeoutError, nats.errors.Error):
+                return False
+        if last is None:
+            return False
+        if self._frontier >= last and all(f.started for f in self._feeds):
+            return True
+        if await self._fence_each(timeout):
+            self._jump(last)
+            return True
+        return False
+
+    async def _fence_each(self, timeout: float) -> bool:
         answers = await asyncio.gather(*(f.fence(timeout=timeout) for f in self._feeds))
         return all(answers)
 
