@@ -479,10 +479,7 @@ class EventFeed:
                 floor = None
             else:
                 floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
-            try:
-                published = int((await self._js.stream_info(SEGMENTS_STREAM)).state.messages)
-            except nats.js.errors.NotFoundError:
-                published = 0
+            published = await transitions_published(self._js)
         except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot read the state of stream {EVENTS_STREAM}: {e}") from e
         return StreamState(
@@ -529,6 +526,19 @@ class EventFeed:
     async def stop(self) -> None:
         """Stop receiving; the durable consumer stays on the broker. Idempotent."""
         await self._close_subscription()
+
+
+async def transitions_published(js: JetStreamContext) -> int:
+    """How many transitions ``SHOAL_SEGMENTS`` holds (0 when it does not exist): published
+    by an engine before.
+
+    Raises:
+        TimeoutError, nats.errors.Error: the broker does not answer.
+    """
+    try:
+        return int((await js.stream_info(SEGMENTS_STREAM)).state.messages)
+    except nats.js.errors.NotFoundError:
+        return 0
 
 
 def delivery_of(

@@ -17,8 +17,8 @@ from nats.js import JetStreamContext
 from protocol._errors import BrokerError
 from protocol._partitions import partition_consumer
 from protocol._ports import Delivery, StreamState
-from protocol._subjects import EVENTS_PREFIX, EVENTS_STREAM, EVENTS_WILDCARD, SEGMENTS_STREAM
-from protocol.nats._feed import EventFeed
+from protocol._subjects import EVENTS_PREFIX, EVENTS_STREAM, EVENTS_WILDCARD
+from protocol.nats._feed import EventFeed, transitions_published
 
 STRAYS = "unpartitioned"
 """The suffix of the consumer of messages stored without a partition (``<prefix>-<this>``)."""
@@ -344,10 +344,7 @@ class PartitionedFeed:
                     strays = floor
                 else:
                     floors[p] = floor
-            try:
-                published = int((await js.stream_info(SEGMENTS_STREAM)).state.messages)
-            except nats.js.errors.NotFoundError:
-                published = 0
+            published = await transitions_published(js)
         except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot read the state of stream {EVENTS_STREAM}: {e}") from e
         return StreamState(
