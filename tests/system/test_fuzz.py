@@ -125,6 +125,8 @@ def values(rng: random.Random) -> dict[str, Any]:
     return {text(rng) or "k": value(rng, 4) for _ in range(rng.randrange(5))}
 
 
+UNREAD = b"shoal.events.>"
+"""A subject the stream stores without a partition and no consumer of the engine reads."""
 CUSTOMERS = [f"c{i}" for i in range(150)] + [
     "ann.lee@example.com",
     "a b",
@@ -278,7 +280,9 @@ def hostile(rng: random.Random, received: int) -> tuple[bytes, bytes]:
         subject = subject + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80abc"])
     elif kind == 10:  # the subject names someone else, or is not one customer token
         # (A subject of several tokens is stored by no stream, so it is no input here: every
-        # input must be stored. The literal wildcards are stored, with no partition.)
+        # input must be stored. The literal wildcards are stored, with no partition: the
+        # engine rejects the literal *, and reads no literal >, which no consumer filter can
+        # single out.)
         subject = rng.choice(
             [
                 b"shoal.events.someone-else",
@@ -410,9 +414,15 @@ async def test_fuzz_a_running_engine(
             while (last := await stream_last(client)) < inputs:
                 await anyio.sleep(0.1)
         assert last == inputs, "the broker stored more than was published"
+        unread = {seq for seq, subject in bad.items() if subject == UNREAD}
+        for seq in unread:
+            del bad[seq]
         try:
             await eventually(
-                lambda: engine.stats.events_applied + engine.stats.events_rejected >= inputs,
+                lambda: (
+                    engine.stats.events_applied + engine.stats.events_rejected
+                    >= inputs - len(unread)
+                ),
                 timeout=300,
             )
         except TimeoutError:
