@@ -338,9 +338,9 @@ def _report_repartitioned(
     planner: Repartitioner, state: _State, consumer: str, unread: int
 ) -> None:
     print(
-        f"{EVENTS_STREAM}: {planner.events} events, {planner.markers} imports' markers and "
-        f"{len(planner.definitions)} definitions versions' markers of the old stream "
-        f"({state.old_messages} messages, {state.old_partitions} partitions) republished "
+        f"{EVENTS_STREAM}: {planner.events} events and the markers of {planner.markers} "
+        f"imports and {len(planner.definitions)} definitions switches of the old stream "
+        f"({state.old_messages} messages in {state.old_partitions} partitions) republished "
         f"into {state.partitions} partitions as import {state.migration_id}"
         + (
             f"; {len(planner.dropped)} left out (stored without a partition, or no known subject)"
