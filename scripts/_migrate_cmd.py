@@ -44,7 +44,6 @@ from protocol.nats import (
     DefinitionsKV,
     connect,
     permission_guard,
-    read_stream,
     rejected_positions,
 )
 from protocol.nats._migrate import (
@@ -54,6 +53,7 @@ from protocol.nats._migrate import (
     Repartitioner,
     Switch,
     consumer_floor,
+    dump_stream,
     finish_stream,
     replace_stream,
     republish,
@@ -457,10 +457,7 @@ async def _dump(
     await seal_stream(js)
     rejected = sorted(await rejected_positions(nc))
     work.mkdir(parents=True, exist_ok=True)
-    # Every subject: its events (shoal.events.>) and its import markers (shoal.imports.>).
-    # (Not ">": nats-py's ordered consumer on ">" drops messages as a slow consumer past
-    # some 40,000, then times out.)
-    count = await _write_dump(work / _MESSAGES, read_stream(nc, EVENTS_STREAM, "shoal.>"))
+    count = await _write_dump(work / _MESSAGES, dump_stream(nc))
     state = _State(
         stage="dumped",
         migration_id=f"migrate-{secrets.token_hex(8)}",

@@ -4,6 +4,7 @@ partitions: the engine's stream and data directory re-split, and the engine goin
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import anyio
 import msgspec
 import nats
 
+from actors.rules import parse_segments
 from protocol import (
     EVENTS_STREAM,
     Delivery,
@@ -23,12 +25,26 @@ from protocol import (
     is_definitions_marker,
     partition_consumer,
 )
-from protocol.nats import StreamSettings, connect, ensure_streams, stream_partitions
+from protocol.nats import (
+    DefinitionsKV,
+    StreamSettings,
+    connect,
+    ensure_streams,
+    stream_partitions,
+)
 from protocol.nats._migrate import Repartitioner, republish
 from scripts._migrate_cmd import _State, read_dump
 from store import Store
 from tests.actors.test_definitions_persist import REGULAR, VISITOR, Served, served
-from tests.helpers import SHOAL, NatsServer, engine_consumers, eventually, run, track
+from tests.helpers import (
+    SHOAL,
+    NatsServer,
+    engine_consumers,
+    eventually,
+    run,
+    running_engine,
+    track,
+)
 from tests.helpers import published as published_transitions
 from tests.system.test_legacy_data import check_versions, logged, stream_deliveries
 
@@ -93,11 +109,18 @@ def _customers(stream: list[Delivery]) -> dict[str, list[bytes]]:
     return out
 
 
-async def _record(db: Path) -> StoredDefinitions:
+async def _record(db: Path, url: str) -> StoredDefinitions:
+    """The store's record of the definitions in force, checked equal to the broker's copy."""
     async with await Store.open_read_only(db) as store:
         row = await store.definitions.get()
     assert row is not None
-    return msgspec.json.decode(row.body, type=StoredDefinitions)
+    record = msgspec.json.decode(row.body, type=StoredDefinitions)
+    nc = await connect([url])
+    try:
+        assert await (await DefinitionsKV.open(nc)).load() == record
+    finally:
+        await nc.close()
+    return record
 
 
 def test_repartition_then_the_engine_goes_on(nats_server: NatsServer, tmp_path: Path) -> None:
@@ -162,7 +185,7 @@ def test_repartition_then_the_engine_goes_on(nats_server: NatsServer, tmp_path: 
             definitions_marker_subject(p, 2) for p in range(NEW)
         )
         first = {body for _, body in _round(1)}
-        record = anyio.run(_record, db)
+        record = anyio.run(_record, db, url)
         assert record.version == 2 and record.applied_through is not None
         for m in markers:
             p = int(m.subject.split(".")[2])
@@ -232,6 +255,22 @@ def test_repartition_resumes_after_a_stop_at_any_step(
         old_engine(s, tmp_path)
     data = s.data
     migrate = ("migrate", "--data-dir", str(data), "--nats", url, "--partitions", str(NEW))
+
+    async def refused_while_another_engine_reads() -> None:
+        # Another engine (a copy of the store) on the stream: its consumers are bound.
+        other = tmp_path / "other" / "shoal.db"
+        other.parent.mkdir()
+        shutil.copy(data / "shoal.db", other)
+        async with running_engine(url, other, parse_segments(VISITOR)):
+            refused = await anyio.to_thread.run_sync(lambda: run(*migrate))
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == (
+            "shoal: error: consumer 'shoal-engine-0' of SHOAL_EVENTS is in use: an engine is "
+            "running on this stream; stop it, then migrate"
+        )
+
+    anyio.run(refused_while_another_engine_reads)
+    assert not (data / "migrate").exists()
 
     def stopped_after(step: str) -> None:
         done = subprocess.run(
