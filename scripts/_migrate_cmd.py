@@ -254,7 +254,7 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
             unread += 1
         last_seq = m.old_seq
     if isinstance(planner, Repartitioner):
-        unread = planner.unread
+        unread = planner.unread  # its committed part is no prefix: counted by partition
     total = planner.count
     if state.stage == "dumped":
         form, last, found = await stream_form(js)
@@ -313,7 +313,6 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
         )
     _remove(work)
     if isinstance(planner, Repartitioner):
-        assert state.old_partitions is not None
         _report_repartitioned(planner, state, args.consumer, unread)
         return
     print(

@@ -12,6 +12,7 @@ import anyio
 import msgspec
 import nats
 
+from actors import VirtualClock, load_segments
 from actors.rules import parse_segments
 from protocol import (
     EVENTS_STREAM,
@@ -46,7 +47,12 @@ from tests.helpers import (
     track,
 )
 from tests.helpers import published as published_transitions
-from tests.system.test_legacy_data import check_versions, logged, stream_deliveries
+from tests.system.test_legacy_data import (
+    check_versions,
+    logged,
+    pre18_data,
+    stream_deliveries,
+)
 
 OLD, NEW = 4, 7
 CUSTOMERS = [f"c{i:02}" for i in range(40)]
@@ -343,3 +349,54 @@ def test_repartition_resumes_after_a_stop_at_any_step(
     anyio.run(check_store)
     again = run("migrate", "--data-dir", str(data), "--nats", url)
     assert again.stdout.strip().endswith("nothing to migrate")
+
+
+async def test_a_stream_migrated_from_an_earlier_shoal_re_partitioned(tmp_path: Path) -> None:
+    """The pre-18 fixture (an import, a rejected event, an unread tail) migrated into 32
+    partitions and read by the engine (the two imports' markers, the first migration's
+    included), then re-split into 5: the engine goes on with nothing
+    read twice, and the new stream rebuilds the same log."""
+    data = pre18_data(tmp_path)
+    db = data / "shoal.db"
+    server = NatsServer(data / "nats")
+    server.start()
+    try:
+        written = max(d.received for d in await stream_deliveries(server.url))
+        migrate = ("migrate", "--data-dir", str(data), "--nats", server.url)
+        done = await anyio.to_thread.run_sync(lambda: run(*migrate))
+        assert done.returncode == 0, done.stderr
+        clock = VirtualClock(written)
+        async with running_engine(server.url, db, load_segments(), clock=clock) as engine:
+            await eventually(lambda: engine.stats.imports_applied == 1)
+            await eventually(lambda: engine.unpublished == 0)
+        log = await logged(db)
+        before = check_versions(await published_transitions(server.url))
+
+        done = await anyio.to_thread.run_sync(lambda: run(*migrate, "--partitions", "5"))
+        assert done.returncode == 0, done.stderr
+        # The rejected event was left out by the first migration already.
+        assert "left out" not in done.stdout
+        assert ": 0 messages the engine had not read" in done.stdout
+        async with running_engine(server.url, db, load_segments(), clock=clock) as engine:
+            await eventually(lambda: engine.stats.imports_applied == 1)
+            await eventually(lambda: engine.unpublished == 0)
+            assert (engine.stats.events_duplicate, engine.stats.transitions) == (0, 0)
+        assert await logged(db) == log
+        assert check_versions(await published_transitions(server.url)) == before
+        rebuilt = tmp_path / "rebuilt"
+        out = await anyio.to_thread.run_sync(
+            lambda: run(
+                "rebuild",
+                "--from-stream",
+                "--data-dir",
+                str(rebuilt),
+                "--nats",
+                server.url,
+                "--consumer",
+                "rebuild",
+            )  # fmt: skip
+        )
+        assert out.returncode == 0, out.stderr
+        assert await logged(rebuilt / "shoal.db") == log
+    finally:
+        server.stop()
