@@ -22,6 +22,7 @@ from protocol import (
     customer_of_event_subject,
     decode_marker,
     definitions_marker_subject,
+    import_marker_subject,
     is_control_subject,
     is_definitions_marker,
     partition_consumer,
@@ -42,6 +43,7 @@ from tests.helpers import (
     NatsServer,
     engine_consumers,
     eventually,
+    now,
     run,
     running_engine,
     track,
@@ -400,3 +402,75 @@ async def test_a_stream_migrated_from_an_earlier_shoal_re_partitioned(tmp_path: 
         assert await logged(rebuilt / "shoal.db") == log
     finally:
         server.stop()
+
+
+async def test_an_import_open_at_the_stop_ends_after_the_re_partitioning(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """An import begun in every old partition, its events read, and its end markers
+    published only once the engine stopped: re-partitioned, it is open in every new
+    partition, and the engine applies it at the new end markers."""
+    url = nats_server.url
+    await _declare(url, OLD)
+    db = tmp_path / "data" / "shoal.db"
+    db.parent.mkdir()
+    imported = [f"i{n}" for n in range(8)]
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+
+        async def markers(stage: str) -> None:
+            for q in range(OLD):
+                await js.publish(
+                    import_marker_subject("imp", stage, q), b"", headers={"Shoal-Import": "imp"}
+                )
+
+        async with running_engine(url, db, parse_segments(VISITOR)) as engine:
+            await markers("begin")
+            for n, customer in enumerate(imported):
+                headers = {"Shoal-Import": "imp", "Shoal-Received-At": str(now() - 1000 + n)}
+                await js.publish(f"shoal.events.{customer}", track(customer), headers=headers)
+            await js.publish("shoal.events.live", track("live", mid="live-1"))
+            await eventually(lambda: engine.stats.imported_events == len(imported))
+            # Logged; its customers are made at its end.
+            await eventually(lambda: engine.customer_count == 1)
+            await eventually(lambda: engine.unpublished == 0)
+        await markers("end")  # never read by that engine
+    finally:
+        await nc.close()
+    async with await Store.open_read_only(db) as store:
+        assert set(store.open_imports) == {f"imp@{q}" for q in range(OLD)}
+    log = await logged(db)
+
+    migrate = ("migrate", "--data-dir", str(db.parent), "--nats", url, "--partitions", "3")
+    done = await anyio.to_thread.run_sync(lambda: run(*migrate))
+    assert done.returncode == 0, done.stderr
+    assert "the markers of 1 imports" in done.stdout
+    assert f": {OLD} messages the engine had not read" in done.stdout
+    migration = done.stdout.split(" as import ")[1].split(".")[0]
+    async with await Store.open_read_only(db) as store:
+        assert set(store.open_imports) == {f"{i}@{p}" for i in ("imp", migration) for p in range(3)}
+
+    async with running_engine(url, db, parse_segments(VISITOR)) as engine:
+        await eventually(lambda: engine.stats.imports_applied == 2)
+        assert engine.stats.events_duplicate == 0
+        assert engine.customer_count == len(imported) + 1
+        await eventually(lambda: engine.unpublished == 0)
+    async with await Store.open_read_only(db) as store:
+        assert store.open_imports == {}
+    assert await logged(db) == log
+    rebuilt = tmp_path / "rebuilt"
+    out = await anyio.to_thread.run_sync(
+        lambda: run(
+            "rebuild",
+            "--from-stream",
+            "--data-dir",
+            str(rebuilt),
+            "--nats",
+            url,
+            "--consumer",
+            "rebuild",
+        )  # fmt: skip
+    )
+    assert out.returncode == 0, out.stderr
+    assert await logged(rebuilt / "shoal.db") == log
