@@ -1,14 +1,15 @@
 """The broker's side of ``shoal migrate``: an unpartitioned ``SHOAL_EVENTS`` made by an earlier
 shoal (events on ``shoal.events.<customer>``, import markers on
 ``shoal.imports.<id>.<stage>``) replaced by a partitioned one holding the same messages in
-the same order.
+the same order; or a partitioned one re-split into another number of partitions
+(:class:`Repartitioner`: what the engine had committed first, then the rest).
 
 The steps, each safe to run again after a crash (``scripts/_migrate_cmd.py`` records which
 were done): :func:`seal_stream` (the old stream takes no more messages), reading it whole
-(:func:`protocol.nats.read_stream`, kept on disk as :class:`OldMessage`), :func:`plan` (what
-to publish), :func:`replace_stream` (the old stream deleted, the new one made in its staging
-form), :func:`republish`, :func:`finish_stream` (its final form, with the partition
-transform) and :func:`start_consumers`.
+(:func:`dump_stream`, kept on disk as :class:`OldMessage`), :class:`Planner` or
+:class:`Repartitioner` (what to publish), :func:`replace_stream` (the old stream deleted,
+the new one made in its staging form), :func:`republish`, :func:`finish_stream` (its final
+form, with the partition transform) and :func:`start_consumers`.
 
 In its staging form the new stream takes the stored subjects themselves
 (``shoal.events.<partition>.<customer>``, the partition computed here as the broker's
