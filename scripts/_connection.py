@@ -132,8 +132,8 @@ def explain(error: BaseException, args: argparse.Namespace) -> str:
     no credentials also names the key file of its data directory (refused, or not found),
     and what to do."""
     text = str(error)
-    if isinstance(error, StreamNeedsMigration) and error.found is None:
-        return text.replace("`shoal migrate`", f"`{migrate_command(args)}`")
+    if isinstance(error, StreamNeedsMigration):
+        return text.replace("`shoal migrate", f"`{migrate_command(args)}")
     if "authorization violation" not in text.lower():
         return text
     key = _role_key(args, _given(args))

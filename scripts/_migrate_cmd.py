@@ -1,9 +1,12 @@
 """``shoal migrate``: bring a data directory and an events stream made by an earlier shoal
-(``SHOAL_EVENTS`` without partitions) to this version, while the engine is stopped.
+(``SHOAL_EVENTS`` without partitions) to this version, or re-split a partitioned one into
+another number of partitions (``--partitions P``), while the engine is stopped.
 
 The stream is read whole and kept in ``<data-dir>/migrate/`` (written and synced before
 anything is deleted), then replaced by a partitioned one that holds the same messages in the
-same order, republished as one import (:mod:`protocol.nats._migrate`). Each partition's
+same order (a partitioned one's: what the engine had committed first, see
+:class:`protocol.nats._migrate.Repartitioner`), republished as one import
+(:mod:`protocol.nats._migrate`). Each partition's
 consumer starts just after what the old engine had committed, and the store's positions are
 set to match, so the engine goes on with the tail the old one had not read, and with the
 next transition versions. ``migrate/state.json`` records the steps done: after a crash
@@ -17,7 +20,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import AsyncIterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, Container, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,14 +33,27 @@ from protocol import (
     DEFAULT_PARTITIONS,
     EVENTS_STREAM,
     REJECTED_STREAM,
+    BrokerError,
     Delivery,
+    StoredDefinitionsError,
+    decode_definitions,
+    encode_definitions,
     partition_consumer,
 )
-from protocol.nats import connect, permission_guard, read_stream, rejected_positions
+from protocol.nats import (
+    DefinitionsKV,
+    connect,
+    permission_guard,
+    rejected_positions,
+)
 from protocol.nats._migrate import (
     OldMessage,
+    Outgoing,
     Planner,
+    Repartitioner,
+    Switch,
     consumer_floor,
+    dump_stream,
     finish_stream,
     replace_stream,
     republish,
@@ -45,7 +61,8 @@ from protocol.nats._migrate import (
     start_consumers,
     stream_form,
 )
-from store import Store, StoreLockedError
+from protocol.nats._partitioned import STRAYS
+from store import Store, StoredRow, StoreLockedError
 
 from ._connection import credentials_of, engine_servers
 from ._errors import CliError, NotFound, UsageError
@@ -78,6 +95,14 @@ class _State(msgspec.Struct, kw_only=True):
     """The store's open imports when the migration began (the old engine's)."""
     rejected: list[int]
     """The old positions the old engine rejected (``SHOAL_REJECTED`` names them)."""
+    old_partitions: int | None = None
+    """The old stream's partitions (None: made by an earlier shoal, without)."""
+    committed_in: dict[int, int] = {}
+    """A partitioned old stream's: by old partition, the old position through which the
+    engine had committed it."""
+    switch: Switch | None = None
+    """The store's record of the definitions in force when the migration began, if they
+    replaced earlier ones (its positions are the old stream's)."""
 
 
 class _Stopped(CliError):
@@ -88,12 +113,13 @@ def register(sub: Any) -> None:
     """Add the ``migrate`` command to the ``shoal`` subparsers ``sub``."""
     p = sub.add_parser(
         "migrate",
-        help="migrate a data directory and events stream made by an earlier shoal, while "
-        "the engine is stopped",
+        help="migrate a data directory and events stream made by an earlier shoal, or "
+        "re-partition them, while the engine is stopped",
         description=f"Replace a {EVENTS_STREAM} made by an earlier shoal (without "
         "partitions) by a partitioned one holding the same messages in the same order, and "
         "set the engine's consumers and store to go on where the old engine stopped: the "
-        "one manual step of an upgrade. Resumable: after a failure, run it again.",
+        "one manual step of an upgrade; or, with --partitions P, re-split a partitioned "
+        "stream into P partitions. Resumable: after a failure, run it again.",
     )
     p.add_argument(
         "--data-dir",
@@ -119,9 +145,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--partitions",
         type=_positive,
-        default=DEFAULT_PARTITIONS,
+        default=None,
         metavar="P",
-        help=f"partitions of the new stream (default {DEFAULT_PARTITIONS})",
+        help="partitions of the new stream (default: those of a partitioned stream, which "
+        f"then has nothing to migrate; {DEFAULT_PARTITIONS} for one made by an earlier shoal)",
     )
     p.set_defaults(run=_migrate)
 
@@ -169,17 +196,16 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
     state = _load_state(work)
     form, last, found = await stream_form(js)
     if state is None:
-        if form == "partitioned":
-            if found != args.partitions:
-                raise UsageError(
-                    f"stream {EVENTS_STREAM} is split into {found} partitions already, not "
-                    f"the {args.partitions} asked for: changing the number of partitions "
-                    "of a partitioned stream is not supported yet (migrate --partitions "
-                    f"{found} has nothing to do)"
-                )
+        if form == "partitioned" and args.partitions in (None, found):
             _remove(work)
             print(f"{EVENTS_STREAM} is partitioned ({found} partitions): nothing to migrate")
             return
+        if form == "sealed" and args.partitions in (None, found):
+            # Sealed by a re-partitioning that stopped before it recorded anything.
+            raise UsageError(
+                f"stream {EVENTS_STREAM} ({found} partitions) is sealed by a re-partitioning "
+                "that stopped before it began: run it again with --partitions P"
+            )
         if form == "missing":
             raise NotFound(
                 f"stream {EVENTS_STREAM} does not exist on this NATS server: nothing to "
@@ -190,32 +216,52 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
                 f"stream {EVENTS_STREAM} is in the middle of a migration, but {work} is "
                 "gone: the messages it was made from are lost, and it cannot be finished"
             )
-        state = await _dump(nc, store, work, args)
-    elif state.partitions != args.partitions:
+        state = await _dump(nc, store, work, args, found)
+    elif args.partitions not in (None, state.partitions):
         raise UsageError(
             f"the migration under way ({work}) makes {state.partitions} partitions: run it "
             f"with --partitions {state.partitions} to finish it"
         )
-    planner = Planner(
-        migration_id=state.migration_id,
-        partitions=state.partitions,
-        committed=state.committed,
-        rejected=set(state.rejected),
-    )
+    planner: Planner | Repartitioner
+    dump = work / _MESSAGES
+
+    def messages() -> Iterator[Outgoing]:
+        if isinstance(planner, Repartitioner):
+            return planner.messages(lambda only: read_dump(dump, only))
+        return planner.messages(read_dump(dump))
+
+    if state.old_partitions is None:
+        planner = Planner(
+            migration_id=state.migration_id,
+            partitions=state.partitions,
+            committed=state.committed,
+            rejected=set(state.rejected),
+        )
+    else:
+        planner = Repartitioner(
+            migration_id=state.migration_id,
+            partitions=state.partitions,
+            old_partitions=state.old_partitions,
+            committed=state.committed_in,
+            rejected=set(state.rejected),
+            switch=state.switch,
+        )
     # A first pass counts (and finds where the engine goes on); the republishing reads the
     # dump again: in bounded memory, however large the old stream.
     unread = last_seq = 0  # old messages past what was committed (a marker gives several)
-    for m in planner.messages(read_dump(work / _MESSAGES)):
+    for m in messages():
         if m.old_seq > state.committed and m.old_seq != last_seq:
             unread += 1
         last_seq = m.old_seq
+    if isinstance(planner, Repartitioner):
+        unread = planner.unread  # its committed part is no prefix: counted by partition
     total = planner.count
     if state.stage == "dumped":
         form, last, found = await stream_form(js)
-        if form == "partitioned":
+        if form == "partitioned" and found == state.partitions:
             pass  # filled and finished before a stop, not yet recorded
         else:
-            if form in ("old", "missing"):
+            if form in ("old", "sealed", "missing"):
                 await replace_stream(js)
                 _stop_here("replaced")
                 last = 0
@@ -240,7 +286,7 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
                 task = progress.add_task("republish", total=total, completed=last)
                 await republish(
                     js,
-                    planner.messages(read_dump(work / _MESSAGES)),
+                    messages(),
                     start=last,
                     on_progress=lambda n: progress.advance(task, n),
                 )
@@ -250,13 +296,25 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
         _stop_here("republished")
     through = planner.through
     await start_consumers(js, args.consumer, state.partitions, through)
-    imports = open_imports(
-        state.open_imports, state.migration_id, store.events.last_seq, state.partitions
-    )
+    if state.old_partitions is None:
+        imports = open_imports(
+            state.open_imports, state.migration_id, store.events.last_seq, state.partitions
+        )
+    else:
+        imports = repartitioned_imports(
+            state.open_imports, state.migration_id, store.events.last_seq, state.partitions
+        )
     await store.reset_stream_positions(
         through, dict.fromkeys(range(state.partitions), through), imports
     )
+    if isinstance(planner, Repartitioner) and state.switch is not None:
+        await _renumber_definitions(
+            nc, store, state.switch.version, planner.definitions[state.switch.version]
+        )
     _remove(work)
+    if isinstance(planner, Repartitioner):
+        _report_repartitioned(planner, state, args.consumer, unread)
+        return
     print(
         f"{EVENTS_STREAM}: {planner.events} events and {planner.markers} import markers of the "
         f"old stream ({state.old_messages} messages) republished into "
@@ -273,6 +331,75 @@ async def _run(nc: Client, store: Store, work: Path, args: argparse.Namespace) -
         f"{partition_consumer(args.consumer, state.partitions - 1)}): {unread} messages the "
         "old engine had not read, then the import's end markers"
     )
+
+
+def _report_repartitioned(
+    planner: Repartitioner, state: _State, consumer: str, unread: int
+) -> None:
+    print(
+        f"{EVENTS_STREAM}: {planner.events} events and the markers of {planner.markers} "
+        f"imports and {len(planner.definitions)} definitions switches of the old stream "
+        f"({state.old_messages} messages in {state.old_partitions} partitions) republished "
+        f"into {state.partitions} partitions as import {state.migration_id}"
+        + (
+            f"; {len(planner.dropped)} left out (stored without a partition, or no known subject)"
+            if planner.dropped
+            else ""
+        )
+        + (
+            f"; {len(planner.rejected)} the engine rejected left out (kept in {REJECTED_STREAM})"
+            if planner.rejected
+            else ""
+        )
+        + f". The engine goes on after position {planner.through} (consumers "
+        f"{partition_consumer(consumer, 0)} to "
+        f"{partition_consumer(consumer, state.partitions - 1)}): {unread} messages the "
+        "engine had not read, then the import's end markers"
+    )
+
+
+async def _renumber_definitions(
+    nc: Client, store: Store, version: int, applied_through: dict[int, int]
+) -> None:
+    """Give the stored record of the definitions in force (``version``) the positions of
+    the new stream, in the store and in ``SHOAL_DEFINITIONS``; and record its markers
+    published (the new stream holds them in every partition)."""
+    row = await store.definitions.get()
+    if row is None or row.version != version:
+        return
+    where = f"the store {store.path}"
+    try:
+        record = decode_definitions(row.body, where)
+    except StoredDefinitionsError:
+        return
+    record = msgspec.structs.replace(record, applied_through=applied_through)
+    await store.definitions.put(
+        StoredRow(version=row.version, applied_at=row.applied_at, body=encode_definitions(record))
+    )
+    await store.definitions.set_marked(version)
+    try:
+        board = await DefinitionsKV.open(nc)
+        await board.save(record)
+    except BrokerError as e:
+        # The engine repairs it from the store's copy at its start (a tie goes to the store).
+        print(f"the definitions in {EVENTS_STREAM}'s KV copy not renumbered: {e}")
+
+
+def repartitioned_imports(
+    old: Mapping[str, int], migration_id: str, begun: int, partitions: int
+) -> dict[str, int]:
+    """The store's open imports once re-partitioned: an import the engine had open in some
+    old partition (``old``: keys ``<id>@<old partition>``, the log position each began at)
+    is open in every new one, from the earliest of those positions, as its end markers come
+    in every new partition after what the engine had committed (see
+    :class:`protocol.nats._migrate.Repartitioner`); and the migration's own, begun at
+    ``begun``, in every new partition."""
+    earliest: dict[str, int] = {}
+    for key, at in old.items():
+        import_id = key.partition("@")[0]
+        earliest[import_id] = min(at, earliest.get(import_id, at))
+    earliest[migration_id] = begun
+    return {f"{import_id}@{p}": at for import_id, at in earliest.items() for p in range(partitions)}
 
 
 def open_imports(
@@ -293,38 +420,77 @@ def open_imports(
     return out
 
 
-async def _dump(nc: Client, store: Store, work: Path, args: argparse.Namespace) -> _State:
+async def _dump(
+    nc: Client, store: Store, work: Path, args: argparse.Namespace, old_partitions: int | None
+) -> _State:
     """Seal the old stream, read it whole into ``work``, and record what the old engine had
     committed; return the state of the migration, now ``dumped``."""
     js = nc.jetstream()
-    floor, bound = await consumer_floor(js, args.consumer)
-    if bound:
-        raise CliError(
-            f"consumer {args.consumer!r} of {EVENTS_STREAM} is in use: an engine is running "
-            "on this stream; stop it, then migrate"
-        )
+    names = [args.consumer]
+    if old_partitions is not None:
+        names = [partition_consumer(args.consumer, q) for q in range(old_partitions)]
+        names.append(f"{args.consumer}-{STRAYS}")
+    floors: dict[str, int | None] = {}
+    for name in names:
+        floors[name], bound = await consumer_floor(js, name)
+        if bound:
+            raise CliError(
+                f"consumer {name!r} of {EVENTS_STREAM} is in use: an engine is running "
+                "on this stream; stop it, then migrate"
+            )
     committed = store.stream_through
     if committed is None:
-        committed = floor or 0
+        committed = (floors[args.consumer] or 0) if old_partitions is None else 0
+    committed_in: dict[int, int] = {}
+    switch: Switch | None = None
+    if old_partitions is not None:
+        known = store.partitions_through
+        for q in range(old_partitions):
+            if q in known:
+                committed_in[q] = known[q]
+            elif not known and store.stream_through is not None:
+                committed_in[q] = store.stream_through
+            else:
+                committed_in[q] = floors[partition_consumer(args.consumer, q)] or 0
+        switch = await _switch_of(store)
     await seal_stream(js)
     rejected = sorted(await rejected_positions(nc))
     work.mkdir(parents=True, exist_ok=True)
-    # Every subject: its events (shoal.events.>) and its import markers (shoal.imports.>).
-    # (Not ">": nats-py's ordered consumer on ">" drops messages as a slow consumer past
-    # some 40,000, then times out.)
-    count = await _write_dump(work / _MESSAGES, read_stream(nc, EVENTS_STREAM, "shoal.>"))
+    count = await _write_dump(work / _MESSAGES, dump_stream(nc))
     state = _State(
         stage="dumped",
         migration_id=f"migrate-{secrets.token_hex(8)}",
-        partitions=args.partitions,
+        partitions=args.partitions or DEFAULT_PARTITIONS,
         committed=committed,
         old_messages=count,
         open_imports=dict(store.open_imports),
         rejected=rejected,
+        old_partitions=old_partitions,
+        committed_in=committed_in,
+        switch=switch,
     )
     _write_json(work / _STATE, msgspec.json.encode(state))
     _stop_here("dumped")
     return state
+
+
+async def _switch_of(store: Store) -> Switch | None:
+    """The store's record of the definitions in force, if they replaced earlier ones."""
+    row = await store.definitions.get()
+    if row is None:
+        return None
+    try:
+        d = decode_definitions(row.body, f"the store {store.path}")
+    except StoredDefinitionsError:
+        return None
+    if d.applied_through is None:
+        return None
+    return Switch(
+        version=d.version,
+        fingerprint=d.fingerprint,
+        applied_at=d.applied_at,
+        applied_through=dict(d.applied_through),
+    )
 
 
 async def _write_dump(path: Path, pieces: AsyncIterable[Sequence[Delivery]]) -> int:
@@ -344,11 +510,18 @@ async def _write_dump(path: Path, pieces: AsyncIterable[Sequence[Delivery]]) -> 
     return count
 
 
-def read_dump(path: Path) -> Iterator[list[OldMessage]]:
-    """The old stream's messages :func:`_write_dump` wrote, a piece at a time."""
+def read_dump(path: Path, only: Container[int] | None = None) -> Iterator[list[OldMessage]]:
+    """The old stream's messages :func:`_write_dump` wrote, a piece at a time: those of the
+    pieces numbered in ``only`` (from 0; None: all), the others skipped unread."""
     with open(path, "rb") as f:
+        n = 0
         while header := f.read(_LENGTH):
-            yield _piece_decoder.decode(f.read(int.from_bytes(header, "big")))
+            size = int.from_bytes(header, "big")
+            if only is None or n in only:
+                yield _piece_decoder.decode(f.read(size))
+            else:
+                f.seek(size, os.SEEK_CUR)
+            n += 1
 
 
 def _sync(f: BinaryIO) -> None:

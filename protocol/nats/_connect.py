@@ -445,8 +445,8 @@ MIGRATE_UNPARTITIONED = (
 place to change when the migration command's name or usage changes)."""
 MIGRATE_PARTITIONS = (
     "stream {stream} splits customers into {found} partitions, not the {wanted} asked for: "
-    "the number is fixed when the stream is made, and changing it means migrating the "
-    "stream and the data directory with `shoal migrate`"
+    "the number is fixed when the stream is made. To change it, stop the engine and "
+    "re-partition the stream and the data directory with `shoal migrate --partitions {wanted}`"
 )
 """What :class:`StreamNeedsMigration` says when another number of partitions is asked for."""
 

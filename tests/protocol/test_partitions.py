@@ -212,7 +212,7 @@ async def test_the_number_of_partitions_is_read_back_and_kept(client: Client) ->
         await ensure_streams(js, StreamSettings(partitions=16))
     assert str(e.value) == (
         "stream SHOAL_EVENTS splits customers into 12 partitions, not the 16 asked for: the "
-        "number is fixed when the stream is made, and changing it means migrating the "
-        "stream and the data directory with `shoal migrate`"
+        "number is fixed when the stream is made. To change it, stop the engine and "
+        "re-partition the stream and the data directory with `shoal migrate --partitions 16`"
     )
     assert await stream_partitions(js) == 12
