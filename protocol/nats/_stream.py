@@ -33,12 +33,15 @@ async def read_stream(
     through: int | None = None,
     since: int | None = None,
     chunk: int = 10_000,
+    pending_limit: int | None = None,
 ) -> AsyncGenerator[list[Delivery], None]:
     """The messages of ``stream`` on ``filter_subject``, in stream order, from its start (or
     the first stored at or after the instant ``since``) up to position ``through`` (default:
     its last message when this is called), in lists of up to ``chunk``. Each is given as the
     engine's source delivers it (stream position, receive instant, ``Nats-Msg-Id``). An
-    ordered consumer reads them; no durable state is changed.
+    ordered consumer reads them; no durable state is changed. Messages the client drops while
+    the reader is busy (more than ``pending_limit`` queued, default two chunks) are read
+    again: a gap in the consumer's delivery sequence starts it over past the last one kept.
 
     Raises:
         BrokerError: the stream does not exist, or the broker stops answering.
@@ -71,29 +74,59 @@ async def read_stream(
             start = ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=from_instant(since)
             )
-        sub = await js.subscribe(
-            filter_subject,
-            stream=stream,
-            config=start,
-            ordered_consumer=True,
-            pending_msgs_limit=chunk * 2,
-        )
-        consumer = await sub.consumer_info()
-        delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
-        if not consumer.num_pending and not delivered:
-            return  # nothing on the filter: nothing will come
         out: list[Delivery] = []
+        kept: int | None = None  # the stream position of the last message handed out or held
         while True:
-            msg = await sub.next_msg(timeout=_IDLE)
-            seq, _, received, pending = _parse_ack_reply(msg.reply)
-            if seq > last:
+            sub = await js.subscribe(
+                filter_subject,
+                stream=stream,
+                config=start,
+                ordered_consumer=True,
+                pending_msgs_limit=max(pending_limit or chunk * 2, 1),
+            )
+            consumer = await sub.consumer_info()
+            delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
+            if not consumer.num_pending and not delivered:
+                break  # nothing (more) on the filter: nothing will come
+            finished = False
+            last_cseq = 0
+            kept_before = kept
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=_IDLE)
+                except nats.errors.TimeoutError:
+                    # A flow-control request dropped with the rest stalls the consumer:
+                    # start over, unless the last start brought nothing either.
+                    if kept == kept_before:
+                        raise
+                    break
+                seq, cseq, received, pending = _parse_ack_reply(msg.reply)
+                if cseq != last_cseq + 1:
+                    # Dropped from the client's queue while the reader was busy: nats-py's
+                    # ordered consumer counts them as seen and would not fetch them again
+                    # (nor would it after a reset of its own). Start over past the last kept.
+                    break
+                last_cseq = cseq
+                if seq > last:
+                    finished = True
+                    break
+                out.append(delivery_of(msg, seq, received, pending))
+                kept = seq
+                if seq == last or pending == 0:
+                    finished = True
+                    break
+                if len(out) >= chunk:
+                    yield out
+                    out = []
+            if finished:
                 break
-            out.append(delivery_of(msg, seq, received, pending))
-            if seq == last or pending == 0:
-                break
-            if len(out) >= chunk:
-                yield out
-                out = []
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            sub = None
+            if kept is not None:
+                start = ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=kept + 1
+                )
         if out:
             yield out
     except (TimeoutError, nats.errors.Error) as e:
