@@ -80,6 +80,28 @@ def add_connection_options(
         )
 
 
+def add_data_dir_options(p: argparse.ArgumentParser) -> None:
+    """Add the options of a command that works on an engine's data directory while the
+    engine is stopped (``rebuild``, ``migrate``): ``--data-dir``, and the broker, ``--nats``
+    or the embedded one's ``--host``/``--port``."""
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("shoal-data"),
+        metavar="DIR",
+        help="the engine's data directory (default: ./shoal-data)",
+    )
+    p.add_argument(
+        "--nats",
+        action="append",
+        metavar="URL",
+        help="the NATS server the engine uses (default: start the embedded one on the data "
+        "directory's broker store)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="embedded broker address")
+    p.add_argument("--port", type=int, default=4222, help="embedded broker port")
+
+
 def credentials_of(args: argparse.Namespace) -> Credentials:
     """The credentials a command's options (else the environment) give; when they give no
     way to authenticate, the key of the command's role in its ``--data-dir``, if there is

@@ -64,7 +64,7 @@ from protocol.nats._migrate import (
 from protocol.nats._partitioned import STRAYS
 from store import Store, StoredRow, StoreLockedError
 
-from ._connection import credentials_of, engine_servers
+from ._connection import add_data_dir_options, credentials_of, engine_servers
 from ._errors import CliError, NotFound, UsageError
 from ._import_cmd import _progress, _Rate
 
@@ -121,22 +121,7 @@ def register(sub: Any) -> None:
         "one manual step of an upgrade; or, with --partitions P, re-split a partitioned "
         "stream into P partitions. Resumable: after a failure, run it again.",
     )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path("shoal-data"),
-        metavar="DIR",
-        help="the engine's data directory (default: ./shoal-data)",
-    )
-    p.add_argument(
-        "--nats",
-        action="append",
-        metavar="URL",
-        help="the NATS server the engine uses (default: start the embedded one on the data "
-        "directory's broker store)",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="embedded broker address")
-    p.add_argument("--port", type=int, default=4222, help="embedded broker port")
+    add_data_dir_options(p)
     p.add_argument(
         "--consumer",
         default="shoal-engine",

@@ -22,7 +22,7 @@ from protocol import (
 from protocol.nats import connect, jetstream_ports, read_stream, rejected_positions
 from store import Store
 
-from ._connection import credentials_of, engine_servers
+from ._connection import add_data_dir_options, credentials_of, engine_servers
 from ._errors import NotFound
 
 
@@ -42,22 +42,7 @@ def register(sub: Any) -> None:
         required=True,
         help=f"rebuild from {EVENTS_STREAM} (and {SEGMENTS_STREAM}): the only source so far",
     )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path("shoal-data"),
-        metavar="DIR",
-        help="the engine's data directory (default: ./shoal-data)",
-    )
-    p.add_argument(
-        "--nats",
-        action="append",
-        metavar="URL",
-        help="the NATS server the engine uses (default: start the embedded one on the data "
-        "directory's broker store)",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="embedded broker address")
-    p.add_argument("--port", type=int, default=4222, help="embedded broker port")
+    add_data_dir_options(p)
     p.add_argument("--consumer", default="shoal-engine", help="the engine's durable consumer")
     p.set_defaults(run=_rebuild)
 
