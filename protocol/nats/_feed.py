@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -94,8 +95,11 @@ class EventFeed:
         partitions: int = DEFAULT_PARTITIONS,
         partition: int | None = None,
         ready: asyncio.Event | None = None,
+        on_arrival: Callable[[int], None] | None = None,
     ) -> None:
         tolerate_undecodable_subjects(nc)
+        # Told the stream position of each delivery as it arrives (PartitionedFeed's).
+        self._on_arrival = on_arrival
         self._partition = partition
         self._nc = nc
         self._js = js
@@ -262,6 +266,9 @@ class EventFeed:
                 self._ready.set()
                 return
             self._buffer.append(msg)
+            if self._on_arrival is not None and msg.reply:
+                with contextlib.suppress(ProtocolError, ValueError):
+                    self._on_arrival(_parse_ack_reply(msg.reply)[0])
             self._ready.set()
 
         floor = await self._reset_consumer(own)
@@ -343,8 +350,25 @@ class EventFeed:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    def take(self, limit: int) -> list[Delivery]:
-        """Up to ``limit`` buffered deliveries, in order, without waiting.
+    def buffered_messages(self) -> list[Msg]:
+        """The deliveries buffered, in order (not taken)."""
+        return list(self._buffer)
+
+    def head(self) -> int | None:
+        """The stream position of the first buffered delivery, if any."""
+        if not self._buffer:
+            return None
+        return _parse_ack_reply(self._buffer[0].reply)[0]
+
+    @property
+    def resumed_from(self) -> int:
+        """The stream position it last (re)started from: every earlier one of its own was
+        acknowledged."""
+        return self._resume_from
+
+    def take(self, limit: int, through: int | None = None) -> list[Delivery]:
+        """Up to ``limit`` buffered deliveries, in order, without waiting; with ``through``,
+        none past that stream position.
 
         Never one past a delivery that did not arrive: on such a gap this returns those
         before it, drops the rest of the buffer and sets :attr:`needs_restart`.
@@ -352,8 +376,11 @@ class EventFeed:
         out: list[Delivery] = []
         buf = self._buffer
         while buf and len(out) < limit:
-            msg = buf.popleft()
+            msg = buf[0]
             seq, cseq, received, pending = _parse_ack_reply(msg.reply)
+            if through is not None and seq > through:
+                break
+            buf.popleft()
             # With AckPolicy.ALL one ack covers every earlier delivery: acknowledging past
             # a delivery that never reached us would lose it.
             if cseq != self._last_cseq + 1:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections.abc import Sequence
-from operator import attrgetter
 
 import anyio
 import nats.errors
@@ -18,14 +17,16 @@ from protocol._errors import BrokerError
 from protocol._partitions import partition_consumer
 from protocol._ports import Delivery, StreamState
 from protocol._subjects import EVENTS_PREFIX, EVENTS_STREAM, EVENTS_WILDCARD
-from protocol.nats._feed import EventFeed, transitions_published
+from protocol.nats._feed import EventFeed, _parse_ack_reply, transitions_published
 
 STRAYS = "unpartitioned"
 """The suffix of the consumer of messages stored without a partition (``<prefix>-<this>``)."""
+_HOLE_WAIT = 0.02
+"""Seconds to wait for a position held back behind one not arrived, before asking the
+broker whether it ever will (one no consumer reads, or one acknowledged before a restart)."""
 _STRAYS_FILTER = f"{EVENTS_PREFIX}*"
 """Only a subject the stream stores untransformed has a single token after the prefix: one
 published on the literal ``shoal.events.*`` or ``shoal.events.>``."""
-_by_position = attrgetter("stream_sequence")
 
 
 def partition_filter(partition: int) -> str:
@@ -89,16 +90,22 @@ class PartitionedFeed:
                 partitions=partitions,
                 partition=p,
                 ready=self._ready,
+                on_arrival=self._arrived,
             )
             for p in parts
         ]
-        self._next = 0  # the feed take() starts with
         # Every stream position up to the frontier has reached a feed (taken): one question
         # about the stream's last position then answers the deadline barrier for all the
         # partitions (see fence()). Positions taken past a gap wait in a heap.
         self._whole = len(self._owned) == partitions
         self._frontier = 0
         self._ahead: list[int] = []
+        # Every stream position up to this one has arrived at a feed (or never will): what
+        # take() may hand out, so that deliveries come out in stream order whichever
+        # partition's consumer brought them. The event log is in that order, and a replay of
+        # it must meet each event at its receive instant, as the engine did.
+        self._arrived_through = 0
+        self._arrivals: list[int] = []
         # Feeds with deliveries taken and not yet acknowledged.
         self._taken: set[EventFeed] = set()
 
@@ -180,6 +187,7 @@ class PartitionedFeed:
             if broker and len(broker) == len(errors):
                 raise broker[0] from None
             raise
+        self._restarted()
 
     async def restart(self) -> None:
         """Restart every partition's consumer just past what it acknowledged (all of them:
@@ -198,6 +206,7 @@ class PartitionedFeed:
                 raise broker[0] from None
             raise
         self._taken.clear()
+        self._restarted()
 
     async def stop(self) -> None:
         """Stop receiving; the consumers stay on the broker. Idempotent."""
@@ -205,29 +214,70 @@ class PartitionedFeed:
             await f.stop()
         self._taken.clear()
 
+    def _arrived(self, seq: int) -> None:
+        through = self._arrived_through
+        if seq == through + 1:
+            through = seq
+            arrivals = self._arrivals
+            while arrivals and arrivals[0] <= through + 1:
+                through = max(through, heapq.heappop(arrivals))
+            self._arrived_through = through
+        elif seq > through:
+            heapq.heappush(self._arrivals, seq)
+
+    def _arrived_jump(self, through: int) -> None:
+        """Every position up to ``through`` has arrived, or never will."""
+        through = max(through, self._arrived_through)
+        arrivals = self._arrivals
+        while arrivals and arrivals[0] <= through + 1:
+            through = max(through, heapq.heappop(arrivals))
+        self._arrived_through = through
+
+    def _restarted(self) -> None:
+        """The feeds started again, each just past what it acknowledged. What comes again
+        comes from those that counted a backlog, each from its own position on: below the
+        lowest of those, every position was acknowledged (or is one no consumer reads).
+        With no backlog anywhere, everything that arrived before was acknowledged."""
+        arrivals = [
+            _parse_ack_reply(m.reply)[0] for f in self._feeds for m in f.buffered_messages()
+        ]
+        heapq.heapify(arrivals)
+        self._arrivals = arrivals
+        behind = [f.resumed_from - 1 for f in self._feeds if f.pending_at_start]
+        if behind:
+            self._arrived_through = 0
+            self._arrived_jump(min(behind))
+        else:
+            self._arrived_jump(max(f.resumed_from - 1 for f in self._feeds))
+
     def take(self, limit: int) -> list[Delivery]:
-        """Up to ``limit`` buffered deliveries, in stream order, without waiting; the
-        partitions take turns at coming first."""
+        """Up to ``limit`` buffered deliveries, in stream order, without waiting: only those
+        every earlier position of which has arrived (a delivery of one partition waits for
+        an earlier one of another still on its way)."""
         out: list[Delivery] = []
         feeds = self._feeds
-        n = len(feeds)
-        start = self._next
-        self._next = (start + 1) % n
-        for i in range(n):
-            f = feeds[(start + i) % n]
-            if not f.buffered:
-                continue
-            got = f.take(limit - len(out))
+        through = self._arrived_through
+        heads = [(h, i) for i, f in enumerate(feeds) if (h := f.head()) is not None]
+        heads = [x for x in heads if x[0] <= through]
+        heapq.heapify(heads)
+        while heads and len(out) < limit:
+            _, i = heapq.heappop(heads)
+            f = feeds[i]
+            bound = min(through, heads[0][0] - 1) if heads else through
+            got = f.take(limit - len(out), through=bound)
             if got:
                 out += got
                 self._taken.add(f)
-                if len(out) >= limit:
-                    break
-        if len(self._taken) > 1:
-            out.sort(key=_by_position)
+            h = f.head()
+            if h is not None and h <= through and not f.needs_restart:
+                heapq.heappush(heads, (h, i))
         if out and self._whole:
             self._advance(out)
         return out
+
+    def _ready_to_take(self) -> bool:
+        through = self._arrived_through
+        return any((h := f.head()) is not None and h <= through for f in self._feeds)
 
     def _advance(self, taken: list[Delivery]) -> None:
         frontier, ahead = self._frontier, self._ahead
@@ -261,10 +311,38 @@ class PartitionedFeed:
         return oldest
 
     async def wait(self) -> None:
-        """Return once some partition has buffered deliveries (or lost one)."""
-        while not self.buffered and not self.needs_restart:
+        """Return once a delivery can be taken (or one was lost).
+
+        A delivery held back behind an earlier position not arrived waits for it a moment;
+        then the broker is asked whether every consumer has received all it stored: if so,
+        the missing positions are ones no consumer reads (a message on the literal
+        ``shoal.events.>``) or were acknowledged before a restart, and are passed over.
+        """
+        while not self.needs_restart and not self._ready_to_take():
             self._ready.clear()
-            await self._ready.wait()
+            if not self.buffered:
+                await self._ready.wait()
+                continue
+            with anyio.move_on_after(_HOLE_WAIT):
+                await self._ready.wait()
+            if self._ready_to_take() or self.needs_restart:
+                return
+            await self._pass_holes()
+
+    async def _pass_holes(self) -> None:
+        last: int | None = None
+        with anyio.move_on_after(2.0):
+            try:
+                last = int((await self._js.stream_info(EVENTS_STREAM)).state.last_seq or 0)
+            except (TimeoutError, nats.errors.Error):
+                last = None
+        if last is None:
+            await anyio.sleep(_HOLE_WAIT)
+            return
+        if await self._fence_each(2.0):
+            self._arrived_jump(last)
+        else:
+            await anyio.sleep(_HOLE_WAIT)
 
     async def ack(self, through: int) -> None:
         """Acknowledge, in each partition, every delivery taken up to ``through``.
@@ -305,6 +383,7 @@ class PartitionedFeed:
             return True
         if await self._fence_each(timeout):
             self._jump(last)
+            self._arrived_jump(last)
             return True
         return False
 

@@ -150,9 +150,14 @@ async def ports(request: pytest.FixtureRequest) -> AsyncIterator[Ports]:
 
 
 async def taken(source: EventSource, n: int) -> list[int]:
-    """Wait for ``n`` buffered deliveries and take them; their positions."""
-    await eventually(lambda: source.buffered >= n)
-    return [d.stream_sequence for d in source.take(n)]
+    """Wait for ``n`` deliveries and take them; their positions. (A source may hold one
+    back until every earlier position has arrived: ``wait`` says when one can be taken.)"""
+    out: list[int] = []
+    with anyio.fail_after(10):
+        while len(out) < n:
+            await source.wait()
+            out += [d.stream_sequence for d in source.take(n - len(out))]
+    return out
 
 
 async def test_ack_up_to_a_position_and_redelivery_past_the_ack_floor(ports: Ports) -> None:

@@ -16,12 +16,14 @@ from actors import event_of, replay
 from protocol import (
     DEFAULT_PARTITIONS,
     EVENTS_STREAM,
+    EVENTS_WILDCARD,
     Event,
     Transition,
     event_subject,
     partition,
     partition_consumer,
 )
+from protocol.nats import ensure_streams, read_stream
 from store import Store
 from tests.helpers import NatsServer, collect, engine_consumers, eventually, now, running_engine
 from tests.helpers import segments as parse
@@ -40,7 +42,8 @@ rule = "since_last('Visit') >= '1s'"
 rule = "count('Buy') >= 1"
 """
 CUSTOMERS = 400
-EVENTS = 1_200
+BACKLOG = 5_000
+EVENTS = BACKLOG + 1_200
 
 
 async def logged(db: Path) -> list[Event]:
@@ -59,13 +62,22 @@ async def test_each_partition_has_its_consumer_and_transitions_equal_a_replay(
     seen = await collect(client, "shoal.segments.>")
     db = tmp_path / "shoal.db"
     js = client.jetstream()
+
+    async def send(i: int) -> None:
+        c = rng.choice(customers)
+        name = "Buy" if rng.random() < 0.1 else "Visit"
+        body = json.dumps({"type": "track", "userId": c, "event": name, "messageId": f"m{i}"})
+        await js.publish(event_subject(c), body.encode())
+        sent[partition(c, DEFAULT_PARTITIONS)] += 1
+
+    await ensure_streams(js)
+    # A backlog first, larger than a batch: every partition's consumer has a share of it
+    # buffered at once, and the batches must still come out in stream order.
+    for i in range(BACKLOG):
+        await send(i)
     async with running_engine(nats_server.url, db, parse(RULES)) as engine:
-        for i in range(EVENTS):
-            c = rng.choice(customers)
-            name = "Buy" if rng.random() < 0.1 else "Visit"
-            body = json.dumps({"type": "track", "userId": c, "event": name, "messageId": f"m{i}"})
-            await js.publish(event_subject(c), body.encode())
-            sent[partition(c, DEFAULT_PARTITIONS)] += 1
+        for i in range(BACKLOG, EVENTS):
+            await send(i)
             if i % 200 == 199:
                 await anyio.sleep(0.3)  # some deadlines fire between the bursts
 
@@ -103,9 +115,20 @@ async def test_each_partition_has_its_consumer_and_transitions_equal_a_replay(
             info = consumers[partition_consumer("shoal-engine", p)]
             assert info.ack_floor is not None and through == info.ack_floor.stream_seq
 
+    # The log holds the events in stream order, whichever partition's consumer brought
+    # each: a replay meets each at its receive instant, as the engine did.
+    log = await logged(db)
+    position = {
+        json.loads(d.data)["messageId"]: d.stream_sequence
+        async for chunk in read_stream(client, EVENTS_STREAM, EVENTS_WILDCARD)
+        for d in chunk
+    }
+    assert [position[e.message_id] for e in log] == sorted(position.values())
+    assert [e.received for e in log] == sorted(e.received for e in log)
+
     published = seen.transitions()
     assert len({t.customer_id for t in published}) > CUSTOMERS // 2
-    replayed = list(replay(await logged(db), parse(RULES), until=stopped))
+    replayed = list(replay(log, parse(RULES), until=stopped))
 
     def per_customer(ts: list[Transition]) -> dict[str, list[Transition]]:
         out: dict[str, list[Transition]] = defaultdict(list)
