@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -108,7 +108,9 @@ class EventFeed:
         self._max_in_flight = max_in_flight
         self._ack_wait = ack_wait
         self._partitions = partitions
-        self._buffer: deque[Msg] = deque()
+        # Each delivery with its ack reply parsed once, as it arrives: (stream sequence,
+        # consumer sequence, timestamp in µs, pending), None when it is not an ack reply.
+        self._buffer: deque[tuple[Msg, tuple[int, int, int, int] | None]] = deque()
         # Set when a delivery arrives; shared by the feeds of one PartitionedFeed.
         self._ready = ready or asyncio.Event()
         self._sub: Any = None
@@ -265,10 +267,13 @@ class EventFeed:
                 # would acknowledge them: leave it to restart() to deliver it again.
                 self._ready.set()
                 return
-            self._buffer.append(msg)
-            if self._on_arrival is not None and msg.reply:
-                with contextlib.suppress(ProtocolError, ValueError):
-                    self._on_arrival(_parse_ack_reply(msg.reply)[0])
+            try:
+                parsed: tuple[int, int, int, int] | None = _parse_ack_reply(msg.reply)
+            except (ProtocolError, ValueError):
+                parsed = None  # take() says what is wrong with it
+            self._buffer.append((msg, parsed))
+            if self._on_arrival is not None and parsed is not None:
+                self._on_arrival(parsed[0])
             self._ready.set()
 
         floor = await self._reset_consumer(own)
@@ -352,13 +357,22 @@ class EventFeed:
 
     def buffered_messages(self) -> list[Msg]:
         """The deliveries buffered, in order (not taken)."""
-        return list(self._buffer)
+        return [m for m, _ in self._buffer]
+
+    def positions(self, through: int) -> Iterator[int]:
+        """The stream positions buffered, in order, up to ``through``."""
+        for msg, parsed in self._buffer:
+            seq = (parsed or _parse_ack_reply(msg.reply))[0]
+            if seq > through:
+                return
+            yield seq
 
     def head(self) -> int | None:
         """The stream position of the first buffered delivery, if any."""
         if not self._buffer:
             return None
-        return _parse_ack_reply(self._buffer[0].reply)[0]
+        parsed = self._buffer[0][1]
+        return parsed[0] if parsed is not None else 0
 
     @property
     def resumed_from(self) -> int:
@@ -376,8 +390,8 @@ class EventFeed:
         out: list[Delivery] = []
         buf = self._buffer
         while buf and len(out) < limit:
-            msg = buf[0]
-            seq, cseq, received, pending = _parse_ack_reply(msg.reply)
+            msg, parsed = buf[0]
+            seq, cseq, received, pending = parsed or _parse_ack_reply(msg.reply)
             if through is not None and seq > through:
                 break
             buf.popleft()
@@ -448,14 +462,18 @@ class EventFeed:
         buffer). The broker stamps in stream order, so every event still on its way to this
         feed is stamped no earlier."""
         if self._buffer:
-            return max(self._last_stamp, _parse_ack_reply(self._buffer[-1].reply)[2])
+            return max(self._last_stamp, self._stamp(-1))
         return self._last_stamp
 
     def oldest_buffered_received(self) -> int | None:
         """The receive instant of the oldest buffered delivery, if any."""
         if not self._buffer:
             return None
-        return _parse_ack_reply(self._buffer[0].reply)[2]
+        return self._stamp(0)
+
+    def _stamp(self, i: int) -> int:
+        msg, parsed = self._buffer[i]
+        return (parsed or _parse_ack_reply(msg.reply))[2]
 
     async def fence(self, *, timeout: float = 2.0) -> bool:
         """Whether every event the broker had stored when this was called has reached this
@@ -477,7 +495,8 @@ class EventFeed:
         delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
         received = self._taken_through
         if self._buffer:
-            received = max(received, _parse_ack_reply(self._buffer[-1].reply)[0])
+            msg, parsed = self._buffer[-1]
+            received = max(received, (parsed or _parse_ack_reply(msg.reply))[0])
         # Sent to us but not yet through the callback (it runs apart from this reply): no.
         return delivered <= received
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 from collections.abc import Sequence
+from operator import attrgetter
 
 import anyio
 import nats.errors
@@ -21,6 +23,7 @@ from protocol.nats._feed import EventFeed, _parse_ack_reply, transitions_publish
 
 STRAYS = "unpartitioned"
 """The suffix of the consumer of messages stored without a partition (``<prefix>-<this>``)."""
+_by_position = attrgetter("stream_sequence")
 _HOLE_WAIT = 0.02
 """Seconds to wait for a position held back behind one not arrived, before asking the
 broker whether it ever will (one no consumer reads, or one acknowledged before a restart)."""
@@ -254,23 +257,23 @@ class PartitionedFeed:
         """Up to ``limit`` buffered deliveries, in stream order, without waiting: only those
         every earlier position of which has arrived (a delivery of one partition waits for
         an earlier one of another still on its way)."""
-        out: list[Delivery] = []
-        feeds = self._feeds
         through = self._arrived_through
-        heads = [(h, i) for i, f in enumerate(feeds) if (h := f.head()) is not None]
-        heads = [x for x in heads if x[0] <= through]
-        heapq.heapify(heads)
-        while heads and len(out) < limit:
-            _, i = heapq.heappop(heads)
-            f = feeds[i]
-            bound = min(through, heads[0][0] - 1) if heads else through
-            got = f.take(limit - len(out), through=bound)
+        feeds = [f for f in self._feeds if (h := f.head()) is not None and h <= through]
+        if not feeds:
+            return []
+        if sum(f.buffered for f in feeds) > limit:
+            # More than a batch may be taken: no feed hands out past the limit-th of them
+            # in stream order, so that what is left comes after all that is taken.
+            merged = heapq.merge(*(f.positions(through) for f in feeds))
+            through = next(itertools.islice(merged, limit - 1, limit), through)
+        out: list[Delivery] = []
+        for f in feeds:
+            got = f.take(limit, through=through)
             if got:
                 out += got
                 self._taken.add(f)
-            h = f.head()
-            if h is not None and h <= through and not f.needs_restart:
-                heapq.heappush(heads, (h, i))
+        if len(feeds) > 1:
+            out.sort(key=_by_position)
         if out and self._whole:
             self._advance(out)
         return out
