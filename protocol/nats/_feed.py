@@ -134,6 +134,8 @@ class EventFeed:
         backlog)."""
         self._catch_up = 0
         self._backlog_cap: int | None = None
+        self._received_max = 0
+        self._arrived_cseq = 0  # the consumer sequence of the latest delivery arrived
 
     @property
     def consumer(self) -> str:
@@ -271,9 +273,20 @@ class EventFeed:
                 parsed: tuple[int, int, int, int] | None = _parse_ack_reply(msg.reply)
             except (ProtocolError, ValueError):
                 parsed = None  # take() says what is wrong with it
+            if parsed is not None:
+                if parsed[1] != self._arrived_cseq + 1:
+                    # One on its way was lost: nothing past it arrives until the restart
+                    # (what is past it must not be taken for arrived by PartitionedFeed).
+                    self._broken = True
+                    self._ready.set()
+                    return
+                self._arrived_cseq = parsed[1]
             self._buffer.append((msg, parsed))
-            if self._on_arrival is not None and parsed is not None:
-                self._on_arrival(parsed[0])
+            if parsed is not None:
+                if parsed[0] > self._received_max:
+                    self._received_max = parsed[0]
+                if self._on_arrival is not None:
+                    self._on_arrival(parsed[0])
             self._ready.set()
 
         floor = await self._reset_consumer(own)
@@ -282,6 +295,8 @@ class EventFeed:
         # started (in case the consumer itself was lost): all of that is committed.
         start = max(floor or 0, self._acked_through) + 1
         start = self._resume_from = max(start, self._resume_from)
+        self._received_max = start - 1
+        self._arrived_cseq = 0
         # Nothing before the start is ours to receive (see fence()), and everything from it
         # on is to be taken again, even what was taken before and not acknowledged: it is
         # not a resend of something handed out (see take()).
@@ -373,6 +388,13 @@ class EventFeed:
             return None
         parsed = self._buffer[0][1]
         return parsed[0] if parsed is not None else 0
+
+    @property
+    def received_max(self) -> int:
+        """The furthest stream position that reached this feed since it (re)started (before
+        any, the last it acknowledged): every one of its own up to it arrived, or was
+        acknowledged."""
+        return self._received_max
 
     @property
     def resumed_from(self) -> int:

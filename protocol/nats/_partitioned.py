@@ -246,17 +246,24 @@ class PartitionedFeed:
         ]
         heapq.heapify(arrivals)
         self._arrivals = arrivals
-        behind = [f.resumed_from - 1 for f in self._feeds if f.pending_at_start]
+        self._arrived_through = 0
+        behind = [f.received_max for f in self._feeds if f.pending_at_start]
         if behind:
-            self._arrived_through = 0
             self._arrived_jump(min(behind))
         else:
-            self._arrived_jump(max(f.resumed_from - 1 for f in self._feeds))
+            self._arrived_jump(max(f.received_max for f in self._feeds))
 
     def take(self, limit: int) -> list[Delivery]:
         """Up to ``limit`` buffered deliveries, in stream order, without waiting: only those
         every earlier position of which has arrived (a delivery of one partition waits for
         an earlier one of another still on its way)."""
+        if self.needs_restart:
+            return []  # a delivery was lost: nothing more until the restart
+        # Below every feed's furthest arrival, each position arrived, was acknowledged
+        # before a restart, or is one no feed reads.
+        settled = min(f.received_max for f in self._feeds)
+        if settled > self._arrived_through:
+            self._arrived_jump(settled)
         through = self._arrived_through
         feeds = [f for f in self._feeds if (h := f.head()) is not None and h <= through]
         if not feeds:
@@ -333,17 +340,26 @@ class PartitionedFeed:
             await self._pass_holes()
 
     async def _pass_holes(self) -> None:
-        last: int | None = None
-        with anyio.move_on_after(2.0):
-            try:
-                last = int((await self._js.stream_info(EVENTS_STREAM)).state.last_seq or 0)
-            except (TimeoutError, nats.errors.Error):
-                last = None
-        if last is None:
+        """Ask the broker how far each feed has all its positions: up to the stream's last
+        for one that has all it stored, up to its furthest arrival for one with more to
+        come. Below the least of those, a position not arrived never will."""
+        js = self._js
+        try:
+            with anyio.fail_after(2.0):
+                last = int((await js.stream_info(EVENTS_STREAM)).state.last_seq or 0)
+                infos = await asyncio.gather(
+                    *(js.consumer_info(EVENTS_STREAM, f.consumer) for f in self._feeds)
+                )
+        except (TimeoutError, nats.errors.Error):
             await anyio.sleep(_HOLE_WAIT)
             return
-        if await self._fence_each(2.0):
-            self._arrived_jump(last)
+        through = last
+        for f, info in zip(self._feeds, infos, strict=True):
+            delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
+            if info.num_pending or delivered > f.received_max:
+                through = min(through, f.received_max)
+        if through > self._arrived_through:
+            self._arrived_jump(through)
         else:
             await anyio.sleep(_HOLE_WAIT)
 

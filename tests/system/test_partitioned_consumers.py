@@ -137,3 +137,37 @@ async def test_each_partition_has_its_consumer_and_transitions_equal_a_replay(
         return dict(out)
 
     assert per_customer(published) == per_customer(replayed)
+
+
+async def test_a_restart_with_one_partition_far_behind_the_others_catches_up(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    """After a restart, the partitions resume from their own positions: one far behind (more
+    than its share of the deliveries in flight) is read to its end in stream order, past the
+    positions the others acknowledged before, which never come again."""
+    js = client.jetstream()
+    db = tmp_path / "shoal.db"
+
+    def body(c: str, mid: str) -> bytes:
+        return json.dumps(
+            {"type": "track", "userId": c, "event": "Visit", "messageId": mid}
+        ).encode()
+
+    others = [f"o{i}" for i in range(100)]
+    async with running_engine(nats_server.url, db, parse(RULES)) as engine:
+        for i, c in enumerate(others):
+            await js.publish(event_subject(c), body(c, f"a{i}"))
+        await eventually(lambda: engine.stats.events_applied == len(others))
+    # Stopped: one customer's partition gets far more than its share of max_in_flight, the
+    # others a little, interleaved.
+    behind = 3_000
+    for i in range(behind):
+        await js.publish(event_subject("hot"), body("hot", f"h{i}"))
+        if i % 100 == 0:
+            c = others[i // 100]
+            await js.publish(event_subject(c), body(c, f"b{i}"))
+    async with running_engine(nats_server.url, db, parse(RULES)) as engine:
+        await eventually(lambda: engine.stats.events_applied == behind + 30, timeout=30)
+    log = await logged(db)
+    assert len(log) == len(others) + behind + 30
+    assert [e.received for e in log] == sorted(e.received for e in log)
