@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -373,14 +373,6 @@ class EventFeed:
     def buffered_messages(self) -> list[Msg]:
         """The deliveries buffered, in order (not taken)."""
         return [m for m, _ in self._buffer]
-
-    def positions(self, through: int) -> Iterator[int]:
-        """The stream positions buffered, in order, up to ``through``."""
-        for msg, parsed in self._buffer:
-            seq = (parsed or _parse_ack_reply(msg.reply))[0]
-            if seq > through:
-                return
-            yield seq
 
     def head(self) -> int | None:
         """The stream position of the first buffered delivery, if any."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 from collections.abc import Sequence
 from operator import attrgetter
 
@@ -265,14 +264,14 @@ class PartitionedFeed:
         if settled > self._arrived_through:
             self._arrived_jump(settled)
         through = self._arrived_through
-        feeds = [f for f in self._feeds if (h := f.head()) is not None and h <= through]
-        if not feeds:
+        heads = [(h, f) for f in self._feeds if (h := f.head()) is not None and h <= through]
+        if not heads:
             return []
-        if sum(f.buffered for f in feeds) > limit:
-            # More than a batch may be taken: no feed hands out past the limit-th of them
-            # in stream order, so that what is left comes after all that is taken.
-            merged = heapq.merge(*(f.positions(through) for f in feeds))
-            through = next(itertools.islice(merged, limit - 1, limit), through)
+        feeds = [f for _, f in heads]
+        # Every earlier position has arrived: those that may be taken run on from the first
+        # buffered, so a batch stops ``limit`` positions further, and what is left comes
+        # after all that is taken.
+        through = min(through, min(h for h, _ in heads) + limit - 1)
         out: list[Delivery] = []
         for f in feeds:
             got = f.take(limit, through=through)
