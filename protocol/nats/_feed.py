@@ -370,9 +370,9 @@ class EventFeed:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    def buffered_messages(self) -> list[Msg]:
-        """The deliveries buffered, in order (not taken)."""
-        return [m for m, _ in self._buffer]
+    def buffered_positions(self) -> list[int]:
+        """The stream positions of the deliveries buffered (not taken), in order."""
+        return [parsed[0] for _, parsed in self._buffer if parsed is not None]
 
     def head(self) -> int | None:
         """The stream position of the first buffered delivery, if any."""

@@ -18,7 +18,7 @@ from protocol._errors import BrokerError
 from protocol._partitions import partition_consumer
 from protocol._ports import Delivery, StreamState
 from protocol._subjects import EVENTS_PREFIX, EVENTS_STREAM, EVENTS_WILDCARD
-from protocol.nats._feed import EventFeed, _parse_ack_reply, transitions_published
+from protocol.nats._feed import EventFeed, transitions_published
 
 STRAYS = "unpartitioned"
 """The suffix of the consumer of messages stored without a partition (``<prefix>-<this>``)."""
@@ -29,6 +29,35 @@ broker whether it ever will (one no consumer reads, or one acknowledged before a
 _STRAYS_FILTER = f"{EVENTS_PREFIX}*"
 """Only a subject the stream stores untransformed has a single token after the prefix: one
 published on the literal ``shoal.events.*`` or ``shoal.events.>``."""
+
+
+class _Frontier:
+    """The furthest stream position up to which every one is known (has arrived, was taken,
+    or never comes), from positions told one at a time and in any order; those told past a
+    gap wait in a heap."""
+
+    __slots__ = ("through", "_ahead")
+
+    def __init__(self, through: int = 0, ahead: list[int] | None = None) -> None:
+        self.through = 0
+        self._ahead = ahead or []
+        heapq.heapify(self._ahead)
+        self.jump(through)
+
+    def add(self, seq: int) -> None:
+        """Position ``seq`` is known."""
+        if seq == self.through + 1:
+            self.jump(seq)
+        elif seq > self.through:
+            heapq.heappush(self._ahead, seq)
+
+    def jump(self, through: int) -> None:
+        """Every position up to ``through`` is known."""
+        through = max(through, self.through)
+        ahead = self._ahead
+        while ahead and ahead[0] <= through + 1:
+            through = max(through, heapq.heappop(ahead))
+        self.through = through
 
 
 def partition_filter(partition: int) -> str:
@@ -92,7 +121,7 @@ class PartitionedFeed:
                 partitions=partitions,
                 partition=p,
                 ready=self._ready,
-                on_arrival=self._arrived,
+                on_arrival=self._on_arrival,
             )
             for p in parts
         ]
@@ -100,14 +129,12 @@ class PartitionedFeed:
         # about the stream's last position then answers the deadline barrier for all the
         # partitions (see fence()). Positions taken past a gap wait in a heap.
         self._whole = len(self._owned) == partitions
-        self._frontier = 0
-        self._ahead: list[int] = []
+        self._taken_positions = _Frontier()
         # Every stream position up to this one has arrived at a feed (or never will): what
         # take() may hand out, so that deliveries come out in stream order whichever
         # partition's consumer brought them. The event log is in that order, and a replay of
         # it must meet each event at its receive instant, as the engine did.
-        self._arrived_through = 0
-        self._arrivals: list[int] = []
+        self._arrived = _Frontier()
         # Feeds with deliveries taken and not yet acknowledged.
         self._taken: set[EventFeed] = set()
 
@@ -216,41 +243,20 @@ class PartitionedFeed:
             await f.stop()
         self._taken.clear()
 
-    def _arrived(self, seq: int) -> None:
-        through = self._arrived_through
-        if seq == through + 1:
-            through = seq
-            arrivals = self._arrivals
-            while arrivals and arrivals[0] <= through + 1:
-                through = max(through, heapq.heappop(arrivals))
-            self._arrived_through = through
-        elif seq > through:
-            heapq.heappush(self._arrivals, seq)
-
-    def _arrived_jump(self, through: int) -> None:
-        """Every position up to ``through`` has arrived, or never will."""
-        through = max(through, self._arrived_through)
-        arrivals = self._arrivals
-        while arrivals and arrivals[0] <= through + 1:
-            through = max(through, heapq.heappop(arrivals))
-        self._arrived_through = through
+    def _on_arrival(self, seq: int) -> None:
+        # Not the bound method itself: a restart replaces the frontier.
+        self._arrived.add(seq)
 
     def _restarted(self) -> None:
         """The feeds started again, each just past what it acknowledged. What comes again
         comes from those that counted a backlog, each from its own position on: below the
         lowest of those, every position was acknowledged (or is one no consumer reads).
         With no backlog anywhere, everything that arrived before was acknowledged."""
-        arrivals = [
-            _parse_ack_reply(m.reply)[0] for f in self._feeds for m in f.buffered_messages()
-        ]
-        heapq.heapify(arrivals)
-        self._arrivals = arrivals
-        self._arrived_through = 0
         behind = [f.received_max for f in self._feeds if f.pending_at_start]
-        if behind:
-            self._arrived_jump(min(behind))
-        else:
-            self._arrived_jump(max(f.received_max for f in self._feeds))
+        self._arrived = _Frontier(
+            min(behind) if behind else max(f.received_max for f in self._feeds),
+            [seq for f in self._feeds for seq in f.buffered_positions()],
+        )
 
     def take(self, limit: int) -> list[Delivery]:
         """Up to ``limit`` buffered deliveries, in stream order, without waiting: only those
@@ -261,9 +267,8 @@ class PartitionedFeed:
         # Below every feed's furthest arrival, each position arrived, was acknowledged
         # before a restart, or is one no feed reads.
         settled = min(f.received_max for f in self._feeds)
-        if settled > self._arrived_through:
-            self._arrived_jump(settled)
-        through = self._arrived_through
+        self._arrived.jump(settled)
+        through = self._arrived.through
         heads = [(h, f) for f in self._feeds if (h := f.head()) is not None and h <= through]
         if not heads:
             return []
@@ -281,33 +286,13 @@ class PartitionedFeed:
         if len(feeds) > 1:
             out.sort(key=_by_position)
         if out and self._whole:
-            self._advance(out)
+            for d in out:
+                self._taken_positions.add(d.stream_sequence)
         return out
 
     def _ready_to_take(self) -> bool:
-        through = self._arrived_through
+        through = self._arrived.through
         return any((h := f.head()) is not None and h <= through for f in self._feeds)
-
-    def _advance(self, taken: list[Delivery]) -> None:
-        frontier, ahead = self._frontier, self._ahead
-        for d in taken:
-            seq = d.stream_sequence
-            if seq == frontier + 1:
-                frontier = seq
-                while ahead and ahead[0] <= frontier + 1:
-                    frontier = max(frontier, heapq.heappop(ahead))
-            elif seq > frontier:
-                heapq.heappush(ahead, seq)
-        self._frontier = frontier
-
-    def _jump(self, through: int) -> None:
-        """Every position up to ``through`` has reached a feed (a fence said so)."""
-        if through <= self._frontier:
-            return
-        ahead = self._ahead
-        while ahead and ahead[0] <= through + 1:
-            through = max(through, heapq.heappop(ahead))
-        self._frontier = through
 
     def oldest_buffered_received(self) -> int | None:
         """The receive instant of the oldest buffered delivery, if any."""
@@ -357,8 +342,8 @@ class PartitionedFeed:
             delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
             if info.num_pending or delivered > f.received_max:
                 through = min(through, f.received_max)
-        if through > self._arrived_through:
-            self._arrived_jump(through)
+        if through > self._arrived.through:
+            self._arrived.jump(through)
         else:
             await anyio.sleep(_HOLE_WAIT)
 
@@ -397,11 +382,11 @@ class PartitionedFeed:
                 return False
         if last is None:
             return False
-        if self._frontier >= last and all(f.started for f in self._feeds):
+        if self._taken_positions.through >= last and all(f.started for f in self._feeds):
             return True
         if await self._fence_each(timeout):
-            self._jump(last)
-            self._arrived_jump(last)
+            self._taken_positions.jump(last)
+            self._arrived.jump(last)
             return True
         return False
 
