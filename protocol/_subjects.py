@@ -487,3 +487,58 @@ def import_marker_of(subject: str) -> tuple[int, str, str]:
             f"{EVENTS_PREFIX}<partition>.{CONTROL_TOKEN}.import.<import id>.<begin|end>"
         )
     return int(tokens[0]), validate_import_id(tokens[3]), tokens[4]
+
+
+# Several engines: leases, fences, progress -------------------------------------------------
+
+FENCE_PREFIX = "shoal.fence."
+FENCE_WILDCARD = "shoal.fence.*"
+"""Each partition's claims (``shoal.fence.<partition>``), in ``SHOAL_SEGMENTS``: the
+owner's transitions are published expecting the last of these to be its claim."""
+PROGRESS_PREFIX = "shoal.progress."
+PROGRESS_WILDCARD = "shoal.progress.*"
+"""How far each partition's output got (``shoal.progress.<partition>``): one record in
+every atomic batch of its transitions, in ``SHOAL_SEGMENTS``."""
+LEASES_BUCKET = "SHOAL_LEASES"
+"""The KV bucket of the leases (``partition.<p>``) and the engines' heartbeats
+(``engine.<id>``)."""
+SNAPSHOTS_BUCKET = "SHOAL_SNAPSHOTS"
+"""The Object Store bucket of the partitions' snapshots."""
+_ENGINE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def fence_subject(partition: int) -> str:
+    """The subject of ``partition``'s claims: ``shoal.fence.<partition>``."""
+    return f"{FENCE_PREFIX}{_partition_token(partition)}"
+
+
+def progress_subject(partition: int) -> str:
+    """The subject of ``partition``'s progress records: ``shoal.progress.<partition>``."""
+    return f"{PROGRESS_PREFIX}{_partition_token(partition)}"
+
+
+def lease_key(partition: int) -> str:
+    """The key of ``partition``'s lease in :data:`LEASES_BUCKET`."""
+    return f"partition.{_partition_token(partition)}"
+
+
+def heartbeat_key(engine_id: str) -> str:
+    """The key of an engine's heartbeat in :data:`LEASES_BUCKET`."""
+    return f"engine.{validate_engine_id(engine_id)}"
+
+
+def validate_engine_id(engine_id: str) -> str:
+    """Return ``engine_id`` if it can name an engine: 1 to 64 of ``A-Z a-z 0-9 _ -``.
+
+    Raises:
+        SubjectError: it cannot.
+    """
+    if _ENGINE_ID.fullmatch(engine_id) is None:
+        raise SubjectError(f"engine id {engine_id!r} must be 1 to 64 letters, digits, '_' or '-'")
+    return engine_id
+
+
+def _partition_token(partition: int) -> str:
+    if partition < 0:
+        raise SubjectError(f"a partition is a number from 0, not {partition}")
+    return str(partition)
