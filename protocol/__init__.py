@@ -79,6 +79,7 @@ from ._partitions import partition as partition
 from ._partitions import partition_consumer as partition_consumer
 from ._ports import Delivery as Delivery
 from ._ports import EventSource as EventSource
+from ._ports import FencedOut as FencedOut
 from ._ports import PublishError as PublishError
 from ._ports import StreamState as StreamState
 from ._ports import TransitionSink as TransitionSink
@@ -199,6 +200,7 @@ __all__ = (
     "EventSource",
     "ExplainReply",
     "ExplainRequest",
+    "FencedOut",
     "FileOrigin",
     "GatheredStatus",
     "ImportCause",

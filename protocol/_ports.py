@@ -95,7 +95,32 @@ class StreamState:
 
 class PublishError(ProtocolError):
     """Transitions (or a rejection) could not be published, or the broker did not confirm
-    them in time. Nothing is lost: publish the same ones again."""
+    them in time. Nothing is lost: publish the same ones again.
+
+    ``confirmed`` holds the indices (into the transitions given) that the broker did
+    confirm: publishing again may leave those out.
+    """
+
+    def __init__(self, message: str, *, confirmed: frozenset[int] = frozenset()) -> None:
+        super().__init__(message)
+        self.confirmed = confirmed
+
+
+class FencedOut(PublishError):
+    """Another engine claimed these partitions since this one did: the broker refused their
+    transitions, and this engine owns them no longer. Publishing them again is no use: their
+    new owner makes them again from the events."""
+
+    def __init__(self, partitions: Mapping[int, str], *, confirmed: frozenset[int]) -> None:
+        first = min(partitions)
+        super().__init__(
+            f"fenced out of partition{'s' if len(partitions) > 1 else ''} "
+            f"{', '.join(map(str, sorted(partitions)))}: another engine claimed "
+            f"{'them' if len(partitions) > 1 else 'it'} (the broker said: "
+            f"{partitions[first]})",
+            confirmed=confirmed,
+        )
+        self.partitions = dict(partitions)
 
 
 class EventSource(Protocol):

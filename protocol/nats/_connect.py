@@ -34,6 +34,8 @@ from protocol._subjects import (
     CONTROL_WILDCARD,
     EVENTS_PUBLISHED,
     EVENTS_STREAM,
+    FENCE_WILDCARD,
+    PROGRESS_WILDCARD,
     REJECTED_STREAM,
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
@@ -478,6 +480,8 @@ class StreamSettings:
     events_duplicate_window: float = 120.0
     segments_duplicate_window: float = 600.0
     rejected_max_age: float = 30 * 24 * 3600.0
+    replicas: int = 1
+    """How many servers of a cluster hold each stream (1: a single server)."""
     partitions: int | None = None
     """How many partitions ``SHOAL_EVENTS`` splits customers into. None: those of the
     existing stream, or :data:`~protocol.DEFAULT_PARTITIONS` for a new one. A number other
@@ -486,6 +490,8 @@ class StreamSettings:
     def __post_init__(self) -> None:
         if self.partitions is not None and self.partitions < 1:
             raise ValueError(f"the number of partitions must be positive, not {self.partitions}")
+        if not 1 <= self.replicas <= 5:
+            raise ValueError(f"the number of replicas must be 1 to 5, not {self.replicas}")
 
 
 def _partitions_of(config: StreamConfig) -> int | None:
@@ -527,6 +533,7 @@ def _events_config(s: StreamSettings, partitions: int) -> StreamConfig:
         # No age limit: an owner rebuilds its customers from every event.
         max_age=None,
         subject_transform=SubjectTransform(src=src, dest=dest),
+        num_replicas=s.replicas,
     )
 
 
@@ -551,10 +558,14 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
         _events_config(s, partitions),
         StreamConfig(
             name=SEGMENTS_STREAM,
-            subjects=[SEGMENTS_WILDCARD],
+            # The partitions' claims and progress records go with their transitions: the
+            # owner's batches are stored only while its claim is the last (a fence).
+            subjects=[SEGMENTS_WILDCARD, FENCE_WILDCARD, PROGRESS_WILDCARD],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             duplicate_window=s.segments_duplicate_window,
+            num_replicas=s.replicas,
+            allow_atomic=True,
         ),
         StreamConfig(
             name=REJECTED_STREAM,
@@ -562,6 +573,7 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=s.rejected_max_age,
+            num_replicas=s.replicas,
         ),
     ]
     for config in configs:

@@ -32,6 +32,7 @@ from protocol._subjects import (
     IMPORT_HEADER,
     RECEIVED_HEADER,
     SEGMENTS_STREAM,
+    SEGMENTS_WILDCARD,
 )
 from protocol.nats._refusals import permission_guard
 from protocol.nats._undecodable import tolerate_undecodable_subjects
@@ -596,9 +597,11 @@ async def transitions_published(js: JetStreamContext) -> int:
         TimeoutError, nats.errors.Error: the broker does not answer.
     """
     try:
-        return int((await js.stream_info(SEGMENTS_STREAM)).state.messages)
+        # The stream also holds the partitions' claims and progress records: not counted.
+        info = await js.stream_info(SEGMENTS_STREAM, subjects_filter=SEGMENTS_WILDCARD)
     except nats.js.errors.NotFoundError:
         return 0
+    return sum((info.state.subjects or {}).values())
 
 
 def delivery_of(

@@ -24,6 +24,7 @@ from protocol._subjects import (
     segment_subject,
 )
 from protocol._types import REJECTION_HEADROOM, Transition, encode_rejection
+from protocol.nats._fenced import FencedPublisher, raise_for
 from protocol.nats._refusals import permission_guard
 
 _CONNECTION_CHECK = 0.05
@@ -58,11 +59,21 @@ class Publisher:
 
     Given the number of ``partitions`` of ``SHOAL_EVENTS``, each transition carries its
     customer's partition in the header ``Shoal-Partition``.
+
+    Once a partition is claimed (:meth:`claim`), the publisher is *fenced*: each partition's
+    transitions go out as atomic batches that the broker stores only while the claim is the
+    partition's last (:mod:`._fenced`), and a transition of a partition not claimed is
+    refused with :class:`~protocol.FencedOut`.
     """
 
     def __init__(self, nc: Client, *, timeout: float = 10.0, partitions: int | None = None) -> None:
         self._nc = nc
         self._partitions = partitions
+        self._claims: dict[int, int] | None = None
+        self._fenced = FencedPublisher(nc, timeout=timeout)
+        self.progress: dict[int, int] = {}
+        """Per partition claimed, the stream sequence of the last progress record stored
+        (fenced publishing only)."""
         self._js = nc.jetstream()
         self._timeout = timeout
         self._prefix = nc.new_inbox()
@@ -75,6 +86,26 @@ class Publisher:
         """The number of partitions of ``SHOAL_EVENTS`` its transitions are stamped with
         (None: not told, and no ``Shoal-Partition`` header)."""
         return self._partitions
+
+    def claim(self, partition: int, claim: int) -> None:
+        """Publish ``partition``'s transitions fenced on ``claim`` (the stream sequence of
+        its record on ``shoal.fence.<partition>``) from now on."""
+        if self._partitions is None:
+            raise ValueError("a publisher told no number of partitions cannot be fenced")
+        if self._claims is None:
+            self._claims = {}
+        self._claims[partition] = claim
+
+    def unclaim(self, partition: int) -> None:
+        """Stop publishing ``partition``'s transitions (its claim passed, or was given up)."""
+        if self._claims is not None:
+            self._claims.pop(partition, None)
+        self.progress.pop(partition, None)
+
+    @property
+    def claims(self) -> dict[int, int]:
+        """The partitions claimed, each with its claim (a copy)."""
+        return dict(self._claims or {})
 
     async def start(self) -> None:
         """Subscribe to the replies. Idempotent."""
@@ -111,6 +142,9 @@ class Publisher:
         if not transitions:
             return
         await self._connected()
+        if self._claims is not None:
+            await self._publish_fenced(transitions, self._claims)
+            return
         reconnects = self._nc.stats["reconnects"]
         token = str(next(self._ids))
         acks = self._batches[token] = _Acks(len(transitions))
@@ -157,6 +191,27 @@ class Publisher:
                 f"the broker refused {len(acks.errors)} of {len(transitions)} transitions: "
                 f"{acks.errors[0]}"
             )
+
+    async def _publish_fenced(
+        self, transitions: Sequence[Transition], claims: dict[int, int]
+    ) -> None:
+        partitions = self._partitions
+        assert partitions is not None  # claim() refuses a publisher without
+        groups: dict[int, list[tuple[int, Transition]]] = {}
+        for i, t in enumerate(transitions):
+            groups.setdefault(partition(t.customer_id, partitions), []).append((i, t))
+        unclaimed = {p: "no claim of this engine" for p in groups if p not in claims}
+        for p in unclaimed:
+            del groups[p]
+        subjects = {segment_subject(t.segment, t.change) for t in transitions}
+        try:
+            async with permission_guard(self._nc, *subjects):
+                outcome = await self._fenced.publish(groups, claims)
+        except nats.errors.Error as e:
+            raise PublishError(f"could not publish {len(transitions)} transitions: {e}") from e
+        self.progress.update(outcome.progress)
+        outcome.fenced.update(unclaimed)
+        raise_for(outcome, len(transitions))
 
     async def publish(self, transitions: Sequence[Transition]) -> None:
         """As :meth:`publish_transitions` (the :class:`TransitionSink` port)."""
