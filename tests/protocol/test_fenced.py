@@ -59,7 +59,8 @@ async def progress(nc: Client, p: int) -> list[Any]:
 
 
 def customers_of(p: int, n: int) -> list[str]:
-    out, i = [], 0
+    out: list[str] = []
+    i = 0
     while len(out) < n:
         if partition(f"c{i}", P) == p:
             out.append(f"c{i}")
