@@ -12,7 +12,7 @@ import anyio
 import structlog
 
 from actors._stored import outbox_entries
-from protocol import Delivery, PublishError, Transition, TransitionSink
+from protocol import Delivery, FencedOut, PublishError, Transition, TransitionSink
 from store import LoggedEvent, Snapshot, SnapshotMarks, Store, StoreFullError
 
 from ._config import EngineConfig, EngineObserver
@@ -194,7 +194,11 @@ class Outbox:
             batch = list(itertools.islice(pending, self._config.publish_batch))
             try:
                 await self._sink.publish([t for _, t in batch])
+            except FencedOut:
+                raise  # not this engine's to publish any more: the caller decides
             except PublishError as e:
+                if e.confirmed:
+                    self._confirmed(batch, e.confirmed)
                 self._logger.warning(
                     "publishing transitions failed; will retry", error=str(e), retry_in=delay
                 )
@@ -207,3 +211,18 @@ class Outbox:
             self.confirmed_through = batch[-1][0]
             stats.transitions_published += len(batch)
             self._space.set()
+
+    def _confirmed(self, batch: list[tuple[int, Transition]], confirmed: frozenset[int]) -> None:
+        """Some of ``batch`` (the head of the queue) were stored: leave those out of the
+        next attempt. What is confirmed stays a prefix of the outbox (a restart publishes
+        again what follows it; the broker says which it holds)."""
+        pending = self._pending
+        for _ in batch:
+            pending.popleft()
+        rest = [entry for i, entry in enumerate(batch) if i not in confirmed]
+        pending.extendleft(reversed(rest))
+        prefix = next((i for i in range(len(batch)) if i not in confirmed), len(batch))
+        if prefix:
+            self.confirmed_through = batch[prefix - 1][0]
+        self._counts.stats.transitions_published += len(batch) - len(rest)
+        self._space.set()

@@ -97,8 +97,14 @@ class EventFeed:
         partition: int | None = None,
         ready: asyncio.Event | None = None,
         on_arrival: Callable[[int], None] | None = None,
+        previous: str | None = None,
+        start_after: int = 0,
     ) -> None:
+        """``previous``: the consumer an earlier claim of the partition read (see
+        :meth:`start`); ``start_after``: the stream position up to which everything is
+        committed already, where a new consumer starts after."""
         tolerate_undecodable_subjects(nc)
+        self._previous = previous if previous != durable else None
         # Told the stream position of each delivery as it arrives (PartitionedFeed's).
         self._on_arrival = on_arrival
         self._partition = partition
@@ -126,7 +132,7 @@ class EventFeed:
         self._last_stamp = -(1 << 62)  # the broker's stamp of the latest delivery taken
         self._taken_through = 0
         self._acked_through = 0
-        self._resume_from = 1
+        self._resume_from = start_after + 1
         self.redelivered = 0
         """Deliveries the broker resent after ``ack_wait`` of events already handed out,
         and skipped."""
@@ -164,6 +170,10 @@ class EventFeed:
 
     async def start(self) -> None:
         """Create or bind the durable consumer and start receiving.
+
+        The consumer of an earlier claim (``previous``) is deleted first, whoever reads it:
+        its claim has passed, and the new consumer starts past its acknowledgement floor
+        (and past ``start_after``).
 
         Raises:
             BrokerError: the consumer cannot be created or bound
@@ -352,15 +362,31 @@ class EventFeed:
         Raises:
             BrokerError: another engine is consuming from it right now.
         """
+        retired: int | None = None
+        if self._previous is not None:
+            retired = await self._retire(self._previous)
+            self._previous = None
         try:
             info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
         except nats.js.errors.NotFoundError:
-            return None
+            return retired
         if info.push_bound and (own is None or info.config.deliver_subject != own):
             raise _ConsumerInUse(self._durable)
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         await self._js.delete_consumer(EVENTS_STREAM, self._durable)
-        return int(floor or 0)
+        return max(int(floor or 0), retired or 0)
+
+    async def _retire(self, name: str) -> int | None:
+        """Delete the consumer of an earlier claim; its acknowledgement floor (None: gone).
+        An engine still reading it was fenced out: its deliveries stop with it."""
+        try:
+            info = await self._js.consumer_info(EVENTS_STREAM, name)
+        except nats.js.errors.NotFoundError:
+            return None
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._js.delete_consumer(EVENTS_STREAM, name)
+        _logger.info("consumer of an earlier claim deleted", consumer=name, by=self._durable)
+        return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
 
     async def _close_subscription(self) -> None:
         self._generation += 1
@@ -534,12 +560,7 @@ class EventFeed:
         """
         try:
             stream = await self._js.stream_info(EVENTS_STREAM)
-            try:
-                info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
-            except nats.js.errors.NotFoundError:
-                floor = None
-            else:
-                floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+            floor = await self.ack_floor()
             published = await transitions_published(self._js)
         except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot read the state of stream {EVENTS_STREAM}: {e}") from e
@@ -549,6 +570,23 @@ class EventFeed:
             ack_floor=floor,
             published=published,
         )
+
+    async def ack_floor(self) -> int | None:
+        """The consumer's acknowledgement floor; before it exists, that of the earlier
+        claim's consumer it replaces; None when neither exists.
+
+        Raises:
+            TimeoutError, nats.errors.Error: the broker does not answer.
+        """
+        for name in (self._durable, self._previous):
+            if name is None:
+                continue
+            try:
+                info = await self._js.consumer_info(EVENTS_STREAM, name)
+            except nats.js.errors.NotFoundError:
+                continue
+            return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+        return None
 
     async def wait(self) -> None:
         """Return when deliveries are buffered (or :attr:`needs_restart` may have turned)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from operator import attrgetter
 
 import anyio
@@ -66,6 +67,18 @@ def partition_filter(partition: int) -> str:
     return f"{EVENTS_PREFIX}{partition}.>"
 
 
+@dataclass(frozen=True, slots=True)
+class FeedClaim:
+    """How one partition's consumer is named and started under a claim."""
+
+    name: str
+    """The consumer of this claim."""
+    previous: str | None = None
+    """The consumer of the claim before (deleted at start: its claim has passed)."""
+    start_after: int = 0
+    """The stream position up to which the partition is committed already."""
+
+
 class PartitionedFeed:
     """The engine's event source: one :class:`EventFeed` per partition it owns, each a
     durable consumer ``<prefix>-<partition>`` filtered on that partition's subjects.
@@ -90,11 +103,14 @@ class PartitionedFeed:
         owned: Sequence[int] | None = None,
         max_in_flight: int = 20_000,
         ack_wait: float = 30.0,
+        claims: Mapping[int | None, FeedClaim] | None = None,
     ) -> None:
         """``owned``: the partitions read (default: all); the owner of partition 0 reads
         the messages stored without a partition too (and rejects them). ``max_in_flight``
         bounds the deliveries not yet acknowledged over all of them (split evenly, at least
-        one each)."""
+        one each). ``claims``: per partition (None: the messages stored without one), the
+        consumer of this engine's claim; a partition not given reads the consumer
+        ``<prefix>-<partition>``."""
         self._js = js
         self._prefix = prefix
         self._partitions = partitions
@@ -110,11 +126,19 @@ class PartitionedFeed:
         self._parts = parts
         # Split between them: the bound is the engine's memory, not each partition's.
         per_feed = max(1, max_in_flight // len(parts))
+        claims = claims or {}
+        default = {
+            p: FeedClaim(partition_consumer(prefix, p) if p is not None else f"{prefix}-{STRAYS}")
+            for p in parts
+        }
+        self._claims = {p: claims.get(p, default[p]) for p in parts}
         self._feeds = [
             EventFeed(
                 nc,
                 js,
-                durable=partition_consumer(prefix, p) if p is not None else f"{prefix}-{STRAYS}",
+                durable=self._claims[p].name,
+                previous=self._claims[p].previous,
+                start_after=self._claims[p].start_after,
                 filter_subject=partition_filter(p) if p is not None else _STRAYS_FILTER,
                 max_in_flight=per_feed,
                 ack_wait=ack_wait,
@@ -410,18 +434,12 @@ class PartitionedFeed:
         js = self._js
         try:
             stream = await js.stream_info(EVENTS_STREAM)
-            infos = await asyncio.gather(
-                *(js.consumer_info(EVENTS_STREAM, f.consumer) for f in self._feeds),
-                return_exceptions=True,
-            )
+            found = await asyncio.gather(*(f.ack_floor() for f in self._feeds))
             floors: dict[int, int] = {}
             strays: int | None = None
-            for p, info in zip(self._parts, infos, strict=True):
-                if isinstance(info, nats.js.errors.NotFoundError):
+            for p, floor in zip(self._parts, found, strict=True):
+                if floor is None:
                     continue
-                if isinstance(info, BaseException):
-                    raise info
-                floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
                 if p is None:
                     strays = floor
                 else:
