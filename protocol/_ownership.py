@@ -34,3 +34,39 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
 
 FENCE_DECODER = msgspec.json.Decoder(FenceClaim)
 PROGRESS_DECODER = msgspec.json.Decoder(Progress)
+
+
+SNAPSHOT_FORMAT = 1
+"""The format of :class:`PartitionSnapshot`; a snapshot of another is not read (the partition
+is then rebuilt from the stream)."""
+
+
+class PartitionSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """One partition's customers at a cut, in Object Store ``SHOAL_SNAPSHOTS`` (object
+    ``partition-<p>``): the base a new owner rebuilds from, before the stream's tail.
+
+    Taken between two turns of the owner's loop, and uploaded only once every transition
+    it reflects was stored: so whoever loads it publishes what follows, and only that.
+    """
+
+    format: int = SNAPSHOT_FORMAT
+    partition: int
+    partitions: int
+    """How many partitions ``SHOAL_EVENTS`` had (a snapshot of another split is not used)."""
+    through: int
+    """Every event of the partition up to this stream position is folded in, none after."""
+    progress: int
+    """The ``SHOAL_SEGMENTS`` sequence of the partition's last progress record it reflects
+    (0: none): the records after it say what a new owner need not publish again."""
+    needs: str
+    """What the customers' facts were kept for (``Needs.fingerprint``)."""
+    definitions: str
+    """The fingerprint of the definitions it was taken under."""
+    definitions_version: int | None = None
+    taken_at: int
+    """When (the owner's clock, microseconds since the epoch)."""
+    engine: str
+    claim: int
+    """The claim it was taken under."""
+    customers: list[tuple[str, bytes]]
+    """Each customer's id and stored form (``Customer.snapshot``), in id order."""
