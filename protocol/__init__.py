@@ -49,14 +49,19 @@ from ._definitions import encode_marker as encode_marker
 from ._errors import ApiError as ApiError
 from ._errors import BrokerError as BrokerError
 from ._errors import CustomerParked as CustomerParked
+from ._errors import EngineIdInUse as EngineIdInUse
 from ._errors import EnginesDisagree as EnginesDisagree
 from ._errors import EngineUnavailable as EngineUnavailable
+from ._errors import Fenced as Fenced
 from ._errors import InvalidRequest as InvalidRequest
+from ._errors import LeaseLost as LeaseLost
 from ._errors import PermissionDenied as PermissionDenied
 from ._errors import ProtocolError as ProtocolError
 from ._errors import SubjectError as SubjectError
+from ._errors import Unconfirmed as Unconfirmed
 from ._errors import UnknownCustomer as UnknownCustomer
 from ._errors import UnknownSegment as UnknownSegment
+from ._errors import UnreadableRecord as UnreadableRecord
 from ._explain import ConditionExplanation as ConditionExplanation
 from ._explain import SegmentExplanation as SegmentExplanation
 from ._gather import partition_ranges as partition_ranges
@@ -74,6 +79,8 @@ from ._lines import event_from_line as event_from_line
 from ._lines import event_line as event_line
 from ._lines import events_from_lines as events_from_lines
 from ._lines import read_history as read_history
+from ._ownership import EngineInfo as EngineInfo
+from ._ownership import FenceClaim as FenceClaim
 from ._partitions import DEFAULT_PARTITIONS as DEFAULT_PARTITIONS
 from ._partitions import partition as partition
 from ._partitions import partition_consumer as partition_consumer
@@ -192,6 +199,8 @@ __all__ = (
     "DefinitionsReply",
     "DefinitionsRequest",
     "Delivery",
+    "EngineIdInUse",
+    "EngineInfo",
     "EngineUnavailable",
     "EnginesDisagree",
     "Event",
@@ -200,6 +209,8 @@ __all__ = (
     "EventSource",
     "ExplainReply",
     "ExplainRequest",
+    "FenceClaim",
+    "Fenced",
     "FencedOut",
     "FileOrigin",
     "GatheredStatus",
@@ -207,6 +218,7 @@ __all__ = (
     "InvalidEvent",
     "InvalidRequest",
     "KeyFileError",
+    "LeaseLost",
     "MembersReply",
     "MembersRequest",
     "Membership",
@@ -235,10 +247,12 @@ __all__ = (
     "TimeCause",
     "Transition",
     "TransitionSink",
+    "Unconfirmed",
     "UnknownCustomer",
     "UnknownSegment",
     "UnparkReply",
     "UnparkRequest",
+    "UnreadableRecord",
     "api_subject",
     "customer_api_subject",
     "customer_of_api_subject",

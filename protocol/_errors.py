@@ -114,3 +114,98 @@ class PermissionDenied(BrokerError):
         self.role = role
         self.action = action
         self.subject = subject
+
+
+# Several engines: leases and fences ---------------------------------------------------------
+
+
+class Unconfirmed(BrokerError):
+    """The broker did not confirm a write (no answer in time, the connection dropped, the
+    stream had no leader, or another write checking the same key was in flight): it may have
+    been stored or not. Retry it, within your own deadline (a lease's, say); a retry tells
+    which it was. ``operation`` says what was tried, ``where`` on which key or subject."""
+
+    def __init__(self, operation: str, where: str, reason: str) -> None:
+        super().__init__(
+            f"the broker did not confirm {operation} on {where} ({reason}): "
+            "it may have been stored or not; try again"
+        )
+        self.operation = operation
+        self.where = where
+        self.reason = reason
+
+
+class LeaseLost(BrokerError):
+    """A lease (or an engine's heartbeat) is no longer the caller's: it expired, or another
+    engine took it. Stop the work it guarded at once. ``key`` is the key in the leases
+    bucket, ``partition`` the partition it leases (None for a heartbeat), ``revision`` the
+    caller's last revision of it, ``current`` the key's revision now when the broker said
+    (None when the key is empty)."""
+
+    def __init__(
+        self,
+        key: str,
+        engine: str,
+        revision: int,
+        current: int | None,
+        *,
+        partition: int | None = None,
+    ) -> None:
+        now = f"the key is now at revision {current}" if current else "the key is empty"
+        super().__init__(
+            f"engine {engine} lost {key} (its revision {revision}; {now}): it expired or "
+            "another engine took it; stop the work it guarded"
+        )
+        self.key = key
+        self.engine = engine
+        self.revision = revision
+        self.current = current
+        self.partition = partition
+
+
+class EngineIdInUse(BrokerError):
+    """An engine's heartbeat could not start: a live heartbeat under the same engine id is
+    in the leases bucket. Another engine runs with this id, or this engine restarted before
+    its last heartbeat expired (``ttl`` seconds after ``revision`` was written)."""
+
+    def __init__(self, engine: str, revision: int, ttl: int | None) -> None:
+        expiry = f" (its TTL is {ttl} s)" if ttl else ""
+        super().__init__(
+            f"engine id {engine} is in use: its heartbeat is live at revision {revision}"
+            f"{expiry}; another engine runs with this id, or this one restarted before its "
+            "last heartbeat expired: wait for it to expire, or give another id"
+        )
+        self.engine = engine
+        self.revision = revision
+        self.ttl = ttl
+
+
+class Fenced(BrokerError):
+    """Another engine claimed the partition: the last claim on its fence subject is not the
+    one the refused write expected. Stop publishing the partition's output (everything
+    published under the old claim is refused from now on) and let its lease go.
+    ``sequence`` is the last claim's stream sequence as the broker reported it (None if its
+    answer did not say)."""
+
+    def __init__(self, partition: int, subject: str, sequence: int | None) -> None:
+        last = f"sequence {sequence}" if sequence is not None else "another"
+        super().__init__(
+            f"partition {partition} is fenced: the last claim on {subject} is {last}, not the "
+            "one expected; another engine claimed the partition, so stop publishing its output"
+        )
+        self.partition = partition
+        self.subject = subject
+        self.sequence = sequence
+
+
+class UnreadableRecord(ProtocolError):
+    """A lease, heartbeat or fence record in the broker is not one shoal wrote: ``where``
+    names the record (its key or subject, and its sequence), ``problem`` what is wrong."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(
+            f"the record {where} cannot be read: {problem} (shoal did not write it: "
+            "replace or remove it)"
+        )
+        self.where = where
+        self.problem = problem

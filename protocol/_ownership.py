@@ -1,5 +1,6 @@
 """Wire types of several engines sharing the partitions: a partition's claim (its fence
-record) and how far its output got (its progress record), both in ``SHOAL_SEGMENTS``."""
+record) and how far its output got (its progress record), both in ``SHOAL_SEGMENTS``; a
+partition's lease and an engine's heartbeat, in the KV bucket ``SHOAL_LEASES``."""
 
 from __future__ import annotations
 
@@ -32,7 +33,29 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """Each customer of the batch, with the version of its last transition in it."""
 
 
+class LeaseRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The value of a partition's lease (``partition.<p>`` in ``SHOAL_LEASES``). The
+    message's own TTL (``Nats-TTL``) is the lease's; its revision, the lease's number."""
+
+    engine: str
+    """The id of the engine that holds it."""
+
+
+class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The value of an engine's heartbeat (``engine.<id>`` in ``SHOAL_LEASES``): what the
+    other engines need to balance the partitions. Fields added later must have defaults,
+    so that every engine reads every other's."""
+
+    started: int
+    """When the engine started (its clock, microseconds since the epoch): for people, and
+    to tell a restart from a long run."""
+    partitions: int = 0
+    """How many partitions it held at its last beat."""
+
+
 FENCE_DECODER = msgspec.json.Decoder(FenceClaim)
+LEASE_DECODER = msgspec.json.Decoder(LeaseRecord)
+ENGINE_INFO_DECODER = msgspec.json.Decoder(EngineInfo)
 PROGRESS_DECODER = msgspec.json.Decoder(Progress)
 
 

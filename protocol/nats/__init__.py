@@ -1,5 +1,6 @@
 """shoal on NATS JetStream: connecting, the streams, the engine's two ports (the event source
-and the transition sink), the query service and its client.
+and the transition sink), the query service and its client; and for several engines sharing
+the partitions, the leases and heartbeats (``SHOAL_LEASES``) and the fence claims.
 
 The only part of ``protocol`` that imports ``nats``: the command line and the service import
 it; the engine (``actors``) sees only the ports (``protocol.EventSource`` and
@@ -15,8 +16,20 @@ from ._connect import redact as redact
 from ._connect import stream_partitions as stream_partitions
 from ._definitions_kv import DefinitionsKV as DefinitionsKV
 from ._feed import EventFeed as EventFeed
+from ._fences import claim_fence as claim_fence
+from ._fences import fence_headers as fence_headers
+from ._fences import fenced as fenced
+from ._fences import is_fenced_error as is_fenced_error
+from ._fences import last_claim as last_claim
 from ._import import Published as Published
 from ._import import publish_import as publish_import
+from ._leases import ChangeKind as ChangeKind
+from ._leases import Heartbeat as Heartbeat
+from ._leases import Holder as Holder
+from ._leases import Lease as Lease
+from ._leases import LeaseBucket as LeaseBucket
+from ._leases import LeaseChange as LeaseChange
+from ._leases import LeaseWatch as LeaseWatch
 from ._partitioned import PartitionedFeed as PartitionedFeed
 from ._publisher import Publisher as Publisher
 from ._refusals import permission_guard as permission_guard
@@ -29,18 +42,30 @@ from ._wiring import jetstream_ports as jetstream_ports
 
 __all__ = (
     "ApiClient",
+    "ChangeKind",
     "Credentials",
     "DefinitionsKV",
     "EventFeed",
+    "Heartbeat",
+    "Holder",
+    "Lease",
+    "LeaseBucket",
+    "LeaseChange",
+    "LeaseWatch",
     "PartitionedFeed",
     "Published",
     "Publisher",
     "StreamNeedsMigration",
     "StreamSettings",
+    "claim_fence",
     "connect",
     "ensure_streams",
+    "fence_headers",
+    "fenced",
+    "is_fenced_error",
     "iter_transitions",
     "jetstream_ports",
+    "last_claim",
     "permission_guard",
     "publish_import",
     "read_stream",
