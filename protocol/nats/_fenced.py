@@ -27,21 +27,15 @@ from nats.aio.client import Client
 
 from protocol._ownership import Progress
 from protocol._ports import FencedOut, PublishError
-from protocol._subjects import (
-    PARTITION_HEADER,
-    fence_subject,
-    progress_subject,
-    segment_subject,
-)
+from protocol._subjects import PARTITION_HEADER, progress_subject, segment_subject
 from protocol._types import Transition
+from protocol.nats._fences import fence_headers, is_fenced_error
 
 MAX_BATCH = 1000
 """The most messages nats-server takes in one atomic batch (10199 past it)."""
 CONCURRENT_BATCHES = 10
 """Batches one engine has open at a time: the server refuses a 51st on one stream (10210),
 and several engines share that."""
-FENCED_OUT = 10071
-"""``wrong last sequence: N``: another claim is the fence subject's last message."""
 DUPLICATE_IN_BATCH = 10201
 """A message id in the batch is one the stream holds (within its duplicate window)."""
 _encoder = msgspec.json.Encoder()
@@ -68,15 +62,6 @@ class BatchRefused(Exception):
         super().__init__(f"{description} (error {err_code})")
         self.err_code = err_code
         self.description = description
-
-
-def fence_headers(partition: int, claim: int) -> dict[str, str]:
-    """The headers that make a publish stored only while ``claim`` is the partition's last
-    claim."""
-    return {
-        "Nats-Expected-Last-Subject-Sequence": str(claim),
-        "Nats-Expected-Last-Subject-Sequence-Subject": fence_subject(partition),
-    }
 
 
 def _error_of(data: bytes) -> BatchRefused | None:
@@ -134,7 +119,7 @@ class FencedPublisher:
                         # one at a time, the broker says which, and stores the others.
                         seq = await self._one_by_one(p, chunk, claim)
             except BatchRefused as e:
-                if e.err_code == FENCED_OUT:
+                if is_fenced_error(e.err_code, e.description):
                     outcome.fenced[p] = e.description
                 else:
                     outcome.failed.append(f"partition {p}: {e}")
