@@ -21,6 +21,9 @@ class FenceClaim(msgspec.Struct, frozen=True, kw_only=True):
     """The stream sequence of the claim it replaced (0: the partition's first)."""
     previous_engine: str | None = None
     """The engine of the claim it replaced."""
+    consumers: str = "shoal-engine"
+    """The prefix of the claim's consumers (``serve --consumer``): the partition's consumer
+    is ``<consumers>-<partition>-<claim>``, which the next claim deletes."""
 
 
 class Progress(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

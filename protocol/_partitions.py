@@ -29,7 +29,12 @@ def partition(customer_id: str, partitions: int) -> int:
     return token_partition(escape_token(customer_id), partitions)
 
 
-def partition_consumer(prefix: str, partition: int) -> str:
-    """The durable consumer of one partition of ``SHOAL_EVENTS``: ``<prefix>-<partition>``
-    (``serve --consumer`` gives the prefix; the default is ``shoal-engine``)."""
-    return f"{prefix}-{partition}"
+def partition_consumer(prefix: str, partition: int | str, claim: int | None = None) -> str:
+    """The durable consumer of one partition of ``SHOAL_EVENTS`` under the claim of stream
+    sequence ``claim``: ``<prefix>-<partition>-<claim>``; without a claim (before claims),
+    ``<prefix>-<partition>``. ``serve --consumer`` gives the prefix (the default is
+    ``shoal-engine``); ``partition`` may be ``unpartitioned``, the consumer of the messages
+    stored without a partition."""
+    if claim is None:
+        return f"{prefix}-{partition}"
+    return f"{prefix}-{partition}-{claim}"

@@ -42,7 +42,11 @@ from ._subjects import (
     CUSTOMER_ENDPOINTS,
     EVENTS_PUBLISHED,
     EVENTS_STREAM,
+    FENCE_WILDCARD,
     IMPORT_MARKERS,
+    LEASES_KEYS,
+    LEASES_STREAM,
+    PROGRESS_WILDCARD,
     REJECTED_STREAM,
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
@@ -148,6 +152,19 @@ def _engine() -> _Role:
         f"{_JS}.STREAM.CREATE.{DEFINITIONS_STREAM}",
         f"{_JS}.STREAM.MSG.GET.{DEFINITIONS_STREAM}",
         DEFINITIONS_KEYS,
+        # Several engines: the leases and heartbeats (KV bucket SHOAL_LEASES: declared,
+        # read by direct gets, written on its keys, watched by an ordered consumer) and
+        # each partition's last claim, read from SHOAL_SEGMENTS.
+        *(f"{_JS}.STREAM.{op}.{LEASES_STREAM}" for op in ("INFO", "CREATE", "UPDATE")),
+        f"{_JS}.STREAM.MSG.GET.{LEASES_STREAM}",
+        f"{_JS}.DIRECT.GET.{LEASES_STREAM}",
+        f"{_JS}.CONSUMER.CREATE.{LEASES_STREAM}",
+        f"{_JS}.CONSUMER.CREATE.{LEASES_STREAM}.>",
+        f"{_JS}.CONSUMER.INFO.{LEASES_STREAM}.*",
+        f"{_JS}.CONSUMER.DELETE.{LEASES_STREAM}.*",
+        f"$JS.FC.{LEASES_STREAM}.>",
+        LEASES_KEYS,
+        f"{_JS}.STREAM.MSG.GET.{SEGMENTS_STREAM}",
     ]
     return _Role(
         summary="shoal serve, shoal rebuild and shoal migrate: the streams, the engine's "
@@ -157,6 +174,9 @@ def _engine() -> _Role:
         "republished by a migration",
         publish=(
             SEGMENTS_WILDCARD,
+            # Each partition's claims, and the progress record closing each atomic batch.
+            FENCE_WILDCARD,
+            PROGRESS_WILDCARD,
             REJECTED_SUBJECT,
             # shoal migrate: an earlier shoal's events on their stored subjects, and the
             # import markers; the engine: where it switched to new definitions, in each

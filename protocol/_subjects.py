@@ -502,6 +502,10 @@ every atomic batch of its transitions, in ``SHOAL_SEGMENTS``."""
 LEASES_BUCKET = "SHOAL_LEASES"
 """The KV bucket of the leases (``partition.<p>``) and the engines' heartbeats
 (``engine.<id>``)."""
+LEASES_STREAM = f"KV_{LEASES_BUCKET}"
+"""The stream that holds :data:`LEASES_BUCKET`."""
+LEASES_KEYS = f"$KV.{LEASES_BUCKET}.>"
+"""The subjects of :data:`LEASES_BUCKET`'s keys."""
 SNAPSHOTS_BUCKET = "SHOAL_SNAPSHOTS"
 """The Object Store bucket of the partitions' snapshots."""
 _ENGINE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -34,9 +34,13 @@ from actors import (
 )
 from protocol import DEFAULT_PARTITIONS
 from protocol.nats import (
+    DEFAULT_LEASE_TTL,
     DefinitionsKV,
+    StreamSettings,
     connect,
+    ensure_streams,
     jetstream_ports,
+    permission_guard,
     redact,
 )
 from store import Store
@@ -54,6 +58,7 @@ from . import (
     _replay_cmd,
     _tail_cmd,
 )
+from ._claiming import claim_every_partition, engine_id_of
 from ._connection import (
     add_connection_options,
     credentials_of,
@@ -139,6 +144,26 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _lease_ttl(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds, 1 to 3600")
+    return value
+
+
+def _replicas(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 5:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of replicas, 1 to 5")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -195,7 +220,32 @@ def _parser() -> argparse.ArgumentParser:
         default="normal",
         help="SQLite synchronous level (full: every commit reaches the disk)",
     )
-    serve.add_argument("--consumer", default="shoal-engine", help="durable consumer name")
+    serve.add_argument(
+        "--consumer", default="shoal-engine", help="the prefix of the engine's consumers' names"
+    )
+    serve.add_argument(
+        "--engine-id",
+        default=None,
+        metavar="ID",
+        help="this engine's id among several (default: the one in the data directory, made "
+        "at its first start from the host's name)",
+    )
+    serve.add_argument(
+        "--lease-ttl",
+        type=_lease_ttl,
+        default=DEFAULT_LEASE_TTL,
+        metavar="SECONDS",
+        help="how long a partition's lease lives unless renewed: how soon another engine "
+        "takes over from one that died (default %(default)s, whole seconds)",
+    )
+    serve.add_argument(
+        "--replicas",
+        type=_replicas,
+        default=1,
+        metavar="N",
+        help="servers of a NATS cluster that hold each stream and bucket (default "
+        "%(default)s; 3 on a 3-node cluster)",
+    )
     serve.add_argument(
         "--snapshot-interval",
         type=_positive_seconds,
@@ -315,10 +365,30 @@ async def _serve(args: argparse.Namespace) -> int:
             from protocol.metrics import EngineMetrics
 
             metrics = EngineMetrics()
-        source, sink = await jetstream_ports(nc, consumer=args.consumer)
+        # Every partition is this engine's: claimed (its lease, and its fence, which
+        # fences out whoever published for it before) before anything is read or published.
+        clock = SystemClock()
+        streams = StreamSettings(replicas=args.replicas)
+        async with permission_guard(nc):
+            partitions = await ensure_streams(nc.jetstream(), streams)
+        claims, feeds = await claim_every_partition(
+            nc,
+            store,
+            engine_id=engine_id_of(data_dir, args.engine_id),
+            consumers=args.consumer,
+            partitions=partitions,
+            ttl=args.lease_ttl,
+            replicas=args.replicas,
+            now=clock.now,
+            stack=stack,
+        )
+        source, sink = await jetstream_ports(
+            nc, consumer=args.consumer, streams=streams, claims=feeds
+        )
+        for p, claim in claims.owned.items():
+            sink.claim(p, claim.seq)
         # The definitions in force persist: those stored win unless the served file changed
         # since it was last applied (the keeper logs which it chose, and why).
-        clock = SystemClock()
         keeper = DefinitionsKeeper(store, await DefinitionsKV.open(nc), clock)
         served = segments.source  # the path given, or the shipped file's name
         segments = await keeper.resume(segments, served)
@@ -341,6 +411,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, tg.cancel_scope)
+            # Renewing the leases; losing one stops the engine (its new owner goes on).
+            await tg.start(claims.keep)
             if metrics is not None:
                 # Before the engine starts: the start-up (a rebuild) is watched too.
                 await tg.start(

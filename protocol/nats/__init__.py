@@ -7,6 +7,11 @@ it; the engine (``actors``) sees only the ports (``protocol.EventSource`` and
 ``protocol.TransitionSink``).
 """
 
+from ._claims import DEFAULT_LEASE_TTL as DEFAULT_LEASE_TTL
+from ._claims import Claim as Claim
+from ._claims import Claims as Claims
+from ._claims import PartitionsHeld as PartitionsHeld
+from ._claims import PartitionsLost as PartitionsLost
 from ._connect import Credentials as Credentials
 from ._connect import StreamNeedsMigration as StreamNeedsMigration
 from ._connect import StreamSettings as StreamSettings
@@ -30,6 +35,7 @@ from ._leases import Lease as Lease
 from ._leases import LeaseBucket as LeaseBucket
 from ._leases import LeaseChange as LeaseChange
 from ._leases import LeaseWatch as LeaseWatch
+from ._partitioned import FeedClaim as FeedClaim
 from ._partitioned import PartitionedFeed as PartitionedFeed
 from ._publisher import Publisher as Publisher
 from ._refusals import permission_guard as permission_guard
@@ -41,11 +47,15 @@ from ._wiring import iter_transitions as iter_transitions
 from ._wiring import jetstream_ports as jetstream_ports
 
 __all__ = (
+    "DEFAULT_LEASE_TTL",
     "ApiClient",
     "ChangeKind",
+    "Claim",
+    "Claims",
     "Credentials",
     "DefinitionsKV",
     "EventFeed",
+    "FeedClaim",
     "Heartbeat",
     "Holder",
     "Lease",
@@ -53,6 +63,8 @@ __all__ = (
     "LeaseChange",
     "LeaseWatch",
     "PartitionedFeed",
+    "PartitionsHeld",
+    "PartitionsLost",
     "Published",
     "Publisher",
     "StreamNeedsMigration",

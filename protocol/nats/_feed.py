@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -97,14 +97,14 @@ class EventFeed:
         partition: int | None = None,
         ready: asyncio.Event | None = None,
         on_arrival: Callable[[int], None] | None = None,
-        previous: str | None = None,
+        previous: Sequence[str] = (),
         start_after: int = 0,
     ) -> None:
-        """``previous``: the consumer an earlier claim of the partition read (see
+        """``previous``: the consumers earlier claims of the partition read (see
         :meth:`start`); ``start_after``: the stream position up to which everything is
         committed already, where a new consumer starts after."""
         tolerate_undecodable_subjects(nc)
-        self._previous = previous if previous != durable else None
+        self._previous = [name for name in previous if name != durable]
         # Told the stream position of each delivery as it arrives (PartitionedFeed's).
         self._on_arrival = on_arrival
         self._partition = partition
@@ -171,9 +171,9 @@ class EventFeed:
     async def start(self) -> None:
         """Create or bind the durable consumer and start receiving.
 
-        The consumer of an earlier claim (``previous``) is deleted first, whoever reads it:
-        its claim has passed, and the new consumer starts past its acknowledgement floor
-        (and past ``start_after``).
+        The consumers of earlier claims (``previous``) are deleted first, whoever reads them:
+        their claim has passed, and the new consumer starts past their acknowledgement
+        floors (and past ``start_after``).
 
         Raises:
             BrokerError: the consumer cannot be created or bound
@@ -363,9 +363,11 @@ class EventFeed:
             BrokerError: another engine is consuming from it right now.
         """
         retired: int | None = None
-        if self._previous is not None:
-            retired = await self._retire(self._previous)
-            self._previous = None
+        for name in self._previous:
+            floor = await self._retire(name)
+            if floor is not None:
+                retired = max(retired or 0, floor)
+        self._previous = []
         try:
             info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
         except nats.js.errors.NotFoundError:
@@ -572,21 +574,27 @@ class EventFeed:
         )
 
     async def ack_floor(self) -> int | None:
-        """The consumer's acknowledgement floor; before it exists, that of the earlier
-        claim's consumer it replaces; None when neither exists.
+        """The consumer's acknowledgement floor; before it exists, the furthest of the
+        earlier claims' consumers it replaces; None when none exists.
 
         Raises:
             TimeoutError, nats.errors.Error: the broker does not answer.
         """
-        for name in (self._durable, self._previous):
-            if name is None:
-                continue
+        try:
+            info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
+        except nats.js.errors.NotFoundError:
+            pass
+        else:
+            return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+        found: int | None = None
+        for name in self._previous:
             try:
                 info = await self._js.consumer_info(EVENTS_STREAM, name)
             except nats.js.errors.NotFoundError:
                 continue
-            return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
-        return None
+            floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+            found = max(found or 0, floor)
+        return found
 
     async def wait(self) -> None:
         """Return when deliveries are buffered (or :attr:`needs_restart` may have turned)."""

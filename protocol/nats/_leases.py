@@ -77,6 +77,7 @@ from protocol._ownership import (
 )
 from protocol._subjects import (
     LEASES_BUCKET,
+    LEASES_STREAM,
     heartbeat_key,
     lease_key,
     validate_engine_id,
@@ -85,8 +86,6 @@ from protocol.nats._refusals import permission_guard
 
 MARKER_TTL = 300
 """Seconds a free key's tombstone (the server's expiry marker, or a release) is kept."""
-LEASES_STREAM = f"KV_{LEASES_BUCKET}"
-"""The stream under the bucket."""
 _PREFIX = f"$KV.{LEASES_BUCKET}."
 _DIRECT_GET = f"$JS.API.DIRECT.GET.{LEASES_STREAM}"
 _EXPECTED = "Nats-Expected-Last-Subject-Sequence"

@@ -73,8 +73,9 @@ class FeedClaim:
 
     name: str
     """The consumer of this claim."""
-    previous: str | None = None
-    """The consumer of the claim before (deleted at start: its claim has passed)."""
+    previous: tuple[str, ...] = ()
+    """The consumers of the claim before (deleted at start: its claim has passed), and the
+    one a shoal before claims read."""
     start_after: int = 0
     """The stream position up to which the partition is committed already."""
 

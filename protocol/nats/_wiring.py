@@ -4,7 +4,7 @@ they are published."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import msgspec
@@ -19,7 +19,7 @@ from protocol._subjects import SEGMENTS_STREAM
 from protocol._time import from_instant
 from protocol._types import Transition, shown_subject
 from protocol.nats._connect import StreamSettings, ensure_streams
-from protocol.nats._partitioned import PartitionedFeed
+from protocol.nats._partitioned import FeedClaim, PartitionedFeed
 from protocol.nats._publisher import Publisher
 from protocol.nats._refusals import permission_guard
 
@@ -76,10 +76,12 @@ async def jetstream_ports(
     consumer: str = "shoal-engine",
     max_in_flight: int = 20_000,
     streams: StreamSettings | None = None,
+    claims: Mapping[int | None, FeedClaim] | None = None,
 ) -> tuple[PartitionedFeed, Publisher]:
     """Declare the streams, then make an engine's ports on ``nc``: its event source (a
-    durable consumer per partition, named ``<consumer>-<partition>``) and its transition
-    sink, which stamps each transition with its customer's partition.
+    durable consumer per partition, named ``<consumer>-<partition>``, or as ``claims``
+    says: then only the partitions claimed are read) and its transition sink, which stamps
+    each transition with its customer's partition.
 
     Raises:
         BrokerError: the streams cannot be declared (:class:`~protocol.PermissionDenied`
@@ -89,7 +91,14 @@ async def jetstream_ports(
     js = nc.jetstream()
     async with permission_guard(nc):
         partitions = await ensure_streams(js, streams)
+    owned = None if claims is None else sorted(p for p in claims if p is not None)
     feed = PartitionedFeed(
-        nc, js, prefix=consumer, partitions=partitions, max_in_flight=max_in_flight
+        nc,
+        js,
+        prefix=consumer,
+        partitions=partitions,
+        owned=owned,
+        max_in_flight=max_in_flight,
+        claims=claims,
     )
     return feed, Publisher(nc, partitions=partitions)
