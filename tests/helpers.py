@@ -30,9 +30,17 @@ from protocol import (
     Transition,
     find_nats_server,
     format_instant,
+    partition_consumer,
     role_key_file,
 )
-from protocol.nats import Credentials, connect, ensure_streams, jetstream_ports, read_stream
+from protocol.nats import (
+    Credentials,
+    connect,
+    ensure_streams,
+    jetstream_ports,
+    last_claim,
+    read_stream,
+)
 from store import Store
 
 
@@ -312,3 +320,11 @@ async def engine_consumers(js: Any, prefix: str = "shoal-engine") -> dict[str, A
     subjects stored without a partition), by name: their ``ConsumerInfo``."""
     infos = await js.consumers_info("SHOAL_EVENTS")
     return {i.name: i for i in infos if i.name.startswith(prefix + "-")}
+
+
+async def claimed_consumer(js: Any, partition: int, prefix: str = "shoal-engine") -> str:
+    """The name of the consumer of ``partition`` under its last claim (``shoal serve``
+    names each claim's consumer ``<prefix>-<partition>-<claim>``)."""
+    found = await last_claim(js, SEGMENTS_STREAM, partition)
+    assert found is not None, f"partition {partition} was never claimed"
+    return partition_consumer(found[1].consumers, partition, found[0])

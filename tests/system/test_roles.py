@@ -45,7 +45,7 @@ from protocol import (
     stored_event_subject,
 )
 from protocol.nats import Credentials, DefinitionsKV, connect, permission_guard
-from tests.helpers import NatsServer, Proc, free_port, run
+from tests.helpers import NatsServer, Proc, claimed_consumer, free_port, run
 
 STREAMS = (EVENTS_STREAM, SEGMENTS_STREAM, REJECTED_STREAM)
 
@@ -203,8 +203,9 @@ async def test_the_producer_cannot_forge_apply_or_touch_the_streams(secured: Sec
                 denied = await _refused(nc, subject, call)
                 assert denied.subject == subject
     async with secured.client("engine") as nc:
-        info = await nc.jetstream().consumer_info(EVENTS_STREAM, "shoal-engine-0")
-        assert info.name == "shoal-engine-0"
+        name = await claimed_consumer(nc.jetstream(), 0)
+        info = await nc.jetstream().consumer_info(EVENTS_STREAM, name)
+        assert info.name == name
 
 
 async def test_the_subscriber_publishes_no_event_and_no_transition(secured: Secured) -> None:
@@ -274,9 +275,14 @@ async def test_the_service_answers_inboxes_only(secured: Secured) -> None:
         answer = await nc.request("shoal.api.segments", b"[", timeout=5)
         assert answer.headers and answer.headers["Nats-Service-Error-Code"] == "400"
     async with secured.client("engine") as nc:
-        info = await nc.jetstream().consumer_info(EVENTS_STREAM, "shoal-engine-0")
-        assert info.name == "shoal-engine-0"
-        assert (await nc.jetstream().stream_info(SEGMENTS_STREAM)).state.messages == 0
+        name = await claimed_consumer(nc.jetstream(), 0)
+        info = await nc.jetstream().consumer_info(EVENTS_STREAM, name)
+        assert info.name == name
+        # No transition (the stream holds the partitions' claims).
+        stored = await nc.jetstream().stream_info(
+            SEGMENTS_STREAM, subjects_filter="shoal.segments.>"
+        )
+        assert not stored.state.subjects
     assert secured.engine is not None
     secured.engine.wait_err("request not answered: its reply subject is not an inbox")
 
