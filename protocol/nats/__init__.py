@@ -41,6 +41,9 @@ from ._publisher import Publisher as Publisher
 from ._refusals import permission_guard as permission_guard
 from ._service import ApiClient as ApiClient
 from ._service import serve_api as serve_api
+from ._snapshot_store import SnapshotInfo as SnapshotInfo
+from ._snapshot_store import SnapshotStore as SnapshotStore
+from ._snapshot_store import SnapshotUnusable as SnapshotUnusable
 from ._stream import read_stream as read_stream
 from ._stream import rejected_positions as rejected_positions
 from ._wiring import iter_transitions as iter_transitions
@@ -67,6 +70,9 @@ __all__ = (
     "PartitionsLost",
     "Published",
     "Publisher",
+    "SnapshotInfo",
+    "SnapshotStore",
+    "SnapshotUnusable",
     "StreamNeedsMigration",
     "StreamSettings",
     "claim_fence",
