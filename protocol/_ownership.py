@@ -94,5 +94,9 @@ class PartitionSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     engine: str
     claim: int
     """The claim it was taken under."""
-    customers: list[tuple[str, bytes]]
-    """Each customer's id and stored form (``Customer.snapshot``), in id order."""
+    customer_format: int = 0
+    """The format of the customers' stored forms (``actors``' snapshot format): a customer
+    in another is rebuilt from its events."""
+    customers: list[tuple[str, int, bytes]]
+    """Each customer's id, next deadline (:data:`~protocol.NEVER`: none) and stored form
+    (``Customer.snapshot``), in id order."""

@@ -81,7 +81,7 @@ def partition_snapshot(customers: int, templates: list[bytes]) -> PartitionSnaps
         taken_at=CUT,
         engine="bench-engine",
         claim=42,
-        customers=[(f"c{i:07d}", templates[i % len(templates)]) for i in range(customers)],
+        customers=[(f"c{i:07d}", i, templates[i % len(templates)]) for i in range(customers)],
     )
 
 

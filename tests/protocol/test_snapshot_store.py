@@ -37,7 +37,7 @@ def snapshot(partition: int = 1, n: int = 300, *, seed: int = 0, **kw: Any) -> P
         "taken_at": 1_767_225_600_000_000,
         "engine": "engine-a",
         "claim": 12,
-        "customers": [(f"c{i:05d}", rng.randbytes(rng.randint(300, 500))) for i in range(n)],
+        "customers": [(f"c{i:05d}", i, rng.randbytes(rng.randint(300, 500))) for i in range(n)],
     }
     fields.update(kw)
     return PartitionSnapshot(**fields)
@@ -166,7 +166,7 @@ async def test_oversized_is_refused(client: Client) -> None:
         await small.put(snapshot(1, 300))
     # Compressed within the limit, but not once inflated: a zip bomb is bounded too.
     zipped = await store(client, compress=True)
-    info = await zipped.put(snapshot(2, 1, customers=[("c", bytes(200_000))]))
+    info = await zipped.put(snapshot(2, 1, customers=[("c", 0, bytes(200_000))]))
     assert info.size < 50_000
     with pytest.raises(SnapshotUnusable) as e:
         await small.get(2)
