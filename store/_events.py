@@ -117,15 +117,17 @@ class EventLog:
     async def _import(self, events: Sequence[LoggedEvent]) -> tuple[int, int]:
         """Write the events the log does not hold yet; return how many, and the last
         position (for :meth:`_committed`)."""
-        db = self._db
-        # No seq given: SQLite assigns one past the largest, which is what _append() does
-        # (this process holds the only writer's lock, so that is last_seq).
-        added = await db.execute_many(
-            "INSERT OR IGNORE INTO events (customer_id, message_id, at, body) VALUES (?, ?, ?, ?)",
-            [(e.customer_id, e.message_id, e.at, e.body) for e in events],
-            doing=db.writing,
-        )
-        return added, await db.max_seq("events", doing=db.writing)
+        # The next positions, in the order given, as _append() gives them: never one at or
+        # below last_seq, even after the last rows were removed (Store.drop_customers), or
+        # a position recorded before would cover it. So the repeats are left out first.
+        held = await self.known((e.customer_id, e.message_id) for e in events)
+        new: list[LoggedEvent] = []
+        for e in events:
+            key = (e.customer_id, e.message_id)
+            if key not in held:
+                held.add(key)
+                new.append(e)
+        return len(new), await self._append(new)
 
     def _committed(self, last_seq: int) -> None:
         self._last_seq = last_seq

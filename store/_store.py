@@ -7,12 +7,12 @@ snapshots, stores customer states), so the parts never disagree after a crash.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from ._db import Db
+from ._db import Db, chunks, placeholders
 from ._definitions import Definitions
 from ._errors import StoreMissingError
 from ._events import EventLog, LoggedEvent
@@ -332,6 +332,54 @@ class Store:
         self._stream_through = through
         self._partitions_through = dict(partitions)
         self._imports = dict(imports)
+
+    async def customer_ids(self) -> set[str]:
+        """Every customer the store holds anything of: events, transitions, a snapshot, or a
+        parking.
+
+        Raises:
+            StoreError: it cannot be read.
+        """
+        rows = await self._db.rows(
+            "SELECT customer_id FROM snapshots UNION SELECT customer_id FROM transitions "
+            "UNION SELECT customer_id FROM events",
+            doing=f"cannot read {self._db.path}",
+        )
+        return {r[0] for r in rows} | {p.customer_id for p in self.parked.all()}
+
+    async def drop_customers(
+        self, customer_ids: Sequence[str], *, partitions: Iterable[int] = ()
+    ) -> None:
+        """Remove everything of these customers (their events, transitions, snapshot and
+        parking) and the recorded positions of ``partitions``, in one transaction: their
+        partition passed to another engine, which holds them now.
+
+        Positions of the log and the outbox are not given again.
+
+        Raises:
+            StoreError: nothing was removed.
+        """
+        db = self._db
+        dropped = list(partitions)
+        async with db.transaction():
+            for ids in chunks(customer_ids):
+                marks = placeholders(len(ids))
+                for table in ("events", "transitions", "snapshots"):
+                    await db.execute(
+                        f"DELETE FROM {table} WHERE customer_id IN ({marks})",
+                        ids,
+                        doing=db.writing,
+                    )
+            await self.parked._remove(list(customer_ids))
+            for p in dropped:
+                await db.execute(
+                    "DELETE FROM meta WHERE key = ?",
+                    (f"{_PARTITION_THROUGH}{p}",),
+                    doing=db.writing,
+                )
+        self.parked._committed(customer_ids)
+        for p in dropped:
+            self._partitions_through.pop(p, None)
 
     async def import_events(self, events: Sequence[LoggedEvent]) -> int:
         """Append the events the log does not hold yet, in one transaction; return how many.

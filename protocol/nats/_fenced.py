@@ -25,11 +25,13 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from protocol._ownership import Progress
+from protocol._errors import ProtocolError
+from protocol._ownership import PROGRESS_DECODER, Progress
 from protocol._ports import FencedOut, PublishError
 from protocol._subjects import PARTITION_HEADER, progress_subject, segment_subject
 from protocol._types import Transition
 from protocol.nats._fences import fence_headers, is_fenced_error
+from protocol.nats._stream import read_stream
 
 MAX_BATCH = 1000
 """The most messages nats-server takes in one atomic batch (10199 past it)."""
@@ -216,3 +218,30 @@ def raise_for(outcome: Outcome, total: int) -> None:
             f"the broker stored {len(confirmed)} of {total} transitions: {outcome.failed[0]}",
             confirmed=confirmed,
         )
+
+
+async def published_versions(
+    nc: Client, stream: str, partition: int, *, after: int
+) -> dict[str, int]:
+    """Per customer of ``partition``, the last version its progress records after stream
+    position ``after`` say was stored: what a new owner, rebuilding the partition from a
+    snapshot taken at ``after``, must not publish again.
+
+    Raises:
+        BrokerError: the stream cannot be read.
+        ProtocolError: a progress record is not one (the stream's subjects are shoal's).
+    """
+    versions: dict[str, int] = {}
+    async for chunk in read_stream(nc, stream, progress_subject(partition), after=after):
+        for d in chunk:
+            try:
+                record = PROGRESS_DECODER.decode(d.data)
+            except msgspec.DecodeError as e:
+                raise ProtocolError(
+                    f"{d.subject} at position {d.stream_sequence} of {stream} is not a "
+                    f"progress record: {e}"
+                ) from e
+            for customer_id, version in record.versions:
+                if version > versions.get(customer_id, 0):
+                    versions[customer_id] = version
+    return versions

@@ -32,11 +32,13 @@ async def read_stream(
     *,
     through: int | None = None,
     since: int | None = None,
+    after: int | None = None,
     chunk: int = 10_000,
     pending_limit: int | None = None,
 ) -> AsyncGenerator[list[Delivery], None]:
     """The messages of ``stream`` on ``filter_subject``, in stream order, from its start (or
-    the first stored at or after the instant ``since``) up to position ``through`` (default:
+    the first stored at or after the instant ``since``, or the first after position
+    ``after``) up to position ``through`` (default:
     its last message when this is called), in lists of up to ``chunk``. Each is given as the
     engine's source delivers it (stream position, receive instant, ``Nats-Msg-Id``). An
     ordered consumer reads them; no durable state is changed. Messages the client drops while
@@ -56,11 +58,15 @@ async def read_stream(
     last = int(info.state.last_seq or 0)
     if through is not None:
         last = min(last, through)
-    if not info.state.messages or last < int(info.state.first_seq or 0):
+    if not info.state.messages or last < max(int(info.state.first_seq or 0), (after or 0) + 1):
         return
     sub: Any = None
     try:
         start = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        if after:
+            start = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
+            )
         if since is not None:
             # Only when a message is stored after it: nats-py's ordered consumer takes the
             # first heartbeat of one starting past the end for a gap, and starts again from
