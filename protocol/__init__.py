@@ -81,6 +81,7 @@ from ._lines import events_from_lines as events_from_lines
 from ._lines import read_history as read_history
 from ._ownership import EngineInfo as EngineInfo
 from ._ownership import FenceClaim as FenceClaim
+from ._ownership import PartitionSnapshot as PartitionSnapshot
 from ._partitions import DEFAULT_PARTITIONS as DEFAULT_PARTITIONS
 from ._partitions import partition as partition
 from ._partitions import partition_consumer as partition_consumer
@@ -219,6 +220,7 @@ __all__ = (
     "Origin",
     "PARTITION_HEADER",
     "ParkedInfo",
+    "PartitionSnapshot",
     "PermissionDenied",
     "ProtocolError",
     "PublishError",

@@ -205,6 +205,7 @@ PINS = {
         "Origin",
         "PARTITION_HEADER",
         "ParkedInfo",
+        "PartitionSnapshot",
         "PermissionDenied",
         "ProtocolError",
         "PublishError",

@@ -147,6 +147,42 @@ def _imported_received(d: Delivery) -> int | None:
     return int(text)
 
 
+async def log_from_stream(
+    store: Store,
+    deliveries: AsyncIterable[Sequence[Delivery]],
+    report: RebuildReport,
+    *,
+    through: int | None,
+    max_event_bytes: int,
+    rejected: Collection[int],
+) -> None:
+    """Add to the log the valid events of ``deliveries`` (in stream order, up to position
+    ``through``) it does not hold, decoded as the engine decodes them; count in ``report``
+    (and, without ``through``, move ``report.through`` to the last read)."""
+    async for chunk in deliveries:
+        events: list[LoggedEvent] = []
+        for d in chunk:
+            if through is not None and d.stream_sequence > through:
+                break
+            if through is None:
+                report.through = d.stream_sequence
+            if is_control_subject(d.subject):
+                # An import's marker: what its end made of the customers is in
+                # SHOAL_SEGMENTS; the events are logged here.
+                continue
+            report.read += 1
+            if d.stream_sequence in rejected:
+                report.rejected += 1
+                continue
+            try:
+                event = d.event(max_event_bytes, received=_imported_received(d))
+            except InvalidEvent:
+                report.rejected += 1
+                continue
+            events.append(logged_event(event))
+        report.logged += await store.import_events(events)
+
+
 async def rebuild_from_stream(
     store: Store,
     deliveries: AsyncIterable[Sequence[Delivery]],
@@ -184,28 +220,14 @@ async def rebuild_from_stream(
             again adds only what is missing).
     """
     report = RebuildReport(through=through or 0)
-    async for chunk in deliveries:
-        events: list[LoggedEvent] = []
-        for d in chunk:
-            if through is not None and d.stream_sequence > through:
-                break
-            if through is None:
-                report.through = d.stream_sequence
-            if is_control_subject(d.subject):
-                # An import's marker: what its end made of the customers is in
-                # SHOAL_SEGMENTS (restored below as published); the events are logged here.
-                continue
-            report.read += 1
-            if d.stream_sequence in rejected:
-                report.rejected += 1
-                continue
-            try:
-                event = d.event(max_event_bytes, received=_imported_received(d))
-            except InvalidEvent:
-                report.rejected += 1
-                continue
-            events.append(logged_event(event))
-        report.logged += await store.import_events(events)
+    await log_from_stream(
+        store,
+        deliveries,
+        report,
+        through=through,
+        max_event_bytes=max_event_bytes,
+        rejected=rejected,
+    )
 
     entries: dict[tuple[str, int], OutboxEntry] = {}
     async for chunk in published:

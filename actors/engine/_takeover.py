@@ -1,0 +1,189 @@
+"""Partitions changing hands: the cut an owner takes of a partition (its snapshot, for a
+next owner), and a new owner's store made ready for a partition it takes over.
+
+A partition's history is its events in ``SHOAL_EVENTS``; what this engine's store holds of
+it may be stale (it owned the partition before, and another engine did since) or missing.
+So taking a partition over starts from nothing of it in the store: the stale rows go, the
+partition's events up to the snapshot's position are logged from the stream (the log holds
+each customer's whole history: definitions switches and imports replay it), and the
+snapshot's customers are written as the store's snapshots of them. The engine then starts
+as after a restart: those customers load from their snapshots, and the partition's
+consumer delivers what came after, as backlog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from actors._customer import SNAPSHOT_FORMAT, Customer
+from protocol import NEVER, Delivery, PartitionSnapshot, partition
+from store import Snapshot, SnapshotMarks, Store
+
+from ._startup import RebuildReport, log_from_stream
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionCut:
+    """A partition's customers at a point between two turns of an engine's loop: every
+    event of it up to stream position ``through`` applied, none after, and the transitions
+    that made committed up to outbox position ``outbox_through``. Publish it as the
+    partition's snapshot only once the broker confirmed the outbox that far: a next owner
+    publishes only what comes after it."""
+
+    partition: int
+    through: int
+    outbox_through: int
+    taken_at: int
+    needs: str
+    definitions: str
+    customers: list[tuple[str, int, bytes]]
+    """Each customer's id, next deadline (``NEVER``: none) and stored form, in id order."""
+
+    def snapshot(
+        self,
+        *,
+        partitions: int,
+        progress: int,
+        engine: str,
+        claim: int,
+        definitions_version: int | None = None,
+    ) -> PartitionSnapshot:
+        """The snapshot to upload, with what the claim's owner knows: ``progress``, the
+        sequence of the partition's last progress record stored before the cut."""
+        return PartitionSnapshot(
+            partition=self.partition,
+            partitions=partitions,
+            through=self.through,
+            progress=progress,
+            needs=self.needs,
+            definitions=self.definitions,
+            definitions_version=definitions_version,
+            taken_at=self.taken_at,
+            engine=engine,
+            claim=claim,
+            customer_format=SNAPSHOT_FORMAT,
+            customers=self.customers,
+        )
+
+
+def cut(
+    customers: Iterable[Customer],
+    partitions_of: Collection[int],
+    *,
+    partitions: int,
+    through: dict[int, int],
+    outbox_through: int,
+    taken_at: int,
+    needs: str,
+    definitions: str,
+) -> dict[int, PartitionCut]:
+    """The cuts of ``partitions_of`` (of ``partitions``) from the customers in memory (all
+    of them: the engine must be warm), each customer's stored form taken now."""
+    grouped: dict[int, list[tuple[str, int, bytes]]] = {p: [] for p in partitions_of}
+    for c in customers:
+        mine = grouped.get(partition(c.customer_id, partitions))
+        if mine is not None:
+            deadline = c.deadline
+            mine.append((c.customer_id, NEVER if deadline is None else deadline, c.snapshot()))
+    return {
+        p: PartitionCut(
+            partition=p,
+            through=through.get(p, 0),
+            outbox_through=outbox_through,
+            taken_at=taken_at,
+            needs=needs,
+            definitions=definitions,
+            customers=sorted(rows),
+        )
+        for p, rows in grouped.items()
+    }
+
+
+@dataclass(slots=True)
+class TakeoverReport:
+    """What :func:`take_over` did."""
+
+    partition: int
+    base: int
+    """The stream position the partition's consumer starts after."""
+    dropped: int = 0
+    """Customers of the partition the store held (stale): removed."""
+    customers: int = 0
+    """Customers written from the snapshot."""
+    logged: RebuildReport = field(default_factory=lambda: RebuildReport(through=0))
+    """The partition's events logged from the stream, up to ``base``."""
+
+
+async def take_over(
+    store: Store,
+    partition_id: int,
+    partitions: int,
+    snapshot: PartitionSnapshot | None,
+    deliveries: AsyncIterable[Sequence[Delivery]],
+    *,
+    max_event_bytes: int,
+    rejected: Collection[int] = (),
+) -> TakeoverReport:
+    """Make the stopped engine's ``store`` ready to own partition ``partition_id`` from
+    ``snapshot`` (None: from the partition's first event).
+
+    The store's rows of the partition's customers are removed, ``deliveries`` (the
+    partition's events up to the snapshot's position, in stream order) are logged as the
+    engine logs them, and the snapshot's customers become the store's snapshots of them,
+    reflecting all of it. The partition's position is the snapshot's: its consumer starts
+    after it.
+
+    Raises:
+        StoreError: the store cannot be written (run it again: it starts over).
+    """
+    stale = sorted(
+        c for c in await store.customer_ids() if partition(c, partitions) == partition_id
+    )
+    await store.drop_customers(stale, partitions=[partition_id])
+    base = 0 if snapshot is None else snapshot.through
+    report = TakeoverReport(partition=partition_id, base=base, dropped=len(stale))
+    report.logged.through = base
+    if snapshot is None:
+        return report
+    await log_from_stream(
+        store,
+        deliveries,
+        report.logged,
+        through=base,
+        max_event_bytes=max_event_bytes,
+        rejected=rejected,
+    )
+    log_seq = store.events.last_seq
+    rows = [
+        Snapshot(
+            customer_id=customer_id,
+            format=snapshot.customer_format,
+            needs=snapshot.needs,
+            log_seq=log_seq,
+            deadline=deadline,
+            body=body,
+        )
+        for customer_id, deadline, body in snapshot.customers
+    ]
+    marks = store.snapshots.marks
+    if marks is None:
+        # A start loads snapshots only after a complete round: a first one, that makes the
+        # whole log the tail (what came before it, nothing).
+        marks = SnapshotMarks(
+            events_through=0,
+            outbox_through=0,
+            definitions=snapshot.definitions,
+            needs=snapshot.needs,
+        )
+    else:
+        marks = None
+    await store.commit(
+        [],
+        [],
+        snapshots=rows,
+        marks=marks,
+        partitions_through={partition_id: base} if base else None,
+    )
+    report.customers = len(rows)
+    return report
