@@ -46,10 +46,13 @@ from .engine import Engine as Engine
 from .engine import EngineConfig as EngineConfig
 from .engine import EngineObserver as EngineObserver
 from .engine import EngineStats as EngineStats
+from .engine import PartitionCut as PartitionCut
 from .engine import RebuildReport as RebuildReport
 from .engine import StoreBehindError as StoreBehindError
+from .engine import TakeoverReport as TakeoverReport
 from .engine import rebuild_from_stream as rebuild_from_stream
 from .engine import served_origin as served_origin
+from .engine import take_over as take_over
 from .rules import Rule as Rule
 from .rules import Segment as Segment
 from .rules import SegmentSet as SegmentSet
@@ -75,6 +78,7 @@ __all__ = (
     "ImportReport",
     "Interval",
     "MembershipAt",
+    "PartitionCut",
     "RebuildReport",
     "Reconciled",
     "Replay",
@@ -85,6 +89,7 @@ __all__ = (
     "SegmentTally",
     "SnapshotError",
     "StoreBehindError",
+    "TakeoverReport",
     "SystemClock",
     "TimerQueue",
     "VirtualClock",
@@ -112,6 +117,7 @@ __all__ = (
     "replay",
     "replayed_history",
     "served_origin",
+    "take_over",
     "snapshot_row",
     "transition_of",
     "watch_segments",

@@ -19,6 +19,9 @@ from ._stored_definitions import DefinitionsKeeper as DefinitionsKeeper
 from ._stored_definitions import content_hash as content_hash
 from ._stored_definitions import segments_of as segments_of
 from ._stored_definitions import served_origin as served_origin
+from ._takeover import PartitionCut as PartitionCut
+from ._takeover import TakeoverReport as TakeoverReport
+from ._takeover import take_over as take_over
 
 __all__ = (
     "DefinitionsKeeper",
@@ -27,10 +30,13 @@ __all__ = (
     "EngineObserver",
     "EngineStats",
     "Partition",
+    "PartitionCut",
     "RebuildReport",
     "StoreBehindError",
+    "TakeoverReport",
     "content_hash",
     "rebuild_from_stream",
     "segments_of",
     "served_origin",
+    "take_over",
 )

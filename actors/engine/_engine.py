@@ -21,6 +21,8 @@ transitions in outbox order while the main loop goes on (:mod:`._outbox`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
@@ -49,6 +51,16 @@ from ._recovery import Recovery
 from ._snapshots import Snapshots
 from ._startup import check_store
 from ._stored_definitions import DefinitionsKeeper
+from ._takeover import PartitionCut, cut
+
+
+@dataclass(slots=True)
+class _CutRequest:
+    partitions: list[int]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    served: bool = False
+    cuts: dict[int, PartitionCut] | None = None
+
 
 _MAX_IDLE = 1.0
 """Seconds the loop sleeps at most, so retries and a lifted time floor are not missed."""
@@ -126,6 +138,7 @@ class Engine:
             p, recovery, snaps, outbox, parking, imports, counts, keeper, self._markers
         )
         self._wake = Wake()
+        self._cuts: list[_CutRequest] = []
         self._running = False
         self._consuming = False
         self._recovered = False
@@ -366,6 +379,58 @@ class Engine:
             )
         return request.transitions
 
+    # Partitions changing hands ------------------------------------------------------------
+
+    async def cut(self, partitions: Collection[int]) -> dict[int, PartitionCut] | None:
+        """The cuts of ``partitions`` (each one's customers between two turns of the loop,
+        for its snapshot: see :class:`PartitionCut`); None while the engine still warms up
+        (not every customer is in memory yet). The main loop takes them, and this waits.
+
+        Raises:
+            ActorsError: the engine is not running, or it stopped first.
+        """
+        if not self._running:
+            raise ActorsError("the engine is not running")
+        request = _CutRequest(list(partitions))
+        self._cuts.append(request)
+        self._wake.set()
+        await request.done.wait()
+        if not request.served:
+            raise ActorsError("the engine stopped before the partitions were cut")
+        return request.cuts
+
+    async def wait_published(self, through: int) -> None:
+        """Return once the broker confirmed every transition committed up to outbox position
+        ``through`` (a cut's ``outbox_through``)."""
+        await self._outbox.wait_confirmed(through)
+
+    def skip_stored(self, versions: Mapping[str, int]) -> None:
+        """Do not publish again what the broker already holds: per customer, the transitions
+        up to its version in ``versions`` (a partition taken over, whose transitions since
+        its snapshot are made again)."""
+        stored = self._outbox.stored
+        for customer_id, version in versions.items():
+            if version > stored.get(customer_id, 0):
+                stored[customer_id] = version
+
+    def _serve_cuts(self) -> None:
+        cuts, self._cuts = self._cuts, []
+        p = self._partition
+        for request in cuts:
+            if self._recovery.warm:
+                request.cuts = cut(
+                    p.customers.values(),
+                    request.partitions,
+                    partitions=self._source.partitions,
+                    through=dict(self._store.partitions_through),
+                    outbox_through=self._store.outbox.last_seq,
+                    taken_at=self._clock.now(),
+                    needs=p.needs,
+                    definitions=p.segments.fingerprint,
+                )
+            request.served = True
+            request.done.set()
+
     async def recover(self) -> None:
         """Load every customer from the store as a start does, without consuming: from
         snapshots plus the log tail after them, or from the whole log (``use_snapshots``).
@@ -404,6 +469,9 @@ class Engine:
             self._running = False
             self._definitions.release()
             self._parking.release()
+            for request in self._cuts:
+                request.done.set()
+            self._cuts = []
             self._recovery.release_loads()
 
     async def _rebuild(self) -> None:
@@ -480,6 +548,8 @@ class Engine:
             await recovery.serve_loads()
             await self._definitions.serve()
             await self._parking.serve()
+            if self._cuts:
+                self._serve_cuts()
             await outbox.wait_for_space()
             batch = source.take(cfg.batch_size)
             if batch:

@@ -66,6 +66,10 @@ class Outbox:
         """The outbox position the broker has confirmed so far."""
         self.paused: str | None = None
         """Why the engine is paused (``disk full at <path>``), None when it is not."""
+        self.stored: dict[str, int] = {}
+        """Per customer, the last version the broker holds already (a partition taken over
+        from another engine, rebuilt from its snapshot): transitions up to it are made again
+        and committed, not published again."""
         self._stopped = False
         self._logger = structlog.get_logger("shoal.engine")
 
@@ -169,6 +173,14 @@ class Outbox:
         if self.confirmed_through > self._store.outbox.published_through:
             await self.commit([], [])
 
+    async def wait_confirmed(self, through: int) -> None:
+        """Return once the broker confirmed the outbox up to position ``through``."""
+        # Polled: the space event is the main loop's to wait on.
+        while self.confirmed_through < through and self._pending:
+            if self._pending[0][0] > through:
+                return  # all up to it was confirmed, out of order
+            await anyio.sleep(0.02)
+
     async def wait_for_space(self) -> None:
         """Backpressure: wait while the broker is not taking transitions as fast as they are
         made."""
@@ -192,13 +204,20 @@ class Outbox:
                 self._ready = anyio.Event()
                 await self._ready.wait()
             batch = list(itertools.islice(pending, self._config.publish_batch))
+            stored = self.stored
+            send = [i for i, (_, t) in enumerate(batch) if t.version > stored.get(t.customer_id, 0)]
             try:
-                await self._sink.publish([t for _, t in batch])
+                if len(send) == len(batch):
+                    await self._sink.publish([t for _, t in batch])
+                elif send:
+                    await self._sink.publish([batch[i][1] for i in send])
             except FencedOut:
                 raise  # not this engine's to publish any more: the caller decides
             except PublishError as e:
-                if e.confirmed:
-                    self._confirmed(batch, e.confirmed)
+                held = set(range(len(batch))) - set(send)
+                confirmed = frozenset(held | {send[i] for i in e.confirmed})
+                if confirmed:
+                    self._confirmed(batch, confirmed)
                 self._logger.warning(
                     "publishing transitions failed; will retry", error=str(e), retry_in=delay
                 )
