@@ -21,7 +21,7 @@ transitions in outbox order while the main loop goes on (:mod:`._outbox`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -57,6 +57,7 @@ from ._takeover import PartitionCut, cut
 @dataclass(slots=True)
 class _CutRequest:
     partitions: list[int]
+    at_cut: Callable[[], None] | None
     done: anyio.Event = field(default_factory=anyio.Event)
     served: bool = False
     cuts: dict[int, PartitionCut] | None = None
@@ -381,17 +382,21 @@ class Engine:
 
     # Partitions changing hands ------------------------------------------------------------
 
-    async def cut(self, partitions: Collection[int]) -> dict[int, PartitionCut] | None:
+    async def cut(
+        self, partitions: Collection[int], *, at_cut: Callable[[], None] | None = None
+    ) -> dict[int, PartitionCut] | None:
         """The cuts of ``partitions`` (each one's customers between two turns of the loop,
         for its snapshot: see :class:`PartitionCut`); None while the engine still warms up
         (not every customer is in memory yet). The main loop takes them, and this waits.
+        ``at_cut`` is called at the cut, on the main loop (to note what the sink published
+        by then: only transitions committed before it).
 
         Raises:
             ActorsError: the engine is not running, or it stopped first.
         """
         if not self._running:
             raise ActorsError("the engine is not running")
-        request = _CutRequest(list(partitions))
+        request = _CutRequest(list(partitions), at_cut)
         self._cuts.append(request)
         self._wake.set()
         await request.done.wait()
@@ -417,6 +422,8 @@ class Engine:
         cuts, self._cuts = self._cuts, []
         p = self._partition
         for request in cuts:
+            if request.at_cut is not None:
+                request.at_cut()
             if self._recovery.warm:
                 request.cuts = cut(
                     p.customers.values(),
@@ -427,6 +434,7 @@ class Engine:
                     taken_at=self._clock.now(),
                     needs=p.needs,
                     definitions=p.segments.fingerprint,
+                    stored=self._outbox.stored,
                 )
             request.served = True
             request.done.set()

@@ -39,6 +39,10 @@ class PartitionCut:
     definitions: str
     customers: list[tuple[str, int, bytes]]
     """Each customer's id, next deadline (``NEVER``: none) and stored form, in id order."""
+    caught_up: bool = True
+    """False while transitions the broker already holds (the partition's previous owner's)
+    are still to be made again: its snapshot must then bound its progress records by the
+    snapshot this engine started the partition from, not by its own."""
 
     def snapshot(
         self,
@@ -77,15 +81,31 @@ def cut(
     taken_at: int,
     needs: str,
     definitions: str,
+    stored: dict[str, int] | None = None,
 ) -> dict[int, PartitionCut]:
-    """The cuts of ``partitions_of`` (of ``partitions``) from the customers in memory (all
-    of them: the engine must be warm), each customer's stored form taken now."""
+    """The cuts of ``partitions_of`` (of ``partitions``) from ``customers`` (all in memory:
+    the engine must be warm), each customer's stored form taken now.
+
+    ``stored``: per customer, the last version the broker holds already (see
+    ``Outbox.stored``); a customer made again that far is taken out of it, and a partition
+    with one not yet is not :attr:`PartitionCut.caught_up`.
+    """
     grouped: dict[int, list[tuple[str, int, bytes]]] = {p: [] for p in partitions_of}
+    by_id: dict[str, Customer] = {}
     for c in customers:
+        by_id[c.customer_id] = c
         mine = grouped.get(partition(c.customer_id, partitions))
         if mine is not None:
             deadline = c.deadline
             mine.append((c.customer_id, NEVER if deadline is None else deadline, c.snapshot()))
+    behind: set[int] = set()
+    if stored:
+        for customer_id, version in list(stored.items()):
+            made = by_id.get(customer_id)
+            if made is not None and made.version >= version:
+                del stored[customer_id]
+            else:
+                behind.add(partition(customer_id, partitions))
     return {
         p: PartitionCut(
             partition=p,
@@ -95,6 +115,7 @@ def cut(
             needs=needs,
             definitions=definitions,
             customers=sorted(rows),
+            caught_up=p not in behind,
         )
         for p, rows in grouped.items()
     }
