@@ -51,6 +51,8 @@ from ._subjects import (
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
+    SNAPSHOTS_STREAM,
+    SNAPSHOTS_SUBJECTS,
     STORED_EVENTS,
     api_subject,
     customer_api_wildcard,
@@ -165,6 +167,16 @@ def _engine() -> _Role:
         f"$JS.FC.{LEASES_STREAM}.>",
         LEASES_KEYS,
         f"{_JS}.STREAM.MSG.GET.{SEGMENTS_STREAM}",
+        # The partitions' snapshots (Object Store SHOAL_SNAPSHOTS): declared, written in
+        # chunks (the replaced ones purged), read by a pull consumer of the engine's own.
+        *(f"{_JS}.STREAM.{op}.{SNAPSHOTS_STREAM}" for op in ("INFO", "CREATE", "UPDATE")),
+        f"{_JS}.STREAM.MSG.GET.{SNAPSHOTS_STREAM}",
+        f"{_JS}.STREAM.PURGE.{SNAPSHOTS_STREAM}",
+        f"{_JS}.CONSUMER.CREATE.{SNAPSHOTS_STREAM}.>",
+        f"{_JS}.CONSUMER.MSG.NEXT.{SNAPSHOTS_STREAM}.*",
+        f"{_JS}.CONSUMER.DELETE.{SNAPSHOTS_STREAM}.*",
+        f"$JS.ACK.{SNAPSHOTS_STREAM}.>",
+        SNAPSHOTS_SUBJECTS,
     ]
     return _Role(
         summary="shoal serve, shoal rebuild and shoal migrate: the streams, the engine's "

@@ -508,6 +508,10 @@ LEASES_KEYS = f"$KV.{LEASES_BUCKET}.>"
 """The subjects of :data:`LEASES_BUCKET`'s keys."""
 SNAPSHOTS_BUCKET = "SHOAL_SNAPSHOTS"
 """The Object Store bucket of the partitions' snapshots."""
+SNAPSHOTS_STREAM = f"OBJ_{SNAPSHOTS_BUCKET}"
+"""The stream that holds :data:`SNAPSHOTS_BUCKET`."""
+SNAPSHOTS_SUBJECTS = f"$O.{SNAPSHOTS_BUCKET}.>"
+"""The subjects of :data:`SNAPSHOTS_BUCKET`'s chunks and infos."""
 _ENGINE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 

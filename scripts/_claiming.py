@@ -3,18 +3,12 @@ and the consumers and fences its ports get from them."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import secrets
 import socket
-from collections.abc import Callable
 from pathlib import Path
 
-from nats.aio.client import Client
-
 from protocol import SubjectError, validate_engine_id
-from protocol.nats import Claims, FeedClaim, LeaseBucket
-from store import Store
 
 from ._errors import UsageError
 
@@ -50,40 +44,3 @@ def engine_id_of(data_dir: Path, given: str | None) -> str:
         data_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(chosen + "\n", encoding="utf-8")
     return chosen
-
-
-async def claim_every_partition(
-    nc: Client,
-    store: Store,
-    *,
-    engine_id: str,
-    consumers: str,
-    partitions: int,
-    ttl: int,
-    replicas: int,
-    now: Callable[[], int],
-    stack: contextlib.AsyncExitStack,
-) -> tuple[Claims, dict[int | None, FeedClaim]]:
-    """Claim every partition for this engine (waiting a lease's TTL and a little for those
-    an engine that stopped still holds), and say where each partition's consumer of this
-    claim starts: past what the store committed of it. The leases are released when
-    ``stack`` closes.
-
-    Raises:
-        PartitionsHeld: another engine holds some still.
-        BrokerError: the broker refused or did not answer.
-    """
-    leases = LeaseBucket(nc)
-    await leases.ensure(replicas)
-    claims = Claims(nc, leases, engine_id=engine_id, consumers=consumers, ttl=ttl, now=now)
-    await claims.start_beating()
-    stack.push_async_callback(claims.release_all)
-    await claims.claim_all(range(partitions), wait=ttl + 2.0)
-    through = store.partitions_through
-    default = store.stream_through or 0
-    feeds: dict[int | None, FeedClaim] = {
-        p: c.feed(through.get(p, default)) for p, c in claims.owned.items()
-    }
-    if 0 in claims.owned:
-        feeds[None] = claims.owned[0].strays()
-    return claims, feeds

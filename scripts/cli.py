@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import importlib.metadata
 import os
@@ -22,6 +21,7 @@ import anyio
 import structlog
 
 from actors import (
+    ActorsError,
     DefinitionsKeeper,
     Engine,
     EngineConfig,
@@ -32,14 +32,16 @@ from actors import (
     served_origin,
     watch_segments,
 )
-from protocol import DEFAULT_PARTITIONS
 from protocol.nats import (
     DEFAULT_LEASE_TTL,
+    Claims,
+    Credentials,
     DefinitionsKV,
+    LeaseBucket,
+    SnapshotStore,
     StreamSettings,
     connect,
     ensure_streams,
-    jetstream_ports,
     permission_guard,
     redact,
 )
@@ -58,7 +60,7 @@ from . import (
     _replay_cmd,
     _tail_cmd,
 )
-from ._claiming import claim_every_partition, engine_id_of
+from ._claiming import engine_id_of
 from ._connection import (
     add_connection_options,
     credentials_of,
@@ -67,6 +69,7 @@ from ._connection import (
 )
 from ._errors import REPORTED, ExitCode, NotFound, UsageError, exit_code
 from ._logging import Scrubber, configure_logging, secrets_of
+from ._serving import Serving, metrics_view
 
 _CONNECTING = {
     "serve": "engine",
@@ -365,78 +368,86 @@ async def _serve(args: argparse.Namespace) -> int:
             from protocol.metrics import EngineMetrics
 
             metrics = EngineMetrics()
-        # Every partition is this engine's: claimed (its lease, and its fence, which
-        # fences out whoever published for it before) before anything is read or published.
+        # This engine's share of the partitions: claimed (a lease each, and its fence,
+        # which fences out whoever published for it before) before anything is read or
+        # published, and served term after term as engines come and go (_serving).
         clock = SystemClock()
         streams = StreamSettings(replicas=args.replicas)
         async with permission_guard(nc):
             partitions = await ensure_streams(nc.jetstream(), streams)
-        claims, feeds = await claim_every_partition(
+        leases = LeaseBucket(nc)
+        await leases.ensure(args.replicas)
+        snapshots = SnapshotStore(nc, partitions=partitions)
+        await snapshots.ensure(args.replicas)
+        claims = Claims(
             nc,
-            store,
+            leases,
             engine_id=engine_id_of(data_dir, args.engine_id),
             consumers=args.consumer,
-            partitions=partitions,
             ttl=args.lease_ttl,
-            replicas=args.replicas,
             now=clock.now,
-            stack=stack,
         )
-        source, sink = await jetstream_ports(
-            nc, consumer=args.consumer, streams=streams, claims=feeds
-        )
-        for p, claim in claims.owned.items():
-            sink.claim(p, claim.seq)
+        await claims.start_beating()
+        stack.push_async_callback(claims.release_all)
         # The definitions in force persist: those stored win unless the served file changed
         # since it was last applied (the keeper logs which it chose, and why).
         keeper = DefinitionsKeeper(store, await DefinitionsKV.open(nc), clock)
         served = segments.source  # the path given, or the shipped file's name
         segments = await keeper.resume(segments, served)
-        engine = Engine(
-            source,
-            sink,
-            store,
-            segments,
+        first = True
+
+        async def started(engine: Engine) -> None:
+            nonlocal first
+            if first and keeper.pending is not None:
+                # The served file changed since it was last applied: a switch, as a reload,
+                # before queries are answered (see DefinitionsKeeper.pending).
+                await apply_file(keeper.pending)
+            first = False
+
+        serving = Serving(
+            nc=nc,
+            store=store,
             clock=clock,
+            streams=streams,
+            partitions=partitions,
+            claims=claims,
+            leases=leases,
+            snapshots=snapshots,
+            keeper=keeper,
+            segments=segments,
+            consumers=args.consumer,
             config=EngineConfig(
                 use_snapshots=not args.rebuild,
                 snapshot_interval=args.snapshot_interval,
             ),
             observer=metrics,
-            keeper=keeper,
+            snapshot_every=args.snapshot_interval,
+            serve_queries=functools.partial(
+                _serve_queries, servers=servers, credentials=credentials, partitions=partitions
+            ),
+            on_started=started,
         )
 
         async def apply_file(new: SegmentSet) -> int:
+            engine = serving.engine
+            if engine is None:
+                raise ActorsError("the engine is between terms: try again")
             return await engine.apply_segments(new, origin=await served_origin(new, served))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, tg.cancel_scope)
-            # Renewing the leases; losing one stops the engine (its new owner goes on).
-            await tg.start(claims.keep)
             if metrics is not None:
                 # Before the engine starts: the start-up (a rebuild) is watched too.
                 await tg.start(
                     functools.partial(
                         metrics.serve,
-                        engine,
+                        metrics_view(serving),
                         broker=nc,
                         host=args.metrics_host,
                         port=args.metrics_port,
                     )
                 )
-            await tg.start(engine.run)
-            if keeper.pending is not None:
-                # The served file changed since it was last applied: a switch, as a reload,
-                # before queries are answered (see DefinitionsKeeper.pending).
-                await apply_file(keeper.pending)
-            # The one place the query service learns P, as SHOAL_EVENTS's configuration
-            # says (read when the streams were declared): every partition is this engine's.
-            queries = functools.partial(
-                _query_cmd.serve_queries,
-                partitions=sink.partitions or DEFAULT_PARTITIONS,
-                owned=None,
-            )
-            await tg.start(queries, engine, servers, credentials)
+            await tg.start(serving.run)
             if path is not None and hups is not None:
                 tg.start_soon(
                     functools.partial(
@@ -451,8 +462,27 @@ async def _serve(args: argparse.Namespace) -> int:
             logger.info(
                 "shoal is serving", nats=[redact(s) for s in servers], data_dir=str(data_dir)
             )
-    logger.info("shoal stopped", **dataclasses.asdict(engine.stats))
+    logger.info("shoal stopped")
     return 0
+
+
+async def _serve_queries(
+    engine: Engine,
+    owned: list[int],
+    *,
+    servers: list[str],
+    credentials: Credentials,
+    partitions: int,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    await _query_cmd.serve_queries(
+        engine,
+        servers,
+        credentials,
+        partitions=partitions,
+        owned=owned,
+        task_status=task_status,
+    )
 
 
 def _lists_dir(segments: Path | None, lists_dir: Path | None) -> Path | None:

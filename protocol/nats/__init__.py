@@ -21,6 +21,7 @@ from ._connect import redact as redact
 from ._connect import stream_partitions as stream_partitions
 from ._definitions_kv import DefinitionsKV as DefinitionsKV
 from ._feed import EventFeed as EventFeed
+from ._fenced import published_versions as published_versions
 from ._fences import claim_fence as claim_fence
 from ._fences import fence_headers as fence_headers
 from ._fences import fenced as fenced
@@ -85,6 +86,7 @@ __all__ = (
     "jetstream_ports",
     "last_claim",
     "permission_guard",
+    "published_versions",
     "publish_import",
     "read_stream",
     "redact",

@@ -48,6 +48,8 @@ class Claim:
     """This engine's claim on one partition."""
 
     partition: int
+    engine: str
+    """This engine's id."""
     seq: int
     """The claim record's stream sequence: what the partition's transitions are fenced on."""
     consumers: str
@@ -69,9 +71,21 @@ class Claim:
             return (legacy,)
         return (partition_consumer(self.previous.consumers, part, self.previous_seq), legacy)
 
+    @property
+    def taken_over(self) -> bool:
+        """Whether another engine claimed the partition last: this engine's store of it is
+        stale (or empty), and it starts from the partition's snapshot."""
+        return self.previous is not None and self.previous.engine != self.engine
+
     def feed(self, start_after: int) -> FeedClaim:
-        """The partition's consumer, to start after stream position ``start_after``."""
-        return FeedClaim(self.consumer, self._previous(self.partition), start_after)
+        """The partition's consumer, to start after stream position ``start_after`` (a
+        partition taken over: after its snapshot, whatever its previous owner read)."""
+        return FeedClaim(
+            self.consumer,
+            self._previous(self.partition),
+            start_after,
+            trust_previous=not self.taken_over,
+        )
 
     def strays(self) -> FeedClaim:
         """The consumer of the messages stored without a partition, read with partition 0
@@ -259,7 +273,7 @@ class Claims:
                     await anyio.sleep(_RETRY)
                     continue
                 seq = found[0]
-            return Claim(partition, seq, self._consumers, previous, previous_seq)
+            return Claim(partition, self.engine_id, seq, self._consumers, previous, previous_seq)
         raise BrokerError(f"cannot claim partition {partition}'s fence: it keeps changing")
 
     # Keeping them ---------------------------------------------------------------------
@@ -287,13 +301,16 @@ class Claims:
         raise BrokerError(f"cannot write engine {self.engine_id!r}'s heartbeat: {last}")
 
     async def keep(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        on_lost: Callable[[dict[int, str]], None] | None = None,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Renew the leases and the heartbeat, three times per TTL, until cancelled.
 
-        Raises:
-            PartitionsLost: a lease passed to another engine, or was not renewed before it
-                expired (the broker did not answer in time).
+        A lease that passed to another engine, or was not renewed before it expired (the
+        broker did not answer in time), is no longer owned: ``on_lost`` is told which, and
+        why; without it, :class:`PartitionsLost` is raised.
         """
         task_status.started()
         period = self._ttl / 3
@@ -308,7 +325,12 @@ class Claims:
                 for p in lost:
                     self._held.pop(p, None)
                     self.owned.pop(p, None)
-                raise PartitionsLost(lost, next(iter(lost.values())))
+                _logger.warning(
+                    "partitions lost", partitions=sorted(lost), why=next(iter(lost.values()))
+                )
+                if on_lost is None:
+                    raise PartitionsLost(lost, next(iter(lost.values())))
+                on_lost(lost)
 
     async def _renew(self, partition: int, lost: dict[int, str]) -> None:
         lease = self._held[partition]
@@ -336,6 +358,14 @@ class Claims:
             _logger.warning("heartbeat not written", error=str(e))
 
     # Giving them up -------------------------------------------------------------------
+
+    async def release(self, partition: int) -> None:
+        """Give up ``partition`` (handed over at a clean point): another engine may claim it
+        at once. Never raises: a lease not released expires."""
+        self.owned.pop(partition, None)
+        lease = self._held.pop(partition, None)
+        if lease is not None:
+            await self._release_lease(lease)
 
     async def release_all(self) -> None:
         """Give up every lease and the heartbeat (a clean stop): another engine may claim

@@ -99,12 +99,16 @@ class EventFeed:
         on_arrival: Callable[[int], None] | None = None,
         previous: Sequence[str] = (),
         start_after: int = 0,
+        trust_previous: bool = True,
     ) -> None:
         """``previous``: the consumers earlier claims of the partition read (see
         :meth:`start`); ``start_after``: the stream position up to which everything is
-        committed already, where a new consumer starts after."""
+        committed already, where a new consumer starts after; ``trust_previous``: whether the
+        earlier consumers' floors count (False: they are deleted, their floors ignored, for
+        a partition taken over from another engine's claim)."""
         tolerate_undecodable_subjects(nc)
         self._previous = [name for name in previous if name != durable]
+        self._trust_previous = trust_previous
         # Told the stream position of each delivery as it arrives (PartitionedFeed's).
         self._on_arrival = on_arrival
         self._partition = partition
@@ -365,7 +369,7 @@ class EventFeed:
         retired: int | None = None
         for name in self._previous:
             floor = await self._retire(name)
-            if floor is not None:
+            if floor is not None and self._trust_previous:
                 retired = max(retired or 0, floor)
         self._previous = []
         try:
@@ -587,7 +591,7 @@ class EventFeed:
         else:
             return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
         found: int | None = None
-        for name in self._previous:
+        for name in self._previous if self._trust_previous else ():
             try:
                 info = await self._js.consumer_info(EVENTS_STREAM, name)
             except nats.js.errors.NotFoundError:

@@ -78,6 +78,10 @@ class FeedClaim:
     one a shoal before claims read."""
     start_after: int = 0
     """The stream position up to which the partition is committed already."""
+    trust_previous: bool = True
+    """Whether the previous consumers' acknowledgement floors are this engine's too (its own
+    earlier claim); False for a partition taken over from another engine, whose store
+    starts from a snapshot at ``start_after``: they are deleted, their floors ignored."""
 
 
 class PartitionedFeed:
@@ -140,6 +144,7 @@ class PartitionedFeed:
                 durable=self._claims[p].name,
                 previous=self._claims[p].previous,
                 start_after=self._claims[p].start_after,
+                trust_previous=self._claims[p].trust_previous,
                 filter_subject=partition_filter(p) if p is not None else _STRAYS_FILTER,
                 max_in_flight=per_feed,
                 ack_wait=ack_wait,

@@ -1,0 +1,414 @@
+"""``shoal serve`` among several engines: which partitions this one owns, and its engine
+run over them, one *term* at a time.
+
+Each term runs an :class:`actors.Engine` over the partitions claimed when it began. The
+term ends when ownership should change: a lease was lost (or the broker fenced this engine
+out of a partition), partitions are free and this engine owns fewer than its share, or it
+owns more than its share while another engine owns fewer. The engine stops cleanly, the
+partitions given up are handed over (their snapshot uploaded first, their leases
+released), the store forgets them, and the next term starts over the new set: partitions
+taken over from another engine start from their snapshot in ``SHOAL_SNAPSHOTS`` and the
+events after it.
+
+Each engine aims for an equal share: with N live engines (their heartbeats), P // N
+partitions, one more for the first P % N engines in id order.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import anyio
+import anyio.abc
+import structlog
+from nats.aio.client import Client
+
+from actors import (
+    Clock,
+    DefinitionsKeeper,
+    Engine,
+    EngineConfig,
+    EngineObserver,
+    PartitionCut,
+    SegmentSet,
+    take_over,
+)
+from protocol import (
+    EVENTS_STREAM,
+    SEGMENTS_STREAM,
+    BrokerError,
+    Delivery,
+    FencedOut,
+    partition,
+)
+from protocol.nats import (
+    Claims,
+    FeedClaim,
+    Holder,
+    LeaseBucket,
+    Publisher,
+    SnapshotStore,
+    SnapshotUnusable,
+    StreamSettings,
+    jetstream_ports,
+    published_versions,
+    read_stream,
+    rejected_positions,
+)
+from protocol.nats._partitioned import partition_filter
+from store import Store
+
+_CHECK = 2.0
+"""Seconds between two looks at the other engines and the leases."""
+_logger = structlog.get_logger("shoal.serve")
+
+
+def share(engine_id: str, engines: Sequence[str], partitions: int) -> int:
+    """How many of ``partitions`` ``engine_id`` aims to own among the live ``engines``
+    (itself included): P // N, one more for the first P % N in id order."""
+    ids = sorted({*engines, engine_id})
+    n = len(ids)
+    return partitions // n + (1 if ids.index(engine_id) < partitions % n else 0)
+
+
+@dataclass(slots=True)
+class _Term:
+    """Why a term ends, and what to do then."""
+
+    lost: dict[int, str] = field(default_factory=dict)
+    give: list[int] = field(default_factory=list)
+    """Partitions handed over (their snapshots uploaded): released once the engine stops."""
+    reason: str = ""
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def end(self, reason: str) -> None:
+        if not self.reason:
+            self.reason = reason
+        self.done.set()
+
+
+class _CurrentEngine:
+    """The engine of the current term, for the metrics endpoint that outlives terms."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        engine = self.engine
+        if engine is None:
+            if name == "not_ready":
+                return lambda: ["no partition owned yet"]
+            raise AttributeError(name)
+        return getattr(engine, name)
+
+
+@dataclass(slots=True)
+class Serving:
+    """This engine's terms: see the module's documentation."""
+
+    nc: Client
+    store: Store
+    clock: Clock
+    streams: StreamSettings
+    partitions: int
+    claims: Claims
+    leases: LeaseBucket
+    snapshots: SnapshotStore
+    keeper: DefinitionsKeeper
+    segments: SegmentSet
+    consumers: str
+    config: EngineConfig
+    observer: EngineObserver | None
+    snapshot_every: float
+    serve_queries: Callable[..., Coroutine[Any, Any, None]]
+    """Runs the query service for an engine over the partitions given (``owned=``)."""
+    on_started: Callable[[Engine], Awaitable[None]]
+    """Called once each term's engine consumes (the first: apply a changed segments file)."""
+    current: _CurrentEngine = field(default_factory=_CurrentEngine)
+    _term: _Term | None = None
+    _floors: dict[int, int] = field(default_factory=dict)
+    """Per partition, the progress position its snapshots are bounded by until it is caught
+    up (taken over: the one of the snapshot it started from)."""
+    _skip: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine of the current term (None between terms)."""
+        return self.current.engine
+
+    # The terms ------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Claim a share of the partitions and serve them, term after term, until
+        cancelled.
+
+        Raises:
+            BrokerError: the broker refused, or stopped answering.
+            StoreError: the store cannot be read or written.
+        """
+        started = False
+        async with anyio.create_task_group() as tg:
+            await tg.start(functools.partial(self.claims.keep, self._lost))
+            while True:
+                await self._claim_share()
+                term = self._term = _Term()
+                await self._serve(term, task_status if not started else None)
+                started = True
+                await self._close(term)
+
+    def _lost(self, lost: dict[int, str]) -> None:
+        term = self._term
+        if term is not None:
+            term.lost.update(lost)
+            term.end("lost partitions")
+
+    async def _claim_share(self) -> None:
+        """Claim free partitions up to this engine's share; with none owned, wait for one."""
+        told = False
+        while True:
+            engines = list(await self.leases.engines())
+            target = share(self.claims.engine_id, engines, self.partitions)
+            held = await self.leases.holders()
+            owned = self.claims.owned
+            for p in self._order(engines):
+                if len(owned) >= target:
+                    break
+                if p in owned or p in held:
+                    continue
+                got = await self.claims.claim(p)
+                if isinstance(got, Holder):
+                    continue
+            if owned:
+                return
+            if not told:
+                told = True
+                _logger.info("waiting for a partition to own", engines=sorted(engines))
+            await anyio.sleep(_CHECK)
+
+    def _order(self, engines: Sequence[str]) -> list[int]:
+        """The partitions in the order this engine tries them: from its own place in the
+        ring of engines on, so that engines starting together claim apart."""
+        ids = sorted({*engines, self.claims.engine_id})
+        start = ids.index(self.claims.engine_id) * self.partitions // len(ids)
+        return [(start + i) % self.partitions for i in range(self.partitions)]
+
+    async def _serve(self, term: _Term, task_status: anyio.abc.TaskStatus[None] | None) -> None:
+        owned = dict(self.claims.owned)
+        feeds: dict[int | None, FeedClaim] = {}
+        self._skip = {}
+        rejected: set[int] | None = None
+        for p, claim in sorted(owned.items()):
+            if claim.taken_over:
+                if rejected is None:
+                    rejected = await rejected_positions(self.nc)
+                feeds[p] = claim.feed(await self._take_over(p, rejected))
+            else:
+                through = self.store.partitions_through
+                feeds[p] = claim.feed(through.get(p, self.store.stream_through or 0))
+                self._floors.pop(p, None)
+        if 0 in owned:
+            feeds[None] = owned[0].strays()
+        source, sink = await jetstream_ports(
+            self.nc, consumer=self.consumers, streams=self.streams, claims=feeds
+        )
+        for p, claim in owned.items():
+            sink.claim(p, claim.seq)
+        engine = Engine(
+            source,
+            sink,
+            self.store,
+            self.segments,
+            clock=self.clock,
+            config=self.config,
+            observer=self.observer,
+            keeper=self.keeper,
+        )
+        engine.skip_stored(self._skip)
+        self.current.engine = engine
+        _logger.info(
+            "term begins",
+            partitions=sorted(owned),
+            taken_over=sorted(p for p, c in owned.items() if c.taken_over),
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self._run_engine, engine, term)
+                await tg.start(self.serve_queries, engine, sorted(owned))
+                await self.on_started(engine)
+                if task_status is not None:
+                    task_status.started()
+                tg.start_soon(self._watch, engine, sink, term)
+                tg.start_soon(self._upload_now_and_then, engine, sink)
+                await term.done.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self.segments = engine.segments
+            self.current.engine = None
+
+    async def _run_engine(
+        self, engine: Engine, term: _Term, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        try:
+            await engine.run(task_status=task_status)
+        except FencedOut as e:
+            # Another engine claimed these since: they are its now.
+            for p in e.partitions:
+                self.claims.owned.pop(p, None)
+            term.lost.update(e.partitions)
+            term.end("fenced out")
+
+    async def _close(self, term: _Term) -> None:
+        """After a term's engine stopped: hand over what it gave, forget what it lost."""
+        for p in term.give:
+            await self.claims.release(p)
+        gone = sorted({*term.give, *term.lost})
+        ids: list[str] = []
+        if gone:
+            dropped = set(gone)
+            ids = [
+                c
+                for c in await self.store.customer_ids()
+                if partition(c, self.partitions) in dropped
+            ]
+            await self.store.drop_customers(ids, partitions=gone)
+        _logger.info(
+            "term ended",
+            why=term.reason,
+            handed_over=sorted(term.give),
+            lost=sorted(term.lost),
+            customers_dropped=len(ids),
+        )
+
+    # Taking over ------------------------------------------------------------------------
+
+    async def _take_over(self, p: int, rejected: set[int]) -> int:
+        """Make the store ready for partition ``p`` from its snapshot; the stream position
+        its consumer starts after."""
+        try:
+            snapshot = await self.snapshots.get(p)
+        except SnapshotUnusable as e:
+            _logger.warning(
+                "snapshot not used: the partition is rebuilt from its events", error=str(e)
+            )
+            snapshot = None
+
+        async def events() -> AsyncIterator[Sequence[Delivery]]:
+            if snapshot is None:
+                return
+            async for chunk in read_stream(
+                self.nc, EVENTS_STREAM, partition_filter(p), through=snapshot.through
+            ):
+                yield chunk
+
+        report = await take_over(
+            self.store,
+            p,
+            self.partitions,
+            snapshot,
+            events(),
+            max_event_bytes=self.config.max_event_bytes,
+            rejected=rejected,
+        )
+        floor = 0 if snapshot is None else snapshot.progress
+        self._floors[p] = floor
+        stored = await published_versions(self.nc, SEGMENTS_STREAM, p, after=floor)
+        for customer_id, version in stored.items():
+            if version > self._skip.get(customer_id, 0):
+                self._skip[customer_id] = version
+        _logger.info(
+            "partition taken over",
+            partition=p,
+            snapshot=None if snapshot is None else snapshot.through,
+            customers=report.customers,
+            events_logged=report.logged.logged,
+            stale_customers_dropped=report.dropped,
+            published_after_snapshot=len(stored),
+        )
+        return report.base
+
+    # Snapshots --------------------------------------------------------------------------
+
+    async def _upload(self, engine: Engine, sink: Publisher, ps: Sequence[int]) -> bool:
+        """Cut ``ps``, wait until the broker holds every transition before the cut, and
+        upload their snapshots; False while the engine warms up (nothing uploaded)."""
+        noted: dict[int, int] = {}
+        cuts = await engine.cut(ps, at_cut=lambda: noted.update(sink.progress))
+        if cuts is None:
+            return False
+        await engine.wait_published(max(c.outbox_through for c in cuts.values()))
+        for p, c in cuts.items():
+            claim = self.claims.owned.get(p)
+            if claim is None:
+                continue  # lost meanwhile
+            await self.snapshots.put(self._snapshot(c, claim.seq, noted.get(p, 0)))
+        return True
+
+    def _snapshot(self, c: PartitionCut, claim: int, progress: int) -> Any:
+        if c.caught_up:
+            self._floors.pop(c.partition, None)
+            bound = max(claim, progress)
+        else:
+            bound = self._floors.get(c.partition, 0)
+        info = self.keeper.applied_info()
+        return c.snapshot(
+            partitions=self.partitions,
+            progress=bound,
+            engine=self.claims.engine_id,
+            claim=claim,
+            definitions_version=None if info is None else info.version,
+        )
+
+    async def _upload_now_and_then(self, engine: Engine, sink: Publisher) -> None:
+        while True:
+            await anyio.sleep(self.snapshot_every)
+            try:
+                await self._upload(engine, sink, sorted(self.claims.owned))
+            except BrokerError as e:
+                _logger.warning("partition snapshots not uploaded", error=str(e))
+
+    # Balancing --------------------------------------------------------------------------
+
+    async def _watch(self, engine: Engine, sink: Publisher, term: _Term) -> None:
+        """End the term when ownership should change (see the module's documentation)."""
+        me = self.claims.engine_id
+        while True:
+            await anyio.sleep(_CHECK)
+            try:
+                engines = await self.leases.engines()
+                held = await self.leases.holders()
+            except BrokerError as e:
+                _logger.warning("cannot see the other engines", error=str(e))
+                continue
+            target = share(me, list(engines), self.partitions)
+            owned = sorted(self.claims.owned)
+            free = [p for p in range(self.partitions) if p not in held and p not in owned]
+            if len(owned) < target and free:
+                term.end(f"{len(free)} partitions free, owning {len(owned)} of a share of {target}")
+                return
+            if len(owned) > target:
+                counts: dict[str, int] = dict.fromkeys(engines, 0)
+                for h in held.values():
+                    counts[h.engine] = counts.get(h.engine, 0) + 1
+                short = [
+                    e
+                    for e in engines
+                    if e != me and counts.get(e, 0) < share(e, list(engines), self.partitions)
+                ]
+                if short:
+                    give = owned[target:]
+                    if await self._upload(engine, sink, give):
+                        term.give = give
+                        term.end(
+                            f"handing {len(give)} partitions over to {', '.join(sorted(short))}"
+                        )
+                        return
+
+
+def metrics_view(serving: Serving) -> Any:
+    """What the metrics endpoint reads: the current term's engine."""
+    return cast(Any, serving.current)
