@@ -1,0 +1,172 @@
+"""Several ``shoal serve`` sharing the partitions of one broker: each claims its share,
+hands surplus over when another joins, takes over from one that dies, and the transitions
+of every customer stay one gap-free version sequence."""
+
+from __future__ import annotations
+
+import signal
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+from nats.aio.client import Client
+
+from actors import replay
+from protocol import (
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    SEGMENTS_STREAM,
+    SEGMENTS_WILDCARD,
+    InvalidEvent,
+    Transition,
+    to_instant,
+)
+from protocol.nats import LeaseBucket, read_stream
+from tests.helpers import NatsServer, Proc, now, segments, track
+
+P = 32
+RULES = """
+[segments.active]
+rule = "since_last() < '2s'"
+
+[segments.regular]
+rule = "count('Visit', within='6s') >= 2"
+"""
+
+
+def serve(url: str, data: Path, engine_id: str, rules: Path) -> Proc:
+    return Proc(
+        "serve",
+        "--nats",
+        url,
+        "--data-dir",
+        str(data),
+        "--engine-id",
+        engine_id,
+        "--segments",
+        str(rules),
+        "--lease-ttl",
+        "2",
+        "--snapshot-interval",
+        "1",
+    )
+
+
+async def owners(nc: Client) -> dict[str, list[int]]:
+    held = await LeaseBucket(nc).holders()
+    out: dict[str, list[int]] = defaultdict(list)
+    for p, h in sorted(held.items()):
+        out[h.engine].append(p)
+    return dict(out)
+
+
+async def wait_owners(nc: Client, check: Any, timeout: float = 60.0) -> dict[str, list[int]]:
+    seen: dict[str, list[int]] = {}
+    with anyio.fail_after(timeout):
+        while True:
+            seen = await owners(nc)
+            if check(seen):
+                return seen
+            await anyio.sleep(0.2)
+
+
+async def transitions(nc: Client) -> list[tuple[Transition, str | None]]:
+    out: list[tuple[Transition, str | None]] = []
+    async for chunk in read_stream(nc, SEGMENTS_STREAM, SEGMENTS_WILDCARD):
+        out += [(msgspec.json.decode(d.data, type=Transition), d.msg_id) for d in chunk]
+    return out
+
+
+def check_versions(ts: list[tuple[Transition, str | None]]) -> dict[str, int]:
+    """Each customer's transitions are versions 1..n, each stored once; the last versions."""
+    ids = [m for _, m in ts]
+    assert len(ids) == len(set(ids)), "a transition stored twice"
+    by: dict[str, list[int]] = defaultdict(list)
+    for t, _ in ts:
+        by[t.customer_id].append(t.version)
+    for customer, versions in by.items():
+        assert sorted(versions) == list(range(1, len(versions) + 1)), (customer, sorted(versions))
+    return {c: max(v) for c, v in by.items()}
+
+
+async def publish(nc: Client, customers: list[str], round_: int) -> None:
+    js = nc.jetstream()
+    for c in customers:
+        await js.publish(f"shoal.events.{c}", track(c, mid=f"{c}-{round_}"))
+
+
+async def replayed(nc: Client, until: int) -> list[Transition]:
+    """What a single process replaying the whole events stream makes."""
+    events = []
+    async for chunk in read_stream(nc, EVENTS_STREAM, EVENTS_WILDCARD):
+        for d in chunk:
+            try:
+                events.append(d.event())
+            except InvalidEvent:
+                continue
+    return list(replay(events, segments(RULES), until=until))
+
+
+def per_customer(ts: list[Transition], cutoff: int) -> dict[str, list[Transition]]:
+    out: dict[str, list[Transition]] = defaultdict(list)
+    for t in sorted(ts, key=lambda t: (t.customer_id, t.version)):
+        if to_instant(t.at) <= cutoff:
+            out[t.customer_id].append(t)
+    return dict(out)
+
+
+async def test_engines_share_the_partitions_and_take_over(
+    nats_server: NatsServer, tmp_path: Path, procs: list[Proc]
+) -> None:
+    rules = tmp_path / "segments.toml"
+    rules.write_text(RULES)
+    nc = await nats.connect(nats_server.url)
+    try:
+        a = serve(nats_server.url, tmp_path / "a", "a", rules)
+        procs.append(a)
+        a.wait_err("shoal is serving", timeout=30)
+        await wait_owners(nc, lambda o: len(o.get("a", [])) == P)
+        customers = [f"c{i}" for i in range(300)]
+        await publish(nc, customers, 1)
+
+        b = serve(nats_server.url, tmp_path / "b", "b", rules)
+        procs.append(b)
+        c = serve(nats_server.url, tmp_path / "c", "c", rules)
+        procs.append(c)
+        balanced = await wait_owners(
+            nc, lambda o: sorted(len(v) for v in o.values()) == [10, 11, 11]
+        )
+        assert set(balanced) == {"a", "b", "c"}
+        await publish(nc, customers, 2)
+
+        # One dies: the others take its partitions over once its leases expire.
+        victim = "b"
+        dead = {"a": a, "b": b, "c": c}[victim]
+        dead.popen.send_signal(signal.SIGKILL)
+        dead.popen.wait()
+        await wait_owners(
+            nc,
+            lambda o: victim not in o and sorted(len(v) for v in o.values()) == [16, 16],
+        )
+        await publish(nc, customers, 3)
+        await anyio.sleep(4)  # the deadlines after the last round fall due
+        stopped = now()
+        for p in (a, c):
+            p.popen.send_signal(signal.SIGTERM)
+        for p in (a, c):
+            assert p.popen.wait(30) == 0, p.rest()
+
+        published = await transitions(nc)
+        last = check_versions(published)
+        assert len(last) == len(customers)
+        # Each customer's transitions are what one process replaying the whole stream makes
+        # (up to a moment before the stop: a deadline after it may not have fired).
+        cutoff = stopped - 1_000_000
+        got = per_customer([t for t, _ in published], cutoff)
+        assert got == per_customer(await replayed(nc, stopped), cutoff)
+        assert all(len(ts) >= 6 for ts in got.values())
+    finally:
+        await nc.close()
