@@ -33,6 +33,12 @@ from ._api import UnparkRequest as UnparkRequest
 from ._broker import embedded_broker as embedded_broker
 from ._broker import find_nats_server as find_nats_server
 from ._broker import port_in_use as port_in_use
+from ._cluster import ClusterNode as ClusterNode
+from ._cluster import embedded_cluster as embedded_cluster
+from ._cluster import jetstream_health as jetstream_health
+from ._cluster import meta_leader as meta_leader
+from ._cluster import wait_cluster_ready as wait_cluster_ready
+from ._cluster import write_cluster_config as write_cluster_config
 from ._definitions import DEFINITIONS_BUCKET as DEFINITIONS_BUCKET
 from ._definitions import MAX_STORED_DEFINITIONS_BYTES as MAX_STORED_DEFINITIONS_BYTES
 from ._definitions import ApiOrigin as ApiOrigin
@@ -162,6 +168,7 @@ __all__ = (
     "BrokerError",
     "CONTROL_WILDCARD",
     "Cause",
+    "ClusterNode",
     "ConditionExplanation",
     "CustomerParked",
     "CustomerReply",
@@ -266,6 +273,7 @@ __all__ = (
     "decode_marker",
     "definitions_marker_subject",
     "embedded_broker",
+    "embedded_cluster",
     "encode_definitions",
     "encode_marker",
     "escape_token",
@@ -282,6 +290,8 @@ __all__ = (
     "inbox_prefix",
     "is_control_subject",
     "is_definitions_marker",
+    "jetstream_health",
+    "meta_leader",
     "nkey_users_config",
     "parse_timestamp",
     "partition",
@@ -300,4 +310,6 @@ __all__ = (
     "validate_engine_id",
     "validate_import_id",
     "validate_segment_name",
+    "wait_cluster_ready",
+    "write_cluster_config",
 )

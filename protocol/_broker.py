@@ -150,6 +150,32 @@ async def embedded_broker(
 def _write_config(store_dir: Path, host: str, port: int, keys: Path | None) -> Path:
     """Make the store folder and write the server's configuration beside it; its path."""
     config = store_dir.with_name(f"{store_dir.name}.conf")
+    write_server_config(config, store_dir, host=host, port=port, keys=keys)
+    return config
+
+
+def write_server_config(
+    config: Path,
+    store_dir: Path,
+    *,
+    host: str,
+    port: int,
+    keys: Path | None,
+    more: str = "",
+) -> None:
+    """Make ``store_dir`` and write to ``config`` (mode 0600) the configuration of a
+    nats-server that shoal runs: its client address, JetStream in ``store_dir``, with
+    ``keys`` the role users (:func:`nkey_users_config`), and then ``more``, configuration
+    text of the caller's (a cluster node's name, routes and monitoring port).
+
+    The one writer of both the embedded broker's and a cluster node's configuration, so the
+    two admit the same users with the same permissions. Blocking: call it in a worker thread
+    from async code.
+
+    Raises:
+        BrokerError: the folder or the file cannot be made, or a key file cannot be used
+            (:class:`KeyFileError`).
+    """
     try:
         store_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -160,11 +186,11 @@ def _write_config(store_dir: Path, host: str, port: int, keys: Path | None) -> P
         f"host: {json.dumps(host)}\n"
         f"port: {port}\n"
         f"jetstream {{\n  store_dir: {json.dumps(str(store_dir.resolve()))}\n}}\n"
+        f"{more}"
     )
     if keys is not None:
         text += nkey_users_config(ensure_role_keys(keys, ROLES))
     write_private_file(config, text.encode("utf-8"))
-    return config
 
 
 class _Run:
@@ -202,9 +228,12 @@ class _Run:
 class _Supervised:
     """nats-server, started again when it exits, within limits."""
 
-    def __init__(self, exe: Path, args: list[str]) -> None:
+    def __init__(self, exe: Path, args: list[str], *, name: str | None = None) -> None:
+        """``name``: the node's, in messages and logs, when there are several (a cluster)."""
         self._exe = exe
         self._args = args
+        self._what = "nats-server" if name is None else f"nats-server {name}"
+        self._context = {} if name is None else {"node": name}
         self._run: _Run | None = None
         self.failure: BrokerError | None = None
 
@@ -247,7 +276,7 @@ class _Supervised:
         if proc.returncode == _EXEC_FAILED:
             raise BrokerError(last)  # the launcher's own line says what could not be started
         why = "did not become ready in time" if scope.cancelled_caught else "exited"
-        raise BrokerError(f"nats-server {why}: {last}")
+        raise BrokerError(f"{self._what} {why}: {last}")
 
     async def supervise(self, tg: anyio.abc.TaskGroup, restarts: int, within: float) -> None:
         """Start the server again each time it exits; after more than ``restarts`` exits
@@ -265,13 +294,14 @@ class _Supervised:
                 exits.popleft()
             if len(exits) > restarts:
                 self.failure = BrokerError(
-                    f"the embedded nats-server stopped {len(exits)} times within {within:g} s "
+                    f"the embedded {self._what} stopped {len(exits)} times within {within:g} s "
                     f"(the last time {how}); not restarting it again. Its last line: {last}"
                 )
                 tg.cancel_scope.cancel()
                 return
             _logger.warning(
                 "embedded nats-server stopped; restarting it",
+                **self._context,
                 how=how,
                 last_line=last,
                 restart=len(exits),
@@ -283,7 +313,7 @@ class _Supervised:
             except BrokerError:
                 continue  # its run has ended: counted as the next exit
             assert self._run is not None
-            _logger.info("embedded nats-server restarted", pid=self._run.proc.pid)
+            _logger.info("embedded nats-server restarted", pid=self._run.proc.pid, **self._context)
 
     async def stop(self) -> None:
         if self._run is not None:

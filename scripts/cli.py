@@ -49,6 +49,7 @@ from store import Store
 
 from . import (
     _auth_cmd,
+    _cluster_cmd,
     _generate_cmd,
     _history_cmd,
     _import_cmd,
@@ -295,6 +296,7 @@ def _parser() -> argparse.ArgumentParser:
     _migrate_cmd.register(sub)
     _rejected_cmd.register(sub)
     _auth_cmd.register(sub)
+    _cluster_cmd.register(sub)
     add_connection_options(p, top=True)
     for name, role in _CONNECTING.items():
         add_connection_options(sub.choices[name], top=False, role=role)

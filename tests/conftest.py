@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from nats.aio.client import Client
 
+from tests.cluster import NatsCluster
 from tests.helpers import NatsServer, Proc
 
 # Shared, noisy machines: a slow example is not a failure. Examples stay random, so the
@@ -40,6 +41,14 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """A fresh three-node nats-server cluster (JetStream, stores under tmp_path/cluster) on
+    free ports, ready: a meta leader elected, every node current with it."""
+    async with NatsCluster(tmp_path / "cluster") as cluster:
+        yield cluster
 
 
 @pytest.fixture
