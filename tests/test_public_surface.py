@@ -334,6 +334,7 @@ PINS = {
         "jetstream_ports",
         "last_claim",
         "permission_guard",
+        "published_versions",
         "publish_import",
         "read_stream",
         "redact",
