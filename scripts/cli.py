@@ -245,10 +245,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--replicas",
         type=_replicas,
-        default=1,
+        default=None,
         metavar="N",
-        help="servers of a NATS cluster that hold each stream and bucket (default "
-        "%(default)s; 3 on a 3-node cluster)",
+        help="servers of a NATS cluster that hold each stream and bucket (3 on a 3-node "
+        "cluster; default: as many as hold them now, 1 for new ones)",
     )
     serve.add_argument(
         "--snapshot-interval",

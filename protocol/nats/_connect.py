@@ -480,8 +480,9 @@ class StreamSettings:
     events_duplicate_window: float = 120.0
     segments_duplicate_window: float = 600.0
     rejected_max_age: float = 30 * 24 * 3600.0
-    replicas: int = 1
-    """How many servers of a cluster hold each stream (1: a single server)."""
+    replicas: int | None = None
+    """How many servers of a cluster hold each stream; None: as many as now hold an
+    existing one (an update must say, or nats-server makes it 1), 1 for a new one."""
     partitions: int | None = None
     """How many partitions ``SHOAL_EVENTS`` splits customers into. None: those of the
     existing stream, or :data:`~protocol.DEFAULT_PARTITIONS` for a new one. A number other
@@ -490,7 +491,7 @@ class StreamSettings:
     def __post_init__(self) -> None:
         if self.partitions is not None and self.partitions < 1:
             raise ValueError(f"the number of partitions must be positive, not {self.partitions}")
-        if not 1 <= self.replicas <= 5:
+        if self.replicas is not None and not 1 <= self.replicas <= 5:
             raise ValueError(f"the number of replicas must be 1 to 5, not {self.replicas}")
 
 
@@ -533,7 +534,7 @@ def _events_config(s: StreamSettings, partitions: int) -> StreamConfig:
         # No age limit: an owner rebuilds its customers from every event.
         max_age=None,
         subject_transform=SubjectTransform(src=src, dest=dest),
-        num_replicas=s.replicas,
+        num_replicas=s.replicas or 1,
     )
 
 
@@ -564,7 +565,7 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             duplicate_window=s.segments_duplicate_window,
-            num_replicas=s.replicas,
+            num_replicas=s.replicas or 1,
             allow_atomic=True,
         ),
         StreamConfig(
@@ -573,7 +574,7 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=s.rejected_max_age,
-            num_replicas=s.replicas,
+            num_replicas=s.replicas or 1,
         ),
     ]
     for config in configs:
@@ -589,6 +590,8 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
                         raise StreamNeedsMigration(EVENTS_STREAM, found, s.partitions)
                     partitions = found
                     config = _events_config(s, found)
+                if s.replicas is None:
+                    config.num_replicas = info.config.num_replicas
                 await js.update_stream(config)
         except nats.js.errors.ServiceUnavailableError as e:
             raise BrokerError(

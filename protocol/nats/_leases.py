@@ -250,16 +250,17 @@ class LeaseBucket:
         self._js = nc.jetstream(timeout=timeout)
         self._timeout = timeout
 
-    async def ensure(self, replicas: int = 1) -> None:
+    async def ensure(self, replicas: int | None = None) -> None:
         """Create the bucket, or update it to this configuration (idempotent): one value
         per key, per-message TTLs, the server's markers of expiries kept
-        :data:`MARKER_TTL` seconds, direct reads, ``replicas`` copies.
+        :data:`MARKER_TTL` seconds, direct reads, ``replicas`` copies (None: as many as
+        an existing bucket has, else 1).
 
         Raises:
             BrokerError: JetStream is not enabled, or the bucket cannot be created or
                 updated.
         """
-        if not 1 <= replicas <= 5:
+        if replicas is not None and not 1 <= replicas <= 5:
             raise ValueError(f"a stream has 1 to 5 replicas, not {replicas}")
         # As nats-py's create_key_value makes a bucket, so that `nats kv` reads it too.
         config = StreamConfig(
@@ -267,7 +268,7 @@ class LeaseBucket:
             description="shoal: who owns which partition, and the engines' heartbeats",
             subjects=[f"{_PREFIX}>"],
             storage=StorageType.FILE,
-            num_replicas=replicas,
+            num_replicas=replicas or 1,
             max_msgs_per_subject=1,
             max_msgs=-1,
             max_consumers=-1,
@@ -282,10 +283,12 @@ class LeaseBucket:
         async with permission_guard(self._nc):
             try:
                 try:
-                    await self._js.stream_info(LEASES_STREAM)
+                    info = await self._js.stream_info(LEASES_STREAM)
                 except nats.js.errors.NotFoundError:
                     await self._js.add_stream(config)
                 else:
+                    if replicas is None:
+                        config.num_replicas = info.config.num_replicas
                     await self._js.update_stream(config)
             except nats.js.errors.ServiceUnavailableError as e:
                 raise BrokerError(

@@ -263,9 +263,9 @@ class SnapshotStore:
         self._compress = compress
         self._timeout = timeout
 
-    async def ensure(self, replicas: int = 1) -> None:
-        """Create the bucket (file storage, ``replicas`` copies) unless it exists; an
-        existing bucket is used as it is.
+    async def ensure(self, replicas: int | None = None) -> None:
+        """Create the bucket (file storage, ``replicas`` copies, None: 1) unless it exists;
+        an existing bucket is used as it is.
 
         Raises:
             BrokerError: it cannot be found or created (:class:`~protocol.PermissionDenied`
@@ -282,7 +282,7 @@ class SnapshotStore:
                     SNAPSHOTS_BUCKET,
                     description="shoal: each partition's latest snapshot (see the README)",
                     storage=StorageType.FILE,
-                    replicas=replicas,
+                    replicas=replicas or 1,
                 )
             except nats.js.errors.BadRequestError as e:
                 # Made meanwhile by another engine, with other settings: use it.
