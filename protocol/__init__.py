@@ -115,12 +115,15 @@ from ._subjects import EVENTS_WILDCARD as EVENTS_WILDCARD
 from ._subjects import GATHERED_ENDPOINTS as GATHERED_ENDPOINTS
 from ._subjects import IMPORT_HEADER as IMPORT_HEADER
 from ._subjects import IMPORT_MARKERS as IMPORT_MARKERS
+from ._subjects import LEASES_BUCKET as LEASES_BUCKET
+from ._subjects import LEASES_STREAM as LEASES_STREAM
 from ._subjects import PARTITION_HEADER as PARTITION_HEADER
 from ._subjects import RECEIVED_HEADER as RECEIVED_HEADER
 from ._subjects import REJECTED_STREAM as REJECTED_STREAM
 from ._subjects import REJECTED_SUBJECT as REJECTED_SUBJECT
 from ._subjects import SEGMENTS_STREAM as SEGMENTS_STREAM
 from ._subjects import SEGMENTS_WILDCARD as SEGMENTS_WILDCARD
+from ._subjects import SNAPSHOTS_BUCKET as SNAPSHOTS_BUCKET
 from ._subjects import api_subject as api_subject
 from ._subjects import customer_api_subject as customer_api_subject
 from ._subjects import customer_of_api_subject as customer_of_api_subject
@@ -214,6 +217,8 @@ __all__ = (
     "KeyFileError",
     "LeaseLost",
     "MAX_FUTURE_SKEW",
+    "LEASES_BUCKET",
+    "LEASES_STREAM",
     "MAX_PAGE",
     "MAX_PREFIX_CHARS",
     "MAX_SEARCH",
@@ -240,6 +245,7 @@ __all__ = (
     "SECOND",
     "SEGMENTS_STREAM",
     "SEGMENTS_WILDCARD",
+    "SNAPSHOTS_BUCKET",
     "SearchReply",
     "SearchRequest",
     "SegmentExplanation",

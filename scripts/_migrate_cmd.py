@@ -26,13 +26,16 @@ from typing import Any, BinaryIO
 
 import anyio
 import msgspec
+import nats.js.errors
 from nats.aio.client import Client
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from protocol import (
     DEFAULT_PARTITIONS,
     EVENTS_STREAM,
+    LEASES_STREAM,
     REJECTED_STREAM,
+    SEGMENTS_STREAM,
     BrokerError,
     Delivery,
     StoredDefinitionsError,
@@ -42,7 +45,9 @@ from protocol import (
 )
 from protocol.nats import (
     DefinitionsKV,
+    LeaseBucket,
     connect,
+    last_claim,
     permission_guard,
     rejected_positions,
 )
@@ -405,15 +410,55 @@ def open_imports(
     return out
 
 
+async def _has_segments(js: Any) -> bool:
+    try:
+        await js.stream_info(SEGMENTS_STREAM)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
+async def _refuse_while_engines_hold_partitions(nc: Client) -> None:
+    """Refuse while an engine holds a partition's lease: it runs on this stream.
+
+    Raises:
+        CliError: one does.
+    """
+    js = nc.jetstream()
+    try:
+        await js.stream_info(LEASES_STREAM)
+    except nats.js.errors.NotFoundError:
+        return  # no engine ever claimed partitions here
+    held = await LeaseBucket(nc).holders()
+    if held:
+        p, holder = min(held.items())
+        raise CliError(
+            f"engine {holder.engine!r} holds partition {p} of {EVENTS_STREAM}: an engine is "
+            "running on this stream; stop it, then migrate"
+        )
+
+
 async def _dump(
     nc: Client, store: Store, work: Path, args: argparse.Namespace, old_partitions: int | None
 ) -> _State:
     """Seal the old stream, read it whole into ``work``, and record what the old engine had
     committed; return the state of the migration, now ``dumped``."""
     js = nc.jetstream()
+    await _refuse_while_engines_hold_partitions(nc)
     names = [args.consumer]
+    # Each partition's consumer: its last claim's, or the one before claims.
+    consumer_of: dict[int, str] = {}
     if old_partitions is not None:
-        names = [partition_consumer(args.consumer, q) for q in range(old_partitions)]
+        for q in range(old_partitions):
+            claim = await last_claim(js, SEGMENTS_STREAM, q) if await _has_segments(js) else None
+            consumer_of[q] = (
+                partition_consumer(args.consumer, q)
+                if claim is None
+                else partition_consumer(claim[1].consumers, q, claim[0])
+            )
+        # The consumers before claims too: an engine of an earlier shoal may read them.
+        legacy = [partition_consumer(args.consumer, q) for q in range(old_partitions)]
+        names = list(dict.fromkeys([*legacy, *consumer_of.values()]))
         names.append(f"{args.consumer}-{STRAYS}")
     floors: dict[str, int | None] = {}
     for name in names:
@@ -436,7 +481,7 @@ async def _dump(
             elif not known and store.stream_through is not None:
                 committed_in[q] = store.stream_through
             else:
-                committed_in[q] = floors[partition_consumer(args.consumer, q)] or 0
+                committed_in[q] = floors[consumer_of[q]] or 0
         switch = await _switch_of(store)
     await seal_stream(js)
     rejected = sorted(await rejected_positions(nc))

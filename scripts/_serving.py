@@ -16,13 +16,17 @@ partitions, one more for the first P % N engines in id order.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import anyio.abc
+import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client
 
@@ -32,6 +36,7 @@ from actors import (
     Engine,
     EngineConfig,
     EngineObserver,
+    EngineStats,
     PartitionCut,
     SegmentSet,
     take_over,
@@ -63,7 +68,36 @@ from store import Store
 
 _CHECK = 2.0
 """Seconds between two looks at the other engines and the leases."""
+_GIVE_UP = 60.0
+"""Seconds terms may keep failing for want of the broker before the engine gives up."""
 _logger = structlog.get_logger("shoal.serve")
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error of a task group that failed with one (nested groups unwrapped);
+    ``group`` itself otherwise."""
+    errors = group.exceptions
+    if len(errors) == 1:
+        inner = errors[0]
+        return _single(inner) if isinstance(inner, BaseExceptionGroup) else inner
+    return group
+
+
+def _transient(e: BaseException) -> bool:
+    """Whether ``e`` is for want of the broker's answer (it may come back): a timeout, no
+    responders, JetStream unavailable."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(
+            seen,
+            TimeoutError
+            | nats.errors.TimeoutError
+            | nats.errors.NoRespondersError
+            | nats.js.errors.ServiceUnavailableError,
+        ):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def share(engine_id: str, engines: Sequence[str], partitions: int) -> int:
@@ -91,18 +125,83 @@ class _Term:
 
 
 class _CurrentEngine:
-    """The engine of the current term, for the metrics endpoint that outlives terms."""
+    """The engine of the current term, for the metrics endpoint that outlives terms: zeros
+    between terms (what it counts starts again with each term's engine)."""
 
     def __init__(self) -> None:
         self.engine: Engine | None = None
+        # What the engines of the terms before counted: the counters go on from there.
+        self._before = EngineStats()
+        self._transitions: Counter[tuple[str, str, str]] = Counter()
+        self._rejections: Counter[str] = Counter()
 
-    def __getattr__(self, name: str) -> Any:
-        engine = self.engine
-        if engine is None:
-            if name == "not_ready":
-                return lambda: ["no partition owned yet"]
-            raise AttributeError(name)
-        return getattr(engine, name)
+    def ended(self, engine: Engine) -> None:
+        """``engine``'s term ended: what it counted is kept."""
+        for f in dataclasses.fields(EngineStats):
+            total = getattr(self._before, f.name) + getattr(engine.stats, f.name)
+            setattr(self._before, f.name, total)
+        self._transitions.update(engine.transition_counts)
+        self._rejections.update(engine.rejection_counts)
+
+    @property
+    def stats(self) -> EngineStats:
+        if self.engine is None:
+            return dataclasses.replace(self._before)
+        now = self.engine.stats
+        return EngineStats(
+            **{
+                f.name: getattr(self._before, f.name) + getattr(now, f.name)
+                for f in dataclasses.fields(EngineStats)
+            }
+        )
+
+    @property
+    def transition_counts(self) -> Mapping[tuple[str, str, str], int]:
+        if self.engine is None:
+            return dict(self._transitions)
+        return dict(self._transitions + Counter(self.engine.transition_counts))
+
+    @property
+    def rejection_counts(self) -> Mapping[str, int]:
+        if self.engine is None:
+            return dict(self._rejections)
+        return dict(self._rejections + Counter(self.engine.rejection_counts))
+
+    @property
+    def segment_sizes(self) -> Mapping[str, int]:
+        return {} if self.engine is None else self.engine.segment_sizes
+
+    @property
+    def pending_deadlines(self) -> int:
+        return 0 if self.engine is None else self.engine.pending_deadlines
+
+    @property
+    def unpublished(self) -> int:
+        return 0 if self.engine is None else self.engine.unpublished
+
+    @property
+    def buffered(self) -> int:
+        return 0 if self.engine is None else self.engine.buffered
+
+    @property
+    def customer_count(self) -> int:
+        return 0 if self.engine is None else self.engine.customer_count
+
+    @property
+    def warm(self) -> bool:
+        return self.engine is not None and self.engine.warm
+
+    @property
+    def parked_count(self) -> int:
+        return 0 if self.engine is None else self.engine.parked_count
+
+    async def consumer_lag(self) -> int | None:
+        return None if self.engine is None else await self.engine.consumer_lag()
+
+    def not_ready(self) -> list[str]:
+        if self.engine is None:
+            return ["between terms: no engine runs (claiming partitions)"]
+        return self.engine.not_ready()
 
 
 @dataclass(slots=True)
@@ -133,6 +232,8 @@ class Serving:
     """Per partition, the progress position its snapshots are bounded by until it is caught
     up (taken over: the one of the snapshot it started from)."""
     _skip: dict[str, int] = field(default_factory=dict)
+    _prepared: set[tuple[int, int]] = field(default_factory=set)
+    """The (partition, claim) taken over whose store is ready: not taken over again."""
 
     @property
     def engine(self) -> Engine | None:
@@ -154,10 +255,26 @@ class Serving:
         started = False
         async with anyio.create_task_group() as tg:
             await tg.start(functools.partial(self.claims.keep, self._lost))
+            failing_since: float | None = None
             while True:
                 await self._claim_share()
                 term = self._term = _Term()
-                await self._serve(term, task_status if not started else None)
+                try:
+                    try:
+                        await self._serve(term, task_status if not started else None)
+                    except BaseExceptionGroup as group:
+                        raise _single(group) from None
+                except BrokerError as e:
+                    # A replicated broker is unavailable for moments (a leader elected, a
+                    # node lost): the term starts again, unless it has failed for long.
+                    now = anyio.current_time()
+                    failing_since = failing_since if failing_since is not None else now
+                    if not _transient(e) or now - failing_since > _GIVE_UP:
+                        raise
+                    _logger.warning("term failed; starting it again", error=str(e))
+                    await anyio.sleep(1.0)
+                    continue
+                failing_since = None
                 started = True
                 await self._close(term)
 
@@ -200,13 +317,17 @@ class Serving:
     async def _serve(self, term: _Term, task_status: anyio.abc.TaskStatus[None] | None) -> None:
         owned = dict(self.claims.owned)
         feeds: dict[int | None, FeedClaim] = {}
-        self._skip = {}
+        # What the broker holds of partitions taken over, kept across the claim's terms
+        # (a term may end before its engine made it all again).
+        self._skip = {c: v for c, v in self._skip.items() if partition(c, self.partitions) in owned}
         rejected: set[int] | None = None
         for p, claim in sorted(owned.items()):
-            if claim.taken_over:
+            if claim.taken_over and (p, claim.seq) not in self._prepared:
                 if rejected is None:
                     rejected = await rejected_positions(self.nc)
                 feeds[p] = claim.feed(await self._take_over(p, rejected))
+                # Once: the next terms of this claim go on from the store as it is then.
+                self._prepared.add((p, claim.seq))
             else:
                 through = self.store.partitions_through
                 feeds[p] = claim.feed(through.get(p, self.store.stream_through or 0))
@@ -249,12 +370,16 @@ class Serving:
         finally:
             self.segments = engine.segments
             self.current.engine = None
+            self.current.ended(engine)
 
     async def _run_engine(
         self, engine: Engine, term: _Term, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
         try:
-            await engine.run(task_status=task_status)
+            try:
+                await engine.run(task_status=task_status)
+            except BaseExceptionGroup as group:
+                raise _single(group) from None
         except FencedOut as e:
             # Another engine claimed these since: they are its now.
             for p in e.partitions:
@@ -409,6 +534,6 @@ class Serving:
                         return
 
 
-def metrics_view(serving: Serving) -> Any:
+def metrics_view(serving: Serving) -> _CurrentEngine:
     """What the metrics endpoint reads: the current term's engine."""
-    return cast(Any, serving.current)
+    return serving.current

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import os
@@ -41,6 +42,7 @@ from protocol.nats import (
     SnapshotStore,
     StreamSettings,
     connect,
+    declared,
     ensure_streams,
     permission_guard,
     redact,
@@ -378,9 +380,9 @@ async def _serve(args: argparse.Namespace) -> int:
         async with permission_guard(nc):
             partitions = await ensure_streams(nc.jetstream(), streams)
         leases = LeaseBucket(nc)
-        await leases.ensure(args.replicas)
+        await declared("the leases bucket", lambda: leases.ensure(args.replicas))
         snapshots = SnapshotStore(nc, partitions=partitions)
-        await snapshots.ensure(args.replicas)
+        await declared("the snapshots bucket", lambda: snapshots.ensure(args.replicas))
         claims = Claims(
             nc,
             leases,
@@ -464,7 +466,7 @@ async def _serve(args: argparse.Namespace) -> int:
             logger.info(
                 "shoal is serving", nats=[redact(s) for s in servers], data_dir=str(data_dir)
             )
-    logger.info("shoal stopped")
+    logger.info("shoal stopped", **dataclasses.asdict(serving.current.stats))
     return 0
 
 

@@ -16,6 +16,7 @@ from ._connect import Credentials as Credentials
 from ._connect import StreamNeedsMigration as StreamNeedsMigration
 from ._connect import StreamSettings as StreamSettings
 from ._connect import connect as connect
+from ._connect import declared as declared
 from ._connect import ensure_streams as ensure_streams
 from ._connect import redact as redact
 from ._connect import stream_partitions as stream_partitions
@@ -78,6 +79,7 @@ __all__ = (
     "StreamSettings",
     "claim_fence",
     "connect",
+    "declared",
     "ensure_streams",
     "fence_headers",
     "fenced",

@@ -29,7 +29,7 @@ from protocol._errors import (
 from protocol._ownership import EngineInfo, FenceClaim
 from protocol._partitions import partition_consumer
 from protocol._subjects import SEGMENTS_STREAM
-from protocol.nats._fences import claim_fence, last_claim
+from protocol.nats._fences import claim_at, claim_fence, last_claim
 from protocol.nats._leases import Holder, Lease, LeaseBucket
 from protocol.nats._partitioned import STRAYS, FeedClaim
 
@@ -37,6 +37,9 @@ DEFAULT_LEASE_TTL = 4
 """Seconds a lease lives unless renewed: how long a dead owner's partitions wait for
 another engine."""
 _CLAIM_TRIES = 5
+_EARLIER = 4
+"""How many claims before the previous one a new claim looks back at, for consumers to
+retire."""
 _RETRY = 0.25
 """Seconds between two tries of a partition held by another engine, or a write the broker
 did not confirm."""
@@ -57,6 +60,9 @@ class Claim:
     previous: FenceClaim | None
     """The claim it replaced (None: the partition's first)."""
     previous_seq: int
+    earlier: tuple[tuple[int, str], ...] = ()
+    """The claims before that one, latest first (a few): each one's sequence and consumers'
+    prefix, so that a consumer an owner made and no later owner retired is retired too."""
 
     @property
     def consumer(self) -> str:
@@ -69,7 +75,12 @@ class Claim:
         legacy = partition_consumer(self.consumers, part)
         if self.previous is None:
             return (legacy,)
-        return (partition_consumer(self.previous.consumers, part, self.previous_seq), legacy)
+        older = tuple(partition_consumer(prefix, part, seq) for seq, prefix in self.earlier)
+        return (
+            partition_consumer(self.previous.consumers, part, self.previous_seq),
+            *older,
+            legacy,
+        )
 
     @property
     def taken_over(self) -> bool:
@@ -273,8 +284,26 @@ class Claims:
                     await anyio.sleep(_RETRY)
                     continue
                 seq = found[0]
-            return Claim(partition, self.engine_id, seq, self._consumers, previous, previous_seq)
+            earlier = await self._earlier(partition, previous)
+            return Claim(
+                partition, self.engine_id, seq, self._consumers, previous, previous_seq, earlier
+            )
         raise BrokerError(f"cannot claim partition {partition}'s fence: it keeps changing")
+
+    async def _earlier(
+        self, partition: int, previous: FenceClaim | None
+    ) -> tuple[tuple[int, str], ...]:
+        """The few claims before ``previous``: one an owner made and that did not start its
+        consumer (it failed, or lost the partition at once) retired nothing."""
+        found: list[tuple[int, str]] = []
+        seq = 0 if previous is None else previous.previous
+        while seq and len(found) < _EARLIER:
+            claim = await claim_at(self._js, SEGMENTS_STREAM, partition, seq)
+            if claim is None:
+                break
+            found.append((seq, claim.consumers))
+            seq = claim.previous
+        return tuple(found)
 
     # Keeping them ---------------------------------------------------------------------
 

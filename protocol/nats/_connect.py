@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import anyio
@@ -63,6 +63,9 @@ _CLIENT_CERT_REFUSED = ("unknown ca", "bad certificate", "certificate unknown", 
 does not accept."""
 
 _logger = structlog.get_logger("shoal.nats")
+_T = TypeVar("_T")
+_DECLARE_FOR = 30.0
+"""Seconds a stream's declaration is tried again while the broker does not answer in time."""
 
 
 _USERINFO = re.compile(r"(?<=://)[^/\s]*@")
@@ -578,25 +581,61 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
         ),
     ]
     for config in configs:
+        partitions = await _ensure_one(js, config, s, partitions)
+    return partitions
+
+
+async def _ensure_one(
+    js: JetStreamContext, config: StreamConfig, s: StreamSettings, partitions: int
+) -> int:
+    return await declared(config.name, lambda: _declare(js, config, s, partitions))
+
+
+async def declared(what: str | None, declare: Callable[[], Awaitable[_T]]) -> _T:
+    """``declare()`` (a stream's or bucket's creation or update), tried again while the
+    broker does not answer in time, for up to :data:`_DECLARE_FOR` seconds: on a cluster a
+    replicated stream takes a moment, and engines starting together make it at once.
+
+    Raises:
+        BrokerError: as ``declare``, once it is not for want of an answer or time is up.
+    """
+    give_up = time.monotonic() + _DECLARE_FOR
+    while True:
         try:
+            return await declare()
+        except BrokerError as e:
+            if not isinstance(e.__cause__, TimeoutError | nats.errors.TimeoutError):
+                raise
+            if time.monotonic() >= give_up:
+                raise
+            _logger.warning("not declared yet; retrying", what=what, error=str(e))
+            await anyio.sleep(0.5)
+
+
+async def _declare(
+    js: JetStreamContext, config: StreamConfig, s: StreamSettings, partitions: int
+) -> int:
+    try:
+        try:
+            info = await js.stream_info(config.name)  # type: ignore[arg-type]
+        except nats.js.errors.NotFoundError:
             try:
-                info = await js.stream_info(config.name)  # type: ignore[arg-type]
-            except nats.js.errors.NotFoundError:
                 await js.add_stream(config)
-            else:
-                if config.name == EVENTS_STREAM:
-                    found = _partitions_of(info.config)
-                    if found is None or (s.partitions is not None and found != s.partitions):
-                        raise StreamNeedsMigration(EVENTS_STREAM, found, s.partitions)
-                    partitions = found
-                    config = _events_config(s, found)
-                if s.replicas is None:
-                    config.num_replicas = info.config.num_replicas
-                await js.update_stream(config)
-        except nats.js.errors.ServiceUnavailableError as e:
-            raise BrokerError(
-                "JetStream is not enabled on the NATS server (start it with -js)"
-            ) from e
-        except (TimeoutError, nats.errors.Error) as e:
-            raise BrokerError(f"cannot set up stream {config.name}: {e}") from e
+                return partitions
+            except nats.js.errors.BadRequestError:
+                # Made meanwhile by another engine starting together: update it below.
+                info = await js.stream_info(config.name)  # type: ignore[arg-type]
+        if config.name == EVENTS_STREAM:
+            found = _partitions_of(info.config)
+            if found is None or (s.partitions is not None and found != s.partitions):
+                raise StreamNeedsMigration(EVENTS_STREAM, found, s.partitions)
+            partitions = found
+            config = _events_config(s, found)
+        if s.replicas is None:
+            config.num_replicas = info.config.num_replicas
+        await js.update_stream(config)
+    except nats.js.errors.ServiceUnavailableError as e:
+        raise BrokerError("JetStream is not enabled on the NATS server (start it with -js)") from e
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot set up stream {config.name}: {e}") from e
     return partitions

@@ -44,6 +44,8 @@ _BOUND_GRACE = 5.0
 """Seconds a consumer may look bound to someone else's subscription before it is refused."""
 _CONNECTION_CHECK = 0.05
 """Seconds between two looks at the connection while waiting for the broker."""
+_START_FOR = 60.0
+"""Seconds a consumer's start is tried again while the broker is unavailable or slow."""
 _logger = structlog.get_logger("shoal.feed")
 
 
@@ -109,6 +111,7 @@ class EventFeed:
         tolerate_undecodable_subjects(nc)
         self._previous = [name for name in previous if name != durable]
         self._trust_previous = trust_previous
+        self._retired_floor: int | None = None
         # Told the stream position of each delivery as it arrives (PartitionedFeed's).
         self._on_arrival = on_arrival
         self._partition = partition
@@ -183,13 +186,32 @@ class EventFeed:
             BrokerError: the consumer cannot be created or bound
                 (:class:`~protocol.PermissionDenied` when the credentials may not).
         """
-        try:
-            async with permission_guard(self._nc):
-                await self._open(own=None)
-        except BrokerError:
-            raise
-        except (TimeoutError, nats.errors.Error) as e:
-            raise BrokerError(f"cannot start consumer {self._durable!r}: {e}") from e
+        # A replicated stream's consumers are made by its leader: while one is elected (a
+        # node lost, the cluster busy), the broker says it is unavailable for a moment.
+        give_up = anyio.current_time() + _START_FOR
+        delay = 0.1
+        while True:
+            try:
+                async with permission_guard(self._nc):
+                    await self._open(own=None)
+                return
+            except BrokerError:
+                raise
+            except (TimeoutError, nats.errors.Error) as e:
+                transient = isinstance(
+                    e,
+                    TimeoutError
+                    | nats.errors.TimeoutError
+                    | nats.js.errors.ServiceUnavailableError,
+                )
+                if not transient or anyio.current_time() >= give_up:
+                    raise BrokerError(f"cannot start consumer {self._durable!r}: {e}") from e
+                _logger.warning(
+                    "consumer not started yet; retrying", consumer=self._durable, error=str(e)
+                )
+                await self._close_subscription()
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
 
     async def restart(self) -> None:
         """Start the consumer again just past the last acknowledged delivery.
@@ -366,12 +388,13 @@ class EventFeed:
         Raises:
             BrokerError: another engine is consuming from it right now.
         """
-        retired: int | None = None
-        for name in self._previous:
+        # Kept across tries: a try that failed after retiring them must not forget it.
+        for name in list(self._previous):
             floor = await self._retire(name)
             if floor is not None and self._trust_previous:
-                retired = max(retired or 0, floor)
-        self._previous = []
+                self._retired_floor = max(self._retired_floor or 0, floor)
+            self._previous.remove(name)
+        retired = self._retired_floor
         try:
             info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
         except nats.js.errors.NotFoundError:

@@ -99,6 +99,30 @@ async def last_claim(
     return seq, claim
 
 
+async def claim_at(
+    js: JetStreamContext, stream: str, partition: int, seq: int
+) -> FenceClaim | None:
+    """The claim on ``partition`` stored at sequence ``seq`` of ``stream``; None when that
+    message is gone or is not one.
+
+    Raises:
+        BrokerError: the broker does not answer.
+    """
+    try:
+        msg = await js.get_msg(stream, seq)
+    except nats.js.errors.NotFoundError:
+        return None
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read message {seq} of stream {stream}: {_said(e)}") from e
+    if msg.subject != fence_subject(partition):
+        return None
+    try:
+        claim = FENCE_DECODER.decode(msg.data or b"")
+    except msgspec.DecodeError:
+        return None
+    return claim if claim.partition == partition else None
+
+
 async def claim_fence(
     js: JetStreamContext, stream: str, partition: int, claim: FenceClaim, expected: int
 ) -> int:
