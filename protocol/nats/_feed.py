@@ -198,11 +198,15 @@ class EventFeed:
             except BrokerError:
                 raise
             except (TimeoutError, nats.errors.Error) as e:
+                # Not found: deleted while being made (the partition's next owner retired it,
+                # or the broker lost it with a node): made again; a partition no longer this
+                # engine's is dropped once its lease is seen lost, and its output is fenced.
                 transient = isinstance(
                     e,
                     TimeoutError
                     | nats.errors.TimeoutError
-                    | nats.js.errors.ServiceUnavailableError,
+                    | nats.js.errors.ServiceUnavailableError
+                    | nats.js.errors.NotFoundError,
                 )
                 if not transient or anyio.current_time() >= give_up:
                     raise BrokerError(f"cannot start consumer {self._durable!r}: {e}") from e
@@ -562,13 +566,15 @@ class EventFeed:
             return False
         if info.num_pending:
             return False  # stored, not yet sent to us
-        delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
-        received = self._taken_through
-        if self._buffer:
-            msg, parsed = self._buffer[-1]
-            received = max(received, (parsed or _parse_ack_reply(msg.reply))[0])
         # Sent to us but not yet through the callback (it runs apart from this reply): no.
-        return delivered <= received
+        # Counted in deliveries, not stream positions: a clustered server moves a filtered
+        # consumer's delivered stream position on past messages it does not match.
+        return self.sent_all(info)
+
+    def sent_all(self, info: Any) -> bool:
+        """Whether every delivery the consumer's ``info`` counts has reached this feed."""
+        delivered = int(info.delivered.consumer_seq or 0) if info.delivered else 0
+        return delivered <= self._arrived_cseq
 
     async def lag(self, *, timeout: float = 1.0) -> int | None:
         """How many events the broker holds for this consumer not yet acknowledged (stored

@@ -369,8 +369,7 @@ class PartitionedFeed:
             return
         through = last
         for f, info in zip(self._feeds, infos, strict=True):
-            delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
-            if info.num_pending or delivered > f.received_max:
+            if info.num_pending or not f.sent_all(info):
                 through = min(through, f.received_max)
         if through > self._arrived.through:
             self._arrived.jump(through)
