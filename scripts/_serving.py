@@ -232,6 +232,9 @@ class Serving:
     """Per partition, the progress position its snapshots are bounded by until it is caught
     up (taken over: the one of the snapshot it started from)."""
     _skip: dict[str, int] = field(default_factory=dict)
+    _forgotten: set[int] = field(default_factory=set)
+    """Partitions whose rows the store dropped (given or lost): taken over afresh when
+    claimed again, even if this engine's claim was the last."""
     _prepared: set[tuple[int, int]] = field(default_factory=set)
     """The (partition, claim) taken over whose store is ready: not taken over again."""
 
@@ -292,10 +295,12 @@ class Serving:
             target = share(self.claims.engine_id, engines, self.partitions)
             held = await self.leases.holders()
             owned = self.claims.owned
+            me = self.claims.engine_id
             for p in self._order(engines):
                 if len(owned) >= target:
                     break
-                if p in owned or p in held:
+                # A lease under this engine's own id is an earlier run's: taken over at once.
+                if p in owned or (p in held and held[p].engine != me):
                     continue
                 got = await self.claims.claim(p)
                 if isinstance(got, Holder):
@@ -322,16 +327,23 @@ class Serving:
         self._skip = {c: v for c, v in self._skip.items() if partition(c, self.partitions) in owned}
         rejected: set[int] | None = None
         for p, claim in sorted(owned.items()):
-            if claim.taken_over and (p, claim.seq) not in self._prepared:
+            # Another engine's last, or this one's store forgot it since (given or lost).
+            afresh = claim.taken_over or p in self._forgotten
+            if afresh and (p, claim.seq) not in self._prepared:
                 if rejected is None:
                     rejected = await rejected_positions(self.nc)
-                feeds[p] = claim.feed(await self._take_over(p, rejected))
+                feeds[p] = claim.feed(await self._take_over(p, rejected), taken_over=True)
                 # Once: the next terms of this claim go on from the store as it is then.
                 self._prepared.add((p, claim.seq))
+                self._forgotten.discard(p)
+            elif afresh:
+                through = self.store.partitions_through
+                feeds[p] = claim.feed(through.get(p, 0), taken_over=True)
             else:
                 through = self.store.partitions_through
                 feeds[p] = claim.feed(through.get(p, self.store.stream_through or 0))
                 self._floors.pop(p, None)
+        await self._forget_others(owned)
         if 0 in owned:
             feeds[None] = owned[0].strays()
         source, sink = await jetstream_ports(
@@ -401,12 +413,35 @@ class Serving:
                 if partition(c, self.partitions) in dropped
             ]
             await self.store.drop_customers(ids, partitions=gone)
+            self._forgotten.update(gone)
         _logger.info(
             "term ended",
             why=term.reason,
             handed_over=sorted(term.give),
             lost=sorted(term.lost),
             customers_dropped=len(ids),
+        )
+
+    async def _forget_others(self, owned: Mapping[int, Any]) -> None:
+        """Drop from the store the partitions another engine holds now (this engine held
+        them before it stopped): its engine must not load their customers, nor fire their
+        deadlines."""
+        held = await self.leases.holders()
+        me = self.claims.engine_id
+        theirs = {
+            p
+            for p in self.store.partitions_through
+            if p not in owned and p in held and held[p].engine != me
+        }
+        if not theirs:
+            return
+        ids = [
+            c for c in await self.store.customer_ids() if partition(c, self.partitions) in theirs
+        ]
+        await self.store.drop_customers(ids, partitions=sorted(theirs))
+        self._forgotten.update(theirs)
+        _logger.info(
+            "partitions other engines hold forgotten", partitions=sorted(theirs), customers=len(ids)
         )
 
     # Taking over ------------------------------------------------------------------------

@@ -88,14 +88,14 @@ class Claim:
         stale (or empty), and it starts from the partition's snapshot."""
         return self.previous is not None and self.previous.engine != self.engine
 
-    def feed(self, start_after: int) -> FeedClaim:
+    def feed(self, start_after: int, *, taken_over: bool | None = None) -> FeedClaim:
         """The partition's consumer, to start after stream position ``start_after`` (a
-        partition taken over: after its snapshot, whatever its previous owner read)."""
+        partition taken over: after its snapshot, whatever its previous owner read).
+        ``taken_over``: whether the store starts the partition afresh (default: whether
+        another engine claimed it last)."""
+        fresh = self.taken_over if taken_over is None else taken_over
         return FeedClaim(
-            self.consumer,
-            self._previous(self.partition),
-            start_after,
-            trust_previous=not self.taken_over,
+            self.consumer, self._previous(self.partition), start_after, trust_previous=not fresh
         )
 
     def strays(self) -> FeedClaim:
