@@ -20,6 +20,7 @@ from protocol import (
     EVENTS_WILDCARD,
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
+    EventCause,
     InvalidEvent,
     Transition,
     to_instant,
@@ -168,5 +169,61 @@ async def test_engines_share_the_partitions_and_take_over(
         got = per_customer([t for t, _ in published], cutoff)
         assert got == per_customer(await replayed(nc, stopped), cutoff)
         assert all(len(ts) >= 6 for ts in got.values())
+    finally:
+        await nc.close()
+
+
+async def test_a_retry_after_a_takeover_outside_the_duplicate_window_is_applied_once(
+    nats_server: NatsServer, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """The producer's retry of an event reaches the partition's new owner after the broker's
+    duplicate window: the new owner's log holds the event (it logged the partition's history
+    from the stream when it took over), so it drops the retry."""
+    rules = tmp_path / "segments.toml"
+    rules.write_text(
+        """
+[segments.twice]
+rule = "count('Visit') >= 2"
+"""
+    )
+    nc = await nats.connect(nats_server.url)
+    try:
+        a = serve(nats_server.url, tmp_path / "a", "a", rules)
+        procs.append(a)
+        a.wait_err("shoal is serving", timeout=30)
+        await wait_owners(nc, lambda o: len(o.get("a", [])) == P)
+        js = nc.jetstream()
+        # A short duplicate window, so that the retry below is stored again.
+        info = await js.stream_info(EVENTS_STREAM)
+        info.config.duplicate_window = 1.0
+        await js.update_stream(info.config)
+        await js.publish("shoal.events.zed", track("zed", mid="m1"), headers={"Nats-Msg-Id": "m1"})
+        await anyio.sleep(2.5)  # a's snapshots (every second) hold zed
+
+        b = serve(nats_server.url, tmp_path / "b", "b", rules)
+        procs.append(b)
+        b.wait_err("shoal is serving", timeout=30)
+        a.popen.send_signal(signal.SIGKILL)
+        a.popen.wait()
+        await wait_owners(nc, lambda o: o.keys() == {"b"} and len(o["b"]) == P)
+        await anyio.sleep(1.5)  # past the duplicate window
+        ack = await js.publish(
+            "shoal.events.zed", track("zed", mid="m1"), headers={"Nats-Msg-Id": "m1"}
+        )
+        assert not ack.duplicate  # the broker stored it again: only the engine can drop it
+        await js.publish("shoal.events.zed", track("zed", mid="m2"))
+        with anyio.fail_after(30):
+            while True:
+                zed = [t for t, _ in await transitions(nc) if t.customer_id == "zed"]
+                if zed:
+                    break
+                await anyio.sleep(0.2)
+        await anyio.sleep(1)
+        zed = [t for t, _ in await transitions(nc) if t.customer_id == "zed"]
+        # The second visit (m2) made zed a member: the retry of m1 did not count.
+        assert [(t.segment, t.change, t.version) for t in zed] == [("twice", "entered", 1)]
+        assert zed[0].cause == EventCause(message_id="m2")
+        b.popen.send_signal(signal.SIGTERM)
+        assert b.popen.wait(30) == 0
     finally:
         await nc.close()
