@@ -328,7 +328,7 @@ class Serving:
         rejected: set[int] | None = None
         for p, claim in sorted(owned.items()):
             # Another engine's last, or this one's store forgot it since (given or lost).
-            afresh = claim.taken_over or p in self._forgotten
+            afresh = claim.taken_over or p in self._forgotten or p in self.store.dropped
             if afresh and (p, claim.seq) not in self._prepared:
                 if rejected is None:
                     rejected = await rejected_positions(self.nc)
@@ -343,7 +343,7 @@ class Serving:
                 through = self.store.partitions_through
                 feeds[p] = claim.feed(through.get(p, self.store.stream_through or 0))
                 self._floors.pop(p, None)
-        await self._forget_others(owned)
+        await self._forget_unowned(owned)
         if 0 in owned:
             feeds[None] = owned[0].strays()
         source, sink = await jetstream_ports(
@@ -400,10 +400,13 @@ class Serving:
             term.end("fenced out")
 
     async def _close(self, term: _Term) -> None:
-        """After a term's engine stopped: hand over what it gave, forget what it lost."""
+        """After a term's engine stopped: hand over what it gave, and forget it. What it
+        lost is kept: reclaimed with no other claim since, it is still current; not claimed
+        again, the next term forgets it (:meth:`_forget_unowned`), and claiming it later
+        takes it over afresh."""
         for p in term.give:
             await self.claims.release(p)
-        gone = sorted({*term.give, *term.lost})
+        gone = sorted(term.give)
         ids: list[str] = []
         if gone:
             dropped = set(gone)
@@ -422,27 +425,18 @@ class Serving:
             customers_dropped=len(ids),
         )
 
-    async def _forget_others(self, owned: Mapping[int, Any]) -> None:
-        """Drop from the store the partitions another engine holds now (this engine held
-        them before it stopped): its engine must not load their customers, nor fire their
-        deadlines."""
-        held = await self.leases.holders()
-        me = self.claims.engine_id
-        theirs = {
-            p
-            for p in self.store.partitions_through
-            if p not in owned and p in held and held[p].engine != me
-        }
-        if not theirs:
+    async def _forget_unowned(self, owned: Mapping[int, Any]) -> None:
+        """Drop from the store the partitions it holds and this term does not own (another
+        engine holds them now, or this one lost them and did not claim them again): its
+        engine must not load their customers, nor fire their deadlines. Claimed again
+        later, they are taken over afresh (:attr:`store.Store.dropped`)."""
+        stale = {p for p in self.store.partitions_through if p not in owned}
+        if not stale:
             return
-        ids = [
-            c for c in await self.store.customer_ids() if partition(c, self.partitions) in theirs
-        ]
-        await self.store.drop_customers(ids, partitions=sorted(theirs))
-        self._forgotten.update(theirs)
-        _logger.info(
-            "partitions other engines hold forgotten", partitions=sorted(theirs), customers=len(ids)
-        )
+        ids = [c for c in await self.store.customer_ids() if partition(c, self.partitions) in stale]
+        await self.store.drop_customers(ids, partitions=sorted(stale))
+        self._forgotten.update(stale)
+        _logger.info("partitions not owned forgotten", partitions=sorted(stale), customers=len(ids))
 
     # Taking over ------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from ._snapshots import Snapshot, SnapshotMarks, Snapshots
 _STREAM_THROUGH = "stream_through"
 _PARTITION_THROUGH = "stream_through."
 """``meta`` keys of :attr:`Store.partitions_through`: ``stream_through.<partition>``."""
+_DROPPED = "dropped."
+"""``meta`` keys of :attr:`Store.dropped`: ``dropped.<partition>``."""
 _IMPORT = "import:"
 """``meta`` keys of the imports begun and not yet ended: ``import:<id>`` -> the event log
 position when it began."""
@@ -51,9 +53,11 @@ class Store:
         stream_through: int | None = None,
         imports: dict[str, int] | None = None,
         partitions_through: dict[int, int] | None = None,
+        dropped: set[int] | None = None,
     ) -> None:
         self._db = db
         self._partitions_through = partitions_through or {}
+        self._dropped: set[int] = set(dropped or ())
         self._imports = imports or {}
         self._lock = lock
         self._closed = False
@@ -168,6 +172,7 @@ class Store:
                 for k, v in meta.items()
                 if k.startswith(_PARTITION_THROUGH)
             },
+            {int(k[len(_DROPPED) :]) for k in meta if k.startswith(_DROPPED)},
         )
 
     async def __aenter__(self) -> Self:
@@ -377,9 +382,32 @@ class Store:
                     (f"{_PARTITION_THROUGH}{p}",),
                     doing=db.writing,
                 )
+                await db.set_meta(f"{_DROPPED}{p}", "1")
         self.parked._committed(customer_ids)
         for p in dropped:
             self._partitions_through.pop(p, None)
+        self._dropped.update(dropped)
+
+    @property
+    def dropped(self) -> frozenset[int]:
+        """The partitions :meth:`drop_customers` removed and :meth:`restored` did not
+        give back: the store holds nothing of them, whatever claimed them last."""
+        return frozenset(self._dropped)
+
+    async def restored(self, partition: int) -> None:
+        """``partition`` is the store's again (taken over: its history logged anew).
+
+        Raises:
+            StoreError: it cannot be recorded.
+        """
+        if partition in self._dropped:
+            async with self._db.transaction():
+                await self._db.execute(
+                    "DELETE FROM meta WHERE key = ?",
+                    (f"{_DROPPED}{partition}",),
+                    doing=self._db.writing,
+                )
+            self._dropped.discard(partition)
 
     async def import_events(self, events: Sequence[LoggedEvent]) -> int:
         """Append the events the log does not hold yet, in one transaction; return how many.

@@ -166,6 +166,7 @@ async def take_over(
     report = TakeoverReport(partition=partition_id, base=base, dropped=len(stale))
     report.logged.through = base
     if snapshot is None:
+        await store.restored(partition_id)
         return report
     await log_from_stream(
         store,
@@ -206,5 +207,6 @@ async def take_over(
         marks=marks,
         partitions_through={partition_id: base} if base else None,
     )
+    await store.restored(partition_id)
     report.customers = len(rows)
     return report
