@@ -33,9 +33,11 @@ from protocol import (
     DEFINITIONS_BUCKET,
     EVENTS_STREAM,
     KEYS_DIR,
+    LEASES_BUCKET,
     REJECTED_STREAM,
     ROLES,
     SEGMENTS_STREAM,
+    SNAPSHOTS_BUCKET,
     BrokerError,
     PermissionDenied,
     Rejection,
@@ -44,7 +46,7 @@ from protocol import (
     role_key_file,
     stored_event_subject,
 )
-from protocol.nats import Credentials, DefinitionsKV, connect, permission_guard
+from protocol.nats import Credentials, DefinitionsKV, LeaseBucket, connect, permission_guard
 from tests.helpers import NatsServer, Proc, claimed_consumer, free_port, run
 
 STREAMS = (EVENTS_STREAM, SEGMENTS_STREAM, REJECTED_STREAM)
@@ -361,6 +363,36 @@ async def test_only_the_engine_touches_the_definitions_bucket(secured: Secured) 
         stored = await (await DefinitionsKV.open(nc)).load()
     assert stored is not None
     assert (stored.version, stored.origin_kind) == (1, "file")
+
+
+async def test_only_the_engine_touches_leases_fences_and_snapshots(secured: Secured) -> None:
+    """Who owns which partition, the fences that keep a paused owner's output out, and the
+    partitions' snapshots are the engines' alone: no other role may forge a claim, a lease,
+    a progress record or a snapshot, or read them."""
+    leases, snapshots = f"KV_{LEASES_BUCKET}", f"OBJ_{SNAPSHOTS_BUCKET}"
+    for role in ("operator", "producer", "subscriber"):
+        async with secured.client(role) as nc:
+            js = nc.jetstream()
+            calls: list[tuple[str, Call]] = [
+                (f"$JS.API.STREAM.INFO.{leases}", partial(js.stream_info, leases)),
+                (f"$JS.API.STREAM.INFO.{snapshots}", partial(js.stream_info, snapshots)),
+                (f"$JS.API.STREAM.PURGE.{snapshots}", partial(js.purge_stream, snapshots)),
+            ]
+            for subject in (
+                f"$KV.{LEASES_BUCKET}.partition.0",
+                f"$O.{SNAPSHOTS_BUCKET}.C.x",
+                "shoal.fence.0",
+                "shoal.progress.0",
+            ):
+                calls.append((subject, partial(nc.request, subject, b"{}", timeout=5)))
+            for subject, call in calls:
+                denied = await _refused(nc, subject, call)
+                assert (denied.role, denied.subject) == (role, subject)
+    async with secured.client("engine") as nc:
+        claimed = await claimed_consumer(nc.jetstream(), 0)
+        holders = await LeaseBucket(nc).holders()
+    assert claimed.startswith("shoal-engine-0-")
+    assert len(holders) == DEFAULT_PARTITIONS
 
 
 async def test_the_operator_reads_the_rejected_events(secured: Secured) -> None:
