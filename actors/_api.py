@@ -9,6 +9,7 @@ and it goes through :meth:`Engine.apply_segments` like a reload of the served fi
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +30,7 @@ from protocol import (
     Membership,
     MembersReply,
     MembersRequest,
+    Ownership,
     ParkedInfo,
     SearchReply,
     SearchRequest,
@@ -141,8 +143,10 @@ class EngineApi:
     ``await tg.start(protocol.nats.serve_api, nc, EngineApi(engine), partitions=...,
     owned=...)``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, ownership: Callable[[], Ownership] | None = None) -> None:
+        """``ownership``: what the engine owns among several, for its status."""
         self._engine = engine
+        self._ownership = ownership
 
     async def _actor(self, customer_id: str) -> Customer:
         engine = self._engine
@@ -298,6 +302,7 @@ class EngineApi:
             parked_customers=[_parked_info(r) for r in parked[:MAX_PARKED_SHOWN]],
             paused=engine.paused,
             definitions_applied=engine.definitions_applied,
+            ownership=None if self._ownership is None else self._ownership(),
             imports_open=engine.open_imports,
             imports_applied=engine.applied_imports,
         )

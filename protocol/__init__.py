@@ -19,7 +19,9 @@ from ._api import GatheredStatus as GatheredStatus
 from ._api import Membership as Membership
 from ._api import MembersReply as MembersReply
 from ._api import MembersRequest as MembersRequest
+from ._api import Ownership as Ownership
 from ._api import ParkedInfo as ParkedInfo
+from ._api import PartitionLease as PartitionLease
 from ._api import SearchReply as SearchReply
 from ._api import SearchRequest as SearchRequest
 from ._api import SegmentInfo as SegmentInfo
@@ -231,7 +233,9 @@ __all__ = (
     "OrderedHistory",
     "Origin",
     "PARTITION_HEADER",
+    "Ownership",
     "ParkedInfo",
+    "PartitionLease",
     "PartitionSnapshot",
     "PermissionDenied",
     "ProtocolError",

@@ -319,6 +319,34 @@ class DefinitionsApplied(msgspec.Struct, frozen=True, kw_only=True):
     """Who applied them over the API, when the request said."""
 
 
+class PartitionLease(msgspec.Struct, frozen=True, kw_only=True):
+    """A partition the engine owns: its claim (the stream sequence of its fence record),
+    how long ago its lease was last renewed, and whether the engine took it over from
+    another (rebuilt from its snapshot)."""
+
+    partition: int
+    claim: int
+    lease_age: float
+    """Seconds since the lease was last written (renewed three times per TTL)."""
+    taken_over: bool = False
+
+
+class Ownership(msgspec.Struct, frozen=True, kw_only=True):
+    """What an engine among several owns, and how often partitions changed hands."""
+
+    engine_id: str
+    leases: list[PartitionLease] = msgspec.field(default_factory=list)
+    lease_ttl: int = 0
+    takeovers: int = 0
+    """Partitions taken over from another engine since it started."""
+    handovers: int = 0
+    """Partitions handed over to another engine since it started."""
+    lost: int = 0
+    """Partitions lost since it started (its lease passed, or it was fenced out)."""
+    terms: int = 0
+    """Terms begun since it started: one per change of the partitions it owns."""
+
+
 class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     """How the engine that answered is doing, at ``at`` (its now).
 
@@ -355,6 +383,9 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     """The first :data:`MAX_PARKED_SHOWN` of them, in id order."""
     paused: str | None = None
     """Why ingestion is paused (``disk full at <path>``: it resumes by itself), or None."""
+    ownership: Ownership | None = None
+    """The engine's id, its partitions' leases and the count of takeovers (None: an engine
+    run without claims)."""
     definitions_applied: DefinitionsApplied | None = None
     """The stored version of the definitions in force, when and from where they were applied
     (None: an engine that stores none, or an older one)."""

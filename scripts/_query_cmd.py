@@ -41,6 +41,7 @@ from protocol import (
     ExplainReply,
     GatheredStatus,
     MembersReply,
+    Ownership,
     ParkedInfo,
     SearchReply,
     SegmentsReply,
@@ -66,16 +67,18 @@ async def serve_queries(
     *,
     partitions: int = DEFAULT_PARTITIONS,
     owned: Iterable[int] | None = None,
+    ownership: Callable[[], Ownership] | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the query service for ``engine`` on a connection of its own (so requests never
     wait behind the engine's acknowledgements and publishes) until cancelled: it answers
-    for the partitions ``owned`` (all when None) of ``partitions`` (P of ``SHOAL_EVENTS``)."""
+    for the partitions ``owned`` (all when None) of ``partitions`` (P of ``SHOAL_EVENTS``);
+    ``ownership`` says what the engine owns among several, for its status."""
     nc = await connect(servers, name="shoal-api", credentials=credentials)
     try:
         await serve_api(
             nc,
-            EngineApi(engine),
+            EngineApi(engine, ownership),
             partitions=partitions,
             owned=owned,
             metadata={"consumer": engine.consumer},
@@ -295,8 +298,9 @@ def _show_status(r: GatheredStatus, out: Console) -> None:
         for e in r.engines:
             elag = "unknown" if e.consumer_lag is None else str(e.consumer_lag)
             loading = "" if e.warm else " (loading)"
+            name = e.ownership.engine_id if e.ownership else f"{e.consumer} on {e.filter_subject}"
             engines.add_row(
-                f"{e.consumer} on {e.filter_subject}{loading}",
+                f"{name}{loading}",
                 partition_ranges(e.partitions),
                 str(e.customers),
                 f"{e.events_per_second:g}",
@@ -328,6 +332,7 @@ def _show_status(r: GatheredStatus, out: Console) -> None:
         ("deadlines fired", str(r.deadlines_fired)),
         ("definitions", f"{r.definitions} ({r.fingerprint})"),
         *((("applied", _applied(r.definitions_applied)),) if r.definitions_applied else ()),
+        *(("owner", _owner(e.ownership)) for e in (r.engines or [r]) if e.ownership),
         ("quarantined", f"{r.events_quarantined} events (rejected: they raised when applied)"),
         (
             "parked",
@@ -344,6 +349,19 @@ def _show_status(r: GatheredStatus, out: Console) -> None:
         _show_parked(r.parked_customers, out)
         if r.parked > len(r.parked_customers):
             out.print(f"... and {r.parked - len(r.parked_customers)} more parked")
+
+
+def _owner(o: Ownership) -> str:
+    """What one engine owns among several, on one line."""
+    ages = [lease.lease_age for lease in o.leases]
+    taken = sum(lease.taken_over for lease in o.leases)
+    renewed = f"{min(ages):.1f}-{max(ages):.1f} s ago" if ages else "-"
+    return (
+        f"engine {o.engine_id}: {len(o.leases)} partitions "
+        f"({partition_ranges([lease.partition for lease in o.leases])}, {taken} of them taken "
+        f"over), leases renewed {renewed} (TTL {o.lease_ttl} s); since start {o.takeovers} "
+        f"taken over, {o.handovers} handed over, {o.lost} lost, {o.terms} terms"
+    )
 
 
 def _show_parked(parked: list[ParkedInfo], out: Console) -> None:

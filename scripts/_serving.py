@@ -47,6 +47,8 @@ from protocol import (
     BrokerError,
     Delivery,
     FencedOut,
+    Ownership,
+    PartitionLease,
     partition,
 )
 from protocol.nats import (
@@ -236,12 +238,34 @@ class Serving:
     """Partitions whose rows the store dropped (given or lost): taken over afresh when
     claimed again, even if this engine's claim was the last."""
     _prepared: set[tuple[int, int]] = field(default_factory=set)
+    _counts: Counter[str] = field(default_factory=Counter)
     """The (partition, claim) taken over whose store is ready: not taken over again."""
 
     @property
     def engine(self) -> Engine | None:
         """The engine of the current term (None between terms)."""
         return self.current.engine
+
+    def ownership(self) -> Ownership:
+        """What this engine owns, and how often partitions changed hands, for its status."""
+        ages = self.claims.lease_ages()
+        return Ownership(
+            engine_id=self.claims.engine_id,
+            leases=[
+                PartitionLease(
+                    partition=p,
+                    claim=claim.seq,
+                    lease_age=round(ages.get(p, 0.0), 3),
+                    taken_over=(p, claim.seq) in self._prepared,
+                )
+                for p, claim in sorted(self.claims.owned.items())
+            ],
+            lease_ttl=self.claims.ttl,
+            takeovers=self._counts["takeovers"],
+            handovers=self._counts["handovers"],
+            lost=self._counts["lost"],
+            terms=self._counts["terms"],
+        )
 
     # The terms ------------------------------------------------------------------------
 
@@ -333,6 +357,7 @@ class Serving:
                 if rejected is None:
                     rejected = await rejected_positions(self.nc)
                 feeds[p] = claim.feed(await self._take_over(p, rejected), taken_over=True)
+                self._counts["takeovers"] += 1
                 # Once: the next terms of this claim go on from the store as it is then.
                 self._prepared.add((p, claim.seq))
                 self._forgotten.discard(p)
@@ -363,6 +388,7 @@ class Serving:
         )
         engine.skip_stored(self._skip)
         self.current.engine = engine
+        self._counts["terms"] += 1
         _logger.info(
             "term begins",
             partitions=sorted(owned),
@@ -406,6 +432,8 @@ class Serving:
         takes it over afresh."""
         for p in term.give:
             await self.claims.release(p)
+        self._counts["handovers"] += len(term.give)
+        self._counts["lost"] += len(term.lost)
         gone = sorted(term.give)
         ids: list[str] = []
         if gone:

@@ -15,7 +15,7 @@ import os
 import select
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -33,6 +33,7 @@ from actors import (
     served_origin,
     watch_segments,
 )
+from protocol import Ownership
 from protocol.nats import (
     DEFAULT_LEASE_TTL,
     Claims,
@@ -427,10 +428,17 @@ async def _serve(args: argparse.Namespace) -> int:
             observer=metrics,
             snapshot_every=args.snapshot_interval,
             serve_queries=functools.partial(
-                _serve_queries, servers=servers, credentials=credentials, partitions=partitions
+                _serve_queries,
+                servers=servers,
+                credentials=credentials,
+                partitions=partitions,
+                ownership=lambda: ownership(),
             ),
             on_started=started,
         )
+
+        def ownership() -> Ownership:
+            return serving.ownership()
 
         async def apply_file(new: SegmentSet) -> int:
             engine = serving.engine
@@ -477,6 +485,7 @@ async def _serve_queries(
     servers: list[str],
     credentials: Credentials,
     partitions: int,
+    ownership: Callable[[], Ownership],
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     await _query_cmd.serve_queries(
@@ -485,6 +494,7 @@ async def _serve_queries(
         credentials,
         partitions=partitions,
         owned=owned,
+        ownership=ownership,
         task_status=task_status,
     )
 

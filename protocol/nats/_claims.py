@@ -176,6 +176,11 @@ class Claims:
         """Seconds a lease lives unless renewed."""
         return self._ttl
 
+    def lease_ages(self) -> dict[int, float]:
+        """Per partition held, seconds since its lease was last written (sent)."""
+        now = time.monotonic()
+        return {p: max(0.0, now - lease.sent) for p, lease in self._held.items()}
+
     # Claiming -------------------------------------------------------------------------
 
     async def claim(self, partition: int) -> Claim | Holder:

@@ -4,6 +4,7 @@ of every customer stay one gap-free version sequence."""
 
 from __future__ import annotations
 
+import json
 import signal
 from collections import defaultdict
 from pathlib import Path
@@ -26,7 +27,7 @@ from protocol import (
     to_instant,
 )
 from protocol.nats import LeaseBucket, read_stream
-from tests.helpers import NatsServer, Proc, now, segments, track
+from tests.helpers import NatsServer, Proc, now, run, segments, track
 
 P = 32
 RULES = """
@@ -153,6 +154,23 @@ async def test_engines_share_the_partitions_and_take_over(
             lambda o: victim not in o and sorted(len(v) for v in o.values()) == [16, 16],
         )
         await publish(nc, customers, 3)
+
+        # shoal status says who owns what, and what changed hands.
+        out = await anyio.to_thread.run_sync(
+            lambda: run("status", "--nats", nats_server.url, "--json")
+        )
+        assert out.returncode == 0, out.stderr
+        status = json.loads(out.stdout)
+        owned = {e["ownership"]["engine_id"]: e["ownership"] for e in status["engines"]}
+        assert set(owned) == {"a", "c"}
+        assert sorted(lease["partition"] for o in owned.values() for lease in o["leases"]) == list(
+            range(P)
+        )
+        assert sum(o["takeovers"] for o in owned.values()) >= 11  # b's partitions at least
+        assert all(lease["lease_age"] < 2 for o in owned.values() for lease in o["leases"])
+        text = await anyio.to_thread.run_sync(lambda: run("status", "--nats", nats_server.url))
+        assert "engine a: 16 partitions" in text.stdout and "engine c: 16 partitions" in text.stdout
+
         await anyio.sleep(4)  # the deadlines after the last round fall due
         stopped = now()
         for p in (a, c):
