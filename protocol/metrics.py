@@ -44,6 +44,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ._api import Ownership
 from ._errors import ProtocolError
 from ._inbound import RejectionKind
 
@@ -175,6 +176,8 @@ class _Sample:
     broker_connected: bool | None = None
     """None: no broker given to watch."""
     not_ready: tuple[str, ...] = _STARTING
+    ownership: Ownership | None = None
+    """None: no ownership given to watch (an engine without claims)."""
 
 
 # name (without _total), help, EngineCounters attribute
@@ -285,6 +288,7 @@ class EngineMetrics:
         *,
         broker: BrokerLink | None = None,
         checks: Sequence[ReadinessCheck] = (),
+        ownership: Callable[[], Ownership] | None = None,
         host: str = "127.0.0.1",
         port: int = 9464,
         interval: float = 1.0,
@@ -293,6 +297,9 @@ class EngineMetrics:
         """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` until cancelled,
         sampling ``engine`` (and asking the broker for its consumer's lag) every ``interval``
         seconds.
+
+        ``ownership`` (when given) is what the engine owns among several: the partitions it
+        owns, its leases' age, and the partitions taken over, handed over and lost.
 
         Ready means: ``engine.not_ready()`` gives no reason, ``broker`` (when given) is
         connected, and neither does any of ``checks``. ``broker`` is also shown as the gauge
@@ -322,7 +329,7 @@ class EngineMetrics:
             task_status.started(self.url)
             while True:
                 await anyio.sleep(interval)
-                await self._take(engine, broker)
+                await self._take(engine, broker, ownership)
         finally:
             with anyio.CancelScope(shield=True):
                 # shutdown() waits for the serving thread's next poll (at most 0.5 s).
@@ -330,7 +337,12 @@ class EngineMetrics:
                 server.server_close()
                 thread.join()
 
-    async def _take(self, engine: EngineView, broker: BrokerLink | None) -> None:
+    async def _take(
+        self,
+        engine: EngineView,
+        broker: BrokerLink | None,
+        ownership: Callable[[], Ownership] | None = None,
+    ) -> None:
         # None (left out of the scrape) while not consuming, or the broker does not answer.
         lag = await engine.consumer_lag()
         stats = engine.stats
@@ -343,6 +355,7 @@ class EngineMetrics:
             sizes=dict(engine.segment_sizes),
             gauges={attr: int(getattr(engine, attr)) for _, _, attr in _GAUGES},
             lag=lag,
+            ownership=None if ownership is None else ownership(),
         )
 
     def _reasons(self, check: ReadinessCheck) -> list[str]:
@@ -453,6 +466,23 @@ class _SampleCollector(Collector):
                 "1 while connected to the broker, 0 while the connection is lost.",
                 value=int(s.broker_connected),
             )
+        o = s.ownership
+        if o is not None:
+            yield GaugeMetricFamily(
+                "shoal_partitions_owned", "Partitions this engine owns now.", value=len(o.leases)
+            )
+            yield GaugeMetricFamily(
+                "shoal_lease_age_max_seconds",
+                "Seconds since the least recently renewed of its leases was written.",
+                value=max((lease.lease_age for lease in o.leases), default=0.0),
+            )
+            for name, text, n in (
+                ("shoal_takeovers", "Partitions taken over from another engine.", o.takeovers),
+                ("shoal_handovers", "Partitions handed over to another engine.", o.handovers),
+                ("shoal_partitions_lost", "Partitions lost (lease passed, fenced out).", o.lost),
+                ("shoal_terms", "Terms begun: one per change of the partitions owned.", o.terms),
+            ):
+                yield CounterMetricFamily(name, text, value=n)
         if s.lag is not None:
             yield GaugeMetricFamily(
                 "shoal_consumer_lag_messages",

@@ -455,6 +455,7 @@ async def _serve(args: argparse.Namespace) -> int:
                         metrics.serve,
                         metrics_view(serving),
                         broker=nc,
+                        ownership=ownership,
                         host=args.metrics_host,
                         port=args.metrics_port,
                     )

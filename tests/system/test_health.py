@@ -60,6 +60,10 @@ def test_a_stopped_broker_is_reported_and_ingestion_resumes(
         assert get(f"{base}/healthz") == (200, b'{"alive": true}\n')
         wait_until(lambda: readiness(base) == (200, {"ready": True, "reasons": []}), 20, "ready")
         assert gauge(base, "shoal_broker_connected") == 1
+        # Alone, it owns every partition, claimed in its first term.
+        assert gauge(base, "shoal_partitions_owned") == 32
+        assert gauge(base, "shoal_terms_total") == 1
+        assert gauge(base, "shoal_takeovers_total") == 0
         publish(nats_server.url, "ann", "a1")
         wait_until(lambda: gauge(base, "shoal_events_applied_total") == 1, 20, "a1 applied")
 
