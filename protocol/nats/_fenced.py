@@ -15,6 +15,8 @@ each partition has one batch in flight at a time; partitions go concurrently.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,10 @@ from protocol._types import Transition
 from protocol.nats._fences import fence_headers, is_fenced_error
 from protocol.nats._stream import read_stream
 
+_KILL_AT = "SHOAL_KILL_AT_BATCH"
+"""For the tests of crashes around a commit: ``before:N`` or ``after:N`` makes the process
+SIGKILL itself just before sending the commit of its N-th atomic batch, or just after the
+broker confirmed it (before the engine learns of it)."""
 MAX_BATCH = 1000
 """The most messages nats-server takes in one atomic batch (10199 past it)."""
 CONCURRENT_BATCHES = 10
@@ -64,6 +70,14 @@ class BatchRefused(Exception):
         super().__init__(f"{description} (error {err_code})")
         self.err_code = err_code
         self.description = description
+
+
+async def _maybe_killed(moment: str, batch: int, nc: Client) -> None:
+    """SIGKILL this process at ``moment`` of its ``batch``-th atomic batch, if
+    :data:`_KILL_AT` asks for it (a crash test's hook; unset in production)."""
+    if os.environ.get(_KILL_AT) == f"{moment}:{batch}":
+        await nc.flush()  # what was sent before the crash reaches the broker
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _error_of(data: bytes) -> BatchRefused | None:
@@ -160,15 +174,19 @@ class FencedPublisher:
         """
         messages = self._messages(p, chunk, claim)
         self._ids += 1
-        batch = {"Nats-Batch-Id": f"{self._prefix}-{self._ids}"}
+        number = self._ids
+        batch = {"Nats-Batch-Id": f"{self._prefix}-{number}"}
         nc, n = self._nc, len(messages)
         for i, (subject, body, headers) in enumerate(messages, 1):
             headers.update(batch)
             headers["Nats-Batch-Sequence"] = str(i)
             if i == n:
                 headers["Nats-Batch-Commit"] = "1"
+                await _maybe_killed("before", number, nc)
                 reply = await nc.request(subject, body, timeout=self._timeout, headers=headers)
-                return self._stored(reply.data, reply.headers)
+                stored = self._stored(reply.data, reply.headers)
+                await _maybe_killed("after", number, nc)
+                return stored
             if i == 1:
                 # Its answer is empty once the batch is open; else why it is not.
                 first = await nc.request(subject, body, timeout=self._timeout, headers=headers)

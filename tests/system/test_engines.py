@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import msgspec
 import nats
+import pytest
 from nats.aio.client import Client
 
 from actors import replay
@@ -241,6 +242,53 @@ rule = "count('Visit') >= 2"
         # The second visit (m2) made zed a member: the retry of m1 did not count.
         assert [(t.segment, t.change, t.version) for t in zed] == [("twice", "entered", 1)]
         assert zed[0].cause == EventCause(message_id="m2")
+        b.popen.send_signal(signal.SIGTERM)
+        assert b.popen.wait(30) == 0
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("moment", ["before", "after"])
+async def test_a_kill_around_a_batch_commit_loses_and_repeats_nothing(
+    nats_server: NatsServer,
+    tmp_path: Path,
+    procs: list[Proc],
+    monkeypatch: pytest.MonkeyPatch,
+    moment: str,
+) -> None:
+    """An engine dies just before it sends the commit of an atomic batch of transitions (the
+    broker drops the open batch), or just after the broker stored it (the engine never
+    learnt it): the partition's new owner publishes what was not stored, and nothing
+    twice."""
+    rules = tmp_path / "segments.toml"
+    rules.write_text(RULES)
+    nc = await nats.connect(nats_server.url)
+    try:
+        monkeypatch.setenv("SHOAL_KILL_AT_BATCH", f"{moment}:5")
+        a = serve(nats_server.url, tmp_path / "a", "a", rules)
+        procs.append(a)
+        monkeypatch.delenv("SHOAL_KILL_AT_BATCH")
+        a.wait_err("shoal is serving", timeout=30)
+        b = serve(nats_server.url, tmp_path / "b", "b", rules)
+        procs.append(b)
+        await wait_owners(nc, lambda o: sorted(len(v) for v in o.values()) == [16, 16])
+        customers = [f"c{i}" for i in range(300)]
+        for r in range(3):
+            await publish(nc, customers, r)
+            await anyio.sleep(0.5)
+        # a killed itself at its 5th batch; b took its partitions over.
+        assert await anyio.to_thread.run_sync(a.popen.wait, 30) == -signal.SIGKILL
+        await wait_owners(nc, lambda o: o.keys() == {"b"} and len(o["b"]) == P)
+        await publish(nc, customers, 3)
+        with anyio.fail_after(60):
+            while True:
+                published = await transitions(nc)
+                want = per_customer(await replayed(nc, now() - 2_000_000), now() - 3_000_000)
+                got = per_customer([t for t, _ in published], now() - 3_000_000)
+                if got == want and len(got) == len(customers):
+                    break
+                await anyio.sleep(1)
+        check_versions(published)
         b.popen.send_signal(signal.SIGTERM)
         assert b.popen.wait(30) == 0
     finally:
