@@ -37,6 +37,7 @@ from ._broker import find_nats_server as find_nats_server
 from ._broker import port_in_use as port_in_use
 from ._cluster import ClusterNode as ClusterNode
 from ._cluster import embedded_cluster as embedded_cluster
+from ._cluster import is_loopback as is_loopback
 from ._cluster import jetstream_health as jetstream_health
 from ._cluster import meta_leader as meta_leader
 from ._cluster import wait_cluster_ready as wait_cluster_ready
@@ -292,6 +293,7 @@ __all__ = (
     "event_subject",
     "events_from_lines",
     "find_nats_server",
+    "is_loopback",
     "format_instant",
     "from_instant",
     "header_token",

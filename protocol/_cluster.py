@@ -97,7 +97,7 @@ def write_cluster_config(
         BrokerError: a folder or file cannot be made, or a key file cannot be used.
     """
     _check_ports(ports, cluster_ports, http_ports)
-    local = host if _is_loopback(host) else "127.0.0.1"
+    local = host if is_loopback(host) else "127.0.0.1"
     nodes = tuple(
         ClusterNode(
             name=f"n{i + 1}",
@@ -165,7 +165,7 @@ async def embedded_cluster(
     _check_ports(ports, cluster_ports, http_ports)
     exe = binary or find_nats_server()
     for kind, chosen in (("client", ports), ("cluster", cluster_ports), ("monitoring", http_ports)):
-        listen = host if kind == "client" or _is_loopback(host) else "127.0.0.1"
+        listen = host if kind == "client" or is_loopback(host) else "127.0.0.1"
         for i, port in enumerate(chosen):
             if port_in_use(listen, port):
                 raise BrokerError(
@@ -352,7 +352,8 @@ def _check_ports(*kinds: Sequence[int]) -> None:
         raise ValueError(f"a cluster's ports must be all different, not {every}")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``); a host name is not."""
     if host == "localhost":
         return True
     try:

@@ -12,17 +12,17 @@ the first start), or anyone with ``--no-auth``.
 from __future__ import annotations
 
 import argparse
-import signal
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 
-from protocol import KEYS_DIR, embedded_cluster
+from protocol import KEYS_DIR, embedded_cluster, is_loopback
 
-from ._connection import DEFAULT_DATA_DIR, _loopback
+from ._connection import DEFAULT_DATA_DIR
 from ._errors import UsageError
+from ._signals import stop_on_signal
 
 _CLUSTER_OFFSET = 2000
 _HTTP_OFFSET = 4000
@@ -129,7 +129,7 @@ def cluster_ports(
 async def _cluster(args: argparse.Namespace) -> int:
     logger = structlog.get_logger("shoal")
     clients, routes, monitoring = cluster_ports(args.port, args.cluster_port, args.http_port)
-    if args.no_auth and not _loopback(args.host):
+    if args.no_auth and not is_loopback(args.host):
         raise UsageError(
             f"--no-auth listens on {args.host}, which is not a loopback address: anyone who "
             "reaches it could forge transitions and read every customer. Drop --no-auth "
@@ -138,7 +138,7 @@ async def _cluster(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir
     keys = None if args.no_auth else data_dir / KEYS_DIR
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, tg.cancel_scope)
+        tg.start_soon(stop_on_signal, tg.cancel_scope)
         async with embedded_cluster(
             data_dir / "cluster",
             host=args.host,
@@ -170,11 +170,3 @@ def serve_command(data_dir: Path, urls: list[str]) -> str:
         words.append(f"--data-dir {data_dir}")
     words += [f"--nats {url}" for url in urls]
     return " ".join(words)
-
-
-async def _stop_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            structlog.get_logger("shoal").info("stopping", signal=signal.Signals(signum).name)
-            scope.cancel()
-            return

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import os
 from pathlib import Path
 
 import structlog
 
-from protocol import KEYS_DIR, embedded_broker, role_key_file
+from protocol import KEYS_DIR, embedded_broker, is_loopback, role_key_file
 from protocol.nats import Credentials, StreamNeedsMigration, redact
 
 from ._errors import UsageError
@@ -217,7 +216,7 @@ async def engine_servers(
         if args.no_auth:
             raise UsageError("--no-auth is for the embedded broker: give it or --nats, not both")
         return list(args.nats)
-    if args.no_auth and not _loopback(args.host):
+    if args.no_auth and not is_loopback(args.host):
         raise UsageError(
             f"--no-auth listens on {args.host}, which is not a loopback address: anyone who "
             "reaches it could forge transitions and read every customer. Drop --no-auth "
@@ -233,12 +232,3 @@ async def engine_servers(
         auth="none (--no-auth)" if keys is None else f"role keys in {keys}",
     )
     return [url]
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve anywhere

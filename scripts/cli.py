@@ -74,6 +74,7 @@ from ._connection import (
 from ._errors import REPORTED, ExitCode, NotFound, UsageError, exit_code
 from ._logging import Scrubber, configure_logging, secrets_of
 from ._serving import Serving, metrics_view
+from ._signals import stop_on_signal
 
 _CONNECTING = {
     "serve": "engine",
@@ -447,7 +448,7 @@ async def _serve(args: argparse.Namespace) -> int:
             return await engine.apply_segments(new, origin=await served_origin(new, served))
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_stop_on_signal, tg.cancel_scope)
+            tg.start_soon(stop_on_signal, tg.cancel_scope)
             if metrics is not None:
                 # Before the engine starts: the start-up (a rebuild) is watched too.
                 await tg.start(
@@ -512,14 +513,6 @@ def _lists_dir(segments: Path | None, lists_dir: Path | None) -> Path | None:
     if not lists_dir.is_dir():
         raise UsageError(f"--lists-dir {lists_dir} is not a directory")
     return lists_dir
-
-
-async def _stop_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            structlog.get_logger("shoal").info("stopping", signal=signal.Signals(signum).name)
-            scope.cancel()
-            return
 
 
 # segments validate --------------------------------------------------------------------------

@@ -272,6 +272,7 @@ PINS = {
         "event_subject",
         "events_from_lines",
         "find_nats_server",
+        "is_loopback",
         "format_instant",
         "from_instant",
         "header_token",
