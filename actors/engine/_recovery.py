@@ -224,7 +224,10 @@ class Recovery:
         segments = p.segments
         snaps = {s.customer_id: s for s in await self._store.snapshots.of(ids)}
         from_log: list[str] = []
-        for customer_id in ids:
+        for i, customer_id in enumerate(ids):
+            # A large tail (a partition just taken over) must not hold the event loop: the
+            # leases are renewed on it.
+            await breathe(i)
             snap = snaps.get(customer_id)
             c = self._from_snapshot(snap) if snap is not None else None
             if c is None or snap is None:
