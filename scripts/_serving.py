@@ -19,7 +19,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +81,25 @@ _CHECK = 2.0
 _GIVE_UP = 60.0
 """Seconds terms may keep failing for want of the broker before the engine gives up."""
 _logger = structlog.get_logger("shoal.serve")
+
+
+def _broker_failure(e: BaseException) -> BrokerError | None:
+    """The broker's transient failure ``e`` stands for (alone, or in a task group's errors
+    with nothing but others like it), or None: anything else, cancellation included."""
+    errors = list(_leaves(e))
+    if not errors or not all(isinstance(x, BrokerError) and _transient(x) for x in errors):
+        return None
+    first = errors[0]
+    assert isinstance(first, BrokerError)
+    return first
+
+
+def _leaves(e: BaseException) -> Iterator[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        for inner in e.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield e
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -284,21 +311,20 @@ class Serving:
             await tg.start(functools.partial(self.claims.keep, self._lost))
             failing_since: float | None = None
             while True:
-                await self._claim_share()
                 term = self._term = _Term()
                 try:
-                    try:
-                        await self._serve(term, task_status if not started else None)
-                    except BaseExceptionGroup as group:
-                        raise _single(group) from None
-                except BrokerError as e:
+                    await self._claim_share()
+                    await self._serve(term, task_status if not started else None)
+                except BaseException as e:
                     # A replicated broker is unavailable for moments (a leader elected, a
                     # node lost): the term starts again, unless it has failed for long.
+                    # Cancellation and any other failure go on up.
+                    failure = _broker_failure(e)
                     now = anyio.current_time()
                     failing_since = failing_since if failing_since is not None else now
-                    if not _transient(e) or now - failing_since > _GIVE_UP:
+                    if failure is None or now - failing_since > _GIVE_UP:
                         raise
-                    _logger.warning("term failed; starting it again", error=str(e))
+                    _logger.warning("term failed; starting it again", error=str(failure))
                     await anyio.sleep(1.0)
                     continue
                 failing_since = None
@@ -583,7 +609,13 @@ class Serving:
                 ]
                 if short:
                     give = owned[target:]
-                    if await self._upload(engine, sink, give):
+                    try:
+                        uploaded = await self._upload(engine, sink, give)
+                    except BrokerError as e:
+                        # Handed over once their snapshots are stored: at the next look.
+                        _logger.warning("partition snapshots not uploaded", error=str(e))
+                        continue
+                    if uploaded:
                         term.give = give
                         term.end(
                             f"handing {len(give)} partitions over to {', '.join(sorted(short))}"

@@ -383,11 +383,21 @@ class Claims:
 
     async def _renew_beat(self) -> None:
         info = EngineInfo(started=self._started, partitions=len(self.owned))
+        if self._beat is None:
+            # Not written since it expired (the broker away): a first one again.
+            try:
+                await self.start_beating()
+            except BrokerError as e:
+                _logger.warning("heartbeat not written", error=str(e))
+            return
         try:
             self._beat = await self._leases.beat(self.engine_id, info, self._ttl, self._beat)
         except LeaseLost:
             self._beat = None  # expired while the broker was away: begin again
-            await self.start_beating()
+            try:
+                await self.start_beating()
+            except BrokerError as e:
+                _logger.warning("heartbeat not written", error=str(e))
         except BrokerError as e:
             _logger.warning("heartbeat not written", error=str(e))
 

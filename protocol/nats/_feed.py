@@ -190,10 +190,13 @@ class EventFeed:
         # node lost, the cluster busy), the broker says it is unavailable for a moment.
         give_up = anyio.current_time() + _START_FOR
         delay = 0.1
+        own: str | None = None
         while True:
             try:
                 async with permission_guard(self._nc):
-                    await self._open(own=None)
+                    # A try after one that failed may find the consumer bound to that try's
+                    # subscription: its own, not another engine's.
+                    await self._open(own=own)
                 return
             except BrokerError:
                 raise
@@ -213,6 +216,7 @@ class EventFeed:
                 _logger.warning(
                     "consumer not started yet; retrying", consumer=self._durable, error=str(e)
                 )
+                own = self._deliver
                 await self._close_subscription()
                 await anyio.sleep(delay)
                 delay = min(delay * 2, _MAX_RETRY_DELAY)

@@ -192,7 +192,7 @@ async def _scenario(
         await anyio.sleep(1)
         engines["c"].popen.send_signal(signal.SIGCONT)
         # It notices, gives up what it lost, and claims its share again.
-        await wait_owners(nc, lambda o: sorted(len(v) for v in o.values()) == [16, 16], timeout=60)
+        await wait_owners(nc, lambda o: sorted(len(v) for v in o.values()) == [16, 16], timeout=90)
         # The broker's meta leader dies.
         leader = await nats_cluster.meta_leader()
         nats_cluster.nodes[leader].kill()
