@@ -75,12 +75,12 @@ class Claim:
         legacy = partition_consumer(self.consumers, part)
         if self.previous is None:
             return (legacy,)
-        older = tuple(partition_consumer(prefix, part, seq) for seq, prefix in self.earlier)
-        return (
-            partition_consumer(self.previous.consumers, part, self.previous_seq),
-            *older,
-            legacy,
-        )
+        return (partition_consumer(self.previous.consumers, part, self.previous_seq), legacy)
+
+    def _older(self, part: int | str) -> tuple[str, ...]:
+        # The claims before the previous one: retired, their floors never trusted (another
+        # engine's may have read past what this engine's store holds).
+        return tuple(partition_consumer(prefix, part, seq) for seq, prefix in self.earlier)
 
     @property
     def taken_over(self) -> bool:
@@ -95,14 +95,20 @@ class Claim:
         another engine claimed it last)."""
         fresh = self.taken_over if taken_over is None else taken_over
         return FeedClaim(
-            self.consumer, self._previous(self.partition), start_after, trust_previous=not fresh
+            self.consumer,
+            self._previous(self.partition),
+            start_after,
+            trust_previous=not fresh,
+            retire=self._older(self.partition),
         )
 
     def strays(self) -> FeedClaim:
         """The consumer of the messages stored without a partition, read with partition 0
         (its position is its own: its previous consumer's floor)."""
         return FeedClaim(
-            partition_consumer(self.consumers, STRAYS, self.seq), self._previous(STRAYS)
+            partition_consumer(self.consumers, STRAYS, self.seq),
+            self._previous(STRAYS),
+            retire=self._older(STRAYS),
         )
 
 

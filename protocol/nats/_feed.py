@@ -102,6 +102,7 @@ class EventFeed:
         previous: Sequence[str] = (),
         start_after: int = 0,
         trust_previous: bool = True,
+        retire: Sequence[str] = (),
     ) -> None:
         """``previous``: the consumers earlier claims of the partition read (see
         :meth:`start`); ``start_after``: the stream position up to which everything is
@@ -111,6 +112,8 @@ class EventFeed:
         tolerate_undecodable_subjects(nc)
         self._previous = [name for name in previous if name != durable]
         self._trust_previous = trust_previous
+        # Deleted at start, their floors ignored (older claims', perhaps another engine's).
+        self._retire_only = [name for name in retire if name != durable]
         self._retired_floor: int | None = None
         # Told the stream position of each delivery as it arrives (PartitionedFeed's).
         self._on_arrival = on_arrival
@@ -396,6 +399,9 @@ class EventFeed:
         Raises:
             BrokerError: another engine is consuming from it right now.
         """
+        for name in list(self._retire_only):
+            await self._retire(name)
+            self._retire_only.remove(name)
         # Kept across tries: a try that failed after retiring them must not forget it.
         for name in list(self._previous):
             floor = await self._retire(name)

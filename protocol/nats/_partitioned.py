@@ -82,6 +82,8 @@ class FeedClaim:
     """Whether the previous consumers' acknowledgement floors are this engine's too (its own
     earlier claim); False for a partition taken over from another engine, whose store
     starts from a snapshot at ``start_after``: they are deleted, their floors ignored."""
+    retire: tuple[str, ...] = ()
+    """Consumers of older claims: deleted at start, their floors ignored."""
 
 
 class PartitionedFeed:
@@ -145,6 +147,7 @@ class PartitionedFeed:
                 previous=self._claims[p].previous,
                 start_after=self._claims[p].start_after,
                 trust_previous=self._claims[p].trust_previous,
+                retire=self._claims[p].retire,
                 filter_subject=partition_filter(p) if p is not None else _STRAYS_FILTER,
                 max_in_flight=per_feed,
                 ack_wait=ack_wait,
