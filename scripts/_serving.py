@@ -261,9 +261,6 @@ class Serving:
     """Per partition, the progress position its snapshots are bounded by until it is caught
     up (taken over: the one of the snapshot it started from)."""
     _skip: dict[str, int] = field(default_factory=dict)
-    _forgotten: set[int] = field(default_factory=set)
-    """Partitions whose rows the store dropped (given or lost): taken over afresh when
-    claimed again, even if this engine's claim was the last."""
     _prepared: set[tuple[int, int]] = field(default_factory=set)
     _counts: Counter[str] = field(default_factory=Counter)
     """The (partition, claim) taken over whose store is ready: not taken over again."""
@@ -378,7 +375,7 @@ class Serving:
         rejected: set[int] | None = None
         for p, claim in sorted(owned.items()):
             # Another engine's last, or this one's store forgot it since (given or lost).
-            afresh = claim.taken_over or p in self._forgotten or p in self.store.dropped
+            afresh = claim.taken_over or p in self.store.dropped
             if afresh and (p, claim.seq) not in self._prepared:
                 if rejected is None:
                     rejected = await rejected_positions(self.nc)
@@ -386,7 +383,6 @@ class Serving:
                 self._counts["takeovers"] += 1
                 # Once: the next terms of this claim go on from the store as it is then.
                 self._prepared.add((p, claim.seq))
-                self._forgotten.discard(p)
             elif afresh:
                 through = self.store.partitions_through
                 feeds[p] = claim.feed(through.get(p, 0), taken_over=True)
@@ -470,7 +466,6 @@ class Serving:
                 if partition(c, self.partitions) in dropped
             ]
             await self.store.drop_customers(ids, partitions=gone)
-            self._forgotten.update(gone)
         _logger.info(
             "term ended",
             why=term.reason,
@@ -489,7 +484,6 @@ class Serving:
             return
         ids = [c for c in await self.store.customer_ids() if partition(c, self.partitions) in stale]
         await self.store.drop_customers(ids, partitions=sorted(stale))
-        self._forgotten.update(stale)
         _logger.info("partitions not owned forgotten", partitions=sorted(stale), customers=len(ids))
 
     # Taking over ------------------------------------------------------------------------

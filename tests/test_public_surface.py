@@ -321,7 +321,6 @@ PINS = {
         "LeaseChange",
         "LeaseWatch",
         "PartitionedFeed",
-        "PartitionsHeld",
         "PartitionsLost",
         "Published",
         "Publisher",

@@ -10,7 +10,6 @@ it; the engine (``actors``) sees only the ports (``protocol.EventSource`` and
 from ._claims import DEFAULT_LEASE_TTL as DEFAULT_LEASE_TTL
 from ._claims import Claim as Claim
 from ._claims import Claims as Claims
-from ._claims import PartitionsHeld as PartitionsHeld
 from ._claims import PartitionsLost as PartitionsLost
 from ._connect import Credentials as Credentials
 from ._connect import StreamNeedsMigration as StreamNeedsMigration
@@ -68,7 +67,6 @@ __all__ = (
     "LeaseChange",
     "LeaseWatch",
     "PartitionedFeed",
-    "PartitionsHeld",
     "PartitionsLost",
     "Published",
     "Publisher",

@@ -112,24 +112,6 @@ class Claim:
         )
 
 
-class PartitionsHeld(BrokerError):
-    """Other engines hold partitions this one was to own, and kept them."""
-
-    def __init__(self, holders: Iterable[Holder], waited: float) -> None:
-        held = sorted(holders, key=lambda h: h.partition)
-        by: dict[str, list[int]] = {}
-        for h in held:
-            by.setdefault(h.engine, []).append(h.partition)
-        who = "; ".join(
-            f"engine {engine!r} holds {_partitions(ps)}" for engine, ps in sorted(by.items())
-        )
-        super().__init__(
-            f"other engines hold partitions this engine is to own, still after {waited:g} s: "
-            f"{who}. Stop them first (a crashed engine's leases expire by themselves)"
-        )
-        self.holders = held
-
-
 class PartitionsLost(BrokerError):
     """Leases this engine held passed to another engine, or expired: it owns those
     partitions no longer."""
@@ -217,39 +199,6 @@ class Claims:
             previous_engine=None if claim.previous is None else claim.previous.engine,
         )
         return claim
-
-    async def claim_all(self, partitions: Iterable[int], *, wait: float) -> None:
-        """Claim every one of ``partitions``, trying those other engines hold again for up
-        to ``wait`` seconds (a crashed engine's lease expires within its TTL).
-
-        Raises:
-            PartitionsHeld: other engines still held some after ``wait`` seconds (those
-                claimed meanwhile stay claimed: :meth:`release_all` gives them up).
-            BrokerError: as :meth:`claim`.
-        """
-        todo = sorted(set(partitions) - self.owned.keys())
-        give_up = time.monotonic() + wait
-        told = False
-        while True:
-            held: list[Holder] = []
-            for p in todo:
-                got = await self.claim(p)
-                if isinstance(got, Holder):
-                    held.append(got)
-            if not held:
-                return
-            if time.monotonic() >= give_up:
-                raise PartitionsHeld(held, wait)
-            if not told:
-                told = True
-                _logger.warning(
-                    "waiting for partitions other engines hold",
-                    partitions=[h.partition for h in held],
-                    engines=sorted({h.engine for h in held}),
-                    for_at_most=wait,
-                )
-            todo = [h.partition for h in held]
-            await anyio.sleep(_RETRY)
 
     async def _lease(self, partition: int) -> Lease | Holder:
         for _ in range(_CLAIM_TRIES):
