@@ -168,12 +168,22 @@ async def test_failover_loses_nothing_and_publishes_once(
                 print(f"--- {survivor}:", *engines[survivor].rest()[-100:], sep="\n")
             assert status == 0
 
-        published = await _transitions(nc)
-        check_versions(published)
+        await _checked(nc)
         await _fences_held(nc)
         differ = await _differ(nc, stopped - 1_000_000, show=5)
         assert not differ, f"{len(differ)} customers differ"
         await _applied_once(nc, tmp_path)
+    except BaseException:
+        logs = os.environ.get("SHOAL_FAILOVER_LOGS")
+        if logs:
+            for name, proc in engines.items():
+                if proc.popen.poll() is None:
+                    proc.popen.kill()
+                    proc.popen.wait()
+                time.sleep(0.5)
+                lines = [*proc.err, *proc.rest()]
+                (Path(logs) / f"engine-{name}.log").write_text("\n".join(lines))
+        raise
     finally:
         await nc.close()
 
@@ -210,11 +220,65 @@ async def _scenario(
         await nats_cluster.wait_ready(timeout=60)
 
 
+async def _checked(nc: Client) -> list[tuple[Transition, str | None]]:
+    """The transitions published, checked for one gap-free version sequence per customer;
+    on failure, what the stream holds of the customers at fault is printed."""
+    published = await _transitions(nc)
+    try:
+        check_versions(published)
+    except AssertionError:
+        await _explain(nc, published)
+        raise
+    return published
+
+
+async def _explain(nc: Client, published: list[tuple[Transition, str | None]]) -> None:
+    """Print, for each customer whose versions repeat or skip, its transitions and the
+    progress records naming it, with their claims' engines."""
+    by: dict[str, list[int]] = defaultdict(list)
+    for t, _ in published:
+        by[t.customer_id].append(t.version)
+    bad = {c for c, vs in by.items() if sorted(vs) != list(range(1, len(vs) + 1))}
+    claims: dict[int, str] = {}
+    async for chunk in read_stream(nc, SEGMENTS_STREAM, ">"):
+        for d in chunk:
+            if d.subject.startswith("shoal.fence."):
+                claim = FENCE_DECODER.decode(d.data)
+                claims[d.stream_sequence] = claim.engine
+                print("fence", d.stream_sequence, claim)
+            elif d.subject.startswith("shoal.progress."):
+                record = PROGRESS_DECODER.decode(d.data)
+                for c, v in record.versions:
+                    if c in bad:
+                        print(
+                            "progress",
+                            d.stream_sequence,
+                            d.subject,
+                            "claim",
+                            record.claim,
+                            claims.get(record.claim),
+                            c,
+                            v,
+                        )
+            else:
+                t = msgspec.json.decode(d.data, type=Transition)
+                if t.customer_id in bad:
+                    print(
+                        "transition",
+                        d.stream_sequence,
+                        t.customer_id,
+                        t.version,
+                        t.segment,
+                        t.change,
+                        t.at.isoformat(),
+                        t.cause,
+                    )
+
+
 async def _differ(nc: Client, cutoff: int, *, show: int = 0) -> list[str]:
     """The customers whose published transitions up to ``cutoff`` are not what one process
     replaying the whole events stream makes; the first ``show`` of them printed."""
-    published = await _transitions(nc)
-    check_versions(published)
+    published = await _checked(nc)
     got = per_customer([t for t, _ in published], cutoff)
     want = per_customer(await replayed(nc, cutoff + 1_000_000), cutoff)
     differ = sorted(c for c in got.keys() | want.keys() if got.get(c) != want.get(c))
