@@ -135,10 +135,12 @@ from ._subjects import customer_of_stored_subject as customer_of_stored_subject
 from ._subjects import definitions_marker_subject as definitions_marker_subject
 from ._subjects import escape_token as escape_token
 from ._subjects import event_subject as event_subject
+from ._subjects import fence_probe_subject as fence_probe_subject
 from ._subjects import import_marker_of as import_marker_of
 from ._subjects import import_marker_subject as import_marker_subject
 from ._subjects import is_control_subject as is_control_subject
 from ._subjects import is_definitions_marker as is_definitions_marker
+from ._subjects import is_fence_probe as is_fence_probe
 from ._subjects import segment_filter as segment_filter
 from ._subjects import segment_subject as segment_subject
 from ._subjects import stored_event_subject as stored_event_subject
@@ -283,6 +285,7 @@ __all__ = (
     "decode_event",
     "decode_marker",
     "definitions_marker_subject",
+    "fence_probe_subject",
     "embedded_broker",
     "embedded_cluster",
     "encode_definitions",
@@ -302,6 +305,7 @@ __all__ = (
     "inbox_prefix",
     "is_control_subject",
     "is_definitions_marker",
+    "is_fence_probe",
     "jetstream_health",
     "meta_leader",
     "nkey_users_config",

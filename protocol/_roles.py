@@ -145,6 +145,10 @@ def _engine() -> _Role:
         f"{_JS}.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.*",
         f"{_JS}.CONSUMER.DELETE.{EVENTS_STREAM}.*",
         f"$JS.ACK.{EVENTS_STREAM}.>",
+        # On a replicated SHOAL_EVENTS, the deadline barrier reads each partition's last
+        # message from the stream's leader, and deletes the probes it publishes.
+        f"{_JS}.STREAM.MSG.GET.{EVENTS_STREAM}",
+        f"{_JS}.STREAM.MSG.DELETE.{EVENTS_STREAM}",
         # shoal migrate: the stream of an earlier shoal replaced by a partitioned one, into
         # which its messages are republished on their stored subjects, markers included.
         f"{_JS}.STREAM.DELETE.{EVENTS_STREAM}",

@@ -459,6 +459,27 @@ def is_definitions_marker(subject: str) -> bool:
     return len(tokens) == 4 and tokens[1:3] == [CONTROL_TOKEN, "definitions"]
 
 
+def fence_probe_subject(partition: int) -> str:
+    """The subject of the engine's probes of a replicated ``SHOAL_EVENTS`` in one partition,
+    ``shoal.events.<partition>.ctl.probe``: empty messages that tell the deadline barrier
+    how far the stream's stored events reached the engine (see
+    ``protocol.nats.PartitionedFeed.fence``). Nothing to apply; each is deleted once used.
+
+    Raises:
+        SubjectError: a negative partition.
+    """
+    if partition < 0:
+        raise SubjectError(f"no probe subject for partition {partition}")
+    return f"{EVENTS_PREFIX}{partition}.{CONTROL_TOKEN}.probe"
+
+
+def is_fence_probe(subject: str) -> bool:
+    """Whether a stored subject of ``SHOAL_EVENTS`` is an engine's probe (see
+    :func:`fence_probe_subject`)."""
+    tokens = subject[len(EVENTS_PREFIX) :].split(".") if subject.startswith(EVENTS_PREFIX) else []
+    return len(tokens) == 3 and tokens[1:] == [CONTROL_TOKEN, "probe"]
+
+
 def is_control_subject(subject: str) -> bool:
     """Whether a stored subject of ``SHOAL_EVENTS`` is a control message
     (``shoal.events.<partition>.ctl.…``) rather than an event."""

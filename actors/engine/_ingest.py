@@ -23,6 +23,7 @@ from protocol import (
     Transition,
     TransitionSink,
     is_definitions_marker,
+    is_fence_probe,
 )
 from store import LoggedEvent, Store
 
@@ -93,8 +94,9 @@ class Ingest:
                 if run:
                     await self._run(run)
                     run = []
-                if is_definitions_marker(d.subject):
-                    # The engine's own record of a switch (for a rebuild from the stream):
+                if is_definitions_marker(d.subject) or is_fence_probe(d.subject):
+                    # The engine's own record of a switch (for a rebuild from the stream),
+                    # or its probe of a replicated stream (for the deadline barrier):
                     # nothing to apply, but its position is committed like any message's.
                     await self._outbox.commit(
                         [],

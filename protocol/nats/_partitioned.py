@@ -4,9 +4,13 @@ partition, read together in micro-batches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
+import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from operator import attrgetter
 
 import anyio
@@ -18,7 +22,13 @@ from nats.js import JetStreamContext
 from protocol._errors import BrokerError
 from protocol._partitions import partition_consumer
 from protocol._ports import Delivery, StreamState
-from protocol._subjects import EVENTS_PREFIX, EVENTS_STREAM, EVENTS_WILDCARD
+from protocol._subjects import (
+    EVENTS_PREFIX,
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    fence_probe_subject,
+)
+from protocol._time import to_instant
 from protocol.nats._feed import EventFeed, transitions_published
 
 STRAYS = "unpartitioned"
@@ -30,6 +40,27 @@ broker whether it ever will (one no consumer reads, or one acknowledged before a
 _STRAYS_FILTER = f"{EVENTS_PREFIX}*"
 """Only a subject the stream stores untransformed has a single token after the prefix: one
 published on the literal ``shoal.events.*`` or ``shoal.events.>``."""
+_PROBE_EVERY = 0.02
+"""Seconds at least between two probes of a replicated stream (see
+:meth:`PartitionedFeed.fence`): deadlines due meanwhile wait for the next, at most that
+much later."""
+_ARRIVAL_POLL = 0.002
+"""Seconds between two looks at whether a feed received a position."""
+
+
+def _stamp(text: object) -> int | None:
+    """Microseconds since the epoch of a JetStream time (RFC 3339 in UTC, to the
+    nanosecond); None for none (the zero time of an empty stream) or another form."""
+    if not isinstance(text, str) or not text.endswith("Z"):
+        return None
+    base, _, fraction = text[:-1].partition(".")
+    try:
+        at = to_instant(datetime.fromisoformat(base).replace(tzinfo=UTC))
+    except ValueError:
+        return None
+    if at <= 0:
+        return None
+    return at + (int((fraction + "000000")[:6]) if fraction.isdigit() else 0)
 
 
 class _Frontier:
@@ -111,14 +142,19 @@ class PartitionedFeed:
         max_in_flight: int = 20_000,
         ack_wait: float = 30.0,
         claims: Mapping[int | None, FeedClaim] | None = None,
+        replicated: bool = False,
     ) -> None:
         """``owned``: the partitions read (default: all); the owner of partition 0 reads
         the messages stored without a partition too (and rejects them). ``max_in_flight``
         bounds the deliveries not yet acknowledged over all of them (split evenly, at least
         one each). ``claims``: per partition (None: the messages stored without one), the
         consumer of this engine's claim; a partition not given reads the consumer
-        ``<prefix>-<partition>``."""
+        ``<prefix>-<partition>``. ``replicated``: ``SHOAL_EVENTS`` has several replicas,
+        so :meth:`fence` probes it (see there)."""
+        self._nc = nc
         self._js = js
+        self._replicated = replicated
+        self._probed_at = -_PROBE_EVERY
         self._prefix = prefix
         self._partitions = partitions
         self._owned = list(range(partitions) if owned is None else owned)
@@ -402,6 +438,8 @@ class PartitionedFeed:
         feed reads, such as a message on the literal ``shoal.events.>``) it asks every
         consumer, and a yes moves the frontier past the gap.
         """
+        if self._replicated:
+            return await self._fence_replicated(timeout)
         if not self._whole:
             return await self._fence_each(timeout)
         if self.needs_restart:
@@ -421,6 +459,77 @@ class PartitionedFeed:
             self._arrived.jump(last)
             return True
         return False
+
+    async def _fence_replicated(self, timeout: float) -> bool:
+        """The deadline barrier on a replicated ``SHOAL_EVENTS``.
+
+        A clustered nats-server stamps a message when its leader proposes it, and stores it
+        (so that a consumer can deliver it) only once a quorum holds it: for a moment, and
+        for seconds while a leader is elected, an event stamped before now is invisible to
+        every consumer, whose ``num_pending`` then says nothing is on its way. So the
+        question goes to the stream's leader, which has stored every message up to its
+        last: when that one was stamped after this call, so was anything not stored yet;
+        otherwise a probe is published (an empty control message in an owned partition,
+        stamped after this call, so stored after every event stamped before it) and its
+        position is the bound. Then each partition's last message up to there (read from
+        the leader) must have reached its feed; the probe is deleted once used.
+        """
+        if self.needs_restart or not all(f.started for f in self._feeds):
+            return False
+        asked = time.time_ns() // 1000
+        probe: int | None = None
+        try:
+            with anyio.fail_after(timeout):
+                last, stamped = await self._stream_last()
+                if stamped is None or stamped < asked:
+                    probe = last = await self._probe()
+                if self._arrived.through >= last:
+                    return True
+                feeds = [f for f, p in zip(self._feeds, self._parts, strict=True) if p is not None]
+                lasts = await asyncio.gather(*(self._last_of(f.filter_subject) for f in feeds))
+                for f, seq in zip(feeds, lasts, strict=True):
+                    while f.received_max < seq:
+                        if f.needs_restart:
+                            return False
+                        await anyio.sleep(_ARRIVAL_POLL)
+                return True
+        except (TimeoutError, nats.errors.Error, BrokerError):
+            return False
+        finally:
+            if probe is not None:
+                with (
+                    anyio.CancelScope(shield=True),
+                    contextlib.suppress(TimeoutError, nats.errors.Error),
+                ):
+                    await self._js.delete_msg(EVENTS_STREAM, probe)
+
+    async def _stream_last(self) -> tuple[int, int | None]:
+        """The stream's last position and its stamp (None: none, or not readable), from its
+        leader (nats-py's ``stream_info`` leaves the stamp out)."""
+        msg = await self._nc.request(f"$JS.API.STREAM.INFO.{EVENTS_STREAM}", b"")
+        try:
+            state = json.loads(msg.data)["state"]
+            return int(state["last_seq"]), _stamp(state.get("last_ts"))
+        except (ValueError, KeyError, TypeError) as e:
+            raise BrokerError(f"cannot read the state of stream {EVENTS_STREAM}: {e}") from e
+
+    async def _probe(self) -> int:
+        """Publish a probe in the first owned partition (at most one every
+        :data:`_PROBE_EVERY`, so that a run of deadlines shares one); its stream position."""
+        wait = self._probed_at + _PROBE_EVERY - anyio.current_time()
+        if wait > 0:
+            await anyio.sleep(wait)
+        self._probed_at = anyio.current_time()
+        ack = await self._js.publish(fence_probe_subject(self._owned[0]), b"")
+        return int(ack.seq)
+
+    async def _last_of(self, subjects: str) -> int:
+        """The stream position of the last message on ``subjects`` (0: none), from the
+        stream's leader."""
+        try:
+            return int((await self._js.get_msg(EVENTS_STREAM, subject=subjects)).seq or 0)
+        except nats.js.errors.NotFoundError:
+            return 0
 
     async def _fence_each(self, timeout: float) -> bool:
         answers = await asyncio.gather(*(f.fence(timeout=timeout) for f in self._feeds))

@@ -15,7 +15,8 @@ import structlog
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from protocol._subjects import SEGMENTS_STREAM
+from protocol._errors import BrokerError
+from protocol._subjects import EVENTS_STREAM, SEGMENTS_STREAM
 from protocol._time import from_instant
 from protocol._types import Transition, shown_subject
 from protocol.nats._connect import StreamSettings, ensure_streams
@@ -92,6 +93,10 @@ async def jetstream_ports(
     async with permission_guard(nc):
         partitions = await ensure_streams(js, streams)
     owned = None if claims is None else sorted(p for p in claims if p is not None)
+    try:
+        events = await js.stream_info(EVENTS_STREAM)
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read stream {EVENTS_STREAM}: {e}") from e
     feed = PartitionedFeed(
         nc,
         js,
@@ -100,5 +105,7 @@ async def jetstream_ports(
         owned=owned,
         max_in_flight=max_in_flight,
         claims=claims,
+        # A replicated stream's deadline barrier needs probes (PartitionedFeed.fence).
+        replicated=(events.config.num_replicas or 1) > 1,
     )
     return feed, Publisher(nc, partitions=partitions)
