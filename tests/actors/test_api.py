@@ -131,7 +131,7 @@ async def test_srv_discovery_lists_every_endpoint(
 ) -> None:
     async with with_alice(nats_server, client, tmp_path):
         ping = json.loads((await ask(client, "$SRV.PING.shoal")).data)
-        assert (ping["name"], ping["version"]) == ("shoal", "1.2.0")
+        assert (ping["name"], ping["version"]) == ("shoal", "1.3.0")
         info = json.loads((await ask(client, "$SRV.INFO.shoal")).data)
         assert info["name"] == "shoal"
         assert (info["metadata"]["partitions"], info["metadata"]["owned"]) == ("32", "0-31")
