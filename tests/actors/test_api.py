@@ -152,7 +152,7 @@ async def test_srv_discovery_lists_every_endpoint(
             ("search", "shoal.api.search", everyone),
             ("definitions", "shoal.api.definitions", "shoal"),
             ("status", "shoal.api.status", everyone),
-            ("unpark", "shoal.api.unpark", "shoal"),
+            ("unpark", "shoal.api.unpark", everyone),
         }
         # On the subject of earlier versions: forwarded, and answered by the partition's.
         await ask(client, "shoal.api.customer.nobody")
