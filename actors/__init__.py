@@ -12,6 +12,7 @@ from ._customer import Customer as Customer
 from ._customer import SnapshotError as SnapshotError
 from ._errors import ActorsError as ActorsError
 from ._errors import DefinitionError as DefinitionError
+from ._errors import DefinitionsConflict as DefinitionsConflict
 from ._history import Interval as Interval
 from ._history import MembershipAt as MembershipAt
 from ._history import known_customer as known_customer
@@ -68,6 +69,7 @@ __all__ = (
     "Clock",
     "Customer",
     "DefinitionError",
+    "DefinitionsConflict",
     "DefinitionsKeeper",
     "Engine",
     "EngineApi",

@@ -22,6 +22,7 @@ from protocol import (
     CustomerReply,
     DefinitionsReply,
     DefinitionsRequest,
+    DefinitionsSuperseded,
     EngineUnavailable,
     EventCounter,
     ExplainReply,
@@ -50,7 +51,7 @@ from protocol._api import MAX_PARKED_SHOWN
 from store import ParkedCustomer
 
 from ._customer import Customer
-from ._errors import ActorsError, DefinitionError, UnknownSegmentError
+from ._errors import ActorsError, DefinitionError, DefinitionsConflict, UnknownSegmentError
 from .engine import Engine
 from .rules import MISSING, SegmentSet, explain, parse_segments
 
@@ -254,6 +255,9 @@ class EngineApi:
             try:
                 origin = ApiOrigin(source=request.source, client=client)
                 transitions = await engine.apply_segments(new, origin=origin)
+            except DefinitionsConflict as e:
+                # Not retried on top of the winner: the requester decides, knowing it.
+                raise DefinitionsSuperseded(str(e)) from e
             except ActorsError as e:
                 raise EngineUnavailable(f"the segments were not applied: {e}") from e
         return DefinitionsReply(

@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from ._errors import ActorsError, DefinitionError
+from ._errors import ActorsError, DefinitionError, DefinitionsConflict
 from .rules import SegmentSet, load_segments
 
 POLL = 1.0
@@ -88,5 +88,7 @@ async def watch_segments(
             continue
         try:
             await apply(segments)  # the engine logs what it changed
+        except DefinitionsConflict:
+            continue  # logged; another engine's version is followed
         except ActorsError:
             return

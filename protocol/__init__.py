@@ -58,6 +58,7 @@ from ._definitions import encode_marker as encode_marker
 from ._errors import ApiError as ApiError
 from ._errors import BrokerError as BrokerError
 from ._errors import CustomerParked as CustomerParked
+from ._errors import DefinitionsSuperseded as DefinitionsSuperseded
 from ._errors import EngineIdInUse as EngineIdInUse
 from ._errors import EnginesDisagree as EnginesDisagree
 from ._errors import EngineUnavailable as EngineUnavailable
@@ -192,6 +193,7 @@ __all__ = (
     "DefinitionsMarker",
     "DefinitionsReply",
     "DefinitionsRequest",
+    "DefinitionsSuperseded",
     "Delivery",
     "EARLIEST",
     "EVENTS_STREAM",

@@ -289,11 +289,23 @@ class ParkedInfo(msgspec.Struct, frozen=True, kw_only=True):
 class UnparkReply(msgspec.Struct, frozen=True, kw_only=True):
     """``unparked``: tried again and back in the engine, their events since applied.
     ``parked``: tried again and failed again (with this attempt's error). ``not_parked``:
-    named but not parked."""
+    named but not parked.
+
+    Gathered from every engine (API 1.3): each engine tries the ids of the partitions it
+    owns (``partitions``, of ``partition_count``) and lists only those. The client that
+    gathers (:class:`protocol.nats.ApiClient`) merges the replies, and lists in
+    ``unanswered`` the ids whose partition no engine answered for in time
+    (``missing_partitions``): not tried. An engine older than 1.3 sends none of these: it
+    answers for every id.
+    """
 
     unparked: list[str]
     parked: list[ParkedInfo]
     not_parked: list[str]
+    partition_count: int | None = None
+    partitions: list[int] = msgspec.field(default_factory=list)
+    missing_partitions: list[int] = msgspec.field(default_factory=list)
+    unanswered: list[str] = msgspec.field(default_factory=list)
 
 
 class SegmentSize(msgspec.Struct, frozen=True, kw_only=True):

@@ -175,9 +175,29 @@ class DefinitionsBoard(Protocol):
         """
         ...
 
+    async def head_version(self) -> int | None:
+        """The version stored (None: none, or unreadable), read cheaply: whether
+        :meth:`load` would give newer definitions than those in force.
+
+        Raises:
+            BrokerError: the broker does not answer.
+        """
+        ...
+
     async def save(self, d: StoredDefinitions) -> None:
         """Store ``d`` in place of what is stored (whole, or not at all as far as
-        :meth:`load` sees).
+        :meth:`load` sees), whatever it is: to repair a copy.
+
+        Raises:
+            BrokerError: the broker does not answer or refuses.
+        """
+        ...
+
+    async def propose(self, d: StoredDefinitions) -> bool:
+        """Store ``d`` as the next version, only if what is stored is older and nothing else
+        was stored meanwhile (a compare-and-set: several engines share the copy, and their
+        versions form one sequence). False when another record won; nothing of ``d`` is
+        stored then.
 
         Raises:
             BrokerError: the broker does not answer or refuses.

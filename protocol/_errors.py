@@ -84,6 +84,14 @@ class EngineUnavailable(ApiError):
     code = "503"
 
 
+class DefinitionsSuperseded(ApiError):
+    """Definitions sent to be applied were not: another engine sharing the broker stored
+    a version of its own first (two changes at once). Every engine follows that one; look
+    at it (``shoal status``) and apply again if still wanted."""
+
+    code = "409"
+
+
 class EnginesDisagree(ApiError):
     """The engines answering a gathered request hold different definitions (an apply
     reaches them one at a time): ask again. ``fingerprints`` maps each fingerprint to the

@@ -23,8 +23,10 @@ from ._api import (
     SegmentSize,
     SegmentsReply,
     StatusReply,
+    UnparkReply,
 )
 from ._errors import ApiError, EnginesDisagree
+from ._partitions import partition
 
 
 class _Covering(Protocol):
@@ -247,3 +249,29 @@ def merge_status(g: Gathering[StatusReply]) -> GatheredStatus:
         missing_partitions=g.missing,
     )
     return GatheredStatus(**fields, engines=replies, complete=not g.missing)
+
+
+def merge_unpark(g: Gathering[UnparkReply], customer_ids: Sequence[str]) -> UnparkReply:
+    """One ``unpark`` answer from every engine's (each tried the ids of its partitions):
+    the lists joined, in the order of ``customer_ids``; the ids of the partitions no engine
+    answered for are ``unanswered``."""
+    replies = g.ordered()
+    order = {c: i for i, c in reversed(list(enumerate(customer_ids)))}
+
+    def ordered(ids: Iterable[str]) -> list[str]:
+        return sorted(set(ids), key=lambda c: order.get(c, len(order)))
+
+    parked = {p.customer_id: p for r in replies for p in r.parked}
+    missing = set(g.missing)
+    count = g.partition_count
+    return UnparkReply(
+        unparked=ordered(c for r in replies for c in r.unparked),
+        parked=[parked[c] for c in ordered(parked)],
+        not_parked=ordered(c for r in replies for c in r.not_parked),
+        partition_count=count,
+        partitions=g.covered,
+        missing_partitions=g.missing,
+        unanswered=[]
+        if count is None or not missing
+        else ordered(c for c in customer_ids if partition(c, count) in missing),
+    )

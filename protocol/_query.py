@@ -21,11 +21,12 @@ from ._api import (
     UnparkRequest,
 )
 
-API_VERSION = "1.2.0"
+API_VERSION = "1.3.0"
 """The version ``$SRV.INFO`` reports: the major part changes when a body changes
 incompatibly, the minor part when one is added to (1.1: ``search``, members'
 ``true_since``; 1.2: requests about one customer on the subject of its partition, and the
-partitions each gathered reply covers)."""
+partitions each gathered reply covers; 1.3: ``unpark`` gathered from every engine, each for
+the ids of its partitions)."""
 
 
 class QueryHandler(Protocol):

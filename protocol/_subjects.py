@@ -58,7 +58,7 @@ API_ENDPOINTS = (
 CUSTOMER_ENDPOINTS = ("customer", "explain")
 """Endpoints about one customer: its partition and the customer are the last tokens of the
 subject, so a request reaches the engine that owns the customer."""
-GATHERED_ENDPOINTS = ("segments", "members", "status", "search")
+GATHERED_ENDPOINTS = ("segments", "members", "status", "search", "unpark")
 """Endpoints every engine answers (each for the partitions it owns): a client gathers their
 replies until every partition is covered."""
 

@@ -385,9 +385,13 @@ async def _unpark(args: argparse.Namespace) -> int:
             out.print(f"unparked {escape(customer_id)}")
         for customer_id in reply.not_parked:
             out.print(f"{escape(customer_id)} is not parked")
+        for customer_id in reply.unanswered:
+            out.print(
+                f"{escape(customer_id)} not tried: no engine answered for its partition; try again"
+            )
         if reply.parked:
             _show_parked(reply.parked, out)
-    return 1 if reply.parked else 0
+    return 1 if reply.parked or reply.unanswered else 0
 
 
 # customer ---------------------------------------------------------------------------------

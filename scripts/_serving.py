@@ -12,6 +12,12 @@ events after it.
 
 Each engine aims for an equal share: with N live engines (their heartbeats), P // N
 partitions, one more for the first P % N engines in id order.
+
+Every engine follows the definitions in force in ``SHOAL_DEFINITIONS``, whichever engine
+stored them: it looks at the bucket's head every second, across terms, and switches the
+engine of the current term to a newer version there (the same switch as a reload, between
+two batches), storing it as that same version and marking the partitions it owns. A
+version found between terms is switched to by the next term's engine once it runs.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import structlog
 from nats.aio.client import Client
 
 from actors import (
+    ActorsError,
     Clock,
     DefinitionsKeeper,
     Engine,
@@ -80,6 +87,10 @@ _CHECK = 2.0
 """Seconds between two looks at the other engines and the leases."""
 _GIVE_UP = 60.0
 """Seconds terms may keep failing for want of the broker before the engine gives up."""
+_FOLLOW = 1.0
+"""Seconds between two looks at the definitions in ``SHOAL_DEFINITIONS``."""
+_WAIT_ENGINE = 0.1
+"""Seconds between two looks for the engine of a term, between terms."""
 _logger = structlog.get_logger("shoal.serve")
 
 
@@ -306,6 +317,7 @@ class Serving:
         started = False
         async with anyio.create_task_group() as tg:
             await tg.start(functools.partial(self.claims.keep, self._lost))
+            tg.start_soon(self._follow_definitions)
             failing_since: float | None = None
             while True:
                 term = self._term = _Term()
@@ -407,6 +419,7 @@ class Serving:
             config=self.config,
             observer=self.observer,
             keeper=self.keeper,
+            owned=sorted(owned),
         )
         engine.skip_stored(self._skip)
         self.current.engine = engine
@@ -485,6 +498,44 @@ class Serving:
         ids = [c for c in await self.store.customer_ids() if partition(c, self.partitions) in stale]
         await self.store.drop_customers(ids, partitions=sorted(stale))
         _logger.info("partitions not owned forgotten", partitions=sorted(stale), customers=len(ids))
+
+    async def running_engine(self) -> Engine:
+        """The engine of the current term once it runs (waiting between terms)."""
+        while True:
+            engine = self.current.engine
+            if engine is not None and engine.running:
+                return engine
+            await anyio.sleep(_WAIT_ENGINE)
+
+    # Definitions ------------------------------------------------------------------------
+
+    async def _follow_definitions(self) -> None:
+        """Switch to each newer version of the definitions another engine stores (see the
+        module's documentation); a version that cannot be read or parsed is logged by the
+        keeper and not applied."""
+        while True:
+            await anyio.sleep(_FOLLOW)
+            found = await self.keeper.newer()
+            if found is None:
+                continue
+            record, segments = found
+            while True:
+                engine = await self.running_engine()
+                try:
+                    made = await engine.follow_definitions(record, segments)
+                except ActorsError as e:
+                    # The term ended first: the next term's engine switches.
+                    _logger.info("definitions to follow wait for the next term", error=str(e))
+                    await anyio.sleep(_WAIT_ENGINE)
+                    continue
+                _logger.info(
+                    "definitions followed",
+                    version=record.version,
+                    fingerprint=record.fingerprint,
+                    source=record.source,
+                    transitions=made,
+                )
+                break
 
     # Taking over ------------------------------------------------------------------------
 

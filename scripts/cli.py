@@ -23,6 +23,7 @@ import structlog
 
 from actors import (
     ActorsError,
+    DefinitionsConflict,
     DefinitionsKeeper,
     Engine,
     EngineConfig,
@@ -407,7 +408,10 @@ async def _serve(args: argparse.Namespace) -> int:
             if first and keeper.pending is not None:
                 # The served file changed since it was last applied: a switch, as a reload,
                 # before queries are answered (see DefinitionsKeeper.pending).
-                await apply_file(keeper.pending)
+                with contextlib.suppress(DefinitionsConflict):
+                    # Another engine stored a version first (several started with the
+                    # file changed): logged, and followed like any other engine's.
+                    await apply_file(keeper.pending)
             first = False
 
         serving = Serving(
@@ -442,10 +446,16 @@ async def _serve(args: argparse.Namespace) -> int:
             return serving.ownership()
 
         async def apply_file(new: SegmentSet) -> int:
-            engine = serving.engine
-            if engine is None:
-                raise ActorsError("the engine is between terms: try again")
-            return await engine.apply_segments(new, origin=await served_origin(new, served))
+            origin = await served_origin(new, served)
+            while True:
+                # Between terms (or a term ending first), the next term's engine applies it.
+                engine = await serving.running_engine()
+                try:
+                    return await engine.apply_segments(new, origin=origin)
+                except DefinitionsConflict:
+                    raise
+                except ActorsError:
+                    await anyio.sleep(0.1)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(stop_on_signal, tg.cancel_scope)

@@ -10,11 +10,13 @@ instant of the change (``at``) and carry that instant (``true_since``).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import anyio
 import structlog
 
+from actors._errors import DefinitionsConflict
 from actors.rules import SegmentSet
 from protocol import (
     DefinitionCause,
@@ -42,12 +44,19 @@ _MAX_RETRY_DELAY = 5.0
 """Seconds at most between two attempts to publish the same definitions markers."""
 
 
-def definitions_markers(d: StoredDefinitions, partitions: int) -> list[tuple[str, bytes, str]]:
-    """The definitions markers of ``d``, one per partition: (subject, body, message id);
-    none for definitions that replaced none (see ``StoredDefinitions.applied_through``)."""
+def definitions_markers(
+    d: StoredDefinitions, partitions: int, owned: Collection[int] | None = None
+) -> list[tuple[str, bytes, str]]:
+    """The definitions markers of ``d``: (subject, body, message id), one per partition;
+    none for definitions that replaced none (see ``StoredDefinitions.applied_through``).
+
+    ``owned``: the partitions of the engine that publishes them (None: every one). Among
+    them, only those ``d`` holds a position for: the partitions this engine switched (one
+    it took over since, from another engine's snapshot, was marked by that engine)."""
     through = d.applied_through
     if through is None:
         return []
+    marked = range(partitions) if owned is None else sorted(p for p in owned if p in through)
     return [
         (
             definitions_marker_subject(p, d.version),
@@ -61,20 +70,29 @@ def definitions_markers(d: StoredDefinitions, partitions: int) -> list[tuple[str
             ),
             f"shoal-definitions:{d.version}:{p}",
         )
-        for p in range(partitions)
+        for p in marked
     ]
 
 
 class Markers:
-    """Publishes, into each partition of the events stream, where the engine switched to
-    new definitions (see :class:`~protocol.DefinitionsMarker`): so that a partition can be
-    rebuilt from the stream alone. The store records the last version marked, so a start
-    publishes the markers a stop (or crash) left unpublished."""
+    """Publishes, into each partition of the events stream the engine owns (``owned``;
+    None: every one), where it switched to new definitions (see
+    :class:`~protocol.DefinitionsMarker`): so that a partition can be rebuilt from the
+    stream alone. Each engine marks its own partitions at its own switch, with its own
+    positions (the record its store holds). The store records the last version marked, so
+    a start publishes the markers a stop (or crash) left unpublished."""
 
-    def __init__(self, store: Store, sink: TransitionSink, partitions: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        sink: TransitionSink,
+        partitions: int,
+        owned: Collection[int] | None = None,
+    ) -> None:
         self._store = store
         self._sink = sink
         self._partitions = partitions
+        self._owned = None if owned is None else frozenset(owned)
         self._logger = structlog.get_logger("shoal.engine")
 
     async def publish(self, d: StoredDefinitions) -> None:
@@ -84,7 +102,7 @@ class Markers:
         Raises:
             StoreError: the store cannot be written.
         """
-        markers = definitions_markers(d, self._partitions)
+        markers = definitions_markers(d, self._partitions, self._owned)
         delay = 0.1
         while markers:
             try:
@@ -108,16 +126,25 @@ class Markers:
 
 
 @dataclass(slots=True)
-class _SegmentsRequest:
+class SegmentsRequest:
     segments: SegmentSet
     origin: Origin | None = None
+    record: StoredDefinitions | None = None
+    """Another engine's version, read from the shared copy: followed, not proposed."""
     done: anyio.Event = field(default_factory=anyio.Event)
     transitions: int | None = None
     error: BaseException | None = None
 
 
 class Definitions:
-    """Switches to new definitions, in the order asked, on the engine's main loop."""
+    """Switches to new definitions, in the order asked, on the engine's main loop.
+
+    New definitions (a reload, the API) are proposed to the shared copy first, as the next
+    version (:meth:`DefinitionsKeeper.propose`): when another engine stored that version
+    first, they are not applied, and the caller gets :class:`~actors.DefinitionsConflict`
+    (the engine follows the winner, as every engine does). Another engine's version is
+    switched to as it is (``record``), unless already in force.
+    """
 
     def __init__(
         self,
@@ -130,7 +157,9 @@ class Definitions:
         counts: Counts,
         keeper: DefinitionsKeeper | None = None,
         markers: Markers | None = None,
+        owned: Collection[int] | None = None,
     ) -> None:
+        self._owned = owned
         self._markers = markers
         self._imports = imports
         self._partition = partition
@@ -140,25 +169,61 @@ class Definitions:
         self._parking = parking
         self._counts = counts
         self._keeper = keeper
-        self._requests: deque[_SegmentsRequest] = deque()
+        self._requests: deque[SegmentsRequest] = deque()
         self._logger = structlog.get_logger("shoal.engine")
 
-    def ask(self, segments: SegmentSet, origin: Origin | None = None) -> _SegmentsRequest:
-        """Queue a switch for the main loop; wait on the request's ``done``."""
-        request = _SegmentsRequest(segments, origin)
+    def ask(
+        self,
+        segments: SegmentSet,
+        origin: Origin | None = None,
+        record: StoredDefinitions | None = None,
+    ) -> SegmentsRequest:
+        """Queue a switch for the main loop; wait on the request's ``done``. ``record``:
+        another engine's version that ``segments`` were read from."""
+        request = SegmentsRequest(segments, origin, record)
         self._requests.append(request)
         return request
 
     async def serve(self) -> None:
         """Make the switches asked for, in order, and tell each caller."""
+        keeper = self._keeper
         while self._requests:
             request = self._requests[0]
+            record = request.record
             try:
+                proposed: StoredDefinitions | None = None
+                if record is not None:
+                    current = None if keeper is None else keeper.current
+                    if current is not None and record.version <= current.version:
+                        request.transitions = 0  # in force already (proposed here, say)
+                        continue
+                elif keeper is not None and keeper.followed_already(
+                    request.segments, request.origin
+                ):
+                    assert keeper.current is not None
+                    self._logger.info(
+                        "segments unchanged: another engine applied this file first",
+                        source=request.segments.source,
+                        version=keeper.current.version,
+                    )
+                    request.transitions = 0
+                    continue
+                elif keeper is not None:
+                    try:
+                        proposed = await keeper.propose(
+                            request.segments, request.origin, self._owned
+                        )
+                    except DefinitionsConflict as e:
+                        request.error = e  # the caller's to hear; the engine goes on
+                        continue
                 transitions = await self._switch(request.segments)
-                if self._keeper is not None:  # stored once in force: a restart resumes them
-                    await self._keeper.applied(request.segments, request.origin)
-                    if self._markers is not None and self._keeper.current is not None:
-                        await self._markers.publish(self._keeper.current)
+                if keeper is not None:  # stored once in force: a restart resumes them
+                    if record is not None:
+                        await keeper.adopted(record, self._owned)
+                    elif proposed is not None:
+                        await keeper.in_force(proposed)
+                    if self._markers is not None and keeper.current is not None:
+                        await self._markers.publish(keeper.current)
                 request.transitions = transitions
             except Exception as e:
                 # The engine stops with this error; the caller learns the switch failed.

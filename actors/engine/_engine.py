@@ -31,15 +31,21 @@ import structlog
 
 from actors._clock import Clock, SystemClock
 from actors._customer import Customer
-from actors._errors import ActorsError
+from actors._errors import ActorsError, DefinitionsConflict
 from actors.rules import SegmentSet
-from protocol import DefinitionsApplied, EventSource, Origin, TransitionSink
+from protocol import (
+    DefinitionsApplied,
+    EventSource,
+    Origin,
+    StoredDefinitions,
+    TransitionSink,
+)
 from store import ParkedCustomer, Store, StoreError
 
 from . import _queries
 from ._config import EngineConfig, EngineObserver, EngineStats, Wake
 from ._deadlines import Deadlines
-from ._definitions import Definitions, Markers
+from ._definitions import Definitions, Markers, SegmentsRequest
 from ._gc import Collector
 from ._imports import Imports, open_ids
 from ._ingest import Ingest
@@ -85,6 +91,9 @@ class Engine:
         observer: told of commits and deadline rounds, for metrics.
         keeper: stores each switch to new definitions (``shoal serve`` gives one, whose
             :meth:`DefinitionsKeeper.resume` chose ``segments``); None: nothing is stored.
+        owned: the partitions this engine owns among several sharing a broker (``shoal
+            serve`` gives them, term by term); None: every one. The definitions markers
+            are published into these only.
     """
 
     def __init__(
@@ -98,6 +107,7 @@ class Engine:
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
         keeper: DefinitionsKeeper | None = None,
+        owned: Collection[int] | None = None,
     ) -> None:
         self._source = source
         self._sink = sink
@@ -134,9 +144,9 @@ class Engine:
             cfg,
         )
         self._keeper = keeper
-        self._markers = Markers(store, sink, source.partitions)
+        self._markers = Markers(store, sink, source.partitions, owned)
         self._definitions = Definitions(
-            p, recovery, snaps, outbox, parking, imports, counts, keeper, self._markers
+            p, recovery, snaps, outbox, parking, imports, counts, keeper, self._markers, owned
         )
         self._wake = Wake()
         self._cuts: list[_CutRequest] = []
@@ -363,17 +373,38 @@ class Engine:
         The customers of static lists the engine does not know yet are added, with no events.
 
         Requests are applied in the order made. A request whose caller is cancelled while
-        it waits is still applied. With a keeper, the definitions are stored once in force
-        as the next version, with ``origin`` (None: the API, under ``segments.source``).
+        it waits is still applied. With a keeper, the definitions are proposed to the shared
+        copy as the next version, with ``origin`` (None: the API, under
+        ``segments.source``), before the switch, and stored in the store once in force.
+
+        Raises:
+            DefinitionsConflict: another engine sharing the broker stored that version first:
+                nothing was switched (the engine follows the winner).
+            ActorsError: the engine is not running, or it stopped before the switch was made.
+        """
+        if not self._running:
+            raise ActorsError("the engine is not running")
+        return await self._switch_to(self._definitions.ask(segments, origin))
+
+    async def follow_definitions(self, record: StoredDefinitions, segments: SegmentSet) -> int:
+        """Switch the running engine to another engine's version of the definitions,
+        ``record`` (read from the shared copy, ``segments`` parsed from it), as
+        :meth:`apply_segments` does, and store it as that same version with this engine's
+        positions (nothing is proposed); return how many transitions that made (0 when that
+        version is in force already).
 
         Raises:
             ActorsError: the engine is not running, or it stopped before the switch was made.
         """
         if not self._running:
             raise ActorsError("the engine is not running")
-        request = self._definitions.ask(segments, origin)
+        return await self._switch_to(self._definitions.ask(segments, record=record))
+
+    async def _switch_to(self, request: SegmentsRequest) -> int:
         self._wake.set()
         await request.done.wait()
+        if isinstance(request.error, DefinitionsConflict):
+            raise request.error
         if request.transitions is None:
             raise ActorsError("the engine stopped before the new segments were applied") from (
                 request.error

@@ -20,19 +20,31 @@ At a start (:meth:`DefinitionsKeeper.resume`):
 
 The engine logs one line saying which it chose and why (``definitions chosen at start``),
 and one for each copy it repaired (``definitions copy repaired``).
+
+Several engines share the bucket, each with its own store. Versions are one sequence: a new
+one is proposed to the bucket (:meth:`DefinitionsKeeper.propose`, a compare-and-set on its
+head) before the engine switches to it; an engine that loses the race does not switch, and
+its requester is told (:class:`~actors.DefinitionsConflict`). Every engine follows the
+bucket (:meth:`DefinitionsKeeper.newer`, then the engine's switch): a newer version there
+is switched to and stored locally as the same version (:meth:`DefinitionsKeeper.adopted`),
+with this engine's own positions (``applied_through``) for the partitions it switched. At
+a start, a bucket ahead of the store is followed the same way; equal versions that differ
+otherwise than by their positions are settled in the bucket's favour, so engines never
+keep two records of one version.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import anyio
+import msgspec
 import structlog
 
 from actors._clock import Clock
-from actors._errors import DefinitionError
+from actors._errors import DefinitionError, DefinitionsConflict
 from actors.rules import SegmentSet, parse_segments, stored_text
 from protocol import (
     ApiOrigin,
@@ -137,6 +149,12 @@ class DefinitionsKeeper:
         self._clock = clock
         self._current: StoredDefinitions | None = None
         self._logger = structlog.get_logger("shoal.definitions")
+        self._proposed = 0
+        """The latest version this engine stored in the bucket and is switching to."""
+        self._followed = 0
+        """The latest version this engine took from the bucket (another engine's)."""
+        self._refused: set[tuple[int, str]] = set()
+        """Versions of the bucket not followed, and why: logged once each."""
         self.pending: SegmentSet | None = None
         """The served file's definitions, when :meth:`resume` chose them over stored ones
         that are still usable: the engine starts under the stored definitions and then
@@ -301,14 +319,18 @@ class DefinitionsKeeper:
                     )
             return None
         if good_shared is not None and (
-            good_local is None or good_shared.version > good_local.version
+            good_local is None
+            or good_shared.version > good_local.version
+            or (good_shared.version == good_local.version and not _same(good_shared, good_local))
         ):
-            await self._repair_local(good_shared, local)
-            return good_shared
+            # Followed now, at this store's positions: every event it holds was applied
+            # under the definitions before (none, for a new store: it switched nothing).
+            adopted = _at(good_shared, dict(self._store.partitions_through))
+            await self._repair_local(adopted, local)
+            self._followed = adopted.version
+            return adopted
         assert good_local is not None
-        if board is not None and (
-            good_shared is None or encode_definitions(good_shared) != encode_definitions(good_local)
-        ):
+        if board is not None and (good_shared is None or good_shared.version < good_local.version):
             await self._repair_shared(board, good_local, shared)
         return good_local
 
@@ -323,7 +345,10 @@ class DefinitionsKeeper:
             return f"it cannot be read ({copy})"
         if copy.version < other.version:
             return f"it holds version {copy.version}, behind"
-        return f"it holds another version {copy.version}; the store's copy wins a tie"
+        return (
+            f"it holds another record of version {copy.version}; the bucket's copy wins a tie "
+            "(engines sharing it keep one record per version)"
+        )
 
     async def _repair_local(
         self, good: StoredDefinitions, was: StoredDefinitions | str | None
@@ -341,7 +366,24 @@ class DefinitionsKeeper:
         self, board: DefinitionsBoard, good: StoredDefinitions, was: StoredDefinitions | str | None
     ) -> None:
         try:
-            await board.save(good)
+            if isinstance(was, str):
+                # Unreadable: replaced, unless it names a later version (another engine's,
+                # being written: followed once running).
+                head = await board.head_version()
+                stored = head is None or head <= good.version
+                if stored:
+                    await board.save(good)
+            else:
+                # Missing or behind: unless another engine stored a version meanwhile.
+                stored = await board.propose(good)
+            if not stored:
+                self._logger.warning(
+                    "definitions copy not repaired",
+                    copy=board.where,
+                    version=good.version,
+                    error="another engine stored a later version meanwhile: it is followed",
+                )
+                return
         except BrokerError as e:
             self._logger.warning(
                 "definitions copy not repaired",
@@ -358,23 +400,173 @@ class DefinitionsKeeper:
             why=self._why(was, good),
         )
 
-    # After a switch -------------------------------------------------------------------------
+    # Switching -------------------------------------------------------------------------
 
     async def applied(self, segments: SegmentSet, origin: Origin | None) -> None:
         """Store ``segments``, just switched to, as the next version (``origin`` None: over
-        the API, under their own name).
+        the API, under their own name): :meth:`propose` then :meth:`in_force`.
 
         Raises:
-            StoreError: the store cannot be written (the broker's copy failing is only
-                logged: the next start repairs it from the store).
+            DefinitionsConflict: another engine stored that version first.
+            StoreError: the store cannot be written.
         """
-        self._current = await self._store_new(
-            segments, origin or ApiOrigin(source=segments.source), self._current
+        await self.in_force(await self.propose(segments, origin))
+
+    async def propose(
+        self,
+        segments: SegmentSet,
+        origin: Origin | None,
+        owned: Collection[int] | None = None,
+    ) -> StoredDefinitions:
+        """The record of ``segments`` as the next version, stored in the bucket (a
+        compare-and-set on its head: versions are one sequence among the engines sharing
+        it), before the engine switches to them. Call it on the engine's main loop between
+        two batches: the record's positions (``applied_through``, for the partitions
+        ``owned``, every one the store knows when None) are the store's at that instant.
+
+        A broker that does not answer does not stop the switch: it is logged, and the next
+        start copies the record there from the store.
+
+        Raises:
+            DefinitionsConflict: the bucket holds that version or a later one (another
+                engine's): these are not applied; every engine follows the bucket's.
+        """
+        before = self._current
+        version = (before.version if before else 0) + 1
+        board = self._board
+        if board is not None:
+            try:
+                head = await board.head_version()
+                if head is not None and head >= version:
+                    raise await self._conflict(board, version)
+            except BrokerError:
+                pass  # tried again below, and logged there
+        through = self._store.partitions_through
+        positions = (
+            dict(through) if owned is None else {p: through.get(p, 0) for p in sorted(owned)}
+        )
+        d = await self._record(segments, origin or ApiOrigin(source=segments.source), positions)
+        if board is not None:
+            try:
+                won = await board.propose(d)
+            except BrokerError as e:
+                self._logger.warning(
+                    "definitions not stored on the broker; the next start copies them there "
+                    "from the store",
+                    copy=board.where,
+                    version=d.version,
+                    error=str(e),
+                )
+            else:
+                if not won:
+                    raise await self._conflict(board, version)
+        self._proposed = d.version
+        return d
+
+    async def _conflict(self, board: DefinitionsBoard, version: int) -> DefinitionsConflict:
+        try:
+            winner = await board.load()
+        except (BrokerError, StoredDefinitionsError):
+            winner = None
+        conflict = DefinitionsConflict(
+            version,
+            None if winner is None else winner.version,
+            None if winner is None else _described(winner.origin)["source"],
+        )
+        self._logger.warning("definitions not applied", error=str(conflict))
+        return conflict
+
+    async def in_force(self, d: StoredDefinitions) -> None:
+        """``d`` (from :meth:`propose`) is in force: stored in the engine's store.
+
+        Raises:
+            StoreError: the store cannot be written.
+        """
+        await self._store.definitions.put(_row(d))
+        self._current = d
+
+    async def newer(self) -> tuple[StoredDefinitions, SegmentSet] | None:
+        """The definitions the bucket holds, when newer than those in force (or proposed by
+        this engine), parsed: for the engine to switch to (then :meth:`adopted`). None when
+        there are none, or they cannot be used: a record that does not read or parse is
+        logged once (an error) and never applied; the broker not answering, a warning.
+        """
+        board = self._board
+        if board is None:
+            return None
+        known = max(self._proposed, 0 if self._current is None else self._current.version)
+        try:
+            head = await board.head_version()
+            if head is None or head <= known:
+                return None
+            d = await board.load()
+        except BrokerError as e:
+            self._logger.warning("cannot read the shared definitions", error=str(e))
+            return None
+        except StoredDefinitionsError as e:
+            # Often a moment's: another engine replaced the record while it was read.
+            self._refuse(None, e.problem, error=False)
+            return None
+        if d is None or d.version <= known:
+            return None
+        try:
+            segments = await anyio.to_thread.run_sync(segments_of, d)
+        except DefinitionError as e:
+            self._refuse(d, str(e), error=True)
+            return None
+        return d, segments
+
+    def _refuse(self, d: StoredDefinitions | None, problem: str, *, error: bool) -> None:
+        key = (0 if d is None else d.version, problem)
+        if key in self._refused:
+            return
+        self._refused.add(key)
+        log = self._logger.error if error else self._logger.warning
+        log(
+            "shared definitions not followed",
+            copy=self._where(),
+            version=None if d is None else d.version,
+            problem=problem,
+            in_force=None if self._current is None else self._current.version,
         )
 
-    async def _store_new(
-        self, segments: SegmentSet, origin: Origin, before: StoredDefinitions | None
+    async def adopted(self, d: StoredDefinitions, owned: Collection[int] | None = None) -> None:
+        """``d``, another engine's version read from the bucket (:meth:`newer`), is in force
+        here now: stored in the engine's store as that same version, with this engine's
+        positions for the partitions ``owned`` (every one the store knows when None), taken
+        on the engine's main loop between two batches.
+
+        Raises:
+            StoreError: the store cannot be written.
+        """
+        through = self._store.partitions_through
+        positions = (
+            dict(through) if owned is None else {p: through.get(p, 0) for p in sorted(owned)}
+        )
+        mine = _at(d, positions)
+        await self._store.definitions.put(_row(mine))
+        self._current = mine
+        self._followed = mine.version
+
+    def followed_already(self, segments: SegmentSet, origin: Origin | None) -> bool:
+        """Whether ``segments``, read from this engine's served file (``origin``), are what
+        another engine stored from its own copy of the file and this one follows already:
+        with several engines, each one's file changed alike, the first to apply it stores
+        the version and the others, following it, need not store another."""
+        d = self._current
+        return (
+            d is not None
+            and d.version == self._followed
+            and isinstance(origin, FileOrigin)
+            and isinstance(d.origin, FileOrigin)
+            and d.origin.content_hash == origin.content_hash
+            and d.fingerprint == segments.fingerprint
+        )
+
+    async def _record(
+        self, segments: SegmentSet, origin: Origin, positions: dict[int, int]
     ) -> StoredDefinitions:
+        before = self._current
         last_file = origin if isinstance(origin, FileOrigin) else None
         if last_file is None and before is not None:
             last_file = before.last_file
@@ -388,13 +580,28 @@ class DefinitionsKeeper:
             # Applied between two batches: every event committed so far was applied under
             # the definitions before, every later one is applied under these. The first
             # ones of a store replace none.
-            applied_through=None if before is None else dict(self._store.partitions_through),
+            applied_through=None if before is None else positions,
         )
-        d = await anyio.to_thread.run_sync(make)
+        return await anyio.to_thread.run_sync(make)
+
+    async def _store_new(
+        self, segments: SegmentSet, origin: Origin, before: StoredDefinitions | None
+    ) -> StoredDefinitions:
+        """At a start: the served file stored as the version after ``before``."""
+        self._current = before
+        d = await self._record(segments, origin, dict(self._store.partitions_through))
         await self._store.definitions.put(_row(d))
         if self._board is not None:
             try:
-                await self._board.save(d)
+                if not await self._board.propose(d):
+                    # Another engine stored this version first: the next look at the
+                    # bucket follows it.
+                    self._logger.warning(
+                        "definitions not stored on the broker: another engine stored "
+                        f"version {d.version} first; it is followed",
+                        copy=self._board.where,
+                        version=d.version,
+                    )
             except BrokerError as e:
                 self._logger.warning(
                     "definitions not stored on the broker; the next start copies them there "
@@ -404,6 +611,21 @@ class DefinitionsKeeper:
                     error=str(e),
                 )
         return d
+
+
+def _at(d: StoredDefinitions, positions: dict[int, int]) -> StoredDefinitions:
+    """``d`` with this engine's positions, when it replaced earlier definitions."""
+    if d.applied_through is None:
+        return d
+    return msgspec.structs.replace(d, applied_through=positions)
+
+
+def _same(a: StoredDefinitions, b: StoredDefinitions) -> bool:
+    """Whether two records are the same version's, but for the positions each engine keeps
+    of its own partitions."""
+    return msgspec.structs.replace(a, applied_through=None) == msgspec.structs.replace(
+        b, applied_through=None
+    )
 
 
 def _row(d: StoredDefinitions) -> StoredRow:

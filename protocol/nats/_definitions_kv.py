@@ -12,13 +12,16 @@ The chunks are written first and the head last, so a reader sees the old record 
 one, never a mix; the old chunks are purged once the head names the new ones. A head whose
 chunks are missing, or whose bytes do not match its digest, reads as corrupt.
 
+Several engines share the bucket: a new version is written by :meth:`DefinitionsKV.propose`,
+whose head is a compare-and-set on the revision of the head it read, so the versions form
+one sequence (two engines proposing the same next version: one wins, the other is told).
+
 Only the engine's role may use the bucket (``shoal auth permissions``): operators change the
 definitions through the query API, which the engine applies and stores.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 
 import msgspec
@@ -109,6 +112,32 @@ class DefinitionsKV:
             return None
         return bytes(entry.value or b"")
 
+    async def _head(self) -> tuple[_Head | None, int]:
+        """The head and its revision (0: no head); a head that does not decode is None with
+        its revision (a write replaces it)."""
+        try:
+            entry = await self._kv.get(HEAD_KEY)
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        try:
+            return _head_decoder.decode(bytes(entry.value or b"")), entry.revision or 0
+        except msgspec.DecodeError:
+            return None, entry.revision or 0
+
+    async def head_version(self) -> int | None:
+        """The version the head names (None: no head, or one that does not decode): one
+        small read, to tell whether :meth:`load` would find newer definitions.
+
+        Raises:
+            BrokerError: the broker does not answer.
+        """
+        async with permission_guard(self._nc):
+            try:
+                head, _ = await self._head()
+            except (TimeoutError, nats.errors.Error) as e:
+                raise BrokerError(f"cannot read {self.where}: {e}") from e
+        return None if head is None else head.version
+
     async def load(self) -> StoredDefinitions | None:
         """The definitions stored in the bucket, or None when none are.
 
@@ -160,12 +189,27 @@ class DefinitionsKV:
         return d
 
     async def save(self, d: StoredDefinitions) -> None:
-        """Store ``d`` in place of the record in force: chunks first, the head last, then
-        the old chunks purged.
+        """Store ``d`` in place of the record in force, whatever it is: chunks first, the
+        head last, then the old chunks purged. (A new version goes through :meth:`propose`.)
 
         Raises:
             BrokerError: the broker does not answer or refuses.
         """
+        await self._write(d, compare=False)
+
+    async def propose(self, d: StoredDefinitions) -> bool:
+        """Store ``d`` as the next version: only if the head names an older version (or
+        none), and is still the head read when ``d``'s is written (a compare-and-set on its
+        revision). False when another record won: the head names ``d.version`` or later,
+        or changed meanwhile; nothing of ``d`` is left then (read the winner with
+        :meth:`load`).
+
+        Raises:
+            BrokerError: the broker does not answer or refuses.
+        """
+        return await self._write(d, compare=True)
+
+    async def _write(self, d: StoredDefinitions, *, compare: bool) -> bool:
         data = encode_definitions(d)
         digest = hashlib.sha256(data).hexdigest()
         size = self._chunk
@@ -173,16 +217,32 @@ class DefinitionsKV:
         head = _Head(version=d.version, sha256=digest, size=len(data), chunks=len(pieces))
         async with permission_guard(self._nc):
             try:
-                old: _Head | None = None
-                raw = await self._get(HEAD_KEY)
-                if raw is not None:
-                    with contextlib.suppress(msgspec.DecodeError):
-                        old = _head_decoder.decode(raw)
+                old, revision = await self._head()
+                if compare and old is not None and old.version >= d.version:
+                    return False
                 for n, piece in enumerate(pieces):
                     await self._kv.put(_chunk_key(digest, n), piece)
-                await self._kv.put(HEAD_KEY, _encoder.encode(head))
+                if not compare:
+                    await self._kv.put(HEAD_KEY, _encoder.encode(head))
+                else:
+                    try:
+                        if revision:
+                            await self._kv.update(HEAD_KEY, _encoder.encode(head), last=revision)
+                        else:
+                            await self._kv.create(HEAD_KEY, _encoder.encode(head))
+                    except nats.js.errors.KeyWrongLastSequenceError:
+                        # Another engine's head came first: its record is in force, and
+                        # this one's chunks would only be litter.
+                        now, _ = await self._head()
+                        if now is None or now.sha256[:32] != digest[:32]:
+                            await self._purge(digest, len(pieces))
+                        return False
                 if old is not None and old.sha256[:32] != digest[:32]:
-                    for n in range(min(old.chunks, MAX_STORED_DEFINITIONS_BYTES // size + 1)):
-                        await self._kv.purge(_chunk_key(old.sha256, n))
+                    await self._purge(old.sha256, old.chunks)
             except (TimeoutError, nats.errors.Error) as e:
                 raise BrokerError(f"cannot write {self.where}: {e}") from e
+        return True
+
+    async def _purge(self, digest: str, chunks: int) -> None:
+        for n in range(min(chunks, MAX_STORED_DEFINITIONS_BYTES // self._chunk + 1)):
+            await self._kv.purge(_chunk_key(digest, n))

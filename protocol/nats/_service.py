@@ -60,6 +60,7 @@ from protocol._gather import (
     merge_search,
     merge_segments,
     merge_status,
+    merge_unpark,
     partition_ranges,
 )
 from protocol._partitions import DEFAULT_PARTITIONS, partition
@@ -87,7 +88,7 @@ _logger = structlog.get_logger("shoal.api")
 _encoder = msgspec.json.Encoder()
 _R = TypeVar("_R")
 _S = TypeVar("_S", bound=msgspec.Struct)
-_C = TypeVar("_C", SegmentsReply, MembersReply, SearchReply, StatusReply)
+_C = TypeVar("_C", SegmentsReply, MembersReply, SearchReply, StatusReply, UnparkReply)
 
 
 def _header_text(message: str) -> str:
@@ -217,7 +218,8 @@ async def serve_api(
     The gathered endpoints (``segments``, ``members``, ``search``, ``status``) reach every
     engine: each listens in a queue group of its own (nats-py's ``nats.micro`` always
     subscribes in one), and each reply says the partitions it covers and how many there
-    are. The others (``definitions``, ``unpark``) are in the queue group ``shoal``.
+    are. So does ``unpark``: each engine tries the ids of its own partitions. ``definitions``
+    is in the queue group ``shoal`` (one engine applies; the others follow the shared copy).
     ``task_status.started()`` is called once every endpoint listens.
 
     A request whose reply subject is not an inbox (under ``_INBOX.``) is not answered (see
@@ -372,7 +374,16 @@ async def _listen(
             return mine.stamped(await handler.status())
 
         async def unpark(request: Request) -> msgspec.Struct:
-            return await handler.unpark(_decode(unpark_request_decoder, request.data))
+            # Gathered: each engine tries the ids of its own partitions (their customers
+            # are parked in the engine that owns them), and the client merges the replies.
+            asked = _decode(unpark_request_decoder, request.data)
+            owned = set(mine.owned)
+            ids = [c for c in asked.customer_ids if partition(c, mine.count) in owned]
+            if not ids:
+                return mine.stamped(UnparkReply(unparked=[], parked=[], not_parked=[]))
+            return mine.stamped(
+                await handler.unpark(msgspec.structs.replace(asked, customer_ids=ids))
+            )
 
         for name, answer in (("customer", customer), ("explain", explain)):
             for p in mine.owned:
@@ -548,9 +559,12 @@ class ApiClient:
         return merge_status(await self._gather("status", b"", _status_reply))
 
     async def unpark(self, customer_ids: list[str], *, timeout: float | None = None) -> UnparkReply:
-        """Try parked customers again."""
+        """Try parked customers again, each in the engine that owns it: gathered from every
+        engine, the ids of partitions no engine answered for within ``timeout`` (default:
+        the client's) listed as ``unanswered``."""
         body = _encoder.encode(UnparkRequest(customer_ids=customer_ids))
-        return await self._request(api_subject("unpark"), body, _unpark_reply, timeout=timeout)
+        gathering = await self._gather("unpark", body, _unpark_reply, timeout=timeout)
+        return merge_unpark(gathering, customer_ids)
 
     async def _request(
         self,
@@ -583,10 +597,16 @@ class ApiClient:
             raise ApiError(f"unexpected reply on {subject}: {e}") from e
 
     async def _gather(
-        self, endpoint: str, body: bytes, decoder: msgspec.json.Decoder[_C]
+        self,
+        endpoint: str,
+        body: bytes,
+        decoder: msgspec.json.Decoder[_C],
+        *,
+        timeout: float | None = None,
     ) -> Gathering[_C]:
         """Publish one request on ``endpoint`` and collect the engines' replies until every
         partition is covered or the timeout passes."""
+        wait = self.timeout if timeout is None else timeout
         subject = api_subject(endpoint)
         gathering: Gathering[_C] = Gathering(subject)
         unavailable: ApiError | None = None
@@ -598,7 +618,7 @@ class ApiClient:
             except nats.errors.Error as e:
                 raise EngineUnavailable(f"request on {subject} failed: {e}") from e
             try:
-                with anyio.move_on_after(self.timeout):
+                with anyio.move_on_after(wait):
                     while not gathering.done:
                         msg = await sub.next_msg(timeout=None)
                         answer: dict[str, Any] = msg.headers or {}
@@ -629,7 +649,7 @@ class ApiClient:
         if not gathering.replies:
             if unavailable is not None:
                 raise unavailable
-            raise EngineUnavailable(f"no answer on {subject} within {self.timeout:g} s")
+            raise EngineUnavailable(f"no answer on {subject} within {wait:g} s")
         if gathering.partition_count is not None:
             self._partitions = gathering.partition_count
         return gathering

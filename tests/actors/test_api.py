@@ -131,7 +131,7 @@ async def test_srv_discovery_lists_every_endpoint(
 ) -> None:
     async with with_alice(nats_server, client, tmp_path):
         ping = json.loads((await ask(client, "$SRV.PING.shoal")).data)
-        assert (ping["name"], ping["version"]) == ("shoal", "1.2.0")
+        assert (ping["name"], ping["version"]) == ("shoal", "1.3.0")
         info = json.loads((await ask(client, "$SRV.INFO.shoal")).data)
         assert info["name"] == "shoal"
         assert (info["metadata"]["partitions"], info["metadata"]["owned"]) == ("32", "0-31")
@@ -152,7 +152,7 @@ async def test_srv_discovery_lists_every_endpoint(
             ("search", "shoal.api.search", everyone),
             ("definitions", "shoal.api.definitions", "shoal"),
             ("status", "shoal.api.status", everyone),
-            ("unpark", "shoal.api.unpark", "shoal"),
+            ("unpark", "shoal.api.unpark", everyone),
         }
         # On the subject of earlier versions: forwarded, and answered by the partition's.
         await ask(client, "shoal.api.customer.nobody")

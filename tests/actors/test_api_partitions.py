@@ -110,6 +110,7 @@ class Shard:
         mine = set(owned)
         self.ids = sorted(i for i in IDS if partition(i, P) in mine)
         self.fingerprint = fingerprint
+        self.asked: list[list[str]] = []
 
     async def customer(self, customer_id: str) -> CustomerReply:
         raise UnknownCustomer(customer_id)
@@ -179,7 +180,14 @@ class Shard:
         )
 
     async def unpark(self, request: UnparkRequest) -> UnparkReply:
-        raise EngineUnavailable("not here")
+        # Parked here: its customers with an even number; any other id is not parked.
+        self.asked.append(list(request.customer_ids))
+        parked = [i for i in request.customer_ids if i in self.ids and int(i[1:]) % 2 == 0]
+        return UnparkReply(
+            unparked=parked,
+            parked=[],
+            not_parked=[i for i in request.customer_ids if i not in parked],
+        )
 
 
 class Shards:
@@ -189,8 +197,10 @@ class Shards:
         self._url = url
         self._tg = tg
         self.scopes: list[anyio.CancelScope] = []
+        self.handlers: list[Shard] = []
 
     async def start(self, handler: Shard, owned: Iterable[int]) -> None:
+        self.handlers.append(handler)
         await self._tg.start(self._serve, handler, list(owned))
 
     async def _serve(
@@ -269,6 +279,29 @@ async def test_search_segments_and_status_are_gathered(
         assert status.events_per_second == 3.0
         assert [(s.name, s.size) for s in status.segments] == [("all", 40)]
         assert (status.complete, status.missing_partitions) == (True, [])
+
+
+async def test_unpark_reaches_the_owner_of_each_id_and_the_replies_are_merged(
+    nats_server: NatsServer, client: Client
+) -> None:
+    asked = ["c07", "c04", "nobody", "c10", "c13", "c04"]
+    async with two_halves(nats_server.url) as shards:
+        reply = await ApiClient(client, timeout=5).unpark(asked)
+        # Each engine was asked only the ids of its own partitions (none: not asked at all).
+        for shard, owned in zip(shards.handlers, ([0, 1], [2, 3]), strict=True):
+            mine = [i for i in asked if partition(i, P) in owned]
+            assert shard.asked == ([mine] if mine else [])
+        # In the order asked, each id once.
+        assert (reply.unparked, reply.parked) == (["c04", "c10"], [])
+        assert reply.not_parked == ["c07", "nobody", "c13"]
+        assert (reply.partition_count, reply.partitions) == (P, [0, 1, 2, 3])
+        assert (reply.missing_partitions, reply.unanswered) == ([], [])
+
+        await shards.stop(1)
+        reply = await ApiClient(client, timeout=0.5).unpark(asked)
+        missing = [i for i in dict.fromkeys(asked) if partition(i, P) in (2, 3)]
+        assert (reply.missing_partitions, reply.unanswered) == ([2, 3], missing)
+        assert not set(missing) & {*reply.unparked, *reply.not_parked}
 
 
 async def test_definitions_that_differ_between_engines_are_reported(
