@@ -87,6 +87,23 @@ _state_encoder = msgspec.msgpack.Encoder()
 _state_decoder = msgspec.msgpack.Decoder(_State)
 
 
+class _Published(msgspec.Struct, array_like=True, gc=False):
+    """The leading fields of a ``_State`` up to its watermark, the facts left undecoded:
+    what the customer's transitions made of it. The rest of the array is ignored."""
+
+    first: msgspec.Raw
+    last: msgspec.Raw
+    counts: msgspec.Raw
+    traits: msgspec.Raw
+    tracked: msgspec.Raw
+    members: dict[str, int]
+    version: int
+    watermark: int
+
+
+_published_decoder = msgspec.msgpack.Decoder(_Published)
+
+
 class SnapshotError(ActorsError):
     """A snapshot cannot be read: its customer must be rebuilt from the log."""
 
@@ -571,6 +588,27 @@ class Customer(_Derived):
             self.version = t.version
             if at > self.watermark:
                 self.watermark = at
+
+    def restore_published(self, snapshot: bytes) -> None:
+        """Take memberships, version and watermark from a :meth:`snapshot` of this customer,
+        whatever facts it kept, as :meth:`restore` takes them from the transitions that
+        made them; the facts stay as folded. For a customer whose earliest transitions this
+        store does not hold (its partition taken over from another engine): the snapshot
+        the takeover wrote stands for them, and :meth:`restore` goes on with the later
+        ones.
+
+        Raises:
+            SnapshotError: ``snapshot`` is not one of format :data:`SNAPSHOT_FORMAT`.
+        """
+        try:
+            state = _published_decoder.decode(snapshot)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise SnapshotError(self.customer_id, str(e)) from e
+        self._kept = None  # memberships change
+        self.members = dict(state.members) if state.members else _NO_MEMBERS
+        self.version = state.version
+        if state.watermark > self.watermark:
+            self.watermark = state.watermark
 
     # Snapshots ----------------------------------------------------------------------------
 

@@ -91,6 +91,9 @@ class StreamState:
     an engine before."""
     partition_floors: Mapping[int, int] = field(default_factory=dict)
     """With one consumer per partition: the acknowledgement floor of each that exists."""
+    partition_consumers: Mapping[int, str] = field(default_factory=dict)
+    """With one consumer per partition: the consumer each floor of :attr:`partition_floors`
+    is from (a claim's, ``<prefix>-<partition>-<claim>``, or one before claims)."""
 
 
 class PublishError(ProtocolError):

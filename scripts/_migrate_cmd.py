@@ -35,7 +35,6 @@ from protocol import (
     EVENTS_STREAM,
     LEASES_STREAM,
     REJECTED_STREAM,
-    SEGMENTS_STREAM,
     BrokerError,
     Delivery,
     StoredDefinitionsError,
@@ -47,7 +46,7 @@ from protocol.nats import (
     DefinitionsKV,
     LeaseBucket,
     connect,
-    last_claim,
+    last_claims,
     permission_guard,
     rejected_positions,
 )
@@ -66,7 +65,6 @@ from protocol.nats._migrate import (
     start_consumers,
     stream_form,
 )
-from protocol.nats._partitioned import STRAYS
 from store import Store, StoredRow, StoreLockedError
 
 from ._connection import add_data_dir_options, credentials_of, engine_servers
@@ -410,14 +408,6 @@ def open_imports(
     return out
 
 
-async def _has_segments(js: Any) -> bool:
-    try:
-        await js.stream_info(SEGMENTS_STREAM)
-    except nats.js.errors.NotFoundError:
-        return False
-    return True
-
-
 async def _refuse_while_engines_hold_partitions(nc: Client) -> None:
     """Refuse while an engine holds a partition's lease: it runs on this stream.
 
@@ -447,19 +437,14 @@ async def _dump(
     await _refuse_while_engines_hold_partitions(nc)
     names = [args.consumer]
     # Each partition's consumer: its last claim's, or the one before claims.
-    consumer_of: dict[int, str] = {}
+    consumer_of: dict[int, tuple[str, ...]] = {}
     if old_partitions is not None:
-        for q in range(old_partitions):
-            claim = await last_claim(js, SEGMENTS_STREAM, q) if await _has_segments(js) else None
-            consumer_of[q] = (
-                partition_consumer(args.consumer, q)
-                if claim is None
-                else partition_consumer(claim[1].consumers, q, claim[0])
-            )
+        claimed = await last_claims(js, args.consumer, old_partitions)
+        consumer_of = {q: (c.name, *c.previous) for q, c in claimed.items() if q is not None}
         # The consumers before claims too: an engine of an earlier shoal may read them.
-        legacy = [partition_consumer(args.consumer, q) for q in range(old_partitions)]
-        names = list(dict.fromkeys([*legacy, *consumer_of.values()]))
-        names.append(f"{args.consumer}-{STRAYS}")
+        names = list(
+            dict.fromkeys(name for c in claimed.values() for name in (*c.previous, c.name))
+        )
     floors: dict[str, int | None] = {}
     for name in names:
         floors[name], bound = await consumer_floor(js, name)
@@ -481,7 +466,8 @@ async def _dump(
             elif not known and store.stream_through is not None:
                 committed_in[q] = store.stream_through
             else:
-                committed_in[q] = floors[consumer_of[q]] or 0
+                # The claim's consumer, or the one before claims when it has none.
+                committed_in[q] = max(floors[name] or 0 for name in consumer_of[q])
         switch = await _switch_of(store)
     await seal_stream(js)
     rejected = sorted(await rejected_positions(nc))

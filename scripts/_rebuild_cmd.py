@@ -19,7 +19,13 @@ from protocol import (
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
 )
-from protocol.nats import connect, jetstream_ports, read_stream, rejected_positions
+from protocol.nats import (
+    connect,
+    jetstream_ports,
+    last_claims,
+    read_stream,
+    rejected_positions,
+)
 from store import Store
 
 from ._connection import add_data_dir_options, credentials_of, engine_servers
@@ -43,7 +49,11 @@ def register(sub: Any) -> None:
         help=f"rebuild from {EVENTS_STREAM} (and {SEGMENTS_STREAM}): the only source so far",
     )
     add_data_dir_options(p)
-    p.add_argument("--consumer", default="shoal-engine", help="the engine's durable consumer")
+    p.add_argument(
+        "--consumer",
+        default="shoal-engine",
+        help="the prefix of the engine's durable consumers (serve --consumer)",
+    )
     p.set_defaults(run=_rebuild)
 
 
@@ -63,11 +73,16 @@ async def _rebuild(args: argparse.Namespace) -> int:
         nc = await connect(servers, name="shoal-rebuild", credentials=credentials)
         stack.push_async_callback(nc.close)
         source, _ = await jetstream_ports(nc, consumer=args.consumer)
+        # How far the engines committed: each partition's floor is its last claim's
+        # consumer's (serve names one per claim), or the one before claims.
+        claims = await last_claims(nc.jetstream(), args.consumer, source.partitions)
+        source, _ = await jetstream_ports(nc, consumer=args.consumer, claims=claims)
         state = await source.stream_state()
         if state.ack_floor is None and not state.published:
             print(
-                f"consumer {args.consumer!r} does not exist and no transition was published: "
-                f"nothing to rebuild (the engine reads {state.stream} from its start)"
+                f"no consumer {args.consumer}-<partition> exists and no transition was "
+                f"published: nothing to rebuild (the engine reads {state.stream} from its "
+                "start)"
             )
             return 0
         # What the engine rejected stays rejected: an event quarantined because it raised

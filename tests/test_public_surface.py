@@ -343,6 +343,7 @@ PINS = {
         "iter_transitions",
         "jetstream_ports",
         "last_claim",
+        "last_claims",
         "permission_guard",
         "published_versions",
         "publish_import",

@@ -47,6 +47,7 @@ from ._config import EngineStats, breathe
 from ._outbox import Outbox, positions
 from ._parking import Parking
 from ._partition import Partition
+from ._published import Published
 
 MAX_OPEN_IMPORTS = 16
 """Imports open at once at most: a begin marker beyond them is rejected."""
@@ -293,12 +294,13 @@ class Imports:
         for e in await store.events.of_customers(customer_ids):
             logged[e.customer_id].append(e)
         missing = [i for i in customer_ids if i not in p.customers]
-        published: dict[str, Customer] = {}
+        # What was published of those not in memory (taken over from another engine: the
+        # first of it is in their snapshots).
+        published = {i: Customer(i) for i in missing}
+        restoring = Published(store)
         for o in await store.outbox.of_customers(missing):
-            c = published.get(o.customer_id)
-            if c is None:
-                c = published[o.customer_id] = Customer(o.customer_id)
-            c.restore((transition_of(o),))
+            restoring.add(published[o.customer_id], transition_of(o))
+        await restoring.finish(published)
         now = self._clock.now()
         transitions: list[Transition] = []
         rows: list[Snapshot] = []

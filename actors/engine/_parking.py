@@ -33,6 +33,7 @@ from store import ParkedCustomer, Snapshot, Store
 from ._metrics import Counts
 from ._outbox import Outbox
 from ._partition import Failure, Partition
+from ._published import Published
 
 
 def _version() -> str:
@@ -172,7 +173,11 @@ class Parking:
                 for e in mine:
                     if e.seq <= row.log_seq:
                         c.fold(event_of(e), segments)
-                c.restore(transition_of(o) for o in outbox if o.customer_id == customer_id)
+                published = Published(store)
+                for o in outbox:
+                    if o.customer_id == customer_id:
+                        published.add(c, transition_of(o))
+                await published.finish({customer_id: c})
                 out: list[Transition] = []
                 if c.version or c.first_at() is not None or _listed(p, customer_id):
                     if c.first_at() is None and not c.version:

@@ -26,6 +26,7 @@ from ._metrics import Counts
 from ._outbox import Outbox
 from ._parking import Parking
 from ._partition import Partition
+from ._published import Published
 
 _DEFINITION = DefinitionCause()
 
@@ -112,12 +113,15 @@ class Recovery:
         read, failed = await self.fold_log(segments, p.customers)
         self._stats.rebuilt_events += read
 
-        # The outbox comes in (customer, version) order, so each entry is restored as it comes.
+        # The outbox comes in (customer, version) order, so each entry is restored as it comes
+        # (but for a customer taken over from another engine: after its snapshot's state).
         parked = self._parking
+        published = Published(self._store)
         async for outbox in self._store.outbox.by_customer():
             for o in outbox:
                 if o.customer_id not in parked and o.customer_id not in failed:
-                    p.actor(o.customer_id).restore((transition_of(o),))
+                    published.add(p.actor(o.customer_id), transition_of(o))
+        await published.finish(p.customers)
         for customer_id, error in failed.items():
             p.fail(customer_id, "load", error)
 
@@ -271,8 +275,10 @@ class Recovery:
                 except Exception as folding:
                     failed[e.customer_id] = folding
             self._stats.rebuilt_events += 1
+        published = Published(self._store)
         for o in await self._store.outbox.of_customers(customer_ids):
-            fresh[o.customer_id].restore((transition_of(o),))
+            published.add(fresh[o.customer_id], transition_of(o))
+        await published.finish(fresh)
         now = self._clock.now()
         changed: list[Transition] = []
         for c in fresh.values():

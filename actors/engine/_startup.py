@@ -47,14 +47,16 @@ class StoreBehindError(ActorsError):
         if state.ack_floor:
             name, floor, mine = consumer, state.ack_floor, recorded
             through = store.partitions_through
+            names = state.partition_consumers
             for p, f in sorted(state.partition_floors.items()):
                 # The first partition behind (the furthest floor when none is: the store
                 # recorded nothing).
                 if recorded is not None and f > through.get(p, recorded):
-                    name, floor, mine = partition_consumer(consumer, p), f, through.get(p, recorded)
+                    name = names.get(p) or partition_consumer(consumer, p)
+                    floor, mine = f, through.get(p, recorded)
                     break
                 if f == state.ack_floor:
-                    name = partition_consumer(consumer, p)
+                    name = names.get(p) or partition_consumer(consumer, p)
             holds = "nothing" if mine is None else f"messages through position {mine}"
             why = (
                 f"consumer {name!r} acknowledged messages through position "

@@ -11,6 +11,7 @@ from ._claims import DEFAULT_LEASE_TTL as DEFAULT_LEASE_TTL
 from ._claims import Claim as Claim
 from ._claims import Claims as Claims
 from ._claims import PartitionsLost as PartitionsLost
+from ._claims import last_claims as last_claims
 from ._connect import Credentials as Credentials
 from ._connect import StreamNeedsMigration as StreamNeedsMigration
 from ._connect import StreamSettings as StreamSettings
@@ -85,6 +86,7 @@ __all__ = (
     "iter_transitions",
     "jetstream_ports",
     "last_claim",
+    "last_claims",
     "permission_guard",
     "published_versions",
     "publish_import",

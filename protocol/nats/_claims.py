@@ -16,8 +16,11 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
+import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from protocol._errors import (
     BrokerError,
@@ -120,6 +123,53 @@ class PartitionsLost(BrokerError):
         ps = sorted(partitions)
         super().__init__(f"lost {_partitions(ps)}: {why}")
         self.partitions = ps
+
+
+async def last_claims(
+    js: JetStreamContext, prefix: str, partitions: int
+) -> dict[int | None, FeedClaim]:
+    """Each partition's consumer under its last claim (``<consumers>-<p>-<claim>``, the
+    prefix the claim names), and the consumer of the messages stored without a partition
+    (key None) under partition 0's; a partition never claimed (or no ``SHOAL_SEGMENTS``):
+    the consumer before claims (``<prefix>-<p>``). How far each partition was committed
+    is its consumer's acknowledgement floor: an owner acknowledges only what its store
+    committed.
+
+    Each names as its previous ones the consumers of a few claims before (latest first)
+    and the one before claims: their floors count when the claim's consumer does not exist
+    (its engine stopped before starting it, such as a start refused by the startup check,
+    or a migration made the consumers anew). For reading floors with the engines stopped
+    (``shoal rebuild``, ``shoal migrate``), not for starting consumers.
+
+    Raises:
+        UnreadableRecord: a fence's last message is not a claim.
+        BrokerError: the broker does not answer.
+    """
+    chains: dict[int, list[tuple[int, FenceClaim]]] = {p: [] for p in range(partitions)}
+    try:
+        await js.stream_info(SEGMENTS_STREAM)
+    except nats.js.errors.NotFoundError:
+        pass  # no engine ever claimed a partition here
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot read stream {SEGMENTS_STREAM}: {e}") from e
+    else:
+        for p, chain in chains.items():
+            found = await last_claim(js, SEGMENTS_STREAM, p)
+            while found is not None and len(chain) <= _EARLIER:
+                chain.append(found)
+                seq = found[1].previous
+                older = await claim_at(js, SEGMENTS_STREAM, p, seq) if seq else None
+                found = None if older is None else (seq, older)
+
+    def under(part: int | str, chain: list[tuple[int, FenceClaim]]) -> FeedClaim:
+        names = [partition_consumer(c.consumers, part, seq) for seq, c in chain]
+        names.append(partition_consumer(prefix, part))
+        return FeedClaim(names[0], tuple(names[1:]))
+
+    out: dict[int | None, FeedClaim] = {p: under(p, chain) for p, chain in chains.items()}
+    if partitions:
+        out[None] = under(STRAYS, chains[0])
+    return out
 
 
 def _partitions(ps: list[int]) -> str:

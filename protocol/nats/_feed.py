@@ -623,20 +623,30 @@ class EventFeed:
         Raises:
             TimeoutError, nats.errors.Error: the broker does not answer.
         """
+        found = await self.acknowledged()
+        return None if found is None else found[1]
+
+    async def acknowledged(self) -> tuple[str, int] | None:
+        """As :meth:`ack_floor`, with the name of the consumer whose floor it is.
+
+        Raises:
+            TimeoutError, nats.errors.Error: the broker does not answer.
+        """
         try:
             info = await self._js.consumer_info(EVENTS_STREAM, self._durable)
         except nats.js.errors.NotFoundError:
             pass
         else:
-            return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
-        found: int | None = None
+            return self._durable, int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+        found: tuple[str, int] | None = None
         for name in self._previous if self._trust_previous else ():
             try:
                 info = await self._js.consumer_info(EVENTS_STREAM, name)
             except nats.js.errors.NotFoundError:
                 continue
             floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
-            found = max(found or 0, floor)
+            if found is None or floor > found[1]:
+                found = name, floor
         return found
 
     async def wait(self) -> None:

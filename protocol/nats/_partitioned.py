@@ -551,16 +551,17 @@ class PartitionedFeed:
         js = self._js
         try:
             stream = await js.stream_info(EVENTS_STREAM)
-            found = await asyncio.gather(*(f.ack_floor() for f in self._feeds))
+            found = await asyncio.gather(*(f.acknowledged() for f in self._feeds))
             floors: dict[int, int] = {}
+            names: dict[int, str] = {}
             strays: int | None = None
-            for p, floor in zip(self._parts, found, strict=True):
-                if floor is None:
+            for p, acknowledged in zip(self._parts, found, strict=True):
+                if acknowledged is None:
                     continue
                 if p is None:
-                    strays = floor
+                    strays = acknowledged[1]
                 else:
-                    floors[p] = floor
+                    names[p], floors[p] = acknowledged
             published = await transitions_published(js)
         except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot read the state of stream {EVENTS_STREAM}: {e}") from e
@@ -570,4 +571,5 @@ class PartitionedFeed:
             ack_floor=max([*floors.values(), *([] if strays is None else [strays])], default=None),
             published=published,
             partition_floors=floors,
+            partition_consumers=names,
         )

@@ -165,7 +165,7 @@ def test_rebuild_without_a_consumer_has_nothing_to_do(
 ) -> None:
     done = run("rebuild", "--from-stream", "--nats", nats_server.url, "--data-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert "does not exist and no transition was published: nothing to rebuild" in done.stdout
+    assert "exists and no transition was published: nothing to rebuild" in done.stdout
 
 
 def test_rebuild_needs_the_from_stream_flag(tmp_path: Path) -> None:
