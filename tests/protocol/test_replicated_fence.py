@@ -24,9 +24,7 @@ async def test_the_barrier_probes_a_quiet_replicated_stream(nats_cluster: NatsCl
         owned = list(range(8))
         claims: dict[int | None, FeedClaim] = {p: FeedClaim(f"test-{p}") for p in owned}
         claims[None] = FeedClaim("test-strays")
-        source, _ = await jetstream_ports(
-            nc, streams=StreamSettings(replicas=3), claims=claims
-        )
+        source, _ = await jetstream_ports(nc, streams=StreamSettings(replicas=3), claims=claims)
         assert isinstance(source, PartitionedFeed)
         js = nc.jetstream()
         mine = [c for c in (f"c{i}" for i in range(400)) if partition(c, P) in owned][:20]
