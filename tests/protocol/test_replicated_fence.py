@@ -11,7 +11,7 @@ import anyio
 import nats
 import pytest
 
-from protocol import EVENTS_STREAM, event_subject, is_fence_probe, partition
+from protocol import EVENTS_STREAM, Delivery, event_subject, is_fence_probe, partition
 from protocol.nats import FeedClaim, PartitionedFeed, StreamSettings, jetstream_ports
 from tests.cluster import NatsCluster
 
@@ -32,7 +32,7 @@ async def test_the_barrier_probes_a_quiet_replicated_stream(nats_cluster: NatsCl
             body = json.dumps({"type": "track", "userId": c, "event": "Visit"}).encode()
             await js.publish(event_subject(c), body)
         await source.start()
-        taken = []
+        taken: list[Delivery] = []
         with anyio.fail_after(10):
             while len(taken) < len(mine):
                 await source.wait()
