@@ -614,10 +614,14 @@ class Engine:
         deadlines = self._deadlines
         wake_at = self._partition.next_due()
         behind = deadlines.backlog_cap is not None
+        # A deadline due that only the broker's word holds back: ask again soon. Not when
+        # an event waiting to be applied comes first (its delivery is what is awaited).
+        oldest = source.oldest_buffered_received()
         unfenced = (
             wake_at is not None
             and not behind
             and deadlines.confirmed(source) < wake_at <= self._clock.now()
+            and (oldest is None or wake_at < oldest)
         )
         with anyio.move_on_after(_FENCE_RETRY if unfenced else _MAX_IDLE) as quiet:
             async with anyio.create_task_group() as tg:
