@@ -329,6 +329,12 @@ class EventFeed:
                     self._ready.set()
                     return
                 self._arrived_cseq = parsed[1]
+                if parsed[0] <= self._acked_through:
+                    # Resent after ack_wait though acknowledged: the acknowledgement was lost
+                    # (a leader changed). Acknowledged again, or it stays pending for ever
+                    # (take() skips it: the engine applied it).
+                    with contextlib.suppress(nats.errors.Error):
+                        await self._nc.publish(msg.reply, b"+ACK")
             self._buffer.append((msg, parsed))
             if parsed is not None:
                 if parsed[0] > self._received_max:
@@ -457,6 +463,11 @@ class EventFeed:
         any, the last it acknowledged): every one of its own up to it arrived, or was
         acknowledged."""
         return self._received_max
+
+    @property
+    def acked_through(self) -> int:
+        """The stream position up to which every delivery of its own was acknowledged."""
+        return self._acked_through
 
     @property
     def resumed_from(self) -> int:

@@ -16,6 +16,7 @@ from operator import attrgetter
 import anyio
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -34,6 +35,7 @@ from protocol.nats._feed import EventFeed, transitions_published
 STRAYS = "unpartitioned"
 """The suffix of the consumer of messages stored without a partition (``<prefix>-<this>``)."""
 _by_position = attrgetter("stream_sequence")
+_logger = structlog.get_logger("shoal.feed")
 _HOLE_WAIT = 0.02
 """Seconds to wait for a position held back behind one not arrived, before asking the
 broker whether it ever will (one no consumer reads, or one acknowledged before a restart)."""
@@ -44,6 +46,9 @@ _PROBE_EVERY = 0.02
 """Seconds at least between two probes of a replicated stream (see
 :meth:`PartitionedFeed.fence`): deadlines due meanwhile wait for the next, at most that
 much later."""
+_HELD_WARN = 10.0
+"""Seconds deliveries may wait behind a position not arrived before a warning says so (and
+between two such warnings)."""
 _ARRIVAL_POLL = 0.002
 """Seconds between two looks at whether a feed received a position."""
 
@@ -155,6 +160,8 @@ class PartitionedFeed:
         self._js = js
         self._replicated = replicated
         self._probed_at = -_PROBE_EVERY
+        # The probes published, each with the feed that reads it: deleted once acknowledged.
+        self._probes: list[tuple[EventFeed, int]] = []
         self._prefix = prefix
         self._partitions = partitions
         self._owned = list(range(partitions) if owned is None else owned)
@@ -208,6 +215,7 @@ class PartitionedFeed:
         self._taken: set[EventFeed] = set()
         # Since when (anyio's clock) a buffered delivery waits behind a position not arrived.
         self._held_since: float | None = None
+        self._warned = -_HELD_WARN
 
     @property
     def consumer(self) -> str:
@@ -409,7 +417,8 @@ class PartitionedFeed:
                 if anyio.current_time() < self._held_since + _HOLE_WAIT:
                     continue  # an arrival that did not fill the hole: wait on
             await self._pass_holes()
-            self._held_since = None
+            if self._ready_to_take():
+                self._held_since = None
 
     async def _pass_holes(self) -> None:
         """Ask the broker how far each feed has all its positions: up to the stream's last
@@ -422,17 +431,37 @@ class PartitionedFeed:
                 infos = await asyncio.gather(
                     *(js.consumer_info(EVENTS_STREAM, f.consumer) for f in self._feeds)
                 )
-        except (TimeoutError, nats.errors.Error):
+        except (TimeoutError, nats.errors.Error) as e:
+            self._held_back(f"the broker did not answer: {type(e).__name__} {e}".rstrip())
             await anyio.sleep(_HOLE_WAIT)
             return
         through = last
+        waiting: list[str] = []
         for f, info in zip(self._feeds, infos, strict=True):
             if info.num_pending or not f.sent_all(info):
                 through = min(through, f.received_max)
+                waiting.append(f.consumer)
         if through > self._arrived.through:
             self._arrived.jump(through)
         else:
+            self._held_back(f"waiting for {', '.join(waiting)}")
             await anyio.sleep(_HOLE_WAIT)
+
+    def _held_back(self, why: str) -> None:
+        """Say (now and then) that deliveries wait behind a position not arrived: a stall
+        there stops the engine's events."""
+        held = self._held_since
+        now = anyio.current_time()
+        if held is None or now - held < _HELD_WARN or now - self._warned < _HELD_WARN:
+            return
+        self._warned = now
+        _logger.warning(
+            "events held back behind a stream position not arrived",
+            position=self._arrived.through + 1,
+            seconds=round(now - held, 1),
+            why=why,
+            heads={f.consumer: f.head() for f in self._feeds if f.buffered},
+        )
 
     async def ack(self, through: int) -> None:
         """Acknowledge, in each partition, every delivery taken up to ``through``.
@@ -491,17 +520,17 @@ class PartitionedFeed:
         otherwise a probe is published (an empty control message in an owned partition,
         stamped after this call, so stored after every event stamped before it) and its
         position is the bound. Then each partition's last message up to there (read from
-        the leader) must have reached its feed; the probe is deleted once used.
+        the leader) must have reached its feed. A probe is deleted once acknowledged.
         """
         if self.needs_restart or not all(f.started for f in self._feeds):
             return False
         asked = time.time_ns() // 1000
-        probe: int | None = None
+        await self._delete_probes()
         try:
             with anyio.fail_after(timeout):
                 last, stamped = await self._stream_last()
                 if stamped is None or stamped < asked:
-                    probe = last = await self._probe()
+                    last = await self._probe()
                 if self._arrived.through >= last:
                     return True
                 feeds = [f for f, p in zip(self._feeds, self._parts, strict=True) if p is not None]
@@ -514,13 +543,19 @@ class PartitionedFeed:
                 return True
         except (TimeoutError, nats.errors.Error, BrokerError):
             return False
-        finally:
-            if probe is not None:
-                with (
-                    anyio.CancelScope(shield=True),
-                    contextlib.suppress(TimeoutError, nats.errors.Error),
-                ):
-                    await self._js.delete_msg(EVENTS_STREAM, probe)
+
+    async def _delete_probes(self) -> None:
+        """Delete the probes the engine has acknowledged (so committed): not before, or the
+        consumer's acknowledgement floor would move past the deleted probe ahead of the
+        store, and the next start would find the store behind. One left by a crash stays:
+        a control message, which every reader passes over."""
+        done = [(f, seq) for f, seq in self._probes if f.acked_through >= seq]
+        if not done:
+            return
+        self._probes = [(f, seq) for f, seq in self._probes if f.acked_through < seq]
+        with contextlib.suppress(TimeoutError, nats.errors.Error):
+            for _, seq in done:
+                await self._js.delete_msg(EVENTS_STREAM, seq)
 
     async def _stream_last(self) -> tuple[int, int | None]:
         """The stream's last position and its stamp (None: none, or not readable), from its
@@ -540,7 +575,9 @@ class PartitionedFeed:
             await anyio.sleep(wait)
         self._probed_at = anyio.current_time()
         ack = await self._js.publish(fence_probe_subject(self._owned[0]), b"")
-        return int(ack.seq)
+        seq = int(ack.seq)
+        self._probes.append((self._feeds[0], seq))
+        return seq
 
     async def _last_of(self, subjects: str) -> int:
         """The stream position of the last message on ``subjects`` (0: none), from the

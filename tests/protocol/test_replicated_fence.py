@@ -46,17 +46,23 @@ async def test_the_barrier_probes_a_quiet_replicated_stream(nats_cluster: NatsCl
         assert await source.fence()
         after = await js.stream_info(EVENTS_STREAM)
         assert after.state.last_seq == before.state.last_seq + 1  # the probe
-        assert after.state.messages == before.state.messages  # deleted once used
         with anyio.fail_after(5):
             await source.wait()
         probes = source.take(10)
         assert [is_fence_probe(d.subject) for d in probes] == [True]
         assert partition_of_probe(probes[0].subject) == owned[0]
+        # Kept until acknowledged: deleting it first would move the consumer's floor past
+        # it ahead of the store.
+        await anyio.sleep(0.05)
+        assert await source.fence()
+        kept = await js.stream_info(EVENTS_STREAM)
+        assert kept.state.messages == before.state.messages + 2  # that one and the next
         await source.ack(probes[-1].stream_sequence)
+        await anyio.sleep(0.05)
+        assert await source.fence()  # deletes the acknowledged one
+        now = await js.stream_info(EVENTS_STREAM)
+        assert now.state.messages == before.state.messages + 2  # the second and a third
 
-        # Two questions in a row share the probes' pace, and both are answered.
-        assert await source.fence()
-        assert await source.fence()
         await source.stop()
     finally:
         await nc.close()
