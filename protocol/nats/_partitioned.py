@@ -46,6 +46,8 @@ _PROBE_EVERY = 0.02
 """Seconds at least between two probes of a replicated stream (see
 :meth:`PartitionedFeed.fence`): deadlines due meanwhile wait for the next, at most that
 much later."""
+_HOLE_ASK = 2.0
+"""Seconds the broker has to say how far each consumer sent its partition."""
 _HELD_WARN = 10.0
 """Seconds deliveries may wait behind a position not arrived before a warning says so (and
 between two such warnings)."""
@@ -423,22 +425,39 @@ class PartitionedFeed:
     async def _pass_holes(self) -> None:
         """Ask the broker how far each feed has all its positions: up to the stream's last
         for one that has all it stored, up to its furthest arrival for one with more to
-        come. Below the least of those, a position not arrived never will."""
+        come (or whose consumer does not answer). Below the least of those, a position not
+        arrived never will. The feed of the messages stored without a partition is not
+        asked (see :meth:`take`).
+
+        Shielded from the caller's cancellation: the engine's loop cancels its wait for
+        deliveries whenever it has something else to do (a snapshot to cut, every second),
+        and questions to a busy broker that are cancelled each time never pass the holes.
+        """
         js = self._js
-        try:
-            with anyio.fail_after(2.0):
-                last = int((await js.stream_info(EVENTS_STREAM)).state.last_seq or 0)
-                infos = await asyncio.gather(
-                    *(js.consumer_info(EVENTS_STREAM, f.consumer) for f in self._feeds)
-                )
-        except (TimeoutError, nats.errors.Error) as e:
-            self._held_back(f"the broker did not answer: {type(e).__name__} {e}".rstrip())
+        feeds = [f for f, p in zip(self._feeds, self._parts, strict=True) if p is not None]
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(_HOLE_ASK):
+                    last = int((await js.stream_info(EVENTS_STREAM)).state.last_seq or 0)
+                    infos = await asyncio.gather(
+                        *(js.consumer_info(EVENTS_STREAM, f.consumer) for f in feeds),
+                        return_exceptions=True,
+                    )
+            except (TimeoutError, nats.errors.Error) as e:
+                self._held_back(f"the broker did not answer: {type(e).__name__} {e}".rstrip())
+                infos = None
+        if infos is None:
             await anyio.sleep(_HOLE_WAIT)
             return
         through = last
         waiting: list[str] = []
-        for f, info in zip(self._feeds, infos, strict=True):
-            if info.num_pending or not f.sent_all(info):
+        for f, info in zip(feeds, infos, strict=True):
+            if isinstance(info, BaseException):
+                if not isinstance(info, nats.errors.Error | TimeoutError):
+                    raise info
+                through = min(through, f.received_max)
+                waiting.append(f"{f.consumer} ({type(info).__name__})")
+            elif info.num_pending or not f.sent_all(info):
                 through = min(through, f.received_max)
                 waiting.append(f.consumer)
         if through > self._arrived.through:
