@@ -7,10 +7,17 @@ At the end: every event was applied once, by the owner of its partition; each cu
 transitions are one gap-free version sequence; the stream holds no transition of an owner
 after its fence moved on; and what was published equals a single-process replay of the
 whole events stream. Every takeover's duration is measured and printed (the goal: the lease
-plus 5 s); the test asserts only a generous bound, to catch a hang."""
+plus 5 s); the test asserts only a generous bound, to catch a hang.
+
+A second test pauses the events stream's leader node (SIGSTOP) again and again while
+events flow and time rules fire, with two engines sharing the partitions: the engines go on
+taking events, and their output equals a replay (a clustered server stamps an event before
+a quorum stores it, so the deadline barrier must not trust consumers' counts).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -353,3 +360,75 @@ async def _applied_once(nc: Client, tmp_path: Path) -> None:
                     logs[partition(ev.customer_id, P)].append((ev.customer_id, ev.message_id))
     for p in range(P):
         assert sorted(logs[p]) == sorted(stream[p]), p
+
+
+PAUSE_CUSTOMERS = 600
+PAUSE_ROUNDS = 12
+
+
+async def _produce_paced(nc: Client, sent: list[int]) -> None:
+    js = nc.jetstream()
+    for r in range(PAUSE_ROUNDS):
+        for i in range(PAUSE_CUSTOMERS):
+            c = f"c{i}"
+            while True:
+                try:
+                    await js.publish(f"shoal.events.{c}", track(c, mid=f"{c}-{r}"), timeout=2)
+                    break
+                except (nats.errors.Error, TimeoutError):
+                    await anyio.sleep(0.05)
+            sent[0] += 1
+            if i % 100 == 99:
+                await anyio.sleep(0.1)
+
+
+async def _events_leader(nc: Client, names: list[str]) -> int:
+    info = await nc.jetstream().stream_info(EVENTS_STREAM)
+    assert info.cluster is not None and info.cluster.leader
+    return names.index(info.cluster.leader)
+
+
+@pytest.mark.timeout(400)
+async def test_live_equals_replay_across_stream_leader_pauses(
+    nats_cluster: NatsCluster, tmp_path: Path, procs: list[Proc]
+) -> None:
+    rules = tmp_path / "segments.toml"
+    rules.write_text(RULES)
+    urls = nats_cluster.urls
+    names = [n.name for n in nats_cluster.nodes]
+    nc = await nats.connect(urls)
+    engines: dict[str, Proc] = {}
+    try:
+        for e in ("a", "b"):
+            engines[e] = serve(urls, tmp_path / e, e, rules)
+            procs.append(engines[e])
+        for proc in engines.values():
+            proc.wait_err("shoal is serving", timeout=60)
+        await wait_owners(nc, lambda o: sorted(len(v) for v in o.values()) == [16, 16])
+        sent = [0]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_produce_paced, nc, sent)
+            for _ in range(4):
+                await anyio.sleep(3)
+                node = nats_cluster.nodes[await _events_leader(nc, names)]
+                node.pause()
+                await anyio.sleep(2.5)
+                node.resume()
+        assert sent[0] == PAUSE_CUSTOMERS * PAUSE_ROUNDS
+        try:
+            with anyio.fail_after(90):
+                while True:
+                    with contextlib.suppress(BrokerError, nats.errors.Error):
+                        if await _all_applied(nc, engines):
+                            break
+                    await anyio.sleep(1)
+        except TimeoutError:
+            for name, proc in engines.items():
+                print(f"--- {name}:", *proc.rest()[-100:], sep="\n")
+            raise
+        await anyio.sleep(3)  # the deadlines after the last events fall due
+        await _checked(nc)
+        differ = await _differ(nc, now() - 2_000_000, show=5)
+        assert not differ, f"{len(differ)} customers differ"
+    finally:
+        await nc.close()
