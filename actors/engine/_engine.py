@@ -39,6 +39,7 @@ from protocol import (
     Origin,
     StoredDefinitions,
     TransitionSink,
+    partition,
 )
 from store import ParkedCustomer, Store, StoreError
 
@@ -122,6 +123,10 @@ class Engine:
         self._recovery = recovery = Recovery(
             store, p, outbox, parking, counts, gc, self._clock, cfg
         )
+        if owned is not None:
+            # A static list's customers of other engines' partitions are theirs to add.
+            mine, partitions = frozenset(owned), source.partitions
+            recovery.owns = lambda customer_id: partition(customer_id, partitions) in mine
         self._snapshots = snaps = Snapshots(
             store, p, outbox, parking, counts.stats, gc, self._clock, cfg
         )

@@ -5,7 +5,7 @@ them (or from the whole log), then loading the rest in deadline order while the 
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -81,6 +81,9 @@ class Recovery:
         self._ahead: _PageAhead | None = None
         self.tg: anyio.abc.TaskGroup | None = None  # the main loop's, while it runs
         self._loads: deque[_LoadRequest] = deque()
+        self.owns: Callable[[str], bool] = lambda customer_id: True
+        """Whether a customer is this engine's (its partition owned): a static list's
+        customer is added only by its owner."""
         self._logger = structlog.get_logger("shoal.engine")
 
     # At start -------------------------------------------------------------------------
@@ -391,7 +394,11 @@ class Recovery:
         now = self._clock.now()
         for ids in segments.lists.values():
             for customer_id in sorted(ids):  # sorted: a reproducible publishing order
-                if customer_id not in customers and customer_id not in self._parking:
+                if (
+                    customer_id not in customers
+                    and customer_id not in self._parking
+                    and self.owns(customer_id)
+                ):
                     c = customers[customer_id] = Customer(customer_id)
                     c.watermark = now
                     added += 1

@@ -151,3 +151,30 @@ def test_importing_actors_loads_no_nats() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == ""
+
+
+async def test_a_static_lists_customers_are_added_by_their_partitions_owner(
+    tmp_path: Path,
+) -> None:
+    """Engines sharing the partitions each add (and evaluate) only the listed customers of
+    the partitions they own: another engine's would otherwise get transitions from two."""
+    from protocol import partition
+
+    listed = [f"v{i}" for i in range(40)]
+    vip = segments(
+        f"[lists.vip]\ncustomers = {listed!r}\n\n[segments.vip]\nrule = \"in_list('vip')\"\n"
+    )
+    clock = VirtualClock(T0)
+    broker = MemoryBroker(clock.now)
+    source = broker.source()
+    owned = [p for p in range(source.partitions) if p % 2 == 0]
+    async with await Store.open(tmp_path / "shoal.db") as store:
+        engine = Engine(source, broker.sink(), store, vip, clock=clock, owned=owned)
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            mine = sorted(c for c in listed if partition(c, source.partitions) in owned)
+            assert 0 < len(mine) < len(listed)
+            await eventually(lambda: len(broker.transitions) == len(mine))
+            assert sorted(t.customer_id for t in broker.transitions) == mine
+            assert sorted(await engine.members("vip", limit=100)) == mine
+            tg.cancel_scope.cancel()
