@@ -647,8 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=2_000.0, help="offered events per second")
     p.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measured")
     p.add_argument("--customers-in-partition", type=int, default=100_000)
-    p.add_argument("--burst", type=int, default=20_000)
-    p.add_argument("--burst-delay", type=int, default=20, help="seconds to the due instant")
+    p.add_argument("--burst", type=int, default=100_000)
+    p.add_argument("--burst-delay", type=int, default=60, help="seconds to the due instant")
     p.add_argument("--out", type=Path, default=ROOT / "scripts/bench/results/engines.md")
     args = p.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
