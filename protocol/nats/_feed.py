@@ -153,6 +153,9 @@ class EventFeed:
         self._backlog_cap: int | None = None
         self._received_max = 0
         self._arrived_cseq = 0  # the consumer sequence of the latest delivery arrived
+        # On a replicated stream: behind until a delivery at or past this position (the
+        # probe published at the start) is taken (see behind_until()).
+        self._behind_until = 0
 
     @property
     def consumer(self) -> str:
@@ -520,7 +523,8 @@ class EventFeed:
             # (some of it possibly still on its way to the buffer) has not all been taken.
             self._catch_up -= len(out)
             last = out[-1]
-            self._backlog_cap = last.received if last.pending or self._catch_up > 0 else None
+            behind = last.pending or self._catch_up > 0 or self._taken_through < self._behind_until
+            self._backlog_cap = last.received if behind else None
         return out
 
     @property
@@ -532,9 +536,26 @@ class EventFeed:
 
     def caught_up(self) -> None:
         """A whole idle period went by without a delivery: nothing counted at start is still
-        on its way."""
+        on its way (unless the probe of a replicated stream was not taken yet)."""
         self._catch_up = 0
-        self._backlog_cap = None
+        if self._taken_through >= self._behind_until:
+            self._backlog_cap = None
+
+    def behind_until(self, seq: int) -> None:
+        """Stay behind (deadlines held to the receive instant of the latest delivery taken)
+        until a delivery at or past stream position ``seq`` is taken.
+
+        On a replicated stream, an event stamped before the consumer started may still be
+        on its way to being stored, uncounted in its backlog: the engine publishes a probe
+        in the partition after starting the consumer, and waits for it here. Every event
+        stamped before the probe is stored before it, so comes first.
+        """
+        self._behind_until = seq
+        if self._taken_through < seq and self._backlog_cap is None:
+            self._backlog_cap = self._last_taken_stamp()
+
+    def _last_taken_stamp(self) -> int:
+        return 0 if self._last_stamp < 0 else self._last_stamp
 
     @property
     def started(self) -> bool:

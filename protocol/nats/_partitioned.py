@@ -289,6 +289,7 @@ class PartitionedFeed:
             async with anyio.create_task_group() as tg:
                 for f in self._feeds:
                     tg.start_soon(f.start)
+            await self._probe_started()
         except BaseException as e:
             with anyio.CancelScope(shield=True):
                 await self.stop()
@@ -310,6 +311,7 @@ class PartitionedFeed:
             async with anyio.create_task_group() as tg:
                 for f in self._feeds:
                     tg.start_soon(f.restart)
+            await self._probe_started()
         except BaseExceptionGroup as e:
             broker = [x for x in e.exceptions if isinstance(x, BrokerError)]
             if broker and len(broker) == len(e.exceptions):
@@ -317,6 +319,30 @@ class PartitionedFeed:
             raise
         self._taken.clear()
         self._restarted()
+
+    async def _probe_started(self) -> None:
+        """On a replicated stream, publish a probe in each owned partition once its consumer
+        started, and hold the partition behind until it takes it (see
+        :meth:`EventFeed.behind_until`): what the broker stamped before the start is then
+        applied before any deadline past it fires.
+
+        Raises:
+            BrokerError: the broker did not store a probe.
+        """
+        if not self._replicated:
+            return
+        feeds = [(f, p) for f, p in zip(self._feeds, self._parts, strict=True) if p is not None]
+        try:
+            with anyio.fail_after(_HOLE_ASK * 5):
+                acks = await asyncio.gather(
+                    *(self._js.publish(fence_probe_subject(p), b"") for _, p in feeds)
+                )
+        except (TimeoutError, nats.errors.Error) as e:
+            raise BrokerError(f"cannot publish the start probes in {EVENTS_STREAM}: {e}") from e
+        for (f, _), ack in zip(feeds, acks, strict=True):
+            seq = int(ack.seq)
+            f.behind_until(seq)
+            self._probes.append((f, seq))
 
     async def stop(self) -> None:
         """Stop receiving; the consumers stay on the broker. Idempotent."""
