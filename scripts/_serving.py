@@ -273,6 +273,14 @@ class Serving:
     up (taken over: the one of the snapshot it started from)."""
     _skip: dict[str, int] = field(default_factory=dict)
     _prepared: set[tuple[int, int]] = field(default_factory=set)
+    _unready: set[int] = field(default_factory=set)
+    """The partitions whose taking over began and did not finish (the store may hold part
+    of them, and what the broker holds of them is not known yet)."""
+    _claimed: set[int] = field(default_factory=set)
+    """The partitions a term of this process claimed (served or not)."""
+    _served: set[int] = field(default_factory=set)
+    """The partitions a term of this process served (its engine started with them): the
+    store holds them, events or not, until it forgets them."""
     _counts: Counter[str] = field(default_factory=Counter)
     """The (partition, claim) taken over whose store is ready: not taken over again."""
 
@@ -385,13 +393,24 @@ class Serving:
         # (a term may end before its engine made it all again).
         self._skip = {c: v for c, v in self._skip.items() if partition(c, self.partitions) in owned}
         rejected: set[int] | None = None
+        # Another engine's last, or this one's store forgot it since (given or lost), or
+        # never held it: claimed from another engine by a term that failed before the store
+        # was made ready, then claimed again (over this engine's own claim).
+        fresh = {
+            p: claim.taken_over
+            or p in self.store.dropped
+            or (claim.previous is not None and not self._holds(p))
+            for p, claim in owned.items()
+        }
+        self._claimed.update(owned)
         for p, claim in sorted(owned.items()):
-            # Another engine's last, or this one's store forgot it since (given or lost).
-            afresh = claim.taken_over or p in self.store.dropped
+            afresh = fresh[p]
             if afresh and (p, claim.seq) not in self._prepared:
                 if rejected is None:
                     rejected = await rejected_positions(self.nc)
+                self._unready.add(p)
                 feeds[p] = claim.feed(await self._take_over(p, rejected), taken_over=True)
+                self._unready.discard(p)
                 self._counts["takeovers"] += 1
                 # Once: the next terms of this claim go on from the store as it is then.
                 self._prepared.add((p, claim.seq))
@@ -432,6 +451,7 @@ class Serving:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(self._run_engine, engine, term)
+                self._served.update(owned)
                 await tg.start(self.serve_queries, engine, sorted(owned))
                 await self.on_started(engine)
                 if task_status is not None:
@@ -479,6 +499,7 @@ class Serving:
                 if partition(c, self.partitions) in dropped
             ]
             await self.store.drop_customers(ids, partitions=gone)
+            self._served.difference_update(gone)
         _logger.info(
             "term ended",
             why=term.reason,
@@ -486,6 +507,19 @@ class Serving:
             lost=sorted(term.lost),
             customers_dropped=len(ids),
         )
+
+    def _holds(self, p: int) -> bool:
+        """Whether this engine's store holds partition ``p`` as of its last term: it recorded
+        a position in it, or a term of this process served it (a partition with no events
+        yet). Not when its taking over began and did not finish, nor when a term of this
+        process claimed it and failed before serving it (its store never got it ready); a
+        first claim of this process goes by the store (which the start-up check compares
+        with the partition's consumers)."""
+        if p in self._unready:
+            return False
+        if p in self.store.partitions_through or p in self._served:
+            return True
+        return p not in self._claimed
 
     async def _forget_unowned(self, owned: Mapping[int, Any]) -> None:
         """Drop from the store the partitions it holds and this term does not own (another
@@ -497,6 +531,7 @@ class Serving:
             return
         ids = [c for c in await self.store.customer_ids() if partition(c, self.partitions) in stale]
         await self.store.drop_customers(ids, partitions=sorted(stale))
+        self._served.difference_update(stale)
         _logger.info("partitions not owned forgotten", partitions=sorted(stale), customers=len(ids))
 
     async def running_engine(self) -> Engine:
