@@ -22,6 +22,11 @@ from store import Snapshot, SnapshotMarks, Store
 
 from ._startup import RebuildReport, log_from_stream
 
+MIXED_DEFINITIONS = "mixed"
+"""The snapshot marks' definitions once a partition taken over brought snapshots taken
+under other definitions than the store's: no fingerprint, so a start evaluates every
+customer."""
+
 
 @dataclass(frozen=True, slots=True)
 class PartitionCut:
@@ -145,6 +150,7 @@ async def take_over(
     *,
     max_event_bytes: int,
     rejected: Collection[int] = (),
+    held: Collection[str] | None = None,
 ) -> TakeoverReport:
     """Make the stopped engine's ``store`` ready to own partition ``partition_id`` from
     ``snapshot`` (None: from the partition's first event).
@@ -153,14 +159,15 @@ async def take_over(
     partition's events up to the snapshot's position, in stream order) are logged as the
     engine logs them, and the snapshot's customers become the store's snapshots of them,
     reflecting all of it. The partition's position is the snapshot's: its consumer starts
-    after it.
+    after it. ``held``: the customers of the partition the store holds, when the caller
+    knows them already (several partitions taken over at once: the store is read once).
 
     Raises:
         StoreError: the store cannot be written (run it again: it starts over).
     """
-    stale = sorted(
-        c for c in await store.customer_ids() if partition(c, partitions) == partition_id
-    )
+    if held is None:
+        held = [c for c in await store.customer_ids() if partition(c, partitions) == partition_id]
+    stale = sorted(held)
     await store.drop_customers(stale, partitions=[partition_id])
     base = 0 if snapshot is None else snapshot.through
     report = TakeoverReport(partition=partition_id, base=base, dropped=len(stale))
@@ -197,6 +204,15 @@ async def take_over(
             outbox_through=0,
             definitions=snapshot.definitions,
             needs=snapshot.needs,
+        )
+    elif marks.definitions != snapshot.definitions:
+        # These rows were taken under other definitions than the store's others: a start
+        # must evaluate every customer (it skips those its snapshot reflects all of).
+        marks = SnapshotMarks(
+            events_through=marks.events_through,
+            outbox_through=marks.outbox_through,
+            definitions=MIXED_DEFINITIONS,
+            needs=marks.needs,
         )
     else:
         marks = None
