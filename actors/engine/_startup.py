@@ -32,6 +32,8 @@ from protocol import (
 )
 from store import LoggedEvent, OutboxEntry, Store
 
+from ._config import breathe
+
 REBUILD_COMMAND = "shoal rebuild --from-stream"
 """The command that rebuilds a store from the events stream (:func:`rebuild_from_stream`)."""
 
@@ -163,7 +165,10 @@ async def log_from_stream(
     (and, without ``through``, move ``report.through`` to the last read)."""
     async for chunk in deliveries:
         events: list[LoggedEvent] = []
-        for d in chunk:
+        for i, d in enumerate(chunk):
+            # A partition taken over logs its events while the engine's leases are renewed
+            # on this event loop.
+            await breathe(i)
             if through is not None and d.stream_sequence > through:
                 break
             if through is None:
