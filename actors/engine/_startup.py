@@ -159,10 +159,12 @@ async def log_from_stream(
     through: int | None,
     max_event_bytes: int,
     rejected: Collection[int],
+    customers: set[str] | None = None,
 ) -> None:
     """Add to the log the valid events of ``deliveries`` (in stream order, up to position
     ``through``) it does not hold, decoded as the engine decodes them; count in ``report``
-    (and, without ``through``, move ``report.through`` to the last read)."""
+    (and, without ``through``, move ``report.through`` to the last read); add their
+    customers to ``customers``."""
     async for chunk in deliveries:
         events: list[LoggedEvent] = []
         for i, d in enumerate(chunk):
@@ -187,6 +189,8 @@ async def log_from_stream(
                 report.rejected += 1
                 continue
             events.append(logged_event(event))
+        if customers is not None:
+            customers.update(e.customer_id for e in events)
         report.logged += await store.import_events(events)
 
 

@@ -175,6 +175,10 @@ async def take_over(
     if snapshot is None:
         await store.restored(partition_id)
         return report
+    # Where the log and the outbox stood: with nothing after the snapshot marks then, the
+    # marks can move past what is logged here (see below).
+    level = (store.events.last_seq, store.outbox.last_seq)
+    logged: set[str] = set()
     await log_from_stream(
         store,
         deliveries,
@@ -182,6 +186,7 @@ async def take_over(
         through=base,
         max_event_bytes=max_event_bytes,
         rejected=rejected,
+        customers=logged,
     )
     log_seq = store.events.last_seq
     rows = [
@@ -204,6 +209,22 @@ async def take_over(
             outbox_through=0,
             definitions=snapshot.definitions,
             needs=snapshot.needs,
+        )
+    elif (
+        (marks.events_through, marks.outbox_through) == level
+        and (marks.definitions, marks.needs) == (snapshot.definitions, snapshot.needs)
+        and logged.issubset(r.customer_id for r in rows)
+    ):
+        # No tail before this partition's events, and the snapshot's customers reflect all
+        # of them (a customer with events and no snapshot, one the previous owner parked,
+        # must be in the tail: it is rebuilt from the log): no tail after either. A start
+        # then loads these customers in deadline order while the engine runs, rather than
+        # all of them (and their events) first.
+        marks = SnapshotMarks(
+            events_through=log_seq,
+            outbox_through=marks.outbox_through,
+            definitions=marks.definitions,
+            needs=marks.needs,
         )
     elif marks.definitions != snapshot.definitions:
         # These rows were taken under other definitions than the store's others: a start
