@@ -403,13 +403,19 @@ class Serving:
             for p, claim in owned.items()
         }
         self._claimed.update(owned)
+        held: dict[int, list[str]] | None = None
         for p, claim in sorted(owned.items()):
             afresh = fresh[p]
             if afresh and (p, claim.seq) not in self._prepared:
                 if rejected is None:
                     rejected = await rejected_positions(self.nc)
+                if held is None:
+                    # Once for all the partitions taken over: a takeover changes only its own.
+                    held = await self._held_by_partition()
                 self._unready.add(p)
-                feeds[p] = claim.feed(await self._take_over(p, rejected), taken_over=True)
+                feeds[p] = claim.feed(
+                    await self._take_over(p, rejected, held.get(p, [])), taken_over=True
+                )
                 self._unready.discard(p)
                 self._counts["takeovers"] += 1
                 # Once: the next terms of this claim go on from the store as it is then.
@@ -574,7 +580,14 @@ class Serving:
 
     # Taking over ------------------------------------------------------------------------
 
-    async def _take_over(self, p: int, rejected: set[int]) -> int:
+    async def _held_by_partition(self) -> dict[int, list[str]]:
+        """The customers the store holds, by partition."""
+        held: dict[int, list[str]] = {}
+        for c in await self.store.customer_ids():
+            held.setdefault(partition(c, self.partitions), []).append(c)
+        return held
+
+    async def _take_over(self, p: int, rejected: set[int], held: list[str]) -> int:
         """Make the store ready for partition ``p`` from its snapshot; the stream position
         its consumer starts after."""
         try:
@@ -601,6 +614,7 @@ class Serving:
             events(),
             max_event_bytes=self.config.max_event_bytes,
             rejected=rejected,
+            held=held,
         )
         floor = 0 if snapshot is None else snapshot.progress
         self._floors[p] = floor

@@ -148,8 +148,13 @@ class Recovery:
             for o in outbox:
                 tail_outbox[o.customer_id].append(o)
         tail = sorted(i for i in tail_events.keys() | tail_outbox.keys() if i not in self._parking)
-        changed = await self.load(tail, tail_events, tail_outbox)
-        changed += await self._evaluate([p.customers[i] for i in tail if i in p.customers])
+        as_stored: set[str] = set()
+        changed = await self.load(tail, tail_events, tail_outbox, as_stored=as_stored)
+        # One its snapshot reflects all of (a partition taken over: its events are logged up
+        # to the snapshot's position, after the marks) is as if paged in: nothing to evaluate.
+        changed += await self._evaluate(
+            [p.customers[i] for i in tail if i in p.customers and i not in as_stored]
+        )
 
         self.warm, self._cursor, self.horizon = False, None, -NEVER
         await store.bulk_reads(True)  # until warm: pages come in random table order
@@ -219,10 +224,13 @@ class Recovery:
         customer_ids: Iterable[str],
         tail_events: Mapping[str, list[LoggedEvent]],
         tail_outbox: Mapping[str, list[OutboxEntry]],
+        *,
+        as_stored: set[str] | None = None,
     ) -> list[Transition]:
         """Load customers not in memory: each from its snapshot plus its ``tail_events`` and
         ``tail_outbox`` after it, or from the log when it has no usable snapshot. Returns the
-        transitions of evaluating those rebuilt from the log (to commit)."""
+        transitions of evaluating those rebuilt from the log (to commit). Those whose
+        snapshot reflects all of their tail are added to ``as_stored``."""
         p = self._partition
         parked = self._parking
         ids = [i for i in customer_ids if i not in p.customers and i not in parked]
@@ -242,18 +250,27 @@ class Recovery:
                 # word (a snapshot may have been lost): rebuild from what it holds, if any.
                 from_log.append(customer_id)
                 continue
+            applied = False
             try:
                 for e in tail_events.get(customer_id, ()):
                     if e.seq > snap.log_seq:
                         c.fold(event_of(e), segments)
+                        applied = True
                 for o in tail_outbox.get(customer_id, ()):
                     if o.version > c.version:
                         c.restore((transition_of(o),))
+                        applied = True
             except Exception as e:
                 p.fail(customer_id, "load", e)
                 continue
             self._hold(c)
-            p.touch(c)
+            if applied:
+                p.touch(c)
+            else:
+                # As stored: armed as a page loads it, its snapshot not written again.
+                p.arm(customer_id, c.deadline)
+                if as_stored is not None:
+                    as_stored.add(customer_id)
         return await self._load_from_log(from_log, known=snaps.keys())
 
     async def _load_from_log(

@@ -32,6 +32,8 @@ from protocol import (
 )
 from store import LoggedEvent, OutboxEntry, Store
 
+from ._config import breathe
+
 REBUILD_COMMAND = "shoal rebuild --from-stream"
 """The command that rebuilds a store from the events stream (:func:`rebuild_from_stream`)."""
 
@@ -157,13 +159,18 @@ async def log_from_stream(
     through: int | None,
     max_event_bytes: int,
     rejected: Collection[int],
+    customers: set[str] | None = None,
 ) -> None:
     """Add to the log the valid events of ``deliveries`` (in stream order, up to position
     ``through``) it does not hold, decoded as the engine decodes them; count in ``report``
-    (and, without ``through``, move ``report.through`` to the last read)."""
+    (and, without ``through``, move ``report.through`` to the last read); add their
+    customers to ``customers``."""
     async for chunk in deliveries:
         events: list[LoggedEvent] = []
-        for d in chunk:
+        for i, d in enumerate(chunk):
+            # A partition taken over logs its events while the engine's leases are renewed
+            # on this event loop.
+            await breathe(i)
             if through is not None and d.stream_sequence > through:
                 break
             if through is None:
@@ -182,6 +189,8 @@ async def log_from_stream(
                 report.rejected += 1
                 continue
             events.append(logged_event(event))
+        if customers is not None:
+            customers.update(e.customer_id for e in events)
         report.logged += await store.import_events(events)
 
 

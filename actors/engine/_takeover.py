@@ -22,6 +22,11 @@ from store import Snapshot, SnapshotMarks, Store
 
 from ._startup import RebuildReport, log_from_stream
 
+MIXED_DEFINITIONS = "mixed"
+"""The snapshot marks' definitions once a partition taken over brought snapshots taken
+under other definitions than the store's: no fingerprint, so a start evaluates every
+customer."""
+
 
 @dataclass(frozen=True, slots=True)
 class PartitionCut:
@@ -145,6 +150,7 @@ async def take_over(
     *,
     max_event_bytes: int,
     rejected: Collection[int] = (),
+    held: Collection[str] | None = None,
 ) -> TakeoverReport:
     """Make the stopped engine's ``store`` ready to own partition ``partition_id`` from
     ``snapshot`` (None: from the partition's first event).
@@ -153,14 +159,15 @@ async def take_over(
     partition's events up to the snapshot's position, in stream order) are logged as the
     engine logs them, and the snapshot's customers become the store's snapshots of them,
     reflecting all of it. The partition's position is the snapshot's: its consumer starts
-    after it.
+    after it. ``held``: the customers of the partition the store holds, when the caller
+    knows them already (several partitions taken over at once: the store is read once).
 
     Raises:
         StoreError: the store cannot be written (run it again: it starts over).
     """
-    stale = sorted(
-        c for c in await store.customer_ids() if partition(c, partitions) == partition_id
-    )
+    if held is None:
+        held = [c for c in await store.customer_ids() if partition(c, partitions) == partition_id]
+    stale = sorted(held)
     await store.drop_customers(stale, partitions=[partition_id])
     base = 0 if snapshot is None else snapshot.through
     report = TakeoverReport(partition=partition_id, base=base, dropped=len(stale))
@@ -168,6 +175,10 @@ async def take_over(
     if snapshot is None:
         await store.restored(partition_id)
         return report
+    # Where the log and the outbox stood: with nothing after the snapshot marks then, the
+    # marks can move past what is logged here (see below).
+    level = (store.events.last_seq, store.outbox.last_seq)
+    logged: set[str] = set()
     await log_from_stream(
         store,
         deliveries,
@@ -175,6 +186,7 @@ async def take_over(
         through=base,
         max_event_bytes=max_event_bytes,
         rejected=rejected,
+        customers=logged,
     )
     log_seq = store.events.last_seq
     rows = [
@@ -197,6 +209,31 @@ async def take_over(
             outbox_through=0,
             definitions=snapshot.definitions,
             needs=snapshot.needs,
+        )
+    elif (
+        (marks.events_through, marks.outbox_through) == level
+        and (marks.definitions, marks.needs) == (snapshot.definitions, snapshot.needs)
+        and logged.issubset(r.customer_id for r in rows)
+    ):
+        # No tail before this partition's events, and the snapshot's customers reflect all
+        # of them (a customer with events and no snapshot, one the previous owner parked,
+        # must be in the tail: it is rebuilt from the log): no tail after either. A start
+        # then loads these customers in deadline order while the engine runs, rather than
+        # all of them (and their events) first.
+        marks = SnapshotMarks(
+            events_through=log_seq,
+            outbox_through=marks.outbox_through,
+            definitions=marks.definitions,
+            needs=marks.needs,
+        )
+    elif marks.definitions != snapshot.definitions:
+        # These rows were taken under other definitions than the store's others: a start
+        # must evaluate every customer (it skips those its snapshot reflects all of).
+        marks = SnapshotMarks(
+            events_through=marks.events_through,
+            outbox_through=marks.outbox_through,
+            definitions=MIXED_DEFINITIONS,
+            needs=marks.needs,
         )
     else:
         marks = None
