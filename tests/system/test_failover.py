@@ -111,12 +111,6 @@ async def taken_over(nc: Client, gone: str, started: float) -> float:
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(
-    not os.environ.get("SHOAL_FAILOVER_TEST"),
-    reason="opt-in (SHOAL_FAILOVER_TEST=1) until a divergence it found is fixed: in 1 of its "
-    "last 14 runs, one customer got two different transitions of one version after the "
-    "engines changed hands around the meta leader's kill (issue 19's progress note)",
-)
 async def test_failover_loses_nothing_and_publishes_once(
     nats_cluster: NatsCluster, tmp_path: Path, procs: list[Proc]
 ) -> None:
