@@ -18,6 +18,7 @@ a quorum stores it, so the deadline barrier must not trust consumers' counts).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -82,22 +83,30 @@ def serve(urls: list[str], data: Path, engine_id: str, rules: Path) -> Proc:
     )
 
 
-async def produce(nc: Client, sent: list[int]) -> None:
-    """Every customer an event a round, retrying what the broker does not confirm (the same
-    message id: the stream keeps one)."""
+async def produce(
+    nc: Client,
+    sent: list[int],
+    *,
+    customers: int = CUSTOMERS,
+    rounds: int = ROUNDS,
+    every: int = 200,
+    pause: float = 0.05,
+) -> None:
+    """Every customer an event a round, a pause after each ``every`` events, retrying what
+    the broker does not confirm (the same message id: the stream keeps one)."""
     js = nc.jetstream()
-    for r in range(ROUNDS):
-        for i in range(CUSTOMERS):
+    for r in range(rounds):
+        for i in range(customers):
             c = f"c{i}"
             while True:
                 try:
                     await js.publish(f"shoal.events.{c}", track(c, mid=f"{c}-{r}"), timeout=2)
                     break
                 except (nats.errors.Error, TimeoutError):
-                    await anyio.sleep(0.1)
+                    await anyio.sleep(0.05)
             sent[0] += 1
-            if i % 200 == 199:
-                await anyio.sleep(0.05)
+            if i % every == every - 1:
+                await anyio.sleep(pause)
 
 
 async def taken_over(nc: Client, gone: str, started: float) -> float:
@@ -362,22 +371,6 @@ PAUSE_CUSTOMERS = 600
 PAUSE_ROUNDS = 12
 
 
-async def _produce_paced(nc: Client, sent: list[int]) -> None:
-    js = nc.jetstream()
-    for r in range(PAUSE_ROUNDS):
-        for i in range(PAUSE_CUSTOMERS):
-            c = f"c{i}"
-            while True:
-                try:
-                    await js.publish(f"shoal.events.{c}", track(c, mid=f"{c}-{r}"), timeout=2)
-                    break
-                except (nats.errors.Error, TimeoutError):
-                    await anyio.sleep(0.05)
-            sent[0] += 1
-            if i % 100 == 99:
-                await anyio.sleep(0.1)
-
-
 async def _events_leader(nc: Client, names: list[str]) -> int:
     info = await nc.jetstream().stream_info(EVENTS_STREAM)
     assert info.cluster is not None and info.cluster.leader
@@ -403,7 +396,17 @@ async def test_live_equals_replay_across_stream_leader_pauses(
         await wait_owners(nc, lambda o: sorted(len(v) for v in o.values()) == [16, 16])
         sent = [0]
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_produce_paced, nc, sent)
+            tg.start_soon(
+                functools.partial(
+                    produce,
+                    customers=PAUSE_CUSTOMERS,
+                    rounds=PAUSE_ROUNDS,
+                    every=100,
+                    pause=0.1,
+                ),
+                nc,
+                sent,
+            )
             for _ in range(4):
                 await anyio.sleep(3)
                 node = nats_cluster.nodes[await _events_leader(nc, names)]
