@@ -375,7 +375,15 @@ class Claims:
         lease = self._held[partition]
         while True:
             try:
-                self._held[partition] = await self._leases.renew(lease)
+                renewed = await self._leases.renew(lease)
+                if self._held.get(partition) is lease:
+                    self._held[partition] = renewed
+                else:
+                    # Released while this renewal was on its way (its release then failed
+                    # on the revision this one moved): give up the renewed lease too, or
+                    # nobody would renew it and nobody else could claim it until it expired
+                    # - and putting it back would renew it for ever.
+                    await self._release_lease(renewed)
                 return
             except LeaseLost as e:
                 lost[partition] = str(e)

@@ -417,3 +417,39 @@ async def test_an_undecodable_fence_record(segments: Client) -> None:
         "Expected `str`, got `int` - at `$.engine` (shoal did not write it: replace or "
         "remove it)"
     )
+
+
+async def test_a_release_racing_a_renewal_leaves_the_lease_free(
+    two: tuple[LeaseBucket, LeaseBucket], clients: Callable[[], Awaitable[Client]]
+) -> None:
+    """A renewal on its way when the lease is released (a handover) moves the revision, so
+    the release fails on it; the renewal's end then gives the lease up too. Kept, it was
+    renewed for ever, and no other engine could claim the partition (balancing stalled)."""
+    from protocol.nats import Claims, ensure_streams
+
+    a, b = two
+    nc = await clients()
+    await ensure_streams(nc.jetstream())
+    claims = Claims(nc, a, engine_id="a", ttl=5, now=now)
+    assert not isinstance(await claims.claim(7), Holder)
+    renewed = anyio.Event()
+    go_on = anyio.Event()
+    real_renew = a.renew
+
+    async def renew_then_wait(lease: Lease) -> Lease:
+        got = await real_renew(lease)  # stored: the revision moved
+        renewed.set()
+        await go_on.wait()
+        return got
+
+    a.renew = renew_then_wait  # type: ignore[method-assign]
+    lost: dict[int, str] = {}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(claims._renew, 7, lost)
+        await renewed.wait()
+        await claims.release(7)  # fails on the moved revision: "expires by itself"
+        go_on.set()
+    assert lost == {}
+    assert 7 not in claims._held and 7 not in claims.owned
+    got = await b.claim(7, "b", 5)
+    assert isinstance(got, Lease), got  # free at once, not in 5 s
