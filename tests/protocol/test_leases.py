@@ -436,8 +436,8 @@ async def test_a_release_racing_a_renewal_leaves_the_lease_free(
     go_on = anyio.Event()
     real_renew = a.renew
 
-    async def renew_then_wait(lease: Lease) -> Lease:
-        got = await real_renew(lease)  # stored: the revision moved
+    async def renew_then_wait(lease: Lease, ttl: int | None = None) -> Lease:
+        got = await real_renew(lease, ttl)  # stored: the revision moved
         renewed.set()
         await go_on.wait()
         return got
