@@ -48,6 +48,8 @@ _PROBE_EVERY = 0.02
 much later."""
 _HOLE_ASK = 2.0
 """Seconds the broker has to say how far each consumer sent its partition."""
+_PROBES_ASK = 10.0
+"""Seconds the broker has to store the probes published at a (re)start."""
 _HELD_WARN = 10.0
 """Seconds deliveries may wait behind a position not arrived before a warning says so (and
 between two such warnings)."""
@@ -203,6 +205,8 @@ class PartitionedFeed:
             )
             for p in parts
         ]
+        # Those of the owned partitions, in their order (without the unpartitioned messages').
+        self._partition_feeds = self._feeds[: len(self._owned)]
         # Every stream position up to the frontier has reached a feed (taken): one question
         # about the stream's last position then answers the deadline barrier for all the
         # partitions (see fence()). Positions taken past a gap wait in a heap.
@@ -331,15 +335,15 @@ class PartitionedFeed:
         """
         if not self._replicated:
             return
-        feeds = [(f, p) for f, p in zip(self._feeds, self._parts, strict=True) if p is not None]
+        feeds = self._partition_feeds
         try:
-            with anyio.fail_after(_HOLE_ASK * 5):
+            with anyio.fail_after(_PROBES_ASK):
                 acks = await asyncio.gather(
-                    *(self._js.publish(fence_probe_subject(p), b"") for _, p in feeds)
+                    *(self._js.publish(fence_probe_subject(p), b"") for p in self._owned)
                 )
         except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot publish the start probes in {EVENTS_STREAM}: {e}") from e
-        for (f, _), ack in zip(feeds, acks, strict=True):
+        for f, ack in zip(feeds, acks, strict=True):
             seq = int(ack.seq)
             f.behind_until(seq)
             self._probes.append((f, seq))
@@ -375,9 +379,7 @@ class PartitionedFeed:
         # before a restart, or is one no feed reads.
         # (Not the feed of the messages stored without a partition: it rarely receives any,
         # and such a message is rejected wherever it comes in the order.)
-        settled = min(
-            (f.received_max for f, p in zip(self._feeds, self._parts, strict=True) if p is not None)
-        )
+        settled = min(f.received_max for f in self._partition_feeds)
         self._arrived.jump(settled)
         through = self._arrived.through
         heads = [(h, f) for f in self._feeds if (h := f.head()) is not None and h <= through]
@@ -460,7 +462,7 @@ class PartitionedFeed:
         and questions to a busy broker that are cancelled each time never pass the holes.
         """
         js = self._js
-        feeds = [f for f, p in zip(self._feeds, self._parts, strict=True) if p is not None]
+        feeds = self._partition_feeds
         with anyio.CancelScope(shield=True):
             try:
                 with anyio.fail_after(_HOLE_ASK):
@@ -578,7 +580,7 @@ class PartitionedFeed:
                     last = await self._probe()
                 if self._arrived.through >= last:
                     return True
-                feeds = [f for f, p in zip(self._feeds, self._parts, strict=True) if p is not None]
+                feeds = self._partition_feeds
                 lasts = await asyncio.gather(*(self._last_of(f.filter_subject) for f in feeds))
                 for f, seq in zip(feeds, lasts, strict=True):
                     while f.received_max < seq:
