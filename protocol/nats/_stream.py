@@ -152,9 +152,10 @@ def _queued(sub: Any) -> Msg | None:
     """The next message the client holds for ``sub`` already (None: none yet), taken off
     its queue as nats-py's ``next_msg`` takes it, but without the task, timer and uuid that
     ``next_msg`` makes for every message: those were most of the cost of reading a stream
-    (a partition taken over reads all of its events)."""
-    queue = sub._pending_queue
-    if queue.empty():
+    (a partition taken over reads all of its events). nats-py's private attributes, read
+    as 2.16 has them: a client without them reads with ``next_msg`` only (None here)."""
+    queue = getattr(sub, "_pending_queue", None)
+    if queue is None or not hasattr(sub, "_pending_size") or queue.empty():
         return None
     msg: Msg = queue.get_nowait()
     sub._pending_size -= len(msg.data)
@@ -166,8 +167,8 @@ async def _answer_flow_control(nc: Client, sub: Any) -> None:
     """Answer the broker's flow-control request once what it counted is taken (what
     nats-py's ``next_msg`` does after each message); the ordered consumer's own task does
     the same only every 250 ms."""
-    jsi = getattr(sub._sub, "_jsi", None)
-    if jsi is None:
+    jsi = getattr(getattr(sub, "_sub", None), "_jsi", None)
+    if jsi is None or not hasattr(jsi, "_fcr") or not hasattr(jsi, "_fciseq"):
         return
     jsi._active = True
     reply = jsi._fcr
