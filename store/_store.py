@@ -258,8 +258,8 @@ class Store:
                 None) with this commit (see :attr:`open_imports`).
             forget: customers forgotten with this commit: their events, snapshot and
                 parking are deleted, and their erasure recorded (pending: see
-                :meth:`erase`). Their ``forgotten`` exits are among ``entries``; the row's
-                ``outbox_through`` is set here to the last of its customer's entries.
+                :meth:`erase`). Their ``forgotten`` exits are among ``entries``; each
+                record's ``outbox_through`` is set here to the outbox's last position.
 
         Returns:
             The outbox positions assigned to ``entries``, in order.
@@ -284,13 +284,10 @@ class Store:
             return []
         seqs = self.outbox._next_seqs(len(entries))
         if forget:
-            last_of: dict[str, int] = {}
-            for entry, seq in zip(entries, seqs, strict=True):
-                last_of[entry.customer_id] = seq
-            forget = [
-                msgspec.structs.replace(f, outbox_through=last_of.get(f.customer_id or "", 0))
-                for f in forget
-            ]
+            # Everything committed up to here must be published before the broker's copies
+            # are looked for: an unpublished transition of the customer would come after.
+            through = seqs[-1] if seqs else self.outbox.last_seq
+            forget = [msgspec.structs.replace(f, outbox_through=through) for f in forget]
         async with self._db.transaction():
             if forget:
                 await self._delete_customers(
@@ -373,10 +370,7 @@ class Store:
         Raises:
             StoreError: it failed.
         """
-        row = await self._db.one(
-            "PRAGMA wal_checkpoint(TRUNCATE)", doing=f"cannot checkpoint {self._db.path}"
-        )
-        return row is None or int(row[0]) == 0
+        return await self._db.checkpoint()
 
     async def reset_stream_positions(
         self,
