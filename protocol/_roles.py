@@ -239,11 +239,11 @@ def _subscriber() -> _Role:
 def _operator() -> _Role:
     return _Role(
         summary="shoal status, customer, explain, members, segments list|apply|validate, "
-        "unpark, forget, rejected, import: every query and request, and definitions through the API only (no "
-        f"access to the KV bucket {DEFINITIONS_BUCKET}); reads the rejected events "
-        f"({REJECTED_STREAM}) and republishes them (rejected --republish); imports history "
-        f"into {EVENTS_STREAM} (its events and the import markers, which only the engine "
-        "also may publish, for shoal migrate)",
+        "unpark, forget, rejected, import: every query and request, and definitions "
+        f"through the API only (no access to the KV bucket {DEFINITIONS_BUCKET}); reads "
+        f"the rejected events ({REJECTED_STREAM}) and republishes them (rejected "
+        f"--republish); imports history into {EVENTS_STREAM} (its events and the import "
+        "markers, which only the engine also may publish, for shoal migrate)",
         publish=(
             # Every request; $SRV.INFO.shoal (below) tells the number of partitions.
             *_api_requests(),
