@@ -363,6 +363,25 @@ class Store:
         self.forgotten._committed(finished)
         await self.checkpoint()
 
+    async def remember_forgotten(self, rows: Sequence[Forgotten]) -> None:
+        """Record erasures another engine did (a partition taken over: its snapshot's
+        forgotten customers), keeping a record this store has of the same customer when it
+        is newer.
+
+        Raises:
+            StoreError: nothing was written.
+        """
+        fresh = [
+            f
+            for f in rows
+            if (mine := self.forgotten.get(f.hash)) is None or mine.order_seq < f.order_seq
+        ]
+        if not fresh:
+            return
+        async with self._db.transaction():
+            await self.forgotten._put(fresh)
+        self.forgotten._committed(fresh)
+
     async def checkpoint(self) -> bool:
         """Copy the write-ahead log into the file and truncate it; False when a reader kept
         it from finishing (then the log still holds pages written before).

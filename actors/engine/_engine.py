@@ -488,6 +488,7 @@ class Engine:
                     needs=p.needs,
                     definitions=p.segments.fingerprint,
                     stored=self._outbox.stored,
+                    forgotten=self._store.forgotten.all(),
                 )
             request.served = True
             request.done.set()
