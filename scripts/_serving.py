@@ -59,12 +59,16 @@ from actors import (
 from protocol import (
     EVENTS_STREAM,
     SEGMENTS_STREAM,
+    ApiError,
     BrokerError,
     Delivery,
     FencedOut,
     Ownership,
     PartitionLease,
+    decode_forget_order,
+    forget_hash,
     partition,
+    to_instant,
 )
 from protocol.nats import (
     BrokerEraser,
@@ -83,7 +87,7 @@ from protocol.nats import (
     rejected_positions,
 )
 from protocol.nats._partitioned import partition_filter
-from store import Store
+from store import Forgotten, Store
 
 _CHECK = 2.0
 """Seconds between two looks at the other engines and the leases."""
@@ -637,6 +641,8 @@ class Serving:
             rejected=rejected,
             held=held,
         )
+        if snapshot is not None and snapshot.forgotten:
+            await self._unfinished_erasures(p, snapshot.forgotten)
         floor = 0 if snapshot is None else snapshot.progress
         self._floors[p] = floor
         stored = await published_versions(self.nc, SEGMENTS_STREAM, p, after=floor)
@@ -653,6 +659,49 @@ class Serving:
             published_after_snapshot=len(stored),
         )
         return report.base
+
+    async def _unfinished_erasures(
+        self, p: int, forgotten: Sequence[tuple[str, int, int | None, int]]
+    ) -> None:
+        """Erasures the partition's previous owner began and did not finish: their orders
+        (erased last) are still in the stream. Finished here, from the order's id."""
+        js = self.nc.jetstream()
+        unfinished: list[Forgotten] = []
+        for digest, floor, until, order_seq in forgotten:
+            try:
+                msg = await js.get_msg(EVENTS_STREAM, order_seq)
+            except nats.js.errors.NotFoundError:
+                continue  # finished: the order is erased
+            except (TimeoutError, nats.errors.Error) as e:
+                raise BrokerError(f"cannot read order {order_seq} of {EVENTS_STREAM}: {e}") from e
+            try:
+                order = decode_forget_order(msg.data or b"")
+            except ApiError:
+                continue
+            if forget_hash(order.customer_id) != digest:
+                continue
+            unfinished.append(
+                Forgotten(
+                    hash=digest,
+                    customer_id=order.customer_id,
+                    partition=p,
+                    floor=floor,
+                    exits=0,
+                    at=0 if msg.time is None else to_instant(msg.time),
+                    by=order.by,
+                    request=order.request,
+                    suppress_until=until,
+                    order_seq=order_seq,
+                    outbox_through=0,
+                )
+            )
+        if unfinished:
+            _logger.info(
+                "erasures the previous owner did not finish are finished here",
+                partition=p,
+                id_hashes=[f.hash for f in unfinished],
+            )
+            await self.store.remember_forgotten(unfinished)
 
     # Snapshots --------------------------------------------------------------------------
 

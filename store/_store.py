@@ -365,8 +365,8 @@ class Store:
 
     async def remember_forgotten(self, rows: Sequence[Forgotten]) -> None:
         """Record erasures another engine did (a partition taken over: its snapshot's
-        forgotten customers), keeping a record this store has of the same customer when it
-        is newer.
+        forgotten customers), or began (pending ones, with the id: this engine finishes
+        them), keeping a record this store has of the same customer when it is newer.
 
         Raises:
             StoreError: nothing was written.
@@ -374,7 +374,9 @@ class Store:
         fresh = [
             f
             for f in rows
-            if (mine := self.forgotten.get(f.hash)) is None or mine.order_seq < f.order_seq
+            if (mine := self.forgotten.get(f.hash)) is None
+            or mine.order_seq < f.order_seq
+            or (mine.order_seq == f.order_seq and f.pending and not mine.pending)
         ]
         if not fresh:
             return
