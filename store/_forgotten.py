@@ -74,6 +74,8 @@ class ForgottenTable:
     def __init__(self, db: Db, rows: dict[str, Forgotten]) -> None:
         self._db = db
         self._rows = rows
+        # Looked at every second by the engine: kept apart from the (growing) rest.
+        self._pending = {h: f for h, f in rows.items() if f.pending}
 
     @classmethod
     async def load(cls, db: Db, *, doing: str) -> ForgottenTable:
@@ -111,7 +113,7 @@ class ForgottenTable:
 
     def pending(self) -> list[Forgotten]:
         """The erasures still under way, in order of their orders."""
-        return sorted((f for f in self._rows.values() if f.pending), key=lambda f: f.order_seq)
+        return sorted(self._pending.values(), key=lambda f: f.order_seq)
 
     async def _put(self, rows: Sequence[Forgotten]) -> None:
         await self._db.execute_many(
@@ -138,3 +140,7 @@ class ForgottenTable:
     def _committed(self, rows: Sequence[Forgotten]) -> None:
         for f in rows:
             self._rows[f.hash] = f
+            if f.pending:
+                self._pending[f.hash] = f
+            else:
+                self._pending.pop(f.hash, None)
