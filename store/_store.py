@@ -14,7 +14,7 @@ from typing import Self
 
 from ._db import Db, chunks, placeholders
 from ._definitions import Definitions
-from ._errors import StoreMissingError
+from ._errors import StoreError, StoreMissingError
 from ._events import EventLog, LoggedEvent
 from ._lock import WriterLock
 from ._outbox import Outbox, OutboxEntry
@@ -174,6 +174,18 @@ class Store:
             },
             {int(k[len(_DROPPED) :]) for k in meta if k.startswith(_DROPPED)},
         )
+
+    async def backup(self, target: Path) -> None:
+        """Write a consistent copy of the store, as last committed, to the new file
+        ``target`` (SQLite's online backup: an engine may go on writing meanwhile). The
+        copy opens as any store does.
+
+        Raises:
+            StoreError: the store cannot be read, or ``target`` cannot be written.
+        """
+        if target.exists():
+            raise StoreError(f"cannot back {self.path} up into {target}: it exists already")
+        await self._db.backup(target)
 
     async def __aenter__(self) -> Self:
         return self
