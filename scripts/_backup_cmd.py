@@ -396,6 +396,30 @@ def read_manifest(backup: Path) -> Manifest:
     return manifest
 
 
+async def _restore_streams(
+    args: argparse.Namespace, backup: Path, data_dir: Path, manifest: Manifest
+) -> None:
+    """Restore the backup's streams onto the broker (``--nats``, else the embedded one on
+    the data directory's broker store, stopped again at the end), which must have none of
+    shoal's."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers = await engine_servers(stack, args, data_dir)
+        credentials = credentials_of(args).for_role("engine")
+        nc = await connect(servers, name="shoal-restore", credentials=credentials)
+        stack.push_async_callback(nc.close)
+        await _check_empty_broker(nc, manifest)
+        for entry in manifest.streams:
+            state = await restore_stream(
+                nc, entry.stream, entry.config, entry.state, backup / entry.file
+            )
+            got = (int(state.get("messages", 0)), int(state.get("last_seq", 0)))
+            if got != (entry.messages, entry.last_seq):
+                raise CliError(
+                    f"stream {entry.stream} was restored with {got[0]} messages through "
+                    f"{got[1]}, the backup holds {entry.messages} through {entry.last_seq}"
+                )
+
+
 def _check_empty_data_dir(data_dir: Path) -> None:
     held = [
         data_dir / name
@@ -427,37 +451,37 @@ async def _restore(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir
     manifest = await anyio.to_thread.run_sync(read_manifest, backup)
     _check_empty_data_dir(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    made = not data_dir.exists()
     keys = data_dir / KEYS_DIR
-    if manifest.keys and not keys.exists():
-        # Before the embedded broker starts: it admits these keys, and makes none anew.
-        shutil.copytree(backup / KEYS_DIR, keys)
-        keys.chmod(0o700)
-    async with contextlib.AsyncExitStack() as stack:
-        servers = await engine_servers(stack, args, data_dir)
-        credentials = credentials_of(args).for_role("engine")
-        nc = await connect(servers, name="shoal-restore", credentials=credentials)
-        stack.push_async_callback(nc.close)
-        await _check_empty_broker(nc, manifest)
-        for entry in manifest.streams:
-            state = await restore_stream(
-                nc, entry.stream, entry.config, entry.state, backup / entry.file
-            )
-            got = (int(state.get("messages", 0)), int(state.get("last_seq", 0)))
-            if got != (entry.messages, entry.last_seq):
-                raise CliError(
-                    f"stream {entry.stream} was restored with {got[0]} messages through "
-                    f"{got[1]}, the backup holds {entry.messages} through {entry.last_seq}"
-                )
-    # The store last: a restore that failed before leaves no store, and an engine started
-    # on the streams alone is refused by its startup check (its store is behind them).
-    temp = data_dir / (STORE_FILE + ".restoring")
-    await anyio.to_thread.run_sync(shutil.copyfile, backup / manifest.store.file, temp)
-    temp.replace(data_dir / STORE_FILE)
-    if (backup / ENGINE_ID_FILE).is_file():
-        # The same engine: its claims in SHOAL_SEGMENTS are its own, not another engine's
-        # partitions to take over.
-        shutil.copy2(backup / ENGINE_ID_FILE, data_dir / ENGINE_ID_FILE)
+    copy_keys = manifest.keys and not keys.exists()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if copy_keys:
+            # Before the embedded broker starts: it admits these keys, and makes none anew.
+            shutil.copytree(backup / KEYS_DIR, keys)
+            keys.chmod(0o700)
+        await _restore_streams(args, backup, data_dir, manifest)
+        if (backup / ENGINE_ID_FILE).is_file():
+            # The same engine: its claims in SHOAL_SEGMENTS are its own, not another
+            # engine's partitions to take over.
+            shutil.copy2(backup / ENGINE_ID_FILE, data_dir / ENGINE_ID_FILE)
+        # The store last: a restore that failed before leaves no store, and an engine
+        # started on the streams alone is refused by its startup check (its store is behind
+        # them).
+        temp = data_dir / (STORE_FILE + ".restoring")
+        await anyio.to_thread.run_sync(shutil.copyfile, backup / manifest.store.file, temp)
+        temp.replace(data_dir / STORE_FILE)
+    except BaseException:
+        # What this restore made of the data directory goes (the embedded broker's store
+        # with it); streams restored on a broker of one's own (--nats) stay there.
+        if made:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            if copy_keys:
+                shutil.rmtree(keys, ignore_errors=True)
+            for name in (ENGINE_ID_FILE, STORE_FILE + ".restoring"):
+                (data_dir / name).unlink(missing_ok=True)
+        raise
     print(_summary("restored", backup, manifest) + f"; into {data_dir}")
     print(
         f"start the engine on it (shoal serve --data-dir {data_dir}); events published "

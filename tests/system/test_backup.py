@@ -361,6 +361,7 @@ async def test_restore_refuses_a_damaged_or_newer_backup_and_a_broker_with_shoal
     onto = run("restore", str(backup), "--data-dir", str(tmp_path / "other"), "--nats", url)
     assert onto.returncode == 2, onto.stderr
     assert "the broker holds shoal's streams already: " in onto.stderr
+    assert not (tmp_path / "other").exists()  # what the refused restore made is gone
     assert engine.stop() == 0
 
     damaged = _copy(backup, tmp_path / "damaged")
