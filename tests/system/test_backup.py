@@ -36,10 +36,10 @@ from protocol import (
     decode_event,
     role_key_file,
 )
-from protocol.nats import Credentials, connect, read_stream
+from protocol.nats import Credentials, LeaseBucket, connect, read_stream
 from scripts._backup_cmd import read_manifest
 from store import Store
-from tests.helpers import Proc, free_port, now, run, segments, track
+from tests.helpers import NatsServer, Proc, free_port, now, run, segments, track
 
 RULES = """
 [segments.visitor]
@@ -61,6 +61,8 @@ rule = "count('Visit') >= 3"
 """Rules with deadlines: an event published again after the restore is a new receipt, so
 where its customer's deadlines fall around it may differ from the first run's; what the
 backup holds must not."""
+P = 32
+"""shoal serve's number of partitions."""
 CUSTOMERS = 150
 EVENTS = 3_000
 BACKUP_AT = 1_000
@@ -391,3 +393,113 @@ async def test_restore_refuses_a_damaged_or_newer_backup_and_a_broker_with_shoal
     assert "is not a backup made by `shoal backup` (or one that did not finish)" in refused.stderr
     # Nothing was made by a refused restore.
     assert not any((tmp_path / d).exists() for d in ("d1", "d2", "d3"))
+
+
+def serve_among(url: str, data: Path, engine_id: str, rules: Path) -> Proc:
+    return Proc(
+        "serve",
+        "--nats",
+        url,
+        "--data-dir",
+        str(data),
+        "--engine-id",
+        engine_id,
+        "--segments",
+        str(rules),
+        "--lease-ttl",
+        "2",
+        "--snapshot-interval",
+        "1",
+    )
+
+
+async def owned(nc: Client) -> dict[str, int]:
+    held = await LeaseBucket(nc).holders()
+    out: dict[str, int] = defaultdict(int)
+    for h in held.values():
+        out[h.engine] += 1
+    return dict(out)
+
+
+async def wait_owned(nc: Client, want: dict[str, int], timeout: float = 60) -> None:
+    with anyio.fail_after(timeout):
+        while await owned(nc) != want:
+            await anyio.sleep(0.2)
+
+
+@pytest.mark.timeout(300)
+async def test_a_backup_of_one_engine_among_two_brings_every_partition_back(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """Two engines share the partitions; one of them is backed up (its store, and the
+    streams). Restored alone, it serves its own partitions from its store and takes the
+    other's over from their snapshots in the backup and the events stream, as when an
+    engine dies: versions go on for every customer."""
+    rules = tmp_path / "segments.toml"
+    rules.write_text(RULES)
+    backup = tmp_path / "backup"
+    events = _events()
+    want = expected(events)
+    server = NatsServer(tmp_path / "broker")
+    server.start()
+    try:
+        a = serve_among(server.url, tmp_path / "a", "a", rules)
+        procs.append(a)
+        b = serve_among(server.url, tmp_path / "b", "b", rules)
+        procs.append(b)
+        a.wait_err("shoal is serving", timeout=30)
+        b.wait_err("shoal is serving", timeout=30)
+        nc = await connect([server.url])
+        try:
+            await wait_owned(nc, {"a": P // 2, "b": P // 2})
+            sent = [0]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce, nc, events, sent)
+                while sent[0] < BACKUP_AT:
+                    await anyio.sleep(0.01)
+                start = sent[0]
+                done = await anyio.to_thread.run_sync(
+                    lambda: run(
+                        "backup",
+                        str(backup),
+                        "--data-dir",
+                        str(tmp_path / "a"),
+                        "--nats",
+                        server.url,
+                    )  # fmt: skip
+                )
+            assert done.returncode == 0, done.stderr
+            original = await wait_published(nc, want)
+        finally:
+            await nc.close()
+        assert a.stop() == 0
+        assert b.stop() == 0
+    finally:
+        server.stop()
+    for lost in ("broker", "a", "b"):
+        shutil.rmtree(tmp_path / lost)
+
+    server = NatsServer(tmp_path / "broker")
+    server.start()
+    try:
+        done = run("restore", str(backup), "--data-dir", str(tmp_path / "a"), "--nats", server.url)
+        assert done.returncode == 0, done.stderr
+        a = serve_among(server.url, tmp_path / "a", "a", rules)
+        procs.append(a)
+        a.wait_err("shoal is serving", timeout=30)
+        nc = await connect([server.url])
+        try:
+            await wait_owned(nc, {"a": P})
+            await produce(nc, events[start:], [0])
+            resumed = await wait_published(nc, want)
+        finally:
+            await nc.close()
+        assert a.stop() == 0
+    finally:
+        server.stop()
+    # b's partitions, from their snapshots: taken over as from an engine that died.
+    taken = [line for line in [*a.err, *a.rest()] if "partition taken over" in line]
+    assert len(taken) == P // 2, taken
+    assert all('"snapshot": null' not in line for line in taken), taken
+    gap_free(resumed)
+    assert resumed == original
