@@ -6,13 +6,9 @@ from __future__ import annotations
 from ._definitions import DEFINITIONS_STREAM
 from ._subjects import EVENTS_STREAM, REJECTED_STREAM, SEGMENTS_STREAM, SNAPSHOTS_STREAM
 
-FORGOTTEN_STREAM = "KV_SHOAL_FORGOTTEN"
-"""The stream of the erasures' bucket, when a shoal that erases customers made it."""
-
 BACKUP_STREAMS: tuple[str, ...] = (
     SNAPSHOTS_STREAM,
     DEFINITIONS_STREAM,
-    FORGOTTEN_STREAM,
     SEGMENTS_STREAM,
     REJECTED_STREAM,
     EVENTS_STREAM,
@@ -22,8 +18,9 @@ holds was made from what the ones after it hold, so a copy never holds a result 
 cause. A partition's snapshot in ``OBJ_SHOAL_SNAPSHOTS`` is uploaded once the transitions
 before it are in ``SHOAL_SEGMENTS``; a transition there was made from events already in
 ``SHOAL_EVENTS``. The leases bucket is not copied: it is live state, which a restored
-engine makes again."""
+engine makes again. (The record of erasures and the suppressed ids of ``shoal forget`` are
+in the store.)"""
 
 REQUIRED_STREAMS: frozenset[str] = frozenset({SEGMENTS_STREAM, REJECTED_STREAM, EVENTS_STREAM})
 """The streams every engine makes: a backup without one of them is refused. The others may
-not exist yet (no snapshot uploaded, no definitions stored, nothing erased)."""
+not exist yet (no snapshot uploaded, no definitions stored)."""
