@@ -32,6 +32,8 @@ from ._api import StatusReply as StatusReply
 from ._api import StatusRequest as StatusRequest
 from ._api import UnparkReply as UnparkReply
 from ._api import UnparkRequest as UnparkRequest
+from ._backups import BACKUP_STREAMS as BACKUP_STREAMS
+from ._backups import REQUIRED_STREAMS as REQUIRED_STREAMS
 from ._broker import embedded_broker as embedded_broker
 from ._broker import find_nats_server as find_nats_server
 from ._broker import port_in_use as port_in_use
@@ -178,6 +180,7 @@ from ._types import Transition as Transition
 from ._types import header_token as header_token
 
 __all__ = (
+    "BACKUP_STREAMS",
     "API_ENDPOINTS",
     "API_PREFIX",
     "API_SERVICE",
@@ -265,6 +268,7 @@ __all__ = (
     "RECEIVED_HEADER",
     "REJECTED_STREAM",
     "REJECTED_SUBJECT",
+    "REQUIRED_STREAMS",
     "ROLES",
     "Rejection",
     "SECOND",

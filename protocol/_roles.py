@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ._backups import BACKUP_STREAMS
 from ._definitions import DEFINITIONS_BUCKET, DEFINITIONS_KEYS, DEFINITIONS_STREAM
 from ._subjects import (
     API_ENDPOINTS,
@@ -186,13 +187,17 @@ def _engine() -> _Role:
         f"{_JS}.STREAM.MSG.DELETE.{REJECTED_STREAM}",
         f"{_JS}.STREAM.MSG.DELETE.{SEGMENTS_STREAM}",
         f"{_JS}.STREAM.MSG.DELETE.{SNAPSHOTS_STREAM}",
+        # shoal backup and shoal restore: each stream copied (its snapshot, sent in chunks
+        # that are acknowledged) and made again on an empty broker from the copy.
+        *_backup_and_restore(),
     ]
     return _Role(
-        summary="shoal serve, shoal rebuild and shoal migrate: the streams, the engine's "
+        summary="shoal serve, rebuild, migrate, backup and restore: the streams, the engine's "
         f"consumers of {EVENTS_STREAM} and its definitions markers there, the transitions, "
         "the rejected events, the query service, the definitions in force (KV bucket "
         f"{DEFINITIONS_BUCKET}, the engine's alone), an earlier shoal's events "
-        "republished by a migration, and the erasure of forgotten customers (shoal forget)",
+        "republished by a migration, the erasure of forgotten customers (shoal forget), "
+        "and the streams' copies of a backup and a restore",
         publish=(
             SEGMENTS_WILDCARD,
             # Each partition's claims, and the progress record closing each atomic batch.
@@ -214,6 +219,21 @@ def _engine() -> _Role:
         # The query service answers requests on the requesters' inboxes.
         allow_responses=True,
     )
+
+
+def _backup_and_restore() -> list[str]:
+    """What ``shoal backup`` and ``shoal restore`` take beyond the engine's other subjects:
+    each copied stream's snapshot and restore, and the subjects their chunks travel on."""
+    subjects: list[str] = []
+    for stream in BACKUP_STREAMS:
+        subjects += [
+            f"{_JS}.STREAM.INFO.{stream}",
+            f"{_JS}.STREAM.SNAPSHOT.{stream}",
+            f"$JS.SNAPSHOT.ACK.{stream}.>",
+            f"{_JS}.STREAM.RESTORE.{stream}",
+            f"$JS.SNAPSHOT.RESTORE.{stream}.>",
+        ]
+    return subjects
 
 
 def _producer() -> _Role:

@@ -58,11 +58,16 @@ def add_connection_options(
                 f"its {role} key, DIR/auth/{role}.nk (default: ./{DEFAULT_DATA_DIR})",
             )
         if role == "engine":
+            embedded = parser.get_default("host") is not None
             parser.add_argument(
                 "--no-auth",
                 action="store_true",
                 help="run the embedded broker without authentication: anyone who reaches it "
-                "may do anything (only with a loopback --host)",
+                "may do anything (only with a loopback --host)"
+                if embedded
+                # A command that only connects (`backup`): to a broker run with --no-auth.
+                else "connect without credentials, to a broker that runs without "
+                "authentication (shoal serve --no-auth)",
             )
     group = parser.add_argument_group(
         "connecting to a secured NATS (also from NATS_CREDS, NATS_NKEY, NATS_USER, "

@@ -53,6 +53,7 @@ from store import Store
 
 from . import (
     _auth_cmd,
+    _backup_cmd,
     _cluster_cmd,
     _generate_cmd,
     _history_cmd,
@@ -91,6 +92,8 @@ _CONNECTING = {
     "unpark": "operator",
     "forget": "operator",
     "rejected": "operator",
+    "backup": "engine",
+    "restore": "engine",
 }
 """The commands that connect to NATS, and the role each acts as: they take the credential
 options and --data-dir, whose key of their role they use when given no credentials."""
@@ -303,6 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     _rejected_cmd.register(sub)
     _auth_cmd.register(sub)
     _cluster_cmd.register(sub)
+    _backup_cmd.register(sub)
     add_connection_options(p, top=True)
     for name, role in _CONNECTING.items():
         add_connection_options(sub.choices[name], top=False, role=role)

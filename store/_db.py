@@ -105,6 +105,23 @@ class Db:
                 conn = await aiosqlite.connect(path, isolation_level=None)
         return cls(conn, path)
 
+    async def backup(self, target: Path) -> None:
+        """Copy the database, as last committed, into the new file ``target``: SQLite's
+        online backup, in one step (a step-by-step copy starts over whenever another
+        process writes, and could never end under load). In WAL mode it does not block the
+        writer. The copy uses a rollback journal, so that it is one self-contained file.
+
+        Raises:
+            StoreError: it cannot be read, or ``target`` cannot be written.
+        """
+        with translated(f"cannot back {self.path} up into {target}", target):
+            copy = await aiosqlite.connect(target, isolation_level=None)
+            try:
+                await self._conn.backup(copy, pages=-1)
+                await copy.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                await copy.close()
+
     async def close(self) -> None:
         """Close the connection."""
         with translated(f"cannot close {self.path}", self.path):

@@ -16,7 +16,7 @@ import msgspec
 
 from ._db import Db, chunks, placeholders
 from ._definitions import Definitions
-from ._errors import StoreMissingError
+from ._errors import StoreError, StoreMissingError
 from ._events import EventLog, LoggedEvent
 from ._forgotten import Forgotten, ForgottenTable
 from ._lock import WriterLock
@@ -184,6 +184,18 @@ class Store:
         )
         store.forgotten = await ForgottenTable.load(db, doing=doing)
         return store
+
+    async def backup(self, target: Path) -> None:
+        """Write a consistent copy of the store, as last committed, to the new file
+        ``target`` (SQLite's online backup: an engine may go on writing meanwhile). The
+        copy opens as any store does.
+
+        Raises:
+            StoreError: the store cannot be read, or ``target`` cannot be written.
+        """
+        if target.exists():
+            raise StoreError(f"cannot back {self.path} up into {target}: it exists already")
+        await self._db.backup(target)
 
     async def __aenter__(self) -> Self:
         return self

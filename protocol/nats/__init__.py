@@ -7,6 +7,12 @@ it; the engine (``actors``) sees only the ports (``protocol.EventSource`` and
 ``protocol.TransitionSink``).
 """
 
+from ._backup import StreamCopy as StreamCopy
+from ._backup import StreamExists as StreamExists
+from ._backup import StreamNotFound as StreamNotFound
+from ._backup import restore_stream as restore_stream
+from ._backup import snapshot_stream as snapshot_stream
+from ._backup import stream_info as stream_info
 from ._claims import DEFAULT_LEASE_TTL as DEFAULT_LEASE_TTL
 from ._claims import Claim as Claim
 from ._claims import Claims as Claims
@@ -77,7 +83,10 @@ __all__ = (
     "SnapshotInfo",
     "SnapshotStore",
     "SnapshotUnusable",
+    "StreamCopy",
+    "StreamExists",
     "StreamNeedsMigration",
+    "StreamNotFound",
     "StreamSettings",
     "claim_fence",
     "connect",
@@ -97,6 +106,9 @@ __all__ = (
     "read_stream",
     "redact",
     "rejected_positions",
+    "restore_stream",
     "serve_api",
+    "snapshot_stream",
+    "stream_info",
     "stream_partitions",
 )

@@ -20,7 +20,7 @@ from nats.js.api import DiscardPolicy, StreamConfig
 
 from actors import Engine, EngineConfig
 from protocol.nats import connect, jetstream_ports
-from store import LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks, Store
+from store import Forgotten, LoggedEvent, OutboxEntry, Snapshot, SnapshotMarks, Store
 from tests.helpers import NatsServer, engine_consumers, eventually, segments
 
 VISITED = segments("""
@@ -59,6 +59,7 @@ class SlowDisk(Store):
         stream_through: int | None = None,
         partitions_through: Mapping[int, int] | None = None,
         imports: Mapping[str, int | None] | None = None,
+        forget: Sequence[Forgotten] = (),
     ) -> list[int]:
         await anyio.sleep(0.02)
         return await super().commit(
@@ -71,6 +72,7 @@ class SlowDisk(Store):
             stream_through=stream_through,
             partitions_through=partitions_through,
             imports=imports,
+            forget=forget,
         )
 
 

@@ -96,8 +96,10 @@ def test_every_command_finds_its_key_in_the_data_directory(
         "segments apply": [str(segments)],
         "unpark": ["ann"],
         "rejected": [],
+        "backup": [str(tmp_path / "backup")],  # as the engine, beside it
     }
-    engine_commands = {"serve", "rebuild", "migrate"}  # tested on their own: they run the broker
+    # Tested on their own: they run the broker.
+    engine_commands = {"serve", "rebuild", "migrate", "restore"}
     assert set(operands) | engine_commands == set(connecting_commands())
     live = Proc("tail", *url, cwd=tmp_path)
     procs.append(live)
