@@ -96,6 +96,7 @@ def test_every_command_finds_its_key_in_the_data_directory(
         "segments apply": [str(segments)],
         "unpark": ["ann"],
         "rejected": [],
+        "forget": ["zed"],  # no such customer: its order is acted on and erased all the same
         "backup": [str(tmp_path / "backup")],  # as the engine, beside it
     }
     # Tested on their own: they run the broker.
