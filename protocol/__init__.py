@@ -74,6 +74,9 @@ from ._errors import UnknownSegment as UnknownSegment
 from ._errors import UnreadableRecord as UnreadableRecord
 from ._explain import ConditionExplanation as ConditionExplanation
 from ._explain import SegmentExplanation as SegmentExplanation
+from ._formats import DEFINITIONS_FORMAT as DEFINITIONS_FORMAT
+from ._formats import STREAM_FORMAT as STREAM_FORMAT
+from ._formats import FormatTooNewError as FormatTooNewError
 from ._gather import partition_ranges as partition_ranges
 from ._inbound import DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT_BYTES
 from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
@@ -186,6 +189,7 @@ __all__ = (
     "DEFAULT_MAX_EVENT_BYTES",
     "DEFAULT_PARTITIONS",
     "DEFINITIONS_BUCKET",
+    "DEFINITIONS_FORMAT",
     "DEFINITIONS_MARKERS",
     "DefinitionCause",
     "DefinitionsApplied",
@@ -212,6 +216,7 @@ __all__ = (
     "Fenced",
     "FencedOut",
     "FileOrigin",
+    "FormatTooNewError",
     "GATHERED_ENDPOINTS",
     "GatheredStatus",
     "HOUR",
@@ -255,6 +260,7 @@ __all__ = (
     "SEGMENTS_STREAM",
     "SEGMENTS_WILDCARD",
     "SNAPSHOTS_BUCKET",
+    "STREAM_FORMAT",
     "SearchReply",
     "SearchRequest",
     "SegmentExplanation",
