@@ -169,7 +169,7 @@ def decode_definitions(data: bytes, where: str) -> StoredDefinitions:
         # First the format alone: a newer record is refused before its fields are read as
         # this shoal's (they may mean something else).
         found = check_format(
-            f"the definitions stored in {where}",
+            f"the definitions record in {where}",
             _format_decoder.decode(data).format,
             DEFINITIONS_FORMAT,
         )

@@ -122,15 +122,14 @@ class Recovery:
         store = self._store
         # One scan of the snapshots (0.3 s a million): the start reads them all anyway.
         formats = await store.snapshots.formats()
-        what = f"the customer snapshots of {store.path}"
         newest = max(formats, default=SNAPSHOT_FORMAT)
         if newest > SNAPSHOT_FORMAT:
-            raise FormatTooNewError(what, newest, SNAPSHOT_FORMAT)
+            raise FormatTooNewError(f"a customer snapshot in {store.path}", newest, SNAPSHOT_FORMAT)
         for found, count in sorted(formats.items()):
             if found < SNAPSHOT_FORMAT:
                 self._logger.info(
                     "upgraded in place",
-                    what=what,
+                    what=f"the customer snapshots in {store.path}",
                     from_format=found,
                     to_format=SNAPSHOT_FORMAT,
                     customers=count,

@@ -169,7 +169,7 @@ async def take_over(
     """
     if snapshot is not None and snapshot.customer_format > SNAPSHOT_FORMAT:
         raise FormatTooNewError(
-            f"the customers in the snapshot of partition {partition_id}",
+            f"a customer in the snapshot of partition {partition_id}",
             snapshot.customer_format,
             SNAPSHOT_FORMAT,
         )

@@ -65,7 +65,7 @@ def test_a_record_reads_with_its_format() -> None:
             decode_definitions(of_format(d, fmt), "KV bucket SHOAL_DEFINITIONS")
         shown = repr(fmt) if isinstance(fmt, str) else fmt
         assert str(e.value) == (
-            f"the definitions stored in KV bucket SHOAL_DEFINITIONS has format {shown}, and "
+            f"the definitions record in KV bucket SHOAL_DEFINITIONS has format {shown}, and "
             f"this shoal knows formats up to {DEFINITIONS_FORMAT}: it was written by a newer "
             "shoal. Run that shoal (or a later one) on this data; this one stops rather than "
             "misread it"
@@ -160,7 +160,7 @@ async def test_a_newer_record_is_refused_and_left_as_it_is(
         with pytest.raises(FormatTooNewError) as e:
             await keeper.resume(load_segments(file), str(file))
         copy = f"the store {db}" if where == "store" else "KV bucket SHOAL_DEFINITIONS"
-        assert str(e.value).startswith(f"the definitions stored in {copy} has format 99, ")
+        assert str(e.value).startswith(f"the definitions record in {copy} has format 99, ")
         row = await store.definitions.get()
         assert row is not None
         assert (row.body == newer) is (where == "store")

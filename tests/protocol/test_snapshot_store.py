@@ -139,15 +139,15 @@ async def test_a_newer_format_is_refused_and_another_split_unusable(client: Clie
     s = await store(client)
     await s.put(snapshot(1, format=99))
     # A newer shoal's: refused, not rebuilt over (retention may have cut the events).
-    with pytest.raises(FormatTooNewError) as e:
+    with pytest.raises(FormatTooNewError) as newer:
         await s.get(1)
-    assert str(e.value) == (
+    assert str(newer.value) == (
         "the snapshot of partition 1 in Object Store bucket SHOAL_SNAPSHOTS has format 99, "
         f"and this shoal knows formats up to {SNAPSHOT_FORMAT}: it was written by a newer "
         "shoal. Run that shoal (or a later one) on this data; this one stops rather than "
         "misread it"
     )
-    assert (e.value.found, e.value.known) == (99, SNAPSHOT_FORMAT)
+    assert (newer.value.found, newer.value.known) == (99, SNAPSHOT_FORMAT)
     assert (await s.list())[1].problem == (
         f"it is of format 99, this engine reads format {SNAPSHOT_FORMAT}"
     )
