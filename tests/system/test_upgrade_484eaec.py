@@ -318,3 +318,38 @@ def test_a_newer_customer_snapshot_is_refused(tmp_path: Path) -> None:
         f"shoal: error: a customer snapshot in {db} has format 99, "
         + REFUSED_END.format(kind="formats", known=CUSTOMER_FORMAT, on="data")
     )
+
+
+async def test_customer_snapshots_of_an_older_format_are_rebuilt_and_said(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """No older customer snapshot format exists yet: format 0 stands for one. Those
+    customers are rebuilt from the log (the others load from their snapshots), with the
+    same memberships and versions, and the log says so."""
+    data = fixture_copy(tmp_path)
+    db = data / "shoal.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE snapshots SET format = 0 WHERE customer_id IN ('c01', 'c02')")
+    port = free_port()
+    proc = serve(data, port)
+    procs.append(proc)
+    proc.wait_err("shoal is serving", timeout=60)
+    events = logged(proc)
+    assert upgrades(events)[f"the customer snapshots in {db}"] == (0, CUSTOMER_FORMAT)
+    said = next(e for e in events if e.get("what") == f"the customer snapshots in {db}")
+    assert said["customers"] == 2
+    started = next(e for e in events if e["event"] == "engine started")
+    assert (started["snapshots_loaded"], started["snapshots_ignored"]) == (
+        FACTS["snapshots"] - 2,
+        2,
+    )
+    nc = await nats.connect(f"nats://127.0.0.1:{port}")
+    try:
+        now = fold(await published(f"nats://127.0.0.1:{port}"))
+        api = ApiClient(nc)
+        for customer_id in ("c01", "c02"):
+            reply = await api.customer(customer_id)
+            assert ({m.segment for m in reply.segments}, reply.version) == now[customer_id]
+    finally:
+        await nc.close()
+    assert proc.stop(signal.SIGTERM, timeout=30) == 0
