@@ -67,6 +67,7 @@ from protocol import (
     partition,
 )
 from protocol.nats import (
+    BrokerEraser,
     Claims,
     FeedClaim,
     Holder,
@@ -75,6 +76,7 @@ from protocol.nats import (
     SnapshotStore,
     SnapshotUnusable,
     StreamSettings,
+    erase_progress,
     jetstream_ports,
     published_versions,
     read_stream,
@@ -272,6 +274,9 @@ class Serving:
     """Per partition, the progress position its snapshots are bounded by until it is caught
     up (taken over: the one of the snapshot it started from)."""
     _skip: dict[str, int] = field(default_factory=dict)
+    _unerased: dict[int, set[str]] = field(default_factory=dict)
+    """Per partition, forgotten customers its progress records may still name: erased once
+    a snapshot of the partition stands for those records."""
     _prepared: set[tuple[int, int]] = field(default_factory=set)
     _unready: set[int] = field(default_factory=set)
     """The partitions whose taking over began and did not finish (the store may hold part
@@ -435,6 +440,20 @@ class Serving:
         )
         for p, claim in owned.items():
             sink.claim(p, claim.seq)
+
+        async def erased(by_partition: dict[int, set[str]]) -> None:
+            # The partitions' snapshots in the Object Store still hold the customers: replaced
+            # now (the old chunks erased), then the progress records naming them erased.
+            for p, ids in by_partition.items():
+                self._unerased.setdefault(p, set()).update(ids)
+            try:
+                await self._upload(engine, sink, sorted(by_partition))
+            except BrokerError as e:
+                _logger.warning(
+                    "partition snapshots not replaced after an erasure; the next upload will",
+                    error=str(e),
+                )
+
         engine = Engine(
             source,
             sink,
@@ -445,6 +464,8 @@ class Serving:
             observer=self.observer,
             keeper=self.keeper,
             owned=sorted(owned),
+            eraser=BrokerEraser(self.nc, self.partitions),
+            on_erased=erased,
         )
         engine.skip_stored(self._skip)
         self.current.engine = engine
@@ -647,7 +668,13 @@ class Serving:
             claim = self.claims.owned.get(p)
             if claim is None:
                 continue  # lost meanwhile
-            await self.snapshots.put(self._snapshot(c, claim.seq, noted.get(p, 0)))
+            snapshot = self._snapshot(c, claim.seq, noted.get(p, 0))
+            await self.snapshots.put(snapshot)
+            ids = self._unerased.get(p)
+            if ids:
+                # Forgotten customers named by progress records this snapshot now stands for.
+                await erase_progress(self.nc, p, ids, through=snapshot.progress)
+                del self._unerased[p]
         return True
 
     def _snapshot(self, c: PartitionCut, claim: int, progress: int) -> Any:
