@@ -83,6 +83,9 @@ from ._forget import ForgetRequest as ForgetRequest
 from ._forget import ForgottenCustomer as ForgottenCustomer
 from ._forget import decode_forget_order as decode_forget_order
 from ._forget import forget_hash as forget_hash
+from ._formats import DEFINITIONS_FORMAT as DEFINITIONS_FORMAT
+from ._formats import STREAM_FORMAT as STREAM_FORMAT
+from ._formats import FormatTooNewError as FormatTooNewError
 from ._gather import partition_ranges as partition_ranges
 from ._inbound import DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT_BYTES
 from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
@@ -199,6 +202,7 @@ __all__ = (
     "DEFAULT_MAX_EVENT_BYTES",
     "DEFAULT_PARTITIONS",
     "DEFINITIONS_BUCKET",
+    "DEFINITIONS_FORMAT",
     "DEFINITIONS_MARKERS",
     "DefinitionCause",
     "DefinitionsApplied",
@@ -225,6 +229,7 @@ __all__ = (
     "Fenced",
     "FencedOut",
     "FileOrigin",
+    "FormatTooNewError",
     "ForgetOrder",
     "ForgetReply",
     "ForgetRequest",
@@ -275,6 +280,7 @@ __all__ = (
     "SEGMENTS_STREAM",
     "SEGMENTS_WILDCARD",
     "SNAPSHOTS_BUCKET",
+    "STREAM_FORMAT",
     "SearchReply",
     "SearchRequest",
     "SegmentExplanation",

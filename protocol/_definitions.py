@@ -18,6 +18,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from ._errors import ProtocolError
+from ._formats import DEFINITIONS_FORMAT, check_format
 
 DEFINITIONS_BUCKET = "SHOAL_DEFINITIONS"
 """The JetStream KV bucket of the definitions in force (and, chunked, their lists)."""
@@ -81,6 +82,9 @@ class StoredDefinitions(msgspec.Struct, frozen=True, kw_only=True):
     earlier ones: every event up to that stream position (0 for a partition not listed) was
     applied under the definitions before, every later one under these. None for the first
     definitions of a store, and in records of a shoal before definitions markers."""
+    format: int = DEFINITIONS_FORMAT
+    """The record's format (:data:`~protocol.DEFINITIONS_FORMAT`). A record read without it
+    (written by shoal 484eaec or earlier) reads as 0, and the engine writes it again."""
 
     @property
     def origin_kind(self) -> Literal["file", "api"]:
@@ -134,8 +138,15 @@ class StoredDefinitionsError(ProtocolError):
         self.problem = problem
 
 
+class _Format(msgspec.Struct):
+    """A stored record's ``format`` alone (0: it has none)."""
+
+    format: int | str = 0
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(StoredDefinitions)
+_format_decoder = msgspec.json.Decoder(_Format)
 
 
 def encode_definitions(d: StoredDefinitions) -> bytes:
@@ -146,13 +157,27 @@ def encode_definitions(d: StoredDefinitions) -> bytes:
 def decode_definitions(data: bytes, where: str) -> StoredDefinitions:
     """The record :func:`encode_definitions` made.
 
+    A record of format 0 (without ``format``: shoal 484eaec or earlier) reads as it is, with
+    ``format`` 0.
+
     Raises:
+        FormatTooNewError: it is of a later format than
+            :data:`~protocol.DEFINITIONS_FORMAT` (written by a newer shoal): not read.
         StoredDefinitionsError: ``data`` is not one (``where`` names the copy read).
     """
     try:
+        # First the format alone: a newer record is refused before its fields are read as
+        # this shoal's (they may mean something else).
+        found = check_format(
+            f"the definitions record in {where}",
+            _format_decoder.decode(data).format,
+            DEFINITIONS_FORMAT,
+        )
         d = _decoder.decode(data)
     except msgspec.DecodeError as e:
         raise StoredDefinitionsError(where, str(e)) from e
+    if d.format != found:
+        d = msgspec.structs.replace(d, format=found)
     if d.version < 1:
         raise StoredDefinitionsError(where, f"version {d.version} is not positive")
     return d

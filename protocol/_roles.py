@@ -157,6 +157,8 @@ def _engine() -> _Role:
         # read key by key, written (and old chunks purged) by publishing on its keys.
         f"{_JS}.STREAM.INFO.{DEFINITIONS_STREAM}",
         f"{_JS}.STREAM.CREATE.{DEFINITIONS_STREAM}",
+        # Its format recorded in its metadata (a bucket made by shoal 484eaec or earlier).
+        f"{_JS}.STREAM.UPDATE.{DEFINITIONS_STREAM}",
         f"{_JS}.STREAM.MSG.GET.{DEFINITIONS_STREAM}",
         DEFINITIONS_KEYS,
         # Several engines: the leases and heartbeats (KV bucket SHOAL_LEASES: declared,

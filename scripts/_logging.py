@@ -12,6 +12,8 @@ from typing import Any
 
 import structlog
 
+from store import SCHEMA_VERSION, Store
+
 from ._connection import credentials_of, servers_of
 
 _HIDDEN = "***"
@@ -99,3 +101,14 @@ class _SslEofNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+def log_store_upgrade(store: Store) -> None:
+    """Say that ``store`` was just upgraded in place to this shoal's schema, if it was."""
+    if store.upgraded_from is not None:
+        structlog.get_logger("shoal.upgrade").info(
+            "upgraded in place",
+            what=f"the store {store.path}",
+            from_format=store.upgraded_from,
+            to_format=SCHEMA_VERSION,
+        )

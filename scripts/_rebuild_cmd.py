@@ -30,6 +30,7 @@ from store import Store
 
 from ._connection import add_data_dir_options, credentials_of, engine_servers
 from ._errors import NotFound
+from ._logging import log_store_upgrade
 
 
 def register(sub: Any) -> None:
@@ -68,6 +69,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
         # Taken first: it fails at once if the engine is running.
         store = await Store.open(data_dir / "shoal.db")
         stack.push_async_callback(store.close)
+        log_store_upgrade(store)
         servers = await engine_servers(stack, args, data_dir)
         credentials = credentials_of(args).for_role("engine")
         nc = await connect(servers, name="shoal-rebuild", credentials=credentials)

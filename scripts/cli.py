@@ -74,7 +74,7 @@ from ._connection import (
     explain,
 )
 from ._errors import REPORTED, ExitCode, NotFound, UsageError, exit_code
-from ._logging import Scrubber, configure_logging, secrets_of
+from ._logging import Scrubber, configure_logging, log_store_upgrade, secrets_of
 from ._serving import Serving, metrics_view
 from ._signals import stop_on_signal
 
@@ -370,6 +370,7 @@ async def _serve(args: argparse.Namespace) -> int:
         )
         store = await Store.open(data_dir / "shoal.db", synchronous=args.sync.upper())
         stack.push_async_callback(store.close)
+        log_store_upgrade(store)
         servers = await engine_servers(stack, args, data_dir)
         credentials = credentials_of(args).for_role("engine")
         nc = await connect(servers, name="shoal-engine", credentials=credentials)

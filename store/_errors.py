@@ -34,10 +34,19 @@ class StoreMissingError(StoreError, FileNotFoundError):
 
 
 class StoreFormatError(StoreError):
-    """The database was written by an incompatible version of shoal."""
+    """The database was written by an incompatible version of shoal: a newer one (``found``
+    later than ``expected``, or not a number), or one too old to upgrade."""
 
-    def __init__(self, path: Path, found: int, expected: int) -> None:
-        super().__init__(f"{path} has schema version {found}, this shoal reads version {expected}")
+    def __init__(self, path: Path, found: int | str, expected: int) -> None:
+        if isinstance(found, str) or found > expected:
+            message = (
+                f"{path} has schema version {found}, and this shoal knows versions up to "
+                f"{expected}: it was written by a newer shoal. Run that shoal (or a later "
+                "one) on this data directory; this one stops rather than misread it"
+            )
+        else:
+            message = f"{path} has schema version {found}, this shoal reads version {expected}"
+        super().__init__(message)
         self.path = path
         self.found = found
         self.expected = expected

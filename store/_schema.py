@@ -1,7 +1,8 @@
 """The store's schema: its tables, its version, and getting a file ready to be used.
 
 The file format is fixed: a store written by an older shoal of the same schema version
-opens as it is, and a version-1 store is upgraded in place.
+opens as it is, and one of an older version is upgraded in place. A store of a later version
+than this shoal's (written by a newer shoal) is refused before anything is written to it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from ._definitions import DEFINITIONS_TABLE
 from ._errors import StoreFormatError
 from ._forgotten import FORGOTTEN_TABLE
 
-SCHEMA_VERSION = 3
-"""2 added the snapshots table, 3 the definitions table; a store of an older version is
-upgraded in place when opened for writing."""
+SCHEMA_VERSION = 4
+"""2 added the snapshots table, 3 the definitions table, 4 the erasure and retention tables;
+a store of an older version is upgraded in place when opened for writing."""
 
-_UPGRADABLE = (1, 2)
+_UPGRADABLE = (1, 2, 3)
 """Older versions that only lack tables :data:`_SCHEMA` creates: upgraded by creating them."""
 
 Synchronous = Literal["NORMAL", "FULL"]
@@ -68,33 +69,63 @@ _SCHEMA += FORGOTTEN_TABLE
 # prefix: one number in ``meta`` (published_through) marks it, instead of rewriting rows.
 
 
-async def prepare_for_writing(db: Db, synchronous: Synchronous, *, doing: str) -> None:
-    """Set the journal up, create what is missing, and check or upgrade the version.
+async def prepare_for_writing(db: Db, synchronous: Synchronous, *, doing: str) -> int | None:
+    """Check the version, set the journal up, create what is missing, and upgrade the
+    version.
+
+    Returns:
+        The version the store had when it was older than :data:`SCHEMA_VERSION` and was
+        just upgraded; None otherwise (a new store, or one of this version).
 
     Raises:
-        StoreFormatError: the file was written by an incompatible version.
+        StoreFormatError: the file was written by an incompatible version (a later one
+            included): nothing was written to it.
         StoreError: it cannot be prepared (``doing`` says what failed).
     """
+    found = await _version(db, doing=doing)
+    if found is not None and found != SCHEMA_VERSION and found not in _UPGRADABLE:
+        # Before anything is written: a newer shoal's file is left as that shoal wrote it.
+        raise StoreFormatError(db.path, found, SCHEMA_VERSION)
     await db.execute("PRAGMA journal_mode=WAL", doing=doing)
     await db.execute(f"PRAGMA synchronous={synchronous}", doing=doing)
     await db.script(_SCHEMA, doing=doing)
+    if found is None:
+        await db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+            doing=doing,
+        )
+        return None
+    if found == SCHEMA_VERSION:
+        return None
+    # The versions before only lack tables (snapshots, definitions, the erasure and
+    # retention tables), which _SCHEMA just created.
+    await db.execute(
+        "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+        (str(SCHEMA_VERSION),),
+        doing=doing,
+    )
+    return found
+
+
+async def _version(db: Db, *, doing: str) -> int | None:
+    """The schema version the file records (None: a new file, without one).
+
+    Raises:
+        StoreFormatError: it records one that is not a number.
+    """
+    has_meta = await db.one(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'", doing=doing
+    )
+    if has_meta is None:
+        return None
     row = await db.one("SELECT value FROM meta WHERE key = 'schema_version'", doing=doing)
     if row is None:
-        await db.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-            doing=doing,
-        )
-    elif int(row[0]) in _UPGRADABLE:
-        # Versions 2 and 3 only added tables (snapshots, definitions), which _SCHEMA just
-        # created.
-        await db.execute(
-            "UPDATE meta SET value = ? WHERE key = 'schema_version'",
-            (str(SCHEMA_VERSION),),
-            doing=doing,
-        )
-    elif int(row[0]) != SCHEMA_VERSION:
-        raise StoreFormatError(db.path, int(row[0]), SCHEMA_VERSION)
+        return None
+    try:
+        return int(row[0])
+    except ValueError:
+        raise StoreFormatError(db.path, str(row[0]), SCHEMA_VERSION) from None
 
 
 async def check_for_reading(db: Db, meta: dict[str, str]) -> None:
@@ -103,8 +134,11 @@ async def check_for_reading(db: Db, meta: dict[str, str]) -> None:
     Raises:
         StoreFormatError: it was written by an incompatible version.
     """
-    version = int(meta.get("schema_version", 0))
+    try:
+        version = int(meta.get("schema_version", 0))
+    except ValueError:
+        raise StoreFormatError(db.path, meta["schema_version"], SCHEMA_VERSION) from None
     # Older versions lack only tables readers of events do not need (snapshots,
-    # definitions: read as none).
+    # definitions, the erasure and retention tables: read as none).
     if version not in (*_UPGRADABLE, SCHEMA_VERSION):
         raise StoreFormatError(db.path, version, SCHEMA_VERSION)

@@ -86,6 +86,13 @@ class Snapshots:
             (*after, limit),
         )
 
+    async def formats(self) -> dict[int, int]:
+        """How many snapshots there are of each format (a scan of them all)."""
+        rows = await self._db.rows(
+            "SELECT format, count(*) FROM snapshots GROUP BY format", (), doing=_READING
+        )
+        return {int(r[0]): int(r[1]) for r in rows}
+
     async def count(self) -> int:
         """How many customers have a snapshot."""
         return await self._db.count("snapshots", doing=_READING)

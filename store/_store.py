@@ -75,6 +75,9 @@ class Store:
         """The customers set aside after an error, until tried again."""
         self.definitions = Definitions(db)
         """The engine's copy of the definitions in force."""
+        self.upgraded_from: int | None = None
+        """The schema version the store had when :meth:`open` upgraded it in place to
+        :data:`~store.SCHEMA_VERSION` (None: it was new, or of this version already)."""
         self.forgotten = ForgottenTable(db, {})
         """The customers forgotten (``shoal forget``), by the hash of their id."""
 
@@ -128,11 +131,13 @@ class Store:
             raise
         doing = f"cannot initialise {path}"
         try:
-            await prepare_for_writing(db, synchronous, doing=doing)
+            upgraded_from = await prepare_for_writing(db, synchronous, doing=doing)
             # Deleted rows are overwritten with zeros, not left in free pages: an erased
             # customer's data must leave the file's bytes (see :meth:`erase`).
             await db.execute("PRAGMA secure_delete=ON", doing=doing)
-            return await cls._assemble(db, lock, doing=doing)
+            store = await cls._assemble(db, lock, doing=doing)
+            store.upgraded_from = upgraded_from
+            return store
         except BaseException:
             try:
                 await db.close()

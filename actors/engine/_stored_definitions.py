@@ -19,7 +19,10 @@ At a start (:meth:`DefinitionsKeeper.resume`):
    transitions. Nothing stored (a first start): the served file takes effect.
 
 The engine logs one line saying which it chose and why (``definitions chosen at start``),
-and one for each copy it repaired (``definitions copy repaired``).
+and one for each copy it repaired (``definitions copy repaired``). A record of an older
+format (without ``format``: shoal 484eaec or earlier) is written again in this shoal's, in
+both copies (``upgraded in place``); one of a later format is refused
+(:class:`~protocol.FormatTooNewError`), never read or written over.
 
 Several engines share the bucket, each with its own store. Versions are one sequence: a new
 one is proposed to the bucket (:meth:`DefinitionsKeeper.propose`, a compare-and-set on its
@@ -47,11 +50,13 @@ from actors._clock import Clock
 from actors._errors import DefinitionError, DefinitionsConflict
 from actors.rules import SegmentSet, parse_segments, stored_text
 from protocol import (
+    DEFINITIONS_FORMAT,
     ApiOrigin,
     BrokerError,
     DefinitionsApplied,
     DefinitionsBoard,
     FileOrigin,
+    FormatTooNewError,
     Origin,
     StoredDefinitions,
     StoredDefinitionsError,
@@ -198,6 +203,7 @@ class DefinitionsKeeper:
         is missing, unreadable or behind.
 
         Raises:
+            FormatTooNewError: a copy is of a later format than this shoal's.
             StoreError: the store cannot be read or written.
             BrokerError: the broker does not answer.
         """
@@ -328,11 +334,49 @@ class DefinitionsKeeper:
             adopted = _at(good_shared, dict(self._store.partitions_through))
             await self._repair_local(adopted, local)
             self._followed = adopted.version
-            return adopted
+            return await self._upgraded(adopted, good_shared)
         assert good_local is not None
         if board is not None and (good_shared is None or good_shared.version < good_local.version):
             await self._repair_shared(board, good_local, shared)
-        return good_local
+        # What the bucket now holds of this version: its own record, or the store's (repaired).
+        if good_shared is not None and good_shared.version == good_local.version:
+            return await self._upgraded(good_local, good_shared)
+        return await self._upgraded(good_local, good_local)
+
+    async def _upgraded(self, d: StoredDefinitions, shared: StoredDefinitions) -> StoredDefinitions:
+        """``d`` (the record in force, as the store holds it) in this shoal's format: written
+        again in the store, and ``shared`` (the bucket's record of that version) in the
+        bucket, when of an older format. Logged (``upgraded in place``)."""
+        if d.format >= DEFINITIONS_FORMAT and shared.format >= DEFINITIONS_FORMAT:
+            return d
+        found = min(d.format, shared.format)
+        new = msgspec.structs.replace(d, format=DEFINITIONS_FORMAT)
+        copies: list[str] = []
+        if d.format < DEFINITIONS_FORMAT:
+            await self._store.definitions.put(_row(new))
+            copies.append(f"the store {self._store.path}")
+        board = self._board
+        if board is not None and shared.format < DEFINITIONS_FORMAT:
+            try:
+                # Unless another engine stored a later version meanwhile (followed then).
+                if await board.head_version() == shared.version:
+                    await board.save(msgspec.structs.replace(shared, format=DEFINITIONS_FORMAT))
+                    copies.append(board.where)
+            except BrokerError as e:
+                # Still readable as it is; upgraded at a next start.
+                self._logger.warning(
+                    "definitions copy not upgraded", copy=board.where, error=str(e)
+                )
+        if copies:
+            self._logger.info(
+                "upgraded in place",
+                what="the stored definitions",
+                copies=copies,
+                version=d.version,
+                from_format=found,
+                to_format=DEFINITIONS_FORMAT,
+            )
+        return new
 
     def _where(self) -> str:
         return "no shared copy" if self._board is None else self._board.where
@@ -466,7 +510,7 @@ class DefinitionsKeeper:
     async def _conflict(self, board: DefinitionsBoard, version: int) -> DefinitionsConflict:
         try:
             winner = await board.load()
-        except (BrokerError, StoredDefinitionsError):
+        except (BrokerError, StoredDefinitionsError, FormatTooNewError):
             winner = None
         conflict = DefinitionsConflict(
             version,
@@ -506,6 +550,10 @@ class DefinitionsKeeper:
         except StoredDefinitionsError as e:
             # Often a moment's: another engine replaced the record while it was read.
             self._refuse(None, e.problem, error=False)
+            return None
+        except FormatTooNewError as e:
+            # A newer shoal's record: never switched to, and never written over.
+            self._refuse(None, str(e), error=True)
             return None
         if d is None or d.version <= known:
             return None
@@ -623,8 +671,9 @@ def _at(d: StoredDefinitions, positions: dict[int, int]) -> StoredDefinitions:
 def _same(a: StoredDefinitions, b: StoredDefinitions) -> bool:
     """Whether two records are the same version's, but for the positions each engine keeps
     of its own partitions."""
-    return msgspec.structs.replace(a, applied_through=None) == msgspec.structs.replace(
-        b, applied_through=None
+    # Nor their formats: the same record, one copy upgraded before the other.
+    return msgspec.structs.replace(a, applied_through=None, format=0) == msgspec.structs.replace(
+        b, applied_through=None, format=0
     )
 
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from actors._customer import SNAPSHOT_FORMAT, Customer
-from protocol import NEVER, Delivery, PartitionSnapshot, partition
+from protocol import NEVER, Delivery, FormatTooNewError, PartitionSnapshot, partition
 from store import Forgotten, Snapshot, SnapshotMarks, Store
 
 from ._startup import RebuildReport, log_from_stream
@@ -174,8 +174,16 @@ async def take_over(
     knows them already (several partitions taken over at once: the store is read once).
 
     Raises:
+        FormatTooNewError: the snapshot's customers are of a later format than this
+            shoal's (a newer shoal took it): nothing is changed.
         StoreError: the store cannot be written (run it again: it starts over).
     """
+    if snapshot is not None and snapshot.customer_format > SNAPSHOT_FORMAT:
+        raise FormatTooNewError(
+            f"a customer in the snapshot of partition {partition_id}",
+            snapshot.customer_format,
+            SNAPSHOT_FORMAT,
+        )
     if held is None:
         held = [c for c in await store.customer_ids() if partition(c, partitions) == partition_id]
     stale = sorted(held)

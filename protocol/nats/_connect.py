@@ -43,6 +43,7 @@ from protocol._subjects import (
     partition_transform,
     partitions_of_transform,
 )
+from protocol.nats._formats import checked_format, format_metadata, log_upgrade
 from protocol.nats._refusals import Refusals, watch_refusals
 
 _CONNECT_TIMEOUT = 5.0
@@ -538,6 +539,7 @@ def _events_config(s: StreamSettings, partitions: int) -> StreamConfig:
         max_age=None,
         subject_transform=SubjectTransform(src=src, dest=dest),
         num_replicas=s.replicas or 1,
+        metadata=format_metadata(),
     )
 
 
@@ -551,7 +553,11 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
     Returns:
         The number of partitions of ``SHOAL_EVENTS``.
 
+    Each carries this shoal's format in its metadata (``shoal_format``): one made before
+    formats were recorded gets it, which is logged (``upgraded in place``).
+
     Raises:
+        FormatTooNewError: a stream was made by a newer shoal (its format is later).
         StreamNeedsMigration: ``SHOAL_EVENTS`` was made by an earlier shoal (without
             partitions), or with another number of partitions than ``settings`` asks for.
         BrokerError: JetStream is not enabled, or a stream cannot be created or updated.
@@ -570,6 +576,7 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
             duplicate_window=s.segments_duplicate_window,
             num_replicas=s.replicas or 1,
             allow_atomic=True,
+            metadata=format_metadata(),
         ),
         StreamConfig(
             name=REJECTED_STREAM,
@@ -578,6 +585,7 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None =
             storage=StorageType.FILE,
             max_age=s.rejected_max_age,
             num_replicas=s.replicas or 1,
+            metadata=format_metadata(),
         ),
     ]
     for config in configs:
@@ -625,6 +633,9 @@ async def _declare(
             except nats.js.errors.BadRequestError:
                 # Made meanwhile by another engine starting together: update it below.
                 info = await js.stream_info(config.name)  # type: ignore[arg-type]
+        what = f"stream {config.name}"
+        # Before anything else: a newer shoal's stream may mean anything by its settings.
+        fmt = checked_format(what, info.config)
         if config.name == EVENTS_STREAM:
             found = _partitions_of(info.config)
             if found is None or (s.partitions is not None and found != s.partitions):
@@ -633,7 +644,9 @@ async def _declare(
             config = _events_config(s, found)
         if s.replicas is None:
             config.num_replicas = info.config.num_replicas
+        config.metadata = format_metadata(info.config.metadata)
         await js.update_stream(config)
+        log_upgrade(what, fmt)
     except nats.js.errors.ServiceUnavailableError as e:
         raise BrokerError("JetStream is not enabled on the NATS server (start it with -js)") from e
     except (TimeoutError, nats.errors.Error) as e:

@@ -32,6 +32,7 @@ from nats.js.kv import KeyValue
 
 from protocol._definitions import (
     DEFINITIONS_BUCKET,
+    DEFINITIONS_STREAM,
     MAX_STORED_DEFINITIONS_BYTES,
     StoredDefinitions,
     StoredDefinitionsError,
@@ -39,6 +40,7 @@ from protocol._definitions import (
     encode_definitions,
 )
 from protocol._errors import BrokerError
+from protocol.nats._formats import stamp
 from protocol.nats._refusals import permission_guard
 
 HEAD_KEY = "current"
@@ -79,13 +81,15 @@ class DefinitionsKV:
 
     @classmethod
     async def open(cls, nc: Client, *, chunk_size: int | None = None) -> DefinitionsKV:
-        """The bucket on ``nc``, created when missing (one value per key, no history).
+        """The bucket on ``nc``, created when missing (one value per key, no history), with
+        this shoal's format in its stream's metadata (added to one made without).
 
         Args:
             chunk_size: the largest chunk written (default: the server's ``max_payload``
                 less room for the subject and headers).
 
         Raises:
+            FormatTooNewError: a newer shoal made the bucket.
             BrokerError: it cannot be found or created (:class:`~protocol.PermissionDenied`
                 when the credentials may not).
         """
@@ -103,6 +107,7 @@ class DefinitionsKV:
                     )
             except (TimeoutError, nats.errors.Error) as e:
                 raise BrokerError(f"cannot open KV bucket {DEFINITIONS_BUCKET}: {e}") from e
+            await stamp(js, DEFINITIONS_STREAM, f"KV bucket {DEFINITIONS_BUCKET}")
         return cls(nc, kv, chunk_size=chunk_size)
 
     async def _get(self, key: str) -> bytes | None:

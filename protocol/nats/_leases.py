@@ -82,6 +82,7 @@ from protocol._subjects import (
     lease_key,
     validate_engine_id,
 )
+from protocol.nats._formats import checked_format, format_metadata, log_upgrade
 from protocol.nats._refusals import permission_guard
 
 MARKER_TTL = 300
@@ -257,6 +258,7 @@ class LeaseBucket:
         an existing bucket has, else 1).
 
         Raises:
+            FormatTooNewError: a newer shoal made the bucket.
             BrokerError: JetStream is not enabled, or the bucket cannot be created or
                 updated.
         """
@@ -279,7 +281,9 @@ class LeaseBucket:
             subject_delete_marker_ttl=MARKER_TTL,
             allow_direct=True,
             duplicate_window=120,
+            metadata=format_metadata(),
         )
+        what = f"KV bucket {LEASES_BUCKET}"
         async with permission_guard(self._nc):
             try:
                 try:
@@ -287,9 +291,12 @@ class LeaseBucket:
                 except nats.js.errors.NotFoundError:
                     await self._js.add_stream(config)
                 else:
+                    found = checked_format(what, info.config)
                     if replicas is None:
                         config.num_replicas = info.config.num_replicas
+                    config.metadata = format_metadata(info.config.metadata)
                     await self._js.update_stream(config)
+                    log_upgrade(what, found)
             except nats.js.errors.ServiceUnavailableError as e:
                 raise BrokerError(
                     "JetStream is not enabled on the NATS server (start it with -js)"

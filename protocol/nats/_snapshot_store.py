@@ -43,14 +43,17 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
 from protocol._errors import BrokerError
+from protocol._formats import check_format
 from protocol._ownership import SNAPSHOT_FORMAT, PartitionSnapshot
 from protocol._subjects import SNAPSHOTS_BUCKET
 from protocol._time import format_instant
+from protocol.nats._formats import stamp
 from protocol.nats._refusals import permission_guard
 from protocol.nats._stream import read_stream
 
 OBJECT_STREAM = f"OBJ_{SNAPSHOTS_BUCKET}"
 """The stream behind the bucket."""
+_WHAT = f"Object Store bucket {SNAPSHOTS_BUCKET}"
 _CHUNKS = f"$O.{SNAPSHOTS_BUCKET}.C."
 _INFOS = f"$O.{SNAPSHOTS_BUCKET}.M."
 DEFAULT_MAX_BYTES = 2 << 30
@@ -292,9 +295,11 @@ class SnapshotStore:
 
     async def ensure(self, replicas: int | None = None) -> None:
         """Create the bucket (file storage, ``replicas`` copies, None: 1) unless it exists;
-        an existing bucket is used as it is.
+        an existing bucket is used as it is, but for this shoal's format recorded in its
+        stream's metadata (added to one made without).
 
         Raises:
+            FormatTooNewError: a newer shoal made the bucket.
             BrokerError: it cannot be found or created (:class:`~protocol.PermissionDenied`
                 when the credentials may not).
         """
@@ -302,19 +307,23 @@ class SnapshotStore:
             try:
                 try:
                     await self._js.stream_info(OBJECT_STREAM)
-                    return
                 except nats.js.errors.NotFoundError:
                     pass
+                else:
+                    await stamp(self._js, OBJECT_STREAM, _WHAT)
+                    return
                 await self._js.create_object_store(
                     SNAPSHOTS_BUCKET,
                     description="shoal: each partition's latest snapshot (see the README)",
                     storage=StorageType.FILE,
                     replicas=replicas or 1,
                 )
+                await stamp(self._js, OBJECT_STREAM, _WHAT)
             except nats.js.errors.BadRequestError as e:
                 # Made meanwhile by another engine, with other settings: use it.
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await self._js.stream_info(OBJECT_STREAM)
+                    await stamp(self._js, OBJECT_STREAM, _WHAT)
                     return
                 raise BrokerError(
                     f"cannot create Object Store bucket {SNAPSHOTS_BUCKET}: {e}"
@@ -467,8 +476,11 @@ class SnapshotStore:
         """The snapshot stored for ``partition``, or None when none is.
 
         Raises:
-            SnapshotUnusable: it is of another format or number of partitions, larger than
-                ``max_bytes``, or corrupt (its info, a missing chunk, its digest, its body).
+            FormatTooNewError: a newer shoal took it (its format is later than this
+                shoal's): refused, not rebuilt over.
+            SnapshotUnusable: it is of an older format or another number of partitions,
+                larger than ``max_bytes``, or corrupt (its info, a missing chunk, its digest,
+                its body).
             BrokerError: the broker does not answer or refuses.
         """
         async with permission_guard(self._nc):
@@ -486,6 +498,7 @@ class SnapshotStore:
         snapshot = await anyio.to_thread.run_sync(
             _decode, partition, body, encoding, self._max_bytes
         )
+        _check_format(partition, snapshot.format)
         problem = self._problem(snapshot.format, snapshot.partitions, encoding)
         if problem is None and snapshot.partition != partition:
             problem = f"it holds partition {snapshot.partition}"
@@ -518,6 +531,7 @@ class SnapshotStore:
             raise SnapshotUnusable(partition, f"its object info is not readable: {e}") from e
         if info.deleted:
             return None
+        _check_format(partition, _number(info, _H_FORMAT))
         d = self._describe(partition, info)
         if d.problem is not None:
             raise SnapshotUnusable(partition, d.problem)
@@ -700,6 +714,17 @@ class SnapshotStore:
             chunks=info.chunks,
             problem=problem,
         )
+
+
+def _check_format(partition: int, fmt: int) -> None:
+    """Refuse the snapshot of ``partition`` when a newer shoal took it: its customers may be
+    in a form this one would misread, and a retention may have removed the events that
+    would rebuild them."""
+    check_format(
+        f"the snapshot of partition {partition} in Object Store bucket {SNAPSHOTS_BUCKET}",
+        fmt,
+        SNAPSHOT_FORMAT,
+    )
 
 
 def _headers(snapshot: PartitionSnapshot, encoding: str) -> Mapping[str, str]:

@@ -42,7 +42,7 @@ from protocol import (
     Transition,
 )
 from protocol.nats import DefinitionsKV, connect
-from store import Store
+from store import SCHEMA_VERSION, Store
 from tests.helpers import NatsServer, Proc, published, run
 
 VISITOR = "[segments.visitor]\nrule = \"count('Visit') >= 1\"\n"
@@ -407,5 +407,5 @@ def test_an_old_store_opens_and_gains_the_definitions_table(tmp_path: Path) -> N
     with sqlite3.connect(db) as conn:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert version == ("3",)
+    assert version == (str(SCHEMA_VERSION),)
     assert "definitions" in tables

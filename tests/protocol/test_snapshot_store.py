@@ -14,6 +14,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import ObjectMeta
 
+from protocol import STREAM_FORMAT, FormatTooNewError
 from protocol._ownership import SNAPSHOT_FORMAT, PartitionSnapshot
 from protocol.nats import SnapshotInfo, SnapshotStore, SnapshotUnusable
 from protocol.nats._snapshot_store import OBJECT_STREAM
@@ -134,22 +135,32 @@ async def test_list_shows_the_infos(client: Client) -> None:
     assert len([k for k in subjects if ".C." in k]) == 1  # partition 0's chunks purged
 
 
-async def test_another_format_or_split_is_refused(client: Client) -> None:
+async def test_a_newer_format_is_refused_and_another_split_unusable(client: Client) -> None:
     s = await store(client)
-    await s.put(snapshot(1, format=SNAPSHOT_FORMAT + 1))
-    with pytest.raises(SnapshotUnusable) as e:
+    await s.put(snapshot(1, format=99))
+    # A newer shoal's: refused, not rebuilt over (retention may have cut the events).
+    with pytest.raises(FormatTooNewError) as newer:
         await s.get(1)
-    assert e.value.reason == f"it is of format {SNAPSHOT_FORMAT + 1}, this engine reads format 1"
-    assert str(e.value) == (
-        "the snapshot of partition 1 in Object Store bucket SHOAL_SNAPSHOTS cannot be used: "
-        f"it is of format {SNAPSHOT_FORMAT + 1}, this engine reads format 1; rebuild the "
-        "partition from the events stream"
+    assert str(newer.value) == (
+        "the snapshot of partition 1 in Object Store bucket SHOAL_SNAPSHOTS has format 99, "
+        f"and this shoal knows formats up to {SNAPSHOT_FORMAT}: it was written by a newer "
+        "shoal. Run that shoal (or a later one) on this data; this one stops rather than "
+        "misread it"
+    )
+    assert (newer.value.found, newer.value.known) == (99, SNAPSHOT_FORMAT)
+    assert (await s.list())[1].problem == (
+        f"it is of format 99, this engine reads format {SNAPSHOT_FORMAT}"
     )
     await s.put(snapshot(2))
     other = SnapshotStore(client, partitions=16)
     with pytest.raises(SnapshotUnusable) as e:
         await other.get(2)
     assert e.value.reason == "it was taken with 4 partitions, the events stream has 16"
+    assert str(e.value) == (
+        "the snapshot of partition 2 in Object Store bucket SHOAL_SNAPSHOTS cannot be used: "
+        "it was taken with 4 partitions, the events stream has 16; rebuild the partition "
+        "from the events stream"
+    )
     assert (await other.list())[2].problem == e.value.reason
     with pytest.raises(ValueError, match="taken with 4 partitions, this store keeps those of 16"):
         await other.put(snapshot(2))
@@ -246,3 +257,21 @@ async def test_replaced_while_read_reads_the_new_one(
     monkeypatch.setattr(SnapshotStore, "_usable", replaced_after)
     assert await s.get(1) == snapshot(1, 200, seed=2)
     assert calls == 2
+
+
+async def test_the_bucket_records_its_format(client: Client) -> None:
+    """A bucket made by shoal 484eaec (no format in its metadata) gets this shoal's; one of a
+    newer shoal's is refused."""
+    js = client.jetstream()
+    await js.create_object_store("SHOAL_SNAPSHOTS")  # as nats-py makes it: no metadata
+    await store(client)
+    config = (await js.stream_info(OBJECT_STREAM)).config
+    assert (config.metadata or {}).get("shoal_format") == str(STREAM_FORMAT)
+    config.metadata = {"shoal_format": "99"}
+    await js.update_stream(config)
+    with pytest.raises(FormatTooNewError) as e:
+        await store(client)
+    assert str(e.value).startswith(
+        f"Object Store bucket SHOAL_SNAPSHOTS has format 99, and this shoal knows formats up to "
+        f"{STREAM_FORMAT}: it was written by a newer shoal."
+    )

@@ -140,7 +140,9 @@ async def test_different_schema_version_is_refused(path: Path) -> None:
     with pytest.raises(StoreFormatError) as e:
         await Store.open(path)
     assert str(e.value) == (
-        f"{path} has schema version {SCHEMA_VERSION + 1}, this shoal reads version {SCHEMA_VERSION}"
+        f"{path} has schema version {SCHEMA_VERSION + 1}, and this shoal knows versions up to "
+        f"{SCHEMA_VERSION}: it was written by a newer shoal. Run that shoal (or a later one) "
+        "on this data directory; this one stops rather than misread it"
     )
     assert (e.value.path, e.value.found, e.value.expected) == (
         path,
@@ -464,7 +466,57 @@ async def test_a_version_1_store_is_upgraded_in_place(path: Path) -> None:
     async with await Store.open(path) as store:
         assert [e.message_id for e in await all_events(store)] == ["1"]
         assert await store.snapshots.count() == 0
+        assert store.upgraded_from == 1
     assert schema_version(path) == str(SCHEMA_VERSION)
+    async with await Store.open(path) as store:
+        assert store.upgraded_from is None  # once only
+
+
+async def test_a_version_3_store_is_upgraded_in_place(path: Path) -> None:
+    """Version 3 (shoal 484eaec) lacks only the tables version 4 added."""
+    async with await Store.open(path) as store:
+        await store.commit([ev("a", "1")])
+        assert store.upgraded_from is None
+    set_schema_version(path, "3")
+    async with await Store.open_read_only(path) as store:
+        assert [e.message_id for e in await all_events(store)] == ["1"]
+    async with await Store.open(path) as store:
+        assert store.upgraded_from == 3
+        assert [e.message_id for e in await all_events(store)] == ["1"]
+    assert schema_version(path) == str(SCHEMA_VERSION)
+
+
+@pytest.mark.parametrize("found", ["99", "4b"])
+async def test_a_newer_store_is_refused_untouched(path: Path, found: str) -> None:
+    """A store of a later version (or one not even a number) is refused before anything is
+    written to it, for writing and for reading."""
+    async with await Store.open(path) as store:
+        await store.commit([ev("a", "1")])
+    set_schema_version(path, found)
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("DROP TABLE snapshots")
+        db.commit()
+    before = path.read_bytes()
+    with pytest.raises(StoreFormatError) as e:
+        await Store.open(path)
+    assert str(e.value) == (
+        f"{path} has schema version {found}, and this shoal knows versions up to "
+        f"{SCHEMA_VERSION}: it was written by a newer shoal. Run that shoal (or a later one) "
+        "on this data directory; this one stops rather than misread it"
+    )
+    assert path.read_bytes() == before  # not even the missing table created
+    with pytest.raises(StoreFormatError):
+        await Store.open_read_only(path)
+
+
+async def test_snapshot_formats_are_counted(store: Store) -> None:
+    assert await store.snapshots.formats() == {}
+    snaps = [
+        Snapshot(customer_id=c, format=f, needs="n", log_seq=1, deadline=NEVER, body=b"x")
+        for c, f in (("a", 1), ("b", 1), ("c", 2))
+    ]
+    await store.commit([ev("a", "1")], snapshots=snaps)
+    assert await store.snapshots.formats() == {1: 2, 2: 1}
 
 
 # --- history imports ----------------------------------------------------------------------
