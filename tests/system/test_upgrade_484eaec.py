@@ -1,5 +1,5 @@
 """Issue 20's done-when for upgrades: a data directory made by the shoal of the commit before
-it (484eaec, ``data/legacy-484eaec/``, see its ``make.py``) starts under today's
+it (484eaec, ``data/legacy-484eaec/``, see its ``make_484eaec.py``) starts under today's
 ``shoal serve``, which upgrades every stored format in place and says so, and goes on from
 it; and data claiming a format newer than this shoal knows is refused with a clear message,
 never misread.
