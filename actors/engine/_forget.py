@@ -11,10 +11,11 @@ on it, in one store transaction:
 
 Then :meth:`Forgetting.erase_loop`, beside the main loop, finishes each pending erasure once
 the outbox is published through it (its exits are out): the broker's copies first (its
-events and order in ``SHOAL_EVENTS``, its rejections, its transitions but the exits, erased
-one message at a time, see ``protocol.nats.BrokerEraser``), then its rows of the outbox and
-the id in the record, and a checkpoint that truncates SQLite's write-ahead log. Redone
-after a crash: every step finds what is left.
+events in ``SHOAL_EVENTS``, its rejections, its transitions but the exits, erased one
+message at a time, see ``protocol.nats.BrokerEraser``), then what :data:`Erased` does (the
+partition's snapshot replaced), then its order (whose absence tells the requester it is
+done), and last its rows of the outbox and the id in the record, with a checkpoint that
+truncates SQLite's write-ahead log. Redone after a crash: every step finds what is left.
 
 What is kept: the hash, the customer's last version (``floor``: an id that comes back
 continues from it), when, who asked, which request, and until when its events are refused
@@ -62,12 +63,13 @@ class Eraser(Protocol):
     ``BrokerEraser``); without one (tests of the engine's logic), only the store's are."""
 
     async def erase_customers(self, erasures: Sequence[tuple[str, int, int]]) -> None:
-        """Erase each (customer id, partition, order position): its events and order, its
-        rejections, and its transitions but the ``forgotten`` exits."""
+        """Erase each (customer id, partition, order position): its events before the
+        order, its rejections, and its transitions but the ``forgotten`` exits."""
         ...
 
     async def erase_events(self, sequences: Sequence[int]) -> None:
-        """Erase these messages of the events stream (refused events of suppressed ids)."""
+        """Erase these messages of the events stream (orders done, refused events of
+        suppressed ids)."""
         ...
 
 
@@ -250,13 +252,16 @@ class Forgetting:
             await self.eraser.erase_customers(
                 [(f.customer_id or "", f.partition, f.order_seq) for f in ready]
             )
-        await self._store.erase(ready)
-        by_partition: dict[int, set[str]] = {}
-        for f in ready:
-            by_partition.setdefault(f.partition, set()).add(f.customer_id or "")
-        self._logger.info("customers erased", id_hashes=[f.hash for f in ready])
         if self.on_erased is not None:
+            by_partition: dict[int, set[str]] = {}
+            for f in ready:
+                by_partition.setdefault(f.partition, set()).add(f.customer_id or "")
             await self.on_erased(by_partition)
+        if self.eraser is not None:
+            # The orders last: one gone tells the requester its erasure is done.
+            await self.eraser.erase_events([f.order_seq for f in ready])
+        await self._store.erase(ready)
+        self._logger.info("customers erased", id_hashes=[f.hash for f in ready])
 
     @property
     def pending(self) -> int:

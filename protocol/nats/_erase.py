@@ -6,7 +6,8 @@ drops it from the index and leaves the bytes until the block is compacted. So ea
 of the customer is found and deleted by its sequence:
 
 - ``SHOAL_EVENTS``: the messages on the customer's stored subject before its order
-  (imported ones included), and the order itself (it names the customer);
+  (imported ones included); the order itself (it names the customer) is erased last, by
+  :meth:`BrokerEraser.erase_events`, once the rest is done;
 - ``SHOAL_REJECTED``: the rejections of messages on the customer's subjects, or whose
   payload's ``userId`` is the customer;
 - ``SHOAL_SEGMENTS``: the customer's transitions but the ``forgotten`` exits. Transition
@@ -86,7 +87,7 @@ class BrokerEraser:
 
     async def erase_customers(self, erasures: Sequence[tuple[str, int, int]]) -> None:
         """Erase each (customer id, partition, order position) (see the module's
-        documentation).
+        documentation), but the orders.
 
         Raises:
             BrokerError: the broker did not answer or refused; what was erased stays so,
@@ -103,7 +104,7 @@ class BrokerEraser:
                     async for chunk in read_stream(self._nc, EVENTS_STREAM, subject, through=order)
                     for d in chunk
                 ]
-                await self._delete(EVENTS_STREAM, [*seqs, order])
+                await self._delete(EVENTS_STREAM, [q for q in seqs if q != order])
             await self._delete(REJECTED_STREAM, await self._rejections(ids))
             await self._delete(SEGMENTS_STREAM, await self._transitions(ids))
 
