@@ -8,20 +8,27 @@ nats-server with the roles' permissions), real SQLite.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
+import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import msgspec
+import nats
+from nats.aio.client import Client
 
 from protocol import (
     HOUR,
     KEYS_DIR,
     REJECTED_STREAM,
     REJECTED_SUBJECT,
+    SEGMENTS_STREAM,
+    SEGMENTS_WILDCARD,
     ForgottenCause,
     Rejection,
     Transition,
@@ -29,10 +36,13 @@ from protocol import (
     event_subject,
     forget_hash,
     format_instant,
+    partition,
     role_key_file,
 )
-from protocol.nats import ApiClient, Credentials, connect, read_stream
-from tests.helpers import Proc, free_port, now, published, run
+from protocol.nats import ApiClient, Credentials, LeaseBucket, connect, read_stream
+from tests.helpers import NatsServer, Proc, free_port, now, published, run, track
+
+P = 32
 
 GONE = ("zq-gone-1", "zq-gone-2")
 """The customers forgotten: ids no other byte sequence in the store holds."""
@@ -244,3 +254,123 @@ async def test_forget_erases_a_customer_everywhere(tmp_path: Path) -> None:
         exits = [t for t in after_ts if t.customer_id == c]
         # Each exit holds the id twice: its payload's customer_id, its Nats-Msg-Id header.
         assert sum(occurrences(data / "nats", c.encode()).values()) == 2 * len(exits)
+
+
+# Several engines: a forgotten customer's record travels with its partition -----------------
+
+RULES = """
+[segments.seen]
+rule = "count('Visit') >= 1"
+
+[segments.regular]
+rule = "count('Visit') >= 2"
+"""
+
+
+def serve_engine(url: str, data: Path, engine_id: str, rules: Path) -> Proc:
+    return Proc(
+        "serve", "--nats", url, "--data-dir", str(data), "--engine-id", engine_id,
+        "--segments", str(rules), "--lease-ttl", "2", "--snapshot-interval", "1",
+    )  # fmt: skip
+
+
+async def test_a_forgotten_customer_stays_forgotten_when_its_partition_changes_hands(
+    nats_server: NatsServer, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """Two engines; customers of b's partitions forgotten (one suppressed); b killed: a
+    takes its partitions over from their snapshots, refuses the suppressed id's next event
+    by hash, and continues the other's versions when it comes back."""
+    rules = tmp_path / "segments.toml"
+    rules.write_text(RULES)
+    url = nats_server.url
+    nc = await nats.connect(url)
+    try:
+        a = serve_engine(url, tmp_path / "a", "a", rules)
+        procs.append(a)
+        await anyio.to_thread.run_sync(lambda: a.wait_err("shoal is serving", timeout=30))
+        b = serve_engine(url, tmp_path / "b", "b", rules)
+        procs.append(b)
+        held = await wait_shares(nc)
+        js = nc.jetstream()
+        customers = [f"m{i:03d}" for i in range(120)]
+        for round_ in (1, 2):
+            for c in customers:
+                await js.publish(event_subject(c), track(c, mid=f"{c}-{round_}"))
+        of_b = [c for c in customers if partition(c, P) in held["b"]]
+        suppressed, returning = of_b[0], of_b[1]
+        with anyio.fail_after(60):
+            while len(await transitions(nc)) < 2 * len(customers):
+                await anyio.sleep(0.2)
+        for args in ([suppressed, "--suppress", "1d"], [returning]):
+            done = await anyio.to_thread.run_sync(
+                functools.partial(run, "forget", *args, "--nats", url, "--by", "test", timeout=60)
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+        await anyio.sleep(2.5)  # a snapshot round of b's partitions after the erasures
+
+        b.popen.send_signal(signal.SIGKILL)
+        b.popen.wait()
+        await wait_owners(nc, lambda o: set(o) == {"a"} and len(o["a"]) == P)
+        for c in (suppressed, returning):
+            await js.publish(event_subject(c), track(c, mid=f"{c}-back"))
+        with anyio.fail_after(30):
+            while True:
+                ts = await transitions(nc)
+                back = [t for t in ts if t.customer_id == returning and t.version > 4]
+                if back:
+                    break
+                await anyio.sleep(0.2)
+        # It had 2 transitions (erased), then 2 forgotten exits (kept): it comes back at 5.
+        assert [
+            (t.version, t.cause == ForgottenCause()) for t in ts if t.customer_id == returning
+        ] == [(3, True), (4, True), (5, False)]
+        assert [(t.segment, t.change) for t in back] == [("seen", "entered")]
+        assert not [t for t in ts if t.customer_id == suppressed and t.version > 4]
+        with anyio.fail_after(30):
+            while True:
+                rejected = [
+                    msgspec.json.decode(d.data, type=Rejection)
+                    async for chunk in read_stream(nc, REJECTED_STREAM, REJECTED_SUBJECT)
+                    for d in chunk
+                ]
+                if any(forget_hash(suppressed) in r.reason for r in rejected):
+                    break
+                await anyio.sleep(0.2)
+        a.popen.send_signal(signal.SIGTERM)
+        assert a.popen.wait(30) == 0
+        with sqlite3.connect(tmp_path / "a" / "shoal.db") as conn:
+            assert not conn.execute(
+                "SELECT count(*) FROM events WHERE customer_id = ?", (suppressed,)
+            ).fetchone()[0]
+            hashes = {h for (h,) in conn.execute("SELECT hash FROM forgotten")}
+        assert {forget_hash(suppressed), forget_hash(returning)} <= hashes
+    finally:
+        await nc.close()
+
+
+async def transitions(nc: Client) -> list[Transition]:
+    return [
+        msgspec.json.decode(d.data, type=Transition)
+        async for chunk in read_stream(nc, SEGMENTS_STREAM, SEGMENTS_WILDCARD)
+        for d in chunk
+    ]
+
+
+async def owners(nc: Client) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for p, h in sorted((await LeaseBucket(nc).holders()).items()):
+        out.setdefault(h.engine, []).append(p)
+    return out
+
+
+async def wait_owners(
+    nc: Client, check: Callable[[dict[str, list[int]]], bool]
+) -> dict[str, list[int]]:
+    with anyio.fail_after(60):
+        while not check(seen := await owners(nc)):
+            await anyio.sleep(0.2)
+    return seen
+
+
+async def wait_shares(nc: Client) -> dict[str, list[int]]:
+    return await wait_owners(nc, lambda o: sorted(len(v) for v in o.values()) == [P // 2, P // 2])
