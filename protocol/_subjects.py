@@ -469,16 +469,13 @@ def fence_probe_subject(partition: int) -> str:
     Raises:
         SubjectError: a negative partition.
     """
-    if partition < 0:
-        raise SubjectError(f"no probe subject for partition {partition}")
-    return f"{EVENTS_PREFIX}{partition}.{CONTROL_TOKEN}.probe"
+    return _partition_control(partition, "probe")
 
 
 def is_fence_probe(subject: str) -> bool:
     """Whether a stored subject of ``SHOAL_EVENTS`` is an engine's probe (see
     :func:`fence_probe_subject`)."""
-    tokens = subject[len(EVENTS_PREFIX) :].split(".") if subject.startswith(EVENTS_PREFIX) else []
-    return len(tokens) == 3 and tokens[1:] == [CONTROL_TOKEN, "probe"]
+    return _is_partition_control(subject, "probe")
 
 
 def forget_order_subject(partition: int) -> str:
@@ -488,16 +485,30 @@ def forget_order_subject(partition: int) -> str:
     Raises:
         SubjectError: a negative partition.
     """
-    if partition < 0:
-        raise SubjectError(f"no forget subject for partition {partition}")
-    return f"{EVENTS_PREFIX}{partition}.{CONTROL_TOKEN}.forget"
+    return _partition_control(partition, "forget")
 
 
 def is_forget_order(subject: str) -> bool:
     """Whether a stored subject of ``SHOAL_EVENTS`` is an order to forget a customer (see
     :func:`forget_order_subject`)."""
+    return _is_partition_control(subject, "forget")
+
+
+def _partition_control(partition: int, name: str) -> str:
+    """``shoal.events.<partition>.ctl.<name>``.
+
+    Raises:
+        SubjectError: a negative partition.
+    """
+    if partition < 0:
+        raise SubjectError(f"no {name} subject for partition {partition}")
+    return f"{EVENTS_PREFIX}{partition}.{CONTROL_TOKEN}.{name}"
+
+
+def _is_partition_control(subject: str, name: str) -> bool:
+    """Whether ``subject`` is ``shoal.events.<partition>.ctl.<name>``."""
     tokens = subject[len(EVENTS_PREFIX) :].split(".") if subject.startswith(EVENTS_PREFIX) else []
-    return len(tokens) == 3 and tokens[1:] == [CONTROL_TOKEN, "forget"]
+    return len(tokens) == 3 and tokens[1:] == [CONTROL_TOKEN, name]
 
 
 def is_control_subject(subject: str) -> bool:

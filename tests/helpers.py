@@ -307,6 +307,18 @@ class Proc:
         return self.popen.wait(timeout)
 
 
+def serve_engine(
+    urls: str | list[str], data: Path, engine_id: str, rules: Path, *, lease_ttl: float = 2
+) -> Proc:
+    """``shoal serve`` as one of several engines on ``urls`` (no auth): its own data
+    directory and id, the segments file ``rules``, a short lease, snapshots every second."""
+    nats_args = [a for url in ([urls] if isinstance(urls, str) else urls) for a in ("--nats", url)]
+    return Proc(
+        "serve", *nats_args, "--data-dir", str(data), "--engine-id", engine_id,
+        "--segments", str(rules), "--lease-ttl", f"{lease_ttl:g}", "--snapshot-interval", "1",
+    )  # fmt: skip
+
+
 def run(
     *args: str, stdin: str | None = None, timeout: float = 60, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

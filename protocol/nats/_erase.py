@@ -26,6 +26,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from protocol._errors import BrokerError, SubjectError
 from protocol._ownership import PROGRESS_DECODER
@@ -150,13 +151,22 @@ class BrokerEraser:
         return found
 
     async def _delete(self, stream: str, sequences: Sequence[int]) -> None:
-        for seq in sequences:
-            try:
-                await self._js.delete_msg(stream, seq)
-            except nats.js.errors.NotFoundError:
-                continue  # erased already (an attempt before this one)
-            except (TimeoutError, nats.errors.Error) as e:
-                raise BrokerError(f"cannot erase message {seq} of {stream}: {e}") from e
+        await _erase(self._js, stream, sequences)
+
+
+async def _erase(js: JetStreamContext, stream: str, sequences: Sequence[int]) -> None:
+    """Delete these messages of ``stream`` (nats-server overwrites them in its files).
+
+    Raises:
+        BrokerError: the broker did not answer or refused.
+    """
+    for seq in sequences:
+        try:
+            await js.delete_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            continue  # erased already (an attempt before this one)
+        except (TimeoutError, nats.errors.Error) as e:
+            raise BrokerError(f"cannot erase message {seq} of {stream}: {e}") from e
 
 
 async def erase_progress(
@@ -183,12 +193,5 @@ async def erase_progress(
                     continue
                 if any(customer_id in ids for customer_id, _ in record.versions):
                     found.append(d.stream_sequence)
-        js = nc.jetstream()
-        for seq in found:
-            try:
-                await js.delete_msg(SEGMENTS_STREAM, seq)
-            except nats.js.errors.NotFoundError:
-                continue
-            except (TimeoutError, nats.errors.Error) as e:
-                raise BrokerError(f"cannot erase message {seq} of {SEGMENTS_STREAM}: {e}") from e
+        await _erase(nc.jetstream(), SEGMENTS_STREAM, found)
     return len(found)

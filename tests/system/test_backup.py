@@ -39,7 +39,7 @@ from protocol import (
 from protocol.nats import Credentials, LeaseBucket, connect, read_stream
 from scripts._backup_cmd import read_manifest
 from store import Store
-from tests.helpers import NatsServer, Proc, free_port, now, run, segments, track
+from tests.helpers import NatsServer, Proc, free_port, now, run, segments, serve_engine, track
 
 RULES = """
 [segments.visitor]
@@ -395,24 +395,6 @@ async def test_restore_refuses_a_damaged_or_newer_backup_and_a_broker_with_shoal
     assert not any((tmp_path / d).exists() for d in ("d1", "d2", "d3"))
 
 
-def serve_among(url: str, data: Path, engine_id: str, rules: Path) -> Proc:
-    return Proc(
-        "serve",
-        "--nats",
-        url,
-        "--data-dir",
-        str(data),
-        "--engine-id",
-        engine_id,
-        "--segments",
-        str(rules),
-        "--lease-ttl",
-        "2",
-        "--snapshot-interval",
-        "1",
-    )
-
-
 async def owned(nc: Client) -> dict[str, int]:
     held = await LeaseBucket(nc).holders()
     out: dict[str, int] = defaultdict(int)
@@ -443,9 +425,9 @@ async def test_a_backup_of_one_engine_among_two_brings_every_partition_back(
     server = NatsServer(tmp_path / "broker")
     server.start()
     try:
-        a = serve_among(server.url, tmp_path / "a", "a", rules)
+        a = serve_engine(server.url, tmp_path / "a", "a", rules)
         procs.append(a)
-        b = serve_among(server.url, tmp_path / "b", "b", rules)
+        b = serve_engine(server.url, tmp_path / "b", "b", rules)
         procs.append(b)
         a.wait_err("shoal is serving", timeout=30)
         b.wait_err("shoal is serving", timeout=30)
@@ -484,7 +466,7 @@ async def test_a_backup_of_one_engine_among_two_brings_every_partition_back(
     try:
         done = run("restore", str(backup), "--data-dir", str(tmp_path / "a"), "--nats", server.url)
         assert done.returncode == 0, done.stderr
-        a = serve_among(server.url, tmp_path / "a", "a", rules)
+        a = serve_engine(server.url, tmp_path / "a", "a", rules)
         procs.append(a)
         a.wait_err("shoal is serving", timeout=30)
         nc = await connect([server.url])

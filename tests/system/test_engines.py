@@ -28,7 +28,7 @@ from protocol import (
     to_instant,
 )
 from protocol.nats import LeaseBucket, read_stream
-from tests.helpers import NatsServer, Proc, now, run, segments, track
+from tests.helpers import NatsServer, Proc, now, run, segments, serve_engine, track
 
 P = 32
 RULES = """
@@ -38,24 +38,6 @@ rule = "since_last() < '2s'"
 [segments.regular]
 rule = "count('Visit', within='6s') >= 2"
 """
-
-
-def serve(url: str, data: Path, engine_id: str, rules: Path) -> Proc:
-    return Proc(
-        "serve",
-        "--nats",
-        url,
-        "--data-dir",
-        str(data),
-        "--engine-id",
-        engine_id,
-        "--segments",
-        str(rules),
-        "--lease-ttl",
-        "2",
-        "--snapshot-interval",
-        "1",
-    )
 
 
 async def owners(nc: Client) -> dict[str, list[int]]:
@@ -135,16 +117,16 @@ async def test_engines_share_the_partitions_and_take_over(
     rules.write_text(RULES)
     nc = await nats.connect(nats_server.url)
     try:
-        a = serve(nats_server.url, tmp_path / "a", "a", rules)
+        a = serve_engine(nats_server.url, tmp_path / "a", "a", rules)
         procs.append(a)
         a.wait_err("shoal is serving", timeout=30)
         await wait_owners(nc, lambda o: len(o.get("a", [])) == P)
         customers = [f"c{i}" for i in range(300)]
         await publish(nc, customers, 1)
 
-        b = serve(nats_server.url, tmp_path / "b", "b", rules)
+        b = serve_engine(nats_server.url, tmp_path / "b", "b", rules)
         procs.append(b)
-        c = serve(nats_server.url, tmp_path / "c", "c", rules)
+        c = serve_engine(nats_server.url, tmp_path / "c", "c", rules)
         procs.append(c)
         balanced = await wait_owners(
             nc, lambda o: sorted(len(v) for v in o.values()) == [10, 11, 11]
@@ -214,7 +196,7 @@ rule = "count('Visit') >= 2"
     )
     nc = await nats.connect(nats_server.url)
     try:
-        a = serve(nats_server.url, tmp_path / "a", "a", rules)
+        a = serve_engine(nats_server.url, tmp_path / "a", "a", rules)
         procs.append(a)
         a.wait_err("shoal is serving", timeout=30)
         await wait_owners(nc, lambda o: len(o.get("a", [])) == P)
@@ -226,7 +208,7 @@ rule = "count('Visit') >= 2"
         await js.publish("shoal.events.zed", track("zed", mid="m1"), headers={"Nats-Msg-Id": "m1"})
         await anyio.sleep(2.5)  # a's snapshots (every second) hold zed
 
-        b = serve(nats_server.url, tmp_path / "b", "b", rules)
+        b = serve_engine(nats_server.url, tmp_path / "b", "b", rules)
         procs.append(b)
         b.wait_err("shoal is serving", timeout=30)
         a.popen.send_signal(signal.SIGKILL)
@@ -272,11 +254,11 @@ async def test_a_kill_around_a_batch_commit_loses_and_repeats_nothing(
     nc = await nats.connect(nats_server.url)
     try:
         monkeypatch.setenv("SHOAL_KILL_AT_BATCH", f"{moment}:5")
-        a = serve(nats_server.url, tmp_path / "a", "a", rules)
+        a = serve_engine(nats_server.url, tmp_path / "a", "a", rules)
         procs.append(a)
         monkeypatch.delenv("SHOAL_KILL_AT_BATCH")
         a.wait_err("shoal is serving", timeout=30)
-        b = serve(nats_server.url, tmp_path / "b", "b", rules)
+        b = serve_engine(nats_server.url, tmp_path / "b", "b", rules)
         procs.append(b)
         await wait_owners(nc, lambda o: sorted(len(v) for v in o.values()) == [16, 16])
         customers = [f"c{i}" for i in range(300)]

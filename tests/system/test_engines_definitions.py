@@ -28,7 +28,8 @@ from protocol import (
 from protocol.nats import ApiClient, read_stream
 from store import Store
 from tests.helpers import NatsServer, Proc, run, segments
-from tests.system.test_engines import check_versions, owners, publish, serve, transitions
+from tests.helpers import serve_engine as serve
+from tests.system.test_engines import check_versions, owners, publish, transitions
 
 P = 32
 V1 = """

@@ -46,7 +46,7 @@ from protocol._ownership import FENCE_DECODER, PROGRESS_DECODER
 from protocol.nats import read_stream
 from store import Store
 from tests.cluster import NatsCluster
-from tests.helpers import Proc, claimed_consumer, now, track
+from tests.helpers import Proc, claimed_consumer, now, serve_engine, track
 from tests.system.test_engines import (
     RULES,
     check_versions,
@@ -61,26 +61,6 @@ TTL = 2
 CUSTOMERS = 2_000
 ROUNDS = 4
 TAKEOVER_BOUND = 60.0
-
-
-def serve(urls: list[str], data: Path, engine_id: str, rules: Path) -> Proc:
-    nats_args = [a for url in urls for a in ("--nats", url)]
-    return Proc(
-        "serve",
-        *nats_args,
-        "--data-dir",
-        str(data),
-        "--engine-id",
-        engine_id,
-        "--segments",
-        str(rules),
-        "--lease-ttl",
-        str(TTL),
-        "--snapshot-interval",
-        "1",
-        "--replicas",
-        "3",
-    )
 
 
 async def produce(
@@ -130,7 +110,7 @@ async def test_failover_loses_nothing_and_publishes_once(
     engines: dict[str, Proc] = {}
     try:
         for e in ("a", "b", "c"):
-            engines[e] = serve(urls, tmp_path / e, e, rules)
+            engines[e] = serve_engine(urls, tmp_path / e, e, rules, lease_ttl=TTL)
             procs.append(engines[e])
         for proc in engines.values():
             proc.wait_err("shoal is serving", timeout=60)
@@ -395,7 +375,7 @@ async def test_live_equals_replay_across_stream_leader_pauses(
     engines: dict[str, Proc] = {}
     try:
         for e in ("a", "b"):
-            engines[e] = serve(urls, tmp_path / e, e, rules)
+            engines[e] = serve_engine(urls, tmp_path / e, e, rules, lease_ttl=TTL)
             procs.append(engines[e])
         for proc in engines.values():
             proc.wait_err("shoal is serving", timeout=60)

@@ -40,7 +40,7 @@ from protocol import (
     role_key_file,
 )
 from protocol.nats import ApiClient, Credentials, LeaseBucket, connect, read_stream
-from tests.helpers import NatsServer, Proc, free_port, now, published, run, track
+from tests.helpers import NatsServer, Proc, free_port, now, published, run, serve_engine, track
 
 P = 32
 
@@ -265,13 +265,6 @@ rule = "count('Visit') >= 1"
 [segments.regular]
 rule = "count('Visit') >= 2"
 """
-
-
-def serve_engine(url: str, data: Path, engine_id: str, rules: Path) -> Proc:
-    return Proc(
-        "serve", "--nats", url, "--data-dir", str(data), "--engine-id", engine_id,
-        "--segments", str(rules), "--lease-ttl", "2", "--snapshot-interval", "1",
-    )  # fmt: skip
 
 
 async def test_a_forgotten_customer_stays_forgotten_when_its_partition_changes_hands(

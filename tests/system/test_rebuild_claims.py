@@ -27,12 +27,12 @@ from protocol import (
 from protocol.nats import read_stream
 from store import Store
 from tests.helpers import NatsServer, Proc, claimed_consumer, run, segments
+from tests.helpers import serve_engine as serve
 from tests.system.test_engines import (
     P,
     check_versions,
     owners,
     publish,
-    serve,
     transitions,
     wait_owners,
 )
