@@ -153,6 +153,7 @@ async def test_srv_discovery_lists_every_endpoint(
             ("definitions", "shoal.api.definitions", "shoal"),
             ("status", "shoal.api.status", everyone),
             ("unpark", "shoal.api.unpark", everyone),
+            ("forget", "shoal.api.forget", "shoal"),
         }
         # On the subject of earlier versions: forwarded, and answered by the partition's.
         await ask(client, "shoal.api.customer.nobody")
