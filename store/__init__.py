@@ -17,6 +17,9 @@ from ._outbox import Outbox as Outbox
 from ._outbox import OutboxEntry as OutboxEntry
 from ._parked import Parked as Parked
 from ._parked import ParkedCustomer as ParkedCustomer
+from ._retention import CustomerBase as CustomerBase
+from ._retention import CutMark as CutMark
+from ._retention import Retention as Retention
 from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
 from ._schema import Synchronous as Synchronous
 from ._snapshots import Snapshot as Snapshot
@@ -26,6 +29,8 @@ from ._store import Store as Store
 
 __all__ = (
     "SCHEMA_VERSION",
+    "CustomerBase",
+    "CutMark",
     "Definitions",
     "EventLog",
     "LoggedEvent",
@@ -33,6 +38,7 @@ __all__ = (
     "OutboxEntry",
     "Parked",
     "ParkedCustomer",
+    "Retention",
     "Snapshot",
     "SnapshotMarks",
     "Snapshots",

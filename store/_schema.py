@@ -11,6 +11,7 @@ from typing import Literal
 from ._db import Db
 from ._definitions import DEFINITIONS_TABLE
 from ._errors import StoreFormatError
+from ._retention import RETENTION_TABLE
 
 SCHEMA_VERSION = 3
 """2 added the snapshots table, 3 the definitions table; a store of an older version is
@@ -59,6 +60,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
 CREATE INDEX IF NOT EXISTS snapshots_by_deadline ON snapshots (deadline, customer_id);
 """
 _SCHEMA += DEFINITIONS_TABLE
+_SCHEMA += RETENTION_TABLE
 # A snapshot is one customer's state as of the event log position ``log_seq`` (every event
 # up to it that is the customer's is folded in, none after). ``deadline`` is indexed so that
 # a restarting engine can load first the customers whose time-based changes are due first.

@@ -19,6 +19,7 @@ from ._events import EventLog, LoggedEvent
 from ._lock import WriterLock
 from ._outbox import Outbox, OutboxEntry
 from ._parked import Parked
+from ._retention import CustomerBase, CutMark, Retention
 from ._schema import MMAP_BYTES, Synchronous, check_for_reading, prepare_for_writing
 from ._snapshots import Snapshot, SnapshotMarks, Snapshots
 
@@ -54,6 +55,7 @@ class Store:
         imports: dict[str, int] | None = None,
         partitions_through: dict[int, int] | None = None,
         dropped: set[int] | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._db = db
         self._partitions_through = partitions_through or {}
@@ -72,6 +74,8 @@ class Store:
         """The customers set aside after an error, until tried again."""
         self.definitions = Definitions(db)
         """The engine's copy of the definitions in force."""
+        self.retention = retention or Retention(db, None)
+        """The customers' bases and where the log was cut (retention)."""
 
     @property
     def path(self) -> Path:
@@ -158,10 +162,15 @@ class Store:
     @classmethod
     async def _assemble(cls, db: Db, lock: WriterLock | None, *, doing: str) -> Self:
         meta = await db.meta(doing=doing)
+        retention = await Retention.load(db, meta)
+        events = await EventLog.load(db, doing=doing)
+        if retention.cut is not None and events.last_seq < retention.cut.through:
+            # The whole log was cut: positions go on after the last one cut, never again.
+            events._committed(retention.cut.through)
         return cls(
             db,
             lock,
-            await EventLog.load(db, doing=doing),
+            events,
             await Outbox.load(db, meta, doing=doing),
             Snapshots.load(db, meta),
             await Parked.load(db, writable=lock is not None, doing=doing),
@@ -173,6 +182,7 @@ class Store:
                 if k.startswith(_PARTITION_THROUGH)
             },
             {int(k[len(_DROPPED) :]) for k in meta if k.startswith(_DROPPED)},
+            retention,
         )
 
     async def __aenter__(self) -> Self:
@@ -347,7 +357,8 @@ class Store:
         """
         rows = await self._db.rows(
             "SELECT customer_id FROM snapshots UNION SELECT customer_id FROM transitions "
-            "UNION SELECT customer_id FROM events",
+            "UNION SELECT customer_id FROM events"
+            + (" UNION SELECT customer_id FROM bases" if self.retention.cut is not None else ""),
             doing=f"cannot read {self._db.path}",
         )
         return {r[0] for r in rows} | {p.customer_id for p in self.parked.all()}
@@ -355,8 +366,8 @@ class Store:
     async def drop_customers(
         self, customer_ids: Sequence[str], *, partitions: Iterable[int] = ()
     ) -> None:
-        """Remove everything of these customers (their events, transitions, snapshot and
-        parking) and the recorded positions of ``partitions``, in one transaction: their
+        """Remove everything of these customers (their events, transitions, snapshot, base
+        and parking) and the recorded positions of ``partitions``, in one transaction: their
         partition passed to another engine, which holds them now.
 
         Positions of the log and the outbox are not given again.
@@ -376,6 +387,7 @@ class Store:
                         doing=db.writing,
                     )
             await self.parked._remove(list(customer_ids))
+            await self.retention._drop(list(customer_ids))
             for p in dropped:
                 await db.execute(
                     "DELETE FROM meta WHERE key = ?",
@@ -408,6 +420,27 @@ class Store:
                     doing=self._db.writing,
                 )
             self._dropped.discard(partition)
+
+    async def cut_log(self, bases: Sequence[CustomerBase], mark: CutMark) -> None:
+        """Move the cut of the event log to ``mark``, in one transaction: store ``bases``
+        (replacing those stored: each customer's state folded from its events up to
+        ``mark.through``) and delete every event up to ``mark.through``.
+
+        Positions of the log are not given again: :attr:`EventLog.last_seq` stays.
+
+        Raises:
+            StoreError: nothing was written.
+        """
+        cut = self.retention.cut
+        if cut is not None and mark.through < cut.through:
+            raise ValueError(f"the log is cut up to {cut.through} already, not {mark.through}")
+        if mark.through > self.events.last_seq:
+            raise ValueError(
+                f"no event at {mark.through} yet: the log ends at {self.events.last_seq}"
+            )
+        async with self._db.transaction():
+            await self.retention._cut_to(bases, mark)
+        self.retention._committed(mark)
 
     async def import_events(self, events: Sequence[LoggedEvent]) -> int:
         """Append the events the log does not hold yet, in one transaction; return how many.

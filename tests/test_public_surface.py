@@ -105,6 +105,8 @@ PINS = {
         "Segment",
         "SegmentSet",
         "Tracked",
+        "check_retention",
+        "duration_text",
         "earliest",
         "explain",
         "load_segments",
@@ -114,6 +116,7 @@ PINS = {
         "parse_rule",
         "parse_segments",
         "stored_text",
+        "unserved",
     ),
     "actors.population": (
         "DEFAULT_START",
@@ -125,6 +128,8 @@ PINS = {
     ),
     "store": (
         "SCHEMA_VERSION",
+        "CustomerBase",
+        "CutMark",
         "Definitions",
         "EventLog",
         "LoggedEvent",
@@ -132,6 +137,7 @@ PINS = {
         "OutboxEntry",
         "Parked",
         "ParkedCustomer",
+        "Retention",
         "Snapshot",
         "SnapshotMarks",
         "Snapshots",

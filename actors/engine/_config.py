@@ -34,6 +34,14 @@ class EngineConfig:
     """Snapshots encoded and written per turn of the loop while a round is under way."""
     page_batch: int = 5_000
     """Snapshots loaded per turn of the loop while the engine warms up after a restart."""
+    retain: int | None = None
+    """Retention (microseconds): events received longer ago than this are cut from the log,
+    their customers' facts kept in bases (``store.retention``). None: the log keeps
+    everything."""
+    retention_interval: float = 60.0
+    """Seconds (of the engine's clock) between two looks at whether the log cut can move."""
+    retention_batch: int = 20_000
+    """Events folded into bases and cut per turn of the loop while the cut moves."""
     use_snapshots: bool = True
     """False: ignore stored snapshots at start and rebuild every customer from the log."""
     freeze_gc: bool = True

@@ -31,14 +31,16 @@ import structlog
 
 from actors._clock import Clock, SystemClock
 from actors._customer import Customer
-from actors._errors import ActorsError, DefinitionsConflict
-from actors.rules import SegmentSet
+from actors._errors import ActorsError, DefinitionError, DefinitionsConflict
+from actors._retention import decode_needs
+from actors.rules import SegmentSet, check_retention, unserved
 from protocol import (
     DefinitionsApplied,
     EventSource,
     Origin,
     StoredDefinitions,
     TransitionSink,
+    from_instant,
     partition,
 )
 from store import ParkedCustomer, Store, StoreError
@@ -55,6 +57,7 @@ from ._outbox import Outbox
 from ._parking import Parking
 from ._partition import Partition
 from ._recovery import Recovery
+from ._retention import Cutter
 from ._snapshots import Snapshots
 from ._startup import check_store
 from ._stored_definitions import DefinitionsKeeper
@@ -134,6 +137,7 @@ class Engine:
             p, recovery, outbox, parking, counts.stats, gc, self._clock, cfg, observer
         )
         self._imports = imports = Imports(store, p, outbox, parking, counts.stats, self._clock)
+        self._cutter = Cutter(store, p, self._clock, cfg)
         self._ingest = Ingest(
             store,
             p,
@@ -389,7 +393,31 @@ class Engine:
         """
         if not self._running:
             raise ActorsError("the engine is not running")
+        self.check_segments(segments)
         return await self._switch_to(self._definitions.ask(segments, origin))
+
+    def check_segments(self, segments: SegmentSet) -> None:
+        """Refuse definitions this engine's event log cannot serve exactly: with a
+        retention, a window longer than it; once the log is cut, an all-time fact the
+        customers' bases do not keep (the events it would be folded from are gone).
+
+        Raises:
+            DefinitionError: the message names the segment and what it reads.
+        """
+        check_retention(segments, self._config.retain)
+        cut = self._store.retention.cut
+        if cut is None:
+            return
+        problems = unserved(decode_needs(cut.needs), segments)
+        if problems:
+            raise DefinitionError(
+                "the event log is cut (retention: history before "
+                f"{from_instant(cut.at).isoformat()} is kept only as each customer's "
+                "state), and the state does not hold what these definitions read for all "
+                f"time: {'; '.join(problems)}. Use a window (within=...) no longer than the "
+                "retention instead",
+                source=segments.source,
+            )
 
     async def follow_definitions(self, record: StoredDefinitions, segments: SegmentSet) -> int:
         """Switch the running engine to another engine's version of the definitions,
@@ -530,6 +558,7 @@ class Engine:
         await sink.start()
         try:
             await check_store(self._store, source)
+            self.check_segments(self._partition.segments)
             if not self._recovered:
                 await self._rebuild()
             if self._keeper is not None:
@@ -609,6 +638,7 @@ class Engine:
                 busy = True
             busy = await deadlines.fire_due(source) or busy
             busy = await snapshots.step() or busy
+            busy = await self._cutter.step() or busy
             if not busy and recovery.warm:
                 busy = await deadlines.prepare(source)
             if not busy:

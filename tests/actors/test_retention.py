@@ -1,0 +1,331 @@
+"""Retention: the event log cut behind a retention, each customer's facts kept in its base.
+
+The same history is served by two engines on one virtual clock, one keeping everything and
+one retaining 10 days; their transitions, and a rebuild of each from its log alone, must be
+the same. Definitions the cut log cannot serve are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from actors import DefinitionError, Engine, EngineConfig, VirtualClock
+from actors._retention import base_of, base_row, decode_needs, encode_needs, fold_bases
+from actors._stored import logged_event
+from actors.rules import check_retention, unserved
+from protocol import Event, Transition, from_instant, to_instant
+from protocol.memory import MemoryBroker
+from store import CustomerBase, Store
+from tests.helpers import eventually, segments
+
+T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
+HOUR = 3_600_000_000
+DAY = 24 * HOUR
+RETAIN = 10 * DAY
+
+SEGMENTS = """
+[score]
+half_life = "7d"
+weights = { "Visit" = 1.0 }
+default_weight = 0.0
+
+[segments.active]
+rule = "since_last('Visit') < '2d'"
+
+[segments.loyal]
+rule = "count('Visit') >= 6"
+
+[segments.old_timer]
+rule = "since_first() >= '20d'"
+
+[segments.engaged]
+rule = "score() >= 1.5"
+
+[segments.weekly]
+rule = "count('Visit', within='7d') >= 2"
+
+[segments.buyer]
+rule = "count('Buy') >= 1"
+
+[segments.plan]
+rule = "trait('plan') == 'pro'"
+"""
+RECENT_BUYER = """
+[segments.recent_buyer]
+rule = "count('Buy', within='5d') >= 1"
+"""
+
+
+def track(customer: str, name: str) -> bytes:
+    return msgspec.json.encode({"type": "track", "userId": customer, "event": name})
+
+
+def identify(customer: str, plan: str) -> bytes:
+    return msgspec.json.encode({"type": "identify", "userId": customer, "traits": {"plan": plan}})
+
+
+def history() -> list[tuple[int, str, bytes]]:
+    """(instant, customer, body) over 30 days for 8 customers, in time order."""
+    out: list[tuple[int, str, bytes]] = []
+    for day in range(30):
+        for i in range(8):
+            customer = f"c{i}"
+            at = T0 + day * DAY + (i + 1) * HOUR
+            if (day + i) % 3 == 0 and not (i == 5 and day > 12):  # c5 stops visiting
+                out.append((at, customer, track(customer, "Visit")))
+            if (day + 2 * i) % 11 == 0:
+                out.append((at + 1, customer, track(customer, "Buy")))
+            if day in (1, 17) and i % 2 == 0:
+                out.append((at + 2, customer, identify(customer, "pro" if day == 1 else "free")))
+    return out
+
+
+def key(t: Transition) -> tuple[str, int, str, str, int, str]:
+    return (
+        t.customer_id,
+        t.version,
+        t.segment,
+        t.change,
+        to_instant(t.at),
+        str(t.cause.__struct_config__.tag),
+    )
+
+
+class _Served:
+    def __init__(self, clock: VirtualClock, store: Store, config: EngineConfig) -> None:
+        self.broker = MemoryBroker(clock.now)
+        self.store = store
+        self.engine = Engine(
+            self.broker.source(),
+            self.broker.sink(),
+            store,
+            segments(SEGMENTS),
+            clock=clock,
+            config=config,
+        )
+
+
+def _settled(clock: VirtualClock, served: list[_Served], applied: int) -> bool:
+    for s in served:
+        if s.engine.stats.events_applied != applied:
+            return False
+        nxt = s.engine.next_deadline
+        if nxt is not None and nxt < clock.now():  # (one due right now may wait for time)
+            return False
+        if s.engine.unpublished:
+            return False
+    return True
+
+
+async def _rebuilt(db: Path, clock: VirtualClock, config: EngineConfig) -> dict[str, bytes]:
+    """Every customer's state after a start from the log alone (no snapshots)."""
+    async with await Store.open(db) as store:
+        s = _Served(clock, store, config)
+        await s.engine.recover()
+        ids = sorted(await store.customer_ids())
+        out = {}
+        for i in ids:
+            c = s.engine.customer(i)
+            assert c is not None, i
+            out[i] = c.snapshot()
+        return out
+
+
+async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> None:
+    clock = VirtualClock(T0)
+    keep = EngineConfig(snapshot_interval=3 * 86_400.0)
+    retain = EngineConfig(
+        snapshot_interval=3 * 86_400.0,
+        retain=RETAIN,
+        retention_interval=3600.0,
+        retention_batch=7,  # many small parts
+    )
+    events = history()
+    async with (
+        await Store.open(tmp_path / "all.db") as all_store,
+        await Store.open(tmp_path / "cut.db") as cut_store,
+    ):
+        a, b = _Served(clock, all_store, keep), _Served(clock, cut_store, retain)
+        async with anyio.create_task_group() as tg:
+            await tg.start(a.engine.run)
+            await tg.start(b.engine.run)
+            for n, (at, customer, body) in enumerate(events, 1):
+                clock.set(at)
+                for s in (a, b):
+                    s.broker.publish(f"shoal.events.{customer}", body, msg_id=f"m{n}")
+                await eventually(lambda n=n: _settled(clock, [a, b], n))  # type: ignore[misc]
+            end = T0 + 31 * DAY
+            for step in range(1, 25):  # a day on, hour by hour: the cut moves on its own
+                clock.set(events[-1][0] + step * HOUR)
+                await eventually(lambda: _settled(clock, [a, b], len(events)))
+            clock.set(end)
+            await eventually(lambda: _settled(clock, [a, b], len(events)))
+            cut = cut_store.retention.cut
+            await eventually(lambda: (cut_store.retention.cut or cut).at > end - RETAIN - DAY)  # type: ignore[union-attr]
+            cut = cut_store.retention.cut
+            assert cut is not None
+
+            # The same transitions, versions and instants, with and without retention.
+            assert sorted(map(key, a.broker.transitions)) == sorted(map(key, b.broker.transitions))
+            assert {t.segment for t in b.broker.transitions} >= {
+                "active",
+                "loyal",
+                "old_timer",
+                "engaged",
+                "weekly",
+                "buyer",
+                "plan",
+            }
+            # The same state: all-time counts, first instants, scores, memberships.
+            for i in range(8):
+                ca, cb = a.engine.customer(f"c{i}"), b.engine.customer(f"c{i}")
+                assert ca is not None and cb is not None
+                assert cb.snapshot() == ca.snapshot()
+
+            # The events before the cut are gone from the log, the rest are there.
+            left = [e async for chunk in cut_store.events.read() for e in chunk]
+            assert left and left[0].seq == cut.through + 1
+            assert cut.at <= end - RETAIN
+            assert len(left) < await all_store.events.count()
+            assert all_store.events.last_seq == cut_store.events.last_seq
+            assert await cut_store.retention.count() == 8
+            tg.cancel_scope.cancel()
+
+    # A start from the log alone (snapshots off): the base plus the log after the cut give
+    # every customer the state the whole log gives.
+    off = EngineConfig(use_snapshots=False)
+    whole = await _rebuilt(tmp_path / "all.db", clock, off)
+    based = await _rebuilt(
+        tmp_path / "cut.db", clock, EngineConfig(use_snapshots=False, retain=RETAIN)
+    )
+    assert based == whole
+    assert len(based) == 8
+
+    # Served on after the restart, from the log alone: the same transitions again.
+    async with (
+        await Store.open(tmp_path / "all.db") as all_store,
+        await Store.open(tmp_path / "cut.db") as cut_store,
+    ):
+        a = _Served(clock, all_store, off)
+        b = _Served(clock, cut_store, EngineConfig(use_snapshots=False, retain=RETAIN))
+        async with anyio.create_task_group() as tg:
+            await tg.start(a.engine.run)
+            await tg.start(b.engine.run)
+            clock.set(end + HOUR)
+            for s in (a, b):
+                s.broker.publish("shoal.events.c5", track("c5", "Visit"), msg_id="late1")
+                s.broker.publish("shoal.events.c5", track("c5", "Buy"), msg_id="late2")
+            await eventually(lambda: _settled(clock, [a, b], 2))
+            assert sorted(map(key, a.broker.transitions)) == sorted(map(key, b.broker.transitions))
+            assert any(t.customer_id == "c5" for t in b.broker.transitions)
+
+            # A new all-time count the bases never kept: refused, with what and why.
+            with pytest.raises(DefinitionError) as refused:
+                await b.engine.apply_segments(
+                    segments(SEGMENTS + "\n[segments.shopper]\nrule = \"count('Cart') >= 1\"\n")
+                )
+            assert str(refused.value) == (
+                "test.toml: the event log is cut (retention: history before "
+                f"{_iso(b.store.retention.cut.at)} is kept only as each customer's "  # type: ignore[union-attr]
+                "state), and the state does not hold what these definitions read for all "
+                "time: segment 'shopper' counts 'Cart' events for all time. Use a window "
+                "(within=...) no longer than the retention instead"
+            )
+            # A window no longer than the retention, on events the bases never kept: served,
+            # and the same memberships and versions as with the whole log.
+            both = segments(SEGMENTS + RECENT_BUYER)
+            assert await a.engine.apply_segments(both) == await b.engine.apply_segments(both)
+            await eventually(lambda: _settled(clock, [a, b], 2))
+            for i in range(8):
+                ca, cb = a.engine.customer(f"c{i}"), b.engine.customer(f"c{i}")
+                assert ca is not None and cb is not None
+                assert (dict(cb.members).keys(), cb.version) == (
+                    dict(ca.members).keys(),
+                    ca.version,
+                )
+            tg.cancel_scope.cancel()
+
+
+def _iso(at: int) -> str:
+    return from_instant(at).isoformat()
+
+
+def test_a_window_longer_than_the_retention_is_refused() -> None:
+    defs = segments(
+        """
+[segments.fine]
+rule = "count('Visit') >= 3 and since_first() > '400d'"
+
+[segments.lapsed]
+rule = "count('Visit', within='30d') == 0"
+exit = "count('Visit', within='500d') >= 2"
+"""
+    )
+    check_retention(defs, None)  # no retention: anything goes
+    check_retention(defs, 500 * DAY)
+    with pytest.raises(DefinitionError) as refused:
+        check_retention(defs, 400 * DAY)
+    assert str(refused.value) == (
+        "test.toml: segment 'lapsed': `count('Visit', within=500d)` reads 500d back, longer "
+        "than the retention of 400d: the events it reads are cut from the log. Shorten the "
+        "window, or retain longer (--retain)"
+    )
+    assert refused.value.segment == "lapsed"
+
+
+def test_what_bases_do_not_keep_is_named() -> None:
+    kept = segments(SEGMENTS).needs
+    again = decode_needs(encode_needs(kept))
+    assert (again.event_names, again.trait_keys, again.retained, again.properties) == (
+        kept.event_names,
+        kept.trait_keys,
+        kept.retained,
+        kept.properties,
+    )
+    assert unserved(again, segments(SEGMENTS + RECENT_BUYER)) == []
+    assert unserved(
+        again,
+        segments(
+            """
+[segments.a]
+rule = "count('Cart') >= 1 and trait('tier') == 'gold'"
+
+[segments.b]
+rule = "sum('Buy', 'amount') > 10"
+"""
+        ),
+    ) == [
+        "segment 'a' counts 'Cart' events for all time",
+        "segment 'a' reads trait 'tier'",
+        "segment 'b' reads `sum('Buy', 'amount')`",
+    ]
+
+
+def test_a_base_folded_in_parts_is_the_whole_fold() -> None:
+    defs = segments(SEGMENTS)
+    entries = []
+    for n, (at, customer, body) in enumerate(history(), 1):
+        wire = msgspec.json.decode(body)
+        event = Event(
+            kind="track" if wire["type"] == "track" else "identify",
+            customer_id=customer,
+            name=wire.get("event"),
+            properties={},
+            traits=wire.get("traits", {}),
+            at=at,
+            received=at,
+            message_id=f"m{n}",
+        )
+        entries.append(msgspec.structs.replace(logged_event(event), seq=n))
+    whole = fold_bases({}, entries, defs.needs)
+    # In parts of 13 entries, each part from the bases the last one stored.
+    stored: dict[str, CustomerBase] = {}
+    for start in range(0, len(entries), 13):
+        bases = {i: base_of(row) for i, row in stored.items()}
+        fold_bases(bases, entries[start : start + 13], defs.needs)
+        stored.update({i: base_row(c) for i, c in bases.items()})
+    assert {i: row.body for i, row in stored.items()} == {i: c.snapshot() for i, c in whole.items()}
