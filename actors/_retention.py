@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 import msgspec
 
+from protocol import Event, InvalidEvent, format_instant
 from store import CustomerBase, LoggedEvent
 
 from ._customer import SNAPSHOT_FORMAT, Customer, SnapshotError
@@ -116,3 +117,18 @@ def fold_bases(
             c = bases[e.customer_id] = Customer(e.customer_id)
         c.fold(event_of(e), segments)
     return bases
+
+
+def before_cut(event: Event, cut: int) -> InvalidEvent:
+    """The rejection of an event stamped at or before the log's cut instant ``cut``: the
+    history there is only in the customers' bases, where a repeat of an event cut (a
+    producer publishing it again, an import run twice) cannot be told from a new one, so
+    taking it could count it twice."""
+    return InvalidEvent(
+        f"timestamp {format_instant(event.at)} is at or before the event log's cut "
+        f"({format_instant(cut)}, retention): history before it is kept only as each "
+        "customer's state, where a repeat of an event cut cannot be told from a new one",
+        kind="timestamp",
+        customer_id=event.customer_id,
+        message_id=event.message_id,
+    )

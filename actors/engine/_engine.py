@@ -40,7 +40,7 @@ from protocol import (
     Origin,
     StoredDefinitions,
     TransitionSink,
-    from_instant,
+    format_instant,
     partition,
 )
 from store import ParkedCustomer, Store, StoreError
@@ -412,7 +412,7 @@ class Engine:
         if problems:
             raise DefinitionError(
                 "the event log is cut (retention: history before "
-                f"{from_instant(cut.at).isoformat()} is kept only as each customer's "
+                f"{format_instant(cut.at)} is kept only as each customer's "
                 "state), and the state does not hold what these definitions read for all "
                 f"time: {'; '.join(problems)}. Use a window (within=...) no longer than the "
                 "retention instead",

@@ -17,7 +17,7 @@ from actors import DefinitionError, Engine, EngineConfig, VirtualClock
 from actors._retention import base_of, base_row, decode_needs, encode_needs, fold_bases
 from actors._stored import logged_event
 from actors.rules import check_retention, unserved
-from protocol import Event, Transition, from_instant, to_instant
+from protocol import Event, Transition, format_instant, to_instant
 from protocol.memory import MemoryBroker
 from store import CustomerBase, Store
 from tests.helpers import eventually, segments
@@ -223,6 +223,27 @@ async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> 
             assert sorted(map(key, a.broker.transitions)) == sorted(map(key, b.broker.transitions))
             assert any(t.customer_id == "c5" for t in b.broker.transitions)
 
+            # An event stamped before the cut: a repeat of one cut could not be told apart,
+            # so it is rejected, with the reason.
+            cut = b.store.retention.cut
+            assert cut is not None
+            old = msgspec.json.encode(
+                {
+                    "type": "track",
+                    "userId": "c1",
+                    "event": "Visit",
+                    "timestamp": format_instant(cut.at - HOUR),
+                }
+            )
+            b.broker.publish("shoal.events.c1", old, msg_id="m1")
+            await eventually(lambda: len(b.broker.rejections) == 1)
+            assert b.broker.rejections[0].reason == (
+                f"timestamp {format_instant(cut.at - HOUR)} is at or before the event log's "
+                f"cut ({format_instant(cut.at)}, retention): history before it is kept only "
+                "as each customer's state, where a repeat of an event cut cannot be told from "
+                "a new one"
+            )
+
             # A new all-time count the bases never kept: refused, with what and why.
             with pytest.raises(DefinitionError) as refused:
                 await b.engine.apply_segments(
@@ -230,7 +251,7 @@ async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> 
                 )
             assert str(refused.value) == (
                 "test.toml: the event log is cut (retention: history before "
-                f"{_iso(b.store.retention.cut.at)} is kept only as each customer's "  # type: ignore[union-attr]
+                f"{format_instant(b.store.retention.cut.at)} is kept only as each customer's "  # type: ignore[union-attr]
                 "state), and the state does not hold what these definitions read for all "
                 "time: segment 'shopper' counts 'Cart' events for all time. Use a window "
                 "(within=...) no longer than the retention instead"
@@ -248,10 +269,6 @@ async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> 
                     ca.version,
                 )
             tg.cancel_scope.cancel()
-
-
-def _iso(at: int) -> str:
-    return from_instant(at).isoformat()
 
 
 def test_a_window_longer_than_the_retention_is_refused() -> None:
