@@ -22,12 +22,12 @@ Nothing here does I/O or reads a clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import msgspec
 
 from protocol import Event, InvalidEvent, format_instant
-from store import CustomerBase, LoggedEvent
+from store import CustomerBase, LoggedEvent, Store
 
 from ._customer import SNAPSHOT_FORMAT, Customer, SnapshotError
 from ._stored import event_of
@@ -132,3 +132,18 @@ def before_cut(event: Event, cut: int) -> InvalidEvent:
         customer_id=event.customer_id,
         message_id=event.message_id,
     )
+
+
+async def read_bases(store: Store, *, chunk: int = 10_000) -> AsyncIterator[list[Customer]]:
+    """Every customer's base (its facts as of the log's cut; none when the log was never
+    cut), in customer order, in lists of up to ``chunk``: what a replay of the log starts
+    from (:meth:`actors.Replay.start_from`).
+
+    Raises:
+        StoreError: the store cannot be read.
+        SnapshotError: a base cannot be read.
+    """
+    if store.retention.cut is None:
+        return
+    async for rows in store.retention.read(chunk=chunk):
+        yield [base_of(row) for row in rows]

@@ -61,6 +61,7 @@ PINS = {
         "parse_duration",
         "parse_rule",
         "parse_segments",
+        "read_bases",
         "read_log",
         "rebuild_from_stream",
         "reconcile",

@@ -13,14 +13,24 @@ import anyio
 import msgspec
 import pytest
 
-from actors import DefinitionError, Engine, EngineConfig, VirtualClock
+from actors import (
+    DefinitionError,
+    Engine,
+    EngineConfig,
+    Replay,
+    VirtualClock,
+    event_of,
+    read_bases,
+    read_log,
+)
 from actors._retention import base_of, base_row, decode_needs, encode_needs, fold_bases
 from actors._stored import logged_event
 from actors.rules import check_retention, unserved
 from protocol import Event, Transition, format_instant, to_instant
 from protocol.memory import MemoryBroker
+from scripts._times import human_instant
 from store import CustomerBase, Store
-from tests.helpers import eventually, segments
+from tests.helpers import eventually, run, segments
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 HOUR = 3_600_000_000
@@ -164,8 +174,8 @@ async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> 
                 await eventually(lambda: _settled(clock, [a, b], len(events)))
             clock.set(end)
             await eventually(lambda: _settled(clock, [a, b], len(events)))
-            cut = cut_store.retention.cut
-            await eventually(lambda: (cut_store.retention.cut or cut).at > end - RETAIN - DAY)  # type: ignore[union-attr]
+            # The cut reaches the last event received a retention before the end.
+            await eventually(lambda: _cut_at(cut_store) > end - RETAIN - DAY)
             cut = cut_store.retention.cut
             assert cut is not None
 
@@ -204,6 +214,31 @@ async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> 
     )
     assert based == whole
     assert len(based) == 8
+
+    # A replay of the cut log starts from the bases: after the cut, the same changes at
+    # the same instants as a replay of the whole log (these segments' memberships depend on
+    # the facts alone: no exit rule, no min_dwell).
+    whole_run, cut_run = await _replayed(tmp_path / "all.db"), await _replayed(tmp_path / "cut.db")
+    assert cut is not None
+    cut_at = cut.at
+    after = [k for k in whole_run if k[1] > cut_at]
+    assert after and [k for k in cut_run if k[1] > cut_at] == after
+    (tmp_path / "s.toml").write_text(SEGMENTS)
+    done = run(
+        "replay", "--data-dir", str(tmp_path / "replayed"), "--segments", str(tmp_path / "s.toml")
+    )
+    assert done.returncode == 4  # (no log there)
+    (tmp_path / "replayed").mkdir()
+    (tmp_path / "cut.db").rename(tmp_path / "replayed" / "shoal.db")
+    done = run(
+        "replay", "--data-dir", str(tmp_path / "replayed"), "--segments", str(tmp_path / "s.toml")
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"note: the event log is cut (retention) at {human_instant(cut_at)}: the replay "
+        "reaches back to there, starting from the state then of 8 customer(s)"
+    ) in " ".join(done.stderr.split())
+    (tmp_path / "replayed" / "shoal.db").rename(tmp_path / "cut.db")
 
     # Served on after the restart, from the log alone: the same transitions again.
     async with (
@@ -251,7 +286,7 @@ async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> 
                 )
             assert str(refused.value) == (
                 "test.toml: the event log is cut (retention: history before "
-                f"{format_instant(b.store.retention.cut.at)} is kept only as each customer's "  # type: ignore[union-attr]
+                f"{format_instant(_cut_at(b.store))} is kept only as each customer's "
                 "state), and the state does not hold what these definitions read for all "
                 "time: segment 'shopper' counts 'Cart' events for all time. Use a window "
                 "(within=...) no longer than the retention instead"
@@ -269,6 +304,27 @@ async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> 
                     ca.version,
                 )
             tg.cancel_scope.cancel()
+
+
+def _cut_at(store: Store) -> int:
+    cut = store.retention.cut
+    return -1 if cut is None else cut.at
+
+
+async def _replayed(db: Path) -> list[tuple[str, int, str, str]]:
+    """(customer, at, segment, change) of a replay of the log of ``db``, in order: from the
+    bases, when it was cut."""
+    replay = Replay(segments(SEGMENTS))
+    out: list[tuple[str, int, str, str]] = []
+    async with await Store.open_read_only(db) as store:
+        async for bases in read_bases(store):
+            for c in bases:
+                replay.start_from(c)
+        async for entries in read_log(store):
+            for e in entries:
+                for t in replay.apply(event_of(e)):
+                    out.append((t.customer_id, to_instant(t.at), t.segment, t.change))
+    return out
 
 
 def test_a_window_longer_than_the_retention_is_refused() -> None:
