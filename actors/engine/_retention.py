@@ -45,8 +45,9 @@ class Cutter:
         store = self._store
         limit, why = store.events.last_seq, None
         marks = store.snapshots.marks
-        if self._config.use_snapshots and marks is not None and marks.events_through < limit:
-            # A restart loads the snapshots and replays the tail after their marks.
+        if marks is not None and marks.events_through < limit:
+            # A restart loads the snapshots and replays the tail after their marks (even
+            # one that ignored them: the next start may not).
             limit, why = marks.events_through, None
         for begun in store.open_imports.values():
             if begun < limit:
@@ -77,18 +78,16 @@ class Cutter:
         entries: list[LoggedEvent] = []
         latest = -NEVER if cut is None else cut.at
         stopped = False
-        async for chunk in store.events.read(after=after, chunk=cfg.retention_batch):
-            for e in chunk:
-                if e.seq > limit:
-                    stopped = True
-                    break
-                received = received_of(e)
-                if received > at:
-                    stopped, why = True, None
-                    break
-                entries.append(e)
-                latest = max(latest, received)
-            break  # one part per turn
+        for e in await store.events.part(after=after, limit=cfg.retention_batch):
+            if e.seq > limit:
+                stopped = True
+                break
+            received = received_of(e)
+            if received > at:
+                stopped, why = True, None
+                break
+            entries.append(e)
+            latest = max(latest, received)
         if not entries:
             self._next = now + int(cfg.retention_interval * 1_000_000)
             if stopped and why is not None and why != self._held:
