@@ -94,7 +94,7 @@ def unserved(kept: Needs, segments: SegmentSet) -> list[str]:
         n = rule.needs
         for name in _sorted(n.event_names - kept.event_names):
             what = "track events" if name is None else f"{name!r} events"
-            problems.append(f"segment {segment!r} counts {what} for all time")
+            problems.append(f"segment {segment!r} reads {what} for all time (count, since_last)")
         for key in sorted(n.trait_keys - kept.trait_keys):
             problems.append(f"segment {segment!r} reads trait {key!r}")
         for node in _nodes(rule):

@@ -288,8 +288,8 @@ async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> 
                 "test.toml: the event log is cut (retention: history before "
                 f"{format_instant(_cut_at(b.store))} is kept only as each customer's "
                 "state), and the state does not hold what these definitions read for all "
-                "time: segment 'shopper' counts 'Cart' events for all time. Use a window "
-                "(within=...) no longer than the retention instead"
+                "time: segment 'shopper' reads 'Cart' events for all time (count, "
+                "since_last). Use a window (within=...) no longer than the retention instead"
             )
             # A window no longer than the retention, on events the bases never kept: served,
             # and the same memberships and versions as with the whole log.
@@ -372,7 +372,7 @@ rule = "sum('Buy', 'amount') > 10"
 """
         ),
     ) == [
-        "segment 'a' counts 'Cart' events for all time",
+        "segment 'a' reads 'Cart' events for all time (count, since_last)",
         "segment 'a' reads trait 'tier'",
         "segment 'b' reads `sum('Buy', 'amount')`",
     ]
