@@ -25,11 +25,13 @@ from actors import (
 )
 from actors._retention import base_of, base_row, decode_needs, encode_needs, fold_bases
 from actors._stored import logged_event
+from actors.engine._partition import Partition
+from actors.engine._retention import Cutter
 from actors.rules import check_retention, unserved
 from protocol import Event, Transition, format_instant, to_instant
 from protocol.memory import MemoryBroker
 from scripts._times import human_instant
-from store import CustomerBase, Store
+from store import CustomerBase, ParkedCustomer, SnapshotMarks, Store
 from tests.helpers import eventually, run, segments
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
@@ -402,3 +404,67 @@ def test_a_base_folded_in_parts_is_the_whole_fold() -> None:
         fold_bases(bases, entries[start : start + 13], defs.needs)
         stored.update({i: base_row(c) for i, c in bases.items()})
     assert {i: row.body for i, row in stored.items()} == {i: c.snapshot() for i, c in whole.items()}
+
+
+async def test_the_cut_waits_for_what_a_restart_an_import_or_an_unparking_reads(
+    tmp_path: Path,
+) -> None:
+    defs = segments(SEGMENTS)
+    async with await Store.open(tmp_path / "s.db") as store:
+        entries = []
+        for n in range(1, 11):
+            event = Event(
+                kind="track",
+                customer_id=f"c{n % 3}",
+                name="Visit",
+                properties={},
+                traits={},
+                at=T0 + n * HOUR,
+                received=T0 + n * HOUR,
+                message_id=f"m{n}",
+            )
+            entries.append(logged_event(event))
+        await store.commit(entries)
+        clock = VirtualClock(T0 + RETAIN + 6 * HOUR + 1)  # events 1..6 are past the retention
+        config = EngineConfig(retain=RETAIN, retention_interval=0.0, retention_batch=2)
+        cutter = Cutter(store, Partition(defs), clock, config)
+
+        async def cut_through() -> int:
+            while await cutter.step():
+                pass
+            cut = store.retention.cut
+            return 0 if cut is None else cut.through
+
+        # A parked customer's position, an open import's start, the snapshots' marks.
+        await store.parked.put(
+            [
+                ParkedCustomer(
+                    customer_id="c1",
+                    reason="boom",
+                    during="deadline",
+                    at=T0,
+                    log_seq=2,
+                    definitions="",
+                    shoal_version="",
+                )
+            ]
+        )
+        assert await cut_through() == 2
+        await store.commit([], unparked=["c1"], imports={"i1": 3})
+        assert await cut_through() == 3
+        marks = SnapshotMarks(events_through=4, outbox_through=0, definitions="", needs="")
+        await store.commit([], imports={"i1": None}, marks=marks)
+        assert await cut_through() == 4
+        marks = SnapshotMarks(events_through=10, outbox_through=0, definitions="", needs="")
+        await store.commit([], marks=marks)
+        assert await cut_through() == 6  # then the retention itself
+        cut = store.retention.cut
+        assert cut is not None and cut.at == T0 + 6 * HOUR
+        clock.set(T0 + RETAIN + 20 * HOUR)
+        assert await cut_through() == 10
+        assert await store.events.count() == 0
+        # Each base is its customer's events folded, as one fold of them all gives.
+        whole = fold_bases({}, entries, defs.needs)
+        assert {b.customer_id: b.body for b in await store.retention.of(whole)} == {
+            i: c.snapshot() for i, c in whole.items()
+        }
