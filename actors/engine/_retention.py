@@ -25,6 +25,10 @@ from store import CutMark, LoggedEvent, Store, StoreError
 from ._config import EngineConfig, breathe
 from ._partition import Partition
 
+_HELD_RETRY = 10.0
+"""Seconds (of the engine's clock) before looking again at a cut that what a restart, an
+import or an unparking reads held back."""
+
 
 class Cutter:
     """Moves the cut of the event log as the retention policy says."""
@@ -77,22 +81,25 @@ class Cutter:
         limit, why = self._limit()
         entries: list[LoggedEvent] = []
         latest = -NEVER if cut is None else cut.at
-        stopped = False
+        stopped = held = False
         for e in await store.events.part(after=after, limit=cfg.retention_batch):
             if e.seq > limit:
-                stopped = True
+                stopped = held = True
                 break
             received = received_of(e)
             if received > at:
-                stopped, why = True, None
+                stopped = True
                 break
             entries.append(e)
             latest = max(latest, received)
         if not entries:
-            self._next = now + int(cfg.retention_interval * 1_000_000)
-            if stopped and why is not None and why != self._held:
+            # Held back (by the snapshots' marks, an import, a parked customer): looked at
+            # again soon, since that passes by itself; else at the next interval.
+            wait = min(cfg.retention_interval, _HELD_RETRY) if held else cfg.retention_interval
+            self._next = now + int(wait * 1_000_000)
+            if held and why is not None and why != self._held:
                 self._logger.warning("log cut held back", by=why)
-            self._held = why
+            self._held = why if held else None
             return False
         kept = p.segments.needs if cut is None else decode_needs(cut.needs)
         ids = sorted({e.customer_id for e in entries})
@@ -112,7 +119,9 @@ class Cutter:
         await store.cut_log([base_row(bases[i]) for i in ids if i in bases], mark)
         if cut is None:
             self._logger.info("event log cut for the first time", through=mark.through)
-        if stopped or len(entries) < cfg.retention_batch:
+        if held:
+            self._next = now + int(min(cfg.retention_interval, _HELD_RETRY) * 1_000_000)
+        elif stopped or len(entries) < cfg.retention_batch:
             self._next = now + int(cfg.retention_interval * 1_000_000)
         return True
 
