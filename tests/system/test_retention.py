@@ -125,4 +125,8 @@ def test_serve_retain_cuts_the_log_and_a_rebuild_answers_the_same(
     done = run("replay", "--data-dir", str(data), "--segments", str(rules))
     assert done.returncode == 0, done.stderr
     assert "note: the event log is cut (retention) at" in done.stderr
+    done = run("export", "--data-dir", str(data), "-o", str(tmp_path / "out.jsonl"))
+    assert done.returncode == 0, done.stderr
+    assert f"exported {events} event(s)" in done.stderr
+    assert "note: the event log is cut (retention): events received up to" in done.stderr
     assert again.stop() == 0
