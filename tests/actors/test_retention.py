@@ -16,6 +16,7 @@ import pytest
 from actors import (
     DefinitionError,
     Engine,
+    EngineApi,
     EngineConfig,
     Replay,
     VirtualClock,
@@ -28,7 +29,14 @@ from actors._stored import logged_event
 from actors.engine._partition import Partition
 from actors.engine._retention import Cutter
 from actors.rules import check_retention, unserved
-from protocol import Event, Transition, format_instant, to_instant
+from protocol import (
+    DefinitionsRequest,
+    Event,
+    InvalidRequest,
+    Transition,
+    format_instant,
+    to_instant,
+)
 from protocol.memory import MemoryBroker
 from scripts._times import human_instant
 from store import CustomerBase, ParkedCustomer, SnapshotMarks, Store
@@ -293,6 +301,24 @@ async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> 
                 "time: segment 'shopper' reads 'Cart' events for all time (count, "
                 "since_last). Use a window (within=...) no longer than the retention instead"
             )
+            # Through the API too, dry run or not: a bad request (400), the same reason.
+            for apply in (False, True):
+                with pytest.raises(InvalidRequest) as bad:
+                    await EngineApi(b.engine).definitions(
+                        DefinitionsRequest(
+                            toml=SEGMENTS + "\n[segments.shopper]\nrule = \"count('Cart') >= 1\"\n",
+                            source="api.toml",
+                            apply=apply,
+                        )
+                    )
+                assert "segment 'shopper' reads 'Cart' events for all time" in str(bad.value)
+            with pytest.raises(InvalidRequest, match="reads 30d back, longer than the retention"):
+                await EngineApi(b.engine).definitions(
+                    DefinitionsRequest(
+                        toml=SEGMENTS
+                        + "\n[segments.m]\nrule = \"count('Visit', within='30d') > 1\"\n"
+                    )
+                )
             # A window no longer than the retention, on events the bases never kept: served,
             # and the same memberships and versions as with the whole log.
             both = segments(SEGMENTS + RECENT_BUYER)
