@@ -7,7 +7,8 @@ Two tasks, none per customer. Each turn of the main loop:
    store in one transaction, rejections published, the batch acknowledged with one message;
 2. fires the deadlines that fell due, each at its own instant, in the same way
    (:mod:`._deadlines`);
-3. writes the next part of a round of snapshots, when one is under way (:mod:`._snapshots`);
+3. writes the next part of a round of snapshots, when one is under way (:mod:`._snapshots`),
+   and with a retention the next part of the log cut (:mod:`._retention`);
 4. when there is nothing else to do, prepares the customers whose deadlines fall due within
    the next 10 s, so that firing them costs less;
 5. when there is nothing to do, sleeps until a delivery arrives, the next deadline, or a
