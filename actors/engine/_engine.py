@@ -432,6 +432,17 @@ class Engine:
         """
         if not self._running:
             raise ActorsError("the engine is not running")
+        try:
+            self.check_segments(segments)
+        except DefinitionError as e:
+            # Followed all the same: engines sharing a broker evaluate one version. Said
+            # loudly, since this engine's rebuilds of what its log cut are then not exact.
+            self._logger.error(
+                "definitions followed that this engine's cut log cannot serve exactly "
+                "(give every engine the same --retain)",
+                version=record.version,
+                error=str(e),
+            )
         return await self._switch_to(self._definitions.ask(segments, record=record))
 
     async def _switch_to(self, request: SegmentsRequest) -> int:
