@@ -397,6 +397,20 @@ class Engine:
         self.check_segments(segments)
         return await self._switch_to(self._definitions.ask(segments, origin))
 
+    def _warn_unserved(self, segments: SegmentSet, what: str) -> None:
+        """Say loudly that ``segments``, in force without this engine applying them (stored
+        or another engine's), are what its log cut cannot serve exactly: its rebuilds of
+        customers from their bases are then not exact. (Refusing them would leave engines
+        sharing a broker on different definitions, or one unable to start.)"""
+        try:
+            self.check_segments(segments)
+        except DefinitionError as e:
+            self._logger.error(
+                f"{what}: this engine's cut log cannot serve them exactly (give every engine "
+                "sharing the broker the same --retain, and apply definitions it can serve)",
+                error=str(e),
+            )
+
     def check_segments(self, segments: SegmentSet) -> None:
         """Refuse definitions this engine's event log cannot serve exactly: with a
         retention, a window longer than it; once the log is cut, an all-time fact the
@@ -432,17 +446,8 @@ class Engine:
         """
         if not self._running:
             raise ActorsError("the engine is not running")
-        try:
-            self.check_segments(segments)
-        except DefinitionError as e:
-            # Followed all the same: engines sharing a broker evaluate one version. Said
-            # loudly, since this engine's rebuilds of what its log cut are then not exact.
-            self._logger.error(
-                "definitions followed that this engine's cut log cannot serve exactly "
-                "(give every engine the same --retain)",
-                version=record.version,
-                error=str(e),
-            )
+        # Followed all the same: engines sharing a broker evaluate one version.
+        self._warn_unserved(segments, f"definitions version {record.version} followed")
         return await self._switch_to(self._definitions.ask(segments, record=record))
 
     async def _switch_to(self, request: SegmentsRequest) -> int:
@@ -570,7 +575,7 @@ class Engine:
         await sink.start()
         try:
             await check_store(self._store, source)
-            self.check_segments(self._partition.segments)
+            self._warn_unserved(self._partition.segments, "definitions in force")
             if not self._recovered:
                 await self._rebuild()
             if self._keeper is not None:
