@@ -23,6 +23,7 @@ from protocol import (
     DefinitionCause,
     Event,
     EventCause,
+    ForgottenCause,
     TimeCause,
     Transition,
     from_instant,
@@ -42,6 +43,7 @@ from .rules import (
 )
 
 _TIME = TimeCause()
+_FORGOTTEN = ForgottenCause()
 
 
 _BEFORE_ANY = -NEVER
@@ -462,6 +464,19 @@ class Customer(_Derived):
                 # A deadline can be only where a rule looks again, so counting it would make
                 # whether a later event is late depend on the rules' internals.
                 self.watermark = latest
+        return out
+
+    def forget(self, at: int, segments: SegmentSet) -> list[Transition]:
+        """The customer is being forgotten at instant ``at``: fire its deadlines up to it
+        (time-based changes due before it happen first, as for an event), then exit every
+        segment it is in, in segment-name order, each with cause ``forgotten``. The actor is
+        to be dropped after this."""
+        out = self.advance(at, segments)
+        if self.members:
+            now = max(at, self.watermark)
+            for segment in sorted(self.members):
+                out.append(self._change(segment, False, now, _FORGOTTEN))
+        self.deadline = None
         return out
 
     def evaluate(self, segments: SegmentSet, cause: Cause) -> list[Transition]:

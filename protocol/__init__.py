@@ -74,6 +74,13 @@ from ._errors import UnknownSegment as UnknownSegment
 from ._errors import UnreadableRecord as UnreadableRecord
 from ._explain import ConditionExplanation as ConditionExplanation
 from ._explain import SegmentExplanation as SegmentExplanation
+from ._forget import MAX_FORGET as MAX_FORGET
+from ._forget import ForgetOrder as ForgetOrder
+from ._forget import ForgetReply as ForgetReply
+from ._forget import ForgetRequest as ForgetRequest
+from ._forget import ForgottenCustomer as ForgottenCustomer
+from ._forget import decode_forget_order as decode_forget_order
+from ._forget import forget_hash as forget_hash
 from ._gather import partition_ranges as partition_ranges
 from ._inbound import DEFAULT_MAX_EVENT_BYTES as DEFAULT_MAX_EVENT_BYTES
 from ._inbound import MAX_FUTURE_SKEW as MAX_FUTURE_SKEW
@@ -137,11 +144,13 @@ from ._subjects import definitions_marker_subject as definitions_marker_subject
 from ._subjects import escape_token as escape_token
 from ._subjects import event_subject as event_subject
 from ._subjects import fence_probe_subject as fence_probe_subject
+from ._subjects import forget_order_subject as forget_order_subject
 from ._subjects import import_marker_of as import_marker_of
 from ._subjects import import_marker_subject as import_marker_subject
 from ._subjects import is_control_subject as is_control_subject
 from ._subjects import is_definitions_marker as is_definitions_marker
 from ._subjects import is_fence_probe as is_fence_probe
+from ._subjects import is_forget_order as is_forget_order
 from ._subjects import segment_filter as segment_filter
 from ._subjects import segment_subject as segment_subject
 from ._subjects import stored_event_subject as stored_event_subject
@@ -161,6 +170,7 @@ from ._types import Cause as Cause
 from ._types import DefinitionCause as DefinitionCause
 from ._types import Event as Event
 from ._types import EventCause as EventCause
+from ._types import ForgottenCause as ForgottenCause
 from ._types import ImportCause as ImportCause
 from ._types import Rejection as Rejection
 from ._types import TimeCause as TimeCause
@@ -212,6 +222,11 @@ __all__ = (
     "Fenced",
     "FencedOut",
     "FileOrigin",
+    "ForgetOrder",
+    "ForgetReply",
+    "ForgetRequest",
+    "ForgottenCause",
+    "ForgottenCustomer",
     "GATHERED_ENDPOINTS",
     "GatheredStatus",
     "HOUR",
@@ -222,10 +237,11 @@ __all__ = (
     "InvalidRequest",
     "KEYS_DIR",
     "KeyFileError",
-    "LeaseLost",
-    "MAX_FUTURE_SKEW",
     "LEASES_BUCKET",
     "LEASES_STREAM",
+    "LeaseLost",
+    "MAX_FORGET",
+    "MAX_FUTURE_SKEW",
     "MAX_PAGE",
     "MAX_PREFIX_CHARS",
     "MAX_SEARCH",
@@ -237,8 +253,8 @@ __all__ = (
     "NEVER",
     "OrderedHistory",
     "Origin",
-    "PARTITION_HEADER",
     "Ownership",
+    "PARTITION_HEADER",
     "ParkedInfo",
     "PartitionLease",
     "PartitionSnapshot",
@@ -285,9 +301,9 @@ __all__ = (
     "customer_of_stored_subject",
     "decode_definitions",
     "decode_event",
+    "decode_forget_order",
     "decode_marker",
     "definitions_marker_subject",
-    "fence_probe_subject",
     "embedded_broker",
     "embedded_cluster",
     "encode_definitions",
@@ -297,8 +313,10 @@ __all__ = (
     "event_line",
     "event_subject",
     "events_from_lines",
+    "fence_probe_subject",
     "find_nats_server",
-    "is_loopback",
+    "forget_hash",
+    "forget_order_subject",
     "format_instant",
     "from_instant",
     "header_token",
@@ -308,6 +326,8 @@ __all__ = (
     "is_control_subject",
     "is_definitions_marker",
     "is_fence_probe",
+    "is_forget_order",
+    "is_loopback",
     "jetstream_health",
     "meta_leader",
     "nkey_users_config",

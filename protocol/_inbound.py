@@ -51,6 +51,8 @@ RejectionKind = Literal[
     "length",
     "timezone",
     "quarantined",
+    "suppressed",
+    "forget",
 ]
 """The class of a rejection reason: a short, stable name for counting them (metrics)."""
 

@@ -100,3 +100,8 @@ class PartitionSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     customers: list[tuple[str, int, bytes]]
     """Each customer's id, next deadline (:data:`~protocol.NEVER`: none) and stored form
     (``Customer.snapshot``), in id order."""
+    forgotten: list[tuple[str, int, int | None, int]] = []
+    """The partition's forgotten customers (``shoal forget``): the hash of each id, its last
+    version, until when its events are refused (None: not), and its order's stream
+    position. A new owner keeps them, and logs none of their events before their order.
+    Absent from snapshots taken before shoal had it: none."""

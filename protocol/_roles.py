@@ -181,13 +181,18 @@ def _engine() -> _Role:
         f"{_JS}.CONSUMER.DELETE.{SNAPSHOTS_STREAM}.*",
         f"$JS.ACK.{SNAPSHOTS_STREAM}.>",
         SNAPSHOTS_SUBJECTS,
+        # shoal forget: a forgotten customer's messages are erased one by one (a delete
+        # overwrites the bytes, a purge does not), as are replaced snapshots' chunks.
+        f"{_JS}.STREAM.MSG.DELETE.{REJECTED_STREAM}",
+        f"{_JS}.STREAM.MSG.DELETE.{SEGMENTS_STREAM}",
+        f"{_JS}.STREAM.MSG.DELETE.{SNAPSHOTS_STREAM}",
     ]
     return _Role(
         summary="shoal serve, shoal rebuild and shoal migrate: the streams, the engine's "
         f"consumers of {EVENTS_STREAM} and its definitions markers there, the transitions, "
         "the rejected events, the query service, the definitions in force (KV bucket "
-        f"{DEFINITIONS_BUCKET}, the engine's alone), and an earlier shoal's events "
-        "republished by a migration",
+        f"{DEFINITIONS_BUCKET}, the engine's alone), an earlier shoal's events "
+        "republished by a migration, and the erasure of forgotten customers (shoal forget)",
         publish=(
             SEGMENTS_WILDCARD,
             # Each partition's claims, and the progress record closing each atomic batch.
@@ -234,11 +239,11 @@ def _subscriber() -> _Role:
 def _operator() -> _Role:
     return _Role(
         summary="shoal status, customer, explain, members, segments list|apply|validate, "
-        "unpark, rejected, import: every query, and definitions through the API only (no "
-        f"access to the KV bucket {DEFINITIONS_BUCKET}); reads the rejected events "
-        f"({REJECTED_STREAM}) and republishes them (rejected --republish); imports history "
-        f"into {EVENTS_STREAM} (its events and the import markers, which only the engine "
-        "also may publish, for shoal migrate)",
+        "unpark, forget, rejected, import: every query and request, and definitions "
+        f"through the API only (no access to the KV bucket {DEFINITIONS_BUCKET}); reads "
+        f"the rejected events ({REJECTED_STREAM}) and republishes them (rejected "
+        f"--republish); imports history into {EVENTS_STREAM} (its events and the import "
+        "markers, which only the engine also may publish, for shoal migrate)",
         publish=(
             # Every request; $SRV.INFO.shoal (below) tells the number of partitions.
             *_api_requests(),

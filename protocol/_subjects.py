@@ -54,6 +54,7 @@ API_ENDPOINTS = (
     "definitions",
     "status",
     "unpark",
+    "forget",
 )
 CUSTOMER_ENDPOINTS = ("customer", "explain")
 """Endpoints about one customer: its partition and the customer are the last tokens of the
@@ -478,6 +479,25 @@ def is_fence_probe(subject: str) -> bool:
     :func:`fence_probe_subject`)."""
     tokens = subject[len(EVENTS_PREFIX) :].split(".") if subject.startswith(EVENTS_PREFIX) else []
     return len(tokens) == 3 and tokens[1:] == [CONTROL_TOKEN, "probe"]
+
+
+def forget_order_subject(partition: int) -> str:
+    """The subject of the orders to forget a customer of ``partition``,
+    ``shoal.events.<partition>.ctl.forget`` (see ``protocol.ForgetOrder``).
+
+    Raises:
+        SubjectError: a negative partition.
+    """
+    if partition < 0:
+        raise SubjectError(f"no forget subject for partition {partition}")
+    return f"{EVENTS_PREFIX}{partition}.{CONTROL_TOKEN}.forget"
+
+
+def is_forget_order(subject: str) -> bool:
+    """Whether a stored subject of ``SHOAL_EVENTS`` is an order to forget a customer (see
+    :func:`forget_order_subject`)."""
+    tokens = subject[len(EVENTS_PREFIX) :].split(".") if subject.startswith(EVENTS_PREFIX) else []
+    return len(tokens) == 3 and tokens[1:] == [CONTROL_TOKEN, "forget"]
 
 
 def is_control_subject(subject: str) -> bool:

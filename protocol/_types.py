@@ -37,7 +37,13 @@ class ImportCause(msgspec.Struct, frozen=True, kw_only=True, tag="import", tag_f
     ``true_since`` comes from replaying the customer's log with the imported events."""
 
 
-Cause = EventCause | TimeCause | DefinitionCause | ImportCause
+class ForgottenCause(msgspec.Struct, frozen=True, kw_only=True, tag="forgotten", tag_field="kind"):
+    """The customer was forgotten (``shoal forget``): an ``exited`` transition for each
+    segment it was in, published before its data is erased, so that campaigns stop. These
+    exits are the one record of the customer that erasure keeps."""
+
+
+Cause = EventCause | TimeCause | DefinitionCause | ImportCause | ForgottenCause
 
 Change = Literal["entered", "exited"]
 

@@ -26,12 +26,22 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from actors import DefinitionError, Engine, EngineApi, SegmentSet, load_segments_by_value
+from actors import (
+    DefinitionError,
+    Engine,
+    EngineApi,
+    SegmentSet,
+    load_segments_by_value,
+    parse_duration,
+)
 from protocol import (
     DEFAULT_PARTITIONS,
+    EVENTS_STREAM,
+    MAX_FORGET,
     MAX_PAGE,
     MAX_PREFIX_CHARS,
     MAX_SEARCH,
+    SECOND,
     ApiError,
     ConditionExplanation,
     CustomerReply,
@@ -181,6 +191,45 @@ def register(sub: Any, segments: Any) -> None:
     p.add_argument("customer_ids", nargs="+", metavar="ID")
     common(p, _APPLY_TIMEOUT)
     p.set_defaults(run=_unpark)
+
+    p = sub.add_parser(
+        "forget",
+        help="erase customers everywhere shoal keeps data (GDPR art. 17): exits first",
+        description="Erase these customers everywhere shoal keeps data: each exits every "
+        "segment it is in (an 'exited' transition with cause 'forgotten', so campaigns "
+        "stop), then its events, snapshots, outbox rows, rejected messages and transitions "
+        "are erased from the store and the broker's streams. Only a hash of each id is "
+        "kept, with its last version, when and by whom. Exits 1 if an erasure did not "
+        "finish within --wait (it goes on in the engine).",
+    )
+    p.add_argument("customer_ids", nargs="*", metavar="ID")
+    p.add_argument(
+        "--from-file",
+        type=Path,
+        metavar="FILE",
+        help="also the ids in FILE, one per line (blank lines and lines starting with # skipped)",
+    )
+    p.add_argument(
+        "--suppress",
+        metavar="DURATION",
+        help="refuse their later events for this long (e.g. 400d): the refusals name a hash "
+        "of the id only",
+    )
+    p.add_argument(
+        "--by",
+        metavar="NAME",
+        help="who asks, for the record of the erasure (default: user@host)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the erasures to finish (default %(default)g; 0: return "
+        "once the orders are stored)",
+    )
+    common(p)
+    p.set_defaults(run=_forget)
 
     p = segments.add_parser("list", help="the running engine's definitions with their sizes")
     common(p)
@@ -392,6 +441,57 @@ async def _unpark(args: argparse.Namespace) -> int:
         if reply.parked:
             _show_parked(reply.parked, out)
     return 1 if reply.parked or reply.unanswered else 0
+
+
+# forget -----------------------------------------------------------------------------------
+
+
+def _forget_ids(args: argparse.Namespace) -> list[str]:
+    ids = list(args.customer_ids)
+    if args.from_file is not None:
+        try:
+            text = args.from_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read ids from {args.from_file}: {e}") from e
+        ids += [
+            line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+        ]
+    if not ids:
+        raise UsageError("no customer to forget: give ids, or --from-file FILE")
+    return list(dict.fromkeys(ids))
+
+
+async def _forget(args: argparse.Namespace) -> int:
+    ids = _forget_ids(args)
+    suppress: int | None = None
+    if args.suppress is not None:
+        try:
+            suppress = max(1, parse_duration(args.suppress) // SECOND)
+        except ValueError as e:
+            raise UsageError(f"--suppress: {e}") from e
+    if not 0 <= args.wait <= 300:
+        raise UsageError("--wait must be within 0-300 seconds")
+    by = args.by or _who()
+    done = 0
+    async with _client(args) as api:
+        for start in range(0, len(ids), MAX_FORGET):
+            reply = await api.forget(
+                ids[start : start + MAX_FORGET],
+                by=by,
+                suppress_seconds=suppress,
+                wait_seconds=args.wait,
+            )
+            if args.json:
+                sys.stdout.write(_encoder.encode(reply).decode() + "\n")
+            for c in reply.customers:
+                done += c.done
+                if not args.json:
+                    state = "erased" if c.done else "erasing (not finished yet)"
+                    print(
+                        f"{state}  sha256:{c.hash}  partition {c.partition}, order "
+                        f"{EVENTS_STREAM} #{c.order}, request {reply.request}"
+                    )
+    return 0 if done == len(ids) else 1
 
 
 # customer ---------------------------------------------------------------------------------

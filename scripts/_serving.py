@@ -59,14 +59,19 @@ from actors import (
 from protocol import (
     EVENTS_STREAM,
     SEGMENTS_STREAM,
+    ApiError,
     BrokerError,
     Delivery,
     FencedOut,
     Ownership,
     PartitionLease,
+    decode_forget_order,
+    forget_hash,
     partition,
+    to_instant,
 )
 from protocol.nats import (
+    BrokerEraser,
     Claims,
     FeedClaim,
     Holder,
@@ -75,13 +80,14 @@ from protocol.nats import (
     SnapshotStore,
     SnapshotUnusable,
     StreamSettings,
+    erase_progress,
     jetstream_ports,
     published_versions,
     read_stream,
     rejected_positions,
 )
 from protocol.nats._partitioned import partition_filter
-from store import Store
+from store import Forgotten, Store
 
 _CHECK = 2.0
 """Seconds between two looks at the other engines and the leases."""
@@ -272,6 +278,9 @@ class Serving:
     """Per partition, the progress position its snapshots are bounded by until it is caught
     up (taken over: the one of the snapshot it started from)."""
     _skip: dict[str, int] = field(default_factory=dict)
+    _unerased: dict[int, set[str]] = field(default_factory=dict)
+    """Per partition, forgotten customers its progress records may still name: erased once
+    a snapshot of the partition stands for those records."""
     _prepared: set[tuple[int, int]] = field(default_factory=set)
     _unready: set[int] = field(default_factory=set)
     """The partitions whose taking over began and did not finish (the store may hold part
@@ -435,6 +444,20 @@ class Serving:
         )
         for p, claim in owned.items():
             sink.claim(p, claim.seq)
+
+        async def erased(by_partition: dict[int, set[str]]) -> None:
+            # The partitions' snapshots in the Object Store still hold the customers: replaced
+            # now (the old chunks erased), then the progress records naming them erased.
+            for p, ids in by_partition.items():
+                self._unerased.setdefault(p, set()).update(ids)
+            try:
+                await self._upload(engine, sink, sorted(by_partition))
+            except BrokerError as e:
+                _logger.warning(
+                    "partition snapshots not replaced after an erasure; the next upload will",
+                    error=str(e),
+                )
+
         engine = Engine(
             source,
             sink,
@@ -445,6 +468,8 @@ class Serving:
             observer=self.observer,
             keeper=self.keeper,
             owned=sorted(owned),
+            eraser=BrokerEraser(self.nc, self.partitions),
+            on_erased=erased,
         )
         engine.skip_stored(self._skip)
         self.current.engine = engine
@@ -616,6 +641,8 @@ class Serving:
             rejected=rejected,
             held=held,
         )
+        if snapshot is not None and snapshot.forgotten:
+            await self._unfinished_erasures(p, snapshot.forgotten)
         floor = 0 if snapshot is None else snapshot.progress
         self._floors[p] = floor
         stored = await published_versions(self.nc, SEGMENTS_STREAM, p, after=floor)
@@ -633,6 +660,49 @@ class Serving:
         )
         return report.base
 
+    async def _unfinished_erasures(
+        self, p: int, forgotten: Sequence[tuple[str, int, int | None, int]]
+    ) -> None:
+        """Erasures the partition's previous owner began and did not finish: their orders
+        (erased last) are still in the stream. Finished here, from the order's id."""
+        js = self.nc.jetstream()
+        unfinished: list[Forgotten] = []
+        for digest, floor, until, order_seq in forgotten:
+            try:
+                msg = await js.get_msg(EVENTS_STREAM, order_seq)
+            except nats.js.errors.NotFoundError:
+                continue  # finished: the order is erased
+            except (TimeoutError, nats.errors.Error) as e:
+                raise BrokerError(f"cannot read order {order_seq} of {EVENTS_STREAM}: {e}") from e
+            try:
+                order = decode_forget_order(msg.data or b"")
+            except ApiError:
+                continue
+            if forget_hash(order.customer_id) != digest:
+                continue
+            unfinished.append(
+                Forgotten(
+                    hash=digest,
+                    customer_id=order.customer_id,
+                    partition=p,
+                    floor=floor,
+                    exits=0,
+                    at=0 if msg.time is None else to_instant(msg.time),
+                    by=order.by,
+                    request=order.request,
+                    suppress_until=until,
+                    order_seq=order_seq,
+                    outbox_through=0,
+                )
+            )
+        if unfinished:
+            _logger.info(
+                "erasures the previous owner did not finish are finished here",
+                partition=p,
+                id_hashes=[f.hash for f in unfinished],
+            )
+            await self.store.remember_forgotten(unfinished)
+
     # Snapshots --------------------------------------------------------------------------
 
     async def _upload(self, engine: Engine, sink: Publisher, ps: Sequence[int]) -> bool:
@@ -647,7 +717,13 @@ class Serving:
             claim = self.claims.owned.get(p)
             if claim is None:
                 continue  # lost meanwhile
-            await self.snapshots.put(self._snapshot(c, claim.seq, noted.get(p, 0)))
+            snapshot = self._snapshot(c, claim.seq, noted.get(p, 0))
+            await self.snapshots.put(snapshot)
+            ids = self._unerased.get(p)
+            if ids:
+                # Forgotten customers named by progress records this snapshot now stands for.
+                await erase_progress(self.nc, p, ids, through=snapshot.progress)
+                del self._unerased[p]
         return True
 
     def _snapshot(self, c: PartitionCut, claim: int, progress: int) -> Any:

@@ -92,6 +92,7 @@ _CONNECTING = {
     "explain": "operator",
     "members": "operator",
     "unpark": "operator",
+    "forget": "operator",
     "rejected": "operator",
 }
 """The commands that connect to NATS, and the role each acts as: they take the credential

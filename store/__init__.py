@@ -13,6 +13,8 @@ from ._errors import StoreLockedError as StoreLockedError
 from ._errors import StoreMissingError as StoreMissingError
 from ._events import EventLog as EventLog
 from ._events import LoggedEvent as LoggedEvent
+from ._forgotten import Forgotten as Forgotten
+from ._forgotten import ForgottenTable as ForgottenTable
 from ._outbox import Outbox as Outbox
 from ._outbox import OutboxEntry as OutboxEntry
 from ._parked import Parked as Parked
@@ -33,6 +35,8 @@ __all__ = (
     "CutMark",
     "Definitions",
     "EventLog",
+    "Forgotten",
+    "ForgottenTable",
     "LoggedEvent",
     "Outbox",
     "OutboxEntry",

@@ -82,6 +82,9 @@ class Db:
 
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
+        # One transaction at a time on the connection: the engine's main loop commits, and
+        # its erasures (a task beside it) write too.
+        self._lock = anyio.Lock()
         self.path = path
         self.writing = f"cannot write to {path}"
         """What a failed write says (the whole transaction failed, nothing was written)."""
@@ -145,6 +148,16 @@ class Db:
         Raises:
             StoreError: (``cannot write to ...``) nothing was written.
         """
+        with anyio.CancelScope(shield=True):
+            await self._lock.acquire()
+        try:
+            async with self._transaction():
+                yield
+        finally:
+            self._lock.release()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
         with anyio.CancelScope(shield=True), translated(self.writing, self.path):
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -157,6 +170,19 @@ class Db:
                     with contextlib.suppress(sqlite3.Error):
                         await self._conn.execute("ROLLBACK")
                 raise
+
+    async def checkpoint(self) -> bool:
+        """Copy the write-ahead log into the file and truncate it, between transactions;
+        False when a reader kept it from finishing.
+
+        Raises:
+            StoreError: it failed.
+        """
+        async with self._lock:
+            row = await self.one(
+                "PRAGMA wal_checkpoint(TRUNCATE)", doing=f"cannot checkpoint {self.path}"
+            )
+        return row is None or int(row[0]) == 0
 
     async def meta(self, *, doing: str) -> dict[str, str]:
         """The store's ``meta`` table: key to value."""

@@ -11,6 +11,7 @@ from typing import Literal
 from ._db import Db
 from ._definitions import DEFINITIONS_TABLE
 from ._errors import StoreFormatError
+from ._forgotten import FORGOTTEN_TABLE
 from ._retention import RETENTION_TABLE
 
 SCHEMA_VERSION = 3
@@ -61,6 +62,7 @@ CREATE INDEX IF NOT EXISTS snapshots_by_deadline ON snapshots (deadline, custome
 """
 _SCHEMA += DEFINITIONS_TABLE
 _SCHEMA += RETENTION_TABLE
+_SCHEMA += FORGOTTEN_TABLE
 # A snapshot is one customer's state as of the event log position ``log_seq`` (every event
 # up to it that is the customer's is folded in, none after). ``deadline`` is indexed so that
 # a restarting engine can load first the customers whose time-based changes are due first.

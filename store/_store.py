@@ -12,10 +12,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+import msgspec
+
 from ._db import Db, chunks, placeholders
 from ._definitions import Definitions
 from ._errors import StoreMissingError
 from ._events import EventLog, LoggedEvent
+from ._forgotten import Forgotten, ForgottenTable
 from ._lock import WriterLock
 from ._outbox import Outbox, OutboxEntry
 from ._parked import Parked
@@ -76,6 +79,8 @@ class Store:
         """The engine's copy of the definitions in force."""
         self.retention = retention or Retention(db, None)
         """The customers' bases and where the log was cut (retention)."""
+        self.forgotten = ForgottenTable(db, {})
+        """The customers forgotten (``shoal forget``), by the hash of their id."""
 
     @property
     def path(self) -> Path:
@@ -128,6 +133,9 @@ class Store:
         doing = f"cannot initialise {path}"
         try:
             await prepare_for_writing(db, synchronous, doing=doing)
+            # Deleted rows are overwritten with zeros, not left in free pages: an erased
+            # customer's data must leave the file's bytes (see :meth:`erase`).
+            await db.execute("PRAGMA secure_delete=ON", doing=doing)
             return await cls._assemble(db, lock, doing=doing)
         except BaseException:
             try:
@@ -167,7 +175,7 @@ class Store:
         if retention.cut is not None and events.last_seq < retention.cut.through:
             # The whole log was cut: positions go on after the last one cut, never again.
             events._committed(retention.cut.through)
-        return cls(
+        store = cls(
             db,
             lock,
             events,
@@ -184,6 +192,8 @@ class Store:
             {int(k[len(_DROPPED) :]) for k in meta if k.startswith(_DROPPED)},
             retention,
         )
+        store.forgotten = await ForgottenTable.load(db, doing=doing)
+        return store
 
     async def __aenter__(self) -> Self:
         return self
@@ -236,6 +246,7 @@ class Store:
         stream_through: int | None = None,
         partitions_through: Mapping[int, int] | None = None,
         imports: Mapping[str, int | None] | None = None,
+        forget: Sequence[Forgotten] = (),
     ) -> list[int]:
         """Append events and outbox entries, advance the published mark, and store
         snapshots, atomically.
@@ -255,6 +266,10 @@ class Store:
                 that partition's position forward).
             imports: imports begun (id -> the event log position then) or ended (id ->
                 None) with this commit (see :attr:`open_imports`).
+            forget: customers forgotten with this commit: their events, snapshot, base and
+                parking are deleted, and their erasure recorded (pending: see
+                :meth:`erase`). Their ``forgotten`` exits are among ``entries``; each
+                record's ``outbox_through`` is set here to the outbox's last position.
 
         Returns:
             The outbox positions assigned to ``entries``, in order.
@@ -274,10 +289,24 @@ class Store:
             not (events or entries or mark is not None or snapshots or marks or through or unparked)
             and not imports
             and not moved
+            and not forget
         ):
             return []
         seqs = self.outbox._next_seqs(len(entries))
+        if forget:
+            # Everything committed up to here must be published before the broker's copies
+            # are looked for: an unpublished transition of the customer would come after.
+            through = seqs[-1] if seqs else self.outbox.last_seq
+            forget = [msgspec.structs.replace(f, outbox_through=through) for f in forget]
         async with self._db.transaction():
+            if forget:
+                await self._delete_customers(
+                    [f.customer_id or "" for f in forget], ("events", "snapshots")
+                )
+                # Their state as of the log's cut (retention) too.
+                await self.retention._drop([f.customer_id or "" for f in forget])
+                await self.parked._remove([f.customer_id or "" for f in forget])
+                await self.forgotten._put(forget)
             last_event = await self.events._append(events)
             await self.outbox._append(entries, seqs)
             if mark is not None:
@@ -312,7 +341,69 @@ class Store:
         self.outbox._committed(seqs, mark)
         self.snapshots._committed(marks)
         self.parked._committed(unparked)
+        if forget:
+            self.parked._committed([f.customer_id or "" for f in forget])
+            self.forgotten._committed(forget)
         return seqs
+
+    async def _delete_customers(self, customer_ids: Sequence[str], tables: Sequence[str]) -> None:
+        """Delete the rows of these customers from ``tables`` (inside a transaction)."""
+        db = self._db
+        for ids in chunks(customer_ids):
+            marks = placeholders(len(ids))
+            for table in tables:
+                await db.execute(
+                    f"DELETE FROM {table} WHERE customer_id IN ({marks})", ids, doing=db.writing
+                )
+
+    async def erase(self, done: Sequence[Forgotten]) -> None:
+        """Finish the store's part of these erasures: delete their customers' transitions
+        (published by now, their ``forgotten`` exits included: the broker keeps those),
+        clear the id from their records, and checkpoint the write-ahead log into the file
+        and truncate it, so that no copy of the deleted pages is left in it.
+
+        Raises:
+            StoreError: nothing was written (the checkpoint failing is logged by the caller
+                and retried with the next erasure).
+        """
+        if not done:
+            return
+        finished = [msgspec.structs.replace(f, customer_id=None) for f in done]
+        async with self._db.transaction():
+            await self._delete_customers([f.customer_id or "" for f in done], ("transitions",))
+            await self.forgotten._put(finished)
+        self.forgotten._committed(finished)
+        await self.checkpoint()
+
+    async def remember_forgotten(self, rows: Sequence[Forgotten]) -> None:
+        """Record erasures another engine did (a partition taken over: its snapshot's
+        forgotten customers), or began (pending ones, with the id: this engine finishes
+        them), keeping a record this store has of the same customer when it is newer.
+
+        Raises:
+            StoreError: nothing was written.
+        """
+        fresh = [
+            f
+            for f in rows
+            if (mine := self.forgotten.get(f.hash)) is None
+            or mine.order_seq < f.order_seq
+            or (mine.order_seq == f.order_seq and f.pending and not mine.pending)
+        ]
+        if not fresh:
+            return
+        async with self._db.transaction():
+            await self.forgotten._put(fresh)
+        self.forgotten._committed(fresh)
+
+    async def checkpoint(self) -> bool:
+        """Copy the write-ahead log into the file and truncate it; False when a reader kept
+        it from finishing (then the log still holds pages written before).
+
+        Raises:
+            StoreError: it failed.
+        """
+        return await self._db.checkpoint()
 
     async def reset_stream_positions(
         self,

@@ -11,6 +11,8 @@ from ._config import EngineConfig as EngineConfig
 from ._config import EngineObserver as EngineObserver
 from ._config import EngineStats as EngineStats
 from ._engine import Engine as Engine
+from ._forget import Erased as Erased
+from ._forget import Eraser as Eraser
 from ._partition import Partition as Partition
 from ._startup import RebuildReport as RebuildReport
 from ._startup import StoreBehindError as StoreBehindError
@@ -29,6 +31,8 @@ __all__ = (
     "EngineConfig",
     "EngineObserver",
     "EngineStats",
+    "Erased",
+    "Eraser",
     "Partition",
     "PartitionCut",
     "RebuildReport",

@@ -50,6 +50,7 @@ from . import _queries
 from ._config import EngineConfig, EngineObserver, EngineStats, Wake
 from ._deadlines import Deadlines
 from ._definitions import Definitions, Markers, SegmentsRequest
+from ._forget import Erased, Eraser, Forgetting
 from ._gc import Collector
 from ._imports import Imports, open_ids
 from ._ingest import Ingest
@@ -99,6 +100,9 @@ class Engine:
         owned: the partitions this engine owns among several sharing a broker (``shoal
             serve`` gives them, term by term); None: every one. The definitions markers
             are published into these only.
+        eraser: where the broker's copies of forgotten customers are erased (``shoal
+            serve`` gives ``protocol.nats.BrokerEraser``); None: the store's only.
+        on_erased: told when erasures finish, per partition (see :mod:`._forget`).
     """
 
     def __init__(
@@ -113,6 +117,8 @@ class Engine:
         observer: EngineObserver | None = None,
         keeper: DefinitionsKeeper | None = None,
         owned: Collection[int] | None = None,
+        eraser: Eraser | None = None,
+        on_erased: Erased | None = None,
     ) -> None:
         self._source = source
         self._sink = sink
@@ -139,6 +145,11 @@ class Engine:
         )
         self._imports = imports = Imports(store, p, outbox, parking, counts.stats, self._clock)
         self._cutter = Cutter(store, p, self._clock, cfg)
+        self._forgetting = forgetting = Forgetting(
+            store, p, recovery, outbox, parking, source.partitions, self._clock
+        )
+        forgetting.eraser = eraser
+        forgetting.on_erased = on_erased
         self._ingest = Ingest(
             store,
             p,
@@ -152,6 +163,7 @@ class Engine:
             gc,
             self._clock,
             cfg,
+            forgetting,
         )
         self._keeper = keeper
         self._markers = Markers(store, sink, source.partitions, owned)
@@ -300,6 +312,11 @@ class Engine:
     def parked(self, customer_id: str) -> ParkedCustomer | None:
         """Why the customer is parked, or None if it is not (see :mod:`._parking`)."""
         return self._parking.get(customer_id)
+
+    @property
+    def erasures_pending(self) -> int:
+        """How many forgotten customers' erasures are under way (see :mod:`._forget`)."""
+        return self._forgetting.pending
 
     @property
     def parked_count(self) -> int:
@@ -516,6 +533,7 @@ class Engine:
                     needs=p.needs,
                     definitions=p.segments.fingerprint,
                     stored=self._outbox.stored,
+                    forgotten=self._store.forgotten.all(),
                 )
             request.served = True
             request.done.set()
@@ -606,6 +624,7 @@ class Engine:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._outbox.publish_loop)
+                tg.start_soon(self._forgetting.erase_loop)
                 self._recovery.tg = tg
                 try:
                     await self._loop(source)

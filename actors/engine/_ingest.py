@@ -25,11 +25,13 @@ from protocol import (
     TransitionSink,
     is_definitions_marker,
     is_fence_probe,
+    is_forget_order,
 )
 from store import LoggedEvent, Store
 
 from ._config import SERVE_EVERY, EngineConfig, breathe
 from ._deadlines import Deadlines
+from ._forget import Forgetting
 from ._gc import Collector
 from ._imports import Imports, is_marker
 from ._metrics import Counts
@@ -68,7 +70,10 @@ class Ingest:
         gc: Collector,
         clock: Clock,
         config: EngineConfig,
+        forgetting: Forgetting,
     ) -> None:
+        self._forgetting = forgetting
+        self._refused: list[int] = []
         self._store = store
         self._partition = partition
         self._recovery = recovery
@@ -95,6 +100,11 @@ class Ingest:
                 if run:
                     await self._run(run)
                     run = []
+                if is_forget_order(d.subject):
+                    refused = await self._forgetting.order(d)
+                    if refused is not None:
+                        await self._reject(d, refused)
+                    continue
                 if is_definitions_marker(d.subject) or is_fence_probe(d.subject):
                     # The engine's own record of a switch (for a rebuild from the stream),
                     # or its probe of a replicated stream (for the deadline barrier):
@@ -115,6 +125,12 @@ class Ingest:
             await self._run(run)
         # Acknowledged only now: every event of the batch is in the log or was rejected.
         await source.ack(batch[-1].stream_sequence)
+        if self._refused:
+            # Refused events of forgotten ids hold the id: erased once acknowledged (erased
+            # before, the consumer's floor could pass what the store committed).
+            for seq in self._refused:
+                self._forgetting.erase_later(seq)
+            self._refused = []
         self._deadlines.ingested(source)
 
     async def _run(self, batch: list[Delivery]) -> None:
@@ -137,6 +153,11 @@ class Ingest:
                 continue
             if cut is not None and event.at <= cut.at:
                 rejected.append((d, before_cut(event, cut.at)))
+                continue
+            refused = self._forgetting.refusal(event)
+            if refused is not None:
+                rejected.append((d, refused))
+                self._refused.append(d.stream_sequence)
                 continue
             if received is not None:
                 imported.add(d.stream_sequence)
@@ -241,12 +262,16 @@ class Ingest:
 
     async def _reject(self, d: Delivery, invalid: InvalidEvent) -> None:
         reason = invalid.reason
+        subject, data = d.subject, d.data
+        if invalid.kind == "suppressed":
+            # A forgotten id's: the rejection names its hash only, and keeps no payload.
+            subject, data = Forgetting.placeholder(reason), b""
         self._counts.rejected(invalid.kind)
         self._logger.warning(
             "event rejected",
             customer_id=invalid.customer_id,
             message_id=invalid.message_id,
-            subject=d.subject,
+            subject=subject,
             stream_sequence=d.stream_sequence,
             reason=reason,
             kind=invalid.kind,
@@ -256,8 +281,8 @@ class Ingest:
             try:
                 await self._sink.publish_rejection(
                     reason=reason,
-                    subject=d.subject,
-                    data=d.data,
+                    subject=subject,
+                    data=data,
                     received=d.received,
                     stream_sequence=d.stream_sequence,
                 )

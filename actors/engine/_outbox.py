@@ -13,7 +13,7 @@ import structlog
 
 from actors._stored import outbox_entries
 from protocol import Delivery, FencedOut, PublishError, Transition, TransitionSink
-from store import LoggedEvent, Snapshot, SnapshotMarks, Store, StoreFullError
+from store import Forgotten, LoggedEvent, Snapshot, SnapshotMarks, Store, StoreFullError
 
 from ._config import EngineConfig, EngineObserver
 from ._metrics import Counts
@@ -91,13 +91,15 @@ class Outbox:
         stream_through: int | None = None,
         partitions_through: Mapping[int, int] | None = None,
         imports: Mapping[str, int | None] | None = None,
+        forget: Sequence[Forgotten] = (),
     ) -> None:
         """Append ``events`` and ``transitions`` (and replace ``snapshots``, and unpark
         customers) in the store in one transaction, then queue the transitions for
         publishing. ``stream_through``: every message of the events stream up to this
         position is committed with this (what a start checks the store against);
         ``partitions_through``: the same per partition (:func:`positions`).
-        ``imports``: imports begun or ended with this (:meth:`store.Store.commit`)."""
+        ``imports``: imports begun or ended with this, ``forget``: customers forgotten
+        with this (:meth:`store.Store.commit`)."""
         entries = outbox_entries(transitions)
         obs = self._observer
         with obs.timing_commit() if obs is not None and (events or entries) else _NOT_TIMED:
@@ -111,6 +113,7 @@ class Outbox:
                     stream_through=stream_through,
                     partitions_through=partitions_through,
                     imports=imports,
+                    forget=forget,
                 )
             )
         self._counts.stats.transitions += len(entries)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 from actors._customer import Customer
 from actors._timers import TimerQueue
 from actors.rules import SegmentSet
-from protocol import Event, Transition
+from protocol import Event, Transition, forget_hash
 
 
 class Failure(NamedTuple):
@@ -53,6 +53,7 @@ class Partition:
         "_needs",
         "_timers",
         "_held",
+        "floors",
     )
 
     def __init__(self, segments: SegmentSet, *, track_changes: bool = False) -> None:
@@ -71,6 +72,9 @@ class Partition:
         # (deadline, customer) in order: taken in order, so appending keeps it sorted but for
         # rare entries armed meanwhile (see hold()).
         self._held: deque[tuple[int, str]] = deque()
+        self.floors: dict[str, int] = {}
+        """Forgotten customers' last versions, by the hash of the id
+        (``protocol.forget_hash``): one that comes back continues from there."""
 
     @property
     def segments(self) -> SegmentSet:
@@ -94,8 +98,25 @@ class Partition:
         """The customer's actor, made new (no events) if the partition has none."""
         c = self.customers.get(customer_id)
         if c is None:
-            c = self.customers[customer_id] = Customer(customer_id)
+            c = self.customers[customer_id] = self._new(customer_id)
         return c
+
+    def _new(self, customer_id: str) -> Customer:
+        c = Customer(customer_id)
+        if self.floors:
+            c.version = self.floors.get(forget_hash(customer_id), 0)
+        return c
+
+    def raise_to_floors(self, customers: Iterable[Customer]) -> None:
+        """Give each of ``customers`` that was forgotten before at least the version it had
+        then (rebuilt from the log, it has only what it published since)."""
+        floors = self.floors
+        if not floors:
+            return
+        for c in customers:
+            floor = floors.get(forget_hash(c.customer_id), 0)
+            if c.version < floor:
+                c.version = floor
 
     def touch(self, c: Customer) -> None:
         """Re-arm the customer's deadline (and note it changed)."""
@@ -132,7 +153,7 @@ class Partition:
         """
         c = self.customers.get(event.customer_id)
         if c is None:
-            c = self.customers[event.customer_id] = Customer(event.customer_id)
+            c = self.customers[event.customer_id] = self._new(event.customer_id)
         out = c.apply(event, self.segments)
         self._timers.set(c.customer_id, c.deadline)
         if self.changed is not None:

@@ -126,6 +126,7 @@ class Recovery:
                 if o.customer_id not in parked and o.customer_id not in failed:
                     published.add(p.actor(o.customer_id), transition_of(o))
         await published.finish(p.customers)
+        p.raise_to_floors(p.customers.values())
         for customer_id, error in failed.items():
             p.fail(customer_id, "load", error)
 
@@ -303,6 +304,7 @@ class Recovery:
         for o in await self._store.outbox.of_customers(customer_ids):
             published.add(fresh[o.customer_id], transition_of(o))
         await published.finish(fresh)
+        p.raise_to_floors(fresh.values())
         now = self._clock.now()
         changed: list[Transition] = []
         for c in fresh.values():

@@ -9,7 +9,7 @@ publishes; and the events its consumer acknowledged would be missing from the lo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Collection, Sequence
+from collections.abc import AsyncIterable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -26,6 +26,7 @@ from protocol import (
     InvalidEvent,
     StreamState,
     Transition,
+    forget_hash,
     is_control_subject,
     partition_consumer,
     to_instant,
@@ -164,13 +165,15 @@ async def log_from_stream(
     rejected: Collection[int],
     customers: set[str] | None = None,
     cut: int | None = None,
+    forgotten: Mapping[str, int] | None = None,
 ) -> None:
     """Add to the log the valid events of ``deliveries`` (in stream order, up to position
     ``through``) it does not hold, decoded as the engine decodes them; count in ``report``
     (and, without ``through``, move ``report.through`` to the last read); add their
-    customers to ``customers``. Events received at or before ``cut`` are left out (the
-    log's cut: folded into the bases already, and no longer in the log to be found
-    repeats)."""
+    customers to ``customers``. ``forgotten``: the hashes of forgotten customers' ids, with
+    their orders' positions: their events before those are left out. Events received at or
+    before ``cut`` are left out too (the log's cut: folded into the bases already, and no
+    longer in the log to be found repeats)."""
     async for chunk in deliveries:
         events: list[LoggedEvent] = []
         for i, d in enumerate(chunk):
@@ -196,6 +199,8 @@ async def log_from_stream(
                 continue
             if cut is not None and event.received <= cut:
                 report.cut += 1
+                continue
+            if forgotten and forgotten.get(forget_hash(event.customer_id), 0) > d.stream_sequence:
                 continue
             events.append(logged_event(event))
         if customers is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from actors._customer import SNAPSHOT_FORMAT, Customer
 from protocol import NEVER, Delivery, PartitionSnapshot, partition
-from store import Snapshot, SnapshotMarks, Store
+from store import Forgotten, Snapshot, SnapshotMarks, Store
 
 from ._startup import RebuildReport, log_from_stream
 
@@ -44,6 +44,8 @@ class PartitionCut:
     definitions: str
     customers: list[tuple[str, int, bytes]]
     """Each customer's id, next deadline (``NEVER``: none) and stored form, in id order."""
+    forgotten: list[tuple[str, int, int | None, int]] = field(default_factory=list)
+    """The partition's forgotten customers (see ``PartitionSnapshot.forgotten``)."""
     caught_up: bool = True
     """False while transitions the broker already holds (the partition's previous owner's)
     are still to be made again: its snapshot must then bound its progress records by the
@@ -73,6 +75,7 @@ class PartitionCut:
             claim=claim,
             customer_format=SNAPSHOT_FORMAT,
             customers=self.customers,
+            forgotten=self.forgotten,
         )
 
 
@@ -87,6 +90,7 @@ def cut(
     needs: str,
     definitions: str,
     stored: dict[str, int] | None = None,
+    forgotten: Iterable[Forgotten] = (),
 ) -> dict[int, PartitionCut]:
     """The cuts of ``partitions_of`` (of ``partitions``) from ``customers`` (all in memory:
     the engine must be warm), each customer's stored form taken now.
@@ -103,6 +107,12 @@ def cut(
         if mine is not None:
             deadline = c.deadline
             mine.append((c.customer_id, NEVER if deadline is None else deadline, c.snapshot()))
+    erased: dict[int, list[tuple[str, int, int | None, int]]] = {}
+    for f in forgotten:
+        if f.partition in grouped:
+            erased.setdefault(f.partition, []).append(
+                (f.hash, f.floor, f.suppress_until, f.order_seq)
+            )
     behind: set[int] = set()
     if stored:
         for customer_id, version in list(stored.items()):
@@ -120,6 +130,7 @@ def cut(
             needs=needs,
             definitions=definitions,
             customers=sorted(rows),
+            forgotten=sorted(erased.get(p, [])),
             caught_up=p not in behind,
         )
         for p, rows in grouped.items()
@@ -179,6 +190,7 @@ async def take_over(
     # marks can move past what is logged here (see below).
     level = (store.events.last_seq, store.outbox.last_seq)
     logged: set[str] = set()
+    orders = {h: order for h, _, _, order in snapshot.forgotten}
     await log_from_stream(
         store,
         deliveries,
@@ -187,7 +199,28 @@ async def take_over(
         max_event_bytes=max_event_bytes,
         rejected=rejected,
         customers=logged,
+        # A forgotten customer's events before its order: being erased, not its history.
+        forgotten=orders,
     )
+    if snapshot.forgotten:
+        await store.remember_forgotten(
+            [
+                Forgotten(
+                    hash=h,
+                    customer_id=None,
+                    partition=partition_id,
+                    floor=floor,
+                    exits=0,
+                    at=0,
+                    by="",
+                    request="",
+                    suppress_until=until,
+                    order_seq=order,
+                    outbox_through=0,
+                )
+                for h, floor, until, order in snapshot.forgotten
+            ]
+        )
     log_seq = store.events.last_seq
     rows = [
         Snapshot(

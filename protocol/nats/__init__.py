@@ -21,6 +21,8 @@ from ._connect import ensure_streams as ensure_streams
 from ._connect import redact as redact
 from ._connect import stream_partitions as stream_partitions
 from ._definitions_kv import DefinitionsKV as DefinitionsKV
+from ._erase import BrokerEraser as BrokerEraser
+from ._erase import erase_progress as erase_progress
 from ._feed import EventFeed as EventFeed
 from ._fenced import published_versions as published_versions
 from ._fences import claim_fence as claim_fence
@@ -52,12 +54,13 @@ from ._wiring import iter_transitions as iter_transitions
 from ._wiring import jetstream_ports as jetstream_ports
 
 __all__ = (
-    "DEFAULT_LEASE_TTL",
     "ApiClient",
+    "BrokerEraser",
     "ChangeKind",
     "Claim",
     "Claims",
     "Credentials",
+    "DEFAULT_LEASE_TTL",
     "DefinitionsKV",
     "EventFeed",
     "FeedClaim",
@@ -80,6 +83,7 @@ __all__ = (
     "connect",
     "declared",
     "ensure_streams",
+    "erase_progress",
     "fence_headers",
     "fenced",
     "is_fenced_error",
@@ -88,8 +92,8 @@ __all__ = (
     "last_claim",
     "last_claims",
     "permission_guard",
-    "published_versions",
     "publish_import",
+    "published_versions",
     "read_stream",
     "redact",
     "rejected_positions",

@@ -54,6 +54,7 @@ from protocol._errors import (
     InvalidRequest,
     SubjectError,
 )
+from protocol._forget import FORGET_REQUEST_DECODER, ForgetReply, ForgetRequest
 from protocol._gather import (
     Gathering,
     merge_members,
@@ -76,6 +77,7 @@ from protocol._subjects import (
     partitioned_customer_of_api_subject,
 )
 from protocol._types import REJECTION_HEADROOM, shown_subject
+from protocol.nats._forget_api import place_forget_orders
 from protocol.nats._refusals import permission_guard
 from protocol.nats._replies import answer_inboxes_only, answers_an_inbox
 from protocol.nats._undecodable import tolerate_undecodable_subjects
@@ -329,7 +331,7 @@ async def _listen(
         name=API_SERVICE,
         version=API_VERSION,
         description="shoal query service: customer state, explanations, segments, members, "
-        "customer search, definitions, status and unparking",
+        "customer search, definitions, status, unparking and forgetting",
         queue_group=API_SERVICE,
         metadata=metadata,
     )
@@ -385,6 +387,13 @@ async def _listen(
                 await handler.unpark(msgspec.structs.replace(asked, customer_ids=ids))
             )
 
+        async def forget(request: Request) -> msgspec.Struct:
+            # One engine takes it (queue group): the orders reach each customer's owner
+            # through its partition of the events stream.
+            asked = _decode(FORGET_REQUEST_DECODER, request.data)
+            asked.check()
+            return await place_forget_orders(nc, mine.count, asked)
+
         for name, answer in (("customer", customer), ("explain", explain)):
             for p in mine.owned:
                 await service.add_endpoint(
@@ -404,6 +413,7 @@ async def _listen(
             ("definitions", definitions),
             ("status", status),
             ("unpark", unpark),
+            ("forget", forget),
         ):
             await service.add_endpoint(
                 name=name,
@@ -434,6 +444,7 @@ _search_reply = msgspec.json.Decoder(SearchReply)
 _definitions_reply = msgspec.json.Decoder(DefinitionsReply)
 _status_reply = msgspec.json.Decoder(StatusReply)
 _unpark_reply = msgspec.json.Decoder(UnparkReply)
+_forget_reply = msgspec.json.Decoder(ForgetReply)
 
 
 class _ServiceInfo(msgspec.Struct, kw_only=True):
@@ -565,6 +576,29 @@ class ApiClient:
         body = _encoder.encode(UnparkRequest(customer_ids=customer_ids))
         gathering = await self._gather("unpark", body, _unpark_reply, timeout=timeout)
         return merge_unpark(gathering, customer_ids)
+
+    async def forget(
+        self,
+        customer_ids: list[str],
+        *,
+        by: str,
+        suppress_seconds: int | None = None,
+        wait_seconds: float = 30.0,
+    ) -> ForgetReply:
+        """Forget these customers everywhere shoal keeps data (see ``protocol.ForgetRequest``):
+        the reply says, per customer, its hash and whether its erasure finished within
+        ``wait_seconds``."""
+        body = _encoder.encode(
+            ForgetRequest(
+                customer_ids=customer_ids,
+                by=by,
+                suppress_seconds=suppress_seconds,
+                wait_seconds=wait_seconds,
+            )
+        )
+        return await self._request(
+            api_subject("forget"), body, _forget_reply, timeout=wait_seconds + self.timeout
+        )
 
     async def _request(
         self,

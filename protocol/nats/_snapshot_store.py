@@ -47,6 +47,7 @@ from protocol._ownership import SNAPSHOT_FORMAT, PartitionSnapshot
 from protocol._subjects import SNAPSHOTS_BUCKET
 from protocol._time import format_instant
 from protocol.nats._refusals import permission_guard
+from protocol.nats._stream import read_stream
 
 OBJECT_STREAM = f"OBJ_{SNAPSHOTS_BUCKET}"
 """The stream behind the bucket."""
@@ -85,6 +86,7 @@ _H_ENGINE = "Shoal-Engine"
 _H_CLAIM = "Shoal-Claim"
 _H_TAKEN_AT = "Shoal-Taken-At"
 _H_CUSTOMERS = "Shoal-Customers"
+_H_CHUNK_SEQS = "Shoal-Chunk-Sequences"
 
 
 class SnapshotUnusable(BrokerError):
@@ -180,6 +182,31 @@ def _digest_matches(stated: str, sha256: bytes) -> bool:
         return kind.upper() == "SHA-256" and base64.urlsafe_b64decode(value) == sha256
     except ValueError:  # binascii.Error
         return False
+
+
+def _ranges(seqs: list[int]) -> str:
+    """``1-4,9-9``: sorted sequences as ranges (one object's chunks are mostly adjacent)."""
+    out: list[str] = []
+    for seq in sorted(seqs):
+        if out and int(out[-1].split("-")[1]) == seq - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{seq}"
+        else:
+            out.append(f"{seq}-{seq}")
+    return ",".join(out)
+
+
+def _unranges(text: str) -> list[int] | None:
+    """The sequences of :func:`_ranges`; None when ``text`` is not such (then read)."""
+    seqs: list[int] = []
+    try:
+        for part in text.split(","):
+            first, last = (int(x) for x in part.split("-"))
+            if last < first or last - first > 1_000_000:
+                return None
+            seqs.extend(range(first, last + 1))
+    except ValueError:
+        return None
+    return seqs
 
 
 def _header(info: _ObjectInfo, key: str) -> str | None:
@@ -349,9 +376,14 @@ class SnapshotStore:
                     raise BrokerError(
                         f"cannot write {where}: the bucket does not exist (ensure it first)"
                     )
+                seqs: list[int] = []
                 try:
                     for i in range(0, len(data), chunk):
-                        await self._js.publish(chunks, data[i : i + chunk])
+                        ack = await self._js.publish(chunks, data[i : i + chunk])
+                        seqs.append(ack.seq)
+                    # Where its chunks are, so that whoever replaces it erases them by
+                    # sequence without reading them (see _erase_chunks).
+                    info.headers = {**(info.headers or {}), _H_CHUNK_SEQS: [_ranges(seqs)]}
                     old = await self._replace(name, info, seq, old)
                 except BaseException:
                     # Unless the info was stored after all (its ack lost): then the chunks
@@ -359,13 +391,38 @@ class SnapshotStore:
                     with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                         _, now = await self._current(name)
                         if now is None or now.nuid != nuid:
-                            await self._js.purge_stream(OBJECT_STREAM, subject=chunks)
+                            for chunk_seq in seqs:
+                                await self._js.delete_msg(OBJECT_STREAM, chunk_seq)
                     raise
                 if old is not None and old.nuid and old.nuid != nuid:
-                    await self._js.purge_stream(OBJECT_STREAM, subject=_CHUNKS + old.nuid)
+                    await self._erase_chunks(old)
             except (TimeoutError, nats.errors.Error) as e:
                 raise BrokerError(f"cannot write {where}: {e}") from e
         return self._describe(p, info)
+
+    async def _erase_chunks(self, old: _ObjectInfo) -> None:
+        """Erase the chunks of a replaced object one by one: a purge would leave their
+        bytes (customers' data, some maybe forgotten since) in the stream's files until
+        compaction, where a delete overwrites them. By the sequences its info lists; an
+        object written before it listed them has its chunks found by reading them."""
+        subject = _CHUNKS + old.nuid
+        listed = _header(old, _H_CHUNK_SEQS)
+        seqs = _unranges(listed) if listed else None
+        if seqs is None:
+            seqs = [
+                d.stream_sequence
+                async for part in read_stream(self._nc, OBJECT_STREAM, subject)
+                for d in part
+            ]
+        for chunk_seq in seqs:
+            try:
+                msg = await self._js.get_msg(OBJECT_STREAM, chunk_seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            if msg.subject != subject:
+                continue  # not this object's: never erase another's
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self._js.delete_msg(OBJECT_STREAM, chunk_seq)
 
     async def _replace(
         self, name: str, info: _ObjectInfo, seq: int, old: _ObjectInfo | None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from store import CustomerBase, CutMark, LoggedEvent, Store
+from store import CustomerBase, CutMark, Forgotten, LoggedEvent, Store
 
 
 def ev(customer_id: str, message_id: str) -> LoggedEvent:
@@ -49,3 +49,24 @@ async def test_a_cut_deletes_the_events_and_keeps_the_bases_and_the_positions(
         assert [b.customer_id async for chunk in store.retention.read() for b in chunk] == ["b"]
     async with await Store.open_read_only(db) as store:
         assert store.events.last_seq == 4 and await store.retention.count() == 1
+
+
+async def test_a_forgotten_customer_s_base_goes_with_the_rest(tmp_path: Path) -> None:
+    async with await Store.open(tmp_path / "shoal.db") as store:
+        await store.commit([ev("a", "1"), ev("b", "2")])
+        await store.cut_log([base("a", b"A"), base("b", b"B")], CutMark(through=2, at=9, needs=""))
+        gone = Forgotten(
+            hash="h",
+            customer_id="a",
+            partition=0,
+            floor=0,
+            exits=0,
+            at=10,
+            by="test",
+            request="r",
+            suppress_until=None,
+            order_seq=1,
+            outbox_through=0,
+        )
+        await store.commit([], forget=[gone])
+        assert [b.customer_id for b in await store.retention.of(["a", "b"])] == ["b"]
