@@ -125,6 +125,9 @@ def test_serve_retain_cuts_the_log_and_a_rebuild_answers_the_same(
     done = run("replay", "--data-dir", str(data), "--segments", str(rules))
     assert done.returncode == 0, done.stderr
     assert "note: the event log is cut (retention) at" in done.stderr
+    done = run("history", "c0", "--data-dir", str(data), "--replay", "--segments", str(rules))
+    assert done.returncode == 0, done.stderr
+    assert "from the event log's cut at" in " ".join(done.stdout.split())
     done = run("export", "--data-dir", str(data), "-o", str(tmp_path / "out.jsonl"))
     assert done.returncode == 0, done.stderr
     assert f"exported {events} event(s)" in done.stderr
