@@ -142,7 +142,8 @@ async def replayed_history(
     published (except for definition changes, and static-list customers without events).
 
     When the log was cut (retention), the replay starts from the customer's base, its state
-    then (:meth:`Replay.start_from`), and gives the transitions after it.
+    then (:meth:`Replay.start_from`): its memberships then come first, as entries (cause
+    ``definition``) at its last event before the cut.
 
     Raises:
         StoreError: the log cannot be read.
@@ -152,9 +153,11 @@ async def replayed_history(
     if store.retention.cut is None:
         return list(replay((e for e in events if e.received <= until), segments, until=until))
     r = Replay(segments)
-    for row in await store.retention.of([customer_id]):
-        r.start_from(base_of(row))  # (its transitions: the state at the cut, not changes)
     out: list[Transition] = []
+    for row in await store.retention.of([customer_id]):
+        # The memberships at the cut, as entries (cause ``definition``) at its last event
+        # before the cut: the exits after them then close them.
+        out += r.start_from(base_of(row))
     for e in events:
         if e.received <= until:
             out += r.apply(e)
