@@ -24,6 +24,7 @@ from ._reconcile import Reconciled as Reconciled
 from ._reconcile import reconcile as reconcile
 from ._replay import Replay as Replay
 from ._replay import replay as replay
+from ._retention import read_bases as read_bases
 from ._stored import customer_of as customer_of
 from ._stored import event_of as event_of
 from ._stored import logged_event as logged_event
@@ -113,6 +114,7 @@ __all__ = (
     "parse_duration",
     "parse_rule",
     "parse_segments",
+    "read_bases",
     "read_log",
     "rebuild_from_stream",
     "reconcile",

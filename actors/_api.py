@@ -245,6 +245,8 @@ class EngineApi:
             # base_dir is ignored).
             parse = functools.partial(parse_segments, source=request.source)
             new = await to_thread.run_sync(parse, request.toml)
+            # What a cut event log (retention) cannot serve is refused, dry run or not.
+            self._engine.check_segments(new)
         except DefinitionError as e:
             raise InvalidRequest(str(e)) from e
         engine = self._engine

@@ -17,7 +17,8 @@ import msgspec
 from protocol import Cause, Transition
 from store import Store
 
-from ._replay import replay
+from ._replay import Replay, replay
+from ._retention import base_of
 from ._stored import event_of, transition_of
 from .rules import SegmentSet
 
@@ -140,11 +141,28 @@ async def replayed_history(
     replay of the whole log gives it: for a log a live engine wrote, those the engine
     published (except for definition changes, and static-list customers without events).
 
+    When the log was cut (retention), the replay starts from the customer's base, its state
+    then (:meth:`Replay.start_from`): its memberships then come first, as entries (cause
+    ``definition``) at its last event before the cut.
+
     Raises:
         StoreError: the log cannot be read.
+        SnapshotError: the customer's base cannot be read.
     """
     events = [event_of(e) for e in await store.events.of_customers([customer_id])]
-    return list(replay((e for e in events if e.received <= until), segments, until=until))
+    if store.retention.cut is None:
+        return list(replay((e for e in events if e.received <= until), segments, until=until))
+    r = Replay(segments)
+    out: list[Transition] = []
+    for row in await store.retention.of([customer_id]):
+        # The memberships at the cut, as entries (cause ``definition``) at its last event
+        # before the cut: the exits after them then close them.
+        out += r.start_from(base_of(row))
+    for e in events:
+        if e.received <= until:
+            out += r.apply(e)
+    out += r.advance(until)
+    return out
 
 
 async def known_customer(store: Store, customer_id: str) -> bool:
@@ -152,4 +170,5 @@ async def known_customer(store: Store, customer_id: str) -> bool:
     return bool(
         await store.outbox.of_customers([customer_id])
         or await store.events.of_customers([customer_id])
+        or (store.retention.cut is not None and await store.retention.of([customer_id]))
     )

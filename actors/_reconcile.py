@@ -42,6 +42,7 @@ def reconcile(
     now: int,
     cause: ImportCause | DefinitionCause,
     clocks: Iterable[int] | None = None,
+    base: Customer | None = None,
 ) -> Reconciled:
     """Replay a customer's logged events under ``segments`` up to ``now`` (deadlines fired
     up to it, as :class:`Replay` fires them) and reconcile the result with ``current``, the
@@ -62,6 +63,10 @@ def reconcile(
             1, of the log's entries in between): a log out of receive order (a later import
             of older history) fires the customer's deadlines up to there first, as the
             whole replay does. None: the customer's log alone decides.
+        base: the customer's state as of the log's cut (retention), when it has one:
+            ``events`` are then those after the cut, and the replay starts from it
+            (:meth:`Replay.start_from`: memberships begun before the cut are dated at its
+            last event before the cut).
 
     Returns:
         The rebuilt actor and the catch-up transitions.
@@ -70,6 +75,8 @@ def reconcile(
     # The last instant each segment stopped holding by the replay: an exit's true_since.
     left: dict[str, int] = {}
     clock_of = iter(clocks) if clocks is not None else None
+    if base is not None:
+        replay.start_from(base)
     for event in events:
         fired = replay.advance(next(clock_of)) if clock_of is not None else []
         for t in fired + replay.apply(event):

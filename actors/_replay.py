@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from protocol import Event, Transition
+from protocol import DefinitionCause, Event, Transition
 
 from ._customer import Customer
 from .engine._partition import Partition
 from .rules import SegmentSet
+
+_DEFINITION = DefinitionCause()
 
 
 class Replay:
@@ -57,6 +59,22 @@ class Replay:
     def customer(self, customer_id: str) -> Customer | None:
         """The actor of ``customer_id``, if it has had an event (read it, don't change it)."""
         return self._partition.customers.get(customer_id)
+
+    def start_from(self, base: Customer) -> list[Transition]:
+        """Take a customer from its state as of the log's cut (its base, under retention:
+        facts folded from its events before the cut, no memberships) and evaluate it at its
+        watermark (its last event before the cut), as the replay of its events before the
+        cut would have left it; return the transitions (cause ``definition``).
+
+        What no replay from there can give back: memberships begun before the cut start at
+        that watermark (``true_since``), and a segment whose membership depends on its past
+        (an exit rule, ``min_dwell``) starts from what its rules say then.
+        """
+        p = self._partition
+        p.customers[base.customer_id] = base
+        out = base.evaluate(p.segments, _DEFINITION)
+        p.arm(base.customer_id, base.deadline)
+        return out
 
     def apply(self, event: Event) -> list[Transition]:
         """Fire the deadlines before ``event.received``, then apply the event.

@@ -4,7 +4,7 @@ the segment sizes over time on a grid of instants (``shoal replay``'s outputs).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -13,6 +13,7 @@ import msgspec
 from protocol import Event, Transition, to_instant
 from store import LoggedEvent
 
+from ._customer import Customer
 from ._replay import Replay
 from ._stored import event_of
 from .rules import SegmentSet
@@ -75,6 +76,24 @@ class ReplayTally:
     def origin(self) -> int | None:
         """The instant of the sizes grid's first row (None: no event yet)."""
         return self.start if self.start is not None else self.first_at
+
+    def start_from(self, bases: Iterable[Customer]) -> None:
+        """Start from customers' states as of the log's cut (their bases, under retention:
+        :func:`actors.read_bases`), before any event is fed: each is evaluated at its last
+        event before the cut (:meth:`Replay.start_from`). The memberships that gives make
+        the state, like transitions before ``start``: they are not counted or written."""
+        for c in bases:
+            first = c.first_at()
+            if first is not None and (self.first_at is None or first < self.first_at):
+                self.first_at = first
+            made = self.replay.start_from(c)
+            if made and self.first_at is None:
+                self.first_at = c.watermark
+            for t in made:
+                i = self.index[t.segment]
+                delta = 1 if t.change == "entered" else -1
+                self.tallies[i].members += delta
+                self._add(to_instant(t.at), i, delta)
 
     def feed_logged(self, entries: Sequence[LoggedEvent]) -> None:
         """:meth:`feed` the events of these log entries.

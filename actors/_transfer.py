@@ -16,8 +16,9 @@ import anyio
 import anyio.to_thread
 
 from protocol import InvalidEvent, event_from_line, event_line
-from store import LoggedEvent, Store
+from store import CutMark, LoggedEvent, Store
 
+from ._retention import before_cut
 from ._stored import event_of, logged_event
 
 IMPORT_BATCH = 50_000
@@ -50,9 +51,10 @@ class _Chunk:
 class _Lines:
     """Numbered lines of an input, validated a chunk at a time (in a worker thread)."""
 
-    def __init__(self, lines: Iterable[bytes], now: int) -> None:
+    def __init__(self, lines: Iterable[bytes], now: int, cut: CutMark | None = None) -> None:
         self._lines: Iterator[bytes] = iter(lines)
         self._now = now
+        self._cut = cut
         self._number = 0
 
     def take(self, count: int) -> _Chunk:
@@ -65,7 +67,10 @@ class _Lines:
             text = line.strip()
             if text:
                 try:
-                    events.append(logged_event(event_from_line(text, now=self._now)))
+                    event = event_from_line(text, now=self._now)
+                    if self._cut is not None and event.at <= self._cut.at:
+                        raise before_cut(event, self._cut.at)
+                    events.append(logged_event(event))
                 except InvalidEvent as e:
                     problems.append((self._number, e.reason))
             count -= 1
@@ -89,7 +94,9 @@ async def import_history(
 ) -> ImportReport:
     """Load JSON lines of history into the event log, de-duplicated by message id.
 
-    Each line is validated by :func:`protocol.event_from_line`; an invalid one is reported
+    Each line is validated by :func:`protocol.event_from_line` (and one stamped at or
+    before the log's cut, under retention, is refused: :func:`actors._retention.before_cut`);
+    an invalid one is reported
     through ``on_skip`` and left out, and every valid one lands. Events are written
     ``batch`` at a time, each batch in one transaction (:meth:`store.Store.import_events`),
     so an interrupted import keeps the batches already written, and running it again
@@ -109,7 +116,7 @@ async def import_history(
         StoreError: a batch could not be written (those before it were).
     """
     report = ImportReport()
-    source = _Lines(lines, now)
+    source = _Lines(lines, now, store.retention.cut)
     pending: list[LoggedEvent] = []
     while True:
         # Never more than a batch pending: a line holds at most one event.

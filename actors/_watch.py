@@ -90,5 +90,8 @@ async def watch_segments(
             await apply(segments)  # the engine logs what it changed
         except DefinitionsConflict:
             continue  # logged; another engine's version is followed
+        except DefinitionError as e:  # what the engine's cut log cannot serve (retention)
+            logger.error("segments not reloaded, the previous ones stay in force", error=str(e))
+            continue
         except ActorsError:
             return

@@ -125,6 +125,10 @@ async def _history(args: argparse.Namespace) -> int:
                 f"as replayed under {args.segments or 'the default segments'} until "
                 f"{human_instant(until)}"
             )
+            cut = store.retention.cut
+            if cut is not None:
+                # What the cut log can reach: the customer's state then, no earlier change.
+                source += f" from the event log's cut at {human_instant(cut.at)} (retention)"
         else:
             transitions = await outbox_history(store, customer)
             source = f"as published (the outbox of {db})"

@@ -39,6 +39,7 @@ from protocol import (
     Event,
     OrderedHistory,
     embedded_broker,
+    format_instant,
     port_in_use,
     role_key_file,
 )
@@ -260,5 +261,13 @@ async def _export(args: argparse.Namespace) -> int:
                 written = await export_history(
                     store, out, on_progress=lambda n: progress.advance(task, n)
                 )
+            cut = store.retention.cut
     print(f"exported {written} event(s)", file=sys.stderr)
+    if cut is not None:
+        print(
+            f"note: the event log is cut (retention): events received up to "
+            f"{format_instant(cut.at)} are kept only as each customer's state, and are not "
+            "in the export",
+            file=sys.stderr,
+        )
     return 0

@@ -18,6 +18,7 @@ from protocol import (
     EVENTS_STREAM,
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
+    from_instant,
 )
 from protocol.nats import (
     connect,
@@ -103,4 +104,11 @@ async def _rebuild(args: argparse.Namespace) -> int:
             f"transitions restored from {report.read} messages of {state.stream} through "
             f"position {report.through} ({report.rejected} rejected as the engine does)"
         )
+        cut = store.retention.cut
+        if cut is not None:
+            print(
+                f"the log is cut (retention) at {from_instant(cut.at).isoformat()}: "
+                f"{report.cut} events received before it were left out, their customers' "
+                "state holds them"
+            )
     return 0

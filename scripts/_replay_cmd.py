@@ -38,7 +38,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from actors import ReplayTally, load_segments, parse_duration, read_log
+from actors import ReplayTally, load_segments, parse_duration, read_bases, read_log
 from protocol import (
     MAX_FUTURE_SKEW,
     SECOND,
@@ -481,6 +481,7 @@ async def run(args: argparse.Namespace) -> int:
         transitions_out = _open_output(args.transitions, binary=True, stack=outputs)
         sizes_out = _open_output(args.sizes, binary=False, stack=outputs)
         history: OrderedHistory | None = None
+        cut: tuple[int, int] | None = None
         ahead = _Ahead(now() + MAX_FUTURE_SKEW)
         if db is None:
             assert source is not None
@@ -500,7 +501,7 @@ async def run(args: argparse.Namespace) -> int:
                 await _replay_history(the_run, history, progress, ahead)
             else:
                 assert db is not None
-                await _replay_log(the_run, db, progress)
+                cut = await _replay_log(the_run, db, progress)
             end = await anyio.to_thread.run_sync(the_run.finish)
         if sizes_out is not None:
             await anyio.to_thread.run_sync(
@@ -519,6 +520,14 @@ async def run(args: argparse.Namespace) -> int:
             await _chart(args.chart, names, instants, rows)
     to_stdout = "-" in (args.transitions, args.sizes)
     _summary(the_run, end, sys.stderr if to_stdout else sys.stdout)
+    if cut is not None:
+        print(
+            f"note: the event log is cut (retention) at {human_instant(cut[0])}: the replay "
+            f"reaches back to there, starting from the state then of {cut[1]} customer(s) "
+            "(memberships that began before it are dated at each customer's last event "
+            "before it)",
+            file=sys.stderr,
+        )
     if the_run.out_of_order:
         print(
             f"note: {the_run.out_of_order} event(s) of the log were received before events "
@@ -584,8 +593,19 @@ async def _replay_history(
             progress.advance(task, fed)
 
 
-async def _replay_log(the_run: ReplayTally, db: Path, progress: Progress | None) -> None:
+async def _replay_log(
+    the_run: ReplayTally, db: Path, progress: Progress | None
+) -> tuple[int, int] | None:
+    """Replay the log of ``db``; return, when it was cut (retention), the cut instant and
+    how many customers' states the replay started from."""
     async with await Store.open_read_only(db) as store:
+        cut = store.retention.cut
+        based = 0
+        if cut is not None:
+            # What the cut log still holds begins there: each customer's state then.
+            async for bases in read_bases(store):
+                await anyio.to_thread.run_sync(the_run.start_from, bases)
+                based += len(bases)
         task: TaskID | None = None
         if progress is not None:
             task = progress.add_task("", total=await store.events.count())
@@ -593,3 +613,4 @@ async def _replay_log(the_run: ReplayTally, db: Path, progress: Progress | None)
             await anyio.to_thread.run_sync(the_run.feed_logged, entries)
             if progress is not None and task is not None:
                 progress.advance(task, len(entries))
+        return None if cut is None else (cut.at, based)

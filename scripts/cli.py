@@ -23,6 +23,7 @@ import structlog
 
 from actors import (
     ActorsError,
+    DefinitionError,
     DefinitionsConflict,
     DefinitionsKeeper,
     Engine,
@@ -34,6 +35,7 @@ from actors import (
     served_origin,
     watch_segments,
 )
+from actors.rules import check_retention
 from protocol import Ownership
 from protocol.nats import (
     DEFAULT_LEASE_TTL,
@@ -75,6 +77,7 @@ from ._connection import (
 )
 from ._errors import REPORTED, ExitCode, NotFound, UsageError, exit_code
 from ._logging import Scrubber, configure_logging, log_store_upgrade, secrets_of
+from ._retention import add_retain
 from ._serving import Serving, metrics_view
 from ._signals import stop_on_signal
 
@@ -267,6 +270,12 @@ def _parser() -> argparse.ArgumentParser:
         help="snapshot the customers that changed this often (default %(default)g); a "
         "restart replays the log written since the last round",
     )
+    add_retain(
+        serve,
+        "cut events received longer ago than this (e.g. 400d) from the event log, keeping "
+        "each customer's state; segments whose windows (within=...) reach further are "
+        "refused (default: keep everything)",
+    )
     serve.add_argument(
         "--rebuild",
         action="store_true",
@@ -295,6 +304,7 @@ def _parser() -> argparse.ArgumentParser:
     segs_sub = segs.add_subparsers(required=True, metavar="ACTION")
     validate = segs_sub.add_parser("validate", help="check a segments file, offline")
     validate.add_argument("file", type=Path, help="segments TOML file")
+    add_retain(validate, "also refuse windows longer than this retention (e.g. 400d)")
     validate.set_defaults(run=_validate)
     _import_cmd.register(sub)
     _history_cmd.register(sub)
@@ -359,6 +369,7 @@ async def _serve(args: argparse.Namespace) -> int:
     lists_dir = _lists_dir(path, args.lists_dir)
     stamp = file_stamp(path) if path is not None else None  # before reading: no change is missed
     segments = load_segments(path, lists_dir=lists_dir)
+    check_retention(segments, args.retain)
     data_dir: Path = args.data_dir
     async with contextlib.AsyncExitStack() as stack:
         # Taken over now, so a SIGHUP during start-up waits for the engine instead of
@@ -417,7 +428,10 @@ async def _serve(args: argparse.Namespace) -> int:
                 with contextlib.suppress(DefinitionsConflict):
                     # Another engine stored a version first (several started with the
                     # file changed): logged, and followed like any other engine's.
-                    await apply_file(keeper.pending)
+                    try:
+                        await apply_file(keeper.pending)
+                    except DefinitionError as e:  # what the cut log cannot serve
+                        logger.error("segments not applied, the stored ones stay", error=str(e))
             first = False
 
         serving = Serving(
@@ -435,6 +449,7 @@ async def _serve(args: argparse.Namespace) -> int:
             config=EngineConfig(
                 use_snapshots=not args.rebuild,
                 snapshot_interval=args.snapshot_interval,
+                retain=args.retain,
             ),
             observer=metrics,
             snapshot_every=args.snapshot_interval,
@@ -458,7 +473,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 engine = await serving.running_engine()
                 try:
                     return await engine.apply_segments(new, origin=origin)
-                except DefinitionsConflict:
+                except (DefinitionsConflict, DefinitionError):
                     raise
                 except ActorsError:
                     await anyio.sleep(0.1)
@@ -536,6 +551,7 @@ def _lists_dir(segments: Path | None, lists_dir: Path | None) -> Path | None:
 
 async def _validate(args: argparse.Namespace) -> int:
     segments = load_segments(args.file)
+    check_retention(segments, args.retain)
     names = segments.names
     plural = "" if len(names) == 1 else "s"
     print(f"{args.file}: ok, {len(names)} segment{plural} ({', '.join(names)})")

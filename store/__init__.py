@@ -19,6 +19,9 @@ from ._outbox import Outbox as Outbox
 from ._outbox import OutboxEntry as OutboxEntry
 from ._parked import Parked as Parked
 from ._parked import ParkedCustomer as ParkedCustomer
+from ._retention import CustomerBase as CustomerBase
+from ._retention import CutMark as CutMark
+from ._retention import Retention as Retention
 from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
 from ._schema import Synchronous as Synchronous
 from ._snapshots import Snapshot as Snapshot
@@ -28,6 +31,8 @@ from ._store import Store as Store
 
 __all__ = (
     "SCHEMA_VERSION",
+    "CustomerBase",
+    "CutMark",
     "Definitions",
     "EventLog",
     "Forgotten",
@@ -37,6 +42,7 @@ __all__ = (
     "OutboxEntry",
     "Parked",
     "ParkedCustomer",
+    "Retention",
     "Snapshot",
     "SnapshotMarks",
     "Snapshots",

@@ -81,6 +81,13 @@ class EventLog:
             last = rows[-1][0]
             yield _entries(rows)
 
+    async def part(self, *, after: int, limit: int) -> list[LoggedEvent]:
+        """Up to ``limit`` entries after position ``after``, in log order."""
+        rows = await self._db.rows(
+            f"{_COLUMNS} WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit), doing=_READING
+        )
+        return _entries(rows)
+
     async def of_customers(self, customer_ids: Iterable[str]) -> list[LoggedEvent]:
         """Every event of these customers, in log order."""
         out: list[LoggedEvent] = []

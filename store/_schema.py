@@ -13,6 +13,7 @@ from ._db import Db
 from ._definitions import DEFINITIONS_TABLE
 from ._errors import StoreFormatError
 from ._forgotten import FORGOTTEN_TABLE
+from ._retention import RETENTION_TABLE
 
 SCHEMA_VERSION = 4
 """2 added the snapshots table, 3 the definitions table, 4 the erasure and retention tables;
@@ -61,6 +62,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
 CREATE INDEX IF NOT EXISTS snapshots_by_deadline ON snapshots (deadline, customer_id);
 """
 _SCHEMA += DEFINITIONS_TABLE
+_SCHEMA += RETENTION_TABLE
 _SCHEMA += FORGOTTEN_TABLE
 # A snapshot is one customer's state as of the event log position ``log_seq`` (every event
 # up to it that is the customer's is folded in, none after). ``deadline`` is indexed so that

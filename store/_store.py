@@ -22,6 +22,7 @@ from ._forgotten import Forgotten, ForgottenTable
 from ._lock import WriterLock
 from ._outbox import Outbox, OutboxEntry
 from ._parked import Parked
+from ._retention import CustomerBase, CutMark, Retention
 from ._schema import MMAP_BYTES, Synchronous, check_for_reading, prepare_for_writing
 from ._snapshots import Snapshot, SnapshotMarks, Snapshots
 
@@ -57,6 +58,7 @@ class Store:
         imports: dict[str, int] | None = None,
         partitions_through: dict[int, int] | None = None,
         dropped: set[int] | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._db = db
         self._partitions_through = partitions_through or {}
@@ -78,6 +80,8 @@ class Store:
         self.upgraded_from: int | None = None
         """The schema version the store had when :meth:`open` upgraded it in place to
         :data:`~store.SCHEMA_VERSION` (None: it was new, or of this version already)."""
+        self.retention = retention or Retention(db, None)
+        """The customers' bases and where the log was cut (retention)."""
         self.forgotten = ForgottenTable(db, {})
         """The customers forgotten (``shoal forget``), by the hash of their id."""
 
@@ -171,10 +175,15 @@ class Store:
     @classmethod
     async def _assemble(cls, db: Db, lock: WriterLock | None, *, doing: str) -> Self:
         meta = await db.meta(doing=doing)
+        retention = await Retention.load(db, meta)
+        events = await EventLog.load(db, doing=doing)
+        if retention.cut is not None and events.last_seq < retention.cut.through:
+            # The whole log was cut: positions go on after the last one cut, never again.
+            events._committed(retention.cut.through)
         store = cls(
             db,
             lock,
-            await EventLog.load(db, doing=doing),
+            events,
             await Outbox.load(db, meta, doing=doing),
             Snapshots.load(db, meta),
             await Parked.load(db, writable=lock is not None, doing=doing),
@@ -186,6 +195,7 @@ class Store:
                 if k.startswith(_PARTITION_THROUGH)
             },
             {int(k[len(_DROPPED) :]) for k in meta if k.startswith(_DROPPED)},
+            retention,
         )
         store.forgotten = await ForgottenTable.load(db, doing=doing)
         return store
@@ -273,7 +283,7 @@ class Store:
                 that partition's position forward).
             imports: imports begun (id -> the event log position then) or ended (id ->
                 None) with this commit (see :attr:`open_imports`).
-            forget: customers forgotten with this commit: their events, snapshot and
+            forget: customers forgotten with this commit: their events, snapshot, base and
                 parking are deleted, and their erasure recorded (pending: see
                 :meth:`erase`). Their ``forgotten`` exits are among ``entries``; each
                 record's ``outbox_through`` is set here to the outbox's last position.
@@ -310,6 +320,8 @@ class Store:
                 await self._delete_customers(
                     [f.customer_id or "" for f in forget], ("events", "snapshots")
                 )
+                # Their state as of the log's cut (retention) too.
+                await self.retention._drop([f.customer_id or "" for f in forget])
                 await self.parked._remove([f.customer_id or "" for f in forget])
                 await self.forgotten._put(forget)
             last_event = await self.events._append(events)
@@ -453,7 +465,8 @@ class Store:
         """
         rows = await self._db.rows(
             "SELECT customer_id FROM snapshots UNION SELECT customer_id FROM transitions "
-            "UNION SELECT customer_id FROM events",
+            "UNION SELECT customer_id FROM events"
+            + (" UNION SELECT customer_id FROM bases" if self.retention.cut is not None else ""),
             doing=f"cannot read {self._db.path}",
         )
         return {r[0] for r in rows} | {p.customer_id for p in self.parked.all()}
@@ -461,8 +474,8 @@ class Store:
     async def drop_customers(
         self, customer_ids: Sequence[str], *, partitions: Iterable[int] = ()
     ) -> None:
-        """Remove everything of these customers (their events, transitions, snapshot and
-        parking) and the recorded positions of ``partitions``, in one transaction: their
+        """Remove everything of these customers (their events, transitions, snapshot, base
+        and parking) and the recorded positions of ``partitions``, in one transaction: their
         partition passed to another engine, which holds them now.
 
         Positions of the log and the outbox are not given again.
@@ -482,6 +495,7 @@ class Store:
                         doing=db.writing,
                     )
             await self.parked._remove(list(customer_ids))
+            await self.retention._drop(list(customer_ids))
             for p in dropped:
                 await db.execute(
                     "DELETE FROM meta WHERE key = ?",
@@ -514,6 +528,27 @@ class Store:
                     doing=self._db.writing,
                 )
             self._dropped.discard(partition)
+
+    async def cut_log(self, bases: Sequence[CustomerBase], mark: CutMark) -> None:
+        """Move the cut of the event log to ``mark``, in one transaction: store ``bases``
+        (replacing those stored: each customer's state folded from its events up to
+        ``mark.through``) and delete every event up to ``mark.through``.
+
+        Positions of the log are not given again: :attr:`EventLog.last_seq` stays.
+
+        Raises:
+            StoreError: nothing was written.
+        """
+        cut = self.retention.cut
+        if cut is not None and mark.through < cut.through:
+            raise ValueError(f"the log is cut up to {cut.through} already, not {mark.through}")
+        if mark.through > self.events.last_seq:
+            raise ValueError(
+                f"no event at {mark.through} yet: the log ends at {self.events.last_seq}"
+            )
+        async with self._db.transaction():
+            await self.retention._cut_to(bases, mark)
+        self.retention._committed(mark)
 
     async def import_events(self, events: Sequence[LoggedEvent]) -> int:
         """Append the events the log does not hold yet, in one transaction; return how many.

@@ -34,6 +34,18 @@ class EngineConfig:
     """Snapshots encoded and written per turn of the loop while a round is under way."""
     page_batch: int = 5_000
     """Snapshots loaded per turn of the loop while the engine warms up after a restart."""
+    retain: int | None = None
+    """Retention (microseconds): events received longer ago than this are cut from the log,
+    their customers' facts kept in bases (``store.retention``). None: the log keeps
+    everything."""
+    retention_interval: float = 600.0
+    """Seconds (of the engine's clock) between two moves of the log cut (each moves it as
+    far as the retention allows, a part per turn)."""
+    retention_batch: int = 1_000
+    """Events folded into bases and cut per turn of the loop while the cut moves: each part
+    decodes and encodes the bases of its customers, 15-100 us an event on the test machine
+    (more for customers with long retained histories), so a part holds the loop for
+    15-100 ms."""
     use_snapshots: bool = True
     """False: ignore stored snapshots at start and rebuild every customer from the log."""
     freeze_gc: bool = True

@@ -7,7 +7,8 @@ Two tasks, none per customer. Each turn of the main loop:
    store in one transaction, rejections published, the batch acknowledged with one message;
 2. fires the deadlines that fell due, each at its own instant, in the same way
    (:mod:`._deadlines`);
-3. writes the next part of a round of snapshots, when one is under way (:mod:`._snapshots`);
+3. writes the next part of a round of snapshots, when one is under way (:mod:`._snapshots`),
+   and with a retention the next part of the log cut (:mod:`._retention`);
 4. when there is nothing else to do, prepares the customers whose deadlines fall due within
    the next 10 s, so that firing them costs less;
 5. when there is nothing to do, sleeps until a delivery arrives, the next deadline, or a
@@ -31,14 +32,16 @@ import structlog
 
 from actors._clock import Clock, SystemClock
 from actors._customer import Customer
-from actors._errors import ActorsError, DefinitionsConflict
-from actors.rules import SegmentSet
+from actors._errors import ActorsError, DefinitionError, DefinitionsConflict
+from actors._retention import decode_needs
+from actors.rules import SegmentSet, check_retention, unserved
 from protocol import (
     DefinitionsApplied,
     EventSource,
     Origin,
     StoredDefinitions,
     TransitionSink,
+    format_instant,
     partition,
 )
 from store import ParkedCustomer, Store, StoreError
@@ -56,6 +59,7 @@ from ._outbox import Outbox
 from ._parking import Parking
 from ._partition import Partition
 from ._recovery import Recovery
+from ._retention import Cutter
 from ._snapshots import Snapshots
 from ._startup import check_store
 from ._stored_definitions import DefinitionsKeeper
@@ -140,6 +144,7 @@ class Engine:
             p, recovery, outbox, parking, counts.stats, gc, self._clock, cfg, observer
         )
         self._imports = imports = Imports(store, p, outbox, parking, counts.stats, self._clock)
+        self._cutter = Cutter(store, p, self._clock, cfg)
         self._forgetting = forgetting = Forgetting(
             store, p, recovery, outbox, parking, source.partitions, self._clock
         )
@@ -406,7 +411,45 @@ class Engine:
         """
         if not self._running:
             raise ActorsError("the engine is not running")
+        self.check_segments(segments)
         return await self._switch_to(self._definitions.ask(segments, origin))
+
+    def _warn_unserved(self, segments: SegmentSet, what: str) -> None:
+        """Say loudly that ``segments``, in force without this engine applying them (stored
+        or another engine's), are what its log cut cannot serve exactly: its rebuilds of
+        customers from their bases are then not exact. (Refusing them would leave engines
+        sharing a broker on different definitions, or one unable to start.)"""
+        try:
+            self.check_segments(segments)
+        except DefinitionError as e:
+            self._logger.error(
+                f"{what}: this engine's cut log cannot serve them exactly (give every engine "
+                "sharing the broker the same --retain, and apply definitions it can serve)",
+                error=str(e),
+            )
+
+    def check_segments(self, segments: SegmentSet) -> None:
+        """Refuse definitions this engine's event log cannot serve exactly: with a
+        retention, a window longer than it; once the log is cut, an all-time fact the
+        customers' bases do not keep (the events it would be folded from are gone).
+
+        Raises:
+            DefinitionError: the message names the segment and what it reads.
+        """
+        check_retention(segments, self._config.retain)
+        cut = self._store.retention.cut
+        if cut is None:
+            return
+        problems = unserved(decode_needs(cut.needs), segments)
+        if problems:
+            raise DefinitionError(
+                "the event log is cut (retention: history before "
+                f"{format_instant(cut.at)} is kept only as each customer's "
+                "state), and the state does not hold what these definitions read for all "
+                f"time: {'; '.join(problems)}. Use a window (within=...) no longer than the "
+                "retention instead",
+                source=segments.source,
+            )
 
     async def follow_definitions(self, record: StoredDefinitions, segments: SegmentSet) -> int:
         """Switch the running engine to another engine's version of the definitions,
@@ -420,6 +463,8 @@ class Engine:
         """
         if not self._running:
             raise ActorsError("the engine is not running")
+        # Followed all the same: engines sharing a broker evaluate one version.
+        self._warn_unserved(segments, f"definitions version {record.version} followed")
         return await self._switch_to(self._definitions.ask(segments, record=record))
 
     async def _switch_to(self, request: SegmentsRequest) -> int:
@@ -548,6 +593,7 @@ class Engine:
         await sink.start()
         try:
             await check_store(self._store, source)
+            self._warn_unserved(self._partition.segments, "definitions in force")
             if not self._recovered:
                 await self._rebuild()
             if self._keeper is not None:
@@ -628,6 +674,7 @@ class Engine:
                 busy = True
             busy = await deadlines.fire_due(source) or busy
             busy = await snapshots.step() or busy
+            busy = await self._cutter.step() or busy
             if not busy and recovery.warm:
                 busy = await deadlines.prepare(source)
             if not busy:

@@ -48,6 +48,7 @@ from ._outbox import Outbox, positions
 from ._parking import Parking
 from ._partition import Partition
 from ._published import Published
+from ._retention import bases_of
 
 MAX_OPEN_IMPORTS = 16
 """Imports open at once at most: a begin marker beyond them is rejected."""
@@ -293,6 +294,8 @@ class Imports:
         logged: dict[str, list[LoggedEvent]] = defaultdict(list)
         for e in await store.events.of_customers(customer_ids):
             logged[e.customer_id].append(e)
+        # Replayed from their bases when the log was cut (retention).
+        bases, unreadable = await bases_of(store, customer_ids)
         missing = [i for i in customer_ids if i not in p.customers]
         # What was published of those not in memory (taken over from another engine: the
         # first of it is in their snapshots).
@@ -307,6 +310,8 @@ class Imports:
         for i, customer_id in enumerate(customer_ids):
             current = p.customers.get(customer_id) or published.get(customer_id)
             try:
+                if customer_id in unreadable:
+                    raise unreadable[customer_id]
                 mine = logged[customer_id]
                 done = reconcile(
                     current,
@@ -316,6 +321,7 @@ class Imports:
                     now=now,
                     cause=cause,
                     clocks=[clocks.before(e.seq) for e in mine],
+                    base=bases.get(customer_id),
                 )
             except Exception as e:
                 p.fail(customer_id, "import", e)

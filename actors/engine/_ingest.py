@@ -13,6 +13,7 @@ import anyio
 import structlog
 
 from actors._clock import Clock
+from actors._retention import before_cut
 from actors._stored import logged_event
 from protocol import (
     Delivery,
@@ -141,6 +142,7 @@ class Ingest:
         keys: set[tuple[str, str]] = set()
         imported: set[int] = set()
         max_bytes = self._config.max_event_bytes
+        cut = self._store.retention.cut
         for i, d in enumerate(batch):
             await breathe(i, SERVE_EVERY * 4)
             try:
@@ -148,6 +150,9 @@ class Ingest:
                 event = d.event(max_bytes, received=received)
             except InvalidEvent as e:
                 rejected.append((d, e))
+                continue
+            if cut is not None and event.at <= cut.at:
+                rejected.append((d, before_cut(event, cut.at)))
                 continue
             refused = self._forgetting.refusal(event)
             if refused is not None:

@@ -34,6 +34,7 @@ from ._metrics import Counts
 from ._outbox import Outbox
 from ._partition import Failure, Partition
 from ._published import Published
+from ._retention import bases_of
 
 
 def _version() -> str:
@@ -159,6 +160,9 @@ class Parking:
         ids = [r.customer_id for r in rows]
         events = await store.events.of_customers(ids)
         outbox = await store.outbox.of_customers(ids)
+        # The log is never cut past a parked customer's position: what was cut of its
+        # events (retention) is in its base.
+        bases, unreadable = await bases_of(store, ids)
         now, segments = self._clock.now(), p.segments
         failed = p.failed
         assert failed is not None
@@ -168,8 +172,10 @@ class Parking:
         for row in rows:
             customer_id = row.customer_id
             mine = [e for e in events if e.customer_id == customer_id]
-            c = Customer(customer_id)
+            c = bases.get(customer_id) or Customer(customer_id)
             try:
+                if customer_id in unreadable:
+                    raise unreadable[customer_id]
                 for e in mine:
                     if e.seq <= row.log_seq:
                         c.fold(event_of(e), segments)

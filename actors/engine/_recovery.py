@@ -27,6 +27,7 @@ from ._outbox import Outbox
 from ._parking import Parking
 from ._partition import Partition
 from ._published import Published
+from ._retention import bases_of
 
 _DEFINITION = DefinitionCause()
 
@@ -314,8 +315,11 @@ class Recovery:
             return []
         p = self._partition
         segments = p.segments
-        fresh = {customer_id: Customer(customer_id) for customer_id in customer_ids}
-        failed: dict[str, BaseException] = {}
+        # From each one's base, when the log was cut (retention), else from nothing.
+        fresh, failed = await bases_of(self._store, customer_ids)
+        for customer_id in customer_ids:
+            if customer_id not in fresh:  # (one whose base is unreadable fails below)
+                fresh[customer_id] = Customer(customer_id)
         for e in await self._store.events.of_customers(customer_ids):
             if e.customer_id not in failed:
                 try:
@@ -406,13 +410,18 @@ class Recovery:
     async def fold_log(
         self, segments: SegmentSet, customers: dict[str, Customer]
     ) -> tuple[int, dict[str, BaseException]]:
-        """Fold the whole event log into ``customers`` (adding actors as needed), keeping the
-        facts ``segments`` reads, but for parked customers; return how many events were
-        read, and the customers whose events raised (taken out of ``customers``: the caller
-        parks them)."""
+        """Fold the whole event log into ``customers`` (adding actors as needed, from their
+        bases when the log was cut), keeping the facts ``segments`` reads, but for parked
+        customers; return how many events were read, and the customers whose base is
+        unreadable or whose events raised (taken out of ``customers``: the caller parks
+        them)."""
         read = 0
         parked = self._parking
-        failed: dict[str, BaseException] = {}
+        # The log after the cut (retention) folds into each customer's base.
+        bases, failed = await bases_of(self._store)
+        for customer_id, base in bases.items():
+            if customer_id not in parked and customer_id not in customers:
+                customers[customer_id] = base
         async for chunk in self._store.events.read():
             for entry in chunk:
                 customer_id = entry.customer_id

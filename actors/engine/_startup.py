@@ -135,6 +135,9 @@ class RebuildReport:
     """Messages the engine rejected (invalid): not logged, as by the engine."""
     transitions: int = 0
     """Published transitions added to the outbox, as published."""
+    cut: int = 0
+    """Events received at or before the log's cut (retention): not logged, their customers'
+    bases hold them already."""
 
 
 def _imported_received(d: Delivery) -> int | None:
@@ -161,13 +164,16 @@ async def log_from_stream(
     max_event_bytes: int,
     rejected: Collection[int],
     customers: set[str] | None = None,
+    cut: int | None = None,
     forgotten: Mapping[str, int] | None = None,
 ) -> None:
     """Add to the log the valid events of ``deliveries`` (in stream order, up to position
     ``through``) it does not hold, decoded as the engine decodes them; count in ``report``
     (and, without ``through``, move ``report.through`` to the last read); add their
     customers to ``customers``. ``forgotten``: the hashes of forgotten customers' ids, with
-    their orders' positions: their events before those are left out."""
+    their orders' positions: their events before those are left out. Events received at or
+    before ``cut`` are left out too (the log's cut: folded into the bases already, and no
+    longer in the log to be found repeats)."""
     async for chunk in deliveries:
         events: list[LoggedEvent] = []
         for i, d in enumerate(chunk):
@@ -190,6 +196,9 @@ async def log_from_stream(
                 event = d.event(max_event_bytes, received=_imported_received(d))
             except InvalidEvent:
                 report.rejected += 1
+                continue
+            if cut is not None and event.received <= cut:
+                report.cut += 1
                 continue
             if forgotten and forgotten.get(forget_hash(event.customer_id), 0) > d.stream_sequence:
                 continue
@@ -243,6 +252,7 @@ async def rebuild_from_stream(
         through=through,
         max_event_bytes=max_event_bytes,
         rejected=rejected,
+        cut=None if store.retention.cut is None else store.retention.cut.at,
     )
 
     entries: dict[tuple[str, int], OutboxEntry] = {}

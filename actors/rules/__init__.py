@@ -29,6 +29,9 @@ from ._facts import Indexed as Indexed
 from ._facts import Needs as Needs
 from ._facts import Tracked as Tracked
 from ._facts import earliest as earliest
+from ._reach import check_retention as check_retention
+from ._reach import duration_text as duration_text
+from ._reach import unserved as unserved
 from ._rule import Rule as Rule
 from ._rule import parse_rule as parse_rule
 from ._scores import ScoreConfig as ScoreConfig
@@ -57,6 +60,8 @@ __all__ = (
     "Segment",
     "SegmentSet",
     "Tracked",
+    "check_retention",
+    "duration_text",
     "earliest",
     "explain",
     "load_segments",
@@ -66,4 +71,5 @@ __all__ = (
     "parse_rule",
     "parse_segments",
     "stored_text",
+    "unserved",
 )
