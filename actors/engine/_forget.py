@@ -112,27 +112,22 @@ class Forgetting:
 
     # Refusing suppressed ids -------------------------------------------------------------
 
-    def refusal(self, event: Event) -> InvalidEvent | None:
+    def refusal(self, event: Event) -> tuple[InvalidEvent, str] | None:
         """Why ``event`` is refused (its customer was forgotten with a suppression that
-        lasts past its receive instant), or None."""
+        lasts past its receive instant), with the subject its rejection is published under
+        (``forgotten:<hash>``: never the id); None when it is not."""
         if not self._suppressed:
             return None
         digest = forget_hash(event.customer_id)
         until = self._suppressed.get(digest)
         if until is None or event.received >= until:
             return None
-        return InvalidEvent(
+        refused = InvalidEvent(
             f"the customer was forgotten with its events refused until {format_instant(until)} "
             f"(id hash sha256:{digest})",
             kind="suppressed",
         )
-
-    @staticmethod
-    def placeholder(reason: str) -> str:
-        """The subject a refusal of a suppressed id is published with: its hash, never the
-        id (read back from ``reason``)."""
-        digest = reason.rsplit("sha256:", 1)[-1].rstrip(")")
-        return f"forgotten:{digest}"
+        return refused, f"forgotten:{digest}"
 
     def erase_later(self, sequence: int) -> None:
         """Erase this refused message of a suppressed id from the events stream, once its

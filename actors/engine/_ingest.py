@@ -74,6 +74,7 @@ class Ingest:
     ) -> None:
         self._forgetting = forgetting
         self._refused: list[int] = []
+        self._placeholders: dict[int, str] = {}
         self._store = store
         self._partition = partition
         self._recovery = recovery
@@ -154,10 +155,11 @@ class Ingest:
             if cut is not None and event.at <= cut.at:
                 rejected.append((d, before_cut(event, cut.at)))
                 continue
-            refused = self._forgetting.refusal(event)
-            if refused is not None:
-                rejected.append((d, refused))
+            refusal = self._forgetting.refusal(event)
+            if refusal is not None:
+                rejected.append((d, refusal[0]))
                 self._refused.append(d.stream_sequence)
+                self._placeholders[d.stream_sequence] = refusal[1]
                 continue
             if received is not None:
                 imported.add(d.stream_sequence)
@@ -263,9 +265,10 @@ class Ingest:
     async def _reject(self, d: Delivery, invalid: InvalidEvent) -> None:
         reason = invalid.reason
         subject, data = d.subject, d.data
-        if invalid.kind == "suppressed":
+        placeholder = self._placeholders.pop(d.stream_sequence, None)
+        if placeholder is not None:
             # A forgotten id's: the rejection names its hash only, and keeps no payload.
-            subject, data = Forgetting.placeholder(reason), b""
+            subject, data = placeholder, b""
         self._counts.rejected(invalid.kind)
         self._logger.warning(
             "event rejected",
