@@ -358,12 +358,6 @@ async def _events_leader(nc: Client, names: list[str]) -> int:
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(
-    not os.environ.get("SHOAL_PAUSE_TEST"),
-    reason="opt-in (SHOAL_PAUSE_TEST=1) until a stall it found is understood: in 1 of its "
-    "last 10 runs (a CI rehearsal), after the leases changed hands during the pauses, both "
-    "engines stopped applying events for the 90 s the test waits (issue 19's closing note)",
-)
 async def test_live_equals_replay_across_stream_leader_pauses(
     nats_cluster: NatsCluster, tmp_path: Path, procs: list[Proc]
 ) -> None:
