@@ -642,7 +642,7 @@ class Serving:
             held=held,
         )
         if snapshot is not None and snapshot.forgotten:
-            await self._unfinished_erasures(p, snapshot.forgotten)
+            await unfinished_erasures(self.nc, self.store, p, snapshot.forgotten)
         floor = 0 if snapshot is None else snapshot.progress
         self._floors[p] = floor
         stored = await published_versions(self.nc, SEGMENTS_STREAM, p, after=floor)
@@ -659,49 +659,6 @@ class Serving:
             published_after_snapshot=len(stored),
         )
         return report.base
-
-    async def _unfinished_erasures(
-        self, p: int, forgotten: Sequence[tuple[str, int, int | None, int]]
-    ) -> None:
-        """Erasures the partition's previous owner began and did not finish: their orders
-        (erased last) are still in the stream. Finished here, from the order's id."""
-        js = self.nc.jetstream()
-        unfinished: list[Forgotten] = []
-        for digest, floor, until, order_seq in forgotten:
-            try:
-                msg = await js.get_msg(EVENTS_STREAM, order_seq)
-            except nats.js.errors.NotFoundError:
-                continue  # finished: the order is erased
-            except (TimeoutError, nats.errors.Error) as e:
-                raise BrokerError(f"cannot read order {order_seq} of {EVENTS_STREAM}: {e}") from e
-            try:
-                order = decode_forget_order(msg.data or b"")
-            except ApiError:
-                continue
-            if forget_hash(order.customer_id) != digest:
-                continue
-            unfinished.append(
-                Forgotten(
-                    hash=digest,
-                    customer_id=order.customer_id,
-                    partition=p,
-                    floor=floor,
-                    exits=0,
-                    at=0 if msg.time is None else to_instant(msg.time),
-                    by=order.by,
-                    request=order.request,
-                    suppress_until=until,
-                    order_seq=order_seq,
-                    outbox_through=0,
-                )
-            )
-        if unfinished:
-            _logger.info(
-                "erasures the previous owner did not finish are finished here",
-                partition=p,
-                id_hashes=[f.hash for f in unfinished],
-            )
-            await self.store.remember_forgotten(unfinished)
 
     # Snapshots --------------------------------------------------------------------------
 
@@ -791,6 +748,58 @@ class Serving:
                             f"handing {len(give)} partitions over to {', '.join(sorted(short))}"
                         )
                         return
+
+
+async def unfinished_erasures(
+    nc: Client, store: Store, p: int, forgotten: Sequence[tuple[str, int, int | None, int]]
+) -> list[Forgotten]:
+    """Record in ``store``, pending, the erasures of partition ``p`` that its previous owner
+    began and did not finish (``forgotten``: the records its snapshot carries), so that this
+    engine finishes them; return them. One is unfinished while its order (erased last) is
+    still in the stream: the order names the customer.
+
+    Raises:
+        BrokerError: the stream cannot be read.
+        StoreError: the store cannot be written.
+    """
+    js = nc.jetstream()
+    unfinished: list[Forgotten] = []
+    for digest, floor, until, order_seq in forgotten:
+        try:
+            msg = await js.get_msg(EVENTS_STREAM, order_seq)
+        except nats.js.errors.NotFoundError:
+            continue  # finished: the order is erased
+        except (TimeoutError, nats.errors.Error) as e:
+            raise BrokerError(f"cannot read order {order_seq} of {EVENTS_STREAM}: {e}") from e
+        try:
+            order = decode_forget_order(msg.data or b"")
+        except ApiError:
+            continue
+        if forget_hash(order.customer_id) != digest:
+            continue
+        unfinished.append(
+            Forgotten(
+                hash=digest,
+                customer_id=order.customer_id,
+                partition=p,
+                floor=floor,
+                exits=0,
+                at=0 if msg.time is None else to_instant(msg.time),
+                by=order.by,
+                request=order.request,
+                suppress_until=until,
+                order_seq=order_seq,
+                outbox_through=0,
+            )
+        )
+    if unfinished:
+        _logger.info(
+            "erasures the previous owner did not finish are finished here",
+            partition=p,
+            id_hashes=[f.hash for f in unfinished],
+        )
+        await store.remember_forgotten(unfinished)
+    return unfinished
 
 
 def metrics_view(serving: Serving) -> _CurrentEngine:

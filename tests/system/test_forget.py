@@ -29,18 +29,38 @@ from protocol import (
     REJECTED_SUBJECT,
     SEGMENTS_STREAM,
     SEGMENTS_WILDCARD,
+    ForgetOrder,
     ForgottenCause,
     Rejection,
     Transition,
     embedded_broker,
     event_subject,
     forget_hash,
+    forget_order_subject,
     format_instant,
     partition,
     role_key_file,
 )
-from protocol.nats import ApiClient, Credentials, LeaseBucket, connect, read_stream
-from tests.helpers import NatsServer, Proc, free_port, now, published, run, serve_engine, track
+from protocol.nats import (
+    ApiClient,
+    Credentials,
+    LeaseBucket,
+    connect,
+    ensure_streams,
+    read_stream,
+)
+from scripts._serving import unfinished_erasures
+from store import Store
+from tests.helpers import (
+    NatsServer,
+    Proc,
+    free_port,
+    now,
+    published,
+    run,
+    serve_engine,
+    track,
+)
 
 P = 32
 
@@ -367,3 +387,36 @@ async def wait_owners(
 
 async def wait_shares(nc: Client) -> dict[str, list[int]]:
     return await wait_owners(nc, lambda o: sorted(len(v) for v in o.values()) == [P // 2, P // 2])
+
+
+async def test_a_new_owner_takes_up_the_erasures_its_predecessor_left_unfinished(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A partition's snapshot lists its forgotten customers; one whose order is still in the
+    stream (orders are erased last) was not finished: the new owner records it pending, with
+    the id the order names, so that its engine finishes it. One whose order is gone, or whose
+    order names another customer, is left as done."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        p = partition("half-done", P)
+        order = ForgetOrder(customer_id="half-done", request="r1", by="dpo")
+        ack = await js.publish(forget_order_subject(p), msgspec.json.encode(order))
+        other = await js.publish(
+            forget_order_subject(p),
+            msgspec.json.encode(ForgetOrder(customer_id="someone", request="r1", by="dpo")),
+        )
+        forgotten = [
+            (forget_hash("half-done"), 7, None, ack.seq),
+            (forget_hash("all-done"), 3, None, other.seq + 100),  # its order erased
+            (forget_hash("mismatch"), 2, None, other.seq),  # the order names someone else
+        ]
+        async with await Store.open(tmp_path / "shoal.db") as store:
+            found = await unfinished_erasures(nc, store, p, forgotten)
+            assert [(f.customer_id, f.floor, f.order_seq, f.by) for f in found] == [
+                ("half-done", 7, ack.seq, "dpo")
+            ]
+            assert [f.customer_id for f in store.forgotten.pending()] == ["half-done"]
+    finally:
+        await nc.close()
