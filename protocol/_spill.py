@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import secrets
 import shutil
 import struct
 import tempfile
@@ -82,12 +83,26 @@ class SpillFiles:
         """
         try:
             if self._path is None:
-                self._path = Path(tempfile.mkdtemp(prefix="shoal-spill-", dir=self._parent))
+                self._path = self._make_dir()
             self._count += 1
             path = self._path / f"run-{self._count}"
             return path, self._track(path.open("wb"))
         except OSError as e:
             raise self.error(e) from e
+
+    def _make_dir(self) -> Path:
+        """A new directory of the owner's alone (as ``tempfile.mkdtemp`` makes one), its path
+        kept before it is made: an interrupt (Ctrl-C) just after the ``mkdir`` must still
+        find it for :meth:`close` to remove (with ``mkdtemp`` the path came back only after,
+        and a CI run saw the directory left behind)."""
+        parent = Path(self._parent if self._parent is not None else tempfile.gettempdir())
+        while True:
+            self._path = parent / f"shoal-spill-{secrets.token_hex(6)}"
+            try:
+                self._path.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            return self._path
 
     def read(self, path: Path) -> IO[bytes]:
         """``path``, a run written, open for reading."""
