@@ -102,6 +102,9 @@ class SpillFiles:
                 self._path.mkdir(mode=0o700)
             except FileExistsError:
                 continue
+            except OSError:
+                self._path = None  # not made: the error names where it was to be
+                raise
             return self._path
 
     def read(self, path: Path) -> IO[bytes]:
