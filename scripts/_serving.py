@@ -131,7 +131,7 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 def _transient(e: BaseException) -> bool:
     """Whether ``e`` is for want of the broker's answer (it may come back): a timeout, no
-    responders, JetStream unavailable."""
+    responders, no stream leader to answer a publish, JetStream unavailable."""
     seen: BaseException | None = e
     while seen is not None:
         if isinstance(
@@ -139,6 +139,7 @@ def _transient(e: BaseException) -> bool:
             TimeoutError
             | nats.errors.TimeoutError
             | nats.errors.NoRespondersError
+            | nats.js.errors.NoStreamResponseError
             | nats.js.errors.ServiceUnavailableError,
         ):
             return True

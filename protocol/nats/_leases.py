@@ -566,7 +566,14 @@ class LeaseBucket:
                     pending = headers.get("Nats-Num-Pending", "0")
                     if status == "204" and pending == "0":  # the end of the batch
                         return found, int(headers.get("Nats-UpTo-Sequence") or 0)
-                    raise BrokerError(_refused_read(where, status, headers, pending))
+                    refused = BrokerError(_refused_read(where, status, headers, pending))
+                    if status == "503":
+                        # No replica answers for now (a node lost, a leader being elected):
+                        # as transient as the broker's own 503s are to its callers.
+                        raise refused from nats.js.errors.ServiceUnavailableError(
+                            code=503, description="no responders"
+                        )
+                    raise refused
             finally:
                 await sub.unsubscribe()
 

@@ -18,6 +18,7 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from protocol import (
+    BrokerError,
     EngineIdInUse,
     EngineInfo,
     FenceClaim,
@@ -39,6 +40,7 @@ from protocol.nats import (
     is_fenced_error,
     last_claim,
 )
+from scripts._serving import _broker_failure
 from tests.helpers import NatsServer, now
 
 SEGMENTS = "TEST_SEGMENTS"
@@ -310,6 +312,24 @@ async def test_a_broker_that_does_not_answer_is_unconfirmed(
             break
     assert renewed.revision > lease.revision
     assert time.monotonic() < lease.deadline
+
+
+async def test_no_replica_to_answer_a_read_is_the_broker_unavailable(
+    clients: Callable[[], Awaitable[Client]],
+) -> None:
+    """A direct read no replica answers (503: here the bucket is not made; on a cluster,
+    its replicas lost for a moment) is the broker's unavailability, which serving rides
+    out for a while, not an error that stops the engine at once (a CI run saw an engine
+    exit on it just after the broker's meta leader was killed)."""
+    bucket = LeaseBucket(await clients(), timeout=1.0)
+    with pytest.raises(BrokerError) as refused:
+        await bucket.holders()
+    assert str(refused.value) == (
+        "cannot read KV bucket SHOAL_LEASES: no replica answers direct reads (is the "
+        "bucket made, by an engine of this version?)"
+    )
+    assert isinstance(refused.value.__cause__, nats.js.errors.ServiceUnavailableError)
+    assert _broker_failure(refused.value) is refused.value
 
 
 async def test_bad_input_and_records(
