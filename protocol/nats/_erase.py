@@ -151,10 +151,10 @@ class BrokerEraser:
         return found
 
     async def _delete(self, stream: str, sequences: Sequence[int]) -> None:
-        await _erase(self._js, stream, sequences)
+        await erase_messages(self._js, stream, sequences)
 
 
-async def _erase(js: JetStreamContext, stream: str, sequences: Sequence[int]) -> None:
+async def erase_messages(js: JetStreamContext, stream: str, sequences: Sequence[int]) -> None:
     """Delete these messages of ``stream`` (nats-server overwrites them in its files).
 
     Raises:
@@ -163,10 +163,23 @@ async def _erase(js: JetStreamContext, stream: str, sequences: Sequence[int]) ->
     for seq in sequences:
         try:
             await js.delete_msg(stream, seq)
-        except nats.js.errors.NotFoundError:
-            continue  # erased already (an attempt before this one)
+        except nats.js.errors.APIError as e:
+            if not _gone(e):
+                raise BrokerError(f"cannot erase message {seq} of {stream}: {e}") from e
         except (TimeoutError, nats.errors.Error) as e:
             raise BrokerError(f"cannot erase message {seq} of {stream}: {e}") from e
+
+
+_DELETE_FAILED = 10057
+"""JetStream's error code for a message delete that failed, with its reason."""
+_GONE = ("no message found", "stream store EOF")
+"""The reasons that say there is nothing to delete: erased already (by an attempt before
+this one), or never written. Seen on nats-server 2.15.1 as a 500, not a 404."""
+
+
+def _gone(e: nats.js.errors.APIError) -> bool:
+    """Whether a refused delete found no message at its sequence (a 404 is no stream)."""
+    return e.err_code == _DELETE_FAILED and (e.description or "") in _GONE
 
 
 async def erase_progress(
@@ -193,5 +206,5 @@ async def erase_progress(
                     continue
                 if any(customer_id in ids for customer_id, _ in record.versions):
                     found.append(d.stream_sequence)
-        await _erase(nc.jetstream(), SEGMENTS_STREAM, found)
+        await erase_messages(nc.jetstream(), SEGMENTS_STREAM, found)
     return len(found)

@@ -47,6 +47,7 @@ from protocol._formats import check_format
 from protocol._ownership import SNAPSHOT_FORMAT, PartitionSnapshot
 from protocol._subjects import SNAPSHOTS_BUCKET
 from protocol._time import format_instant
+from protocol.nats._erase import erase_messages
 from protocol.nats._formats import stamp
 from protocol.nats._refusals import permission_guard
 from protocol.nats._stream import read_stream
@@ -412,26 +413,20 @@ class SnapshotStore:
     async def _erase_chunks(self, old: _ObjectInfo) -> None:
         """Erase the chunks of a replaced object one by one: a purge would leave their
         bytes (customers' data, some maybe forgotten since) in the stream's files until
-        compaction, where a delete overwrites them. By the sequences its info lists; an
-        object written before it listed them has its chunks found by reading them."""
-        subject = _CHUNKS + old.nuid
+        compaction, where a delete overwrites them. By the sequences its info lists, taken
+        from the broker's acknowledgements when the chunks were written, and deleted
+        without reading them back (that would download the whole object on every
+        replacement; only engines may write the bucket); an object written before its info
+        listed them has its chunks found by reading their subject."""
         listed = _header(old, _H_CHUNK_SEQS)
         seqs = _unranges(listed) if listed else None
         if seqs is None:
             seqs = [
                 d.stream_sequence
-                async for part in read_stream(self._nc, OBJECT_STREAM, subject)
+                async for part in read_stream(self._nc, OBJECT_STREAM, _CHUNKS + old.nuid)
                 for d in part
             ]
-        for chunk_seq in seqs:
-            try:
-                msg = await self._js.get_msg(OBJECT_STREAM, chunk_seq)
-            except nats.js.errors.NotFoundError:
-                continue
-            if msg.subject != subject:
-                continue  # not this object's: never erase another's
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await self._js.delete_msg(OBJECT_STREAM, chunk_seq)
+        await erase_messages(self._js, OBJECT_STREAM, seqs)
 
     async def _replace(
         self, name: str, info: _ObjectInfo, seq: int, old: _ObjectInfo | None
