@@ -146,10 +146,8 @@ class Engine:
         self._imports = imports = Imports(store, p, outbox, parking, counts.stats, self._clock)
         self._cutter = Cutter(store, p, self._clock, cfg)
         self._forgetting = forgetting = Forgetting(
-            store, p, recovery, outbox, parking, source.partitions, self._clock
+            store, p, recovery, outbox, parking, source.partitions, self._clock, eraser, on_erased
         )
-        forgetting.eraser = eraser
-        forgetting.on_erased = on_erased
         self._ingest = Ingest(
             store,
             p,

@@ -91,6 +91,8 @@ class Forgetting:
         parking: Parking,
         partitions: int,
         clock: Clock,
+        eraser: Eraser | None = None,
+        on_erased: Erased | None = None,
     ) -> None:
         self._store = store
         self._partition = partition_
@@ -99,8 +101,8 @@ class Forgetting:
         self._parking = parking
         self._partitions = partitions
         self._clock = clock
-        self.eraser: Eraser | None = None
-        self.on_erased: Erased | None = None
+        self._eraser = eraser
+        self._on_erased = on_erased
         self._suppressed: dict[str, int] = {}
         self._refused: list[int] = []
         self._wake = anyio.Event()
@@ -235,26 +237,27 @@ class Forgetting:
                 await self._wake.wait()
 
     async def _step(self) -> None:
-        if self._refused and self.eraser is not None:
+        if self._refused:
             refused = list(self._refused)
-            await self.eraser.erase_events(refused)
+            if self._eraser is not None:  # none: the source keeps no events (in memory)
+                await self._eraser.erase_events(refused)
             del self._refused[: len(refused)]
         published = self._outbox.confirmed_through
         ready = [f for f in self._store.forgotten.pending() if f.outbox_through <= published]
         if not ready:
             return
-        if self.eraser is not None:
-            await self.eraser.erase_customers(
+        if self._eraser is not None:
+            await self._eraser.erase_customers(
                 [(f.customer_id or "", f.partition, f.order_seq) for f in ready]
             )
-        if self.on_erased is not None:
+        if self._on_erased is not None:
             by_partition: dict[int, set[str]] = {}
             for f in ready:
                 by_partition.setdefault(f.partition, set()).add(f.customer_id or "")
-            await self.on_erased(by_partition)
-        if self.eraser is not None:
+            await self._on_erased(by_partition)
+        if self._eraser is not None:
             # The orders last: one gone tells the requester its erasure is done.
-            await self.eraser.erase_events([f.order_seq for f in ready])
+            await self._eraser.erase_events([f.order_seq for f in ready])
         await self._store.erase(ready)
         self._logger.info("customers erased", id_hashes=[f.hash for f in ready])
 
