@@ -94,6 +94,11 @@ class StreamState:
     partition_consumers: Mapping[int, str] = field(default_factory=dict)
     """With one consumer per partition: the consumer each floor of :attr:`partition_floors`
     is from (a claim's, ``<prefix>-<partition>-<claim>``, or one before claims)."""
+    strays_floor: int | None = None
+    """With one consumer per partition: the acknowledgement floor of the consumer of the
+    messages stored without a partition, if it exists."""
+    strays_consumer: str | None = None
+    """That consumer's name."""
 
 
 class PublishError(ProtocolError):

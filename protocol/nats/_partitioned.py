@@ -658,11 +658,12 @@ class PartitionedFeed:
             floors: dict[int, int] = {}
             names: dict[int, str] = {}
             strays: int | None = None
+            strays_name: str | None = None
             for p, acknowledged in zip(self._parts, found, strict=True):
                 if acknowledged is None:
                     continue
                 if p is None:
-                    strays = acknowledged[1]
+                    strays_name, strays = acknowledged
                 else:
                     names[p], floors[p] = acknowledged
             published = await transitions_published(js)
@@ -675,4 +676,6 @@ class PartitionedFeed:
             published=published,
             partition_floors=floors,
             partition_consumers=names,
+            strays_floor=strays,
+            strays_consumer=strays_name,
         )

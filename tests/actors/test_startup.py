@@ -12,7 +12,8 @@ import msgspec
 import pytest
 
 from actors import Engine, StoreBehindError, VirtualClock, logged_event, rebuild_from_stream
-from protocol import Delivery, Event, decode_event
+from actors.engine._startup import _behind
+from protocol import EVENTS_WILDCARD, Delivery, Event, StreamState, decode_event
 from protocol.memory import MemoryBroker
 from store import Store
 from tests.helpers import eventually, segments
@@ -107,3 +108,41 @@ async def test_a_rebuilt_store_is_level(tmp_path: Path) -> None:
         report = await rebuild_from_stream(store, one(await deliveries()), one([]), through=2)
         assert (report.read, report.logged, report.transitions) == (2, 2, 0)
         assert store.stream_through == 2
+
+
+async def test_a_partition_taken_over_past_the_stores_other_positions_is_level(
+    tmp_path: Path,
+) -> None:
+    """A partition taken over starts after its snapshot's position, which can be past every
+    message the store committed (here the stream's last one): its consumer's floor is that
+    position until it acknowledges one. Each partition is compared with its own position
+    (a CI run had an engine refuse its own store on the next term, taken for behind), the
+    consumer of unpartitioned messages with the overall one."""
+    async with await Store.open(tmp_path / "shoal.db") as store:
+        await store.commit([], [], stream_through=7999, partitions_through={0: 7990})
+        await store.commit([], [], partitions_through={6: 8000})  # a takeover's
+        names = {0: "shoal-engine-0-5", 6: "shoal-engine-6-9"}
+
+        def state(floors: dict[int, int], strays: int | None = None) -> StreamState:
+            return StreamState(
+                stream="SHOAL_EVENTS",
+                messages=8000,
+                ack_floor=max([*floors.values(), *([] if strays is None else [strays])]),
+                partition_floors=floors,
+                partition_consumers=names,
+                strays_floor=strays,
+                strays_consumer=None if strays is None else "shoal-engine-unpartitioned-5",
+            )
+
+        assert not _behind(store, state({0: 7990, 6: 8000}, 7999), EVENTS_WILDCARD)
+        for behind, name, floor, mine in (
+            (state({0: 7995, 6: 8000}), "shoal-engine-0-5", 7995, 7990),
+            (state({0: 7990, 6: 8000}, 8000), "shoal-engine-unpartitioned-5", 8000, 7999),
+        ):
+            assert _behind(store, behind, EVENTS_WILDCARD)
+            assert f"consumer {name!r} acknowledged messages through position {floor}, " in (
+                str(StoreBehindError(store, behind, "shoal-engine"))
+            )
+            assert f"the store recorded messages through position {mine}." in (
+                str(StoreBehindError(store, behind, "shoal-engine"))
+            )
