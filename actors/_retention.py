@@ -79,6 +79,38 @@ def decode_needs(text: str) -> Needs:
     )
 
 
+def common_needs(a: str, b: str) -> str:
+    """The record of the facts both bases recorded by ``a`` and by ``b`` keep: the store's
+    own bases and those a partition taken over brought (both usually the same, from the
+    rules in force at each engine's first cut).
+
+    Raises:
+        ValueError: one is not such a record.
+    """
+    if a == b:
+        return a
+    x, y = decode_needs(a), decode_needs(b)
+
+    def both(m: frozenset[str | None], n: frozenset[str | None]) -> frozenset[str | None]:
+        # None stands for every track event: what the other keeps, when only one has it.
+        if None in m and None in n:
+            return m | n
+        if None in m:
+            return n
+        if None in n:
+            return m
+        return m & n
+
+    return encode_needs(
+        Needs(
+            event_names=both(x.event_names, y.event_names),
+            trait_keys=x.trait_keys & y.trait_keys,
+            retained=both(x.retained, y.retained),
+            properties=x.properties and y.properties,
+        )
+    )
+
+
 # Bases ----------------------------------------------------------------------------------------
 
 

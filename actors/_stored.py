@@ -57,13 +57,15 @@ def received_of(entry: LoggedEvent) -> int:
         raise StoreError(f"event {entry.seq} of the log cannot be read: {e}") from e
 
 
-def logged_event(event: Event) -> LoggedEvent:
-    """The event log entry of a validated event."""
+def logged_event(event: Event, stream_seq: int | None = None) -> LoggedEvent:
+    """The event log entry of a validated event (``stream_seq``: its position in the events
+    stream, when it came from there)."""
     return LoggedEvent(
         customer_id=event.customer_id,
         message_id=event.message_id,
         at=event.at,
         body=_event_encoder.encode(event),
+        stream_seq=stream_seq,
     )
 
 

@@ -62,9 +62,12 @@ ENGINE_INFO_DECODER = msgspec.json.Decoder(EngineInfo)
 PROGRESS_DECODER = msgspec.json.Decoder(Progress)
 
 
-SNAPSHOT_FORMAT = 1
-"""The format of :class:`PartitionSnapshot`; a snapshot of another is not read (the partition
-is then rebuilt from the stream)."""
+SNAPSHOT_FORMAT = 2
+"""The format of :class:`PartitionSnapshot` this shoal writes: 2 added the retention bases
+(:attr:`PartitionSnapshot.bases`). Format 1 is read too (no bases); a later one is refused,
+one before 1 is not read (the partition is then rebuilt from the stream)."""
+FIRST_SNAPSHOT_FORMAT = 1
+"""The earliest format of :class:`PartitionSnapshot` this shoal reads."""
 
 
 class PartitionSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,3 +108,16 @@ class PartitionSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     version, until when its events are refused (None: not), and its order's stream
     position. A new owner keeps them, and logs none of their events before their order.
     Absent from snapshots taken before shoal had it: none."""
+    bases: list[tuple[str, int, bytes]] = []
+    """With retention (``serve --retain``): the bases of the partition's customers that have
+    one at the owner (id, customer format, stored form: its facts folded from each of its
+    events up to :attr:`bases_through`), in id order. A new owner keeps them as its own and
+    logs only the partition's events after that position: the stream before it may be cut.
+    Format 2; absent from format 1: none."""
+    bases_through: int = 0
+    """The stream position up to which every event of the partition is in :attr:`bases` (0:
+    no bases, the new owner logs the partition's events from the stream's start)."""
+    cut_at: int | None = None
+    """The latest receive instant the owner's log cut had folded into bases (microseconds)."""
+    cut_needs: str | None = None
+    """What facts the bases keep (the owner's record, opaque here)."""

@@ -240,6 +240,17 @@ class EventSource(Protocol):
         """
         ...
 
+    async def holds(self, partition: int, after: int, through: int) -> bool:
+        """Whether the stream holds a message of ``partition`` stored after position
+        ``after`` and up to ``through``: one a store that recorded ``after`` would lack, below
+        a consumer's floor of ``through`` (a purge of the partition's oldest messages moves
+        its consumer's floor past positions that hold none of them).
+
+        Raises:
+            BrokerError: the broker does not answer.
+        """
+        ...
+
 
 class TransitionSink(Protocol):
     """Where committed transitions and rejections are published.

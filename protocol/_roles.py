@@ -189,6 +189,9 @@ def _engine() -> _Role:
         f"{_JS}.STREAM.MSG.DELETE.{REJECTED_STREAM}",
         f"{_JS}.STREAM.MSG.DELETE.{SEGMENTS_STREAM}",
         f"{_JS}.STREAM.MSG.DELETE.{SNAPSHOTS_STREAM}",
+        # serve --retain: each owned partition's events up to what its snapshot's bases
+        # hold are purged from the events stream (a purge filtered on the partition).
+        f"{_JS}.STREAM.PURGE.{EVENTS_STREAM}",
         # shoal backup and shoal restore: each stream copied (its snapshot, sent in chunks
         # that are acknowledged) and made again on an empty broker from the copy.
         *_backup_and_restore(),

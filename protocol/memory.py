@@ -347,6 +347,14 @@ class MemorySource:
             1 for e in self._broker._events_after(floor) if _matches(self._filter, e.subject)
         )
 
+    async def holds(self, partition: int, after: int, through: int) -> bool:
+        prefix = f"{EVENTS_PREFIX}{partition}."
+        return any(
+            e.subject.startswith(prefix)
+            for e in self._broker._events_after(after)
+            if e.seq <= through
+        )
+
     async def stream_state(self) -> StreamState:
         # A consumer that never acknowledged anything has nothing a store could be behind.
         return StreamState(

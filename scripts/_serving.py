@@ -80,6 +80,7 @@ from protocol.nats import (
     SnapshotStore,
     SnapshotUnusable,
     StreamSettings,
+    cut_partition,
     erase_progress,
     jetstream_ports,
     published_versions,
@@ -293,6 +294,9 @@ class Serving:
     store holds them, events or not, until it forgets them."""
     _counts: Counter[str] = field(default_factory=Counter)
     """The (partition, claim) taken over whose store is ready: not taken over again."""
+    _stream_cut: dict[int, int] = field(default_factory=dict)
+    """Per partition, the stream position before which this process removed its messages
+    from ``SHOAL_EVENTS`` (retention)."""
 
     @property
     def engine(self) -> Engine | None:
@@ -628,7 +632,12 @@ class Serving:
             if snapshot is None:
                 return
             async for chunk in read_stream(
-                self.nc, EVENTS_STREAM, partition_filter(p), through=snapshot.through
+                self.nc,
+                EVENTS_STREAM,
+                partition_filter(p),
+                through=snapshot.through,
+                # What its bases hold is not logged again (and may be cut from the stream).
+                after=snapshot.bases_through or None,
             ):
                 yield chunk
 
@@ -677,12 +686,33 @@ class Serving:
                 continue  # lost meanwhile
             snapshot = self._snapshot(c, claim.seq, noted.get(p, 0))
             await self.snapshots.put(snapshot)
+            if snapshot.bases_through:
+                await self._cut_stream(p, snapshot.bases_through)
             ids = self._unerased.get(p)
             if ids:
                 # Forgotten customers named by progress records this snapshot now stands for.
                 await erase_progress(self.nc, p, ids, through=snapshot.progress)
                 del self._unerased[p]
         return True
+
+    async def _cut_stream(self, p: int, through: int) -> None:
+        """Remove ``p``'s messages up to ``through`` from the events stream, once the
+        partition's snapshot in the Object Store carries the bases that hold its events to
+        there (a new owner logs only what follows). An erasure order not yet carried out
+        stays, and what follows it: a new owner finishes the erasure from the stream."""
+        before = through + 1
+        for f in self.store.forgotten.pending():
+            if f.partition == p and f.order_seq < before:
+                before = f.order_seq
+        if before <= self._stream_cut.get(p, 1):
+            return
+        try:
+            await cut_partition(self.nc, p, before)
+        except BrokerError as e:
+            _logger.warning("events stream not cut; the next snapshot tries again", error=str(e))
+            return
+        self._stream_cut[p] = before
+        _logger.info("events stream cut", partition=p, before=before)
 
     def _snapshot(self, c: PartitionCut, claim: int, progress: int) -> Any:
         if c.caught_up:

@@ -25,6 +25,9 @@ class LoggedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     body: bytes
     seq: int = 0
     """The log position, assigned on append (0 before)."""
+    stream_seq: int | None = None
+    """Its position in the events stream (None: logged without one, as by an offline
+    import); read back only by :meth:`EventLog.part`."""
 
 
 def _entries(rows: list[Row]) -> list[LoggedEvent]:
@@ -82,11 +85,20 @@ class EventLog:
             yield _entries(rows)
 
     async def part(self, *, after: int, limit: int) -> list[LoggedEvent]:
-        """Up to ``limit`` entries after position ``after``, in log order."""
+        """Up to ``limit`` entries after position ``after``, in log order, with their
+        stream positions (of a store opened for writing: older ones lack them)."""
         rows = await self._db.rows(
-            f"{_COLUMNS} WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit), doing=_READING
+            "SELECT seq, customer_id, message_id, at, body, stream_seq FROM events "
+            "WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+            doing=_READING,
         )
-        return _entries(rows)
+        return [
+            LoggedEvent(
+                seq=r[0], customer_id=r[1], message_id=r[2], at=r[3], body=r[4], stream_seq=r[5]
+            )
+            for r in rows
+        ]
 
     async def of_customers(self, customer_ids: Iterable[str]) -> list[LoggedEvent]:
         """Every event of these customers, in log order."""
@@ -111,10 +123,10 @@ class EventLog:
         first = self._last_seq + 1
         if events:
             await self._db.execute_many(
-                "INSERT INTO events (seq, customer_id, message_id, at, body) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO events (seq, customer_id, message_id, at, body, stream_seq) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (seq, e.customer_id, e.message_id, e.at, e.body)
+                    (seq, e.customer_id, e.message_id, e.at, e.body, e.stream_seq)
                     for seq, e in enumerate(events, first)
                 ],
                 doing=self._db.writing,

@@ -56,6 +56,11 @@ class CutMark(msgspec.Struct, frozen=True, kw_only=True):
     events received before it, out of receive order: imported history.)"""
     needs: str
     """What facts the bases keep exactly, for all time (opaque: the engine's record)."""
+    partitions: dict[int, int] = {}
+    """Per partition of the events stream, the stream position up to which every message of
+    the partition is folded into the bases or was no event of the log (rejected, a control
+    message): the stream may be cut up to it. A partition the store holds no such position
+    for is not cut."""
 
 
 class Retention:
@@ -145,6 +150,19 @@ class Retention:
                 ids,
                 doing=db.writing,
             )
+
+    async def _drop_partitions(self, partitions: Iterable[int]) -> CutMark | None:
+        """Forget the stream positions of ``partitions`` (their customers dropped: another
+        engine holds them now); the mark to commit (None: unchanged)."""
+        cut = self._cut
+        if cut is None or not any(p in cut.partitions for p in partitions):
+            return None
+        gone = set(partitions)
+        mark = msgspec.structs.replace(
+            cut, partitions={p: s for p, s in cut.partitions.items() if p not in gone}
+        )
+        await self._db.set_meta(_CUT, msgspec.json.encode(mark).decode())
+        return mark
 
     def _committed(self, mark: CutMark) -> None:
         self._cut = mark

@@ -15,12 +15,14 @@ from ._errors import StoreFormatError
 from ._forgotten import FORGOTTEN_TABLE
 from ._retention import RETENTION_TABLE
 
-SCHEMA_VERSION = 4
-"""2 added the snapshots table, 3 the definitions table, 4 the erasure and retention tables;
-a store of an older version is upgraded in place when opened for writing."""
+SCHEMA_VERSION = 5
+"""2 added the snapshots table, 3 the definitions table, 4 the erasure and retention tables,
+5 the events' stream positions; a store of an older version is upgraded in place when opened
+for writing."""
 
-_UPGRADABLE = (1, 2, 3)
-"""Older versions that only lack tables :data:`_SCHEMA` creates: upgraded by creating them."""
+_UPGRADABLE = (1, 2, 3, 4)
+"""Older versions that only lack tables :data:`_SCHEMA` creates, and the events' column
+``stream_seq``: upgraded by creating them."""
 
 Synchronous = Literal["NORMAL", "FULL"]
 """SQLite's ``synchronous`` level: ``NORMAL`` (WAL: a power cut may lose the last
@@ -40,6 +42,7 @@ CREATE TABLE IF NOT EXISTS events (
     message_id TEXT NOT NULL,
     at INTEGER NOT NULL,
     body BLOB NOT NULL,
+    stream_seq INTEGER,
     UNIQUE (customer_id, message_id)
 );
 CREATE TABLE IF NOT EXISTS transitions (
@@ -64,6 +67,9 @@ CREATE INDEX IF NOT EXISTS snapshots_by_deadline ON snapshots (deadline, custome
 _SCHEMA += DEFINITIONS_TABLE
 _SCHEMA += RETENTION_TABLE
 _SCHEMA += FORGOTTEN_TABLE
+# An event's ``stream_seq`` is its position in the events stream (NULL: logged without one,
+# by an offline import or by a shoal before schema 5): where the stream may be cut once the
+# log's cut folded it (retention).
 # A snapshot is one customer's state as of the event log position ``log_seq`` (every event
 # up to it that is the customer's is folded in, none after). ``deadline`` is indexed so that
 # a restarting engine can load first the customers whose time-based changes are due first.
@@ -101,7 +107,10 @@ async def prepare_for_writing(db: Db, synchronous: Synchronous, *, doing: str) -
     if found == SCHEMA_VERSION:
         return None
     # The versions before only lack tables (snapshots, definitions, the erasure and
-    # retention tables), which _SCHEMA just created.
+    # retention tables), which _SCHEMA just created, and the events' stream positions.
+    columns = await db.rows("PRAGMA table_info(events)", doing=doing)
+    if all(c[1] != "stream_seq" for c in columns):
+        await db.execute("ALTER TABLE events ADD COLUMN stream_seq INTEGER", doing=doing)
     await db.execute(
         "UPDATE meta SET value = ? WHERE key = 'schema_version'",
         (str(SCHEMA_VERSION),),
@@ -141,6 +150,7 @@ async def check_for_reading(db: Db, meta: dict[str, str]) -> None:
     except ValueError:
         raise StoreFormatError(db.path, meta["schema_version"], SCHEMA_VERSION) from None
     # Older versions lack only tables readers of events do not need (snapshots,
-    # definitions, the erasure and retention tables: read as none).
+    # definitions, the erasure and retention tables: read as none), and the events' stream
+    # positions (read only by the log's cut, which writes).
     if version not in (*_UPGRADABLE, SCHEMA_VERSION):
         raise StoreFormatError(db.path, version, SCHEMA_VERSION)

@@ -496,6 +496,7 @@ class Store:
                     )
             await self.parked._remove(list(customer_ids))
             await self.retention._drop(list(customer_ids))
+            mark = await self.retention._drop_partitions(dropped)
             for p in dropped:
                 await db.execute(
                     "DELETE FROM meta WHERE key = ?",
@@ -504,6 +505,8 @@ class Store:
                 )
                 await db.set_meta(f"{_DROPPED}{p}", "1")
         self.parked._committed(customer_ids)
+        if mark is not None:
+            self.retention._committed(mark)
         for p in dropped:
             self._partitions_through.pop(p, None)
         self._dropped.update(dropped)

@@ -365,6 +365,7 @@ PINS = {
         "StreamSettings",
         "claim_fence",
         "connect",
+        "cut_partition",
         "declared",
         "ensure_streams",
         "erase_progress",

@@ -22,6 +22,7 @@ transitions in outbox order while the main loop goes on (:mod:`._outbox`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -144,7 +145,7 @@ class Engine:
             p, recovery, outbox, parking, counts.stats, gc, self._clock, cfg, observer
         )
         self._imports = imports = Imports(store, p, outbox, parking, counts.stats, self._clock)
-        self._cutter = Cutter(store, p, self._clock, cfg)
+        self._cutter = Cutter(store, p, self._clock, cfg, source.partitions)
         self._forgetting = forgetting = Forgetting(
             store, p, recovery, outbox, parking, source.partitions, self._clock, eraser, on_erased
         )
@@ -514,14 +515,14 @@ class Engine:
             if version > stored.get(customer_id, 0):
                 stored[customer_id] = version
 
-    def _serve_cuts(self) -> None:
+    async def _serve_cuts(self) -> None:
         cuts, self._cuts = self._cuts, []
         p = self._partition
         for request in cuts:
             if request.at_cut is not None:
                 request.at_cut()
             if self._recovery.warm:
-                request.cuts = cut(
+                made = cut(
                     p.customers.values(),
                     request.partitions,
                     partitions=self._source.partitions,
@@ -533,8 +534,39 @@ class Engine:
                     stored=self._outbox.stored,
                     forgotten=self._store.forgotten.all(),
                 )
+                try:
+                    request.cuts = await self._with_bases(made)
+                except BaseException:
+                    request.done.set()  # not served: the caller is told the engine stopped
+                    raise
             request.served = True
             request.done.set()
+
+    async def _with_bases(self, cuts: dict[int, PartitionCut]) -> dict[int, PartitionCut]:
+        """``cuts``, with the log cut each with its partition's bases, as of the stream
+        position up to which its events are folded in them: read on the main loop, where
+        the cut moves, so that the two agree."""
+        mark = self._store.retention.cut
+        if mark is None:
+            return cuts
+        out: dict[int, PartitionCut] = {}
+        parked = [x.customer_id for x in self._store.parked.all()]
+        for p, c in cuts.items():
+            through = mark.partitions.get(p, 0)
+            if through:
+                # A parked customer is not among the cut's, and may have a base.
+                ids = {customer_id for customer_id, _, _ in c.customers}
+                ids.update(x for x in parked if partition(x, self._source.partitions) == p)
+                rows = await self._store.retention.of(sorted(ids))
+                c = dataclasses.replace(
+                    c,
+                    bases=sorted((b.customer_id, b.format, b.body) for b in rows),
+                    bases_through=through,
+                    cut_at=mark.at,
+                    cut_needs=mark.needs,
+                )
+            out[p] = c
+        return out
 
     async def recover(self) -> None:
         """Load every customer from the store as a start does, without consuming: from
@@ -656,7 +688,7 @@ class Engine:
             await self._definitions.serve()
             await self._parking.serve()
             if self._cuts:
-                self._serve_cuts()
+                await self._serve_cuts()
             await outbox.wait_for_space()
             batch = source.take(cfg.batch_size)
             if batch:

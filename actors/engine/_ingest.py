@@ -186,12 +186,12 @@ class Ingest:
                 continue
             if d.stream_sequence in imported:
                 # Applied when its import ends, by rebuilding its customer from the log.
-                logged.append(logged_event(event))
+                logged.append(logged_event(event, d.stream_sequence))
                 stats.imported_events += 1
                 continue
             if event.customer_id in parking:
                 # Kept for when it is tried again, not applied now.
-                logged.append(logged_event(event))
+                logged.append(logged_event(event, d.stream_sequence))
                 stats.events_parked += 1
                 continue
             try:
@@ -200,7 +200,7 @@ class Ingest:
                 transitions = await self._quarantine(event, d, e, applied, transitions)
                 rejected.append((d, _quarantined(event, e)))
                 continue
-            logged.append(logged_event(event))
+            logged.append(logged_event(event, d.stream_sequence))
             applied.append(event)
         await self._outbox.commit(
             logged,

@@ -19,7 +19,7 @@ from actors._clock import Clock
 from actors._customer import Customer
 from actors._retention import base_of, base_row, decode_needs, encode_needs, fold_bases
 from actors._stored import received_of
-from protocol import NEVER
+from protocol import NEVER, partition
 from store import CutMark, LoggedEvent, Store, StoreError
 
 from ._config import EngineConfig, breathe
@@ -34,10 +34,16 @@ class Cutter:
     """Moves the cut of the event log as the retention policy says."""
 
     def __init__(
-        self, store: Store, partition: Partition, clock: Clock, config: EngineConfig
+        self,
+        store: Store,
+        partition: Partition,
+        clock: Clock,
+        config: EngineConfig,
+        partitions: int = 1,
     ) -> None:
         self._store = store
         self._partition = partition
+        self._partitions = partitions
         self._clock = clock
         self._config = config
         self._next = -NEVER  # the clock's instant of the next look
@@ -60,6 +66,20 @@ class Cutter:
             if parked.log_seq < limit:
                 limit, why = parked.log_seq, f"parked customer {parked.customer_id!r}"
         return limit, why
+
+    def _stream_cut(self, cut: CutMark | None, entries: Iterable[LoggedEvent]) -> dict[int, int]:
+        """Each partition's stream position the events stream may be cut up to once
+        ``entries`` are folded: the last one's of the partition. Every earlier message of
+        the partition is folded too or was no event of the log, since a partition's events
+        are logged in stream order (the engine commits them so; a takeover logs a
+        partition's history in stream order, after dropping what the store had of it)."""
+        positions = dict(cut.partitions) if cut is not None else {}
+        for e in entries:
+            if e.stream_seq is not None:
+                p = partition(e.customer_id, self._partitions)
+                if e.stream_seq > positions.get(p, 0):
+                    positions[p] = e.stream_seq
+        return positions
 
     async def step(self) -> bool:
         """Move the cut by up to ``retention_batch`` events when it is due; return whether
@@ -115,7 +135,12 @@ class Cutter:
             self._next = now + int(cfg.retention_interval * 1_000_000)
             self._logger.warning("log cut held back: a base cannot be folded", error=repr(e))
             return False
-        mark = CutMark(through=entries[-1].seq, at=latest, needs=encode_needs(kept))
+        mark = CutMark(
+            through=entries[-1].seq,
+            at=latest,
+            needs=encode_needs(kept),
+            partitions=self._stream_cut(cut, entries),
+        )
         await store.cut_log([base_row(bases[i]) for i in ids if i in bases], mark)
         if cut is None:
             self._logger.info("event log cut for the first time", through=mark.through)

@@ -9,6 +9,7 @@ publishes; and the events its consumer acknowledged would be missing from the lo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -104,9 +105,31 @@ async def check_store(store: Store, source: EventSource) -> None:
         StoreBehindError: the store is behind.
         BrokerError: the broker does not answer.
     """
-    state = await source.stream_state()
+    state = await _without_gaps(store, await source.stream_state(), source)
     if _behind(store, state, source.filter_subject):
         raise StoreBehindError(store, state, source.consumer)
+
+
+async def _without_gaps(store: Store, state: StreamState, source: EventSource) -> StreamState:
+    """``state`` with each partition floor past the store's position lowered to it when
+    the stream holds none of the partition's messages in between: a purge of the
+    partition's oldest messages (retention) moves its consumer's floor past positions
+    that hold none of them, up to the stream's last message when none is left."""
+    recorded = store.stream_through
+    if recorded is None:
+        return state
+    through = store.partitions_through
+    floors = dict(state.partition_floors)
+    for p, floor in state.partition_floors.items():
+        mine = through.get(p, recorded)
+        if floor > mine and not await source.holds(p, mine, floor):
+            floors[p] = mine
+    if floors == state.partition_floors:
+        return state
+    rest = [] if state.strays_floor is None else [state.strays_floor]
+    return dataclasses.replace(
+        state, partition_floors=floors, ack_floor=max([*floors.values(), *rest], default=None)
+    )
 
 
 def _behind(store: Store, state: StreamState, filter_subject: str) -> bool:
@@ -177,6 +200,7 @@ async def log_from_stream(
     customers: set[str] | None = None,
     cut: int | None = None,
     forgotten: Mapping[str, int] | None = None,
+    after: int = 0,
 ) -> None:
     """Add to the log the valid events of ``deliveries`` (in stream order, up to position
     ``through``) it does not hold, decoded as the engine decodes them; count in ``report``
@@ -184,7 +208,8 @@ async def log_from_stream(
     customers to ``customers``. ``forgotten``: the hashes of forgotten customers' ids, with
     their orders' positions: their events before those are left out. Events received at or
     before ``cut`` are left out too (the log's cut: folded into the bases already, and no
-    longer in the log to be found repeats)."""
+    longer in the log to be found repeats), and those at or before stream position
+    ``after`` (folded into the bases a partition taken over brought)."""
     async for chunk in deliveries:
         events: list[LoggedEvent] = []
         for i, d in enumerate(chunk):
@@ -195,6 +220,8 @@ async def log_from_stream(
                 break
             if through is None:
                 report.through = d.stream_sequence
+            if d.stream_sequence <= after:
+                continue
             if is_control_subject(d.subject):
                 # An import's marker: what its end made of the customers is in
                 # SHOAL_SEGMENTS; the events are logged here.
@@ -213,7 +240,7 @@ async def log_from_stream(
                 continue
             if forgotten and forgotten.get(forget_hash(event.customer_id), 0) > d.stream_sequence:
                 continue
-            events.append(logged_event(event))
+            events.append(logged_event(event, d.stream_sequence))
         if customers is not None:
             customers.update(e.customer_id for e in events)
         report.logged += await store.import_events(events)

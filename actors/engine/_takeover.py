@@ -17,8 +17,9 @@ from collections.abc import AsyncIterable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from actors._customer import SNAPSHOT_FORMAT, Customer
+from actors._retention import common_needs
 from protocol import NEVER, Delivery, FormatTooNewError, PartitionSnapshot, partition
-from store import Forgotten, Snapshot, SnapshotMarks, Store
+from store import CustomerBase, CutMark, Forgotten, Snapshot, SnapshotMarks, Store
 
 from ._startup import RebuildReport, log_from_stream
 
@@ -50,6 +51,12 @@ class PartitionCut:
     """False while transitions the broker already holds (the partition's previous owner's)
     are still to be made again: its snapshot must then bound its progress records by the
     snapshot this engine started the partition from, not by its own."""
+    bases: list[tuple[str, int, bytes]] = field(default_factory=list)
+    """With retention: the bases of the partition's customers (see
+    ``PartitionSnapshot.bases``), as of :attr:`bases_through`."""
+    bases_through: int = 0
+    cut_at: int | None = None
+    cut_needs: str | None = None
 
     def snapshot(
         self,
@@ -76,6 +83,10 @@ class PartitionCut:
             customer_format=SNAPSHOT_FORMAT,
             customers=self.customers,
             forgotten=self.forgotten,
+            bases=self.bases,
+            bases_through=self.bases_through,
+            cut_at=self.cut_at,
+            cut_needs=self.cut_needs,
         )
 
 
@@ -137,6 +148,29 @@ def cut(
     }
 
 
+async def _adopt_bases(store: Store, partition_id: int, snapshot: PartitionSnapshot) -> None:
+    """Make the bases a snapshot carries the store's (the previous owner cut its log, and
+    maybe the stream: the partition's history up to ``bases_through`` is in them only), and
+    the store's log cut one that holds them: the latest cut instant of the two, the facts
+    both keep, and the partition's stream position."""
+    if snapshot.cut_at is None or snapshot.cut_needs is None:
+        raise ValueError(
+            f"the snapshot of partition {partition_id} carries bases without their cut"
+        )
+    own = store.retention.cut
+    mark = CutMark(
+        through=0 if own is None else own.through,
+        at=snapshot.cut_at if own is None else max(own.at, snapshot.cut_at),
+        needs=snapshot.cut_needs if own is None else common_needs(own.needs, snapshot.cut_needs),
+        partitions={
+            **({} if own is None else own.partitions),
+            partition_id: snapshot.bases_through,
+        },
+    )
+    rows = [CustomerBase(customer_id=c, format=f, body=b) for c, f, b in snapshot.bases]
+    await store.cut_log(rows, mark)
+
+
 @dataclass(slots=True)
 class TakeoverReport:
     """What :func:`take_over` did."""
@@ -184,6 +218,13 @@ async def take_over(
             snapshot.customer_format,
             SNAPSHOT_FORMAT,
         )
+    newest = max((f for _, f, _ in snapshot.bases), default=0) if snapshot is not None else 0
+    if newest > SNAPSHOT_FORMAT:
+        raise FormatTooNewError(
+            f"a customer's base in the snapshot of partition {partition_id}",
+            newest,
+            SNAPSHOT_FORMAT,
+        )
     if held is None:
         held = [c for c in await store.customer_ids() if partition(c, partitions) == partition_id]
     stale = sorted(held)
@@ -209,7 +250,11 @@ async def take_over(
         customers=logged,
         # A forgotten customer's events before its order: being erased, not its history.
         forgotten=orders,
+        # The events the bases hold (the stream may be cut there): not logged again.
+        after=snapshot.bases_through,
     )
+    if snapshot.bases_through:
+        await _adopt_bases(store, partition_id, snapshot)
     if snapshot.forgotten:
         await store.remember_forgotten(
             [

@@ -47,6 +47,7 @@ from ._leases import LeaseChange as LeaseChange
 from ._leases import LeaseWatch as LeaseWatch
 from ._partitioned import FeedClaim as FeedClaim
 from ._partitioned import PartitionedFeed as PartitionedFeed
+from ._partitioned import cut_partition as cut_partition
 from ._publisher import Publisher as Publisher
 from ._refusals import permission_guard as permission_guard
 from ._service import ApiClient as ApiClient
@@ -90,6 +91,7 @@ __all__ = (
     "StreamSettings",
     "claim_fence",
     "connect",
+    "cut_partition",
     "declared",
     "ensure_streams",
     "erase_progress",

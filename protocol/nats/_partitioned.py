@@ -31,6 +31,7 @@ from protocol._subjects import (
 )
 from protocol._time import to_instant
 from protocol.nats._feed import EventFeed, transitions_published
+from protocol.nats._refusals import permission_guard
 
 STRAYS = "unpartitioned"
 """The suffix of the consumer of messages stored without a partition (``<prefix>-<this>``)."""
@@ -105,6 +106,27 @@ def partition_filter(partition: int) -> str:
     """The subjects of one partition of ``SHOAL_EVENTS``: its customers' events and its
     control messages."""
     return f"{EVENTS_PREFIX}{partition}.>"
+
+
+async def cut_partition(nc: Client, partition: int, before: int) -> None:
+    """Remove from ``SHOAL_EVENTS`` every message of ``partition`` (events and control
+    messages) stored before stream position ``before`` (retention: their history is in the
+    bases of the partition's snapshot). A purge filtered on a subject: the broker drops the
+    messages at once, and their bytes with the stream's next compaction of those blocks.
+
+    Raises:
+        BrokerError: the broker refused or did not answer.
+    """
+    try:
+        async with permission_guard(nc, f"$JS.API.STREAM.PURGE.{EVENTS_STREAM}"):
+            await nc.jetstream().purge_stream(
+                EVENTS_STREAM, subject=partition_filter(partition), seq=before
+            )
+    except (TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(
+            f"cannot cut partition {partition} of stream {EVENTS_STREAM} before position "
+            f"{before}: {e}"
+        ) from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,6 +666,19 @@ class PartitionedFeed:
         if any(x is None for x in lags):
             return None
         return sum(x for x in lags if x is not None)
+
+    async def holds(self, partition: int, after: int, through: int) -> bool:
+        """See :meth:`protocol.EventSource.holds`: the partition's first message after
+        ``after``, from the stream's leader."""
+        try:
+            msg = await self._js.get_msg(
+                EVENTS_STREAM, seq=after + 1, subject=partition_filter(partition), next=True
+            )
+        except nats.js.errors.NotFoundError:
+            return False
+        except (TimeoutError, nats.errors.Error) as e:
+            raise BrokerError(f"cannot read stream {EVENTS_STREAM}: {e}") from e
+        return int(msg.seq or 0) <= through
 
     async def stream_state(self) -> StreamState:
         """``SHOAL_EVENTS``' size and each partition consumer's acknowledgement floor.

@@ -44,7 +44,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
 from protocol._errors import BrokerError
 from protocol._formats import check_format
-from protocol._ownership import SNAPSHOT_FORMAT, PartitionSnapshot
+from protocol._ownership import FIRST_SNAPSHOT_FORMAT, SNAPSHOT_FORMAT, PartitionSnapshot
 from protocol._subjects import SNAPSHOTS_BUCKET
 from protocol._time import format_instant
 from protocol.nats._erase import erase_messages
@@ -664,9 +664,12 @@ class SnapshotStore:
         return True
 
     def _problem(self, fmt: int, partitions: int, encoding: str) -> str | None:
-        if fmt != SNAPSHOT_FORMAT:
+        if not FIRST_SNAPSHOT_FORMAT <= fmt <= SNAPSHOT_FORMAT:
             said = f"format {fmt}" if fmt else "no format"
-            return f"it is of {said}, this engine reads format {SNAPSHOT_FORMAT}"
+            return (
+                f"it is of {said}, this engine reads formats {FIRST_SNAPSHOT_FORMAT} to "
+                f"{SNAPSHOT_FORMAT}"
+            )
         if partitions != self._partitions:
             return (
                 f"it was taken with {partitions} partitions, the events stream has "

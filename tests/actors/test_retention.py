@@ -35,6 +35,7 @@ from protocol import (
     InvalidRequest,
     Transition,
     format_instant,
+    partition,
     to_instant,
 )
 from protocol.memory import MemoryBroker
@@ -213,6 +214,14 @@ async def test_state_and_memberships_are_kept_across_the_cut(tmp_path: Path) -> 
             assert len(left) < await all_store.events.count()
             assert all_store.events.last_seq == cut_store.events.last_seq
             assert await cut_store.retention.count() == 8
+            # Each partition's events stream may be cut up to its last event folded (the
+            # same log, whole, in the other store).
+            expected: dict[int, int] = {}
+            for e in await all_store.events.part(after=0, limit=cut.through):
+                p = partition(e.customer_id, b.broker.partitions)
+                assert e.stream_seq is not None
+                expected[p] = max(expected.get(p, 0), e.stream_seq)
+            assert cut.partitions == expected and len(expected) > 1
             tg.cancel_scope.cancel()
 
     # A start from the log alone (snapshots off): the base plus the log after the cut give

@@ -12,8 +12,8 @@ import msgspec
 import pytest
 
 from actors import Engine, StoreBehindError, VirtualClock, logged_event, rebuild_from_stream
-from actors.engine._startup import _behind
-from protocol import EVENTS_WILDCARD, Delivery, Event, StreamState, decode_event
+from actors.engine._startup import _behind, _without_gaps
+from protocol import EVENTS_WILDCARD, Delivery, Event, StreamState, decode_event, partition
 from protocol.memory import MemoryBroker
 from store import Store
 from tests.helpers import eventually, segments
@@ -146,3 +146,36 @@ async def test_a_partition_taken_over_past_the_stores_other_positions_is_level(
             assert f"the store recorded messages through position {mine}." in (
                 str(StoreBehindError(store, behind, "shoal-engine"))
             )
+
+
+async def test_a_floor_past_positions_without_the_partitions_messages_is_level(
+    tmp_path: Path,
+) -> None:
+    """A purge of a partition's oldest messages (retention) moves its consumer's floor past
+    positions that hold none of them (up to the stream's last message when none is left):
+    the store lacks nothing there, and starts. A message of the partition in between is
+    one it lacks."""
+    broker = MemoryBroker(VirtualClock(T0).now, partitions=4)
+    a, b = "a", next(c for c in "bcdefgh" if partition(c, 4) != partition("a", 4))
+    pa, pb = partition(a, 4), partition(b, 4)
+    for c in (a, b, b):
+        broker.publish(f"shoal.events.{c}", visit(c))
+    source = broker.source()
+    async with await Store.open(tmp_path / "shoal.db") as store:
+        await store.commit([], [], stream_through=3, partitions_through={pa: 1, pb: 3})
+
+        def state(floor: int) -> StreamState:
+            return StreamState(
+                stream="SHOAL_EVENTS",
+                messages=floor,
+                ack_floor=floor,
+                partition_floors={pa: floor, pb: 3},
+            )
+
+        level = await _without_gaps(store, state(3), source)
+        assert level.partition_floors == {pa: 1, pb: 3} and level.ack_floor == 3
+        assert not _behind(store, level, EVENTS_WILDCARD)
+        broker.publish(f"shoal.events.{a}", visit(a))
+        behind = await _without_gaps(store, state(4), source)
+        assert behind.partition_floors == {pa: 4, pb: 3}
+        assert _behind(store, behind, EVENTS_WILDCARD)

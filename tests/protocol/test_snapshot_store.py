@@ -149,7 +149,7 @@ async def test_a_newer_format_is_refused_and_another_split_unusable(client: Clie
     )
     assert (newer.value.found, newer.value.known) == (99, SNAPSHOT_FORMAT)
     assert (await s.list())[1].problem == (
-        f"it is of format 99, this engine reads format {SNAPSHOT_FORMAT}"
+        f"it is of format 99, this engine reads formats 1 to {SNAPSHOT_FORMAT}"
     )
     await s.put(snapshot(2))
     other = SnapshotStore(client, partitions=16)
@@ -203,7 +203,7 @@ async def test_corrupt_objects_are_refused(client: Client) -> None:
     await obs.put("partition-1", b"garbage")
     with pytest.raises(SnapshotUnusable) as e:
         await s.get(1)
-    assert e.value.reason == "it is of no format, this engine reads format 1"
+    assert e.value.reason == "it is of no format, this engine reads formats 1 to 2"
 
     # The headers of a snapshot over bytes that are not one.
     await s.put(snapshot(1))

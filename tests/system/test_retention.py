@@ -12,8 +12,12 @@ import sqlite3
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
-from protocol import DAY, HOUR, format_instant
+import anyio
+
+from protocol import DAY, DEFAULT_PARTITIONS, EVENTS_STREAM, HOUR, format_instant, partition
+from protocol.nats import connect
 from tests.helpers import NatsServer, Proc, declare_streams, now, run
 
 RULES = """
@@ -69,7 +73,7 @@ def _members(url: str) -> dict[str, str]:
     return out
 
 
-def _cut(db: Path) -> tuple[dict[str, int], int, int]:
+def _cut(db: Path) -> tuple[dict[str, Any], int, int]:
     with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
         (mark,) = c.execute("SELECT value FROM meta WHERE key = 'log_cut'").fetchone()
         (bases,) = c.execute("SELECT count(*) FROM bases").fetchone()
@@ -136,3 +140,79 @@ def test_serve_retain_cuts_the_log_and_a_rebuild_answers_the_same(
     assert f"exported {events} event(s)" in done.stderr
     assert "note: the event log is cut (retention): events received up to" in done.stderr
     assert again.stop() == 0
+
+
+def _stream_messages(url: str) -> int:
+    async def count() -> int:
+        nc = await connect([url])
+        try:
+            info = await nc.jetstream().stream_info(EVENTS_STREAM)
+            return int(info.state.messages or 0)
+        finally:
+            await nc.close()
+
+    return anyio.run(count)
+
+
+def test_the_events_stream_is_cut_and_a_new_owner_answers_the_same(
+    tmp_path: Path, nats_server: NatsServer, procs: list[Proc]
+) -> None:
+    """With ``--retain``, each partition's events up to what its snapshot's bases hold are
+    removed from ``SHOAL_EVENTS``. Another engine taking the partitions over from those
+    snapshots (the first one gone) answers as the first did, and so does a rebuild of its
+    store from the bases it took over plus the events it logged after them."""
+    url = nats_server.url
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    history = tmp_path / "history.jsonl"
+    history.write_text(_history(now()))
+    imported = len(history.read_text().splitlines())
+    declare_streams(url)
+    done = run("import", str(history), "--nats", url)
+    assert done.returncode == 0, done.stderr
+    stored = _stream_messages(url)
+    assert stored >= imported  # (and the import's markers)
+
+    a = Proc(*_engine(url, tmp_path / "a", "a", rules), "--retain", "5d")
+    procs.append(a)
+    a.wait_err("import applied", timeout=60)
+    a.wait_err("event log cut for the first time", timeout=60)
+    for _ in range(150):
+        mark, _, _ = _cut(tmp_path / "a" / "shoal.db")
+        if mark["at"] >= now() - RETAIN - DAY:
+            break
+        time.sleep(0.2)
+    # Then each customer's partition cut from the stream (after a snapshot with its bases).
+    waiting = {partition(f"c{i}", DEFAULT_PARTITIONS) for i in range(6)}
+    while waiting:
+        waiting.discard(json.loads(a.wait_err("events stream cut", timeout=30))["partition"])
+    left = _stream_messages(url)
+    assert 0 < left < stored
+    before = _members(url)
+    assert all(before[s].strip() for s in SEGMENTS), before
+    assert a.stop() == 0
+
+    # Another engine takes every partition over from its snapshot: the history the stream
+    # no longer holds comes from the bases the snapshots carry.
+    b = Proc(*_engine(url, tmp_path / "b", "b", rules), "--retain", "5d")
+    procs.append(b)
+    b.wait_err("shoal is serving", timeout=60)
+    assert _members(url) == before
+    mark_b, bases_b, events_b = _cut(tmp_path / "b" / "shoal.db")
+    assert bases_b == 6 and events_b < imported
+    assert mark_b["at"] >= mark["at"] - DAY and mark_b["partitions"]
+    assert b.stop() == 0
+
+    # Its store rebuilt from those bases and its log: the same answers.
+    again = Proc(*_engine(url, tmp_path / "b", "b", rules), "--retain", "5d", "--rebuild")
+    procs.append(again)
+    again.wait_err("shoal is serving", timeout=60)
+    assert _members(url) == before
+    assert again.stop() == 0
+
+
+def _engine(url: str, data: Path, engine_id: str, rules: Path) -> tuple[str, ...]:
+    return (
+        "serve", "--nats", url, "--data-dir", str(data), "--engine-id", engine_id,
+        "--segments", str(rules), "--snapshot-interval", "1", "--lease-ttl", "2",
+    )  # fmt: skip
