@@ -202,7 +202,8 @@ def _engine() -> _Role:
         "the rejected events, the query service, the definitions in force (KV bucket "
         f"{DEFINITIONS_BUCKET}, the engine's alone), an earlier shoal's events "
         "republished by a migration, the erasure of forgotten customers (shoal forget), "
-        "and the streams' copies of a backup and a restore",
+        f"the cut of {EVENTS_STREAM} behind a retention (serve --retain), and the streams' "
+        "copies of a backup and a restore",
         publish=(
             SEGMENTS_WILDCARD,
             # Each partition's claims, and the progress record closing each atomic batch.
