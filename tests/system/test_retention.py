@@ -81,18 +81,24 @@ def _cut(db: Path) -> tuple[dict[str, Any], int, int]:
     return json.loads(mark), bases, events
 
 
-def test_serve_retain_cuts_the_log_and_a_rebuild_answers_the_same(
-    tmp_path: Path, nats_server: NatsServer, procs: list[Proc]
-) -> None:
-    url = nats_server.url
+def _imported(url: str, tmp_path: Path) -> tuple[Path, int]:
+    """The segments file, written; 20 days of history imported through the stream, and how
+    many events."""
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     history = tmp_path / "history.jsonl"
     history.write_text(_history(now()))
-    imported = len(history.read_text().splitlines())
     declare_streams(url)
     done = run("import", str(history), "--nats", url)
     assert done.returncode == 0, done.stderr
+    return rules, len(history.read_text().splitlines())
+
+
+def test_serve_retain_cuts_the_log_and_a_rebuild_answers_the_same(
+    tmp_path: Path, nats_server: NatsServer, procs: list[Proc]
+) -> None:
+    url = nats_server.url
+    rules, imported = _imported(url, tmp_path)
     data = tmp_path / "data"
     args = ("--nats", url, "--data-dir", str(data), "--segments", str(rules))
     serve = Proc("serve", *args, "--retain", "5d", "--snapshot-interval", "1")
@@ -162,14 +168,7 @@ def test_the_events_stream_is_cut_and_a_new_owner_answers_the_same(
     snapshots (the first one gone) answers as the first did, and so does a rebuild of its
     store from the bases it took over plus the events it logged after them."""
     url = nats_server.url
-    rules = tmp_path / "rules.toml"
-    rules.write_text(RULES)
-    history = tmp_path / "history.jsonl"
-    history.write_text(_history(now()))
-    imported = len(history.read_text().splitlines())
-    declare_streams(url)
-    done = run("import", str(history), "--nats", url)
-    assert done.returncode == 0, done.stderr
+    rules, imported = _imported(url, tmp_path)
     stored = _stream_messages(url)
     assert stored >= imported  # (and the import's markers)
 
