@@ -63,7 +63,7 @@ class StoreBehindError(ActorsError):
                     name = names.get(p) or partition_consumer(consumer, p)
             else:
                 strays = state.strays_floor
-                if strays is not None and (recorded is None or strays > recorded):
+                if strays is not None and recorded is not None and strays > recorded:
                     name = state.strays_consumer or partition_consumer(consumer, "unpartitioned")
                     floor = strays
             holds = "nothing" if mine is None else f"messages through position {mine}"
