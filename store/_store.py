@@ -429,7 +429,9 @@ class Store:
         imports: Mapping[str, int],
     ) -> None:
         """Replace the recorded events stream positions and open imports, in one transaction:
-        for a migration to a new events stream, whose positions are not the old one's.
+        for a migration to a new events stream, whose positions are not the old one's. The
+        events' positions in the old stream are forgotten, and so are the positions the
+        log's cut recorded for cutting it (:attr:`CutMark.partitions`).
 
         Args:
             through: the new :attr:`stream_through`.
@@ -452,6 +454,16 @@ class Store:
                 await db.set_meta(f"{_PARTITION_THROUGH}{p}", str(seq))
             for import_id, begun in imports.items():
                 await db.set_meta(_IMPORT + import_id, str(begun))
+            # The events' positions in the old stream, and where the log's cut let it be
+            # cut, say nothing of the new one (retention cuts it again from later events).
+            await db.execute(
+                "UPDATE events SET stream_seq = NULL WHERE stream_seq IS NOT NULL",
+                doing=writing,
+            )
+            cut = self.retention.cut
+            mark = None if cut is None else await self.retention._drop_partitions(cut.partitions)
+        if mark is not None:
+            self.retention._committed(mark)
         self._stream_through = through
         self._partitions_through = dict(partitions)
         self._imports = dict(imports)
