@@ -155,9 +155,9 @@ class Retention:
         """Forget the stream positions of ``partitions`` (their customers dropped: another
         engine holds them now); the mark to commit (None: unchanged)."""
         cut = self._cut
-        if cut is None or not any(p in cut.partitions for p in partitions):
+        gone = set(partitions)  # (read once: an iterator would be spent by a first look)
+        if cut is None or gone.isdisjoint(cut.partitions):
             return None
-        gone = set(partitions)
         mark = msgspec.structs.replace(
             cut, partitions={p: s for p, s in cut.partitions.items() if p not in gone}
         )
