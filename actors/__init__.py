@@ -20,6 +20,9 @@ from ._history import membership_intervals as membership_intervals
 from ._history import memberships_at as memberships_at
 from ._history import outbox_history as outbox_history
 from ._history import replayed_history as replayed_history
+from ._part_replay import NO_CLOCK as NO_CLOCK
+from ._part_replay import PartReplay as PartReplay
+from ._part_replay import merge_parts as merge_parts
 from ._reconcile import Reconciled as Reconciled
 from ._reconcile import reconcile as reconcile
 from ._replay import Replay as Replay
@@ -32,6 +35,7 @@ from ._stored import outbox_entries as outbox_entries
 from ._stored import outbox_entry as outbox_entry
 from ._stored import snapshot_row as snapshot_row
 from ._stored import transition_of as transition_of
+from ._tally import Replayer as Replayer
 from ._tally import ReplayTally as ReplayTally
 from ._tally import SegmentTally as SegmentTally
 from ._timers import TimerQueue as TimerQueue
@@ -66,6 +70,7 @@ from .rules import parse_segments as parse_segments
 
 __all__ = (
     "IMPORT_BATCH",
+    "NO_CLOCK",
     "ActorsError",
     "Clock",
     "Customer",
@@ -81,11 +86,13 @@ __all__ = (
     "ImportReport",
     "Interval",
     "MembershipAt",
+    "PartReplay",
     "PartitionCut",
     "RebuildReport",
     "Reconciled",
     "Replay",
     "ReplayTally",
+    "Replayer",
     "Rule",
     "Segment",
     "SegmentSet",
@@ -107,6 +114,7 @@ __all__ = (
     "load_segments_by_value",
     "logged_event",
     "membership_intervals",
+    "merge_parts",
     "memberships_at",
     "outbox_entries",
     "outbox_entry",

@@ -9,7 +9,7 @@ backtests and property tests hold to the specification.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from protocol import DefinitionCause, Event, Transition
 
@@ -74,6 +74,20 @@ class Replay:
         p.customers[base.customer_id] = base
         out = base.evaluate(p.segments, _DEFINITION)
         p.arm(base.customer_id, base.deadline)
+        return out
+
+    def start_from_all(self, bases: Sequence[Customer]) -> list[Transition]:
+        """:meth:`start_from` each of ``bases`` in order; all their transitions."""
+        out: list[Transition] = []
+        for base in bases:
+            out += self.start_from(base)
+        return out
+
+    def apply_all(self, events: Sequence[Event]) -> list[Transition]:
+        """:meth:`apply` each of ``events`` in order; all their transitions."""
+        out: list[Transition] = []
+        for event in events:
+            out += self.apply(event)
         return out
 
     def apply(self, event: Event) -> list[Transition]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Protocol
 
 import msgspec
 
@@ -19,6 +19,32 @@ from ._stored import event_of
 from .rules import SegmentSet
 
 _transition_encoder = msgspec.json.Encoder()
+
+
+class Replayer(Protocol):
+    """What runs a :class:`ReplayTally`'s replay: a :class:`Replay`, or one split over
+    processes that hands back each piece's transitions later (but in order)."""
+
+    @property
+    def customers(self) -> int:
+        """How many customers the replay holds."""
+        ...
+
+    def start_from_all(self, bases: Sequence[Customer]) -> list[Transition]:
+        """:meth:`Replay.start_from` each of ``bases``, in order, before any event; every
+        transition they make."""
+        ...
+
+    def apply_all(self, events: Sequence[Event]) -> list[Transition]:
+        """Apply ``events`` in order (:meth:`Replay.apply`); the transitions ready, in order:
+        those of these events, or of earlier ones not handed back yet (the rest come with
+        later calls)."""
+        ...
+
+    def advance(self, until: int) -> list[Transition]:
+        """Run the clock on to ``until`` (:meth:`Replay.advance`); every transition not
+        handed back yet, in order."""
+        ...
 
 
 @dataclass(slots=True)
@@ -51,7 +77,8 @@ class ReplayTally:
     """The sizes grid's step (microseconds)."""
     transitions_out: IO[bytes] | None = None
     """Where to write the counted transitions as JSON lines (the payload published)."""
-    replay: Replay = field(init=False)
+    replay: Replayer | None = None
+    """What replays (None: a :class:`Replay` of ``segments`` in this process)."""
     tallies: list[SegmentTally] = field(init=False)
     """Per segment, in the order of ``segments.names``."""
     index: dict[str, int] = field(init=False)
@@ -68,7 +95,8 @@ class ReplayTally:
     steps: dict[int, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.replay = Replay(self.segments)
+        if self.replay is None:
+            self.replay = Replay(self.segments)
         self.index = {name: i for i, name in enumerate(self.segments.names)}
         self.tallies = [SegmentTally() for _ in self.segments.names]
 
@@ -82,18 +110,20 @@ class ReplayTally:
         :func:`actors.read_bases`), before any event is fed: each is evaluated at its last
         event before the cut (:meth:`Replay.start_from`). The memberships that gives make
         the state, like transitions before ``start``: they are not counted or written."""
+        bases = list(bases)
+        made = self._replayer.start_from_all(bases)
+        changed = {t.customer_id for t in made}
         for c in bases:
             first = c.first_at()
             if first is not None and (self.first_at is None or first < self.first_at):
                 self.first_at = first
-            made = self.replay.start_from(c)
-            if made and self.first_at is None:
+            if c.customer_id in changed and self.first_at is None:
                 self.first_at = c.watermark
-            for t in made:
-                i = self.index[t.segment]
-                delta = 1 if t.change == "entered" else -1
-                self.tallies[i].members += delta
-                self._add(to_instant(t.at), i, delta)
+        for t in made:
+            i = self.index[t.segment]
+            delta = 1 if t.change == "entered" else -1
+            self.tallies[i].members += delta
+            self._add(to_instant(t.at), i, delta)
 
     def feed_logged(self, entries: Sequence[LoggedEvent]) -> None:
         """:meth:`feed` the events of these log entries.
@@ -106,6 +136,7 @@ class ReplayTally:
     def feed(self, events: Sequence[Event]) -> None:
         """Apply events, in order."""
         until = self.until
+        applied: list[Event] = []
         for event in events:
             if until is not None and event.received > until:
                 continue  # after the clock's end, as if not yet received
@@ -115,8 +146,9 @@ class ReplayTally:
                 self.last_received = event.received
             elif event.received < self.last_received:
                 self.out_of_order += 1
-            self.events += 1
-            self._emit(self.replay.apply(event))
+            applied.append(event)
+        self.events += len(applied)
+        self._emit(self._replayer.apply_all(applied))
 
     def finish(self) -> int | None:
         """Run the clock on to the end; return the end instant (None: no events, no end)."""
@@ -124,10 +156,20 @@ class ReplayTally:
         if end is None:
             end = self.last_received if self.last_received is not None else self.origin
         if end is not None:
-            self._emit(self.replay.advance(end))
+            self._emit(self._replayer.advance(end))
         if self.transitions_out is not None:
             self.transitions_out.flush()
         return end
+
+    @property
+    def customers(self) -> int:
+        """How many customers the replay holds."""
+        return self._replayer.customers
+
+    @property
+    def _replayer(self) -> Replayer:
+        assert self.replay is not None  # made in __post_init__
+        return self.replay
 
     def _emit(self, transitions: list[Transition]) -> None:
         start, out = self.start, self.transitions_out

@@ -52,6 +52,7 @@ from store import Store
 
 from ._errors import ExitCode, NotFound, UsageError, file_error
 from ._output import output_file, output_path
+from ._parallel_replay import ParallelReplay, available_cores
 from ._times import human_instant, now
 
 if TYPE_CHECKING:
@@ -63,6 +64,10 @@ _PIECE = 10_000
 """Lines of a file read, and events of it replayed, per hop to a worker thread (the log goes by
 its chunks): Ctrl-C waits for one hop at most."""
 _summary_encoder = msgspec.json.Encoder()
+AUTO_PARALLEL = 20_000
+"""Events from which ``shoal replay`` uses every core by default: below, starting the worker
+processes (about half a second) costs more than they save."""
+MAX_PROCESSES = 64
 
 
 def register(sub: Any) -> None:
@@ -144,6 +149,14 @@ def register(sub: Any) -> None:
         "each; every segment in a colour of its own",
     )
     p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="replay in N processes, the customers split by partition (the transitions and "
+        "their order are the same whatever N). Default: every core this process may use "
+        f"for {AUTO_PARALLEL:,} events or more, else 1",
+    )
+    p.add_argument(
         "--only",
         metavar="SEGMENT,...",
         help="with --chart: draw only these segments (comma-separated names, in this order)",
@@ -219,6 +232,8 @@ def _options(args: argparse.Namespace) -> _Options:
         raise UsageError("--only chooses the segments --chart draws: give --chart FILE.png")
     if args.chart is not None:
         _check_matplotlib()  # before the work, not after it
+    if args.processes is not None and not 1 <= args.processes <= MAX_PROCESSES:
+        raise UsageError(f"--processes must be from 1 to {MAX_PROCESSES}, not {args.processes}")
     return _Options(start, until, every)
 
 
@@ -446,7 +461,7 @@ def _summary(run: ReplayTally, end: int | None, out: IO[str]) -> None:
         else f", {human_instant(origin)} to {human_instant(end)}"
     )
     table = Table(
-        title=f"{run.events:,} events, {run.replay.customers:,} customers, "
+        title=f"{run.events:,} events, {run.customers:,} customers, "
         f"{run.transitions:,} transitions{span}"
     )
     table.add_column("segment")
@@ -488,12 +503,22 @@ async def run(args: argparse.Namespace) -> int:
             history = OrderedHistory(on_skip=_skip, on_repeat=_repeat)
             outputs.enter_context(history)  # its temporary files go, whatever happens
             await _read_file(source, history)
+            events = history.events
+        else:
+            events = await _count_log(db)
+        processes = args.processes
+        if processes is None:
+            processes = available_cores() if events >= AUTO_PARALLEL else 1
+        replayer = None
+        if processes > 1:
+            replayer = outputs.enter_context(ParallelReplay(segments, processes))
         the_run = ReplayTally(
             segments,
             start=options.start,
             until=options.until,
             every=options.every,
             transitions_out=transitions_out,
+            replay=replayer,
         )
         progress = _progress()
         with progress or contextlib.nullcontext():
@@ -591,6 +616,11 @@ async def _replay_history(
     while fed := await anyio.to_thread.run_sync(feed_piece):
         if progress is not None and task is not None:
             progress.advance(task, fed)
+
+
+async def _count_log(db: Path) -> int:
+    async with await Store.open_read_only(db) as store:
+        return await store.events.count()
 
 
 async def _replay_log(

@@ -44,7 +44,7 @@ def test_counts_in_a_window_and_sizes_on_a_grid() -> None:
     tally.feed([visit("bob", T0 + 2 * DAY), visit("cat", T0 + 6 * DAY)])  # cat: after until
     end = tally.finish()
     assert end == T0 + 5 * DAY
-    assert (tally.events, tally.out_of_order, tally.replay.customers) == (2, 0, 2)
+    assert (tally.events, tally.out_of_order, tally.customers) == (2, 0, 2)
     # ann's entry into active came before the window: state, not counted.
     assert tally.tallies == [
         SegmentTally(entered=1, exited=2, members=0),

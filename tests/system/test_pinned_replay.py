@@ -30,6 +30,7 @@ import subprocess
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from actors.population import generate, to_segment_spec
 from tests.helpers import SHOAL
@@ -41,7 +42,12 @@ TRANSITIONS = 14_368
 TRANSITIONS_SHA256 = "9a6aa9ea7a6a664e448cae6dbbe07ad7498cc1e41ab7185369423f0c9656701c"
 
 
-def test_replay_of_the_generated_history_is_byte_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [None, "1", "3"])
+def test_replay_of_the_generated_history_is_byte_identical(
+    tmp_path: Path, processes: str | None
+) -> None:
+    """The same bytes whether one process replays or several (the default: every core, for
+    this many events), three on two cores included."""
     encode = msgspec.json.Encoder().encode
     lines = [encode(to_segment_spec(e)) for e in generate(1500, 120, 14)]
     history = b"\n".join(lines) + b"\n"
@@ -51,7 +57,14 @@ def test_replay_of_the_generated_history_is_byte_identical(tmp_path: Path) -> No
     source.write_bytes(history)
 
     done = subprocess.run(
-        [*SHOAL, "replay", str(source), "--transitions", str(out)],
+        [
+            *SHOAL,
+            "replay",
+            str(source),
+            "--transitions",
+            str(out),
+            *(["--processes", processes] if processes else []),
+        ],
         cwd=ROOT,
         capture_output=True,
         timeout=300,

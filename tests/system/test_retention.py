@@ -135,6 +135,10 @@ def test_serve_retain_cuts_the_log_and_a_rebuild_answers_the_same(
     done = run("replay", "--data-dir", str(data), "--segments", str(rules))
     assert done.returncode == 0, done.stderr
     assert "note: the event log is cut (retention) at" in done.stderr
+    # Split over processes, the bases go to their customers' workers: the same replay.
+    split = run("replay", "--data-dir", str(data), "--segments", str(rules), "--processes", "2")
+    assert split.returncode == 0, split.stderr
+    assert (split.stdout, split.stderr) == (done.stdout, done.stderr)
     for i in range(6):  # each one's memberships at the cut, then its changes after it
         done = run(
             "history", f"c{i}", "--data-dir", str(data), "--replay", "--segments", str(rules)
