@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _NO_MATPLOTLIB = "--chart needs matplotlib: pip install 'shoal[chart]'"
-_PIECE = 10_000
+PIECE = 10_000
 """Lines of a file read, and events of it replayed, per hop to a worker thread (the log goes by
 its chunks): Ctrl-C waits for one hop at most."""
 _summary_encoder = msgspec.json.Encoder()
@@ -266,7 +266,7 @@ async def _read_file(source: str, history: OrderedHistory) -> None:
     with contextlib.ExitStack() as stack:
         try:
             f = sys.stdin.buffer if source == "-" else stack.enter_context(open(source, "rb"))
-            while await anyio.to_thread.run_sync(history.read, itertools.islice(f, _PIECE)):
+            while await anyio.to_thread.run_sync(history.read, itertools.islice(f, PIECE)):
                 pass
         except OSError as e:
             raise file_error(source, e) from None
@@ -608,7 +608,7 @@ async def _replay_history(
     events = iter(history)
 
     def feed_piece() -> int:
-        piece = list(itertools.islice(events, _PIECE))
+        piece = list(itertools.islice(events, PIECE))
         ahead.see(piece)
         the_run.feed(piece)
         return len(piece)

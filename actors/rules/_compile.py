@@ -143,8 +143,9 @@ class _Compiler:
 
     def combine(self, node: And | Or, d: int) -> tuple[str, str, str]:
         # As And.test / Or.test: the next instant over all parts while the result is
-        # decided by all of them, else over the parts that decide it (None if one of those
-        # is decided for good).
+        # decided by all of them, else over the parts that decide it; a part that decides
+        # it for good (no next) decides the answer until a fact changes, and the parts
+        # after it are not evaluated.
         if len(node.parts) == 2:
             return self.pair(node, d)
         conj = isinstance(node, And)
@@ -153,48 +154,66 @@ class _Compiler:
         self.line(d, f"{v} = {conj}")
         self.line(d, f"{u} = {every} = {deciding} = None")
         self.line(d, f"{forever} = False")
-        for part in node.parts:
-            pv, pn, pu = self.condition(part, d)
-            self.line(d, f"if {pu} is not None and ({u} is None or {pu} < {u}):")
-            self.line(d + 1, f"{u} = {pu}")
-            self.line(d, f"if {pn} is not None and ({every} is None or {pn} < {every}):")
-            self.line(d + 1, f"{every} = {pn}")
-            self.line(d, f"if not {pv}:" if conj else f"if {pv}:")
-            self.line(d + 1, f"{v} = {not conj}")
-            self.line(d + 1, f"if {pn} is None:")
-            self.line(d + 2, f"{forever} = True")
-            self.line(d + 1, f"elif {deciding} is None or {pn} < {deciding}:")
-            self.line(d + 2, f"{deciding} = {pn}")
+        depth = d
+        for i, part in enumerate(node.parts):
+            if i:
+                self.line(depth, f"if not {forever}:")
+                depth += 1
+            pv, pn, pu = self.condition(part, depth)
+            decides = f"not {pv}" if conj else pv
+            self.line(depth, f"if {decides} and {pn} is None:")
+            self.line(depth + 1, f"{forever} = True")
+            self.line(depth, "else:")
+            e = depth + 1
+            self.line(e, f"if {pu} is not None and ({u} is None or {pu} < {u}):")
+            self.line(e + 1, f"{u} = {pu}")
+            self.line(e, f"if {pn} is not None and ({every} is None or {pn} < {every}):")
+            self.line(e + 1, f"{every} = {pn}")
+            self.line(e, f"if {decides}:")
+            self.line(e + 1, f"{v} = {not conj}")
+            self.line(e + 1, f"if {deciding} is None or {pn} < {deciding}:")
+            self.line(e + 2, f"{deciding} = {pn}")
         decided = f"not {v}" if conj else v
-        self.line(d, f"{n} = (None if {forever} else {deciding}) if {decided} else {every}")
+        self.line(d, f"if {forever}:")
+        self.line(d + 1, f"{v}, {n}, {u} = {not conj}, None, None")
+        self.line(d, "else:")
+        self.line(d + 1, f"{n} = {deciding} if {decided} else {every}")
         return v, n, u
 
     def pair(self, node: And | Or, d: int) -> tuple[str, str, str]:
         """``combine`` of two parts, written out case by case."""
         conj = isinstance(node, And)
-        v1, n1, u1 = self.condition(node.parts[0], d)
-        v2, n2, u2 = self.condition(node.parts[1], d)
-        v, n = self.var("v"), self.var("n")
-        both = f"None if {n1} is None or {n2} is None else ({n1} if {n1} <= {n2} else {n2})"
-        every = self.var("e")
-        self.earliest(d, every, n1, n2)
         # ``decide``: the value when a part decides it (false for and, true for or).
         decide = not conj
-        self.line(d, f"if {v1}:" if conj else f"if not {v1}:")
-        self.line(d + 1, f"if {v2}:" if conj else f"if not {v2}:")
-        self.line(d + 2, f"{v}, {n} = {not decide}, {every}")
-        self.line(d + 1, "else:")
-        self.line(d + 2, f"{v}, {n} = {decide}, {n2}")
+        v, n, u = self.var("v"), self.var("n"), self.var("u")
+        v1, n1, u1 = self.condition(node.parts[0], d)
+        self.line(d, f"if {'not ' if conj else ''}{v1} and {n1} is None:")
+        self.line(d + 1, f"{v}, {n}, {u} = {decide}, None, None")  # decided for good
         self.line(d, "else:")
-        self.line(d + 1, f"{v} = {decide}")
-        self.line(d + 1, f"if {v2}:" if conj else f"if not {v2}:")
-        self.line(d + 2, f"{n} = {n1}")
-        self.line(d + 1, "else:")
-        self.line(d + 2, f"{n} = {both}")
+        e = d + 1
+        v2, n2, u2 = self.condition(node.parts[1], e)
+        self.line(e, f"if {'not ' if conj else ''}{v2} and {n2} is None:")
+        self.line(e + 1, f"{v}, {n}, {u} = {decide}, None, None")
+        self.line(e, "else:")
+        g = e + 1
+        # From here a part that decides the value has a next instant.
+        every = self.var("e")
+        self.earliest(g, every, n1, n2)
+        self.line(g, f"if {v1}:" if conj else f"if not {v1}:")
+        self.line(g + 1, f"if {v2}:" if conj else f"if not {v2}:")
+        self.line(g + 2, f"{v}, {n} = {not decide}, {every}")
+        self.line(g + 1, "else:")
+        self.line(g + 2, f"{v}, {n} = {decide}, {n2}")
+        self.line(g, "else:")
+        self.line(g + 1, f"{v} = {decide}")
+        self.line(g + 1, f"if {v2}:" if conj else f"if not {v2}:")
+        self.line(g + 2, f"{n} = {n1}")
+        self.line(g + 1, "else:")
+        self.line(g + 2, f"{n} = {n1} if {n1} <= {n2} else {n2}")
         if u1 == n1 and u2 == n2:
-            return v, n, every
-        u = self.var("u")
-        self.earliest(d, u, u1, u2)
+            self.line(g, f"{u} = {every}")
+        else:
+            self.earliest(g, u, u1, u2)
         return v, n, u
 
     def number(self, node: Node, d: int) -> tuple[str, str]:

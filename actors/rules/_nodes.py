@@ -266,27 +266,27 @@ class And(Node):
 
     def test(self, f: Facts, now: int) -> tuple[Any, int | None, int | None]:
         # While false, only a false part changing can change the result; a part that is
-        # false for good keeps it false for good.
+        # false for good keeps it false for good: then the answer is (false, no next) until
+        # a fact changes, whatever the other parts say, and they are not looked at.
         until: int | None = None
         nxt_all: int | None = None  # over all parts: the next while they all hold
         nxt_false: int | None = None  # over the false parts
         value = True
-        forever = False  # a part is false for good
         for p in self.parts:
             v, n, u = p.test(f, now)
+            if not v:
+                if n is None:
+                    return False, None, None
+                value = False
+                if nxt_false is None or n < nxt_false:
+                    nxt_false = n
             if u is not None and (until is None or u < until):
                 until = u
             if n is not None and (nxt_all is None or n < nxt_all):
                 nxt_all = n
-            if not v:
-                value = False
-                if n is None:
-                    forever = True
-                elif nxt_false is None or n < nxt_false:
-                    nxt_false = n
         if value:
             return True, nxt_all, until
-        return False, (None if forever else nxt_false), until
+        return False, nxt_false, until
 
 
 class Or(Node):
@@ -300,27 +300,27 @@ class Or(Node):
         return value, nxt
 
     def test(self, f: Facts, now: int) -> tuple[Any, int | None, int | None]:
-        # While true, only a true part changing can change the result.
+        # While true, only a true part changing can change the result; a part true for
+        # good decides it until a fact changes (as And's part false for good).
         until: int | None = None
         nxt_all: int | None = None
         nxt_true: int | None = None
         value = False
-        forever = False  # a part is true for good
         for p in self.parts:
             v, n, u = p.test(f, now)
+            if v:
+                if n is None:
+                    return True, None, None
+                value = True
+                if nxt_true is None or n < nxt_true:
+                    nxt_true = n
             if u is not None and (until is None or u < until):
                 until = u
             if n is not None and (nxt_all is None or n < nxt_all):
                 nxt_all = n
-            if v:
-                value = True
-                if n is None:
-                    forever = True
-                elif nxt_true is None or n < nxt_true:
-                    nxt_true = n
         if not value:
             return False, nxt_all, until
-        return True, (None if forever else nxt_true), until
+        return True, nxt_true, until
 
 
 class Not(Node):

@@ -37,6 +37,7 @@ import cProfile
 import gc
 import hashlib
 import json
+import resource
 import sys
 import time
 from collections import Counter
@@ -47,6 +48,8 @@ from typing import Any
 from actors import Customer, load_segments, parse_segments, replay
 from actors.population import generate, history_end
 from protocol import EventCause, TimeCause, Transition, format_instant, to_instant
+from scripts._parallel_replay import ParallelReplay
+from scripts._replay_cmd import PIECE
 
 from ._common import cprofile_text, reset_peak_rss, rss_mib, say
 from ._machine import code_digest, loadavg, machine
@@ -54,15 +57,37 @@ from ._machine import code_digest, loadavg, machine
 # --------------------------------------------------------------------------- measuring
 
 
-def timed_replay(events: list[Any], end: int) -> dict[str, float]:
+def _cpu() -> float:
+    """CPU seconds of this process and of its children that ended (a split replay's
+    workers, joined when it closes)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def split_transitions(events: list[Any], end: int, processes: int) -> Iterator[Transition]:
+    """The transitions of a replay split over ``processes`` worker processes, fed as
+    ``shoal replay`` feeds it (pieces of ``PIECE`` events)."""
+    with ParallelReplay(load_segments(), processes) as split:
+        for i in range(0, len(events), PIECE):
+            yield from split.apply_all(events[i : i + PIECE])
+        yield from split.advance(end)
+
+
+def timed_replay(events: list[Any], end: int, processes: int = 1) -> dict[str, float]:
     segments = load_segments()
     gc.collect()
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    wall0, cpu0 = time.perf_counter(), _cpu()
     n = 0
-    for _ in replay(events, segments, until=end):
-        n += 1
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    if processes == 1:
+        for _ in replay(events, segments, until=end):
+            n += 1
+    else:
+        for _ in split_transitions(events, end, processes):
+            n += 1
+    wall, cpu = time.perf_counter() - wall0, _cpu() - cpu0
     return {
+        "processes": processes,
         "seconds": wall,
         "cpu_seconds": cpu,
         "transitions": n,
@@ -189,26 +214,40 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> Iterator[str]:
     )
     yield ""
     yield (
-        "| run | events | transitions | wall s | CPU s | events/s | transitions/s | "
-        "us/event | peak RSS MiB |"
+        "| run | processes | events | transitions | wall s | CPU s (all processes) | "
+        "events/s | transitions/s | us/event | peak RSS MiB (this process) |"
     )
-    yield "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    yield "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for i, r in enumerate(result["runs"], 1):
         yield (
-            f"| {i} | {g['events']:,} | {r['transitions']:,} | {r['seconds']:.2f} | "
-            f"{r['cpu_seconds']:.2f} | {r['events_per_s']:,.0f} | "
+            f"| {i} | {r.get('processes', 1)} | {g['events']:,} | {r['transitions']:,} | "
+            f"{r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['events_per_s']:,.0f} | "
             f"{r['transitions_per_s']:,.0f} | {r['us_per_event']:.2f} | "
             f"{r['rss_peak_mib']:,.0f} |"
         )
-    best = result["best"]
+    bests = result.get("best_by_processes") or {"1": result["best"]}
+    one = bests.get("1")
     yield ""
-    yield (
-        f"Best: **{best['events_per_s']:,.0f} events/s** ({best['us_per_event']:.2f} us/event, "
-        f"{best['transitions_per_s']:,.0f} transitions/s)."
-    )
+    for p, best in bests.items():
+        speed_up = (
+            ""
+            if one is None or p == "1"
+            else (
+                f"; {one['seconds'] / best['seconds']:.2f}x the speed of one process, "
+                f"{best['cpu_seconds'] / one['cpu_seconds']:.2f}x its CPU"
+            )
+        )
+        yield (
+            f"- Best with {p} process(es): **{best['events_per_s']:,.0f} events/s** "
+            f"({best['us_per_event']:.2f} us/event wall, "
+            f"{best['cpu_seconds'] / g['events'] * 1e6:.2f} us/event CPU{speed_up})."
+        )
     if "digest" in result:
         yield ""
         yield f"Transitions digest (SHA-256): `{result['digest']}`."
+        for p, d in result.get("split_digests", {}).items():
+            same = "the same" if d == result["digest"] else f"**different**: `{d}`"
+            yield f"Split over {p} processes: {same}."
         yield ""
         yield "| segment | entered (event) | entered (time) | exited (event) | exited (time) |"
         yield "|---|---:|---:|---:|---:|"
@@ -255,9 +294,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--digest", action="store_true", help="check figures of the results")
     parser.add_argument("--profile", action="store_true", help="cProfile top 20")
     parser.add_argument("--floor", action="store_true", help="cost below the rules")
+    parser.add_argument(
+        "--processes",
+        default="1",
+        help="comma-separated counts of processes to replay with, each timed (e.g. 1,2; "
+        "the first is the one reported as best); more than 1 splits the customers over "
+        "worker processes as `shoal replay --processes` does",
+    )
     parser.add_argument("--json", metavar="FILE", help="append the figures as a JSON line")
     parser.add_argument("--out", metavar="FILE", help="write the markdown report there too")
     args = parser.parse_args(argv)
+    try:
+        args.processes = [int(p) for p in args.processes.split(",")]
+    except ValueError:
+        parser.error(f"--processes {args.processes!r}: comma-separated integers")
+    if not args.processes or min(args.processes) < 1:
+        parser.error("--processes: each count must be 1 or more")
     if args.quick:
         args.customers = 5_000
     return args
@@ -294,16 +346,25 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{len(events):,} events in {gen_s:.1f} s; replaying")
     runs = []
     for i in range(args.repeat):
-        reset_peak_rss()
-        r = timed_replay(events, end)
-        r["rss_peak_mib"] = rss_mib("VmHWM")
-        runs.append(r)
-        say(
-            f"run {i + 1}: {r['seconds']:.2f} s, {r['events_per_s']:,.0f} events/s, "
-            f"{r['us_per_event']:.2f} us/event, {r['transitions']:,} transitions"
-        )
+        # Each count of processes goes first as often as the others: a change of the
+        # machine's load weighs on all.
+        for processes in args.processes if i % 2 == 0 else args.processes[::-1]:
+            reset_peak_rss()
+            r = timed_replay(events, end, processes)
+            r["rss_peak_mib"] = rss_mib("VmHWM")
+            runs.append(r)
+            say(
+                f"run {i + 1}, {processes} process(es): {r['seconds']:.2f} s, "
+                f"{r['events_per_s']:,.0f} events/s, {r['us_per_event']:.2f} us/event, "
+                f"{r['transitions']:,} transitions"
+            )
     result["runs"] = runs
-    result["best"] = min(runs, key=lambda r: r["seconds"])
+    by_count = {
+        p: min((r for r in runs if r["processes"] == p), key=lambda r: r["seconds"])
+        for p in args.processes
+    }
+    result["best_by_processes"] = {str(p): r for p, r in by_count.items()}
+    result["best"] = by_count[args.processes[0]]
     if args.digest:
         segments = load_segments()
         hexdigest, counts = digest(replay(events, segments, until=end))
@@ -311,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         result["counts"] = {"|".join(k): v for k, v in counts.items()}
         result["segments"] = list(segments.names)
         say(f"digest {hexdigest}")
+        result["split_digests"] = {
+            str(p): digest(split_transitions(events, end, p))[0] for p in args.processes if p > 1
+        }
     if args.floor:
         result["floor"] = floor(events, end)
     if args.profile:
