@@ -22,6 +22,8 @@ SIDES = ("ref", "work")
 METRICS = (
     ("replay_wall_us", "replay: wall us per event"),
     ("replay_cpu_us", "replay: CPU us per event"),
+    ("replay1_wall_us", "replay, one process: wall us per event"),
+    ("replay1_cpu_us", "replay, one process: CPU us per event"),
     ("ingest_wall_us", "ingest: wall us per event"),
     ("ingest_cpu_us", "ingest: engine CPU us per event"),
 )
@@ -140,6 +142,27 @@ def table(rs: Sequence[Row], ref: str) -> Iterator[str]:
         yield f"| {r.label} | {r.old:,.2f} | {r.new:,.2f} | {share} |"
 
 
+def ceiling(rs: Sequence[Row], consumer: dict[str, Any] | None) -> Iterator[str]:
+    """What share of the nats-py consumer's ceiling, measured in the same run, each tree's
+    ingest reaches (events per second from the median wall cost)."""
+    if not consumer:
+        return
+    wall = next((r for r in rs if r.key == "ingest_wall_us"), None)
+    rate = consumer["consume_per_s"]
+    yield (
+        f"The nats-py consumer alone (`{consumer['variant']}`: push consumer, `AckPolicy.ALL`, "
+        f"decode only) read {consumer['messages']:,} events at **{rate:,.0f} msgs/s** in "
+        "this run: the ceiling of one process's ingest."
+    )
+    if wall is not None:
+        old, new = 1e6 / wall.old, 1e6 / wall.new
+        yield (
+            f"Ingest reached {old:,.0f} events/s ({old / rate:.0%} of it) with the ref, "
+            f"{new:,.0f} events/s ({new / rate:.0%}) with the working tree."
+        )
+    yield ""
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The report of a compare run: what ran, the table, every run, the checks."""
     m = doc["machine"]
@@ -160,7 +183,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc['load_after']} after (a shared machine: the runs alternate, "
         f"{' '.join(doc['order'])}, and each figure is the median of {s['runs']}).",
         f"- Replay: `shoal replay FILE --transitions OUT` of {s['replay_events']:,} generated "
-        f"events (seed {s['seed']}), the whole process: wall time and its CPU time.",
+        f"events (seed {s['seed']}), the whole process and its workers: wall time and CPU "
+        "time. Its default: one process, or (where the tree has them) one worker process per "
+        "core from 20,000 events on. *One process*: the working tree with `--processes 1` "
+        "(the ref's figure is its replay, which is one process), the cost per core.",
         f"- Ingest: `shoal serve --data-dir NEW --port P`, then {s['ingest_events']:,} "
         "generated events (stamped over the days before now) published to "
         "`shoal.events.<customer>` from the benchmark; from the first publish until the "
@@ -171,6 +197,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         *table(rs, doc["ref"]),
         "",
+        *ceiling(rs, doc.get("consumer_ceiling")),
         "Every run (us per event, in the order run):",
         "",
     ]

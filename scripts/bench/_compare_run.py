@@ -36,8 +36,9 @@ from actors.population import generate, to_segment_spec, write_history
 from protocol import DAY, event_subject
 
 from . import _compare as cmp
-from ._common import ROOT, free_port, now_us, process_cpu, publish, say
+from ._common import ROOT, broker, free_port, now_us, process_cpu, publish, say
 from ._machine import loadavg, machine
+from .consumer import VARIANTS, fill_stream, run_variant
 
 TIMEOUT = 600.0
 """Seconds any one run may take."""
@@ -48,6 +49,8 @@ DAYS = 120
 WARM_UP = 1_000
 """Events of the untimed replay each tree runs first."""
 _POLL = 0.02
+CEILING = "push-cb-all-map50k"
+"""The consumer variant whose rate is the ceiling (as the suite's ``consumer``)."""
 T = TypeVar("T")
 
 
@@ -154,10 +157,11 @@ def ingest_messages(events: int, seed: int, start: int) -> list[tuple[str, bytes
 # --------------------------------------------------------------------------- replay
 
 
-def run_replay(tree: Tree, source: Path, out: Path, events: int) -> dict[str, Any]:
-    """``shoal replay SOURCE --transitions OUT`` of ``tree``: wall and CPU time per event,
-    and the digest of the transitions it wrote."""
-    cmd = [*tree.shoal, "replay", str(source), "--transitions", str(out)]
+def run_replay(tree: Tree, source: Path, out: Path, events: int, *options: str) -> dict[str, Any]:
+    """``shoal replay SOURCE --transitions OUT [OPTIONS]`` of ``tree``: wall and CPU time
+    per event (its worker processes included), and the digest of the transitions it
+    wrote."""
+    cmd = [*tree.shoal, "replay", str(source), "--transitions", str(out), *options]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     _run(cmd, f"{tree.name}: shoal replay", cwd=tree.cwd, timeout=TIMEOUT)
@@ -278,6 +282,19 @@ async def run_ingest(tree: Tree, messages: list[tuple[str, bytes]], d: Path) -> 
     return {"ingest_wall_us": wall / n * 1e6, "ingest_cpu_us": cpu / n * 1e6}
 
 
+# --------------------------------------------------------------------------- ceiling
+
+
+async def consumer_ceiling(messages: int, tmp: Path) -> dict[str, Any]:
+    """The nats-py consumer alone (``scripts.bench.consumer``'s ``push-cb-all-map50k``, the
+    suite's ceiling) over ``messages`` events, on a broker of its own."""
+    v = next(v for v in VARIANTS if v.name == CEILING)
+    async with broker(tmp / "consumer") as url:
+        await fill_stream(url, messages)
+        consumed = await run_variant(url, v, messages, TIMEOUT)
+    return {"variant": v.name, "messages": messages, "consume_per_s": consumed.rate}
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -324,10 +341,22 @@ def run_compare(args: Any) -> dict[str, Any]:
                 keep(side, r)
                 replays[side].add((r["transitions"], r["sha256"]))
                 say(f"replay {i + 1}, {trees[side].name}: {r['replay_wall_us']:.2f} us/event")
+                if side == "work":  # one process: the cost per core
+                    r = run_replay(
+                        trees[side], source, tmp / "transitions.jsonl", n, "--processes", "1"
+                    )
+                    replays[side].add((r["transitions"], r["sha256"]))
+                    say(f"replay {i + 1}, one process: {r['replay_wall_us']:.2f} us/event")
+                keep(
+                    side,
+                    {"replay1_wall_us": r["replay_wall_us"], "replay1_cpu_us": r["replay_cpu_us"]},
+                )
             for i, side in enumerate(doc["order"]):
                 r = anyio.run(run_ingest, trees[side], messages, tmp / f"ingest-{i}")
                 keep(side, r)
                 say(f"ingest {i + 1}, {trees[side].name}: {r['ingest_wall_us']:.2f} us/event")
+            doc["consumer_ceiling"] = anyio.run(consumer_ceiling, args.ingest_events, tmp)
+            say(f"consumer ceiling: {doc['consumer_ceiling']['consume_per_s']:,.0f} msgs/s")
     doc["samples"] = samples
     doc["rows"] = [vars(r) for r in cmp.rows(samples)]
     doc["checks"] = _checks(replays, args.compare)

@@ -140,3 +140,45 @@ def test_report_names_what_ran(tmp_path: Path) -> None:
     assert "| replay: CPU us per event | 3.00 | 3.00 | 1.000 |" in md
     assert "- replay: CPU us per event: main 2.00, 4.00, 3.00; working tree 3.00" in md
     assert "ref work work ref ref work" in md and "byte for byte" in md
+
+
+def test_a_quick_compare_runs_and_prints_ratios(tmp_path: Path) -> None:
+    """The smoke test of ``--compare``: the working tree against its own last commit, on a
+    few hundred events. It runs end to end and reports every figure with a ratio; the
+    ratios themselves are not asserted (timings on a shared machine say nothing here)."""
+    import subprocess
+    import sys
+
+    from scripts.bench._common import ROOT
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.bench",
+            "--compare",
+            "HEAD",
+            "--runs",
+            "1",
+            "--replay-events",
+            "300",
+            "--ingest-events",
+            "200",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)
+    doc = json.loads((tmp_path / "compare-HEAD.json").read_text())
+    assert {r["key"] for r in doc["rows"]} == {key for key, _ in _compare.METRICS}
+    assert all(r["ratio"] is not None for r in doc["rows"])
+    md = (tmp_path / "compare-HEAD.md").read_text()
+    assert "| replay, one process: CPU us per event |" in md
+    assert "msgs/s** in this run" in md
+    assert "both replays wrote the same" in md
