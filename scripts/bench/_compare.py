@@ -24,12 +24,24 @@ METRICS = (
     ("replay_cpu_us", "replay: CPU us per event"),
     ("replay1_wall_us", "replay, one process: wall us per event"),
     ("replay1_cpu_us", "replay, one process: CPU us per event"),
+    ("replay_rss_mib", "replay: peak RSS MiB (with its workers)"),
     ("ingest_wall_us", "ingest: wall us per event"),
     ("ingest_cpu_us", "ingest: engine CPU us per event"),
+    ("deadlines_burst_p50_ms", "deadlines, 100k due in one second: p50 lateness ms"),
+    ("deadlines_burst_p99_ms", "deadlines, 100k due in one second: p99 lateness ms"),
+    ("deadlines_burst_max_ms", "deadlines, 100k due in one second: max lateness ms"),
+    ("deadlines_all_p99_ms", "deadlines, all 200k fired: p99 lateness ms"),
 )
-"""(key, label) of the figures compared: costs per event, lower is better."""
+"""(key, label) of the figures compared: costs, lower is better (the deadlines' only with
+``--deadlines``)."""
 
-DEFAULTS = {"runs": 3, "replay_events": 50_000, "ingest_events": 20_000, "seed": 14}
+DEFAULTS = {
+    "runs": 3,
+    "replay_events": 50_000,
+    "ingest_events": 20_000,
+    "seed": 14,
+    "deadlines": False,
+}
 """The compare flags' values when not given (modest sizes: a few minutes in all)."""
 
 
@@ -61,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--seed", type=int, help=f"of the generated input (default {DEFAULTS['seed']})"
+    )
+    group.add_argument(
+        "--deadlines",
+        action="store_const",
+        const=True,
+        help="also run each tree's own suite, --only deadlines, at its full size (1,000,000 "
+        "customers pending, 100,000 due in one second): about 3 minutes a run",
     )
 
 
@@ -135,7 +154,7 @@ def rows(samples: dict[str, dict[str, list[float]]]) -> list[Row]:
 
 def table(rs: Sequence[Row], ref: str) -> Iterator[str]:
     """A markdown table of ``rs``: the medians of ``ref`` and the working tree, new/old."""
-    yield f"| cost per event | {ref} (median) | working tree (median) | new/old |"
+    yield f"| cost | {ref} (median) | working tree (median) | new/old |"
     yield "|---|---:|---:|---:|"
     for r in rs:
         share = "-" if r.ratio is None else f"{r.ratio:.3f}"
@@ -192,13 +211,25 @@ def markdown(doc: dict[str, Any]) -> str:
         "`shoal.events.<customer>` from the benchmark; from the first publish until the "
         "consumer `shoal-engine` has acknowledged them all: wall time, and the CPU time of "
         "the serve process (`/proc/<pid>/stat`; its broker not counted).",
+        "- Replay's peak RSS: the resident memory of the process and its worker processes, "
+        "summed, sampled every 50 ms.",
+        *(
+            [
+                "- Deadlines: each tree's own benchmark suite, `python -m scripts.bench --only "
+                "deadlines` (full size: 1,000,000 customers pending, 100,000 due in one and "
+                "the same second, then 100,000 over 20 s), run from its sources; lateness is "
+                "the engine's clock when it fired minus the instant due."
+            ]
+            if s.get("deadlines")
+            else []
+        ),
         "- Wall times follow the machine's load; CPU times much less: on a shared machine, "
         "read the CPU rows first.",
         "",
         *table(rs, doc["ref"]),
         "",
         *ceiling(rs, doc.get("consumer_ceiling")),
-        "Every run (us per event, in the order run):",
+        "Every run (in the order run, in the unit of its row):",
         "",
     ]
     for r in rs:

@@ -60,16 +60,18 @@ class CompareError(Exception):
 
 @dataclass(frozen=True)
 class Tree:
-    """A tree measured: its name, the command that runs its ``shoal``, and where from."""
+    """A tree measured: its name, the command that runs its ``shoal``, where from, and its
+    sources (where its own benchmark suite runs)."""
 
     name: str
     shoal: tuple[str, ...]
     cwd: Path
+    src: Path
 
 
 def working_tree() -> Tree:
     """This repository's working tree, run from its sources with this Python."""
-    return Tree("working tree", (sys.executable, "-m", "scripts.cli"), ROOT)
+    return Tree("working tree", (sys.executable, "-m", "scripts.cli"), ROOT, ROOT)
 
 
 def _run(cmd: list[str], what: str, **kwargs: Any) -> str:
@@ -125,7 +127,7 @@ def ref_tree(ref: str, tmp: Path) -> Iterator[tuple[Tree, str, str]]:
             # REF asks for versions this environment does not have: its own choice, then.
             _run([*install, str(src)], "pip install")
             pinned = "not pinned: REF's requirements differ"
-        yield Tree(ref, (python, "-m", "scripts.cli"), tmp), commit, pinned
+        yield Tree(ref, (python, "-m", "scripts.cli"), tmp, src), commit, pinned
     finally:
         with contextlib.suppress(CompareError):
             _run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(src)], "git")
@@ -164,7 +166,7 @@ def run_replay(tree: Tree, source: Path, out: Path, events: int, *options: str) 
     cmd = [*tree.shoal, "replay", str(source), "--transitions", str(out), *options]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    _run(cmd, f"{tree.name}: shoal replay", cwd=tree.cwd, timeout=TIMEOUT)
+    peak = _run_sampling_rss(cmd, f"{tree.name}: shoal replay", tree.cwd)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -173,8 +175,72 @@ def run_replay(tree: Tree, source: Path, out: Path, events: int, *options: str) 
     return {
         "replay_wall_us": wall / events * 1e6,
         "replay_cpu_us": cpu / events * 1e6,
+        "replay_rss_mib": peak / 2**20,
         "transitions": data.count(b"\n"),
         "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+RSS_EVERY = 0.05
+"""Seconds between samples of a replay's memory."""
+
+
+def _rss(pid: int) -> int:
+    """Bytes resident of ``pid`` and its children (a replay's workers), 0 once gone."""
+    total = 0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for p in (str(pid), *children):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue  # ended meanwhile
+    return total
+
+
+def _run_sampling_rss(cmd: list[str], what: str, cwd: Path) -> int:
+    """Run ``cmd`` as :func:`_run` does; return the peak of its resident memory, summed over
+    it and its child processes, sampled every ``RSS_EVERY`` s."""
+    peak = 0
+    with subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        deadline = time.monotonic() + TIMEOUT
+        while proc.poll() is None:
+            peak = max(peak, _rss(proc.pid))
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise CompareError(f"{what} took more than {TIMEOUT:g} s")
+            time.sleep(RSS_EVERY)
+        err = proc.stderr.read() if proc.stderr is not None else ""
+    if proc.returncode != 0:
+        tail = err.strip().splitlines()[-5:]
+        raise CompareError(f"{what} failed ({shlex.join(cmd)}): {' / '.join(tail)}")
+    return peak
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+def run_deadlines(tree: Tree, out: Path) -> dict[str, Any]:
+    """The tree's own benchmark suite, ``--only deadlines`` at its full size (1,000,000
+    customers pending, 100,000 due in one second, then 100,000 over 20 s): the lateness of
+    the burst and of every deadline, in ms."""
+    python = tree.shoal[0]
+    cmd = [python, "-m", "scripts.bench", "--only", "deadlines", "--out", str(out)]
+    _run(cmd, f"{tree.name}: deadlines benchmark", cwd=tree.src, timeout=3 * TIMEOUT)
+    doc = json.loads((out / "bench-full.json").read_text(encoding="utf-8"))
+    late = doc["results"]["deadlines"]["lateness_ms"]
+    return {
+        "deadlines_burst_p50_ms": late["burst"]["p50"],
+        "deadlines_burst_p99_ms": late["burst"]["p99"],
+        "deadlines_burst_max_ms": late["burst"]["max"],
+        "deadlines_all_p99_ms": late["all"]["p99"],
     }
 
 
@@ -316,7 +382,7 @@ def run_compare(args: Any) -> dict[str, Any]:
 
     def keep(side: str, figures: dict[str, Any]) -> None:
         for key, value in figures.items():
-            if key.endswith("_us"):
+            if key.endswith(("_us", "_mib", "_ms")):
                 samples[side].setdefault(key, []).append(value)
 
     with tempfile.TemporaryDirectory(prefix="shoal-compare-") as name:
@@ -355,6 +421,14 @@ def run_compare(args: Any) -> dict[str, Any]:
                 r = anyio.run(run_ingest, trees[side], messages, tmp / f"ingest-{i}")
                 keep(side, r)
                 say(f"ingest {i + 1}, {trees[side].name}: {r['ingest_wall_us']:.2f} us/event")
+            if args.deadlines:
+                for i, side in enumerate(doc["order"]):
+                    r = run_deadlines(trees[side], tmp / f"deadlines-{i}")
+                    keep(side, r)
+                    say(
+                        f"deadlines {i + 1}, {trees[side].name}: burst p99 "
+                        f"{r['deadlines_burst_p99_ms']:,.0f} ms"
+                    )
             doc["consumer_ceiling"] = anyio.run(consumer_ceiling, args.ingest_events, tmp)
             say(f"consumer ceiling: {doc['consumer_ceiling']['consume_per_s']:,.0f} msgs/s")
     doc["samples"] = samples
