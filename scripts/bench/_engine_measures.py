@@ -304,6 +304,64 @@ async def deadlines_once(run: Run, profile: Path | None = None) -> dict[str, Any
     }
 
 
+UNIFORM_TEMPLATES = 10_000
+"""Distinct due instants of the ``uniform`` measurement (each shared by n / this clones)."""
+
+
+async def measure_uniform(run: Run) -> dict[str, Any]:
+    """Every customer with a deadline, due uniformly at ``uniform_rate`` per second once the
+    engine is warm: the lateness of a steady stream of deadlines with all of them pending."""
+    sz = run.sizes
+    n, rate = sz.uniform_customers, sz.uniform_rate
+    span = n * SECOND // rate
+    k = min(n, UNIFORM_TEMPLATES)
+    d = run.dir("uniform")
+    db = d / "shoal.db"
+    segments = load_segments()
+    say(f"uniform deadlines: {n:,} customers pending, due at {rate:,}/s over {span / SECOND:g} s")
+    t0 = time.perf_counter()
+    log = await Store.open(db)
+    try:
+        cut = now_us()
+        # Due once the store is written and the engine has restarted and is warm (as in
+        # deadlines_once: about 80 us a customer for both, and a margin).
+        margin = n * 80e-6 + 8.0
+        due = (now_us() + int(margin * SECOND)) // SECOND * SECOND + SECOND
+        templates = [due_template(due + j * (span // k), segments, cut) for j in range(k)]
+        await write_clones(log, segments, templates, range(n))
+        await finish_store(log, segments)
+    finally:
+        await log.close()
+    build_s = time.perf_counter() - t0
+    async with broker(d) as url, engine_process(db, url, d / "engine.log") as ep:
+        warm = await start_warm(run, ep, "uniform", n)
+        warm_before_due = now_us() < due
+        base = await ep.ask("mark")
+        await anyio.sleep(max(0.0, (due + span + 2 * SECOND - now_us()) / SECOND))
+        late = await ep.ask("lateness " + json.dumps({"uniform": [due, due + span]}), sz.timeout)
+        st = await ep.ask("stats")
+        await ep.stop()
+    del late["ev"]
+    p = late["uniform"]
+    say(
+        f"  lateness p50 {p['p50']:.1f} ms, p99 {p['p99']:.1f} ms, max {p['max']:.1f} ms "
+        f"over {p['count']:,} deadlines"
+    )
+    return {
+        "customers": n,
+        "rate_per_s": rate,
+        "span_s": span / SECOND,
+        "pending_at_warm": warm["pending_deadlines"],
+        "build_s": build_s,
+        "warm_before_due": warm_before_due,
+        "lateness_ms": late,
+        "deadlines_fired": st["deadlines_fired"],
+        "engine_gc_s": st["gc_s"] - base["gc_s"],
+        "engine_gc_full": st["gc_full"] - base["gc_full"],
+        "max_stall_s": st["max_stall_s"],
+    }
+
+
 async def start_only(run: Run, name: str, population: str, n: int) -> None:
     """An engine started on a store of ``n`` ``population`` customers until warm, and
     stopped (its start recorded by ``start_warm``)."""

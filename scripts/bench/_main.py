@@ -27,6 +27,7 @@ from ._engine_measures import (
     measure_latency,
     measure_memory,
     measure_rebuild,
+    measure_uniform,
 )
 from ._machine import loadavg, machine, nats_server_version
 from ._other_measures import measure_consumer, measure_replay, measure_sql
@@ -46,6 +47,7 @@ RUNNERS: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]] = {
     "ingest": measure_ingest,
     "latency": measure_latency,
     "deadlines": measure_deadlines,
+    "uniform": measure_uniform,
     "replay": lambda run: _sync(measure_replay, run),
     "rebuild": measure_rebuild,
     "memory": measure_memory,

@@ -58,6 +58,16 @@ def summary(results: dict[str, Any]) -> list[dict[str, str]]:
                 TARGETS["deadlines"] if key == "all" else "",
                 p["p99"] <= 100 if key == "all" and r["customers"] >= 1_000_000 else None,
             )
+    if "uniform" in results:
+        r = results["uniform"]
+        p = r["lateness_ms"]["uniform"]
+        add(
+            "deadlines (uniform)",
+            f"p50 {p['p50']:.1f} / p99 {p['p99']:.1f} / max {p['max']:.1f} ms",
+            f"{p['count']:,} fired at {r['rate_per_s']:,}/s, {r['pending_at_warm']:,} pending",
+            TARGETS["uniform"],
+            p["p99"] <= 100 if r["customers"] >= 1_000_000 else None,
+        )
     if "replay" in results:
         r = results["replay"]
         add(
@@ -228,6 +238,22 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {p['p99']:.1f} | {p['max']:.1f} |"
             )
         out += ["", f"Engine GC s (full collections) | longest loop stall s: {_gc(r)}.", ""]
+    if "uniform" in res:
+        r = res["uniform"]
+        p = r["lateness_ms"]["uniform"]
+        out += [
+            f"## Deadline lateness, due uniformly ({r['customers']:,} customers, "
+            f"{r['pending_at_warm']:,} pending at warm, due at {r['rate_per_s']:,}/s over "
+            f"{r['span_s']:g} s; engine warm before the first was due: {r['warm_before_due']})",
+            "",
+            "| fired | firing rounds | p50 ms | p90 ms | p99 ms | max ms |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {p['count']:,} | {p['rounds']:,} | {p['p50']:.1f} | {p['p90']:.1f} "
+            f"| {p['p99']:.1f} | {p['max']:.1f} |",
+            "",
+            f"Engine GC s (full collections) | longest loop stall s: {_gc(r)}.",
+            "",
+        ]
     if "replay" in res:
         r = res["replay"]
         out += [

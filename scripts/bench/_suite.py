@@ -22,6 +22,10 @@ process is the producer and the subscriber (``_engine_measures``, ``_other_measu
   instants chosen so that they fall due after the engine has restarted on it and is warm;
   lateness is the engine's clock when it fired minus the instant due
   (``EngineObserver.deadlines_fired``).
+- ``uniform``: N customers, every one with a pending deadline, due uniformly at R per second
+  from after the engine is warm (full: 1,000,000 at 10,000/s, so 100 s of firing; clones of
+  10,000 actors whose one visit was 14 days before their instant, due 1/R s apart per
+  clone group); lateness as for ``deadlines``.
 - ``replay``: ``actors.replay`` over a generated history (``actors.population``; small
   here: ``python -m scripts.bench.replay`` has the big figure).
 - ``rebuild``: ready and warm times of the engine restarts above (from snapshots); if none
@@ -81,7 +85,17 @@ from . import _profiles
 from ._common import ROOT
 
 RESULTS = ROOT / "scripts" / "bench" / "results" / "bench"
-MEASUREMENTS = ("ingest", "latency", "deadlines", "replay", "rebuild", "memory", "sql", "consumer")
+MEASUREMENTS = (
+    "ingest",
+    "latency",
+    "deadlines",
+    "uniform",
+    "replay",
+    "rebuild",
+    "memory",
+    "sql",
+    "consumer",
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,8 @@ class Sizes:
     latency_seconds: float
     deadline_customers: int
     deadline_spread_s: int
+    uniform_customers: int
+    uniform_rate: int
     replay_customers: int
     replay_days: int
     memory_bare: int
@@ -114,6 +130,8 @@ MODES = {
         latency_seconds=1.0,
         deadline_customers=3_000,
         deadline_spread_s=1,
+        uniform_customers=2_000,
+        uniform_rate=1_000,
         replay_customers=100,
         replay_days=120,
         memory_bare=1_000,
@@ -131,6 +149,8 @@ MODES = {
         latency_seconds=2.0,
         deadline_customers=20_000,
         deadline_spread_s=3,
+        uniform_customers=20_000,
+        uniform_rate=5_000,
         replay_customers=500,
         replay_days=120,
         memory_bare=20_000,
@@ -148,6 +168,8 @@ MODES = {
         latency_seconds=8.0,
         deadline_customers=1_000_000,
         deadline_spread_s=20,
+        uniform_customers=1_000_000,
+        uniform_rate=10_000,
         replay_customers=10_000,
         replay_days=120,
         memory_bare=100_000,
@@ -163,6 +185,7 @@ TARGETS = {
     "ingest": "≥ 100,000 events/s end to end",
     "latency": "p99 ≤ 50 ms at 20,000 events/s",
     "deadlines": "lateness p99 ≤ 100 ms with 1M pending",
+    "uniform": "p99 ≤ 100 ms with 1M pending due uniformly at 10k/s",
     "replay": "≥ 500,000 events/s",
     "rebuild": "restart of 1M from snapshots ≤ 10 s",
     "memory": "≤ 1 KB per customer (excluding event windows)",
