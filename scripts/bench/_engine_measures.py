@@ -310,12 +310,34 @@ UNIFORM_TEMPLATES = 10_000
 
 async def measure_uniform(run: Run) -> dict[str, Any]:
     """Every customer with a deadline, due uniformly at ``uniform_rate`` per second once the
-    engine is warm: the lateness of a steady stream of deadlines with all of them pending."""
+    engine is warm: the lateness of a steady stream of deadlines with all of them pending.
+    With ``--profile``, once more with the engine under py-spy (not a figure)."""
+    out = await uniform_once(run)
+    if run.profile:
+        raw = run.tmp / "uniform.txt"
+        p = await uniform_once(run, raw)
+        out["profiled"] = {k: p[k] for k in ("customers", "lateness_ms", "deadlines_fired")}
+        out["profile"] = run.profile_report(
+            "uniform",
+            raw,
+            [
+                ("the engine child", None),
+                ("firing: the stacks through Deadlines.fire_due", "Deadlines.fire_due (actors/"),
+                ("preparing: the stacks through Deadlines.prepare", "Deadlines.prepare (actors/"),
+            ],
+            p["py_spy"],
+        )
+    return out
+
+
+async def uniform_once(run: Run, profile: Path | None = None) -> dict[str, Any]:
+    """One engine on a store of ``uniform_customers`` customers due at ``uniform_rate``/s
+    (under py-spy, writing ``profile``, if given)."""
     sz = run.sizes
     n, rate = sz.uniform_customers, sz.uniform_rate
     span = n * SECOND // rate
     k = min(n, UNIFORM_TEMPLATES)
-    d = run.dir("uniform")
+    d = run.dir("uniform" + ("-profile" if profile else ""))
     db = d / "shoal.db"
     segments = load_segments()
     say(f"uniform deadlines: {n:,} customers pending, due at {rate:,}/s over {span / SECOND:g} s")
@@ -333,8 +355,11 @@ async def measure_uniform(run: Run) -> dict[str, Any]:
     finally:
         await log.close()
     build_s = time.perf_counter() - t0
-    async with broker(d) as url, engine_process(db, url, d / "engine.log") as ep:
-        warm = await start_warm(run, ep, "uniform", n)
+    async with (
+        broker(d) as url,
+        engine_process(db, url, d / "engine.log", profile=profile) as ep,
+    ):
+        warm = await start_warm(run, ep, "uniform" if profile is None else "profiled", n)
         warm_before_due = now_us() < due
         base = await ep.ask("mark")
         fired0 = (await ep.ask("stats"))["deadlines_fired"]
@@ -364,6 +389,7 @@ async def measure_uniform(run: Run) -> dict[str, Any]:
         "engine_gc_s": st["gc_s"] - base["gc_s"],
         "engine_gc_full": st["gc_full"] - base["gc_full"],
         "max_stall_s": st["max_stall_s"],
+        **({"py_spy": ep.spy} if profile is not None else {}),
     }
 
 

@@ -358,7 +358,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"(publish_async {r['publish_async_per_s']:,.0f}/s).",
             "",
         ]
-    profiled = [n for n in ("ingest", "deadlines", "replay") if "profile" in res.get(n, {})]
+    profiled = [
+        n for n in ("ingest", "deadlines", "uniform", "replay") if "profile" in res.get(n, {})
+    ]
     if profiled:
         out += [
             "## Profiles (py-spy)",
@@ -387,6 +389,16 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"One more ingest run at {p['customers']:,} customers, the engine child under "
                 f"py-spy ({p['events_per_s']:,.0f} events/s under the profiler; the samples "
                 "include its start and warm-up).",
+            ]
+        elif name == "uniform":
+            p = r["profiled"]["lateness_ms"]["uniform"]
+            out += [
+                "### The engine firing deadlines due uniformly",
+                "",
+                f"One more uniform run at {r['profiled']['customers']:,} customers, the engine "
+                f"child under py-spy (lateness p99 {p['p99']:.1f} ms, max {p['max']:.1f} ms "
+                "under the profiler): the whole child, loading the store included, then the "
+                "stacks through `Deadlines.fire_due` and `Deadlines.prepare` alone.",
             ]
         elif name == "deadlines":
             p = r["profiled"]["lateness_ms"]["all"]
