@@ -8,6 +8,7 @@ import json
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,56 @@ async def measure_latency(run: Run) -> dict[str, Any]:
     return {"customers": n, "rates": rows}
 
 
+@dataclass
+class LatenessRun:
+    """What :func:`lateness_run` read of the engine: its start, the lateness by window, its
+    stats at the end and at the mark before the first was due, and py-spy's lines."""
+
+    warm: dict[str, Any]
+    warm_before_due: bool
+    late: dict[str, Any]
+    stats: dict[str, Any]
+    base: dict[str, Any]
+    spy: list[str]
+
+
+async def lateness_run(
+    run: Run,
+    name: str,
+    db: Path,
+    n: int,
+    due: int,
+    windows: dict[str, list[int]],
+    expected: int,
+    profile: Path | None,
+) -> LatenessRun:
+    """An engine child on the store ``db`` of ``n`` customers with pending deadlines (under
+    py-spy, writing ``profile``, if given), warm, until the ``expected`` deadlines due in
+    ``windows`` (name -> [from, to] instants, the first from ``due`` on) have fired, 2 s
+    after the last window at the soonest (or the run's timeout): their lateness, by
+    window."""
+    d = db.parent
+    end = max(to for _, to in windows.values()) + 2 * SECOND
+    async with (
+        broker(d) as url,
+        engine_process(db, url, d / "engine.log", profile=profile) as ep,
+    ):
+        warm = await start_warm(run, ep, name if profile is None else "profiled", n)
+        warm_before_due = now_us() < due
+        base = await ep.ask("mark")
+        fired0 = (await ep.ask("stats"))["deadlines_fired"]
+        await anyio.sleep(max(0.0, (end - now_us()) / SECOND))
+        # An engine that fell behind is still firing: its lateness is known once all fired.
+        with anyio.move_on_after(run.sizes.timeout):
+            while (await ep.ask("stats"))["deadlines_fired"] - fired0 < expected:
+                await anyio.sleep(0.5)
+        late = await ep.ask("lateness " + json.dumps(windows), run.sizes.timeout)
+        st = await ep.ask("stats")
+        await ep.stop()
+    del late["ev"]
+    return LatenessRun(warm, warm_before_due, late, st, base, ep.spy if profile else [])
+
+
 async def measure_deadlines(run: Run) -> dict[str, Any]:
     out = await deadlines_once(run)
     if run.profile:
@@ -267,21 +318,11 @@ async def deadlines_once(run: Run, profile: Path | None = None) -> dict[str, Any
     finally:
         await log.close()
     build_s = time.perf_counter() - t0
-    async with (
-        broker(d) as url,
-        engine_process(db, url, d / "engine.log", profile=profile) as ep,
-    ):
-        warm = await start_warm(run, ep, "deadlines" if profile is None else "profiled", n)
-        warm_before_due = now_us() < due
-        base = await ep.ask("mark")
-        end = due + SECOND + span + 2 * SECOND
-        await anyio.sleep(max(0.0, (end - now_us()) / SECOND))
-        windows = {"burst": [due, due + SECOND], "spread": [due + SECOND, due + SECOND + span]}
-        late = await ep.ask("lateness " + json.dumps(windows), sz.timeout)
-        st = await ep.ask("stats")
-        await ep.stop()
-    del late["ev"]
-    spy = {"py_spy": ep.spy} if profile is not None else {}
+    windows = {"burst": [due, due + SECOND], "spread": [due + SECOND, due + SECOND + span]}
+    ran = await lateness_run(run, "deadlines", db, n, due, windows, burst + spread, profile)
+    late, st, base = ran.late, ran.stats, ran.base
+    warm, warm_before_due = ran.warm, ran.warm_before_due
+    spy = {"py_spy": ran.spy} if profile is not None else {}
     say(
         f"  lateness p50 {late['all']['p50']:.1f} ms, p99 {late['all']['p99']:.1f} ms, "
         f"max {late['all']['max']:.1f} ms over {late['all']['count']:,} deadlines"
@@ -355,23 +396,10 @@ async def uniform_once(run: Run, profile: Path | None = None) -> dict[str, Any]:
     finally:
         await log.close()
     build_s = time.perf_counter() - t0
-    async with (
-        broker(d) as url,
-        engine_process(db, url, d / "engine.log", profile=profile) as ep,
-    ):
-        warm = await start_warm(run, ep, "uniform" if profile is None else "profiled", n)
-        warm_before_due = now_us() < due
-        base = await ep.ask("mark")
-        fired0 = (await ep.ask("stats"))["deadlines_fired"]
-        await anyio.sleep(max(0.0, (due + span + 2 * SECOND - now_us()) / SECOND))
-        # An engine that fell behind is still firing: its lateness is known once all fired.
-        with anyio.move_on_after(sz.timeout):
-            while (await ep.ask("stats"))["deadlines_fired"] - fired0 < n:
-                await anyio.sleep(0.5)
-        late = await ep.ask("lateness " + json.dumps({"uniform": [due, due + span]}), sz.timeout)
-        st = await ep.ask("stats")
-        await ep.stop()
-    del late["ev"]
+    windows = {"uniform": [due, due + span]}
+    ran = await lateness_run(run, "uniform", db, n, due, windows, n, profile)
+    late, st, base = ran.late, ran.stats, ran.base
+    warm, warm_before_due = ran.warm, ran.warm_before_due
     p = late["uniform"]
     say(
         f"  lateness p50 {p['p50']:.1f} ms, p99 {p['p99']:.1f} ms, max {p['max']:.1f} ms "
@@ -389,7 +417,7 @@ async def uniform_once(run: Run, profile: Path | None = None) -> dict[str, Any]:
         "engine_gc_s": st["gc_s"] - base["gc_s"],
         "engine_gc_full": st["gc_full"] - base["gc_full"],
         "max_stall_s": st["max_stall_s"],
-        **({"py_spy": ep.spy} if profile is not None else {}),
+        **({"py_spy": ran.spy} if profile is not None else {}),
     }
 
 
