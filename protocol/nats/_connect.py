@@ -254,7 +254,13 @@ async def connect(
         seed_file = (credentials or Credentials()).nkey or (credentials or Credentials()).creds
         raise BrokerError(f"cannot read an NKey seed from {seed_file} ({e})") from e
     except (TimeoutError, OSError, nats.errors.Error) as e:
-        why = watch.refusal or watch.last_error or str(e) or type(e).__name__
+        # A failed handshake can reach here (ssl.SSLError is an OSError) before the error
+        # callback has cancelled the attempt: it is explained the same either way.
+        tls = e if isinstance(e, ssl.SSLError) else give_up.error
+        if isinstance(tls, ssl.SSLError):
+            why = _explain_tls(tls)
+        else:
+            why = watch.refusal or watch.last_error or str(e) or type(e).__name__
         raise BrokerError(
             f"cannot reach NATS at {', '.join(shown)}: {_scrub(why, credentials, servers)}"
         ) from e
