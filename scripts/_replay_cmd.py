@@ -526,7 +526,7 @@ async def run(args: argparse.Namespace) -> int:
                 await _replay_history(the_run, history, progress, ahead)
             else:
                 assert db is not None
-                cut = await _replay_log(the_run, db, progress)
+                cut = await _replay_log(the_run, db, progress, events)
             end = await anyio.to_thread.run_sync(the_run.finish)
         if sizes_out is not None:
             await anyio.to_thread.run_sync(
@@ -624,10 +624,10 @@ async def _count_log(db: Path) -> int:
 
 
 async def _replay_log(
-    the_run: ReplayTally, db: Path, progress: Progress | None
+    the_run: ReplayTally, db: Path, progress: Progress | None, events: int
 ) -> tuple[int, int] | None:
-    """Replay the log of ``db``; return, when it was cut (retention), the cut instant and
-    how many customers' states the replay started from."""
+    """Replay the log of ``db`` (``events`` long, as counted before); return, when it was cut
+    (retention), the cut instant and how many customers' states the replay started from."""
     async with await Store.open_read_only(db) as store:
         cut = store.retention.cut
         based = 0
@@ -638,7 +638,7 @@ async def _replay_log(
                 based += len(bases)
         task: TaskID | None = None
         if progress is not None:
-            task = progress.add_task("", total=await store.events.count())
+            task = progress.add_task("", total=events)
         async for entries in read_log(store):
             await anyio.to_thread.run_sync(the_run.feed_logged, entries)
             if progress is not None and task is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from actors.population import DEFAULT_START, generate, to_segment_spec
 from protocol import DAY
 from scripts.bench import _compare, _compare_run
+from scripts.bench._common import ROOT
 from scripts.bench._compare import Row, check_arguments, file_stem, order, ratio, rows, table
 from scripts.bench._main import COMPARE_RESULTS, parse_args
 from scripts.bench._suite import RESULTS
@@ -147,11 +150,6 @@ def test_a_quick_compare_runs_and_prints_ratios(tmp_path: Path) -> None:
     """The smoke test of ``--compare``: the working tree against its own last commit, on a
     few hundred events. It runs end to end and reports every figure with a ratio; the
     ratios themselves are not asserted (timings on a shared machine say nothing here)."""
-    import subprocess
-    import sys
-
-    from scripts.bench._common import ROOT
-
     done = subprocess.run(
         [
             sys.executable,
