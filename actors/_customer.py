@@ -71,8 +71,10 @@ class Retained(msgspec.Struct, frozen=True, array_like=True, gc=False):
     properties: dict[str, Any]
 
 
-class _State(msgspec.Struct, array_like=True, gc=False):
-    """A customer's whole state, as a snapshot stores it (format ``SNAPSHOT_FORMAT``)."""
+class _State(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
+    """A customer's whole state, as a snapshot stores it (format ``SNAPSHOT_FORMAT``); and,
+    after it, the outcomes it kept (``_Kept.encode``), if stored with them. A snapshot
+    without outcomes is an array of the state alone, as before they were stored."""
 
     first: int | None
     last: list[tuple[str | None, int]]
@@ -83,6 +85,7 @@ class _State(msgspec.Struct, array_like=True, gc=False):
     version: int
     watermark: int
     deadline: int | None
+    kept: bytes | None = None
 
 
 _state_encoder = msgspec.msgpack.Encoder()
@@ -115,6 +118,25 @@ class SnapshotError(ActorsError):
         self.problem = problem
 
 
+class _StoredKept(msgspec.Struct, array_like=True, gc=False):
+    """Kept outcomes as a snapshot stores them: instants as offsets from ``at`` (None:
+    never; a negative ``until``: stale), and ``nexts`` None where each is its ``until``
+    (most often so), but for the stale, which say nothing."""
+
+    tag: int
+    at: int
+    untils: list[int | None]
+    nexts: list[int | None] | None
+
+
+_kept_encoder = msgspec.msgpack.Encoder()
+_kept_decoder = msgspec.msgpack.Decoder(_StoredKept)
+
+
+def _offset(at: int, instant: int) -> int | None:
+    return None if instant >= NEVER else instant - at
+
+
 class _Kept:
     """The outcomes a customer keeps under one set of definitions: by the steps of
     ``Plan.steps``, when to look at the segment again (``_STALE``: at the next evaluation;
@@ -129,6 +151,46 @@ class _Kept:
         self.nexts = [NEVER] * n
         self.at = _BEFORE_ANY
         """The latest instant they were computed at: they say nothing about earlier ones."""
+
+    def encode(self) -> bytes:
+        """These outcomes as a snapshot stores them, named by their definitions' tag."""
+        at = self.at
+        # An until not after ``at`` is stale for every evaluation to come (none is
+        # earlier than ``at``), and a stale step's next is computed afresh.
+        untils = [-1 if u <= at else _offset(at, u) for u in self.untils]
+        pairs = zip(untils, self.nexts, strict=True)
+        nexts = [None if u == -1 else _offset(at, n) for u, n in pairs]
+        same = all(n == u for u, n in zip(untils, nexts, strict=True) if u != -1)
+        return _kept_encoder.encode(
+            _StoredKept(self.segments.tag, at, untils, None if same else nexts)
+        )
+
+    @classmethod
+    def decode(cls, blob: bytes, segments: SegmentSet) -> _Kept | None:
+        """The outcomes ``blob`` (:meth:`encode`) holds, or None if they were computed
+        under other definitions (or cannot be read: they are only there to save work)."""
+        try:
+            stored = _kept_decoder.decode(blob)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        n = len(segments.plan.steps)
+        untils, nexts = stored.untils, stored.nexts
+        if (
+            stored.tag != segments.tag
+            or len(untils) != n
+            or (nexts is not None and len(nexts) != n)
+        ):
+            return None
+        at = stored.at
+        kept = cls.__new__(cls)
+        kept.segments = segments
+        kept.at = at
+        kept.untils = [NEVER if u is None else _STALE if u < 0 else at + u for u in untils]
+        if nexts is None:
+            kept.nexts = [u if u > at else NEVER for u in kept.untils]
+        else:
+            kept.nexts = [NEVER if x is None else at + x for x in nexts]
+        return kept
 
 
 # Most customers have some of these empty: they share one empty collection, never written
@@ -218,9 +280,10 @@ class _Derived(Indexed):
     retained events indexed by instant, pruned of what its rules can no longer read (see
     :class:`TimeIndex`).
 
-    Not part of the state: snapshots leave it out (a restored customer starts without it,
-    and :data:`Customer.__slots__` lists the state alone). It changes no result: an outcome
-    is used only where evaluating again would give the same one.
+    Not part of the state (:data:`Customer.__slots__` lists the state alone): a snapshot
+    holds the outcomes only if asked to (``snapshot(outcomes=True)``, as the engine stores
+    them), and never the index. It changes no result: an outcome is used only where
+    evaluating again would give the same one.
     """
 
     __slots__ = ("_kept", "_index")
@@ -257,13 +320,23 @@ class Customer(_Derived):
         takes effect at its own instant if that is not before this one."""
         self.deadline: int | None = None
         """The next instant a segment can change without an event (always > watermark)."""
-        self._kept: _Kept | None = None
+        self._kept: _Kept | bytes | None = None
+        """Its kept outcomes; or as a snapshot stored them, decoded when first used."""
         self._index: TimeIndex | None = None
+
+    def _kept_for(self, segments: SegmentSet) -> _Kept | None:
+        """The outcomes it keeps under ``segments``, if any (those of others are dropped)."""
+        kept = self._kept
+        if type(kept) is bytes:
+            kept = self._kept = _Kept.decode(kept, segments)
+        if kept is not None and kept.segments is not segments:  # type: ignore[union-attr]
+            kept = self._kept = None
+        return kept  # type: ignore[return-value]
 
     @property
     def _untils(self) -> list[int] | None:
         kept = self._kept
-        return None if kept is None else kept.untils
+        return kept.untils if isinstance(kept, _Kept) else None
 
     @_untils.setter
     def _untils(self, value: None) -> None:
@@ -363,13 +436,8 @@ class Customer(_Derived):
         at = event.at
         if at >= self.watermark:
             self.watermark = at
-        kept = self._kept
-        untils = None
-        if kept is not None:
-            if kept.segments is segments:
-                untils = kept.untils
-            else:
-                self._kept = None
+        kept = self._kept_for(segments) if self._kept is not None else None
+        untils = None if kept is None else kept.untils
         plan = segments.plan
         if self._first is None or at < self._first:
             self._first = at
@@ -491,9 +559,9 @@ class Customer(_Derived):
         ix = self._index
         if ix is not None and ix.needs is not segments.needs and not ix.fits(segments.needs):
             self._index = None  # pruned for rules that read less far back
-        kept = self._kept
+        kept = self._kept_for(segments) if self._kept is not None else None
         definition = isinstance(cause, DefinitionCause)
-        if kept is None or kept.segments is not segments or definition or now < kept.at:
+        if kept is None or definition or now < kept.at:
             # (Earlier than last time: an event at or after the watermark but before where a
             # deadline that changed nothing was evaluated.)
             kept = self._kept = _Kept(segments)
@@ -627,9 +695,17 @@ class Customer(_Derived):
 
     # Snapshots ----------------------------------------------------------------------------
 
-    def snapshot(self) -> bytes:
+    def snapshot(self, *, outcomes: bool = False) -> bytes:
         """The whole state, encoded (format :data:`SNAPSHOT_FORMAT`); :meth:`from_snapshot`
-        gives back an equal actor."""
+        gives back an equal actor.
+
+        With ``outcomes``, also the outcomes it keeps, if any, so that the actor loaded from
+        it does not evaluate every segment afresh (the first evaluation of one loaded
+        without them costs several times a later one). They are what evaluating gave on the
+        way to this state, so two actors of equal state can store different ones: the state
+        alone, without them, is what compares equal.
+        """
+        kept = self._kept if outcomes else None
         traits, named = self._traits, self._named
         shape: dict[str, int] = traits[0]
         names: dict[str | None, int] = named[0]
@@ -644,6 +720,7 @@ class Customer(_Derived):
                 version=self.version,
                 watermark=self.watermark,
                 deadline=self.deadline,
+                kept=kept.encode() if isinstance(kept, _Kept) else kept,
             )
         )
 
@@ -692,4 +769,7 @@ class Customer(_Derived):
         c.watermark = same.setdefault(state.watermark, state.watermark)
         if state.deadline is not None:
             c.deadline = same.setdefault(state.deadline, state.deadline)
+        # Decoded at the first evaluation, if under the definitions they name: most
+        # customers loaded are not evaluated for a while, and the encoded form is smaller.
+        c._kept = state.kept
         return c

@@ -136,7 +136,8 @@ def snapshot_row(customer: Customer, *, needs: str, log_seq: int) -> Snapshot:
         needs=needs,
         log_seq=log_seq,
         deadline=NEVER if deadline is None else deadline,
-        body=customer.snapshot(),
+        # With its kept outcomes: loaded, it evaluates only what they do not settle.
+        body=customer.snapshot(outcomes=True),
     )
 
 

@@ -136,9 +136,13 @@ class SegmentSet:
     definitions in force: :func:`stored_text`)."""
     plan: Plan = field(init=False, repr=False, compare=False)
     """How customers evaluate it (derived from ``order``)."""
+    tag: int = field(init=False, repr=False, compare=False)
+    """:attr:`fingerprint` as a number: what a customer's stored outcomes name the
+    definitions they were computed under by (``Customer.snapshot(outcomes=True)``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plan", Plan.of(self.order))
+        object.__setattr__(self, "tag", int(self.fingerprint, 16))
 
     @classmethod
     def of(

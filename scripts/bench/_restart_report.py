@@ -183,8 +183,8 @@ def markdown(report: Report, command: str) -> str:
         f"on average ({s['full']['bytes_min']} to {s['full']['bytes_max']}). "
         "`from_snapshot` is the builder making the actor from the template's snapshot "
         "(what loading one costs at restart, without the SQL and the checks; GC included); "
-        "encode is `Customer.snapshot()` alone; rows is the list `Engine._write_snapshots` "
-        "makes (encode plus the `store.Snapshot` around it); commit is "
+        "encode is `Customer.snapshot(outcomes=True)` alone; rows is the list "
+        "`Engine._write_snapshots` makes (encode plus the `store.Snapshot` around it); commit is "
         "`Store.commit(snapshots=...)` wall time (parameter tuples, then the SQLite "
         'thread\'s work). "total" is what the engine spends per snapshot written: rows + '
         "commit. GC is the builder's garbage collections during that write.",

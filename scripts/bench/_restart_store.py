@@ -143,7 +143,7 @@ async def write_snapshots(
         t0 = time.perf_counter()
         customers = [Customer.from_snapshot(f"c{i}", templates[i % k].body) for i in chunk]
         t1 = time.perf_counter()
-        bodies = [c.snapshot() for c in customers]
+        bodies = [c.snapshot(outcomes=True) for c in customers]
         t2 = time.perf_counter()
         # The rows as the engine makes them: each actor encoded again, inside its row.
         seq = log.events.last_seq

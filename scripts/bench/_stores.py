@@ -120,7 +120,7 @@ def template_of(events: list[Event], segments: SegmentSet, cut: int) -> Template
     for e in events:
         transitions += c.apply(e, segments)
     transitions += c.advance(cut, segments)
-    return Template(events, transitions, c.snapshot(), c.deadline)
+    return Template(events, transitions, c.snapshot(outcomes=True), c.deadline)
 
 
 def make_templates(k: int, segments: SegmentSet, cut: int) -> tuple[list[Template], float, int]:
@@ -199,7 +199,7 @@ def history_templates(k: int, segments: SegmentSet, cut: int) -> list[Template]:
     for cid in sorted(ids):
         c = r.customer(cid)
         assert c is not None
-        out.append(Template([], [], c.snapshot(), c.deadline))
+        out.append(Template([], [], c.snapshot(outcomes=True), c.deadline))
     return out
 
 

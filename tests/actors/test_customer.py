@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors import Customer, SegmentSet, parse_segments
+from actors import Customer, SegmentSet, load_segments, parse_segments
 from actors.rules import MISSING
 from protocol import (
     DAY,
@@ -483,6 +483,45 @@ def test_snapshot_of_a_customer_with_empty_collections_round_trips() -> None:
     again = Customer.from_snapshot(CID, restored.snapshot())
     assert again.snapshot() == restored.snapshot()
     assert again.members == restored.members and again.members["premium"] == T0 + 1
+
+
+def test_a_snapshot_with_outcomes_spares_the_first_evaluation_after_loading() -> None:
+    segments = load_segments()
+    c = Customer(CID)
+    c.apply(visit(T0), segments)
+    assert c.deadline == T0 + 14 * DAY  # inactive_14d: nothing else changes before it
+    body = c.snapshot(outcomes=True)
+    warm = Customer.from_snapshot(CID, body)
+    cold = Customer.from_snapshot(CID, c.snapshot())
+    assert warm.snapshot() == cold.snapshot() == c.snapshot()  # the state alone compares
+    assert warm.snapshot(outcomes=True) == body  # kept as stored until first used
+    fired = [x.advance(T0 + 14 * DAY, segments) for x in (c, warm, cold)]
+    assert fired[0] == fired[1] == fired[2] and changes(fired[0]) == [
+        ("inactive_14d", "entered", T0 + 14 * DAY)
+    ]
+    assert warm.deadline == cold.deadline == c.deadline
+    # Only the segment due was evaluated: no window or score was read, so no index made.
+    assert warm._index is None and cold._index is not None
+
+
+def test_stored_outcomes_of_other_definitions_or_unreadable_are_not_used() -> None:
+    segments = load_segments()
+    c = Customer(CID)
+    c.apply(visit(T0), segments)
+    body = c.snapshot(outcomes=True)
+    state = msgspec.msgpack.decode(body)
+    assert len(state) == 10 and isinstance(state[-1], bytes)
+    unreadable = msgspec.msgpack.encode([*state[:-1], b"\x93not outcomes"])
+    assert segments.text is not None
+    other = parse_segments(
+        segments.text + "\n[segments.gold]\nrule = \"trait('plan') == 'gold'\"\n"
+    )
+    for defs, stored in ((other, body), (segments, unreadable)):
+        x = Customer.from_snapshot(CID, stored)
+        fresh = Customer.from_snapshot(CID, c.snapshot())
+        assert x.advance(T0 + 14 * DAY, defs) == fresh.advance(T0 + 14 * DAY, defs)
+        assert x._index is not None  # every segment evaluated afresh
+        assert x.snapshot(outcomes=True) == fresh.snapshot(outcomes=True)
 
 
 def test_a_bare_snapshot_shares_equal_instants_and_trait_values() -> None:

@@ -171,7 +171,7 @@ def test_score_at_the_edge_of_the_estimates(
 
 
 def replay_ops(
-    c: Customer, segments: SegmentSet, ops: list[Event | int], fresh: bool
+    c: Customer, segments: SegmentSet, ops: list[Event | int], fresh: bool, stored: bool = False
 ) -> list[tuple[list[Transition], int | None, int]]:
     out = []
     for op in ops:
@@ -185,6 +185,8 @@ def replay_ops(
                 c._untils = None
             got += c.apply(op, segments)
         out.append((got, c.deadline, c.watermark))
+        if stored:  # stored as the engine stores it, and loaded: the kept answers go along
+            c = Customer.from_snapshot(c.customer_id, c.snapshot(outcomes=True))
     return out
 
 
@@ -216,6 +218,8 @@ def test_kept_answers_change_nothing(case: tuple[str, list[Event | int]]) -> Non
         kept = replay_ops(Customer(customer_id), segments, mine, fresh=False)
         afresh = replay_ops(Customer(customer_id), segments, mine, fresh=True)
         assert kept == afresh
+        # Loaded after each step from a snapshot that holds the answers it kept.
+        assert replay_ops(Customer(customer_id), segments, mine, False, stored=True) == afresh
 
 
 def test_a_definition_cause_evaluates_everything_afresh() -> None:

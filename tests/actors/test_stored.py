@@ -119,10 +119,11 @@ def test_a_customer_snapshot_row_and_back() -> None:
         needs=needs,
         log_seq=42,
         deadline=c.deadline if c.deadline is not None else NEVER,
-        body=c.snapshot(),
+        body=c.snapshot(outcomes=True),  # what it keeps too: loaded, it evaluates less
     )
     back = customer_of(row, needs=needs)
     assert back is not None and back.snapshot() == c.snapshot()
+    assert back.snapshot(outcomes=True) == row.body
     # Taken in another format, or for other needs: rebuilt from the log instead.
     assert (
         customer_of(msgspec.structs.replace(row, format=SNAPSHOT_FORMAT + 1), needs=needs) is None
