@@ -31,7 +31,8 @@ class EngineConfig:
     snapshot_events: int = 200_000
     """Events appended since the last round of snapshots that start the next one sooner."""
     snapshot_batch: int = 5_000
-    """Snapshots encoded and written per turn of the loop while a round is under way."""
+    """At most this many snapshots encoded and written per turn of the loop while a round is
+    under way (fewer when writing them would hold the loop for more than about 20 ms)."""
     page_batch: int = 5_000
     """Snapshots loaded per turn of the loop while the engine warms up after a restart."""
     retain: int | None = None
