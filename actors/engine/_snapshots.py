@@ -122,7 +122,7 @@ class Snapshots:
         self._retry_at = -NEVER  # while the disk is full: when to try the round again
         # How many snapshots the next part writes: sized after the last part's wall time
         # (never above the configured batch), so a part takes about _PART_SECONDS.
-        self._part = config.snapshot_batch
+        self._part = min(config.snapshot_batch, 10 * _SMALLEST_PART)  # grows if fast
 
     def restarted(self) -> None:
         """The engine starts: the next round is due after the interval from now."""
