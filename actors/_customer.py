@@ -133,10 +133,6 @@ _kept_encoder = msgspec.msgpack.Encoder()
 _kept_decoder = msgspec.msgpack.Decoder(_StoredKept)
 
 
-def _offset(at: int, instant: int) -> int | None:
-    return None if instant >= NEVER else instant - at
-
-
 class _Kept:
     """The outcomes a customer keeps under one set of definitions: by the steps of
     ``Plan.steps``, when to look at the segment again (``_STALE``: at the next evaluation;
@@ -154,16 +150,17 @@ class _Kept:
 
     def encode(self) -> bytes:
         """These outcomes as a snapshot stores them, named by their definitions' tag."""
-        at = self.at
+        at, untils, nexts = self.at, self.untils, self.nexts
         # An until not after ``at`` is stale for every evaluation to come (none is
         # earlier than ``at``), and a stale step's next is computed afresh.
-        untils = [-1 if u <= at else _offset(at, u) for u in self.untils]
-        pairs = zip(untils, self.nexts, strict=True)
-        nexts = [None if u == -1 else _offset(at, n) for u, n in pairs]
-        same = all(n == u for u, n in zip(untils, nexts, strict=True) if u != -1)
-        return _kept_encoder.encode(
-            _StoredKept(self.segments.tag, at, untils, None if same else nexts)
-        )
+        stored = [None if u >= NEVER else u - at if u > at else -1 for u in untils]
+        stored_nexts = None
+        if nexts != untils and any(n != u for u, n in zip(untils, nexts, strict=True) if u > at):
+            stored_nexts = [
+                None if u <= at or n >= NEVER else n - at
+                for u, n in zip(untils, nexts, strict=True)
+            ]
+        return _kept_encoder.encode(_StoredKept(self.segments.tag, at, stored, stored_nexts))
 
     @classmethod
     def decode(cls, blob: bytes, segments: SegmentSet) -> _Kept | None:
