@@ -13,7 +13,9 @@ from ._subjects import escape_token
 from ._time import from_instant, to_instant
 
 
-class EventCause(msgspec.Struct, frozen=True, kw_only=True, tag="event", tag_field="kind"):
+class EventCause(
+    msgspec.Struct, frozen=True, kw_only=True, tag="event", tag_field="kind", gc=False
+):
     """The membership changed because this event was applied."""
 
     message_id: str
@@ -48,7 +50,10 @@ Cause = EventCause | TimeCause | DefinitionCause | ImportCause | ForgottenCause
 Change = Literal["entered", "exited"]
 
 
-class Transition(msgspec.Struct, frozen=True, kw_only=True):
+# Untracked by the cyclic GC (gc=False): no field can hold a container, so a transition is
+# never part of a cycle; engines make them by the hundred thousand, each counted toward the
+# next collection when tracked.
+class Transition(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A change of one customer's membership in one segment, as published on
     ``shoal.segments.<segment>.<change>``.
 
