@@ -231,7 +231,10 @@ class ScoreTerms:
         self.total += w
         if folded:
             # Late, and before any instant a score reads as its present: folded at once.
+            # It is only in prefix[0] then, so the exact sum reads the source from now on
+            # (as after fold_old), not ``times``.
             self.off += 1
+            self.ordered = False
             if self.top0 is None or at > self.top0:
                 self.top0 = at
             pos = 0

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import actors._time_index
 from actors import Customer, Replay, parse_segments
-from protocol import DAY, HOUR, Event, Transition
+from protocol import DAY, HOUR, Event, Transition, to_instant
 
 from .test_language_property import histories, segment_files
 from .test_snapshots import SEGMENTS, Op, operations, run
@@ -85,6 +85,35 @@ def test_pruning_changes_no_transition_of_generated_rules(
         expected = replayed(text, events, end)
     with pruning_from(1):
         assert replayed(text, events, end) == expected
+
+
+def test_a_term_folded_as_it_is_added_counts_in_the_exact_score() -> None:
+    # Pruned after the first event (of weight 0), the score's cut is that instant; the next
+    # event, at the same instant, is folded as it is added. The exact sum must still count
+    # it: else the score reads 0 once the estimate no longer settles the sign (60
+    # half-lives on), not where every term underflows (1,074 half-lives).
+    text = '[score]\nweights = { "Visit" = 0.0 }\n[segments.alpha]\nrule = "score() > 0"\n'
+    t0 = 1_772_323_200_000_000
+    events = [
+        Event(
+            kind="track",
+            customer_id="c1",
+            name=name,
+            properties={},
+            traits={},
+            at=t0,
+            received=t0,
+            message_id=f"m{i}",
+        )
+        for i, name in enumerate(["Visit", "Email Opened"])
+    ]
+    end = t0 + 100 * 365 * DAY
+    with pruning_from(NEVER_PRUNED):
+        expected = replayed(text, events, end)
+    with pruning_from(1):
+        assert replayed(text, events, end) == expected
+    exits = [t.at for t in expected[0] if t.change == "exited"]
+    assert len(exits) == 1 and (to_instant(exits[0]) - t0) > 1_000 * 14 * DAY
 
 
 @settings(max_examples=300, deadline=None)
