@@ -324,11 +324,11 @@ class Customer(_Derived):
     def _kept_for(self, segments: SegmentSet) -> _Kept | None:
         """The outcomes it keeps under ``segments``, if any (those of others are dropped)."""
         kept = self._kept
-        if type(kept) is bytes:
-            kept = self._kept = _Kept.decode(kept, segments)
-        if kept is not None and kept.segments is not segments:  # type: ignore[union-attr]
+        if isinstance(kept, bytes):
+            kept = self._kept = _Kept.decode(kept, segments)  # checks the definitions
+        elif kept is not None and kept.segments is not segments:
             kept = self._kept = None
-        return kept  # type: ignore[return-value]
+        return kept
 
     @property
     def _untils(self) -> list[int] | None:
