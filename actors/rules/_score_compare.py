@@ -40,6 +40,8 @@ class ScoreCompare(Compare):
             except OverflowError:
                 self.const = None
         self.fn = OPS[self.op]
+        # Above and below give different results (not so for == and !=).
+        self.ordering = self.fn(1, 0) != self.fn(-1, 0)
         # Unpacked for _estimated.
         self.ka, self.config, self.da = a[0], a[1].config, a[1].delta
         self.kb, self.db = (self.b[0], self.b[1].delta) if self.b is not None else (0.0, 0)
@@ -234,6 +236,55 @@ class ScoreCompare(Compare):
                     vb = kb * prefix[n] * pb
                     if va - ma > vb + vb * (U * 8 * (n + off) + cb) + tb:
                         return value, None
+                    if self.ordering:
+                        return self._first_step_up(
+                            times, prefix, ib, n, off, value, va - ma, va + ma, pb, cb, tb
+                        )
             elif fn(s, 0) != value:
                 return value, step
         raise AssertionError("unreachable")
+
+    def _first_step_up(
+        self,
+        times: Sequence[int],
+        prefix: Sequence[float],
+        ib: int,
+        n: int,
+        off: int,
+        value: bool,
+        low: float,
+        high: float,
+        pb: float,
+        cb: float,
+        tb: float,
+    ) -> Value | None:
+        """:meth:`_against_score` from its first step on, where the left side is the score
+        now (every term in, clearly above the right side, whose bound is ``low`` to
+        ``high``) and only the right side grows, a term at a time; with no more than
+        ``STEPS`` steps to come, and an ordering operator (above and below differ).
+
+        Each step is checked as the loop would check it, with the same floats, but not each
+        in turn: the right side's upper bound, ``vb + mb`` at ``m`` terms, cannot fall as
+        ``m`` grows (every float in it is a rounded sum or product of non-negative numbers
+        that do not fall), so whether the left side is still clearly above it at ``m`` terms
+        is true up to some ``m`` and false after. The first ``m`` where it is not is found
+        by bisection; the step that brings it in (the terms at its instant enter together)
+        is the one the loop would stop at, and there it either flips the result (the right
+        side clearly above) or is not settled (the general way then gives the answer).
+        """
+        kb, db = self.kb, self.db
+        lo, hi = ib, n  # clearly above with lo terms; not with hi (checked by the caller)
+        while hi - lo > 1:
+            m = (lo + hi) // 2
+            vb = kb * prefix[m] * pb
+            if low > vb + (vb * (U * 8 * (m + off) + cb) + tb):
+                lo = m
+            else:
+                hi = m
+        at = times[hi - 1]
+        g = bisect_right(times, at, hi)
+        vb = kb * prefix[g] * pb
+        mb = vb * (U * 8 * (g + off) + cb) + tb
+        if high < vb - mb:
+            return value, at + db
+        return None

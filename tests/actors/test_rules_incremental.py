@@ -355,3 +355,59 @@ def test_score_comparisons_next_is_the_flip_not_the_next_step(visits: list[int])
         dropped = segments.plan.rules[0]
         _, nxt, _ = dropped.evaluator(c, now)
         assert nxt is not None and nxt > steps[1]
+
+
+def dropping(k: float) -> SegmentSet:
+    return parse_segments(
+        '[score]\nhalf_life = "1d"\nweights = { "Visit" = 1.0, "Buy" = 0.3 }\n'
+        "[segments.a]\n"
+        f"rule = \"score() < {k!r} * score_at('1d')\"\n"
+        "[segments.b]\n"
+        f"rule = \"score_at('1d') >= 0.5 and score() <= {k!r} * score_at('1d')\"\n"
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    offsets=st.lists(st.integers(0, 6 * 24), min_size=1, max_size=16),
+    names=st.lists(st.sampled_from(["Visit", "Buy"]), min_size=16, max_size=16),
+    probe=st.integers(0, 8 * 24),
+    nudge=st.sampled_from([-1, 0, 1]),
+)
+def test_score_against_score_at_over_many_steps(
+    offsets: list[int], names: list[str], probe: int, nudge: int
+) -> None:
+    """``score() < k * score_at(D)``: only the right side grows, step by step, after the
+    last event; the first step that flips it is found by bisection (ScoreCompare's
+    ``_first_step_up``). Many events within D, several at one instant (they enter together),
+    and ``k`` the exact ratio at some instant, or a float either side of it."""
+    events = [
+        Event(
+            kind="track",
+            customer_id="c",
+            name=name,
+            properties={},
+            traits={},
+            at=T0 + off * HOUR,
+            received=T0 + off * HOUR,
+            message_id=f"m{i}",
+        )
+        for i, (off, name) in enumerate(zip(sorted(offsets), names, strict=False))
+    ]
+    t = T0 + probe * HOUR
+    now_sum = past = 0.0
+    for e in events:
+        w = 1.0 if e.name == "Visit" else 0.3
+        if e.at <= t:
+            now_sum += w * 2.0 ** ((e.at - t) / DAY)
+        if e.at <= t - DAY:
+            past += w * 2.0 ** ((e.at - t + DAY) / DAY)
+    k = now_sum / past if past else 0.75
+    if nudge:
+        k = math.nextafter(k, nudge * math.inf)
+    segments = dropping(k)
+    c = Customer("c")
+    for e in events:
+        c.apply(e, segments)
+    for p in sorted(instants(segments, c, events) | {t - 1, t, t + 1}):
+        agree(segments, c, p)
