@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import tzinfo
-from itertools import compress
 from types import MappingProxyType
 from typing import Any
 
@@ -564,64 +563,11 @@ class Customer(_Derived):
             kept = self._kept = _Kept(segments)
         kept.at = now
         untils, nexts = kept.untils, kept.nexts
-        evaluators = plan.evaluators
-        members = self.members
         out: list[Transition] = []
-        steps = plan.steps
-        # A segment whose rules' answers all still hold, at an instant before the one it must
-        # be looked at again, would come out the same: no change, the same next instant.
-        for j in compress(range(len(untils)), map(now.__ge__, untils)):
-            seg, ri, xi, cacheable = steps[j]
-            entered = members.get(seg.name)
-            # Answers (value, next, until) of the rule and the exit, when read.
-            r = x = None
-            c: int | None
-            if entered is None:
-                r = evaluators[ri](self, now)
-                holds, when = r[0], r[1]
-                if holds and xi >= 0:
-                    # Not in while the exit condition holds: rule and exit overlapping would
-                    # otherwise flap in and out every microsecond.
-                    x = evaluators[xi](self, now)
-                    holds = not x[0]
-                    if x[1] is not None and (when is None or x[1] < when):
-                        when = x[1]
-                if not holds:
-                    c = when
-                else:
-                    out.append(self._change(seg.name, True, now, cause))
-                    entered = now
-            if entered is not None:
-                # The leave condition: the exit rule, or else the rule not holding.
-                if xi >= 0:
-                    x = x or evaluators[xi](self, now)
-                    leave, when = x[0], x[1]
-                else:
-                    r = r or evaluators[ri](self, now)
-                    leave, when = not r[0], r[1]
-                first_out = entered + max(1, seg.min_dwell)  # never out the instant it came in
-                if leave and now >= first_out:
-                    out.append(self._change(seg.name, False, now, cause))
-                    r = r or evaluators[ri](self, now)
-                    holds, when = r[0], r[1]
-                    if holds and x is not None:
-                        holds = False  # the exit condition holds right now
-                        if x[1] is not None and (when is None or x[1] < when):
-                            when = x[1]
-                    # Back in at the next instant at the soonest: one change per instant.
-                    c = now + 1 if holds else when
-                else:
-                    c = when
-                    if leave and (c is None or first_out < c):
-                        c = first_out
-            nexts[j] = until = NEVER if c is None else c
-            if cacheable:
-                # Looked at again at its next instant, or when an answer it read runs out.
-                if r is not None and r[2] is not None and r[2] < until:
-                    until = r[2]
-                if x is not None and x[2] is not None and x[2] < until:
-                    until = x[2]
-                untils[j] = until
+        # Each segment whose outcome ran out (see Plan.run): a segment whose rules' answers
+        # all still hold, at an instant before the one it must be looked at again, would
+        # come out the same, with no change and the same next instant.
+        plan.run(self, now, untils, nexts, self.members, self._change, cause, out)
         if definition:
             defined = set(segments.names)
             for name in [m for m in self.members if m not in defined]:

@@ -31,6 +31,7 @@ from ._lists import by_value, file_lists, list_file_ids, toml_text
 from ._parse import too_long
 from ._rule import Rule, parse_rule
 from ._scores import ScoreConfig
+from ._steps import StepsRunner, compile_steps
 
 _SEGMENT_KEYS = {"description", "rule", "exit", "min_dwell"}
 _TOP_KEYS = {"segments", "score", "lists"}
@@ -76,6 +77,8 @@ class Plan:
     by_trait: Mapping[str, tuple[int, ...]]
     by_first: tuple[int, ...]
     """The steps a new earliest event can change."""
+    run: StepsRunner
+    """The steps compiled into one function (:func:`compile_steps`)."""
 
     @classmethod
     def of(cls, order: Sequence[Segment]) -> Plan:
@@ -108,14 +111,16 @@ class Plan:
 
         names = {n for r in rules for n in tracks(r) if n is not None}
         traits = {k for r in rules for k in r.needs.trait_keys}
+        evaluators = tuple(r.evaluator for r in rules)
         return cls(
             rules=tuple(rules),
-            evaluators=tuple(r.evaluator for r in rules),
+            evaluators=evaluators,
             steps=tuple(steps),
             by_name={n: reading(named(n)) for n in names},
             by_any_name=reading(lambda r: None in tracks(r)),
             by_trait={k: reading(keyed(k)) for k in traits},
             by_first=reading(lambda r: r.reads_first),
+            run=compile_steps(steps, evaluators),
         )
 
 
