@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Sequence
+from typing import cast
 
 from protocol import NEVER
 
 from ._compare import OPS, STEPS, Compare
 from ._facts import Facts, Indexed, Value
 from ._nodes import Const, Node, Scale, Score
-from ._scores import TINY, U
+from ._scores import TINY, Decay, U
+
+_NEAR = 4
+"""How many instants :meth:`ScoreCompare._crossing` moves from where the decay puts the
+crossing before leaving the search to the general way."""
 
 
 def score_of(node: Node) -> tuple[float, Score] | None:
@@ -76,7 +82,7 @@ class ScoreCompare(Compare):
         off, top0 = terms.off, terms.top0
         if self.const is not None:
             return self._against_constant(
-                terms.times, prefix, ref, terms.total * TINY, now, 8 * off
+                f, terms.times, prefix, ref, terms.total * TINY, now, 8 * off
             )
         if self.same:
             return self._against_score(terms.times, prefix, ref, terms.total * TINY, now, off, top0)
@@ -106,6 +112,7 @@ class ScoreCompare(Compare):
 
     def _against_constant(
         self,
+        f: Indexed,
         times: Sequence[int],
         prefix: Sequence[float],
         ref: int,
@@ -153,8 +160,13 @@ class ScoreCompare(Compare):
                 # last, where it decays to 0 (b > 0). It can first fall in that one.
                 return value, last
         end = NEVER if step is None else step - 1
-        if end > now and self._sign(prefix, i, ref, tiny, end, e0) <= 0:
-            return None  # it may fall to b before the first step: searched the general way
+        if end > now:
+            s = self._sign(prefix, i, ref, tiny, end, e0)
+            if s < 0 and b > 0 and self.ka > 0:
+                # It falls to b before the first step: where, the decay says.
+                return self._crossing(f, prefix, i, ref, tiny, now, end, e0, value)
+            if s <= 0:
+                return None  # it may fall to b before the first step: the general way
         for _ in range(STEPS):
             if step is None:
                 return value, None
@@ -169,6 +181,63 @@ class ScoreCompare(Compare):
                 if s < 0:
                     return value, start
         return value, step
+
+    def _crossing(
+        self,
+        f: Indexed,
+        prefix: Sequence[float],
+        i: int,
+        ref: int,
+        tiny: float,
+        now: int,
+        end: int,
+        e0: int,
+        value: bool,
+    ) -> Value | None:
+        """The answer of :meth:`_against_constant` where the score, clearly above ``b > 0``
+        now and clearly below it at ``end`` (before any term enters), falls to it in
+        between: the first instant the comparison is no longer above, which the general way
+        would search for; None (the general way) if it is not found close to where the
+        decay puts it.
+
+        Between steps the score is ``ka * prefix[i] * 2 ** ((ref - t + da) / H)``, so it
+        reaches ``b`` near ``ref + da + H * log2(ka * prefix[i] / b)``. The signs there are
+        the estimate's where it settles them, else the exact sums' (as the general way
+        compares): the same either way, and they do not rise between steps, so the first
+        instant at or below ``b`` is the one where the sign turns.
+        """
+        b = self.const
+        assert b is not None
+        try:
+            x = math.log2(self.ka * prefix[i] / b)
+        except (ValueError, OverflowError, ZeroDivisionError):
+            return None
+        if not -1e6 < x < 1e6:
+            return None
+        exact: Decay | None = None
+
+        def sign(t: int) -> int:
+            nonlocal exact
+            s = self._sign(prefix, i, ref, tiny, t, e0)
+            if s:
+                return s
+            if exact is None:
+                a = self.left.eval(cast(Facts, f), now)[0]  # indexed facts are facts too
+                assert isinstance(a, Decay)
+                exact = a
+            return exact.compare(t, b)[0]
+
+        t = min(max(ref + self.da + math.ceil(self.config.half_life * x), now + 1), end)
+        for _ in range(_NEAR):
+            if t - 1 > now and sign(t - 1) <= 0:
+                t -= 1  # at or below b already: the turn is earlier
+            elif sign(t) > 0:
+                if t >= end:
+                    return None
+                t += 1  # still above b: the turn is later
+            else:
+                return value, t
+        return None
 
     def _against_score(
         self,
