@@ -111,6 +111,12 @@ class LocalTimes:
         else:
             self.counts.clear()
 
+    def drop_first(self, k: int) -> None:
+        """Leave out the first ``k`` instants (pruned): their local times go, and the counts
+        are made again when read (from the local times kept: no zone is consulted)."""
+        del self.codes[:k]
+        self.counts.clear()
+
     def count(self, flt: LocalFilter) -> array[int]:
         counts = self.counts.get(flt)
         if counts is None:
@@ -258,7 +264,9 @@ class TimeIndex:
                     k = bisect_right(ats, cut)
                     if k:
                         del ats[:k]
-                        self.local.pop(key, None)  # rebuilt when read
+                        loc = self.local.get(key)
+                        if loc is not None:
+                            loc.drop_first(k)
             kept += sum(len(ats) for ats in self.times.values())
         terms = self.terms
         if terms is not None:
