@@ -204,8 +204,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- Replay: `shoal replay FILE --transitions OUT` of {s['replay_events']:,} generated "
         f"events (seed {s['seed']}), the whole process and its workers: wall time and CPU "
         "time. Its default: one process, or (where the tree has them) one worker process per "
-        "core from 20,000 events on. *One process*: the working tree with `--processes 1` "
-        "(the ref's figure is its replay, which is one process), the cost per core.",
+        "core from 20,000 events on. *One process*: each tree with `--processes 1` where it "
+        "has that option (else its replay, which is one process), the cost per core.",
         f"- Ingest: `shoal serve --data-dir NEW --port P`, then {s['ingest_events']:,} "
         "generated events (stamped over the days before now) published to "
         "`shoal.events.<customer>` from the benchmark; from the first publish until the "

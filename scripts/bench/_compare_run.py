@@ -159,6 +159,13 @@ def ingest_messages(events: int, seed: int, start: int) -> list[tuple[str, bytes
 # --------------------------------------------------------------------------- replay
 
 
+def _splits_replay(tree: Tree) -> bool:
+    """Whether ``tree``'s ``shoal replay`` takes ``--processes`` (issue 21 on)."""
+    return "--processes" in _run(
+        [*tree.shoal, "replay", "--help"], "shoal replay --help", cwd=tree.cwd
+    )
+
+
 def run_replay(tree: Tree, source: Path, out: Path, events: int, *options: str) -> dict[str, Any]:
     """``shoal replay SOURCE --transitions OUT [OPTIONS]`` of ``tree``: wall and CPU time
     per event (its worker processes included), and the digest of the transitions it
@@ -402,12 +409,15 @@ def run_compare(args: Any) -> dict[str, Any]:
             warm.write_bytes(b"".join(source.read_bytes().splitlines(keepends=True)[:WARM_UP]))
             for tree in trees.values():
                 run_replay(tree, warm, tmp / "transitions.jsonl", WARM_UP)
+            # One process, the cost per core: a tree that splits replays over processes is
+            # run once more with --processes 1; for one that cannot, its replay is that.
+            split = {side: _splits_replay(tree) for side, tree in trees.items()}
             for i, side in enumerate(doc["order"]):
                 r = run_replay(trees[side], source, tmp / "transitions.jsonl", n)
                 keep(side, r)
                 replays[side].add((r["transitions"], r["sha256"]))
                 say(f"replay {i + 1}, {trees[side].name}: {r['replay_wall_us']:.2f} us/event")
-                if side == "work":  # one process: the cost per core
+                if split[side]:
                     r = run_replay(
                         trees[side], source, tmp / "transitions.jsonl", n, "--processes", "1"
                     )
