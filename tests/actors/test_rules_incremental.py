@@ -121,13 +121,36 @@ def test_compiled_indexed_and_plain_agree(
             agree(segments, c, t)
 
 
-def scoring(threshold: float) -> SegmentSet:
+def tracks(offsets: list[int], names: list[str]) -> list[Event]:
+    """Track events of customer ``c`` at ``T0`` plus each offset (hours, in order), named in
+    turn from ``names``."""
+    return [
+        Event(
+            kind="track",
+            customer_id="c",
+            name=name,
+            properties={},
+            traits={},
+            at=T0 + off * HOUR,
+            received=T0 + off * HOUR,
+            message_id=f"m{i}",
+        )
+        for i, (off, name) in enumerate(zip(sorted(offsets), names, strict=False))
+    ]
+
+
+def score_rules(a: str, b: str) -> SegmentSet:
+    """Segments ``a`` and ``b`` of these rules, with a one-day half-life."""
     return parse_segments(
         '[score]\nhalf_life = "1d"\nweights = { "Visit" = 1.0, "Buy" = 0.3 }\n'
-        "[segments.a]\n"
-        f"rule = \"score() >= {threshold!r} or score_at('6h') > {threshold!r}\"\n"
-        "[segments.b]\n"
-        f"rule = \"score() <= {threshold!r} and 0.5 * score_at('6h') < score()\"\n"
+        f"[segments.a]\nrule = {a!r}\n[segments.b]\nrule = {b!r}\n"
+    )
+
+
+def scoring(threshold: float) -> SegmentSet:
+    return score_rules(
+        f"score() >= {threshold!r} or score_at('6h') > {threshold!r}",
+        f"score() <= {threshold!r} and 0.5 * score_at('6h') < score()",
     )
 
 
@@ -141,19 +164,7 @@ def scoring(threshold: float) -> SegmentSet:
 def test_score_at_the_edge_of_the_estimates(
     offsets: list[int], names: list[str], probe: int, nudge: int
 ) -> None:
-    events = [
-        Event(
-            kind="track",
-            customer_id="c",
-            name=name,
-            properties={},
-            traits={},
-            at=T0 + off * HOUR,
-            received=T0 + off * HOUR,
-            message_id=f"m{i}",
-        )
-        for i, (off, name) in enumerate(zip(sorted(offsets), names, strict=False))
-    ]
+    events = tracks(offsets, names)
     # The threshold is the exact score at some instant, or the float next to it.
     t = T0 + probe * HOUR
     exact = 0.0
@@ -358,12 +369,9 @@ def test_score_comparisons_next_is_the_flip_not_the_next_step(visits: list[int])
 
 
 def dropping(k: float) -> SegmentSet:
-    return parse_segments(
-        '[score]\nhalf_life = "1d"\nweights = { "Visit" = 1.0, "Buy" = 0.3 }\n'
-        "[segments.a]\n"
-        f"rule = \"score() < {k!r} * score_at('1d')\"\n"
-        "[segments.b]\n"
-        f"rule = \"score_at('1d') >= 0.5 and score() <= {k!r} * score_at('1d')\"\n"
+    return score_rules(
+        f"score() < {k!r} * score_at('1d')",
+        f"score_at('1d') >= 0.5 and score() <= {k!r} * score_at('1d')",
     )
 
 
@@ -381,19 +389,7 @@ def test_score_against_score_at_over_many_steps(
     last event; the first step that flips it is found by bisection (ScoreCompare's
     ``_first_step_up``). Many events within D, several at one instant (they enter together),
     and ``k`` the exact ratio at some instant, or a float either side of it."""
-    events = [
-        Event(
-            kind="track",
-            customer_id="c",
-            name=name,
-            properties={},
-            traits={},
-            at=T0 + off * HOUR,
-            received=T0 + off * HOUR,
-            message_id=f"m{i}",
-        )
-        for i, (off, name) in enumerate(zip(sorted(offsets), names, strict=False))
-    ]
+    events = tracks(offsets, names)
     t = T0 + probe * HOUR
     now_sum = past = 0.0
     for e in events:
