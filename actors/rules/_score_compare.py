@@ -9,14 +9,10 @@ from typing import cast
 
 from protocol import NEVER
 
-from ._compare import OPS, STEPS, Compare
+from ._compare import OPS, STEPS, Compare, _first_flip
 from ._facts import Facts, Indexed, Value
 from ._nodes import Const, Node, Scale, Score
 from ._scores import TINY, Decay, U
-
-_NEAR = 4
-"""How many instants :meth:`ScoreCompare._crossing` moves from where the decay puts the
-crossing before leaving the search to the general way."""
 
 
 def score_of(node: Node) -> tuple[float, Score] | None:
@@ -196,48 +192,36 @@ class ScoreCompare(Compare):
     ) -> Value | None:
         """The answer of :meth:`_against_constant` where the score, clearly above ``b > 0``
         now and clearly below it at ``end`` (before any term enters), falls to it in
-        between: the first instant the comparison is no longer above, which the general way
-        would search for; None (the general way) if it is not found close to where the
-        decay puts it.
+        between: the first instant the comparison is no longer above, searched as the general
+        way searches for it (:func:`_first_flip`), from where the decay puts it.
 
         Between steps the score is ``ka * prefix[i] * 2 ** ((ref - t + da) / H)``, so it
-        reaches ``b`` near ``ref + da + H * log2(ka * prefix[i] / b)``. The signs there are
-        the estimate's where it settles them, else the exact sums' (as the general way
-        compares): the same either way, and they do not rise between steps, so the first
-        instant at or below ``b`` is the one where the sign turns.
+        reaches ``b`` near ``ref + da + H * log2(ka * prefix[i] / b)``. The signs looked at
+        are the estimate's where it settles them, else the exact sums' (as the general way
+        compares): the same either way, and they do not rise between steps.
         """
         b = self.const
         assert b is not None
-        try:
-            x = math.log2(self.ka * prefix[i] / b)
-        except (ValueError, OverflowError, ZeroDivisionError):
-            return None
-        if not -1e6 < x < 1e6:
-            return None
         exact: Decay | None = None
 
-        def sign(t: int) -> int:
+        def at_or_below(t: int) -> bool:
             nonlocal exact
             s = self._sign(prefix, i, ref, tiny, t, e0)
             if s:
-                return s
+                return s < 0
             if exact is None:
                 a = self.left.eval(cast(Facts, f), now)[0]  # indexed facts are facts too
                 assert isinstance(a, Decay)
                 exact = a
-            return exact.compare(t, b)[0]
+            return exact.compare(t, b)[0] <= 0
 
-        t = min(max(ref + self.da + math.ceil(self.config.half_life * x), now + 1), end)
-        for _ in range(_NEAR):
-            if t - 1 > now and sign(t - 1) <= 0:
-                t -= 1  # at or below b already: the turn is earlier
-            elif sign(t) > 0:
-                if t >= end:
-                    return None
-                t += 1  # still above b: the turn is later
-            else:
-                return value, t
-        return None
+        try:
+            x = math.log2(self.ka * prefix[i] / b)
+        except (ValueError, OverflowError, ZeroDivisionError):
+            x = math.nan
+        guess = ref + self.da + math.ceil(self.config.half_life * x) if -1e6 < x < 1e6 else None
+        flip = _first_flip(at_or_below, now, end + 1, guess)
+        return None if flip is None else (value, flip)
 
     def _against_score(
         self,
@@ -328,8 +312,8 @@ class ScoreCompare(Compare):
         tb: float,
     ) -> Value | None:
         """:meth:`_against_score` from its first step on, where the left side is the score
-        now (every term in, clearly above the right side, whose bound is ``low`` to
-        ``high``) and only the right side grows, a term at a time; with no more than
+        now (every term in, between ``low`` and ``high`` as estimated, and clearly above
+        the right side) and only the right side grows, a term at a time; with no more than
         ``STEPS`` steps to come, and an ordering operator (above and below differ).
 
         Each step is checked as the loop would check it, with the same floats, but not each
@@ -342,7 +326,9 @@ class ScoreCompare(Compare):
         side clearly above) or is not settled (the general way then gives the answer).
         """
         kb, db = self.kb, self.db
-        lo, hi = ib, n  # clearly above with lo terms; not with hi (checked by the caller)
+        # Clearly above with lo terms. Not with hi, as the caller found (its sum rounds in
+        # another order: should the loop's say otherwise at hi, the check below gives None).
+        lo, hi = ib, n
         while hi - lo > 1:
             m = (lo + hi) // 2
             vb = kb * prefix[m] * pb
