@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.to_thread
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -56,6 +55,8 @@ from store import Store
 from ._connection import credentials_of
 from ._errors import ExitCode, file_error
 from ._output import output_file
+from ._replay_cmd import PIECE
+from ._signals import in_thread
 
 
 def register(sub: Any) -> None:
@@ -156,8 +157,9 @@ async def _import(args: argparse.Namespace) -> int:
                 on_skip=lambda number, reason: say(f"line {number}: {reason}; skipped"),
                 now=_now(),
             ) as history:
-                await anyio.to_thread.run_sync(history.read, stream)
-                events = await anyio.to_thread.run_sync(history.finish)
+                while await in_thread(history.read, itertools.islice(stream, PIECE)):
+                    pass  # (a piece per hop: Ctrl-C waits for one, and its files go after)
+                events = await in_thread(history.finish)
                 task = progress.add_task("import", total=events or None)
                 async with contextlib.AsyncExitStack() as stack:
                     servers, started = await _import_servers(stack, args)
@@ -209,7 +211,7 @@ async def _applied(api: ApiClient, import_id: str, every: float = 0.5) -> None:
 async def _pieces(events: Iterator[Event], size: int = 1_000) -> AsyncIterator[list[Event]]:
     """``events`` in lists, each read off the event loop (they may come from files)."""
     while True:
-        piece = await anyio.to_thread.run_sync(lambda: list(itertools.islice(events, size)))
+        piece = await in_thread(lambda: list(itertools.islice(events, size)))
         if not piece:
             return
         yield piece

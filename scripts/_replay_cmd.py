@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import anyio.to_thread
 import msgspec
 from rich.console import Console
 from rich.progress import (
@@ -53,6 +52,7 @@ from store import Store
 from ._errors import ExitCode, NotFound, UsageError, file_error
 from ._output import output_file, output_path
 from ._parallel_replay import ParallelReplay, available_cores
+from ._signals import in_thread
 from ._times import human_instant, now
 
 if TYPE_CHECKING:
@@ -262,15 +262,16 @@ def _repeat(number: int, first: int) -> None:
 
 async def _read_file(source: str, history: OrderedHistory) -> None:
     """Read a JSON-lines file (or stdin) into ``history``, a piece per hop to a worker
-    thread: Ctrl-C waits for one piece at most."""
+    thread: Ctrl-C waits for one piece at most (and for it: the history's temporary files
+    are removed after)."""
     with contextlib.ExitStack() as stack:
         try:
             f = sys.stdin.buffer if source == "-" else stack.enter_context(open(source, "rb"))
-            while await anyio.to_thread.run_sync(history.read, itertools.islice(f, PIECE)):
+            while await in_thread(history.read, itertools.islice(f, PIECE)):
                 pass
         except OSError as e:
             raise file_error(source, e) from None
-    await anyio.to_thread.run_sync(history.finish)
+    await in_thread(history.finish)
 
 
 def _is_sqlite(path: Path) -> bool:
@@ -527,11 +528,9 @@ async def run(args: argparse.Namespace) -> int:
             else:
                 assert db is not None
                 cut = await _replay_log(the_run, db, progress, events)
-            end = await anyio.to_thread.run_sync(the_run.finish)
+            end = await in_thread(the_run.finish)
         if sizes_out is not None:
-            await anyio.to_thread.run_sync(
-                write_sizes, sizes_out, segments.names, the_run.sizes(end)
-            )
+            await in_thread(write_sizes, sizes_out, segments.names, the_run.sizes(end))
             sizes_out.flush()
         if args.chart is not None:
             instants, rows = [], []
@@ -578,7 +577,7 @@ async def _chart(
 ) -> None:
     try:
         with output_path(path) as temporary:
-            await anyio.to_thread.run_sync(write_chart, temporary, names, instants, rows)
+            await in_thread(write_chart, temporary, names, instants, rows)
     except ImportError:
         raise UsageError(_NO_MATPLOTLIB) from None
     except OSError as e:
@@ -613,7 +612,7 @@ async def _replay_history(
         the_run.feed(piece)
         return len(piece)
 
-    while fed := await anyio.to_thread.run_sync(feed_piece):
+    while fed := await in_thread(feed_piece):
         if progress is not None and task is not None:
             progress.advance(task, fed)
 
@@ -634,13 +633,13 @@ async def _replay_log(
         if cut is not None:
             # What the cut log still holds begins there: each customer's state then.
             async for bases in read_bases(store):
-                await anyio.to_thread.run_sync(the_run.start_from, bases)
+                await in_thread(the_run.start_from, bases)
                 based += len(bases)
         task: TaskID | None = None
         if progress is not None:
             task = progress.add_task("", total=events)
         async for entries in read_log(store):
-            await anyio.to_thread.run_sync(the_run.feed_logged, entries)
+            await in_thread(the_run.feed_logged, entries)
             if progress is not None and task is not None:
                 progress.advance(task, len(entries))
         return None if cut is None else (cut.at, based)

@@ -415,7 +415,8 @@ async def _serve(args: argparse.Namespace) -> int:
         stack.push_async_callback(claims.release_all)
         # The definitions in force persist: those stored win unless the served file changed
         # since it was last applied (the keeper logs which it chose, and why).
-        keeper = DefinitionsKeeper(store, await DefinitionsKV.open(nc), clock)
+        board = await declared("the definitions bucket", lambda: DefinitionsKV.open(nc))
+        keeper = DefinitionsKeeper(store, board, clock)
         served = segments.source  # the path given, or the shipped file's name
         segments = await keeper.resume(segments, served)
         first = True

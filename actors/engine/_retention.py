@@ -47,6 +47,10 @@ class Cutter:
         self._clock = clock
         self._config = config
         self._next = -NEVER  # the clock's instant of the next look
+        self._drained: int | None = None
+        """The log's last position when the last look found nothing after the cut (None:
+        it found some): events logged since are looked at without waiting for the interval,
+        since an import logs history already past the retention."""
         self._held: str | None = None  # what held the cut back last time (logged once)
         self._logger = structlog.get_logger("shoal.engine")
 
@@ -92,9 +96,9 @@ class Cutter:
         if cfg.retain is None:
             return False
         now = self._clock.now()
-        if now < self._next:
-            return False
         store, p = self._store, self._partition
+        if now < self._next and self._drained in (None, store.events.last_seq):
+            return False
         cut = store.retention.cut
         after = 0 if cut is None else cut.through
         at = now - cfg.retain
@@ -112,6 +116,10 @@ class Cutter:
                 break
             entries.append(e)
             latest = max(latest, received)
+        # Nothing left after what this look reads: whatever is logged next may be due.
+        self._drained = (
+            None if stopped or len(entries) >= cfg.retention_batch else store.events.last_seq
+        )
         if not entries:
             # Held back (by the snapshots' marks, an import, a parked customer): looked at
             # again soon, since that passes by itself; else at the next interval.
@@ -133,6 +141,7 @@ class Cutter:
         except Exception as e:
             # Cutting anyway would lose what the log still knows: the cut waits, and says so.
             self._next = now + int(cfg.retention_interval * 1_000_000)
+            self._drained = None  # (for the interval: not again at each event logged)
             self._logger.warning("log cut held back: a base cannot be folded", error=repr(e))
             return False
         mark = CutMark(

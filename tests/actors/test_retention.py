@@ -40,7 +40,7 @@ from protocol import (
 )
 from protocol.memory import MemoryBroker
 from scripts._times import human_instant
-from store import CustomerBase, ParkedCustomer, SnapshotMarks, Store
+from store import CustomerBase, LoggedEvent, ParkedCustomer, SnapshotMarks, Store
 from tests.helpers import eventually, run, segments
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
@@ -503,3 +503,54 @@ async def test_the_cut_waits_for_what_a_restart_an_import_or_an_unparking_reads(
         assert {b.customer_id: b.body for b in await store.retention.of(whole)} == {
             i: c.snapshot() for i, c in whole.items()
         }
+
+
+async def test_history_logged_into_an_empty_log_is_cut_without_waiting_for_the_interval(
+    tmp_path: Path,
+) -> None:
+    """An engine that found nothing to cut (an empty log, or one cut to its end) looks again
+    once events are logged: an import's history is past the retention already, and must not
+    wait the interval (ten minutes by default) for its first cut. Events too recent to cut
+    still wait for it."""
+    defs = segments(SEGMENTS)
+    minute = 60_000_000
+
+    def visits(*minutes: int) -> list[LoggedEvent]:
+        return [
+            logged_event(
+                Event(
+                    kind="track",
+                    customer_id=f"c{n % 3}",
+                    name="Visit",
+                    properties={},
+                    traits={},
+                    at=T0 + n * minute,
+                    received=T0 + n * minute,
+                    message_id=f"m{n}",
+                )
+            )
+            for n in minutes
+        ]
+
+    async with await Store.open(tmp_path / "s.db") as store:
+
+        def cut_through() -> int:
+            cut = store.retention.cut
+            return 0 if cut is None else cut.through
+
+        clock = VirtualClock(T0 + RETAIN + 10 * minute)  # events up to minute 10 are past it
+        cutter = Cutter(store, Partition(defs), clock, EngineConfig(retain=RETAIN))
+        assert not await cutter.step()  # nothing logged yet
+        assert not await cutter.step()  # nor since: no look
+        await store.commit(visits(1, 2, 3, 4))
+        assert await cutter.step() and cut_through() == 4
+        assert not await cutter.step()  # cut to its end
+        await store.commit(visits(5, 6))
+        assert await cutter.step() and cut_through() == 6
+        await store.commit(visits(12))
+        assert not await cutter.step()  # too recent: the next look is in 10 minutes
+        clock.set(T0 + RETAIN + 15 * minute)
+        await store.commit(visits(13))
+        assert not await cutter.step() and cut_through() == 6
+        clock.set(T0 + RETAIN + 20 * minute)
+        assert await cutter.step() and cut_through() == 8
