@@ -34,6 +34,7 @@ from protocol._subjects import PARTITION_HEADER, progress_subject, segment_subje
 from protocol._types import Transition
 from protocol.nats._fences import fence_headers, is_fenced_error
 from protocol.nats._stream import read_stream
+from protocol.nats._wire import Wire
 
 _KILL_AT = "SHOAL_KILL_AT_BATCH"
 """For the tests of crashes around a commit: ``before:N`` or ``after:N`` makes the process
@@ -96,6 +97,7 @@ class FencedPublisher:
 
     def __init__(self, nc: Client, *, timeout: float) -> None:
         self._nc = nc
+        self._wire = Wire(nc)
         self._js = nc.jetstream()
         self._timeout = timeout
         self._limiter = anyio.CapacityLimiter(CONCURRENT_BATCHES)
@@ -193,7 +195,7 @@ class FencedPublisher:
                 if first.data or (first.headers or {}).get("Status") == "503":
                     self._stored(first.data, first.headers)
             else:
-                await nc.publish(subject, body, headers=headers)
+                await self._wire.publish(subject, body, headers)
                 if i % 500 == 0:
                     await anyio.lowlevel.checkpoint()
         raise AssertionError("unreachable: a batch has at least two messages")

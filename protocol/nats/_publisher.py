@@ -26,6 +26,7 @@ from protocol._subjects import (
 from protocol._types import REJECTION_HEADROOM, Transition, encode_rejection
 from protocol.nats._fenced import FencedPublisher, raise_for
 from protocol.nats._refusals import permission_guard
+from protocol.nats._wire import Wire
 
 _CONNECTION_CHECK = 0.05
 """Seconds between two looks at the connection while waiting for the broker."""
@@ -71,6 +72,7 @@ class Publisher:
         self._partitions = partitions
         self._claims: dict[int, int] | None = None
         self._fenced = FencedPublisher(nc, timeout=timeout)
+        self._wire = Wire(nc)
         self.progress: dict[int, int] = {}
         """Per partition claimed, the stream sequence of the last progress record stored
         (fenced publishing only)."""
@@ -160,11 +162,11 @@ class Publisher:
                     headers = {"Nats-Msg-Id": t.msg_id}
                     if self._partitions is not None:
                         headers[PARTITION_HEADER] = str(partition(t.customer_id, self._partitions))
-                    await self._nc.publish(
+                    await self._wire.publish(
                         segment_subject(t.segment, t.change),
                         _transition_encoder.encode(t),
-                        reply=reply,
-                        headers=headers,
+                        headers,
+                        reply,
                     )
                 with anyio.fail_after(self._timeout):
                     while not acks.done.is_set():
