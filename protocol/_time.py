@@ -16,9 +16,6 @@ MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR
 NEVER = 1 << 62
-"""An instant later than any real one: no deadline, or no end."""
-
-NEVER = 1 << 62
 """The instant after every instant shoal handles: "no deadline", stored as an int."""
 
 
@@ -31,7 +28,7 @@ def to_instant(dt: datetime) -> int:
 
 def from_instant(instant: int) -> datetime:
     """The aware UTC ``datetime`` of an instant in microseconds since the epoch."""
-    return EPOCH + timedelta(microseconds=instant)
+    return EPOCH + _ONE_US * instant  # (exact: integer microseconds; half the cost of timedelta())
 
 
 def format_instant(instant: int) -> str:
