@@ -441,24 +441,28 @@ def test_a_base_folded_in_parts_is_the_whole_fold() -> None:
     assert {i: row.body for i, row in stored.items()} == {i: c.snapshot() for i, c in whole.items()}
 
 
+def _visit(n: int, unit: int) -> LoggedEvent:
+    """Customer ``c<n % 3>``'s visit ``n`` units after T0, as logged."""
+    return logged_event(
+        Event(
+            kind="track",
+            customer_id=f"c{n % 3}",
+            name="Visit",
+            properties={},
+            traits={},
+            at=T0 + n * unit,
+            received=T0 + n * unit,
+            message_id=f"m{n}",
+        )
+    )
+
+
 async def test_the_cut_waits_for_what_a_restart_an_import_or_an_unparking_reads(
     tmp_path: Path,
 ) -> None:
     defs = segments(SEGMENTS)
     async with await Store.open(tmp_path / "s.db") as store:
-        entries = []
-        for n in range(1, 11):
-            event = Event(
-                kind="track",
-                customer_id=f"c{n % 3}",
-                name="Visit",
-                properties={},
-                traits={},
-                at=T0 + n * HOUR,
-                received=T0 + n * HOUR,
-                message_id=f"m{n}",
-            )
-            entries.append(logged_event(event))
+        entries = [_visit(n, HOUR) for n in range(1, 11)]
         await store.commit(entries)
         clock = VirtualClock(T0 + RETAIN + 6 * HOUR + 1)  # events 1..6 are past the retention
         config = EngineConfig(retain=RETAIN, retention_interval=0.0, retention_batch=2)
@@ -516,21 +520,7 @@ async def test_history_logged_into_an_empty_log_is_cut_without_waiting_for_the_i
     minute = 60_000_000
 
     def visits(*minutes: int) -> list[LoggedEvent]:
-        return [
-            logged_event(
-                Event(
-                    kind="track",
-                    customer_id=f"c{n % 3}",
-                    name="Visit",
-                    properties={},
-                    traits={},
-                    at=T0 + n * minute,
-                    received=T0 + n * minute,
-                    message_id=f"m{n}",
-                )
-            )
-            for n in minutes
-        ]
+        return [_visit(n, minute) for n in minutes]
 
     async with await Store.open(tmp_path / "s.db") as store:
 
