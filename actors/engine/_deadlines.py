@@ -58,6 +58,9 @@ class Deadlines:
         self.backlog_cap: int | None = None
         # Every event the broker stored before this instant has reached the source (fence()).
         self._fenced = -NEVER
+        self.behind = False
+        """Whether the last firing fired a whole batch (``fire_batch``): more were due at
+        once, and the loop is in a burst."""
 
     # The time floor ---------------------------------------------------------------------
 
@@ -109,6 +112,7 @@ class Deadlines:
         """Fire the deadlines due up to the time floor (a batch of them); return whether any
         were."""
         p = self._partition
+        self.behind = False
         floor = self._time_floor(source)
         nxt = p.next_due()
         if nxt is None or nxt > floor:
@@ -127,6 +131,7 @@ class Deadlines:
         due = p.pop_due(floor, self._config.fire_batch)
         if not due:
             return False
+        self.behind = len(due) >= self._config.fire_batch
         transitions: list[Transition] = []
         due_at: list[int] = []
         # Until committed, the fired deadlines still count as pending (Partition.firing): a

@@ -703,7 +703,7 @@ class Engine:
                     await outbox.commit([], changed)
                 busy = True
             busy = await deadlines.fire_due(source) or busy
-            busy = await snapshots.step() or busy
+            busy = await snapshots.step(put_off=deadlines.behind) or busy
             busy = await self._cutter.step() or busy
             if not busy and recovery.warm:
                 busy = await deadlines.prepare(source)

@@ -33,6 +33,9 @@ _PART_SECONDS = 0.02
 While a part is written the loop does nothing else: deadlines due meanwhile fire that much
 late (parts of 5,000 took 200-300 ms with 1M customers firing 10k deadlines a second)."""
 _SMALLEST_PART = 100
+_PUT_OFF_FOR = 10.0
+"""Seconds (of the engine's clock) a round's parts may be put off, at most, while deadlines
+are due faster than they fire (see :meth:`Snapshots.step`)."""
 
 
 class _Round:
@@ -123,6 +126,7 @@ class Snapshots:
         # How many snapshots the next part writes: sized after the last part's wall time
         # (never above the configured batch), so a part takes about _PART_SECONDS.
         self._part = min(config.snapshot_batch, 10 * _SMALLEST_PART)  # grows if fast
+        self._put_off: int | None = None  # when the round under way was first put off
 
     def restarted(self) -> None:
         """The engine starts: the next round is due after the interval from now."""
@@ -138,13 +142,18 @@ class Snapshots:
         ones for snapshots of the new)."""
         self._round = None
 
-    async def step(self) -> bool:
+    async def step(self, *, put_off: bool = False) -> bool:
         """Start a round of snapshots when one is due, or write the next part of the round
         under way; return whether there was anything to do.
 
         A round takes the customers changed since the last one and snapshots them, a part
         per turn of the loop, each part in its own transaction. Only once all are written is
         the round's mark recorded: where the log and the outbox stood when it started.
+
+        ``put_off``: deadlines are due faster than they fire (a burst). The round's parts
+        then wait, for up to :data:`_PUT_OFF_FOR` seconds a round: snapshots only make a
+        restart quicker, and each part written holds the firing back (a round's parts took
+        380 ms of a burst of 100,000 deadlines that took 2.4 s).
         """
         cfg = self._config
         if self._retry_at > self._clock.now():
@@ -161,6 +170,12 @@ class Snapshots:
             self._start(now)
         round_ = self._round
         assert round_ is not None
+        if put_off:
+            now = self._clock.now()
+            if self._put_off is None:
+                self._put_off = now
+            if now - self._put_off < _PUT_OFF_FOR * 1_000_000:
+                return False
         if not round_.sort_some():
             return True
         part = round_.take(self._part)
@@ -188,6 +203,7 @@ class Snapshots:
         changed = p.changed
         assert changed is not None
         self._round = _Round(list(changed))
+        self._put_off = None
         changed.clear()
         last_event_seq = self._store.events.last_seq
         self._marks = SnapshotMarks(

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
+from actors import Engine, VirtualClock
+from actors._stored import logged_event
 from actors.engine import _snapshots
 from actors.engine._snapshots import _Round
+from protocol import SECOND, Event
+from protocol.memory import MemoryBroker
+from store import Store
+from tests.helpers import segments
+
+SEGMENTS = """
+[segments.active]
+rule = "since_last('Visit') < '2d'"
+"""
 
 
 def test_a_round_is_sorted_a_slice_per_turn_and_handed_out_in_key_order(
@@ -42,3 +54,60 @@ def test_what_a_round_has_not_handed_out_yet() -> None:
     assert first == ids[:20]
     r.put_back(first[-5:])
     assert sorted(r.rest()) == ids[15:]
+
+
+async def test_a_round_waits_while_deadlines_fire_in_a_burst_for_ten_seconds_at_most(
+    tmp_path: Path,
+) -> None:
+    """Parts of a round are put off while the loop is behind on deadlines (``put_off``),
+    for at most 10 s of the engine's clock a round; a new round may be put off again."""
+    t0 = 1_767_225_600_000_000
+    clock = VirtualClock(t0)
+    async with await Store.open(tmp_path / "s.db") as store:
+        await store.commit(
+            [
+                logged_event(
+                    Event(
+                        kind="track",
+                        customer_id=f"c{i}",
+                        name="Visit",
+                        properties={},
+                        traits={},
+                        at=t0 - i,
+                        received=t0 - i,
+                        message_id=f"m{i}",
+                    )
+                )
+                for i in range(3)
+            ]
+        )
+        broker = MemoryBroker(clock.now)
+        engine = Engine(broker.source(), broker.sink(), store, segments(SEGMENTS), clock=clock)
+        await engine.recover()
+        snapshots, changed = engine._snapshots, engine._partition.changed
+        assert changed is not None
+        changed.clear()  # (recovered from the log: all of them)
+
+        async def a_round(ids: set[str]) -> None:
+            changed.update(ids)
+            snapshots.due_now()
+            for _ in range(3):  # put off, turn after turn
+                assert not await snapshots.step(put_off=True)
+                clock.advance(3 * SECOND)
+            clock.advance(SECOND - 1)  # 10 s since it was first put off, less 1 us
+            assert not await snapshots.step(put_off=True)
+            assert await store.snapshots.count() == written
+            clock.advance(1)
+            while await snapshots.step(put_off=True):
+                pass
+
+        written = 0
+        await a_round({"c0", "c1"})
+        written = await store.snapshots.count()
+        assert written == 2
+        await a_round({"c2"})
+        assert await store.snapshots.count() == 3
+        # Not behind: written at once.
+        changed.add("c0")
+        snapshots.due_now()
+        assert await snapshots.step()
