@@ -59,8 +59,8 @@ class Deadlines:
         # Every event the broker stored before this instant has reached the source (fence()).
         self._fenced = -NEVER
         self.behind = False
-        """Whether the last firing fired a whole batch (``fire_batch``): more were due at
-        once, and the loop is in a burst."""
+        """Whether, after the last firing, another deadline was due already: the loop is
+        in a burst (see :meth:`Snapshots.step`)."""
 
     # The time floor ---------------------------------------------------------------------
 
@@ -131,7 +131,6 @@ class Deadlines:
         due = p.pop_due(floor, self._config.fire_batch)
         if not due:
             return False
-        self.behind = len(due) >= self._config.fire_batch
         transitions: list[Transition] = []
         due_at: list[int] = []
         # Until committed, the fired deadlines still count as pending (Partition.firing): a
@@ -151,6 +150,8 @@ class Deadlines:
                 await self._outbox.commit([], transitions)
         finally:
             p.firing = 0
+        nxt = p.next_due()
+        self.behind = nxt is not None and nxt <= self._clock.now()
         self._gc.worked(0)
         return True
 
