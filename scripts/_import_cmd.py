@@ -54,8 +54,8 @@ from store import Store
 
 from ._connection import credentials_of
 from ._errors import ExitCode, file_error
+from ._input import PIECE
 from ._output import output_file
-from ._replay_cmd import PIECE
 from ._signals import in_thread
 
 

@@ -20,6 +20,9 @@ import anyio.from_thread
 import anyio.lowlevel
 
 _CHUNK = 1 << 16
+PIECE = 10_000
+"""Lines of a file read, and events of it replayed, per hop to a worker thread (``shoal
+replay`` and ``shoal import``; the log goes by its chunks): Ctrl-C waits for one hop at most."""
 
 
 async def read_lines(fd: int) -> AsyncIterator[list[bytes]]:

@@ -50,6 +50,7 @@ from protocol import (
 from store import Store
 
 from ._errors import ExitCode, NotFound, UsageError, file_error
+from ._input import PIECE
 from ._output import output_file, output_path
 from ._parallel_replay import ParallelReplay, available_cores
 from ._signals import in_thread
@@ -60,9 +61,6 @@ if TYPE_CHECKING:
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _NO_MATPLOTLIB = "--chart needs matplotlib: pip install 'shoal[chart]'"
-PIECE = 10_000
-"""Lines of a file read, and events of it replayed, per hop to a worker thread (the log goes by
-its chunks): Ctrl-C waits for one hop at most."""
 _summary_encoder = msgspec.json.Encoder()
 AUTO_PARALLEL = 20_000
 """Events from which ``shoal replay`` uses every core by default: below, starting the worker

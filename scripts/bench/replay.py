@@ -48,8 +48,8 @@ from typing import Any
 from actors import Customer, load_segments, parse_segments, replay
 from actors.population import generate, history_end
 from protocol import EventCause, TimeCause, Transition, format_instant, to_instant
+from scripts._input import PIECE
 from scripts._parallel_replay import ParallelReplay
-from scripts._replay_cmd import PIECE
 
 from ._common import cprofile_text, reset_peak_rss, rss_mib, say
 from ._machine import code_digest, loadavg, machine
